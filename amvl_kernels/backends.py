@@ -1,0 +1,78 @@
+"""Which implementation runs an op: Triton, the CUDA extension or the PyTorch reference."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from amvl_kernels._validation import check_choice
+
+BACKENDS = ("auto", "triton", "cuda", "torch")
+
+
+def _read_interpret_flag() -> bool:
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except ImportError:  # triton < 3.4 has no knobs
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Triton reads the flag when a kernel is decorated, i.e. when amvl_kernels is imported, so the
+# value at import is the one that holds (and a constant keeps torch.compile tracing cheap).
+_INTERPRETED = _read_interpret_flag()
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run on the CPU through ``TRITON_INTERPRET=1``.
+
+    The variable has to be set before ``amvl_kernels`` is imported.
+    """
+    return _INTERPRETED
+
+
+def cuda_extension_available() -> bool:
+    """True when the compiled ``amvl_kernels._C`` module imports."""
+    try:
+        from amvl_kernels import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device, *, has_cuda_kernel: bool = False) -> str:
+    """Turn a user's ``backend`` argument into the backend that will run on ``device``.
+
+    ``"auto"`` picks the CUDA extension on a GPU where the op has one and it is built, Triton on
+    any other GPU, and the PyTorch reference on the CPU (the Triton interpreter is for tests,
+    ask for it with ``backend="triton"``).
+    """
+    check_choice("backend", backend, BACKENDS)
+    if backend == "auto":
+        if device.type == "cuda":
+            if has_cuda_kernel and cuda_extension_available():
+                return "cuda"
+            return "triton"
+        return "torch"
+    if backend == "triton":
+        if device.type == "cpu" and not triton_interpreted():
+            raise RuntimeError(
+                "backend='triton' on CPU tensors needs the Triton interpreter: set "
+                "TRITON_INTERPRET=1 before importing amvl_kernels, or use backend='torch'"
+            )
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"backend='triton' supports cpu and cuda tensors, got {device.type}")
+    if backend == "cuda":
+        if not has_cuda_kernel:
+            raise ValueError("this op has no CUDA-extension kernel; use 'triton' or 'torch'")
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got {device.type} tensors")
+        if not cuda_extension_available():
+            raise RuntimeError(
+                "backend='cuda' needs the compiled extension amvl_kernels._C, which is not "
+                "built: reinstall with nvcc on PATH (pip install -e . --no-build-isolation), "
+                "or use backend='triton'"
+            )
+    return backend

@@ -1,0 +1,411 @@
+"""Fused diagonal-Gaussian reparameterised sampling with forward and reverse KL.
+
+One forward pass reads mu_q, logvar_q, mu_p, logvar_p (and eps only when given) and writes
+z = mu_q + exp(logvar_q / 2) * eps plus the per-slot KL(q||p) and KL(p||q), summed over the
+last dim in fp32. One backward pass regenerates the noise from the seed (eps is never stored)
+and writes gradients only for the inputs the routing flags send gradient to.
+
+Layout: every input is viewed as (rows, d) with its own strides, rows = slots. A program owns
+BLOCK_R rows and loops over d in BLOCK_D chunks, so any d works, including d > 65536.
+
+Numerics (documented contract, tested):
+- Inputs are upcast to fp32 right after each load (fp64 stays fp64, for gradcheck); the KLs are
+  returned in fp32 (fp64 for fp64 inputs), z and gradients in the inputs' dtype.
+- Safe log-variance range: for log-variances in [-30, 30] (and |mu| up to 1e3) every output is
+  finite in fp32 and bf16. In fp16, z and gradients are rounded to fp16, whose range ends at
+  65504: exp(logvar/2) and exp(logvar_q - logvar_p) overflow it past about |logvar| > 10.
+- NaN in an input propagates to the z elements and KL slots it touches; nothing hangs.
+- Noise: Philox from (seed, element index in row-major order), so the same seed gives bitwise
+  identical z whatever the block sizes. The PyTorch backend draws from torch's generator: same
+  seed, same z within a backend, different streams across backends.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from amvl_kernels._validation import check_choice, check_float_tensor, check_like, check_seed
+from amvl_kernels.backends import resolve_backend, triton_interpreted
+from amvl_kernels.reference.gaussian_kl import ROUTES, compute_dtype, gaussian_sample_kl_torch
+
+__all__ = ["gaussian_sample_kl", "gaussian_sample"]
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _noise(seed, rows, cols, d):
+    # Element index in row-major order of the logical (rows, d) tensor: the stream does not
+    # depend on block sizes or strides, and the backward regenerates exactly these values.
+    offsets = rows.to(tl.int64)[:, None] * d + cols[None, :]
+    return tl.randn(seed, offsets)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _gaussian_kl_fwd_kernel(
+    mu_q_ptr, lv_q_ptr, mu_p_ptr, lv_p_ptr, eps_ptr, z_ptr, kl_fwd_ptr, kl_rev_ptr,
+    n_rows, d, seed,
+    s_mq_r, s_mq_c, s_lq_r, s_lq_c, s_mp_r, s_mp_c, s_lp_r, s_lp_c, s_e_r, s_e_c,
+    HAS_EPS: tl.constexpr, WITH_KL: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    r64 = rows.to(tl.int64)[:, None]
+    acc_fwd = tl.zeros([BLOCK_R], dtype=ACC)
+    acc_rev = tl.zeros([BLOCK_R], dtype=ACC)
+    for start in range(0, d, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        mask = row_ok[:, None] & (cols[None, :] < d)
+        c64 = cols.to(tl.int64)[None, :]
+        mu_q = tl.load(mu_q_ptr + r64 * s_mq_r + c64 * s_mq_c, mask=mask, other=0.0).to(ACC)
+        lv_q = tl.load(lv_q_ptr + r64 * s_lq_r + c64 * s_lq_c, mask=mask, other=0.0).to(ACC)
+        if HAS_EPS:
+            eps = tl.load(eps_ptr + r64 * s_e_r + c64 * s_e_c, mask=mask, other=0.0).to(ACC)
+        else:
+            eps = _noise(seed, rows, cols, d).to(ACC)
+        z = mu_q + tl.exp(0.5 * lv_q) * eps
+        tl.store(z_ptr + r64 * d + c64, z.to(z_ptr.dtype.element_ty), mask=mask)
+        if WITH_KL:
+            mu_p = tl.load(mu_p_ptr + r64 * s_mp_r + c64 * s_mp_c, mask=mask, other=0.0).to(ACC)
+            lv_p = tl.load(lv_p_ptr + r64 * s_lp_r + c64 * s_lp_c, mask=mask, other=0.0).to(ACC)
+            diff2 = (mu_q - mu_p) * (mu_q - mu_p)
+            # Masked lanes load zeros, for which both terms are exactly 0.
+            kl_fwd = 0.5 * (lv_p - lv_q + tl.exp(lv_q - lv_p) + diff2 * tl.exp(-lv_p) - 1.0)
+            kl_rev = 0.5 * (lv_q - lv_p + tl.exp(lv_p - lv_q) + diff2 * tl.exp(-lv_q) - 1.0)
+            acc_fwd += tl.sum(kl_fwd, axis=1)
+            acc_rev += tl.sum(kl_rev, axis=1)
+    if WITH_KL:
+        tl.store(kl_fwd_ptr + rows, acc_fwd.to(kl_fwd_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(kl_rev_ptr + rows, acc_rev.to(kl_rev_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _gaussian_kl_bwd_kernel(
+    mu_q_ptr, lv_q_ptr, mu_p_ptr, lv_p_ptr, eps_ptr,
+    dz_ptr, dkl_fwd_ptr, dkl_rev_ptr,
+    dmu_q_ptr, dlv_q_ptr, dmu_p_ptr, dlv_p_ptr,
+    n_rows, d, seed,
+    s_mq_r, s_mq_c, s_lq_r, s_lq_c, s_mp_r, s_mp_c, s_lp_r, s_lp_c, s_e_r, s_e_c,
+    s_dz_r, s_dz_c,
+    HAS_EPS: tl.constexpr, HAS_DZ: tl.constexpr, HAS_DKL_FWD: tl.constexpr,
+    HAS_DKL_REV: tl.constexpr,
+    NEED_MU_Q: tl.constexpr, NEED_LV_Q: tl.constexpr, NEED_MU_P: tl.constexpr,
+    NEED_LV_P: tl.constexpr,
+    FWD_TO_Q: tl.constexpr, FWD_TO_P: tl.constexpr, REV_TO_Q: tl.constexpr,
+    REV_TO_P: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Purely elementwise given the per-slot upstream gradients of the two KLs.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    r64 = rows.to(tl.int64)[:, None]
+    g_fwd = tl.zeros([BLOCK_R, 1], dtype=ACC)
+    g_rev = tl.zeros([BLOCK_R, 1], dtype=ACC)
+    if HAS_DKL_FWD:
+        g_fwd = tl.load(dkl_fwd_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
+    if HAS_DKL_REV:
+        g_rev = tl.load(dkl_rev_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
+    for start in range(0, d, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        mask = row_ok[:, None] & (cols[None, :] < d)
+        c64 = cols.to(tl.int64)[None, :]
+        out = r64 * d + c64
+        mu_q = tl.load(mu_q_ptr + r64 * s_mq_r + c64 * s_mq_c, mask=mask, other=0.0).to(ACC)
+        lv_q = tl.load(lv_q_ptr + r64 * s_lq_r + c64 * s_lq_c, mask=mask, other=0.0).to(ACC)
+        mu_p = tl.load(mu_p_ptr + r64 * s_mp_r + c64 * s_mp_c, mask=mask, other=0.0).to(ACC)
+        lv_p = tl.load(lv_p_ptr + r64 * s_lp_r + c64 * s_lp_c, mask=mask, other=0.0).to(ACC)
+        diff = mu_q - mu_p
+        inv_var_p = tl.exp(-lv_p)
+        inv_var_q = tl.exp(-lv_q)
+        ratio_qp = tl.exp(lv_q - lv_p)
+        ratio_pq = tl.exp(lv_p - lv_q)
+        if NEED_MU_Q or NEED_LV_Q:
+            g_mu_q = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
+            g_lv_q = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
+            if HAS_DZ:
+                dz = tl.load(dz_ptr + r64 * s_dz_r + c64 * s_dz_c, mask=mask, other=0.0).to(ACC)
+                if HAS_EPS:
+                    eps = tl.load(eps_ptr + r64 * s_e_r + c64 * s_e_c, mask=mask,
+                                  other=0.0).to(ACC)
+                else:
+                    eps = _noise(seed, rows, cols, d).to(ACC)
+                g_mu_q += dz
+                g_lv_q += dz * 0.5 * tl.exp(0.5 * lv_q) * eps
+            if FWD_TO_Q:
+                g_mu_q += g_fwd * diff * inv_var_p
+                g_lv_q += g_fwd * 0.5 * (ratio_qp - 1.0)
+            if REV_TO_Q:
+                g_mu_q += g_rev * diff * inv_var_q
+                g_lv_q += g_rev * 0.5 * (1.0 - ratio_pq - diff * diff * inv_var_q)
+            if NEED_MU_Q:
+                tl.store(dmu_q_ptr + out, g_mu_q.to(dmu_q_ptr.dtype.element_ty), mask=mask)
+            if NEED_LV_Q:
+                tl.store(dlv_q_ptr + out, g_lv_q.to(dlv_q_ptr.dtype.element_ty), mask=mask)
+        if NEED_MU_P or NEED_LV_P:
+            g_mu_p = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
+            g_lv_p = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
+            if FWD_TO_P:
+                g_mu_p -= g_fwd * diff * inv_var_p
+                g_lv_p += g_fwd * 0.5 * (1.0 - ratio_qp - diff * diff * inv_var_p)
+            if REV_TO_P:
+                g_mu_p -= g_rev * diff * inv_var_q
+                g_lv_p += g_rev * 0.5 * (ratio_pq - 1.0)
+            if NEED_MU_P:
+                tl.store(dmu_p_ptr + out, g_mu_p.to(dmu_p_ptr.dtype.element_ty), mask=mask)
+            if NEED_LV_P:
+                tl.store(dlv_p_ptr + out, g_lv_p.to(dlv_p_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _rows(t: Tensor | None, d: int) -> Tensor | None:
+    """View ``t`` as (rows, d) without copying when its strides allow it."""
+    return None if t is None else t.reshape(-1, d)
+
+
+def _strides(t: Tensor | None) -> tuple[int, int]:
+    return (0, 0) if t is None else (t.stride(0), t.stride(1))
+
+
+def _block_sizes(n_rows: int, d: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_D, num_warps): about 4096 elements a program on a GPU.
+
+    The interpreter runs programs one after another with numpy, so there bigger is faster.
+    """
+    budget = 16384 if triton_interpreted() else 4096
+    block_d = min(triton.next_power_of_2(d), budget)
+    block_r = max(1, min(triton.next_power_of_2(n_rows), budget // block_d))
+    num_warps = 8 if block_r * block_d >= 4096 else 4
+    return block_r, block_d, num_warps
+
+
+def _acc_dtype(*tensors: Tensor | None) -> tl.dtype:
+    return tl.float64 if compute_dtype(*tensors) == torch.float64 else tl.float32
+
+
+def _triton_forward(mu_q: Tensor, lv_q: Tensor, mu_p: Tensor | None, lv_p: Tensor | None,
+                    eps: Tensor | None, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    d = mu_q.shape[-1]
+    lead = mu_q.shape[:-1]
+    mq, lq, mp, lp, e = (_rows(t, d) for t in (mu_q, lv_q, mu_p, lv_p, eps))
+    n_rows = mq.shape[0]
+    with_kl = mp is not None
+    kl_dtype = compute_dtype(mu_q, eps)
+    z = torch.empty(mu_q.shape, dtype=mu_q.dtype, device=mu_q.device)
+    kl_shape = lead if with_kl else (0,)
+    kl_fwd = torch.empty(kl_shape, dtype=kl_dtype, device=mu_q.device)
+    kl_rev = torch.empty(kl_shape, dtype=kl_dtype, device=mu_q.device)
+    block_r, block_d, num_warps = _block_sizes(n_rows, d)
+    grid = (triton.cdiv(n_rows, block_r),)
+    # Absent inputs are passed as mu_q: never read, but triton needs a pointer.
+    _gaussian_kl_fwd_kernel[grid](
+        mq, lq, mp if with_kl else mq, lp if with_kl else mq, e if e is not None else mq,
+        z, kl_fwd, kl_rev, n_rows, d, seed,
+        *_strides(mq), *_strides(lq), *_strides(mp), *_strides(lp), *_strides(e),
+        HAS_EPS=e is not None, WITH_KL=with_kl, ACC=_acc_dtype(mu_q, eps),
+        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return z, kl_fwd, kl_rev
+
+
+def _triton_backward(mu_q: Tensor, lv_q: Tensor, mu_p: Tensor | None, lv_p: Tensor | None,
+                     eps: Tensor | None, seed: int, grad_z: Tensor | None,
+                     grad_kl_fwd: Tensor | None, grad_kl_rev: Tensor | None,
+                     fwd_grad: str, rev_grad: str, need: list[bool]) -> list[Tensor]:
+    d = mu_q.shape[-1]
+    mq, lq, mp, lp, e, dz = (_rows(t, d) for t in (mu_q, lv_q, mu_p, lv_p, eps, grad_z))
+    n_rows = mq.shape[0]
+    with_kl = mp is not None
+    # Absent KL tensors (sampling only) are passed as mu_q, never read.
+    mp, lp = (mp, lp) if with_kl else (mq, mq)
+    grads = [torch.empty(mu_q.shape, dtype=mu_q.dtype, device=mu_q.device) if n else None
+             for n in need]
+    placeholder = mq
+    block_r, block_d, num_warps = _block_sizes(n_rows, d)
+    grid = (triton.cdiv(n_rows, block_r),)
+    _gaussian_kl_bwd_kernel[grid](
+        mq, lq, mp, lp, e if e is not None else placeholder,
+        dz if dz is not None else placeholder,
+        grad_kl_fwd.contiguous() if grad_kl_fwd is not None else placeholder,
+        grad_kl_rev.contiguous() if grad_kl_rev is not None else placeholder,
+        *(g if g is not None else placeholder for g in grads),
+        n_rows, d, seed,
+        *_strides(mq), *_strides(lq), *_strides(mp), *_strides(lp), *_strides(e),
+        *_strides(dz),
+        HAS_EPS=e is not None, HAS_DZ=dz is not None,
+        HAS_DKL_FWD=with_kl and grad_kl_fwd is not None,
+        HAS_DKL_REV=with_kl and grad_kl_rev is not None,
+        NEED_MU_Q=need[0], NEED_LV_Q=need[1], NEED_MU_P=need[2], NEED_LV_P=need[3],
+        FWD_TO_Q=fwd_grad in ("q", "both"), FWD_TO_P=fwd_grad in ("p", "both"),
+        REV_TO_Q=rev_grad in ("q", "both"), REV_TO_P=rev_grad in ("p", "both"),
+        ACC=_acc_dtype(mu_q, eps), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return [g for g in grads if g is not None]
+
+
+def _cuda_forward(*args):
+    from amvl_kernels import _cuda_gaussian_kl
+
+    return _cuda_gaussian_kl.forward(*args)
+
+
+def _cuda_backward(*args):
+    from amvl_kernels import _cuda_gaussian_kl
+
+    return _cuda_gaussian_kl.backward(*args)
+
+
+# ----------------------------------------------------------------------------- custom op
+
+
+@torch.library.custom_op("amvl::gaussian_sample_kl", mutates_args=())
+def _gaussian_sample_kl_op(mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor | None,
+                           logvar_p: Tensor | None, eps: Tensor | None, seed: int,
+                           fwd_grad: str, rev_grad: str, backend: str
+                           ) -> tuple[Tensor, Tensor, Tensor]:
+    forward = _cuda_forward if backend == "cuda" else _triton_forward
+    return forward(mu_q, logvar_q, mu_p, logvar_p, eps, seed)
+
+
+@_gaussian_sample_kl_op.register_fake
+def _(mu_q, logvar_q, mu_p, logvar_p, eps, seed, fwd_grad, rev_grad, backend):
+    kl_shape = mu_q.shape[:-1] if mu_p is not None else (0,)
+    kl_dtype = compute_dtype(mu_q, eps)
+    return (torch.empty(mu_q.shape, dtype=mu_q.dtype, device=mu_q.device),
+            mu_q.new_empty(kl_shape, dtype=kl_dtype), mu_q.new_empty(kl_shape, dtype=kl_dtype))
+
+
+@torch.library.custom_op("amvl::gaussian_sample_kl_backward", mutates_args=())
+def _gaussian_sample_kl_backward_op(
+    mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor | None, logvar_p: Tensor | None,
+    eps: Tensor | None, seed: int, grad_z: Tensor | None, grad_kl_fwd: Tensor | None,
+    grad_kl_rev: Tensor | None, fwd_grad: str, rev_grad: str, need: list[bool], backend: str,
+) -> list[Tensor]:
+    """Gradients of the inputs flagged in ``need`` (mu_q, logvar_q, mu_p, logvar_p), in order."""
+    backward = _cuda_backward if backend == "cuda" else _triton_backward
+    return backward(mu_q, logvar_q, mu_p, logvar_p, eps, seed, grad_z, grad_kl_fwd,
+                    grad_kl_rev, fwd_grad, rev_grad, need)
+
+
+@_gaussian_sample_kl_backward_op.register_fake
+def _(mu_q, logvar_q, mu_p, logvar_p, eps, seed, grad_z, grad_kl_fwd, grad_kl_rev, fwd_grad,
+      rev_grad, need, backend):
+    return [torch.empty(mu_q.shape, dtype=mu_q.dtype, device=mu_q.device) for n in need if n]
+
+
+def _setup_context(ctx, inputs, output):
+    mu_q, logvar_q, mu_p, logvar_p, eps, seed, fwd_grad, rev_grad, backend = inputs
+    ctx.save_for_backward(mu_q, logvar_q, mu_p, logvar_p, eps)
+    ctx.seed, ctx.fwd_grad, ctx.rev_grad, ctx.backend = seed, fwd_grad, rev_grad, backend
+
+
+def _backward(ctx, grad_z, grad_kl_fwd, grad_kl_rev):
+    mu_q, logvar_q, mu_p, logvar_p, eps = ctx.saved_tensors
+    with_kl = mu_p is not None
+    # An input gets a gradient only if autograd wants one and some term routes to it:
+    # z always feeds q; the KLs feed the sides their flags name.
+    p_routed = with_kl and (ctx.fwd_grad in ("p", "both") or ctx.rev_grad in ("p", "both"))
+    need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+            ctx.needs_input_grad[2] and p_routed, ctx.needs_input_grad[3] and p_routed]
+    grads: list[Tensor | None] = [None] * 4
+    if any(need):
+        computed = iter(torch.ops.amvl.gaussian_sample_kl_backward(
+            mu_q, logvar_q, mu_p, logvar_p, eps, ctx.seed, grad_z,
+            grad_kl_fwd if with_kl else None, grad_kl_rev if with_kl else None,
+            ctx.fwd_grad, ctx.rev_grad, need, ctx.backend))
+        grads = [next(computed) if n else None for n in need]
+    # eps is noise: it receives no gradient, nor do the non-tensor arguments.
+    return (*grads, None, None, None, None, None)
+
+
+_gaussian_sample_kl_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _draw_seed() -> int:
+    return int(torch.randint(0, 2**62, (1,), device="cpu").item())
+
+
+def _validate(mu_q, logvar_q, mu_p, logvar_p, eps, seed, fwd_grad, rev_grad):
+    check_float_tensor("mu_q", mu_q)
+    if mu_q.dim() == 0:
+        raise ValueError("mu_q must have at least one dimension (..., d), got a 0-d tensor")
+    check_float_tensor("logvar_q", logvar_q)
+    check_like("logvar_q", logvar_q, "mu_q", mu_q)
+    for name, t in (("mu_p", mu_p), ("logvar_p", logvar_p)):
+        if t is not None:
+            check_float_tensor(name, t)
+            check_like(name, t, "mu_q", mu_q)
+    if eps is not None:
+        check_float_tensor("eps", eps)
+        check_like("eps", eps, "mu_q", mu_q, same_dtype=False)
+    check_seed(seed)
+    check_choice("fwd_grad", fwd_grad, ROUTES)
+    check_choice("rev_grad", rev_grad, ROUTES)
+
+
+def _run(mu_q, logvar_q, mu_p, logvar_p, eps, seed, fwd_grad, rev_grad, backend):
+    backend = resolve_backend(backend, mu_q.device, has_cuda_kernel=True)
+    if eps is None and seed is None:
+        seed = _draw_seed()
+    seed = 0 if seed is None else seed
+    if backend == "torch" or mu_q.numel() == 0:
+        # Empty inputs give empty outputs (or zero KLs when d == 0) without a launch.
+        return gaussian_sample_kl_torch(mu_q, logvar_q, mu_p, logvar_p, eps, seed,
+                                        fwd_grad, rev_grad)
+    return torch.ops.amvl.gaussian_sample_kl(mu_q, logvar_q, mu_p, logvar_p, eps, seed,
+                                             fwd_grad, rev_grad, backend)
+
+
+def gaussian_sample_kl(mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor, logvar_p: Tensor,
+                       eps: Tensor | None = None, seed: int | None = None,
+                       fwd_grad: str = "p", rev_grad: str = "q", backend: str = "auto"
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """Sample z ~ q by reparameterisation and return the per-slot KL(q||p) and KL(p||q).
+
+    Args:
+        mu_q, logvar_q: posterior mean and log-variance, (..., d), any float dtype.
+        mu_p, logvar_p: prior mean and log-variance, same shape, dtype and device.
+        eps: explicit standard-normal noise of the same shape (any float dtype), or None to draw
+            it in the kernel from ``seed``. eps receives no gradient.
+        seed: int in [0, 2**63); None draws one from torch's default CPU generator. Ignored
+            when ``eps`` is given. The same seed gives bitwise-identical z on one backend.
+        fwd_grad: which side KL(q||p) sends gradient to: "p" (AMVL's prior update, default),
+            "q", "both" (the ELBO) or "none".
+        rev_grad: which side KL(p||q) sends gradient to: "q" (default), "p", "both" or "none".
+        backend: "auto", "triton", "cuda" or "torch" (see :func:`resolve_backend`).
+
+    Returns:
+        z of shape (..., d) in mu_q's dtype (its gradient always flows to mu_q and logvar_q),
+        and kl_fwd, kl_rev of shape (...) in float32 (float64 for float64 inputs).
+
+    Safe range: finite for log-variances in [-30, 30] in fp32 and bf16; in fp16 z and the
+    gradients overflow past about |logvar| > 10. NaN inputs propagate to the affected outputs.
+    """
+    _validate(mu_q, logvar_q, mu_p, logvar_p, eps, seed, fwd_grad, rev_grad)
+    if mu_p is None or logvar_p is None:
+        raise TypeError("mu_p and logvar_p must be tensors; use gaussian_sample for sampling only")
+    return _run(mu_q, logvar_q, mu_p, logvar_p, eps, seed, fwd_grad, rev_grad, backend)
+
+
+def gaussian_sample(mu: Tensor, logvar: Tensor, eps: Tensor | None = None,
+                    seed: int | None = None, backend: str = "auto") -> Tensor:
+    """Reparameterised sample z = mu + exp(logvar / 2) * eps, e.g. from the prior.
+
+    Same conventions as :func:`gaussian_sample_kl`: z in mu's dtype, noise drawn in the kernel
+    from ``seed`` when ``eps`` is None, gradient to mu and logvar.
+    """
+    try:
+        _validate(mu, logvar, None, None, eps, seed, "p", "q")
+    except (TypeError, ValueError) as err:  # name the arguments as the caller wrote them
+        raise type(err)(str(err).replace("mu_q", "mu").replace("logvar_q", "logvar")) from None
+    z, _, _ = _run(mu, logvar, None, None, eps, seed, "none", "none", backend)
+    return z

@@ -1,0 +1,396 @@
+"""Tests of ak.gaussian_sample_kl / ak.gaussian_sample against float64 formulas.
+
+Every backend that runs here (torch; triton on a GPU or under TRITON_INTERPRET=1; cuda when
+built and a GPU is present) is held to DESIGN.md section 5: its error against float64 is at
+most 2x PyTorch's own error in the same dtype on the forward, 3x on gradients.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from scipy import stats
+
+import amvl_kernels as ak
+from tests.conftest import DEVICE, available_backends
+
+BACKENDS = available_backends()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ROUTES = ["p", "q", "both", "none"]
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def kl64(mu_a, lv_a, mu_b, lv_b):
+    """KL(a||b) per slot, straight from DESIGN.md section 2."""
+    return 0.5 * (lv_b - lv_a + torch.exp(lv_a - lv_b)
+                  + (mu_a - mu_b) ** 2 * torch.exp(-lv_b) - 1).sum(-1)
+
+
+def formulas(mu_q, lv_q, mu_p, lv_p, eps, fwd_grad="p", rev_grad="q"):
+    """z, KL(q||p), KL(p||q) in the inputs' dtype, gradient routed with explicit detach."""
+    def side(route, q_or_p):
+        return route in (q_or_p, "both")
+
+    def maybe(t, keep):
+        return t if keep else t.detach()
+
+    z = mu_q + torch.exp(0.5 * lv_q) * eps.to(mu_q.dtype)
+    kl_fwd = kl64(maybe(mu_q, side(fwd_grad, "q")), maybe(lv_q, side(fwd_grad, "q")),
+                  maybe(mu_p, side(fwd_grad, "p")), maybe(lv_p, side(fwd_grad, "p")))
+    kl_rev = kl64(maybe(mu_p, side(rev_grad, "p")), maybe(lv_p, side(rev_grad, "p")),
+                  maybe(mu_q, side(rev_grad, "q")), maybe(lv_q, side(rev_grad, "q")))
+    return z, kl_fwd, kl_rev
+
+
+def make_inputs(shape, dtype, lv_scale=1.0, requires_grad=False):
+    """Fresh random mu and log-variances (never zeros), made in float64 then rounded."""
+    mu_q, mu_p = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    lv_q = lv_scale * torch.randn(shape, dtype=torch.float64)
+    lv_p = lv_scale * torch.randn(shape, dtype=torch.float64)
+    out = [t.to(DEVICE, dtype).requires_grad_(requires_grad) for t in (mu_q, lv_q, mu_p, lv_p)]
+    return out
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_within_criterion(name, ours, ref64, torch_same_dtype, factor):
+    """DESIGN.md section 5: error <= factor x PyTorch's own error in that dtype.
+
+    The floor of a few ulps of the output's magnitude covers outputs where PyTorch happens to
+    be exact (fp32 z is one rounding), which a correct kernel cannot beat either.
+    """
+    ulp = torch.finfo(ours.dtype if ours.dtype.is_floating_point else torch.float32).eps
+    floor = 4 * ulp * (1.0 + ref64.abs().max().item())
+    err, base = max_err(ours, ref64), max_err(torch_same_dtype, ref64)
+    assert err <= factor * base + floor, (
+        f"{name}: error {err:.3e} vs PyTorch's {base:.3e} (allowed {factor}x + {floor:.1e})")
+
+
+# ----------------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(7, 1), (2, 5, 3), (9, 127), (3, 4099)], ids=str)
+def test_forward_matches_float64(backend, dtype, shape, rng_seed):
+    mu_q, lv_q, mu_p, lv_p = make_inputs(shape, dtype)
+    eps = torch.randn(shape, device=DEVICE)
+    z, kl_fwd, kl_rev = ak.gaussian_sample_kl(mu_q, lv_q, mu_p, lv_p, eps=eps, backend=backend)
+    assert z.dtype == dtype and z.shape == shape
+    assert kl_fwd.dtype == torch.float32 and kl_fwd.shape == shape[:-1]
+    refs = formulas(*(t.double() for t in (mu_q, lv_q, mu_p, lv_p)), eps.double())
+    same_dtype = formulas(mu_q, lv_q, mu_p, lv_p, eps)
+    for name, ours, ref, base in zip(("z", "kl_fwd", "kl_rev"), (z, kl_fwd, kl_rev), refs,
+                                     same_dtype):
+        assert_within_criterion(name, ours, ref, base, factor=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(7, 1), (5, 3), (4, 127), (2, 4099)], ids=str)
+def test_gradients_match_float64(backend, dtype, shape, rng_seed):
+    inputs = make_inputs(shape, dtype, requires_grad=True)
+    eps = torch.randn(shape, device=DEVICE)
+    g_z = torch.randn(shape, device=DEVICE, dtype=dtype)
+    g_f, g_r = torch.randn(shape[:-1], device=DEVICE), torch.randn(shape[:-1], device=DEVICE)
+
+    def grads(outputs, wrt):
+        z, f, r = outputs
+        return torch.autograd.grad((z * g_z.to(z.dtype)).sum() + (f * g_f.to(f.dtype)).sum()
+                                   + (r * g_r.to(r.dtype)).sum(), wrt)
+
+    ours = grads(ak.gaussian_sample_kl(*inputs, eps=eps, fwd_grad="both", rev_grad="both",
+                                       backend=backend), inputs)
+    x64 = [t.detach().double().requires_grad_() for t in inputs]
+    refs = grads(formulas(*x64, eps.double(), "both", "both"), x64)
+    same_dtype = grads(formulas(*inputs, eps, "both", "both"), inputs)
+    for name, o, r, b in zip(("mu_q", "logvar_q", "mu_p", "logvar_p"), ours, refs, same_dtype):
+        assert o.dtype == dtype
+        assert_within_criterion(f"grad {name}", o, r, b, factor=3)
+
+
+def _views(kind, shape, dtype):
+    """Non-contiguous views holding fresh random values."""
+    rows, d = shape
+    if kind == "transposed":  # reshape stays a view, strides (1, rows)
+        return [t.t() for t in make_inputs((d, rows), dtype)]
+    if kind == "strided":  # every other column
+        return [t[:, ::2] for t in make_inputs((rows, 2 * d), dtype)]
+    # a permuted 3-D tensor: reshaping it to (rows, d) has to copy
+    return [t.permute(1, 0, 2) for t in make_inputs((3, rows // 3, d), dtype)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["transposed", "strided", "permuted"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_contiguous_inputs(backend, kind, dtype, rng_seed):
+    views = _views(kind, (9, 37), dtype)
+    assert not views[0].is_contiguous()
+    eps = torch.randn(views[0].shape[::-1], device=DEVICE).permute(*range(views[0].dim())[::-1])
+    for v in views:
+        v.requires_grad_()
+    outs = ak.gaussian_sample_kl(*views, eps=eps, fwd_grad="both", rev_grad="both",
+                                 backend=backend)
+    contiguous = [v.detach().contiguous().requires_grad_() for v in views]
+    expected = ak.gaussian_sample_kl(*contiguous, eps=eps.contiguous(), fwd_grad="both",
+                                     rev_grad="both", backend=backend)
+    # The kernels read strided memory in the same order: bitwise equal. PyTorch's reductions
+    # may sum a strided view in another order.
+    exact = {"rtol": 0, "atol": 0} if backend != "torch" else {}
+    for a, b in zip(outs, expected):
+        torch.testing.assert_close(a, b, **exact)
+    loss = sum(o.float().sum() for o in outs)
+    ref_loss = sum(o.float().sum() for o in expected)
+    for a, b in zip(torch.autograd.grad(loss, views), torch.autograd.grad(ref_loss, contiguous)):
+        torch.testing.assert_close(a, b, **exact)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fwd_grad,rev_grad", list(itertools.product(ROUTES, ROUTES)))
+def test_gradient_routing(backend, fwd_grad, rev_grad, rng_seed):
+    inputs = make_inputs((4, 6), torch.float64, requires_grad=True)
+    eps = torch.randn(4, 6, device=DEVICE, dtype=torch.float64)
+    weights = [torch.randn(s, device=DEVICE, dtype=torch.float64) for s in ((4, 6), (4,), (4,))]
+
+    def loss(outputs):
+        return sum((o * w).sum() for o, w in zip(outputs, weights))
+
+    ours = torch.autograd.grad(
+        loss(ak.gaussian_sample_kl(*inputs, eps=eps, fwd_grad=fwd_grad, rev_grad=rev_grad,
+                                   backend=backend)), inputs, allow_unused=True)
+    refs = torch.autograd.grad(loss(formulas(*inputs, eps, fwd_grad, rev_grad)), inputs,
+                               allow_unused=True)
+    p_gets_gradient = fwd_grad in ("p", "both") or rev_grad in ("p", "both")
+    for name, o, r in zip(("mu_q", "logvar_q", "mu_p", "logvar_p"), ours, refs):
+        if name.endswith("_p") and not p_gets_gradient:
+            assert o is None, f"{name} must get no gradient (not even zeros)"
+            assert r is None
+            continue
+        torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("explicit_eps", [True, False], ids=["eps", "seed"])
+def test_gradcheck_float64(backend, explicit_eps, rng_seed):
+    """Finite differences see every path, so this checks the ELBO routing ("both", "both");
+    the stop-gradient routings are checked against explicit detach in test_gradient_routing."""
+    inputs = make_inputs((3, 5), torch.float64, requires_grad=True)
+    eps = torch.randn(3, 5, device=DEVICE, dtype=torch.float64) if explicit_eps else None
+
+    def fn(*xs):
+        return ak.gaussian_sample_kl(*xs, eps=eps, seed=1234, fwd_grad="both",
+                                     rev_grad="both", backend=backend)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    sample_inputs = [t.detach().requires_grad_() for t in inputs[:2]]
+    assert torch.autograd.gradcheck(
+        lambda m, lv: ak.gaussian_sample(m, lv, eps=eps, seed=99, backend=backend),
+        sample_inputs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unused_outputs_get_no_gradient_work(backend):
+    """Only z used: the KL gradients arrive undefined or as zeros and change nothing."""
+    inputs = make_inputs((5, 8), torch.float64, requires_grad=True)
+    eps = torch.randn(5, 8, device=DEVICE, dtype=torch.float64)
+    z, _, _ = ak.gaussian_sample_kl(*inputs, eps=eps, fwd_grad="both", rev_grad="both",
+                                    backend=backend)
+    g = torch.autograd.grad(z.sum(), inputs, allow_unused=True)
+    torch.testing.assert_close(g[0], torch.ones_like(g[0]))
+    torch.testing.assert_close(g[1], 0.5 * torch.exp(0.5 * inputs[1].detach()) * eps)
+    for extra in g[2:]:
+        assert extra is None or torch.count_nonzero(extra) == 0
+
+
+# ----------------------------------------------------------------------------- noise
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_same_seed_bitwise_and_backward_uses_the_same_noise(backend, dtype, rng_seed):
+    mu_q, lv_q, mu_p, lv_p = make_inputs((6, 33), dtype, requires_grad=True)
+    seed = rng_seed
+    z1, f1, r1 = ak.gaussian_sample_kl(mu_q, lv_q, mu_p, lv_p, seed=seed, backend=backend)
+    z2, f2, r2 = ak.gaussian_sample_kl(mu_q, lv_q, mu_p, lv_p, seed=seed, backend=backend)
+    assert torch.equal(z1, z2) and torch.equal(f1, f2) and torch.equal(r1, r2)
+    z3, _, _ = ak.gaussian_sample_kl(mu_q, lv_q, mu_p, lv_p, seed=seed + 1, backend=backend)
+    assert not torch.equal(z1, z3)
+    # The noise the forward used is what gaussian_sample draws from the same seed at mu=0,
+    # logvar=0, and d z / d logvar_q = 0.5 * sigma * eps must use exactly that noise.
+    zeros = torch.zeros_like(mu_q, dtype=torch.float32)
+    noise = ak.gaussian_sample(zeros, zeros, seed=seed, backend=backend)
+    sigma = torch.exp(0.5 * lv_q.detach().float())
+    assert_within_criterion("z from regenerated noise", z1,
+                            mu_q.detach().double() + sigma.double() * noise.double(),
+                            (mu_q.detach() + torch.exp(0.5 * lv_q.detach()) * noise.to(dtype)),
+                            factor=2)
+    (g_lv_q,) = torch.autograd.grad(z1.float().sum(), [lv_q])
+    assert_within_criterion("grad logvar_q", g_lv_q, 0.5 * sigma.double() * noise.double(),
+                            (0.5 * torch.exp(0.5 * lv_q.detach()) * noise.to(dtype)), factor=3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noise_statistics(backend):
+    rows, d, n = 400, 257, 400 * 257  # > 10^5 samples
+    zeros = torch.zeros(rows, d, device=DEVICE)
+    seed = 2**40 + 12345
+    eps = ak.gaussian_sample(zeros, zeros, seed=seed, backend=backend).double().cpu()
+    tol = 5 / n**0.5  # five standard errors
+    assert abs(eps.mean().item()) < tol
+    assert abs(eps.var().item() - 1) < 5 * (2 / n) ** 0.5
+    assert stats.kstest(eps.flatten().numpy(), "norm").pvalue > 1e-4
+
+    def corr(a, b):
+        return torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
+
+    assert abs(corr(eps[:, :-1], eps[:, 1:])) < tol, "neighbouring elements correlate"
+    assert abs(corr(eps[:-1], eps[1:])) < tol, "neighbouring slots correlate"
+    other = ak.gaussian_sample(zeros, zeros, seed=seed + 1, backend=backend).double().cpu()
+    assert abs(corr(eps, other)) < tol, "neighbouring seeds correlate"
+
+
+# ----------------------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wide_rows_loop_over_d(backend, rng_seed):
+    inputs = make_inputs((2, 70001), torch.float32)
+    eps = torch.randn(2, 70001, device=DEVICE)
+    z, f, r = ak.gaussian_sample_kl(*inputs, eps=eps, backend=backend)
+    refs = formulas(*(t.double() for t in inputs), eps.double())
+    for name, ours, ref, base in zip("zfr", (z, f, r), refs, formulas(*inputs, eps)):
+        assert_within_criterion(name, ours, ref, base, factor=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 5), (4, 0), (2, 0, 3)], ids=str)
+def test_empty_inputs(backend, shape):
+    inputs = [torch.randn(shape, device=DEVICE, requires_grad=True) for _ in range(4)]
+    z, f, r = ak.gaussian_sample_kl(*inputs, backend=backend)
+    assert z.shape == shape and f.shape == shape[:-1] and r.shape == shape[:-1]
+    assert torch.count_nonzero(f) == 0 and torch.count_nonzero(r) == 0  # empty sums are 0
+    grads = torch.autograd.grad(z.sum() + f.sum() + r.sum(), inputs, allow_unused=True)
+    assert all(g is None or g.shape == shape for g in grads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_propagates_to_its_slot_only(backend, rng_seed):
+    mu_q, lv_q, mu_p, lv_p = make_inputs((5, 11), torch.float32)
+    mu_p[2, 3] = float("nan")
+    lv_q[4, 0] = float("nan")
+    z, f, r = ak.gaussian_sample_kl(mu_q, lv_q, mu_p, lv_p, seed=7, backend=backend)
+    assert f[2].isnan() and r[2].isnan() and f[4].isnan() and r[4].isnan()
+    assert torch.isfinite(f[[0, 1, 3]]).all() and torch.isfinite(r[[0, 1, 3]]).all()
+    assert z[4, 0].isnan() and torch.isfinite(z[:4]).all() and torch.isfinite(z[4, 1:]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,lv_max,mu_max", [(torch.float32, 30, 1e3),
+                                                 (torch.bfloat16, 30, 1e3),
+                                                 (torch.float16, 5, 10)], ids=str)
+def test_safe_logvar_range(backend, dtype, lv_max, mu_max):
+    """The documented safe range: no inf or NaN in any output or gradient."""
+    shape = (64, 33)
+    lv = [(torch.rand(shape, device=DEVICE) * 2 - 1) * lv_max for _ in range(2)]
+    lv[0][0, :4] = torch.tensor([lv_max, -lv_max, lv_max, -lv_max])  # the extremes themselves
+    lv[1][0, :4] = torch.tensor([-lv_max, lv_max, lv_max, -lv_max])
+    mu = [(torch.rand(shape, device=DEVICE) * 2 - 1) * mu_max for _ in range(2)]
+    inputs = [t.to(dtype).requires_grad_() for t in (mu[0], lv[0], mu[1], lv[1])]
+    outs = ak.gaussian_sample_kl(*inputs, seed=3, fwd_grad="both", rev_grad="both",
+                                 backend=backend)
+    assert all(torch.isfinite(o).all() for o in outs)
+    grads = torch.autograd.grad(sum(o.float().mean() for o in outs), inputs)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _ok(shape=(3, 4)):
+    return [torch.randn(shape, device=DEVICE) for _ in range(4)]
+
+
+@pytest.mark.parametrize("mutate,error,match", [
+    (lambda a: a.__setitem__(2, torch.randn(3, 5, device=DEVICE)), ValueError, "mu_p"),
+    (lambda a: a.__setitem__(1, a[1].double()), TypeError, "logvar_q"),
+    (lambda a: a.__setitem__(3, a[3].to(torch.int64)), TypeError, "logvar_p"),
+    (lambda a: a.__setitem__(0, a[0].tolist()), TypeError, "mu_q"),
+    (lambda a: a.__setitem__(0, torch.tensor(1.0)), ValueError, "mu_q"),
+    (lambda a: a.__setitem__(2, a[2].to("meta")), ValueError, "mu_p"),
+])
+def test_bad_tensors_are_named(mutate, error, match):
+    args = _ok()
+    mutate(args)
+    with pytest.raises(error, match=match):
+        ak.gaussian_sample_kl(*args)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"eps": torch.randn(3, 5)}, ValueError, "eps"),
+    ({"eps": torch.ones(3, 4, dtype=torch.int32)}, TypeError, "eps"),
+    ({"seed": 1.5}, TypeError, "seed"),
+    ({"seed": -1}, ValueError, "seed"),
+    ({"fwd_grad": "prior"}, ValueError, "fwd_grad"),
+    ({"rev_grad": None}, ValueError, "rev_grad"),
+    ({"backend": "cudnn"}, ValueError, "backend"),
+])
+def test_bad_arguments_are_named(kwargs, error, match):
+    args = [a.cpu() for a in _ok()]
+    with pytest.raises(error, match=match):
+        ak.gaussian_sample_kl(*args, **kwargs)
+
+
+def test_gaussian_sample_names_its_own_arguments():
+    with pytest.raises(ValueError, match="logvar must have the shape of mu"):
+        ak.gaussian_sample(torch.randn(3, 4), torch.randn(4, 3))
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="checks the CPU error path")
+def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        ak.gaussian_sample_kl(*_ok(), backend="cuda")
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    import amvl_kernels.backends as backends
+
+    monkeypatch.setattr(backends, "triton_interpreted", lambda: False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        backends.resolve_backend("triton", torch.device("cpu"))
+    assert backends.resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+# ----------------------------------------------------------------------------- torch.library
+
+
+def test_opcheck():
+    inputs = make_inputs((3, 7), torch.float32, requires_grad=True)
+    eps = torch.randn(3, 7, device=DEVICE)
+    op = torch.ops.amvl.gaussian_sample_kl.default
+    torch.library.opcheck(op, (*inputs, None, 5, "p", "q", "triton"))
+    torch.library.opcheck(op, (*inputs, eps, 0, "both", "both", "triton"))
+    torch.library.opcheck(op, (*inputs[:2], None, None, None, 5, "none", "none", "triton"))
+
+
+def test_torch_compile_fullgraph_traces_through():
+    inputs = make_inputs((4, 9), torch.float32, requires_grad=True)
+
+    def step(mu_q, lv_q, mu_p, lv_p):
+        z, kl_fwd, kl_rev = ak.gaussian_sample_kl(mu_q, lv_q, mu_p, lv_p, seed=11,
+                                                  backend="triton")
+        return z.square().sum() + kl_fwd.sum() + 0.5 * kl_rev.sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss, expected = compiled(*inputs), step(*inputs)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(torch.autograd.grad(loss, inputs),
+                               torch.autograd.grad(expected, inputs))
