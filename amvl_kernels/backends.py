@@ -45,17 +45,13 @@ def cuda_extension_available() -> bool:
 def resolve_backend(backend: str, device: torch.device, *, has_cuda_kernel: bool = False) -> str:
     """Turn a user's ``backend`` argument into the backend that will run on ``device``.
 
-    ``"auto"`` picks the CUDA extension on a GPU where the op has one and it is built, Triton on
-    any other GPU, and the PyTorch reference on the CPU (the Triton interpreter is for tests,
-    ask for it with ``backend="triton"``).
+    ``"auto"`` picks Triton on a GPU and the PyTorch reference on the CPU (the Triton
+    interpreter is for tests: ask for it with ``backend="triton"``). The CUDA extension runs
+    only when asked for by name.
     """
     check_choice("backend", backend, BACKENDS)
     if backend == "auto":
-        if device.type == "cuda":
-            if has_cuda_kernel and cuda_extension_available():
-                return "cuda"
-            return "triton"
-        return "torch"
+        return "triton" if device.type == "cuda" else "torch"
     if backend == "triton":
         if device.type == "cpu" and not triton_interpreted():
             raise RuntimeError(

@@ -1,0 +1,105 @@
+"""Benchmark of the fused Gaussian sample + bidirectional KL op.
+
+Providers, side by side in one run: eager PyTorch (the reference, noise from
+``torch.randn_like``), ``torch.compile`` of that reference, our Triton kernel, and the CUDA
+extension when it is built. Forward and forward+backward (AMVL routing: every input gets a
+gradient) at (slots, d) of (4096, 4096), (512, 3584), (65536, 256) in bf16 and fp32.
+
+Reported per provider: median ms; effective GB/s from the minimal bytes (each input read once,
+each output written once) and its share of the measured device copy bandwidth; peak memory
+above the inputs; activation memory, i.e. what the forward keeps alive for the backward beyond
+its outputs (the fused op keeps nothing: it regenerates the noise).
+
+    python -m pytest benchmarks/bench_gaussian_kl.py --benchmark
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import amvl_kernels as ak
+from amvl_kernels.reference import gaussian_sample_kl_torch
+from benchmarks import common
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and not common.SMOKE,
+    reason="needs a CUDA GPU (AMVL_BENCH_SMOKE=1 checks the harness on the CPU)")
+
+SHAPES = [(4, 33)] if common.SMOKE else [(4096, 4096), (512, 3584), (65536, 256)]
+DTYPES = [torch.bfloat16, torch.float32]
+MODES = ["fwd", "fwd+bwd"]
+
+
+def _eager(mu_q, lv_q, mu_p, lv_p):
+    return gaussian_sample_kl_torch(mu_q, lv_q, mu_p, lv_p, torch.randn_like(mu_q), 0)
+
+
+_compiled = torch.compile(_eager, dynamic=False)
+
+
+def _providers() -> dict:
+    providers = {
+        "eager": _eager,
+        "torch.compile": _compiled,
+        "triton": lambda *x: ak.gaussian_sample_kl(*x, seed=1234, backend="triton"),
+    }
+    if torch.cuda.is_available() and ak.cuda_extension_available():
+        providers["cuda"] = lambda *x: ak.gaussian_sample_kl(*x, seed=1234, backend="cuda")
+    return providers
+
+
+def minimal_bytes(slots: int, d: int, dtype: torch.dtype, mode: str) -> int:
+    """Each input read once, each output written once. The KLs and their gradients are fp32."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    fwd = 5 * slots * d * elem + 2 * slots * 4  # read 4 inputs, write z and two KLs
+    if mode == "fwd":
+        return fwd
+    # backward: read 4 inputs, dz and two KL grads; write 4 input grads
+    return fwd + 9 * slots * d * elem + 2 * slots * 4
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).removeprefix("torch."))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("provider", list(_providers()))
+def test_gaussian_kl(benchmark, bench_device, provider, shape, dtype, mode):
+    slots, d = shape
+    fn = _providers()[provider]
+    inputs = [torch.randn(shape, device=bench_device, dtype=dtype, requires_grad=mode != "fwd")
+              for _ in range(4)]
+    grad_outputs = (torch.randn(shape, device=bench_device, dtype=dtype),
+                    torch.randn(slots, device=bench_device), torch.randn(slots, device=bench_device))
+
+    def forward():
+        return fn(*inputs)
+
+    def forward_backward():
+        return torch.autograd.grad(forward(), inputs, grad_outputs)
+
+    run = forward if mode == "fwd" else forward_backward
+    median_ms = common.time_ms(run)
+    effective = minimal_bytes(slots, d, dtype, mode) / median_ms / 1e6
+    metrics = {
+        "GBps": effective,
+        "pct_of_copy": 100 * effective / common.copy_bandwidth_gbs(),
+        "peak_MB": common.peak_memory_bytes(run) / 2**20,
+    }
+    if mode != "fwd" and bench_device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        outputs = forward()
+        kept = torch.cuda.memory_allocated() - before
+        kept -= sum(o.numel() * o.element_size() for o in outputs)
+        metrics["activation_MB"] = kept / 2**20
+        del outputs
+    case = f"{mode} {str(dtype).removeprefix('torch.')} slots={slots} d={d}"
+    common.record("gaussian_kl", case, provider, median_ms, **metrics)
+    benchmark.extra_info.update(metrics, median_ms_cuda_events=median_ms)
+
+    def synced():
+        run()
+        if bench_device.type == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(synced, rounds=3 if common.SMOKE else 20, warmup_rounds=1)

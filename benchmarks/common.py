@@ -1,0 +1,114 @@
+"""Measuring helpers shared by every benchmark (DESIGN.md section 5).
+
+Times are medians after warm-up, synchronised with CUDA events through
+``triton.testing.do_bench``; every provider of one comparison is measured in the same run on
+the same device. Each benchmark adds rows with :func:`record`; at the end of the session
+``benchmarks/conftest.py`` prints them grouped by case, with ratios, and writes them as JSON
+together with :func:`device_info`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+SMOKE = os.environ.get("AMVL_BENCH_SMOKE") == "1"
+"""Tiny shapes on the CPU: checks the harness runs, measures nothing worth reporting."""
+
+
+@dataclass
+class Row:
+    """One provider measured on one case of one benchmark."""
+
+    bench: str
+    case: str
+    provider: str
+    median_ms: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+ROWS: list[Row] = []
+
+
+def record(bench: str, case: str, provider: str, median_ms: float, **metrics: float) -> Row:
+    row = Row(bench, case, provider, median_ms, dict(metrics))
+    ROWS.append(row)
+    return row
+
+
+def device_info() -> dict[str, str]:
+    """Device and versions, recorded beside every set of numbers."""
+    import triton
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": str(torch.version.cuda),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+        else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def bench_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def time_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds of ``fn`` after warm-up (CUDA events on a GPU)."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    for _ in range(2):
+        fn()
+    samples = []
+    for _ in range(3 if SMOKE else 10):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def peak_memory_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated while ``fn`` runs, above what was allocated before (CUDA only)."""
+    if not torch.cuda.is_available():
+        return 0
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+_COPY_GBS: float | None = None
+
+
+def copy_bandwidth_gbs() -> float:
+    """Measured device-to-device copy bandwidth (read + write bytes per second), cached."""
+    global _COPY_GBS
+    if _COPY_GBS is None:
+        n = (1 << 16) if SMOKE or not torch.cuda.is_available() else (1 << 28)  # 1 GiB fp32
+        src = torch.empty(n, dtype=torch.float32, device=bench_device())
+        dst = torch.empty_like(src)
+        ms = time_ms(lambda: dst.copy_(src))
+        _COPY_GBS = 2 * src.numel() * src.element_size() / ms / 1e6
+    return _COPY_GBS
+
+
+def rows_as_json() -> dict:
+    return {"device": device_info(), "copy_GBps": _COPY_GBS, "rows": [asdict(r) for r in ROWS]}
