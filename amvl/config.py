@@ -1,0 +1,116 @@
+"""``AMVLConfig``: everything about the latent block that is saved with a model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+CONFIG_NAME = "amvl_config.json"
+
+OBJECTIVES = ("amvl", "elbo", "prior", "none")
+KL_SCHEDULES = ("constant", "linear", "cyclical")
+INFERENCE_MODES = ("mean", "sample")
+
+
+@dataclass
+class AMVLConfig:
+    """Latent block, objective and inference settings (DESIGN.md section 2).
+
+    Attributes:
+        num_slots: K, latent slots between the query and the answer.
+        latent_dim: d, dimensions of each slot's diagonal Gaussian.
+        objective: "amvl", "elbo", "prior" or "none".
+        alpha: weight of KL(sg(q)||p) (amvl).
+        beta: weight of KL(sg(p)||q) (amvl), of KL(q||p) (elbo).
+        gamma: weight of the optional prior-path NLL(y | x, z~p) (amvl, elbo).
+        kl_schedule: "constant", "linear" (warm-up from 0 over ``kl_warmup_steps``) or
+            "cyclical" (linear ramps repeating every ``kl_cycle_steps``, rising over the first
+            ``kl_cycle_ratio`` of each cycle).
+        free_bits: lambda of free bits per slot: each slot's batch-mean KL counts as
+            max(KL_k, lambda). 0 disables it.
+        logvar_min, logvar_max: bounds of the heads' log-variance parameterisation.
+        inference: "mean" (z = mu_p) or "sample" (z ~ p, ``num_samples`` draws).
+        num_samples: draws per example when ``inference == "sample"``.
+        prefix_sharing: compute the query x once per step (needs the "amvl" attention).
+        kernel_backend: backend passed to amvl_kernels ops.
+        *_token: special-token strings; added to the tokenizer when missing.
+    """
+
+    num_slots: int = 8
+    latent_dim: int = 64
+    objective: str = "amvl"
+    alpha: float = 1.0
+    beta: float = 1.0
+    gamma: float = 0.0
+    kl_schedule: str = "constant"
+    kl_warmup_steps: int = 0
+    kl_cycle_steps: int = 1000
+    kl_cycle_ratio: float = 0.5
+    free_bits: float = 0.0
+    logvar_min: float = -10.0
+    logvar_max: float = 4.0
+    inference: str = "mean"
+    num_samples: int = 1
+    prefix_sharing: bool = True
+    kernel_backend: str = "auto"
+    latent_start_token: str = "<lat_start>"
+    latent_end_token: str = "<lat_end>"
+    latent_token: str = "<lat>"
+    prior_query_token: str = "<lat_prior>"
+    posterior_query_token: str = "<lat_post>"
+
+    def __post_init__(self) -> None:
+        def require(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"AMVLConfig: {message}")
+
+        require(isinstance(self.num_slots, int) and self.num_slots >= 1,
+                f"num_slots must be an int >= 1, got {self.num_slots!r}")
+        require(isinstance(self.latent_dim, int) and self.latent_dim >= 1,
+                f"latent_dim must be an int >= 1, got {self.latent_dim!r}")
+        require(self.objective in OBJECTIVES,
+                f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        require(self.kl_schedule in KL_SCHEDULES,
+                f"kl_schedule must be one of {KL_SCHEDULES}, got {self.kl_schedule!r}")
+        require(self.inference in INFERENCE_MODES,
+                f"inference must be one of {INFERENCE_MODES}, got {self.inference!r}")
+        for name in ("alpha", "beta", "gamma", "free_bits"):
+            require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        require(self.kl_warmup_steps >= 0, "kl_warmup_steps must be >= 0")
+        require(self.kl_cycle_steps >= 1, "kl_cycle_steps must be >= 1")
+        require(0 < self.kl_cycle_ratio <= 1, "kl_cycle_ratio must be in (0, 1]")
+        require(self.logvar_min < self.logvar_max, "logvar_min must be below logvar_max")
+        require(-30 <= self.logvar_min and self.logvar_max <= 30,
+                "log-variance bounds must lie in the kernels' safe range [-30, 30]")
+        require(self.num_samples >= 1, "num_samples must be >= 1")
+        tokens = self.special_tokens()
+        require(len(set(tokens)) == len(tokens), f"special tokens must differ, got {tokens}")
+
+    def special_tokens(self) -> list[str]:
+        return [self.latent_start_token, self.latent_end_token, self.latent_token,
+                self.prior_query_token, self.posterior_query_token]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AMVLConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"AMVLConfig: unknown keys {unknown}")
+        return cls(**data)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / CONFIG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> AMVLConfig:
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
+        return cls.from_dict(json.loads(path.read_text()))

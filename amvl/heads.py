@@ -1,0 +1,61 @@
+"""Gaussian heads on the query slots' hidden states, and the injector of latents into the
+decoder's input embeddings."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class GaussianHead(nn.Module):
+    """Hidden states (..., hidden) -> (mu, logvar), each (..., d).
+
+    The log-variance is bounded, logvar = lo + (hi - lo) * sigmoid(raw + shift), so no slot
+    can leave the kernels' safe range or collapse to a point. ``shift`` puts logvar at 0 (unit
+    variance) when the linear layer outputs 0, which is where it starts.
+    """
+
+    def __init__(self, hidden_size: int, latent_dim: int, logvar_min: float = -10.0,
+                 logvar_max: float = 4.0):
+        super().__init__()
+        if not logvar_min < 0 < logvar_max:
+            raise ValueError(f"need logvar_min < 0 < logvar_max, got {logvar_min}, {logvar_max}")
+        self.latent_dim = latent_dim
+        self.logvar_min, self.logvar_max = logvar_min, logvar_max
+        self.proj = nn.Linear(hidden_size, 2 * latent_dim)
+        nn.init.normal_(self.proj.weight, std=0.02)
+        nn.init.zeros_(self.proj.bias)
+        unit = -logvar_min / (logvar_max - logvar_min)
+        self.shift = math.log(unit / (1 - unit))
+
+    def forward(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        mu, raw = self.proj(hidden.to(self.proj.weight.dtype)).chunk(2, dim=-1)
+        span = self.logvar_max - self.logvar_min
+        logvar = self.logvar_min + span * torch.sigmoid(raw + self.shift)
+        return mu, logvar
+
+
+class LatentInjector(nn.Module):
+    """Projects latents (B, K, d) to the hidden size and writes them over the embeddings of the
+    K placeholder tokens of each row."""
+
+    def __init__(self, latent_dim: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Linear(latent_dim, hidden_size)
+
+    def forward(self, embeds: Tensor, placeholder_mask: Tensor, z: Tensor) -> Tensor:
+        """Return ``embeds`` (B, L, H) with rows' placeholder positions replaced by proj(z).
+
+        ``placeholder_mask`` (B, L) must mark exactly K positions in every row, in slot order.
+        """
+        counts = placeholder_mask.sum(-1)
+        if z.dim() != 3 or z.shape[0] != embeds.shape[0]:
+            raise ValueError(f"z must be (B, K, d) with B={embeds.shape[0]}, got {tuple(z.shape)}")
+        if not bool((counts == z.shape[1]).all()):
+            raise ValueError(
+                f"every row needs exactly K={z.shape[1]} latent placeholders, found "
+                f"{counts.tolist()}")
+        values = self.proj(z.to(self.proj.weight.dtype)).to(embeds.dtype)
+        return embeds.masked_scatter(placeholder_mask.unsqueeze(-1), values)

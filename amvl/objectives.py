@@ -1,0 +1,176 @@
+"""Training objectives, one class each over a shared base (DESIGN.md section 2).
+
+| name  | loss                                                          | latents |
+| amvl  | NLL(y|x,z~q) + alpha KL(sg(q)||p) + beta KL(sg(p)||q) [+ gamma NLL(y|x,z~p)] | q |
+| elbo  | NLL(y|x,z~q) + beta KL(q||p), gradient to both sides [+ gamma NLL prior]     | q |
+| prior | NLL(y|x,z~p)                                                  | p       |
+| none  | NLL(y|x), no latent block                                     | none    |
+
+The model asks an objective where its latents come from (:attr:`Objective.latent_source`),
+lets it draw them (:meth:`Objective.draw`, which calls the fused kernel with the objective's
+gradient routing), runs the decoder, and hands the NLLs back to :meth:`Objective.loss`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+import amvl_kernels as ak
+from amvl.config import AMVLConfig
+
+ACTIVE_SLOT_NATS = 0.01
+"""A slot whose batch-mean KL(q||p) exceeds this many nats counts as active."""
+
+
+@dataclass
+class Latents:
+    """What the heads produced and what was drawn from them for one batch, (B, K, d)."""
+
+    z: Tensor
+    mu_p: Tensor
+    logvar_p: Tensor
+    mu_q: Tensor | None = None
+    logvar_q: Tensor | None = None
+    kl_fwd: Tensor | None = None  # (B, K) KL(q||p)
+    kl_rev: Tensor | None = None  # (B, K) KL(p||q)
+
+
+def kl_weight(config: AMVLConfig, step: int) -> float:
+    """Multiplier of the KL terms at optimisation step ``step`` (0-based)."""
+    if config.kl_schedule == "linear":
+        if config.kl_warmup_steps == 0:
+            return 1.0
+        return min(1.0, step / config.kl_warmup_steps)
+    if config.kl_schedule == "cyclical":
+        phase = (step % config.kl_cycle_steps) / config.kl_cycle_steps
+        return min(1.0, phase / config.kl_cycle_ratio)
+    return 1.0
+
+
+def free_bits(kl: Tensor, lam: float) -> Tensor:
+    """Sum over slots of max(batch-mean KL_k, lambda); kl is (B, K). Returns a scalar."""
+    per_slot = kl.mean(0)
+    if lam > 0:
+        per_slot = torch.clamp(per_slot, min=lam)
+    return per_slot.sum()
+
+
+class Objective:
+    """Shared base: latent source, gradient routing, KL schedule and metrics."""
+
+    name: ClassVar[str]
+    latent_source: ClassVar[str]  # "posterior", "prior" or "none"
+    fwd_grad: ClassVar[str] = "p"
+    rev_grad: ClassVar[str] = "q"
+    registry: ClassVar[dict[str, type[Objective]]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        Objective.registry[cls.name] = cls
+
+    def __init__(self, config: AMVLConfig):
+        self.config = config
+
+    @property
+    def uses_posterior(self) -> bool:
+        return self.latent_source == "posterior"
+
+    @property
+    def uses_prior_nll(self) -> bool:
+        """Whether the model must also decode y from prior latents for the gamma term."""
+        return self.uses_posterior and self.config.gamma > 0
+
+    def draw(self, mu_p: Tensor, logvar_p: Tensor, mu_q: Tensor | None = None,
+             logvar_q: Tensor | None = None, seed: int | None = None) -> Latents:
+        """Sample the latents the decoder sees, with this objective's gradient routing."""
+        backend = self.config.kernel_backend
+        if self.uses_posterior:
+            if mu_q is None or logvar_q is None:
+                raise ValueError(f"objective {self.name!r} needs the posterior heads' outputs")
+            z, kl_fwd, kl_rev = ak.gaussian_sample_kl(
+                mu_q, logvar_q, mu_p, logvar_p, seed=seed, fwd_grad=self.fwd_grad,
+                rev_grad=self.rev_grad, backend=backend)
+            return Latents(z, mu_p, logvar_p, mu_q, logvar_q, kl_fwd, kl_rev)
+        z = ak.gaussian_sample(mu_p, logvar_p, seed=seed, backend=backend)
+        return Latents(z, mu_p, logvar_p)
+
+    def kl_loss(self, latents: Latents, step: int) -> Tensor:
+        """The objective's weighted KL terms; objectives without a posterior have none."""
+        return latents.z.new_zeros((), dtype=torch.float32)
+
+    def loss(self, nll: Tensor, latents: Latents | None, step: int = 0,
+             nll_prior: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+        """Total loss and metrics from the decoder's mean NLL(s) and the drawn latents."""
+        total = nll
+        metrics: dict[str, float] = {"nll": float(nll.detach())}
+        if latents is not None and latents.kl_fwd is not None:
+            total = total + self.kl_loss(latents, step)
+            metrics.update(kl_metrics(latents))
+            metrics["kl_weight"] = kl_weight(self.config, step)
+        if nll_prior is not None:
+            total = total + self.config.gamma * nll_prior
+            metrics["nll_prior"] = float(nll_prior.detach())
+        metrics["loss"] = float(total.detach())
+        return total, metrics
+
+
+def kl_metrics(latents: Latents) -> dict[str, float]:
+    """Mean forward and reverse KL, per slot, and the number of active slots."""
+    kl_fwd, kl_rev = latents.kl_fwd.detach().float(), latents.kl_rev.detach().float()
+    per_slot = kl_fwd.mean(0)
+    metrics = {"kl_fwd": float(kl_fwd.sum(-1).mean()), "kl_rev": float(kl_rev.sum(-1).mean()),
+               "active_slots": float((per_slot > ACTIVE_SLOT_NATS).sum())}
+    for k, (f, r) in enumerate(zip(per_slot.tolist(), kl_rev.mean(0).tolist())):
+        metrics[f"kl_fwd/slot{k}"] = f
+        metrics[f"kl_rev/slot{k}"] = r
+    return metrics
+
+
+class AMVLObjective(Objective):
+    """The paper: the prior learns from KL(sg(q)||p), the posterior is held by KL(sg(p)||q)."""
+
+    name = "amvl"
+    latent_source = "posterior"
+    fwd_grad, rev_grad = "p", "q"
+
+    def kl_loss(self, latents: Latents, step: int) -> Tensor:
+        c = self.config
+        w = kl_weight(c, step)
+        return w * (c.alpha * free_bits(latents.kl_fwd, c.free_bits)
+                    + c.beta * free_bits(latents.kl_rev, c.free_bits))
+
+
+class ELBOObjective(Objective):
+    """Standard variational training: one KL(q||p) with gradient to both sides."""
+
+    name = "elbo"
+    latent_source = "posterior"
+    fwd_grad, rev_grad = "both", "none"
+
+    def kl_loss(self, latents: Latents, step: int) -> Tensor:
+        c = self.config
+        return kl_weight(c, step) * c.beta * free_bits(latents.kl_fwd, c.free_bits)
+
+
+class PriorObjective(Objective):
+    """Latents from the prior alone, trained through the NLL: no posterior, no KL."""
+
+    name = "prior"
+    latent_source = "prior"
+
+
+class NoLatentObjective(Objective):
+    """Plain fine-tuning without a latent block: the baseline every latent method must beat."""
+
+    name = "none"
+    latent_source = "none"
+
+
+def build_objective(config: AMVLConfig) -> Objective:
+    """The objective class named by ``config.objective``."""
+    return Objective.registry[config.objective](config)
+

@@ -1,0 +1,42 @@
+"""AMVLConfig: validation with clear errors, JSON round trip."""
+
+import json
+
+import pytest
+
+from amvl.config import CONFIG_NAME, AMVLConfig
+
+
+def test_round_trip(tmp_path):
+    config = AMVLConfig(num_slots=3, latent_dim=17, objective="elbo", beta=0.3,
+                        kl_schedule="cyclical", kl_cycle_steps=50, free_bits=0.1,
+                        inference="sample", num_samples=4, latent_token="<z>")
+    path = config.save(tmp_path)
+    assert path.name == CONFIG_NAME
+    assert json.loads(path.read_text())["latent_dim"] == 17
+    assert AMVLConfig.load(tmp_path) == config
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"num_slots": 0}, "num_slots"),
+    ({"latent_dim": 2.5}, "latent_dim"),
+    ({"objective": "vae"}, "objective"),
+    ({"kl_schedule": "cosine"}, "kl_schedule"),
+    ({"inference": "argmax"}, "inference"),
+    ({"alpha": -1.0}, "alpha"),
+    ({"kl_cycle_ratio": 0.0}, "kl_cycle_ratio"),
+    ({"logvar_min": 2.0, "logvar_max": 1.0}, "logvar_min"),
+    ({"logvar_max": 40.0}, "safe range"),
+    ({"num_samples": 0}, "num_samples"),
+    ({"latent_token": "<lat_start>"}, "special tokens"),
+])
+def test_invalid_values_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AMVLConfig(**kwargs)
+
+
+def test_unknown_keys_and_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="unknown keys"):
+        AMVLConfig.from_dict({"num_slots": 2, "slots": 3})
+    with pytest.raises(FileNotFoundError):
+        AMVLConfig.load(tmp_path)

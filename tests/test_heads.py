@@ -1,0 +1,47 @@
+"""Gaussian heads and the latent injector."""
+
+import pytest
+import torch
+
+from amvl.heads import GaussianHead, LatentInjector
+
+
+def test_head_bounds_and_unit_variance_at_start(rng_seed):
+    head = GaussianHead(hidden_size=13, latent_dim=5, logvar_min=-7.0, logvar_max=3.0)
+    hidden = torch.randn(2, 4, 13) * 1e4  # far outside any sane range
+    mu, logvar = head(hidden)
+    assert mu.shape == logvar.shape == (2, 4, 5)
+    assert float(logvar.detach().min()) >= -7.0 and float(logvar.detach().max()) <= 3.0
+    torch.nn.init.zeros_(head.proj.weight)
+    _, logvar = head(torch.randn(3, 13))
+    torch.testing.assert_close(logvar, torch.zeros(3, 5), atol=1e-6, rtol=0)
+
+
+def test_head_rejects_bounds_without_zero():
+    with pytest.raises(ValueError, match="logvar_min"):
+        GaussianHead(4, 2, logvar_min=1.0, logvar_max=3.0)
+
+
+def test_injector_writes_slots_in_order_and_passes_gradient(rng_seed):
+    injector = LatentInjector(latent_dim=3, hidden_size=6)
+    embeds = torch.randn(2, 7, 6)
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[0, 2:4] = True
+    mask[1, 4:6] = True
+    z = torch.randn(2, 2, 3, requires_grad=True)
+    out = injector(embeds, mask, z)
+    projected = injector.proj(z)
+    torch.testing.assert_close(out[0, 2:4], projected[0])
+    torch.testing.assert_close(out[1, 4:6], projected[1])
+    torch.testing.assert_close(out[~mask], embeds[~mask])
+    out.sum().backward()
+    assert z.grad is not None and torch.count_nonzero(z.grad) > 0
+
+
+def test_injector_rejects_wrong_placeholder_count():
+    injector = LatentInjector(latent_dim=3, hidden_size=6)
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[0, :2] = True
+    mask[1, :3] = True
+    with pytest.raises(ValueError, match="exactly K=2"):
+        injector(torch.randn(2, 7, 6), mask, torch.randn(2, 2, 3))
