@@ -1,0 +1,117 @@
+"""Turning examples ``{"images": [...], "question": str, "answer": str}`` into model batches.
+
+Prompts are left-padded so every tail (latent slots, answer) starts in the same column; answers
+are right-padded and end with the tokenizer's EOS. For Qwen2-VL-family models the images go
+through the image processor alone (pillow; the full processor needs torchvision), and each
+image becomes ``<|vision_start|> <|image_pad|> x N <|vision_end|>`` in front of the question,
+N = t * h * w / merge_size^2 from the processor's grid, exactly what the model's vision tower
+emits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class VisionTokens:
+    """Token ids a Qwen2-VL-family model marks images with, from its config."""
+
+    image: int
+    start: int
+    end: int
+
+    @classmethod
+    def from_model_config(cls, config) -> VisionTokens:
+        return cls(config.image_token_id, config.vision_start_token_id, config.vision_end_token_id)
+
+
+class AMVLCollator:
+    """Callable collator for :class:`amvl.model.AMVLModel` batches (and ``Trainer``).
+
+    Args:
+        tokenizer: the model's tokenizer (must have a pad or EOS token).
+        image_processor: a Qwen2-VL image processor, for examples with images.
+        vision_tokens: image marker ids (:meth:`VisionTokens.from_model_config`).
+        max_prompt_tokens, max_answer_tokens: truncate longer texts (prompt from the left, so
+            the question's end stays; answer from the right). Images are never truncated.
+    """
+
+    def __init__(self, tokenizer, image_processor=None, vision_tokens: VisionTokens | None = None,
+                 max_prompt_tokens: int | None = None, max_answer_tokens: int | None = None):
+        if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer needs a pad or an EOS token")
+        if image_processor is not None and vision_tokens is None:
+            raise ValueError("image_processor given without vision_tokens")
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.vision_tokens = vision_tokens
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_answer_tokens = max_answer_tokens
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+            else tokenizer.eos_token_id
+
+    def _text_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _check(self, index: int, example: dict) -> None:
+        if not isinstance(example, dict):
+            raise TypeError(f"example {index} must be a dict, got {type(example).__name__}")
+        for key in ("question", "answer"):
+            if not isinstance(example.get(key), str):
+                raise ValueError(f"example {index}: {key!r} must be a string, "
+                                 f"got {type(example.get(key)).__name__}")
+        if example.get("images") and self.image_processor is None:
+            raise ValueError(f"example {index} has images but the collator has no image processor")
+
+    def __call__(self, examples: Sequence[dict]) -> dict[str, Tensor]:
+        if not examples:
+            raise ValueError("cannot collate an empty list of examples")
+        prompts, answers, images, grids = [], [], [], []
+        merge = getattr(self.image_processor, "merge_size", 2)
+        for index, example in enumerate(examples):
+            self._check(index, example)
+            prompt: list[int] = []
+            for image in example.get("images") or []:
+                processed = self.image_processor(images=[image], return_tensors="pt")
+                grid = processed["image_grid_thw"][0]
+                n_tokens = int(grid.prod()) // merge**2
+                vt = self.vision_tokens
+                prompt += [vt.start] + [vt.image] * n_tokens + [vt.end]
+                images.append(processed["pixel_values"])
+                grids.append(grid)
+            question = self._text_ids(example["question"])
+            if self.max_prompt_tokens is not None:
+                question = question[max(0, len(question) + len(prompt) - self.max_prompt_tokens):]
+            answer = self._text_ids(example["answer"])[: self.max_answer_tokens]
+            if self.tokenizer.eos_token_id is not None:
+                answer = answer + [self.tokenizer.eos_token_id]
+            if not prompt + question:
+                raise ValueError(f"example {index}: the prompt is empty (no images, no question)")
+            if not answer:
+                raise ValueError(f"example {index}: the answer is empty and there is no EOS token")
+            prompts.append(prompt + question)
+            answers.append(answer)
+        batch = {}
+        batch["prompt_ids"], batch["prompt_mask"] = self._pad(prompts, left=True)
+        batch["answer_ids"], batch["answer_mask"] = self._pad(answers, left=False)
+        if images:
+            batch["pixel_values"] = torch.cat(images)
+            batch["image_grid_thw"] = torch.stack(grids)
+        return batch
+
+    def _pad(self, rows: list[list[int]], left: bool) -> tuple[Tensor, Tensor]:
+        width = max(1, max(len(r) for r in rows))
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, row in enumerate(rows):
+            if not row:
+                continue
+            cols = slice(width - len(row), width) if left else slice(0, len(row))
+            ids[i, cols] = torch.tensor(row, dtype=torch.long)
+            mask[i, cols] = True
+        return ids, mask

@@ -1,0 +1,427 @@
+"""``AMVLModel``: AMVL training and inference on a Hugging Face decoder (LM or Qwen2-VL family).
+
+Training step (DESIGN.md section 3), prefix-shared path:
+  1. ``[x | P_1..P_K | y | Q_1..Q_K]`` in one call with the segment mask; the prior head reads
+     the hidden states of P, the posterior head those of Q. P and y both continue x's positions
+     as if the other were absent, Q continues after y.
+  2. The cache of x (cropped), then ``[<lat_start> z <lat_end> | y]`` with z drawn by the
+     objective: the NLL of y.
+Naive path: separate full sequences ``[x | P]``, ``[x | y | Q]``, ``[x | latent | y]``. Both
+paths build their masks from the same per-token metadata (:mod:`amvl.sequences`) and give the
+same loss and gradients. Masks reach the model as dense 4D additive masks, which every
+attention implementation that accepts custom masks (eager, sdpa) honours.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from amvl.config import AMVLConfig
+from amvl.heads import GaussianHead, LatentInjector
+from amvl.objectives import Latents, build_objective
+from amvl.sequences import (
+    LATENT_BLOCK,
+    POSTERIOR_BLOCK,
+    PRIOR_BLOCK,
+    Part,
+    Segment,
+    Sequence,
+    assemble,
+    concat,
+    dense_mask,
+    slots,
+)
+
+
+HEADS_NAME = "amvl_heads.safetensors"
+
+
+def _cache_kwarg(backbone: nn.Module) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` (5.2x); accept both."""
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters \
+        else "past_key_values"
+
+
+@dataclass
+class AMVLOutput:
+    loss: Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+    latents: Latents | None = None
+
+
+def ensure_special_tokens(base_model: nn.Module, tokenizer, config: AMVLConfig) -> dict[str, int]:
+    """Add the latent special tokens the tokenizer lacks (resizing the embeddings) and return
+    their ids by role. Ids always come from the tokenizer."""
+    missing = [t for t in config.special_tokens() if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing},
+                                     replace_extra_special_tokens=False)
+        base_model.resize_token_embeddings(len(tokenizer))
+    roles = ("latent_start", "latent_end", "latent", "prior_query", "posterior_query")
+    return {role: tokenizer.convert_tokens_to_ids(tok)
+            for role, tok in zip(roles, config.special_tokens())}
+
+
+class AMVLModel(nn.Module):
+    """A Hugging Face causal LM or Qwen2-VL-family model with an AMVL latent block.
+
+    Args:
+        base_model: ``*ForCausalLM`` or ``Qwen2VLForConditionalGeneration`` /
+            ``Qwen2_5_VLForConditionalGeneration`` (also wrapped by PEFT).
+        tokenizer: its tokenizer; the latent special tokens are added when missing.
+        config: :class:`AMVLConfig`.
+    """
+
+    def __init__(self, base_model: nn.Module, tokenizer, config: AMVLConfig):
+        super().__init__()
+        self.base = base_model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.objective = build_objective(config)
+        self.token_ids = ensure_special_tokens(self._unwrapped(), tokenizer, config)
+        model_config = self._unwrapped().config
+        self.is_vlm = hasattr(model_config, "vision_config")
+        hidden = getattr(model_config, "text_config", model_config).hidden_size
+        device = self._unwrapped().get_input_embeddings().weight.device
+        d, lo, hi = config.latent_dim, config.logvar_min, config.logvar_max
+        self.prior_head = GaussianHead(hidden, d, lo, hi).to(device)
+        self.posterior_head = GaussianHead(hidden, d, lo, hi).to(device)
+        self.injector = LatentInjector(d, hidden).to(device)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _unwrapped(self) -> nn.Module:
+        """The transformers model under any PEFT wrapper."""
+        return self.base.get_base_model() if hasattr(self.base, "get_base_model") else self.base
+
+    @property
+    def device(self) -> torch.device:
+        return self.injector.proj.weight.device
+
+    def _rope_positions(self, prompt_ids: Tensor, prompt_mask: Tensor,
+                        image_grid_thw: Tensor | None) -> Tensor | None:
+        """(3, B, Lx) multimodal rope positions of the prompt from the model's own rope index."""
+        if not self.is_vlm:
+            return None
+        backbone = self._unwrapped().model
+        kwargs = {"image_grid_thw": image_grid_thw, "attention_mask": prompt_mask}
+        if "mm_token_type_ids" in inspect.signature(backbone.get_rope_index).parameters:
+            image_token = self._unwrapped().config.image_token_id
+            kwargs["mm_token_type_ids"] = (prompt_ids == image_token).int()
+        positions, _ = backbone.get_rope_index(prompt_ids, **kwargs)
+        return positions
+
+    def _run(self, seq: Sequence, *, prefix: Sequence | None = None, cache=None,
+             z: Tensor | None = None, rope: Tensor | None = None, images: dict | None = None,
+             use_cache: bool = False):
+        """One decoder call on ``seq`` (after ``prefix``, whose keys are in ``cache``).
+
+        Returns the last hidden states (B, L, H) and the cache.
+        """
+        embed = self._unwrapped().get_input_embeddings()
+        embeds = embed(seq.input_ids)
+        if z is not None:
+            embeds = self.injector(embeds, seq.input_ids == self.token_ids["latent"], z)
+        keys = seq if prefix is None else concat(prefix, seq)
+        allowed = dense_mask(keys, seq.input_ids.shape[1])
+        mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=embeds.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(embeds.dtype).min)[:, None]
+        positions = seq.position_ids
+        if self.is_vlm:
+            tails = positions[None].expand(3, -1, -1)
+            positions = tails if rope is None else torch.cat(
+                [rope, tails[:, :, rope.shape[-1]:]], dim=-1)
+        backbone = self._unwrapped().model
+        kwargs = dict(images or {})
+        kwargs[_cache_kwarg(backbone)] = cache
+        out = backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                       use_cache=use_cache, **kwargs)
+        # transformers 5.2x names the output field "cache", earlier 5.x "past_key_values"
+        return out.last_hidden_state, out["cache"] if "cache" in out.keys() \
+            else out.get("past_key_values")
+
+    def _nll(self, hidden: Tensor, seq: Sequence, answer_ids: Tensor, answer_mask: Tensor
+             ) -> Tensor:
+        """Mean token NLL of the answer part of ``seq`` (each token predicted one column back)."""
+        begin, end = seq.spans["answer"]
+        logits = self._unwrapped().get_output_embeddings()(hidden[:, begin - 1:end - 1])
+        labels = answer_ids.masked_fill(~answer_mask.bool(), -100)
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+    # ------------------------------------------------------------------ sequence parts
+
+    def _parts(self, prompt_ids, prompt_mask, answer_ids=None, answer_mask=None, rope=None):
+        """The parts every pass is built from, with the positions of DESIGN.md section 3."""
+        b, device, k = prompt_ids.shape[0], prompt_ids.device, self.config.num_slots
+        zero = torch.zeros(b, dtype=torch.long, device=device)
+        # Where the tails start: one past the prompt's last position (its length for text).
+        x_end = prompt_mask.long().sum(1) if rope is None else rope.amax(dim=(0, 2)) + 1
+        ids = self.token_ids
+        parts = {"prompt": Part(Segment.PROMPT, prompt_ids, prompt_mask, zero)}
+        parts["prior"] = Part(Segment.PRIOR_QUERY, *slots(ids["prior_query"], b, k, device),
+                              x_end, PRIOR_BLOCK)
+        latent_ids = torch.cat([slots(ids["latent_start"], b, 1, device)[0],
+                                slots(ids["latent"], b, k, device)[0],
+                                slots(ids["latent_end"], b, 1, device)[0]], 1)
+        block = torch.zeros(b, k + 2, dtype=torch.long, device=device)
+        block[:, 1:-1] = LATENT_BLOCK
+        parts["latent"] = Part(Segment.LATENT, latent_ids, torch.ones_like(latent_ids, dtype=torch.bool),
+                               x_end, block)
+        if answer_ids is not None:
+            y_len = answer_mask.long().sum(1)
+            parts["answer_after_x"] = Part(Segment.ANSWER, answer_ids, answer_mask, x_end)
+            parts["answer_after_latent"] = Part(Segment.ANSWER, answer_ids, answer_mask,
+                                                x_end + k + 2)
+            parts["posterior"] = Part(Segment.POSTERIOR_QUERY,
+                                      *slots(ids["posterior_query"], b, k, device),
+                                      x_end + y_len, POSTERIOR_BLOCK)
+        return parts
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, prompt_ids: Tensor, prompt_mask: Tensor, answer_ids: Tensor,
+                answer_mask: Tensor, pixel_values: Tensor | None = None,
+                image_grid_thw: Tensor | None = None, step: int = 0, seed: int | None = None,
+                prefix_sharing: bool | None = None) -> AMVLOutput:
+        """One training forward: loss, metrics and the drawn latents.
+
+        Prompts are left-padded (B, Lx), answers right-padded (B, Ly), masks True on real
+        tokens. ``seed`` fixes the latent noise (same seed, same loss on both paths).
+        """
+        share = self.config.prefix_sharing if prefix_sharing is None else prefix_sharing
+        images = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw} \
+            if pixel_values is not None else None
+        rope = self._rope_positions(prompt_ids, prompt_mask, image_grid_thw)
+        p = self._parts(prompt_ids, prompt_mask, answer_ids, answer_mask, rope)
+        obj = self.objective
+        if obj.latent_source == "none":
+            seq = assemble({"prompt": p["prompt"], "answer": p["answer_after_x"]})
+            hidden, _ = self._run(seq, rope=rope, images=images)
+            loss, metrics = obj.loss(self._nll(hidden, seq, answer_ids, answer_mask), None, step)
+            return AMVLOutput(loss, metrics)
+
+        prompt_seq = assemble({"prompt": p["prompt"]})
+        if share:
+            names = ["prompt", "prior", "answer_after_x", "posterior"] if obj.uses_posterior \
+                else ["prompt", "prior"]
+            seq = assemble({n: p[n] for n in names})
+            hidden, cache = self._run(seq, rope=rope, images=images, use_cache=True)
+            cache.crop(-(seq.input_ids.shape[1] - prompt_ids.shape[1]))
+            h_prior = hidden[:, seq.columns("prior")]
+            h_post = hidden[:, seq.columns("posterior")] if obj.uses_posterior else None
+        else:
+            seq = assemble({n: p[n] for n in ("prompt", "prior")})
+            hidden, _ = self._run(seq, rope=rope, images=images)
+            h_prior = hidden[:, seq.columns("prior")]
+            h_post = None
+            if obj.uses_posterior:
+                seq = assemble({n: p[n] for n in ("prompt", "answer_after_x", "posterior")})
+                hidden, _ = self._run(seq, rope=rope, images=images)
+                h_post = hidden[:, seq.columns("posterior")]
+        mu_p, lv_p = self.prior_head(h_prior)
+        mu_q, lv_q = self.posterior_head(h_post) if h_post is not None else (None, None)
+        latents = obj.draw(mu_p, lv_p, mu_q, lv_q, seed=seed)
+
+        def decode_nll(z: Tensor) -> Tensor:
+            if share:
+                tail = assemble({"latent": p["latent"], "answer": p["answer_after_latent"]})
+                hidden, _ = self._run(tail, prefix=prompt_seq, cache=cache, z=z, use_cache=True)
+                cache.crop(-tail.input_ids.shape[1])
+                # columns of the tail's answer are relative to the tail
+                return self._nll(hidden, tail, answer_ids, answer_mask)
+            full = assemble({"prompt": p["prompt"], "latent": p["latent"],
+                             "answer": p["answer_after_latent"]})
+            hidden, _ = self._run(full, rope=rope, images=images, z=z)
+            return self._nll(hidden, full, answer_ids, answer_mask)
+
+        nll = decode_nll(latents.z)
+        nll_prior = None
+        if obj.uses_prior_nll:
+            z_prior = self._prior_latents(mu_p, lv_p, "sample", None if seed is None else seed + 1)
+            nll_prior = decode_nll(z_prior)
+        loss, metrics = obj.loss(nll, latents, step, nll_prior)
+        return AMVLOutput(loss, metrics, latents)
+
+    def _prior_latents(self, mu_p: Tensor, lv_p: Tensor, mode: str, seed: int | None) -> Tensor:
+        if mode == "mean":
+            return mu_p
+        import amvl_kernels as ak
+
+        return ak.gaussian_sample(mu_p, lv_p, seed=seed, backend=self.config.kernel_backend)
+
+    # ------------------------------------------------------------------ inference
+
+    def _images(self, pixel_values, image_grid_thw) -> dict | None:
+        if pixel_values is None:
+            return None
+        return {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
+
+    def heads(self, prompt_ids: Tensor, prompt_mask: Tensor, answer_ids: Tensor | None = None,
+              answer_mask: Tensor | None = None, pixel_values: Tensor | None = None,
+              image_grid_thw: Tensor | None = None) -> dict[str, Tensor]:
+        """Prior (and, given the answer, posterior) means and log-variances, each (B, K, d)."""
+        rope = self._rope_positions(prompt_ids, prompt_mask, image_grid_thw)
+        p = self._parts(prompt_ids, prompt_mask, answer_ids, answer_mask, rope)
+        images = self._images(pixel_values, image_grid_thw)
+        seq = assemble({n: p[n] for n in ("prompt", "prior")})
+        hidden, _ = self._run(seq, rope=rope, images=images)
+        out = dict(zip(("mu_p", "logvar_p"), self.prior_head(hidden[:, seq.columns("prior")])))
+        if answer_ids is not None:
+            seq = assemble({n: p[n] for n in ("prompt", "answer_after_x", "posterior")})
+            hidden, _ = self._run(seq, rope=rope, images=images)
+            out.update(zip(("mu_q", "logvar_q"),
+                           self.posterior_head(hidden[:, seq.columns("posterior")])))
+        return out
+
+    def answer_nll(self, prompt_ids: Tensor, prompt_mask: Tensor, answer_ids: Tensor,
+                   answer_mask: Tensor, z: Tensor | None = None,
+                   pixel_values: Tensor | None = None, image_grid_thw: Tensor | None = None
+                   ) -> Tensor:
+        """Per-example mean token NLL (B,) of the answers given latents ``z`` (B, K, d).
+
+        ``z=None`` decodes without a latent block (the "none" objective's model).
+        """
+        rope = self._rope_positions(prompt_ids, prompt_mask, image_grid_thw)
+        p = self._parts(prompt_ids, prompt_mask, answer_ids, answer_mask, rope)
+        names = {"prompt": p["prompt"], "answer": p["answer_after_x"]} if z is None else \
+            {"prompt": p["prompt"], "latent": p["latent"], "answer": p["answer_after_latent"]}
+        seq = assemble(names)
+        hidden, _ = self._run(seq, rope=rope, images=self._images(pixel_values, image_grid_thw),
+                              z=z)
+        begin, end = seq.spans["answer"]
+        logits = self._unwrapped().get_output_embeddings()(hidden[:, begin - 1:end - 1]).float()
+        token_nll = F.cross_entropy(logits.transpose(1, 2), answer_ids, reduction="none")
+        mask = answer_mask.to(token_nll.dtype)
+        return (token_nll * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    def next_token_logits(self, hidden: Tensor) -> Tensor:
+        """Logits over the vocabulary with the structural tokens (latent specials, vision
+        markers) masked out: an answer never contains them."""
+        logits = self._unwrapped().get_output_embeddings()(hidden).float()
+        banned = list(self.token_ids.values())
+        if self.is_vlm:
+            c = self._unwrapped().config
+            banned += [getattr(c, name) for name in ("image_token_id", "video_token_id",
+                                                     "vision_start_token_id",
+                                                     "vision_end_token_id")
+                       if getattr(c, name, None) is not None]
+        logits[..., banned] = float("-inf")
+        return logits
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor,
+                 pixel_values: Tensor | None = None, image_grid_thw: Tensor | None = None, *,
+                 latent: str | None = None, num_samples: int | None = None,
+                 max_new_tokens: int = 32, seed: int | None = None) -> GenerationOutput:
+        """Greedy decoding from prior latents, with a KV cache.
+
+        Per example: the prior pass ``[x | P]``, the cache cropped to x, the latent block
+        ``<lat_start> z <lat_end>`` (always closed by a real token), then the answer token by
+        token. ``latent`` is "mean" (z = mu_p) or "sample" (``num_samples`` draws per example,
+        rows of the output); defaults come from the config. Rows stop at the tokenizer's EOS and
+        are padded with its pad id afterwards.
+        """
+        mode = latent or self.config.inference
+        if mode not in ("mean", "sample"):
+            raise ValueError(f"latent must be 'mean' or 'sample', got {mode!r}")
+        n = (num_samples or self.config.num_samples) if mode == "sample" else 1
+        if n > 1:  # every draw decodes as its own row
+            if pixel_values is not None:
+                raise ValueError("latent='sample' with num_samples > 1 takes text prompts only; "
+                                 "call generate once per draw with images")
+            prompt_ids, prompt_mask = (t.repeat_interleave(n, 0) for t in (prompt_ids, prompt_mask))
+        b = prompt_ids.shape[0]
+        rope = self._rope_positions(prompt_ids, prompt_mask, image_grid_thw)
+        p = self._parts(prompt_ids, prompt_mask, rope=rope)
+        images = self._images(pixel_values, image_grid_thw)
+        prompt_seq = assemble({"prompt": p["prompt"]})
+        z = None
+        if self.objective.latent_source == "none":
+            hidden, cache = self._run(prompt_seq, rope=rope, images=images, use_cache=True)
+            keys, next_pos = prompt_seq, p["latent"].start
+        else:
+            seq = assemble({"prompt": p["prompt"], "prior": p["prior"]})
+            hidden, cache = self._run(seq, rope=rope, images=images, use_cache=True)
+            mu_p, lv_p = self.prior_head(hidden[:, seq.columns("prior")])
+            z = self._prior_latents(mu_p, lv_p, mode, seed)
+            cache.crop(-(seq.input_ids.shape[1] - prompt_ids.shape[1]))
+            tail = assemble({"latent": p["latent"]})
+            hidden, cache = self._run(tail, prefix=prompt_seq, cache=cache, z=z, use_cache=True)
+            keys = concat(prompt_seq, tail)
+            next_pos = p["latent"].start + self.config.num_slots + 2
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        pad = eos if pad is None else pad
+        done = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
+        tokens = []
+        for t in range(max_new_tokens):
+            token = self.next_token_logits(hidden[:, -1]).argmax(-1)
+            token = torch.where(done, torch.full_like(token, pad), token)
+            tokens.append(token)
+            done |= token == eos if eos is not None else done
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            step = assemble({"answer": Part(Segment.ANSWER, token[:, None],
+                                            torch.ones_like(token[:, None], dtype=torch.bool),
+                                            next_pos + t)})
+            hidden, cache = self._run(step, prefix=keys, cache=cache, use_cache=True)
+            keys = concat(keys, step)
+        sequences = torch.stack(tokens, 1)
+        return GenerationOutput(sequences.view(b // n, n, -1),
+                                None if z is None else z.view(b // n, n, *z.shape[1:]))
+
+    # ------------------------------------------------------------------ saving
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Config (JSON), heads and injector (safetensors), base model and tokenizer."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save(directory)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self._own_state().items()},
+                  str(directory / HEADS_NAME))
+        self.base.save_pretrained(directory / "base", safe_serialization=True)
+        self.tokenizer.save_pretrained(directory / "base")
+
+    def _own_state(self) -> dict[str, Tensor]:
+        return {f"{name}.{k}": v for name in ("prior_head", "posterior_head", "injector")
+                for k, v in getattr(self, name).state_dict().items()}
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, base_model: nn.Module | None = None,
+                        tokenizer=None, **base_kwargs) -> AMVLModel:
+        """Load what :meth:`save_pretrained` wrote: JSON and safetensors only, nothing unpickled.
+
+        The base model class is taken from the saved ``config.json`` ``architectures`` entry
+        unless ``base_model`` is given (e.g. a PEFT-wrapped model).
+        """
+        import transformers
+
+        directory = Path(directory)
+        config = AMVLConfig.load(directory)
+        if base_model is None:
+            arch = json.loads((directory / "base" / "config.json").read_text())["architectures"][0]
+            base_model = getattr(transformers, arch).from_pretrained(
+                directory / "base", use_safetensors=True, **base_kwargs)
+        if tokenizer is None:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(directory / "base")
+        model = cls(base_model, tokenizer, config)
+        state = load_file(str(directory / HEADS_NAME), device=str(model.device))
+        for name in ("prior_head", "posterior_head", "injector"):
+            prefix = f"{name}."
+            own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            module = getattr(model, name).to(next(iter(own.values())).dtype)  # as saved
+            module.load_state_dict(own)
+        return model
+
+
+@dataclass
+class GenerationOutput:
+    sequences: Tensor  # (B, n, T) answer tokens, padded after EOS
+    latents: Tensor | None  # (B, n, K, d) the z each row was decoded from

@@ -1,0 +1,194 @@
+"""AMVLModel on tiny Qwen2 and Qwen2-VL models built offline.
+
+The prefix-shared and naive paths must agree in loss and gradients on the same inputs and
+noise; generation must match a recompute without cache; saving must round-trip through JSON
+and safetensors only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from amvl.config import AMVLConfig
+from amvl.data import AMVLCollator, VisionTokens
+from amvl.model import AMVLModel
+from amvl.sequences import assemble
+from amvl.tiny import tiny_image_processor, tiny_qwen2, tiny_qwen2_vl, word_tokenizer
+
+WORDS = [f"w{i}" for i in range(40)]
+
+
+def _image(rng: np.random.Generator, size: int = 24) -> Image.Image:
+    return Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8"))
+
+
+def _examples(rng: np.random.Generator, vision: bool, n: int = 3) -> list[dict]:
+    """Ragged prompts and answers, so both paddings are exercised."""
+    out = []
+    for i in range(n):
+        question = " ".join(rng.choice(WORDS, size=2 + 2 * i))
+        answer = " ".join(rng.choice(WORDS, size=3 - i % 2))
+        images = [_image(rng) for _ in range(1 + i % 2)] if vision else []
+        out.append({"images": images, "question": question, "answer": answer})
+    return out
+
+
+def build(kind: str, **config_kwargs):
+    """(AMVLModel in float64, batch) for kind 'qwen2' or 'qwen2_vl'."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    vision = kind == "qwen2_vl"
+    tokenizer = word_tokenizer(WORDS, vision=vision)
+    base = (tiny_qwen2_vl if vision else tiny_qwen2)(tokenizer)
+    config = AMVLConfig(num_slots=3, latent_dim=5, kernel_backend="torch", **config_kwargs)
+    model = AMVLModel(base, tokenizer, config).double()
+    collator = AMVLCollator(tokenizer, tiny_image_processor() if vision else None,
+                            VisionTokens.from_model_config(base.config) if vision else None)
+    batch = collator(_examples(rng, vision))
+    if vision:
+        batch["pixel_values"] = batch["pixel_values"].double()
+    return model, batch
+
+
+def _loss_and_grads(model, batch, **kwargs):
+    model.zero_grad()
+    out = model(**batch, seed=11, **kwargs)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2_vl"])
+@pytest.mark.parametrize("objective,gamma", [("amvl", 0.0), ("amvl", 0.5), ("elbo", 0.0),
+                                             ("prior", 0.0)])
+def test_prefix_shared_and_naive_paths_agree(kind, objective, gamma):
+    model, batch = build(kind, objective=objective, gamma=gamma)
+    shared, g_shared = _loss_and_grads(model, batch, prefix_sharing=True)
+    naive, g_naive = _loss_and_grads(model, batch, prefix_sharing=False)
+    torch.testing.assert_close(shared.loss, naive.loss, rtol=1e-10, atol=0)
+    assert g_shared.keys() == g_naive.keys()
+    assert {"prior_head.proj.weight", "injector.proj.weight"} <= g_shared.keys()
+    if objective != "prior":
+        assert "posterior_head.proj.weight" in g_shared
+    for name in g_shared:
+        # The models' rotary tables are fp32 even in a float64 model, and their matmul rounds
+        # differently for different sequence shapes: ~1e-7 relative, not a path difference.
+        scale = g_naive[name].abs().max().clamp(min=1e-12)
+        assert (g_shared[name] - g_naive[name]).abs().max() / scale < 1e-5, name
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2_vl"])
+def test_no_latent_objective_is_plain_fine_tuning(kind):
+    model, batch = build(kind, objective="none")
+    out, grads = _loss_and_grads(model, batch)
+    assert not any(n.startswith(("prior_head", "posterior_head", "injector")) for n in grads)
+    torch.testing.assert_close(
+        out.loss, model.answer_nll(**batch).mul(batch["answer_mask"].sum(1)).sum()
+        / batch["answer_mask"].sum(), rtol=1e-10, atol=0)
+
+
+def _recompute(model, batch, sequences, z):
+    """Greedy tokens of a full pass without cache over [x | latent(z) | generated]."""
+    mask = torch.ones_like(sequences, dtype=torch.bool)
+    rope = model._rope_positions(batch["prompt_ids"], batch["prompt_mask"],
+                                 batch.get("image_grid_thw"))
+    parts = model._parts(batch["prompt_ids"], batch["prompt_mask"], sequences, mask, rope)
+    full = assemble({"prompt": parts["prompt"], "latent": parts["latent"],
+                     "answer": parts["answer_after_latent"]})
+    images = model._images(batch.get("pixel_values"), batch.get("image_grid_thw"))
+    with torch.no_grad():
+        hidden, _ = model._run(full, rope=rope, images=images, z=z)
+    begin, end = full.spans["answer"]
+    return model.next_token_logits(hidden[:, begin - 1:end - 1]).argmax(-1)
+
+
+@pytest.mark.parametrize("kind,mode", [("qwen2", "mean"), ("qwen2", "sample"),
+                                       ("qwen2_vl", "mean")])
+def test_generate_matches_recompute_without_cache(kind, mode):
+    model, batch = build(kind)
+    model.eval()
+    kwargs = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
+    out = model.generate(batch["prompt_ids"], batch["prompt_mask"], **kwargs, latent=mode,
+                         num_samples=2 if mode == "sample" else None, max_new_tokens=6, seed=4)
+    n = 2 if mode == "sample" else 1
+    assert out.sequences.shape[:2] == (3, n) and out.latents.shape == (3, n, 3, 5)
+    if mode == "mean":
+        heads = model.heads(batch["prompt_ids"], batch["prompt_mask"], **kwargs)
+        torch.testing.assert_close(out.latents[:, 0], heads["mu_p"])
+    else:
+        assert not torch.equal(out.latents[:, 0], out.latents[:, 1])
+    for draw in range(n):
+        sequences = out.sequences[:, draw]
+        expected = _recompute(model, batch, sequences, out.latents[:, draw])
+        eos = model.tokenizer.eos_token_id
+        for row in range(3):  # compare up to and including the first EOS
+            stop = (sequences[row] == eos).nonzero()
+            end = int(stop[0]) + 1 if len(stop) else sequences.shape[1]
+            assert torch.equal(sequences[row, :end], expected[row, :end])
+
+
+def test_vlm_tail_positions_continue_the_models_rope_index():
+    """The answer after the prompt gets the positions the model itself would give it."""
+    model, batch = build("qwen2_vl", objective="none")
+    full_ids = torch.cat([batch["prompt_ids"], batch["answer_ids"]], 1)
+    full_mask = torch.cat([batch["prompt_mask"], batch["answer_mask"]], 1)
+    theirs = model._rope_positions(full_ids, full_mask, batch["image_grid_thw"])
+    rope = model._rope_positions(batch["prompt_ids"], batch["prompt_mask"],
+                                 batch["image_grid_thw"])
+    parts = model._parts(batch["prompt_ids"], batch["prompt_mask"], batch["answer_ids"],
+                         batch["answer_mask"], rope)
+    seq = assemble({"prompt": parts["prompt"], "answer": parts["answer_after_x"]})
+    ours = torch.cat([rope, seq.position_ids[None, :, rope.shape[-1]:].expand(3, -1, -1)], -1)
+    assert torch.equal(ours[:, full_mask], theirs[:, full_mask])
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model, batch = build("qwen2", objective="elbo", free_bits=0.25)
+    with torch.no_grad():
+        model.prior_head.proj.bias.normal_()
+    model.save_pretrained(tmp_path)
+    files = {p.name for p in tmp_path.rglob("*") if p.is_file()}
+    assert not any(f.endswith((".bin", ".pt", ".pkl", ".pth")) for f in files)
+    assert {"amvl_config.json", "amvl_heads.safetensors", "model.safetensors"} <= files
+    loaded = AMVLModel.from_pretrained(tmp_path, dtype=torch.float64).double()
+    assert loaded.config == model.config and loaded.token_ids == model.token_ids
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0)
+    torch.testing.assert_close(loaded(**batch, seed=3).loss, model(**batch, seed=3).loss)
+
+
+def test_special_tokens_are_added_once_and_ids_come_from_the_tokenizer():
+    tokenizer = word_tokenizer(WORDS)
+    before = len(tokenizer)
+    config = AMVLConfig(num_slots=2, latent_dim=3, latent_token="<think>")
+    model = AMVLModel(tiny_qwen2(tokenizer), tokenizer, config)
+    assert len(tokenizer) == before + 5
+    assert model.base.get_input_embeddings().num_embeddings == len(tokenizer)
+    assert model.token_ids["latent"] == tokenizer.convert_tokens_to_ids("<think>")
+    AMVLModel(tiny_qwen2(tokenizer), tokenizer, config)
+    assert len(tokenizer) == before + 5
+
+
+def test_collator_pads_prompts_left_and_answers_right():
+    tokenizer = word_tokenizer(WORDS)
+    batch = AMVLCollator(tokenizer)([{"question": "w1 w2 w3", "answer": "w4"},
+                                     {"question": "w5", "answer": "w6 w7 w8"}])
+    assert batch["prompt_mask"].tolist() == [[True] * 3, [False, False, True]]
+    assert batch["answer_mask"].tolist() == [[True, True, False, False], [True] * 4]
+    eos = tokenizer.eos_token_id
+    assert batch["answer_ids"][0, 1] == eos and batch["answer_ids"][1, 3] == eos
+    assert batch["prompt_ids"][1, 2] == tokenizer.convert_tokens_to_ids("w5")
+
+
+@pytest.mark.parametrize("examples,error,match", [
+    ([], ValueError, "empty list"),
+    (["w1"], TypeError, "example 0"),
+    ([{"question": "w1", "answer": 3}], ValueError, "'answer'"),
+    ([{"question": "", "answer": "w1"}], ValueError, "prompt is empty"),
+    ([{"question": "w1", "answer": "w2", "images": [object()]}], ValueError, "image processor"),
+])
+def test_collator_errors_name_the_example(examples, error, match):
+    with pytest.raises(error, match=match):
+        AMVLCollator(word_tokenizer(WORDS))(examples)
