@@ -81,9 +81,10 @@ setup(
         "tqdm",
         "matplotlib",
         "accelerate",
+        "scikit-learn",  # the linear probe of amvl.diagnostics
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scipy", "pybind11", "ninja"],
+        "test": ["pytest", "pytest-benchmark", "scipy", "pybind11", "ninja", "peft"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

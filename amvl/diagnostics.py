@@ -1,0 +1,177 @@
+"""Diagnostics of answer leakage and latent health on multiple-choice data.
+
+Examples are ``{"images": [...], "question": str, "choices": [str, ...], "answer": str}`` with
+the answer one of the choices. A choice is predicted by the lowest mean token NLL given the
+latents under test. Reported (:func:`leakage_report`):
+
+- accuracy and gold-answer NLL with prior latents (mu_p, what inference sees) and with
+  posterior latents (mu_q, computed from the gold answer): their difference is the leakage gap;
+- answer-flip rates of the prior-latent predictions when z is zeroed, noised, or swapped across
+  examples (how much the decoder actually reads z);
+- how well a linear probe decodes the gold choice from posterior means vs prior means
+  (cross-validated logistic regression);
+- per-slot KL(q||p), KL(p||q) and active slots;
+- latent collapse: mean pairwise cosine similarity of the prior means across examples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+import amvl_kernels as ak
+from amvl.objectives import ACTIVE_SLOT_NATS
+
+VARIANTS = ("prior", "posterior", "zeroed", "noised", "swapped")
+
+
+def _check_examples(examples: Sequence[dict]) -> None:
+    if not examples:
+        raise ValueError("diagnostics need at least one example")
+    for i, ex in enumerate(examples):
+        choices = ex.get("choices")
+        if not isinstance(choices, (list, tuple)) or len(choices) < 2:
+            raise ValueError(f"example {i}: 'choices' must list at least two strings")
+        if ex.get("answer") not in choices:
+            raise ValueError(f"example {i}: answer {ex.get('answer')!r} is not among its choices")
+
+
+def _to(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    out = {k: v.to(device) for k, v in batch.items()}
+    if "pixel_values" in out:
+        out["pixel_values"] = out["pixel_values"].to(dtype)
+    return out
+
+
+def _variant_latents(heads: dict[str, Tensor], generator: torch.Generator,
+                     noise_scale: float) -> dict[str, Tensor | None]:
+    mu_p = heads["mu_p"]
+    noise = torch.randn(mu_p.shape, generator=generator, dtype=torch.float32).to(mu_p)
+    roll = torch.roll(mu_p, shifts=1, dims=0) if mu_p.shape[0] > 1 else mu_p
+    return {"prior": mu_p, "posterior": heads.get("mu_q"), "zeroed": torch.zeros_like(mu_p),
+            "noised": mu_p + noise_scale * noise, "swapped": roll}
+
+
+@torch.no_grad()
+def score_choices(model, collator, examples: Sequence[dict], batch_size: int = 8,
+                  noise_scale: float = 1.0, seed: int = 0, progress: bool = True) -> dict:
+    """Per-example choice NLLs under every latent variant, plus the heads' outputs.
+
+    Returns ``{"nll": {variant: (N, C) array}, "gold": (N,) array, "mu_p", "mu_q",
+    "kl_fwd", "kl_rev"}`` (the last four (N, K, ...) arrays, None without latents).
+    """
+    _check_examples(examples)
+    model.eval()
+    device = model.device
+    dtype = model._unwrapped().get_input_embeddings().weight.dtype
+    has_latents = model.objective.latent_source != "none"
+    has_posterior = model.objective.uses_posterior
+    n_choices = max(len(ex["choices"]) for ex in examples)
+    generator = torch.Generator().manual_seed(seed)
+    nll = {v: np.full((len(examples), n_choices), np.inf) for v in VARIANTS}
+    collected: dict[str, list] = {"mu_p": [], "mu_q": [], "kl_fwd": [], "kl_rev": []}
+    for start in tqdm(range(0, len(examples), batch_size), desc="diagnostics",
+                      disable=not progress):
+        chunk = list(examples[start:start + batch_size])
+        rows = slice(start, start + len(chunk))
+        gold_batch = _to(collator(chunk), device, dtype)
+        images = {k: gold_batch[k] for k in ("pixel_values", "image_grid_thw") if k in gold_batch}
+        variants: dict[str, Tensor | None] = {"prior": None}
+        if has_latents:
+            heads = model.heads(gold_batch["prompt_ids"], gold_batch["prompt_mask"],
+                                gold_batch["answer_ids"] if has_posterior else None,
+                                gold_batch["answer_mask"] if has_posterior else None, **images)
+            variants = _variant_latents(heads, generator, noise_scale)
+            collected["mu_p"].append(heads["mu_p"].float().cpu())
+            if has_posterior:
+                _, kl_fwd, kl_rev = ak.gaussian_sample_kl(
+                    heads["mu_q"], heads["logvar_q"], heads["mu_p"], heads["logvar_p"],
+                    seed=seed, backend=model.config.kernel_backend)
+                collected["mu_q"].append(heads["mu_q"].float().cpu())
+                collected["kl_fwd"].append(kl_fwd.float().cpu())
+                collected["kl_rev"].append(kl_rev.float().cpu())
+        for c in range(n_choices):
+            have = [i for i, ex in enumerate(chunk) if c < len(ex["choices"])]
+            if not have:
+                continue
+            picked = [dict(chunk[i], answer=chunk[i]["choices"][c]) for i in have]
+            batch = _to(collator(picked), device, dtype)
+            pick = torch.tensor(have, device=device)
+            picked_images = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
+            for name, z in variants.items():
+                if has_latents and z is None:
+                    continue
+                values = model.answer_nll(batch["prompt_ids"], batch["prompt_mask"],
+                                          batch["answer_ids"], batch["answer_mask"],
+                                          z=None if z is None else z[pick], **picked_images)
+                nll[name][np.arange(rows.start, rows.stop)[have], c] = values.cpu().numpy()
+    gold = np.array([ex["choices"].index(ex["answer"]) for ex in examples])
+
+    def cat(key):
+        return torch.cat(collected[key]).numpy() if collected[key] else None
+
+    return {"nll": nll, "gold": gold, **{k: cat(k) for k in collected}}
+
+
+def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = 5,
+                          seed: int = 0) -> float:
+    """Cross-validated accuracy of a logistic regression decoding ``labels`` from features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    counts = np.bincount(labels)
+    folds = int(min(folds, counts[counts > 0].min()))
+    if folds < 2 or len(np.unique(labels)) < 2:
+        return float("nan")  # too few examples per class to hold any out
+    probe = LogisticRegression(max_iter=2000)
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return float(cross_val_score(probe, features.reshape(len(labels), -1), labels, cv=cv).mean())
+
+
+def mean_pairwise_cosine(latents: np.ndarray) -> float:
+    """Mean cosine similarity between different examples' flattened latents (1 = collapsed)."""
+    flat = torch.from_numpy(latents.reshape(len(latents), -1)).double()
+    if len(flat) < 2:
+        return float("nan")
+    unit = torch.nn.functional.normalize(flat, dim=1)
+    sims = unit @ unit.T
+    n = len(flat)
+    return float((sims.sum() - sims.diagonal().sum()) / (n * (n - 1)))
+
+
+def leakage_report(model, collator, examples: Sequence[dict], batch_size: int = 8,
+                   noise_scale: float = 1.0, seed: int = 0, progress: bool = True) -> dict:
+    """All diagnostics of the module docstring as a flat dict of floats (NaN where a
+    quantity does not exist for the model's objective)."""
+    scores = score_choices(model, collator, examples, batch_size, noise_scale, seed, progress)
+    gold, nll = scores["gold"], scores["nll"]
+    rows = np.arange(len(gold))
+    preds = {v: nll[v].argmin(1) for v in VARIANTS if np.isfinite(nll[v][rows, gold]).all()}
+    nan = float("nan")
+    report: dict[str, float] = {}
+    for v in ("prior", "posterior"):
+        report[f"acc_{v}"] = float((preds[v] == gold).mean()) if v in preds else nan
+        report[f"nll_{v}"] = float(nll[v][rows, gold].mean()) if v in preds else nan
+    report["leakage_gap"] = report["acc_posterior"] - report["acc_prior"]
+    report["nll_gap"] = report["nll_prior"] - report["nll_posterior"]
+    for v in ("zeroed", "noised", "swapped"):
+        report[f"flip_{v}"] = float((preds[v] != preds["prior"]).mean()) if v in preds else nan
+    report["probe_posterior"] = nan if scores["mu_q"] is None else \
+        linear_probe_accuracy(scores["mu_q"], gold, seed=seed)
+    report["probe_prior"] = nan if scores["mu_p"] is None else \
+        linear_probe_accuracy(scores["mu_p"], gold, seed=seed)
+    report["cosine_prior"] = nan if scores["mu_p"] is None else \
+        mean_pairwise_cosine(scores["mu_p"])
+    if scores["kl_fwd"] is not None:
+        per_slot_fwd = scores["kl_fwd"].mean(0)
+        report["kl_fwd"] = float(scores["kl_fwd"].sum(1).mean())
+        report["kl_rev"] = float(scores["kl_rev"].sum(1).mean())
+        report["active_slots"] = float((per_slot_fwd > ACTIVE_SLOT_NATS).sum())
+        for k, (f, r) in enumerate(zip(per_slot_fwd, scores["kl_rev"].mean(0))):
+            report[f"kl_fwd/slot{k}"] = float(f)
+            report[f"kl_rev/slot{k}"] = float(r)
+    return report

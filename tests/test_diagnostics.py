@@ -1,0 +1,98 @@
+"""amvl.diagnostics on a tiny model, and its building blocks against known answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from amvl.config import AMVLConfig
+from amvl.data import AMVLCollator
+from amvl.diagnostics import (
+    leakage_report,
+    linear_probe_accuracy,
+    mean_pairwise_cosine,
+    score_choices,
+)
+from amvl.model import AMVLModel
+from amvl.tiny import tiny_qwen2, word_tokenizer
+
+WORDS = [f"w{i}" for i in range(20)] + ["yes", "no", "maybe"]
+
+
+def _examples(n: int, rng: np.random.Generator) -> list[dict]:
+    out = []
+    for _ in range(n):
+        choices = ["yes", "no", "maybe"][: 2 + int(rng.integers(0, 2))]  # ragged choice lists
+        out.append({"question": " ".join(rng.choice(WORDS[:20], size=3)), "choices": choices,
+                    "answer": str(rng.choice(choices))})
+    return out
+
+
+def _model(objective: str) -> tuple[AMVLModel, AMVLCollator]:
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer(WORDS)
+    config = AMVLConfig(num_slots=2, latent_dim=4, objective=objective, kernel_backend="torch")
+    model = AMVLModel(tiny_qwen2(tokenizer), tokenizer, config)
+    return model, AMVLCollator(tokenizer)
+
+
+def test_scores_match_answer_nll_of_each_choice():
+    model, collator = _model("amvl")
+    examples = _examples(5, np.random.default_rng(1))
+    scores = score_choices(model, collator, examples, batch_size=2, progress=False)
+    ex = examples[3]
+    batch = collator([dict(ex, answer=ex["choices"][1])])
+    z = model.heads(batch["prompt_ids"], batch["prompt_mask"])["mu_p"]
+    expected = model.answer_nll(batch["prompt_ids"], batch["prompt_mask"], batch["answer_ids"],
+                                batch["answer_mask"], z=z)
+    assert scores["nll"]["prior"][3, 1] == pytest.approx(float(expected), rel=1e-5)
+    assert all(np.isinf(scores["nll"]["prior"][i, 2]) for i, e in enumerate(examples)
+               if len(e["choices"]) == 2)
+
+
+@pytest.mark.parametrize("objective", ["amvl", "prior", "none"])
+def test_leakage_report_fields(objective):
+    model, collator = _model(objective)
+    report = leakage_report(model, collator, _examples(12, np.random.default_rng(2)),
+                            batch_size=5, progress=False)
+    assert 0 <= report["acc_prior"] <= 1 and report["nll_prior"] > 0
+    has_posterior = objective == "amvl"
+    assert math.isnan(report["acc_posterior"]) != has_posterior
+    assert math.isnan(report["leakage_gap"]) != has_posterior
+    if objective == "none":
+        assert math.isnan(report["flip_zeroed"]) and math.isnan(report["cosine_prior"])
+    else:
+        assert 0 <= report["flip_swapped"] <= 1 and -1 <= report["cosine_prior"] <= 1
+    if has_posterior:
+        assert report["kl_fwd"] > 0 and "kl_rev/slot1" in report and report["active_slots"] <= 2
+
+
+def test_bad_examples_are_named():
+    model, collator = _model("amvl")
+    with pytest.raises(ValueError, match="example 0: answer"):
+        leakage_report(model, collator, [{"question": "w1", "choices": ["yes", "no"],
+                                          "answer": "maybe"}], progress=False)
+    with pytest.raises(ValueError, match="at least two"):
+        leakage_report(model, collator, [{"question": "w1", "choices": ["yes"],
+                                          "answer": "yes"}], progress=False)
+
+
+def test_probe_decodes_a_planted_signal_and_not_noise():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, size=90)
+    planted = rng.normal(size=(90, 2, 4))
+    planted[:, 0, 0] += 4.0 * labels
+    assert linear_probe_accuracy(planted, labels) > 0.9
+    assert linear_probe_accuracy(rng.normal(size=(90, 2, 4)), labels) < 0.6
+
+
+def test_pairwise_cosine():
+    same = np.tile(np.array([[1.0, 2.0, -1.0]]), (5, 1))
+    assert mean_pairwise_cosine(same) == pytest.approx(1.0)
+    opposite = np.array([[1.0, 0.0], [-1.0, 0.0]])
+    assert mean_pairwise_cosine(opposite) == pytest.approx(-1.0)
+    orthogonal = np.eye(4)
+    assert mean_pairwise_cosine(orthogonal) == pytest.approx(0.0)
