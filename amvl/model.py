@@ -92,9 +92,13 @@ class AMVLModel(nn.Module):
         hidden = getattr(model_config, "text_config", model_config).hidden_size
         device = self._unwrapped().get_input_embeddings().weight.device
         d, lo, hi = config.latent_dim, config.logvar_min, config.logvar_max
-        self.prior_head = GaussianHead(hidden, d, lo, hi).to(device)
-        self.posterior_head = GaussianHead(hidden, d, lo, hi).to(device)
-        self.injector = LatentInjector(d, hidden).to(device)
+        # Only what the objective trains exists, so DDP never meets parameters without
+        # gradient (the "none" objective is the plain base model).
+        uses_latents = self.objective.latent_source != "none"
+        self.prior_head = GaussianHead(hidden, d, lo, hi).to(device) if uses_latents else None
+        self.posterior_head = GaussianHead(hidden, d, lo, hi).to(device) \
+            if self.objective.uses_posterior else None
+        self.injector = LatentInjector(d, hidden).to(device) if uses_latents else None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -104,7 +108,11 @@ class AMVLModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.injector.proj.weight.device
+        return self._unwrapped().get_input_embeddings().weight.device
+
+    def _own_modules(self) -> dict[str, nn.Module]:
+        return {name: getattr(self, name) for name in ("prior_head", "posterior_head", "injector")
+                if getattr(self, name) is not None}
 
     def _rope_positions(self, prompt_ids: Tensor, prompt_mask: Tensor,
                         image_grid_thw: Tensor | None) -> Tensor | None:
@@ -274,7 +282,7 @@ class AMVLModel(nn.Module):
         seq = assemble({n: p[n] for n in ("prompt", "prior")})
         hidden, _ = self._run(seq, rope=rope, images=images)
         out = dict(zip(("mu_p", "logvar_p"), self.prior_head(hidden[:, seq.columns("prior")])))
-        if answer_ids is not None:
+        if answer_ids is not None and self.posterior_head is not None:
             seq = assemble({n: p[n] for n in ("prompt", "answer_after_x", "posterior")})
             hidden, _ = self._run(seq, rope=rope, images=images)
             out.update(zip(("mu_q", "logvar_q"),
@@ -385,13 +393,13 @@ class AMVLModel(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save(directory)
         save_file({k: v.detach().cpu().contiguous() for k, v in self._own_state().items()},
-                  str(directory / HEADS_NAME))
+                  str(directory / HEADS_NAME), metadata={"format": "pt"})
         self.base.save_pretrained(directory / "base", safe_serialization=True)
         self.tokenizer.save_pretrained(directory / "base")
 
     def _own_state(self) -> dict[str, Tensor]:
-        return {f"{name}.{k}": v for name in ("prior_head", "posterior_head", "injector")
-                for k, v in getattr(self, name).state_dict().items()}
+        return {f"{name}.{k}": v for name, module in self._own_modules().items()
+                for k, v in module.state_dict().items()}
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, base_model: nn.Module | None = None,
@@ -413,7 +421,7 @@ class AMVLModel(nn.Module):
             tokenizer = transformers.AutoTokenizer.from_pretrained(directory / "base")
         model = cls(base_model, tokenizer, config)
         state = load_file(str(directory / HEADS_NAME), device=str(model.device))
-        for name in ("prior_head", "posterior_head", "injector"):
+        for name in model._own_modules():
             prefix = f"{name}."
             own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             module = getattr(model, name).to(next(iter(own.values())).dtype)  # as saved

@@ -70,8 +70,7 @@ def test_prefix_shared_and_naive_paths_agree(kind, objective, gamma):
     torch.testing.assert_close(shared.loss, naive.loss, rtol=1e-10, atol=0)
     assert g_shared.keys() == g_naive.keys()
     assert {"prior_head.proj.weight", "injector.proj.weight"} <= g_shared.keys()
-    if objective != "prior":
-        assert "posterior_head.proj.weight" in g_shared
+    assert ("posterior_head.proj.weight" in g_shared) == (objective != "prior")
     for name in g_shared:
         # The models' rotary tables are fp32 even in a float64 model, and their matmul rounds
         # differently for different sequence shapes: ~1e-7 relative, not a path difference.
@@ -83,7 +82,8 @@ def test_prefix_shared_and_naive_paths_agree(kind, objective, gamma):
 def test_no_latent_objective_is_plain_fine_tuning(kind):
     model, batch = build(kind, objective="none")
     out, grads = _loss_and_grads(model, batch)
-    assert not any(n.startswith(("prior_head", "posterior_head", "injector")) for n in grads)
+    assert model.prior_head is None and model.posterior_head is None and model.injector is None
+    assert grads and all(name.startswith("base.") for name in grads)
     torch.testing.assert_close(
         out.loss, model.answer_nll(**batch).mul(batch["answer_mask"].sum(1)).sum()
         / batch["answer_mask"].sum(), rtol=1e-10, atol=0)

@@ -1,0 +1,58 @@
+"""``transformers.Trainer`` integration.
+
+Distribution (DDP, FSDP, DeepSpeed) is the Trainer's and accelerate's: launch with
+``torchrun`` or ``accelerate launch`` as for any Trainer script. This module only supplies the
+loss (the model's objective at the current step), logs the objective's metrics averaged over
+each logging interval, and saves with :meth:`AMVLModel.save_pretrained`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+
+from amvl.model import AMVLModel
+
+
+class AMVLTrainer(Trainer):
+    """A Trainer for :class:`AMVLModel` with :class:`amvl.data.AMVLCollator` batches.
+
+    The dataset yields raw examples (``{"images", "question", "answer"}``), so the Trainer must
+    not drop "unused" columns: ``remove_unused_columns`` is forced to False.
+    """
+
+    def __init__(self, model: AMVLModel, *args, **kwargs):
+        super().__init__(model, *args, **kwargs)
+        self.args.remove_unused_columns = False
+        self._metric_sums: dict[str, float] = defaultdict(float)
+        self._metric_count = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = model(**inputs, step=self.state.global_step)
+        if model.training:
+            for key, value in out.metrics.items():
+                if "/slot" not in key:  # per-slot values go to diagnostics, not the log line
+                    self._metric_sums[key] += value
+            self._metric_count += 1
+        return (out.loss, out) if return_outputs else out.loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self._metric_count and "loss" in logs:
+            for key, total in self._metric_sums.items():
+                logs.setdefault(f"amvl/{key}", total / self._metric_count)
+            self._metric_sums.clear()
+            self._metric_count = 0
+        super().log(logs, *args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation loss only: an AMVL batch has no logits to gather."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None

@@ -1,0 +1,44 @@
+"""Worker for tests/test_trainer.py: a few AMVLTrainer steps under torchrun (gloo, CPU).
+
+Each rank writes its parameters to OUT/rank{N}.safetensors for the test to compare.
+"""
+
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+from transformers import TrainingArguments
+
+from amvl.config import AMVLConfig
+from amvl.data import AMVLCollator
+from amvl.model import AMVLModel
+from amvl.tiny import tiny_qwen2, word_tokenizer
+from amvl.trainer import AMVLTrainer
+
+
+def main(out: str) -> None:
+    torch.manual_seed(0)  # same initial weights on every rank; DDP broadcasts rank 0's anyway
+    words = [f"w{i}" for i in range(30)]
+    tokenizer = word_tokenizer(words)
+    model = AMVLModel(tiny_qwen2(tokenizer), tokenizer,
+                      AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch"))
+    rng = torch.Generator().manual_seed(1)
+    data = [{"question": " ".join(words[int(i)] for i in torch.randint(0, 30, (4,), generator=rng)),
+             "answer": words[int(torch.randint(0, 30, (1,), generator=rng))]} for _ in range(16)]
+    args = TrainingArguments(output_dir=out, per_device_train_batch_size=2, max_steps=3,
+                             learning_rate=1e-2, logging_steps=1, save_strategy="no",
+                             report_to=[], use_cpu=True, ddp_backend="gloo", seed=int(os.environ["RANK"]),
+                             disable_tqdm=True, dataloader_num_workers=0)
+    trainer = AMVLTrainer(model, args, train_dataset=data, data_collator=AMVLCollator(tokenizer))
+    trainer.train()
+    rank = int(os.environ["RANK"])
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(out, f"rank{rank}.safetensors"))
+    logged = [entry for entry in trainer.state.log_history if "amvl/kl_fwd" in entry]
+    if rank == 0 and not logged:
+        raise SystemExit("the objective's metrics were not logged")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
