@@ -1,0 +1,103 @@
+"""One AMVL training step (forward + backward), prefix-shared vs naive vs plain fine-tuning.
+
+Shapes: BLINK-style (prefix 1,536 tokens, answer 64, K = 16) and prefix:answer 4:1 (1,024:256,
+K = 16). Models, randomly initialised from configs: a Qwen2-0.5B-shaped model, and on a GPU a
+7B-shaped proxy (Qwen2-7B widths, 4 layers). bf16 on a GPU.
+
+Providers: "plain" is the base model's own causal-LM step on ``[x | y]`` (what fine-tuning
+without latents costs); "naive" and "shared" are AMVLModel steps with the amvl objective on the
+naive and the prefix-shared path. Targets: shared <= 0.6x naive at both shapes; at the
+BLINK-style shape, shared <= 1.15x plain (its token count alone is 1.07x).
+
+    python -m pytest benchmarks/bench_model_step.py --benchmark
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from amvl.config import AMVLConfig
+from amvl.model import AMVLModel
+from amvl.tiny import word_tokenizer
+from benchmarks import common
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and not common.SMOKE,
+    reason="needs a CUDA GPU (AMVL_BENCH_SMOKE=1 checks the harness on the CPU)")
+
+BATCH = 1 if common.SMOKE else 4
+SHAPES = {"blink": (1536, 64), "4to1": (1024, 256)}
+if common.SMOKE:
+    SHAPES = {"blink": (48, 4), "4to1": (32, 8)}
+K = 4 if common.SMOKE else 16
+
+MODELS = {
+    "qwen2-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       num_attention_heads=14, num_key_value_heads=2),
+    "7b-proxy": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=4,
+                     num_attention_heads=28, num_key_value_heads=4),
+}
+if common.SMOKE:
+    MODELS = {"tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2)}
+
+_CACHE: dict[str, tuple] = {}
+
+
+def _model(name: str):
+    """(base model, tokenizer) built once per session, bf16 on a GPU."""
+    if name not in _CACHE:
+        torch.manual_seed(0)
+        tokenizer = word_tokenizer([f"w{i}" for i in range(1000)])
+        config = Qwen2Config(vocab_size=len(tokenizer) + 8, max_position_embeddings=4096,
+                             **MODELS[name])
+        device = common.bench_device()
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        base = Qwen2ForCausalLM(config).to(device, dtype)
+        base.set_attn_implementation("sdpa")
+        _CACHE[name] = (base, tokenizer)
+    return _CACHE[name]
+
+
+def _batch(prefix: int, answer: int, vocab: int, device) -> dict:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(10, vocab - 10, (BATCH, prefix + answer), generator=g).to(device)
+    ones = torch.ones_like(ids, dtype=torch.bool)
+    return {"prompt_ids": ids[:, :prefix], "prompt_mask": ones[:, :prefix],
+            "answer_ids": ids[:, prefix:], "answer_mask": ones[:, prefix:]}
+
+
+@pytest.mark.parametrize("provider", ["plain", "naive", "shared"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_model_step(benchmark, bench_device, model_name, shape, provider):
+    base, tokenizer = _model(model_name)
+    prefix, answer = SHAPES[shape]
+    config = AMVLConfig(num_slots=K, latent_dim=64, kernel_backend="auto")
+    model = AMVLModel(base, tokenizer, config).to(base.dtype)
+    batch = _batch(prefix, answer, len(tokenizer), bench_device)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    if provider == "plain":
+        ids = torch.cat([batch["prompt_ids"], batch["answer_ids"]], 1)
+        labels = ids.clone()
+        labels[:, :prefix] = -100
+
+        def step():
+            loss = base(input_ids=ids, labels=labels).loss
+            return torch.autograd.grad(loss, [p for p in base.parameters() if p.requires_grad])
+    else:
+        def step():
+            loss = model(**batch, seed=0, prefix_sharing=provider == "shared").loss
+            return torch.autograd.grad(loss, params, allow_unused=True)
+
+    median_ms = common.time_ms(step, warmup=3, rep=20)
+    peak = common.peak_memory_bytes(step) / 2**20
+    tokens = BATCH * (prefix + answer)
+    case = f"{model_name} {shape} prefix={prefix} answer={answer} K={K} B={BATCH}"
+    common.record("model_step", case, provider, median_ms, peak_MB=peak,
+                  tokens_per_s=tokens / median_ms * 1e3)
+    benchmark.extra_info.update(median_ms=median_ms, peak_MB=peak)
+    benchmark.pedantic(step, rounds=2 if common.SMOKE else 5, warmup_rounds=1)
