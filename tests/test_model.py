@@ -36,13 +36,21 @@ def _examples(rng: np.random.Generator, vision: bool, n: int = 3) -> list[dict]:
     return out
 
 
+def tiny_llama(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256))
+
+
 def build(kind: str, **config_kwargs):
-    """(AMVLModel in float64, batch) for kind 'qwen2' or 'qwen2_vl'."""
+    """(AMVLModel in float64, batch) for kind 'qwen2', 'llama' or 'qwen2_vl'."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     vision = kind == "qwen2_vl"
     tokenizer = word_tokenizer(WORDS, vision=vision)
-    base = (tiny_qwen2_vl if vision else tiny_qwen2)(tokenizer)
+    base = {"qwen2": tiny_qwen2, "llama": tiny_llama, "qwen2_vl": tiny_qwen2_vl}[kind](tokenizer)
     config = AMVLConfig(num_slots=3, latent_dim=5, kernel_backend="torch", **config_kwargs)
     model = AMVLModel(base, tokenizer, config).double()
     collator = AMVLCollator(tokenizer, tiny_image_processor() if vision else None,
@@ -60,7 +68,7 @@ def _loss_and_grads(model, batch, **kwargs):
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "qwen2_vl"])
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen2_vl"])
 @pytest.mark.parametrize("objective,gamma", [("amvl", 0.0), ("amvl", 0.5), ("elbo", 0.0),
                                              ("prior", 0.0)])
 def test_prefix_shared_and_naive_paths_agree(kind, objective, gamma):
@@ -105,7 +113,7 @@ def _recompute(model, batch, sequences, z):
 
 
 @pytest.mark.parametrize("kind,mode", [("qwen2", "mean"), ("qwen2", "sample"),
-                                       ("qwen2_vl", "mean")])
+                                       ("llama", "mean"), ("qwen2_vl", "mean")])
 def test_generate_matches_recompute_without_cache(kind, mode):
     model, batch = build(kind)
     model.eval()
