@@ -1,0 +1,225 @@
+"""The training loop behind ``amvl train`` and ``amvl demo``.
+
+Distribution comes from accelerate: run the same script under ``accelerate launch`` or
+``torchrun`` for DDP / FSDP / DeepSpeed. Everything a step depends on is a function of
+(seed, step): the batch (a fixed permutation per epoch, sharded across processes) and the latent
+noise seed. So resuming from a checkpoint continues exactly: the checkpoint holds the step, the
+model, the optimizer, the LR scheduler and the RNG states, and is written atomically (to a
+temporary directory, then renamed). Checkpoints are loaded with ``weights_only=True``: nothing
+arbitrary is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+from tqdm.auto import tqdm
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (the AMVL settings live in :class:`amvl.config.AMVLConfig`)."""
+
+    steps: int = 1000
+    batch_size: int = 16  # per optimisation step, over all processes
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    lr_scheduler: str = "linear"  # any transformers.get_scheduler name
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 0  # 0: save only at the end (when output_dir is set)
+    save_total_limit: int = 2
+    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (accelerate)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig: {name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError("TrainConfig: learning_rate must be > 0")
+
+
+def batch_indices(n_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Example indices of optimisation step ``step``: consecutive slices of one fixed
+    permutation per epoch, so the order depends only on (seed, step)."""
+    out: list[int] = []
+    position = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(position, n_examples)
+        order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch))
+        take = min(batch_size - len(out), n_examples - offset)
+        out += order[offset:offset + take].tolist()
+        position += take
+    return out
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The latent-noise seed of one step on one process."""
+    return (seed * 1_000_003 + step) * 4099 + rank
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> tuple[dict, dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = state
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    plain = {"numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+             "python": [version, list(internal), gauss]}
+    return tensors, plain
+
+
+def _set_rng_state(tensors: dict, plain: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in sorted(tensors) if k.startswith("cuda")])
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step (temporary directories are ignored)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    done = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*")
+            if p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "state.json").is_file()]
+    return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+
+
+def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler,
+                    history: list[dict], config: TrainConfig,
+                    pending: dict[str, float] | None = None) -> Path:
+    """Write checkpoint-<step> atomically: everything goes to a temporary directory in the
+    same folder, which is renamed into place only when complete.
+
+    ``pending`` holds the metric sums of the log window still open at this step.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=output_dir))
+    try:
+        save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
+        model.config.save(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        tensors, plain = _rng_state()
+        torch.save(tensors, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(
+            {"step": step, "history": history, "pending": pending or {}, "rng": plain,
+             "train_config": asdict(config)}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _prune(output_dir: Path, keep: int) -> None:
+    checkpoints = sorted((p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
+                          if p.name[len(CHECKPOINT_PREFIX):].isdigit()),
+                         key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    for old in checkpoints[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(model, collator, examples: Sequence[dict], config: TrainConfig,
+          output_dir: str | Path | None = None, resume: bool = False,
+          on_log: Callable[[dict], None] | None = None, progress: bool = True,
+          accelerator=None) -> list[dict]:
+    """Train ``model`` (an :class:`amvl.model.AMVLModel`) and return the logged history.
+
+    Each history entry holds the step, the learning rate and the objective's metrics averaged
+    over the ``log_every`` steps before it. ``resume=True`` continues from the latest
+    checkpoint in ``output_dir``.
+    """
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    if not examples:
+        raise ValueError("train needs at least one example")
+    accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
+                         f"{world} processes")
+    torch.manual_seed(config.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
+    scheduler = get_scheduler(config.lr_scheduler, optimizer, config.warmup_steps, config.steps)
+    start, history, sums = 0, [], {}
+    out = Path(output_dir) if output_dir is not None else None
+    if resume:
+        checkpoint = latest_checkpoint(out) if out is not None else None
+        if checkpoint is None:
+            raise FileNotFoundError(f"resume=True but no checkpoint in {output_dir}")
+        load_model(model, str(checkpoint / "model.safetensors"), device=str(model.device))
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+        state = json.loads((checkpoint / "state.json").read_text())
+        _set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=True), state["rng"])
+        start, history, sums = state["step"], state["history"], state["pending"]
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    device = accelerator.device
+    per_rank = config.batch_size // world
+    bar = tqdm(range(start, config.steps), desc="train", disable=not progress or rank != 0,
+               initial=start, total=config.steps)
+    wrapped.train()
+    for step in bar:
+        indices = batch_indices(len(examples), config.batch_size, step, config.seed)
+        mine = [examples[i] for i in indices[rank * per_rank:(rank + 1) * per_rank]]
+        batch = {k: v.to(device) for k, v in collator(mine).items()}
+        with accelerator.autocast():
+            out_step = wrapped(**batch, step=step, seed=step_seed(config.seed, step, rank))
+        accelerator.backward(out_step.loss)
+        if config.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        for key, value in out_step.metrics.items():
+            sums[key] = sums.get(key, 0.0) + value
+        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            count = (step % config.log_every) + 1
+            entry = {"step": step + 1, "lr": scheduler.get_last_lr()[0],
+                     **{k: v / count for k, v in sums.items()}}
+            history.append(entry)
+            sums = {}
+            bar.set_postfix(loss=f"{entry['loss']:.3f}")
+            if on_log is not None:
+                on_log(entry)
+        save_now = config.save_every and (step + 1) % config.save_every == 0
+        if out is not None and (save_now or step + 1 == config.steps):
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_checkpoint(out, step + 1, accelerator.unwrap_model(wrapped), optimizer,
+                                scheduler, history, config, sums)
+                _prune(out, config.save_total_limit)
+            accelerator.wait_for_everyone()
+    return history
