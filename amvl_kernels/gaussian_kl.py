@@ -227,6 +227,7 @@ def _triton_backward(mu_q: Tensor, lv_q: Tensor, mu_p: Tensor | None, lv_p: Tens
     grads = [torch.empty(mu_q.shape, dtype=mu_q.dtype, device=mu_q.device) if n else None
              for n in need]
     placeholder = mq
+    has_fwd, has_rev = with_kl and grad_kl_fwd is not None, with_kl and grad_kl_rev is not None
     block_r, block_d, num_warps = _block_sizes(n_rows, d)
     grid = (triton.cdiv(n_rows, block_r),)
     _gaussian_kl_bwd_kernel[grid](
@@ -239,11 +240,14 @@ def _triton_backward(mu_q: Tensor, lv_q: Tensor, mu_p: Tensor | None, lv_p: Tens
         *_strides(mq), *_strides(lq), *_strides(mp), *_strides(lp), *_strides(e),
         *_strides(dz),
         HAS_EPS=e is not None, HAS_DZ=dz is not None,
-        HAS_DKL_FWD=with_kl and grad_kl_fwd is not None,
-        HAS_DKL_REV=with_kl and grad_kl_rev is not None,
+        HAS_DKL_FWD=has_fwd, HAS_DKL_REV=has_rev,
         NEED_MU_Q=need[0], NEED_LV_Q=need[1], NEED_MU_P=need[2], NEED_LV_P=need[3],
-        FWD_TO_Q=fwd_grad in ("q", "both"), FWD_TO_P=fwd_grad in ("p", "both"),
-        REV_TO_Q=rev_grad in ("q", "both"), REV_TO_P=rev_grad in ("p", "both"),
+        # A KL without upstream gradient adds nothing: skipping it (rather than adding 0 * term)
+        # keeps an overflowing term from turning the gradient into NaN.
+        FWD_TO_Q=has_fwd and fwd_grad in ("q", "both"),
+        FWD_TO_P=has_fwd and fwd_grad in ("p", "both"),
+        REV_TO_Q=has_rev and rev_grad in ("q", "both"),
+        REV_TO_P=has_rev and rev_grad in ("p", "both"),
         ACC=_acc_dtype(mu_q, eps), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
     )
     return [g for g in grads if g is not None]
@@ -303,21 +307,28 @@ def _setup_context(ctx, inputs, output):
     mu_q, logvar_q, mu_p, logvar_p, eps, seed, fwd_grad, rev_grad, backend = inputs
     ctx.save_for_backward(mu_q, logvar_q, mu_p, logvar_p, eps)
     ctx.seed, ctx.fwd_grad, ctx.rev_grad, ctx.backend = seed, fwd_grad, rev_grad, backend
+    # Unused outputs then arrive as None, not zeros: their terms are skipped, not multiplied.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_z, grad_kl_fwd, grad_kl_rev):
     mu_q, logvar_q, mu_p, logvar_p, eps = ctx.saved_tensors
     with_kl = mu_p is not None
-    # An input gets a gradient only if autograd wants one and some term routes to it:
-    # z always feeds q; the KLs feed the sides their flags name.
-    p_routed = with_kl and (ctx.fwd_grad in ("p", "both") or ctx.rev_grad in ("p", "both"))
-    need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+    if not with_kl:
+        grad_kl_fwd = grad_kl_rev = None
+    # An input gets a gradient only if autograd wants one and some used output routes to it:
+    # z feeds q; each KL feeds the sides its flag names.
+    q_routed = grad_z is not None \
+        or (grad_kl_fwd is not None and ctx.fwd_grad in ("q", "both")) \
+        or (grad_kl_rev is not None and ctx.rev_grad in ("q", "both"))
+    p_routed = (grad_kl_fwd is not None and ctx.fwd_grad in ("p", "both")) \
+        or (grad_kl_rev is not None and ctx.rev_grad in ("p", "both"))
+    need = [ctx.needs_input_grad[0] and q_routed, ctx.needs_input_grad[1] and q_routed,
             ctx.needs_input_grad[2] and p_routed, ctx.needs_input_grad[3] and p_routed]
     grads: list[Tensor | None] = [None] * 4
     if any(need):
         computed = iter(torch.ops.amvl.gaussian_sample_kl_backward(
-            mu_q, logvar_q, mu_p, logvar_p, eps, ctx.seed, grad_z,
-            grad_kl_fwd if with_kl else None, grad_kl_rev if with_kl else None,
+            mu_q, logvar_q, mu_p, logvar_p, eps, ctx.seed, grad_z, grad_kl_fwd, grad_kl_rev,
             ctx.fwd_grad, ctx.rev_grad, need, ctx.backend))
         grads = [next(computed) if n else None for n in need]
     # eps is noise: it receives no gradient, nor do the non-tensor arguments.

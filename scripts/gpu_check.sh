@@ -25,7 +25,7 @@ for step in $steps; do
   case $step in
     build)
       section "build (pip install -e . --no-build-isolation)"
-      AMVL_FORCE_CUDA_BUILD=1 run python3 -m pip install --no-build-isolation --no-deps -e .
+      AMVL_FORCE_CUDA_BUILD=1 AMVL_CUDA_ARCHS=90 run python3 -m pip install --no-build-isolation --no-deps -e .
       run python3 -c "import amvl_kernels as ak; print('cuda extension:', ak.cuda_extension_available())"
       ;;
     tests)

@@ -1,0 +1,501 @@
+// Fused diagonal-Gaussian sampling with forward and reverse KL: the CUDA backend of
+// ak.gaussian_sample_kl / ak.gaussian_sample, same semantics as the Triton kernels in
+// amvl_kernels/gaussian_kl.py.
+//
+// Work split: a row (one latent slot) is owned by `tpr` threads, a power of two. Each thread
+// walks the row in chunks of kChunk consecutive columns, tpr * kChunk columns apart, so any d
+// works (d = 1 up to d > 65536). With tpr <= 32 a 256-thread block holds 256 / tpr rows and
+// the per-row KL sums reduce with shuffles inside aligned lane groups; with tpr > 32 a block is
+// one row and reduces through shared memory.
+//
+// Numerics follow the Triton path: loads widened to fp32 (fp64 inputs stay fp64), z and
+// gradients rounded once to the storage dtype, KLs kept in the accumulation dtype. Noise is
+// Philox4x32-10 + Box-Muller keyed by (seed, row-major element index), see philox.cuh; its
+// stream differs from Triton's tl.randn, so a seed gives different z on the two backends.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "gaussian_kl.h"
+#include "philox.cuh"
+
+namespace amvl {
+namespace {
+
+constexpr int kChunk = 8;  // 16 bytes of bf16/fp16, two 16-byte loads of fp32, four of fp64
+constexpr int kBlock = 256;
+constexpr int64_t kMaxGrid = 1 << 20;  // larger problems loop (grid-stride over row groups)
+
+// Storage dtype -> accumulation dtype and the two roundings between them.
+template <typename T>
+struct Scalar;
+template <>
+struct Scalar<float> {
+  using Acc = float;
+  static AMVL_HD float widen(float x) { return x; }
+  static AMVL_HD float narrow(float x) { return x; }
+};
+template <>
+struct Scalar<double> {
+  using Acc = double;
+  static AMVL_HD double widen(double x) { return x; }
+  static AMVL_HD double narrow(double x) { return x; }
+};
+template <>
+struct Scalar<__half> {
+  using Acc = float;
+  static AMVL_HD float widen(__half x) { return __half2float(x); }
+  static AMVL_HD __half narrow(float x) { return __float2half_rn(x); }
+};
+template <>
+struct Scalar<__nv_bfloat16> {
+  using Acc = float;
+  static AMVL_HD float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static AMVL_HD __nv_bfloat16 narrow(float x) { return __float2bfloat16_rn(x); }
+};
+
+// Accurate exp (expf / exp, never the __expf approximation): the KL error budget is 2x
+// PyTorch's own.
+AMVL_HD float exp_acc(float x) { return expf(x); }
+AMVL_HD double exp_acc(double x) { return exp(x); }
+
+AMVL_HD uint4 load16(const uint4* p) {
+#ifdef __CUDA_ARCH__
+  return __ldg(p);
+#else
+  return *p;
+#endif
+}
+
+// Columns c0 .. c0 + kChunk - 1 of `row`, widened to A; columns past d read as 0.
+template <typename T, typename A>
+AMVL_HD void load_chunk(const Matrix& m, int64_t row, int64_t c0, int64_t d, A (&out)[kChunk]) {
+  const T* p = static_cast<const T*>(m.ptr) + row * m.row_stride + c0 * m.col_stride;
+  if (m.vec && c0 + kChunk <= d) {
+    constexpr int kPer = 16 / sizeof(T);
+#pragma unroll
+    for (int v = 0; v < kChunk / kPer; ++v) {
+      const uint4 raw = load16(reinterpret_cast<const uint4*>(p) + v);
+      T vals[kPer];
+      memcpy(vals, &raw, sizeof(raw));
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) out[v * kPer + j] = static_cast<A>(Scalar<T>::widen(vals[j]));
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) {
+      out[j] = c0 + j < d ? static_cast<A>(Scalar<T>::widen(p[j * m.col_stride])) : A(0);
+    }
+  }
+}
+
+// eps may come in any float dtype, whatever the inputs' dtype: a uniform runtime switch.
+template <typename A>
+AMVL_HD void load_chunk_any(const Matrix& m, int64_t row, int64_t c0, int64_t d,
+                            A (&out)[kChunk]) {
+  switch (m.dtype) {
+    case DType::kFloat16: load_chunk<__half>(m, row, c0, d, out); break;
+    case DType::kBFloat16: load_chunk<__nv_bfloat16>(m, row, c0, d, out); break;
+    case DType::kFloat64: load_chunk<double>(m, row, c0, d, out); break;
+    default: load_chunk<float>(m, row, c0, d, out); break;
+  }
+}
+
+// The noise of a chunk: the caller's eps, or the Philox stream at the chunk's row-major index.
+template <typename A>
+AMVL_HD void noise_chunk(const Matrix& eps, uint64_t seed, int64_t row, int64_t c0, int64_t d,
+                         A (&out)[kChunk]) {
+  if (eps.ptr != nullptr) {
+    load_chunk_any(eps, row, c0, d, out);
+    return;
+  }
+  float n[kChunk];
+  normal_chunk<kChunk>(seed, static_cast<uint64_t>(row) * static_cast<uint64_t>(d) +
+                                 static_cast<uint64_t>(c0), n);
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) out[j] = static_cast<A>(n[j]);
+}
+
+// Store into a contiguous (rows, d) output, rounding once to T.
+template <typename T, typename A>
+AMVL_HD void store_chunk(void* base, bool vec, int64_t row, int64_t c0, int64_t d,
+                         const A (&v)[kChunk]) {
+  T* p = static_cast<T*>(base) + row * d + c0;
+  if (vec && c0 + kChunk <= d) {
+    T vals[kChunk];
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) vals[j] = Scalar<T>::narrow(v[j]);
+    constexpr int kPer = 16 / sizeof(T);
+#pragma unroll
+    for (int i = 0; i < kChunk / kPer; ++i) {
+      uint4 raw;
+      memcpy(&raw, vals + i * kPer, sizeof(raw));
+      reinterpret_cast<uint4*>(p)[i] = raw;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) {
+      if (c0 + j < d) p[j] = Scalar<T>::narrow(v[j]);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------- per-chunk maths
+// Shared verbatim by the kernels and the host emulation.
+
+template <typename T, typename A = typename Scalar<T>::Acc>
+AMVL_HD void forward_chunk(const ForwardArgs& a, bool out_vec, int64_t row, int64_t c0,
+                           A& kl_fwd, A& kl_rev) {
+  A mu_q[kChunk], lv_q[kChunk], eps[kChunk], z[kChunk];
+  load_chunk<T>(a.mu_q, row, c0, a.d, mu_q);
+  load_chunk<T>(a.lv_q, row, c0, a.d, lv_q);
+  noise_chunk(a.eps, a.seed, row, c0, a.d, eps);
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) z[j] = mu_q[j] + exp_acc(A(0.5) * lv_q[j]) * eps[j];
+  store_chunk<T>(a.z, out_vec, row, c0, a.d, z);
+  if (a.mu_p.ptr == nullptr) return;
+
+  A mu_p[kChunk], lv_p[kChunk];
+  load_chunk<T>(a.mu_p, row, c0, a.d, mu_p);
+  load_chunk<T>(a.lv_p, row, c0, a.d, lv_p);
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) {
+    if (c0 + j >= a.d) break;
+    const A diff2 = (mu_q[j] - mu_p[j]) * (mu_q[j] - mu_p[j]);
+    kl_fwd += A(0.5) * (lv_p[j] - lv_q[j] + exp_acc(lv_q[j] - lv_p[j]) +
+                        diff2 * exp_acc(-lv_p[j]) - A(1));
+    kl_rev += A(0.5) * (lv_q[j] - lv_p[j] + exp_acc(lv_p[j] - lv_q[j]) +
+                        diff2 * exp_acc(-lv_q[j]) - A(1));
+  }
+}
+
+// Which terms reach which side, decided once per launch from the arguments.
+struct Routes {
+  bool need_q, need_p;  // some gradient of (mu_q, lv_q) / (mu_p, lv_p) is wanted
+  bool fwd_q, fwd_p, rev_q, rev_p;  // a KL term with an upstream gradient routed to that side
+};
+
+AMVL_HD Routes routes_of(const BackwardArgs& a) {
+  // A KL without an upstream gradient adds nothing, not 0 * (something that may be inf).
+  const bool fwd = a.mu_p.ptr != nullptr && a.grad_kl_fwd.ptr != nullptr;
+  const bool rev = a.mu_p.ptr != nullptr && a.grad_kl_rev.ptr != nullptr;
+  return Routes{a.grad_mu_q != nullptr || a.grad_lv_q != nullptr,
+                a.grad_mu_p != nullptr || a.grad_lv_p != nullptr,
+                fwd && a.fwd_to_q, fwd && a.fwd_to_p, rev && a.rev_to_q, rev && a.rev_to_p};
+}
+
+// Purely elementwise given the row's upstream KL gradients g_fwd and g_rev (DESIGN.md sec. 2).
+template <typename T, typename A = typename Scalar<T>::Acc>
+AMVL_HD void backward_chunk(const BackwardArgs& a, const Routes& r, bool out_vec, int64_t row,
+                            int64_t c0, A g_fwd, A g_rev) {
+  A mu_q[kChunk], lv_q[kChunk], mu_p[kChunk], lv_p[kChunk];
+  load_chunk<T>(a.mu_q, row, c0, a.d, mu_q);
+  load_chunk<T>(a.lv_q, row, c0, a.d, lv_q);
+  const bool any_kl = r.fwd_q || r.fwd_p || r.rev_q || r.rev_p;
+  if (any_kl) {
+    load_chunk<T>(a.mu_p, row, c0, a.d, mu_p);
+    load_chunk<T>(a.lv_p, row, c0, a.d, lv_p);
+  }
+  A diff[kChunk], inv_var_p[kChunk], inv_var_q[kChunk], ratio_qp[kChunk], ratio_pq[kChunk];
+  if (any_kl) {
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) {
+      diff[j] = mu_q[j] - mu_p[j];
+      inv_var_p[j] = exp_acc(-lv_p[j]);
+      inv_var_q[j] = exp_acc(-lv_q[j]);
+      ratio_qp[j] = exp_acc(lv_q[j] - lv_p[j]);
+      ratio_pq[j] = exp_acc(lv_p[j] - lv_q[j]);
+    }
+  }
+
+  if (r.need_q) {
+    A g_mu[kChunk], g_lv[kChunk];
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) g_mu[j] = g_lv[j] = A(0);
+    if (a.grad_z.ptr != nullptr) {
+      A dz[kChunk], eps[kChunk];
+      load_chunk<T>(a.grad_z, row, c0, a.d, dz);
+      noise_chunk(a.eps, a.seed, row, c0, a.d, eps);  // regenerated, never stored
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) {
+        g_mu[j] += dz[j];
+        g_lv[j] += dz[j] * A(0.5) * exp_acc(A(0.5) * lv_q[j]) * eps[j];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) {
+      if (r.fwd_q) {
+        g_mu[j] += g_fwd * diff[j] * inv_var_p[j];
+        g_lv[j] += g_fwd * A(0.5) * (ratio_qp[j] - A(1));
+      }
+      if (r.rev_q) {
+        g_mu[j] += g_rev * diff[j] * inv_var_q[j];
+        g_lv[j] += g_rev * A(0.5) * (A(1) - ratio_pq[j] - diff[j] * diff[j] * inv_var_q[j]);
+      }
+    }
+    if (a.grad_mu_q != nullptr) store_chunk<T>(a.grad_mu_q, out_vec, row, c0, a.d, g_mu);
+    if (a.grad_lv_q != nullptr) store_chunk<T>(a.grad_lv_q, out_vec, row, c0, a.d, g_lv);
+  }
+
+  if (r.need_p) {
+    A g_mu[kChunk], g_lv[kChunk];
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) {
+      g_mu[j] = g_lv[j] = A(0);
+      if (r.fwd_p) {
+        g_mu[j] -= g_fwd * diff[j] * inv_var_p[j];
+        g_lv[j] += g_fwd * A(0.5) * (A(1) - ratio_qp[j] - diff[j] * diff[j] * inv_var_p[j]);
+      }
+      if (r.rev_p) {
+        g_mu[j] -= g_rev * diff[j] * inv_var_q[j];
+        g_lv[j] += g_rev * A(0.5) * (ratio_pq[j] - A(1));
+      }
+    }
+    if (a.grad_mu_p != nullptr) store_chunk<T>(a.grad_mu_p, out_vec, row, c0, a.d, g_mu);
+    if (a.grad_lv_p != nullptr) store_chunk<T>(a.grad_lv_p, out_vec, row, c0, a.d, g_lv);
+  }
+}
+
+template <typename A>
+AMVL_HD A load_row(const RowVector& v, int64_t row) {
+  return v.ptr == nullptr ? A(0) : static_cast<const A*>(v.ptr)[row * v.stride];
+}
+
+// ------------------------------------------------------------------------- kernels
+
+// Sum over aligned groups of `width` lanes (a power of two <= 32); every lane gets its group's
+// total. All 32 lanes must arrive: the row loop is uniform across the block.
+template <typename A>
+__device__ A group_sum(A v, int width) {
+  for (int offset = width / 2; offset > 0; offset /= 2) {
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  }
+  return v;
+}
+
+// Block-wide sums of two values; the totals are valid in thread 0.
+template <typename A>
+__device__ void block_sum2(A& x, A& y) {
+  __shared__ A partial[2][kBlock / 32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  x = group_sum(x, 32);
+  y = group_sum(y, 32);
+  if (lane == 0) {
+    partial[0][warp] = x;
+    partial[1][warp] = y;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const int warps = blockDim.x / 32;
+    x = group_sum(lane < warps ? partial[0][lane] : A(0), 32);
+    y = group_sum(lane < warps ? partial[1][lane] : A(0), 32);
+  }
+  __syncthreads();  // partial[] is reused by the next row
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBlock) forward_kernel(ForwardArgs a, bool out_vec, int tpr) {
+  using A = typename Scalar<T>::Acc;
+  const int lane = threadIdx.x & (tpr - 1);
+  const int rows_per_block = blockDim.x / tpr;
+  const bool with_kl = a.mu_p.ptr != nullptr;
+  for (int64_t first = int64_t(blockIdx.x) * rows_per_block; first < a.rows;
+       first += int64_t(gridDim.x) * rows_per_block) {
+    const int64_t row = first + threadIdx.x / tpr;
+    A kl_fwd = 0, kl_rev = 0;
+    if (row < a.rows) {
+      for (int64_t c0 = int64_t(lane) * kChunk; c0 < a.d; c0 += int64_t(tpr) * kChunk) {
+        forward_chunk<T>(a, out_vec, row, c0, kl_fwd, kl_rev);
+      }
+    }
+    if (!with_kl) continue;
+    if (tpr <= 32) {
+      kl_fwd = group_sum(kl_fwd, tpr);
+      kl_rev = group_sum(kl_rev, tpr);
+    } else {
+      block_sum2(kl_fwd, kl_rev);
+    }
+    if (lane == 0 && row < a.rows) {
+      static_cast<A*>(a.kl_fwd)[row] = kl_fwd;
+      static_cast<A*>(a.kl_rev)[row] = kl_rev;
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBlock) backward_kernel(BackwardArgs a, bool out_vec, int tpr) {
+  using A = typename Scalar<T>::Acc;
+  const int lane = threadIdx.x & (tpr - 1);
+  const int rows_per_block = blockDim.x / tpr;
+  const Routes r = routes_of(a);
+  for (int64_t first = int64_t(blockIdx.x) * rows_per_block; first < a.rows;
+       first += int64_t(gridDim.x) * rows_per_block) {
+    const int64_t row = first + threadIdx.x / tpr;
+    if (row >= a.rows) continue;
+    const A g_fwd = load_row<A>(a.grad_kl_fwd, row);
+    const A g_rev = load_row<A>(a.grad_kl_rev, row);
+    for (int64_t c0 = int64_t(lane) * kChunk; c0 < a.d; c0 += int64_t(tpr) * kChunk) {
+      backward_chunk<T>(a, r, out_vec, row, c0, g_fwd, g_rev);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------- host side
+
+struct Layout {
+  int tpr;    // threads per row
+  int block;  // threads per block
+  int64_t grid;
+};
+
+// Enough threads per row to give each about one chunk, at most one block. Depends only on
+// (rows, d), never on strides, so strided and contiguous inputs sum in the same order.
+Layout layout_for(int64_t rows, int64_t d) {
+  const int64_t chunks = std::max<int64_t>(1, (d + kChunk - 1) / kChunk);
+  int tpr = 1;
+  while (tpr < chunks && tpr < kBlock) tpr *= 2;
+  const int block = tpr <= 32 ? kBlock : tpr;
+  const int64_t rows_per_block = block / tpr;
+  const int64_t grid = std::min((rows + rows_per_block - 1) / rows_per_block, kMaxGrid);
+  return Layout{tpr, block, grid};
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Outputs are contiguous (rows, d): 16-byte stores need aligned bases and whole-16-byte rows.
+bool outputs_vec_ok(std::initializer_list<const void*> outs, int64_t d, DType dtype) {
+  if ((d * dtype_size(dtype)) % 16 != 0) return false;
+  for (const void* p : outs) {
+    if (p != nullptr && !aligned16(p)) return false;
+  }
+  return true;
+}
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+template <typename F>
+void dispatch(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat16: f(Tag<__half>{}); break;
+    case DType::kBFloat16: f(Tag<__nv_bfloat16>{}); break;
+    case DType::kFloat64: f(Tag<double>{}); break;
+    default: f(Tag<float>{}); break;
+  }
+}
+
+// What lane 0 holds after group_sum over v.size() lanes (a power of two <= 32).
+template <typename A>
+A butterfly_on_host(std::vector<A> v) {
+  for (size_t offset = v.size() / 2; offset > 0; offset /= 2) {
+    std::vector<A> next(v.size());
+    for (size_t lane = 0; lane < v.size(); ++lane) next[lane] = v[lane] + v[lane ^ offset];
+    v.swap(next);
+  }
+  return v[0];
+}
+
+// The row total forward_kernel stores: group_sum for tpr <= 32, block_sum2 otherwise.
+template <typename A>
+A sum_in_kernel_order(const std::vector<A>& per_thread) {
+  if (per_thread.size() <= 32) return butterfly_on_host(per_thread);
+  std::vector<A> per_warp(32, A(0));
+  for (size_t w = 0; w < per_thread.size() / 32; ++w) {
+    per_warp[w] = butterfly_on_host(std::vector<A>(per_thread.begin() + 32 * w,
+                                                   per_thread.begin() + 32 * (w + 1)));
+  }
+  return butterfly_on_host(per_warp);
+}
+
+}  // namespace
+
+int dtype_size(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat16:
+    case DType::kBFloat16: return 2;
+    case DType::kFloat64: return 8;
+    default: return 4;
+  }
+}
+
+bool vector_loads_ok(const Matrix& m, int64_t rows, int64_t d) {
+  if (m.ptr == nullptr || d < kChunk || m.col_stride != 1 || !aligned16(m.ptr)) return false;
+  return rows <= 1 || (m.row_stride * dtype_size(m.dtype)) % 16 == 0;
+}
+
+cudaError_t launch_forward(const ForwardArgs& args, cudaStream_t stream) {
+  if (args.rows == 0) return cudaSuccess;
+  const Layout l = layout_for(args.rows, args.d);
+  const bool out_vec = outputs_vec_ok({args.z}, args.d, args.dtype);
+  dispatch(args.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    forward_kernel<T><<<static_cast<unsigned>(l.grid), l.block, 0, stream>>>(args, out_vec, l.tpr);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_backward(const BackwardArgs& args, cudaStream_t stream) {
+  if (args.rows == 0) return cudaSuccess;
+  const Layout l = layout_for(args.rows, args.d);
+  const bool out_vec = outputs_vec_ok(
+      {args.grad_mu_q, args.grad_lv_q, args.grad_mu_p, args.grad_lv_p}, args.d, args.dtype);
+  dispatch(args.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    backward_kernel<T><<<static_cast<unsigned>(l.grid), l.block, 0, stream>>>(args, out_vec, l.tpr);
+  });
+  return cudaGetLastError();
+}
+
+void forward_on_host(const ForwardArgs& args) {
+  const bool out_vec = outputs_vec_ok({args.z}, args.d, args.dtype);
+  const Layout l = layout_for(args.rows, args.d);
+  dispatch(args.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = typename Scalar<T>::Acc;
+    std::vector<A> fwd(l.tpr), rev(l.tpr);
+    for (int64_t row = 0; row < args.rows; ++row) {
+      // Each of the row's tpr "threads" walks its chunks, then the partial sums combine in
+      // the kernel's order: the host sums exactly what the GPU sums, in the same order.
+      for (int lane = 0; lane < l.tpr; ++lane) {
+        fwd[lane] = rev[lane] = A(0);
+        for (int64_t c0 = int64_t(lane) * kChunk; c0 < args.d; c0 += int64_t(l.tpr) * kChunk) {
+          forward_chunk<T>(args, out_vec, row, c0, fwd[lane], rev[lane]);
+        }
+      }
+      if (args.mu_p.ptr != nullptr) {
+        static_cast<A*>(args.kl_fwd)[row] = sum_in_kernel_order(fwd);
+        static_cast<A*>(args.kl_rev)[row] = sum_in_kernel_order(rev);
+      }
+    }
+  });
+}
+
+void backward_on_host(const BackwardArgs& args) {
+  const bool out_vec = outputs_vec_ok(
+      {args.grad_mu_q, args.grad_lv_q, args.grad_mu_p, args.grad_lv_p}, args.d, args.dtype);
+  const Routes r = routes_of(args);
+  dispatch(args.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = typename Scalar<T>::Acc;
+    for (int64_t row = 0; row < args.rows; ++row) {
+      const A g_fwd = load_row<A>(args.grad_kl_fwd, row);
+      const A g_rev = load_row<A>(args.grad_kl_rev, row);
+      for (int64_t c0 = 0; c0 < args.d; c0 += kChunk) {
+        backward_chunk<T>(args, r, out_vec, row, c0, g_fwd, g_rev);
+      }
+    }
+  });
+}
+
+void philox_on_host(const uint32_t counter[4], uint32_t key0, uint32_t key1, uint32_t out[4]) {
+  const Philox4 r = philox4x32_10(Philox4{{counter[0], counter[1], counter[2], counter[3]}},
+                                  key0, key1);
+  for (int i = 0; i < 4; ++i) out[i] = r.w[i];
+}
+
+}  // namespace amvl

@@ -1,0 +1,110 @@
+// Counter-based Gaussian noise for the Gaussian sampling kernels.
+//
+// Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11) turns a
+// 128-bit counter and a 64-bit key into four independent 32-bit words. Box-Muller turns each
+// pair of words into two standard normals, so one Philox call gives four normals.
+//
+// Everything here is __host__ __device__: the CPU tests check the generator against the
+// published known-answer vectors and run the same noise code the GPU runs.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#define AMVL_HD __host__ __device__ __forceinline__
+
+namespace amvl {
+
+struct Philox4 {
+  uint32_t w[4];
+};
+
+AMVL_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+#ifdef __CUDA_ARCH__
+  lo = a * b;
+  hi = __umulhi(a, b);
+#else
+  const uint64_t product = static_cast<uint64_t>(a) * b;
+  lo = static_cast<uint32_t>(product);
+  hi = static_cast<uint32_t>(product >> 32);
+#endif
+}
+
+// Ten rounds, the key bumped by the Weyl constants between rounds (Random123's philox4x32).
+AMVL_HD Philox4 philox4x32_10(Philox4 ctr, uint32_t key0, uint32_t key1) {
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    if (round > 0) {
+      key0 += 0x9E3779B9u;
+      key1 += 0xBB67AE85u;
+    }
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo32(0xD2511F53u, ctr.w[0], hi0, lo0);
+    mulhilo32(0xCD9E8D57u, ctr.w[2], hi1, lo1);
+    ctr = Philox4{{hi1 ^ ctr.w[1] ^ key0, lo1, hi0 ^ ctr.w[3] ^ key1, lo0}};
+  }
+  return ctr;
+}
+
+AMVL_HD void sincospi_f32(float x, float* s, float* c) {
+#ifdef __CUDA_ARCH__
+  sincospif(x, s, c);
+#else
+  // The host only runs tests: double precision rounded to float is within an ulp of the GPU.
+  const double angle = 3.14159265358979323846 * static_cast<double>(x);
+  *s = static_cast<float>(std::sin(angle));
+  *c = static_cast<float>(std::cos(angle));
+#endif
+}
+
+// Two standard normals from two uniform words. The radius word maps to (0, 1] so the log is
+// always finite (the largest |normal| is sqrt(2 * 33 ln 2) ~ 6.8); the angle word maps to
+// [0, 2) half-turns, exactly representable. Plain logf/sqrtf: no fast-math approximations.
+AMVL_HD void box_muller(uint32_t radius_bits, uint32_t angle_bits, float& n0, float& n1) {
+  const float u = fmaf(static_cast<float>(radius_bits), 0x1p-32f, 0x1p-33f);
+  const float radius = sqrtf(-2.0f * logf(u));
+  float s, c;
+  sincospi_f32(static_cast<float>(angle_bits >> 8) * 0x1p-23f, &s, &c);
+  n0 = radius * c;
+  n1 = radius * s;
+}
+
+// The four normals of noise group `group` (elements 4*group .. 4*group+3 of the row-major
+// index space) for `seed`: counter = group, key = seed.
+AMVL_HD void normal4(uint64_t seed, uint64_t group, float out[4]) {
+  const Philox4 ctr{{static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), 0u, 0u}};
+  const Philox4 r =
+      philox4x32_10(ctr, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  box_muller(r.w[0], r.w[1], out[0], out[1]);
+  box_muller(r.w[2], r.w[3], out[2], out[3]);
+}
+
+// Noise of the N consecutive row-major elements first, first+1, ...: element i always gets
+// lane i % 4 of group i / 4, whatever chunk or thread asks for it, so the stream is independent
+// of the launch configuration and the backward regenerates it bitwise.
+template <int N>
+AMVL_HD void normal_chunk(uint64_t seed, uint64_t first, float (&out)[N]) {
+  static_assert(N % 4 == 0, "chunks cover whole noise groups");
+  constexpr int kGroups = N / 4 + 1;
+  float n[4 * kGroups];
+  const uint64_t group = first >> 2;
+  const int shift = static_cast<int>(first & 3);
+#pragma unroll
+  for (int g = 0; g < kGroups; ++g) {
+    // The last group is only reached when the chunk does not start on a group boundary.
+    if (g < kGroups - 1 || shift != 0) {
+      normal4(seed, group + g, n + 4 * g);
+    } else {
+      n[4 * g] = n[4 * g + 1] = n[4 * g + 2] = n[4 * g + 3] = 0.0f;
+    }
+  }
+  // Static indices with a select keep n[] in registers (a runtime index would spill it).
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    out[j] = shift == 0 ? n[j] : shift == 1 ? n[j + 1] : shift == 2 ? n[j + 2] : n[j + 3];
+  }
+}
+
+}  // namespace amvl
