@@ -10,6 +10,7 @@ emits.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,10 +40,13 @@ class AMVLCollator:
         vision_tokens: image marker ids (:meth:`VisionTokens.from_model_config`).
         max_prompt_tokens, max_answer_tokens: truncate longer texts (prompt from the left, so
             the question's end stays; answer from the right). Images are never truncated.
+        cache_images: keep each processed image for as long as the image object lives (for
+            many epochs over a small image set, e.g. the built-in puzzles).
     """
 
     def __init__(self, tokenizer, image_processor=None, vision_tokens: VisionTokens | None = None,
-                 max_prompt_tokens: int | None = None, max_answer_tokens: int | None = None):
+                 max_prompt_tokens: int | None = None, max_answer_tokens: int | None = None,
+                 cache_images: bool = False):
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs a pad or an EOS token")
         if image_processor is not None and vision_tokens is None:
@@ -54,6 +58,19 @@ class AMVLCollator:
         self.max_answer_tokens = max_answer_tokens
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
             else tokenizer.eos_token_id
+        # id(image) -> (weak reference, processed): PIL images are unhashable, and a weak
+        # reference tells a live image from a new one that reuses a freed id.
+        self._image_cache: dict[int, tuple[weakref.ref, dict]] | None = {} if cache_images else None
+
+    def _process_image(self, image) -> dict:
+        if self._image_cache is not None:
+            hit = self._image_cache.get(id(image))
+            if hit is not None and hit[0]() is image:
+                return hit[1]
+        processed = self.image_processor(images=[image], return_tensors="pt")
+        if self._image_cache is not None:
+            self._image_cache[id(image)] = (weakref.ref(image), processed)
+        return processed
 
     def _text_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -77,7 +94,7 @@ class AMVLCollator:
             self._check(index, example)
             prompt: list[int] = []
             for image in example.get("images") or []:
-                processed = self.image_processor(images=[image], return_tensors="pt")
+                processed = self._process_image(image)
                 grid = processed["image_grid_thw"][0]
                 n_tokens = int(grid.prod()) // merge**2
                 vt = self.vision_tokens
