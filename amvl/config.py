@@ -30,6 +30,8 @@ class AMVLConfig:
         free_bits: lambda of free bits per slot: each slot's batch-mean KL counts as
             max(KL_k, lambda). 0 disables it.
         logvar_min, logvar_max: bounds of the heads' log-variance parameterisation.
+        logvar_init: the heads' log-variance at initialisation (below 0 fights posterior
+            collapse: early noise would otherwise teach the decoder to ignore z).
         inference: "mean" (z = mu_p) or "sample" (z ~ p, ``num_samples`` draws).
         num_samples: draws per example when ``inference == "sample"``.
         prefix_sharing: compute the query x once per step (needs the "amvl" attention).
@@ -50,6 +52,7 @@ class AMVLConfig:
     free_bits: float = 0.0
     logvar_min: float = -10.0
     logvar_max: float = 4.0
+    logvar_init: float = 0.0
     inference: str = "mean"
     num_samples: int = 1
     prefix_sharing: bool = True
@@ -80,7 +83,8 @@ class AMVLConfig:
         require(self.kl_warmup_steps >= 0, "kl_warmup_steps must be >= 0")
         require(self.kl_cycle_steps >= 1, "kl_cycle_steps must be >= 1")
         require(0 < self.kl_cycle_ratio <= 1, "kl_cycle_ratio must be in (0, 1]")
-        require(self.logvar_min < self.logvar_max, "logvar_min must be below logvar_max")
+        require(self.logvar_min < self.logvar_init < self.logvar_max,
+                "need logvar_min < logvar_init < logvar_max")
         require(-30 <= self.logvar_min and self.logvar_max <= 30,
                 "log-variance bounds must lie in the kernels' safe range [-30, 30]")
         require(self.num_samples >= 1, "num_samples must be >= 1")

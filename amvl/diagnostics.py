@@ -144,9 +144,14 @@ def mean_pairwise_cosine(latents: np.ndarray) -> float:
 
 
 def leakage_report(model, collator, examples: Sequence[dict], batch_size: int = 8,
-                   noise_scale: float = 1.0, seed: int = 0, progress: bool = True) -> dict:
+                   noise_scale: float = 1.0, seed: int = 0, progress: bool = True,
+                   group_key: str | None = None) -> dict:
     """All diagnostics of the module docstring as a flat dict of floats (NaN where a
-    quantity does not exist for the model's objective)."""
+    quantity does not exist for the model's objective).
+
+    With ``group_key`` (e.g. "family"), accuracies are also reported per group as
+    ``acc_prior/<group>`` and ``acc_posterior/<group>``.
+    """
     scores = score_choices(model, collator, examples, batch_size, noise_scale, seed, progress)
     gold, nll = scores["gold"], scores["nll"]
     rows = np.arange(len(gold))
@@ -156,6 +161,12 @@ def leakage_report(model, collator, examples: Sequence[dict], batch_size: int = 
     for v in ("prior", "posterior"):
         report[f"acc_{v}"] = float((preds[v] == gold).mean()) if v in preds else nan
         report[f"nll_{v}"] = float(nll[v][rows, gold].mean()) if v in preds else nan
+        if group_key is not None:
+            groups = np.array([str(ex[group_key]) for ex in examples])
+            for group in sorted(set(groups)):
+                hit = groups == group
+                report[f"acc_{v}/{group}"] = float((preds[v][hit] == gold[hit]).mean()) \
+                    if v in preds else nan
     report["leakage_gap"] = report["acc_posterior"] - report["acc_prior"]
     report["nll_gap"] = report["nll_prior"] - report["nll_posterior"]
     for v in ("zeroed", "noised", "swapped"):

@@ -13,22 +13,25 @@ class GaussianHead(nn.Module):
     """Hidden states (..., hidden) -> (mu, logvar), each (..., d).
 
     The log-variance is bounded, logvar = lo + (hi - lo) * sigmoid(raw + shift), so no slot
-    can leave the kernels' safe range or collapse to a point. ``shift`` puts logvar at 0 (unit
-    variance) when the linear layer outputs 0, which is where it starts.
+    can leave the kernels' safe range or collapse to a point. ``shift`` puts logvar at
+    ``logvar_init`` when the linear layer outputs 0, which is where it starts. A start well
+    below 0 keeps the noise from drowning the means early on, when the decoder would otherwise
+    learn to ignore the latents (posterior collapse).
     """
 
     def __init__(self, hidden_size: int, latent_dim: int, logvar_min: float = -10.0,
-                 logvar_max: float = 4.0):
+                 logvar_max: float = 4.0, logvar_init: float = 0.0):
         super().__init__()
-        if not logvar_min < 0 < logvar_max:
-            raise ValueError(f"need logvar_min < 0 < logvar_max, got {logvar_min}, {logvar_max}")
+        if not logvar_min < logvar_init < logvar_max:
+            raise ValueError(f"need logvar_min < logvar_init < logvar_max, got {logvar_min}, "
+                             f"{logvar_init}, {logvar_max}")
         self.latent_dim = latent_dim
         self.logvar_min, self.logvar_max = logvar_min, logvar_max
         self.proj = nn.Linear(hidden_size, 2 * latent_dim)
         nn.init.normal_(self.proj.weight, std=0.02)
         nn.init.zeros_(self.proj.bias)
-        unit = -logvar_min / (logvar_max - logvar_min)
-        self.shift = math.log(unit / (1 - unit))
+        start = (logvar_init - logvar_min) / (logvar_max - logvar_min)
+        self.shift = math.log(start / (1 - start))
 
     def forward(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
         mu, raw = self.proj(hidden.to(self.proj.weight.dtype)).chunk(2, dim=-1)

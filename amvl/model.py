@@ -92,11 +92,13 @@ class AMVLModel(nn.Module):
         hidden = getattr(model_config, "text_config", model_config).hidden_size
         device = self._unwrapped().get_input_embeddings().weight.device
         d, lo, hi = config.latent_dim, config.logvar_min, config.logvar_max
+        init = config.logvar_init
         # Only what the objective trains exists, so DDP never meets parameters without
         # gradient (the "none" objective is the plain base model).
         uses_latents = self.objective.latent_source != "none"
-        self.prior_head = GaussianHead(hidden, d, lo, hi).to(device) if uses_latents else None
-        self.posterior_head = GaussianHead(hidden, d, lo, hi).to(device) \
+        self.prior_head = GaussianHead(hidden, d, lo, hi, init).to(device) \
+            if uses_latents else None
+        self.posterior_head = GaussianHead(hidden, d, lo, hi, init).to(device) \
             if self.objective.uses_posterior else None
         self.injector = LatentInjector(d, hidden).to(device) if uses_latents else None
 

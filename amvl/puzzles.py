@@ -1,8 +1,9 @@
 """The built-in suite of procedural visual puzzles (in the spirit of BLINK and VisualPuzzles).
 
 Every image is a G x G grid of cells on a black background, each cell one uniformly coloured
-``cell`` x ``cell`` pixel square (cells line up with the vision tower's patches, so even a tiny
-model can read colours). Every puzzle is multiple choice, and its answer needs an intermediate
+``cell`` x ``cell`` pixel square. The default 8-pixel cells line up with the tokens a Qwen2-VL
+vision tower emits (4-pixel patches merged 2 x 2): one cell, one image token. With 4-pixel
+cells a token mixes four cells, and a tiny model trained for minutes on a CPU learns nothing. Every puzzle is multiple choice, and its answer needs an intermediate
 that the question does not state: a count, a position, a rule. That intermediate is what the
 latent block can carry; and since the answer is a single word, a posterior that sees it can
 encode it into z outright, which is the leakage AMVL is built to stop.
@@ -133,8 +134,8 @@ _FAMILY_FNS: dict[str, Callable] = {"counting": _counting, "comparison": _compar
                                     "pattern": _pattern}
 
 
-def make_puzzle(family: str, split: str, index: int, seed: int = 0, grid: int = 6,
-                cell: int = 4) -> dict:
+def make_puzzle(family: str, split: str, index: int, seed: int = 0, grid: int = 4,
+                cell: int = 8) -> dict:
     """One reproducible puzzle of ``family`` from (seed, split, index)."""
     if family not in _FAMILY_FNS:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")

@@ -41,7 +41,8 @@ def tiny_qwen2(tokenizer, hidden: int = 32, layers: int = 2) -> Qwen2ForCausalLM
     return Qwen2ForCausalLM(Qwen2Config(**_text_config(len(tokenizer), hidden, layers)))
 
 
-def tiny_qwen2_vl(tokenizer, hidden: int = 32, layers: int = 2, patch_size: int = 4):
+def tiny_qwen2_vl(tokenizer, hidden: int = 32, layers: int = 2, patch_size: int = 4,
+                  vision_dim: int = 16, vision_depth: int = 1):
     """A Qwen2-VL model (vision tower + text model) sized for 16-32 pixel images.
 
     ``tokenizer`` must come from :func:`word_tokenizer` with ``vision=True``.
@@ -54,7 +55,8 @@ def tiny_qwen2_vl(tokenizer, hidden: int = 32, layers: int = 2, patch_size: int 
     config = Qwen2VLConfig(
         text_config=_text_config(len(tokenizer), hidden, layers,
                                  rope_scaling={"type": "mrope", "mrope_section": section}),
-        vision_config=dict(depth=1, embed_dim=16, hidden_size=hidden, num_heads=2, mlp_ratio=2,
+        vision_config=dict(depth=vision_depth, embed_dim=vision_dim, hidden_size=hidden,
+                           num_heads=2, mlp_ratio=2,
                            patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2,
                            in_channels=3),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],

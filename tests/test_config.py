@@ -27,6 +27,7 @@ def test_round_trip(tmp_path):
     ({"kl_cycle_ratio": 0.0}, "kl_cycle_ratio"),
     ({"logvar_min": 2.0, "logvar_max": 1.0}, "logvar_min"),
     ({"logvar_max": 40.0}, "safe range"),
+    ({"logvar_init": -12.0}, "logvar_init"),
     ({"num_samples": 0}, "num_samples"),
     ({"latent_token": "<lat_start>"}, "special tokens"),
 ])

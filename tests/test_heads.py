@@ -17,9 +17,18 @@ def test_head_bounds_and_unit_variance_at_start(rng_seed):
     torch.testing.assert_close(logvar, torch.zeros(3, 5), atol=1e-6, rtol=0)
 
 
-def test_head_rejects_bounds_without_zero():
+def test_head_starts_at_logvar_init(rng_seed):
+    head = GaussianHead(13, 5, logvar_min=-9.0, logvar_max=2.0, logvar_init=-4.0)
+    torch.nn.init.zeros_(head.proj.weight)
+    _, logvar = head(torch.randn(3, 13))
+    torch.testing.assert_close(logvar, torch.full((3, 5), -4.0), atol=1e-5, rtol=0)
+
+
+def test_head_rejects_init_outside_bounds():
     with pytest.raises(ValueError, match="logvar_min"):
         GaussianHead(4, 2, logvar_min=1.0, logvar_max=3.0)
+    with pytest.raises(ValueError, match="logvar_init"):
+        GaussianHead(4, 2, logvar_min=-3.0, logvar_max=3.0, logvar_init=3.0)
 
 
 def test_injector_writes_slots_in_order_and_passes_gradient(rng_seed):

@@ -92,9 +92,10 @@ def test_no_latent_objective_is_plain_fine_tuning(kind):
     out, grads = _loss_and_grads(model, batch)
     assert model.prior_head is None and model.posterior_head is None and model.injector is None
     assert grads and all(name.startswith("base.") for name in grads)
+    # Different sequence shapes round the fp32 rotary tables differently (see above).
     torch.testing.assert_close(
         out.loss, model.answer_nll(**batch).mul(batch["answer_mask"].sum(1)).sum()
-        / batch["answer_mask"].sum(), rtol=1e-10, atol=0)
+        / batch["answer_mask"].sum(), rtol=1e-6, atol=0)
 
 
 def _recompute(model, batch, sequences, z):
