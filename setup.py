@@ -82,10 +82,13 @@ setup(
         "matplotlib",
         "accelerate",
         "scikit-learn",  # the linear probe of amvl.diagnostics
+        "pyarrow",  # parquet benchmark files (amvl.evaluation)
+        "pyyaml",
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "scipy", "pybind11", "ninja", "peft"],
     },
+    entry_points={"console_scripts": ["amvl = amvl.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

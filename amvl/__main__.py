@@ -1,0 +1,5 @@
+import sys
+
+from amvl.cli import main
+
+sys.exit(main())

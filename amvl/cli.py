@@ -1,0 +1,250 @@
+"""The ``amvl`` command: ``demo``, ``train`` and ``eval``.
+
+    amvl demo [--out DIR]                       the built-in comparison (README's main job)
+    amvl train --config run.yaml [--resume]     train on a real model (accelerate launch ok)
+    amvl eval --config run.yaml --benchmark blink --data PATH
+
+A run config (YAML) has four sections, each optional but ``model``:
+
+    model: {path: /models/Qwen2.5-VL-3B-Instruct, dtype: bfloat16, attn_implementation: sdpa}
+    amvl:  {num_slots: 16, latent_dim: 64, objective: amvl, beta: 1.0, ...}   # AMVLConfig
+    train: {steps: 2000, batch_size: 32, learning_rate: 1e-5, save_every: 500} # TrainConfig
+    data:  {train: data/train.jsonl, max_prompt_tokens: 2048}
+    output_dir: runs/amvl
+    eval:  {baselines: {none: runs/none/final}}
+
+``model.path: tiny-qwen2-vl`` builds the demo's tiny model instead of loading one. Training
+data is JSON lines of ``{"images": [paths relative to the file], "question", "answer"}`` or
+``puzzles`` for the built-in suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import yaml
+
+from amvl.config import AMVLConfig
+from amvl.training import TrainConfig
+
+FINAL_DIR = "final"
+
+
+def _section(raw: dict, name: str, cls) -> dict:
+    values = raw.get(name) or {}
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SystemExit(f"amvl: unknown keys in '{name}': {unknown}")
+    return values
+
+
+def load_run_config(path: str | Path) -> dict:
+    """Parse and check a run config; returns the raw sections plus AMVLConfig / TrainConfig."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"amvl: no config file {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if "model" not in raw or "path" not in (raw["model"] or {}):
+        raise SystemExit(f"amvl: {path} needs model.path")
+    raw["amvl_config"] = AMVLConfig(**_section(raw, "amvl", AMVLConfig))
+    raw["train_config"] = TrainConfig(**_section(raw, "train", TrainConfig))
+    raw["base_dir"] = path.parent
+    return raw
+
+
+def load_base(model_section: dict):
+    """(base model, tokenizer, image processor or None) from a run config's model section."""
+    import torch
+    import transformers
+
+    source = str(model_section["path"])
+    if source == "tiny-qwen2-vl":
+        from amvl.puzzles import vocabulary
+        from amvl.tiny import tiny_image_processor, tiny_qwen2_vl, word_tokenizer
+
+        tokenizer = word_tokenizer(vocabulary(), vision=True)
+        base = tiny_qwen2_vl(tokenizer, hidden=int(model_section.get("hidden_size", 64)))
+        return base, tokenizer, tiny_image_processor()
+    directory = Path(source)
+    if not (directory / "config.json").is_file():
+        raise SystemExit(f"amvl: model.path {source} is not a local Hugging Face checkpoint "
+                         "(no config.json); nothing is downloaded")
+    arch = json.loads((directory / "config.json").read_text())["architectures"][0]
+    dtype = getattr(torch, model_section.get("dtype", "float32"))
+    base = getattr(transformers, arch).from_pretrained(
+        directory, dtype=dtype, use_safetensors=True,
+        attn_implementation=model_section.get("attn_implementation", "sdpa"))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    processor = None
+    if hasattr(base.config, "vision_config"):
+        processor = transformers.AutoImageProcessor.from_pretrained(directory)
+    return base, tokenizer, processor
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Training examples from JSON lines; image paths are relative to the file."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"amvl: no data file {path}")
+    examples = []
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            images = []
+            for name in record.get("images") or []:
+                image_path = path.parent / name
+                if not image_path.is_file():
+                    raise ValueError(f"missing image {image_path}")
+                images.append(Image.open(image_path).convert("RGB"))
+            examples.append({"images": images, "question": str(record["question"]),
+                             "answer": str(record["answer"])})
+        except (ValueError, KeyError, TypeError) as err:
+            raise SystemExit(f"amvl: {path} line {line_no}: {err}") from None
+    return examples
+
+
+def _collator(base, tokenizer, processor, data_section: dict, cache_images: bool = False):
+    from amvl.data import AMVLCollator, VisionTokens
+
+    vision = VisionTokens.from_model_config(base.config) if processor is not None else None
+    return AMVLCollator(tokenizer, processor, vision,
+                        max_prompt_tokens=data_section.get("max_prompt_tokens"),
+                        max_answer_tokens=data_section.get("max_answer_tokens"),
+                        cache_images=cache_images)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from amvl.demo import DemoConfig, run_demo
+
+    config = DemoConfig()
+    if args.steps is not None:
+        config.steps = args.steps
+    if args.objectives:
+        config.objectives = tuple(args.objectives.split(","))
+    config.seed = args.seed
+    if args.quick:  # a smoke run: seconds, not a measurement
+        config.steps, config.train_per_family, config.test_per_family = 20, 20, 6
+    run_demo(args.out, config, progress=not args.no_progress)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from amvl.model import AMVLModel
+    from amvl.training import train
+
+    run = load_run_config(args.config)
+    base, tokenizer, processor = load_base(run["model"])
+    data = run.get("data") or {}
+    source = data.get("train", "puzzles")
+    if source == "puzzles":
+        from amvl.puzzles import puzzle_suite
+
+        examples = puzzle_suite("train", int(data.get("per_family", 300)))
+    else:
+        examples = read_jsonl(run["base_dir"] / source)
+    model = AMVLModel(base, tokenizer, run["amvl_config"])
+    out = Path(run.get("output_dir", "runs/amvl"))
+    collator = _collator(base, tokenizer, processor, data, cache_images=source == "puzzles")
+    train(model, collator, examples, run["train_config"], output_dir=out, resume=args.resume,
+          progress=not args.no_progress)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # under accelerate launch / torchrun: one writer
+        model.save_pretrained(out / FINAL_DIR)
+        if processor is not None:
+            processor.save_pretrained(out / FINAL_DIR / "base")
+        print(f"amvl: trained model saved to {out / FINAL_DIR}")
+    return 0
+
+
+def _load_trained(directory: Path):
+    import transformers
+
+    from amvl.model import AMVLModel
+
+    model = AMVLModel.from_pretrained(directory)
+    processor = None
+    if model.is_vlm:
+        if (directory / "base" / "preprocessor_config.json").is_file():
+            processor = transformers.AutoImageProcessor.from_pretrained(directory / "base")
+        else:
+            from amvl.tiny import tiny_image_processor
+
+            processor = tiny_image_processor()
+    return model, processor
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from amvl import evaluation
+
+    run = load_run_config(args.config) if args.config else {}
+    checkpoint = Path(args.checkpoint or Path(run.get("output_dir", "runs/amvl")) / FINAL_DIR)
+    models = {f"{checkpoint.name} (prior latents)": checkpoint}
+    for name, path in ((run.get("eval") or {}).get("baselines") or {}).items():
+        models[name] = Path(path)
+    try:
+        examples = evaluation.load_benchmark(args.benchmark, args.data, split=args.split)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"amvl eval: {err}") from None
+    results = {}
+    for name, directory in models.items():
+        model, processor = _load_trained(directory)
+        collator = _collator(model.base, model.tokenizer, processor, run.get("data") or {})
+        results[name] = evaluation.evaluate_benchmark(model, collator, examples,
+                                                      batch_size=args.batch_size,
+                                                      progress=not args.no_progress)
+    print(evaluation.format_accuracy_table(results, args.benchmark))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="amvl", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="train and compare none/prior/elbo/amvl on the puzzles")
+    demo.add_argument("--out", default="amvl-demo", help="where results.json and plots go")
+    demo.add_argument("--steps", type=int, help="training steps per objective")
+    demo.add_argument("--objectives", help="comma-separated subset of none,prior,elbo,amvl")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
+    train = sub.add_parser("train", help="train from a YAML run config")
+    train.add_argument("--config", required=True)
+    train.add_argument("--resume", action="store_true", help="continue the latest checkpoint")
+    ev = sub.add_parser("eval", help="multiple-choice evaluation on benchmark files")
+    ev.add_argument("--config", help="the run config (its output_dir and eval.baselines)")
+    ev.add_argument("--checkpoint", help="a directory written by amvl train (final/)")
+    ev.add_argument("--benchmark", choices=["blink", "visualpuzzles", "puzzles"],
+                    default="puzzles")
+    ev.add_argument("--data", help="benchmark files on disk")
+    ev.add_argument("--split", help="default: val for BLINK, the file's for VisualPuzzles, "
+                    "test for the puzzles")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--out", help="write the results as JSON here")
+    for p in (demo, train, ev):
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "eval" and args.benchmark != "puzzles" and not args.data:
+        raise SystemExit("amvl eval: --data is required for --benchmark "
+                         f"{args.benchmark}")
+    if args.command == "eval" and not (args.config or args.checkpoint):
+        raise SystemExit("amvl eval: give --config or --checkpoint")
+    handler = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval}[args.command]
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,685 @@
+"""Multiple-choice evaluation on benchmark files already on disk: BLINK and VisualPuzzles.
+
+The loaders read the public schemas as they are downloaded (parquet as the Hugging Face hub
+stores them, or the same records as JSON / JSON Lines) and return examples in the format of
+:mod:`amvl.diagnostics` and :class:`amvl.data.AMVLCollator`::
+
+    {"id": str, "subtask": str, "images": [PIL.Image (RGB), ...],
+     "question": str,                  # the question with its lettered options: the prompt
+     "choices": ["(A)", "(B)", ...],   # what is scored
+     "answer": "(B)",                  # one of choices (None for unlabelled records)
+     "options": [str, ...] | None,     # the option texts (None: drawn inside the image)
+     "source": "FILE row N"}           # where the record came from
+
+Choices are the option labels, not the option texts. Both benchmarks list the lettered options
+in the prompt and expect a letter back, so every candidate continuation has the same short
+shape, and a mean-token NLL over labels carries no bias from option length; VisualPuzzles also
+has puzzles whose options exist only inside the image, where labels are all there is.
+
+Scoring (:func:`evaluate_benchmark`): the prediction is the label of lowest mean token NLL given
+the prior latents z = mu_p, i.e. what inference sees (a model trained with objective "none" is
+scored without a latent block). Ties go to the earlier label.
+
+Averages. BLINK's authors report the unweighted mean over its 14 subtasks (their eval script);
+VisualPuzzles' authors report accuracy over all puzzles beside the five category accuracies
+(their lmms-eval task). :func:`evaluate_benchmark` returns both, and
+:func:`format_accuracy_table` shows the one each paper uses.
+
+Schema facts this module relies on:
+
+- BLINK (BLINK-Benchmark/BLINK, arXiv 2404.12390): one folder per subtask holding
+  ``val-00000-of-00001.parquet`` and ``test-00000-of-00001.parquet``. A record has ``idx``
+  (e.g. "val_Counting_1"), ``question``, ``sub_task`` (the folder name), ``image_1`` ..
+  ``image_4`` (unused slots null; images as ``{"bytes", "path"}`` structs), ``choices`` (list
+  of strings), ``answer`` as "(A)", ``prompt`` (question plus lettered options, the model
+  input) and ``explanation``. Test answers are withheld: ``split="test"`` is refused unless
+  ``unlabelled=True``, which loads the records with ``answer=None`` (predictions only).
+- VisualPuzzles (neulab/VisualPuzzles, arXiv 2504.10342): a single ``data.parquet`` (its one
+  split was first named "train", later "test"). A record has ``id``, ``category`` (Algorithmic,
+  Analogical, Deductive, Inductive, Spatial), ``question``, ``options`` (four strings, or null
+  when the options are drawn in the image), ``answer`` as a letter "A".."D" and ``image``
+  (the authors' raw JSON has ``image_path`` instead). The prompt follows the authors' layout:
+  "Question: ...\\nOptions:\\n(A) ...\\n(B) ..." or "Options: Choose from (A) (B) (C) (D) in
+  the image."
+
+Images may be embedded (parquet bytes; in JSON base64 text, ``{"bytes": base64}`` or a
+``data:`` URI) or files (paths relative to the data file). Every problem with a record (missing
+or mistyped field, answer not among the options, undecodable image, missing image file) raises
+:class:`BenchmarkRecordError` (a ValueError) naming the file, the row (0-based, in file order)
+and the record's id; nothing is skipped. Images are decoded when loading, so a bad one fails at
+once rather than mid-evaluation (the cost: decoded images stay in memory, a few GB for BLINK).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+# Subtask (folder and ``sub_task`` name) -> column header, in the order of the BLINK paper's
+# results table (also the order of the authors' eval script).
+BLINK_SUBTASKS: dict[str, str] = {
+    "Visual_Similarity": "Similarity",
+    "Counting": "Counting",
+    "Relative_Depth": "Depth",
+    "Jigsaw": "Jigsaw",
+    "Art_Style": "Art",
+    "Functional_Correspondence": "Fun.Corr.",
+    "Semantic_Correspondence": "Sem.Corr.",
+    "Spatial_Relation": "Spatial",
+    "Object_Localization": "Local.",
+    "Visual_Correspondence": "Vis.Corr.",
+    "Multi-view_Reasoning": "Multi-view",
+    "Relative_Reflectance": "Reflect.",
+    "Forensic_Detection": "Forensic",
+    "IQ_Test": "IQ",
+}
+VISUALPUZZLES_CATEGORIES = ("Algorithmic", "Analogical", "Deductive", "Inductive", "Spatial")
+BENCHMARKS = ("blink", "visualpuzzles", "puzzles")  # puzzles: the built-in suite (amvl.puzzles)
+DATA_SUFFIXES = (".parquet", ".json", ".jsonl")
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+BLINK_IMAGE_FIELDS = ("image_1", "image_2", "image_3", "image_4")
+
+
+class BenchmarkRecordError(ValueError):
+    """A record of a benchmark file that cannot be used. The message names the file, the row
+    (0-based) and the record's id; the same are attributes ``file``, ``row``, ``record_id``."""
+
+    def __init__(self, file: Path, row: int, record_id: str | None, problem: str):
+        where = f"{file}: row {row}" + (f" (id {record_id!r})" if record_id is not None else "")
+        super().__init__(f"{where}: {problem}")
+        self.file, self.row, self.record_id = str(file), row, record_id
+
+
+# ---------------------------------------------------------------------------------- records
+
+
+class _Row:
+    """One raw record with its origin, and typed access that fails naming that origin."""
+
+    def __init__(self, file: Path, row: int, record, id_field: str):
+        self.file, self.row, self.id = file, row, None
+        if not isinstance(record, dict):
+            self.fail(f"a record must be an object, got {type(record).__name__}")
+        self.record = record
+        value = self.field(id_field)
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            self.fail(f"{id_field!r} must be a string or an integer, got {type(value).__name__}")
+        self.id = str(value)
+
+    def fail(self, problem: str) -> NoReturn:
+        raise BenchmarkRecordError(self.file, self.row, self.id, problem)
+
+    def field(self, key: str):
+        if key not in self.record:
+            self.fail(f"missing field {key!r}")
+        return self.record[key]
+
+    def text(self, key: str) -> str:
+        value = self.field(key)
+        if not isinstance(value, str):
+            self.fail(f"{key!r} must be a string, got {type(value).__name__}")
+        if not value.strip():
+            self.fail(f"{key!r} is empty")
+        return value
+
+    def strings(self, key: str) -> list[str]:
+        value = self.field(key)
+        if not isinstance(value, (list, tuple)) or \
+                not all(isinstance(v, str) for v in value):
+            self.fail(f"{key!r} must be a list of strings, got {value!r:.80}")
+        if not 2 <= len(value) <= len(LETTERS):
+            self.fail(f"{key!r} must hold 2 to {len(LETTERS)} options, got {len(value)}")
+        return list(value)
+
+    def answer_label(self, key: str, n_options: int) -> str:
+        """The answer as a label "(X)"; BLINK writes "(A)", VisualPuzzles "A"."""
+        value = self.text(key).strip()
+        match = re.fullmatch(r"\(([A-Za-z])\)|([A-Za-z])", value)
+        if match is None:
+            self.fail(f"{key!r} is {value!r}, not an option letter such as '(A)' or 'A'")
+        index = LETTERS.index((match.group(1) or match.group(2)).upper())
+        if index >= n_options:
+            self.fail(f"answer {value!r} is not among the options {_labels(n_options)}")
+        return f"({LETTERS[index]})"
+
+    def image(self, key: str, value) -> Image.Image:
+        where = f"image {key!r}"
+        if isinstance(value, Image.Image):
+            return value.convert("RGB")
+        if isinstance(value, dict):
+            data, path = value.get("bytes"), value.get("path")
+            if data is not None:
+                return self._decode(where, self._bytes(where, data))
+            if path is None:
+                self.fail(f"{where} has neither 'bytes' nor 'path'")
+            value = path
+        if isinstance(value, (bytes, bytearray)):
+            return self._decode(where, bytes(value))
+        if isinstance(value, str) and value.startswith("data:"):
+            return self._decode(where, self._bytes(where, value.partition(",")[2]))
+        if isinstance(value, str) and value:
+            return self._open(where, value)
+        self.fail(f"{where} must be image bytes, a {{'bytes', 'path'}} object or a file path, "
+                  f"got {type(value).__name__}")
+
+    def _bytes(self, where: str, data) -> bytes:
+        if isinstance(data, (bytes, bytearray)):
+            return bytes(data)
+        if isinstance(data, str):  # JSON cannot hold bytes: base64 text
+            try:
+                return base64.b64decode(data, validate=True)
+            except (binascii.Error, ValueError) as err:
+                self.fail(f"{where}: 'bytes' is not valid base64 ({err})")
+        self.fail(f"{where}: 'bytes' must be bytes or base64 text, got {type(data).__name__}")
+
+    def _open(self, where: str, path: str) -> Image.Image:
+        file = Path(path)
+        if not file.is_absolute():
+            file = self.file.parent / file
+        if not file.is_file():
+            self.fail(f"{where}: image file {file} not found")
+        return self._decode(f"{where} ({file})", file.read_bytes())
+
+    def _decode(self, where: str, data: bytes) -> Image.Image:
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                return image.convert("RGB")
+        except Exception as err:  # noqa: BLE001 - PIL raises many types for bad data
+            self.fail(f"{where}: cannot decode the image ({type(err).__name__}: {err})")
+
+
+def _labels(n: int) -> list[str]:
+    return [f"({letter})" for letter in LETTERS[:n]]
+
+
+def _with_instruction(text: str, instruction: str | None) -> str:
+    return text if not instruction else f"{text}\n{instruction}"
+
+
+# ------------------------------------------------------------------------------------ files
+
+
+def _existing(path: str | os.PathLike) -> Path:
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"benchmark path {root} does not exist")
+    return root
+
+
+def _data_files(folder: Path, split: str | None) -> list[Path]:
+    """Data files directly in ``folder``; with a split, only those named after it
+    ("val-00000-of-00001.parquet", "val.jsonl", ...)."""
+    files = [p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix in DATA_SUFFIXES]
+    if split is not None:
+        files = [p for p in files if re.match(rf"{re.escape(split)}([-_.])", p.name)]
+    return files
+
+
+def _read_records(file: Path) -> list:
+    if file.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as err:
+            raise ImportError(f"reading {file} needs pyarrow (pip install pyarrow)") from err
+        try:
+            return pq.read_table(file).to_pylist()
+        except Exception as err:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ...
+            raise ValueError(f"{file}: not a readable parquet file ({err})") from err
+    text = file.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"{file}: the file is empty")
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file}: invalid JSON at line {err.lineno}: {err.msg}") from err
+    records = []  # JSON Lines, which is also what `datasets` writes to a ".json" file
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file}: line {lineno} is not JSON ({err.msg}); expected a JSON "
+                             "array of records or JSON Lines, one record a line") from err
+    return records
+
+
+def _check_unique_ids(examples: list[dict]) -> None:
+    seen: dict[tuple[str, str], str] = {}
+    for ex in examples:
+        key = (ex["subtask"], ex["id"])
+        if key in seen:
+            raise ValueError(f"{ex['source']}: id {ex['id']!r} ({ex['subtask']}) was already "
+                             f"loaded from {seen[key]}; is the same data on disk twice (e.g. "
+                             "as parquet and as JSON)?")
+        seen[key] = ex["source"]
+
+
+def _check_subtasks_present(examples: list[dict], expected: Sequence[str], where: Path) -> None:
+    found = {ex["subtask"] for ex in examples}
+    missing = [s for s in expected if s not in found]
+    if missing:
+        raise ValueError(f"{where}: no records for {missing}")
+    if not examples:
+        raise ValueError(f"{where}: no records")
+
+
+# ------------------------------------------------------------------------------------ BLINK
+
+
+def _blink_name(name: str) -> str | None:
+    """The canonical subtask name for ``name`` (case, spaces and underscores ignored)."""
+    key = re.sub(r"[\s_]+", "_", name.strip()).lower()
+    return next((s for s in BLINK_SUBTASKS if s.lower() == key), None)
+
+
+def _blink_subtasks(subtasks: Sequence[str] | None) -> list[str] | None:
+    if subtasks is None:
+        return None
+    if isinstance(subtasks, str):
+        subtasks = [subtasks]
+    names = []
+    for s in subtasks:
+        name = _blink_name(s)
+        if name is None:
+            raise ValueError(f"unknown BLINK subtask {s!r}; the subtasks are "
+                             f"{list(BLINK_SUBTASKS)}")
+        names.append(name)
+    return names
+
+
+def _blink_example(file: Path, row: int, record, folder_subtask: str | None,
+                   wanted: list[str] | None, unlabelled: bool,
+                   instruction: str | None) -> dict | None:
+    r = _Row(file, row, record, "idx")
+    raw = r.text("sub_task")
+    subtask = _blink_name(raw) or r.fail(f"unknown BLINK sub_task {raw!r}")
+    if folder_subtask is not None and subtask != folder_subtask:
+        r.fail(f"sub_task {raw!r} does not match its folder {folder_subtask!r}")
+    if wanted is not None and subtask not in wanted:
+        return None
+    r.text("question")
+    options = r.strings("choices")
+    prompt = r.text("prompt")
+    answer = None if unlabelled else r.answer_label("answer", len(options))
+    if record.get("image_1") is None:
+        r.fail("missing image: 'image_1' is absent or null")
+    images = [r.image(k, record[k]) for k in BLINK_IMAGE_FIELDS if record.get(k) is not None]
+    return {"id": r.id, "subtask": subtask, "images": images,
+            "question": _with_instruction(prompt, instruction), "choices": _labels(len(options)),
+            "answer": answer, "options": options, "source": f"{file} row {row}"}
+
+
+def load_blink(path: str | os.PathLike, split: str = "val",
+               subtasks: Sequence[str] | None = None, *, unlabelled: bool = False,
+               instruction: str | None = None) -> list[dict]:
+    """BLINK multiple-choice examples from files on disk.
+
+    Args:
+        path: the dataset folder as downloaded (one folder per subtask, each with
+            ``{split}-*.parquet`` or ``{split}.json`` / ``{split}.jsonl``), one subtask's
+            folder, a folder of ``{split}`` files holding several subtasks, or one data file.
+        split: "val" (labelled) or "test" (answers withheld; needs ``unlabelled=True``).
+        subtasks: subtask names to load (case, spaces and underscores are ignored); each must
+            be on disk. None: every subtask found.
+        unlabelled: do not read answers; examples get ``answer=None``, for predictions only
+            (the BLINK test split).
+        instruction: a line appended to every prompt (e.g. "Answer with the option's letter
+            from the given choices directly."); None keeps BLINK's ``prompt`` as it is.
+
+    Returns:
+        Examples in the order of the paper's subtasks, then file order (see the module doc).
+
+    Raises:
+        FileNotFoundError: ``path`` is missing, or holds no data file for the split / a
+            requested subtask.
+        BenchmarkRecordError: a malformed record (names file, row and idx).
+        ValueError: the test split without ``unlabelled``, unknown subtask names, a subtask
+            without records, ids loaded twice.
+    """
+    if split == "test" and not unlabelled:
+        raise ValueError("BLINK's test answers are withheld (the public test files carry no "
+                         "gold answers; test scores come from the benchmark's evaluation "
+                         "server). Use split='val' for accuracy, or unlabelled=True to load the "
+                         "test records with answer=None for predictions.")
+    root = _existing(path)
+    wanted = _blink_subtasks(subtasks)
+    sources: list[tuple[Path, str | None]] = []
+    if root.is_file():
+        sources = [(root, None)]
+    else:
+        folders = {name: child for child in sorted(root.iterdir())
+                   if child.is_dir() and (name := _blink_name(child.name)) is not None}
+        if folders:
+            names = wanted or [s for s in BLINK_SUBTASKS if s in folders]
+            missing = [s for s in names if s not in folders]
+            if missing:
+                raise FileNotFoundError(f"{root}: no folder for BLINK subtask(s) {missing}; "
+                                        f"found {list(folders)}")
+            for name in names:
+                files = _data_files(folders[name], split)
+                if not files:
+                    raise FileNotFoundError(
+                        f"{folders[name]}: no {split!r} data file ({split}-*.parquet, "
+                        f"{split}.json or {split}.jsonl)")
+                sources += [(f, name) for f in files]
+        else:
+            files = _data_files(root, split)
+            if not files:
+                raise FileNotFoundError(
+                    f"{root}: neither BLINK subtask folders ({', '.join(BLINK_SUBTASKS)}) nor "
+                    f"{split!r} data files ({split}-*.parquet, {split}.json, {split}.jsonl)")
+            sources = [(f, _blink_name(root.name)) for f in files]
+    examples = []
+    for file, folder_subtask in sources:
+        for row, record in enumerate(_read_records(file)):
+            example = _blink_example(file, row, record, folder_subtask, wanted, unlabelled,
+                                     instruction)
+            if example is not None:
+                examples.append(example)
+    order = {s: i for i, s in enumerate(BLINK_SUBTASKS)}
+    examples.sort(key=lambda ex: order[ex["subtask"]])  # stable: file order within a subtask
+    expected = wanted or sorted({s for _, s in sources if s}, key=order.get)
+    _check_subtasks_present(examples, expected, root)
+    _check_unique_ids(examples)
+    return examples
+
+
+# ---------------------------------------------------------------------------- VisualPuzzles
+
+
+def _visualpuzzles_category(name: str) -> str | None:
+    return next((c for c in VISUALPUZZLES_CATEGORIES if c.lower() == name.strip().lower()),
+                None)
+
+
+def _visualpuzzles_example(file: Path, row: int, record, wanted: list[str] | None,
+                           instruction: str | None) -> dict | None:
+    r = _Row(file, row, record, "id")
+    raw = r.text("category")
+    category = _visualpuzzles_category(raw) or r.fail(
+        f"unknown VisualPuzzles category {raw!r}; expected one of {VISUALPUZZLES_CATEGORIES}")
+    if wanted is not None and category not in wanted:
+        return None
+    question = r.text("question")
+    options = None if r.field("options") is None else r.strings("options")
+    n = 4 if options is None else len(options)  # options drawn in the image are (A)-(D)
+    answer = r.answer_label("answer", n)
+    if options is None:
+        listing = "Options: Choose from (A) (B) (C) (D) in the image."
+    else:
+        listing = "Options:\n" + "\n".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
+    key = "image" if "image" in record else "image_path" if "image_path" in record else None
+    if key is None or record[key] is None:
+        r.fail("missing image: no 'image' (or 'image_path') value")
+    prompt = f"Question: {question.strip()}\n{listing}"
+    return {"id": r.id, "subtask": category, "images": [r.image(key, record[key])],
+            "question": _with_instruction(prompt, instruction), "choices": _labels(n),
+            "answer": answer, "options": options, "source": f"{file} row {row}"}
+
+
+def load_visualpuzzles(path: str | os.PathLike, split: str | None = None,
+                       categories: Sequence[str] | None = None, *,
+                       instruction: str | None = None) -> list[dict]:
+    """VisualPuzzles multiple-choice examples from files on disk.
+
+    Args:
+        path: a data file (``data.parquet`` as on the hub, or JSON / JSON Lines), or a folder
+            of them.
+        split: in a folder, read only files named after it (``{split}-*.parquet``,
+            ``{split}.json``, ...). None: every data file in the folder (the hub has just
+            ``data.parquet``).
+        categories: categories to keep (case ignored); None: all five.
+        instruction: a line appended to every prompt; None adds none.
+
+    Returns:
+        Examples in file order (see the module doc); ``subtask`` is the category.
+
+    Raises:
+        FileNotFoundError: ``path`` is missing or holds no data file.
+        BenchmarkRecordError: a malformed record (names file, row and id).
+        ValueError: unknown category names, a requested category without records, ids
+            loaded twice.
+    """
+    root = _existing(path)
+    wanted = None
+    if categories is not None:
+        categories = [categories] if isinstance(categories, str) else categories
+        wanted = [_visualpuzzles_category(c) for c in categories]
+        if None in wanted:
+            raise ValueError(f"unknown VisualPuzzles categories in {list(categories)}; the "
+                             f"categories are {list(VISUALPUZZLES_CATEGORIES)}")
+    files = [root] if root.is_file() else _data_files(root, split)
+    if not files:
+        named = f" for split {split!r}" if split else ""
+        raise FileNotFoundError(f"{root}: no data file{named} (*.parquet, *.json, *.jsonl)")
+    examples = []
+    for file in files:
+        for row, record in enumerate(_read_records(file)):
+            example = _visualpuzzles_example(file, row, record, wanted, instruction)
+            if example is not None:
+                examples.append(example)
+    _check_subtasks_present(examples, wanted or [], root)
+    _check_unique_ids(examples)
+    return examples
+
+
+def load_benchmark(benchmark: str, path: str | os.PathLike, split: str | None = None,
+                   **kwargs) -> list[dict]:
+    """:func:`load_blink` or :func:`load_visualpuzzles` by name ("blink" | "visualpuzzles");
+    ``split=None`` takes each loader's default."""
+    name = _benchmark_key(benchmark)
+    if name == "blink":
+        return load_blink(path, split or "val", **kwargs)
+    if name == "puzzles":  # generated, not read: ``path`` is unused
+        from amvl.puzzles import puzzle_suite
+
+        return [dict(ex, subtask=ex["family"])
+                for ex in puzzle_suite(split or "test", kwargs.get("per_family", 60))]
+    return load_visualpuzzles(path, split, **kwargs)
+
+
+def _benchmark_key(benchmark: str) -> str:
+    key = re.sub(r"[\s_-]+", "", benchmark).lower()
+    if key not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {BENCHMARKS}")
+    return key
+
+
+# ---------------------------------------------------------------------------------- scoring
+
+
+def _check_scorable(examples: Sequence[dict]) -> bool:
+    """Raise on examples that cannot be scored; return whether they carry answers."""
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    labelled = set()
+    for i, ex in enumerate(examples):
+        name = f"example {i} ({ex.get('source', ex.get('id', i))})" if isinstance(ex, dict) \
+            else f"example {i}"
+        if not isinstance(ex, dict):
+            raise TypeError(f"{name} must be a dict, got {type(ex).__name__}")
+        choices = ex.get("choices")
+        if not isinstance(choices, (list, tuple)) or len(choices) < 2 or \
+                not all(isinstance(c, str) for c in choices):
+            raise ValueError(f"{name}: 'choices' must list at least two strings")
+        answer = ex.get("answer")
+        if answer is not None and answer not in choices:
+            raise ValueError(f"{name}: answer {answer!r} is not among its choices {choices}")
+        labelled.add(answer is not None)
+    if len(labelled) > 1:
+        raise ValueError("some examples have answers and some do not (answer=None); evaluate "
+                         "labelled and unlabelled examples separately")
+    return labelled.pop()
+
+
+@torch.no_grad()
+def prior_choice_nll(model, collator, examples: Sequence[dict], batch_size: int = 8,
+                     progress: bool = True) -> np.ndarray:
+    """(N, C) mean token NLL of every choice given prior latents z = mu_p (``inf`` past an
+    example's last choice).
+
+    The "prior" column of :func:`amvl.diagnostics.score_choices`, without the four other latent
+    variants and the posterior pass it also runs (about five times the work), and without
+    needing gold answers, so unlabelled test records can be scored too.
+    """
+    model.eval()
+    device = model.device
+    dtype = model._unwrapped().get_input_embeddings().weight.dtype
+    has_latents = model.objective.latent_source != "none"
+    n_choices = max(len(ex["choices"]) for ex in examples)
+    nll = np.full((len(examples), n_choices), np.inf)
+    for start in tqdm(range(0, len(examples), batch_size), desc="evaluate",
+                      disable=not progress):
+        chunk = list(examples[start:start + batch_size])
+        z = None
+        for c in range(n_choices):
+            have = [i for i, ex in enumerate(chunk) if c < len(ex["choices"])]
+            if not have:
+                continue
+            batch = collator([dict(chunk[i], answer=chunk[i]["choices"][c]) for i in have])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            if "pixel_values" in batch:
+                batch["pixel_values"] = batch["pixel_values"].to(dtype)
+            images = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
+            if has_latents and z is None:
+                # Every example has a first choice, so this batch's prompts are the chunk's.
+                z = model.heads(batch["prompt_ids"], batch["prompt_mask"], **images)["mu_p"]
+            pick = torch.tensor(have, device=device)
+            values = model.answer_nll(batch["prompt_ids"], batch["prompt_mask"],
+                                      batch["answer_ids"], batch["answer_mask"],
+                                      z=None if z is None else z[pick], **images)
+            nll[start + np.array(have), c] = values.float().cpu().numpy()
+    return nll
+
+
+def _subtask_order(names: set[str]) -> list[str]:
+    from amvl.puzzles import FAMILIES
+
+    for known in (list(BLINK_SUBTASKS), list(VISUALPUZZLES_CATEGORIES), list(FAMILIES)):
+        if names <= set(known):
+            return [s for s in known if s in names]
+    return sorted(names)
+
+
+def evaluate_benchmark(model, collator, examples: Sequence[dict], batch_size: int = 8,
+                       progress: bool = True) -> dict:
+    """Predict every example's choice from prior latents and score the predictions.
+
+    Args:
+        model: an :class:`amvl.model.AMVLModel` (any objective; "none" scores without latents).
+        collator: the :class:`amvl.data.AMVLCollator` for its tokenizer and image processor.
+        examples: from :func:`load_blink` / :func:`load_visualpuzzles` (or any examples with
+            "choices", "answer" and optionally "id" and "subtask"; missing ones default to the
+            index and "all").
+        batch_size: examples per forward pass (each choice is one pass per batch).
+        progress: show a progress bar.
+
+    Returns:
+        ``{"objective", "scoring", "num_examples", "predictions", "counts", "accuracy",
+        "mean_over_subtasks", "overall"}``: ``predictions`` holds one ``{"id", "subtask",
+        "prediction", "answer", "correct", "nll"}`` per example (``nll`` over its choices);
+        ``accuracy`` maps subtask -> accuracy in [0, 1]; ``mean_over_subtasks`` is their
+        unweighted mean (BLINK's average), ``overall`` the accuracy over all examples
+        (VisualPuzzles'). For unlabelled examples the accuracies are None and ``correct`` too.
+    """
+    labelled = _check_scorable(examples)
+    nll = prior_choice_nll(model, collator, examples, batch_size, progress)
+    predictions, by_subtask = [], {}
+    for i, (ex, scores) in enumerate(zip(examples, nll)):
+        scores = scores[:len(ex["choices"])]
+        ident = str(ex.get("id", i))
+        if not np.isfinite(scores).all():
+            raise FloatingPointError(f"example {ident!r}: non-finite choice NLL {scores}")
+        prediction = ex["choices"][int(scores.argmin())]
+        correct = prediction == ex["answer"] if labelled else None
+        subtask = ex.get("subtask", "all")
+        predictions.append({"id": ident, "subtask": subtask, "prediction": prediction,
+                            "answer": ex.get("answer"), "correct": correct,
+                            "nll": scores.tolist()})
+        by_subtask.setdefault(subtask, []).append(correct)
+    order = _subtask_order(set(by_subtask))
+    counts = {s: len(by_subtask[s]) for s in order}
+    accuracy = mean = overall = None
+    if labelled:
+        accuracy = {s: float(np.mean(by_subtask[s])) for s in order}
+        mean = float(np.mean(list(accuracy.values())))
+        overall = float(np.mean([p["correct"] for p in predictions]))
+    has_latents = model.objective.latent_source != "none"
+    return {"objective": model.config.objective,
+            "scoring": "prior latents (z = mu_p)" if has_latents else "no latent block",
+            "num_examples": len(examples), "predictions": predictions, "counts": counts,
+            "accuracy": accuracy, "mean_over_subtasks": mean, "overall": overall}
+
+
+# ------------------------------------------------------------------------------------ table
+
+
+def format_accuracy_table(results_by_model: dict[str, dict], benchmark: str) -> str:
+    """A markdown table (aligned, so it reads as plain text too) in the paper's format.
+
+    One row per model (the keys, e.g. "amvl (prior latents)", "none"), one column per subtask
+    in the paper's order (BLINK: its 14 subtasks under the paper's short headers; VisualPuzzles:
+    the five categories), then the paper's average (BLINK: "Avg", the unweighted mean over
+    subtasks; VisualPuzzles: "Overall", accuracy over all puzzles). Accuracies are percentages
+    with one decimal; "-" marks a subtask a model was not evaluated on, and a note under the
+    table says which averages cover fewer subtasks than the benchmark has.
+    """
+    key = _benchmark_key(benchmark)
+    if key == "blink":
+        columns, average, title = dict(BLINK_SUBTASKS), ("Avg", "mean_over_subtasks"), "BLINK"
+    elif key == "puzzles":
+        from amvl.puzzles import FAMILIES
+
+        columns = {f: f for f in FAMILIES}
+        average, title = ("Avg", "mean_over_subtasks"), "amvl puzzles"
+    else:
+        columns = {c: c for c in VISUALPUZZLES_CATEGORIES}
+        average, title = ("Overall", "overall"), "VisualPuzzles"
+    if not results_by_model:
+        raise ValueError("no results to tabulate")
+    for name, result in results_by_model.items():
+        if not result.get("accuracy"):
+            raise ValueError(f"{name}: no accuracies to tabulate (were the examples unlabelled?)")
+        columns.update({s: s for s in result["accuracy"] if s not in columns})
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    header = ["Model", *columns.values(), average[0]]
+    rows, notes = [], []
+    for name, result in results_by_model.items():
+        accuracy = result["accuracy"]
+        rows.append([name.replace("|", "\\|"), *(pct(accuracy.get(s)) for s in columns),
+                     pct(result[average[1]])])
+        missing = [h for s, h in columns.items() if s not in accuracy]
+        if missing:
+            notes.append(f"{name}: {average[0]} covers {len(accuracy)} of {len(columns)} "
+                         f"subtasks (not evaluated: {', '.join(missing)})")
+    widths = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        padded = [c.ljust(w) if j == 0 else c.rjust(w)
+                  for j, (c, w) in enumerate(zip(cells, widths))]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 2)) if j == 0 else ("-" * (w + 1) + ":")
+                          for j, w in enumerate(widths)) + "|"
+    unit, explain = ("category", "accuracy over all puzzles") if key == "visualpuzzles" else \
+        ("subtask", "unweighted mean over subtasks")
+    caption = f"{title}: accuracy (%) per {unit}; {average[0]} = {explain}."
+    return "\n".join([caption, "", line(header), rule, *(line(r) for r in rows),
+                      *([""] + notes if notes else [])])

@@ -1,0 +1,66 @@
+"""PNG plots of a demo or training run: learning curves, KL curves, the leakage gap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on our machines
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _curves(histories: dict[str, list[dict]], keys: list[str], title: str, ylabel: str,
+            path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for name, history in histories.items():
+        for key in keys:
+            points = [(e["step"], e[key]) for e in history if key in e]
+            if points:
+                steps, values = zip(*points)
+                label = name if len(keys) == 1 else f"{name} {key}"
+                ax.plot(steps, values, label=label, linestyle="-" if key == keys[0] else "--")
+    ax.set(title=title, xlabel="step", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def learning_curves(histories: dict[str, list[dict]], out: Path) -> Path:
+    """Training NLL of the answer per objective."""
+    return _curves(histories, ["nll"], "answer NLL during training", "NLL (nats/token)",
+                   out / "learning_curves.png")
+
+
+def kl_curves(histories: dict[str, list[dict]], out: Path) -> Path:
+    """KL(q||p) (solid) and KL(p||q) (dashed) per objective that has a posterior."""
+    with_kl = {n: h for n, h in histories.items() if any("kl_fwd" in e for e in h)}
+    return _curves(with_kl, ["kl_fwd", "kl_rev"], "KL between posterior and prior",
+                   "KL (nats/example)", out / "kl_curves.png")
+
+
+def leakage_gap(reports: dict[str, dict], out: Path) -> Path:
+    """Accuracy with prior latents vs posterior latents per objective, and chance."""
+    names = list(reports)
+    prior = [reports[n]["acc_prior"] for n in names]
+    posterior = [reports[n]["acc_posterior"] for n in names]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], prior, width=0.4, label="prior latents (inference)")
+    ax.bar([x + 0.2 for x in xs], [0 if p != p else p for p in posterior], width=0.4,
+           label="posterior latents (sees the answer)")
+    chance = reports[names[0]].get("chance")
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle=":", label="chance")
+    ax.set_xticks(list(xs), names)
+    ax.set(title="leakage gap: posterior minus prior accuracy", ylabel="test accuracy",
+           ylim=(0, 1))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "leakage_gap.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,94 @@
+"""The amvl command: demo (a seconds-long run), train with resume, eval on the puzzles."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from amvl.cli import build_parser, load_run_config, main, read_jsonl
+
+
+def test_demo_quick_writes_table_json_and_plots(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--objectives", "none,amvl",
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "| objective |" in printed and "| amvl |" in printed
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert set(payload["results"]) == {"none", "amvl"}
+    report = payload["results"]["amvl"]["report"]
+    assert {"acc_prior", "acc_posterior", "leakage_gap", "kl_fwd", "flip_swapped",
+            "acc_prior/counting"} <= report.keys()
+    for name in ("learning_curves.png", "kl_curves.png", "leakage_gap.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _run_config(tmp_path, steps: int, save_every: int) -> str:
+    config = {"model": {"path": "tiny-qwen2-vl", "hidden_size": 32},
+              "amvl": {"num_slots": 2, "latent_dim": 4, "objective": "elbo"},
+              "train": {"steps": steps, "batch_size": 4, "save_every": save_every,
+                        "log_every": 1},
+              "data": {"train": "puzzles", "per_family": 4},
+              "output_dir": str(tmp_path / "run")}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_train_resume_and_eval(tmp_path, capsys):
+    config = _run_config(tmp_path, steps=2, save_every=1)
+    assert main(["train", "--config", config, "--no-progress"]) == 0
+    assert (tmp_path / "run" / "checkpoint-2" / "model.safetensors").is_file()
+    config = _run_config(tmp_path, steps=3, save_every=1)
+    assert main(["train", "--config", config, "--resume", "--no-progress"]) == 0
+    state = json.loads((tmp_path / "run" / "checkpoint-3" / "state.json").read_text())
+    assert [e["step"] for e in state["history"]] == [1, 2, 3]
+    assert (tmp_path / "run" / "final" / "amvl_config.json").is_file()
+    capsys.readouterr()
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--config", config, "--benchmark", "puzzles", "--split", "test",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert "counting" in capsys.readouterr().out
+    assert out.is_file()
+
+
+@pytest.mark.parametrize("text,match", [
+    ("amvl: {num_slots: 2}", "model.path"),
+    ("model: {path: tiny-qwen2-vl}\namvl: {slots: 2}", "unknown keys in 'amvl'"),
+    ("model: {path: tiny-qwen2-vl}\ntrain: {epochs: 2}", "unknown keys in 'train'"),
+])
+def test_bad_run_configs(tmp_path, text, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(SystemExit, match=match):
+        load_run_config(path)
+
+
+def test_eval_needs_data_for_real_benchmarks():
+    with pytest.raises(SystemExit, match="--data"):
+        main(["eval", "--checkpoint", "x", "--benchmark", "blink"])
+    assert build_parser().parse_args(["demo"]).out == "amvl-demo"
+
+
+def test_jsonl_training_data(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "a.png")
+    (tmp_path / "train.jsonl").write_text(
+        json.dumps({"images": ["a.png"], "question": "what colour ?", "answer": "red"}) + "\n"
+        + json.dumps({"question": "no image", "answer": "ok"}) + "\n")
+    examples = read_jsonl(tmp_path / "train.jsonl")
+    assert examples[0]["images"][0].size == (8, 8) and examples[1]["images"] == []
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"images": ["missing.png"],
+                                                    "question": "q", "answer": "a"}) + "\n")
+    with pytest.raises(SystemExit, match="line 1: missing image"):
+        read_jsonl(tmp_path / "bad.jsonl")
+
+
+def test_shipped_configs_parse():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        run = load_run_config(path)
+        assert run["amvl_config"].objective in {"amvl", "elbo", "prior", "none"}, path

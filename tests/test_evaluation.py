@@ -1,0 +1,366 @@
+"""amvl.evaluation on small BLINK / VisualPuzzles fixtures written here in the public schemas."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from amvl.config import AMVLConfig
+from amvl.data import AMVLCollator, VisionTokens
+from amvl.diagnostics import score_choices
+from amvl.evaluation import (
+    BLINK_SUBTASKS,
+    BenchmarkRecordError,
+    evaluate_benchmark,
+    format_accuracy_table,
+    load_benchmark,
+    load_blink,
+    load_visualpuzzles,
+    prior_choice_nll,
+)
+from amvl.model import AMVLModel
+from amvl.tiny import tiny_image_processor, tiny_qwen2_vl, word_tokenizer
+
+try:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+except ImportError:  # parquet fixtures are skipped, JSON ones still run
+    pa = pq = None
+HAVE_PYARROW = pa is not None
+
+WORDS = ["red", "blue", "green", "left", "right", "one", "two", "three", "cell", "which", "is"]
+
+
+def _png(rng: np.random.Generator, size=(16, 16), mode="RGB") -> bytes:
+    pixels = (rng.random((size[1], size[0], 3)) * 255).astype("uint8")
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _blink_record(rng, subtask: str, i: int, n_images: int = 1, n_choices: int = 3) -> dict:
+    options = [str(w) for w in rng.choice(WORDS, size=n_choices, replace=False)]
+    question = " ".join(rng.choice(WORDS, size=4))
+    prompt = question + "\n" + "\n".join(f"({'ABCD'[k]}) {o}" for k, o in enumerate(options))
+    record = {"idx": f"val_{subtask}_{i}", "question": question, "sub_task": subtask,
+              "choices": options, "answer": f"({'ABCD'[int(rng.integers(n_choices))]})",
+              "prompt": prompt, "explanation": ""}
+    for k in range(4):  # HF stores every image slot; unused ones are null
+        record[f"image_{k + 1}"] = {"bytes": _png(rng, (16, 16 + 8 * k)), "path": f"{k}.png"} \
+            if k < n_images else None
+    return record
+
+
+def _write_parquet(file: Path, records: list[dict], image_fields: list[str]) -> None:
+    if not HAVE_PYARROW:
+        pytest.skip("pyarrow is not installed")
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    types = {f: image for f in image_fields} | {"choices": pa.list_(pa.string()),
+                                                "options": pa.list_(pa.string())}
+    schema = pa.schema([(k, types.get(k, pa.string())) for k in records[0]])
+    file.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(records, schema=schema), file)
+
+
+def _as_json(record: dict) -> dict:
+    """A record as JSON holds it: image bytes as base64 text."""
+    out = dict(record)
+    for k, v in record.items():
+        if isinstance(v, dict) and isinstance(v.get("bytes"), bytes):
+            out[k] = {"bytes": base64.b64encode(v["bytes"]).decode(), "path": v["path"]}
+    return out
+
+
+BLINK_FIXTURE = {"Counting": (3, 1, 4), "Jigsaw": (2, 3, 2), "IQ_Test": (2, 2, 4)}
+
+
+@pytest.fixture
+def blink_dir(tmp_path) -> Path:
+    """Three subtask folders as downloaded: val and test parquet files (JSON Lines where
+    pyarrow is missing, so the scoring tests still run)."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "BLINK"
+    for subtask, (n, n_images, n_choices) in BLINK_FIXTURE.items():
+        records = [_blink_record(rng, subtask, i, n_images, n_choices) for i in range(n)]
+        test = [dict(r, idx=r["idx"].replace("val", "test"), answer="") for r in records]
+        for split, rows in (("val", records), ("test", test)):
+            if HAVE_PYARROW:
+                _write_parquet(root / subtask / f"{split}-00000-of-00001.parquet", rows,
+                               [f"image_{k}" for k in range(1, 5)])
+            else:
+                (root / subtask).mkdir(parents=True, exist_ok=True)
+                (root / subtask / f"{split}.jsonl").write_text(
+                    "\n".join(json.dumps(_as_json(r)) for r in rows))
+    (root / "README.md").write_text("BLINK")
+    return root
+
+
+def _vp_record(rng, i: int, category: str, with_options: bool = True) -> dict:
+    return {"id": str(i), "category": category, "question": " ".join(rng.choice(WORDS, size=5)),
+            "options": [str(w) for w in rng.choice(WORDS, 4, replace=False)]
+            if with_options else None, "answer": "ABCD"[int(rng.integers(4))],
+            "image": {"bytes": _png(rng, (24, 16), mode="RGBA"), "path": None}}
+
+
+@pytest.fixture
+def vp_records() -> list[dict]:
+    rng = np.random.default_rng(1)
+    cats = ["Algorithmic", "Analogical", "Deductive", "Inductive", "Spatial", "Spatial"]
+    return [_vp_record(rng, i, c, with_options=i != 2) for i, c in enumerate(cats)]
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def test_blink_parquet_folders_load_in_the_papers_order(blink_dir):
+    examples = load_blink(blink_dir)
+    order = [s for s in BLINK_SUBTASKS if s in BLINK_FIXTURE]
+    assert [ex["subtask"] for ex in examples] == [s for s in order
+                                                   for _ in range(BLINK_FIXTURE[s][0])]
+    ex = next(e for e in examples if e["subtask"] == "Jigsaw")
+    assert len(ex["images"]) == 3 and all(im.mode == "RGB" for im in ex["images"])
+    assert ex["images"][2].size == (16, 32)
+    assert ex["choices"] == ["(A)", "(B)"] and ex["answer"] in ex["choices"]
+    assert ex["question"].endswith(f"(B) {ex['options'][1]}") and ex["id"].startswith("val_")
+    only = load_blink(blink_dir, subtasks=["iq test"], instruction="which is")
+    assert {ex["subtask"] for ex in only} == {"IQ_Test"} and len(only) == 2
+    assert only[0]["question"].endswith("\nwhich is")
+    assert len(load_blink(blink_dir / "Counting")) == 3  # one subtask's folder
+
+
+def test_blink_test_split_needs_unlabelled(blink_dir):
+    with pytest.raises(ValueError, match="withheld"):
+        load_blink(blink_dir, split="test")
+    test = load_blink(blink_dir, split="test", unlabelled=True)
+    assert len(test) == 7 and all(ex["answer"] is None for ex in test)
+
+
+def test_blink_json_with_base64_and_with_image_files(tmp_path):
+    rng = np.random.default_rng(2)
+    records = [_blink_record(rng, "Counting", i, n_images=2) for i in range(2)]
+    jsonl = tmp_path / "jsonl" / "Counting" / "val.jsonl"
+    jsonl.parent.mkdir(parents=True)
+    jsonl.write_text("\n".join(json.dumps(_as_json(r)) for r in records) + "\n")
+    files = []
+    for i, r in enumerate(records):  # images as files beside the JSON, paths relative to it
+        r = dict(r)
+        for k in ("image_1", "image_2"):
+            path = tmp_path / "files" / "img" / f"{i}_{k}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(r[k]["bytes"])
+            relative = f"img/{path.name}"
+            r[k] = relative if k == "image_1" else {"bytes": None, "path": relative}
+        files.append(r)
+    array = tmp_path / "files" / "val.json"
+    array.write_text(json.dumps(files, indent=1))
+    a, b = load_blink(tmp_path / "jsonl"), load_blink(array)
+    for x, y in zip(a, b):
+        assert x["id"] == y["id"] and x["answer"] == y["answer"]
+        assert [np.asarray(i).tolist() for i in x["images"]] == \
+            [np.asarray(i).tolist() for i in y["images"]]
+    assert len(load_benchmark("BLINK", array)) == 2
+
+
+def test_visualpuzzles_parquet_and_json(tmp_path, vp_records):
+    _write_parquet(tmp_path / "hub" / "data.parquet", vp_records, ["image"])
+    examples = load_visualpuzzles(tmp_path / "hub")
+    assert [ex["subtask"] for ex in examples] == [r["category"] for r in vp_records]
+    ex = examples[0]
+    assert ex["question"].startswith("Question: ") and "\nOptions:\n(A) " in ex["question"]
+    assert ex["choices"] == ["(A)", "(B)", "(C)", "(D)"]
+    assert ex["answer"] == f"({vp_records[0]['answer']})" and ex["images"][0].mode == "RGB"
+    assert examples[2]["options"] is None and examples[2]["question"].endswith("in the image.")
+    raw = []  # the authors' raw JSON: image files under image_path
+    for r in vp_records:
+        path = tmp_path / "raw" / "images" / f"{r['id']}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(r["image"]["bytes"])
+        raw.append({k: v for k, v in r.items() if k != "image"} | {
+            "image_path": f"images/{path.name}", "category": r["category"].lower()})
+    (tmp_path / "raw" / "test.json").write_text(json.dumps(raw))
+    same = load_visualpuzzles(tmp_path / "raw", split="test", categories=["spatial"])
+    assert [ex["id"] for ex in same] == ["4", "5"]
+    assert np.array_equal(np.asarray(same[0]["images"][0]), np.asarray(examples[4]["images"][0]))
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+def _blink_file(tmp_path, edit, as_json=True) -> Path:
+    rng = np.random.default_rng(3)
+    records = [_blink_record(rng, "Counting", i) for i in range(3)]
+    edit(records[1])
+    file = tmp_path / "Counting" / ("val.jsonl" if as_json else "val-00000-of-00001.parquet")
+    file.parent.mkdir(parents=True, exist_ok=True)
+    if as_json:
+        file.write_text("\n".join(json.dumps(_as_json(r)) for r in records))
+    else:
+        _write_parquet(file, records, [f"image_{k}" for k in range(1, 5)])
+    return file
+
+
+# (edit of row 1, expected message, whether parquet's typed columns can hold the edit)
+BLINK_ERRORS = [
+    (lambda r: r.pop("choices"), "missing field 'choices'", False),
+    (lambda r: r.update(answer="(D)"), r"answer '\(D\)' is not among the options", True),
+    (lambda r: r.update(answer="maybe"), "not an option letter", True),
+    (lambda r: r.update(choices="one two"), "'choices' must be a list of strings", False),
+    (lambda r: r.update(prompt=3), "'prompt' must be a string", False),
+    (lambda r: r.update(sub_task="Jigsaw"), "does not match its folder", True),
+    (lambda r: r.update(sub_task="Juggling"), "unknown BLINK sub_task", True),
+    (lambda r: r.update(image_1={"bytes": b"not an image", "path": None}), "cannot decode", True),
+    (lambda r: r.update(image_1={"bytes": None, "path": "gone.png"}), "gone.png not found", True),
+    (lambda r: r.update(image_1=None), "missing image", True),
+    (lambda r: r.update(image_2=7), "must be image bytes", False),
+]
+
+
+@pytest.mark.parametrize("edit,match,as_json", [(e, m, True) for e, m, _ in BLINK_ERRORS]
+                         + [(e, m, False) for e, m, ok in BLINK_ERRORS if ok])
+def test_malformed_blink_records_name_file_row_and_id(tmp_path, edit, match, as_json):
+    file = _blink_file(tmp_path, edit, as_json)
+    with pytest.raises(BenchmarkRecordError, match=match) as info:
+        load_blink(tmp_path)
+    assert str(info.value).startswith(f"{file}: row 1 (id 'val_Counting_1')")
+    assert info.value.row == 1 and info.value.record_id == "val_Counting_1"
+
+
+def test_bad_base64_and_bad_json(tmp_path):
+    file = _blink_file(tmp_path, lambda r: None)
+    lines = file.read_text().splitlines()
+    record = json.loads(lines[2])
+    record["image_1"]["bytes"] = "@@not base64@@"
+    file.write_text("\n".join([*lines[:2], json.dumps(record)]))
+    with pytest.raises(BenchmarkRecordError, match=r"row 2 .*not valid base64"):
+        load_blink(tmp_path)
+    file.write_text(lines[0] + "\n{broken\n")
+    with pytest.raises(ValueError, match=r"val.jsonl: line 2 is not JSON"):
+        load_blink(tmp_path)
+    file.write_text(json.dumps([json.loads(lines[0]), "just text"]))
+    with pytest.raises(BenchmarkRecordError, match="row 1: a record must be an object"):
+        load_blink(tmp_path)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda r: r.update(category="Lateral"), "unknown VisualPuzzles category"),
+    (lambda r: r.update(answer="E"), r"answer 'E' is not among the options"),
+    (lambda r: r.pop("options"), "missing field 'options'"),
+    (lambda r: r.pop("image"), "missing image"),
+    (lambda r: r.update(image={"bytes": None, "path": "nowhere/x.png"}), "x.png not found"),
+    (lambda r: r.update(id=None), "'id' must be a string or an integer"),
+])
+def test_malformed_visualpuzzles_records(tmp_path, vp_records, edit, match):
+    edit(vp_records[3])
+    file = tmp_path / "data.jsonl"
+    file.write_text("\n".join(json.dumps(_as_json(r)) for r in vp_records))
+    with pytest.raises(BenchmarkRecordError, match=match) as info:
+        load_visualpuzzles(file)
+    assert str(info.value).startswith(f"{file}: row 3")
+
+
+def test_missing_files_and_duplicates(tmp_path, blink_dir, vp_records):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_blink(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither BLINK subtask folders"):
+        load_blink(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="no data file"):
+        load_visualpuzzles(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match=r"no folder for .*\['Art_Style'\]"):
+        load_blink(blink_dir, subtasks=["Counting", "Art_Style"])
+    with pytest.raises(FileNotFoundError, match="no 'dev' data file"):
+        load_blink(blink_dir, split="dev")
+    with pytest.raises(ValueError, match="unknown BLINK subtask 'Chess'"):
+        load_blink(blink_dir, subtasks=["Chess"])
+    (blink_dir / "Counting" / "val-copy.jsonl").write_text(json.dumps(_as_json(_blink_record(
+        np.random.default_rng(0), "Counting", 0))))
+    with pytest.raises(ValueError, match="'val_Counting_0' .* already loaded"):
+        load_blink(blink_dir)
+    file = tmp_path / "vp.jsonl"
+    file.write_text(json.dumps(_as_json(vp_records[0])))
+    with pytest.raises(ValueError, match=r"no records for \['Spatial'\]"):
+        load_visualpuzzles(file, categories=["spatial"])
+
+
+# ------------------------------------------------------------------------------ scoring
+
+
+def _model(examples: list[dict], objective: str) -> tuple[AMVLModel, AMVLCollator]:
+    words = sorted({w for ex in examples for w in " ".join([ex["question"], *ex["choices"]])
+                    .split()})
+    tokenizer = word_tokenizer(words, vision=True)
+    torch.manual_seed(0)
+    base = tiny_qwen2_vl(tokenizer)
+    config = AMVLConfig(num_slots=2, latent_dim=4, objective=objective, kernel_backend="torch")
+    collator = AMVLCollator(tokenizer, tiny_image_processor(),
+                            VisionTokens.from_model_config(base.config))
+    return AMVLModel(base, tokenizer, config), collator
+
+
+def test_prior_scores_equal_the_diagnostics_prior_column(blink_dir):
+    examples = load_blink(blink_dir)
+    model, collator = _model(examples, "amvl")
+    ours = prior_choice_nll(model, collator, examples, batch_size=3, progress=False)
+    theirs = score_choices(model, collator, examples, batch_size=3, progress=False)
+    np.testing.assert_allclose(ours, theirs["nll"]["prior"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["amvl", "none"])
+def test_evaluate_and_tabulate_blink(blink_dir, objective):
+    examples = load_blink(blink_dir)
+    model, collator = _model(examples, objective)
+    result = evaluate_benchmark(model, collator, examples, batch_size=4, progress=False)
+    assert result["num_examples"] == 7 and len(result["predictions"]) == 7
+    assert result["scoring"] == ("no latent block" if objective == "none"
+                                 else "prior latents (z = mu_p)")
+    assert list(result["accuracy"]) == ["Counting", "Jigsaw", "IQ_Test"]
+    for p, ex in zip(result["predictions"], examples):
+        assert p["prediction"] == ex["choices"][int(np.argmin(p["nll"]))]
+        assert len(p["nll"]) == len(ex["choices"]) and p["correct"] == (p["prediction"]
+                                                                          == ex["answer"])
+    for s, acc in result["accuracy"].items():
+        hits = [p["correct"] for p in result["predictions"] if p["subtask"] == s]
+        assert acc == pytest.approx(np.mean(hits)) and result["counts"][s] == len(hits)
+    accuracies = list(result["accuracy"].values())
+    hits = [p["correct"] for p in result["predictions"]]
+    assert result["mean_over_subtasks"] == pytest.approx(np.mean(accuracies))
+    assert result["overall"] == pytest.approx(np.mean(hits))
+    table = format_accuracy_table({"amvl (prior latents)": result, "none": result}, "blink")
+    lines = table.splitlines()
+    header = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert header == ["Model", *BLINK_SUBTASKS.values(), "Avg"]
+    row = [c.strip() for c in lines[4].strip("|").split("|")]
+    assert row[0] == "amvl (prior latents)"
+    assert row[2] == f"{100 * result['accuracy']['Counting']:.1f}"
+    assert row[1] == "-" and row[-1] == f"{100 * result['mean_over_subtasks']:.1f}"
+    assert "Avg covers 3 of 14 subtasks" in table and len({len(x) for x in lines[2:6]}) == 1
+
+
+def test_evaluate_visualpuzzles_and_unlabelled(tmp_path, vp_records, blink_dir):
+    file = tmp_path / "data.jsonl"
+    file.write_text("\n".join(json.dumps(_as_json(r)) for r in vp_records))
+    examples = load_visualpuzzles(file)
+    model, collator = _model(examples, "prior")
+    result = evaluate_benchmark(model, collator, examples, batch_size=4, progress=False)
+    assert list(result["accuracy"]) == ["Algorithmic", "Analogical", "Deductive", "Inductive",
+                                        "Spatial"] and result["counts"]["Spatial"] == 2
+    table = format_accuracy_table({"prior": result}, "VisualPuzzles")
+    assert table.splitlines()[2].split("|")[-2].strip() == "Overall"
+    assert table.splitlines()[4].split("|")[-2].strip() == f"{100 * result['overall']:.1f}"
+    test = load_blink(blink_dir, split="test", unlabelled=True, subtasks=["Counting"])
+    model, collator = _model(test, "amvl")
+    blind = evaluate_benchmark(model, collator, test, progress=False)
+    assert blind["accuracy"] is None and all(p["correct"] is None for p in blind["predictions"])
+    with pytest.raises(ValueError, match="no accuracies"):
+        format_accuracy_table({"amvl": blind}, "blink")
+    with pytest.raises(ValueError, match="some examples have answers"):
+        evaluate_benchmark(model, collator, [test[0], dict(test[1], answer="(A)")])
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        format_accuracy_table({"prior": result}, "mmmu")
