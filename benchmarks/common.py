@@ -9,6 +9,7 @@ together with :func:`device_info`.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -39,6 +40,11 @@ ROWS: list[Row] = []
 def record(bench: str, case: str, provider: str, median_ms: float, **metrics: float) -> Row:
     row = Row(bench, case, provider, median_ms, dict(metrics))
     ROWS.append(row)
+    out = os.environ.get("AMVL_BENCH_OUT")
+    if out:  # streamed as measured, so a run cut off by a time limit still leaves its rows
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "rows.jsonl"), "a") as f:
+            f.write(json.dumps(asdict(row)) + "\n")
     return row
 
 
@@ -103,7 +109,7 @@ def copy_bandwidth_gbs() -> float:
     global _COPY_GBS
     if _COPY_GBS is None:
         n = (1 << 16) if SMOKE or not torch.cuda.is_available() else (1 << 28)  # 1 GiB fp32
-        src = torch.empty(n, dtype=torch.float32, device=bench_device())
+        src = torch.randn(n, dtype=torch.float32, device=bench_device())
         dst = torch.empty_like(src)
         ms = time_ms(lambda: dst.copy_(src))
         _COPY_GBS = 2 * src.numel() * src.element_size() / ms / 1e6

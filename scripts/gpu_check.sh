@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine is for, in one call: build the CUDA extension, run the whole
-# test suite on the GPU, run compute-sanitizer on the CUDA backend, run the benchmarks.
-# Logs go to $OUT/gpu_check.log, benchmark JSON to $OUT/<bench>.json (the device tool brings
-# back at most 8 files). Steps can be chosen: `bash scripts/gpu_check.sh build tests bench`.
+# Everything a lent GPU machine is for, in one call: build the CUDA extension, run the tests on
+# the GPU, run compute-sanitizer on the CUDA backend, run the benchmarks.
+#   bash scripts/gpu_check.sh [build] [tests] [sanitize] [bench]      (default: all four)
+# Each step runs under its own time limit so one slow step cannot eat the lease:
+#   AMVL_GPU_TESTS   pytest targets for "tests"      (default: tests/)
+#   AMVL_GPU_BENCH   pytest targets for "bench"      (default: benchmarks/)
+#   AMVL_GPU_LIMIT_<STEP>  seconds for that step     (defaults below)
+# Logs go to $OUT/gpu_check.log; benchmark rows stream to $OUT/rows.jsonl as they are measured
+# and the per-benchmark JSON lands in $OUT at the end (the device tool brings back 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -13,11 +18,20 @@ steps=${*:-build tests sanitize bench}
 status=0
 
 section() { echo -e "\n===== $* ($(date +%T))" | tee -a "$LOG"; }
-run() { "$@" 2>&1 | tee -a "$LOG"; local rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || status=$rc; return "$rc"; }
+run() {  # run LIMIT CMD...: the command's output to the log, its failure to $status
+  local limit=$1; shift
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 124 ] && echo "!!! timed out after ${limit}s: $*" | tee -a "$LOG"
+  [ "$rc" -eq 0 ] || status=$rc
+  return "$rc"
+}
+xdist=""
+python3 -c "import xdist" 2>/dev/null && xdist="-n 8"
 
 section env
-run nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-run python3 -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], \
+run 30 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+run 60 python3 -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], \
 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, \
 'transformers', transformers.__version__, 'gpu', torch.cuda.get_device_name())"
 
@@ -25,22 +39,28 @@ for step in $steps; do
   case $step in
     build)
       section "build (pip install -e . --no-build-isolation)"
-      AMVL_FORCE_CUDA_BUILD=1 AMVL_CUDA_ARCHS=90 run python3 -m pip install --no-build-isolation --no-deps -e .
-      run python3 -c "import amvl_kernels as ak; print('cuda extension:', ak.cuda_extension_available())"
+      AMVL_FORCE_CUDA_BUILD=1 AMVL_CUDA_ARCHS=90 run "${AMVL_GPU_LIMIT_BUILD:-240}" \
+        python3 -m pip install --no-build-isolation --no-deps --no-index -e .
+      run 60 python3 -c "import amvl_kernels as ak; print('cuda extension:', ak.cuda_extension_available())"
       ;;
     tests)
       section "tests on the GPU"
-      run python3 -m pytest -q -p no:cacheprovider tests/
+      # shellcheck disable=SC2086
+      run "${AMVL_GPU_LIMIT_TESTS:-300}" python3 -m pytest -q -p no:cacheprovider $xdist \
+        -rfE ${AMVL_GPU_TESTS:-tests/}
       ;;
     sanitize)
       section "compute-sanitizer on the CUDA backend"
-      for tool in memcheck racecheck; do
-        run compute-sanitizer --tool "$tool" --error-exitcode 1 python3 scripts/sanitize_gaussian_kl.py
-      done
+      run "${AMVL_GPU_LIMIT_SANITIZE:-120}" compute-sanitizer --tool memcheck --error-exitcode 1 \
+        python3 scripts/sanitize_gaussian_kl.py
+      run "${AMVL_GPU_LIMIT_SANITIZE:-120}" compute-sanitizer --tool racecheck --error-exitcode 1 \
+        python3 scripts/sanitize_gaussian_kl.py --quick
       ;;
     bench)
       section "benchmarks"
-      AMVL_BENCH_OUT="$OUT" run python3 -m pytest -q -p no:cacheprovider benchmarks/ --benchmark \
+      # shellcheck disable=SC2086
+      AMVL_BENCH_OUT="$OUT" run "${AMVL_GPU_LIMIT_BENCH:-300}" python3 -m pytest -q \
+        -p no:cacheprovider ${AMVL_GPU_BENCH:-benchmarks/} --benchmark \
         --benchmark-columns=median,rounds
       ;;
     *) echo "unknown step $step" | tee -a "$LOG"; status=2 ;;

@@ -5,6 +5,7 @@ backward with the routings: enough to reach every code path of the kernels once.
 """
 
 import itertools
+import sys
 
 import torch
 
@@ -12,12 +13,16 @@ import amvl_kernels as ak
 
 
 def main() -> None:
+    """Every path once; ``--quick`` (racecheck is slow) keeps fp32 and bf16 only."""
     assert ak.cuda_extension_available(), "build the extension first (pip install -e .)"
+    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+    if "--quick" in sys.argv[1:]:
+        dtypes = [torch.float32, torch.bfloat16]
     torch.manual_seed(0)
     # The routing flags only switch terms on and off: three combinations reach every term.
     routes = [("p", "q"), ("both", "both"), ("none", "none")]
     for dtype, (rows, d) in itertools.product(
-            [torch.float32, torch.float16, torch.bfloat16, torch.float64],
+            dtypes,
             [(1, 1), (7, 3), (5, 127), (3, 4099), (2, 70001), (33, 256)]):
         base = [torch.randn(rows, 2 * d, device="cuda", dtype=dtype) for _ in range(4)]
         for strided in (False, True):
