@@ -140,11 +140,13 @@ def test_non_contiguous_inputs(backend, kind, dtype, rng_seed):
     contiguous = [v.detach().contiguous().requires_grad_() for v in views]
     expected = ak.gaussian_sample_kl(*contiguous, eps=eps.contiguous(), fwd_grad="both",
                                      rev_grad="both", backend=backend)
-    # The kernels read strided memory in the same order: bitwise equal. PyTorch's reductions
-    # may sum a strided view in another order.
+    # Elementwise results are bitwise equal on the kernels. Sums over d are not: a compiled
+    # kernel specialises on strides and may reduce in another order (seen on an H100), and so
+    # may PyTorch's reductions of a strided view.
     exact = {"rtol": 0, "atol": 0} if backend != "torch" else {}
-    for a, b in zip(outs, expected):
-        torch.testing.assert_close(a, b, **exact)
+    torch.testing.assert_close(outs[0], expected[0], **exact)
+    for a, b in zip(outs[1:], expected[1:]):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-6)
     loss = sum(o.float().sum() for o in outs)
     ref_loss = sum(o.float().sum() for o in expected)
     for a, b in zip(torch.autograd.grad(loss, views), torch.autograd.grad(ref_loss, contiguous)):

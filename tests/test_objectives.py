@@ -16,7 +16,7 @@ from amvl.objectives import (
     free_bits,
     kl_weight,
 )
-from tests.conftest import available_backends
+from tests.conftest import DEVICE, available_backends
 
 
 def test_registry_has_one_class_per_objective():
@@ -49,7 +49,9 @@ def _kl(mu_a, lv_a, mu_b, lv_b):
 
 
 def _heads(b=3, k=2, d=5):
-    return [torch.randn(b, k, d, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    # On DEVICE: the backends of available_backends() include the GPU-only ones there.
+    return [torch.randn(b, k, d, dtype=torch.float64, device=DEVICE, requires_grad=True)
+            for _ in range(4)]
 
 
 @pytest.mark.parametrize("backend", available_backends())
@@ -88,9 +90,9 @@ def test_amvl_prior_nll_term_and_schedule(rng_seed):
     assert objective.uses_prior_nll
     mu_q, lv_q, mu_p, lv_p = _heads()
     latents = objective.draw(mu_p, lv_p, mu_q, lv_q, seed=1)
-    nll, nll_prior = torch.tensor(2.0, dtype=torch.float64), torch.tensor(3.0, dtype=torch.float64)
+    nll, nll_prior = (torch.tensor(v, dtype=torch.float64, device=DEVICE) for v in (2.0, 3.0))
     loss, metrics = objective.loss(nll, latents, step=0, nll_prior=nll_prior)
-    torch.testing.assert_close(loss, torch.tensor(3.5, dtype=torch.float64))  # KL weight 0
+    torch.testing.assert_close(loss.cpu(), torch.tensor(3.5, dtype=torch.float64))  # KL weight 0
     assert metrics["kl_weight"] == 0.0 and metrics["nll_prior"] == 3.0
 
 

@@ -1,0 +1,554 @@
+"""Latent-block attention: flash attention with the segment mask of DESIGN.md section 3.
+
+Kernels, launchers and autograd in one file:
+
+- ``_attention_fwd``: online softmax over the key tiles of one query tile; stores the output
+  and the log-sum-exp (base 2) of every query row.
+- ``_attention_bwd_dkdv``: one key tile per program, looping over the query heads of its KV
+  group and over the query tiles; dk and dv are reduced over the group in registers (no atomics).
+- ``_attention_bwd_dq``: one query tile per program, looping over the key tiles.
+
+Every kernel walks only the tiles that the layout's :class:`~amvl_kernels.layout.TileMap`
+marks non-empty, and applies the mask rule only on PARTIAL tiles. Without a layout the kernels
+are plain causal attention, the diagonal tiles being the partial ones. Queries are the last Lq
+of the Lk keys (a KV cache), Lq = 1 included.
+
+Registered as the custom ops ``amvl::latent_attention`` and ``amvl::latent_attention_backward``
+so ``torch.compile`` traces through them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from amvl_kernels._validation import check_float_tensor
+from amvl_kernels.backends import resolve_backend, triton_interpreted
+from amvl_kernels.layout import LatentLayout, TileMap
+from amvl_kernels.reference.latent_attention import latent_attention_torch
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+_LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _allowed(pos_i, vis_i, blk_i, doc_i, offs_n, LK, KIND, BLK, DOC, meta_row,
+             HAS_LAYOUT: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) mask of the rule for query rows i and keys offs_n of one row b."""
+    in_range = offs_n < LK
+    causal = offs_n[None, :] <= pos_i[:, None]
+    if HAS_LAYOUT:
+        kind_j = tl.load(KIND + meta_row + offs_n, mask=in_range, other=0)
+        blk_j = tl.load(BLK + meta_row + offs_n, mask=in_range, other=0)
+        doc_j = tl.load(DOC + meta_row + offs_n, mask=in_range, other=0)
+        sees = ((vis_i[:, None] >> kind_j[None, :]) & 1) != 0
+        same_block = (blk_i[:, None] > 0) & (blk_i[:, None] == blk_j[None, :])
+        ok = sees & (doc_i[:, None] == doc_j[None, :]) & (causal | same_block)
+    else:
+        ok = causal
+    return ok & in_range[None, :]
+
+
+@triton.jit
+def _attention_fwd(
+    Q, K, V, O, LSE, KIND, VIS, BLK, DOC, CLS, ROW_BEGIN, ROW_END,
+    scale_log2,
+    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+    s_ob, s_oh, s_om, s_od,
+    HQ, GROUP, LQ, LK, N_M, N_N,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_LAYOUT: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    hk = h // GROUP
+    offset = LK - LQ
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < LQ
+    d_ok = offs_d < HEAD_DIM
+    pos_i = offset + offs_m
+    meta_row = b.to(tl.int64) * LK
+
+    q = tl.load(Q + b.to(tl.int64) * s_qb + h * s_qh + offs_m[:, None] * s_qm
+                + offs_d[None, :] * s_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + b.to(tl.int64) * s_kb + hk * s_kh
+    v_base = V + b.to(tl.int64) * s_vb + hk * s_vh
+
+    if HAS_LAYOUT:
+        vis_i = tl.load(VIS + meta_row + pos_i, mask=row_ok, other=0)
+        blk_i = tl.load(BLK + meta_row + pos_i, mask=row_ok, other=0)
+        doc_i = tl.load(DOC + meta_row + pos_i, mask=row_ok, other=0)
+        tile_row = b.to(tl.int64) * N_M + pid_m
+        n_begin = tl.load(ROW_BEGIN + tile_row)
+        n_end = tl.load(ROW_END + tile_row)
+    else:
+        vis_i = offs_m
+        blk_i = offs_m
+        doc_i = offs_m
+        tile_row = pid_m
+        n_begin = 0
+        n_end = tl.cdiv(tl.minimum(offset + (pid_m + 1) * BLOCK_M, LK), BLOCK_N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for n_tile in range(n_begin, n_end):
+        if HAS_LAYOUT:
+            cls = tl.load(CLS + tile_row * N_N + n_tile)
+        else:  # partial where the key tile reaches past the tile's first query, or past LK
+            cls = tl.where((n_tile + 1) * BLOCK_N - 1 > offset + pid_m * BLOCK_M, 1, 2)
+        if cls != 0:
+            offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            kv_ok = (offs_n < LK)[:, None] & d_ok[None, :]
+            k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_ok,
+                        other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_ok,
+                        other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+            else:
+                s = tl.dot(q, tl.trans(k)) * scale_log2
+            if cls == 1:
+                ok = _allowed(pos_i, vis_i, blk_i, doc_i, offs_n, LK, KIND, BLK, DOC,
+                              meta_row, HAS_LAYOUT)
+                s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row that has seen nothing yet keeps m = -inf; shift by 0 there, not by -inf.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(O + b.to(tl.int64) * s_ob + h * s_oh + offs_m[:, None] * s_om
+             + offs_d[None, :] * s_od, out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + pid_bh.to(tl.int64) * LQ + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attention_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV, KIND, VIS, BLK, DOC, CLS, COL_BEGIN, COL_END,
+    scale, scale_log2,
+    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+    s_db, s_dh, s_dm, s_dd, s_tb, s_th, s_tn, s_td,
+    HQ, HKV, GROUP, LQ, LK, N_M, N_N,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_LAYOUT: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    offset = LK - LQ
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    kv_ok = (offs_n < LK)[:, None] & d_ok[None, :]
+    meta_row = b.to(tl.int64) * LK
+
+    k = tl.load(K + b.to(tl.int64) * s_kb + hk * s_kh + offs_n[:, None] * s_kn
+                + offs_d[None, :] * s_kd, mask=kv_ok, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * s_vb + hk * s_vh + offs_n[:, None] * s_vn
+                + offs_d[None, :] * s_vd, mask=kv_ok, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    if HAS_LAYOUT:
+        m_begin = tl.load(COL_BEGIN + b.to(tl.int64) * N_N + pid_n)
+        m_end = tl.load(COL_END + b.to(tl.int64) * N_N + pid_n)
+    else:  # the first query tile holding a query at or after this tile's first key
+        m_begin = tl.maximum(pid_n * BLOCK_N - offset, 0) // BLOCK_M
+        m_end = tl.cdiv(LQ, BLOCK_M)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        q_base = Q + b.to(tl.int64) * s_qb + h * s_qh
+        do_base = DO + b.to(tl.int64) * s_db + h * s_dh
+        row_base = (b.to(tl.int64) * HQ + h) * LQ
+        for m_tile in range(m_begin, m_end):
+            if HAS_LAYOUT:
+                cls = tl.load(CLS + (b.to(tl.int64) * N_M + m_tile) * N_N + pid_n)
+            else:
+                cls = tl.where((pid_n + 1) * BLOCK_N - 1 > offset + m_tile * BLOCK_M, 1, 2)
+            if cls != 0:
+                offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+                row_ok = offs_m < LQ
+                q_ok = row_ok[:, None] & d_ok[None, :]
+                q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, mask=q_ok,
+                            other=0.0)
+                do = tl.load(do_base + offs_m[:, None] * s_dm + offs_d[None, :] * s_dd,
+                             mask=q_ok, other=0.0)
+                if UPCAST:
+                    q = q.to(tl.float32)
+                    do = do.to(tl.float32)
+                # Rows past LQ or that saw nothing have lse = +inf: probability 0.
+                lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
+                delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+                if IEEE:
+                    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+                else:
+                    s = tl.dot(q, tl.trans(k)) * scale_log2
+                p = tl.math.exp2(s - lse[:, None])
+                if cls == 1:
+                    pos_i = offset + offs_m
+                    vis_i = offs_m
+                    blk_i = offs_m
+                    doc_i = offs_m
+                    if HAS_LAYOUT:
+                        vis_i = tl.load(VIS + meta_row + pos_i, mask=row_ok, other=0)
+                        blk_i = tl.load(BLK + meta_row + pos_i, mask=row_ok, other=0)
+                        doc_i = tl.load(DOC + meta_row + pos_i, mask=row_ok, other=0)
+                    ok = _allowed(pos_i, vis_i, blk_i, doc_i, offs_n, LK, KIND, BLK, DOC,
+                                  meta_row, HAS_LAYOUT)
+                    p = tl.where(ok, p, 0.0)
+                if IEEE:
+                    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
+                    dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+                else:
+                    dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+                    dp = tl.dot(do, tl.trans(v))
+                ds = p * (dp - delta[:, None])
+                if IEEE:
+                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+                else:
+                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    out = b.to(tl.int64) * s_tb + hk * s_th + offs_n[:, None] * s_tn + offs_d[None, :] * s_td
+    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_ok)
+
+
+@triton.jit
+def _attention_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ, KIND, VIS, BLK, DOC, CLS, ROW_BEGIN, ROW_END,
+    scale, scale_log2,
+    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+    s_db, s_dh, s_dm, s_dd, s_gb, s_gh, s_gm, s_gd,
+    HQ, GROUP, LQ, LK, N_M, N_N,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_LAYOUT: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    hk = h // GROUP
+    offset = LK - LQ
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < LQ
+    d_ok = offs_d < HEAD_DIM
+    q_ok = row_ok[:, None] & d_ok[None, :]
+    pos_i = offset + offs_m
+    meta_row = b.to(tl.int64) * LK
+
+    q = tl.load(Q + b.to(tl.int64) * s_qb + h * s_qh + offs_m[:, None] * s_qm
+                + offs_d[None, :] * s_qd, mask=q_ok, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * s_db + h * s_dh + offs_m[:, None] * s_dm
+                 + offs_d[None, :] * s_dd, mask=q_ok, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * LQ + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * LQ + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b.to(tl.int64) * s_kb + hk * s_kh
+    v_base = V + b.to(tl.int64) * s_vb + hk * s_vh
+    if HAS_LAYOUT:
+        vis_i = tl.load(VIS + meta_row + pos_i, mask=row_ok, other=0)
+        blk_i = tl.load(BLK + meta_row + pos_i, mask=row_ok, other=0)
+        doc_i = tl.load(DOC + meta_row + pos_i, mask=row_ok, other=0)
+        tile_row = b.to(tl.int64) * N_M + pid_m
+        n_begin = tl.load(ROW_BEGIN + tile_row)
+        n_end = tl.load(ROW_END + tile_row)
+    else:
+        vis_i = offs_m
+        blk_i = offs_m
+        doc_i = offs_m
+        tile_row = pid_m
+        n_begin = 0
+        n_end = tl.cdiv(tl.minimum(offset + (pid_m + 1) * BLOCK_M, LK), BLOCK_N)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for n_tile in range(n_begin, n_end):
+        if HAS_LAYOUT:
+            cls = tl.load(CLS + tile_row * N_N + n_tile)
+        else:
+            cls = tl.where((n_tile + 1) * BLOCK_N - 1 > offset + pid_m * BLOCK_M, 1, 2)
+        if cls != 0:
+            offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            kv_ok = (offs_n < LK)[:, None] & d_ok[None, :]
+            k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_ok,
+                        other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_ok,
+                        other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k)) * scale_log2
+                dp = tl.dot(do, tl.trans(v))
+            p = tl.math.exp2(s - lse[:, None])
+            if cls == 1:
+                ok = _allowed(pos_i, vis_i, blk_i, doc_i, offs_n, LK, KIND, BLK, DOC,
+                              meta_row, HAS_LAYOUT)
+                p = tl.where(ok, p, 0.0)
+            ds = p * (dp - delta[:, None])
+            if IEEE:
+                dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+            else:
+                dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + b.to(tl.int64) * s_gb + h * s_gh + offs_m[:, None] * s_gm
+             + offs_d[None, :] * s_gd, (dq * scale).to(DQ.dtype.element_ty), mask=q_ok)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _tile_config(head_dim: int, backward: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Small tiles under the interpreter, so that
+    tests with short sequences still cross many tile boundaries."""
+    if triton_interpreted():
+        return 16, 16, 1, 1
+    if backward:
+        return (64, 64, 4, 2) if head_dim > 64 else (64, 64, 4, 3)
+    return (128, 64, 8, 3) if head_dim > 64 else (128, 64, 4, 3)
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _tile_tensors(layout: LatentLayout | None, lq: int, head_dim: int, device: torch.device
+                  ) -> list[Tensor]:
+    """[meta (4, B, Lk) int32, fwd classes, fwd row ranges (2), bwd classes, bwd row ranges
+    (2), bwd column ranges (2)]: what the kernels read; [] without a layout."""
+    if layout is None:
+        return []
+    fm, fn, _, _ = _tile_config(head_dim, backward=False)
+    bm, bn, _, _ = _tile_config(head_dim, backward=True)
+    fwd: TileMap = layout.tile_map(lq, fm, fn)
+    bwd: TileMap = layout.tile_map(lq, bm, bn)
+    meta = torch.stack(layout.metadata())
+    return [t.to(device) for t in (meta, fwd.classes, fwd.row_begin, fwd.row_end, bwd.classes,
+                                   bwd.row_begin, bwd.row_end, bwd.col_begin, bwd.col_end)]
+
+
+def _meta_args(tiles: list[Tensor], dummy: Tensor) -> tuple[Tensor, ...]:
+    if not tiles:
+        return (dummy,) * 4
+    return tuple(tiles[0].unbind(0))
+
+
+def _strides(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.stride())
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, tiles: list[Tensor], scale: float
+             ) -> tuple[Tensor, Tensor]:
+    batch, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((batch, hq, lq), dtype=torch.float32, device=q.device)
+    bm, bn, warps, stages = _tile_config(d, backward=False)
+    n_m, n_n = triton.cdiv(lq, bm), triton.cdiv(lk, bn)
+    dummy = lse
+    kind, vis, blk, doc = _meta_args(tiles, dummy)
+    cls, row_begin, row_end = tiles[1:4] if tiles else (dummy,) * 3
+    _attention_fwd[(n_m, batch * hq)](
+        q, k, v, out, lse, kind, vis, blk, doc, cls, row_begin, row_end,
+        scale * _LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        hq, hq // hkv, lq, lk, n_m, n_n,
+        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=bm, BLOCK_N=bn, HAS_LAYOUT=bool(tiles),
+        UPCAST=triton_interpreted(), IEEE=q.dtype == torch.float32,
+        num_warps=warps, num_stages=stages)
+    return out, lse
+
+
+def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+              tiles: list[Tensor], scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    batch, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    grad_out = grad_out.contiguous()
+    # delta_i = sum_d dO_i * O_i, the softmax-backward correction of every query row.
+    delta = (grad_out.float() * out.float()).sum(-1).contiguous()
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    bm, bn, warps, stages = _tile_config(d, backward=True)
+    n_m, n_n = triton.cdiv(lq, bm), triton.cdiv(lk, bn)
+    kind, vis, blk, doc = _meta_args(tiles, delta)
+    if tiles:
+        cls, row_begin, row_end, col_begin, col_end = tiles[4:9]
+    else:
+        cls = row_begin = row_end = col_begin = col_end = delta
+    common = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=bm, BLOCK_N=bn,
+                  HAS_LAYOUT=bool(tiles), UPCAST=triton_interpreted(),
+                  IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
+    _attention_bwd_dkdv[(n_n, batch * hkv)](
+        q, k, v, grad_out, lse, delta, dk, dv, kind, vis, blk, doc, cls, col_begin, col_end,
+        scale, scale * _LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
+        *_strides(dk), hq, hkv, hq // hkv, lq, lk, n_m, n_n, **common)
+    _attention_bwd_dq[(n_m, batch * hq)](
+        q, k, v, grad_out, lse, delta, dq, kind, vis, blk, doc, cls, row_begin, row_end,
+        scale, scale * _LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
+        *_strides(dq), hq, hq // hkv, lq, lk, n_m, n_n, **common)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("amvl::latent_attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, tiles: list[Tensor], scale: float
+                  ) -> tuple[Tensor, Tensor]:
+    return _forward(q, k, v, tiles, scale)
+
+
+@_attention_op.register_fake
+def _(q, k, v, tiles, scale):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            q.new_empty(q.shape[:-1], dtype=torch.float32))
+
+
+@torch.library.custom_op("amvl::latent_attention_backward", mutates_args=())
+def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                           lse: Tensor, tiles: list[Tensor], scale: float
+                           ) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward(grad_out, q, k, v, out, lse, tiles, scale)
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, tiles, scale):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device),
+            torch.empty(v.shape, dtype=v.dtype, device=v.device))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, tiles, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, *tiles)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_rule(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, *tiles = ctx.saved_tensors
+    no_tiles = [None] * len(tiles)  # the structure of the inputs: tiles is a list
+    if grad_out is None:
+        return None, None, None, no_tiles, None
+    dq, dk, dv = torch.ops.amvl.latent_attention_backward(grad_out, q, k, v, out, lse, tiles,
+                                                          ctx.scale)
+    return dq, dk, dv, no_tiles, None
+
+
+_attention_op.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _validate(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | None,
+              scale: float | None) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float_tensor(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (batch, heads, length, head_dim), got shape "
+                             f"{tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    (batch, hq, lq, d), (kb, hkv, lk, kd) = q.shape, k.shape
+    if kb != batch or kd != d:
+        raise ValueError(f"k must be (batch={batch}, heads, length, head_dim={d}), got "
+                         f"{tuple(k.shape)}")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"q's heads ({hq}) must be a multiple of k's heads ({hkv})")
+    if lq > lk:
+        raise ValueError(f"q has {lq} queries but k only {lk} keys: the queries are the last "
+                         "Lq of the Lk keys")
+    if layout is not None:
+        if not isinstance(layout, LatentLayout):
+            raise TypeError(f"layout must be a LatentLayout or None, got "
+                            f"{type(layout).__name__}")
+        if (layout.batch, layout.length) != (batch, lk):
+            raise ValueError(f"layout is for (batch, keys) = {(layout.batch, layout.length)} "
+                             f"but the call has {(batch, lk)}")
+        if layout.device != q.device:
+            raise ValueError(f"layout is on {layout.device} but q is on {q.device}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+
+
+def latent_attention(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | None = None,
+                     scale: float | None = None, backend: str = "auto") -> Tensor:
+    """Attention under the latent-block mask rule of DESIGN.md section 3.
+
+    Args:
+        q: (B, Hq, Lq, D) queries, the last Lq positions of the keys (a KV cache when Lq < Lk).
+        k, v: (B, Hkv, Lk, D) with Hq a multiple of Hkv (grouped-query attention).
+        layout: per-token metadata of the Lk keys; None means plain causal attention.
+        scale: score scale, default 1 / sqrt(D).
+        backend: "auto" (Triton on a GPU, the PyTorch reference on the CPU), "triton" or
+            "torch". The Triton kernels take fp16, bf16 and fp32 (fp32 matmuls in IEEE
+            precision) and head dims up to 256.
+
+    Returns:
+        (B, Hq, Lq, D) in q's dtype. A query row that sees no key gets zeros and zero gradient.
+    """
+    _validate(q, k, v, layout, scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    auto = backend == "auto"
+    backend = resolve_backend(backend, q.device)
+    if auto and (q.dtype not in TRITON_DTYPES or q.shape[-1] > MAX_HEAD_DIM):
+        backend = "torch"
+    if backend == "triton":
+        if q.dtype not in TRITON_DTYPES:
+            raise TypeError(f"backend='triton' takes {TRITON_DTYPES}, got {q.dtype}; use "
+                            "backend='torch'")
+        if q.shape[-1] > MAX_HEAD_DIM:
+            raise ValueError(f"backend='triton' takes head dims up to {MAX_HEAD_DIM}, got "
+                             f"{q.shape[-1]}")
+    if q.numel() == 0 or k.numel() == 0:
+        # Nothing to attend: zeros, still connected to every input so autograd gives zeros.
+        return q * 0 + (k.sum() + v.sum()) * 0
+    if backend == "torch":
+        return latent_attention_torch(q, k, v, layout, scale)
+    tiles = _tile_tensors(layout, q.shape[2], q.shape[-1], q.device)
+    out, _ = torch.ops.amvl.latent_attention(q, k, v, tiles, scale)
+    return out

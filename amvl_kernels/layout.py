@@ -1,0 +1,380 @@
+"""Who may attend to whom: the per-token metadata of latent-block attention (DESIGN.md 3).
+
+A :class:`LatentLayout` holds four integer tensors of shape (B, Lk), one entry per key token.
+For query position i and key position j (absolute positions; with a KV cache the queries are
+the last Lq of the Lk keys):
+
+    allowed(i, j) = (visible_kinds[i] >> segment_kind[j]) & 1
+                    and doc_id[i] == doc_id[j]
+                    and (j <= i or (block_id[i] > 0 and block_id[i] == block_id[j]))
+
+The kernels never build this (B, Lq, Lk) mask. They read the metadata of the tokens of a tile
+and, before that, a :class:`TileMap`: each (query tile, key tile) pair classified once per
+layout as empty (skipped), partial (masked) or full (no mask arithmetic). Tile maps are cached
+on the layout, so every layer and head of a forward pass shares them.
+
+Builders cover the common layouts: :meth:`LatentLayout.causal` (with padding),
+:meth:`LatentLayout.with_latent_blocks`, :meth:`LatentLayout.prefix_sharing` and
+:meth:`LatentLayout.packed`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import torch
+from torch import Tensor
+
+MAX_KINDS = 31  # visible_kinds is an int32 bit set
+
+
+class Kind(IntEnum):
+    """Segment kinds the builders use (any integers in [0, 31) work with ``from_tensors``)."""
+
+    TEXT = 0
+    PRIOR_QUERY = 1
+    ANSWER = 2
+    POSTERIOR_QUERY = 3
+    LATENT = 4
+    PAD = 5
+
+
+def kind_bits(*kinds: int) -> int:
+    """The ``visible_kinds`` bit set of the given kinds."""
+    return sum(1 << int(k) for k in set(kinds))
+
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class TileMap:
+    """Classes of (query tile, key tile) pairs for one tile shape and one query length.
+
+    classes: (B, n_query_tiles, n_key_tiles) int8, EMPTY / PARTIAL / FULL.
+    row_begin, row_end: (B, n_query_tiles) int32, the range of key tiles holding every
+        non-empty pair of a query tile (empty range when the tile sees nothing).
+    col_begin, col_end: (B, n_key_tiles) int32, the range of query tiles holding every
+        non-empty pair of a key tile.
+    """
+
+    classes: Tensor
+    row_begin: Tensor
+    row_end: Tensor
+    col_begin: Tensor
+    col_end: Tensor
+
+
+def _first_last(nonempty: Tensor) -> tuple[Tensor, Tensor]:
+    """[begin, end) of the True entries along the last dim; (0, 0) where there are none."""
+    n = nonempty.shape[-1]
+    index = torch.arange(n, device=nonempty.device, dtype=torch.int32)
+    any_ = nonempty.any(-1)
+    begin = torch.where(nonempty, index, n).amin(-1)
+    end = torch.where(nonempty, index + 1, 0).amax(-1)
+    return torch.where(any_, begin, 0).to(torch.int32), end.to(torch.int32)
+
+
+@dataclass(eq=False)
+class LatentLayout:
+    """Per-token attention metadata, all (B, Lk) int32 on one device.
+
+    Build with :meth:`from_tensors` or one of the builders. The key length Lk of a layout must
+    equal the key length of the attention call; the queries are its last Lq tokens.
+    """
+
+    segment_kind: Tensor
+    visible_kinds: Tensor
+    block_id: Tensor
+    doc_id: Tensor
+    _tile_maps: dict = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_tensors(cls, segment_kind: Tensor, visible_kinds: Tensor, block_id: Tensor,
+                     doc_id: Tensor | None = None) -> LatentLayout:
+        """Validate and wrap (B, L) integer tensors (see the module docstring for the rule).
+
+        segment_kind: the kind of each token, in [0, 31).
+        visible_kinds: the bit set of kinds each token may see as a query.
+        block_id: bidirectional block of each token, 0 = none (causal).
+        doc_id: packed-document id of each token; None = one document per row.
+        """
+        named = {"segment_kind": segment_kind, "visible_kinds": visible_kinds,
+                 "block_id": block_id}
+        if doc_id is not None:
+            named["doc_id"] = doc_id
+        for name, t in named.items():
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+                raise TypeError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+            if t.dim() != 2:
+                raise ValueError(f"{name} must be (batch, length), got shape {tuple(t.shape)}")
+            if t.shape != segment_kind.shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)} but segment_kind has "
+                                 f"{tuple(segment_kind.shape)}")
+            if t.device != segment_kind.device:
+                raise ValueError(f"{name} is on {t.device} but segment_kind is on "
+                                 f"{segment_kind.device}")
+        if segment_kind.numel():
+            lo, hi = int(segment_kind.min()), int(segment_kind.max())
+            if lo < 0 or hi >= MAX_KINDS:
+                raise ValueError(f"segment_kind must lie in [0, {MAX_KINDS}), got [{lo}, {hi}]")
+            if int(block_id.min()) < 0:
+                raise ValueError("block_id must be >= 0 (0 = no bidirectional block)")
+            if int(visible_kinds.min()) < 0 or int(visible_kinds.max()) >= 2**MAX_KINDS:
+                raise ValueError(f"visible_kinds must be bit sets in [0, 2**{MAX_KINDS})")
+        if doc_id is None:
+            doc_id = torch.zeros_like(segment_kind)
+        as32 = [t.to(torch.int32).contiguous()
+                for t in (segment_kind, visible_kinds, block_id, doc_id)]
+        return cls(*as32)
+
+    @classmethod
+    def causal(cls, batch: int, length: int, padding_mask: Tensor | None = None,
+               device: torch.device | str | None = None) -> LatentLayout:
+        """Plain causal attention; ``padding_mask`` (B, L) marks real tokens (False = padding,
+        anywhere in the row: left or right padding both work)."""
+        device = padding_mask.device if padding_mask is not None else device
+        kind = torch.full((batch, length), int(Kind.TEXT), dtype=torch.int32, device=device)
+        if padding_mask is not None:
+            _check_mask("padding_mask", padding_mask, (batch, length))
+            kind = torch.where(padding_mask.bool(), kind, int(Kind.PAD))
+        visible = torch.where(kind == Kind.PAD, 0, kind_bits(Kind.TEXT))
+        return cls.from_tensors(kind, visible, torch.zeros_like(kind))
+
+    @classmethod
+    def with_latent_blocks(cls, length: int, blocks: Sequence[Sequence[tuple[int, int]]],
+                           padding_mask: Tensor | None = None,
+                           device: torch.device | str | None = None) -> LatentLayout:
+        """Causal rows with bidirectional latent blocks.
+
+        blocks[b] lists (start, size) of the blocks in row b; rows may differ in count and
+        offsets. Tokens of a block see each other in both directions; everything else is
+        causal. ``padding_mask`` as in :meth:`causal`.
+        """
+        batch = len(blocks)
+        device = padding_mask.device if padding_mask is not None else device
+        layout = cls.causal(batch, length, padding_mask, device)
+        kind, block = layout.segment_kind.clone(), layout.block_id.clone()
+        for b, row in enumerate(blocks):
+            for number, (start, size) in enumerate(row, start=1):
+                if start < 0 or size < 1 or start + size > length:
+                    raise ValueError(f"block {(start, size)} of row {b} does not fit in "
+                                     f"length {length}")
+                if bool((block[b, start:start + size] != 0).any()):
+                    raise ValueError(f"blocks of row {b} overlap at {(start, size)}")
+                block[b, start:start + size] = number
+                kind[b, start:start + size] = torch.where(
+                    kind[b, start:start + size] == Kind.PAD, int(Kind.PAD), int(Kind.LATENT))
+        text_and_latent = kind_bits(Kind.TEXT, Kind.LATENT)
+        visible = torch.where(kind == Kind.PAD, 0, text_and_latent)
+        return cls.from_tensors(kind, visible, block)
+
+    @classmethod
+    def prefix_sharing(cls, prompt_lengths: Sequence[int], answer_lengths: Sequence[int],
+                       num_slots: int, device: torch.device | str | None = None
+                       ) -> LatentLayout:
+        """The prefix-sharing training layout ``[x | P_1..P_K | y | Q_1..Q_K]`` per row.
+
+        Prior slots P see x and P (bidirectionally), never y; y sees x and y (causally); the
+        posterior slots Q see x, y and Q. Rows are right-padded to the longest one.
+        """
+        if len(prompt_lengths) != len(answer_lengths):
+            raise ValueError("prompt_lengths and answer_lengths must have one entry per row")
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        rows = [(int(x), int(y)) for x, y in zip(prompt_lengths, answer_lengths)]
+        if any(x < 0 or y < 0 for x, y in rows):
+            raise ValueError("prompt and answer lengths must be >= 0")
+        length = max((x + y + 2 * num_slots for x, y in rows), default=0)
+        kind = torch.full((len(rows), length), int(Kind.PAD), dtype=torch.int32)
+        block = torch.zeros_like(kind)
+        for b, (x, y) in enumerate(rows):
+            kind[b, :x] = Kind.TEXT
+            kind[b, x:x + num_slots] = Kind.PRIOR_QUERY
+            block[b, x:x + num_slots] = 1
+            kind[b, x + num_slots:x + num_slots + y] = Kind.ANSWER
+            q = x + num_slots + y
+            kind[b, q:q + num_slots] = Kind.POSTERIOR_QUERY
+            block[b, q:q + num_slots] = 2
+        table = torch.tensor([0] * MAX_KINDS, dtype=torch.int32)
+        table[Kind.TEXT] = kind_bits(Kind.TEXT)
+        table[Kind.PRIOR_QUERY] = kind_bits(Kind.TEXT, Kind.PRIOR_QUERY)
+        table[Kind.ANSWER] = kind_bits(Kind.TEXT, Kind.ANSWER)
+        table[Kind.POSTERIOR_QUERY] = kind_bits(Kind.TEXT, Kind.ANSWER, Kind.POSTERIOR_QUERY)
+        visible = table[kind.long()]
+        return cls.from_tensors(kind.to(device), visible.to(device), block.to(device))
+
+    @classmethod
+    def packed(cls, doc_lengths: Sequence[Sequence[int]], length: int,
+               device: torch.device | str | None = None) -> LatentLayout:
+        """Packed documents: row b holds documents of ``doc_lengths[b]`` tokens back to back,
+        each causal on its own; the rest of the row is padding."""
+        batch = len(doc_lengths)
+        doc = torch.zeros((batch, length), dtype=torch.int32)
+        kind = torch.full((batch, length), int(Kind.PAD), dtype=torch.int32)
+        for b, docs in enumerate(doc_lengths):
+            if any(n < 1 for n in docs) or sum(docs) > length:
+                raise ValueError(f"documents {list(docs)} of row {b} do not fit in {length}")
+            start = 0
+            for number, n in enumerate(docs, start=1):
+                doc[b, start:start + n] = number
+                kind[b, start:start + n] = Kind.TEXT
+                start += n
+        visible = torch.where(kind == Kind.PAD, 0, kind_bits(Kind.TEXT))
+        return cls.from_tensors(kind.to(device), visible.to(device),
+                                torch.zeros_like(kind).to(device), doc.to(device))
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def batch(self) -> int:
+        return self.segment_kind.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.segment_kind.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.segment_kind.device
+
+    def to(self, device: torch.device | str) -> LatentLayout:
+        """The same layout on another device (tile maps are rebuilt there on demand)."""
+        return LatentLayout(*(t.to(device) for t in self.metadata()))
+
+    def metadata(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.segment_kind, self.visible_kinds, self.block_id, self.doc_id
+
+    def dense_mask(self, num_queries: int | None = None) -> Tensor:
+        """(B, Lq, Lk) bool mask of the rule, queries the last ``num_queries`` tokens.
+
+        For references and tests: it is quadratic in length, which the kernels avoid.
+        """
+        lk = self.length
+        lq = lk if num_queries is None else num_queries
+        if not 0 <= lq <= lk:
+            raise ValueError(f"num_queries must be in [0, {lk}], got {lq}")
+        kind, visible, block, doc = (t.long() for t in self.metadata())
+        rows = slice(lk - lq, lk)
+        sees = ((visible[:, rows, None] >> kind[:, None, :]) & 1).bool()
+        same_doc = doc[:, rows, None] == doc[:, None, :]
+        i = torch.arange(lk - lq, lk, device=self.device)[:, None]
+        j = torch.arange(lk, device=self.device)[None, :]
+        same_block = (block[:, rows, None] > 0) & (block[:, rows, None] == block[:, None, :])
+        return sees & same_doc & ((j <= i)[None] | same_block)
+
+    def tile_map(self, num_queries: int, block_m: int, block_n: int) -> TileMap:
+        """Classes of (query tile, key tile) pairs, computed once per shape and cached.
+
+        Derived from per-tile summaries of the metadata, never from the dense mask: a pair is
+        EMPTY only when no query of the tile can see any key of the tile, FULL only when every
+        query sees every key; anything else is PARTIAL (the kernel then applies the exact rule).
+        """
+        key = (num_queries, block_m, block_n)
+        if key not in self._tile_maps:
+            self._tile_maps[key] = self._classify(num_queries, block_m, block_n)
+        return self._tile_maps[key]
+
+    def _classify(self, lq: int, bm: int, bn: int) -> TileMap:
+        lk, dev = self.length, self.device
+        kind, visible, block, doc = (t.long() for t in self.metadata())
+        offset = lk - lq
+        # Query-tile summaries over the last lq tokens; tails are padded with neutral values.
+        q_vis, q_block, q_doc = (t[:, offset:] for t in (visible, block, doc))
+        pos_q = torch.arange(offset, lk, device=dev).expand(self.batch, lq)
+        qs = _TileSummary(q_vis, q_block, q_doc, pos_q, bm)
+        pos_k = torch.arange(lk, device=dev).expand(self.batch, lk)
+        ks = _TileSummary(1 << kind, block, doc, pos_k, bn)
+
+        # (B, nM, nN) pair tests by broadcasting the summaries.
+        def pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+            return a[:, :, None], b[:, None, :]
+
+        vis_or, kind_or = pair(qs.bits_or, ks.bits_or)
+        vis_and, _ = pair(qs.bits_and, ks.bits_or)
+        q_doc_lo, k_doc_lo = pair(qs.lo_doc, ks.lo_doc)
+        q_doc_hi, k_doc_hi = pair(qs.hi_doc, ks.hi_doc)
+        q_pos_lo, k_pos_lo = pair(qs.lo_pos, ks.lo_pos)
+        q_pos_hi, k_pos_hi = pair(qs.hi_pos, ks.hi_pos)
+        q_blk_lo, k_blk_lo = pair(qs.lo_block, ks.lo_block)  # over nonzero blocks only
+        q_blk_hi, k_blk_hi = pair(qs.hi_block, ks.hi_block)
+        q_blk_all, k_blk_all = pair(qs.one_block, ks.one_block)
+
+        kinds_possible = (vis_or & kind_or) != 0
+        docs_overlap = (q_doc_lo <= k_doc_hi) & (k_doc_lo <= q_doc_hi)
+        causal_possible = k_pos_lo <= q_pos_hi
+        blocks_overlap = (q_blk_lo <= k_blk_hi) & (k_blk_lo <= q_blk_hi)
+        maybe = kinds_possible & docs_overlap & (causal_possible | blocks_overlap)
+        maybe &= qs.valid[:, :, None] & ks.valid[:, None, :]
+
+        kinds_all = (kind_or & ~vis_and) == 0
+        one_doc = (q_doc_lo == q_doc_hi) & (k_doc_lo == k_doc_hi) & (q_doc_lo == k_doc_lo)
+        causal_all = k_pos_hi <= q_pos_lo
+        one_block = (q_blk_all > 0) & (q_blk_all == k_blk_all)
+        full = maybe & kinds_all & one_doc & (causal_all | one_block)
+        # Keys past the end must be masked; query rows past the end are never stored, and the
+        # backward gives them zero probability, so only key tiles need to be whole.
+        full &= ks.whole[:, None, :]
+
+        classes = torch.where(full, FULL, torch.where(maybe, PARTIAL, EMPTY)).to(torch.int8)
+        row_begin, row_end = _first_last(classes != EMPTY)
+        col_begin, col_end = _first_last((classes != EMPTY).transpose(1, 2))
+        return TileMap(classes.contiguous(), row_begin.contiguous(), row_end.contiguous(),
+                       col_begin.contiguous(), col_end.contiguous())
+
+
+class _TileSummary:
+    """Per-tile reductions of token metadata, (B, n_tiles) each.
+
+    bits_or / bits_and: OR / AND of the bit sets; lo/hi_doc and lo/hi_pos: ranges; lo/hi_block:
+    range of the nonzero block ids (empty range lo > hi when the tile has none); one_block: the
+    block id when every token of the tile is in the same nonzero block, else 0; whole: the tile
+    has no tokens past the end; valid: it has at least one token.
+    """
+
+    def __init__(self, bits: Tensor, block: Tensor, doc: Tensor, pos: Tensor, size: int):
+        b, n = bits.shape
+        tiles = -(-n // size) if n else 0
+        pad = tiles * size - n
+
+        def tiled(t: Tensor, fill: int) -> Tensor:
+            return torch.nn.functional.pad(t, (0, pad), value=fill).view(b, tiles, size)
+
+        big = 2**62
+        real = tiled(torch.ones_like(bits, dtype=torch.bool), 0).bool()
+        bits_t = tiled(bits, 0)
+        self.bits_or = _bit_reduce(bits_t, torch.bitwise_or, 0)
+        self.bits_and = _bit_reduce(torch.where(real, bits_t, -1), torch.bitwise_and, -1)
+        self.lo_doc = tiled(doc, big).amin(-1) if tiles else doc.new_zeros(b, 0)
+        self.hi_doc = tiled(doc, -big).amax(-1) if tiles else doc.new_zeros(b, 0)
+        self.lo_pos = tiled(pos, big).amin(-1) if tiles else pos.new_zeros(b, 0)
+        self.hi_pos = tiled(pos, -big).amax(-1) if tiles else pos.new_zeros(b, 0)
+        blk = tiled(block, 0)
+        nonzero = blk > 0
+        self.lo_block = torch.where(nonzero, blk, big).amin(-1) if tiles else blk.sum(-1)
+        self.hi_block = torch.where(nonzero, blk, -big).amax(-1) if tiles else blk.sum(-1)
+        first = blk[..., :1].squeeze(-1)
+        same = (torch.where(real, blk, first[..., None]) == first[..., None]).all(-1)
+        self.one_block = torch.where(same & (first > 0), first, 0)
+        self.whole = real.all(-1)
+        self.valid = real.any(-1)
+
+
+def _bit_reduce(t: Tensor, op, identity: int) -> Tensor:
+    """Reduce the last dim of an integer tensor with a bitwise op (log-depth halving)."""
+    while t.shape[-1] > 1:
+        if t.shape[-1] % 2:
+            t = torch.nn.functional.pad(t, (0, 1), value=identity)
+        t = op(t[..., 0::2], t[..., 1::2])
+    return t.squeeze(-1) if t.shape[-1] == 1 else t.new_full(t.shape[:-1], identity)
+
+
+def _check_mask(name: str, mask: Tensor, shape: tuple[int, int]) -> None:
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(mask.shape)}")

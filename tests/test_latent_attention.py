@@ -1,0 +1,191 @@
+"""Latent-block attention kernels against the float64 dense-mask reference.
+
+Small odd shapes run on the CPU under TRITON_INTERPRET=1 (the interpreter uses 16x16 tiles, so
+short sequences still cross many tile boundaries) and on the GPU when there is one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import amvl_kernels as ak
+from amvl_kernels.layout import Kind, LatentLayout, kind_bits
+from amvl_kernels.reference.latent_attention import attention_mask, latent_attention_torch
+from tests.conftest import DEVICE
+from tests.test_layout import random_layout
+
+TOL = {torch.float32: 1e-5}
+
+
+def _inputs(b, hq, hkv, lq, lk, d, dtype, transposed=False):
+    if transposed:  # how HF models hand them over: (B, L, H, D) viewed as (B, H, L, D)
+        q = torch.randn(b, lq, hq, d, device=DEVICE, dtype=dtype).transpose(1, 2)
+    else:
+        q = torch.randn(b, hq, lq, d, device=DEVICE, dtype=dtype)
+    k = torch.randn(b, hkv, lk, d, device=DEVICE, dtype=dtype)
+    v = torch.randn(b, hkv, lk, d, device=DEVICE, dtype=dtype)
+    return [t.requires_grad_() for t in (q, k, v)]
+
+
+def _low_precision_torch(q, k, v, layout, scale):
+    """What plain PyTorch gets in the inputs' own dtype: the yardstick of DESIGN.md 5."""
+    group = q.shape[1] // k.shape[1]
+    kx, vx = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    mask = attention_mask(layout, q.shape[2], k.shape[2], q.device)[:, None]
+    scores = (q @ kx.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), -1).nan_to_num(0.0).to(q.dtype)
+    return probs @ vx
+
+
+def _rel(a, b):
+    """Relative error by norms. The floor (an RMS of 1e-3) keeps a reference that is zero up
+    to rounding, e.g. dq of a row that sees a single key, from turning roundoff into 1e24."""
+    a, b = a.detach().double(), b.detach()
+    return float((a - b).norm() / b.norm().clamp(min=1e-3 * b.numel() ** 0.5))
+
+
+def check(q, k, v, layout, backend="triton"):
+    """Output and gradients within DESIGN.md 5's criterion of the float64 reference."""
+    scale = q.shape[-1] ** -0.5
+    out = ak.latent_attention(q, k, v, layout, backend=backend)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = latent_attention_torch(*ref_in, layout, scale)
+    ref_grads = torch.autograd.grad(ref, ref_in, grad.double())
+    for t in (out, *grads):
+        assert torch.isfinite(t).all()
+    if q.dtype == torch.float32:
+        assert _rel(out, ref) < TOL[q.dtype]
+        for g, rg in zip(grads, ref_grads):
+            assert _rel(g, rg) < 10 * TOL[q.dtype]
+        return out, grads
+    low_in = [t.detach().requires_grad_() for t in (q, k, v)]
+    low = _low_precision_torch(*low_in, layout, scale)
+    low_grads = torch.autograd.grad(low, low_in, grad)
+    floor = 1e-3  # a few ulps of bf16 / fp16: PyTorch can be luckier than that on tiny inputs
+    assert _rel(out, ref) <= 2 * _rel(low, ref) + floor
+    for g, lg, rg in zip(grads, low_grads, ref_grads):
+        assert _rel(g, rg) <= 3 * _rel(lg, rg) + floor
+    return out, grads
+
+
+@pytest.mark.parametrize("lq,lk", [(37, 37), (5, 37), (1, 23)], ids=str)
+@pytest.mark.parametrize("heads", [(4, 2), (3, 3)], ids=str)
+def test_causal_without_layout(lq, lk, heads, rng_seed):
+    check(*_inputs(2, *heads, lq, lk, 64, torch.float32), None)
+
+
+@pytest.mark.parametrize("lq", [53, 20, 1])
+def test_random_layouts(lq, rng_seed):
+    layout = random_layout(2, 53, torch.Generator().manual_seed(rng_seed)).to(DEVICE)
+    check(*_inputs(2, 4, 2, lq, 53, 64, torch.float32), layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision(dtype, rng_seed):
+    layout = LatentLayout.with_latent_blocks(45, [[(10, 7)], [(3, 5), (30, 9)]]).to(DEVICE)
+    check(*_inputs(2, 4, 2, 45, 45, 64, dtype), layout)
+
+
+@pytest.mark.parametrize("d", [128, 80, 33])
+def test_head_dims_and_transposed_queries(d, rng_seed):
+    layout = LatentLayout.prefix_sharing([13, 20], [9, 4], num_slots=4).to(DEVICE)
+    check(*_inputs(2, 2, 1, layout.length, layout.length, d, torch.float32, transposed=True),
+          layout)
+
+
+def test_packed_documents_and_padding(rng_seed):
+    check(*_inputs(2, 2, 1, 47, 47, 32, torch.float32),
+          LatentLayout.packed([[10, 20, 5], [40]], 47).to(DEVICE))
+    padding = torch.ones(2, 40, dtype=torch.bool, device=DEVICE)
+    padding[0, :7] = False   # left padding
+    padding[1, 33:] = False  # right padding
+    check(*_inputs(2, 2, 1, 40, 40, 32, torch.float32), LatentLayout.causal(2, 40, padding))
+
+
+def test_rows_that_see_nothing_give_zeros_and_zero_gradients(rng_seed):
+    layout = LatentLayout.causal(2, 35, torch.ones(2, 35, dtype=torch.bool)).to(DEVICE)
+    blind = layout.visible_kinds.clone()
+    blind[0, 3:21] = 0  # rows 3..20 of batch 0 see nothing: more than one whole 16-row tile
+    layout = LatentLayout.from_tensors(layout.segment_kind, blind, layout.block_id)
+    q, k, v = _inputs(2, 2, 2, 35, 35, 16, torch.float32)
+    out, (dq, _, _) = check(q, k, v, layout)
+    assert torch.count_nonzero(out[0, :, 3:21]) == 0
+    assert torch.count_nonzero(dq[0, :, 3:21]) == 0
+
+
+def test_kv_cache_decoding_matches_full_pass(rng_seed):
+    """The last query of a full pass equals a one-query call over the same keys."""
+    layout = LatentLayout.with_latent_blocks(30, [[(20, 4)]]).to(DEVICE)
+    q, k, v = _inputs(1, 4, 2, 30, 30, 64, torch.float32)
+    full = ak.latent_attention(q, k, v, layout, backend="triton")
+    last = ak.latent_attention(q[:, :, -1:], k, v, layout, backend="triton")
+    torch.testing.assert_close(last, full[:, :, -1:], rtol=1e-5, atol=1e-6)
+
+
+def test_backends_agree_and_auto_picks_the_device_default(rng_seed):
+    q, k, v = _inputs(1, 2, 2, 19, 19, 16, torch.float32)
+    torch.testing.assert_close(ak.latent_attention(q, k, v, backend="torch"),
+                               ak.latent_attention(q, k, v, backend="triton"),
+                               rtol=1e-5, atol=1e-6)
+    auto = ak.latent_attention(q.double(), k.double(), v.double())  # falls back for float64
+    assert auto.dtype == torch.float64
+
+
+def test_torch_compile_and_opcheck(rng_seed):
+    layout = LatentLayout.with_latent_blocks(21, [[(5, 4)]]).to(DEVICE)
+    q, k, v = _inputs(1, 2, 1, 21, 21, 16, torch.float32)
+
+    def f(q, k, v):
+        return ak.latent_attention(q, k, v, layout, backend="triton").square().sum()
+
+    eager = torch.autograd.grad(f(q, k, v), (q, k, v))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for a, b in zip(eager, torch.autograd.grad(compiled(q, k, v), (q, k, v))):
+        torch.testing.assert_close(a, b)
+    from amvl_kernels.latent_attention import _tile_tensors
+
+    tiles = _tile_tensors(layout, 21, 16, DEVICE)
+    torch.library.opcheck(torch.ops.amvl.latent_attention.default, (q, k, v, tiles, 0.25))
+
+
+def test_empty_inputs(rng_seed):
+    q, k, v = _inputs(0, 2, 1, 3, 3, 16, torch.float32)
+    assert ak.latent_attention(q, k, v, backend="triton").shape == (0, 2, 3, 16)
+    q, k, v = _inputs(1, 2, 1, 0, 0, 16, torch.float32)
+    out = ak.latent_attention(q, k, v, backend="triton")
+    assert out.shape == (1, 2, 0, 16)
+    assert all(g is not None for g in torch.autograd.grad(out.sum(), (q, k, v)))
+
+
+def _ok():
+    return [torch.randn(1, 2, 4, 8, device=DEVICE) for _ in range(3)]
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda q, k, v: ak.latent_attention(q[0], k, v), ValueError, "q must be"),
+    (lambda q, k, v: ak.latent_attention(q, k.half(), v), TypeError, "k has dtype"),
+    (lambda q, k, v: ak.latent_attention(q, k, v[..., :4]), ValueError, "same shape"),
+    (lambda q, k, v: ak.latent_attention(q.repeat(1, 1, 2, 1), k, v), ValueError, "queries"),
+    (lambda q, k, v: ak.latent_attention(q, k.repeat(1, 3, 1, 1), v.repeat(1, 3, 1, 1)),
+     ValueError, "multiple"),
+    (lambda q, k, v: ak.latent_attention(q, k, v, LatentLayout.causal(1, 5)), ValueError,
+     "layout is for"),
+    (lambda q, k, v: ak.latent_attention(q, k, v, layout="causal"), TypeError, "LatentLayout"),
+    (lambda q, k, v: ak.latent_attention(q.long(), k, v), TypeError, "floating-point"),
+    (lambda q, k, v: ak.latent_attention(q, k, v, scale=float("nan")), ValueError, "scale"),
+    (lambda q, k, v: ak.latent_attention(q, k, v, backend="flash"), ValueError, "backend"),
+    (lambda q, k, v: ak.latent_attention(q.double(), k.double(), v.double(), backend="triton"),
+     TypeError, "float64"),
+])
+def test_bad_input_is_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call(*_ok())
+
+
+def test_layout_builders_are_exported():
+    assert ak.LatentLayout is LatentLayout
+    assert kind_bits(Kind.TEXT) == 1

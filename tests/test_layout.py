@@ -1,0 +1,118 @@
+"""LatentLayout: validation, builders, and tile maps that agree with the dense mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from amvl_kernels.layout import EMPTY, FULL, Kind, LatentLayout, kind_bits
+
+
+def random_layout(batch: int, length: int, generator: torch.Generator) -> LatentLayout:
+    """Random kinds, visibility bits, bidirectional blocks and documents."""
+    kind = torch.randint(0, 4, (batch, length), generator=generator)
+    visible = torch.randint(0, 16, (batch, length), generator=generator)
+    # runs of tokens share a block id (0 = none) and a document
+    block = torch.randint(0, 3, (batch, length // 5 + 1), generator=generator)
+    block = block.repeat_interleave(5, dim=1)[:, :length]
+    doc = torch.randint(0, 2, (batch, length // 11 + 1), generator=generator)
+    doc = doc.repeat_interleave(11, dim=1)[:, :length].cumsum(1)
+    return LatentLayout.from_tensors(kind, visible, block, doc)
+
+
+def test_rule_matches_a_loop_over_positions(rng_seed):
+    g = torch.Generator().manual_seed(rng_seed)
+    layout = random_layout(2, 23, g)
+    mask = layout.dense_mask(9)
+    kind, vis, block, doc = layout.metadata()
+    for b in range(2):
+        for qi in range(9):
+            i = 23 - 9 + qi
+            for j in range(23):
+                want = bool((int(vis[b, i]) >> int(kind[b, j])) & 1) and doc[b, i] == doc[b, j] \
+                    and (j <= i or (block[b, i] > 0 and block[b, i] == block[b, j]))
+                assert bool(mask[b, qi, j]) == want, (b, i, j)
+
+
+@pytest.mark.parametrize("lq", [1, 17, 61])
+@pytest.mark.parametrize("tiles", [(16, 16), (32, 16), (16, 64)])
+def test_tile_map_agrees_with_dense_mask(lq, tiles, rng_seed):
+    g = torch.Generator().manual_seed(rng_seed)
+    layout = random_layout(3, 61, g)
+    bm, bn = tiles
+    tm = layout.tile_map(lq, bm, bn)
+    mask = layout.dense_mask(lq)
+    n_m, n_n = tm.classes.shape[1:]
+    assert (n_m, n_n) == (-(-lq // bm), -(-61 // bn))
+    for b in range(3):
+        for m in range(n_m):
+            for n in range(n_n):
+                tile = mask[b, m * bm:(m + 1) * bm, n * bn:(n + 1) * bn]
+                cls = int(tm.classes[b, m, n])
+                if cls == EMPTY:
+                    assert not tile.any(), (b, m, n)
+                if cls == FULL:
+                    assert tile.all() and tile.shape[1] == bn, (b, m, n)
+                if tile.any():
+                    assert tm.row_begin[b, m] <= n < tm.row_end[b, m]
+                    assert tm.col_begin[b, n] <= m < tm.col_end[b, n]
+    assert layout.tile_map(lq, bm, bn) is tm  # cached: shared by every layer and head
+
+
+def test_tile_map_of_causal_layout_is_exact():
+    layout = LatentLayout.causal(1, 64)
+    tm = layout.tile_map(64, 16, 16)
+    expected = torch.tensor([[2 if n < m else (1 if n == m else 0) for n in range(4)]
+                             for m in range(4)], dtype=torch.int8)
+    assert torch.equal(tm.classes[0], expected)
+
+
+def test_builders():
+    layout = LatentLayout.with_latent_blocks(12, [[(3, 4)], [(0, 2), (8, 3)]])
+    mask = layout.dense_mask()
+    assert mask[0, 3, 6] and mask[0, 6, 3] and not mask[0, 2, 3] and mask[0, 7, 6]
+    assert mask[1, 0, 1] and mask[1, 8, 10] and not mask[1, 7, 8]
+
+    pad = torch.ones(2, 6, dtype=torch.bool)
+    pad[0, :2] = False
+    mask = LatentLayout.causal(2, 6, pad).dense_mask()
+    assert not mask[0, :, :2].any() and not mask[0, :2].any() and mask[0, 5, 2:].all()
+
+    layout = LatentLayout.prefix_sharing([3, 2], [2, 4], num_slots=2)
+    mask = layout.dense_mask()
+    # row 0: x = 0..2, P = 3..4, y = 5..6, Q = 7..8
+    assert mask[0, 3, 4] and mask[0, 4, 3] and mask[0, 3, :3].all()
+    assert not mask[0, 5, 3:5].any() and mask[0, 6, 5] and mask[0, 6, :3].all()
+    assert mask[0, 7, 8] and mask[0, 8, 5:7].all() and not mask[0, 8, 3:5].any()
+    assert not mask[0, :, 9:].any()  # row 0 is padded to row 1's length
+
+    mask = LatentLayout.packed([[2, 3], [4]], 6).dense_mask()
+    assert mask[0, 1, 0] and not mask[0, 2, 1] and mask[0, 4, 2] and not mask[1, :, 4:].any()
+
+
+@pytest.mark.parametrize("build,error,match", [
+    (lambda: LatentLayout.from_tensors(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.int32),
+                                       torch.zeros(2, 3, dtype=torch.int32)), TypeError,
+     "segment_kind"),
+    (lambda: LatentLayout.from_tensors(torch.zeros(2, 3, dtype=torch.int32),
+                                       torch.zeros(2, 4, dtype=torch.int32),
+                                       torch.zeros(2, 3, dtype=torch.int32)), ValueError,
+     "visible_kinds"),
+    (lambda: LatentLayout.from_tensors(torch.full((1, 3), 40), torch.zeros(1, 3, dtype=torch.int64),
+                                       torch.zeros(1, 3, dtype=torch.int64)), ValueError,
+     "segment_kind"),
+    (lambda: LatentLayout.from_tensors(torch.zeros(3, dtype=torch.int32),
+                                       torch.zeros(3, dtype=torch.int32),
+                                       torch.zeros(3, dtype=torch.int32)), ValueError,
+     "batch, length"),
+    (lambda: LatentLayout.with_latent_blocks(5, [[(3, 4)]]), ValueError, "does not fit"),
+    (lambda: LatentLayout.with_latent_blocks(9, [[(1, 4), (3, 2)]]), ValueError, "overlap"),
+    (lambda: LatentLayout.packed([[4, 4]], 6), ValueError, "do not fit"),
+])
+def test_bad_layouts_are_named(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
+
+
+def test_kind_bits():
+    assert kind_bits(Kind.TEXT, Kind.ANSWER) == 0b101
