@@ -335,13 +335,23 @@ def _attention_bwd_dq(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _tile_config(head_dim: int, backward: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Small tiles under the interpreter, so that
-    tests with short sequences still cross many tile boundaries."""
+def _tile_config(head_dim: int, dtype: torch.dtype, backward: bool
+                 ) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a kernel.
+
+    Small tiles under the interpreter, so that tests with short sequences still cross many
+    tile boundaries. On a GPU, fp32 or head dims over 128 get smaller tiles to stay within
+    shared memory (228 KB per SM on Hopper) with pipelined K/V loads.
+    """
     if triton_interpreted():
         return 16, 16, 1, 1
+    wide = head_dim > 128 or dtype == torch.float32
     if backward:
-        return (64, 64, 4, 2) if head_dim > 64 else (64, 64, 4, 3)
+        if wide:
+            return 32, 32, 4, 2
+        return (64, 64, 8, 2) if head_dim > 64 else (64, 64, 4, 2)
+    if wide:
+        return 64, 32, 4, 2
     return (128, 64, 8, 3) if head_dim > 64 else (128, 64, 4, 3)
 
 
@@ -349,14 +359,14 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _tile_tensors(layout: LatentLayout | None, lq: int, head_dim: int, device: torch.device
-                  ) -> list[Tensor]:
+def _tile_tensors(layout: LatentLayout | None, lq: int, head_dim: int, dtype: torch.dtype,
+                  device: torch.device) -> list[Tensor]:
     """[meta (4, B, Lk) int32, fwd classes, fwd row ranges (2), bwd classes, bwd row ranges
     (2), bwd column ranges (2)]: what the kernels read; [] without a layout."""
     if layout is None:
         return []
-    fm, fn, _, _ = _tile_config(head_dim, backward=False)
-    bm, bn, _, _ = _tile_config(head_dim, backward=True)
+    fm, fn, _, _ = _tile_config(head_dim, dtype, backward=False)
+    bm, bn, _, _ = _tile_config(head_dim, dtype, backward=True)
     fwd: TileMap = layout.tile_map(lq, fm, fn)
     bwd: TileMap = layout.tile_map(lq, bm, bn)
     meta = torch.stack(layout.metadata())
@@ -380,7 +390,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, tiles: list[Tensor], scale: float
     hkv, lk = k.shape[1], k.shape[2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, hq, lq), dtype=torch.float32, device=q.device)
-    bm, bn, warps, stages = _tile_config(d, backward=False)
+    bm, bn, warps, stages = _tile_config(d, q.dtype, backward=False)
     n_m, n_n = triton.cdiv(lq, bm), triton.cdiv(lk, bn)
     dummy = lse
     kind, vis, blk, doc = _meta_args(tiles, dummy)
@@ -405,7 +415,7 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    bm, bn, warps, stages = _tile_config(d, backward=True)
+    bm, bn, warps, stages = _tile_config(d, q.dtype, backward=True)
     n_m, n_n = triton.cdiv(lq, bm), triton.cdiv(lk, bn)
     kind, vis, blk, doc = _meta_args(tiles, delta)
     if tiles:
@@ -549,6 +559,6 @@ def latent_attention(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | Non
         return q * 0 + (k.sum() + v.sum()) * 0
     if backend == "torch":
         return latent_attention_torch(q, k, v, layout, scale)
-    tiles = _tile_tensors(layout, q.shape[2], q.shape[-1], q.device)
+    tiles = _tile_tensors(layout, q.shape[2], q.shape[-1], q.dtype, q.device)
     out, _ = torch.ops.amvl.latent_attention(q, k, v, tiles, scale)
     return out

@@ -89,6 +89,19 @@ def time_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float
     return statistics.median(samples)
 
 
+def graph_time_ms(fn: Callable[[], object]) -> float | None:
+    """Median ms of ``fn`` replayed from a CUDA graph: GPU time without the host's launch
+    overhead. None off the GPU or when ``fn`` cannot be captured."""
+    if not torch.cuda.is_available():
+        return None
+    from triton.testing import do_bench_cudagraph
+
+    try:
+        return float(do_bench_cudagraph(fn, rep=50, return_mode="median"))
+    except Exception:  # noqa: BLE001 - a provider that cannot be captured just has no number
+        return None
+
+
 def peak_memory_bytes(fn: Callable[[], object]) -> int:
     """Peak bytes allocated while ``fn`` runs, above what was allocated before (CUDA only)."""
     if not torch.cuda.is_available():

@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("module,bench,select,providers", [
     ("bench_gaussian_kl.py", "gaussian_kl", "float32", {"eager", "torch.compile", "triton"}),
     ("bench_model_step.py", "model_step", "", {"plain", "naive", "shared"}),
+    ("bench_latent_attention.py", "latent_attention", "",
+     {"amvl", "flex", "sdpa_dense", "sdpa_flash_causal"}),
 ])
 def test_benchmark_runs_and_writes_json(tmp_path, module, bench, select, providers):
     env = {**os.environ, "AMVL_BENCH_SMOKE": "1", "AMVL_BENCH_OUT": str(tmp_path)}
@@ -29,6 +31,7 @@ def test_benchmark_runs_and_writes_json(tmp_path, module, bench, select, provide
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert " failed" not in proc.stdout
     assert f"[{bench}]" in proc.stdout
     payload = json.loads((tmp_path / f"{bench}.json").read_text())
     assert {"torch", "triton", "device"} <= payload["device"].keys()

@@ -148,7 +148,7 @@ def test_torch_compile_and_opcheck(rng_seed):
         torch.testing.assert_close(a, b)
     from amvl_kernels.latent_attention import _tile_tensors
 
-    tiles = _tile_tensors(layout, 21, 16, DEVICE)
+    tiles = _tile_tensors(layout, 21, 16, q.dtype, DEVICE)
     torch.library.opcheck(torch.ops.amvl.latent_attention.default, (q, k, v, tiles, 0.25))
 
 

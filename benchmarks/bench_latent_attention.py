@@ -1,0 +1,154 @@
+"""Benchmark of latent-block attention (issue: latent-block attention kernel).
+
+Setup: bf16, head dim 128, 16 heads, B*S = 16k tokens, S in {1k, 4k, 16k}. Two layouts:
+``latent``, one bidirectional block of 64 slots after 75% of each row, and ``prefix``, the
+prefix-sharing training layout [x | P | y | Q] with K = 16 and prefix:answer 4:1.
+
+Providers, side by side in one run on one device:
+- ``amvl``: our Triton kernels (:func:`amvl_kernels.latent_attention`);
+- ``flex``: FlexAttention, compiled, with the same rule as a ``mask_mod`` (its block mask is
+  built once, outside the timing; the build time is reported as ``mask_build_ms``);
+- ``sdpa_dense``: SDPA with the dense boolean mask;
+- ``sdpa_flash_causal``: SDPA on the flash backend with ``is_causal``, the ceiling (it does
+  plain causal attention, not our mask).
+
+Reported: median ms, TFLOP/s counting only attended (query, key) pairs (forward 4*D per pair
+and head; forward+backward 3.5x that, the usual flash-attention convention), peak memory.
+
+    python -m pytest benchmarks/bench_latent_attention.py --benchmark
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import amvl_kernels as ak
+from benchmarks import common
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and not common.SMOKE,
+    reason="needs a CUDA GPU (AMVL_BENCH_SMOKE=1 checks the harness on the CPU)")
+
+TOKENS = 256 if common.SMOKE else 16 * 1024
+SEQ_LENS = [64] if common.SMOKE else [4096, 16384, 1024]  # the targets' lengths first
+HEADS, HEAD_DIM = (2, 32) if common.SMOKE else (16, 128)
+LAYOUTS = ["latent", "prefix"]
+MODES = ["fwd", "fwd+bwd"]
+PROVIDERS = ["amvl", "flex", "sdpa_dense", "sdpa_flash_causal"]
+
+
+def build_layout(name: str, batch: int, length: int, device) -> ak.LatentLayout:
+    if name == "latent":
+        slots = min(64, length // 4)
+        return ak.LatentLayout.with_latent_blocks(
+            length, [[(int(0.75 * length), slots)]] * batch).to(device)
+    slots = 16
+    answer = (length - 2 * slots) // 5
+    prompt = length - 2 * slots - answer
+    return ak.LatentLayout.prefix_sharing([prompt] * batch, [answer] * batch, slots, device)
+
+
+def attended_pairs(layout: ak.LatentLayout | None, batch: int, length: int) -> int:
+    """(query, key) pairs the mask allows, summed over the batch (per head)."""
+    if layout is None:
+        return batch * length * (length + 1) // 2
+    total = 0
+    for b in range(batch):  # one row at a time: the dense mask is S^2 bools
+        one = ak.LatentLayout(*(t[b:b + 1] for t in layout.metadata()))
+        total += int(one.dense_mask().sum())
+    return total
+
+
+def flex_mask_mod(layout: ak.LatentLayout):
+    kind, visible, block, doc = layout.metadata()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        sees = ((visible[b, q_idx] >> kind[b, kv_idx]) & 1) == 1
+        same_doc = doc[b, q_idx] == doc[b, kv_idx]
+        same_block = (block[b, q_idx] > 0) & (block[b, q_idx] == block[b, kv_idx])
+        return sees & same_doc & ((kv_idx <= q_idx) | same_block)
+
+    return mask_mod
+
+
+_flex_compiled = None
+
+
+def make_provider(provider: str, layout: ak.LatentLayout, batch: int, length: int, device):
+    """(fn(q, k, v) -> out, extra metrics, the layout whose pairs count as work)."""
+    if provider == "amvl":
+        return (lambda q, k, v: ak.latent_attention(q, k, v, layout)), {}, layout
+    if provider == "flex":
+        global _flex_compiled
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        if _flex_compiled is None:
+            _flex_compiled = flex_attention if common.SMOKE else torch.compile(flex_attention)
+        started = time.perf_counter()
+        block_mask = create_block_mask(flex_mask_mod(layout), batch, None, length, length,
+                                       device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        build_ms = (time.perf_counter() - started) * 1e3
+        return ((lambda q, k, v: _flex_compiled(q, k, v, block_mask=block_mask)),
+                {"mask_build_ms": build_ms}, layout)
+    if provider == "sdpa_dense":
+        mask = layout.dense_mask()[:, None]
+        return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), {}, \
+            layout
+    if provider == "sdpa_flash_causal":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = SDPBackend.MATH if common.SMOKE else SDPBackend.FLASH_ATTENTION
+
+        def causal(q, k, v):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        return causal, {}, None
+    raise ValueError(provider)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout_name", LAYOUTS)
+@pytest.mark.parametrize("length", SEQ_LENS, ids=lambda s: f"S{s}")
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_latent_attention(benchmark, bench_device, provider, length, layout_name, mode):
+    if provider == "flex" and mode != "fwd" and bench_device.type != "cuda":
+        pytest.skip("FlexAttention has no backward on the CPU")
+    batch = max(1, TOKENS // length)
+    dtype = torch.bfloat16 if bench_device.type == "cuda" else torch.float32
+    layout = build_layout(layout_name, batch, length, bench_device)
+    fn, extra, counted = make_provider(provider, layout, batch, length, bench_device)
+    shape = (batch, HEADS, length, HEAD_DIM)
+    q, k, v = (torch.randn(shape, device=bench_device, dtype=dtype,
+                           requires_grad=mode != "fwd") for _ in range(3))
+    grad_out = torch.randn(shape, device=bench_device, dtype=dtype)
+
+    def forward():
+        return fn(q, k, v)
+
+    def forward_backward():
+        return torch.autograd.grad(forward(), (q, k, v), grad_out)
+
+    run = forward if mode == "fwd" else forward_backward
+    median_ms = common.time_ms(run)
+    flops = 4 * HEAD_DIM * HEADS * attended_pairs(counted, batch, length)
+    if mode != "fwd":
+        flops *= 3.5
+    metrics = {"TFLOPs": flops / median_ms / 1e9,
+               "peak_MB": common.peak_memory_bytes(run) / 2**20, **extra}
+    case = f"{mode} {layout_name} S={length} B={batch}"
+    common.record("latent_attention", case, provider, median_ms, **metrics)
+    benchmark.extra_info.update(metrics, median_ms_cuda_events=median_ms)
+
+    def synced():
+        run()
+        if bench_device.type == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(synced, rounds=3 if common.SMOKE else 10, warmup_rounds=1)
