@@ -87,6 +87,7 @@ def make_provider(provider: str, layout: ak.LatentLayout, batch: int, length: in
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         if _flex_compiled is None:
+            common.allow_recompiles()  # one specialisation per length and layout
             _flex_compiled = flex_attention if common.SMOKE else torch.compile(flex_attention)
         started = time.perf_counter()
         block_mask = create_block_mask(flex_mask_mod(layout), batch, None, length, length,

@@ -89,6 +89,14 @@ def time_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float
     return statistics.median(samples)
 
 
+def allow_recompiles(limit: int = 64) -> None:
+    """Raise dynamo's recompile limit (default 8): past it a compiled function silently runs
+    eagerly, and a benchmark with many shapes would time eager code as "torch.compile"."""
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, limit)
+
+
 def graph_time_ms(fn: Callable[[], object]) -> float | None:
     """Median ms of ``fn`` replayed from a CUDA graph: GPU time without the host's launch
     overhead. None off the GPU or when ``fn`` cannot be captured."""
