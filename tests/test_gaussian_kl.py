@@ -149,8 +149,9 @@ def test_non_contiguous_inputs(backend, kind, dtype, rng_seed):
         torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-6)
     loss = sum(o.float().sum() for o in outs)
     ref_loss = sum(o.float().sum() for o in expected)
+    # Gradients may differ by an ulp too: another specialisation may contract to FMA otherwise.
     for a, b in zip(torch.autograd.grad(loss, views), torch.autograd.grad(ref_loss, contiguous)):
-        torch.testing.assert_close(a, b, **exact)
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- gradients

@@ -1,0 +1,263 @@
+"""Hugging Face drop-in: the ``"amvl"`` attention implementation for transformers 5.x models.
+
+Importing this module registers ``"amvl"`` in transformers' ``AttentionInterface`` (the
+attention function) and ``AttentionMaskInterface`` (the mask function; without it transformers
+silently drops padding for a custom implementation)::
+
+    import amvl_kernels.hf as akhf
+
+    akhf.use_amvl_attention(model)            # Llama, Qwen2, Qwen2-VL, Qwen2.5-VL, ...
+    out = model(input_ids, attention_mask=mask)                       # causal, padding honoured
+    out = model(input_ids, attention_mask=mask, latent_layout=layout)  # the latent mask
+
+Without ``latent_layout`` the attention is exact causal attention with padding honoured: the
+mask function hands on the 2D padding mask (or None) instead of a dense 4D mask, and the
+attention function turns it into ``LatentLayout.causal`` once per forward pass (all layers
+share it and its tile maps). With ``latent_layout=`` the layout is authoritative: the padding
+mask is ignored, so the layout must mark padding itself (a kind no query sees, as
+``LatentLayout.causal(..., padding_mask)`` and the other builders do). With a KV cache the
+layout covers all Lk keys, cached ones included, and the queries are its last Lq tokens.
+
+What the kernel cannot express without a layout (packed sequences detected from
+``position_ids``, custom mask overlays, a user-supplied 4D mask, a static cache whose queries are
+not the last keys, non-causal modules) runs on transformers' own SDPA with the dense mask it
+builds, with a warning. Dropout, active sliding windows, logit soft-capping and attention sinks
+raise an error instead: the result would silently differ from the model's.
+
+The backend defaults to ``"auto"`` (Triton on a GPU, the PyTorch reference on the CPU); change it
+with :func:`set_backend` or the ``AMVL_ATTENTION_BACKEND`` environment variable.
+
+Works on transformers 5.17 through 5.24 (only public interfaces are used). This module imports
+transformers; ``import amvl_kernels`` alone does not.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+from amvl_kernels._validation import check_choice
+from amvl_kernels.latent_attention import latent_attention
+from amvl_kernels.layout import LatentLayout
+
+NAME = "amvl"
+HF_BACKENDS = ("auto", "triton", "torch")
+
+_backend = check_choice("AMVL_ATTENTION_BACKEND", os.environ.get("AMVL_ATTENTION_BACKEND", "auto"),
+                        HF_BACKENDS)
+
+
+def set_backend(backend: str) -> str:
+    """Select the backend of every ``"amvl"`` attention call; returns the previous one.
+
+    ``"auto"`` (default): Triton on a GPU, the PyTorch reference on the CPU. ``"triton"``:
+    the kernel everywhere (on the CPU it needs ``TRITON_INTERPRET=1`` and is slow: for tests).
+    ``"torch"``: the dense-mask reference.
+    """
+    global _backend
+    previous, _backend = _backend, check_choice("backend", backend, HF_BACKENDS)
+    return previous
+
+
+def get_backend() -> str:
+    """The backend ``"amvl"`` attention calls use now."""
+    return _backend
+
+
+# ----------------------------------------------------------------------------- per-forward cache
+
+
+class _OneEntryCache:
+    """Remembers the value built for the last source object (a mask tensor or a layout).
+
+    Every layer of a forward pass receives the same mask object, so keying on its identity
+    builds the layout (and its tile maps) once per pass. A weak reference, not the id: an id
+    can be reused by a new tensor after the old one is freed, and a strong reference would
+    keep the last pass's mask alive.
+    """
+
+    def __init__(self) -> None:
+        self._source: weakref.ref | None = None
+        self._key: tuple = ()
+        self._value: LatentLayout | None = None
+
+    def get(self, source: object, key: tuple, build: Callable[[], LatentLayout]) -> LatentLayout:
+        if self._source is not None and self._source() is source and self._key == key:
+            return self._value
+        value = build()
+        self._source, self._key, self._value = weakref.ref(source), key, value
+        return value
+
+
+_padding_layouts = _OneEntryCache()
+_moved_layouts = _OneEntryCache()
+
+
+# ----------------------------------------------------------------------------- mask function
+
+
+def amvl_attention_mask(batch_size: int, q_length: int, kv_length: int,
+                        q_offset: int | Tensor = 0, kv_offset: int = 0,
+                        mask_function: Callable = causal_mask_function,
+                        attention_mask: Tensor | None = None, **kwargs) -> Tensor | None:
+    """The ``AttentionMaskInterface`` entry: what the attention function receives as mask.
+
+    Plain causal attention whose queries are the last keys (no cache, or a dynamic cache)
+    gives None without padding, else the (B, kv_length) bool padding mask (True = real token).
+    Anything else (packed sequences, overlays, sliding or chunked windows, a static cache)
+    gives the dense 4D mask of transformers' ``sdpa_mask``: the attention function then runs
+    SDPA on it, or raises if the module asks for something it cannot honour.
+    """
+    if isinstance(q_offset, Tensor):  # static caches hand a tensor (one host sync per pass)
+        q_offset = int(q_offset)
+    queries_are_last = q_offset + q_length == kv_offset + kv_length
+    if mask_function is not causal_mask_function or not queries_are_last:
+        kwargs["allow_is_causal_skip"] = False  # always materialise: None would mean "causal"
+        return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
+                         q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
+                         attention_mask=attention_mask, **kwargs)
+    if attention_mask is None:
+        return None
+    mask = attention_mask.bool()
+    # The 2D mask may be shorter than the keys (transformers pads it with "padding" then).
+    missing = kv_offset + kv_length - mask.shape[-1]
+    if missing > 0:
+        mask = torch.nn.functional.pad(mask, (0, missing), value=False)
+    mask = mask[:, kv_offset:kv_offset + kv_length]
+    return None if bool(mask.all()) else mask
+
+
+# ----------------------------------------------------------------------------- attention function
+
+
+def _check_supported(module: torch.nn.Module, num_keys: int, dropout: float, kwargs: dict) -> None:
+    """Raise for what the kernel would silently get wrong."""
+    if dropout and dropout > 0 and getattr(module, "training", True):
+        raise NotImplementedError(
+            f"'amvl' attention has no dropout, but {type(module).__name__} asks for "
+            f"dropout={dropout} in training mode: set the config's attention_dropout to 0.0")
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    if window is not None and num_keys > window:
+        raise NotImplementedError(
+            f"'amvl' attention has no sliding window, but {type(module).__name__} asks for a "
+            f"window of {window} over {num_keys} keys: use another implementation (or disable "
+            "sliding windows, e.g. use_sliding_window=False)")
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError(
+            f"'amvl' attention has no logit soft-capping (softcap={kwargs['softcap']})")
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("'amvl' attention has no attention sinks (s_aux)")
+
+
+def _user_layout(layout: object, query: Tensor, key: Tensor) -> LatentLayout:
+    if not isinstance(layout, LatentLayout):
+        raise TypeError(f"latent_layout must be an amvl_kernels LatentLayout, got "
+                        f"{type(layout).__name__}")
+    batch, num_keys = key.shape[0], key.shape[2]
+    if (layout.batch, layout.length) != (batch, num_keys):
+        raise ValueError(
+            f"latent_layout is for (batch, length) = {(layout.batch, layout.length)} but this "
+            f"attention call has batch {batch} and {num_keys} keys ({query.shape[2]} queries): "
+            "with a KV cache the layout must cover every key, cached ones included")
+    if layout.device != query.device:  # move once per pass, not once per layer
+        return _moved_layouts.get(layout, (query.device,), lambda: layout.to(query.device))
+    return layout
+
+
+def _sdpa_fallback(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                   attention_mask: Tensor | None, scaling: float | None, why: str,
+                   kwargs: dict) -> tuple[Tensor, None]:
+    warnings.warn(f"'amvl' attention: {why}; running transformers' SDPA with a dense mask "
+                  "instead (pass latent_layout= to use the amvl kernel)", stacklevel=3)
+    kwargs = {k: v for k, v in kwargs.items() if k != "latent_layout"}
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
+                                  scaling=scaling, **kwargs)
+
+
+def amvl_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                           attention_mask: Tensor | None, scaling: float | None = None,
+                           dropout: float = 0.0, **kwargs) -> tuple[Tensor, None]:
+    """The ``AttentionInterface`` entry.
+
+    query: (B, Hq, Lq, D); key, value: (B, Hkv, Lk, D), grouped heads unexpanded, the queries
+    the last Lq of the Lk keys. ``attention_mask`` is what :func:`amvl_attention_mask`
+    returned. ``kwargs["latent_layout"]``, when the caller passed one to ``model(...)``, is a
+    :class:`LatentLayout` over the Lk keys and overrides the mask. Returns ((B, Lq, Hq, D), None):
+    no attention weights.
+    """
+    _check_supported(module, key.shape[2], dropout, kwargs)
+    layout = kwargs.get("latent_layout")
+    if layout is not None:
+        layout = _user_layout(layout, query, key)
+    else:
+        is_causal = kwargs.get("is_causal")
+        if is_causal is None:
+            is_causal = getattr(module, "is_causal", True)
+        if attention_mask is not None and attention_mask.dim() != 2:
+            return _sdpa_fallback(module, query, key, value, attention_mask, scaling,
+                                  "the mask is not plain causal with padding", kwargs)
+        if not is_causal:
+            if attention_mask is not None:
+                raise ValueError(f"{type(module).__name__} is not causal but received a 2D "
+                                 "padding mask from the 'amvl' mask function")
+            return _sdpa_fallback(module, query, key, value, None, scaling,
+                                  f"{type(module).__name__} is not causal", kwargs)
+        if attention_mask is not None:
+            batch, num_keys = key.shape[0], key.shape[2]
+            if tuple(attention_mask.shape) != (batch, num_keys):
+                raise ValueError(f"the padding mask has shape {tuple(attention_mask.shape)} but "
+                                 f"the keys are (batch, length) = {(batch, num_keys)}")
+            layout = _padding_layouts.get(
+                attention_mask, (num_keys,),
+                lambda: LatentLayout.causal(batch, num_keys, attention_mask))
+    out = latent_attention(query, key, value, layout=layout, scale=scaling, backend=_backend)
+    return out.transpose(1, 2).contiguous(), None
+
+
+# ----------------------------------------------------------------------------- model helper
+
+
+def use_amvl_attention(model: torch.nn.Module, vision_attention: str | None = "sdpa"
+                       ) -> torch.nn.Module:
+    """Switch ``model``'s language model to ``"amvl"`` attention; returns ``model``.
+
+    Text-only models (Llama, Qwen2, ...) switch entirely. Multimodal models (Qwen2-VL,
+    Qwen2.5-VL, LLaVA, ...) switch only the sub-model of ``config.get_text_config()``; every
+    other sub-model (the vision tower) gets ``vision_attention`` ("sdpa" by default, None keeps
+    its current implementation). The vision tower attends bidirectionally within each image,
+    which the latent kernel is not for, and never sees ``latent_layout``.
+    """
+    config = model.config
+    text_config = config.get_text_config()
+    if text_config is config:
+        model.set_attn_implementation(NAME)
+        return model
+    choice: dict[str, str] = {}
+    for name in getattr(config, "sub_configs", {}):
+        sub = getattr(config, name, None)
+        if sub is None:
+            continue
+        if sub is text_config:
+            choice[name] = NAME
+        else:
+            choice[name] = vision_attention or sub._attn_implementation
+    if NAME not in choice.values():
+        raise ValueError(f"cannot find the text sub-config of {type(config).__name__} among "
+                         f"{list(getattr(config, 'sub_configs', {}))}")
+    model.set_attn_implementation(choice)
+    return model
+
+
+AttentionInterface.register(NAME, amvl_attention_forward)
+AttentionMaskInterface.register(NAME, amvl_attention_mask)
+
+__all__ = ["HF_BACKENDS", "NAME", "amvl_attention_forward", "amvl_attention_mask", "get_backend",
+           "set_backend", "use_amvl_attention"]
