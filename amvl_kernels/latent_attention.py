@@ -9,7 +9,8 @@ Kernels, launchers and autograd in one file:
 - ``_attention_bwd_dq``: one query tile per program, looping over the key tiles.
 
 Every kernel walks only the tiles that the layout's :class:`~amvl_kernels.layout.TileMap`
-marks non-empty, and applies the mask rule only on PARTIAL tiles. Without a layout the kernels
+marks non-empty, in two branch-free loops over index lists (FULL tiles without mask
+arithmetic, then PARTIAL tiles with the rule), so the compiler can pipeline the tile loads. Without a layout the kernels
 are plain causal attention, the diagonal tiles being the partial ones. Queries are the last Lq
 of the Lk keys (a KV cache), Lq = 1 included.
 
@@ -40,6 +41,14 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:  # fp32 inputs: true fp32 products, not tf32
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
 def _allowed(pos_i, vis_i, blk_i, doc_i, offs_n, LK, KIND, BLK, DOC, meta_row,
              HAS_LAYOUT: tl.constexpr):
     """(BLOCK_M, BLOCK_N) mask of the rule for query rows i and keys offs_n of one row b."""
@@ -58,8 +67,60 @@ def _allowed(pos_i, vis_i, blk_i, doc_i, offs_n, LK, KIND, BLK, DOC, meta_row,
 
 
 @triton.jit
+def _row_tiles(pid_m, b, LQ, LK, N_M, N_N, ROW_FULL_COUNT, ROW_PARTIAL_COUNT,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LAYOUT: tl.constexpr):
+    """(number of FULL key tiles, number of PARTIAL key tiles, list offset) of query tile
+    pid_m. Without a layout: causal, the key tiles wholly at or before the tile's first query
+    are full, the rest up to its last query partial."""
+    if HAS_LAYOUT:
+        tile_row = b.to(tl.int64) * N_M + pid_m
+        n_full = tl.load(ROW_FULL_COUNT + tile_row)
+        n_partial = tl.load(ROW_PARTIAL_COUNT + tile_row)
+        base = tile_row * N_N
+    else:
+        first_query = LK - LQ + pid_m * BLOCK_M
+        n_full = (first_query + 1) // BLOCK_N
+        n_end = tl.cdiv(tl.minimum(first_query + BLOCK_M, LK), BLOCK_N)
+        n_partial = n_end - n_full
+        base = pid_m.to(tl.int64) * 0
+    return n_full, n_partial, base
+
+
+@triton.jit
+def _fwd_tile(q, acc, m_i, l_i, k_base, v_base, n_tile, offs_d, d_ok, s_kn, s_kd, s_vn, s_vd,
+              LK, scale_log2, pos_i, vis_i, blk_i, doc_i, KIND, BLK, DOC, meta_row,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LAYOUT: tl.constexpr,
+              UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """One key tile of the online softmax."""
+    offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    if MASKED:
+        kv_ok = (offs_n < LK)[:, None] & d_ok[None, :]
+    else:
+        kv_ok = d_ok[None, :]
+    k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_ok, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_ok, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = _dot(q, tl.trans(k), IEEE) * scale_log2
+    if MASKED:
+        ok = _allowed(pos_i, vis_i, blk_i, doc_i, offs_n, LK, KIND, BLK, DOC, meta_row,
+                      HAS_LAYOUT)
+        s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen nothing yet keeps m = -inf; shift by 0 there, not by -inf.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _attention_fwd(
-    Q, K, V, O, LSE, KIND, VIS, BLK, DOC, CLS, ROW_BEGIN, ROW_END,
+    Q, K, V, O, LSE, KIND, VIS, BLK, DOC,
+    ROW_FULL, ROW_FULL_COUNT, ROW_PARTIAL, ROW_PARTIAL_COUNT,
     scale_log2,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     s_ob, s_oh, s_om, s_od,
@@ -73,12 +134,11 @@ def _attention_fwd(
     b = pid_bh // HQ
     h = pid_bh % HQ
     hk = h // GROUP
-    offset = LK - LQ
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < LQ
     d_ok = offs_d < HEAD_DIM
-    pos_i = offset + offs_m
+    pos_i = LK - LQ + offs_m
     meta_row = b.to(tl.int64) * LK
 
     q = tl.load(Q + b.to(tl.int64) * s_qb + h * s_qh + offs_m[:, None] * s_qm
@@ -87,59 +147,39 @@ def _attention_fwd(
         q = q.to(tl.float32)
     k_base = K + b.to(tl.int64) * s_kb + hk * s_kh
     v_base = V + b.to(tl.int64) * s_vb + hk * s_vh
-
     if HAS_LAYOUT:
         vis_i = tl.load(VIS + meta_row + pos_i, mask=row_ok, other=0)
         blk_i = tl.load(BLK + meta_row + pos_i, mask=row_ok, other=0)
         doc_i = tl.load(DOC + meta_row + pos_i, mask=row_ok, other=0)
-        tile_row = b.to(tl.int64) * N_M + pid_m
-        n_begin = tl.load(ROW_BEGIN + tile_row)
-        n_end = tl.load(ROW_END + tile_row)
     else:
         vis_i = offs_m
         blk_i = offs_m
         doc_i = offs_m
-        tile_row = pid_m
-        n_begin = 0
-        n_end = tl.cdiv(tl.minimum(offset + (pid_m + 1) * BLOCK_M, LK), BLOCK_N)
+    n_full, n_partial, base = _row_tiles(pid_m, b, LQ, LK, N_M, N_N, ROW_FULL_COUNT,
+                                         ROW_PARTIAL_COUNT, BLOCK_M, BLOCK_N, HAS_LAYOUT)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for n_tile in range(n_begin, n_end):
+    # Two branch-free loops, full tiles without mask arithmetic, then partial tiles.
+    for it in range(0, n_full):
         if HAS_LAYOUT:
-            cls = tl.load(CLS + tile_row * N_N + n_tile)
-        else:  # partial where the key tile reaches past the tile's first query, or past LK
-            cls = tl.where((n_tile + 1) * BLOCK_N - 1 > offset + pid_m * BLOCK_M, 1, 2)
-        if cls != 0:
-            offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            kv_ok = (offs_n < LK)[:, None] & d_ok[None, :]
-            k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_ok,
-                        other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_ok,
-                        other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
-            else:
-                s = tl.dot(q, tl.trans(k)) * scale_log2
-            if cls == 1:
-                ok = _allowed(pos_i, vis_i, blk_i, doc_i, offs_n, LK, KIND, BLK, DOC,
-                              meta_row, HAS_LAYOUT)
-                s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A row that has seen nothing yet keeps m = -inf; shift by 0 there, not by -inf.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            n_tile = tl.load(ROW_FULL + base + it)
+        else:
+            n_tile = it
+        acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, k_base, v_base, n_tile, offs_d, d_ok,
+                                  s_kn, s_kd, s_vn, s_vd, LK, scale_log2, pos_i, vis_i, blk_i,
+                                  doc_i, KIND, BLK, DOC, meta_row, BLOCK_N, False, HAS_LAYOUT,
+                                  UPCAST, IEEE)
+    for it in range(0, n_partial):
+        if HAS_LAYOUT:
+            n_tile = tl.load(ROW_PARTIAL + base + it)
+        else:
+            n_tile = n_full + it
+        acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, k_base, v_base, n_tile, offs_d, d_ok,
+                                  s_kn, s_kd, s_vn, s_vd, LK, scale_log2, pos_i, vis_i, blk_i,
+                                  doc_i, KIND, BLK, DOC, meta_row, BLOCK_N, True, HAS_LAYOUT,
+                                  UPCAST, IEEE)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -151,8 +191,49 @@ def _attention_fwd(
 
 
 @triton.jit
+def _dkdv_tile(k, v, dk, dv, q_base, do_base, row_base, m_tile, n_start, offs_d, d_ok,
+               s_qm, s_qd, s_dm, s_dd, LSE, DELTA, LQ, LK, scale_log2,
+               VIS, BLK, DOC, KIND, meta_row,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+               HAS_LAYOUT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """One query tile's contribution to the dk, dv of a key tile."""
+    offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < LQ
+    q_ok = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, mask=q_ok, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * s_dm + offs_d[None, :] * s_dd, mask=q_ok,
+                 other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    # Rows past LQ or that saw nothing have lse = +inf: probability 0.
+    lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+    p = tl.math.exp2(_dot(q, tl.trans(k), IEEE) * scale_log2 - lse[:, None])
+    if MASKED:
+        pos_i = LK - LQ + offs_m
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        if HAS_LAYOUT:
+            vis_i = tl.load(VIS + meta_row + pos_i, mask=row_ok, other=0)
+            blk_i = tl.load(BLK + meta_row + pos_i, mask=row_ok, other=0)
+            doc_i = tl.load(DOC + meta_row + pos_i, mask=row_ok, other=0)
+        else:
+            vis_i = offs_m
+            blk_i = offs_m
+            doc_i = offs_m
+        ok = _allowed(pos_i, vis_i, blk_i, doc_i, offs_n, LK, KIND, BLK, DOC, meta_row,
+                      HAS_LAYOUT)
+        p = tl.where(ok, p, 0.0)
+    dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+    ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+    dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+    return dk, dv
+
+
+@triton.jit
 def _attention_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KIND, VIS, BLK, DOC, CLS, COL_BEGIN, COL_END,
+    Q, K, V, DO, LSE, DELTA, DK, DV, KIND, VIS, BLK, DOC,
+    COL_FULL, COL_FULL_COUNT, COL_PARTIAL, COL_PARTIAL_COUNT,
     scale, scale_log2,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     s_db, s_dh, s_dm, s_dd, s_tb, s_th, s_tn, s_td,
@@ -166,7 +247,8 @@ def _attention_bwd_dkdv(
     b = pid_bh // HKV
     hk = pid_bh % HKV
     offset = LK - LQ
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_start = pid_n * BLOCK_N
+    offs_n = n_start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     kv_ok = (offs_n < LK)[:, None] & d_ok[None, :]
@@ -180,74 +262,83 @@ def _attention_bwd_dkdv(
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     if HAS_LAYOUT:
-        m_begin = tl.load(COL_BEGIN + b.to(tl.int64) * N_N + pid_n)
-        m_end = tl.load(COL_END + b.to(tl.int64) * N_N + pid_n)
-    else:  # the first query tile holding a query at or after this tile's first key
-        m_begin = tl.maximum(pid_n * BLOCK_N - offset, 0) // BLOCK_M
-        m_end = tl.cdiv(LQ, BLOCK_M)
+        tile_col = b.to(tl.int64) * N_N + pid_n
+        m_full = tl.load(COL_FULL_COUNT + tile_col)
+        m_partial = tl.load(COL_PARTIAL_COUNT + tile_col)
+        base = tile_col * N_M
+        m_first = m_full * 0
+        m_full_first = m_full * 0
+    else:
+        # Causal: query tiles from the one holding this tile's first key; those whose first
+        # query is at or after this tile's last key are full (unless the tile runs past LK).
+        m_first = tl.maximum(n_start - offset, 0) // BLOCK_M
+        m_full_first = tl.cdiv(tl.maximum(n_start + BLOCK_N - 1 - offset, 0), BLOCK_M)
+        m_full_first = tl.minimum(m_full_first, N_M)
+        if n_start + BLOCK_N > LK:
+            m_full_first = N_M
+        m_partial = m_full_first - m_first
+        m_full = N_M - m_full_first
+        base = pid_n.to(tl.int64) * 0
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for g in range(0, GROUP):
+    for g in range(0, GROUP):  # the query heads of this KV head: reduced here, no atomics
         h = hk * GROUP + g
         q_base = Q + b.to(tl.int64) * s_qb + h * s_qh
         do_base = DO + b.to(tl.int64) * s_db + h * s_dh
         row_base = (b.to(tl.int64) * HQ + h) * LQ
-        for m_tile in range(m_begin, m_end):
+        for it in range(0, m_full):
             if HAS_LAYOUT:
-                cls = tl.load(CLS + (b.to(tl.int64) * N_M + m_tile) * N_N + pid_n)
+                m_tile = tl.load(COL_FULL + base + it)
             else:
-                cls = tl.where((pid_n + 1) * BLOCK_N - 1 > offset + m_tile * BLOCK_M, 1, 2)
-            if cls != 0:
-                offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-                row_ok = offs_m < LQ
-                q_ok = row_ok[:, None] & d_ok[None, :]
-                q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, mask=q_ok,
-                            other=0.0)
-                do = tl.load(do_base + offs_m[:, None] * s_dm + offs_d[None, :] * s_dd,
-                             mask=q_ok, other=0.0)
-                if UPCAST:
-                    q = q.to(tl.float32)
-                    do = do.to(tl.float32)
-                # Rows past LQ or that saw nothing have lse = +inf: probability 0.
-                lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
-                delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
-                if IEEE:
-                    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
-                else:
-                    s = tl.dot(q, tl.trans(k)) * scale_log2
-                p = tl.math.exp2(s - lse[:, None])
-                if cls == 1:
-                    pos_i = offset + offs_m
-                    vis_i = offs_m
-                    blk_i = offs_m
-                    doc_i = offs_m
-                    if HAS_LAYOUT:
-                        vis_i = tl.load(VIS + meta_row + pos_i, mask=row_ok, other=0)
-                        blk_i = tl.load(BLK + meta_row + pos_i, mask=row_ok, other=0)
-                        doc_i = tl.load(DOC + meta_row + pos_i, mask=row_ok, other=0)
-                    ok = _allowed(pos_i, vis_i, blk_i, doc_i, offs_n, LK, KIND, BLK, DOC,
-                                  meta_row, HAS_LAYOUT)
-                    p = tl.where(ok, p, 0.0)
-                if IEEE:
-                    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
-                    dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-                else:
-                    dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-                    dp = tl.dot(do, tl.trans(v))
-                ds = p * (dp - delta[:, None])
-                if IEEE:
-                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
-                else:
-                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+                m_tile = m_full_first + it
+            dk, dv = _dkdv_tile(k, v, dk, dv, q_base, do_base, row_base, m_tile, n_start,
+                                offs_d, d_ok, s_qm, s_qd, s_dm, s_dd, LSE, DELTA, LQ, LK,
+                                scale_log2, VIS, BLK, DOC, KIND, meta_row, BLOCK_M, BLOCK_N,
+                                False, HAS_LAYOUT, UPCAST, IEEE)
+        for it in range(0, m_partial):
+            if HAS_LAYOUT:
+                m_tile = tl.load(COL_PARTIAL + base + it)
+            else:
+                m_tile = m_first + it
+            dk, dv = _dkdv_tile(k, v, dk, dv, q_base, do_base, row_base, m_tile, n_start,
+                                offs_d, d_ok, s_qm, s_qd, s_dm, s_dd, LSE, DELTA, LQ, LK,
+                                scale_log2, VIS, BLK, DOC, KIND, meta_row, BLOCK_M, BLOCK_N,
+                                True, HAS_LAYOUT, UPCAST, IEEE)
     out = b.to(tl.int64) * s_tb + hk * s_th + offs_n[:, None] * s_tn + offs_d[None, :] * s_td
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
 @triton.jit
+def _dq_tile(q, do, dq, lse, delta, k_base, v_base, n_tile, offs_d, d_ok, s_kn, s_kd, s_vn,
+             s_vd, LK, scale_log2, pos_i, vis_i, blk_i, doc_i, KIND, BLK, DOC, meta_row,
+             BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LAYOUT: tl.constexpr,
+             UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """One key tile's contribution to the dq of a query tile."""
+    offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    if MASKED:
+        kv_ok = (offs_n < LK)[:, None] & d_ok[None, :]
+    else:
+        kv_ok = d_ok[None, :]
+    k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_ok, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_ok, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    p = tl.math.exp2(_dot(q, tl.trans(k), IEEE) * scale_log2 - lse[:, None])
+    if MASKED:
+        ok = _allowed(pos_i, vis_i, blk_i, doc_i, offs_n, LK, KIND, BLK, DOC, meta_row,
+                      HAS_LAYOUT)
+        p = tl.where(ok, p, 0.0)
+    ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+    return dq + _dot(ds.to(k.dtype), k, IEEE)
+
+
+@triton.jit
 def _attention_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, KIND, VIS, BLK, DOC, CLS, ROW_BEGIN, ROW_END,
+    Q, K, V, DO, LSE, DELTA, DQ, KIND, VIS, BLK, DOC,
+    ROW_FULL, ROW_FULL_COUNT, ROW_PARTIAL, ROW_PARTIAL_COUNT,
     scale, scale_log2,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     s_db, s_dh, s_dm, s_dd, s_gb, s_gh, s_gm, s_gd,
@@ -261,13 +352,12 @@ def _attention_bwd_dq(
     b = pid_bh // HQ
     h = pid_bh % HQ
     hk = h // GROUP
-    offset = LK - LQ
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < LQ
     d_ok = offs_d < HEAD_DIM
     q_ok = row_ok[:, None] & d_ok[None, :]
-    pos_i = offset + offs_m
+    pos_i = LK - LQ + offs_m
     meta_row = b.to(tl.int64) * LK
 
     q = tl.load(Q + b.to(tl.int64) * s_qb + h * s_qh + offs_m[:, None] * s_qm
@@ -285,49 +375,30 @@ def _attention_bwd_dq(
         vis_i = tl.load(VIS + meta_row + pos_i, mask=row_ok, other=0)
         blk_i = tl.load(BLK + meta_row + pos_i, mask=row_ok, other=0)
         doc_i = tl.load(DOC + meta_row + pos_i, mask=row_ok, other=0)
-        tile_row = b.to(tl.int64) * N_M + pid_m
-        n_begin = tl.load(ROW_BEGIN + tile_row)
-        n_end = tl.load(ROW_END + tile_row)
     else:
         vis_i = offs_m
         blk_i = offs_m
         doc_i = offs_m
-        tile_row = pid_m
-        n_begin = 0
-        n_end = tl.cdiv(tl.minimum(offset + (pid_m + 1) * BLOCK_M, LK), BLOCK_N)
+    n_full, n_partial, base = _row_tiles(pid_m, b, LQ, LK, N_M, N_N, ROW_FULL_COUNT,
+                                         ROW_PARTIAL_COUNT, BLOCK_M, BLOCK_N, HAS_LAYOUT)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for n_tile in range(n_begin, n_end):
+    for it in range(0, n_full):
         if HAS_LAYOUT:
-            cls = tl.load(CLS + tile_row * N_N + n_tile)
+            n_tile = tl.load(ROW_FULL + base + it)
         else:
-            cls = tl.where((n_tile + 1) * BLOCK_N - 1 > offset + pid_m * BLOCK_M, 1, 2)
-        if cls != 0:
-            offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            kv_ok = (offs_n < LK)[:, None] & d_ok[None, :]
-            k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_ok,
-                        other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_ok,
-                        other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
-                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k)) * scale_log2
-                dp = tl.dot(do, tl.trans(v))
-            p = tl.math.exp2(s - lse[:, None])
-            if cls == 1:
-                ok = _allowed(pos_i, vis_i, blk_i, doc_i, offs_n, LK, KIND, BLK, DOC,
-                              meta_row, HAS_LAYOUT)
-                p = tl.where(ok, p, 0.0)
-            ds = p * (dp - delta[:, None])
-            if IEEE:
-                dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-            else:
-                dq += tl.dot(ds.to(k.dtype), k)
+            n_tile = it
+        dq = _dq_tile(q, do, dq, lse, delta, k_base, v_base, n_tile, offs_d, d_ok, s_kn, s_kd,
+                      s_vn, s_vd, LK, scale_log2, pos_i, vis_i, blk_i, doc_i, KIND, BLK, DOC,
+                      meta_row, BLOCK_N, False, HAS_LAYOUT, UPCAST, IEEE)
+    for it in range(0, n_partial):
+        if HAS_LAYOUT:
+            n_tile = tl.load(ROW_PARTIAL + base + it)
+        else:
+            n_tile = n_full + it
+        dq = _dq_tile(q, do, dq, lse, delta, k_base, v_base, n_tile, offs_d, d_ok, s_kn, s_kd,
+                      s_vn, s_vd, LK, scale_log2, pos_i, vis_i, blk_i, doc_i, KIND, BLK, DOC,
+                      meta_row, BLOCK_N, True, HAS_LAYOUT, UPCAST, IEEE)
     tl.store(DQ + b.to(tl.int64) * s_gb + h * s_gh + offs_m[:, None] * s_gm
              + offs_d[None, :] * s_gd, (dq * scale).to(DQ.dtype.element_ty), mask=q_ok)
 
@@ -361,8 +432,9 @@ def _block_d(head_dim: int) -> int:
 
 def _tile_tensors(layout: LatentLayout | None, lq: int, head_dim: int, dtype: torch.dtype,
                   device: torch.device) -> list[Tensor]:
-    """[meta (4, B, Lk) int32, fwd classes, fwd row ranges (2), bwd classes, bwd row ranges
-    (2), bwd column ranges (2)]: what the kernels read; [] without a layout."""
+    """What the kernels read of a layout, as one flat list (a custom op takes list[Tensor]):
+    [meta (4, B, Lk) int32, the forward tile map's row lists (4), the backward tile map's row
+    lists (4) and column lists (4)]. [] without a layout."""
     if layout is None:
         return []
     fm, fn, _, _ = _tile_config(head_dim, dtype, backward=False)
@@ -370,8 +442,10 @@ def _tile_tensors(layout: LatentLayout | None, lq: int, head_dim: int, dtype: to
     fwd: TileMap = layout.tile_map(lq, fm, fn)
     bwd: TileMap = layout.tile_map(lq, bm, bn)
     meta = torch.stack(layout.metadata())
-    return [t.to(device) for t in (meta, fwd.classes, fwd.row_begin, fwd.row_end, bwd.classes,
-                                   bwd.row_begin, bwd.row_end, bwd.col_begin, bwd.col_end)]
+    return [t.to(device) for t in (
+        meta, fwd.row_full, fwd.row_full_count, fwd.row_partial, fwd.row_partial_count,
+        bwd.row_full, bwd.row_full_count, bwd.row_partial, bwd.row_partial_count,
+        bwd.col_full, bwd.col_full_count, bwd.col_partial, bwd.col_partial_count)]
 
 
 def _meta_args(tiles: list[Tensor], dummy: Tensor) -> tuple[Tensor, ...]:
@@ -392,11 +466,10 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, tiles: list[Tensor], scale: float
     lse = torch.empty((batch, hq, lq), dtype=torch.float32, device=q.device)
     bm, bn, warps, stages = _tile_config(d, q.dtype, backward=False)
     n_m, n_n = triton.cdiv(lq, bm), triton.cdiv(lk, bn)
-    dummy = lse
-    kind, vis, blk, doc = _meta_args(tiles, dummy)
-    cls, row_begin, row_end = tiles[1:4] if tiles else (dummy,) * 3
+    kind, vis, blk, doc = _meta_args(tiles, lse)
+    rows = tiles[1:5] if tiles else (lse,) * 4  # lse stands in for absent pointers: never read
     _attention_fwd[(n_m, batch * hq)](
-        q, k, v, out, lse, kind, vis, blk, doc, cls, row_begin, row_end,
+        q, k, v, out, lse, kind, vis, blk, doc, *rows,
         scale * _LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         hq, hq // hkv, lq, lk, n_m, n_n,
         HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=bm, BLOCK_N=bn, HAS_LAYOUT=bool(tiles),
@@ -418,19 +491,17 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     bm, bn, warps, stages = _tile_config(d, q.dtype, backward=True)
     n_m, n_n = triton.cdiv(lq, bm), triton.cdiv(lk, bn)
     kind, vis, blk, doc = _meta_args(tiles, delta)
-    if tiles:
-        cls, row_begin, row_end, col_begin, col_end = tiles[4:9]
-    else:
-        cls = row_begin = row_end = col_begin = col_end = delta
+    rows = tiles[5:9] if tiles else (delta,) * 4
+    cols = tiles[9:13] if tiles else (delta,) * 4
     common = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=bm, BLOCK_N=bn,
                   HAS_LAYOUT=bool(tiles), UPCAST=triton_interpreted(),
                   IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
     _attention_bwd_dkdv[(n_n, batch * hkv)](
-        q, k, v, grad_out, lse, delta, dk, dv, kind, vis, blk, doc, cls, col_begin, col_end,
+        q, k, v, grad_out, lse, delta, dk, dv, kind, vis, blk, doc, *cols,
         scale, scale * _LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
         *_strides(dk), hq, hkv, hq // hkv, lq, lk, n_m, n_n, **common)
     _attention_bwd_dq[(n_m, batch * hq)](
-        q, k, v, grad_out, lse, delta, dq, kind, vis, blk, doc, cls, row_begin, row_end,
+        q, k, v, grad_out, lse, delta, dq, kind, vis, blk, doc, *rows,
         scale, scale * _LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
         *_strides(dq), hq, hq // hkv, lq, lk, n_m, n_n, **common)
     return dq, dk, dv

@@ -51,30 +51,33 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 
 @dataclass(frozen=True)
 class TileMap:
-    """Classes of (query tile, key tile) pairs for one tile shape and one query length.
+    """Classes of (query tile, key tile) pairs for one tile shape and one query length, and
+    the same as index lists the kernels loop over without branching (so their loads pipeline).
 
     classes: (B, n_query_tiles, n_key_tiles) int8, EMPTY / PARTIAL / FULL.
-    row_begin, row_end: (B, n_query_tiles) int32, the range of key tiles holding every
-        non-empty pair of a query tile (empty range when the tile sees nothing).
-    col_begin, col_end: (B, n_key_tiles) int32, the range of query tiles holding every
-        non-empty pair of a key tile.
+    row_full, row_partial: (B, n_query_tiles, n_key_tiles) int32; row m lists, ascending, the
+        key tiles whose pair with query tile m is FULL (PARTIAL); the first
+        ``row_full_count[b, m]`` (``row_partial_count``) entries are valid.
+    col_full, col_partial: (B, n_key_tiles, n_query_tiles) int32, the same per key tile, with
+        ``col_full_count`` and ``col_partial_count`` (B, n_key_tiles).
     """
 
     classes: Tensor
-    row_begin: Tensor
-    row_end: Tensor
-    col_begin: Tensor
-    col_end: Tensor
+    row_full: Tensor
+    row_full_count: Tensor
+    row_partial: Tensor
+    row_partial_count: Tensor
+    col_full: Tensor
+    col_full_count: Tensor
+    col_partial: Tensor
+    col_partial_count: Tensor
 
 
-def _first_last(nonempty: Tensor) -> tuple[Tensor, Tensor]:
-    """[begin, end) of the True entries along the last dim; (0, 0) where there are none."""
-    n = nonempty.shape[-1]
-    index = torch.arange(n, device=nonempty.device, dtype=torch.int32)
-    any_ = nonempty.any(-1)
-    begin = torch.where(nonempty, index, n).amin(-1)
-    end = torch.where(nonempty, index + 1, 0).amax(-1)
-    return torch.where(any_, begin, 0).to(torch.int32), end.to(torch.int32)
+def _index_lists(selected: Tensor) -> tuple[Tensor, Tensor]:
+    """For a (B, R, C) bool tensor: per row, the selected column indices first, ascending
+    (a stable sort of the negation), and their count."""
+    order = torch.sort((~selected).to(torch.int8), dim=-1, stable=True).indices
+    return order.to(torch.int32).contiguous(), selected.sum(-1).to(torch.int32).contiguous()
 
 
 @dataclass(eq=False)
@@ -321,10 +324,11 @@ class LatentLayout:
         full &= ks.whole[:, None, :]
 
         classes = torch.where(full, FULL, torch.where(maybe, PARTIAL, EMPTY)).to(torch.int8)
-        row_begin, row_end = _first_last(classes != EMPTY)
-        col_begin, col_end = _first_last((classes != EMPTY).transpose(1, 2))
-        return TileMap(classes.contiguous(), row_begin.contiguous(), row_end.contiguous(),
-                       col_begin.contiguous(), col_end.contiguous())
+        partial = classes == PARTIAL
+        full = classes == FULL
+        return TileMap(classes.contiguous(), *_index_lists(full), *_index_lists(partial),
+                       *_index_lists(full.transpose(1, 2)),
+                       *_index_lists(partial.transpose(1, 2)))
 
 
 class _TileSummary:

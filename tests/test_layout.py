@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from amvl_kernels.layout import EMPTY, FULL, Kind, LatentLayout, kind_bits
+from amvl_kernels.layout import EMPTY, FULL, PARTIAL, Kind, LatentLayout, kind_bits
 
 
 def random_layout(batch: int, length: int, generator: torch.Generator) -> LatentLayout:
@@ -53,9 +53,18 @@ def test_tile_map_agrees_with_dense_mask(lq, tiles, rng_seed):
                     assert not tile.any(), (b, m, n)
                 if cls == FULL:
                     assert tile.all() and tile.shape[1] == bn, (b, m, n)
-                if tile.any():
-                    assert tm.row_begin[b, m] <= n < tm.row_end[b, m]
-                    assert tm.col_begin[b, n] <= m < tm.col_end[b, n]
+    # The index lists hold exactly the FULL / PARTIAL pairs, ascending.
+    for b in range(3):
+        for m in range(n_m):
+            for kind, lst, cnt in ((FULL, tm.row_full, tm.row_full_count),
+                                   (PARTIAL, tm.row_partial, tm.row_partial_count)):
+                want = (tm.classes[b, m] == kind).nonzero().flatten().tolist()
+                assert lst[b, m, :int(cnt[b, m])].tolist() == want
+        for n in range(n_n):
+            for kind, lst, cnt in ((FULL, tm.col_full, tm.col_full_count),
+                                   (PARTIAL, tm.col_partial, tm.col_partial_count)):
+                want = (tm.classes[b, :, n] == kind).nonzero().flatten().tolist()
+                assert lst[b, n, :int(cnt[b, n])].tolist() == want
     assert layout.tile_map(lq, bm, bn) is tm  # cached: shared by every layer and head
 
 
