@@ -121,7 +121,8 @@ def first_keys(layout: LatentLayout, n: int) -> LatentLayout:
 def additive_mask(layout: LatentLayout, num_queries: int, dtype: torch.dtype) -> torch.Tensor:
     """(B, 1, Lq, Lk) additive mask of the layout, for SDPA."""
     allowed = layout.dense_mask(num_queries)[:, None]
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)
 
 
 def cache_name(model) -> str:
