@@ -8,8 +8,9 @@ Training step (DESIGN.md section 3), prefix-shared path:
      objective: the NLL of y.
 Naive path: separate full sequences ``[x | P]``, ``[x | y | Q]``, ``[x | latent | y]``. Both
 paths build their masks from the same per-token metadata (:mod:`amvl.sequences`) and give the
-same loss and gradients. Masks reach the model as dense 4D additive masks, which every
-attention implementation that accepts custom masks (eager, sdpa) honours.
+same loss and gradients. On the "amvl" attention (``amvl_kernels.hf.use_amvl_attention``) the
+sequences reach the model as a ``LatentLayout`` and no mask is materialised; on any other
+implementation that accepts custom masks (eager, sdpa) as dense 4D additive masks.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from amvl_kernels.layout import LatentLayout
 
 from amvl.config import AMVLConfig
 from amvl.heads import GaussianHead, LatentInjector
@@ -116,6 +119,13 @@ class AMVLModel(nn.Module):
         return {name: getattr(self, name) for name in ("prior_head", "posterior_head", "injector")
                 if getattr(self, name) is not None}
 
+    def _on_amvl_attention(self) -> bool:
+        """True when the text model runs on the "amvl" attention (``amvl_kernels.hf``): the
+        sequences then travel as a ``LatentLayout`` instead of dense 4D masks."""
+        config = self._unwrapped().config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return getattr(text, "_attn_implementation", None) == "amvl"
+
     def _rope_positions(self, prompt_ids: Tensor, prompt_mask: Tensor,
                         image_grid_thw: Tensor | None) -> Tensor | None:
         """(3, B, Lx) multimodal rope positions of the prompt from the model's own rope index."""
@@ -141,16 +151,22 @@ class AMVLModel(nn.Module):
         if z is not None:
             embeds = self.injector(embeds, seq.input_ids == self.token_ids["latent"], z)
         keys = seq if prefix is None else concat(prefix, seq)
-        allowed = dense_mask(keys, seq.input_ids.shape[1])
-        mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=embeds.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(embeds.dtype).min)[:, None]
+        kwargs = dict(images or {})
+        if self._on_amvl_attention():
+            # The kernel reads the per-token metadata; no (Lq, Lk) mask is ever built.
+            kwargs["latent_layout"] = LatentLayout.from_tensors(
+                keys.segment, keys.visible_kinds, keys.block_id)
+            mask = None
+        else:
+            allowed = dense_mask(keys, seq.input_ids.shape[1])
+            mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=embeds.device)
+            mask = mask.masked_fill(~allowed, torch.finfo(embeds.dtype).min)[:, None]
         positions = seq.position_ids
         if self.is_vlm:
             tails = positions[None].expand(3, -1, -1)
             positions = tails if rope is None else torch.cat(
                 [rope, tails[:, :, rope.shape[-1]:]], dim=-1)
         backbone = self._unwrapped().model
-        kwargs = dict(images or {})
         kwargs[_cache_kwarg(backbone)] = cache
         out = backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                        use_cache=use_cache, **kwargs)

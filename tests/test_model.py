@@ -201,3 +201,21 @@ def test_collator_pads_prompts_left_and_answers_right():
 def test_collator_errors_name_the_example(examples, error, match):
     with pytest.raises(error, match=match):
         AMVLCollator(word_tokenizer(WORDS))(examples)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2_vl"])
+def test_amvl_attention_gives_the_dense_mask_loss_and_gradients(kind):
+    """Both training paths on the "amvl" attention (layouts, no dense masks) equal sdpa with
+    the dense masks."""
+    import amvl_kernels.hf as akhf
+
+    model, batch = build(kind, objective="amvl", gamma=0.5)
+    dense, g_dense = _loss_and_grads(model, batch, prefix_sharing=True)
+    akhf.use_amvl_attention(model.base)
+    assert model._on_amvl_attention()
+    for share in (True, False):
+        out, grads = _loss_and_grads(model, batch, prefix_sharing=share)
+        torch.testing.assert_close(out.loss, dense.loss, rtol=1e-6, atol=0)
+        for name in g_dense:
+            scale = g_dense[name].abs().max().clamp(min=1e-12)
+            assert (grads[name] - g_dense[name]).abs().max() / scale < 1e-5, name
