@@ -1,8 +1,8 @@
 """Tiny models and a word-level tokenizer built offline from configs, for tests and the demo.
 
 Nothing is downloaded: the tokenizer is a ``tokenizers`` WordLevel model over a given word
-list, the models are randomly initialised from small configs of real architectures (Qwen2 and
-Qwen2-VL), so every code path is the one a full-size checkpoint takes.
+list, the models are randomly initialised from small configs of real architectures (Qwen2,
+Llama, Qwen2-VL and Qwen2.5-VL), so every code path is the one a full-size checkpoint takes.
 """
 
 from __future__ import annotations
@@ -62,6 +62,30 @@ def tiny_qwen2_vl(tokenizer, hidden: int = 32, layers: int = 2, patch_size: int 
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     return Qwen2VLForConditionalGeneration(config)
+
+
+def tiny_qwen2_5_vl(tokenizer, hidden: int = 32, layers: int = 2, patch_size: int = 4,
+                    vision_dim: int = 16, vision_depth: int = 2):
+    """A Qwen2.5-VL model (windowed vision tower + text model) sized like
+    :func:`tiny_qwen2_vl`; its last vision block attends over the whole image, the others
+    within windows of 2x2 merged patches."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = {w: tokenizer.convert_tokens_to_ids(w) for w in VISION_WORDS}
+    head_dim = hidden // 4
+    section = [head_dim // 4, head_dim // 8, head_dim // 8]
+    config = Qwen2_5_VLConfig(
+        text_config=_text_config(len(tokenizer), hidden, layers,
+                                 rope_scaling={"type": "mrope", "mrope_section": section}),
+        vision_config=dict(depth=vision_depth, hidden_size=vision_dim,
+                           intermediate_size=2 * vision_dim, num_heads=2,
+                           out_hidden_size=hidden, patch_size=patch_size, spatial_merge_size=2,
+                           temporal_patch_size=2, in_channels=3,
+                           window_size=2 * 2 * patch_size,
+                           fullatt_block_indexes=[vision_depth - 1]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    return Qwen2_5_VLForConditionalGeneration(config)
 
 
 def tiny_image_processor(patch_size: int = 4):

@@ -16,7 +16,13 @@ from amvl.config import AMVLConfig
 from amvl.data import AMVLCollator, VisionTokens
 from amvl.model import AMVLModel
 from amvl.sequences import assemble
-from amvl.tiny import tiny_image_processor, tiny_qwen2, tiny_qwen2_vl, word_tokenizer
+from amvl.tiny import (
+    tiny_image_processor,
+    tiny_qwen2,
+    tiny_qwen2_5_vl,
+    tiny_qwen2_vl,
+    word_tokenizer,
+)
 
 WORDS = [f"w{i}" for i in range(40)]
 
@@ -45,12 +51,13 @@ def tiny_llama(tokenizer):
 
 
 def build(kind: str, **config_kwargs):
-    """(AMVLModel in float64, batch) for kind 'qwen2', 'llama' or 'qwen2_vl'."""
+    """(AMVLModel in float64, batch) for kind 'qwen2', 'llama', 'qwen2_vl' or 'qwen2_5_vl'."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    vision = kind == "qwen2_vl"
+    vision = kind in ("qwen2_vl", "qwen2_5_vl")
     tokenizer = word_tokenizer(WORDS, vision=vision)
-    base = {"qwen2": tiny_qwen2, "llama": tiny_llama, "qwen2_vl": tiny_qwen2_vl}[kind](tokenizer)
+    base = {"qwen2": tiny_qwen2, "llama": tiny_llama, "qwen2_vl": tiny_qwen2_vl,
+            "qwen2_5_vl": tiny_qwen2_5_vl}[kind](tokenizer)
     config = AMVLConfig(num_slots=3, latent_dim=5, kernel_backend="torch", **config_kwargs)
     model = AMVLModel(base, tokenizer, config).double()
     collator = AMVLCollator(tokenizer, tiny_image_processor() if vision else None,
@@ -68,7 +75,7 @@ def _loss_and_grads(model, batch, **kwargs):
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen2_vl"])
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize("objective,gamma", [("amvl", 0.0), ("amvl", 0.5), ("elbo", 0.0),
                                              ("prior", 0.0)])
 def test_prefix_shared_and_naive_paths_agree(kind, objective, gamma):
@@ -114,7 +121,8 @@ def _recompute(model, batch, sequences, z):
 
 
 @pytest.mark.parametrize("kind,mode", [("qwen2", "mean"), ("qwen2", "sample"),
-                                       ("llama", "mean"), ("qwen2_vl", "mean")])
+                                       ("llama", "mean"), ("qwen2_vl", "mean"),
+                                       ("qwen2_5_vl", "mean")])
 def test_generate_matches_recompute_without_cache(kind, mode):
     model, batch = build(kind)
     model.eval()
@@ -203,7 +211,7 @@ def test_collator_errors_name_the_example(examples, error, match):
         AMVLCollator(word_tokenizer(WORDS))(examples)
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "qwen2_vl"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2_vl", "qwen2_5_vl"])
 def test_amvl_attention_gives_the_dense_mask_loss_and_gradients(kind):
     """Both training paths on the "amvl" attention (layouts, no dense masks) equal sdpa with
     the dense masks."""
