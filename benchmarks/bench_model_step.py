@@ -4,9 +4,10 @@ Shapes: BLINK-style (prefix 1,536 tokens, answer 64, K = 16) and prefix:answer 4
 K = 16). Models, randomly initialised from configs: a Qwen2-0.5B-shaped model, and on a GPU a
 7B-shaped proxy (Qwen2-7B widths, 4 layers). bf16 on a GPU.
 
-Providers: "plain" is the base model's own causal-LM step on ``[x | y]`` (what fine-tuning
-without latents costs); "naive" and "shared" are AMVLModel steps with the amvl objective on the
-naive and the prefix-shared path. Targets: shared <= 0.6x naive at both shapes; at the
+Providers: "plain" is the base model's own causal-LM step on ``[x | y]`` on SDPA (what
+fine-tuning without latents costs); "naive" and "shared" are AMVLModel steps with the amvl
+objective on the naive and the prefix-shared path, on SDPA with dense masks; "shared_amvl" is
+the prefix-shared path on the "amvl" attention (layouts, no dense masks). Targets: shared <= 0.6x naive at both shapes; at the
 BLINK-style shape, shared <= 1.15x plain (its token count alone is 1.07x).
 
     python -m pytest benchmarks/bench_model_step.py --benchmark
@@ -69,11 +70,17 @@ def _batch(prefix: int, answer: int, vocab: int, device) -> dict:
             "answer_ids": ids[:, prefix:], "answer_mask": ones[:, prefix:]}
 
 
-@pytest.mark.parametrize("provider", ["plain", "naive", "shared"])
+@pytest.mark.parametrize("provider", ["plain", "naive", "shared", "shared_amvl"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_model_step(benchmark, bench_device, model_name, shape, provider):
     base, tokenizer = _model(model_name)
+    if provider == "shared_amvl":
+        import amvl_kernels.hf as akhf
+
+        akhf.use_amvl_attention(base)
+    else:
+        base.set_attn_implementation("sdpa")
     prefix, answer = SHAPES[shape]
     config = AMVLConfig(num_slots=K, latent_dim=64, kernel_backend="auto")
     model = AMVLModel(base, tokenizer, config).to(base.dtype)
@@ -90,7 +97,7 @@ def test_model_step(benchmark, bench_device, model_name, shape, provider):
             return torch.autograd.grad(loss, [p for p in base.parameters() if p.requires_grad])
     else:
         def step():
-            loss = model(**batch, seed=0, prefix_sharing=provider == "shared").loss
+            loss = model(**batch, seed=0, prefix_sharing=provider != "naive").loss
             return torch.autograd.grad(loss, params, allow_unused=True)
 
     median_ms = common.time_ms(step, warmup=3, rep=20)

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("module,bench,select,providers", [
     ("bench_gaussian_kl.py", "gaussian_kl", "float32", {"eager", "torch.compile", "triton"}),
-    ("bench_model_step.py", "model_step", "", {"plain", "naive", "shared"}),
+    ("bench_model_step.py", "model_step", "", {"plain", "naive", "shared", "shared_amvl"}),
     ("bench_latent_attention.py", "latent_attention", "",
      {"amvl", "flex", "sdpa_dense", "sdpa_flash_causal"}),
 ])
