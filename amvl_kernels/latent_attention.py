@@ -191,6 +191,20 @@ def _attention_fwd(
 
 
 @triton.jit
+def _attention_bwd_delta(O, DO, DELTA, ROWS, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_R: tl.constexpr):
+    """delta_i = sum_d dO_i * O_i in fp32, read straight from the (contiguous) bf16/fp16
+    tensors: no upcast copies of O and dO in memory."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (rows < ROWS)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    at = rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
+    o = tl.load(O + at, mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DO + at, mask=ok, other=0.0).to(tl.float32)
+    tl.store(DELTA + rows, tl.sum(o * do, 1), mask=rows < ROWS)
+
+
+@triton.jit
 def _dkdv_tile(k, v, dk, dv, q_base, do_base, row_base, m_tile, n_start, offs_d, d_ok,
                s_qm, s_qd, s_dm, s_dd, LSE, DELTA, LQ, LK, scale_log2,
                VIS, BLK, DOC, KIND, meta_row,
@@ -482,9 +496,12 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
               tiles: list[Tensor], scale: float) -> tuple[Tensor, Tensor, Tensor]:
     batch, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    grad_out = grad_out.contiguous()
+    grad_out, out = grad_out.contiguous(), out.contiguous()
     # delta_i = sum_d dO_i * O_i, the softmax-backward correction of every query row.
-    delta = (grad_out.float() * out.float()).sum(-1).contiguous()
+    delta = torch.empty((batch, hq, lq), dtype=torch.float32, device=q.device)
+    rows, block_r = batch * hq * lq, 16
+    _attention_bwd_delta[(triton.cdiv(rows, block_r),)](
+        out, grad_out, delta, rows, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_R=block_r)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
