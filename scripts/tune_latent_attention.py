@@ -56,6 +56,7 @@ def main() -> None:
     ref_in = [t.detach()[:, heads].double().requires_grad_() for t in (q, k, v)]
     ref = latent_attention_torch(*ref_in, layout, d ** -0.5)
     ref_grads = torch.autograd.grad(ref, ref_in, grad[:, heads].double())
+    ref = ref.detach()
 
     results = []
     fwd_options = [None] if args.smoke else FORWARD
@@ -73,7 +74,7 @@ def main() -> None:
                 return out, torch.autograd.grad(out, (q, k, v), grad)
 
             out, grads = step()
-            err = max(float((a.detach()[:, heads].double() - r.detach()).norm() / r.norm())
+            err = max(float((a.detach()[:, heads].double() - r).norm() / r.norm())
                       for a, r in zip((out, *grads), (ref, *ref_grads)))
             results.append((timed(step, args.smoke), fwd, bwd, err, ""))
         except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: report, go on
