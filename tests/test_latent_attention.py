@@ -39,10 +39,11 @@ def _low_precision_torch(q, k, v, layout, scale):
 
 
 def _rel(a, b):
-    """Relative error by norms. The floor (an RMS of 1e-3) keeps a reference that is zero up
-    to rounding, e.g. dq of a row that sees a single key, from turning roundoff into 1e24."""
+    """Relative error by norms. The floor (an RMS of 1e-2, against O(0.1-1) values) keeps a
+    reference that is zero up to rounding, e.g. dq when every row sees a single key, from
+    turning fp32 roundoff (~1e-7) into a large relative error."""
     a, b = a.detach().double(), b.detach()
-    return float((a - b).norm() / b.norm().clamp(min=1e-3 * b.numel() ** 0.5))
+    return float((a - b).norm() / b.norm().clamp(min=1e-2 * b.numel() ** 0.5))
 
 
 def check(q, k, v, layout, backend="triton"):
