@@ -19,6 +19,8 @@ from enum import IntEnum
 import torch
 from torch import Tensor
 
+from amvl_kernels.layout import kind_bits
+
 
 class Segment(IntEnum):
     PROMPT = 0
@@ -29,16 +31,12 @@ class Segment(IntEnum):
     PAD = 5
 
 
-def _bits(*kinds: Segment) -> int:
-    return sum(1 << int(k) for k in kinds)
-
-
 VISIBLE_KINDS = {
-    Segment.PROMPT: _bits(Segment.PROMPT),
-    Segment.PRIOR_QUERY: _bits(Segment.PROMPT, Segment.PRIOR_QUERY),
-    Segment.ANSWER: _bits(Segment.PROMPT, Segment.LATENT, Segment.ANSWER),
-    Segment.POSTERIOR_QUERY: _bits(Segment.PROMPT, Segment.ANSWER, Segment.POSTERIOR_QUERY),
-    Segment.LATENT: _bits(Segment.PROMPT, Segment.LATENT),
+    Segment.PROMPT: kind_bits(Segment.PROMPT),
+    Segment.PRIOR_QUERY: kind_bits(Segment.PROMPT, Segment.PRIOR_QUERY),
+    Segment.ANSWER: kind_bits(Segment.PROMPT, Segment.LATENT, Segment.ANSWER),
+    Segment.POSTERIOR_QUERY: kind_bits(Segment.PROMPT, Segment.ANSWER, Segment.POSTERIOR_QUERY),
+    Segment.LATENT: kind_bits(Segment.PROMPT, Segment.LATENT),
     Segment.PAD: 0,
 }
 _VISIBLE_TABLE = torch.tensor([VISIBLE_KINDS[Segment(i)] for i in range(len(Segment))],

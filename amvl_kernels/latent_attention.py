@@ -67,6 +67,36 @@ def _allowed(pos_i, vis_i, blk_i, doc_i, offs_n, LK, KIND, BLK, DOC, meta_row,
 
 
 @triton.jit
+def _row_metadata(VIS, BLK, DOC, meta_row, pos_i, row_ok, offs_m, HAS_LAYOUT: tl.constexpr):
+    """(visible kinds, block id, doc id) of the query rows; placeholders without a layout."""
+    if HAS_LAYOUT:
+        vis_i = tl.load(VIS + meta_row + pos_i, mask=row_ok, other=0)
+        blk_i = tl.load(BLK + meta_row + pos_i, mask=row_ok, other=0)
+        doc_i = tl.load(DOC + meta_row + pos_i, mask=row_ok, other=0)
+    else:
+        vis_i = offs_m
+        blk_i = offs_m
+        doc_i = offs_m
+    return vis_i, blk_i, doc_i
+
+
+@triton.jit
+def _load_kv(k_base, v_base, offs_n, offs_d, d_ok, s_kn, s_kd, s_vn, s_vd, LK,
+             MASKED: tl.constexpr, UPCAST: tl.constexpr):
+    """A K and a V tile; only partial tiles can run past LK, full ones skip that test."""
+    if MASKED:
+        kv_ok = (offs_n < LK)[:, None] & d_ok[None, :]
+    else:
+        kv_ok = d_ok[None, :]
+    k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_ok, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_ok, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
 def _row_tiles(pid_m, b, LQ, LK, N_M, N_N, ROW_FULL_COUNT, ROW_PARTIAL_COUNT,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LAYOUT: tl.constexpr):
     """(number of FULL key tiles, number of PARTIAL key tiles, list offset) of query tile
@@ -93,15 +123,8 @@ def _fwd_tile(q, acc, m_i, l_i, k_base, v_base, n_tile, offs_d, d_ok, s_kn, s_kd
               UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """One key tile of the online softmax."""
     offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    if MASKED:
-        kv_ok = (offs_n < LK)[:, None] & d_ok[None, :]
-    else:
-        kv_ok = d_ok[None, :]
-    k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_ok, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_ok, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k, v = _load_kv(k_base, v_base, offs_n, offs_d, d_ok, s_kn, s_kd, s_vn, s_vd, LK, MASKED,
+                    UPCAST)
     s = _dot(q, tl.trans(k), IEEE) * scale_log2
     if MASKED:
         ok = _allowed(pos_i, vis_i, blk_i, doc_i, offs_n, LK, KIND, BLK, DOC, meta_row,
@@ -147,14 +170,8 @@ def _attention_fwd(
         q = q.to(tl.float32)
     k_base = K + b.to(tl.int64) * s_kb + hk * s_kh
     v_base = V + b.to(tl.int64) * s_vb + hk * s_vh
-    if HAS_LAYOUT:
-        vis_i = tl.load(VIS + meta_row + pos_i, mask=row_ok, other=0)
-        blk_i = tl.load(BLK + meta_row + pos_i, mask=row_ok, other=0)
-        doc_i = tl.load(DOC + meta_row + pos_i, mask=row_ok, other=0)
-    else:
-        vis_i = offs_m
-        blk_i = offs_m
-        doc_i = offs_m
+    vis_i, blk_i, doc_i = _row_metadata(VIS, BLK, DOC, meta_row, pos_i, row_ok, offs_m,
+                                        HAS_LAYOUT)
     n_full, n_partial, base = _row_tiles(pid_m, b, LQ, LK, N_M, N_N, ROW_FULL_COUNT,
                                          ROW_PARTIAL_COUNT, BLOCK_M, BLOCK_N, HAS_LAYOUT)
 
@@ -227,14 +244,8 @@ def _dkdv_tile(k, v, dk, dv, q_base, do_base, row_base, m_tile, n_start, offs_d,
     if MASKED:
         pos_i = LK - LQ + offs_m
         offs_n = n_start + tl.arange(0, BLOCK_N)
-        if HAS_LAYOUT:
-            vis_i = tl.load(VIS + meta_row + pos_i, mask=row_ok, other=0)
-            blk_i = tl.load(BLK + meta_row + pos_i, mask=row_ok, other=0)
-            doc_i = tl.load(DOC + meta_row + pos_i, mask=row_ok, other=0)
-        else:
-            vis_i = offs_m
-            blk_i = offs_m
-            doc_i = offs_m
+        vis_i, blk_i, doc_i = _row_metadata(VIS, BLK, DOC, meta_row, pos_i, row_ok, offs_m,
+                                            HAS_LAYOUT)
         ok = _allowed(pos_i, vis_i, blk_i, doc_i, offs_n, LK, KIND, BLK, DOC, meta_row,
                       HAS_LAYOUT)
         p = tl.where(ok, p, 0.0)
@@ -331,15 +342,8 @@ def _dq_tile(q, do, dq, lse, delta, k_base, v_base, n_tile, offs_d, d_ok, s_kn, 
              UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """One key tile's contribution to the dq of a query tile."""
     offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    if MASKED:
-        kv_ok = (offs_n < LK)[:, None] & d_ok[None, :]
-    else:
-        kv_ok = d_ok[None, :]
-    k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_ok, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_ok, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k, v = _load_kv(k_base, v_base, offs_n, offs_d, d_ok, s_kn, s_kd, s_vn, s_vd, LK, MASKED,
+                    UPCAST)
     p = tl.math.exp2(_dot(q, tl.trans(k), IEEE) * scale_log2 - lse[:, None])
     if MASKED:
         ok = _allowed(pos_i, vis_i, blk_i, doc_i, offs_n, LK, KIND, BLK, DOC, meta_row,
@@ -385,14 +389,8 @@ def _attention_bwd_dq(
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * LQ + offs_m, mask=row_ok, other=0.0)
     k_base = K + b.to(tl.int64) * s_kb + hk * s_kh
     v_base = V + b.to(tl.int64) * s_vb + hk * s_vh
-    if HAS_LAYOUT:
-        vis_i = tl.load(VIS + meta_row + pos_i, mask=row_ok, other=0)
-        blk_i = tl.load(BLK + meta_row + pos_i, mask=row_ok, other=0)
-        doc_i = tl.load(DOC + meta_row + pos_i, mask=row_ok, other=0)
-    else:
-        vis_i = offs_m
-        blk_i = offs_m
-        doc_i = offs_m
+    vis_i, blk_i, doc_i = _row_metadata(VIS, BLK, DOC, meta_row, pos_i, row_ok, offs_m,
+                                        HAS_LAYOUT)
     n_full, n_partial, base = _row_tiles(pid_m, b, LQ, LK, N_M, N_N, ROW_FULL_COUNT,
                                          ROW_PARTIAL_COUNT, BLOCK_M, BLOCK_N, HAS_LAYOUT)
 

@@ -97,13 +97,17 @@ class LatentLayout:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_tensors(cls, segment_kind: Tensor, visible_kinds: Tensor, block_id: Tensor,
-                     doc_id: Tensor | None = None) -> LatentLayout:
+                     doc_id: Tensor | None = None, *, check_values: bool = True
+                     ) -> LatentLayout:
         """Validate and wrap (B, L) integer tensors (see the module docstring for the rule).
 
         segment_kind: the kind of each token, in [0, 31).
         visible_kinds: the bit set of kinds each token may see as a query.
         block_id: bidirectional block of each token, 0 = none (causal).
         doc_id: packed-document id of each token; None = one document per row.
+        check_values: check the ranges of the values too. Each check reads the device back (a
+            host sync), so code that builds the metadata itself, once per model call, may
+            pass False; types, shapes and devices are always checked.
         """
         named = {"segment_kind": segment_kind, "visible_kinds": visible_kinds,
                  "block_id": block_id}
@@ -122,7 +126,7 @@ class LatentLayout:
             if t.device != segment_kind.device:
                 raise ValueError(f"{name} is on {t.device} but segment_kind is on "
                                  f"{segment_kind.device}")
-        if segment_kind.numel():
+        if check_values and segment_kind.numel():
             lo, hi = int(segment_kind.min()), int(segment_kind.max())
             if lo < 0 or hi >= MAX_KINDS:
                 raise ValueError(f"segment_kind must lie in [0, {MAX_KINDS}), got [{lo}, {hi}]")

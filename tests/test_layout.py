@@ -125,3 +125,11 @@ def test_bad_layouts_are_named(build, error, match):
 
 def test_kind_bits():
     assert kind_bits(Kind.TEXT, Kind.ANSWER) == 0b101
+
+
+def test_value_checks_can_be_skipped_but_not_shape_checks():
+    kind = torch.full((1, 3), 40)
+    zeros = torch.zeros(1, 3, dtype=torch.int64)
+    LatentLayout.from_tensors(kind, zeros, zeros, check_values=False)  # trusted: no host sync
+    with pytest.raises(ValueError, match="visible_kinds"):
+        LatentLayout.from_tensors(kind, zeros[:, :2], zeros, check_values=False)
