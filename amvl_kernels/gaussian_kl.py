@@ -15,9 +15,10 @@ Numerics (documented contract, tested):
   finite in fp32 and bf16. In fp16, z and gradients are rounded to fp16, whose range ends at
   65504: exp(logvar/2) and exp(logvar_q - logvar_p) overflow it past about |logvar| > 10.
 - NaN in an input propagates to the z elements and KL slots it touches; nothing hangs.
-- Noise: Philox from (seed, element index in row-major order), so the same seed gives bitwise
-  identical z whatever the block sizes. The PyTorch backend draws from torch's generator: same
-  seed, same z within a backend, different streams across backends.
+- Noise: Philox4x32-10 keyed by the seed, one call per group of four columns of a row (see
+  ``_noise``), so the same seed gives bitwise identical z whatever the block sizes or strides.
+  The PyTorch backend draws from torch's generator: same seed, same z within a backend,
+  different streams across backends.
 """
 
 from __future__ import annotations
@@ -38,11 +39,29 @@ __all__ = ["gaussian_sample_kl", "gaussian_sample"]
 
 
 @triton.jit
-def _noise(seed, rows, cols, d):
-    # Element index in row-major order of the logical (rows, d) tensor: the stream does not
-    # depend on block sizes or strides, and the backward regenerates exactly these values.
-    offsets = rows.to(tl.int64)[:, None] * d + cols[None, :]
-    return tl.randn(seed, offsets)
+def _noise(seed, rows, start, d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Standard normals for columns start .. start + BLOCK_D of ``rows``.
+
+    Each row is cut into groups of four columns, and group g of row r is one Philox4x32-10
+    call with counter (r * ceil(d / 4) + g) and key seed; Box-Muller turns its four words into
+    the four normals of columns 4g .. 4g + 3. The stream depends only on (seed, row, column),
+    never on block sizes or strides, so the backward regenerates it bitwise. One call feeds
+    four elements (tl.randn spends a whole call on one) and the 32-bit counter words keep
+    Philox in 32-bit arithmetic whatever the tensor size.
+    """
+    groups = start // 4 + tl.arange(0, BLOCK_D // 4)
+    counter = rows.to(tl.int64)[:, None] * tl.cdiv(d, 4) + groups[None, :]
+    lo = (counter & 0xFFFFFFFF).to(tl.uint32)
+    hi = (counter >> 32).to(tl.uint32)
+    zero = lo * 0
+    w0, w1, w2, w3 = tl.philox(seed, lo, hi, zero, zero)
+    n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(w0),
+                                       tl.uint_to_uniform_float(w1))
+    n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(w2),
+                                       tl.uint_to_uniform_float(w3))
+    # [R, G, 2, 2] with [r, g, i, j] = n_(2i + j), flattened row-major: column 4g + 2i + j.
+    quads = tl.join(tl.join(n0, n2), tl.join(n1, n3))
+    return tl.reshape(quads, [BLOCK_R, BLOCK_D])
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -67,7 +86,7 @@ def _gaussian_kl_fwd_kernel(
         if HAS_EPS:
             eps = tl.load(eps_ptr + r64 * s_e_r + c64 * s_e_c, mask=mask, other=0.0).to(ACC)
         else:
-            eps = _noise(seed, rows, cols, d).to(ACC)
+            eps = _noise(seed, rows, start, d, BLOCK_R, BLOCK_D).to(ACC)
         z = mu_q + tl.exp(0.5 * lv_q) * eps
         tl.store(z_ptr + r64 * d + c64, z.to(z_ptr.dtype.element_ty), mask=mask)
         if WITH_KL:
@@ -133,7 +152,7 @@ def _gaussian_kl_bwd_kernel(
                     eps = tl.load(eps_ptr + r64 * s_e_r + c64 * s_e_c, mask=mask,
                                   other=0.0).to(ACC)
                 else:
-                    eps = _noise(seed, rows, cols, d).to(ACC)
+                    eps = _noise(seed, rows, start, d, BLOCK_R, BLOCK_D).to(ACC)
                 g_mu_q += dz
                 g_lv_q += dz * 0.5 * tl.exp(0.5 * lv_q) * eps
             if FWD_TO_Q:
@@ -179,7 +198,8 @@ def _block_sizes(n_rows: int, d: int) -> tuple[int, int, int]:
     The interpreter runs programs one after another with numpy, so there bigger is faster.
     """
     budget = 16384 if triton_interpreted() else 4096
-    block_d = min(triton.next_power_of_2(d), budget)
+    # At least one whole noise group of four columns.
+    block_d = max(4, min(triton.next_power_of_2(d), budget))
     block_r = max(1, min(triton.next_power_of_2(n_rows), budget // block_d))
     num_warps = 8 if block_r * block_d >= 4096 else 4
     return block_r, block_d, num_warps

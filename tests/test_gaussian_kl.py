@@ -7,6 +7,7 @@ most 2x PyTorch's own error in the same dtype on the forward, 3x on gradients.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 
 import pytest
@@ -266,6 +267,32 @@ def test_noise_statistics(backend):
     assert abs(corr(eps[:-1], eps[1:])) < tol, "neighbouring slots correlate"
     other = ak.gaussian_sample(zeros, zeros, seed=seed + 1, backend=backend).double().cpu()
     assert abs(corr(eps, other)) < tol, "neighbouring seeds correlate"
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton backend")
+@pytest.mark.parametrize("d", [1, 6, 37])
+def test_triton_noise_does_not_depend_on_block_sizes(monkeypatch, d, rng_seed):
+    """The noise is keyed by (seed, row, column): tiny blocks, which split rows and noise
+    groups across programs and loop over d, must reproduce the default launch bitwise, and a
+    row's noise must not depend on how many rows there are."""
+    module = importlib.import_module("amvl_kernels.gaussian_kl")
+    mu_q, lv_q, mu_p, lv_p = make_inputs((5, d), torch.float32, requires_grad=True)
+    seed = rng_seed
+
+    def run():
+        z, _, _ = ak.gaussian_sample_kl(mu_q, lv_q, mu_p, lv_p, seed=seed, backend="triton")
+        return z, torch.autograd.grad(z.sum(), [lv_q])[0]
+
+    z_default, g_default = run()
+    monkeypatch.setattr(module, "_block_sizes", lambda n_rows, d: (2, 4, 1))
+    z_tiny, g_tiny = run()
+    assert torch.equal(z_default, z_tiny)
+    assert torch.equal(g_default, g_tiny)
+    zeros = torch.zeros(2, d, device=DEVICE)
+    head = ak.gaussian_sample(zeros, zeros, seed=seed, backend="triton")
+    monkeypatch.undo()
+    wider = torch.zeros(9, d, device=DEVICE)
+    assert torch.equal(head, ak.gaussian_sample(wider, wider, seed=seed, backend="triton")[:2])
 
 
 # ----------------------------------------------------------------------------- edge cases
