@@ -170,9 +170,10 @@ class AMVLModel(nn.Module):
         kwargs[_cache_kwarg(backbone)] = cache
         out = backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                        use_cache=use_cache, **kwargs)
-        # transformers 5.2x names the output field "cache", earlier 5.x "past_key_values"
-        return out.last_hidden_state, out["cache"] if "cache" in out.keys() \
-            else out.get("past_key_values")
+        # transformers 5.2x names the output field "cache", earlier 5.x "past_key_values"; the
+        # old name is looked up in keys() only, since reading it on 5.2x logs a deprecation.
+        cache = next((out[k] for k in ("cache", "past_key_values") if k in out.keys()), None)
+        return out.last_hidden_state, cache
 
     def _nll(self, hidden: Tensor, seq: Sequence, answer_ids: Tensor, answer_mask: Tensor
              ) -> Tensor:

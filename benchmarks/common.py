@@ -73,8 +73,13 @@ def bench_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def time_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
-    """Median milliseconds of ``fn`` after warm-up (CUDA events on a GPU)."""
+def time_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100,
+            cpu_samples: int = 10) -> float:
+    """Median milliseconds of ``fn`` after warm-up.
+
+    On a GPU, CUDA events through ``do_bench`` (``warmup`` and ``rep`` in ms); on the CPU, two
+    warm-up calls and the median of ``cpu_samples`` wall-clock timings.
+    """
     if torch.cuda.is_available():
         from triton.testing import do_bench
 
@@ -82,7 +87,7 @@ def time_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float
     for _ in range(2):
         fn()
     samples = []
-    for _ in range(3 if SMOKE else 10):
+    for _ in range(3 if SMOKE else cpu_samples):
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
