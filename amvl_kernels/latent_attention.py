@@ -522,7 +522,11 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     return dq, dk, dv
 
 
-# ----------------------------------------------------------------------------- custom ops
+# ----------------------------------------------------------------------------- autograd
+#
+# Two doors to the same launchers, as in gaussian_kl: torch.compile traces the custom ops;
+# eager calls take an autograd.Function, which skips the dispatcher's round trips (host time
+# paid once per layer and step).
 
 
 @torch.library.custom_op("amvl::latent_attention", mutates_args=())
@@ -570,6 +574,26 @@ def _backward_rule(ctx, grad_out, grad_lse):
 
 
 _attention_op.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+class _LatentAttentionFunction(torch.autograd.Function):
+    """The eager door: the custom op's forward and backward without the dispatcher.
+
+    The tile tensors travel as trailing positional inputs (autograd.Function takes no list).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, *tiles):
+        out, lse = _forward(q, k, v, list(tiles), scale)
+        ctx.save_for_backward(q, k, v, out, lse, *tiles)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, *tiles = ctx.saved_tensors
+        dq, dk, dv = _backward(grad_out, q, k, v, out, lse, tiles, ctx.scale)
+        return dq, dk, dv, None, *([None] * len(tiles))
 
 
 # ----------------------------------------------------------------------------- public API
@@ -646,5 +670,7 @@ def latent_attention(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | Non
     if backend == "torch":
         return latent_attention_torch(q, k, v, layout, scale)
     tiles = _tile_tensors(layout, q.shape[2], q.shape[-1], q.dtype, q.device)
-    out, _ = torch.ops.amvl.latent_attention(q, k, v, tiles, scale)
-    return out
+    if torch.compiler.is_compiling():
+        out, _ = torch.ops.amvl.latent_attention(q, k, v, tiles, scale)
+        return out
+    return _LatentAttentionFunction.apply(q, k, v, scale, *tiles)

@@ -1,8 +1,9 @@
 """Benchmark of the fused Gaussian sample + bidirectional KL op.
 
 Providers, side by side in one run: eager PyTorch (the reference, noise from
-``torch.randn_like``), ``torch.compile`` of that reference, our Triton kernel, and the CUDA
-extension when it is built. Forward and forward+backward (AMVL routing: every input gets a
+``torch.randn_like``), ``torch.compile`` of that reference, our Triton kernel (called as users
+call it, and through the custom op that torch.compile traces), and the CUDA extension when it
+is built. Forward and forward+backward (AMVL routing: every input gets a
 gradient) at (slots, d) of (4096, 4096), (512, 3584), (65536, 256) in bf16 and fp32.
 
 Reported per provider: median ms; ``graph_ms``, the same replayed from a CUDA graph (GPU time
@@ -45,6 +46,10 @@ def _providers() -> dict:
         "eager": _eager,
         "torch.compile": _compiled,
         "triton": lambda *x: ak.gaussian_sample_kl(*x, seed=1234, backend="triton"),
+        # The same kernels through the custom op (what torch.compile traces): the per-call
+        # gap to "triton" is the dispatcher's host time, which eager calls skip.
+        "triton-custom-op": lambda *x: torch.ops.amvl.gaussian_sample_kl(
+            *x, None, 1234, "p", "q", "triton"),
     }
     if torch.cuda.is_available() and ak.cuda_extension_available():
         providers["cuda"] = lambda *x: ak.gaussian_sample_kl(*x, seed=1234, backend="cuda")

@@ -153,6 +153,25 @@ def test_torch_compile_and_opcheck(rng_seed):
     torch.library.opcheck(torch.ops.amvl.latent_attention.default, (q, k, v, tiles, 0.25))
 
 
+@pytest.mark.parametrize("with_layout", [False, True])
+def test_eager_function_matches_the_custom_op(with_layout, rng_seed):
+    """Eager calls skip the dispatcher (an autograd.Function over the same launchers); they
+    must agree bitwise with the custom op that torch.compile traces, gradients included."""
+    from amvl_kernels.latent_attention import _tile_tensors
+
+    layout = LatentLayout.with_latent_blocks(23, [[(6, 5)], [(2, 3)]]).to(DEVICE) \
+        if with_layout else None
+    q, k, v = _inputs(2, 4, 2, 23, 23, 16, torch.float32)
+    eager = ak.latent_attention(q, k, v, layout, scale=0.3, backend="triton")
+    tiles = _tile_tensors(layout, 23, 16, q.dtype, DEVICE)
+    op, _ = torch.ops.amvl.latent_attention(q, k, v, tiles, 0.3)
+    assert torch.equal(eager, op)
+    grad = torch.randn_like(op)
+    for a, b in zip(torch.autograd.grad(eager, (q, k, v), grad),
+                    torch.autograd.grad(op, (q, k, v), grad)):
+        assert torch.equal(a, b)
+
+
 def test_empty_inputs(rng_seed):
     q, k, v = _inputs(0, 2, 1, 3, 3, 16, torch.float32)
     assert ak.latent_attention(q, k, v, backend="triton").shape == (0, 2, 3, 16)
