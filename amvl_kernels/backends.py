@@ -45,7 +45,7 @@ def cuda_extension_available() -> bool:
 def resolve_backend(backend: str, device: torch.device, *, has_cuda_kernel: bool = False) -> str:
     """Turn a user's ``backend`` argument into the backend that will run on ``device``.
 
-    ``"auto"`` picks Triton on a GPU and the PyTorch reference on the CPU (the Triton
+    ``"auto"`` picks Triton on a GPU and the PyTorch path on the CPU (the Triton
     interpreter is for tests: ask for it with ``backend="triton"``). The CUDA extension runs
     only when asked for by name.
     """

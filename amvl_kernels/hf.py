@@ -24,8 +24,9 @@ not the last keys, non-causal modules) runs on transformers' own SDPA with the d
 builds, with a warning. Dropout, active sliding windows, logit soft-capping and attention sinks
 raise an error instead: the result would silently differ from the model's.
 
-The backend defaults to ``"auto"`` (Triton on a GPU, the PyTorch reference on the CPU); change it
-with :func:`set_backend` or the ``AMVL_ATTENTION_BACKEND`` environment variable.
+The backend defaults to ``"auto"`` (Triton on a GPU, PyTorch's SDPA with the layout's mask on
+the CPU); change it with :func:`set_backend` or the ``AMVL_ATTENTION_BACKEND`` environment
+variable.
 
 Works on transformers 5.17 through 5.24 (only public interfaces are used). This module imports
 transformers; ``import amvl_kernels`` alone does not.
@@ -58,9 +59,9 @@ _backend = check_choice("AMVL_ATTENTION_BACKEND", os.environ.get("AMVL_ATTENTION
 def set_backend(backend: str) -> str:
     """Select the backend of every ``"amvl"`` attention call; returns the previous one.
 
-    ``"auto"`` (default): Triton on a GPU, the PyTorch reference on the CPU. ``"triton"``:
-    the kernel everywhere (on the CPU it needs ``TRITON_INTERPRET=1`` and is slow: for tests).
-    ``"torch"``: the dense-mask reference.
+    ``"auto"`` (default): Triton on a GPU, ``"torch"`` on the CPU. ``"triton"``: the kernel
+    everywhere (on the CPU it needs ``TRITON_INTERPRET=1`` and is slow: for tests).
+    ``"torch"``: PyTorch's SDPA with the layout's boolean mask.
     """
     global _backend
     previous, _backend = _backend, check_choice("backend", backend, HF_BACKENDS)

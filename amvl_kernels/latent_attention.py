@@ -30,7 +30,7 @@ from torch import Tensor
 from amvl_kernels._validation import check_float_tensor
 from amvl_kernels.backends import resolve_backend, triton_interpreted
 from amvl_kernels.layout import LatentLayout, TileMap
-from amvl_kernels.reference.latent_attention import latent_attention_torch
+from amvl_kernels.reference.latent_attention import latent_attention_sdpa
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -644,9 +644,9 @@ def latent_attention(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | Non
         k, v: (B, Hkv, Lk, D) with Hq a multiple of Hkv (grouped-query attention).
         layout: per-token metadata of the Lk keys; None means plain causal attention.
         scale: score scale, default 1 / sqrt(D).
-        backend: "auto" (Triton on a GPU, the PyTorch reference on the CPU), "triton" or
-            "torch". The Triton kernels take fp16, bf16 and fp32 (fp32 matmuls in IEEE
-            precision) and head dims up to 256.
+        backend: "auto" (Triton on a GPU, PyTorch's SDPA with the layout's mask on the CPU or
+            where Triton cannot run), "triton" or "torch". The Triton kernels take fp16, bf16
+            and fp32 (fp32 matmuls in IEEE precision) and head dims up to 256.
 
     Returns:
         (B, Hq, Lq, D) in q's dtype. A query row that sees no key gets zeros and zero gradient.
@@ -668,7 +668,7 @@ def latent_attention(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | Non
         # Nothing to attend: zeros, still connected to every input so autograd gives zeros.
         return q * 0 + (k.sum() + v.sum()) * 0
     if backend == "torch":
-        return latent_attention_torch(q, k, v, layout, scale)
+        return latent_attention_sdpa(q, k, v, layout, scale)
     tiles = _tile_tensors(layout, q.shape[2], q.shape[-1], q.dtype, q.device)
     if torch.compiler.is_compiling():
         out, _ = torch.ops.amvl.latent_attention(q, k, v, tiles, scale)

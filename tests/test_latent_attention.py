@@ -127,6 +127,48 @@ def test_kv_cache_decoding_matches_full_pass(rng_seed):
     torch.testing.assert_close(last, full[:, :, -1:], rtol=1e-5, atol=1e-6)
 
 
+def _fallback_cases(seed):
+    g = torch.Generator().manual_seed(seed)
+    blind = LatentLayout.causal(2, 35, torch.ones(2, 35, dtype=torch.bool))
+    visible = blind.visible_kinds.clone()
+    visible[0, 3:21] = 0  # rows that see nothing, after causal rows
+    padding = torch.ones(2, 40, dtype=torch.bool)
+    padding[0, :7] = False
+    return {
+        "random": (random_layout(2, 53, g), 53),
+        "random-kv-cache": (random_layout(2, 53, g), 17),
+        "prefix-sharing": (LatentLayout.prefix_sharing([13, 20], [9, 4], num_slots=4), None),
+        "blind-rows": (LatentLayout.from_tensors(blind.segment_kind, visible, blind.block_id), 35),
+        "left-padding": (LatentLayout.causal(2, 40, padding), 40),
+        "causal": (None, 29),
+        "causal-kv-cache": (None, 1),
+    }
+
+
+@pytest.mark.parametrize("case", list(_fallback_cases(0)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sdpa_fallback_matches_the_reference(case, dtype, rng_seed):
+    """backend="torch" (what "auto" runs on the CPU) against the float64 reference."""
+    layout, lq = _fallback_cases(rng_seed)[case]
+    lk = layout.length if layout is not None else 29
+    lq = lk if lq is None else lq
+    layout = layout.to(DEVICE) if layout is not None else None
+    out, (dq, _, _) = check(*_inputs(2, 4, 2, lq, lk, 32, dtype), layout, backend="torch")
+    if case == "blind-rows":
+        assert torch.count_nonzero(out[0, :, 3:21]) == 0
+        assert torch.count_nonzero(dq[0, :, 3:21]) == 0
+
+
+def test_causal_prefix_rows_finds_where_the_mask_stops_being_causal():
+    from amvl_kernels.reference.latent_attention import causal_prefix_rows
+
+    sharing = LatentLayout.prefix_sharing([13, 20], [9, 4], num_slots=4)
+    assert causal_prefix_rows(sharing.dense_mask(sharing.length)) == 13  # the shorter x
+    assert causal_prefix_rows(LatentLayout.causal(1, 9).dense_mask(9)) == 9
+    blocks = LatentLayout.with_latent_blocks(20, [[(6, 3)]])
+    assert causal_prefix_rows(blocks.dense_mask(20)) == 6  # row 6 sees its block ahead
+
+
 def test_backends_agree_and_auto_picks_the_device_default(rng_seed):
     q, k, v = _inputs(1, 2, 2, 19, 19, 16, torch.float32)
     torch.testing.assert_close(ak.latent_attention(q, k, v, backend="torch"),

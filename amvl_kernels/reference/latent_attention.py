@@ -1,13 +1,16 @@
-"""PyTorch reference of latent-block attention: a dense mask from the layout, then softmax.
+"""PyTorch versions of latent-block attention, both built on the dense mask of the layout.
 
-It is the CPU fallback (``backend="torch"``) and what the kernels are tested against. Scores
-and softmax run in float32, or float64 for float64 inputs; the output is in q's dtype. Memory is
-quadratic in length, which is why the kernels exist.
+- :func:`latent_attention_torch`, the reference the kernels are tested against: explicit scores
+  and softmax in float32 (float64 for float64 inputs), memory quadratic in length.
+- :func:`latent_attention_sdpa`, the fallback (``backend="torch"``, what "auto" picks on the
+  CPU): PyTorch's fused SDPA kernels, which never hold the scores, with the plain causal rows
+  split off to SDPA's causal kernel.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from amvl_kernels.layout import LatentLayout
@@ -39,3 +42,45 @@ def latent_attention_torch(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout
     scores = scores.masked_fill(~mask, torch.finfo(compute).min)
     probs = torch.softmax(scores, dim=-1) * mask
     return torch.matmul(probs, vx).to(q.dtype)
+
+
+def causal_prefix_rows(mask: Tensor) -> int:
+    """How many leading rows of a square (B, L, L) mask are plain causal in every batch row."""
+    length = mask.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+    differs = ~(mask == causal).all(-1).all(0)
+    first = differs.nonzero()
+    return length if first.numel() == 0 else int(first[0])
+
+
+def latent_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | None,
+                          scale: float) -> Tensor:
+    """The same attention on ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Without a KV-cache offset (Lq == Lk), the leading query rows that are plain causal (the
+    whole of x in the prefix-sharing layout) run on SDPA's causal kernel, which skips the upper
+    triangle; the rows after them take the layout's boolean mask. Numerics are those of SDPA
+    in the inputs' dtype. A query row that sees nothing returns zeros and zero gradients: it
+    attends to key 0 instead (finite, never NaN) and is zeroed afterwards.
+    """
+    lq, lk = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if layout is None and lq == lk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                              enable_gqa=gqa)
+    mask = attention_mask(layout, lq, lk, q.device)  # (B or 1, Lq, Lk)
+    split = causal_prefix_rows(mask) if lq == lk else 0
+    parts = []
+    if split:
+        parts.append(F.scaled_dot_product_attention(
+            q[:, :, :split], k[:, :, :split], v[:, :, :split], is_causal=True, scale=scale,
+            enable_gqa=gqa))
+    if split < lq:
+        rest = mask[:, split:]
+        sees = rest.any(-1, keepdim=True)
+        first_key = torch.arange(lk, device=q.device) == 0
+        rest = rest | (~sees & first_key)
+        out = F.scaled_dot_product_attention(q[:, :, split:], k, v, attn_mask=rest[:, None],
+                                             scale=scale, enable_gqa=gqa)
+        parts.append(torch.where(sees[:, None], out, 0.0))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
