@@ -73,12 +73,11 @@ def bench_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def time_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100,
-            cpu_samples: int = 10) -> float:
+def time_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
     """Median milliseconds of ``fn`` after warm-up.
 
     On a GPU, CUDA events through ``do_bench`` (``warmup`` and ``rep`` in ms); on the CPU, two
-    warm-up calls and the median of ``cpu_samples`` wall-clock timings.
+    warm-up calls and the median of ten wall-clock timings.
     """
     if torch.cuda.is_available():
         from triton.testing import do_bench
@@ -87,11 +86,32 @@ def time_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100,
     for _ in range(2):
         fn()
     samples = []
-    for _ in range(3 if SMOKE else cpu_samples):
+    for _ in range(3 if SMOKE else 10):
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
+
+
+def time_ms_side_by_side(fns: dict[str, Callable[[], object]], warmup: int = 25,
+                         rep: int = 100, cpu_rounds: int = 10) -> dict[str, float]:
+    """Median milliseconds of each of several providers of one comparison.
+
+    On a GPU each goes through :func:`time_ms` in turn (CUDA events do not drift). On the CPU
+    the providers take turns, one call each per round after a warm-up round, so that a change
+    in the machine's speed during the run hits all of them alike.
+    """
+    if torch.cuda.is_available():
+        return {name: time_ms(fn, warmup, rep) for name, fn in fns.items()}
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(2 if SMOKE else cpu_rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def allow_recompiles(limit: int = 64) -> None:
