@@ -418,10 +418,15 @@ def _attention_bwd_dq(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _tile_config(head_dim: int, dtype: torch.dtype, backward: bool
-                 ) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a kernel.
+KERNELS = ("forward", "dkdv", "dq")
 
+
+def _tile_config(head_dim: int, dtype: torch.dtype, kernel: str) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel``, one of :data:`KERNELS`.
+
+    The dk/dv and dq kernels of the backward have their own tiles (each gets its own tile
+    map), since they walk the score matrix in different directions: dk/dv holds BLOCK_N keys
+    and streams query tiles, dq holds BLOCK_M queries and streams key tiles.
     Small tiles under the interpreter, so that tests with short sequences still cross many
     tile boundaries. On a GPU, fp32 or head dims over 128 get smaller tiles to stay within
     shared memory (228 KB per SM on Hopper) with pipelined K/V loads.
@@ -429,7 +434,7 @@ def _tile_config(head_dim: int, dtype: torch.dtype, backward: bool
     if triton_interpreted():
         return 16, 16, 1, 1
     wide = head_dim > 128 or dtype == torch.float32
-    if backward:
+    if kernel != "forward":
         if wide:
             return 32, 32, 4, 2
         return (64, 64, 8, 2) if head_dim > 64 else (64, 64, 4, 2)
@@ -445,19 +450,27 @@ def _block_d(head_dim: int) -> int:
 def _tile_tensors(layout: LatentLayout | None, lq: int, head_dim: int, dtype: torch.dtype,
                   device: torch.device) -> list[Tensor]:
     """What the kernels read of a layout, as one flat list (a custom op takes list[Tensor]):
-    [meta (4, B, Lk) int32, the forward tile map's row lists (4), the backward tile map's row
-    lists (4) and column lists (4)]. [] without a layout."""
+    [meta (4, B, Lk) int32, the row lists of the forward's tile map (4), the row lists of the
+    dq kernel's tile map (4), the column lists of the dk/dv kernel's tile map (4)]. [] without
+    a layout. Tile maps are cached on the layout, so equal tile shapes share one."""
     if layout is None:
         return []
-    fm, fn, _, _ = _tile_config(head_dim, dtype, backward=False)
-    bm, bn, _, _ = _tile_config(head_dim, dtype, backward=True)
-    fwd: TileMap = layout.tile_map(lq, fm, fn)
-    bwd: TileMap = layout.tile_map(lq, bm, bn)
+    fwd, dkdv, dq = (layout.tile_map(lq, *_tile_config(head_dim, dtype, kernel)[:2])
+                     for kernel in KERNELS)
     meta = torch.stack(layout.metadata())
     return [t.to(device) for t in (
         meta, fwd.row_full, fwd.row_full_count, fwd.row_partial, fwd.row_partial_count,
-        bwd.row_full, bwd.row_full_count, bwd.row_partial, bwd.row_partial_count,
-        bwd.col_full, bwd.col_full_count, bwd.col_partial, bwd.col_partial_count)]
+        dq.row_full, dq.row_full_count, dq.row_partial, dq.row_partial_count,
+        dkdv.col_full, dkdv.col_full_count, dkdv.col_partial, dkdv.col_partial_count)]
+
+
+def _check_tile_lists(lists: list[Tensor], shape: tuple[int, int, int], kernel: str) -> None:
+    """A tile map built for other tile sizes would send the kernel to tiles that do not exist
+    (out-of-bounds reads): refuse it on the host, where it costs a shape comparison."""
+    if lists and tuple(lists[0].shape) != shape:
+        raise RuntimeError(f"the {kernel} kernel was handed a tile map of shape "
+                           f"{tuple(lists[0].shape)}, expected {shape}: tile maps and tile "
+                           "sizes must come from the same _tile_config")
 
 
 def _meta_args(tiles: list[Tensor], dummy: Tensor) -> tuple[Tensor, ...]:
@@ -476,10 +489,11 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, tiles: list[Tensor], scale: float
     hkv, lk = k.shape[1], k.shape[2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, hq, lq), dtype=torch.float32, device=q.device)
-    bm, bn, warps, stages = _tile_config(d, q.dtype, backward=False)
+    bm, bn, warps, stages = _tile_config(d, q.dtype, "forward")
     n_m, n_n = triton.cdiv(lq, bm), triton.cdiv(lk, bn)
     kind, vis, blk, doc = _meta_args(tiles, lse)
     rows = tiles[1:5] if tiles else (lse,) * 4  # lse stands in for absent pointers: never read
+    _check_tile_lists(tiles[1:5], (batch, n_m, n_n), "forward")
     _attention_fwd[(n_m, batch * hq)](
         q, k, v, out, lse, kind, vis, blk, doc, *rows,
         scale * _LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
@@ -503,22 +517,29 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    bm, bn, warps, stages = _tile_config(d, q.dtype, backward=True)
-    n_m, n_n = triton.cdiv(lq, bm), triton.cdiv(lk, bn)
     kind, vis, blk, doc = _meta_args(tiles, delta)
     rows = tiles[5:9] if tiles else (delta,) * 4
     cols = tiles[9:13] if tiles else (delta,) * 4
-    common = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=bm, BLOCK_N=bn,
-                  HAS_LAYOUT=bool(tiles), UPCAST=triton_interpreted(),
-                  IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
+
+    def launch_args(kernel: str) -> tuple[int, int, dict]:
+        bm, bn, warps, stages = _tile_config(d, q.dtype, kernel)
+        meta = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=bm, BLOCK_N=bn,
+                    HAS_LAYOUT=bool(tiles), UPCAST=triton_interpreted(),
+                    IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
+        return triton.cdiv(lq, bm), triton.cdiv(lk, bn), meta
+
+    n_m, n_n, meta = launch_args("dkdv")
+    _check_tile_lists(tiles[9:13], (batch, n_n, n_m), "dk/dv")
     _attention_bwd_dkdv[(n_n, batch * hkv)](
         q, k, v, grad_out, lse, delta, dk, dv, kind, vis, blk, doc, *cols,
         scale, scale * _LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
-        *_strides(dk), hq, hkv, hq // hkv, lq, lk, n_m, n_n, **common)
+        *_strides(dk), hq, hkv, hq // hkv, lq, lk, n_m, n_n, **meta)
+    n_m, n_n, meta = launch_args("dq")
+    _check_tile_lists(tiles[5:9], (batch, n_m, n_n), "dq")
     _attention_bwd_dq[(n_m, batch * hq)](
         q, k, v, grad_out, lse, delta, dq, kind, vis, blk, doc, *rows,
         scale, scale * _LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
-        *_strides(dq), hq, hq // hkv, lq, lk, n_m, n_n, **common)
+        *_strides(dq), hq, hq // hkv, lq, lk, n_m, n_n, **meta)
     return dq, dk, dv
 
 

@@ -1,9 +1,10 @@
 """Sweep the latent-attention kernels' tile configurations on a GPU, in one short call.
 
-Each configuration (BLOCK_M, BLOCK_N, num_warps, num_stages), for the forward or the backward
-kernels, is checked against the PyTorch reference (relative error) and timed forward+backward
-at the benchmark's target shape (bf16, d=128, 16 heads, S=4096, B=4, one latent block).
-Print-out: one line per configuration, fastest first. Use the winner in ``_tile_config``.
+Each kernel (forward, dk/dv, dq) is swept on its own, the other two kept at their defaults:
+every configuration (BLOCK_M, BLOCK_N, num_warps, num_stages) is checked against the PyTorch
+reference (relative error) and timed forward+backward at the benchmark's target shape (bf16,
+d=128, 16 heads, S=4096, B=4, one latent block). Print-out: per kernel, one line per
+configuration, fastest first. Use the winners in ``_tile_config``.
 
     python scripts/tune_latent_attention.py            # on a GPU
     TRITON_INTERPRET=1 python scripts/tune_latent_attention.py --smoke   # harness check, CPU
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import itertools
 import time
 
 import torch
@@ -25,8 +25,14 @@ from amvl_kernels.reference.latent_attention import latent_attention_torch
 la = importlib.import_module("amvl_kernels.latent_attention")
 DEFAULT_CONFIG = la._tile_config
 
-FORWARD = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)]
-BACKWARD = [(64, 64, 8, 2), (64, 64, 4, 2), (32, 128, 4, 3), (128, 32, 8, 2), (64, 128, 8, 2)]
+# dk/dv holds BLOCK_N keys and streams query tiles, dq the other way round: hence tall key
+# tiles for the one and tall query tiles for the other among the candidates.
+CANDIDATES = {
+    "forward": [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)],
+    "dkdv": [(64, 64, 8, 2), (64, 64, 4, 2), (32, 128, 4, 3), (32, 128, 8, 2), (64, 128, 8, 2),
+             (16, 128, 4, 3)],
+    "dq": [(64, 64, 8, 2), (128, 32, 8, 2), (128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
+}
 
 
 def timed(fn, smoke: bool) -> float:
@@ -59,31 +65,34 @@ def main() -> None:
     ref = ref.detach()
 
     results = []
-    fwd_options = [None] if args.smoke else FORWARD
-    bwd_options = [None] if args.smoke else BACKWARD
-    for fwd, bwd in itertools.product(fwd_options, bwd_options):
-        def config(head_dim, dtype_, backward, fwd=fwd, bwd=bwd):
-            chosen = bwd if backward else fwd
-            return chosen or DEFAULT_CONFIG(head_dim, dtype_, backward)
+    for kernel, candidates in CANDIDATES.items():
+        # the smoke run tries one non-default tile shape per kernel, small enough to interpret
+        for chosen in [None, (32, 16, 1, 1)] if args.smoke else candidates:
+            def config(head_dim, dtype_, kernel_, kernel=kernel, chosen=chosen):
+                if kernel_ == kernel and chosen is not None:
+                    return chosen
+                return DEFAULT_CONFIG(head_dim, dtype_, kernel_)
 
-        la._tile_config = config
-        layout._tile_maps.clear()
-        try:
-            def step():
-                out = ak.latent_attention(q, k, v, layout, backend="triton")
-                return out, torch.autograd.grad(out, (q, k, v), grad)
+            la._tile_config = config
+            layout._tile_maps.clear()
+            try:
+                def step():
+                    out = ak.latent_attention(q, k, v, layout, backend="triton")
+                    return out, torch.autograd.grad(out, (q, k, v), grad)
 
-            out, grads = step()
-            err = max(float((a.detach()[:, heads].double() - r).norm() / r.norm())
-                      for a, r in zip((out, *grads), (ref, *ref_grads)))
-            results.append((timed(step, args.smoke), fwd, bwd, err, ""))
-        except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: report, go on
-            results.append((float("inf"), fwd, bwd, float("nan"), type(exc).__name__))
+                out, grads = step()
+                err = max(float((a.detach()[:, heads].double() - r).norm() / r.norm())
+                          for a, r in zip((out, *grads), (ref, *ref_grads)))
+                results.append((kernel, timed(step, args.smoke), chosen, err, ""))
+            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: go on
+                results.append((kernel, float("inf"), chosen, float("nan"),
+                                type(exc).__name__))
     la._tile_config = DEFAULT_CONFIG
-    print(f"{'fwd+bwd ms':>10}  {'forward tiles':<18} {'backward tiles':<18} max rel err")
-    for ms, fwd, bwd, err, failure in sorted(results, key=lambda r: r[0]):
-        print(f"{ms:10.3f}  {str(fwd or 'default'):<18} {str(bwd or 'default'):<18} "
-              f"{err:.2e} {failure}")
+    print(f"{'kernel':<8} {'fwd+bwd ms':>10}  {'tiles (M, N, warps, stages)':<28} max rel err")
+    for kernel in CANDIDATES:
+        rows = sorted((r for r in results if r[0] == kernel), key=lambda r: r[1])
+        for _, ms, chosen, err, failure in rows:
+            print(f"{kernel:<8} {ms:10.3f}  {str(chosen or 'default'):<28} {err:.2e} {failure}")
 
 
 if __name__ == "__main__":

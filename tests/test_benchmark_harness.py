@@ -37,3 +37,16 @@ def test_benchmark_runs_and_writes_json(tmp_path, module, bench, select, provide
     assert {"torch", "triton", "device"} <= payload["device"].keys()
     assert providers <= {row["provider"] for row in payload["rows"]}
     assert all(row["median_ms"] > 0 for row in payload["rows"])
+
+
+def test_tile_tuning_script_runs():
+    """scripts/tune_latent_attention.py --smoke: every kernel's sweep runs a non-default tile
+    shape and checks it against the reference."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "scripts/tune_latent_attention.py", "--smoke"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line.split() for line in proc.stdout.splitlines()[1:] if line.strip()]
+    assert {line[0] for line in lines} == {"forward", "dkdv", "dq"}
+    errors = [float(line[-1]) for line in lines]
+    assert len(errors) == 6 and max(errors) < 1e-5, proc.stdout
