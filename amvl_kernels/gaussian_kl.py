@@ -382,9 +382,10 @@ class _GaussianSampleKLFunction(torch.autograd.Function):
     """The eager door: the custom op's forward and backward without the dispatcher."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        output = _launch_forward(*inputs[:6], inputs[8])
-        _setup_context(ctx, inputs, output)
+    def forward(ctx, mu_q, logvar_q, mu_p, logvar_p, eps, seed, fwd_grad, rev_grad, backend):
+        output = _launch_forward(mu_q, logvar_q, mu_p, logvar_p, eps, seed, backend)
+        _setup_context(ctx, (mu_q, logvar_q, mu_p, logvar_p, eps, seed, fwd_grad, rev_grad,
+                             backend), output)
         return output
 
     @staticmethod

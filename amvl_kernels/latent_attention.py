@@ -29,7 +29,7 @@ from torch import Tensor
 
 from amvl_kernels._validation import check_float_tensor
 from amvl_kernels.backends import resolve_backend, triton_interpreted
-from amvl_kernels.layout import LatentLayout, TileMap
+from amvl_kernels.layout import LatentLayout
 from amvl_kernels.reference.latent_attention import latent_attention_sdpa
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
