@@ -113,7 +113,8 @@ def test_model_step(benchmark, bench_device, model_name, shape):
     base, tokenizer = _model(model_name)
     prefix, answer = SHAPES[shape]
     steps = _steps(base, tokenizer, prefix, answer, bench_device)
-    medians = common.time_ms_side_by_side(steps, warmup=3, rep=20, cpu_rounds=7)
+    # do_bench sizes its repeats from rep (ms): a step takes tens of ms on a GPU
+    medians = common.time_ms_side_by_side(steps, warmup=100, rep=500, cpu_rounds=7)
     tokens = BATCH * (prefix + answer)
     case = f"{model_name} {shape} prefix={prefix} answer={answer} K={K} B={BATCH}"
     for provider in PROVIDERS:
