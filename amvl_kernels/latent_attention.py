@@ -49,20 +49,41 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _rule(pos_i, vis_i, blk_i, doc_i, pos_j, kind_j, blk_j, doc_j, HAS_LAYOUT: tl.constexpr):
+    """The mask rule of DESIGN.md section 3, elementwise on broadcastable query (i) and key
+    (j) metadata: one rule for tiles with queries along either axis."""
+    causal = pos_j <= pos_i
+    if HAS_LAYOUT:
+        sees = ((vis_i >> kind_j) & 1) != 0
+        same_block = (blk_i > 0) & (blk_i == blk_j)
+        return sees & (doc_i == doc_j) & (causal | same_block)
+    else:
+        return causal
+
+
+@triton.jit
+def _key_metadata(KIND, BLK, DOC, meta_row, offs_n, key_ok, HAS_LAYOUT: tl.constexpr):
+    """(segment kind, block id, doc id) of the keys; placeholders without a layout."""
+    if HAS_LAYOUT:
+        kind_j = tl.load(KIND + meta_row + offs_n, mask=key_ok, other=0)
+        blk_j = tl.load(BLK + meta_row + offs_n, mask=key_ok, other=0)
+        doc_j = tl.load(DOC + meta_row + offs_n, mask=key_ok, other=0)
+    else:
+        kind_j = offs_n
+        blk_j = offs_n
+        doc_j = offs_n
+    return kind_j, blk_j, doc_j
+
+
+@triton.jit
 def _allowed(pos_i, vis_i, blk_i, doc_i, offs_n, LK, KIND, BLK, DOC, meta_row,
              HAS_LAYOUT: tl.constexpr):
     """(BLOCK_M, BLOCK_N) mask of the rule for query rows i and keys offs_n of one row b."""
     in_range = offs_n < LK
-    causal = offs_n[None, :] <= pos_i[:, None]
-    if HAS_LAYOUT:
-        kind_j = tl.load(KIND + meta_row + offs_n, mask=in_range, other=0)
-        blk_j = tl.load(BLK + meta_row + offs_n, mask=in_range, other=0)
-        doc_j = tl.load(DOC + meta_row + offs_n, mask=in_range, other=0)
-        sees = ((vis_i[:, None] >> kind_j[None, :]) & 1) != 0
-        same_block = (blk_i[:, None] > 0) & (blk_i[:, None] == blk_j[None, :])
-        ok = sees & (doc_i[:, None] == doc_j[None, :]) & (causal | same_block)
-    else:
-        ok = causal
+    kind_j, blk_j, doc_j = _key_metadata(KIND, BLK, DOC, meta_row, offs_n, in_range,
+                                         HAS_LAYOUT)
+    ok = _rule(pos_i[:, None], vis_i[:, None], blk_i[:, None], doc_i[:, None],
+               offs_n[None, :], kind_j[None, :], blk_j[None, :], doc_j[None, :], HAS_LAYOUT)
     return ok & in_range[None, :]
 
 
@@ -222,12 +243,18 @@ def _attention_bwd_delta(O, DO, DELTA, ROWS, HEAD_DIM: tl.constexpr, BLOCK_D: tl
 
 
 @triton.jit
-def _dkdv_tile(k, v, dk, dv, q_base, do_base, row_base, m_tile, n_start, offs_d, d_ok,
-               s_qm, s_qd, s_dm, s_dd, LSE, DELTA, LQ, LK, scale_log2,
-               VIS, BLK, DOC, KIND, meta_row,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-               HAS_LAYOUT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """One query tile's contribution to the dk, dv of a key tile."""
+def _dkdv_tile(k, v, dk, dv, offs_n, kind_j, blk_j, doc_j, q_base, do_base, row_base,
+               m_tile, offs_d, d_ok, s_qm, s_qd, s_dm, s_dd, LSE, DELTA, LQ, LK, scale_log2,
+               VIS, BLK, DOC, meta_row,
+               BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_LAYOUT: tl.constexpr,
+               UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """One query tile's contribution to the dk, dv of a key tile.
+
+    Computed transposed, keys along axis 0: P^T = exp(K Q^T - lse) and dS^T come out of
+    their matmuls in the orientation the next matmuls (P^T dO, dS^T Q) take as left operand,
+    so no computed tile is ever transposed (a transpose would cost a trip through shared
+    memory per tile).
+    """
     offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < LQ
     q_ok = row_ok[:, None] & d_ok[None, :]
@@ -240,18 +267,19 @@ def _dkdv_tile(k, v, dk, dv, q_base, do_base, row_base, m_tile, n_start, offs_d,
     # Rows past LQ or that saw nothing have lse = +inf: probability 0.
     lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
-    p = tl.math.exp2(_dot(q, tl.trans(k), IEEE) * scale_log2 - lse[:, None])
+    p_t = tl.math.exp2(_dot(k, tl.trans(q), IEEE) * scale_log2 - lse[None, :])
     if MASKED:
         pos_i = LK - LQ + offs_m
-        offs_n = n_start + tl.arange(0, BLOCK_N)
         vis_i, blk_i, doc_i = _row_metadata(VIS, BLK, DOC, meta_row, pos_i, row_ok, offs_m,
                                             HAS_LAYOUT)
-        ok = _allowed(pos_i, vis_i, blk_i, doc_i, offs_n, LK, KIND, BLK, DOC, meta_row,
-                      HAS_LAYOUT)
-        p = tl.where(ok, p, 0.0)
-    dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
-    ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
-    dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+        ok = _rule(pos_i[None, :], vis_i[None, :], blk_i[None, :], doc_i[None, :],
+                   offs_n[:, None], kind_j[:, None], blk_j[:, None], doc_j[:, None],
+                   HAS_LAYOUT)
+        # Keys past LK need no test: they feed only their own dk/dv rows, never stored.
+        p_t = tl.where(ok, p_t, 0.0)
+    dv += _dot(p_t.to(do.dtype), do, IEEE)
+    ds_t = p_t * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
+    dk += _dot(ds_t.to(q.dtype), q, IEEE)
     return dk, dv
 
 
@@ -286,6 +314,9 @@ def _attention_bwd_dkdv(
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
+    # The keys stay for the whole program: their metadata is read once, not once per tile.
+    kind_j, blk_j, doc_j = _key_metadata(KIND, BLK, DOC, meta_row, offs_n, offs_n < LK,
+                                         HAS_LAYOUT)
     if HAS_LAYOUT:
         tile_col = b.to(tl.int64) * N_N + pid_n
         m_full = tl.load(COL_FULL_COUNT + tile_col)
@@ -317,19 +348,19 @@ def _attention_bwd_dkdv(
                 m_tile = tl.load(COL_FULL + base + it)
             else:
                 m_tile = m_full_first + it
-            dk, dv = _dkdv_tile(k, v, dk, dv, q_base, do_base, row_base, m_tile, n_start,
-                                offs_d, d_ok, s_qm, s_qd, s_dm, s_dd, LSE, DELTA, LQ, LK,
-                                scale_log2, VIS, BLK, DOC, KIND, meta_row, BLOCK_M, BLOCK_N,
-                                False, HAS_LAYOUT, UPCAST, IEEE)
+            dk, dv = _dkdv_tile(k, v, dk, dv, offs_n, kind_j, blk_j, doc_j, q_base, do_base,
+                                row_base, m_tile, offs_d, d_ok, s_qm, s_qd, s_dm,
+                                s_dd, LSE, DELTA, LQ, LK, scale_log2, VIS, BLK, DOC, meta_row,
+                                BLOCK_M, False, HAS_LAYOUT, UPCAST, IEEE)
         for it in range(0, m_partial):
             if HAS_LAYOUT:
                 m_tile = tl.load(COL_PARTIAL + base + it)
             else:
                 m_tile = m_first + it
-            dk, dv = _dkdv_tile(k, v, dk, dv, q_base, do_base, row_base, m_tile, n_start,
-                                offs_d, d_ok, s_qm, s_qd, s_dm, s_dd, LSE, DELTA, LQ, LK,
-                                scale_log2, VIS, BLK, DOC, KIND, meta_row, BLOCK_M, BLOCK_N,
-                                True, HAS_LAYOUT, UPCAST, IEEE)
+            dk, dv = _dkdv_tile(k, v, dk, dv, offs_n, kind_j, blk_j, doc_j, q_base, do_base,
+                                row_base, m_tile, offs_d, d_ok, s_qm, s_qd, s_dm,
+                                s_dd, LSE, DELTA, LQ, LK, scale_log2, VIS, BLK, DOC, meta_row,
+                                BLOCK_M, True, HAS_LAYOUT, UPCAST, IEEE)
     out = b.to(tl.int64) * s_tb + hk * s_th + offs_n[:, None] * s_tn + offs_d[None, :] * s_td
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_ok)
