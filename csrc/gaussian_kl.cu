@@ -149,18 +149,22 @@ AMVL_HD void store_chunk(void* base, bool vec, int64_t row, int64_t c0, int64_t 
 template <typename T, typename A = typename Scalar<T>::Acc>
 AMVL_HD void forward_chunk(const ForwardArgs& a, bool out_vec, int64_t row, int64_t c0,
                            A& kl_fwd, A& kl_rev) {
-  A mu_q[kChunk], lv_q[kChunk], eps[kChunk], z[kChunk];
+  // Every load is issued before the store of z: the compiler cannot move a load above a store
+  // it cannot prove to be disjoint, and loads issued after it would wait a second round trip.
+  const bool with_kl = a.mu_p.ptr != nullptr;
+  A mu_q[kChunk], lv_q[kChunk], mu_p[kChunk], lv_p[kChunk], eps[kChunk], z[kChunk];
   load_chunk<T>(a.mu_q, row, c0, a.d, mu_q);
   load_chunk<T>(a.lv_q, row, c0, a.d, lv_q);
+  if (with_kl) {
+    load_chunk<T>(a.mu_p, row, c0, a.d, mu_p);
+    load_chunk<T>(a.lv_p, row, c0, a.d, lv_p);
+  }
   noise_chunk(a.eps, a.seed, row, c0, a.d, eps);
 #pragma unroll
   for (int j = 0; j < kChunk; ++j) z[j] = mu_q[j] + exp_acc(A(0.5) * lv_q[j]) * eps[j];
   store_chunk<T>(a.z, out_vec, row, c0, a.d, z);
-  if (a.mu_p.ptr == nullptr) return;
+  if (!with_kl) return;
 
-  A mu_p[kChunk], lv_p[kChunk];
-  load_chunk<T>(a.mu_p, row, c0, a.d, mu_p);
-  load_chunk<T>(a.lv_p, row, c0, a.d, lv_p);
 #pragma unroll
   for (int j = 0; j < kChunk; ++j) {
     if (c0 + j >= a.d) break;

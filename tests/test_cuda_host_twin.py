@@ -116,6 +116,37 @@ def test_noise_is_box_muller_of_philox(ext):
     torch.testing.assert_close(eps.double(), torch.stack(expected), rtol=1e-5, atol=1e-6)
 
 
+def test_triton_noise_is_box_muller_of_philox_per_row_group(ext):
+    """The Triton kernel's documented stream, checked against this independent Philox: column
+    c of row r is normal c % 4 of block (counter r * ceil(d / 4) + c // 4, key seed), words
+    (0, 1) and (2, 3) each a Box-Muller pair (cos, sin) in Triton's uniform mapping."""
+    import amvl_kernels as ak
+    from amvl_kernels.backends import triton_interpreted
+
+    if not (torch.cuda.is_available() or triton_interpreted()):
+        pytest.skip("Triton runs neither on a GPU nor under TRITON_INTERPRET=1 here")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    seed, rows, d = 2**41 + 5, 3, 10  # d not a multiple of 4: each row ends in a partial group
+    zeros = torch.zeros(rows, d, device=device)
+    eps = ak.gaussian_sample(zeros, zeros, seed=seed, backend="triton").double().cpu()
+
+    def uniform(word):  # triton.language.random.uint_to_uniform_float on a 32-bit word
+        signed = word - 2**32 if word >= 2**31 else word
+        return (~signed if signed < 0 else signed) * 4.6566127342e-10
+
+    groups = -(-d // 4)
+    expected = torch.empty(rows, groups * 4, dtype=torch.float64)
+    for r, g in itertools.product(range(rows), range(groups)):
+        words = ext.philox4x32_10((r * groups + g, 0, 0, 0), (seed & 0xFFFFFFFF, seed >> 32))
+        for pair in range(2):
+            u1 = max(1e-7, uniform(words[2 * pair]))
+            angle = 2 * torch.pi * torch.tensor(uniform(words[2 * pair + 1]), dtype=torch.float64)
+            radius = torch.sqrt(-2 * torch.log(torch.tensor(u1, dtype=torch.float64)))
+            expected[r, 4 * g + 2 * pair] = radius * torch.cos(angle)
+            expected[r, 4 * g + 2 * pair + 1] = radius * torch.sin(angle)
+    torch.testing.assert_close(eps, expected[:, :d], rtol=1e-5, atol=1e-5)
+
+
 def test_noise_depends_only_on_seed_and_element_index(ext):
     """Keyed by the row-major index: any (rows, d) split of the same elements, hence any thread
     layout and chunk alignment (d = 1, 3, 40, 240), draws the same noise."""
