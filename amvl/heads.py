@@ -48,17 +48,26 @@ class LatentInjector(nn.Module):
         super().__init__()
         self.proj = nn.Linear(latent_dim, hidden_size)
 
-    def forward(self, embeds: Tensor, placeholder_mask: Tensor, z: Tensor) -> Tensor:
+    def forward(self, embeds: Tensor, placeholders: Tensor | slice, z: Tensor) -> Tensor:
         """Return ``embeds`` (B, L, H) with rows' placeholder positions replaced by proj(z).
 
-        ``placeholder_mask`` (B, L) must mark exactly K positions in every row, in slot order.
+        ``placeholders`` is either a (B, L) bool mask marking exactly K positions in every row,
+        in slot order (checked, which reads the counts back to the host), or a slice of K
+        columns that hold the placeholders in every row (no search and no host sync: what the
+        model passes, since it lays the sequences out itself).
         """
-        counts = placeholder_mask.sum(-1)
         if z.dim() != 3 or z.shape[0] != embeds.shape[0]:
             raise ValueError(f"z must be (B, K, d) with B={embeds.shape[0]}, got {tuple(z.shape)}")
+        values = self.proj(z.to(self.proj.weight.dtype)).to(embeds.dtype)
+        if isinstance(placeholders, slice):
+            start, stop, step = placeholders.indices(embeds.shape[1])
+            if step != 1 or stop - start != z.shape[1]:
+                raise ValueError(f"placeholders must be a slice of K={z.shape[1]} consecutive "
+                                 f"columns, got {placeholders}")
+            return torch.cat([embeds[:, :start], values, embeds[:, stop:]], dim=1)
+        counts = placeholders.sum(-1)
         if not bool((counts == z.shape[1]).all()):
             raise ValueError(
                 f"every row needs exactly K={z.shape[1]} latent placeholders, found "
                 f"{counts.tolist()}")
-        values = self.proj(z.to(self.proj.weight.dtype)).to(embeds.dtype)
-        return embeds.masked_scatter(placeholder_mask.unsqueeze(-1), values)
+        return embeds.masked_scatter(placeholders.unsqueeze(-1), values)

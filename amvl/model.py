@@ -149,7 +149,10 @@ class AMVLModel(nn.Module):
         embed = self._unwrapped().get_input_embeddings()
         embeds = embed(seq.input_ids)
         if z is not None:
-            embeds = self.injector(embeds, seq.input_ids == self.token_ids["latent"], z)
+            # The placeholders follow <lat_start> in the latent part: the same K columns in
+            # every row, so no search for them (and no host sync).
+            begin = seq.spans["latent"][0] + 1
+            embeds = self.injector(embeds, slice(begin, begin + z.shape[1]), z)
         keys = seq if prefix is None else concat(prefix, seq)
         kwargs = dict(images or {})
         if self._on_amvl_attention():

@@ -54,3 +54,17 @@ def test_injector_rejects_wrong_placeholder_count():
     mask[1, :3] = True
     with pytest.raises(ValueError, match="exactly K=2"):
         injector(torch.randn(2, 7, 6), mask, torch.randn(2, 2, 3))
+
+
+def test_injector_by_columns_matches_the_mask_path(rng_seed):
+    injector = LatentInjector(latent_dim=3, hidden_size=6)
+    embeds, z = torch.randn(2, 9, 6), torch.randn(2, 4, 3, requires_grad=True)
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[:, 3:7] = True
+    by_columns = injector(embeds, slice(3, 7), z)
+    torch.testing.assert_close(by_columns, injector(embeds, mask, z), rtol=0, atol=0)
+    (g_columns,) = torch.autograd.grad(by_columns.sum(), z)
+    (g_mask,) = torch.autograd.grad(injector(embeds, mask, z).sum(), z)
+    torch.testing.assert_close(g_columns, g_mask)
+    with pytest.raises(ValueError, match="slice of K=4"):
+        injector(embeds, slice(3, 6), z)
