@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine is for, in one call: build the CUDA extension, run the tests on
-# the GPU, run compute-sanitizer on the CUDA backend, run the benchmarks.
-#   bash scripts/gpu_check.sh [build] [tests] [sanitize] [bench]      (default: all four)
+# the GPU, run compute-sanitizer on the CUDA backend, run the benchmarks, sweep tile sizes.
+#   bash scripts/gpu_check.sh [build] [tests] [sanitize] [bench] [tune]
+#   (default: build tests sanitize bench; "tune" runs scripts/tune_latent_attention.py)
 # Each step runs under its own time limit so one slow step cannot eat the lease:
 #   AMVL_GPU_TESTS   pytest targets for "tests"      (default: tests/)
 #   AMVL_GPU_BENCH   pytest targets for "bench"      (default: benchmarks/)
@@ -62,6 +63,10 @@ for step in $steps; do
       AMVL_BENCH_OUT="$OUT" run "${AMVL_GPU_LIMIT_BENCH:-300}" python3 -m pytest -q \
         -p no:cacheprovider ${AMVL_GPU_BENCH:-benchmarks/} --benchmark \
         --benchmark-columns=median,rounds
+      ;;
+    tune)
+      section "attention tile sweep"
+      run "${AMVL_GPU_LIMIT_TUNE:-240}" python3 scripts/tune_latent_attention.py
       ;;
     *) echo "unknown step $step" | tee -a "$LOG"; status=2 ;;
   esac
