@@ -455,3 +455,21 @@ def test_torch_compile_fullgraph_traces_through():
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(torch.autograd.grad(loss, inputs),
                                torch.autograd.grad(expected, inputs))
+
+
+def test_torch_compile_traces_the_custom_op_not_the_eager_function():
+    """Under torch.compile the op must appear in the graph as torch.ops.amvl.*, opaque to
+    dynamo (the eager autograd.Function is for calls outside compiled code)."""
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    inputs = make_inputs((3, 8), torch.float32, requires_grad=True)
+    compiled = torch.compile(
+        lambda *x: ak.gaussian_sample_kl(*x, seed=3, backend="triton")[1].sum(),
+        backend=recording_backend, fullgraph=True)
+    compiled(*inputs)
+    assert "torch.ops.amvl.gaussian_sample_kl" in graphs[0]
+

@@ -210,6 +210,22 @@ def test_torch_compile_and_opcheck(rng_seed):
     torch.library.opcheck(torch.ops.amvl.latent_attention.default, (q, k, v, tiles, 0.25))
 
 
+def test_torch_compile_traces_the_custom_op_not_the_eager_function(rng_seed):
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    layout = LatentLayout.with_latent_blocks(21, [[(5, 4)]]).to(DEVICE)
+    q, k, v = _inputs(1, 2, 1, 21, 21, 16, torch.float32)
+    compiled = torch.compile(
+        lambda q, k, v: ak.latent_attention(q, k, v, layout, backend="triton").sum(),
+        backend=recording_backend, fullgraph=True)
+    compiled(q, k, v)
+    assert "torch.ops.amvl.latent_attention" in graphs[0]
+
+
 @pytest.mark.parametrize("with_layout", [False, True])
 def test_eager_function_matches_the_custom_op(with_layout, rng_seed):
     """Eager calls skip the dispatcher (an autograd.Function over the same launchers); they
