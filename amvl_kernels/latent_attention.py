@@ -486,13 +486,18 @@ def _tile_tensors(layout: LatentLayout | None, lq: int, head_dim: int, dtype: to
     a layout. Tile maps are cached on the layout, so equal tile shapes share one."""
     if layout is None:
         return []
-    fwd, dkdv, dq = (layout.tile_map(lq, *_tile_config(head_dim, dtype, kernel)[:2])
-                     for kernel in KERNELS)
-    meta = torch.stack(layout.metadata())
-    return [t.to(device) for t in (
-        meta, fwd.row_full, fwd.row_full_count, fwd.row_partial, fwd.row_partial_count,
-        dq.row_full, dq.row_full_count, dq.row_partial, dq.row_partial_count,
-        dkdv.col_full, dkdv.col_full_count, dkdv.col_partial, dkdv.col_partial_count)]
+    tiles = tuple(_tile_config(head_dim, dtype, kernel)[:2] for kernel in KERNELS)
+
+    def build() -> list[Tensor]:
+        fwd, dkdv, dq = (layout.tile_map(lq, *shape) for shape in tiles)
+        meta = torch.stack(layout.metadata())
+        return [t.to(device) for t in (
+            meta, fwd.row_full, fwd.row_full_count, fwd.row_partial, fwd.row_partial_count,
+            dq.row_full, dq.row_full_count, dq.row_partial, dq.row_partial_count,
+            dkdv.col_full, dkdv.col_full_count, dkdv.col_partial, dkdv.col_partial_count)]
+
+    # Every layer of a pass asks for the same list: built by the first.
+    return layout.cached(("kernel arguments", lq, tiles, device), build)
 
 
 def _check_tile_lists(lists: list[Tensor], shape: tuple[int, int, int], kernel: str) -> None:

@@ -20,7 +20,7 @@ Builders cover the common layouts: :meth:`LatentLayout.causal` (with padding),
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -92,7 +92,7 @@ class LatentLayout:
     visible_kinds: Tensor
     block_id: Tensor
     doc_id: Tensor
-    _tile_maps: dict = field(default_factory=dict, repr=False)
+    _derived: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -281,10 +281,18 @@ class LatentLayout:
         EMPTY only when no query of the tile can see any key of the tile, FULL only when every
         query sees every key; anything else is PARTIAL (the kernel then applies the exact rule).
         """
-        key = (num_queries, block_m, block_n)
-        if key not in self._tile_maps:
-            self._tile_maps[key] = self._classify(num_queries, block_m, block_n)
-        return self._tile_maps[key]
+        return self.cached(("tile map", num_queries, block_m, block_n),
+                           lambda: self._classify(num_queries, block_m, block_n))
+
+    def cached(self, key: Hashable, build: Callable[[], object]) -> object:
+        """A value derived from this layout (tile maps, kernel arguments), built on first use.
+
+        Layouts are immutable once built, so derived values live as long as the layout: every
+        layer of a forward pass reuses what the first one built.
+        """
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
     def _classify(self, lq: int, bm: int, bn: int) -> TileMap:
         lk, dev = self.length, self.device

@@ -74,7 +74,7 @@ def main() -> None:
                 return DEFAULT_CONFIG(head_dim, dtype_, kernel_)
 
             la._tile_config = config
-            layout._tile_maps.clear()
+            layout._derived.clear()  # tile maps and kernel arguments of other tile sizes
             try:
                 def step():
                     out = ak.latent_attention(q, k, v, layout, backend="triton")
