@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from amvl_kernels._validation import check_choice, check_float_tensor, check_like, check_seed
 from amvl_kernels.backends import resolve_backend, triton_interpreted
@@ -389,6 +390,7 @@ class _GaussianSampleKLFunction(torch.autograd.Function):
         return output
 
     @staticmethod
+    @once_differentiable  # the kernels' gradients are not differentiable again
     def backward(ctx, grad_z, grad_kl_fwd, grad_kl_rev):
         return _input_grads(ctx, grad_z, grad_kl_fwd, grad_kl_rev, _launch_backward)
 

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from amvl_kernels._validation import check_float_tensor
 from amvl_kernels.backends import resolve_backend, triton_interpreted
@@ -647,6 +648,7 @@ class _LatentAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the kernels' gradients are not differentiable again
     def backward(ctx, grad_out):
         q, k, v, out, lse, *tiles = ctx.saved_tensors
         dq, dk, dv = _backward(grad_out, q, k, v, out, lse, tiles, ctx.scale)
