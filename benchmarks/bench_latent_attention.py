@@ -15,6 +15,9 @@ Providers, side by side in one run on one device:
 Reported: median ms, TFLOP/s counting only attended (query, key) pairs (forward 4*D per pair
 and head; forward+backward 3.5x that, the usual flash-attention convention), peak memory.
 
+A second comparison, ``test_decode_step``: one query over a KV cache (generation), ours against
+SDPA, as the share of the copy bandwidth spent reading K and V.
+
     python -m pytest benchmarks/bench_latent_attention.py --benchmark
 """
 
@@ -160,3 +163,35 @@ def test_latent_attention(benchmark, bench_device, provider, length, layout_name
             torch.cuda.synchronize()
 
     benchmark.pedantic(synced, rounds=3 if common.SMOKE else 5, warmup_rounds=1)
+
+
+# Decoding: one new query over a KV cache, Qwen2-7B's grouped heads (28 query, 4 KV). Memory
+# bound, so reported as the share of the copy bandwidth spent reading K and V once. SDPA needs
+# no mask here (the one query sees every key), so it is the yardstick.
+DECODE_LENGTHS = [64] if common.SMOKE else [4096, 16384]
+DECODE_BATCHES = [1] if common.SMOKE else [1, 8]
+DECODE_HEADS = (4, 2) if common.SMOKE else (28, 4)
+
+
+@pytest.mark.parametrize("provider", ["amvl", "sdpa"])
+@pytest.mark.parametrize("batch", DECODE_BATCHES)
+@pytest.mark.parametrize("length", DECODE_LENGTHS)
+def test_decode_step(benchmark, bench_device, provider, batch, length):
+    dtype = torch.bfloat16 if bench_device.type == "cuda" else torch.float32
+    hq, hkv = DECODE_HEADS
+    q = torch.randn(batch, hq, 1, HEAD_DIM, device=bench_device, dtype=dtype)
+    k, v = (torch.randn(batch, hkv, length, HEAD_DIM, device=bench_device, dtype=dtype)
+            for _ in range(2))
+    if provider == "amvl":
+        def run():
+            return ak.latent_attention(q, k, v)
+    else:
+        def run():
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    median_ms = common.time_ms(run)
+    kv_bytes = 2 * k.numel() * k.element_size()
+    metrics = {"pct_of_copy": 100 * kv_bytes / median_ms / 1e6 / common.copy_bandwidth_gbs()}
+    case = f"decode Lq=1 Lk={length} B={batch} heads={hq}/{hkv}"
+    common.record("latent_attention", case, provider, median_ms, **metrics)
+    benchmark.extra_info.update(metrics, median_ms_cuda_events=median_ms)
+    benchmark.pedantic(run, rounds=3 if common.SMOKE else 10, warmup_rounds=1)
