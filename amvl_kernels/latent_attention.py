@@ -28,6 +28,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from amvl_kernels._mask_rule import mask_rule
 from amvl_kernels._validation import check_float_tensor
 from amvl_kernels.backends import resolve_backend, triton_interpreted
 from amvl_kernels.layout import LatentLayout
@@ -47,19 +48,6 @@ def _dot(a, b, IEEE: tl.constexpr):
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b)
-
-
-@triton.jit
-def _rule(pos_i, vis_i, blk_i, doc_i, pos_j, kind_j, blk_j, doc_j, HAS_LAYOUT: tl.constexpr):
-    """The mask rule of DESIGN.md section 3, elementwise on broadcastable query (i) and key
-    (j) metadata: one rule for tiles with queries along either axis."""
-    causal = pos_j <= pos_i
-    if HAS_LAYOUT:
-        sees = ((vis_i >> kind_j) & 1) != 0
-        same_block = (blk_i > 0) & (blk_i == blk_j)
-        return sees & (doc_i == doc_j) & (causal | same_block)
-    else:
-        return causal
 
 
 @triton.jit
@@ -83,7 +71,7 @@ def _allowed(pos_i, vis_i, blk_i, doc_i, offs_n, LK, KIND, BLK, DOC, meta_row,
     in_range = offs_n < LK
     kind_j, blk_j, doc_j = _key_metadata(KIND, BLK, DOC, meta_row, offs_n, in_range,
                                          HAS_LAYOUT)
-    ok = _rule(pos_i[:, None], vis_i[:, None], blk_i[:, None], doc_i[:, None],
+    ok = mask_rule(pos_i[:, None], vis_i[:, None], blk_i[:, None], doc_i[:, None],
                offs_n[None, :], kind_j[None, :], blk_j[None, :], doc_j[None, :], HAS_LAYOUT)
     return ok & in_range[None, :]
 
@@ -273,7 +261,7 @@ def _dkdv_tile(k, v, dk, dv, offs_n, kind_j, blk_j, doc_j, q_base, do_base, row_
         pos_i = LK - LQ + offs_m
         vis_i, blk_i, doc_i = _row_metadata(VIS, BLK, DOC, meta_row, pos_i, row_ok, offs_m,
                                             HAS_LAYOUT)
-        ok = _rule(pos_i[None, :], vis_i[None, :], blk_i[None, :], doc_i[None, :],
+        ok = mask_rule(pos_i[None, :], vis_i[None, :], blk_i[None, :], doc_i[None, :],
                    offs_n[:, None], kind_j[:, None], blk_j[:, None], doc_j[:, None],
                    HAS_LAYOUT)
         # Keys past LK need no test: they feed only their own dk/dv rows, never stored.

@@ -25,7 +25,12 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
+
+from amvl_kernels._mask_rule import mask_rule
+from amvl_kernels.backends import triton_interpreted
 
 MAX_KINDS = 31  # visible_kinds is an int32 bit set
 
@@ -78,6 +83,65 @@ def _index_lists(selected: Tensor) -> tuple[Tensor, Tensor]:
     (a stable sort of the negation), and their count."""
     order = torch.sort((~selected).to(torch.int8), dim=-1, stable=True).indices
     return order.to(torch.int32).contiguous(), selected.sum(-1).to(torch.int32).contiguous()
+
+
+_EMPTY: tl.constexpr = EMPTY
+_PARTIAL: tl.constexpr = PARTIAL
+_FULL: tl.constexpr = FULL
+
+
+@triton.jit
+def _classify_tiles(KIND, VIS, BLK, DOC, CLASSES, LQ, LK, N_M, N_N,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The class of one (query tile, key tile) pair of one row, from the exact rule on every
+    pair of the tile: computed in registers, so nothing quadratic in length is ever stored."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_m < LQ
+    key_ok = offs_n < LK
+    meta = b.to(tl.int64) * LK
+    pos_i = LK - LQ + offs_m
+    vis_i = tl.load(VIS + meta + pos_i, mask=row_ok, other=0)
+    blk_i = tl.load(BLK + meta + pos_i, mask=row_ok, other=0)
+    doc_i = tl.load(DOC + meta + pos_i, mask=row_ok, other=0)
+    kind_j = tl.load(KIND + meta + offs_n, mask=key_ok, other=0)
+    blk_j = tl.load(BLK + meta + offs_n, mask=key_ok, other=0)
+    doc_j = tl.load(DOC + meta + offs_n, mask=key_ok, other=0)
+    ok = mask_rule(pos_i[:, None], vis_i[:, None], blk_i[:, None], doc_i[:, None],
+                   offs_n[None, :], kind_j[None, :], blk_j[None, :], doc_j[None, :], True)
+    ok = ok & row_ok[:, None] & key_ok[None, :]
+    allowed = tl.sum(tl.sum(ok.to(tl.int32), axis=1), axis=0)
+    rows = tl.sum(row_ok.to(tl.int32), axis=0)
+    # FULL skips the mask, so its key tile must not run past LK; query rows past LQ do not
+    # count (they are never stored, and the backward gives them zero probability).
+    whole = (pid_n + 1) * BLOCK_N <= LK
+    cls = tl.where(allowed == 0, _EMPTY,
+                   tl.where(whole & (allowed == rows * BLOCK_N), _FULL, _PARTIAL))
+    tl.store(CLASSES + (b.to(tl.int64) * N_M + pid_m) * N_N + pid_n, cls.to(tl.int8))
+
+
+# A custom op, so that torch.compile traces a first call on a new layout through its tile maps.
+@torch.library.custom_op("amvl::classify_tiles", mutates_args=())
+def _classify_tiles_op(segment_kind: Tensor, visible_kinds: Tensor, block_id: Tensor,
+                       doc_id: Tensor, num_queries: int, block_m: int, block_n: int) -> Tensor:
+    batch, lk = segment_kind.shape
+    n_m, n_n = -(-num_queries // block_m), -(-lk // block_n)
+    classes = torch.empty((batch, n_m, n_n), dtype=torch.int8, device=segment_kind.device)
+    if classes.numel():
+        _classify_tiles[(n_n, n_m, batch)](segment_kind, visible_kinds, block_id, doc_id,
+                                           classes, num_queries, lk, n_m, n_n,
+                                           BLOCK_M=block_m, BLOCK_N=block_n)
+    return classes
+
+
+@_classify_tiles_op.register_fake
+def _(segment_kind, visible_kinds, block_id, doc_id, num_queries, block_m, block_n):
+    batch, lk = segment_kind.shape
+    return segment_kind.new_empty((batch, -(-num_queries // block_m), -(-lk // block_n)),
+                                  dtype=torch.int8)
 
 
 @dataclass(eq=False)
@@ -277,9 +341,11 @@ class LatentLayout:
     def tile_map(self, num_queries: int, block_m: int, block_n: int) -> TileMap:
         """Classes of (query tile, key tile) pairs, computed once per shape and cached.
 
-        Derived from per-tile summaries of the metadata, never from the dense mask: a pair is
-        EMPTY only when no query of the tile can see any key of the tile, FULL only when every
-        query sees every key; anything else is PARTIAL (the kernel then applies the exact rule).
+        Exact: a pair is EMPTY when no query of the tile sees any key of it, FULL when every
+        query sees every key (and no key runs past the end), PARTIAL otherwise. One Triton
+        program per pair evaluates the rule on the tile in registers, so nothing quadratic in
+        length is stored and a map costs a handful of launches (CUDA tensors, or the CPU under
+        ``TRITON_INTERPRET=1``).
         """
         return self.cached(("tile map", num_queries, block_m, block_n),
                            lambda: self._classify(num_queries, block_m, block_n))
@@ -295,98 +361,15 @@ class LatentLayout:
         return self._derived[key]
 
     def _classify(self, lq: int, bm: int, bn: int) -> TileMap:
-        lk, dev = self.length, self.device
-        kind, visible, block, doc = (t.long() for t in self.metadata())
-        offset = lk - lq
-        # Query-tile summaries over the last lq tokens; tails are padded with neutral values.
-        q_vis, q_block, q_doc = (t[:, offset:] for t in (visible, block, doc))
-        pos_q = torch.arange(offset, lk, device=dev).expand(self.batch, lq)
-        qs = _TileSummary(q_vis, q_block, q_doc, pos_q, bm)
-        pos_k = torch.arange(lk, device=dev).expand(self.batch, lk)
-        ks = _TileSummary(1 << kind, block, doc, pos_k, bn)
-
-        # (B, nM, nN) pair tests by broadcasting the summaries.
-        def pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-            return a[:, :, None], b[:, None, :]
-
-        vis_or, kind_or = pair(qs.bits_or, ks.bits_or)
-        vis_and, _ = pair(qs.bits_and, ks.bits_or)
-        q_doc_lo, k_doc_lo = pair(qs.lo_doc, ks.lo_doc)
-        q_doc_hi, k_doc_hi = pair(qs.hi_doc, ks.hi_doc)
-        q_pos_lo, k_pos_lo = pair(qs.lo_pos, ks.lo_pos)
-        q_pos_hi, k_pos_hi = pair(qs.hi_pos, ks.hi_pos)
-        q_blk_lo, k_blk_lo = pair(qs.lo_block, ks.lo_block)  # over nonzero blocks only
-        q_blk_hi, k_blk_hi = pair(qs.hi_block, ks.hi_block)
-        q_blk_all, k_blk_all = pair(qs.one_block, ks.one_block)
-
-        kinds_possible = (vis_or & kind_or) != 0
-        docs_overlap = (q_doc_lo <= k_doc_hi) & (k_doc_lo <= q_doc_hi)
-        causal_possible = k_pos_lo <= q_pos_hi
-        blocks_overlap = (q_blk_lo <= k_blk_hi) & (k_blk_lo <= q_blk_hi)
-        maybe = kinds_possible & docs_overlap & (causal_possible | blocks_overlap)
-        maybe &= qs.valid[:, :, None] & ks.valid[:, None, :]
-
-        kinds_all = (kind_or & ~vis_and) == 0
-        one_doc = (q_doc_lo == q_doc_hi) & (k_doc_lo == k_doc_hi) & (q_doc_lo == k_doc_lo)
-        causal_all = k_pos_hi <= q_pos_lo
-        one_block = (q_blk_all > 0) & (q_blk_all == k_blk_all)
-        full = maybe & kinds_all & one_doc & (causal_all | one_block)
-        # Keys past the end must be masked; query rows past the end are never stored, and the
-        # backward gives them zero probability, so only key tiles need to be whole.
-        full &= ks.whole[:, None, :]
-
-        classes = torch.where(full, FULL, torch.where(maybe, PARTIAL, EMPTY)).to(torch.int8)
-        partial = classes == PARTIAL
-        full = classes == FULL
-        return TileMap(classes.contiguous(), *_index_lists(full), *_index_lists(partial),
+        if not (self.device.type == "cuda" or triton_interpreted()):
+            raise RuntimeError("tile maps are built by a Triton kernel: they need CUDA tensors, "
+                               "or TRITON_INTERPRET=1 on the CPU (set before importing "
+                               "amvl_kernels)")
+        classes = torch.ops.amvl.classify_tiles(*self.metadata(), lq, bm, bn)
+        full, partial = classes == FULL, classes == PARTIAL
+        return TileMap(classes, *_index_lists(full), *_index_lists(partial),
                        *_index_lists(full.transpose(1, 2)),
                        *_index_lists(partial.transpose(1, 2)))
-
-
-class _TileSummary:
-    """Per-tile reductions of token metadata, (B, n_tiles) each.
-
-    bits_or / bits_and: OR / AND of the bit sets; lo/hi_doc and lo/hi_pos: ranges; lo/hi_block:
-    range of the nonzero block ids (empty range lo > hi when the tile has none); one_block: the
-    block id when every token of the tile is in the same nonzero block, else 0; whole: the tile
-    has no tokens past the end; valid: it has at least one token.
-    """
-
-    def __init__(self, bits: Tensor, block: Tensor, doc: Tensor, pos: Tensor, size: int):
-        b, n = bits.shape
-        tiles = -(-n // size) if n else 0
-        pad = tiles * size - n
-
-        def tiled(t: Tensor, fill: int) -> Tensor:
-            return torch.nn.functional.pad(t, (0, pad), value=fill).view(b, tiles, size)
-
-        big = 2**62
-        real = tiled(torch.ones_like(bits, dtype=torch.bool), 0).bool()
-        bits_t = tiled(bits, 0)
-        self.bits_or = _bit_reduce(bits_t, torch.bitwise_or, 0)
-        self.bits_and = _bit_reduce(torch.where(real, bits_t, -1), torch.bitwise_and, -1)
-        self.lo_doc = tiled(doc, big).amin(-1) if tiles else doc.new_zeros(b, 0)
-        self.hi_doc = tiled(doc, -big).amax(-1) if tiles else doc.new_zeros(b, 0)
-        self.lo_pos = tiled(pos, big).amin(-1) if tiles else pos.new_zeros(b, 0)
-        self.hi_pos = tiled(pos, -big).amax(-1) if tiles else pos.new_zeros(b, 0)
-        blk = tiled(block, 0)
-        nonzero = blk > 0
-        self.lo_block = torch.where(nonzero, blk, big).amin(-1) if tiles else blk.sum(-1)
-        self.hi_block = torch.where(nonzero, blk, -big).amax(-1) if tiles else blk.sum(-1)
-        first = blk[..., :1].squeeze(-1)
-        same = (torch.where(real, blk, first[..., None]) == first[..., None]).all(-1)
-        self.one_block = torch.where(same & (first > 0), first, 0)
-        self.whole = real.all(-1)
-        self.valid = real.any(-1)
-
-
-def _bit_reduce(t: Tensor, op, identity: int) -> Tensor:
-    """Reduce the last dim of an integer tensor with a bitwise op (log-depth halving)."""
-    while t.shape[-1] > 1:
-        if t.shape[-1] % 2:
-            t = torch.nn.functional.pad(t, (0, 1), value=identity)
-        t = op(t[..., 0::2], t[..., 1::2])
-    return t.squeeze(-1) if t.shape[-1] == 1 else t.new_full(t.shape[:-1], identity)
 
 
 def _check_mask(name: str, mask: Tensor, shape: tuple[int, int]) -> None:

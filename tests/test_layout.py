@@ -48,11 +48,11 @@ def test_tile_map_agrees_with_dense_mask(lq, tiles, rng_seed):
         for m in range(n_m):
             for n in range(n_n):
                 tile = mask[b, m * bm:(m + 1) * bm, n * bn:(n + 1) * bn]
-                cls = int(tm.classes[b, m, n])
-                if cls == EMPTY:
-                    assert not tile.any(), (b, m, n)
-                if cls == FULL:
-                    assert tile.all() and tile.shape[1] == bn, (b, m, n)
+                # exact: FULL needs a whole key tile (no keys past the end), rows past the end
+                # do not count (the dense mask has none)
+                want = EMPTY if not tile.any() else \
+                    FULL if tile.all() and tile.shape[1] == bn else PARTIAL
+                assert int(tm.classes[b, m, n]) == want, (b, m, n)
     # The index lists hold exactly the FULL / PARTIAL pairs, ascending.
     for b in range(3):
         for m in range(n_m):
@@ -66,6 +66,12 @@ def test_tile_map_agrees_with_dense_mask(lq, tiles, rng_seed):
                 want = (tm.classes[b, :, n] == kind).nonzero().flatten().tolist()
                 assert lst[b, n, :int(cnt[b, n])].tolist() == want
     assert layout.tile_map(lq, bm, bn) is tm  # cached: shared by every layer and head
+
+
+def test_classify_tiles_op_passes_opcheck(rng_seed):
+    layout = random_layout(2, 37, torch.Generator().manual_seed(rng_seed))
+    torch.library.opcheck(torch.ops.amvl.classify_tiles.default,
+                          (*layout.metadata(), 21, 16, 16))
 
 
 def test_tile_map_of_causal_layout_is_exact():
