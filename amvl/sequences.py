@@ -39,8 +39,6 @@ VISIBLE_KINDS = {
     Segment.LATENT: kind_bits(Segment.PROMPT, Segment.LATENT),
     Segment.PAD: 0,
 }
-_VISIBLE_TABLE = torch.tensor([VISIBLE_KINDS[Segment(i)] for i in range(len(Segment))],
-                              dtype=torch.int32)
 
 # Bidirectional block ids, 0 = causal.
 PRIOR_BLOCK, POSTERIOR_BLOCK, LATENT_BLOCK = 1, 2, 3
@@ -68,13 +66,10 @@ class Sequence:
 
     input_ids: Tensor
     segment: Tensor
+    visible_kinds: Tensor  # each token's VISIBLE_KINDS bit set (0 on padding)
     block_id: Tensor
     position_ids: Tensor
     spans: dict[str, tuple[int, int]]  # part name -> [begin, end) columns
-
-    @property
-    def visible_kinds(self) -> Tensor:
-        return _VISIBLE_TABLE.to(self.segment.device)[self.segment.long()]
 
     @property
     def real(self) -> Tensor:
@@ -87,19 +82,21 @@ class Sequence:
 
 def assemble(parts: dict[str, Part]) -> Sequence:
     """Concatenate named parts column-wise; padding becomes ``Segment.PAD``."""
-    ids, segment, block, position, spans = [], [], [], [], {}
+    ids, segment, visible, block, position, spans = [], [], [], [], [], {}
     column = 0
     for name, part in parts.items():
         mask = part.mask.bool()
         ids.append(part.ids)
         segment.append(torch.where(mask, int(part.segment), int(Segment.PAD)).to(torch.int32))
+        # A Python int per part: no lookup table to copy to the device on every pass.
+        visible.append(torch.where(mask, VISIBLE_KINDS[part.segment], 0).to(torch.int32))
         block.append((mask * part.block).to(torch.int32))
         offset = (mask.long().cumsum(-1) - 1).clamp(min=0)
         position.append(torch.where(mask, part.start[:, None] + offset, 0))
         spans[name] = (column, column + part.ids.shape[1])
         column += part.ids.shape[1]
-    return Sequence(torch.cat(ids, 1), torch.cat(segment, 1), torch.cat(block, 1),
-                    torch.cat(position, 1), spans)
+    return Sequence(torch.cat(ids, 1), torch.cat(segment, 1), torch.cat(visible, 1),
+                    torch.cat(block, 1), torch.cat(position, 1), spans)
 
 
 def concat(first: Sequence, second: Sequence) -> Sequence:
@@ -107,7 +104,8 @@ def concat(first: Sequence, second: Sequence) -> Sequence:
     width = first.input_ids.shape[1]
     spans = {**first.spans, **{n: (b + width, e + width) for n, (b, e) in second.spans.items()}}
     return Sequence(*(torch.cat([getattr(first, f), getattr(second, f)], 1)
-                      for f in ("input_ids", "segment", "block_id", "position_ids")), spans)
+                      for f in ("input_ids", "segment", "visible_kinds", "block_id",
+                                "position_ids")), spans)
 
 
 def slots(token_id: int, batch: int, k: int, device: torch.device) -> tuple[Tensor, Tensor]:
