@@ -127,6 +127,25 @@ def _row_tiles(pid_m, b, LQ, LK, N_M, N_N, ROW_FULL_COUNT, ROW_PARTIAL_COUNT,
 
 
 @triton.jit
+def _query_tile(HQ, GROUP, LQ, LK, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """Where a program of the forward or dq kernel stands: grid (query tiles, B * Hq).
+
+    Returns pid_m, the batch row b, query head h and its KV head hk, the query offsets and
+    absolute positions, the row and head-dim masks, the row's offset in the metadata and the
+    (b, h) offset in the per-row statistics (lse, delta).
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    return (pid_m, b, h, h // GROUP, offs_m, offs_d, LK - LQ + offs_m, offs_m < LQ,
+            offs_d < HEAD_DIM, b.to(tl.int64) * LK, pid_bh.to(tl.int64) * LQ)
+
+
+@triton.jit
 def _fwd_tile(q, acc, m_i, l_i, k_base, v_base, n_tile, offs_d, d_ok, s_kn, s_kd, s_vn, s_vd,
               LK, scale_log2, pos_i, vis_i, blk_i, doc_i, KIND, BLK, DOC, meta_row,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LAYOUT: tl.constexpr,
@@ -162,17 +181,8 @@ def _attention_fwd(
     BLOCK_N: tl.constexpr, HAS_LAYOUT: tl.constexpr, UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HQ
-    h = pid_bh % HQ
-    hk = h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < LQ
-    d_ok = offs_d < HEAD_DIM
-    pos_i = LK - LQ + offs_m
-    meta_row = b.to(tl.int64) * LK
+    pid_m, b, h, hk, offs_m, offs_d, pos_i, row_ok, d_ok, meta_row, stat_row = _query_tile(
+        HQ, GROUP, LQ, LK, HEAD_DIM, BLOCK_M, BLOCK_D)
 
     q = tl.load(Q + b.to(tl.int64) * s_qb + h * s_qh + offs_m[:, None] * s_qm
                 + offs_d[None, :] * s_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -214,7 +224,7 @@ def _attention_fwd(
     tl.store(O + b.to(tl.int64) * s_ob + h * s_oh + offs_m[:, None] * s_om
              + offs_d[None, :] * s_od, out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + pid_bh.to(tl.int64) * LQ + offs_m, lse, mask=row_ok)
+    tl.store(LSE + stat_row + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
@@ -385,18 +395,9 @@ def _attention_bwd_dq(
     BLOCK_N: tl.constexpr, HAS_LAYOUT: tl.constexpr, UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HQ
-    h = pid_bh % HQ
-    hk = h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < LQ
-    d_ok = offs_d < HEAD_DIM
+    pid_m, b, h, hk, offs_m, offs_d, pos_i, row_ok, d_ok, meta_row, stat_row = _query_tile(
+        HQ, GROUP, LQ, LK, HEAD_DIM, BLOCK_M, BLOCK_D)
     q_ok = row_ok[:, None] & d_ok[None, :]
-    pos_i = LK - LQ + offs_m
-    meta_row = b.to(tl.int64) * LK
 
     q = tl.load(Q + b.to(tl.int64) * s_qb + h * s_qh + offs_m[:, None] * s_qm
                 + offs_d[None, :] * s_qd, mask=q_ok, other=0.0)
@@ -405,8 +406,8 @@ def _attention_bwd_dq(
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse = tl.load(LSE + pid_bh.to(tl.int64) * LQ + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + pid_bh.to(tl.int64) * LQ + offs_m, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + stat_row + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + stat_row + offs_m, mask=row_ok, other=0.0)
     k_base = K + b.to(tl.int64) * s_kb + hk * s_kh
     v_base = V + b.to(tl.int64) * s_vb + hk * s_vh
     vis_i, blk_i, doc_i = _row_metadata(VIS, BLK, DOC, meta_row, pos_i, row_ok, offs_m,
