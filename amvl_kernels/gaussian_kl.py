@@ -194,15 +194,24 @@ def _strides(t: Tensor | None) -> tuple[int, int]:
 
 
 def _block_sizes(n_rows: int, d: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_D, num_warps): about 4096 elements a program on a GPU.
+    """(BLOCK_R, BLOCK_D, num_warps) of a program.
 
-    The interpreter runs programs one after another with numpy, so there bigger is faster.
+    On a GPU, about four elements per thread: the kernels are memory bound, and compiled for
+    sm_90 they hold every input, the noise and the intermediates of an element in registers,
+    so sixteen elements a thread took 190-252 registers and left 8 warps per SM to hide memory
+    latency, four elements take 58-72 and leave 24-32 (``scripts/kernel_resources.py``).
+    Short rows share a program (512 elements, 4 warps); long ones loop in chunks of 1024
+    (8 warps). The interpreter runs programs one after another with numpy, so there bigger is
+    faster.
     """
-    budget = 16384 if triton_interpreted() else 4096
+    if triton_interpreted():
+        budget, num_warps = 16384, 4
+    else:
+        budget = 1024 if d >= 1024 else 512
+        num_warps = budget // 128
     # At least one whole noise group of four columns.
     block_d = max(4, min(triton.next_power_of_2(d), budget))
     block_r = max(1, min(triton.next_power_of_2(n_rows), budget // block_d))
-    num_warps = 8 if block_r * block_d >= 4096 else 4
     return block_r, block_d, num_warps
 
 

@@ -85,9 +85,10 @@ def _index_lists(selected: Tensor) -> tuple[Tensor, Tensor]:
     return order.to(torch.int32).contiguous(), selected.sum(-1).to(torch.int32).contiguous()
 
 
-_EMPTY: tl.constexpr = EMPTY
-_PARTIAL: tl.constexpr = PARTIAL
-_FULL: tl.constexpr = FULL
+# Compiled kernels read globals only as tl.constexpr instances (the interpreter is laxer).
+_EMPTY = tl.constexpr(EMPTY)
+_PARTIAL = tl.constexpr(PARTIAL)
+_FULL = tl.constexpr(FULL)
 
 
 @triton.jit
