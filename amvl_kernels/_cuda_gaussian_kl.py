@@ -7,10 +7,11 @@ The compiled module ``amvl_kernels._C`` takes raw pointers, strides in elements,
 and the current CUDA stream as ints (no torch C++ API), so it works with any torch version.
 Inputs are viewed as (rows, d) with ``reshape(-1, d)`` exactly like the Triton launcher.
 
-One deliberate difference from the Triton path, the noise: Philox4x32-10 + Box-Muller keyed by
-(seed, row-major element index), not Triton's ``tl.randn``. A seed is deterministic on this
-backend and its backward regenerates the noise bitwise, but the same seed gives different z on
-the Triton and CUDA backends.
+One deliberate difference from the Triton path, the noise: both draw four normals per
+Philox4x32-10 call, but here the groups of four run along the row-major element index (the
+Triton kernel groups four columns of one row) and Box-Muller is this file's own code. A seed is
+deterministic on this backend and its backward regenerates the noise bitwise, but the same seed
+gives different z on the Triton and CUDA backends.
 """
 
 from __future__ import annotations
