@@ -68,8 +68,14 @@ def latent_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout 
     if layout is None and lq == lk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                               enable_gqa=gqa)
-    mask = attention_mask(layout, lq, lk, q.device)  # (B or 1, Lq, Lk)
-    split = causal_prefix_rows(mask) if lq == lk else 0
+
+    def mask_and_split() -> tuple[Tensor, int]:
+        mask = attention_mask(layout, lq, lk, q.device)  # (B or 1, Lq, Lk)
+        return mask, causal_prefix_rows(mask) if lq == lk else 0
+
+    # Built once per layout and query length, not once per layer.
+    mask, split = mask_and_split() if layout is None \
+        else layout.cached(("sdpa mask", lq, q.device), mask_and_split)
     parts = []
     if split:
         parts.append(F.scaled_dot_product_attention(
