@@ -454,13 +454,15 @@ def _tile_config(head_dim: int, dtype: torch.dtype, kernel: str) -> tuple[int, i
     """
     if triton_interpreted():
         return 16, 16, 1, 1
+    # fp32 or d > 128: 8 warps share the registers of the small tiles. With 4 they spilled
+    # 0.5-1.9 KB a thread (sm_90, scripts/kernel_resources.py); with 8, at most 16 bytes.
     wide = head_dim > 128 or dtype == torch.float32
     if kernel != "forward":
         if wide:
-            return 32, 32, 4, 2
+            return 32, 32, 8, 2
         return (64, 64, 8, 2) if head_dim > 64 else (64, 64, 4, 2)
     if wide:
-        return 64, 32, 4, 2
+        return 64, 32, 8, 2
     return (128, 64, 8, 3) if head_dim > 64 else (128, 64, 4, 3)
 
 

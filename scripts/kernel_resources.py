@@ -41,14 +41,15 @@ INT_POINTERS = {"KIND", "VIS", "BLK", "DOC", "ROW_FULL", "ROW_FULL_COUNT", "ROW_
                 "COL_PARTIAL_COUNT"}
 
 
-def signature(fn, constexprs: dict) -> dict[str, str]:
-    """Triton types of a kernel's arguments, from the naming conventions of amvl_kernels."""
+def signature(fn, constexprs: dict, data: str = "bf16") -> dict[str, str]:
+    """Triton types of a kernel's arguments, from the naming conventions of amvl_kernels;
+    ``data`` is the element type of the data tensors (q, k, v, mu, ...)."""
     types = {}
     for name in fn.arg_names:
         if name in constexprs:
             types[name] = "constexpr"
         elif name in BF16_POINTERS or (name.endswith("_ptr") and name not in FP32_POINTERS):
-            types[name] = "*bf16"
+            types[name] = f"*{data}"
         elif name in FP32_POINTERS:
             types[name] = "*fp32"
         elif name in INT_POINTERS:
@@ -65,32 +66,36 @@ def signature(fn, constexprs: dict) -> dict[str, str]:
 
 
 def variants():
-    """(kernel, label, constexprs, num_warps, num_stages) at the launchers' defaults, bf16."""
+    """(kernel, label, constexprs, num_warps, num_stages, data type) at the launchers'
+    defaults: bf16 throughout, plus the attention kernels' fp32 (IEEE) and d=256 paths."""
     for rows, d in [(4096, 4096), (512, 3584), (65536, 256)]:
         block_r, block_d, warps = gaussian_kl._block_sizes(rows, d)
         common = dict(ACC=tl.float32, BLOCK_R=block_r, BLOCK_D=block_d)
         yield (gaussian_kl._gaussian_kl_fwd_kernel, f"gaussian fwd {rows}x{d}",
-               dict(HAS_EPS=False, WITH_KL=True, **common), warps, 3)
+               dict(HAS_EPS=False, WITH_KL=True, **common), warps, 3, "bf16")
         yield (gaussian_kl._gaussian_kl_bwd_kernel, f"gaussian bwd {rows}x{d}",
                dict(HAS_EPS=False, HAS_DZ=True, HAS_DKL_FWD=True, HAS_DKL_REV=True,
                     NEED_MU_Q=True, NEED_LV_Q=True, NEED_MU_P=True, NEED_LV_P=True,
                     FWD_TO_Q=False, FWD_TO_P=True, REV_TO_Q=True, REV_TO_P=False, **common),
-               warps, 3)
+               warps, 3, "bf16")
     kernels = {"forward": la._attention_fwd, "dkdv": la._attention_bwd_dkdv,
                "dq": la._attention_bwd_dq}
-    for head_dim in (64, 128):
+    for head_dim, dtype in ((64, torch.bfloat16), (128, torch.bfloat16), (256, torch.bfloat16),
+                            (64, torch.float32)):
+        data = "fp32" if dtype == torch.float32 else "bf16"
         block_d = la._block_d(head_dim)
-        yield (la._attention_bwd_delta, f"attention delta d={head_dim}",
-               dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=16), 4, 3)
+        yield (la._attention_bwd_delta, f"attention delta d={head_dim} {data}",
+               dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=16), 4, 3, data)
         for name, fn in kernels.items():
-            bm, bn, warps, stages = la._tile_config(head_dim, torch.bfloat16, name)
+            bm, bn, warps, stages = la._tile_config(head_dim, dtype, name)
             for has_layout in (False, True):
-                yield (fn, f"attention {name} d={head_dim} {bm}x{bn} "
+                yield (fn, f"attention {name} d={head_dim} {data} {bm}x{bn} "
                            f"{'layout' if has_layout else 'causal'}",
                        dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
-                            HAS_LAYOUT=has_layout, UPCAST=False, IEEE=False), warps, stages)
+                            HAS_LAYOUT=has_layout, UPCAST=False, IEEE=dtype == torch.float32),
+                       warps, stages, data)
             yield (layout._classify_tiles, f"tile classifier {bm}x{bn}",
-                   dict(BLOCK_M=bm, BLOCK_N=bn), 4, 3)
+                   dict(BLOCK_M=bm, BLOCK_N=bn), 4, 3, "bf16")
 
 
 def ptxas_report(ptx: str, arch: int) -> tuple[int | None, int | None]:
@@ -124,19 +129,20 @@ def main() -> int:
 
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
-    print(f"{'kernel':<46} {'regs':>5} {'spill B':>8} {'smem B':>8}")
-    for fn, label, constexprs, warps, stages in variants():
+    print(f"{'kernel':<52} {'regs':>5} {'spill B':>8} {'smem B':>8}")
+    for fn, label, constexprs, warps, stages, data in variants():
         try:
-            source = ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs)
+            source = ASTSource(fn=fn, signature=signature(fn, constexprs, data),
+                               constexprs=constexprs)
             compiled = triton.compile(source, target=target,
                                       options={"num_warps": warps, "num_stages": stages})
         except Exception as exc:  # noqa: BLE001 - report every kernel, then fail
             failures += 1
-            print(f"{label:<46} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            print(f"{label:<52} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             continue
         registers, spills = (None, None) if args.check else ptxas_report(
             compiled.asm["ptx"], args.arch)
-        print(f"{label:<46} {registers if registers is not None else '-':>5} "
+        print(f"{label:<52} {registers if registers is not None else '-':>5} "
               f"{spills if spills is not None else '-':>8} {compiled.metadata.shared:>8}")
     return 1 if failures and args.check else 0
 
