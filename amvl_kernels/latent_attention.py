@@ -5,13 +5,15 @@ Kernels, launchers and autograd in one file:
 - ``_attention_fwd``: online softmax over the key tiles of one query tile; stores the output
   and the log-sum-exp (base 2) of every query row.
 - ``_attention_bwd_dkdv``: one key tile per program, looping over the query heads of its KV
-  group and over the query tiles; dk and dv are reduced over the group in registers (no atomics).
+  group and over the query tiles; dk and dv are reduced over the group in registers (no
+  atomics), and each tile is computed transposed (keys along axis 0).
 - ``_attention_bwd_dq``: one query tile per program, looping over the key tiles.
 
 Every kernel walks only the tiles that the layout's :class:`~amvl_kernels.layout.TileMap`
 marks non-empty, in two branch-free loops over index lists (FULL tiles without mask
-arithmetic, then PARTIAL tiles with the rule), so the compiler can pipeline the tile loads. Without a layout the kernels
-are plain causal attention, the diagonal tiles being the partial ones. Queries are the last Lq
+arithmetic, then PARTIAL tiles with the rule), so the compiler can pipeline the tile loads.
+Without a layout the kernels are plain causal attention, the diagonal tiles being the partial
+ones. Queries are the last Lq
 of the Lk keys (a KV cache), Lq = 1 included.
 
 Registered as the custom ops ``amvl::latent_attention`` and ``amvl::latent_attention_backward``
@@ -51,17 +53,19 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _key_metadata(KIND, BLK, DOC, meta_row, offs_n, key_ok, HAS_LAYOUT: tl.constexpr):
-    """(segment kind, block id, doc id) of the keys; placeholders without a layout."""
+def _metadata(FIRST, BLK, DOC, meta_row, positions, ok, HAS_LAYOUT: tl.constexpr):
+    """Three metadata arrays of the tokens at ``positions`` of one row: (visible kinds, block
+    id, doc id) for queries with FIRST = VIS, (segment kind, block id, doc id) for keys with
+    FIRST = KIND. Without a layout nothing is read; the positions stand in."""
     if HAS_LAYOUT:
-        kind_j = tl.load(KIND + meta_row + offs_n, mask=key_ok, other=0)
-        blk_j = tl.load(BLK + meta_row + offs_n, mask=key_ok, other=0)
-        doc_j = tl.load(DOC + meta_row + offs_n, mask=key_ok, other=0)
+        first = tl.load(FIRST + meta_row + positions, mask=ok, other=0)
+        blk = tl.load(BLK + meta_row + positions, mask=ok, other=0)
+        doc = tl.load(DOC + meta_row + positions, mask=ok, other=0)
     else:
-        kind_j = offs_n
-        blk_j = offs_n
-        doc_j = offs_n
-    return kind_j, blk_j, doc_j
+        first = positions
+        blk = positions
+        doc = positions
+    return first, blk, doc
 
 
 @triton.jit
@@ -69,25 +73,11 @@ def _allowed(pos_i, vis_i, blk_i, doc_i, offs_n, LK, KIND, BLK, DOC, meta_row,
              HAS_LAYOUT: tl.constexpr):
     """(BLOCK_M, BLOCK_N) mask of the rule for query rows i and keys offs_n of one row b."""
     in_range = offs_n < LK
-    kind_j, blk_j, doc_j = _key_metadata(KIND, BLK, DOC, meta_row, offs_n, in_range,
-                                         HAS_LAYOUT)
+    kind_j, blk_j, doc_j = _metadata(KIND, BLK, DOC, meta_row, offs_n, in_range, HAS_LAYOUT)
     ok = mask_rule(pos_i[:, None], vis_i[:, None], blk_i[:, None], doc_i[:, None],
-               offs_n[None, :], kind_j[None, :], blk_j[None, :], doc_j[None, :], HAS_LAYOUT)
+                   offs_n[None, :], kind_j[None, :], blk_j[None, :], doc_j[None, :],
+                   HAS_LAYOUT)
     return ok & in_range[None, :]
-
-
-@triton.jit
-def _row_metadata(VIS, BLK, DOC, meta_row, pos_i, row_ok, offs_m, HAS_LAYOUT: tl.constexpr):
-    """(visible kinds, block id, doc id) of the query rows; placeholders without a layout."""
-    if HAS_LAYOUT:
-        vis_i = tl.load(VIS + meta_row + pos_i, mask=row_ok, other=0)
-        blk_i = tl.load(BLK + meta_row + pos_i, mask=row_ok, other=0)
-        doc_i = tl.load(DOC + meta_row + pos_i, mask=row_ok, other=0)
-    else:
-        vis_i = offs_m
-        blk_i = offs_m
-        doc_i = offs_m
-    return vis_i, blk_i, doc_i
 
 
 @triton.jit
@@ -190,8 +180,7 @@ def _attention_fwd(
         q = q.to(tl.float32)
     k_base = K + b.to(tl.int64) * s_kb + hk * s_kh
     v_base = V + b.to(tl.int64) * s_vb + hk * s_vh
-    vis_i, blk_i, doc_i = _row_metadata(VIS, BLK, DOC, meta_row, pos_i, row_ok, offs_m,
-                                        HAS_LAYOUT)
+    vis_i, blk_i, doc_i = _metadata(VIS, BLK, DOC, meta_row, pos_i, row_ok, HAS_LAYOUT)
     n_full, n_partial, base = _row_tiles(pid_m, b, LQ, LK, N_M, N_N, ROW_FULL_COUNT,
                                          ROW_PARTIAL_COUNT, BLOCK_M, BLOCK_N, HAS_LAYOUT)
 
@@ -269,8 +258,7 @@ def _dkdv_tile(k, v, dk, dv, offs_n, kind_j, blk_j, doc_j, q_base, do_base, row_
     p_t = tl.math.exp2(_dot(k, tl.trans(q), IEEE) * scale_log2 - lse[None, :])
     if MASKED:
         pos_i = LK - LQ + offs_m
-        vis_i, blk_i, doc_i = _row_metadata(VIS, BLK, DOC, meta_row, pos_i, row_ok, offs_m,
-                                            HAS_LAYOUT)
+        vis_i, blk_i, doc_i = _metadata(VIS, BLK, DOC, meta_row, pos_i, row_ok, HAS_LAYOUT)
         ok = mask_rule(pos_i[None, :], vis_i[None, :], blk_i[None, :], doc_i[None, :],
                    offs_n[:, None], kind_j[:, None], blk_j[:, None], doc_j[:, None],
                    HAS_LAYOUT)
@@ -314,8 +302,7 @@ def _attention_bwd_dkdv(
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     # The keys stay for the whole program: their metadata is read once, not once per tile.
-    kind_j, blk_j, doc_j = _key_metadata(KIND, BLK, DOC, meta_row, offs_n, offs_n < LK,
-                                         HAS_LAYOUT)
+    kind_j, blk_j, doc_j = _metadata(KIND, BLK, DOC, meta_row, offs_n, offs_n < LK, HAS_LAYOUT)
     if HAS_LAYOUT:
         tile_col = b.to(tl.int64) * N_N + pid_n
         m_full = tl.load(COL_FULL_COUNT + tile_col)
@@ -410,8 +397,7 @@ def _attention_bwd_dq(
     delta = tl.load(DELTA + stat_row + offs_m, mask=row_ok, other=0.0)
     k_base = K + b.to(tl.int64) * s_kb + hk * s_kh
     v_base = V + b.to(tl.int64) * s_vb + hk * s_vh
-    vis_i, blk_i, doc_i = _row_metadata(VIS, BLK, DOC, meta_row, pos_i, row_ok, offs_m,
-                                        HAS_LAYOUT)
+    vis_i, blk_i, doc_i = _metadata(VIS, BLK, DOC, meta_row, pos_i, row_ok, HAS_LAYOUT)
     n_full, n_partial, base = _row_tiles(pid_m, b, LQ, LK, N_M, N_N, ROW_FULL_COUNT,
                                          ROW_PARTIAL_COUNT, BLOCK_M, BLOCK_N, HAS_LAYOUT)
 
