@@ -7,6 +7,7 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
 from transformers import TrainingArguments
 
@@ -38,6 +39,12 @@ def main(out: str) -> None:
     logged = [entry for entry in trainer.state.log_history if "amvl/kl_fwd" in entry]
     if rank == 0 and not logged:
         raise SystemExit("the objective's metrics were not logged")
+    # Trainer leaves the process group to interpreter shutdown, where gloo's threads can be torn
+    # down in the wrong order ("terminate called without an active exception", SIGABRT): close
+    # it explicitly once both ranks are done.
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
