@@ -197,9 +197,10 @@ def _block_sizes(n_rows: int, d: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_D, num_warps) of a program.
 
     On a GPU, about four elements per thread: the kernels are memory bound, and compiled for
-    sm_90 they hold every input, the noise and the intermediates of an element in registers,
-    so sixteen elements a thread took 190-252 registers and left 8 warps per SM to hide memory
-    latency, four elements take 58-72 and leave 24-32 (``scripts/kernel_resources.py``).
+    sm_90 they hold every input, the noise and the intermediates of an element in registers.
+    Sixteen elements a thread took 95-122 (forward) and 173-208 (backward) registers, which
+    left the backward 8 warps per SM to hide memory latency; four elements take 39-48 and
+    48-70, which leave it 28-40 (``scripts/kernel_resources.py``).
     Short rows share a program (512 elements, 4 warps); long ones loop in chunks of 1024
     (8 warps). The interpreter runs programs one after another with numpy, so there bigger is
     faster.

@@ -440,8 +440,9 @@ def _tile_config(head_dim: int, dtype: torch.dtype, kernel: str) -> tuple[int, i
     """
     if triton_interpreted():
         return 16, 16, 1, 1
-    # fp32 or d > 128: 8 warps share the registers of the small tiles. With 4 they spilled
-    # 0.5-1.9 KB a thread (sm_90, scripts/kernel_resources.py); with 8, at most 16 bytes.
+    # fp32 or d > 128: 8 warps share the registers of the small tiles. With 4, the fp32
+    # forward and dk/dv kernels spilled about 800 bytes a thread (sm_90,
+    # scripts/kernel_resources.py); with 8, nothing.
     wide = head_dim > 128 or dtype == torch.float32
     if kernel != "forward":
         if wide:

@@ -1,11 +1,15 @@
 """Compile every Triton kernel for a GPU architecture on a machine without a GPU, and report
-what each costs: registers per thread, bytes spilled to local memory, shared memory.
+what each costs: registers per thread, bytes spilled to local memory, shared memory, and three
+counts from the PTX (Hopper MMAs, asynchronous copies, unvectorised 2-byte loads).
 
-The configurations are the launchers' own defaults (``_tile_config``, ``_block_sizes``), so this
-is what a GPU would run. The interpreter that the CPU tests use never compiles a kernel, so a
-construct it accepts but the compiler rejects would otherwise surface only on a GPU; ``--check``
-turns any compile failure into a non-zero exit (a test runs it). Spills inside a kernel's main
-loop are a usual cause of a slow kernel, and this finds them without a GPU.
+The launches are the launchers' own: every kernel of amvl_kernels is swapped for a recorder,
+the launchers run on CPU tensors of the benchmark shapes, and each recorded launch is compiled
+with the JIT's own argument specialisation (a stride of 1 becomes a constant, pointers and
+integers divisible by 16 carry that hint). Without that specialisation the compiler cannot
+vectorise or pipeline the loads, and the registers and spills it reports describe a kernel no
+GPU would run. The interpreter that the CPU tests use never compiles a kernel, so a construct
+it accepts but the compiler rejects would otherwise surface only on a GPU; ``--check`` turns
+any compile failure into a non-zero exit (a test runs it).
 
     python scripts/kernel_resources.py [--arch 90] [--check]
 """
@@ -13,7 +17,9 @@ loop are a usual cause of a slow kernel, and this finds them without a GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import math
 import os
 import re
 import subprocess
@@ -26,7 +32,6 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -35,68 +40,106 @@ from amvl_kernels import gaussian_kl, layout  # noqa: E402
 # the module (the package attribute of the same name is the function)
 la = importlib.import_module("amvl_kernels.latent_attention")
 
-BF16_POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-FP32_POINTERS = {"LSE", "DELTA", "kl_fwd_ptr", "kl_rev_ptr", "dkl_fwd_ptr", "dkl_rev_ptr"}
-INT_POINTERS = {"KIND", "VIS", "BLK", "DOC", "ROW_FULL", "ROW_FULL_COUNT", "ROW_PARTIAL",
-                "ROW_PARTIAL_COUNT", "COL_FULL", "COL_FULL_COUNT", "COL_PARTIAL",
-                "COL_PARTIAL_COUNT"}
+
+class _Recorder:
+    """Stands in for a jitted kernel: ``kernel[grid](*args, **kwargs)`` records the call."""
+
+    def __init__(self, fn, calls: list):
+        self.fn, self.calls = fn, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((self.fn, args, kwargs))
 
 
-def signature(fn, constexprs: dict, data: str = "bf16") -> dict[str, str]:
-    """Triton types of a kernel's arguments, from the naming conventions of amvl_kernels;
-    ``data`` is the element type of the data tensors (q, k, v, mu, ...)."""
-    types = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            types[name] = "constexpr"
-        elif name in BF16_POINTERS or (name.endswith("_ptr") and name not in FP32_POINTERS):
-            types[name] = f"*{data}"
-        elif name in FP32_POINTERS:
-            types[name] = "*fp32"
-        elif name in INT_POINTERS:
-            types[name] = "*i32"
-        elif name == "CLASSES":
-            types[name] = "*i8"
-        elif name == "seed":
-            types[name] = "i64"
-        elif name in ("scale", "scale_log2"):
-            types[name] = "fp32"
-        else:
-            types[name] = "i32"
-    return types
+@contextlib.contextmanager
+def recorded_launches():
+    """Replace every kernel of amvl_kernels with a recorder for the duration; yields the list
+    of (kernel, args, kwargs) the launchers issue. The tile classifier runs under the same
+    recorder, so layouts on CPU tensors get tile maps of the right shapes (values unset)."""
+    calls: list = []
+    patched = [(module, name) for module in (gaussian_kl, la, layout) for name, value in
+               vars(module).items() if isinstance(value, triton.runtime.jit.JITFunction)]
+    saved = [(module, name, getattr(module, name)) for module, name in patched]
+    for module, name, fn in saved:
+        setattr(module, name, _Recorder(fn, calls))
+    interpreted = layout.triton_interpreted
+    layout.triton_interpreted = lambda: True  # let CPU layouts build (recorded) tile maps
+    try:
+        yield calls
+    finally:
+        for module, name, fn in saved:
+            setattr(module, name, fn)
+        layout.triton_interpreted = interpreted
+
+
+def gaussian_launches(rows: int, d: int, dtype: torch.dtype) -> list:
+    """The launches of one forward and one AMVL-routed backward (every input gets gradient)."""
+    mu_q, lv_q, mu_p, lv_p = (torch.zeros(rows, d, dtype=dtype) for _ in range(4))
+    with recorded_launches() as calls:
+        z, kl_fwd, kl_rev = gaussian_kl._triton_forward(mu_q, lv_q, mu_p, lv_p, None, 1234)
+        gaussian_kl._triton_backward(mu_q, lv_q, mu_p, lv_p, None, 1234, z, kl_fwd, kl_rev,
+                                     "p", "q", [True] * 4)
+    return calls
+
+
+def attention_launches(batch: int, heads: int, length: int, head_dim: int,
+                       dtype: torch.dtype, with_layout: bool) -> list:
+    """The launches of one forward and one backward, plain causal or with a latent block
+    (tile classifier included)."""
+    q, k, v = (torch.zeros(batch, heads, length, head_dim, dtype=dtype) for _ in range(3))
+    with recorded_launches() as calls:
+        tiles = []
+        if with_layout:
+            blocks = [[(length * 3 // 4, 64)]] * batch
+            tiles = la._tile_tensors(layout.LatentLayout.with_latent_blocks(length, blocks),
+                                     length, head_dim, dtype, q.device)
+        out, lse = la._forward(q, k, v, tiles, 1.0 / math.sqrt(head_dim))
+        la._backward(out, q, k, v, out, lse, tiles, 1.0 / math.sqrt(head_dim))
+    return calls
 
 
 def variants():
-    """(kernel, label, constexprs, num_warps, num_stages, data type) at the launchers'
-    defaults: bf16 throughout, plus the attention kernels' fp32 (IEEE) and d=256 paths."""
+    """(kernel, label, args, kwargs) of the real launches at benchmark shapes: the Gaussian
+    op's, and attention in bf16 at d = 64, 128, 256 and in fp32 at d = 64."""
     for rows, d in [(4096, 4096), (512, 3584), (65536, 256)]:
-        block_r, block_d, warps = gaussian_kl._block_sizes(rows, d)
-        common = dict(ACC=tl.float32, BLOCK_R=block_r, BLOCK_D=block_d)
-        yield (gaussian_kl._gaussian_kl_fwd_kernel, f"gaussian fwd {rows}x{d}",
-               dict(HAS_EPS=False, WITH_KL=True, **common), warps, 3, "bf16")
-        yield (gaussian_kl._gaussian_kl_bwd_kernel, f"gaussian bwd {rows}x{d}",
-               dict(HAS_EPS=False, HAS_DZ=True, HAS_DKL_FWD=True, HAS_DKL_REV=True,
-                    NEED_MU_Q=True, NEED_LV_Q=True, NEED_MU_P=True, NEED_LV_P=True,
-                    FWD_TO_Q=False, FWD_TO_P=True, REV_TO_Q=True, REV_TO_P=False, **common),
-               warps, 3, "bf16")
-    kernels = {"forward": la._attention_fwd, "dkdv": la._attention_bwd_dkdv,
-               "dq": la._attention_bwd_dq}
+        for fn, args, kwargs in gaussian_launches(rows, d, torch.bfloat16):
+            kind = "fwd" if fn is gaussian_kl._gaussian_kl_fwd_kernel else "bwd"
+            yield fn, f"gaussian {kind} {rows}x{d}", args, kwargs
+    names = {la._attention_fwd: "forward", la._attention_bwd_dkdv: "dkdv",
+             la._attention_bwd_dq: "dq", la._attention_bwd_delta: "delta",
+             layout._classify_tiles: "tile classifier"}
     for head_dim, dtype in ((64, torch.bfloat16), (128, torch.bfloat16), (256, torch.bfloat16),
                             (64, torch.float32)):
         data = "fp32" if dtype == torch.float32 else "bf16"
-        block_d = la._block_d(head_dim)
-        yield (la._attention_bwd_delta, f"attention delta d={head_dim} {data}",
-               dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=16), 4, 3, data)
-        for name, fn in kernels.items():
-            bm, bn, warps, stages = la._tile_config(head_dim, dtype, name)
-            for has_layout in (False, True):
-                yield (fn, f"attention {name} d={head_dim} {data} {bm}x{bn} "
-                           f"{'layout' if has_layout else 'causal'}",
-                       dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
-                            HAS_LAYOUT=has_layout, UPCAST=False, IEEE=dtype == torch.float32),
-                       warps, stages, data)
-            yield (layout._classify_tiles, f"tile classifier {bm}x{bn}",
-                   dict(BLOCK_M=bm, BLOCK_N=bn), 4, 3, "bf16")
+        for with_layout in (False, True):
+            for fn, args, kwargs in attention_launches(1, 4, 4096, head_dim, dtype, with_layout):
+                name = names[fn]
+                if name == "tile classifier":
+                    yield fn, f"tile classifier {kwargs['BLOCK_M']}x{kwargs['BLOCK_N']}", args, kwargs
+                    continue
+                if name == "delta":
+                    if not with_layout:
+                        yield fn, f"attention delta d={head_dim} {data}", args, kwargs
+                    continue
+                tile = f"{kwargs['BLOCK_M']}x{kwargs['BLOCK_N']}"
+                yield (fn, f"attention {name} d={head_dim} {data} {tile} "
+                           f"{'layout' if with_layout else 'causal'}", args, kwargs)
+
+
+def compile_launch(fn, args: tuple, kwargs: dict, target):
+    """Compile one recorded launch exactly as the JIT would on a device of ``target``: the
+    same specialisation of the arguments (integers equal to 1 become constants, pointers and
+    integers divisible by 16 carry that hint), the same constexprs and options."""
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound,
+                                                          specialization, options)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                          options=options.__dict__)
 
 
 def ptxas_report(ptx: str, arch: int) -> tuple[int | None, int | None]:
@@ -119,6 +162,16 @@ def ptxas_report(ptx: str, arch: int) -> tuple[int | None, int | None]:
     return None, None
 
 
+def ptx_counts(ptx: str) -> tuple[int, int, int]:
+    """(Hopper wgmma instructions, asynchronous global-to-shared copies, scalar 2-byte global
+    loads) in a kernel's PTX. A tensor-core kernel without wgmma on sm_90, a main loop without
+    async copies (no software pipelining) or element-wise 2-byte loads (no vectorisation) are
+    each a likely reason for it to be slow."""
+    return (len(re.findall(r"\bwgmma\.mma_async", ptx)),
+            len(re.findall(r"\bcp\.async\.(?:ca|cg)\b|\bcp\.async\.bulk\.tensor", ptx)),
+            len(re.findall(r"\bld\.global(?:\.\w+)*\.b16\b", ptx)))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90")
@@ -126,25 +179,24 @@ def main() -> int:
                         help="exit 1 if a kernel does not compile (skips the ptxas report)")
     args = parser.parse_args()
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
-    print(f"{'kernel':<52} {'regs':>5} {'spill B':>8} {'smem B':>8}")
-    for fn, label, constexprs, warps, stages, data in variants():
+    print(f"{'kernel':<52} {'regs':>5} {'spill B':>8} {'smem B':>8} {'wgmma':>6} "
+          f"{'async':>6} {'ld.b16':>6}")
+    for fn, label, launch_args, launch_kwargs in variants():
         try:
-            source = ASTSource(fn=fn, signature=signature(fn, constexprs, data),
-                               constexprs=constexprs)
-            compiled = triton.compile(source, target=target,
-                                      options={"num_warps": warps, "num_stages": stages})
+            compiled = compile_launch(fn, launch_args, launch_kwargs, target)
         except Exception as exc:  # noqa: BLE001 - report every kernel, then fail
             failures += 1
             print(f"{label:<52} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             continue
         registers, spills = (None, None) if args.check else ptxas_report(
             compiled.asm["ptx"], args.arch)
+        counts = ptx_counts(compiled.asm["ptx"])
         print(f"{label:<52} {registers if registers is not None else '-':>5} "
-              f"{spills if spills is not None else '-':>8} {compiled.metadata.shared:>8}")
+              f"{spills if spills is not None else '-':>8} {compiled.metadata.shared:>8} "
+              + " ".join(f"{c:>6}" for c in counts))
     return 1 if failures and args.check else 0
 
 

@@ -26,10 +26,9 @@ la = importlib.import_module("amvl_kernels.latent_attention")
 DEFAULT_CONFIG = la._tile_config
 
 # dk/dv holds BLOCK_N keys and streams query tiles, dq the other way round: hence tall key
-# tiles for the one and tall query tiles for the other among the candidates. At d=128 the
-# default 64x64 dk/dv spills about 100 bytes a thread (scripts/kernel_resources.py); 64x32 /
-# 8 warps and 32x32 / 8 warps do not, nor do dq's 64x32 / 8 warps and 64x64 / 4 warps / 3
-# stages.
+# tiles for the one and tall query tiles for the other among the candidates. Compiled for
+# sm_90 at d=128 (scripts/kernel_resources.py), the 8-warp candidates do not spill; dk/dv
+# with 32-key tiles gets no wgmma (too few rows for a warpgroup's MMA) and runs on mma.sync.
 CANDIDATES = {
     "forward": [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)],
     "dkdv": [(64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 8, 2), (32, 32, 8, 2), (32, 128, 4, 3),

@@ -1,10 +1,12 @@
-"""Every Triton kernel compiles for Hopper, also on machines without a GPU, and the Gaussian
-kernels stay lean enough to keep many warps in flight.
+"""Every Triton kernel compiles for Hopper, also on machines without a GPU; the Gaussian
+kernels stay lean enough to keep many warps in flight, and the bf16 attention kernels keep
+their tensor-core MMAs and pipelined loads.
 
 The CPU tests run the kernels through the interpreter, which never compiles them and accepts
 some constructs the compiler rejects (a global read without tl.constexpr, for one). This runs
 ``scripts/kernel_resources.py`` in a subprocess without the interpreter: it compiles each
-kernel, at the launchers' default configurations, for sm_90 with Triton's bundled ptxas.
+kernel as the launchers launch it (same configuration and argument specialisation) for sm_90
+with Triton's bundled ptxas.
 """
 
 from __future__ import annotations
@@ -49,6 +51,21 @@ def test_gaussian_kernels_do_not_spill_and_leave_room_for_warps(report):
     assert len(rows) == 6
     if any(cells[0] == "-" for cells in rows.values()):
         pytest.skip("no bundled ptxas could report registers here")
-    for label, (registers, spills, _) in rows.items():
+    for label, (registers, spills, *_) in rows.items():
         assert int(spills) == 0, (label, spills)
         assert int(registers) <= 128, (label, registers)
+
+
+def test_bf16_attention_kernels_use_wgmma_pipelined_and_spill_free(report):
+    """At d = 64 and 128 (the benchmark's head dims) every bf16 attention kernel multiplies on
+    Hopper's warpgroup MMA, streams its tiles with asynchronous copies (software pipelining:
+    a branch in a tile loop, for one, would take that away) and spills nothing."""
+    rows = {label: cells for label, cells in report.items()
+            if label.startswith("attention") and "bf16" in label and "delta" not in label
+            and ("d=64 " in label or "d=128 " in label)}
+    assert len(rows) == 12, sorted(rows)
+    for label, (registers, spills, _, wgmma, copies, narrow) in rows.items():
+        assert int(wgmma) > 0 and int(copies) > 0, (label, wgmma, copies)
+        assert int(narrow) == 0, (label, narrow)
+        if spills != "-":
+            assert int(spills) == 0, (label, spills)
