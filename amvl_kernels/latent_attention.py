@@ -13,8 +13,9 @@ Every kernel walks only the tiles that the layout's :class:`~amvl_kernels.layout
 marks non-empty, in two branch-free loops over index lists (FULL tiles without mask
 arithmetic, then PARTIAL tiles with the rule), so the compiler can pipeline the tile loads.
 Without a layout the kernels are plain causal attention, the diagonal tiles being the partial
-ones. Queries are the last Lq
-of the Lk keys (a KV cache), Lq = 1 included.
+ones. Queries are the last Lq of the Lk keys (a KV cache), Lq = 1 included; short query blocks
+(decoding) take the split-KV forward of ``latent_attention_decode`` instead of
+``_attention_fwd``. The shared jit helpers live in ``_attention_tiles``.
 
 Registered as the custom ops ``amvl::latent_attention`` and ``amvl::latent_attention_backward``
 so ``torch.compile`` traces through them.
@@ -30,9 +31,12 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from amvl_kernels._attention_tiles import (load_kv_tiles, read_metadata, softmax_tile, tile_dot,
+                                          tile_mask)
 from amvl_kernels._mask_rule import mask_rule
 from amvl_kernels._validation import check_float_tensor
 from amvl_kernels.backends import resolve_backend, triton_interpreted
+from amvl_kernels.latent_attention_decode import decode_forward, uses_decode
 from amvl_kernels.layout import LatentLayout
 from amvl_kernels.reference.latent_attention import latent_attention_sdpa
 
@@ -42,58 +46,6 @@ _LOG2E = 1.4426950408889634
 
 
 # ----------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:  # fp32 inputs: true fp32 products, not tf32
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
-
-
-@triton.jit
-def _metadata(FIRST, BLK, DOC, meta_row, positions, ok, HAS_LAYOUT: tl.constexpr):
-    """Three metadata arrays of the tokens at ``positions`` of one row: (visible kinds, block
-    id, doc id) for queries with FIRST = VIS, (segment kind, block id, doc id) for keys with
-    FIRST = KIND. Without a layout nothing is read; the positions stand in."""
-    if HAS_LAYOUT:
-        first = tl.load(FIRST + meta_row + positions, mask=ok, other=0)
-        blk = tl.load(BLK + meta_row + positions, mask=ok, other=0)
-        doc = tl.load(DOC + meta_row + positions, mask=ok, other=0)
-    else:
-        first = positions
-        blk = positions
-        doc = positions
-    return first, blk, doc
-
-
-@triton.jit
-def _allowed(pos_i, vis_i, blk_i, doc_i, offs_n, LK, KIND, BLK, DOC, meta_row,
-             HAS_LAYOUT: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) mask of the rule for query rows i and keys offs_n of one row b."""
-    in_range = offs_n < LK
-    kind_j, blk_j, doc_j = _metadata(KIND, BLK, DOC, meta_row, offs_n, in_range, HAS_LAYOUT)
-    ok = mask_rule(pos_i[:, None], vis_i[:, None], blk_i[:, None], doc_i[:, None],
-                   offs_n[None, :], kind_j[None, :], blk_j[None, :], doc_j[None, :],
-                   HAS_LAYOUT)
-    return ok & in_range[None, :]
-
-
-@triton.jit
-def _load_kv(k_base, v_base, offs_n, offs_d, d_ok, s_kn, s_kd, s_vn, s_vd, LK,
-             MASKED: tl.constexpr, UPCAST: tl.constexpr):
-    """A K and a V tile; only partial tiles can run past LK, full ones skip that test."""
-    if MASKED:
-        kv_ok = (offs_n < LK)[:, None] & d_ok[None, :]
-    else:
-        kv_ok = d_ok[None, :]
-    k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_ok, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_ok, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    return k, v
 
 
 @triton.jit
@@ -136,30 +88,6 @@ def _query_tile(HQ, GROUP, LQ, LK, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr
 
 
 @triton.jit
-def _fwd_tile(q, acc, m_i, l_i, k_base, v_base, n_tile, offs_d, d_ok, s_kn, s_kd, s_vn, s_vd,
-              LK, scale_log2, pos_i, vis_i, blk_i, doc_i, KIND, BLK, DOC, meta_row,
-              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LAYOUT: tl.constexpr,
-              UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """One key tile of the online softmax."""
-    offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    k, v = _load_kv(k_base, v_base, offs_n, offs_d, d_ok, s_kn, s_kd, s_vn, s_vd, LK, MASKED,
-                    UPCAST)
-    s = _dot(q, tl.trans(k), IEEE) * scale_log2
-    if MASKED:
-        ok = _allowed(pos_i, vis_i, blk_i, doc_i, offs_n, LK, KIND, BLK, DOC, meta_row,
-                      HAS_LAYOUT)
-        s = tl.where(ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row that has seen nothing yet keeps m = -inf; shift by 0 there, not by -inf.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-    return acc, m_new, l_i
-
-
-@triton.jit
 def _attention_fwd(
     Q, K, V, O, LSE, KIND, VIS, BLK, DOC,
     ROW_FULL, ROW_FULL_COUNT, ROW_PARTIAL, ROW_PARTIAL_COUNT,
@@ -180,7 +108,7 @@ def _attention_fwd(
         q = q.to(tl.float32)
     k_base = K + b.to(tl.int64) * s_kb + hk * s_kh
     v_base = V + b.to(tl.int64) * s_vb + hk * s_vh
-    vis_i, blk_i, doc_i = _metadata(VIS, BLK, DOC, meta_row, pos_i, row_ok, HAS_LAYOUT)
+    vis_i, blk_i, doc_i = read_metadata(VIS, BLK, DOC, meta_row, pos_i, row_ok, HAS_LAYOUT)
     n_full, n_partial, base = _row_tiles(pid_m, b, LQ, LK, N_M, N_N, ROW_FULL_COUNT,
                                          ROW_PARTIAL_COUNT, BLOCK_M, BLOCK_N, HAS_LAYOUT)
 
@@ -193,19 +121,19 @@ def _attention_fwd(
             n_tile = tl.load(ROW_FULL + base + it)
         else:
             n_tile = it
-        acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, k_base, v_base, n_tile, offs_d, d_ok,
-                                  s_kn, s_kd, s_vn, s_vd, LK, scale_log2, pos_i, vis_i, blk_i,
-                                  doc_i, KIND, BLK, DOC, meta_row, BLOCK_N, False, HAS_LAYOUT,
-                                  UPCAST, IEEE)
+        acc, m_i, l_i = softmax_tile(q, acc, m_i, l_i, k_base, v_base, n_tile, offs_d, d_ok,
+                                     s_kn, s_kd, s_vn, s_vd, LK, scale_log2, pos_i, vis_i,
+                                     blk_i, doc_i, KIND, BLK, DOC, meta_row, BLOCK_N, False,
+                                     HAS_LAYOUT, UPCAST, IEEE)
     for it in range(0, n_partial):
         if HAS_LAYOUT:
             n_tile = tl.load(ROW_PARTIAL + base + it)
         else:
             n_tile = n_full + it
-        acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, k_base, v_base, n_tile, offs_d, d_ok,
-                                  s_kn, s_kd, s_vn, s_vd, LK, scale_log2, pos_i, vis_i, blk_i,
-                                  doc_i, KIND, BLK, DOC, meta_row, BLOCK_N, True, HAS_LAYOUT,
-                                  UPCAST, IEEE)
+        acc, m_i, l_i = softmax_tile(q, acc, m_i, l_i, k_base, v_base, n_tile, offs_d, d_ok,
+                                     s_kn, s_kd, s_vn, s_vd, LK, scale_log2, pos_i, vis_i,
+                                     blk_i, doc_i, KIND, BLK, DOC, meta_row, BLOCK_N, True,
+                                     HAS_LAYOUT, UPCAST, IEEE)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -255,18 +183,19 @@ def _dkdv_tile(k, v, dk, dv, offs_n, kind_j, blk_j, doc_j, q_base, do_base, row_
     # Rows past LQ or that saw nothing have lse = +inf: probability 0.
     lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
-    p_t = tl.math.exp2(_dot(k, tl.trans(q), IEEE) * scale_log2 - lse[None, :])
+    p_t = tl.math.exp2(tile_dot(k, tl.trans(q), IEEE) * scale_log2 - lse[None, :])
     if MASKED:
         pos_i = LK - LQ + offs_m
-        vis_i, blk_i, doc_i = _metadata(VIS, BLK, DOC, meta_row, pos_i, row_ok, HAS_LAYOUT)
+        vis_i, blk_i, doc_i = read_metadata(VIS, BLK, DOC, meta_row, pos_i, row_ok,
+                                            HAS_LAYOUT)
         ok = mask_rule(pos_i[None, :], vis_i[None, :], blk_i[None, :], doc_i[None, :],
                    offs_n[:, None], kind_j[:, None], blk_j[:, None], doc_j[:, None],
                    HAS_LAYOUT)
         # Keys past LK need no test: they feed only their own dk/dv rows, never stored.
         p_t = tl.where(ok, p_t, 0.0)
-    dv += _dot(p_t.to(do.dtype), do, IEEE)
-    ds_t = p_t * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
-    dk += _dot(ds_t.to(q.dtype), q, IEEE)
+    dv += tile_dot(p_t.to(do.dtype), do, IEEE)
+    ds_t = p_t * (tile_dot(v, tl.trans(do), IEEE) - delta[None, :])
+    dk += tile_dot(ds_t.to(q.dtype), q, IEEE)
     return dk, dv
 
 
@@ -302,7 +231,8 @@ def _attention_bwd_dkdv(
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     # The keys stay for the whole program: their metadata is read once, not once per tile.
-    kind_j, blk_j, doc_j = _metadata(KIND, BLK, DOC, meta_row, offs_n, offs_n < LK, HAS_LAYOUT)
+    kind_j, blk_j, doc_j = read_metadata(KIND, BLK, DOC, meta_row, offs_n, offs_n < LK,
+                                         HAS_LAYOUT)
     if HAS_LAYOUT:
         tile_col = b.to(tl.int64) * N_N + pid_n
         m_full = tl.load(COL_FULL_COUNT + tile_col)
@@ -359,15 +289,15 @@ def _dq_tile(q, do, dq, lse, delta, k_base, v_base, n_tile, offs_d, d_ok, s_kn, 
              UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """One key tile's contribution to the dq of a query tile."""
     offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    k, v = _load_kv(k_base, v_base, offs_n, offs_d, d_ok, s_kn, s_kd, s_vn, s_vd, LK, MASKED,
-                    UPCAST)
-    p = tl.math.exp2(_dot(q, tl.trans(k), IEEE) * scale_log2 - lse[:, None])
+    k, v = load_kv_tiles(k_base, v_base, offs_n, offs_d, d_ok, s_kn, s_kd, s_vn, s_vd, LK,
+                         MASKED, UPCAST)
+    p = tl.math.exp2(tile_dot(q, tl.trans(k), IEEE) * scale_log2 - lse[:, None])
     if MASKED:
-        ok = _allowed(pos_i, vis_i, blk_i, doc_i, offs_n, LK, KIND, BLK, DOC, meta_row,
-                      HAS_LAYOUT)
+        ok = tile_mask(pos_i, vis_i, blk_i, doc_i, offs_n, LK, KIND, BLK, DOC, meta_row,
+                       HAS_LAYOUT)
         p = tl.where(ok, p, 0.0)
-    ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
-    return dq + _dot(ds.to(k.dtype), k, IEEE)
+    ds = p * (tile_dot(do, tl.trans(v), IEEE) - delta[:, None])
+    return dq + tile_dot(ds.to(k.dtype), k, IEEE)
 
 
 @triton.jit
@@ -397,7 +327,7 @@ def _attention_bwd_dq(
     delta = tl.load(DELTA + stat_row + offs_m, mask=row_ok, other=0.0)
     k_base = K + b.to(tl.int64) * s_kb + hk * s_kh
     v_base = V + b.to(tl.int64) * s_vb + hk * s_vh
-    vis_i, blk_i, doc_i = _metadata(VIS, BLK, DOC, meta_row, pos_i, row_ok, HAS_LAYOUT)
+    vis_i, blk_i, doc_i = read_metadata(VIS, BLK, DOC, meta_row, pos_i, row_ok, HAS_LAYOUT)
     n_full, n_partial, base = _row_tiles(pid_m, b, LQ, LK, N_M, N_N, ROW_FULL_COUNT,
                                          ROW_PARTIAL_COUNT, BLOCK_M, BLOCK_N, HAS_LAYOUT)
 
@@ -457,26 +387,33 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _tile_tensors(layout: LatentLayout | None, lq: int, head_dim: int, dtype: torch.dtype,
-                  device: torch.device) -> list[Tensor]:
+def _tile_tensors(layout: LatentLayout | None, lq: int, group: int, head_dim: int,
+                  dtype: torch.dtype, device: torch.device, backward: bool = True
+                  ) -> list[Tensor]:
     """What the kernels read of a layout, as one flat list (a custom op takes list[Tensor]):
     [meta (4, B, Lk) int32, the row lists of the forward's tile map (4), the row lists of the
     dq kernel's tile map (4), the column lists of the dk/dv kernel's tile map (4)]. [] without
-    a layout. Tile maps are cached on the layout, so equal tile shapes share one."""
+    a layout. Without ``backward`` only what the forward reads: [meta] when the decode kernel
+    runs it (no tile map at all), [meta, the forward's row lists] otherwise. Tile maps are
+    cached on the layout, so equal tile shapes share one."""
     if layout is None:
         return []
-    tiles = tuple(_tile_config(head_dim, dtype, kernel)[:2] for kernel in KERNELS)
+    decode = uses_decode(lq, group)
+    kernels = ("forward", "dq", "dkdv") if backward else () if decode else ("forward",)
+    tiles = tuple(_tile_config(head_dim, dtype, kernel)[:2] for kernel in kernels)
 
     def build() -> list[Tensor]:
-        fwd, dkdv, dq = (layout.tile_map(lq, *shape) for shape in tiles)
-        meta = torch.stack(layout.metadata())
-        return [t.to(device) for t in (
-            meta, fwd.row_full, fwd.row_full_count, fwd.row_partial, fwd.row_partial_count,
-            dq.row_full, dq.row_full_count, dq.row_partial, dq.row_partial_count,
-            dkdv.col_full, dkdv.col_full_count, dkdv.col_partial, dkdv.col_partial_count)]
+        lists = [torch.stack(layout.metadata())]
+        for shape, kernel in zip(tiles, kernels):
+            tile_map = layout.tile_map(lq, *shape)
+            lists += ([tile_map.col_full, tile_map.col_full_count, tile_map.col_partial,
+                       tile_map.col_partial_count] if kernel == "dkdv" else
+                      [tile_map.row_full, tile_map.row_full_count, tile_map.row_partial,
+                       tile_map.row_partial_count])
+        return [t.to(device) for t in lists]
 
     # Every layer of a pass asks for the same list: built by the first.
-    return layout.cached(("kernel arguments", lq, tiles, device), build)
+    return layout.cached(("kernel arguments", lq, kernels, tiles, device), build)
 
 
 def _check_tile_lists(lists: list[Tensor], shape: tuple[int, int, int], kernel: str) -> None:
@@ -502,6 +439,8 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, tiles: list[Tensor], scale: float
              ) -> tuple[Tensor, Tensor]:
     batch, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
+    if uses_decode(lq, hq // hkv):
+        return decode_forward(q, k, v, tiles[0] if tiles else None, scale * _LOG2E)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, hq, lq), dtype=torch.float32, device=q.device)
     bm, bn, warps, stages = _tile_config(d, q.dtype, "forward")
@@ -706,7 +645,9 @@ def latent_attention(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | Non
         return q * 0 + (k.sum() + v.sum()) * 0
     if backend == "torch":
         return latent_attention_sdpa(q, k, v, layout, scale)
-    tiles = _tile_tensors(layout, q.shape[2], q.shape[-1], q.dtype, q.device)
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    tiles = _tile_tensors(layout, q.shape[2], q.shape[1] // k.shape[1], q.shape[-1], q.dtype,
+                          q.device, backward)
     if torch.compiler.is_compiling():
         out, _ = torch.ops.amvl.latent_attention(q, k, v, tiles, scale)
         return out

@@ -16,7 +16,8 @@ Reported: median ms, TFLOP/s counting only attended (query, key) pairs (forward 
 and head; forward+backward 3.5x that, the usual flash-attention convention), peak memory.
 
 A second comparison, ``test_decode_step``: one query over a KV cache (generation), ours against
-SDPA, as the share of the copy bandwidth spent reading K and V.
+SDPA, plain and with left-padded rows (batched generation: a layout for ours, a boolean mask
+for SDPA), as the share of the copy bandwidth spent reading K and V.
 
     python -m pytest benchmarks/bench_latent_attention.py --benchmark
 """
@@ -173,7 +174,7 @@ DECODE_BATCHES = [1] if common.SMOKE else [1, 8]
 DECODE_HEADS = (4, 2) if common.SMOKE else (28, 4)
 
 
-@pytest.mark.parametrize("provider", ["amvl", "sdpa"])
+@pytest.mark.parametrize("provider", ["amvl", "amvl-padded", "sdpa", "sdpa-padded"])
 @pytest.mark.parametrize("batch", DECODE_BATCHES)
 @pytest.mark.parametrize("length", DECODE_LENGTHS)
 def test_decode_step(benchmark, bench_device, provider, batch, length):
@@ -182,12 +183,28 @@ def test_decode_step(benchmark, bench_device, provider, batch, length):
     q = torch.randn(batch, hq, 1, HEAD_DIM, device=bench_device, dtype=dtype)
     k, v = (torch.randn(batch, hkv, length, HEAD_DIM, device=bench_device, dtype=dtype)
             for _ in range(2))
+    # "-padded": batched generation, rows left-padded by up to 10% (a layout, a dense mask)
+    padding = torch.ones(batch, length, dtype=torch.bool, device=bench_device)
+    for b in range(batch):
+        padding[b, :b * length // (10 * batch)] = False
+    layout = ak.LatentLayout.causal(batch, length, padding)
+    # No input requires grad: ours runs its inference path, which builds no tile map.
     if provider == "amvl":
         def run():
             return ak.latent_attention(q, k, v)
-    else:
+    elif provider == "amvl-padded":
+        ak.latent_attention(q, k, v, layout)  # builds the layout's metadata once
+
+        def run():
+            return ak.latent_attention(q, k, v, layout)
+    elif provider == "sdpa":
         def run():
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    else:
+        mask = padding[:, None, None, :]
+
+        def run():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     median_ms = common.time_ms(run)
     kv_bytes = 2 * k.numel() * k.element_size()
     metrics = {"pct_of_copy": 100 * kv_bytes / median_ms / 1e6 / common.copy_bandwidth_gbs()}

@@ -35,7 +35,7 @@ import triton  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amvl_kernels import gaussian_kl, layout  # noqa: E402
+from amvl_kernels import gaussian_kl, latent_attention_decode, layout  # noqa: E402
 
 # the module (the package attribute of the same name is the function)
 la = importlib.import_module("amvl_kernels.latent_attention")
@@ -57,8 +57,9 @@ def recorded_launches():
     of (kernel, args, kwargs) the launchers issue. The tile classifier runs under the same
     recorder, so layouts on CPU tensors get tile maps of the right shapes (values unset)."""
     calls: list = []
-    patched = [(module, name) for module in (gaussian_kl, la, layout) for name, value in
-               vars(module).items() if isinstance(value, triton.runtime.jit.JITFunction)]
+    modules = (gaussian_kl, la, latent_attention_decode, layout)
+    patched = [(module, name) for module in modules for name, value in vars(module).items()
+               if isinstance(value, triton.runtime.jit.JITFunction)]
     saved = [(module, name, getattr(module, name)) for module, name in patched]
     for module, name, fn in saved:
         setattr(module, name, _Recorder(fn, calls))
@@ -92,15 +93,33 @@ def attention_launches(batch: int, heads: int, length: int, head_dim: int,
         if with_layout:
             blocks = [[(length * 3 // 4, 64)]] * batch
             tiles = la._tile_tensors(layout.LatentLayout.with_latent_blocks(length, blocks),
-                                     length, head_dim, dtype, q.device)
+                                     length, 1, head_dim, dtype, q.device)
         out, lse = la._forward(q, k, v, tiles, 1.0 / math.sqrt(head_dim))
         la._backward(out, q, k, v, out, lse, tiles, 1.0 / math.sqrt(head_dim))
     return calls
 
 
+def decode_launches(batch: int, heads: tuple[int, int], length: int, head_dim: int,
+                    dtype: torch.dtype, with_layout: bool) -> list:
+    """The launches of one decoding step's forward: one query per head over ``length`` keys,
+    plain causal or with a left-padded layout (no tile map: the decode kernel needs none)."""
+    q = torch.zeros(batch, heads[0], 1, head_dim, dtype=dtype)
+    k, v = (torch.zeros(batch, heads[1], length, head_dim, dtype=dtype) for _ in range(2))
+    with recorded_launches() as calls:
+        tiles = []
+        if with_layout:
+            padding = torch.ones(batch, length, dtype=torch.bool)
+            padding[:, :5] = False
+            tiles = la._tile_tensors(layout.LatentLayout.causal(batch, length, padding), 1,
+                                     heads[0] // heads[1], head_dim, dtype, q.device,
+                                     backward=False)
+        la._forward(q, k, v, tiles, 1.0 / math.sqrt(head_dim))
+    return calls
+
+
 def variants():
     """(kernel, label, args, kwargs) of the real launches at benchmark shapes: the Gaussian
-    op's, and attention in bf16 at d = 64, 128, 256 and in fp32 at d = 64."""
+    op's, attention in bf16 at d = 64, 128, 256 and in fp32 at d = 64, and decoding."""
     for rows, d in [(4096, 4096), (512, 3584), (65536, 256)]:
         for fn, args, kwargs in gaussian_launches(rows, d, torch.bfloat16):
             kind = "fwd" if fn is gaussian_kl._gaussian_kl_fwd_kernel else "bwd"
@@ -115,7 +134,8 @@ def variants():
             for fn, args, kwargs in attention_launches(1, 4, 4096, head_dim, dtype, with_layout):
                 name = names[fn]
                 if name == "tile classifier":
-                    yield fn, f"tile classifier {kwargs['BLOCK_M']}x{kwargs['BLOCK_N']}", args, kwargs
+                    tile = f"{kwargs['BLOCK_M']}x{kwargs['BLOCK_N']}"
+                    yield fn, f"tile classifier {tile}", args, kwargs
                     continue
                 if name == "delta":
                     if not with_layout:
@@ -123,6 +143,17 @@ def variants():
                     continue
                 tile = f"{kwargs['BLOCK_M']}x{kwargs['BLOCK_N']}"
                 yield (fn, f"attention {name} d={head_dim} {data} {tile} "
+                           f"{'layout' if with_layout else 'causal'}", args, kwargs)
+    for head_dim in (64, 128):  # one query per head over 4k keys, GQA 28 / 4
+        for with_layout in (False, True):
+            for fn, args, kwargs in decode_launches(1, (28, 4), 4096, head_dim, torch.bfloat16,
+                                                    with_layout):
+                if fn is latent_attention_decode._decode_combine:
+                    if not with_layout:
+                        yield fn, f"attention decode-combine d={head_dim} bf16", args, kwargs
+                    continue
+                tile = f"{kwargs['BLOCK_M']}x{kwargs['BLOCK_N']}"
+                yield (fn, f"attention decode d={head_dim} bf16 {tile} "
                            f"{'layout' if with_layout else 'causal'}", args, kwargs)
 
 

@@ -41,7 +41,8 @@ def test_every_kernel_compiles_for_sm90(report):
     failed = [label for label, cells in report.items() if cells[0] == "FAILED"]
     assert not failed, failed
     for kernel in ("gaussian fwd", "gaussian bwd", "attention delta", "attention forward",
-                   "attention dkdv", "attention dq", "tile classifier"):
+                   "attention dkdv", "attention dq", "attention decode ",
+                   "attention decode-combine", "tile classifier"):
         assert any(label.startswith(kernel) for label in report), (kernel, sorted(report))
 
 
@@ -57,15 +58,19 @@ def test_gaussian_kernels_do_not_spill_and_leave_room_for_warps(report):
 
 
 def test_bf16_attention_kernels_use_wgmma_pipelined_and_spill_free(report):
-    """At d = 64 and 128 (the benchmark's head dims) every bf16 attention kernel multiplies on
-    Hopper's warpgroup MMA, streams its tiles with asynchronous copies (software pipelining:
-    a branch in a tile loop, for one, would take that away) and spills nothing."""
+    """At d = 64 and 128 (the benchmark's head dims) every bf16 attention kernel streams its
+    tiles with asynchronous copies (software pipelining: a branch in a tile loop, for one,
+    would take that away), loads vectors and spills nothing; the flash kernels multiply on
+    Hopper's warpgroup MMA (the decode kernel's 16-row tiles are too short for it, and it is
+    bound by memory)."""
     rows = {label: cells for label, cells in report.items()
-            if label.startswith("attention") and "bf16" in label and "delta" not in label
+            if label.startswith("attention") and "bf16" in label
+            and not any(word in label for word in ("delta", "combine"))
             and ("d=64 " in label or "d=128 " in label)}
-    assert len(rows) == 12, sorted(rows)
+    assert len(rows) == 16, sorted(rows)
     for label, (registers, spills, _, wgmma, copies, narrow) in rows.items():
-        assert int(wgmma) > 0 and int(copies) > 0, (label, wgmma, copies)
+        assert int(copies) > 0, (label, copies)
+        assert "decode" in label or int(wgmma) > 0, (label, wgmma)
         assert int(narrow) == 0, (label, narrow)
         if spills != "-":
             assert int(spills) == 0, (label, spills)

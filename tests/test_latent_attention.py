@@ -206,7 +206,7 @@ def test_torch_compile_and_opcheck(rng_seed):
         torch.testing.assert_close(a, b)
     from amvl_kernels.latent_attention import _tile_tensors
 
-    tiles = _tile_tensors(layout, 21, 16, q.dtype, DEVICE)
+    tiles = _tile_tensors(layout, 21, q.shape[1] // k.shape[1], 16, q.dtype, DEVICE)
     torch.library.opcheck(torch.ops.amvl.latent_attention.default, (q, k, v, tiles, 0.25))
 
 
@@ -236,7 +236,7 @@ def test_eager_function_matches_the_custom_op(with_layout, rng_seed):
         if with_layout else None
     q, k, v = _inputs(2, 4, 2, 23, 23, 16, torch.float32)
     eager = ak.latent_attention(q, k, v, layout, scale=0.3, backend="triton")
-    tiles = _tile_tensors(layout, 23, 16, q.dtype, DEVICE)
+    tiles = _tile_tensors(layout, 23, q.shape[1] // k.shape[1], 16, q.dtype, DEVICE)
     op, _ = torch.ops.amvl.latent_attention(q, k, v, tiles, 0.3)
     assert torch.equal(eager, op)
     grad = torch.randn_like(op)
