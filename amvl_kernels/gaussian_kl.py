@@ -17,6 +17,8 @@ Numerics (documented contract, tested):
 - NaN in an input propagates to the z elements and KL slots it touches; nothing hangs.
 - Noise: Philox4x32-10 keyed by the seed, one call per group of four columns of a row (see
   ``_noise``), so the same seed gives bitwise identical z whatever the block sizes or strides.
+  Box-Muller takes the hardware's approximate log, sine and cosine on a GPU (``_box_muller``):
+  normals within about 3e-6 of the exact transform of the same Philox words.
   The PyTorch backend draws from torch's generator: same seed, same z within a backend,
   different streams across backends.
 """
@@ -27,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra import libdevice
 from torch.autograd.function import once_differentiable
 
 from amvl_kernels._validation import check_choice, check_float_tensor, check_like, check_seed
@@ -40,7 +43,32 @@ __all__ = ["gaussian_sample_kl", "gaussian_sample"]
 
 
 @triton.jit
-def _noise(seed, rows, start, d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _box_muller(u1, u2, FAST_MATH: tl.constexpr):
+    """Two independent standard normals from two uniforms in [0, 1).
+
+    With FAST_MATH (on a GPU) the log, sine and cosine are libdevice's fast variants, single
+    hardware instructions with errors near 1e-6 (sin/cos on [-pi, pi], where the angle lies);
+    the precise ones take about 50 (log) and 100 (sin, cos) instructions each and made the
+    noise, not memory, the bound of the kernels. The interpreter cannot call libdevice, so it
+    runs the precise functions: the same stream up to those last bits.
+    """
+    u1 = tl.maximum(u1, 1.0e-7)
+    angle = 6.283185307179586 * u2 - 3.141592653589793
+    if FAST_MATH:
+        log_u1 = libdevice.fast_logf(u1)
+        cos, sin = libdevice.fast_cosf(angle), libdevice.fast_sinf(angle)
+    else:
+        log_u1 = tl.log(u1)
+        cos, sin = tl.cos(angle), tl.sin(angle)
+    # An approximate log of a u1 within an ulp or two of 1 may come out positive: clamp, or
+    # the square root would be NaN about once in ten million draws.
+    radius = tl.sqrt(tl.maximum(-2.0 * log_u1, 0.0))
+    return radius * cos, radius * sin
+
+
+@triton.jit
+def _noise(seed, rows, start, d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+           FAST_MATH: tl.constexpr):
     """Standard normals for columns start .. start + BLOCK_D of ``rows``.
 
     Each row is cut into groups of four columns, and group g of row r is one Philox4x32-10
@@ -56,10 +84,8 @@ def _noise(seed, rows, start, d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     hi = (counter >> 32).to(tl.uint32)
     zero = lo * 0
     w0, w1, w2, w3 = tl.philox(seed, lo, hi, zero, zero)
-    n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(w0),
-                                       tl.uint_to_uniform_float(w1))
-    n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(w2),
-                                       tl.uint_to_uniform_float(w3))
+    n0, n1 = _box_muller(tl.uint_to_uniform_float(w0), tl.uint_to_uniform_float(w1), FAST_MATH)
+    n2, n3 = _box_muller(tl.uint_to_uniform_float(w2), tl.uint_to_uniform_float(w3), FAST_MATH)
     # [R, G, 2, 2] with [r, g, i, j] = n_(2i + j), flattened row-major: column 4g + 2i + j.
     quads = tl.join(tl.join(n0, n2), tl.join(n1, n3))
     return tl.reshape(quads, [BLOCK_R, BLOCK_D])
@@ -71,7 +97,7 @@ def _gaussian_kl_fwd_kernel(
     n_rows, d, seed,
     s_mq_r, s_mq_c, s_lq_r, s_lq_c, s_mp_r, s_mp_c, s_lp_r, s_lp_c, s_e_r, s_e_c,
     HAS_EPS: tl.constexpr, WITH_KL: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
@@ -84,15 +110,18 @@ def _gaussian_kl_fwd_kernel(
         c64 = cols.to(tl.int64)[None, :]
         mu_q = tl.load(mu_q_ptr + r64 * s_mq_r + c64 * s_mq_c, mask=mask, other=0.0).to(ACC)
         lv_q = tl.load(lv_q_ptr + r64 * s_lq_r + c64 * s_lq_c, mask=mask, other=0.0).to(ACC)
+        if WITH_KL:
+            # Loaded before the store of z: the compiler cannot move a load above a store it
+            # cannot prove disjoint, and after it their latency would not overlap the noise.
+            mu_p = tl.load(mu_p_ptr + r64 * s_mp_r + c64 * s_mp_c, mask=mask, other=0.0).to(ACC)
+            lv_p = tl.load(lv_p_ptr + r64 * s_lp_r + c64 * s_lp_c, mask=mask, other=0.0).to(ACC)
         if HAS_EPS:
             eps = tl.load(eps_ptr + r64 * s_e_r + c64 * s_e_c, mask=mask, other=0.0).to(ACC)
         else:
-            eps = _noise(seed, rows, start, d, BLOCK_R, BLOCK_D).to(ACC)
+            eps = _noise(seed, rows, start, d, BLOCK_R, BLOCK_D, FAST_MATH).to(ACC)
         z = mu_q + tl.exp(0.5 * lv_q) * eps
         tl.store(z_ptr + r64 * d + c64, z.to(z_ptr.dtype.element_ty), mask=mask)
         if WITH_KL:
-            mu_p = tl.load(mu_p_ptr + r64 * s_mp_r + c64 * s_mp_c, mask=mask, other=0.0).to(ACC)
-            lv_p = tl.load(lv_p_ptr + r64 * s_lp_r + c64 * s_lp_c, mask=mask, other=0.0).to(ACC)
             diff2 = (mu_q - mu_p) * (mu_q - mu_p)
             # Masked lanes load zeros, for which both terms are exactly 0.
             kl_fwd = 0.5 * (lv_p - lv_q + tl.exp(lv_q - lv_p) + diff2 * tl.exp(-lv_p) - 1.0)
@@ -118,7 +147,7 @@ def _gaussian_kl_bwd_kernel(
     NEED_LV_P: tl.constexpr,
     FWD_TO_Q: tl.constexpr, FWD_TO_P: tl.constexpr, REV_TO_Q: tl.constexpr,
     REV_TO_P: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
     # Purely elementwise given the per-slot upstream gradients of the two KLs.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -153,7 +182,7 @@ def _gaussian_kl_bwd_kernel(
                     eps = tl.load(eps_ptr + r64 * s_e_r + c64 * s_e_c, mask=mask,
                                   other=0.0).to(ACC)
                 else:
-                    eps = _noise(seed, rows, start, d, BLOCK_R, BLOCK_D).to(ACC)
+                    eps = _noise(seed, rows, start, d, BLOCK_R, BLOCK_D, FAST_MATH).to(ACC)
                 g_mu_q += dz
                 g_lv_q += dz * 0.5 * tl.exp(0.5 * lv_q) * eps
             if FWD_TO_Q:
@@ -199,8 +228,8 @@ def _block_sizes(n_rows: int, d: int) -> tuple[int, int, int]:
     On a GPU, about four elements per thread: the kernels are memory bound, and compiled for
     sm_90 they hold every input, the noise and the intermediates of an element in registers.
     Sixteen elements a thread took 95-122 (forward) and 173-208 (backward) registers, which
-    left the backward 8 warps per SM to hide memory latency; four elements take 39-48 and
-    48-70, which leave it 28-40 (``scripts/kernel_resources.py``).
+    left the backward 8 warps per SM to hide memory latency; four elements take 32-40 and
+    40-55, which leave it 32-48 (``scripts/kernel_resources.py``).
     Short rows share a program (512 elements, 4 warps); long ones loop in chunks of 1024
     (8 warps). The interpreter runs programs one after another with numpy, so there bigger is
     faster.
@@ -240,7 +269,8 @@ def _triton_forward(mu_q: Tensor, lv_q: Tensor, mu_p: Tensor | None, lv_p: Tenso
         z, kl_fwd, kl_rev, n_rows, d, seed,
         *_strides(mq), *_strides(lq), *_strides(mp), *_strides(lp), *_strides(e),
         HAS_EPS=e is not None, WITH_KL=with_kl, ACC=_acc_dtype(mu_q, eps),
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
+        BLOCK_R=block_r, BLOCK_D=block_d, FAST_MATH=not triton_interpreted(),
+        num_warps=num_warps,
     )
     return z, kl_fwd, kl_rev
 
@@ -279,7 +309,8 @@ def _triton_backward(mu_q: Tensor, lv_q: Tensor, mu_p: Tensor | None, lv_p: Tens
         FWD_TO_P=has_fwd and fwd_grad in ("p", "both"),
         REV_TO_Q=has_rev and rev_grad in ("q", "both"),
         REV_TO_P=has_rev and rev_grad in ("p", "both"),
-        ACC=_acc_dtype(mu_q, eps), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
+        ACC=_acc_dtype(mu_q, eps), BLOCK_R=block_r, BLOCK_D=block_d,
+        FAST_MATH=not triton_interpreted(), num_warps=num_warps,
     )
     return [g for g in grads if g is not None]
 
