@@ -66,7 +66,8 @@ for step in $steps; do
       ;;
     tune)
       section "attention tile sweep"
-      run "${AMVL_GPU_LIMIT_TUNE:-240}" python3 scripts/tune_latent_attention.py
+      run "${AMVL_GPU_LIMIT_TUNE:-240}" python3 scripts/tune_latent_attention.py \
+        --json "$OUT/tune.json"
       ;;
     *) echo "unknown step $step" | tee -a "$LOG"; status=2 ;;
   esac

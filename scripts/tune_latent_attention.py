@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import math
 import time
+from pathlib import Path
 
 import torch
+import triton
 
 import amvl_kernels as ak
 from amvl_kernels.reference.latent_attention import latent_attention_torch
@@ -51,6 +55,7 @@ def timed(fn, smoke: bool) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, CPU interpreter")
+    parser.add_argument("--json", help="also write every result to this JSON file")
     args = parser.parse_args()
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.bfloat16
@@ -91,6 +96,15 @@ def main() -> None:
                 results.append((kernel, float("inf"), chosen, float("nan"),
                                 type(exc).__name__))
     la._tile_config = DEFAULT_CONFIG
+    if args.json:
+        rows = [{"kernel": kernel, "fwd_bwd_ms": ms if math.isfinite(ms) else None,
+                 "tiles": list(chosen) if chosen else "default", "max_rel_err": err,
+                 "failure": failure} for kernel, ms, chosen, err, failure in results]
+        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name()
+                                               if torch.cuda.is_available() else "cpu",
+                                               "torch": torch.__version__,
+                                               "triton": triton.__version__,
+                                               "results": rows}, indent=1))
     print(f"{'kernel':<8} {'fwd+bwd ms':>10}  {'tiles (M, N, warps, stages)':<28} max rel err")
     for kernel in CANDIDATES:
         rows = sorted((r for r in results if r[0] == kernel), key=lambda r: r[1])
