@@ -106,27 +106,36 @@ class Objective:
              nll_prior: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
         """Total loss and metrics from the decoder's mean NLL(s) and the drawn latents."""
         total = nll
-        metrics: dict[str, float] = {"nll": float(nll.detach())}
+        named = {"nll": nll}
+        weight = {}
         if latents is not None and latents.kl_fwd is not None:
             total = total + self.kl_loss(latents, step)
-            metrics.update(kl_metrics(latents))
-            metrics["kl_weight"] = kl_weight(self.config, step)
+            named.update(kl_metrics(latents))
+            weight["kl_weight"] = kl_weight(self.config, step)
         if nll_prior is not None:
             total = total + self.config.gamma * nll_prior
-            metrics["nll_prior"] = float(nll_prior.detach())
-        metrics["loss"] = float(total.detach())
-        return total, metrics
+            named["nll_prior"] = nll_prior
+        named["loss"] = total
+        return total, {**as_floats(named), **weight}
 
 
-def kl_metrics(latents: Latents) -> dict[str, float]:
-    """Mean forward and reverse KL, per slot, and the number of active slots."""
+def as_floats(named: dict[str, Tensor]) -> dict[str, float]:
+    """Scalar tensors as Python floats, read from the device in one transfer: each float()
+    would be a host sync of its own, every training step."""
+    values = torch.stack([t.detach().float().reshape(()) for t in named.values()]).tolist()
+    return dict(zip(named, values))
+
+
+def kl_metrics(latents: Latents) -> dict[str, Tensor]:
+    """Mean forward and reverse KL, per slot, and the number of active slots (scalar tensors,
+    left on the device)."""
     kl_fwd, kl_rev = latents.kl_fwd.detach().float(), latents.kl_rev.detach().float()
-    per_slot = kl_fwd.mean(0)
-    metrics = {"kl_fwd": float(kl_fwd.sum(-1).mean()), "kl_rev": float(kl_rev.sum(-1).mean()),
-               "active_slots": float((per_slot > ACTIVE_SLOT_NATS).sum())}
-    for k, (f, r) in enumerate(zip(per_slot.tolist(), kl_rev.mean(0).tolist())):
-        metrics[f"kl_fwd/slot{k}"] = f
-        metrics[f"kl_rev/slot{k}"] = r
+    per_slot_fwd, per_slot_rev = kl_fwd.mean(0), kl_rev.mean(0)
+    metrics = {"kl_fwd": kl_fwd.sum(-1).mean(), "kl_rev": kl_rev.sum(-1).mean(),
+               "active_slots": (per_slot_fwd > ACTIVE_SLOT_NATS).sum()}
+    for k in range(per_slot_fwd.shape[0]):
+        metrics[f"kl_fwd/slot{k}"] = per_slot_fwd[k]
+        metrics[f"kl_rev/slot{k}"] = per_slot_rev[k]
     return metrics
 
 
