@@ -102,8 +102,10 @@ def _gaussian_kl_fwd_kernel(
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     r64 = rows.to(tl.int64)[:, None]
-    acc_fwd = tl.zeros([BLOCK_R], dtype=ACC)
-    acc_rev = tl.zeros([BLOCK_R], dtype=ACC)
+    # Elementwise partial sums, reduced across the program's threads once after the loop: a
+    # reduction per chunk would cost shuffles and a barrier every iteration.
+    acc_fwd = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
+    acc_rev = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
     for start in range(0, d, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D)
         mask = row_ok[:, None] & (cols[None, :] < d)
@@ -126,11 +128,13 @@ def _gaussian_kl_fwd_kernel(
             # Masked lanes load zeros, for which both terms are exactly 0.
             kl_fwd = 0.5 * (lv_p - lv_q + tl.exp(lv_q - lv_p) + diff2 * tl.exp(-lv_p) - 1.0)
             kl_rev = 0.5 * (lv_q - lv_p + tl.exp(lv_p - lv_q) + diff2 * tl.exp(-lv_q) - 1.0)
-            acc_fwd += tl.sum(kl_fwd, axis=1)
-            acc_rev += tl.sum(kl_rev, axis=1)
+            acc_fwd += kl_fwd
+            acc_rev += kl_rev
     if WITH_KL:
-        tl.store(kl_fwd_ptr + rows, acc_fwd.to(kl_fwd_ptr.dtype.element_ty), mask=row_ok)
-        tl.store(kl_rev_ptr + rows, acc_rev.to(kl_rev_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(kl_fwd_ptr + rows, tl.sum(acc_fwd, axis=1).to(kl_fwd_ptr.dtype.element_ty),
+                 mask=row_ok)
+        tl.store(kl_rev_ptr + rows, tl.sum(acc_rev, axis=1).to(kl_rev_ptr.dtype.element_ty),
+                 mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["seed"])
