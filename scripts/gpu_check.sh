@@ -6,6 +6,7 @@
 # Each step runs under its own time limit so one slow step cannot eat the lease:
 #   AMVL_GPU_TESTS   pytest targets for "tests"      (default: tests/)
 #   AMVL_GPU_BENCH   pytest targets for "bench"      (default: benchmarks/)
+#   AMVL_GPU_BENCH_SELECT  a pytest -k expression for "bench" (default: every case)
 #   AMVL_GPU_LIMIT_<STEP>  seconds for that step     (defaults below)
 # Logs go to $OUT/gpu_check.log; benchmark rows stream to $OUT/rows.jsonl as they are measured
 # and the per-benchmark JSON lands in $OUT at the end (the device tool brings back 8 files).
@@ -62,7 +63,7 @@ for step in $steps; do
       # shellcheck disable=SC2086
       AMVL_BENCH_OUT="$OUT" run "${AMVL_GPU_LIMIT_BENCH:-300}" python3 -m pytest -q \
         -p no:cacheprovider ${AMVL_GPU_BENCH:-benchmarks/} --benchmark \
-        --benchmark-columns=median,rounds
+        --benchmark-columns=median,rounds ${AMVL_GPU_BENCH_SELECT:+-k "$AMVL_GPU_BENCH_SELECT"}
       ;;
     tune)
       section "attention tile sweep"
