@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,6 +216,45 @@ class AMVLModel(nn.Module):
                                       x_end + y_len, POSTERIOR_BLOCK)
         return parts
 
+    # ------------------------------------------------------------------ checkpointing
+    #
+    # What transformers' Trainer calls for TrainingArguments(activation_checkpointing=True)
+    # (gradient_checkpointing=True before transformers 5.24), passed to the base model's own
+    # machinery. Its checkpointed layers drop the KV cache, so training steps then take the
+    # naive path (see forward).
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        """Whether any layer of the base model is checkpointed."""
+        return any(getattr(module, "gradient_checkpointing", False) is True
+                   for module in self._unwrapped().modules())
+
+    is_gradient_checkpointing = is_activation_checkpointing  # the name before transformers 5.24
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        **kwargs) -> None:
+        """Checkpoint the base model's layers (transformers' activation checkpointing)."""
+        base = self._unwrapped()
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(
+                activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
+        else:
+            base.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None,
+                                      **kwargs) -> None:
+        """The name before transformers 5.24 of :meth:`activation_checkpointing_enable`."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        base = self._unwrapped()
+        disable = getattr(base, "activation_checkpointing_disable", None) \
+            or base.gradient_checkpointing_disable
+        disable()
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
+
     # ------------------------------------------------------------------ training
 
     def forward(self, prompt_ids: Tensor, prompt_mask: Tensor, answer_ids: Tensor,
@@ -227,6 +267,12 @@ class AMVLModel(nn.Module):
         tokens. ``seed`` fixes the latent noise (same seed, same loss on both paths).
         """
         share = self.config.prefix_sharing if prefix_sharing is None else prefix_sharing
+        if share and self.training and torch.is_grad_enabled() \
+                and self.is_activation_checkpointing:
+            warnings.warn("activation (gradient) checkpointing drops the KV cache of x that "
+                          "prefix sharing reuses: training takes the naive path (the same loss "
+                          "and gradients, x encoded once per pass)", stacklevel=2)
+            share = False
         images = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw} \
             if pixel_values is not None else None
         rope = self._rope_positions(prompt_ids, prompt_mask, image_grid_thw)

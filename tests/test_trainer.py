@@ -1,4 +1,5 @@
-"""Trainer integration: single-process training, 2-process DDP (gloo, CPU), PEFT LoRA."""
+"""Trainer integration: single-process training, 2-process DDP (gloo, CPU), PEFT LoRA,
+activation checkpointing."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import TrainingArguments
@@ -91,3 +93,50 @@ def test_peft_lora_on_the_base_model(tmp_path):
     shared = model(**batch, seed=1, prefix_sharing=True).loss
     naive = model(**batch, seed=1, prefix_sharing=False).loss
     torch.testing.assert_close(shared, naive, rtol=1e-5, atol=1e-6)
+
+
+def test_activation_checkpointing_takes_the_naive_path_with_the_same_gradients():
+    """Checkpointed layers drop the KV cache that prefix sharing reuses: the step warns, runs
+    the naive path, and gives the loss and gradients of the uncheckpointed shared step."""
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer(WORDS)
+    model = AMVLModel(tiny_qwen2(tokenizer), tokenizer,
+                      AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch")).train()
+    batch = AMVLCollator(tokenizer)(_data(4))
+    params = [p for p in model.parameters() if p.requires_grad]
+    reference = model(**batch, seed=3, prefix_sharing=True).loss
+    reference_grads = torch.autograd.grad(reference, params, allow_unused=True)
+    model.gradient_checkpointing_enable()
+    assert model.is_activation_checkpointing and model.is_gradient_checkpointing
+    with pytest.warns(UserWarning, match="checkpointing drops the KV cache"):
+        loss = model(**batch, seed=3, prefix_sharing=True).loss
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    for g, r in zip(torch.autograd.grad(loss, params, allow_unused=True), reference_grads):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # no backward to replay: the cache survives, prefix sharing runs
+        model(**batch, seed=3, prefix_sharing=True)
+    model.gradient_checkpointing_disable()
+    assert not model.is_activation_checkpointing
+
+
+def test_trainer_with_activation_checkpointing(tmp_path):
+    """TrainingArguments' checkpointing flag (renamed in transformers 5.24) reaches the base
+    model through AMVLModel, and training runs."""
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer(WORDS)
+    model = AMVLModel(tiny_qwen2(tokenizer), tokenizer,
+                      AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch"))
+    fields = TrainingArguments.__dataclass_fields__
+    flag = "activation_checkpointing" if "activation_checkpointing" in fields \
+        else "gradient_checkpointing"
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4,
+                             max_steps=2, learning_rate=1e-2, save_strategy="no", report_to=[],
+                             use_cpu=True, disable_tqdm=True, **{flag: True})
+    trainer = AMVLTrainer(model, args, train_dataset=_data(8),
+                          data_collator=AMVLCollator(tokenizer))
+    with pytest.warns(UserWarning, match="checkpointing drops the KV cache"):
+        trainer.train()
+    assert model.is_activation_checkpointing
+    assert all(torch.isfinite(p).all() for p in model.parameters())
