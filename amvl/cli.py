@@ -6,7 +6,7 @@
 
 A run config (YAML) has four sections, each optional but ``model``:
 
-    model: {path: /models/Qwen2.5-VL-3B-Instruct, dtype: bfloat16, attn_implementation: sdpa}
+    model: {path: /models/Qwen2.5-VL-3B-Instruct, dtype: bfloat16, attn_implementation: amvl}
     amvl:  {num_slots: 16, latent_dim: 64, objective: amvl, beta: 1.0, ...}   # AMVLConfig
     train: {steps: 2000, batch_size: 32, learning_rate: 1e-5, save_every: 500} # TrainConfig
     data:  {train: data/train.jsonl, max_prompt_tokens: 2048}
@@ -63,13 +63,14 @@ def load_base(model_section: dict):
     import transformers
 
     source = str(model_section["path"])
+    attention = model_section.get("attn_implementation", "sdpa")
     if source == "tiny-qwen2-vl":
         from amvl.puzzles import vocabulary
         from amvl.tiny import tiny_image_processor, tiny_qwen2_vl, word_tokenizer
 
         tokenizer = word_tokenizer(vocabulary(), vision=True)
         base = tiny_qwen2_vl(tokenizer, hidden=int(model_section.get("hidden_size", 64)))
-        return base, tokenizer, tiny_image_processor()
+        return _with_attention(base, attention), tokenizer, tiny_image_processor()
     directory = Path(source)
     if not (directory / "config.json").is_file():
         raise SystemExit(f"amvl: model.path {source} is not a local Hugging Face checkpoint "
@@ -78,12 +79,23 @@ def load_base(model_section: dict):
     dtype = getattr(torch, model_section.get("dtype", "float32"))
     base = getattr(transformers, arch).from_pretrained(
         directory, dtype=dtype, use_safetensors=True,
-        attn_implementation=model_section.get("attn_implementation", "sdpa"))
+        attn_implementation="sdpa" if attention == "amvl" else attention)
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     processor = None
     if hasattr(base.config, "vision_config"):
         processor = transformers.AutoImageProcessor.from_pretrained(directory)
-    return base, tokenizer, processor
+    return _with_attention(base, attention), tokenizer, processor
+
+
+def _with_attention(base, attention: str):
+    """``attn_implementation: amvl`` puts the language model on the latent-block kernel and
+    leaves a vision tower on SDPA (``amvl_kernels.hf.use_amvl_attention``); any other name is
+    transformers' own, set at load."""
+    if attention == "amvl":
+        from amvl_kernels.hf import use_amvl_attention
+
+        use_amvl_attention(base)
+    return base
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from amvl.cli import build_parser, load_run_config, main, read_jsonl
+from amvl.cli import build_parser, load_base, load_run_config, main, read_jsonl
 
 
 def test_demo_quick_writes_table_json_and_plots(tmp_path, capsys):
@@ -92,3 +92,25 @@ def test_shipped_configs_parse():
     for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
         run = load_run_config(path)
         assert run["amvl_config"].objective in {"amvl", "elbo", "prior", "none"}, path
+
+
+def test_amvl_attention_from_the_run_config():
+    """``attn_implementation: amvl`` puts the language model on the latent-block kernel and
+    leaves the vision tower on SDPA; a training step runs on it."""
+    import torch
+
+    from amvl.config import AMVLConfig
+    from amvl.data import AMVLCollator
+    from amvl.model import AMVLModel
+
+    base, tokenizer, _ = load_base({"path": "tiny-qwen2-vl", "attn_implementation": "amvl"})
+    config = base.config
+    assert config.get_text_config()._attn_implementation == "amvl"
+    assert config.vision_config._attn_implementation == "sdpa"
+    model = AMVLModel(base, tokenizer, AMVLConfig(num_slots=2, latent_dim=4))
+    assert model._on_amvl_attention()
+    words = [t for t in tokenizer.get_vocab() if t.isalpha()][:6]
+    batch = AMVLCollator(tokenizer)([{"question": " ".join(words[:3]), "answer": words[3]}])
+    loss = model(**batch, seed=0).loss
+    loss.backward()
+    assert torch.isfinite(loss)
