@@ -44,6 +44,9 @@ class TrainConfig:
     save_every: int = 0  # 0: save only at the end (when output_dir is set)
     save_total_limit: int = 2
     mixed_precision: str = "no"  # "no", "bf16" or "fp16" (accelerate)
+    # Recompute the base model's layers in the backward (memory for time). Checkpointed layers
+    # drop the KV cache, so steps then take the naive path instead of prefix sharing.
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every"):
@@ -185,6 +188,8 @@ def train(model, collator, examples: Sequence[dict], config: TrainConfig,
         state = json.loads((checkpoint / "state.json").read_text())
         _set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=True), state["rng"])
         start, history, sums = state["step"], state["history"], state["pending"]
+    if config.activation_checkpointing:
+        model.activation_checkpointing_enable()
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
     per_rank = config.batch_size // world
