@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.language.extra import libdevice
 from torch.autograd.function import once_differentiable
+from triton.language.extra import libdevice
 
 from amvl_kernels._validation import check_choice, check_float_tensor, check_like, check_seed
 from amvl_kernels.backends import resolve_backend, triton_interpreted
