@@ -7,7 +7,7 @@ cache alone (a few dozen programs on a 132-SM GPU), and the query heads of a GQA
 read the same keys and values. Here (flash-decoding) one program holds every query of a KV
 group as the rows of its tile, so K and V are read once for the group, and only a slice of
 the keys: enough slices that the GPU fills. ``_decode_combine`` then merges the slices by
-their log-sum-exps.
+their log-sum-exps; when the batch alone fills the GPU there is one slice and no merge.
 
 Every key tile evaluates the mask rule instead of reading a tile map, so a decoding step never
 builds one. The output and the log-sum-exp (base 2, +inf for a row that sees nothing) are
@@ -33,16 +33,17 @@ DECODE_MAX_ROWS = 64
 
 @triton.jit
 def _decode_partial(
-    Q, K, V, O_PART, LSE_PART, KIND, VIS, BLK, DOC,
+    Q, K, V, O, LSE, O_PART, LSE_PART, KIND, VIS, BLK, DOC,
     scale_log2,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     HQ, HKV, GROUP, LQ, LK, ROWS, TILES_PER_SPLIT,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_LAYOUT: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, ONE_SLICE: tl.constexpr,
 ):
-    """Grid (splits, B * Hkv): the online softmax of all GROUP x LQ queries of one KV head over
-    one slice of the keys. Tile row r is query r % LQ of head hk * GROUP + r // LQ."""
+    """Grid (slices, B * Hkv): the online softmax of all GROUP x LQ queries of one KV head over
+    one slice of the keys. Tile row r is query r % LQ of head hk * GROUP + r // LQ. With
+    ONE_SLICE the program holds every key and writes the final output: no merge."""
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -74,14 +75,19 @@ def _decode_partial(
                                      blk_i, doc_i, KIND, BLK, DOC, meta_row, BLOCK_N, True,
                                      HAS_LAYOUT, UPCAST, IEEE)
 
-    # The slice's own normalised output and log-sum-exp; -inf when it saw nothing.
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    row = (split * ROWS + (b * HQ + h) * LQ + i).to(tl.int64)  # ROWS = B * Hq * Lq
-    tl.store(O_PART + row[:, None] * HEAD_DIM + offs_d[None, :], out,
-             mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE_PART + row, lse, mask=row_ok)
+    lse = m_i + tl.math.log2(tl.where(empty, 1.0, l_i))
+    row = ((b * HQ + h) * LQ + i).to(tl.int64)  # of the (B, Hq, Lq) rows
+    if ONE_SLICE:  # the final output and log-sum-exp (+inf: the row sees nothing)
+        tl.store(O + row[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(LSE + row, tl.where(empty, float("inf"), lse), mask=row_ok)
+    else:  # the slice's own, for _decode_combine (-inf: the slice holds nothing the row sees)
+        row += split * ROWS
+        tl.store(O_PART + row[:, None] * HEAD_DIM + offs_d[None, :], out,
+                 mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(LSE_PART + row, tl.where(empty, float("-inf"), lse), mask=row_ok)
 
 
 @triton.jit
@@ -114,8 +120,12 @@ def uses_decode(num_queries: int, group: int) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def _target_programs(device: torch.device) -> int:
+    """How many programs a decoding step should spread over: about two per SM on a GPU, a few
+    under the interpreter (enough slices to exercise the merge)."""
+    if device.type != "cuda":
+        return 3
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
@@ -128,10 +138,9 @@ def _decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
     return 64, 4, 3
 
 
-def _split_tiles(programs: int, n_tiles: int, device: torch.device) -> tuple[int, int]:
-    """(number of slices, key tiles per slice): about two programs per SM on a GPU, a few
-    slices under the interpreter (enough to exercise the merge)."""
-    target = 3 if device.type != "cuda" else 2 * _multiprocessors(device)
+def _split_tiles(programs: int, n_tiles: int, target: int) -> tuple[int, int]:
+    """(number of slices, key tiles per slice) that bring ``programs`` (B x Hkv) up to about
+    ``target`` programs."""
     splits = max(1, min(n_tiles, -(-target // programs)))
     per_split = -(-n_tiles // splits)
     return -(-n_tiles // per_split), per_split
@@ -150,18 +159,25 @@ def decode_forward(q: Tensor, k: Tensor, v: Tensor, meta: Tensor | None, scale_l
     block_n, warps, stages = _decode_config(d, q.dtype)
     block_d = max(16, triton.next_power_of_2(d))
     n_tiles = triton.cdiv(lk, block_n)
-    splits, per_split = _split_tiles(batch * hkv, n_tiles, q.device)
+    splits, per_split = _split_tiles(batch * hkv, n_tiles, _target_programs(q.device))
     rows = batch * hq * lq
-    o_part = torch.empty((splits, rows, d), dtype=torch.float32, device=q.device)
-    lse_part = torch.empty((splits, rows), dtype=torch.float32, device=q.device)
+    one_slice = splits == 1
+    # Slices write their own results to scratch for the merge; a single slice needs none (the
+    # output stands in for the unused pointers).
+    o_part = out if one_slice else torch.empty((splits, rows, d), dtype=torch.float32,
+                                               device=q.device)
+    lse_part = lse if one_slice else torch.empty((splits, rows), dtype=torch.float32,
+                                                 device=q.device)
     kind, vis, blk, doc = meta.unbind(0) if meta is not None else (lse,) * 4
     _decode_partial[(splits, batch * hkv)](
-        q, k, v, o_part, lse_part, kind, vis, blk, doc, scale_log2,
+        q, k, v, out, lse, o_part, lse_part, kind, vis, blk, doc, scale_log2,
         *q.stride(), *k.stride(), *v.stride(),
         hq, hkv, group, lq, lk, rows, per_split,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=max(16, triton.next_power_of_2(group * lq)),
         BLOCK_N=block_n, HAS_LAYOUT=meta is not None, UPCAST=triton_interpreted(),
-        IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
-    _decode_combine[(rows,)](o_part, lse_part, out, lse, rows, splits, HEAD_DIM=d,
-                             BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)))
+        IEEE=q.dtype == torch.float32, ONE_SLICE=one_slice, num_warps=warps,
+        num_stages=stages)
+    if not one_slice:
+        _decode_combine[(rows,)](o_part, lse_part, out, lse, rows, splits, HEAD_DIM=d,
+                                 BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits))
     return out, lse

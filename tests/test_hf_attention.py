@@ -283,7 +283,7 @@ def test_generate_on_the_triton_kernel_matches_sdpa(monkeypatch):
     import importlib
 
     decode = importlib.import_module("amvl_kernels.latent_attention_decode")
-    monkeypatch.setattr(decode, "_split_tiles", lambda programs, n_tiles, device: (n_tiles, 1))
+    monkeypatch.setattr(decode, "_split_tiles", lambda programs, n_tiles, target: (n_tiles, 1))
     model, inputs = build("qwen2", torch.float32)
     if torch.cuda.is_available():
         model = model.cuda()

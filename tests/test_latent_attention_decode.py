@@ -21,13 +21,14 @@ decode = importlib.import_module("amvl_kernels.latent_attention_decode")
 def _slices_of(monkeypatch, per_split: int) -> None:
     """Cut the keys into slices of ``per_split`` key tiles."""
     monkeypatch.setattr(decode, "_split_tiles",
-                        lambda programs, n_tiles, device: (-(-n_tiles // per_split), per_split))
+                        lambda programs, n_tiles, target: (-(-n_tiles // per_split), per_split))
 
 
 @pytest.mark.parametrize("heads", [(7, 1), (4, 2), (3, 3)], ids=str)
 @pytest.mark.parametrize("lq", [1, 3])
-@pytest.mark.parametrize("per_split", [1, 2, 5])
+@pytest.mark.parametrize("per_split", [1, 2, 5, 6], ids=lambda n: f"{n}-tiles-per-slice")
 def test_random_layouts_any_slicing(heads, lq, per_split, monkeypatch, rng_seed):
+    """83 keys are 6 tiles of 16 under the interpreter: 6, 3, 2 slices, or one (no merge)."""
     _slices_of(monkeypatch, per_split)
     layout = random_layout(2, 83, torch.Generator().manual_seed(rng_seed)).to(DEVICE)
     assert decode.uses_decode(lq, heads[0] // heads[1])
