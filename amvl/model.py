@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from amvl_kernels.hf import PrefixKeys
 from amvl_kernels.layout import LatentLayout
 
 from amvl.config import AMVLConfig
@@ -142,8 +143,10 @@ class AMVLModel(nn.Module):
 
     def _run(self, seq: Sequence, *, prefix: Sequence | None = None, cache=None,
              z: Tensor | None = None, rope: Tensor | None = None, images: dict | None = None,
-             use_cache: bool = False):
-        """One decoder call on ``seq`` (after ``prefix``, whose keys are in ``cache``).
+             use_cache: bool = False, record_prefix: PrefixKeys | None = None,
+             with_prefix: PrefixKeys | None = None):
+        """One decoder call on ``seq`` (after ``prefix``, whose keys are in ``cache`` or, on
+        the "amvl" attention, in ``with_prefix``; ``record_prefix`` records them).
 
         Returns the last hidden states (B, L, H) and the cache.
         """
@@ -170,6 +173,9 @@ class AMVLModel(nn.Module):
             tails = positions[None].expand(3, -1, -1)
             positions = tails if rope is None else torch.cat(
                 [rope, tails[:, :, rope.shape[-1]:]], dim=-1)
+        for name, keys_store in (("record_prefix", record_prefix), ("with_prefix", with_prefix)):
+            if keys_store is not None:
+                kwargs[name] = keys_store
         backbone = self._unwrapped().model
         kwargs[_cache_kwarg(backbone)] = cache
         out = backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
@@ -204,8 +210,8 @@ class AMVLModel(nn.Module):
                                 slots(ids["latent_end"], b, 1, device)[0]], 1)
         block = torch.zeros(b, k + 2, dtype=torch.long, device=device)
         block[:, 1:-1] = LATENT_BLOCK
-        parts["latent"] = Part(Segment.LATENT, latent_ids, torch.ones_like(latent_ids, dtype=torch.bool),
-                               x_end, block)
+        parts["latent"] = Part(Segment.LATENT, latent_ids,
+                               torch.ones_like(latent_ids, dtype=torch.bool), x_end, block)
         if answer_ids is not None:
             y_len = answer_mask.long().sum(1)
             parts["answer_after_x"] = Part(Segment.ANSWER, answer_ids, answer_mask, x_end)
@@ -220,8 +226,8 @@ class AMVLModel(nn.Module):
     #
     # What transformers' Trainer calls for TrainingArguments(activation_checkpointing=True)
     # (gradient_checkpointing=True before transformers 5.24), passed to the base model's own
-    # machinery. Its checkpointed layers drop the KV cache, so training steps then take the
-    # naive path (see forward).
+    # machinery. Its checkpointed layers drop the KV cache: prefix-shared steps then keep x's
+    # keys in PrefixKeys on the "amvl" attention, and take the naive path elsewhere.
 
     @property
     def is_activation_checkpointing(self) -> bool:
@@ -267,12 +273,17 @@ class AMVLModel(nn.Module):
         tokens. ``seed`` fixes the latent noise (same seed, same loss on both paths).
         """
         share = self.config.prefix_sharing if prefix_sharing is None else prefix_sharing
-        if share and self.training and torch.is_grad_enabled() \
-                and self.is_activation_checkpointing:
+        # Checkpointed layers drop transformers' KV cache: on the "amvl" attention x's keys are
+        # kept in PrefixKeys instead, elsewhere the step falls back to the naive path.
+        checkpointed = self.training and torch.is_grad_enabled() \
+            and self.is_activation_checkpointing
+        if share and checkpointed and not self._on_amvl_attention():
             warnings.warn("activation (gradient) checkpointing drops the KV cache of x that "
-                          "prefix sharing reuses: training takes the naive path (the same loss "
-                          "and gradients, x encoded once per pass)", stacklevel=2)
+                          "prefix sharing reuses, and only the 'amvl' attention can keep x's "
+                          "keys without it: training takes the naive path (the same loss and "
+                          "gradients, x encoded once per pass)", stacklevel=2)
             share = False
+        prefix_keys = PrefixKeys(prompt_ids.shape[1]) if share and checkpointed else None
         images = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw} \
             if pixel_values is not None else None
         rope = self._rope_positions(prompt_ids, prompt_mask, image_grid_thw)
@@ -289,8 +300,12 @@ class AMVLModel(nn.Module):
             names = ["prompt", "prior", "answer_after_x", "posterior"] if obj.uses_posterior \
                 else ["prompt", "prior"]
             seq = assemble({n: p[n] for n in names})
-            hidden, cache = self._run(seq, rope=rope, images=images, use_cache=True)
-            cache.crop(-(seq.input_ids.shape[1] - prompt_ids.shape[1]))
+            if prefix_keys is not None:
+                hidden, cache = self._run(seq, rope=rope, images=images,
+                                          record_prefix=prefix_keys)
+            else:
+                hidden, cache = self._run(seq, rope=rope, images=images, use_cache=True)
+                cache.crop(-(seq.input_ids.shape[1] - prompt_ids.shape[1]))
             h_prior = hidden[:, seq.columns("prior")]
             h_post = hidden[:, seq.columns("posterior")] if obj.uses_posterior else None
         else:
@@ -309,8 +324,12 @@ class AMVLModel(nn.Module):
         def decode_nll(z: Tensor) -> Tensor:
             if share:
                 tail = assemble({"latent": p["latent"], "answer": p["answer_after_latent"]})
-                hidden, _ = self._run(tail, prefix=prompt_seq, cache=cache, z=z, use_cache=True)
-                cache.crop(-tail.input_ids.shape[1])
+                if prefix_keys is not None:
+                    hidden, _ = self._run(tail, prefix=prompt_seq, z=z, with_prefix=prefix_keys)
+                else:
+                    hidden, _ = self._run(tail, prefix=prompt_seq, cache=cache, z=z,
+                                          use_cache=True)
+                    cache.crop(-tail.input_ids.shape[1])
                 # columns of the tail's answer are relative to the tail
                 return self._nll(hidden, tail, answer_ids, answer_mask)
             full = assemble({"prompt": p["prompt"], "latent": p["latent"],

@@ -44,8 +44,9 @@ class TrainConfig:
     save_every: int = 0  # 0: save only at the end (when output_dir is set)
     save_total_limit: int = 2
     mixed_precision: str = "no"  # "no", "bf16" or "fp16" (accelerate)
-    # Recompute the base model's layers in the backward (memory for time). Checkpointed layers
-    # drop the KV cache, so steps then take the naive path instead of prefix sharing.
+    # Recompute the base model's layers in the backward (memory for time). Prefix sharing then
+    # needs the "amvl" attention (x's keys kept outside the dropped KV cache); elsewhere steps
+    # take the naive path.
     activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:

@@ -139,6 +139,53 @@ def amvl_attention_mask(batch_size: int, q_length: int, kv_length: int,
 # ----------------------------------------------------------------------------- attention function
 
 
+class PrefixKeys:
+    """Every layer's keys and values of the first ``length`` tokens of a call, kept for later
+    calls that continue after those tokens: prefix sharing without transformers' KV cache,
+    which activation checkpointing drops. Both calls run on the "amvl" attention::
+
+        prefix = akhf.PrefixKeys(len_x)
+        model(inputs_embeds=x_and_more, record_prefix=prefix, ...)  # layers record x's k, v
+        model(inputs_embeds=tail, with_prefix=prefix, ...)          # the tail attends over them
+
+    The records keep their autograd history, so the later calls' gradients reach the first
+    call's layers. A checkpointed layer replayed in the backward keeps its first records, the
+    ones the later calls used. A reentrant checkpoint runs the forward without autograd, which
+    would silently cut those gradients: recording raises then, when ``needs_grad`` is set.
+    """
+
+    def __init__(self, length: int, needs_grad: bool = True) -> None:
+        self.length = length
+        self.needs_grad = needs_grad
+        self.layers: dict[int, tuple[Tensor, Tensor]] = {}
+
+    @staticmethod
+    def _layer(module: torch.nn.Module) -> int:
+        index = getattr(module, "layer_idx", None)
+        if index is None:
+            raise ValueError(f"{type(module).__name__} has no layer_idx: prefix keys need one")
+        return index
+
+    def record(self, module: torch.nn.Module, key: Tensor, value: Tensor) -> None:
+        index = self._layer(module)
+        if index in self.layers:  # a checkpointed layer's replay: keep the first records
+            return
+        if self.needs_grad and not torch.is_grad_enabled():
+            raise RuntimeError("prefix keys recorded without autograd (a reentrant activation "
+                               "checkpoint?): later calls could not send gradients to them; "
+                               "use non-reentrant checkpointing (use_reentrant=False)")
+        self.layers[index] = (key[:, :, :self.length], value[:, :, :self.length])
+
+    def prepend(self, module: torch.nn.Module, key: Tensor, value: Tensor
+                ) -> tuple[Tensor, Tensor]:
+        index = self._layer(module)
+        if index not in self.layers:
+            raise RuntimeError(f"no prefix keys recorded for layer {index}: pass the same "
+                               "PrefixKeys as record_prefix= to the prefix call first")
+        prefix_key, prefix_value = self.layers[index]
+        return torch.cat([prefix_key, key], 2), torch.cat([prefix_value, value], 2)
+
+
 def _check_supported(module: torch.nn.Module, num_keys: int, dropout: float, kwargs: dict) -> None:
     """Raise for what the kernel would silently get wrong."""
     if dropout and dropout > 0 and getattr(module, "training", True):
@@ -192,8 +239,16 @@ def amvl_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, 
     the last Lq of the Lk keys. ``attention_mask`` is what :func:`amvl_attention_mask`
     returned. ``kwargs["latent_layout"]``, when the caller passed one to ``model(...)``, is a
     :class:`LatentLayout` over the Lk keys and overrides the mask. Returns ((B, Lq, Hq, D), None):
-    no attention weights.
+    no attention weights. ``record_prefix=`` / ``with_prefix=`` (a :class:`PrefixKeys`) record
+    this call's first keys and values, or put recorded ones in front of this call's.
     """
+    if kwargs.get("record_prefix") is not None:
+        kwargs["record_prefix"].record(module, key, value)
+    if kwargs.get("with_prefix") is not None:
+        if kwargs.get("latent_layout") is None:
+            raise ValueError("with_prefix= needs latent_layout= over the prefix and this call's "
+                             "tokens")
+        key, value = kwargs["with_prefix"].prepend(module, key, value)
     _check_supported(module, key.shape[2], dropout, kwargs)
     layout = kwargs.get("latent_layout")
     if layout is not None:

@@ -383,3 +383,39 @@ def test_set_backend_validates():
     with pytest.raises(ValueError, match="backend"):
         akhf.set_backend("cuda")
     assert akhf.get_backend() == "torch"
+
+
+def test_prefix_keys_continue_a_call_like_the_kv_cache():
+    """A tail call with ``with_prefix=`` over the keys recorded by the prefix call gives the
+    logits of the same tail on transformers' KV cache; misuse is a clear error."""
+    model, inputs = build("qwen2")
+    akhf.use_amvl_attention(model)
+    ids, length = inputs["input_ids"][1:], inputs["input_ids"].shape[1]
+    full = LatentLayout.causal(1, length)
+    prefix_layout = LatentLayout.causal(1, PREFIX)
+    positions = torch.arange(length)[None]
+    with torch.no_grad():
+        cached = model(ids[:, :PREFIX], latent_layout=prefix_layout, use_cache=True)
+        reference = model(ids[:, PREFIX:], position_ids=positions[:, PREFIX:],
+                          latent_layout=full, **{_cache_kwarg(model): _cache_of(cached)})
+        keys = akhf.PrefixKeys(PREFIX, needs_grad=False)
+        model(ids, latent_layout=full, record_prefix=keys, use_cache=False)
+        tail = model(ids[:, PREFIX:], position_ids=positions[:, PREFIX:], latent_layout=full,
+                     with_prefix=keys, use_cache=False)
+        torch.testing.assert_close(tail.logits, reference.logits)
+        with pytest.raises(RuntimeError, match="no prefix keys recorded"):
+            model(ids[:, PREFIX:], latent_layout=full, with_prefix=akhf.PrefixKeys(PREFIX),
+                  use_cache=False)
+        with pytest.raises(ValueError, match="needs latent_layout"):
+            model(ids[:, PREFIX:], with_prefix=keys, use_cache=False)
+
+
+def _cache_kwarg(model) -> str:
+    """transformers 5.2x takes the cache as ``cache=``, earlier 5.x as ``past_key_values=``."""
+    names = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in names else "past_key_values"
+
+
+def _cache_of(output):
+    """The cache a call returned, under either of its names."""
+    return next(output[k] for k in ("cache", "past_key_values") if k in output.keys())

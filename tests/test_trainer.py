@@ -96,8 +96,9 @@ def test_peft_lora_on_the_base_model(tmp_path):
 
 
 def test_activation_checkpointing_takes_the_naive_path_with_the_same_gradients():
-    """Checkpointed layers drop the KV cache that prefix sharing reuses: the step warns, runs
-    the naive path, and gives the loss and gradients of the uncheckpointed shared step."""
+    """On SDPA, checkpointed layers drop the KV cache that prefix sharing reuses: the step
+    warns, runs the naive path, and gives the loss and gradients of the uncheckpointed shared
+    step."""
     torch.manual_seed(0)
     tokenizer = word_tokenizer(WORDS)
     model = AMVLModel(tiny_qwen2(tokenizer), tokenizer,
@@ -119,6 +120,40 @@ def test_activation_checkpointing_takes_the_naive_path_with_the_same_gradients()
         model(**batch, seed=3, prefix_sharing=True)
     model.gradient_checkpointing_disable()
     assert not model.is_activation_checkpointing
+
+
+def test_activation_checkpointing_on_the_amvl_attention_keeps_prefix_sharing():
+    """On the "amvl" attention x's keys live in PrefixKeys instead of the dropped cache: the
+    checkpointed step stays prefix-shared (no fallback warning) and gives the uncheckpointed
+    step's loss and gradients. A reentrant checkpoint, which would cut those gradients,
+    raises."""
+    import warnings
+
+    import amvl_kernels.hf as akhf
+
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer(WORDS)
+    base = tiny_qwen2(tokenizer)
+    model = AMVLModel(base, tokenizer,
+                      AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch")).train()
+    akhf.use_amvl_attention(base)
+    batch = AMVLCollator(tokenizer)(_data(4))
+    params = [p for p in model.parameters() if p.requires_grad]
+    reference = model(**batch, seed=5, prefix_sharing=True).loss
+    reference_grads = torch.autograd.grad(reference, params, allow_unused=True)
+    model.gradient_checkpointing_enable()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the naive path
+        loss = model(**batch, seed=5, prefix_sharing=True).loss
+    assert torch.equal(loss, reference)
+    for g, r in zip(torch.autograd.grad(loss, params, allow_unused=True), reference_grads):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    model.gradient_checkpointing_disable()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(RuntimeError, match="reentrant"):
+        model(**batch, seed=5, prefix_sharing=True)
 
 
 def test_trainer_with_activation_checkpointing(tmp_path):
