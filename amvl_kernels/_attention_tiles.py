@@ -1,6 +1,6 @@
 """Triton helpers shared by the attention kernels (``latent_attention`` and
-``latent_attention_decode``): the metadata reads, the mask of a tile, the K/V tile loads and one
-key tile of the online softmax."""
+``latent_attention_decode``): the metadata reads, the mask of a tile, the K/V tile loads, one
+key tile of the online softmax and its result."""
 
 from __future__ import annotations
 
@@ -85,3 +85,12 @@ def softmax_tile(q, acc, m_i, l_i, k_base, v_base, n_tile, offs_d, d_ok, s_kn, s
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, IEEE)
     return acc, m_new, l_i
+
+
+@triton.jit
+def softmax_result(acc, m_i, l_i):
+    """(normalised output, base-2 log-sum-exp, rows that saw nothing) of an online softmax;
+    the rows that saw nothing get 0 and a log-sum-exp of -inf."""
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    return out, m_i + tl.math.log2(tl.where(empty, 1.0, l_i)), empty

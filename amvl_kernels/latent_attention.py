@@ -31,8 +31,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from amvl_kernels._attention_tiles import (load_kv_tiles, read_metadata, softmax_tile, tile_dot,
-                                          tile_mask)
+from amvl_kernels._attention_tiles import (load_kv_tiles, read_metadata, softmax_result,
+                                          softmax_tile, tile_dot, tile_mask)
 from amvl_kernels._mask_rule import mask_rule
 from amvl_kernels._validation import check_float_tensor
 from amvl_kernels.backends import resolve_backend, triton_interpreted
@@ -135,9 +135,8 @@ def _attention_fwd(
                                      blk_i, doc_i, KIND, BLK, DOC, meta_row, BLOCK_N, True,
                                      HAS_LAYOUT, UPCAST, IEEE)
 
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    out, lse, empty = softmax_result(acc, m_i, l_i)
+    lse = tl.where(empty, float("inf"), lse)  # the backward's "probability 0" for such rows
     tl.store(O + b.to(tl.int64) * s_ob + h * s_oh + offs_m[:, None] * s_om
              + offs_d[None, :] * s_od, out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from amvl_kernels._attention_tiles import read_metadata, softmax_tile
+from amvl_kernels._attention_tiles import read_metadata, softmax_result, softmax_tile
 from amvl_kernels.backends import triton_interpreted
 
 # Rows of the decode tile: Lq x (query heads per KV head). Past this the flash forward's
@@ -75,9 +75,7 @@ def _decode_partial(
                                      blk_i, doc_i, KIND, BLK, DOC, meta_row, BLOCK_N, True,
                                      HAS_LAYOUT, UPCAST, IEEE)
 
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = m_i + tl.math.log2(tl.where(empty, 1.0, l_i))
+    out, lse, empty = softmax_result(acc, m_i, l_i)
     row = ((b * HQ + h) * LQ + i).to(tl.int64)  # of the (B, Hq, Lq) rows
     if ONE_SLICE:  # the final output and log-sum-exp (+inf: the row sees nothing)
         tl.store(O + row[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
