@@ -274,16 +274,17 @@ class AMVLModel(nn.Module):
         """
         share = self.config.prefix_sharing if prefix_sharing is None else prefix_sharing
         # Checkpointed layers drop transformers' KV cache: on the "amvl" attention x's keys are
-        # kept in PrefixKeys instead, elsewhere the step falls back to the naive path.
-        checkpointed = self.training and torch.is_grad_enabled() \
-            and self.is_activation_checkpointing
+        # kept in PrefixKeys instead, elsewhere the step falls back to the naive path. (Newer
+        # transformers keep the cache when autograd is off; older ones may not: either way.)
+        checkpointed = self.training and self.is_activation_checkpointing
         if share and checkpointed and not self._on_amvl_attention():
             warnings.warn("activation (gradient) checkpointing drops the KV cache of x that "
                           "prefix sharing reuses, and only the 'amvl' attention can keep x's "
                           "keys without it: training takes the naive path (the same loss and "
                           "gradients, x encoded once per pass)", stacklevel=2)
             share = False
-        prefix_keys = PrefixKeys(prompt_ids.shape[1]) if share and checkpointed else None
+        prefix_keys = PrefixKeys(prompt_ids.shape[1], needs_grad=torch.is_grad_enabled()) \
+            if share and checkpointed else None
         images = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw} \
             if pixel_values is not None else None
         rope = self._rope_positions(prompt_ids, prompt_mask, image_grid_thw)

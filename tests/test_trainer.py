@@ -116,8 +116,10 @@ def test_activation_checkpointing_takes_the_naive_path_with_the_same_gradients()
         assert (g is None) == (r is None)
         if g is not None:
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
-    with torch.no_grad():  # no backward to replay: the cache survives, prefix sharing runs
-        model(**batch, seed=3, prefix_sharing=True)
+    # Without autograd too (older transformers drop the cache in training mode regardless).
+    with torch.no_grad(), pytest.warns(UserWarning, match="checkpointing drops the KV cache"):
+        again = model(**batch, seed=3, prefix_sharing=True).loss
+    torch.testing.assert_close(again, reference)
     model.gradient_checkpointing_disable()
     assert not model.is_activation_checkpointing
 
@@ -175,3 +177,21 @@ def test_trainer_with_activation_checkpointing(tmp_path):
         trainer.train()
     assert model.is_activation_checkpointing
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_checkpointed_model_in_training_mode_runs_without_autograd():
+    """An evaluation under no_grad of a checkpointed model left in training mode still runs
+    the prefix-shared path on the "amvl" attention and gives the same loss."""
+    import amvl_kernels.hf as akhf
+
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer(WORDS)
+    base = tiny_qwen2(tokenizer)
+    model = AMVLModel(base, tokenizer,
+                      AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch")).train()
+    akhf.use_amvl_attention(base)
+    batch = AMVLCollator(tokenizer)(_data(4))
+    with torch.no_grad():
+        reference = model(**batch, seed=7).loss
+        model.gradient_checkpointing_enable()
+        torch.testing.assert_close(model(**batch, seed=7).loss, reference)
