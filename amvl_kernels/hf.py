@@ -18,6 +18,10 @@ mask is ignored, so the layout must mark padding itself (a kind no query sees, a
 ``LatentLayout.causal(..., padding_mask)`` and the other builders do). With a KV cache the
 layout covers all Lk keys, cached ones included, and the queries are its last Lq tokens.
 
+:class:`PrefixKeys` shares a prefix's keys and values between calls without transformers' KV
+cache (``record_prefix=`` in the call that computes them, ``with_prefix=`` in the calls that
+continue after them), e.g. under activation checkpointing, which drops the cache.
+
 What the kernel cannot express without a layout (packed sequences detected from
 ``position_ids``, custom mask overlays, a user-supplied 4D mask, a static cache whose queries are
 not the last keys, non-causal modules) runs on transformers' own SDPA with the dense mask it
@@ -155,6 +159,8 @@ class PrefixKeys:
     """
 
     def __init__(self, length: int, needs_grad: bool = True) -> None:
+        if not isinstance(length, int) or length < 1:
+            raise ValueError(f"PrefixKeys length must be a positive int, got {length!r}")
         self.length = length
         self.needs_grad = needs_grad
         self.layers: dict[int, tuple[Tensor, Tensor]] = {}
@@ -170,6 +176,9 @@ class PrefixKeys:
         index = self._layer(module)
         if index in self.layers:  # a checkpointed layer's replay: keep the first records
             return
+        if key.shape[2] < self.length:
+            raise ValueError(f"the call has {key.shape[2]} keys, fewer than the prefix of "
+                             f"{self.length} to record")
         if self.needs_grad and not torch.is_grad_enabled():
             raise RuntimeError("prefix keys recorded without autograd (a reentrant activation "
                                "checkpoint?): later calls could not send gradients to them; "

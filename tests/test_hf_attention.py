@@ -408,6 +408,11 @@ def test_prefix_keys_continue_a_call_like_the_kv_cache():
                   use_cache=False)
         with pytest.raises(ValueError, match="needs latent_layout"):
             model(ids[:, PREFIX:], with_prefix=keys, use_cache=False)
+        with pytest.raises(ValueError, match="fewer than the prefix"):
+            model(ids[:, :PREFIX - 1], latent_layout=LatentLayout.causal(1, PREFIX - 1),
+                  record_prefix=akhf.PrefixKeys(PREFIX, needs_grad=False), use_cache=False)
+    with pytest.raises(ValueError, match="positive int"):
+        akhf.PrefixKeys(0)
 
 
 def _cache_kwarg(model) -> str:
