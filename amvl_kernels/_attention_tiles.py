@@ -1,6 +1,6 @@
 """Triton helpers shared by the attention kernels (``latent_attention`` and
-``latent_attention_decode``): the metadata reads, the mask of a tile, the K/V tile loads, one
-key tile of the online softmax and its result."""
+``latent_attention_decode``): the metadata reads, the mask of a tile, the K/V tile loads and
+scores of a key tile, one key tile of the online softmax and its result."""
 
 from __future__ import annotations
 
@@ -64,11 +64,12 @@ def load_kv_tiles(k_base, v_base, offs_n, offs_d, d_ok, s_kn, s_kd, s_vn, s_vd, 
 
 
 @triton.jit
-def softmax_tile(q, acc, m_i, l_i, k_base, v_base, n_tile, offs_d, d_ok, s_kn, s_kd, s_vn,
-                 s_vd, LK, scale_log2, pos_i, vis_i, blk_i, doc_i, KIND, BLK, DOC, meta_row,
-                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LAYOUT: tl.constexpr,
-                 UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """One key tile of the online softmax."""
+def tile_scores(q, k_base, v_base, n_tile, offs_d, d_ok, s_kn, s_kd, s_vn, s_vd, LK,
+                scale_log2, pos_i, vis_i, blk_i, doc_i, KIND, BLK, DOC, meta_row,
+                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LAYOUT: tl.constexpr,
+                UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """The K and V tiles of key tile ``n_tile`` and the query rows' scores against it, in base
+    2 (scaled by scale * log2(e)), -inf where the rule forbids the pair."""
     offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     k, v = load_kv_tiles(k_base, v_base, offs_n, offs_d, d_ok, s_kn, s_kd, s_vn, s_vd, LK,
                          MASKED, UPCAST)
@@ -77,6 +78,18 @@ def softmax_tile(q, acc, m_i, l_i, k_base, v_base, n_tile, offs_d, d_ok, s_kn, s
         ok = tile_mask(pos_i, vis_i, blk_i, doc_i, offs_n, LK, KIND, BLK, DOC, meta_row,
                        HAS_LAYOUT)
         s = tl.where(ok, s, float("-inf"))
+    return k, v, s
+
+
+@triton.jit
+def softmax_tile(q, acc, m_i, l_i, k_base, v_base, n_tile, offs_d, d_ok, s_kn, s_kd, s_vn,
+                 s_vd, LK, scale_log2, pos_i, vis_i, blk_i, doc_i, KIND, BLK, DOC, meta_row,
+                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LAYOUT: tl.constexpr,
+                 UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """One key tile of the online softmax."""
+    k, v, s = tile_scores(q, k_base, v_base, n_tile, offs_d, d_ok, s_kn, s_kd, s_vn, s_vd, LK,
+                          scale_log2, pos_i, vis_i, blk_i, doc_i, KIND, BLK, DOC, meta_row,
+                          BLOCK_N, MASKED, HAS_LAYOUT, UPCAST, IEEE)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen nothing yet keeps m = -inf; shift by 0 there, not by -inf.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -31,8 +31,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from amvl_kernels._attention_tiles import (load_kv_tiles, read_metadata, softmax_result,
-                                          softmax_tile, tile_dot, tile_mask)
+from amvl_kernels._attention_tiles import (read_metadata, softmax_result, softmax_tile,
+                                          tile_dot, tile_scores)
 from amvl_kernels._mask_rule import mask_rule
 from amvl_kernels._validation import check_float_tensor
 from amvl_kernels.backends import resolve_backend, triton_interpreted
@@ -287,14 +287,11 @@ def _dq_tile(q, do, dq, lse, delta, k_base, v_base, n_tile, offs_d, d_ok, s_kn, 
              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LAYOUT: tl.constexpr,
              UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """One key tile's contribution to the dq of a query tile."""
-    offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    k, v = load_kv_tiles(k_base, v_base, offs_n, offs_d, d_ok, s_kn, s_kd, s_vn, s_vd, LK,
-                         MASKED, UPCAST)
-    p = tl.math.exp2(tile_dot(q, tl.trans(k), IEEE) * scale_log2 - lse[:, None])
-    if MASKED:
-        ok = tile_mask(pos_i, vis_i, blk_i, doc_i, offs_n, LK, KIND, BLK, DOC, meta_row,
-                       HAS_LAYOUT)
-        p = tl.where(ok, p, 0.0)
+    k, v, s = tile_scores(q, k_base, v_base, n_tile, offs_d, d_ok, s_kn, s_kd, s_vn, s_vd, LK,
+                          scale_log2, pos_i, vis_i, blk_i, doc_i, KIND, BLK, DOC, meta_row,
+                          BLOCK_N, MASKED, HAS_LAYOUT, UPCAST, IEEE)
+    # Forbidden pairs (s = -inf) and rows that see nothing (lse = +inf) get probability 0.
+    p = tl.math.exp2(s - lse[:, None])
     ds = p * (tile_dot(do, tl.trans(v), IEEE) - delta[:, None])
     return dq + tile_dot(ds.to(k.dtype), k, IEEE)
 

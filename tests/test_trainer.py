@@ -23,6 +23,20 @@ ROOT = Path(__file__).resolve().parents[1]
 WORDS = [f"w{i}" for i in range(30)]
 
 
+def _tiny_model(amvl_attention: bool = False) -> tuple[AMVLModel, object]:
+    """(model in training mode, tokenizer): a tiny Qwen2, on the "amvl" attention if asked."""
+    import amvl_kernels.hf as akhf
+
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer(WORDS)
+    base = tiny_qwen2(tokenizer)
+    model = AMVLModel(base, tokenizer,
+                      AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch")).train()
+    if amvl_attention:
+        akhf.use_amvl_attention(base)
+    return model, tokenizer
+
+
 def _data(n: int = 12) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     return [{"question": " ".join(WORDS[int(i)] for i in torch.randint(0, 30, (3,), generator=g)),
@@ -99,10 +113,7 @@ def test_activation_checkpointing_takes_the_naive_path_with_the_same_gradients()
     """On SDPA, checkpointed layers drop the KV cache that prefix sharing reuses: the step
     warns, runs the naive path, and gives the loss and gradients of the uncheckpointed shared
     step."""
-    torch.manual_seed(0)
-    tokenizer = word_tokenizer(WORDS)
-    model = AMVLModel(tiny_qwen2(tokenizer), tokenizer,
-                      AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch")).train()
+    model, tokenizer = _tiny_model()
     batch = AMVLCollator(tokenizer)(_data(4))
     params = [p for p in model.parameters() if p.requires_grad]
     reference = model(**batch, seed=3, prefix_sharing=True).loss
@@ -131,14 +142,7 @@ def test_activation_checkpointing_on_the_amvl_attention_keeps_prefix_sharing():
     raises."""
     import warnings
 
-    import amvl_kernels.hf as akhf
-
-    torch.manual_seed(0)
-    tokenizer = word_tokenizer(WORDS)
-    base = tiny_qwen2(tokenizer)
-    model = AMVLModel(base, tokenizer,
-                      AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch")).train()
-    akhf.use_amvl_attention(base)
+    model, tokenizer = _tiny_model(amvl_attention=True)
     batch = AMVLCollator(tokenizer)(_data(4))
     params = [p for p in model.parameters() if p.requires_grad]
     reference = model(**batch, seed=5, prefix_sharing=True).loss
@@ -161,10 +165,7 @@ def test_activation_checkpointing_on_the_amvl_attention_keeps_prefix_sharing():
 def test_trainer_with_activation_checkpointing(tmp_path):
     """TrainingArguments' checkpointing flag (renamed in transformers 5.24) reaches the base
     model through AMVLModel, and training runs."""
-    torch.manual_seed(0)
-    tokenizer = word_tokenizer(WORDS)
-    model = AMVLModel(tiny_qwen2(tokenizer), tokenizer,
-                      AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch"))
+    model, tokenizer = _tiny_model()
     fields = TrainingArguments.__dataclass_fields__
     flag = "activation_checkpointing" if "activation_checkpointing" in fields \
         else "gradient_checkpointing"
@@ -182,14 +183,7 @@ def test_trainer_with_activation_checkpointing(tmp_path):
 def test_checkpointed_model_in_training_mode_runs_without_autograd():
     """An evaluation under no_grad of a checkpointed model left in training mode still runs
     the prefix-shared path on the "amvl" attention and gives the same loss."""
-    import amvl_kernels.hf as akhf
-
-    torch.manual_seed(0)
-    tokenizer = word_tokenizer(WORDS)
-    base = tiny_qwen2(tokenizer)
-    model = AMVLModel(base, tokenizer,
-                      AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch")).train()
-    akhf.use_amvl_attention(base)
+    model, tokenizer = _tiny_model(amvl_attention=True)
     batch = AMVLCollator(tokenizer)(_data(4))
     with torch.no_grad():
         reference = model(**batch, seed=7).loss
