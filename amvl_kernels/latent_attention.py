@@ -71,14 +71,17 @@ def _row_tiles(pid_m, b, LQ, LK, N_M, N_N, ROW_FULL_COUNT, ROW_PARTIAL_COUNT,
 @triton.jit
 def _query_tile(HQ, GROUP, LQ, LK, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_D: tl.constexpr):
-    """Where a program of the forward or dq kernel stands: grid (query tiles, B * Hq).
+    """Where a program of the forward or dq kernel stands: grid (B * Hq, query tiles).
 
     Returns pid_m, the batch row b, query head h and its KV head hk, the query offsets and
     absolute positions, the row and head-dim masks, the row's offset in the metadata and the
     (b, h) offset in the per-row statistics (lse, delta).
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # Every head's last query tiles first: under a causal mask they see the most keys, and
+    # the GPU starts programs in launch order (axis 0 fastest), so the short tiles are left
+    # to fill the last wave.
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -210,8 +213,10 @@ def _attention_bwd_dkdv(
     BLOCK_N: tl.constexpr, HAS_LAYOUT: tl.constexpr, UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # Grid (B * Hkv, key tiles): every head's first key tiles, which causal queries see the
+    # most, start first.
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
     b = pid_bh // HKV
     hk = pid_bh % HKV
     offset = LK - LQ
@@ -354,8 +359,19 @@ def _attention_bwd_dq(
 KERNELS = ("forward", "dkdv", "dq")
 
 
-def _tile_config(head_dim: int, dtype: torch.dtype, kernel: str) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel``, one of :data:`KERNELS`.
+def _device_arch(device: torch.device) -> tuple[int, int]:
+    """Compute capability of a CUDA device, (0, 0) for others (under the interpreter, whose
+    tiles do not depend on it). ``scripts/kernel_resources.py``, which records launches on
+    CPU tensors without running them, replaces this function with its target's."""
+    if device.type != "cuda":
+        return 0, 0
+    return torch.cuda.get_device_capability(device)
+
+
+def _tile_config(head_dim: int, dtype: torch.dtype, kernel: str, arch: tuple[int, int]
+                 ) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel``, one of :data:`KERNELS`, on a
+    GPU of compute capability ``arch``.
 
     The dk/dv and dq kernels of the backward have their own tiles (each gets its own tile
     map), since they walk the score matrix in different directions: dk/dv holds BLOCK_N keys
@@ -370,13 +386,23 @@ def _tile_config(head_dim: int, dtype: torch.dtype, kernel: str) -> tuple[int, i
     # forward and dk/dv kernels spilled about 800 bytes a thread (sm_90,
     # scripts/kernel_resources.py); with 8, nothing.
     wide = head_dim > 128 or dtype == torch.float32
-    if kernel != "forward":
+    if kernel == "forward":
         if wide:
-            return 32, 32, 8, 2
-        return (64, 64, 8, 2) if head_dim > 64 else (64, 64, 4, 2)
+            return 64, 32, 8, 2
+        return (128, 64, 8, 3) if head_dim > 64 else (128, 64, 4, 3)
     if wide:
-        return 64, 32, 8, 2
-    return (128, 64, 8, 3) if head_dim > 64 else (128, 64, 4, 3)
+        return 32, 32, 8, 2
+    if arch[0] in (9, 10):
+        # Hopper and datacenter Blackwell (227 KB of shared memory a block): the held side
+        # of each backward kernel is 128 rows, one 64-row warpgroup MMA per warpgroup of 8
+        # warps, and every streamed Q/dO (dk/dv) or K/V (dq) tile is read by half as many
+        # programs as with 64. FlexAttention's sm_90 choice for 64 <= d <= 128; the 64x64
+        # tiles of the first GPU runs made the backward 2.3x slower than its. Compiled for
+        # sm_90 at d = 128, dk/dv spills 20-48 bytes a thread: loop scalars, not tile data
+        # (its accumulators and the held K and V take 192 of the 255 registers).
+        return (64, 128, 8, 3) if kernel == "dkdv" else (128, 64, 8, 3)
+    # Up to 163 KB (A100) or 99 KB (consumer GPUs) of shared memory a block.
+    return (64, 64, 8, 2) if head_dim > 64 else (64, 64, 4, 2)
 
 
 def _block_d(head_dim: int) -> int:
@@ -396,7 +422,8 @@ def _tile_tensors(layout: LatentLayout | None, lq: int, group: int, head_dim: in
         return []
     decode = uses_decode(lq, group)
     kernels = ("forward", "dq", "dkdv") if backward else () if decode else ("forward",)
-    tiles = tuple(_tile_config(head_dim, dtype, kernel)[:2] for kernel in kernels)
+    arch = _device_arch(device)
+    tiles = tuple(_tile_config(head_dim, dtype, kernel, arch)[:2] for kernel in kernels)
 
     def build() -> list[Tensor]:
         lists = [torch.stack(layout.metadata())]
@@ -439,12 +466,12 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, tiles: list[Tensor], scale: float
         return decode_forward(q, k, v, tiles[0] if tiles else None, scale * _LOG2E)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, hq, lq), dtype=torch.float32, device=q.device)
-    bm, bn, warps, stages = _tile_config(d, q.dtype, "forward")
+    bm, bn, warps, stages = _tile_config(d, q.dtype, "forward", _device_arch(q.device))
     n_m, n_n = triton.cdiv(lq, bm), triton.cdiv(lk, bn)
     kind, vis, blk, doc = _meta_args(tiles, lse)
     rows = tiles[1:5] if tiles else (lse,) * 4  # lse stands in for absent pointers: never read
     _check_tile_lists(tiles[1:5], (batch, n_m, n_n), "forward")
-    _attention_fwd[(n_m, batch * hq)](
+    _attention_fwd[(batch * hq, n_m)](
         q, k, v, out, lse, kind, vis, blk, doc, *rows,
         scale * _LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         hq, hq // hkv, lq, lk, n_m, n_n,
@@ -471,8 +498,10 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     rows = tiles[5:9] if tiles else (delta,) * 4
     cols = tiles[9:13] if tiles else (delta,) * 4
 
+    arch = _device_arch(q.device)
+
     def launch_args(kernel: str) -> tuple[int, int, dict]:
-        bm, bn, warps, stages = _tile_config(d, q.dtype, kernel)
+        bm, bn, warps, stages = _tile_config(d, q.dtype, kernel, arch)
         meta = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=bm, BLOCK_N=bn,
                     HAS_LAYOUT=bool(tiles), UPCAST=triton_interpreted(),
                     IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
@@ -480,13 +509,13 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
 
     n_m, n_n, meta = launch_args("dkdv")
     _check_tile_lists(tiles[9:13], (batch, n_n, n_m), "dk/dv")
-    _attention_bwd_dkdv[(n_n, batch * hkv)](
+    _attention_bwd_dkdv[(batch * hkv, n_n)](
         q, k, v, grad_out, lse, delta, dk, dv, kind, vis, blk, doc, *cols,
         scale, scale * _LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
         *_strides(dk), hq, hkv, hq // hkv, lq, lk, n_m, n_n, **meta)
     n_m, n_n, meta = launch_args("dq")
     _check_tile_lists(tiles[5:9], (batch, n_m, n_n), "dq")
-    _attention_bwd_dq[(n_m, batch * hq)](
+    _attention_bwd_dq[(batch * hq, n_m)](
         q, k, v, grad_out, lse, delta, dq, kind, vis, blk, doc, *rows,
         scale, scale * _LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
         *_strides(dq), hq, hq // hkv, lq, lk, n_m, n_n, **meta)

@@ -39,6 +39,7 @@ from amvl_kernels import gaussian_kl, latent_attention_decode, layout  # noqa: E
 
 # the module (the package attribute of the same name is the function)
 la = importlib.import_module("amvl_kernels.latent_attention")
+ARCH = 90  # the compute capability compiled for; --arch sets it
 
 
 class _Recorder:
@@ -68,6 +69,8 @@ def recorded_launches():
     target = latent_attention_decode._target_programs
     # decoding slices its keys as on an H100 (132 SMs), so the merge kernel is launched too
     latent_attention_decode._target_programs = lambda device: 2 * 132
+    device_arch = la._device_arch
+    la._device_arch = lambda device: divmod(ARCH, 10)  # tiles chosen for the target GPU
     try:
         yield calls
     finally:
@@ -75,6 +78,7 @@ def recorded_launches():
             setattr(module, name, fn)
         layout.triton_interpreted = interpreted
         latent_attention_decode._target_programs = target
+        la._device_arch = device_arch
 
 
 def gaussian_launches(rows: int, d: int, dtype: torch.dtype) -> list:
@@ -215,6 +219,8 @@ def main() -> int:
     args = parser.parse_args()
     from triton.backends.compiler import GPUTarget
 
+    global ARCH
+    ARCH = args.arch
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
     print(f"{'kernel':<52} {'regs':>5} {'spill B':>8} {'smem B':>8} {'wgmma':>6} "

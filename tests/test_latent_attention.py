@@ -127,19 +127,24 @@ def test_kv_cache_decoding_matches_full_pass(rng_seed):
     torch.testing.assert_close(last, full[:, :, -1:], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout_kind", ["random", "causal-kv-cache"])
 @pytest.mark.parametrize("tiles", [{"forward": (32, 16), "dkdv": (16, 32), "dq": (32, 16)},
                                    {"forward": (16, 32), "dkdv": (32, 16), "dq": (16, 32)}],
                          ids=["tall-dq", "wide-dq"])
-def test_each_kernel_has_its_own_tiles(monkeypatch, tiles, rng_seed):
-    """The forward, dk/dv and dq kernels read their own tile maps: shapes that differ between
-    the three must still give the reference's output and gradients."""
+def test_each_kernel_has_its_own_tiles(monkeypatch, tiles, layout_kind, rng_seed):
+    """The forward, dk/dv and dq kernels read their own tile maps (or, without a layout,
+    derive their causal tile ranges): shapes that differ between the three, as on Hopper
+    (dk/dv 64 x 128, dq 128 x 64), must still give the reference's output and gradients."""
     import importlib
 
     module = importlib.import_module("amvl_kernels.latent_attention")
     monkeypatch.setattr(module, "_tile_config",
-                        lambda head_dim, dtype, kernel: (*tiles[kernel], 1, 1))
-    layout = random_layout(2, 71, torch.Generator().manual_seed(rng_seed)).to(DEVICE)
-    check(*_inputs(2, 4, 2, 50, 71, 32, torch.float32), layout)
+                        lambda head_dim, dtype, kernel, arch: (*tiles[kernel], 1, 1))
+    if layout_kind == "random":
+        layout = random_layout(2, 71, torch.Generator().manual_seed(rng_seed)).to(DEVICE)
+        check(*_inputs(2, 4, 2, 50, 71, 32, torch.float32), layout)
+    else:
+        check(*_inputs(2, 4, 2, 45, 71, 32, torch.float32), None)
 
 
 def _fallback_cases(seed):
