@@ -58,7 +58,7 @@ def build(kind: str, **config_kwargs):
     tokenizer = word_tokenizer(WORDS, vision=vision)
     base = {"qwen2": tiny_qwen2, "llama": tiny_llama, "qwen2_vl": tiny_qwen2_vl,
             "qwen2_5_vl": tiny_qwen2_5_vl}[kind](tokenizer)
-    config = AMVLConfig(num_slots=3, latent_dim=5, kernel_backend="torch", **config_kwargs)
+    config = AMVLConfig(num_slots=3, latent_dim=5, **{"kernel_backend": "torch", **config_kwargs})
     model = AMVLModel(base, tokenizer, config).double()
     collator = AMVLCollator(tokenizer, tiny_image_processor() if vision else None,
                             VisionTokens.from_model_config(base.config) if vision else None)
@@ -227,3 +227,34 @@ def test_amvl_attention_gives_the_dense_mask_loss_and_gradients(kind):
         for name in g_dense:
             scale = g_dense[name].abs().max().clamp(min=1e-12)
             assert (grads[name] - g_dense[name]).abs().max() / scale < 1e-5, name
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2_vl"])
+def test_training_step_on_the_triton_kernels(kind):
+    """The whole step on our Triton kernels, the Gaussian op's and the "amvl" attention's
+    (the other tests run the PyTorch paths): compiled, on CUDA tensors, on a GPU; under the
+    interpreter on the CPU. Both training paths equal the same model on sdpa with dense masks,
+    with the same Gaussian kernel and seed, hence the same noise."""
+    import amvl_kernels.hf as akhf
+    from amvl_kernels.backends import triton_interpreted
+
+    if not (torch.cuda.is_available() or triton_interpreted()):
+        pytest.skip("Triton runs neither on a GPU nor under TRITON_INTERPRET=1 here")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, batch = build(kind, objective="amvl", gamma=0.5, kernel_backend="triton")
+    model = model.float().to(device)
+    batch = {k: v.to(device, torch.float32 if v.is_floating_point() else v.dtype)
+             if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    dense, g_dense = _loss_and_grads(model, batch, prefix_sharing=True)
+    akhf.use_amvl_attention(model.base)
+    previous = akhf.set_backend("triton")
+    try:
+        for share in (True, False):
+            out, grads = _loss_and_grads(model, batch, prefix_sharing=share)
+            torch.testing.assert_close(out.loss, dense.loss, rtol=1e-5, atol=1e-6)
+            assert grads.keys() == g_dense.keys()
+            for name in g_dense:
+                scale = g_dense[name].abs().max().clamp(min=1e-12)
+                assert (grads[name] - g_dense[name]).abs().max() / scale < 1e-4, (share, name)
+    finally:
+        akhf.set_backend(previous)
