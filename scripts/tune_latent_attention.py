@@ -4,7 +4,8 @@ Each kernel (forward, dk/dv, dq) is swept on its own, the other two kept at thei
 every configuration (BLOCK_M, BLOCK_N, num_warps, num_stages) is checked against the PyTorch
 reference (relative error) and timed forward+backward at the benchmark's target shape (bf16,
 d=128, 16 heads, S=4096, B=4, one latent block). Print-out: per kernel, one line per
-configuration, fastest first. Use the winners in ``_tile_config``.
+configuration as it is measured (and saved to --json: a sweep cut short keeps its results),
+then fastest first. Use the winners in ``_tile_config``.
 
     python scripts/tune_latent_attention.py            # on a GPU
     TRITON_INTERPRET=1 python scripts/tune_latent_attention.py --smoke   # harness check, CPU
@@ -76,9 +77,29 @@ def main() -> None:
     ref = ref.detach()
 
     results = []
-    for kernel, candidates in CANDIDATES.items():
+
+    def save() -> None:
+        if not args.json:
+            return
+        rows = [{"kernel": kernel, "fwd_bwd_ms": ms if math.isfinite(ms) else None,
+                 "tiles": list(chosen) if chosen else "default", "max_rel_err": err,
+                 "failure": failure} for kernel, ms, chosen, err, failure in results]
+        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name()
+                                               if torch.cuda.is_available() else "cpu",
+                                               "torch": torch.__version__,
+                                               "triton": triton.__version__,
+                                               "results": rows}, indent=1))
+
+    def show(kernel, ms, chosen, err, failure) -> None:
+        print(f"{kernel:<8} {ms:10.3f}  {str(chosen or 'default'):<28} {err:.2e} {failure}",
+              flush=True)
+
+    print(f"{'kernel':<8} {'fwd+bwd ms':>10}  {'tiles (M, N, warps, stages)':<28} max rel err")
+    # The backward kernels first (the gap to the targets), each result shown and saved as it
+    # comes: a sweep cut short by a time limit keeps what it measured.
+    for kernel in ("dkdv", "dq", "forward"):
         # the smoke run tries one non-default tile shape per kernel, small enough to interpret
-        for chosen in [None, (32, 16, 1, 1)] if args.smoke else candidates:
+        for chosen in [None, (32, 16, 1, 1)] if args.smoke else CANDIDATES[kernel]:
             def config(head_dim, dtype_, kernel_, arch, kernel=kernel, chosen=chosen):
                 if kernel_ == kernel and chosen is not None:
                     return chosen
@@ -98,21 +119,13 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: go on
                 results.append((kernel, float("inf"), chosen, float("nan"),
                                 type(exc).__name__))
+            show(*results[-1])
+            save()
     la._tile_config = DEFAULT_CONFIG
-    if args.json:
-        rows = [{"kernel": kernel, "fwd_bwd_ms": ms if math.isfinite(ms) else None,
-                 "tiles": list(chosen) if chosen else "default", "max_rel_err": err,
-                 "failure": failure} for kernel, ms, chosen, err, failure in results]
-        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name()
-                                               if torch.cuda.is_available() else "cpu",
-                                               "torch": torch.__version__,
-                                               "triton": triton.__version__,
-                                               "results": rows}, indent=1))
-    print(f"{'kernel':<8} {'fwd+bwd ms':>10}  {'tiles (M, N, warps, stages)':<28} max rel err")
+    print("\nfastest first:")
     for kernel in CANDIDATES:
-        rows = sorted((r for r in results if r[0] == kernel), key=lambda r: r[1])
-        for _, ms, chosen, err, failure in rows:
-            print(f"{kernel:<8} {ms:10.3f}  {str(chosen or 'default'):<28} {err:.2e} {failure}")
+        for row in sorted((r for r in results if r[0] == kernel), key=lambda r: r[1]):
+            show(*row)
 
 
 if __name__ == "__main__":
