@@ -78,8 +78,8 @@ def _query_tile(HQ, GROUP, LQ, LK, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr
     (b, h) offset in the per-row statistics (lse, delta).
     """
     # Every head's last query tiles first: under a causal mask they see the most keys, and
-    # the GPU starts programs in launch order (axis 0 fastest), so the short tiles are left
-    # to fill the last wave.
+    # the GPU dispatches programs roughly in the order of their linear index (axis 0
+    # fastest), so the short tiles are left to fill the last wave.
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = pid_bh // HQ
@@ -396,8 +396,8 @@ def _tile_config(head_dim: int, dtype: torch.dtype, kernel: str, arch: tuple[int
         # Hopper and datacenter Blackwell (227 KB of shared memory a block): the held side
         # of each backward kernel is 128 rows, one 64-row warpgroup MMA per warpgroup of 8
         # warps, and every streamed Q/dO (dk/dv) or K/V (dq) tile is read by half as many
-        # programs as with 64. FlexAttention's sm_90 choice for 64 <= d <= 128; the 64x64
-        # tiles of the first GPU runs made the backward 2.3x slower than its. Compiled for
+        # programs as with 64. FlexAttention's sm_90 choice for 64 <= d <= 128; with the
+        # 64x64 tiles of the first GPU runs our backward took 2.3x its time. Compiled for
         # sm_90 at d = 128, dk/dv spills 20-48 bytes a thread: loop scalars, not tile data
         # (its accumulators and the held K and V take 192 of the 255 registers).
         return (64, 128, 8, 3) if kernel == "dkdv" else (128, 64, 8, 3)
