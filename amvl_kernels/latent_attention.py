@@ -359,6 +359,7 @@ def _attention_bwd_dq(
 KERNELS = ("forward", "dkdv", "dq")
 
 
+@torch.compiler.assume_constant_result  # evaluated while torch.compile traces, not graphed
 def _device_arch(device: torch.device) -> tuple[int, int]:
     """Compute capability of a CUDA device, (0, 0) for others (under the interpreter, whose
     tiles do not depend on it). ``scripts/kernel_resources.py``, which records launches on
