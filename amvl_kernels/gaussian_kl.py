@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from triton.language.extra import libdevice
 
+from amvl_kernels._launch import cdiv, next_power_of_2
 from amvl_kernels._validation import check_choice, check_float_tensor, check_like, check_seed
 from amvl_kernels.backends import resolve_backend, triton_interpreted
 from amvl_kernels.reference.gaussian_kl import ROUTES, compute_dtype, gaussian_sample_kl_torch
@@ -244,8 +245,8 @@ def _block_sizes(n_rows: int, d: int) -> tuple[int, int, int]:
         budget = 1024 if d >= 1024 else 512
         num_warps = budget // 128
     # At least one whole noise group of four columns.
-    block_d = max(4, min(triton.next_power_of_2(d), budget))
-    block_r = max(1, min(triton.next_power_of_2(n_rows), budget // block_d))
+    block_d = max(4, min(next_power_of_2(d), budget))
+    block_r = max(1, min(next_power_of_2(n_rows), budget // block_d))
     return block_r, block_d, num_warps
 
 
@@ -266,7 +267,7 @@ def _triton_forward(mu_q: Tensor, lv_q: Tensor, mu_p: Tensor | None, lv_p: Tenso
     kl_fwd = torch.empty(kl_shape, dtype=kl_dtype, device=mu_q.device)
     kl_rev = torch.empty(kl_shape, dtype=kl_dtype, device=mu_q.device)
     block_r, block_d, num_warps = _block_sizes(n_rows, d)
-    grid = (triton.cdiv(n_rows, block_r),)
+    grid = (cdiv(n_rows, block_r),)
     # Absent inputs are passed as mu_q: never read, but triton needs a pointer.
     _gaussian_kl_fwd_kernel[grid](
         mq, lq, mp if with_kl else mq, lp if with_kl else mq, e if e is not None else mq,
@@ -294,7 +295,7 @@ def _triton_backward(mu_q: Tensor, lv_q: Tensor, mu_p: Tensor | None, lv_p: Tens
     placeholder = mq
     has_fwd, has_rev = with_kl and grad_kl_fwd is not None, with_kl and grad_kl_rev is not None
     block_r, block_d, num_warps = _block_sizes(n_rows, d)
-    grid = (triton.cdiv(n_rows, block_r),)
+    grid = (cdiv(n_rows, block_r),)
     _gaussian_kl_bwd_kernel[grid](
         mq, lq, mp, lp, e if e is not None else placeholder,
         dz if dz is not None else placeholder,

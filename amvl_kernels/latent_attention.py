@@ -33,6 +33,7 @@ from torch.autograd.function import once_differentiable
 
 from amvl_kernels._attention_tiles import (read_metadata, softmax_result, softmax_tile,
                                           tile_dot, tile_scores)
+from amvl_kernels._launch import cdiv, next_power_of_2
 from amvl_kernels._mask_rule import mask_rule
 from amvl_kernels._validation import check_float_tensor
 from amvl_kernels.backends import resolve_backend, triton_interpreted
@@ -407,7 +408,7 @@ def _tile_config(head_dim: int, dtype: torch.dtype, kernel: str, arch: tuple[int
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def _tile_tensors(layout: LatentLayout | None, lq: int, group: int, head_dim: int,
@@ -468,7 +469,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, tiles: list[Tensor], scale: float
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, hq, lq), dtype=torch.float32, device=q.device)
     bm, bn, warps, stages = _tile_config(d, q.dtype, "forward", _device_arch(q.device))
-    n_m, n_n = triton.cdiv(lq, bm), triton.cdiv(lk, bn)
+    n_m, n_n = cdiv(lq, bm), cdiv(lk, bn)
     kind, vis, blk, doc = _meta_args(tiles, lse)
     rows = tiles[1:5] if tiles else (lse,) * 4  # lse stands in for absent pointers: never read
     _check_tile_lists(tiles[1:5], (batch, n_m, n_n), "forward")
@@ -490,7 +491,7 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     # delta_i = sum_d dO_i * O_i, the softmax-backward correction of every query row.
     delta = torch.empty((batch, hq, lq), dtype=torch.float32, device=q.device)
     rows, block_r = batch * hq * lq, 16
-    _attention_bwd_delta[(triton.cdiv(rows, block_r),)](
+    _attention_bwd_delta[(cdiv(rows, block_r),)](
         out, grad_out, delta, rows, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_R=block_r)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
@@ -506,7 +507,7 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
         meta = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=bm, BLOCK_N=bn,
                     HAS_LAYOUT=bool(tiles), UPCAST=triton_interpreted(),
                     IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
-        return triton.cdiv(lq, bm), triton.cdiv(lk, bn), meta
+        return cdiv(lq, bm), cdiv(lk, bn), meta
 
     n_m, n_n, meta = launch_args("dkdv")
     _check_tile_lists(tiles[9:13], (batch, n_n, n_m), "dk/dv")
@@ -677,4 +678,6 @@ def latent_attention(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | Non
     if torch.compiler.is_compiling():
         out, _ = torch.ops.amvl.latent_attention(q, k, v, tiles, scale)
         return out
+    if not backward:  # inference, a decoding step above all: no autograd node to build
+        return _forward(q, k, v, tiles, scale)[0]
     return _LatentAttentionFunction.apply(q, k, v, scale, *tiles)

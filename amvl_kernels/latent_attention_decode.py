@@ -24,6 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from amvl_kernels._attention_tiles import read_metadata, softmax_result, softmax_tile
+from amvl_kernels._launch import cdiv, next_power_of_2
 from amvl_kernels.backends import triton_interpreted
 
 # Rows of the decode tile: Lq x (query heads per KV head). Past this the flash forward's
@@ -155,8 +156,8 @@ def decode_forward(q: Tensor, k: Tensor, v: Tensor, meta: Tensor | None, scale_l
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, hq, lq), dtype=torch.float32, device=q.device)
     block_n, warps, stages = _decode_config(d, q.dtype)
-    block_d = max(16, triton.next_power_of_2(d))
-    n_tiles = triton.cdiv(lk, block_n)
+    block_d = max(16, next_power_of_2(d))
+    n_tiles = cdiv(lk, block_n)
     splits, per_split = _split_tiles(batch * hkv, n_tiles, _target_programs(q.device))
     rows = batch * hq * lq
     one_slice = splits == 1
@@ -171,11 +172,11 @@ def decode_forward(q: Tensor, k: Tensor, v: Tensor, meta: Tensor | None, scale_l
         q, k, v, out, lse, o_part, lse_part, kind, vis, blk, doc, scale_log2,
         *q.stride(), *k.stride(), *v.stride(),
         hq, hkv, group, lq, lk, rows, per_split,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=max(16, triton.next_power_of_2(group * lq)),
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=max(16, next_power_of_2(group * lq)),
         BLOCK_N=block_n, HAS_LAYOUT=meta is not None, UPCAST=triton_interpreted(),
         IEEE=q.dtype == torch.float32, ONE_SLICE=one_slice, num_warps=warps,
         num_stages=stages)
     if not one_slice:
         _decode_combine[(rows,)](o_part, lse_part, out, lse, rows, splits, HEAD_DIM=d,
-                                 BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits))
+                                 BLOCK_D=block_d, BLOCK_S=next_power_of_2(splits))
     return out, lse
