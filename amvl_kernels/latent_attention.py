@@ -148,17 +148,22 @@ def _attention_fwd(
 
 
 @triton.jit
-def _attention_bwd_delta(O, DO, DELTA, ROWS, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+def _attention_bwd_delta(O, DO, DELTA, ROWS, HQ, LQ, s_ob, s_oh, s_om, s_od,
+                         s_db, s_dh, s_dm, s_dd, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_R: tl.constexpr):
-    """delta_i = sum_d dO_i * O_i in fp32, read straight from the (contiguous) bf16/fp16
-    tensors: no upcast copies of O and dO in memory."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    """delta_i = sum_d dO_i * O_i in fp32 for the rows i = (b, h, m) of DELTA, read straight
+    from the bf16/fp16 tensors in the layout they come in (Hugging Face models hand over
+    (B, L, H, D) memory viewed as (B, H, L, D)): no upcast or contiguous copies."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < ROWS
+    b, h, m = rows // LQ // HQ, rows // LQ % HQ, rows % LQ
     offs_d = tl.arange(0, BLOCK_D)
-    ok = (rows < ROWS)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    at = rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
-    o = tl.load(O + at, mask=ok, other=0.0).to(tl.float32)
-    do = tl.load(DO + at, mask=ok, other=0.0).to(tl.float32)
-    tl.store(DELTA + rows, tl.sum(o * do, 1), mask=rows < ROWS)
+    ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + (b * s_ob + h * s_oh + m * s_om)[:, None] + offs_d[None, :] * s_od,
+                mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DO + (b * s_db + h * s_dh + m * s_dm)[:, None] + offs_d[None, :] * s_dd,
+                 mask=ok, other=0.0).to(tl.float32)
+    tl.store(DELTA + rows, tl.sum(o * do, 1), mask=row_ok)
 
 
 @triton.jit
@@ -466,7 +471,9 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, tiles: list[Tensor], scale: float
     hkv, lk = k.shape[1], k.shape[2]
     if uses_decode(lq, hq // hkv):
         return decode_forward(q, k, v, tiles[0] if tiles else None, scale * _LOG2E)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    # In q's memory layout: a Hugging Face model's (B, L, H, D) memory, which it transposes
+    # back for free, as it does SDPA's output.
+    out = torch.empty_like(q)
     lse = torch.empty((batch, hq, lq), dtype=torch.float32, device=q.device)
     bm, bn, warps, stages = _tile_config(d, q.dtype, "forward", _device_arch(q.device))
     n_m, n_n = cdiv(lq, bm), cdiv(lk, bn)
@@ -487,15 +494,17 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
               tiles: list[Tensor], scale: float) -> tuple[Tensor, Tensor, Tensor]:
     batch, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    grad_out, out = grad_out.contiguous(), out.contiguous()
     # delta_i = sum_d dO_i * O_i, the softmax-backward correction of every query row.
     delta = torch.empty((batch, hq, lq), dtype=torch.float32, device=q.device)
     rows, block_r = batch * hq * lq, 16
     _attention_bwd_delta[(cdiv(rows, block_r),)](
-        out, grad_out, delta, rows, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_R=block_r)
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+        out, grad_out, delta, rows, hq, lq, *_strides(out), *_strides(grad_out),
+        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_R=block_r)
+    # Gradients in their inputs' memory layouts (no copies on the way back through a
+    # model's transposes); dv shares dk's strides, the dk/dv kernel takes one set.
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(dk)
     kind, vis, blk, doc = _meta_args(tiles, delta)
     rows = tiles[5:9] if tiles else (delta,) * 4
     cols = tiles[9:13] if tiles else (delta,) * 4
@@ -539,8 +548,7 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, tiles: list[Tensor], scale: f
 
 @_attention_op.register_fake
 def _(q, k, v, tiles, scale):
-    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
-            q.new_empty(q.shape[:-1], dtype=torch.float32))
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("amvl::latent_attention_backward", mutates_args=())
@@ -552,9 +560,8 @@ def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
 
 @_attention_backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, tiles, scale):
-    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
-            torch.empty(k.shape, dtype=k.dtype, device=k.device),
-            torch.empty(v.shape, dtype=v.dtype, device=v.device))
+    dk = torch.empty_like(k)
+    return torch.empty_like(q), dk, torch.empty_like(dk)
 
 
 def _setup_context(ctx, inputs, output):

@@ -37,6 +37,7 @@ def _decode_partial(
     Q, K, V, O, LSE, O_PART, LSE_PART, KIND, VIS, BLK, DOC,
     scale_log2,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+    s_ob, s_oh, s_om, s_od,
     HQ, HKV, GROUP, LQ, LK, ROWS, TILES_PER_SPLIT,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_LAYOUT: tl.constexpr, UPCAST: tl.constexpr,
@@ -79,7 +80,8 @@ def _decode_partial(
     out, lse, empty = softmax_result(acc, m_i, l_i)
     row = ((b * HQ + h) * LQ + i).to(tl.int64)  # of the (B, Hq, Lq) rows
     if ONE_SLICE:  # the final output and log-sum-exp (+inf: the row sees nothing)
-        tl.store(O + row[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
+        tl.store(O + b.to(tl.int64) * s_ob + h[:, None] * s_oh + i[:, None] * s_om
+                 + offs_d[None, :] * s_od, out.to(O.dtype.element_ty),
                  mask=row_ok[:, None] & d_ok[None, :])
         tl.store(LSE + row, tl.where(empty, float("inf"), lse), mask=row_ok)
     else:  # the slice's own, for _decode_combine (-inf: the slice holds nothing the row sees)
@@ -90,10 +92,10 @@ def _decode_partial(
 
 
 @triton.jit
-def _decode_combine(O_PART, LSE_PART, O, LSE, ROWS, SPLITS, HEAD_DIM: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+def _decode_combine(O_PART, LSE_PART, O, LSE, ROWS, SPLITS, HQ, LQ, s_ob, s_oh, s_om, s_od,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     """Grid (B * Hq * Lq,): merge one query row's slices, weighting each by 2^(lse - max)."""
-    row = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(0).to(tl.int64)  # (b, h, m) of the (B, Hq, Lq) rows
     s = tl.arange(0, BLOCK_S)
     s_ok = s < SPLITS
     offs_d = tl.arange(0, BLOCK_D)
@@ -107,7 +109,8 @@ def _decode_combine(O_PART, LSE_PART, O, LSE, ROWS, SPLITS, HEAD_DIM: tl.constex
                   mask=s_ok[:, None] & d_ok[None, :], other=0.0)
     empty = total == 0.0
     out = tl.sum(w[:, None] * o_s, 0) / tl.where(empty, 1.0, total)
-    tl.store(O + row * HEAD_DIM + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
+    tl.store(O + row // LQ // HQ * s_ob + row // LQ % HQ * s_oh + row % LQ * s_om
+             + offs_d * s_od, out.to(O.dtype.element_ty), mask=d_ok)
     tl.store(LSE + row, tl.where(empty, float("inf"), m_safe + tl.math.log2(
         tl.where(empty, 1.0, total))))
 
@@ -153,7 +156,7 @@ def decode_forward(q: Tensor, k: Tensor, v: Tensor, meta: Tensor | None, scale_l
     batch, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     group = hq // hkv
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = torch.empty_like(q)  # in q's memory layout, as the flash forward's
     lse = torch.empty((batch, hq, lq), dtype=torch.float32, device=q.device)
     block_n, warps, stages = _decode_config(d, q.dtype)
     block_d = max(16, next_power_of_2(d))
@@ -170,13 +173,14 @@ def decode_forward(q: Tensor, k: Tensor, v: Tensor, meta: Tensor | None, scale_l
     kind, vis, blk, doc = meta.unbind(0) if meta is not None else (lse,) * 4
     _decode_partial[(splits, batch * hkv)](
         q, k, v, out, lse, o_part, lse_part, kind, vis, blk, doc, scale_log2,
-        *q.stride(), *k.stride(), *v.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         hq, hkv, group, lq, lk, rows, per_split,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=max(16, next_power_of_2(group * lq)),
         BLOCK_N=block_n, HAS_LAYOUT=meta is not None, UPCAST=triton_interpreted(),
         IEEE=q.dtype == torch.float32, ONE_SLICE=one_slice, num_warps=warps,
         num_stages=stages)
     if not one_slice:
-        _decode_combine[(rows,)](o_part, lse_part, out, lse, rows, splits, HEAD_DIM=d,
-                                 BLOCK_D=block_d, BLOCK_S=next_power_of_2(splits))
+        _decode_combine[(rows,)](o_part, lse_part, out, lse, rows, splits, hq, lq,
+                                 *out.stride(), HEAD_DIM=d, BLOCK_D=block_d,
+                                 BLOCK_S=next_power_of_2(splits))
     return out, lse

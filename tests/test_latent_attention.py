@@ -147,6 +147,21 @@ def test_each_kernel_has_its_own_tiles(monkeypatch, tiles, layout_kind, rng_seed
         check(*_inputs(2, 4, 2, 45, 71, 32, torch.float32), None)
 
 
+@pytest.mark.parametrize("lq", [1, 3, 40], ids=["decode-1", "decode-3", "flash"])
+def test_outputs_and_gradients_keep_the_inputs_memory_layout(lq, rng_seed):
+    """Hugging Face models hand over (B, L, H, D) memory viewed as (B, H, L, D) and transpose
+    the output back: in that layout the transpose is contiguous and costs no copy (as with
+    SDPA), and the gradients come back in their inputs' layouts. Values against the
+    reference, on the decode path and the flash path."""
+    layout = random_layout(2, 41, torch.Generator().manual_seed(rng_seed)).to(DEVICE)
+    q = torch.randn(2, lq, 4, 32, device=DEVICE).transpose(1, 2).requires_grad_()
+    k, v = (torch.randn(2, 41, 2, 32, device=DEVICE).transpose(1, 2).requires_grad_()
+            for _ in range(2))
+    out, (dq, dk, dv) = check(q, k, v, layout)
+    assert out.transpose(1, 2).is_contiguous()
+    assert (dq.stride(), dk.stride(), dv.stride()) == (q.stride(), k.stride(), v.stride())
+
+
 def _fallback_cases(seed):
     g = torch.Generator().manual_seed(seed)
     blind = LatentLayout.causal(2, 35, torch.ones(2, 35, dtype=torch.bool))
