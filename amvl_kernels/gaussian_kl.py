@@ -154,7 +154,10 @@ def _gaussian_kl_bwd_kernel(
     REV_TO_P: tl.constexpr,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
-    # Purely elementwise given the per-slot upstream gradients of the two KLs.
+    # Purely elementwise given the per-slot upstream gradients of the two KLs, so the column
+    # chunks of a row go to programs of their own (grid axis 1) instead of one program's loop:
+    # no serial chain of chunks, which bounds the latency of rows of a few thousand columns.
+    # The loop only takes over where the chunks outnumber grid axis 1's 65,535 programs.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     r64 = rows.to(tl.int64)[:, None]
@@ -164,7 +167,7 @@ def _gaussian_kl_bwd_kernel(
         g_fwd = tl.load(dkl_fwd_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
     if HAS_DKL_REV:
         g_rev = tl.load(dkl_rev_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
-    for start in range(0, d, BLOCK_D):
+    for start in range(tl.program_id(1) * BLOCK_D, d, tl.num_programs(1) * BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D)
         mask = row_ok[:, None] & (cols[None, :] < d)
         c64 = cols.to(tl.int64)[None, :]
@@ -216,6 +219,9 @@ def _gaussian_kl_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------- launchers
+
+
+MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1
 
 
 def _rows(t: Tensor | None, d: int) -> Tensor | None:
@@ -295,7 +301,7 @@ def _triton_backward(mu_q: Tensor, lv_q: Tensor, mu_p: Tensor | None, lv_p: Tens
     placeholder = mq
     has_fwd, has_rev = with_kl and grad_kl_fwd is not None, with_kl and grad_kl_rev is not None
     block_r, block_d, num_warps = _block_sizes(n_rows, d)
-    grid = (cdiv(n_rows, block_r),)
+    grid = (cdiv(n_rows, block_r), min(cdiv(d, block_d), MAX_GRID_Y))
     _gaussian_kl_bwd_kernel[grid](
         mq, lq, mp, lp, e if e is not None else placeholder,
         dz if dz is not None else placeholder,

@@ -273,8 +273,9 @@ def test_noise_statistics(backend):
 @pytest.mark.parametrize("d", [1, 6, 37])
 def test_triton_noise_does_not_depend_on_block_sizes(monkeypatch, d, rng_seed):
     """The noise is keyed by (seed, row, column): tiny blocks, which split rows and noise
-    groups across programs and loop over d, must reproduce the default launch bitwise, and a
-    row's noise must not depend on how many rows there are."""
+    groups across programs and loop over d (the backward's column chunks also over fewer
+    programs than chunks), must reproduce the default launch bitwise, and a row's noise must
+    not depend on how many rows there are."""
     module = importlib.import_module("amvl_kernels.gaussian_kl")
     mu_q, lv_q, mu_p, lv_p = make_inputs((5, d), torch.float32, requires_grad=True)
     seed = rng_seed
@@ -288,6 +289,9 @@ def test_triton_noise_does_not_depend_on_block_sizes(monkeypatch, d, rng_seed):
     z_tiny, g_tiny = run()
     assert torch.equal(z_default, z_tiny)
     assert torch.equal(g_default, g_tiny)
+    # More column chunks than backward programs along d: each program loops over several.
+    monkeypatch.setattr(module, "MAX_GRID_Y", 3)
+    assert torch.equal(g_default, run()[1])
     zeros = torch.zeros(2, d, device=DEVICE)
     head = ak.gaussian_sample(zeros, zeros, seed=seed, backend="triton")
     monkeypatch.undo()
