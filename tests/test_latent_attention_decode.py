@@ -28,11 +28,14 @@ def _slices_of(monkeypatch, per_split: int) -> None:
 @pytest.mark.parametrize("lq", [1, 3])
 @pytest.mark.parametrize("per_split", [1, 2, 5, 6], ids=lambda n: f"{n}-tiles-per-slice")
 def test_random_layouts_any_slicing(heads, lq, per_split, monkeypatch, rng_seed):
-    """83 keys are 6 tiles of 16 under the interpreter: 6, 3, 2 slices, or one (no merge)."""
+    """83 keys are 6 tiles of 16 under the interpreter: 6, 3, 2 slices, or one (no merge).
+    The queries come as Hugging Face models hand them over, (B, L, H, D) memory viewed as
+    (B, H, L, D), and the output is written in that layout, by the merge too."""
     _slices_of(monkeypatch, per_split)
     layout = random_layout(2, 83, torch.Generator().manual_seed(rng_seed)).to(DEVICE)
     assert decode.uses_decode(lq, heads[0] // heads[1])
-    check(*_inputs(2, *heads, lq, 83, 32, torch.float32), layout)
+    out, _ = check(*_inputs(2, *heads, lq, 83, 32, torch.float32, transposed=True), layout)
+    assert out.transpose(1, 2).is_contiguous()
 
 
 @pytest.mark.parametrize("lk", [1, 16, 50])
