@@ -22,19 +22,24 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def report() -> dict[str, tuple[str, str, str]]:
+def _report(arch: int) -> dict[str, tuple[str, ...]]:
+    """label -> (registers, spill bytes, shared memory bytes, wgmma, async copies, ld.b16)."""
     if torch.cuda.is_available():
         pytest.skip("on a GPU the kernel tests compile the kernels for the real device")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "scripts/kernel_resources.py"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, "scripts/kernel_resources.py", "--arch", str(arch)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     rows = {}
     for line in done.stdout.splitlines()[1:]:
         label, _, rest = line.partition("  ")
         rows[label.strip()] = tuple(rest.split()) if "FAILED" not in rest else ("FAILED",)
     return rows
+
+
+@pytest.fixture(scope="module")
+def report() -> dict[str, tuple[str, ...]]:
+    return _report(90)
 
 
 def test_every_kernel_compiles_for_sm90(report):
@@ -80,3 +85,19 @@ def test_bf16_attention_kernels_use_wgmma_pipelined_and_spill_no_tiles(report):
         assert int(narrow) == 0, (label, narrow)
         if spills != "-":
             assert int(spills) <= MAX_SCALAR_SPILL_BYTES, (label, spills)
+
+
+# The opt-in maximum of a block on sm_86 and sm_89 (RTX 30x0 / 40x0, A10, L4, L40): the least
+# of the GPUs the kernels take their non-Hopper tiles on (A100: 163 KB).
+SM86_SHARED_MEMORY_BYTES = 99 * 1024
+
+
+def test_every_kernel_fits_the_shared_memory_of_consumer_gpus():
+    """Compiled for sm_86, no kernel asks for more shared memory than a block can have there:
+    a launch would fail with OutOfResources. Tile choices for Hopper must not leak here."""
+    report = _report(86)
+    failed = [label for label, cells in report.items() if cells[0] == "FAILED"]
+    assert not failed, failed
+    too_big = {label: int(cells[2]) for label, cells in report.items()
+               if int(cells[2]) > SM86_SHARED_MEMORY_BYTES}
+    assert not too_big, too_big
