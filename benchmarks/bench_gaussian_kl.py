@@ -10,7 +10,10 @@ Reported per provider: median ms; ``graph_ms``, the same replayed from a CUDA gr
 without per-call host overhead, which dominates the smaller shapes); effective GB/s from the minimal bytes (each input read once,
 each output written once) and its share of the measured device copy bandwidth; peak memory
 above the inputs; activation memory, i.e. what the forward keeps alive for the backward beyond
-its outputs (the fused op keeps nothing: it regenerates the noise).
+its outputs (the fused op keeps nothing: it regenerates the noise). Before a row counts, each
+provider's result is checked against the float64 formulas (``max_err``, ``noise_sigmas``): the
+row is recorded, then the test fails if the result is wrong, so that no speed is reported for a
+broken kernel.
 
     python -m pytest benchmarks/bench_gaussian_kl.py --benchmark
 """
@@ -31,6 +34,14 @@ pytestmark = pytest.mark.skipif(
 SHAPES = [(4, 33)] if common.SMOKE else [(4096, 4096), (512, 3584), (65536, 256)]
 DTYPES = [torch.bfloat16, torch.float32]
 MODES = ["fwd", "fwd+bwd"]
+# Largest error (``common.max_scaled_error`` over the KLs and the gradients) a row may show. A
+# correct provider shows about the rounding of its outputs: eager PyTorch 4e-3 in bf16 at
+# 4096 x 4096 (on the CPU), 1e-7 in fp32; one wrong element (a wrong stride, a lost chunk, a
+# NaN) shows about 1.
+TOLERANCE = {torch.bfloat16: 3e-2, torch.float32: 1e-4}
+# The noise recovered from z must be standard normal: its mean and standard deviation within
+# this many standard errors of 0 and 1.
+NOISE_SIGMAS = 6.0
 
 
 def _eager(mu_q, lv_q, mu_p, lv_p):
@@ -66,6 +77,32 @@ def minimal_bytes(slots: int, d: int, dtype: torch.dtype, mode: str) -> int:
     return fwd + 9 * slots * d * elem + 2 * slots * 4
 
 
+def result_errors(outputs, inputs, grads, grad_outputs) -> dict[str, float]:
+    """How far a provider's result is from the float64 formulas of DESIGN.md section 2.
+
+    The providers draw different noise, so each one's noise is recovered from its z,
+    eps = (z - mu_q) * exp(-0.5 * logvar_q). ``noise_sigmas``: how many standard errors its
+    mean is from 0 and its standard deviation from 1 (the larger). ``max_err``: the largest
+    :func:`common.max_scaled_error` of the two KLs and, with ``grads``, of the four inputs'
+    gradients, against the float64 reference fed with that noise (of these only logvar_q's
+    gradient depends on it).
+    """
+    z, kl_fwd, kl_rev = (o.detach() for o in outputs)
+    x64 = [t.detach().double().requires_grad_(grads is not None) for t in inputs]
+    eps = (z.double() - x64[0].detach()) * torch.exp(-0.5 * x64[1].detach())
+    n = eps.numel()
+    noise_sigmas = max(abs(float(eps.mean())) * n ** 0.5,
+                       abs(float(eps.std()) - 1) * (2 * n) ** 0.5)
+    ref_z, ref_fwd, ref_rev = gaussian_sample_kl_torch(*x64, eps, 0)
+    errors = [common.max_scaled_error(kl_fwd, ref_fwd), common.max_scaled_error(kl_rev, ref_rev)]
+    if grads is not None:
+        ref_grads = torch.autograd.grad((ref_z, ref_fwd, ref_rev), x64,
+                                        [g.double() for g in grad_outputs])
+        errors += [common.max_scaled_error(g, r) for g, r in zip(grads, ref_grads)]
+    # torch's max keeps a NaN, Python's would drop it
+    return {"max_err": float(torch.tensor(errors).max()), "noise_sigmas": noise_sigmas}
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).removeprefix("torch."))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -85,9 +122,14 @@ def test_gaussian_kl(benchmark, bench_device, provider, shape, dtype, mode):
         return torch.autograd.grad(forward(), inputs, grad_outputs)
 
     run = forward if mode == "fwd" else forward_backward
+    outputs = forward()
+    grads = torch.autograd.grad(outputs, inputs, grad_outputs) if mode != "fwd" else None
+    errors = result_errors(outputs, inputs, grads, grad_outputs)
+    del outputs, grads
     median_ms = common.time_ms(run)
     effective = minimal_bytes(slots, d, dtype, mode) / median_ms / 1e6
     metrics = {
+        **errors,
         "GBps": effective,
         "pct_of_copy": 100 * effective / common.copy_bandwidth_gbs(),
         "peak_MB": common.peak_memory_bytes(run) / 2**20,
@@ -108,6 +150,8 @@ def test_gaussian_kl(benchmark, bench_device, provider, shape, dtype, mode):
     case = f"{mode} {str(dtype).removeprefix('torch.')} slots={slots} d={d}"
     common.record("gaussian_kl", case, provider, median_ms, **metrics)
     benchmark.extra_info.update(metrics, median_ms_cuda_events=median_ms)
+    assert errors["max_err"] <= TOLERANCE[dtype], f"{provider} is wrong on {case}: {errors}"
+    assert errors["noise_sigmas"] <= NOISE_SIGMAS, f"{provider}'s noise on {case}: {errors}"
 
     def synced():
         run()

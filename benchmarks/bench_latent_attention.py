@@ -13,7 +13,10 @@ Providers, side by side in one run on one device:
   plain causal attention, not our mask).
 
 Reported: median ms, TFLOP/s counting only attended (query, key) pairs (forward 4*D per pair
-and head; forward+backward 3.5x that, the usual flash-attention convention), peak memory.
+and head; forward+backward 3.5x that, the usual flash-attention convention), peak memory, and
+``max_err``: the provider's output (and gradients) on the first two heads against SDPA in
+float32 with the dense mask. The row is recorded, then the test fails if the result is wrong,
+so that no speed is reported for a broken kernel.
 
 A second comparison, ``test_decode_step``: one query over a KV cache (generation), ours against
 SDPA, plain and with left-padded rows (batched generation: a layout for ours, a boolean mask
@@ -43,6 +46,11 @@ HEADS, HEAD_DIM = (2, 32) if common.SMOKE else (16, 128)
 LAYOUTS = ["latent", "prefix"]
 MODES = ["fwd", "fwd+bwd"]
 PROVIDERS = ["amvl", "flex", "sdpa_dense", "sdpa_flash_causal"]
+# Largest ``common.max_scaled_error`` a row may show. bf16 rounding of the inputs' products and
+# of the outputs gives about 1e-2 at worst over millions of elements; a wrong tile (a mask
+# misread, a tile skipped) gives errors of order 1 in the rows it touches.
+TOLERANCE = {torch.bfloat16: 5e-2, torch.float32: 1e-4}
+CHECKED_HEADS = 2  # enough to catch a broken kernel; the reference is a dense-mask SDPA
 
 
 def build_layout(name: str, batch: int, length: int, device) -> ak.LatentLayout:
@@ -121,6 +129,25 @@ def make_provider(provider: str, layout: ak.LatentLayout, batch: int, length: in
     raise ValueError(provider)
 
 
+def result_error(fn, q, k, v, grad_out, layout: ak.LatentLayout, mode: str) -> float:
+    """The largest :func:`common.max_scaled_error` of a provider's output and, for
+    forward+backward, of dq, dk and dv, on the first heads, against SDPA in float32 with the
+    layout's dense mask."""
+    heads = slice(0, CHECKED_HEADS)
+    out = fn(q, k, v)
+    results = [out[:, heads]]
+    if mode != "fwd":
+        results += [g[:, heads] for g in torch.autograd.grad(out, (q, k, v), grad_out)]
+    ref_in = [t.detach()[:, heads].float().requires_grad_(mode != "fwd") for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*ref_in, attn_mask=layout.dense_mask()[:, None])
+    refs = [ref]
+    if mode != "fwd":
+        refs += torch.autograd.grad(ref, ref_in, grad_out[:, heads].float())
+    # torch's max keeps a NaN, Python's would drop it
+    return float(torch.tensor([common.max_scaled_error(a, r)
+                               for a, r in zip(results, refs)]).max())
+
+
 # Explicit order: the lengths the targets are about first, so a run cut short by a time limit
 # still has them (rows stream to $AMVL_BENCH_OUT/rows.jsonl as they are measured).
 CASES = [(provider, length, layout, mode) for length in SEQ_LENS for layout in LAYOUTS
@@ -148,15 +175,20 @@ def test_latent_attention(benchmark, bench_device, provider, length, layout_name
         return torch.autograd.grad(forward(), (q, k, v), grad_out)
 
     run = forward if mode == "fwd" else forward_backward
+    checked = provider != "sdpa_flash_causal"  # plain causal: not the layout's function
+    error = result_error(fn, q, k, v, grad_out, layout, mode) if checked else None
     median_ms = common.time_ms(run)
     flops = 4 * HEAD_DIM * HEADS * attended_pairs(counted, batch, length)
     if mode != "fwd":
         flops *= 3.5
     metrics = {"TFLOPs": flops / median_ms / 1e9,
                "peak_MB": common.peak_memory_bytes(run) / 2**20, **extra}
+    if checked:
+        metrics["max_err"] = error
     case = f"{mode} {layout_name} S={length} B={batch}"
     common.record("latent_attention", case, provider, median_ms, **metrics)
     benchmark.extra_info.update(metrics, median_ms_cuda_events=median_ms)
+    assert not checked or error <= TOLERANCE[dtype], f"{provider} is wrong on {case}: {error}"
 
     def synced():
         run()
@@ -205,10 +237,16 @@ def test_decode_step(benchmark, bench_device, provider, batch, length):
 
         def run():
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    seen = padding[:, None, None, :] if provider.endswith("padded") else None
+    reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=seen,
+                                               enable_gqa=True)  # float32
+    error = common.max_scaled_error(run(), reference)
     median_ms = common.time_ms(run)
     kv_bytes = 2 * k.numel() * k.element_size()
-    metrics = {"pct_of_copy": 100 * kv_bytes / median_ms / 1e6 / common.copy_bandwidth_gbs()}
+    metrics = {"pct_of_copy": 100 * kv_bytes / median_ms / 1e6 / common.copy_bandwidth_gbs(),
+               "max_err": error}
     case = f"decode Lq=1 Lk={length} B={batch} heads={hq}/{hkv}"
     common.record("latent_attention", case, provider, median_ms, **metrics)
     benchmark.extra_info.update(metrics, median_ms_cuda_events=median_ms)
+    assert error <= TOLERANCE[dtype], f"{provider} is wrong on {case}: {error}"
     benchmark.pedantic(run, rounds=3 if common.SMOKE else 10, warmup_rounds=1)

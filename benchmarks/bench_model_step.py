@@ -12,6 +12,8 @@ objective on the naive and the prefix-shared path, on SDPA with dense masks; "sh
 the prefix-shared path on the "amvl" attention (layouts, no dense masks: the Triton kernel on a
 GPU, SDPA with the causal rows split off on the CPU). Targets: shared <= 0.6x naive at both
 shapes; at the BLINK-style shape, shared <= 1.15x plain (its token count alone is 1.07x).
+The three AMVL providers compute the same loss from the same noise: each row records its
+``loss``, and the test fails when one is off (a broken path's speed means nothing).
 
     python -m pytest benchmarks/bench_model_step.py --benchmark
 """
@@ -74,10 +76,14 @@ def _batch(prefix: int, answer: int, vocab: int, device) -> dict:
 
 
 PROVIDERS = ("plain", "naive", "shared", "shared_amvl")
+# How far (relative) the shared paths' loss may be from the naive path's: bf16 rounding in
+# another order of operations moves it by about 1e-3; a wrong mask or position moves it more.
+LOSS_TOLERANCE = 1e-4 if not ON_GPU else 2e-2
 
 
-def _steps(base, tokenizer, prefix: int, answer: int, device) -> dict:
-    """One training-step closure per provider; each selects its attention first."""
+def _steps(base, tokenizer, prefix: int, answer: int, device) -> tuple[dict, dict]:
+    """One training-step closure per provider, each selecting its attention first, and the
+    loss of each AMVL provider."""
     import amvl_kernels.hf as akhf
 
     config = AMVLConfig(num_slots=K, latent_dim=64, kernel_backend="auto")
@@ -93,18 +99,23 @@ def _steps(base, tokenizer, prefix: int, answer: int, device) -> dict:
         base.set_attn_implementation("sdpa")
         return torch.autograd.grad(base(input_ids=ids, labels=labels).loss, base_params)
 
+    def latent_loss(share: bool, amvl_attention: bool) -> torch.Tensor:
+        if amvl_attention:
+            akhf.use_amvl_attention(base)
+        else:
+            base.set_attn_implementation("sdpa")
+        return model(**batch, seed=0, prefix_sharing=share).loss
+
     def latent(share: bool, amvl_attention: bool):
         def step():
-            if amvl_attention:
-                akhf.use_amvl_attention(base)
-            else:
-                base.set_attn_implementation("sdpa")
-            loss = model(**batch, seed=0, prefix_sharing=share).loss
+            loss = latent_loss(share, amvl_attention)
             return torch.autograd.grad(loss, params, allow_unused=True)
         return step
 
-    return {"plain": plain, "naive": latent(False, False), "shared": latent(True, False),
-            "shared_amvl": latent(True, True)}
+    paths = {"naive": (False, False), "shared": (True, False), "shared_amvl": (True, True)}
+    losses = {name: float(latent_loss(*path).detach()) for name, path in paths.items()}
+    steps = {"plain": plain, **{name: latent(*path) for name, path in paths.items()}}
+    return steps, losses
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -112,14 +123,18 @@ def _steps(base, tokenizer, prefix: int, answer: int, device) -> dict:
 def test_model_step(benchmark, bench_device, model_name, shape):
     base, tokenizer = _model(model_name)
     prefix, answer = SHAPES[shape]
-    steps = _steps(base, tokenizer, prefix, answer, bench_device)
+    steps, losses = _steps(base, tokenizer, prefix, answer, bench_device)
     # do_bench sizes its repeats from rep (ms): a step takes tens of ms on a GPU
     medians = common.time_ms_side_by_side(steps, warmup=100, rep=500, cpu_rounds=7)
     tokens = BATCH * (prefix + answer)
     case = f"{model_name} {shape} prefix={prefix} answer={answer} K={K} B={BATCH}"
     for provider in PROVIDERS:
         peak = common.peak_memory_bytes(steps[provider]) / 2**20
+        loss = {"loss": losses[provider]} if provider in losses else {}
         common.record("model_step", case, provider, medians[provider], peak_MB=peak,
-                      tokens_per_s=tokens / medians[provider] * 1e3)
+                      tokens_per_s=tokens / medians[provider] * 1e3, **loss)
     benchmark.extra_info.update(medians)
+    for provider in ("shared", "shared_amvl"):
+        off = abs(losses[provider] - losses["naive"]) / abs(losses["naive"])
+        assert off <= LOSS_TOLERANCE, f"{provider}'s loss is off by {off:.2e} on {case}: {losses}"
     benchmark.pedantic(steps["shared_amvl"], rounds=1, warmup_rounds=0)

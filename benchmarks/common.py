@@ -162,5 +162,15 @@ def copy_bandwidth_gbs() -> float:
     return _COPY_GBS
 
 
+def max_scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """The worst element's error, max |actual - expected| / (|expected| + rms(expected)), in
+    float64: relative to each element's own size, floored at the root mean square of
+    ``expected`` so that values near zero are not held to a relative bound. NaN or inf when
+    ``actual`` holds one, so that ``error <= tolerance`` fails then."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    scale = expected.abs() + expected.square().mean().sqrt()
+    return float(((actual - expected).abs() / scale).max())
+
+
 def rows_as_json() -> dict:
     return {"device": device_info(), "copy_GBps": _COPY_GBS, "rows": [asdict(r) for r in ROWS]}
