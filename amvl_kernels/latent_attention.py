@@ -9,6 +9,11 @@ Kernels, launchers and autograd in one file:
   atomics), and each tile is computed transposed (keys along axis 0).
 - ``_attention_bwd_dq``: one query tile per program, looping over the key tiles.
 
+The backward computes dq one of two ways (:func:`_dq_by_atomics`): by the dq kernel, which
+recomputes each tile's scores (7 tile matmuls per tile pair in all, deterministic), or inside
+the dk/dv kernel, which adds each tile's dq into an fp32 buffer with atomics (5 matmuls, as
+FlashAttention-2 does; the order of the additions varies from run to run).
+
 Every kernel walks only the tiles that the layout's :class:`~amvl_kernels.layout.TileMap`
 marks non-empty, in two branch-free loops over index lists (FULL tiles without mask
 arithmetic, then PARTIAL tiles with the rule), so the compiler can pipeline the tile loads.
@@ -169,15 +174,17 @@ def _attention_bwd_delta(O, DO, DELTA, ROWS, HQ, LQ, s_ob, s_oh, s_om, s_od,
 @triton.jit
 def _dkdv_tile(k, v, dk, dv, offs_n, kind_j, blk_j, doc_j, q_base, do_base, row_base,
                m_tile, offs_d, d_ok, s_qm, s_qd, s_dm, s_dd, LSE, DELTA, LQ, LK, scale_log2,
-               VIS, BLK, DOC, meta_row,
-               BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_LAYOUT: tl.constexpr,
-               UPCAST: tl.constexpr, IEEE: tl.constexpr):
+               VIS, BLK, DOC, meta_row, dq_acc_base,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+               HAS_LAYOUT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+               DQ_ATOMIC: tl.constexpr):
     """One query tile's contribution to the dk, dv of a key tile.
 
     Computed transposed, keys along axis 0: P^T = exp(K Q^T - lse) and dS^T come out of
     their matmuls in the orientation the next matmuls (P^T dO, dS^T Q) take as left operand,
     so no computed tile is ever transposed (a transpose would cost a trip through shared
-    memory per tile).
+    memory per tile). With ``DQ_ATOMIC`` the tile's dq, dS K (unscaled), is added into the
+    fp32 rows at ``dq_acc_base`` (vectorised reductions, no return value to wait for).
     """
     offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < LQ
@@ -203,13 +210,17 @@ def _dkdv_tile(k, v, dk, dv, offs_n, kind_j, blk_j, doc_j, q_base, do_base, row_
         p_t = tl.where(ok, p_t, 0.0)
     dv += tile_dot(p_t.to(do.dtype), do, IEEE)
     ds_t = p_t * (tile_dot(v, tl.trans(do), IEEE) - delta[None, :])
-    dk += tile_dot(ds_t.to(q.dtype), q, IEEE)
+    ds_t = ds_t.to(q.dtype)
+    dk += tile_dot(ds_t, q, IEEE)
+    if DQ_ATOMIC:
+        tl.atomic_add(dq_acc_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+                      tile_dot(tl.trans(ds_t), k, IEEE), mask=q_ok, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _attention_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KIND, VIS, BLK, DOC,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, KIND, VIS, BLK, DOC,
     COL_FULL, COL_FULL_COUNT, COL_PARTIAL, COL_PARTIAL_COUNT,
     scale, scale_log2,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
@@ -217,7 +228,7 @@ def _attention_bwd_dkdv(
     HQ, HKV, GROUP, LQ, LK, N_M, N_N,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_LAYOUT: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, DQ_ATOMIC: tl.constexpr,
 ):
     # Grid (B * Hkv, key tiles): every head's first key tiles, which causal queries see the
     # most, start first.
@@ -269,6 +280,7 @@ def _attention_bwd_dkdv(
         q_base = Q + b.to(tl.int64) * s_qb + h * s_qh
         do_base = DO + b.to(tl.int64) * s_db + h * s_dh
         row_base = (b.to(tl.int64) * HQ + h) * LQ
+        dq_acc_base = DQ_ACC + row_base * HEAD_DIM  # (B, Hq, Lq, D) fp32, contiguous
         for it in range(0, m_full):
             if HAS_LAYOUT:
                 m_tile = tl.load(COL_FULL + base + it)
@@ -277,7 +289,8 @@ def _attention_bwd_dkdv(
             dk, dv = _dkdv_tile(k, v, dk, dv, offs_n, kind_j, blk_j, doc_j, q_base, do_base,
                                 row_base, m_tile, offs_d, d_ok, s_qm, s_qd, s_dm,
                                 s_dd, LSE, DELTA, LQ, LK, scale_log2, VIS, BLK, DOC, meta_row,
-                                BLOCK_M, False, HAS_LAYOUT, UPCAST, IEEE)
+                                dq_acc_base, HEAD_DIM, BLOCK_M, False, HAS_LAYOUT, UPCAST,
+                                IEEE, DQ_ATOMIC)
         for it in range(0, m_partial):
             if HAS_LAYOUT:
                 m_tile = tl.load(COL_PARTIAL + base + it)
@@ -286,7 +299,8 @@ def _attention_bwd_dkdv(
             dk, dv = _dkdv_tile(k, v, dk, dv, offs_n, kind_j, blk_j, doc_j, q_base, do_base,
                                 row_base, m_tile, offs_d, d_ok, s_qm, s_qd, s_dm,
                                 s_dd, LSE, DELTA, LQ, LK, scale_log2, VIS, BLK, DOC, meta_row,
-                                BLOCK_M, True, HAS_LAYOUT, UPCAST, IEEE)
+                                dq_acc_base, HEAD_DIM, BLOCK_M, True, HAS_LAYOUT, UPCAST,
+                                IEEE, DQ_ATOMIC)
     out = b.to(tl.int64) * s_tb + hk * s_th + offs_n[:, None] * s_tn + offs_d[None, :] * s_td
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_ok)
@@ -362,7 +376,7 @@ def _attention_bwd_dq(
 # ----------------------------------------------------------------------------- launchers
 
 
-KERNELS = ("forward", "dkdv", "dq")
+KERNELS = ("forward", "dkdv", "dq", "dkdv+dq")
 
 
 @torch.compiler.assume_constant_result  # evaluated while torch.compile traces, not graphed
@@ -378,7 +392,8 @@ def _device_arch(device: torch.device) -> tuple[int, int]:
 def _tile_config(head_dim: int, dtype: torch.dtype, kernel: str, arch: tuple[int, int]
                  ) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel``, one of :data:`KERNELS`, on a
-    GPU of compute capability ``arch``.
+    GPU of compute capability ``arch``. "dkdv+dq" is the dk/dv kernel when it also adds dq
+    with atomics (:func:`_dq_by_atomics`).
 
     The dk/dv and dq kernels of the backward have their own tiles (each gets its own tile
     map), since they walk the score matrix in different directions: dk/dv holds BLOCK_N keys
@@ -407,9 +422,36 @@ def _tile_config(head_dim: int, dtype: torch.dtype, kernel: str, arch: tuple[int
         # 64x64 tiles of the first GPU runs our backward took 2.3x its time. Compiled for
         # sm_90 at d = 128, dk/dv spills 20-48 bytes a thread: loop scalars, not tile data
         # (its accumulators and the held K and V take 192 of the 255 registers).
+        if kernel == "dkdv+dq":
+            # A dq tile of 64 x d fp32 more: with 128 keys held it spills 144-232 bytes at
+            # d = 128 (sm_90); with 64, none.
+            return 64, 64, 8, 3
         return (64, 128, 8, 3) if kernel == "dkdv" else (128, 64, 8, 3)
     # Up to 163 KB (A100) or 99 KB (consumer GPUs) of shared memory a block.
     return (64, 64, 8, 2) if head_dim > 64 else (64, 64, 4, 2)
+
+
+def _dq_in_dkdv(head_dim: int, dtype: torch.dtype, arch: tuple[int, int]) -> bool:
+    """Whether the dk/dv kernel computes dq too, with atomics, on a GPU of compute capability
+    ``arch`` (else the dq kernel does, recomputing the scores).
+
+    Not yet: whether 5 matmuls a tile pair plus fp32 reductions into L2 beat 7 matmuls has not
+    been measured (``scripts/tune_latent_attention.py`` times both).
+    """
+    return False
+
+
+@torch.compiler.assume_constant_result  # evaluated while torch.compile traces, not graphed
+def _dq_by_atomics(head_dim: int, dtype: torch.dtype, arch: tuple[int, int]) -> bool:
+    """:func:`_dq_in_dkdv`, except under ``torch.use_deterministic_algorithms(True)``: the
+    order of the atomic additions varies from run to run, and with it dq's last bits."""
+    return (_dq_in_dkdv(head_dim, dtype, arch)
+            and not torch.are_deterministic_algorithms_enabled())
+
+
+def _dkdv_kernel(head_dim: int, dtype: torch.dtype, arch: tuple[int, int]) -> str:
+    """The name in :data:`KERNELS` of the dk/dv kernel the backward runs."""
+    return "dkdv+dq" if _dq_by_atomics(head_dim, dtype, arch) else "dkdv"
 
 
 def _block_d(head_dim: int) -> int:
@@ -428,8 +470,11 @@ def _tile_tensors(layout: LatentLayout | None, lq: int, group: int, head_dim: in
     if layout is None:
         return []
     decode = uses_decode(lq, group)
-    kernels = ("forward", "dq", "dkdv") if backward else () if decode else ("forward",)
     arch = _device_arch(device)
+    # The dq map is built even when the dk/dv kernel computes dq: the list keeps its shape,
+    # and on Hopper the dq and forward tiles are the same, hence the same cached map.
+    kernels = (("forward", "dq", _dkdv_kernel(head_dim, dtype, arch)) if backward
+               else () if decode else ("forward",))
     tiles = tuple(_tile_config(head_dim, dtype, kernel, arch)[:2] for kernel in kernels)
 
     def build() -> list[Tensor]:
@@ -437,7 +482,7 @@ def _tile_tensors(layout: LatentLayout | None, lq: int, group: int, head_dim: in
         for shape, kernel in zip(tiles, kernels):
             tile_map = layout.tile_map(lq, *shape)
             lists += ([tile_map.col_full, tile_map.col_full_count, tile_map.col_partial,
-                       tile_map.col_partial_count] if kernel == "dkdv" else
+                       tile_map.col_partial_count] if kernel.startswith("dkdv") else
                       [tile_map.row_full, tile_map.row_full_count, tile_map.row_partial,
                        tile_map.row_partial_count])
         return [t.to(device) for t in lists]
@@ -452,7 +497,9 @@ def _check_tile_lists(lists: list[Tensor], shape: tuple[int, int, int], kernel: 
     if lists and tuple(lists[0].shape) != shape:
         raise RuntimeError(f"the {kernel} kernel was handed a tile map of shape "
                            f"{tuple(lists[0].shape)}, expected {shape}: tile maps and tile "
-                           "sizes must come from the same _tile_config")
+                           "sizes must come from the same _tile_config (did "
+                           "torch.use_deterministic_algorithms change between the forward "
+                           "and the backward?)")
 
 
 def _meta_args(tiles: list[Tensor], dummy: Tensor) -> tuple[Tensor, ...]:
@@ -518,12 +565,19 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
                     IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
         return cdiv(lq, bm), cdiv(lk, bn), meta
 
-    n_m, n_n, meta = launch_args("dkdv")
+    dkdv_kernel = _dkdv_kernel(d, q.dtype, arch)
+    atomic = dkdv_kernel == "dkdv+dq"
+    dq_acc = torch.zeros((batch, hq, lq, d), dtype=torch.float32, device=q.device) if atomic \
+        else delta  # a stand-in pointer, never read
+    n_m, n_n, meta = launch_args(dkdv_kernel)
     _check_tile_lists(tiles[9:13], (batch, n_n, n_m), "dk/dv")
     _attention_bwd_dkdv[(batch * hkv, n_n)](
-        q, k, v, grad_out, lse, delta, dk, dv, kind, vis, blk, doc, *cols,
+        q, k, v, grad_out, lse, delta, dk, dv, dq_acc, kind, vis, blk, doc, *cols,
         scale, scale * _LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
-        *_strides(dk), hq, hkv, hq // hkv, lq, lk, n_m, n_n, **meta)
+        *_strides(dk), hq, hkv, hq // hkv, lq, lk, n_m, n_n, DQ_ATOMIC=atomic, **meta)
+    if atomic:  # scaled and rounded in one pass, into q's memory layout
+        torch.mul(dq_acc, scale, out=dq)
+        return dq, dk, dv
     n_m, n_n, meta = launch_args("dq")
     _check_tile_lists(tiles[5:9], (batch, n_m, n_n), "dq")
     _attention_bwd_dq[(batch * hq, n_m)](

@@ -92,10 +92,13 @@ def gaussian_launches(rows: int, d: int, dtype: torch.dtype) -> list:
 
 
 def attention_launches(batch: int, heads: int, length: int, head_dim: int,
-                       dtype: torch.dtype, with_layout: bool) -> list:
+                       dtype: torch.dtype, with_layout: bool, dq_atomic: bool = False) -> list:
     """The launches of one forward and one backward, plain causal or with a latent block
-    (tile classifier included)."""
+    (tile classifier included); with ``dq_atomic``, the backward whose dk/dv kernel adds dq
+    with atomics."""
     q, k, v = (torch.zeros(batch, heads, length, head_dim, dtype=dtype) for _ in range(3))
+    chooser = la._dq_in_dkdv
+    la._dq_in_dkdv = lambda *args: dq_atomic
     with recorded_launches() as calls:
         tiles = []
         if with_layout:
@@ -104,6 +107,7 @@ def attention_launches(batch: int, heads: int, length: int, head_dim: int,
                                      length, 1, head_dim, dtype, q.device)
         out, lse = la._forward(q, k, v, tiles, 1.0 / math.sqrt(head_dim))
         la._backward(out, q, k, v, out, lse, tiles, 1.0 / math.sqrt(head_dim))
+    la._dq_in_dkdv = chooser
     return calls
 
 
@@ -127,7 +131,8 @@ def decode_launches(batch: int, heads: tuple[int, int], length: int, head_dim: i
 
 def variants():
     """(kernel, label, args, kwargs) of the real launches at benchmark shapes: the Gaussian
-    op's, attention in bf16 at d = 64, 128, 256 and in fp32 at d = 64, and decoding."""
+    op's, attention in bf16 at d = 64, 128, 256 and in fp32 at d = 64 (and the dk/dv kernel
+    that adds dq with atomics, bf16 at d = 64 and 128), and decoding."""
     for rows, d in [(4096, 4096), (512, 3584), (65536, 256)]:
         for fn, args, kwargs in gaussian_launches(rows, d, torch.bfloat16):
             kind = "fwd" if fn is gaussian_kl._gaussian_kl_fwd_kernel else "bwd"
@@ -152,6 +157,14 @@ def variants():
                 tile = f"{kwargs['BLOCK_M']}x{kwargs['BLOCK_N']}"
                 yield (fn, f"attention {name} d={head_dim} {data} {tile} "
                            f"{'layout' if with_layout else 'causal'}", args, kwargs)
+            if dtype != torch.bfloat16 or head_dim > 128:
+                continue
+            for fn, args, kwargs in attention_launches(1, 4, 4096, head_dim, dtype,
+                                                       with_layout, dq_atomic=True):
+                if fn is la._attention_bwd_dkdv:  # the other launches are the same as above
+                    tile = f"{kwargs['BLOCK_M']}x{kwargs['BLOCK_N']}"
+                    yield (fn, f"attention dkdv+dq d={head_dim} {data} {tile} "
+                               f"{'layout' if with_layout else 'causal'}", args, kwargs)
     for head_dim in (64, 128):  # one query per head over 4k keys, GQA 28 / 4
         for with_layout in (False, True):
             for fn, args, kwargs in decode_launches(1, (28, 4), 4096, head_dim, torch.bfloat16,

@@ -49,6 +49,6 @@ def test_tile_tuning_script_runs(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads((tmp_path / "tune.json").read_text())["results"]
     assert sorted((row["kernel"], str(row["tiles"])) for row in rows) == sorted(
-        (kernel, tiles) for kernel in ("forward", "dkdv", "dq")
+        (kernel, tiles) for kernel in ("forward", "dkdv", "dkdv+dq", "dq")
         for tiles in ("default", "[32, 16, 1, 1]"))
     assert all(not row["failure"] and row["max_rel_err"] < 1e-5 for row in rows), rows

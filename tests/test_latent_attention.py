@@ -147,6 +147,72 @@ def test_each_kernel_has_its_own_tiles(monkeypatch, tiles, layout_kind, rng_seed
         check(*_inputs(2, 4, 2, 45, 71, 32, torch.float32), None)
 
 
+class _LaunchCounter:
+    """Stands in for a jitted kernel and counts its launches (then launches it)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def dq_kernel(monkeypatch):
+    """The attention module with dq computed by the dk/dv kernel (atomics) when allowed, and
+    its dq kernel's launches counted."""
+    import importlib
+
+    module = importlib.import_module("amvl_kernels.latent_attention")
+    monkeypatch.setattr(module, "_dq_in_dkdv", lambda head_dim, dtype, arch: True)
+    counter = _LaunchCounter(module._attention_bwd_dq)
+    monkeypatch.setattr(module, "_attention_bwd_dq", counter)
+    return counter
+
+
+@pytest.mark.parametrize("case", ["causal-gqa-kv-cache", "random-layout", "bf16", "blind-rows",
+                                  "transposed-d80"])
+def test_dq_added_by_the_dkdv_kernel(dq_kernel, case, rng_seed):
+    """The other way to dq: the dk/dv kernel adds each tile's share into an fp32 buffer with
+    atomics, and the dq kernel never runs. Same criterion against the reference."""
+    if case == "causal-gqa-kv-cache":
+        check(*_inputs(2, 4, 2, 29, 45, 32, torch.float32), None)
+    elif case == "random-layout":
+        layout = random_layout(2, 53, torch.Generator().manual_seed(rng_seed)).to(DEVICE)
+        check(*_inputs(2, 6, 2, 40, 53, 32, torch.float32), layout)
+    elif case == "bf16":
+        layout = LatentLayout.with_latent_blocks(45, [[(10, 7)], [(3, 5), (30, 9)]]).to(DEVICE)
+        check(*_inputs(2, 4, 2, 45, 45, 64, torch.bfloat16), layout)
+    elif case == "blind-rows":
+        layout = LatentLayout.causal(2, 35, torch.ones(2, 35, dtype=torch.bool)).to(DEVICE)
+        blind = layout.visible_kinds.clone()
+        blind[1, 2:20] = 0
+        layout = LatentLayout.from_tensors(layout.segment_kind, blind, layout.block_id)
+        _, (dq, _, _) = check(*_inputs(2, 2, 1, 35, 35, 16, torch.float32), layout)
+        assert torch.count_nonzero(dq[1, :, 2:20]) == 0
+    else:  # Hugging Face's memory layout: dq is written back into it
+        layout = LatentLayout.prefix_sharing([13, 20], [9, 4], num_slots=4).to(DEVICE)
+        q, k, v = _inputs(2, 2, 1, layout.length, layout.length, 80, torch.float32,
+                          transposed=True)
+        _, (dq, _, _) = check(q, k, v, layout)
+        assert dq.stride() == q.stride()
+    assert dq_kernel.launches == 0
+
+
+def test_deterministic_algorithms_keep_dq_off_atomics(dq_kernel, rng_seed):
+    """Under torch.use_deterministic_algorithms the dq kernel runs even where atomics would
+    be chosen: the order of atomic additions varies between runs."""
+    layout = LatentLayout.with_latent_blocks(40, [[(25, 6)], [(5, 8)]]).to(DEVICE)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # cuBLAS would raise otherwise
+    try:
+        check(*_inputs(2, 4, 2, 40, 40, 32, torch.float32), layout)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert dq_kernel.launches == 1
+
+
 @pytest.mark.parametrize("lq", [1, 3, 40], ids=["decode-1", "decode-3", "flash"])
 def test_outputs_and_gradients_keep_the_inputs_memory_layout(lq, rng_seed):
     """Hugging Face models hand over (B, L, H, D) memory viewed as (B, H, L, D) and transpose
