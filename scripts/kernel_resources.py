@@ -12,6 +12,12 @@ it accepts but the compiler rejects would otherwise surface only on a GPU; ``--c
 any compile failure into a non-zero exit (a test runs it).
 
     python scripts/kernel_resources.py [--arch 90] [--check]
+
+With the GPU machine's Triton (3.6 there, 3.9 here), in a throwaway venv, to see what its
+compiler makes of the kernels before a lease (both wheels lie on our machines' disk):
+
+    python -m venv /tmp/v36 && /tmp/v36/bin/pip install torch==2.13.0 triton==3.6.0 "numpy<2.3"
+    /tmp/v36/bin/python scripts/kernel_resources.py
 """
 
 from __future__ import annotations
