@@ -6,6 +6,8 @@ prefix-sharing training layout [x | P | y | Q] with K = 16 and prefix:answer 4:1
 
 Providers, side by side in one run on one device:
 - ``amvl``: our Triton kernels (:func:`amvl_kernels.latent_attention`);
+- ``amvl_dq_atomic`` (forward+backward only): the same with dq added by the dk/dv kernel with
+  atomics instead of the dq kernel (``_dq_in_dkdv``), so that one run tells which is faster;
 - ``flex``: FlexAttention, compiled, with the same rule as a ``mask_mod`` (its block mask is
   built once, outside the timing; the build time is reported as ``mask_build_ms``);
 - ``sdpa_dense``: SDPA with the dense boolean mask;
@@ -27,6 +29,8 @@ for SDPA), as the share of the copy bandwidth spent reading K and V.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import time
 
 import pytest
@@ -45,7 +49,7 @@ SEQ_LENS = [64] if common.SMOKE else [4096, 16384, 1024]  # the targets' lengths
 HEADS, HEAD_DIM = (2, 32) if common.SMOKE else (16, 128)
 LAYOUTS = ["latent", "prefix"]
 MODES = ["fwd", "fwd+bwd"]
-PROVIDERS = ["amvl", "flex", "sdpa_dense", "sdpa_flash_causal"]
+PROVIDERS = ["amvl", "amvl_dq_atomic", "flex", "sdpa_dense", "sdpa_flash_causal"]
 # Largest ``common.max_scaled_error`` a row may show. bf16 rounding of the inputs' products and
 # of the outputs gives about 1e-2 at worst over millions of elements; a wrong tile (a mask
 # misread, a tile skipped) gives errors of order 1 in the rows it touches.
@@ -92,9 +96,22 @@ def flex_mask_mod(b, h, q_idx, kv_idx):
 _flex_compiled = None
 
 
+@contextlib.contextmanager
+def dq_by_atomics(enabled: bool):
+    """While open, the backward computes dq in the dk/dv kernel (atomics) when ``enabled``,
+    else by the dq kernel: both the forward, which builds the tile maps, and the backward."""
+    module = importlib.import_module("amvl_kernels.latent_attention")
+    chooser = module._dq_in_dkdv
+    module._dq_in_dkdv = lambda *_: enabled
+    try:
+        yield
+    finally:
+        module._dq_in_dkdv = chooser
+
+
 def make_provider(provider: str, layout: ak.LatentLayout, batch: int, length: int, device):
     """(fn(q, k, v) -> out, extra metrics, the layout whose pairs count as work)."""
-    if provider == "amvl":
+    if provider in ("amvl", "amvl_dq_atomic"):
         return (lambda q, k, v: ak.latent_attention(q, k, v, layout)), {}, layout
     if provider == "flex":
         global _flex_compiled
@@ -151,7 +168,8 @@ def result_error(fn, q, k, v, grad_out, layout: ak.LatentLayout, mode: str) -> f
 # Explicit order: the lengths the targets are about first, so a run cut short by a time limit
 # still has them (rows stream to $AMVL_BENCH_OUT/rows.jsonl as they are measured).
 CASES = [(provider, length, layout, mode) for length in SEQ_LENS for layout in LAYOUTS
-         for mode in MODES for provider in PROVIDERS]
+         for mode in MODES for provider in PROVIDERS
+         if not (provider == "amvl_dq_atomic" and mode == "fwd")]  # the same forward
 
 
 @pytest.mark.parametrize("provider,length,layout_name,mode", CASES,
@@ -159,6 +177,13 @@ CASES = [(provider, length, layout, mode) for length in SEQ_LENS for layout in L
 def test_latent_attention(benchmark, bench_device, provider, length, layout_name, mode):
     if provider == "flex" and mode != "fwd" and bench_device.type != "cuda":
         pytest.skip("FlexAttention has no backward on the CPU")
+    with dq_by_atomics(provider == "amvl_dq_atomic"):
+        measure(benchmark, bench_device, provider, length, layout_name, mode)
+
+
+def measure(benchmark, bench_device, provider: str, length: int, layout_name: str,
+            mode: str) -> None:
+    """Check one provider's result on one case, then time it and record the row."""
     batch = max(1, TOKENS // length)
     dtype = torch.bfloat16 if bench_device.type == "cuda" else torch.float32
     layout = build_layout(layout_name, batch, length, bench_device)
