@@ -5,11 +5,12 @@ so is "dkdv+dq", the dk/dv kernel that also adds dq with atomics (no dq kernel t
 tells whether the backward should compute dq that way (``_dq_in_dkdv``):
 every configuration (BLOCK_M, BLOCK_N, num_warps, num_stages) is checked against the PyTorch
 reference (relative error) and timed forward+backward at the benchmark's target shape (bf16,
-d=128, 16 heads, S=4096, B=4, one latent block). Print-out: per kernel, one line per
-configuration as it is measured (and saved to --json: a sweep cut short keeps its results),
-then fastest first. Use the winners in ``_tile_config``.
+d=128 unless --head-dim says otherwise, 16 heads, S=4096, B=4, one latent block). Print-out:
+per kernel, one line per configuration as it is measured (and saved to --json: a sweep cut
+short keeps its results), then fastest first. Use the winners in ``_tile_config``.
 
     python scripts/tune_latent_attention.py            # on a GPU
+    python scripts/tune_latent_attention.py --head-dim 64   # Qwen2-0.5B's heads
     TRITON_INTERPRET=1 python scripts/tune_latent_attention.py --smoke   # harness check, CPU
 """
 
@@ -64,10 +65,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, CPU interpreter")
     parser.add_argument("--json", help="also write every result to this JSON file")
+    parser.add_argument("--head-dim", type=int, default=128,
+                        help="head dim of the sweep (128: the benchmark's; 64: Qwen2-0.5B's)")
     args = parser.parse_args()
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    b, h, s, d = (1, 2, 40, 32) if args.smoke else (4, 16, 4096, 128)
+    b, h, s, d = (1, 2, 40, 32) if args.smoke else (4, 16, 4096, args.head_dim)
     layout = ak.LatentLayout.with_latent_blocks(s, [[(int(0.75 * s), min(64, s // 4))]] * b)
     layout = layout.to(device)
     torch.manual_seed(0)
@@ -88,7 +91,8 @@ def main() -> None:
         rows = [{"kernel": kernel, "fwd_bwd_ms": ms if math.isfinite(ms) else None,
                  "tiles": list(chosen) if chosen else "default", "max_rel_err": err,
                  "failure": failure} for kernel, ms, chosen, err, failure in results]
-        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name()
+        Path(args.json).write_text(json.dumps({"head_dim": d,
+                                               "device": torch.cuda.get_device_name()
                                                if torch.cuda.is_available() else "cpu",
                                                "torch": torch.__version__,
                                                "triton": triton.__version__,
