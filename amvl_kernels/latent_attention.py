@@ -381,10 +381,12 @@ KERNELS = ("forward", "dkdv", "dq", "dkdv+dq")
 
 @torch.compiler.assume_constant_result  # evaluated while torch.compile traces, not graphed
 def _device_arch(device: torch.device) -> tuple[int, int]:
-    """Compute capability of a CUDA device, (0, 0) for others (under the interpreter, whose
-    tiles do not depend on it). ``scripts/kernel_resources.py``, which records launches on
+    """Compute capability of an NVIDIA GPU, (0, 0) for other devices (under the interpreter,
+    whose tiles do not depend on it). ``scripts/kernel_resources.py``, which records launches on
     CPU tensors without running them, replaces this function with its target's."""
-    if device.type != "cuda":
+    if device.type != "cuda" or torch.version.hip is not None:
+        # ROCm GPUs also answer as "cuda", with capabilities such as (9, 4) for an MI300:
+        # not a Hopper and its 228 KB of shared memory. They get the general tiles.
         return 0, 0
     return torch.cuda.get_device_capability(device)
 

@@ -147,6 +147,20 @@ def test_each_kernel_has_its_own_tiles(monkeypatch, tiles, layout_kind, rng_seed
         check(*_inputs(2, 4, 2, 45, 71, 32, torch.float32), None)
 
 
+def test_rocm_gpus_do_not_pass_for_hopper(monkeypatch):
+    """ROCm builds of torch call AMD GPUs "cuda" and report capabilities such as (9, 4) for
+    an MI300: the tile choice must not read that as a Hopper (228 KB of shared memory)."""
+    import importlib
+
+    module = importlib.import_module("amvl_kernels.latent_attention")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 4))
+    monkeypatch.setattr(torch.version, "hip", "6.2.0")
+    assert module._device_arch(torch.device("cuda")) == (0, 0)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert module._device_arch(torch.device("cuda")) == (9, 4)
+    assert module._device_arch(torch.device("cpu")) == (0, 0)
+
+
 class _LaunchCounter:
     """Stands in for a jitted kernel and counts its launches (then launches it)."""
 
