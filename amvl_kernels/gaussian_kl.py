@@ -260,6 +260,12 @@ def _acc_dtype(*tensors: Tensor | None) -> tl.dtype:
     return tl.float64 if compute_dtype(*tensors) == torch.float64 else tl.float32
 
 
+def _fast_math() -> bool:
+    """Whether the noise may use libdevice's approximate log, sine and cosine: on NVIDIA GPUs
+    only. The interpreter cannot call libdevice, and ROCm's has no ``fast_`` functions."""
+    return not triton_interpreted() and torch.version.hip is None
+
+
 def _triton_forward(mu_q: Tensor, lv_q: Tensor, mu_p: Tensor | None, lv_p: Tensor | None,
                     eps: Tensor | None, seed: int) -> tuple[Tensor, Tensor, Tensor]:
     d = mu_q.shape[-1]
@@ -280,7 +286,7 @@ def _triton_forward(mu_q: Tensor, lv_q: Tensor, mu_p: Tensor | None, lv_p: Tenso
         z, kl_fwd, kl_rev, n_rows, d, seed,
         *_strides(mq), *_strides(lq), *_strides(mp), *_strides(lp), *_strides(e),
         HAS_EPS=e is not None, WITH_KL=with_kl, ACC=_acc_dtype(mu_q, eps),
-        BLOCK_R=block_r, BLOCK_D=block_d, FAST_MATH=not triton_interpreted(),
+        BLOCK_R=block_r, BLOCK_D=block_d, FAST_MATH=_fast_math(),
         num_warps=num_warps,
     )
     return z, kl_fwd, kl_rev
@@ -321,7 +327,7 @@ def _triton_backward(mu_q: Tensor, lv_q: Tensor, mu_p: Tensor | None, lv_p: Tens
         REV_TO_Q=has_rev and rev_grad in ("q", "both"),
         REV_TO_P=has_rev and rev_grad in ("p", "both"),
         ACC=_acc_dtype(mu_q, eps), BLOCK_R=block_r, BLOCK_D=block_d,
-        FAST_MATH=not triton_interpreted(), num_warps=num_warps,
+        FAST_MATH=_fast_math(), num_warps=num_warps,
     )
     return [g for g in grads if g is not None]
 
