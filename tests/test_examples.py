@@ -38,18 +38,18 @@ def test_drop_in_example_trains_on_the_amvl_attention():
     fallbacks = [str(w.message) for w in caught if "'amvl' attention" in str(w.message)]
     assert not fallbacks, fallbacks
     assert abs(history[0]["nll"] - math.log(10)) < 0.1
-    assert history[-1]["nll"] < 1.0, history[-1]  # seed 0 reaches 0.06 (0.06-0.22 over seeds)
+    assert history[-1]["nll"] < 1.0, history[-1]  # seed 0 reaches 0.04 (0.03-0.04 over seeds)
     assert all(math.isfinite(v) for row in history for v in row.values())
 
 
 def test_elbo_leaks_unpredictable_answers_into_z_and_amvl_does_not():
     """The mechanism AMVL is for, on answers the question says nothing about: at the same KL
     weight, the ELBO's posterior puts the answer into z (decoding from its latent means is
-    right far above chance), AMVL's reverse KL keeps it out. Seed 1: ELBO 1.00, AMVL 0.09
-    (over seeds 0-4 AMVL's posterior accuracy is 0.09-0.67 against ELBO's 1.00)."""
+    right far above chance), AMVL's reverse KL keeps it out. Beta 0.1, seed 1: ELBO 1.00,
+    AMVL 0.09 (over seeds 0-4: ELBO 1.00 throughout, AMVL 0.09-0.16)."""
     drop_in = _drop_in()
     accuracy = {objective: drop_in.leakage(drop_in.train(300, seed=1, objective=objective,
-                                                         random_answers=True)[0])
+                                                         beta=0.1, random_answers=True)[0])
                 for objective in ("elbo", "amvl")}
     for side in accuracy.values():
         assert side["prior"] < 0.2, accuracy  # chance is 0.1: nothing to know from x
