@@ -102,7 +102,8 @@ def draw(batch: int, random_answers: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train(steps: int = 400, batch: int = 32, seed: int = 0, objective: str = "amvl",
           beta: float = 0.5, random_answers: bool = False) -> tuple[Toy, list[dict]]:
-    """Train a fresh toy; returns it and each step's loss, answer NLL and mean KLs.
+    """Train a fresh toy; returns it and each step's loss, answer NLL and KLs (per example,
+    summed over the slots; batch means).
 
     ``objective`` "amvl": NLL + KL(sg(q)||p) + beta * KL(sg(p)||q). "elbo": NLL +
     beta * KL(q||p), whose gradient reaches both sides.
