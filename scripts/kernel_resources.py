@@ -105,15 +105,17 @@ def attention_launches(batch: int, heads: int, length: int, head_dim: int,
     q, k, v = (torch.zeros(batch, heads, length, head_dim, dtype=dtype) for _ in range(3))
     chooser = la._dq_in_dkdv
     la._dq_in_dkdv = lambda *args: dq_atomic
-    with recorded_launches() as calls:
-        tiles = []
-        if with_layout:
-            blocks = [[(length * 3 // 4, 64)]] * batch
-            tiles = la._tile_tensors(layout.LatentLayout.with_latent_blocks(length, blocks),
-                                     length, 1, head_dim, dtype, q.device)
-        out, lse = la._forward(q, k, v, tiles, 1.0 / math.sqrt(head_dim))
-        la._backward(out, q, k, v, out, lse, tiles, 1.0 / math.sqrt(head_dim))
-    la._dq_in_dkdv = chooser
+    try:
+        with recorded_launches() as calls:
+            tiles = []
+            if with_layout:
+                blocks = [[(length * 3 // 4, 64)]] * batch
+                tiles = la._tile_tensors(layout.LatentLayout.with_latent_blocks(length, blocks),
+                                         length, 1, head_dim, dtype, q.device)
+            out, lse = la._forward(q, k, v, tiles, 1.0 / math.sqrt(head_dim))
+            la._backward(out, q, k, v, out, lse, tiles, 1.0 / math.sqrt(head_dim))
+    finally:
+        la._dq_in_dkdv = chooser
     return calls
 
 
