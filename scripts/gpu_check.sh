@@ -8,6 +8,7 @@
 #   AMVL_GPU_BENCH   pytest targets for "bench"      (default: benchmarks/)
 #   AMVL_GPU_BENCH_SELECT  a pytest -k expression for "bench" (default: every case)
 #   AMVL_GPU_LIMIT_<STEP>  seconds for that step     (defaults below)
+#   AMVL_GPU_SKIP_ENV=1    skip the versions section (for a second invocation in one call)
 # Logs go to $OUT/gpu_check.log; benchmark rows stream to $OUT/rows.jsonl as they are measured
 # and the per-benchmark JSON lands in $OUT at the end (the device tool brings back 8 files).
 set -uo pipefail
@@ -31,11 +32,13 @@ run() {  # run LIMIT CMD...: the command's output to the log, its failure to $st
 xdist=""
 python3 -c "import xdist" 2>/dev/null && xdist="-n 8"
 
-section env
-run 30 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-run 60 python3 -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], \
+if [ "${AMVL_GPU_SKIP_ENV:-0}" != 1 ]; then
+  section env
+  run 30 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  run 60 python3 -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], \
 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, \
 'transformers', transformers.__version__, 'gpu', torch.cuda.get_device_name())"
+fi
 
 for step in $steps; do
   case $step in
