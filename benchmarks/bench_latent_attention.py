@@ -17,7 +17,9 @@ Providers, side by side in one run on one device:
 Reported: median ms, TFLOP/s counting only attended (query, key) pairs (forward 4*D per pair
 and head; forward+backward 3.5x that, the usual flash-attention convention), peak memory, and
 ``max_err``: the provider's output (and gradients) on the first two heads against SDPA in
-float32 with the dense mask. The row is recorded, then the test fails if the result is wrong,
+float32 with the dense mask, beside ``torch_err``, the same for PyTorch's own SDPA in bf16 on
+the same inputs. The row is recorded, then the test fails if the result is wrong (DESIGN.md
+section 5: more than 2x PyTorch's own error on the output, 3x on gradients),
 so that no speed is reported for a broken kernel.
 
 A second comparison, ``test_decode_step``: one query over a KV cache (generation), ours against
@@ -30,6 +32,7 @@ for SDPA), as the share of the copy bandwidth spent reading K and V.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import time
 
@@ -50,10 +53,11 @@ HEADS, HEAD_DIM = (2, 32) if common.SMOKE else (16, 128)
 LAYOUTS = ["latent", "prefix"]
 MODES = ["fwd", "fwd+bwd"]
 PROVIDERS = ["amvl", "amvl_dq_atomic", "flex", "sdpa_dense", "sdpa_flash_causal"]
-# Largest ``common.max_scaled_error`` a row may show. bf16 rounding of the inputs' products and
-# of the outputs gives about 1e-2 at worst over millions of elements; a wrong tile (a mask
-# misread, a tile skipped) gives errors of order 1 in the rows it touches.
+# Decoding's largest ``common.max_scaled_error``: bf16 rounding gives about 5e-3 there; a wrong
+# tile (a mask misread, a tile skipped) gives errors of order 1 in the rows it touches.
 TOLERANCE = {torch.bfloat16: 5e-2, torch.float32: 1e-4}
+# The flash rows' floor under PyTorch's own error (see ``within_criterion``).
+ERROR_FLOOR = {torch.bfloat16: 1e-2, torch.float32: 1e-4}
 CHECKED_HEADS = 2  # enough to catch a broken kernel; the reference is a dense-mask SDPA
 
 
@@ -146,23 +150,41 @@ def make_provider(provider: str, layout: ak.LatentLayout, batch: int, length: in
     raise ValueError(provider)
 
 
-def result_error(fn, q, k, v, grad_out, layout: ak.LatentLayout, mode: str) -> float:
-    """The largest :func:`common.max_scaled_error` of a provider's output and, for
-    forward+backward, of dq, dk and dv, on the first heads, against SDPA in float32 with the
-    layout's dense mask."""
+def result_errors(fn, q, k, v, grad_out, layout: ak.LatentLayout, mode: str
+                  ) -> tuple[list[float], list[float]]:
+    """:func:`common.max_scaled_error` of a provider's output and, for forward+backward, of
+    dq, dk and dv on the first heads against SDPA in float32 with the layout's dense mask; and
+    the same errors of PyTorch's own SDPA in the inputs' dtype, on the same inputs."""
     heads = slice(0, CHECKED_HEADS)
-    out = fn(q, k, v)
-    results = [out[:, heads]]
-    if mode != "fwd":
-        results += [g[:, heads] for g in torch.autograd.grad(out, (q, k, v), grad_out)]
-    ref_in = [t.detach()[:, heads].float().requires_grad_(mode != "fwd") for t in (q, k, v)]
-    ref = F.scaled_dot_product_attention(*ref_in, attn_mask=layout.dense_mask()[:, None])
-    refs = [ref]
-    if mode != "fwd":
-        refs += torch.autograd.grad(ref, ref_in, grad_out[:, heads].float())
-    # torch's max keeps a NaN, Python's would drop it
-    return float(torch.tensor([common.max_scaled_error(a, r)
-                               for a, r in zip(results, refs)]).max())
+
+    def outputs(attend, tensors):
+        out = attend(*tensors)
+        if mode == "fwd":
+            return [out[:, heads]]
+        grads = torch.autograd.grad(out, tensors, grad_out[:, :out.shape[1]].to(out.dtype))
+        return [t[:, heads] for t in (out, *grads)]
+
+    # The provider on the whole inputs (a compiled one keeps its shapes), the others on the
+    # checked heads only.
+    ours = outputs(fn, (q, k, v))
+    sdpa = functools.partial(F.scaled_dot_product_attention,
+                             attn_mask=layout.dense_mask()[:, None])
+    few = [t.detach()[:, heads] for t in (q, k, v)]
+    refs = outputs(sdpa, [t.float().requires_grad_(mode != "fwd") for t in few])
+    torch_own = outputs(sdpa, [t.clone().requires_grad_(mode != "fwd") for t in few])
+    return ([common.max_scaled_error(a, r) for a, r in zip(ours, refs)],
+            [common.max_scaled_error(a, r) for a, r in zip(torch_own, refs)])
+
+
+def within_criterion(errors: list[float], torch_errors: list[float], dtype) -> bool:
+    """DESIGN.md section 5: at most 2x PyTorch's own error on the output, 3x on gradients,
+    with a floor for PyTorch's own errors near zero. Worst-element errors swing from input to
+    input (0.02-0.07 on a bf16 output across fresh draws); on the same inputs ours, FlexAttention
+    and dense SDPA measured the same worst element to four digits (H100, 2026-11-27)."""
+    factors = [2.0] + [3.0] * (len(errors) - 1)
+    # torch's comparisons keep a NaN failing, Python's max would drop it
+    return all(bool(torch.tensor(e) <= max(f * t, ERROR_FLOOR[dtype]))
+               for e, t, f in zip(errors, torch_errors, factors))
 
 
 # Explicit order: the lengths the targets are about first, so a run cut short by a time limit
@@ -201,7 +223,8 @@ def measure(benchmark, bench_device, provider: str, length: int, layout_name: st
 
     run = forward if mode == "fwd" else forward_backward
     checked = provider != "sdpa_flash_causal"  # plain causal: not the layout's function
-    error = result_error(fn, q, k, v, grad_out, layout, mode) if checked else None
+    errors, torch_errors = result_errors(fn, q, k, v, grad_out, layout, mode) \
+        if checked else (None, None)
     median_ms = common.time_ms(run)
     flops = 4 * HEAD_DIM * HEADS * attended_pairs(counted, batch, length)
     if mode != "fwd":
@@ -209,11 +232,13 @@ def measure(benchmark, bench_device, provider: str, length: int, layout_name: st
     metrics = {"TFLOPs": flops / median_ms / 1e9,
                "peak_MB": common.peak_memory_bytes(run) / 2**20, **extra}
     if checked:
-        metrics["max_err"] = error
+        metrics["max_err"] = max(errors)
+        metrics["torch_err"] = max(torch_errors)
     case = f"{mode} {layout_name} S={length} B={batch}"
     common.record("latent_attention", case, provider, median_ms, **metrics)
     benchmark.extra_info.update(metrics, median_ms_cuda_events=median_ms)
-    assert not checked or error <= TOLERANCE[dtype], f"{provider} is wrong on {case}: {error}"
+    assert not checked or within_criterion(errors, torch_errors, dtype), \
+        f"{provider} is wrong on {case}: errors {errors}, PyTorch's own {torch_errors}"
 
     def synced():
         run()

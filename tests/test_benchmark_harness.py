@@ -52,3 +52,31 @@ def test_tile_tuning_script_runs(tmp_path):
         (kernel, tiles) for kernel in ("forward", "dkdv", "dkdv+dq", "dq")
         for tiles in ("default", "[32, 16, 1, 1]"))
     assert all(not row["failure"] and row["max_rel_err"] < 1e-5 for row in rows), rows
+
+
+def test_attention_benchmark_check_follows_the_design_criterion():
+    """A flash row passes at up to 2x PyTorch's own error on the output and 3x on gradients;
+    a mask that ignores the latent block fails it."""
+    import torch.nn.functional as F
+
+    from benchmarks.bench_latent_attention import (build_layout, result_errors,
+                                                   within_criterion)
+
+    bf16 = torch.bfloat16
+    torch_errors = [0.03, 0.04, 0.04, 0.04]
+    assert within_criterion([0.059, 0.119, 0.1, 0.1], torch_errors, bf16)
+    assert not within_criterion([0.061, 0.1, 0.1, 0.1], torch_errors, bf16)
+    assert not within_criterion([0.05, 0.1, 0.121, 0.1], torch_errors, bf16)
+    assert not within_criterion([float("nan"), 0.1, 0.1, 0.1], torch_errors, bf16)
+    assert within_criterion([0.009], [0.0], bf16)  # the floor under an exact PyTorch
+
+    layout = build_layout("latent", 1, 64, "cpu")
+    q, k, v, grad_out = (torch.randn(1, 3, 64, 16, requires_grad=i < 3) for i in range(4))
+    masked = lambda q, k, v: F.scaled_dot_product_attention(  # noqa: E731
+        q, k, v, attn_mask=layout.dense_mask()[:, None])
+    causal = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    for mode in ("fwd", "fwd+bwd"):
+        assert within_criterion(*result_errors(masked, q, k, v, grad_out, layout, mode),
+                                torch.float32)
+        assert not within_criterion(*result_errors(causal, q, k, v, grad_out, layout, mode),
+                                    torch.float32)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from amvl_kernels.layout import EMPTY, FULL, PARTIAL, Kind, LatentLayout, kind_bits
+from tests.conftest import DEVICE
 
 
 def random_layout(batch: int, length: int, generator: torch.Generator) -> LatentLayout:
@@ -38,7 +39,8 @@ def test_rule_matches_a_loop_over_positions(rng_seed):
 @pytest.mark.parametrize("tiles", [(16, 16), (32, 16), (16, 64)])
 def test_tile_map_agrees_with_dense_mask(lq, tiles, rng_seed):
     g = torch.Generator().manual_seed(rng_seed)
-    layout = random_layout(3, 61, g)
+    # tile maps come from a Triton kernel: on the GPU when there is one
+    layout = random_layout(3, 61, g).to(DEVICE)
     bm, bn = tiles
     tm = layout.tile_map(lq, bm, bn)
     mask = layout.dense_mask(lq)
@@ -69,16 +71,16 @@ def test_tile_map_agrees_with_dense_mask(lq, tiles, rng_seed):
 
 
 def test_classify_tiles_op_passes_opcheck(rng_seed):
-    layout = random_layout(2, 37, torch.Generator().manual_seed(rng_seed))
+    layout = random_layout(2, 37, torch.Generator().manual_seed(rng_seed)).to(DEVICE)
     torch.library.opcheck(torch.ops.amvl.classify_tiles.default,
                           (*layout.metadata(), 21, 16, 16))
 
 
 def test_tile_map_of_causal_layout_is_exact():
-    layout = LatentLayout.causal(1, 64)
+    layout = LatentLayout.causal(1, 64).to(DEVICE)
     tm = layout.tile_map(64, 16, 16)
     expected = torch.tensor([[2 if n < m else (1 if n == m else 0) for n in range(4)]
-                             for m in range(4)], dtype=torch.int8)
+                             for m in range(4)], dtype=torch.int8, device=DEVICE)
     assert torch.equal(tm.classes[0], expected)
 
 
