@@ -31,7 +31,7 @@ from amvl_kernels.layout import LatentLayout
 
 from amvl.config import AMVLConfig
 from amvl.heads import GaussianHead, LatentInjector
-from amvl.objectives import Latents, build_objective
+from amvl.objectives import Latents, Metrics, build_objective
 from amvl.sequences import (
     LATENT_BLOCK,
     POSTERIOR_BLOCK,
@@ -58,7 +58,7 @@ def _cache_kwarg(backbone: nn.Module) -> str:
 @dataclass
 class AMVLOutput:
     loss: Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=lambda: Metrics({}))
     latents: Latents | None = None
 
 

@@ -13,6 +13,7 @@ gradient routing), runs the decoder, and hands the NLLs back to :meth:`Objective
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -103,7 +104,7 @@ class Objective:
         return latents.z.new_zeros((), dtype=torch.float32)
 
     def loss(self, nll: Tensor, latents: Latents | None, step: int = 0,
-             nll_prior: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+             nll_prior: Tensor | None = None) -> tuple[Tensor, Metrics]:
         """Total loss and metrics from the decoder's mean NLL(s) and the drawn latents."""
         total = nll
         named = {"nll": nll}
@@ -116,14 +117,42 @@ class Objective:
             total = total + self.config.gamma * nll_prior
             named["nll_prior"] = nll_prior
         named["loss"] = total
-        return total, {**as_floats(named), **weight}
+        return total, Metrics(named, weight)
 
 
-def as_floats(named: dict[str, Tensor]) -> dict[str, float]:
-    """Scalar tensors as Python floats, read from the device in one transfer: each float()
-    would be a host sync of its own, every training step."""
-    values = torch.stack([t.detach().float().reshape(()) for t in named.values()]).tolist()
-    return dict(zip(named, values))
+class Metrics(Mapping[str, float]):
+    """One step's metrics as Python floats, read from the device on first access, in one
+    transfer. Reading them inside the forward would make the host wait for the GPU before it
+    queues the backward, every step; read after the backward (as a training loop's logging
+    does), the wait costs nothing. :meth:`tensors` gives the values without reading them."""
+
+    def __init__(self, tensors: dict[str, Tensor], floats: dict[str, float] | None = None):
+        self._tensors = {key: t.detach() for key, t in tensors.items()}
+        self._floats = dict(floats or {})
+        self._values: dict[str, float] | None = None
+
+    def tensors(self) -> dict[str, Tensor | float]:
+        """Every metric, device scalars left on the device (for sums over steps)."""
+        return {**self._tensors, **self._floats}
+
+    def _read(self) -> dict[str, float]:
+        if self._values is None:
+            values = torch.stack([t.float().reshape(()) for t in self._tensors.values()]
+                                 ).tolist() if self._tensors else []
+            self._values = {**dict(zip(self._tensors, values)), **self._floats}
+        return self._values
+
+    def __getitem__(self, key: str) -> float:
+        return self._read()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self._tensors, *self._floats])
+
+    def __len__(self) -> int:
+        return len(self._tensors) + len(self._floats)
+
+    def __repr__(self) -> str:
+        return f"Metrics({self._read()!r})"
 
 
 def kl_metrics(latents: Latents) -> dict[str, Tensor]:

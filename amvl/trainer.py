@@ -26,22 +26,24 @@ class AMVLTrainer(Trainer):
     def __init__(self, model: AMVLModel, *args, **kwargs):
         super().__init__(model, *args, **kwargs)
         self.args.remove_unused_columns = False
-        self._metric_sums: dict[str, float] = defaultdict(float)
+        # Sums stay on the device until logged: reading them every step would make the host
+        # wait for the forward before it queues the backward.
+        self._metric_sums: dict[str, torch.Tensor | float] = defaultdict(float)
         self._metric_count = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = model(**inputs, step=self.state.global_step)
         if model.training:
-            for key, value in out.metrics.items():
+            for key, value in out.metrics.tensors().items():
                 if "/slot" not in key:  # per-slot values go to diagnostics, not the log line
-                    self._metric_sums[key] += value
+                    self._metric_sums[key] = self._metric_sums[key] + value
             self._metric_count += 1
         return (out.loss, out) if return_outputs else out.loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._metric_count and "loss" in logs:
             for key, total in self._metric_sums.items():
-                logs.setdefault(f"amvl/{key}", total / self._metric_count)
+                logs.setdefault(f"amvl/{key}", float(total) / self._metric_count)
             self._metric_sums.clear()
             self._metric_count = 0
         super().log(logs, *args, **kwargs)

@@ -112,3 +112,20 @@ def test_posterior_objective_without_posterior_is_an_error():
     _, _, mu_p, lv_p = _heads()
     with pytest.raises(ValueError, match="posterior"):
         objective.draw(mu_p, lv_p)
+
+
+def test_metrics_are_read_from_the_device_once_and_only_when_asked(monkeypatch):
+    """A forward must not wait for the GPU to read its metrics: they stay tensors until a
+    key is read, then all come over in one transfer."""
+    from amvl.objectives import Metrics
+
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist",
+                        lambda self: reads.append(self.shape) or real_tolist(self))
+    metrics = Metrics({"nll": torch.tensor(2.5), "kl_fwd": torch.tensor(0.25)}, {"kl_weight": 1.0})
+    assert list(metrics) == ["nll", "kl_fwd", "kl_weight"] and len(metrics) == 3
+    assert not reads
+    assert isinstance(metrics.tensors()["nll"], torch.Tensor)
+    assert dict(metrics) == {"nll": 2.5, "kl_fwd": 0.25, "kl_weight": 1.0}
+    assert metrics["nll"] == 2.5 and reads == [torch.Size([2])]
