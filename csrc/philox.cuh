@@ -48,25 +48,32 @@ AMVL_HD Philox4 philox4x32_10(Philox4 ctr, uint32_t key0, uint32_t key1) {
   return ctr;
 }
 
-AMVL_HD void sincospi_f32(float x, float* s, float* c) {
-#ifdef __CUDA_ARCH__
-  sincospif(x, s, c);
-#else
-  // The host only runs tests: double precision rounded to float is within an ulp of the GPU.
-  const double angle = 3.14159265358979323846 * static_cast<double>(x);
-  *s = static_cast<float>(std::sin(angle));
-  *c = static_cast<float>(std::cos(angle));
-#endif
-}
-
 // Two standard normals from two uniform words. The radius word maps to (0, 1] so the log is
 // always finite (the largest |normal| is sqrt(2 * 33 ln 2) ~ 6.8); the angle word maps to
-// [0, 2) half-turns, exactly representable. Plain logf/sqrtf: no fast-math approximations.
+// [0, 2) half-turns, exactly representable.
+// On the GPU the log, sine and cosine are the hardware's approximations (__logf, __sincosf on
+// [-pi, pi), errors near 1e-6): the precise functions cost tens of instructions each, which
+// made the noise, not memory, the bound of the Triton kernels until they switched (this
+// backend stayed at 45-50% of an H100's copy bandwidth with them). The host (the CPU tests'
+// twin) computes the same formula precisely, so the two agree to about 1e-6, not bitwise.
 AMVL_HD void box_muller(uint32_t radius_bits, uint32_t angle_bits, float& n0, float& n1) {
   const float u = fmaf(static_cast<float>(radius_bits), 0x1p-32f, 0x1p-33f);
-  const float radius = sqrtf(-2.0f * logf(u));
+  const float half_turns = static_cast<float>(angle_bits >> 8) * 0x1p-23f;
   float s, c;
-  sincospi_f32(static_cast<float>(angle_bits >> 8) * 0x1p-23f, &s, &c);
+#ifdef __CUDA_ARCH__
+  // An approximate log of u within an ulp of 1 may come out positive: clamp before the root.
+  const float radius = sqrtf(fmaxf(-2.0f * __logf(u), 0.0f));
+  // sin(pi t) = -sin(pi (t - 1)): the approximations are accurate on [-pi, pi) only.
+  __sincosf(3.14159265358979323846f * (half_turns - 1.0f), &s, &c);
+  s = -s;
+  c = -c;
+#else
+  const float radius = sqrtf(-2.0f * logf(u));
+  // Double precision rounded to float: within an ulp of the precise float functions.
+  const double angle = 3.14159265358979323846 * static_cast<double>(half_turns);
+  s = static_cast<float>(std::sin(angle));
+  c = static_cast<float>(std::cos(angle));
+#endif
   n0 = radius * c;
   n1 = radius * s;
 }

@@ -355,18 +355,25 @@ def test_safe_logvar_range(ext, dtype, lv_max, mu_max):
 @pytest.mark.parametrize("shape", [(7, 1), (300, 3), (9, 127), (4, 64), (3, 4099), (2, 70001)],
                          ids=str)
 def test_gpu_kernels_match_the_host_twin(ext, dtype, shape):
-    """Same noise stream, same sums: the GPU differs from the host only by libm ulps."""
+    """Same noise stream, same sums: the GPU differs from the host by libm ulps, and in the
+    noise by its approximate log, sine and cosine."""
     inputs = make_inputs(shape, dtype)
     g_z = torch.randn(shape, dtype=dtype)
     g_f, g_r = torch.randn(shape[:-1]), torch.randn(shape[:-1])
     gpu = [t.cuda() for t in inputs]
     host_fwd = twin_forward(ext, *inputs, seed=9)
     gpu_fwd = launcher._forward(*gpu, None, 9, ext=ext, on_host=False)
-    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype in (torch.float32, torch.float64) else {}
-    for a, b in zip(gpu_fwd, host_fwd):
-        torch.testing.assert_close(a.cpu(), b, **tol)
+    wide = dtype in (torch.float32, torch.float64)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if wide else {}
+    # The approximate log's absolute error (about 4e-7) becomes 4e-7 / r on a normal whose
+    # Box-Muller radius r is small; among 35,000 pairs the smallest r is about 0.01.
+    noisy_tol = {"rtol": 1e-5, "atol": 5e-4} if wide else {}
     host_bwd = twin_grads(ext, inputs, None, 9, g_z, g_f, g_r, "both", "both")
     gpu_bwd = launcher._backward(*gpu, None, 9, g_z.cuda(), g_f.cuda(), g_r.cuda(), "both",
                                  "both", [True] * 4, ext=ext, on_host=False)
-    for a, b in zip(gpu_bwd, host_bwd):
-        torch.testing.assert_close(a.cpu(), b, **tol)
+    # z and the log-variance gradient of q carry the noise; the KLs and the rest do not.
+    noisy = [True, False, False, False, True, False, False]
+    for a, b, carries_noise in zip([*gpu_fwd, *gpu_bwd], [*host_fwd, *host_bwd], noisy):
+        torch.testing.assert_close(a.cpu(), b, **(noisy_tol if carries_noise else tol))
+        if carries_noise and wide:  # the typical element agrees far more closely
+            assert float((a.cpu() - b).abs().median()) < 2e-6
