@@ -227,6 +227,46 @@ def test_deterministic_algorithms_keep_dq_off_atomics(dq_kernel, rng_seed):
     assert dq_kernel.launches == 1
 
 
+@pytest.mark.parametrize("split", [1, 2, 6])
+@pytest.mark.parametrize("case", ["causal-kv-cache", "random-layout-bf16", "transposed"])
+def test_grouped_query_heads_shared_by_dkdv_programs(monkeypatch, split, case, rng_seed):
+    """dk/dv of a KV head summed in one program over its 6 query heads (split 1), or by 2 or 6
+    programs whose fp32 partial sums are added after the kernel: the same gradients."""
+    import importlib
+
+    module = importlib.import_module("amvl_kernels.latent_attention")
+    chosen = []
+
+    def forced(programs, group, target):
+        chosen.append(split)
+        return split
+    monkeypatch.setattr(module, "_dkdv_head_split", forced)
+    if case == "causal-kv-cache":
+        check(*_inputs(2, 6, 1, 21, 50, 32, torch.float32), None)
+    elif case == "random-layout-bf16":
+        layout = random_layout(2, 47, torch.Generator().manual_seed(rng_seed)).to(DEVICE)
+        check(*_inputs(2, 12, 2, 47, 47, 64, torch.bfloat16), layout)
+    else:  # Hugging Face's memory layout: dk and dv are written back into it
+        layout = LatentLayout.prefix_sharing([11, 17], [6, 9], num_slots=3).to(DEVICE)
+        q, k, v = _inputs(2, 6, 1, layout.length, layout.length, 48, torch.float32,
+                          transposed=True)
+        k = k.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+        _, (_, dk, dv) = check(q, k, v, layout)
+        assert dk.stride() == k.stride() and dv.stride() == k.stride()
+    assert chosen == [split]
+
+
+def test_grouped_heads_split_only_where_the_grid_is_small():
+    from amvl_kernels.latent_attention import _dkdv_head_split
+
+    assert _dkdv_head_split(104, 7, 264) == 7  # Qwen2-0.5B, batch 4, 1,632 tokens, H100
+    assert _dkdv_head_split(208, 7, 264) == 7
+    assert _dkdv_head_split(100, 8, 264) == 4  # the smallest divisor that fills the GPU
+    assert _dkdv_head_split(100, 8, 150) == 2
+    assert _dkdv_head_split(300, 8, 264) == 1  # enough programs already
+    assert _dkdv_head_split(10, 1, 264) == 1  # no groups to split
+
+
 @pytest.mark.parametrize("lq", [1, 3, 40], ids=["decode-1", "decode-3", "flash"])
 def test_outputs_and_gradients_keep_the_inputs_memory_layout(lq, rng_seed):
     """Hugging Face models hand over (B, L, H, D) memory viewed as (B, H, L, D) and transpose
