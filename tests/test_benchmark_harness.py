@@ -80,3 +80,19 @@ def test_attention_benchmark_check_follows_the_design_criterion():
                                 torch.float32)
         assert not within_criterion(*result_errors(causal, q, k, v, grad_out, layout, mode),
                                     torch.float32)
+
+
+def test_model_step_profile_script_runs(tmp_path):
+    """scripts/profile_model_step.py on the smoke model: a row per provider, the operators
+    that grew, and the JSON."""
+    env = {**os.environ, "AMVL_BENCH_SMOKE": "1"}
+    out = tmp_path / "profile.json"
+    providers = "plain,naive,shared_amvl,shared_amvl:nosplit"
+    proc = subprocess.run([sys.executable, "scripts/profile_model_step.py", "--repeats", "1",
+                           "--providers", providers, "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "against plain: the operators that grew most" in proc.stdout
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == set(providers.split(","))
+    assert all(r["wall_ms"] > 0 and r["ops"] for r in results.values())
