@@ -96,3 +96,12 @@ def test_model_step_profile_script_runs(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert set(results) == set(providers.split(","))
     assert all(r["wall_ms"] > 0 and r["ops"] for r in results.values())
+
+
+def test_host_overhead_script_runs():
+    """scripts/host_overhead.py on the PyTorch paths: a time and a profile per call pattern."""
+    proc = subprocess.run([sys.executable, "scripts/host_overhead.py", "--backend", "torch",
+                           "--calls", "3", "--rows", "3"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count(" us a call") == 4 and "tottime" in proc.stdout
