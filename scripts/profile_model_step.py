@@ -2,9 +2,9 @@
 
 Builds the model and batch of ``benchmarks/bench_model_step.py``, times each provider's step
 (synchronised wall time, median of a few), then profiles one step of each with
-``torch.profiler`` and prints, per provider, the host's time, the device's kernel time and
-the kernel launches, then the operators whose device time (or, on the CPU, host time) grew
-the most from the first provider to each of the others.
+``torch.profiler`` and prints, per provider, the host's time, the device's kernel time, the
+kernel launches and the host's waits for the device, then the operators whose device time
+(on the CPU, host time) grew the most from the first provider to each of the others.
 
     python scripts/profile_model_step.py --model 7b-proxy --shape blink     # on a GPU
     AMVL_BENCH_SMOKE=1 python scripts/profile_model_step.py                 # harness, CPU
@@ -62,6 +62,10 @@ def profile_step(step, device: torch.device) -> dict:
             "launches": sum(e.count for e in events if e.key in ("cudaLaunchKernel",
                                                                "cuLaunchKernel",
                                                                "cuLaunchKernelEx")),
+            # The host waiting for the device: reads of device values (.item(), float(),
+            # bool()) and the runtime's synchronisations (.tolist() and copies to the host).
+            "syncs": sum(e.count for e in events if e.key == "aten::_local_scalar_dense"
+                         or e.key.startswith("cuda") and e.key.endswith("Synchronize")),
             "ops": {e.key: cost(e) / 1e3 for e in events if cost(e) > 0}}
 
 
@@ -114,10 +118,11 @@ def main() -> None:
     unit = "device" if device.type == "cuda" else "host"
     print(f"{args.model}, {args.shape} (prefix {prefix}, answer {answer}), batch {args.batch}, "
           f"{common.device_info()['device']}")
-    print(f"{'provider':<14}{'wall ms':>10}{'host ms':>10}{'device ms':>11}{'launches':>10}")
+    print(f"{'provider':<20}{'wall ms':>10}{'host ms':>10}{'device ms':>11}{'launches':>10}"
+          f"{'syncs':>7}")
     for name, r in results.items():
-        print(f"{name:<14}{r['wall_ms']:>10.1f}{r['host_ms']:>10.1f}{r['device_ms']:>11.1f}"
-              f"{r['launches']:>10}")
+        print(f"{name:<20}{r['wall_ms']:>10.1f}{r['host_ms']:>10.1f}{r['device_ms']:>11.1f}"
+              f"{r['launches']:>10}{r['syncs']:>7}")
     baseline = results[providers[0]]["ops"]
     for name in providers[1:]:
         ops = results[name]["ops"]
