@@ -7,6 +7,9 @@ decoding step launches per layer, so the host pays that on every token.
 
 from __future__ import annotations
 
+MAX_GRID_Y = 65535
+"""CUDA's limit on a grid's axis 1 (axis 0 takes up to 2**31 - 1)."""
+
 
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for non-negative a and positive b."""

@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from triton.language.extra import libdevice
 
-from amvl_kernels._launch import cdiv, next_power_of_2
+from amvl_kernels._launch import MAX_GRID_Y, cdiv, next_power_of_2
 from amvl_kernels._validation import check_choice, check_float_tensor, check_like, check_seed
 from amvl_kernels.backends import resolve_backend, triton_interpreted
 from amvl_kernels.reference.gaussian_kl import ROUTES, compute_dtype, gaussian_sample_kl_torch
@@ -219,9 +219,6 @@ def _gaussian_kl_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------- launchers
-
-
-MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1
 
 
 def _rows(t: Tensor | None, d: int) -> Tensor | None:

@@ -39,7 +39,7 @@ from torch.autograd.function import once_differentiable
 
 from amvl_kernels._attention_tiles import (read_metadata, softmax_result, softmax_tile,
                                           tile_dot, tile_scores)
-from amvl_kernels._launch import cdiv, next_power_of_2
+from amvl_kernels._launch import MAX_GRID_Y, cdiv, next_power_of_2
 from amvl_kernels._mask_rule import mask_rule
 from amvl_kernels._validation import check_float_tensor
 from amvl_kernels.backends import resolve_backend, triton_interpreted
@@ -77,18 +77,22 @@ def _row_tiles(pid_m, b, LQ, LK, N_M, N_N, ROW_FULL_COUNT, ROW_PARTIAL_COUNT,
 
 @triton.jit
 def _query_tile(HQ, GROUP, LQ, LK, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_D: tl.constexpr):
-    """Where a program of the forward or dq kernel stands: grid (B * Hq, query tiles).
+                BLOCK_D: tl.constexpr, TILES_FASTEST: tl.constexpr):
+    """Where a program of the forward or dq kernel stands: grid (query tiles, B * Hq), or
+    (B * Hq, query tiles) without TILES_FASTEST (see :func:`_tiles_fastest`).
 
     Returns pid_m, the batch row b, query head h and its KV head hk, the query offsets and
     absolute positions, the row and head-dim masks, the row's offset in the metadata and the
     (b, h) offset in the per-row statistics (lse, delta).
     """
-    # Every head's last query tiles first: under a causal mask they see the most keys, and
-    # the GPU dispatches programs roughly in the order of their linear index (axis 0
-    # fastest), so the short tiles are left to fill the last wave.
-    pid_bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    # A head's last query tiles first: under a causal mask they see the most keys, and the
+    # GPU dispatches programs roughly in the order of their linear index (axis 0 fastest).
+    if TILES_FASTEST:
+        pid_bh = tl.program_id(1)
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        pid_bh = tl.program_id(0)
+        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -107,10 +111,10 @@ def _attention_fwd(
     HQ, GROUP, LQ, LK, N_M, N_N,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_LAYOUT: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, TILES_FASTEST: tl.constexpr,
 ):
     pid_m, b, h, hk, offs_m, offs_d, pos_i, row_ok, d_ok, meta_row, stat_row = _query_tile(
-        HQ, GROUP, LQ, LK, HEAD_DIM, BLOCK_M, BLOCK_D)
+        HQ, GROUP, LQ, LK, HEAD_DIM, BLOCK_M, BLOCK_D, TILES_FASTEST)
 
     q = tl.load(Q + b.to(tl.int64) * s_qb + h * s_qh + offs_m[:, None] * s_qm
                 + offs_d[None, :] * s_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -229,13 +233,18 @@ def _attention_bwd_dkdv(
     HQ, HKV, GROUP, SPLIT, LQ, LK, N_M, N_N,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_LAYOUT: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    IEEE: tl.constexpr, DQ_ATOMIC: tl.constexpr, TILES_FASTEST: tl.constexpr,
 ):
-    # Grid (B * Hkv * SPLIT, key tiles): every head's first key tiles, which causal queries
-    # see the most, start first. The GROUP query heads of a KV head are shared by SPLIT
-    # programs, each writing its partial sums to head hk * SPLIT + part of DK and DV.
-    pid_bh = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # Grid (key tiles, B * Hkv * SPLIT), or the other way round without TILES_FASTEST: a
+    # head's first key tiles, which causal queries see the most, start first. The GROUP query
+    # heads of a KV head are shared by SPLIT programs, each writing its partial sums to head
+    # hk * SPLIT + part of DK and DV.
+    if TILES_FASTEST:
+        pid_bh = tl.program_id(1)
+        pid_n = tl.program_id(0)
+    else:
+        pid_bh = tl.program_id(0)
+        pid_n = tl.program_id(1)
     b = pid_bh // (HKV * SPLIT)
     hk = (pid_bh // SPLIT) % HKV
     part = pid_bh % SPLIT
@@ -336,10 +345,10 @@ def _attention_bwd_dq(
     HQ, GROUP, LQ, LK, N_M, N_N,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_LAYOUT: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, TILES_FASTEST: tl.constexpr,
 ):
     pid_m, b, h, hk, offs_m, offs_d, pos_i, row_ok, d_ok, meta_row, stat_row = _query_tile(
-        HQ, GROUP, LQ, LK, HEAD_DIM, BLOCK_M, BLOCK_D)
+        HQ, GROUP, LQ, LK, HEAD_DIM, BLOCK_M, BLOCK_D, TILES_FASTEST)
     q_ok = row_ok[:, None] & d_ok[None, :]
 
     q = tl.load(Q + b.to(tl.int64) * s_qb + h * s_qh + offs_m[:, None] * s_qm
@@ -457,6 +466,23 @@ def _dq_by_atomics(head_dim: int, dtype: torch.dtype, arch: tuple[int, int]) -> 
             and not torch.are_deterministic_algorithms_enabled())
 
 
+def _tiles_fastest(heads: int) -> bool:
+    """Whether a flash kernel's grid puts a head's tiles on axis 0, (tiles, heads), rather
+    than (heads, tiles).
+
+    The GPU dispatches programs roughly in the order of their linear index, so with tiles on
+    axis 0 the programs running at once belong to a few heads and share those heads' K and V
+    (forward, dq) or Q and dO (dk/dv) in L2; with heads on axis 0 they span every head, whose
+    K and V outgrow the L2 at the benchmark's shapes (128 MB against an H100's 50 MB). A tile
+    pair of the forward (128 x 64 at d = 128) does 128 flops per byte of K and V, half what an
+    H100 needs to stay compute-bound from HBM. On an H100 the forward with heads on axis 0 ran
+    6-8% slower than an earlier build with tiles on axis 0 (runs B and C in
+    benchmarks/RESULTS.md, among other changes). FlashAttention-2 and FlexAttention put
+    tiles on axis 0 too. Heads on axis 0 only where they exceed grid axis 1's limit.
+    """
+    return heads <= MAX_GRID_Y
+
+
 def _dkdv_head_split(programs: int, group: int, target: int) -> int:
     """How many dk/dv programs share the ``group`` query heads of one KV head.
 
@@ -561,12 +587,13 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, tiles: list[Tensor], scale: float
     kind, vis, blk, doc = _meta_args(tiles, lse)
     rows = tiles[1:5] if tiles else (lse,) * 4  # lse stands in for absent pointers: never read
     _check_tile_lists(tiles[1:5], (batch, n_m, n_n), "forward")
-    _attention_fwd[(batch * hq, n_m)](
+    fastest = _tiles_fastest(batch * hq)
+    _attention_fwd[(n_m, batch * hq) if fastest else (batch * hq, n_m)](
         q, k, v, out, lse, kind, vis, blk, doc, *rows,
         scale * _LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         hq, hq // hkv, lq, lk, n_m, n_n,
         HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=bm, BLOCK_N=bn, HAS_LAYOUT=bool(tiles),
-        UPCAST=triton_interpreted(), IEEE=q.dtype == torch.float32,
+        UPCAST=triton_interpreted(), IEEE=q.dtype == torch.float32, TILES_FASTEST=fastest,
         num_warps=warps, num_stages=stages)
     return out, lse
 
@@ -610,11 +637,12 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     dk_out, dv_out = (dk, dv) if split == 1 else (
         torch.empty((batch, hkv * split, lk, d), dtype=torch.float32, device=q.device)
         for _ in range(2))
-    _attention_bwd_dkdv[(batch * hkv * split, n_n)](
+    fastest = _tiles_fastest(batch * hkv * split)
+    _attention_bwd_dkdv[(n_n, batch * hkv * split) if fastest else (batch * hkv * split, n_n)](
         q, k, v, grad_out, lse, delta, dk_out, dv_out, dq_acc, kind, vis, blk, doc, *cols,
         scale, scale * _LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
         *_strides(dk_out), hq, hkv, hq // hkv, split, lq, lk, n_m, n_n, DQ_ATOMIC=atomic,
-        **meta)
+        TILES_FASTEST=fastest, **meta)
     if split > 1:
         for grad, partial in ((dk, dk_out), (dv, dv_out)):
             grad.copy_(partial.view(batch, hkv, split, lk, d).sum(2))
@@ -623,10 +651,11 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
         return dq, dk, dv
     n_m, n_n, meta = launch_args("dq")
     _check_tile_lists(tiles[5:9], (batch, n_m, n_n), "dq")
-    _attention_bwd_dq[(batch * hq, n_m)](
+    fastest = _tiles_fastest(batch * hq)
+    _attention_bwd_dq[(n_m, batch * hq) if fastest else (batch * hq, n_m)](
         q, k, v, grad_out, lse, delta, dq, kind, vis, blk, doc, *rows,
         scale, scale * _LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
-        *_strides(dq), hq, hq // hkv, lq, lk, n_m, n_n, **meta)
+        *_strides(dq), hq, hq // hkv, lq, lk, n_m, n_n, TILES_FASTEST=fastest, **meta)
     return dq, dk, dv
 
 

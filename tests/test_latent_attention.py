@@ -256,6 +256,30 @@ def test_grouped_query_heads_shared_by_dkdv_programs(monkeypatch, split, case, r
     assert chosen == [split]
 
 
+@pytest.mark.parametrize("tiles_fastest", [True, False], ids=["tiles-fastest", "heads-fastest"])
+def test_both_grid_orders(monkeypatch, tiles_fastest, rng_seed):
+    """The flash kernels read their place from either grid order: (tiles, heads), the
+    default, or (heads, tiles), taken where heads exceed grid axis 1."""
+    import importlib
+
+    module = importlib.import_module("amvl_kernels.latent_attention")
+    asked = []
+    monkeypatch.setattr(module, "_tiles_fastest",
+                        lambda heads: asked.append(heads) or tiles_fastest)
+    layout = random_layout(2, 45, torch.Generator().manual_seed(rng_seed)).to(DEVICE)
+    # 40 queries x 2 heads a group: past the decode kernel's 64 rows, so the flash forward
+    check(*_inputs(2, 4, 2, 40, 45, 32, torch.float32), layout)
+    check(*_inputs(2, 4, 2, 40, 45, 32, torch.float32), None)
+    assert len(asked) == 6  # forward, dk/dv and dq, twice
+
+
+def test_grid_order_puts_tiles_on_axis_0_within_cuda_limits():
+    from amvl_kernels.latent_attention import _tiles_fastest
+
+    assert _tiles_fastest(4 * 28) and _tiles_fastest(65535)
+    assert not _tiles_fastest(65536)
+
+
 def test_grouped_heads_split_only_where_the_grid_is_small():
     from amvl_kernels.latent_attention import _dkdv_head_split
 
