@@ -6,8 +6,10 @@ prefix-sharing training layout [x | P | y | Q] with K = 16 and prefix:answer 4:1
 
 Providers, side by side in one run on one device:
 - ``amvl``: our Triton kernels (:func:`amvl_kernels.latent_attention`);
-- ``amvl_dq_atomic`` (forward+backward only): the same with dq added by the dk/dv kernel with
-  atomics instead of the dq kernel (``_dq_in_dkdv``), so that one run tells which is faster;
+- ``amvl_heads_fastest``: the same kernels launched on (heads, tiles) grids instead of
+  (tiles, heads) (``_tiles_fastest``), so that one run tells which order is faster (dq by
+  atomics in the dk/dv kernel, ``_dq_in_dkdv``, had such a provider until an H100 measured it
+  1.6x slower);
 - ``flex``: FlexAttention, compiled, with the same rule as a ``mask_mod`` (its block mask is
   built once, outside the timing; the build time is reported as ``mask_build_ms``);
 - ``sdpa_dense``: SDPA with the dense boolean mask;
@@ -52,7 +54,7 @@ SEQ_LENS = [64] if common.SMOKE else [4096, 16384, 1024]  # the targets' lengths
 HEADS, HEAD_DIM = (2, 32) if common.SMOKE else (16, 128)
 LAYOUTS = ["latent", "prefix"]
 MODES = ["fwd", "fwd+bwd"]
-PROVIDERS = ["amvl", "amvl_dq_atomic", "flex", "sdpa_dense", "sdpa_flash_causal"]
+PROVIDERS = ["amvl", "amvl_heads_fastest", "flex", "sdpa_dense", "sdpa_flash_causal"]
 # Decoding's largest ``common.max_scaled_error``: bf16 rounding gives about 5e-3 there; a wrong
 # tile (a mask misread, a tile skipped) gives errors of order 1 in the rows it touches.
 TOLERANCE = {torch.bfloat16: 5e-2, torch.float32: 1e-4}
@@ -101,21 +103,22 @@ _flex_compiled = None
 
 
 @contextlib.contextmanager
-def dq_by_atomics(enabled: bool):
-    """While open, the backward computes dq in the dk/dv kernel (atomics) when ``enabled``,
-    else by the dq kernel: both the forward, which builds the tile maps, and the backward."""
+def heads_fastest(enabled: bool):
+    """While open and ``enabled``, our kernels launch on (heads, tiles) grids, the order they
+    otherwise take only past grid axis 1's limit."""
     module = importlib.import_module("amvl_kernels.latent_attention")
-    chooser = module._dq_in_dkdv
-    module._dq_in_dkdv = lambda *_: enabled
+    chooser = module._tiles_fastest
+    if enabled:
+        module._tiles_fastest = lambda heads: False
     try:
         yield
     finally:
-        module._dq_in_dkdv = chooser
+        module._tiles_fastest = chooser
 
 
 def make_provider(provider: str, layout: ak.LatentLayout, batch: int, length: int, device):
     """(fn(q, k, v) -> out, extra metrics, the layout whose pairs count as work)."""
-    if provider in ("amvl", "amvl_dq_atomic"):
+    if provider in ("amvl", "amvl_heads_fastest"):
         return (lambda q, k, v: ak.latent_attention(q, k, v, layout)), {}, layout
     if provider == "flex":
         global _flex_compiled
@@ -190,8 +193,7 @@ def within_criterion(errors: list[float], torch_errors: list[float], dtype) -> b
 # Explicit order: the lengths the targets are about first, so a run cut short by a time limit
 # still has them (rows stream to $AMVL_BENCH_OUT/rows.jsonl as they are measured).
 CASES = [(provider, length, layout, mode) for length in SEQ_LENS for layout in LAYOUTS
-         for mode in MODES for provider in PROVIDERS
-         if not (provider == "amvl_dq_atomic" and mode == "fwd")]  # the same forward
+         for mode in MODES for provider in PROVIDERS]
 
 
 @pytest.mark.parametrize("provider,length,layout_name,mode", CASES,
@@ -199,7 +201,7 @@ CASES = [(provider, length, layout, mode) for length in SEQ_LENS for layout in L
 def test_latent_attention(benchmark, bench_device, provider, length, layout_name, mode):
     if provider == "flex" and mode != "fwd" and bench_device.type != "cuda":
         pytest.skip("FlexAttention has no backward on the CPU")
-    with dq_by_atomics(provider == "amvl_dq_atomic"):
+    with heads_fastest(provider == "amvl_heads_fastest"):
         measure(benchmark, bench_device, provider, length, layout_name, mode)
 
 
