@@ -32,6 +32,7 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -781,8 +782,9 @@ def latent_attention(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | Non
         layout: per-token metadata of the Lk keys; None means plain causal attention.
         scale: score scale, default 1 / sqrt(D).
         backend: "auto" (Triton on a GPU, PyTorch's SDPA with the layout's mask on the CPU or
-            where Triton cannot run), "triton" or "torch". The Triton kernels take fp16, bf16
-            and fp32 (fp32 matmuls in IEEE precision) and head dims up to 256.
+            where Triton cannot run; a decoding step without a layout, one query that sees
+            every key, goes to SDPA everywhere), "triton" or "torch". The Triton kernels take
+            fp16, bf16 and fp32 (fp32 matmuls in IEEE precision) and head dims up to 256.
 
     Returns:
         (B, Hq, Lq, D) in q's dtype. A query row that sees no key gets zeros and zero gradient.
@@ -805,6 +807,12 @@ def latent_attention(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | Non
         return q * 0 + (k.sum() + v.sum()) * 0
     if backend == "torch":
         return latent_attention_sdpa(q, k, v, layout, scale)
+    if auto and layout is None and q.shape[2] == 1:
+        # One query over plain causal keys sees every key: unmasked attention, where SDPA's
+        # kernels took 15-109 us a call against our decode kernel's 118-365 us on an H100
+        # (benchmarks/RESULTS.md, decoding rows; mostly host time).
+        return F.scaled_dot_product_attention(q, k, v, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     tiles = _tile_tensors(layout, q.shape[2], q.shape[1] // k.shape[1], q.shape[-1], q.dtype,
                           q.device, backward)

@@ -256,6 +256,29 @@ def test_grouped_query_heads_shared_by_dkdv_programs(monkeypatch, split, case, r
     assert chosen == [split]
 
 
+def test_auto_hands_a_decoding_step_without_layout_to_sdpa(monkeypatch, rng_seed):
+    """backend="auto" on a GPU: one query over plain causal keys sees every key, and goes to
+    SDPA; with a layout, or more queries, our kernels run."""
+    import importlib
+
+    module = importlib.import_module("amvl_kernels.latent_attention")
+    monkeypatch.setattr(module, "resolve_backend", lambda backend, device: "triton")
+    ran = []
+    kernel_forward = module._forward
+    monkeypatch.setattr(module, "_forward", lambda *args: ran.append(args[0].shape[2]) or
+                        kernel_forward(*args))
+    q = torch.randn(2, 4, 1, 32, device=DEVICE)
+    k, v = (torch.randn(2, 2, 9, 32, device=DEVICE) for _ in range(2))
+    out = ak.latent_attention(q, k, v)
+    ref = latent_attention_torch(q.double(), k.double(), v.double(), None, 32 ** -0.5)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    assert ran == []
+    ak.latent_attention(q, k, v, LatentLayout.causal(2, 9).to(DEVICE))
+    ak.latent_attention(torch.randn(2, 4, 2, 32, device=DEVICE), k, v)
+    ak.latent_attention(q, k, v, backend="triton")
+    assert ran == [1, 2, 1]
+
+
 @pytest.mark.parametrize("tiles_fastest", [True, False], ids=["tiles-fastest", "heads-fastest"])
 def test_both_grid_orders(monkeypatch, tiles_fastest, rng_seed):
     """The flash kernels read their place from either grid order: (tiles, heads), the
