@@ -365,9 +365,10 @@ def test_gpu_kernels_match_the_host_twin(ext, dtype, shape):
     gpu_fwd = launcher._forward(*gpu, None, 9, ext=ext, on_host=False)
     wide = dtype in (torch.float32, torch.float64)
     tol = {"rtol": 1e-5, "atol": 1e-5} if wide else {}
-    # The approximate log's absolute error (about 4e-7) becomes 4e-7 / r on a normal whose
-    # Box-Muller radius r is small; among 35,000 pairs the smallest r is about 0.01.
-    noisy_tol = {"rtol": 1e-5, "atol": 5e-4} if wide else {}
+    # The approximate log's absolute error (at most 3.6e-7 near 1) becomes up to 3.6e-7 / r
+    # on a normal whose Box-Muller radius r is small, times the standard deviation in z. The
+    # smallest r of these streams is 0.0031 (seed 9, 70,001 columns): up to about 1e-4 * std.
+    noisy_tol = {"rtol": 1e-5, "atol": 2e-3} if wide else {}
     host_bwd = twin_grads(ext, inputs, None, 9, g_z, g_f, g_r, "both", "both")
     gpu_bwd = launcher._backward(*gpu, None, 9, g_z.cuda(), g_f.cuda(), g_r.cuda(), "both",
                                  "both", [True] * 4, ext=ext, on_host=False)
