@@ -289,7 +289,8 @@ def _attention_bwd_dkdv(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for g in range(part * heads, (part + 1) * heads):  # query heads: reduced here, no atomics
+    # This program's share of the KV head's query heads, summed in registers.
+    for g in range(part * heads, (part + 1) * heads):
         h = hk * GROUP + g
         q_base = Q + b.to(tl.int64) * s_qb + h * s_qh
         do_base = DO + b.to(tl.int64) * s_db + h * s_dh
