@@ -95,11 +95,12 @@ def _run(cmd: list[str]) -> None:
 
 
 def build_module(nvcc: str, sources: list[Path], output: Path, build_dir: Path,
-                 archs: list[str] | None = None) -> Path:
+                 archs: list[str] | None = None, defines: dict[str, int] | None = None) -> Path:
     """Compile ``sources`` (.cu and .cpp) and link the Python module ``output``.
 
-    Objects go to ``build_dir``. Returns ``output``. Raises RuntimeError with the compiler's
-    messages when a step fails.
+    Objects go to ``build_dir``. ``defines`` become ``-DNAME=VALUE`` on every compile (the
+    launch-shape macros of csrc/gaussian_kl.cu, for the sweep script). Returns ``output``.
+    Raises RuntimeError with the compiler's messages when a step fails.
     """
     import pybind11
 
@@ -113,7 +114,9 @@ def build_module(nvcc: str, sources: list[Path], output: Path, build_dir: Path,
     for src in map(Path, sources):
         obj = build_dir / (src.name + ".o")
         extra = device_flags if src.suffix == ".cu" else []
-        jobs.append((obj, [nvcc, "-c", str(src), "-o", str(obj), *NVCC_FLAGS, *includes, *extra]))
+        macros = [f"-D{name}={value}" for name, value in (defines or {}).items()]
+        jobs.append((obj, [nvcc, "-c", str(src), "-o", str(obj), *NVCC_FLAGS, *includes,
+                           *macros, *extra]))
     # The .cu (device passes) and the pybind11 binding (host only) take similar times.
     with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
         list(pool.map(_run, [cmd for _, cmd in jobs]))

@@ -25,8 +25,19 @@
 namespace amvl {
 namespace {
 
+// Launch shape. The two macros exist for scripts/sweep_cuda_gaussian.py, which builds the
+// module with other values and times them side by side; a plain build never sets them.
+#ifndef AMVL_GAUSSIAN_BLOCK
+#define AMVL_GAUSSIAN_BLOCK 256
+#endif
+#ifndef AMVL_GAUSSIAN_MIN_BLOCKS  // __launch_bounds__'s blocks per SM: caps the registers
+#define AMVL_GAUSSIAN_MIN_BLOCKS 1
+#endif
+
 constexpr int kChunk = 8;  // 16 bytes of bf16/fp16, two 16-byte loads of fp32, four of fp64
-constexpr int kBlock = 256;
+constexpr int kBlock = AMVL_GAUSSIAN_BLOCK;
+static_assert(kBlock >= 32 && kBlock <= 1024 && (kBlock & (kBlock - 1)) == 0,
+              "threads per block: a power of two from 32 to 1024");
 constexpr int64_t kMaxGrid = 1 << 20;  // larger problems loop (grid-stride over row groups)
 
 // Storage dtype -> accumulation dtype and the two roundings between them.
@@ -310,7 +321,7 @@ __device__ void block_sum2(A& x, A& y) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kBlock) forward_kernel(ForwardArgs a, bool out_vec, int tpr) {
+__global__ void __launch_bounds__(kBlock, AMVL_GAUSSIAN_MIN_BLOCKS) forward_kernel(ForwardArgs a, bool out_vec, int tpr) {
   using A = typename Scalar<T>::Acc;
   const int lane = threadIdx.x & (tpr - 1);
   const int rows_per_block = blockDim.x / tpr;
@@ -339,7 +350,7 @@ __global__ void __launch_bounds__(kBlock) forward_kernel(ForwardArgs a, bool out
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kBlock) backward_kernel(BackwardArgs a, bool out_vec, int tpr) {
+__global__ void __launch_bounds__(kBlock, AMVL_GAUSSIAN_MIN_BLOCKS) backward_kernel(BackwardArgs a, bool out_vec, int tpr) {
   using A = typename Scalar<T>::Acc;
   const int lane = threadIdx.x & (tpr - 1);
   const int rows_per_block = blockDim.x / tpr;

@@ -51,8 +51,8 @@ AMVL_HD Philox4 philox4x32_10(Philox4 ctr, uint32_t key0, uint32_t key1) {
 // Two standard normals from two uniform words. The radius word maps to (0, 1] so the log is
 // always finite (the largest |normal| is sqrt(2 * 33 ln 2) ~ 6.8); the angle word maps to
 // [0, 2) half-turns, exactly representable.
-// On the GPU the log, sine and cosine are the hardware's approximations (__logf, __sincosf on
-// [-pi, pi), errors near 1e-6): the precise functions cost tens of instructions each, which
+// On the GPU the log, root, sine and cosine are the hardware's approximations (__logf,
+// sqrt.approx, __sincosf on [-pi, pi), errors near 1e-6): the precise functions cost tens of instructions each, which
 // made the noise, not memory, the bound of the Triton kernels until they switched (this
 // backend stayed at 45-50% of an H100's copy bandwidth with them). The host (the CPU tests'
 // twin) computes the same formula precisely, so the two agree to about 1e-6, not bitwise.
@@ -62,7 +62,10 @@ AMVL_HD void box_muller(uint32_t radius_bits, uint32_t angle_bits, float& n0, fl
   float s, c;
 #ifdef __CUDA_ARCH__
   // An approximate log of u within an ulp of 1 may come out positive: clamp before the root.
-  const float radius = sqrtf(fmaxf(-2.0f * __logf(u), 0.0f));
+  // The root is the approximate one too (sqrt.approx, relative error about 2^-23, what
+  // Triton's tl.sqrt emits): sqrtf compiles to the IEEE-rounded sequence with a slow path.
+  float radius;
+  asm("sqrt.approx.f32 %0, %1;" : "=f"(radius) : "f"(fmaxf(-2.0f * __logf(u), 0.0f)));
   // sin(pi t) = -sin(pi (t - 1)): the approximations are accurate on [-pi, pi) only.
   __sincosf(3.14159265358979323846f * (half_turns - 1.0f), &s, &c);
   s = -s;

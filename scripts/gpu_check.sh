@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine is for, in one call: build the CUDA extension, run the tests on
 # the GPU, run compute-sanitizer on the CUDA backend, run the benchmarks, sweep tile sizes.
-#   bash scripts/gpu_check.sh [build] [tests] [sanitize] [bench] [tune]
-#   (default: build tests sanitize bench; "tune" runs scripts/tune_latent_attention.py)
+#   bash scripts/gpu_check.sh [build] [tests] [sanitize] [bench] [tune] [counters] [sweep]
+#   (default: build tests sanitize bench; "tune" runs scripts/tune_latent_attention.py,
+#   "counters" ncu on the Gaussian kernels, "sweep" scripts/sweep_cuda_gaussian.py)
 # Each step runs under its own time limit so one slow step cannot eat the lease:
 #   AMVL_GPU_TESTS   pytest targets for "tests"      (default: tests/)
 #   AMVL_GPU_BENCH   pytest targets for "bench"      (default: benchmarks/)
@@ -60,6 +61,21 @@ for step in $steps; do
         python3 scripts/sanitize_gaussian_kl.py
       run "${AMVL_GPU_LIMIT_SANITIZE:-120}" compute-sanitizer --tool racecheck --error-exitcode 1 \
         python3 scripts/sanitize_gaussian_kl.py --quick
+      ;;
+    counters)
+      # Nsight Compute on the Gaussian kernels of both backends at 4096 x 4096 bf16: how close
+      # each is to the memory and issue ceilings, occupancy, stall reasons.
+      section "hardware counters of the Gaussian kernels (ncu)"
+      run "${AMVL_GPU_LIMIT_COUNTERS:-90}" ncu --clock-control none --target-processes all \
+        --kernel-name regex:"gaussian_kl|forward_kernel|backward_kernel" --launch-count 8 \
+        --section SpeedOfLight --section Occupancy --section LaunchStats \
+        --section WarpStateStats --section InstructionStats \
+        python3 scripts/sweep_cuda_gaussian.py --once
+      ;;
+    sweep)
+      section "CUDA backend launch shapes, side by side with Triton"
+      run "${AMVL_GPU_LIMIT_SWEEP:-120}" python3 scripts/sweep_cuda_gaussian.py \
+        --json "$OUT/sweep_cuda_gaussian.json"
       ;;
     bench)
       section "benchmarks"

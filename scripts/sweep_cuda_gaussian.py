@@ -1,0 +1,154 @@
+"""Time launch shapes of the Gaussian op's CUDA backend side by side, on a GPU.
+
+Builds csrc/ once per variant (the ``AMVL_GAUSSIAN_BLOCK`` and ``AMVL_GAUSSIAN_MIN_BLOCKS``
+macros of csrc/gaussian_kl.cu: threads per block, and blocks per SM promised to
+``__launch_bounds__``, which caps the registers) into a temporary folder, all in parallel. Then
+it replays forward and forward+backward of every variant, and of the Triton path, from CUDA
+graphs at the benchmark's bf16 shapes, and checks every variant's result against the float64
+formulas exactly as the benchmark does. Prints one row per (shape, provider) and writes them to
+``--json``.
+
+    python3 scripts/sweep_cuda_gaussian.py [--variants 256:1 256:3 128:1] [--json F]
+
+``--once`` builds nothing and times nothing: it runs forward+backward of the Triton path and of
+the installed CUDA extension twice each at 4096 x 4096, for a profiler to read the kernels'
+counters (``gpu_check.sh counters`` runs it under ncu).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import sysconfig
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import amvl_kernels as ak  # noqa: E402
+import build_cuda  # noqa: E402
+from amvl_kernels import _cuda_gaussian_kl  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.bench_gaussian_kl import (  # noqa: E402
+    NOISE_SIGMAS, TOLERANCE, minimal_bytes, result_errors)
+
+SHAPES = [(4096, 4096), (512, 3584), (65536, 256)]
+DEFAULT_VARIANTS = ["256:1", "256:3", "256:4", "128:1", "512:1"]
+
+
+def build_variant(nvcc: str, spec: str, folder: Path) -> ModuleType:
+    """The extension compiled with ``spec`` = "threads:min_blocks", imported under its own name."""
+    block, min_blocks = (int(x) for x in spec.split(":"))
+    arch = "".join(map(str, torch.cuda.get_device_capability()))
+    where = folder / f"b{block}m{min_blocks}"
+    sources = build_cuda.extension_sources(ROOT, sorted((ROOT / "csrc").glob("*.cu")))
+    output = where / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
+    build_cuda.build_module(nvcc, sources, output, where / "obj", [arch],
+                            defines={"AMVL_GAUSSIAN_BLOCK": block,
+                                     "AMVL_GAUSSIAN_MIN_BLOCKS": min_blocks})
+    # The init symbol is PyInit__C: the module's name must end in "._C".
+    module_spec = importlib.util.spec_from_file_location(f"amvl_sweep_{where.name}._C", output)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def measure(run, check, shape, mode) -> dict[str, float]:
+    """Graph-replay time, share of copy bandwidth and the benchmark's error figures."""
+    slots, d = shape
+    errors = check()
+    graph_ms = common.graph_time_ms(run)
+    nbytes = minimal_bytes(slots, d, torch.bfloat16, mode)
+    return {**errors, "graph_us": 1e3 * graph_ms,
+            "pct_of_copy": 100 * nbytes / graph_ms / 1e6 / common.copy_bandwidth_gbs()}
+
+
+def run_once() -> None:
+    """Forward+backward twice per backend (the first compiles Triton's kernels)."""
+    inputs = [torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+              for _ in range(4)]
+    for backend in ("triton", "cuda"):
+        for _ in range(2):
+            outputs = ak.gaussian_sample_kl(*inputs, seed=1234, backend=backend)
+            torch.autograd.grad(outputs, inputs, [torch.ones_like(o) for o in outputs])
+    torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
+                        help="threads per block:min blocks per SM, e.g. 256:1")
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--once", action="store_true",
+                        help="only run each installed backend twice, for a profiler")
+    args = parser.parse_args()
+    assert torch.cuda.is_available(), "this sweep times kernels on a GPU"
+    if args.once:
+        run_once()
+        return
+    nvcc = build_cuda.find_nvcc()
+    assert nvcc is not None, "nvcc not found"
+
+    folder = Path(tempfile.mkdtemp(prefix="amvl_cuda_sweep_"))
+    with ThreadPoolExecutor(max_workers=len(args.variants)) as pool:
+        modules = dict(zip(args.variants, pool.map(
+            lambda spec: build_variant(nvcc, spec, folder), args.variants)))
+    print(f"built {len(modules)} variants in {folder}", flush=True)
+
+    device = torch.device("cuda")
+    rows = []
+    for shape in SHAPES:
+        torch.manual_seed(0)
+        inputs = [torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True)
+                  for _ in range(4)]
+        grad_outputs = (torch.randn(shape, device=device, dtype=torch.bfloat16),
+                        torch.randn(shape[0], device=device),
+                        torch.randn(shape[0], device=device))
+        providers = {"triton": "triton", **{f"cuda {spec}": spec for spec in modules}}
+        for name, spec in providers.items():
+            backend = "triton" if spec == "triton" else "cuda"
+            if backend == "cuda":  # the launcher looks the module up on every call
+                _cuda_gaussian_kl._ext = lambda module=modules[spec]: module
+
+            def forward(backend=backend):
+                return ak.gaussian_sample_kl(*inputs, seed=1234, backend=backend)
+
+            def forward_backward():
+                return torch.autograd.grad(forward(), inputs, grad_outputs)
+
+            def check_forward():
+                return result_errors(forward(), inputs, None, grad_outputs)
+
+            def check_backward():
+                outputs = forward()
+                grads = torch.autograd.grad(outputs, inputs, grad_outputs)
+                return result_errors(outputs, inputs, grads, grad_outputs)
+
+            for mode, run, check in (("fwd", forward, check_forward),
+                                     ("fwd+bwd", forward_backward, check_backward)):
+                row = {"shape": f"{shape[0]}x{shape[1]}", "provider": name, "mode": mode,
+                       **measure(run, check, shape, mode)}
+                ok = (row["max_err"] <= TOLERANCE[torch.bfloat16]
+                      and row["noise_sigmas"] <= NOISE_SIGMAS)
+                row["ok"] = ok
+                rows.append(row)
+                print(f"{row['shape']:>10} {mode:>7} {name:>14}: {row['graph_us']:8.1f} us "
+                      f"{row['pct_of_copy']:5.1f}% of copy  max_err {row['max_err']:.1e} "
+                      f"{'ok' if ok else 'WRONG'}", flush=True)
+    info = common.device_info()
+    print(json.dumps(info))
+    if args.json:
+        args.json.write_text(json.dumps({"device": info, "rows": rows}, indent=1))
+    if not all(row["ok"] for row in rows):
+        raise SystemExit("a provider gave a wrong result: see the rows marked WRONG")
+
+
+if __name__ == "__main__":
+    main()
