@@ -25,14 +25,40 @@
 namespace amvl {
 namespace {
 
-// Launch shape. The two macros exist for scripts/sweep_cuda_gaussian.py, which builds the
-// module with other values and times them side by side; a plain build never sets them.
+// Launch shape. The macros exist for scripts/sweep_cuda_gaussian.py, which builds the module
+// with other values and times them side by side; a plain build never sets them. The blocks
+// per SM promised to __launch_bounds__ cap the registers: left alone, ptxas gave the bf16
+// backward 138 registers, one block of 256 threads per SM, and the GPU sat waiting on memory.
 #ifndef AMVL_GAUSSIAN_BLOCK
-#define AMVL_GAUSSIAN_BLOCK 256
+#define AMVL_GAUSSIAN_BLOCK 128
 #endif
-#ifndef AMVL_GAUSSIAN_MIN_BLOCKS  // __launch_bounds__'s blocks per SM: caps the registers
-#define AMVL_GAUSSIAN_MIN_BLOCKS 1
+#ifndef AMVL_GAUSSIAN_MIN_BLOCKS_FWD
+#define AMVL_GAUSSIAN_MIN_BLOCKS_FWD 6
 #endif
+#ifndef AMVL_GAUSSIAN_MIN_BLOCKS_BWD
+#define AMVL_GAUSSIAN_MIN_BLOCKS_BWD 5
+#endif
+#ifndef AMVL_FP32_MIN_BLOCKS_FWD
+#define AMVL_FP32_MIN_BLOCKS_FWD 5
+#endif
+#ifndef AMVL_FP32_MIN_BLOCKS_BWD
+#define AMVL_FP32_MIN_BLOCKS_BWD 4
+#endif
+
+// fp32 and fp64 chunks take two and four times the registers of a packed 16-bit chunk: they
+// get the caps that keep them free of spills (ptxas for sm_90), the 16-bit types the macros'.
+template <typename T>
+constexpr int min_blocks_fwd() {
+  return sizeof(T) == 2   ? AMVL_GAUSSIAN_MIN_BLOCKS_FWD
+         : sizeof(T) == 4 ? AMVL_FP32_MIN_BLOCKS_FWD
+                          : 1;
+}
+template <typename T>
+constexpr int min_blocks_bwd() {
+  return sizeof(T) == 2   ? AMVL_GAUSSIAN_MIN_BLOCKS_BWD
+         : sizeof(T) == 4 ? AMVL_FP32_MIN_BLOCKS_BWD
+                          : 1;
+}
 
 constexpr int kChunk = 8;  // 16 bytes of bf16/fp16, two 16-byte loads of fp32, four of fp64
 constexpr int kBlock = AMVL_GAUSSIAN_BLOCK;
@@ -90,37 +116,47 @@ AMVL_HD uint4 load16(const uint4* p) {
 #endif
 }
 
-// Columns c0 .. c0 + kChunk - 1 of `row`, widened to A; columns past d read as 0.
-template <typename T, typename A>
-AMVL_HD void load_chunk(const Matrix& m, int64_t row, int64_t c0, int64_t d, A (&out)[kChunk]) {
+// Columns c0 .. c0 + kChunk - 1 of `row` in the storage dtype T: a chunk of bf16 or fp16 stays
+// packed in four 32-bit registers until each element is widened where it is used. Widening
+// the whole chunk up front kept up to 72 fp32 values live per thread in the backward: 138
+// registers and an eighth of the H100's warps, which bound this backend at 45% of copy
+// bandwidth (ncu, 2026-11-27). Columns past d read as 0.
+template <typename T>
+AMVL_HD void load_chunk(const Matrix& m, int64_t row, int64_t c0, int64_t d, T (&out)[kChunk]) {
   const T* p = static_cast<const T*>(m.ptr) + row * m.row_stride + c0 * m.col_stride;
   if (m.vec && c0 + kChunk <= d) {
     constexpr int kPer = 16 / sizeof(T);
 #pragma unroll
     for (int v = 0; v < kChunk / kPer; ++v) {
       const uint4 raw = load16(reinterpret_cast<const uint4*>(p) + v);
-      T vals[kPer];
-      memcpy(vals, &raw, sizeof(raw));
-#pragma unroll
-      for (int j = 0; j < kPer; ++j) out[v * kPer + j] = static_cast<A>(Scalar<T>::widen(vals[j]));
+      memcpy(out + v * kPer, &raw, sizeof(raw));
     }
   } else {
+    const T zero = Scalar<T>::narrow(typename Scalar<T>::Acc(0));
 #pragma unroll
-    for (int j = 0; j < kChunk; ++j) {
-      out[j] = c0 + j < d ? static_cast<A>(Scalar<T>::widen(p[j * m.col_stride])) : A(0);
-    }
+    for (int j = 0; j < kChunk; ++j) out[j] = c0 + j < d ? p[j * m.col_stride] : zero;
   }
 }
 
-// eps may come in any float dtype, whatever the inputs' dtype: a uniform runtime switch.
+// The same, widened to A: for eps, which may come in any float dtype whatever the inputs'
+// dtype (a uniform runtime switch).
+template <typename T, typename A>
+AMVL_HD void load_chunk_widened(const Matrix& m, int64_t row, int64_t c0, int64_t d,
+                                A (&out)[kChunk]) {
+  T raw[kChunk];
+  load_chunk<T>(m, row, c0, d, raw);
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) out[j] = static_cast<A>(Scalar<T>::widen(raw[j]));
+}
+
 template <typename A>
 AMVL_HD void load_chunk_any(const Matrix& m, int64_t row, int64_t c0, int64_t d,
                             A (&out)[kChunk]) {
   switch (m.dtype) {
-    case DType::kFloat16: load_chunk<__half>(m, row, c0, d, out); break;
-    case DType::kBFloat16: load_chunk<__nv_bfloat16>(m, row, c0, d, out); break;
-    case DType::kFloat64: load_chunk<double>(m, row, c0, d, out); break;
-    default: load_chunk<float>(m, row, c0, d, out); break;
+    case DType::kFloat16: load_chunk_widened<__half>(m, row, c0, d, out); break;
+    case DType::kBFloat16: load_chunk_widened<__nv_bfloat16>(m, row, c0, d, out); break;
+    case DType::kFloat64: load_chunk_widened<double>(m, row, c0, d, out); break;
+    default: load_chunk_widened<float>(m, row, c0, d, out); break;
   }
 }
 
@@ -139,32 +175,30 @@ AMVL_HD void noise_chunk(const Matrix& eps, uint64_t seed, int64_t row, int64_t 
   for (int j = 0; j < kChunk; ++j) out[j] = static_cast<A>(n[j]);
 }
 
-// Store into a contiguous (rows, d) output, rounding once to T.
-template <typename T, typename A>
+// Store an already rounded chunk into a contiguous (rows, d) output.
+template <typename T>
 AMVL_HD void store_chunk(void* base, bool vec, int64_t row, int64_t c0, int64_t d,
-                         const A (&v)[kChunk]) {
+                         const T (&v)[kChunk]) {
   T* p = static_cast<T*>(base) + row * d + c0;
   if (vec && c0 + kChunk <= d) {
-    T vals[kChunk];
-#pragma unroll
-    for (int j = 0; j < kChunk; ++j) vals[j] = Scalar<T>::narrow(v[j]);
     constexpr int kPer = 16 / sizeof(T);
 #pragma unroll
     for (int i = 0; i < kChunk / kPer; ++i) {
       uint4 raw;
-      memcpy(&raw, vals + i * kPer, sizeof(raw));
+      memcpy(&raw, v + i * kPer, sizeof(raw));
       reinterpret_cast<uint4*>(p)[i] = raw;
     }
   } else {
 #pragma unroll
     for (int j = 0; j < kChunk; ++j) {
-      if (c0 + j < d) p[j] = Scalar<T>::narrow(v[j]);
+      if (c0 + j < d) p[j] = v[j];
     }
   }
 }
 
 // ------------------------------------------------------------------------- per-chunk maths
-// Shared verbatim by the kernels and the host emulation.
+// Shared verbatim by the kernels and the host emulation. Each element is computed to its
+// rounded outputs in one go, so only the packed chunks stay live across the loop.
 
 template <typename T, typename A = typename Scalar<T>::Acc>
 AMVL_HD void forward_chunk(const ForwardArgs& a, bool out_vec, int64_t row, int64_t c0,
@@ -172,7 +206,8 @@ AMVL_HD void forward_chunk(const ForwardArgs& a, bool out_vec, int64_t row, int6
   // Every load is issued before the store of z: the compiler cannot move a load above a store
   // it cannot prove to be disjoint, and loads issued after it would wait a second round trip.
   const bool with_kl = a.mu_p.ptr != nullptr;
-  A mu_q[kChunk], lv_q[kChunk], mu_p[kChunk], lv_p[kChunk], eps[kChunk], z[kChunk];
+  T mu_q[kChunk], lv_q[kChunk], mu_p[kChunk], lv_p[kChunk], z[kChunk];
+  A eps[kChunk];
   load_chunk<T>(a.mu_q, row, c0, a.d, mu_q);
   load_chunk<T>(a.lv_q, row, c0, a.d, lv_q);
   if (with_kl) {
@@ -181,18 +216,21 @@ AMVL_HD void forward_chunk(const ForwardArgs& a, bool out_vec, int64_t row, int6
   }
   noise_chunk(a.eps, a.seed, row, c0, a.d, eps);
 #pragma unroll
-  for (int j = 0; j < kChunk; ++j) z[j] = mu_q[j] + exp_acc(A(0.5) * lv_q[j]) * eps[j];
+  for (int j = 0; j < kChunk; ++j) {
+    const A mq = Scalar<T>::widen(mu_q[j]), lq = Scalar<T>::widen(lv_q[j]);
+    z[j] = Scalar<T>::narrow(mq + exp_acc(A(0.5) * lq) * eps[j]);
+  }
   store_chunk<T>(a.z, out_vec, row, c0, a.d, z);
   if (!with_kl) return;
 
 #pragma unroll
   for (int j = 0; j < kChunk; ++j) {
     if (c0 + j >= a.d) break;
-    const A diff2 = (mu_q[j] - mu_p[j]) * (mu_q[j] - mu_p[j]);
-    kl_fwd += A(0.5) * (lv_p[j] - lv_q[j] + exp_acc(lv_q[j] - lv_p[j]) +
-                        diff2 * exp_acc(-lv_p[j]) - A(1));
-    kl_rev += A(0.5) * (lv_q[j] - lv_p[j] + exp_acc(lv_p[j] - lv_q[j]) +
-                        diff2 * exp_acc(-lv_q[j]) - A(1));
+    const A mq = Scalar<T>::widen(mu_q[j]), lq = Scalar<T>::widen(lv_q[j]);
+    const A mp = Scalar<T>::widen(mu_p[j]), lp = Scalar<T>::widen(lv_p[j]);
+    const A diff2 = (mq - mp) * (mq - mp);
+    kl_fwd += A(0.5) * (lp - lq + exp_acc(lq - lp) + diff2 * exp_acc(-lp) - A(1));
+    kl_rev += A(0.5) * (lq - lp + exp_acc(lp - lq) + diff2 * exp_acc(-lq) - A(1));
   }
 }
 
@@ -215,72 +253,70 @@ AMVL_HD Routes routes_of(const BackwardArgs& a) {
 template <typename T, typename A = typename Scalar<T>::Acc>
 AMVL_HD void backward_chunk(const BackwardArgs& a, const Routes& r, bool out_vec, int64_t row,
                             int64_t c0, A g_fwd, A g_rev) {
-  A mu_q[kChunk], lv_q[kChunk], mu_p[kChunk], lv_p[kChunk];
+  const bool any_kl = r.fwd_q || r.fwd_p || r.rev_q || r.rev_p;
+  const bool with_z = r.need_q && a.grad_z.ptr != nullptr;
+  T mu_q[kChunk], lv_q[kChunk], mu_p[kChunk], lv_p[kChunk], dz[kChunk];
+  A eps[kChunk];
   load_chunk<T>(a.mu_q, row, c0, a.d, mu_q);
   load_chunk<T>(a.lv_q, row, c0, a.d, lv_q);
-  const bool any_kl = r.fwd_q || r.fwd_p || r.rev_q || r.rev_p;
   if (any_kl) {
     load_chunk<T>(a.mu_p, row, c0, a.d, mu_p);
     load_chunk<T>(a.lv_p, row, c0, a.d, lv_p);
   }
-  A diff[kChunk], inv_var_p[kChunk], inv_var_q[kChunk], ratio_qp[kChunk], ratio_pq[kChunk];
-  if (any_kl) {
-#pragma unroll
-    for (int j = 0; j < kChunk; ++j) {
-      diff[j] = mu_q[j] - mu_p[j];
-      inv_var_p[j] = exp_acc(-lv_p[j]);
-      inv_var_q[j] = exp_acc(-lv_q[j]);
-      ratio_qp[j] = exp_acc(lv_q[j] - lv_p[j]);
-      ratio_pq[j] = exp_acc(lv_p[j] - lv_q[j]);
-    }
+  if (with_z) {
+    load_chunk<T>(a.grad_z, row, c0, a.d, dz);
+    noise_chunk(a.eps, a.seed, row, c0, a.d, eps);  // regenerated, never stored
   }
 
-  if (r.need_q) {
-    A g_mu[kChunk], g_lv[kChunk];
+  T g_mu_q[kChunk], g_lv_q[kChunk], g_mu_p[kChunk], g_lv_p[kChunk];
 #pragma unroll
-    for (int j = 0; j < kChunk; ++j) g_mu[j] = g_lv[j] = A(0);
-    if (a.grad_z.ptr != nullptr) {
-      A dz[kChunk], eps[kChunk];
-      load_chunk<T>(a.grad_z, row, c0, a.d, dz);
-      noise_chunk(a.eps, a.seed, row, c0, a.d, eps);  // regenerated, never stored
-#pragma unroll
-      for (int j = 0; j < kChunk; ++j) {
-        g_mu[j] += dz[j];
-        g_lv[j] += dz[j] * A(0.5) * exp_acc(A(0.5) * lv_q[j]) * eps[j];
-      }
+  for (int j = 0; j < kChunk; ++j) {
+    const A mq = Scalar<T>::widen(mu_q[j]), lq = Scalar<T>::widen(lv_q[j]);
+    A diff = 0, inv_var_p = 0, inv_var_q = 0, ratio_qp = 0, ratio_pq = 0;
+    if (any_kl) {
+      const A mp = Scalar<T>::widen(mu_p[j]), lp = Scalar<T>::widen(lv_p[j]);
+      diff = mq - mp;
+      inv_var_p = exp_acc(-lp);
+      inv_var_q = exp_acc(-lq);
+      ratio_qp = exp_acc(lq - lp);
+      ratio_pq = exp_acc(lp - lq);
     }
-#pragma unroll
-    for (int j = 0; j < kChunk; ++j) {
+    if (r.need_q) {
+      A g_mu = 0, g_lv = 0;
+      if (with_z) {
+        const A g = Scalar<T>::widen(dz[j]);
+        g_mu += g;
+        g_lv += g * A(0.5) * exp_acc(A(0.5) * lq) * eps[j];
+      }
       if (r.fwd_q) {
-        g_mu[j] += g_fwd * diff[j] * inv_var_p[j];
-        g_lv[j] += g_fwd * A(0.5) * (ratio_qp[j] - A(1));
+        g_mu += g_fwd * diff * inv_var_p;
+        g_lv += g_fwd * A(0.5) * (ratio_qp - A(1));
       }
       if (r.rev_q) {
-        g_mu[j] += g_rev * diff[j] * inv_var_q[j];
-        g_lv[j] += g_rev * A(0.5) * (A(1) - ratio_pq[j] - diff[j] * diff[j] * inv_var_q[j]);
+        g_mu += g_rev * diff * inv_var_q;
+        g_lv += g_rev * A(0.5) * (A(1) - ratio_pq - diff * diff * inv_var_q);
       }
+      g_mu_q[j] = Scalar<T>::narrow(g_mu);
+      g_lv_q[j] = Scalar<T>::narrow(g_lv);
     }
-    if (a.grad_mu_q != nullptr) store_chunk<T>(a.grad_mu_q, out_vec, row, c0, a.d, g_mu);
-    if (a.grad_lv_q != nullptr) store_chunk<T>(a.grad_lv_q, out_vec, row, c0, a.d, g_lv);
-  }
-
-  if (r.need_p) {
-    A g_mu[kChunk], g_lv[kChunk];
-#pragma unroll
-    for (int j = 0; j < kChunk; ++j) {
-      g_mu[j] = g_lv[j] = A(0);
+    if (r.need_p) {
+      A g_mu = 0, g_lv = 0;
       if (r.fwd_p) {
-        g_mu[j] -= g_fwd * diff[j] * inv_var_p[j];
-        g_lv[j] += g_fwd * A(0.5) * (A(1) - ratio_qp[j] - diff[j] * diff[j] * inv_var_p[j]);
+        g_mu -= g_fwd * diff * inv_var_p;
+        g_lv += g_fwd * A(0.5) * (A(1) - ratio_qp - diff * diff * inv_var_p);
       }
       if (r.rev_p) {
-        g_mu[j] -= g_rev * diff[j] * inv_var_q[j];
-        g_lv[j] += g_rev * A(0.5) * (ratio_pq[j] - A(1));
+        g_mu -= g_rev * diff * inv_var_q;
+        g_lv += g_rev * A(0.5) * (ratio_pq - A(1));
       }
+      g_mu_p[j] = Scalar<T>::narrow(g_mu);
+      g_lv_p[j] = Scalar<T>::narrow(g_lv);
     }
-    if (a.grad_mu_p != nullptr) store_chunk<T>(a.grad_mu_p, out_vec, row, c0, a.d, g_mu);
-    if (a.grad_lv_p != nullptr) store_chunk<T>(a.grad_lv_p, out_vec, row, c0, a.d, g_lv);
   }
+  if (a.grad_mu_q != nullptr) store_chunk<T>(a.grad_mu_q, out_vec, row, c0, a.d, g_mu_q);
+  if (a.grad_lv_q != nullptr) store_chunk<T>(a.grad_lv_q, out_vec, row, c0, a.d, g_lv_q);
+  if (a.grad_mu_p != nullptr) store_chunk<T>(a.grad_mu_p, out_vec, row, c0, a.d, g_mu_p);
+  if (a.grad_lv_p != nullptr) store_chunk<T>(a.grad_lv_p, out_vec, row, c0, a.d, g_lv_p);
 }
 
 template <typename A>
@@ -321,7 +357,8 @@ __device__ void block_sum2(A& x, A& y) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kBlock, AMVL_GAUSSIAN_MIN_BLOCKS) forward_kernel(ForwardArgs a, bool out_vec, int tpr) {
+__global__ void __launch_bounds__(kBlock, min_blocks_fwd<T>())
+    forward_kernel(ForwardArgs a, bool out_vec, int tpr) {
   using A = typename Scalar<T>::Acc;
   const int lane = threadIdx.x & (tpr - 1);
   const int rows_per_block = blockDim.x / tpr;
@@ -350,7 +387,8 @@ __global__ void __launch_bounds__(kBlock, AMVL_GAUSSIAN_MIN_BLOCKS) forward_kern
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kBlock, AMVL_GAUSSIAN_MIN_BLOCKS) backward_kernel(BackwardArgs a, bool out_vec, int tpr) {
+__global__ void __launch_bounds__(kBlock, min_blocks_bwd<T>())
+    backward_kernel(BackwardArgs a, bool out_vec, int tpr) {
   using A = typename Scalar<T>::Acc;
   const int lane = threadIdx.x & (tpr - 1);
   const int rows_per_block = blockDim.x / tpr;

@@ -52,10 +52,10 @@ AMVL_HD Philox4 philox4x32_10(Philox4 ctr, uint32_t key0, uint32_t key1) {
 // always finite (the largest |normal| is sqrt(2 * 33 ln 2) ~ 6.8); the angle word maps to
 // [0, 2) half-turns, exactly representable.
 // On the GPU the log, root, sine and cosine are the hardware's approximations (__logf,
-// sqrt.approx, __sincosf on [-pi, pi), errors near 1e-6): the precise functions cost tens of instructions each, which
-// made the noise, not memory, the bound of the Triton kernels until they switched (this
-// backend stayed at 45-50% of an H100's copy bandwidth with them). The host (the CPU tests'
-// twin) computes the same formula precisely, so the two agree to about 1e-6, not bitwise.
+// sqrt.approx, __sincosf on [-pi, pi), errors near 1e-6): the precise functions cost tens of
+// instructions each, which made the noise, not memory, the bound of the Triton kernels until
+// they switched. The host (the CPU tests' twin) computes the same formula precisely, so the
+// two agree to about 1e-6, not bitwise.
 AMVL_HD void box_muller(uint32_t radius_bits, uint32_t angle_bits, float& n0, float& n1) {
   const float u = fmaf(static_cast<float>(radius_bits), 0x1p-32f, 0x1p-33f);
   const float half_turns = static_cast<float>(angle_bits >> 8) * 0x1p-23f;
@@ -97,23 +97,21 @@ AMVL_HD void normal4(uint64_t seed, uint64_t group, float out[4]) {
 template <int N>
 AMVL_HD void normal_chunk(uint64_t seed, uint64_t first, float (&out)[N]) {
   static_assert(N % 4 == 0, "chunks cover whole noise groups");
-  constexpr int kGroups = N / 4 + 1;
-  float n[4 * kGroups];
   const uint64_t group = first >> 2;
   const int shift = static_cast<int>(first & 3);
+  if (shift == 0) {  // the chunk is whole groups (any d divisible by 4): no realignment
 #pragma unroll
-  for (int g = 0; g < kGroups; ++g) {
-    // The last group is only reached when the chunk does not start on a group boundary.
-    if (g < kGroups - 1 || shift != 0) {
-      normal4(seed, group + g, n + 4 * g);
-    } else {
-      n[4 * g] = n[4 * g + 1] = n[4 * g + 2] = n[4 * g + 3] = 0.0f;
-    }
+    for (int g = 0; g < N / 4; ++g) normal4(seed, group + g, out + 4 * g);
+    return;
   }
+  constexpr int kGroups = N / 4 + 1;
+  float n[4 * kGroups];
+#pragma unroll
+  for (int g = 0; g < kGroups; ++g) normal4(seed, group + g, n + 4 * g);
   // Static indices with a select keep n[] in registers (a runtime index would spill it).
 #pragma unroll
   for (int j = 0; j < N; ++j) {
-    out[j] = shift == 0 ? n[j] : shift == 1 ? n[j + 1] : shift == 2 ? n[j + 2] : n[j + 3];
+    out[j] = shift == 1 ? n[j + 1] : shift == 2 ? n[j + 2] : n[j + 3];
   }
 }
 

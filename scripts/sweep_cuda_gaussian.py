@@ -1,14 +1,15 @@
 """Time launch shapes of the Gaussian op's CUDA backend side by side, on a GPU.
 
-Builds csrc/ once per variant (the ``AMVL_GAUSSIAN_BLOCK`` and ``AMVL_GAUSSIAN_MIN_BLOCKS``
-macros of csrc/gaussian_kl.cu: threads per block, and blocks per SM promised to
-``__launch_bounds__``, which caps the registers) into a temporary folder, all in parallel. Then
+Builds csrc/ once per variant (the ``AMVL_GAUSSIAN_BLOCK`` and ``AMVL_GAUSSIAN_MIN_BLOCKS_*``
+macros of csrc/gaussian_kl.cu: threads per block, and the blocks per SM promised to
+``__launch_bounds__`` for the forward and the backward kernel, which cap their registers) into
+a temporary folder, all in parallel. Then
 it replays forward and forward+backward of every variant, and of the Triton path, from CUDA
 graphs at the benchmark's bf16 shapes, and checks every variant's result against the float64
 formulas exactly as the benchmark does. Prints one row per (shape, provider) and writes them to
 ``--json``.
 
-    python3 scripts/sweep_cuda_gaussian.py [--variants 256:1 256:3 128:1] [--json F]
+    python3 scripts/sweep_cuda_gaussian.py [--variants 128:6:5 256:3:2] [--json F]
 
 ``--once`` builds nothing and times nothing: it runs forward+backward of the Triton path and of
 the installed CUDA extension twice each at 4096 x 4096, for a profiler to read the kernels'
@@ -34,25 +35,28 @@ sys.path.insert(0, str(ROOT))
 
 import amvl_kernels as ak  # noqa: E402
 import build_cuda  # noqa: E402
-from amvl_kernels import _cuda_gaussian_kl  # noqa: E402
+from amvl_kernels import _cuda_gaussian_kl, backends  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks.bench_gaussian_kl import (  # noqa: E402
     NOISE_SIGMAS, TOLERANCE, minimal_bytes, result_errors)
 
 SHAPES = [(4096, 4096), (512, 3584), (65536, 256)]
-DEFAULT_VARIANTS = ["256:1", "256:3", "256:4", "128:1", "512:1"]
+# threads per block : forward blocks per SM : backward blocks per SM; the first is the default.
+DEFAULT_VARIANTS = ["128:6:5", "256:1:1", "256:3:2", "256:4:3", "128:8:6"]
 
 
 def build_variant(nvcc: str, spec: str, folder: Path) -> ModuleType:
-    """The extension compiled with ``spec`` = "threads:min_blocks", imported under its own name."""
-    block, min_blocks = (int(x) for x in spec.split(":"))
+    """The extension compiled with ``spec`` = "threads:fwd_blocks:bwd_blocks", imported under a
+    name of its own."""
+    block, fwd_blocks, bwd_blocks = (int(x) for x in spec.split(":"))
     arch = "".join(map(str, torch.cuda.get_device_capability()))
-    where = folder / f"b{block}m{min_blocks}"
+    where = folder / f"b{block}f{fwd_blocks}b{bwd_blocks}"
     sources = build_cuda.extension_sources(ROOT, sorted((ROOT / "csrc").glob("*.cu")))
     output = where / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
     build_cuda.build_module(nvcc, sources, output, where / "obj", [arch],
                             defines={"AMVL_GAUSSIAN_BLOCK": block,
-                                     "AMVL_GAUSSIAN_MIN_BLOCKS": min_blocks})
+                                     "AMVL_GAUSSIAN_MIN_BLOCKS_FWD": fwd_blocks,
+                                     "AMVL_GAUSSIAN_MIN_BLOCKS_BWD": bwd_blocks})
     # The init symbol is PyInit__C: the module's name must end in "._C".
     module_spec = importlib.util.spec_from_file_location(f"amvl_sweep_{where.name}._C", output)
     module = importlib.util.module_from_spec(module_spec)
@@ -84,7 +88,7 @@ def run_once() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
-                        help="threads per block:min blocks per SM, e.g. 256:1")
+                        help="threads per block:forward blocks per SM:backward blocks per SM")
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--once", action="store_true",
                         help="only run each installed backend twice, for a profiler")
@@ -96,6 +100,8 @@ def main() -> None:
     nvcc = build_cuda.find_nvcc()
     assert nvcc is not None, "nvcc not found"
 
+    # The variants stand in for the installed extension, which need not exist.
+    backends.cuda_extension_available = lambda: True
     folder = Path(tempfile.mkdtemp(prefix="amvl_cuda_sweep_"))
     with ThreadPoolExecutor(max_workers=len(args.variants)) as pool:
         modules = dict(zip(args.variants, pool.map(
