@@ -4,9 +4,11 @@
 //
 // Work split: a row (one latent slot) is owned by `tpr` threads, a power of two. Each thread
 // walks the row in chunks of kChunk consecutive columns, tpr * kChunk columns apart, so any d
-// works (d = 1 up to d > 65536). With tpr <= 32 a 256-thread block holds 256 / tpr rows and
-// the per-row KL sums reduce with shuffles inside aligned lane groups; with tpr > 32 a block is
-// one row and reduces through shared memory.
+// works (d = 1 up to d > 65536). With tpr <= 32 a block holds kBlock / tpr rows and the
+// per-row KL sums reduce with shuffles inside aligned lane groups; with tpr > 32 a block is
+// one row and reduces through shared memory. The backward, elementwise once a row's upstream
+// KL gradients are known, also spreads a row's chunks over blocks (grid axis 1), so a few long
+// rows still fill the GPU.
 //
 // Numerics follow the Triton path: loads widened to fp32 (fp64 inputs stay fp64), z and
 // gradients rounded once to the storage dtype, KLs kept in the accumulation dtype. Noise is
@@ -393,13 +395,17 @@ __global__ void __launch_bounds__(kBlock, min_blocks_bwd<T>())
   const int lane = threadIdx.x & (tpr - 1);
   const int rows_per_block = blockDim.x / tpr;
   const Routes r = routes_of(a);
+  // Block y of the grid takes columns [y * tpr * kChunk, (y + 1) * tpr * kChunk) of its rows,
+  // then every gridDim.y-th such span (rows longer than 65,535 spans).
+  const int64_t c_first = (int64_t(blockIdx.y) * tpr + lane) * kChunk;
+  const int64_t c_step = int64_t(gridDim.y) * tpr * kChunk;
   for (int64_t first = int64_t(blockIdx.x) * rows_per_block; first < a.rows;
        first += int64_t(gridDim.x) * rows_per_block) {
     const int64_t row = first + threadIdx.x / tpr;
     if (row >= a.rows) continue;
     const A g_fwd = load_row<A>(a.grad_kl_fwd, row);
     const A g_rev = load_row<A>(a.grad_kl_rev, row);
-    for (int64_t c0 = int64_t(lane) * kChunk; c0 < a.d; c0 += int64_t(tpr) * kChunk) {
+    for (int64_t c0 = c_first; c0 < a.d; c0 += c_step) {
       backward_chunk<T>(a, r, out_vec, row, c0, g_fwd, g_rev);
     }
   }
@@ -411,6 +417,7 @@ struct Layout {
   int tpr;    // threads per row
   int block;  // threads per block
   int64_t grid;
+  int64_t column_blocks;  // the backward's grid axis 1: blocks sharing one row's chunks
 };
 
 // Enough threads per row to give each about one chunk, at most one block. Depends only on
@@ -422,7 +429,8 @@ Layout layout_for(int64_t rows, int64_t d) {
   const int block = tpr <= 32 ? kBlock : tpr;
   const int64_t rows_per_block = block / tpr;
   const int64_t grid = std::min((rows + rows_per_block - 1) / rows_per_block, kMaxGrid);
-  return Layout{tpr, block, grid};
+  const int64_t column_blocks = std::min<int64_t>((chunks + tpr - 1) / tpr, 65535);
+  return Layout{tpr, block, grid, column_blocks};
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -508,7 +516,8 @@ cudaError_t launch_backward(const BackwardArgs& args, cudaStream_t stream) {
       {args.grad_mu_q, args.grad_lv_q, args.grad_mu_p, args.grad_lv_p}, args.d, args.dtype);
   dispatch(args.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    backward_kernel<T><<<static_cast<unsigned>(l.grid), l.block, 0, stream>>>(args, out_vec, l.tpr);
+    const dim3 grid(static_cast<unsigned>(l.grid), static_cast<unsigned>(l.column_blocks));
+    backward_kernel<T><<<grid, l.block, 0, stream>>>(args, out_vec, l.tpr);
   });
   return cudaGetLastError();
 }
