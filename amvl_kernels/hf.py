@@ -63,8 +63,10 @@ _backend = check_choice("AMVL_ATTENTION_BACKEND", os.environ.get("AMVL_ATTENTION
 def set_backend(backend: str) -> str:
     """Select the backend of every ``"amvl"`` attention call; returns the previous one.
 
-    ``"auto"`` (default): Triton on a GPU, ``"torch"`` on the CPU. ``"triton"``: the kernel
-    everywhere (on the CPU it needs ``TRITON_INTERPRET=1`` and is slow: for tests).
+    ``"auto"`` (default): Triton on a GPU, a layout's long plain causal prefix on SDPA's
+    causal kernel (see :func:`amvl_kernels.latent_attention`), ``"torch"`` on the CPU.
+    ``"triton"``: the kernel for every row everywhere (on the CPU it needs
+    ``TRITON_INTERPRET=1`` and is slow: for tests).
     ``"torch"``: PyTorch's SDPA with the layout's boolean mask.
     """
     global _backend

@@ -51,6 +51,12 @@ from amvl_kernels.reference.latent_attention import latent_attention_sdpa
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
+# Under backend="auto", at least this many leading plain causal rows (x in the prefix-sharing
+# layout) go to SDPA's causal kernel: cuDNN's on an H100, which ran the 7B proxy's causal
+# attention about twice as fast as our kernels ran its prefix-sharing layout (RESULTS.md,
+# training-step profiles). A guess, not a measurement, below which the extra launches and the
+# concatenation are not worth it.
+CAUSAL_ROWS_TO_SDPA = 256
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -773,6 +779,32 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | None,
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
 
 
+def _plain_causal_rows(layout: LatentLayout) -> int:
+    """``layout.plain_causal_rows()``, or 0 while a CUDA graph is being captured and the
+    count is not known yet (reading it back from the device is a sync, which capture forbids)."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return layout.cached(("plain causal rows",), lambda: 0)
+    return layout.plain_causal_rows()
+
+
+def causal_rows_on_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout, scale: float,
+                        rows: int, backend: str = "triton") -> Tensor:
+    """Attention with the first ``rows`` queries, plain causal ones, on SDPA's causal kernel.
+
+    Those queries see exactly the keys at or before them, so ``is_causal`` over the first
+    ``rows`` keys is their whole mask; the queries after them run on ``backend`` as a block
+    of queries at the end of all the keys. Lq must equal Lk. Autograd adds both parts'
+    gradients of the shared keys and values.
+    """
+    head = F.scaled_dot_product_attention(q[:, :, :rows], k[:, :, :rows], v[:, :, :rows],
+                                          is_causal=True, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+    if rows == q.shape[2]:
+        return head
+    tail = latent_attention(q[:, :, rows:], k, v, layout, scale, backend=backend)
+    return torch.cat([head, tail], dim=2)
+
+
 def latent_attention(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | None = None,
                      scale: float | None = None, backend: str = "auto") -> Tensor:
     """Attention under the latent-block mask rule of DESIGN.md section 3.
@@ -784,8 +816,11 @@ def latent_attention(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | Non
         scale: score scale, default 1 / sqrt(D).
         backend: "auto" (Triton on a GPU, PyTorch's SDPA with the layout's mask on the CPU or
             where Triton cannot run; a decoding step without a layout, one query that sees
-            every key, goes to SDPA everywhere), "triton" or "torch". The Triton kernels take
-            fp16, bf16 and fp32 (fp32 matmuls in IEEE precision) and head dims up to 256.
+            every key, goes to SDPA everywhere, and so do the leading plain causal rows of a
+            layout, x in the prefix-sharing layout, when there are at least
+            ``CAUSAL_ROWS_TO_SDPA`` of them: see :func:`causal_rows_on_sdpa`), "triton" (our
+            kernels for every row) or "torch". The Triton kernels take fp16, bf16 and fp32
+            (fp32 matmuls in IEEE precision) and head dims up to 256.
 
     Returns:
         (B, Hq, Lq, D) in q's dtype. A query row that sees no key gets zeros and zero gradient.
@@ -814,6 +849,11 @@ def latent_attention(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | Non
         # (benchmarks/RESULTS.md, decoding rows; mostly host time).
         return F.scaled_dot_product_attention(q, k, v, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
+    if auto and layout is not None and q.shape[2] == k.shape[2] \
+            and q.dtype in (torch.float16, torch.bfloat16) and not torch.compiler.is_compiling():
+        rows = _plain_causal_rows(layout)
+        if rows >= CAUSAL_ROWS_TO_SDPA:
+            return causal_rows_on_sdpa(q, k, v, layout, scale, rows)
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     tiles = _tile_tensors(layout, q.shape[2], q.shape[1] // k.shape[1], q.shape[-1], q.dtype,
                           q.device, backward)

@@ -341,6 +341,27 @@ class LatentLayout:
         same_block = (block[:, rows, None] > 0) & (block[:, rows, None] == block[:, None, :])
         return sees & same_doc & ((j <= i)[None] | same_block)
 
+    def plain_causal_rows(self) -> int:
+        """How many leading tokens are plain causal queries in every batch row: each sees
+        exactly the keys at or before it (every kind among them, one document, no
+        bidirectional block of its own). x in the prefix-sharing layout, the tokens before the
+        first latent block in the others; 0 when a row starts with padding.
+
+        Cached; the first call reads one integer back from the device (a host sync).
+        """
+        return self.cached(("plain causal rows",), self._plain_causal_rows)
+
+    def _plain_causal_rows(self) -> int:
+        if self.batch == 0 or self.length == 0:
+            return 0
+        kind, visible, block, doc = (t.long() for t in self.metadata())
+        kinds = torch.arange(MAX_KINDS, device=self.device)
+        # (B, L, kinds): the kinds among the keys at or before each token, and those it sees
+        seen = (kind[..., None] == kinds).int().cummax(dim=1).values.bool()
+        sees = ((visible[..., None] >> kinds) & 1).bool()
+        plain = ~(seen & ~sees).any(-1) & (block == 0) & (doc == doc[:, :1])
+        return int(plain.int().cumprod(dim=1).sum(dim=1).min())
+
     def tile_map(self, num_queries: int, block_m: int, block_n: int) -> TileMap:
         """Classes of (query tile, key tile) pairs, computed once per shape and cached.
 

@@ -5,7 +5,10 @@ Setup: bf16, head dim 128, 16 heads, B*S = 16k tokens, S in {1k, 4k, 16k}. Two l
 prefix-sharing training layout [x | P | y | Q] with K = 16 and prefix:answer 4:1.
 
 Providers, side by side in one run on one device:
-- ``amvl``: our Triton kernels (:func:`amvl_kernels.latent_attention`);
+- ``amvl``: our Triton kernels for every row (:func:`amvl_kernels.latent_attention` with
+  ``backend="triton"``), the kernels this benchmark is about;
+- ``amvl_auto``: what ``backend="auto"`` runs: the layout's leading plain causal rows (75% of
+  each row in ``latent``, x in ``prefix``) on SDPA's causal kernel, the rest on ours;
 - ``amvl_heads_fastest``: the same kernels launched on (heads, tiles) grids instead of
   (tiles, heads) (``_tiles_fastest``), so that one run tells which order is faster (dq by
   atomics in the dk/dv kernel, ``_dq_in_dkdv``, had such a provider until an H100 measured it
@@ -54,7 +57,8 @@ SEQ_LENS = [64] if common.SMOKE else [4096, 16384, 1024]  # the targets' lengths
 HEADS, HEAD_DIM = (2, 32) if common.SMOKE else (16, 128)
 LAYOUTS = ["latent", "prefix"]
 MODES = ["fwd", "fwd+bwd"]
-PROVIDERS = ["amvl", "amvl_heads_fastest", "flex", "sdpa_dense", "sdpa_flash_causal"]
+PROVIDERS = ["amvl", "amvl_auto", "amvl_heads_fastest", "flex", "sdpa_dense",
+             "sdpa_flash_causal"]
 # Decoding's largest ``common.max_scaled_error``: bf16 rounding gives about 5e-3 there; a wrong
 # tile (a mask misread, a tile skipped) gives errors of order 1 in the rows it touches.
 TOLERANCE = {torch.bfloat16: 5e-2, torch.float32: 1e-4}
@@ -119,6 +123,9 @@ def heads_fastest(enabled: bool):
 def make_provider(provider: str, layout: ak.LatentLayout, batch: int, length: int, device):
     """(fn(q, k, v) -> out, extra metrics, the layout whose pairs count as work)."""
     if provider in ("amvl", "amvl_heads_fastest"):
+        return (lambda q, k, v: ak.latent_attention(q, k, v, layout, backend="triton")), {}, \
+            layout
+    if provider == "amvl_auto":
         return (lambda q, k, v: ak.latent_attention(q, k, v, layout)), {}, layout
     if provider == "flex":
         global _flex_compiled

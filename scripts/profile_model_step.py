@@ -86,6 +86,23 @@ def without_head_split(step):
     return run
 
 
+KERNELS_ONLY = "shared_amvl:kernels"
+
+
+def on_our_kernels_only(step):
+    """``step`` with the "amvl" attention's backend "triton": our kernels for every query row,
+    none of the layout's leading plain causal rows handed to SDPA (what "auto" does)."""
+    import amvl_kernels.hf as akhf
+
+    def run():
+        previous = akhf.set_backend("triton")
+        try:
+            return step()
+        finally:
+            akhf.set_backend(previous)
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=next(iter(bms.MODELS)), choices=list(bms.MODELS))
@@ -93,14 +110,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=bms.BATCH)
     parser.add_argument("--providers", default="plain,shared_amvl",
                         help=f"comma-separated, first is the baseline, of {bms.PROVIDERS}; "
-                             f"'shared_amvl:nosplit' is shared_amvl with the dk/dv kernel's "
-                             f"grouped query heads never split across programs")
+                             f"'{NO_SPLIT}' is shared_amvl with the dk/dv kernel's "
+                             f"grouped query heads never split across programs, "
+                             f"'{KERNELS_ONLY}' with every query row on our kernels")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rows", type=int, default=15, help="operators listed per comparison")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     providers = args.providers.split(",")
-    unknown = set(providers) - set(bms.PROVIDERS) - {NO_SPLIT}
+    unknown = set(providers) - set(bms.PROVIDERS) - {NO_SPLIT, KERNELS_ONLY}
     if unknown or len(providers) < 2:
         parser.error(f"--providers needs two or more of {bms.PROVIDERS}, got {providers}")
 
@@ -110,6 +128,7 @@ def main() -> None:
     prefix, answer = bms.SHAPES[args.shape]
     steps, _ = bms._steps(base, tokenizer, prefix, answer, device)
     steps[NO_SPLIT] = without_head_split(steps["shared_amvl"])
+    steps[KERNELS_ONLY] = on_our_kernels_only(steps["shared_amvl"])
     results = {}
     for name in providers:
         results[name] = profile_step(steps[name], device)

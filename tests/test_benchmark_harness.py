@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("bench_gaussian_kl.py", "gaussian_kl", "float32", {"eager", "torch.compile", "triton"}),
     ("bench_model_step.py", "model_step", "", {"plain", "naive", "shared", "shared_amvl"}),
     ("bench_latent_attention.py", "latent_attention", "",
-     {"amvl", "amvl_heads_fastest", "flex", "sdpa_dense", "sdpa_flash_causal"}),
+     {"amvl", "amvl_auto", "amvl_heads_fastest", "flex", "sdpa_dense", "sdpa_flash_causal"}),
 ])
 def test_benchmark_runs_and_writes_json(tmp_path, module, bench, select, providers):
     env = {**os.environ, "AMVL_BENCH_SMOKE": "1", "AMVL_BENCH_OUT": str(tmp_path)}

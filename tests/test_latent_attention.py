@@ -46,10 +46,11 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm().clamp(min=1e-2 * b.numel() ** 0.5))
 
 
-def check(q, k, v, layout, backend="triton"):
-    """Output and gradients within DESIGN.md 5's criterion of the float64 reference."""
+def check(q, k, v, layout, backend="triton", attend=None):
+    """Output and gradients within DESIGN.md 5's criterion of the float64 reference;
+    ``attend(q, k, v)`` instead of ``ak.latent_attention`` when given."""
     scale = q.shape[-1] ** -0.5
-    out = ak.latent_attention(q, k, v, layout, backend=backend)
+    out = attend(q, k, v) if attend else ak.latent_attention(q, k, v, layout, backend=backend)
     assert out.shape == q.shape and out.dtype == q.dtype
     grad = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), grad)
@@ -277,6 +278,51 @@ def test_auto_hands_a_decoding_step_without_layout_to_sdpa(monkeypatch, rng_seed
     ak.latent_attention(torch.randn(2, 4, 2, 32, device=DEVICE), k, v)
     ak.latent_attention(q, k, v, backend="triton")
     assert ran == [1, 2, 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_plain_causal_rows_on_sdpa(dtype, rng_seed):
+    """x's rows on SDPA's causal kernel, the prior, answer and posterior rows on ours, as
+    "auto" runs the prefix-sharing layout on a GPU: grouped heads, HF's memory layout."""
+    from amvl_kernels.latent_attention import causal_rows_on_sdpa
+
+    layout = LatentLayout.prefix_sharing([29, 33], [7, 5], num_slots=3).to(DEVICE)
+    rows = layout.plain_causal_rows()
+    assert rows == 29
+    q, k, v = _inputs(2, 4, 2, layout.length, layout.length, 32, dtype, transposed=True)
+    check(q, k, v, layout, attend=lambda *qkv: causal_rows_on_sdpa(
+        *qkv, layout, q.shape[-1] ** -0.5, rows))
+    # a layout that is plain causal throughout: SDPA alone
+    causal = LatentLayout.causal(2, 21).to(DEVICE)
+    q, k, v = _inputs(2, 4, 2, 21, 21, 32, dtype)
+    check(q, k, v, causal, attend=lambda *qkv: causal_rows_on_sdpa(
+        *qkv, causal, q.shape[-1] ** -0.5, causal.plain_causal_rows()))
+
+
+def test_auto_hands_long_plain_causal_prefixes_to_sdpa(monkeypatch, rng_seed):
+    """backend="auto" on a GPU: with at least CAUSAL_ROWS_TO_SDPA leading plain causal rows,
+    a square fp16/bf16 call splits them off; otherwise, or asked for "triton", it does not."""
+    import importlib
+
+    module = importlib.import_module("amvl_kernels.latent_attention")
+    monkeypatch.setattr(module, "resolve_backend", lambda backend, device: "triton")
+    monkeypatch.setattr(module, "CAUSAL_ROWS_TO_SDPA", 10)
+    split = []
+    real = module.causal_rows_on_sdpa
+    monkeypatch.setattr(module, "causal_rows_on_sdpa",
+                        lambda *args: split.append(args[-1]) or real(*args))
+    layout = LatentLayout.prefix_sharing([12, 15], [4, 3], num_slots=2).to(DEVICE)
+    length = layout.length
+    q, k, v = _inputs(2, 4, 2, length, length, 16, torch.bfloat16)
+    ak.latent_attention(q, k, v, layout)
+    assert split == [12]
+    ak.latent_attention(q, k, v, layout, backend="triton")  # our kernels for every row
+    ak.latent_attention(q.float(), k.float(), v.float(), layout)  # fp32: ours (IEEE)
+    ak.latent_attention(q[:, :, -5:], k, v, layout)  # a KV cache: no leading rows
+    short = LatentLayout.prefix_sharing([9, 9], [4, 3], num_slots=2).to(DEVICE)
+    ak.latent_attention(*_inputs(2, 4, 2, short.length, short.length, 16, torch.bfloat16),
+                        short)  # 9 rows: below the threshold
+    assert split == [12]
 
 
 @pytest.mark.parametrize("tiles_fastest", [True, False], ids=["tiles-fastest", "heads-fastest"])

@@ -141,3 +141,44 @@ def test_value_checks_can_be_skipped_but_not_shape_checks():
     LatentLayout.from_tensors(kind, zeros, zeros, check_values=False)  # trusted: no host sync
     with pytest.raises(ValueError, match="visible_kinds"):
         LatentLayout.from_tensors(kind, zeros[:, :2], zeros, check_values=False)
+
+
+def test_plain_causal_rows_on_the_builders():
+    """Exactly the rows whose dense mask is causal, read from the metadata alone."""
+    from amvl_kernels.reference.latent_attention import causal_prefix_rows
+
+    padding = torch.ones(2, 12, dtype=torch.bool)
+    padding[1, 9:] = False  # right padding: rows from 9 on see nothing
+    left = torch.ones(2, 12, dtype=torch.bool)
+    left[0, :2] = False  # left padding: no row of batch row 0 is plain causal
+    layouts = {
+        "prefix sharing": (LatentLayout.prefix_sharing([13, 20], [9, 4], num_slots=4), 13),
+        "causal": (LatentLayout.causal(2, 9), 9),
+        "right padding": (LatentLayout.causal(2, 12, padding), 9),
+        "left padding": (LatentLayout.causal(2, 12, left), 0),
+        "latent block": (LatentLayout.with_latent_blocks(20, [[(6, 3)], [(9, 2)]]), 6),
+        "packed": (LatentLayout.packed([[5, 4], [7]], 12), 5),
+    }
+    for name, (layout, rows) in layouts.items():
+        assert layout.plain_causal_rows() == rows, name
+        assert causal_prefix_rows(layout.dense_mask()) == rows, name
+
+
+def test_plain_causal_rows_never_claims_a_row_the_mask_does_not_allow(rng_seed):
+    """A plain causal prefix followed by random metadata: every claimed row is causal in the
+    dense mask, and the prefix is always found."""
+    from amvl_kernels.reference.latent_attention import causal_prefix_rows
+
+    g = torch.Generator().manual_seed(rng_seed)
+    for _ in range(20):
+        prefix, tail = (int(torch.randint(0, 15, (), generator=g)) for _ in range(2))
+        rest = random_layout(3, tail + 1, g)
+        head = [torch.full((3, prefix), fill) for fill in (Kind.TEXT, kind_bits(Kind.TEXT), 0,
+                                                           0)]
+        layout = LatentLayout.from_tensors(
+            *(torch.cat([h, t[:, 1:]], 1) for h, t in zip(head, rest.metadata())))
+        rows = layout.plain_causal_rows()
+        assert prefix <= rows <= causal_prefix_rows(layout.dense_mask())
+        torch.testing.assert_close(layout.dense_mask()[:, :rows, :rows],
+                                   torch.ones(rows, rows, dtype=torch.bool).tril()
+                                   .expand(3, -1, -1))
