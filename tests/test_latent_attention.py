@@ -228,11 +228,12 @@ def test_deterministic_algorithms_keep_dq_off_atomics(dq_kernel, rng_seed):
     assert dq_kernel.launches == 1
 
 
-@pytest.mark.parametrize("split", [1, 2, 6])
+@pytest.mark.parametrize("split", [1, 2, 4, 6])
 @pytest.mark.parametrize("case", ["causal-kv-cache", "random-layout-bf16", "transposed"])
 def test_grouped_query_heads_shared_by_dkdv_programs(monkeypatch, split, case, rng_seed):
-    """dk/dv of a KV head summed in one program over its 6 query heads (split 1), or by 2 or 6
-    programs whose fp32 partial sums are added after the kernel: the same gradients."""
+    """dk/dv of a KV head summed in one program over its 6 query heads (split 1), or by 2, 4
+    (shares of 1 and 2 heads) or 6 programs whose fp32 partial sums are added after the
+    kernel: the same gradients."""
     import importlib
 
     module = importlib.import_module("amvl_kernels.latent_attention")
@@ -352,10 +353,11 @@ def test_grid_order_puts_tiles_on_axis_0_within_cuda_limits():
 def test_grouped_heads_split_only_where_the_grid_is_small():
     from amvl_kernels.latent_attention import _dkdv_head_split
 
-    assert _dkdv_head_split(104, 7, 264) == 7  # Qwen2-0.5B, batch 4, 1,632 tokens, H100
-    assert _dkdv_head_split(208, 7, 264) == 7
-    assert _dkdv_head_split(100, 8, 264) == 4  # the smallest divisor that fills the GPU
+    assert _dkdv_head_split(104, 7, 264) == 3  # Qwen2-0.5B, batch 4, 1,632 tokens, H100
+    assert _dkdv_head_split(208, 7, 264) == 2  # the 7B proxy: the fewest shares that fill it
+    assert _dkdv_head_split(100, 8, 264) == 3
     assert _dkdv_head_split(100, 8, 150) == 2
+    assert _dkdv_head_split(10, 7, 264) == 7  # at most one share per head
     assert _dkdv_head_split(300, 8, 264) == 1  # enough programs already
     assert _dkdv_head_split(10, 1, 264) == 1  # no groups to split
 
