@@ -251,12 +251,32 @@ AMVL_HD Routes routes_of(const BackwardArgs& a) {
                 fwd && a.fwd_to_q, fwd && a.fwd_to_p, rev && a.rev_to_q, rev && a.rev_to_p};
 }
 
+// The AMVL objective's routing (forward KL to the prior, reverse KL to the posterior) with z
+// used downstream and all four gradients wanted: the training step's case, compiled with its
+// routing as constants, so the per-element code carries no branches on it.
+constexpr Routes kAmvlRoutes{true, true, false, true, true, false};
+
+AMVL_HD bool is_amvl_routing(const BackwardArgs& a, const Routes& r) {
+  return r.need_q == kAmvlRoutes.need_q && r.need_p == kAmvlRoutes.need_p &&
+         r.fwd_q == kAmvlRoutes.fwd_q && r.fwd_p == kAmvlRoutes.fwd_p &&
+         r.rev_q == kAmvlRoutes.rev_q && r.rev_p == kAmvlRoutes.rev_p &&
+         a.grad_z.ptr != nullptr && a.grad_mu_q != nullptr && a.grad_lv_q != nullptr &&
+         a.grad_mu_p != nullptr && a.grad_lv_p != nullptr;
+}
+
+// The fp64 kernels (a reference path) skip the specialised copy, which pushed their backward
+// past 255 registers into spills.
+template <typename T>
+constexpr bool kFastAmvl = sizeof(T) <= 4;
+
 // Purely elementwise given the row's upstream KL gradients g_fwd and g_rev (DESIGN.md sec. 2).
-template <typename T, typename A = typename Scalar<T>::Acc>
-AMVL_HD void backward_chunk(const BackwardArgs& a, const Routes& r, bool out_vec, int64_t row,
-                            int64_t c0, A g_fwd, A g_rev) {
+// kAmvl: the arguments are known to satisfy is_amvl_routing.
+template <typename T, bool kAmvl, typename A = typename Scalar<T>::Acc>
+AMVL_HD void backward_chunk(const BackwardArgs& a, const Routes& routes, bool out_vec,
+                            int64_t row, int64_t c0, A g_fwd, A g_rev) {
+  const Routes r = kAmvl ? kAmvlRoutes : routes;
   const bool any_kl = r.fwd_q || r.fwd_p || r.rev_q || r.rev_p;
-  const bool with_z = r.need_q && a.grad_z.ptr != nullptr;
+  const bool with_z = r.need_q && (kAmvl || a.grad_z.ptr != nullptr);
   T mu_q[kChunk], lv_q[kChunk], mu_p[kChunk], lv_p[kChunk], dz[kChunk];
   A eps[kChunk];
   load_chunk<T>(a.mu_q, row, c0, a.d, mu_q);
@@ -315,10 +335,10 @@ AMVL_HD void backward_chunk(const BackwardArgs& a, const Routes& r, bool out_vec
       g_lv_p[j] = Scalar<T>::narrow(g_lv);
     }
   }
-  if (a.grad_mu_q != nullptr) store_chunk<T>(a.grad_mu_q, out_vec, row, c0, a.d, g_mu_q);
-  if (a.grad_lv_q != nullptr) store_chunk<T>(a.grad_lv_q, out_vec, row, c0, a.d, g_lv_q);
-  if (a.grad_mu_p != nullptr) store_chunk<T>(a.grad_mu_p, out_vec, row, c0, a.d, g_mu_p);
-  if (a.grad_lv_p != nullptr) store_chunk<T>(a.grad_lv_p, out_vec, row, c0, a.d, g_lv_p);
+  if (kAmvl || a.grad_mu_q != nullptr) store_chunk<T>(a.grad_mu_q, out_vec, row, c0, a.d, g_mu_q);
+  if (kAmvl || a.grad_lv_q != nullptr) store_chunk<T>(a.grad_lv_q, out_vec, row, c0, a.d, g_lv_q);
+  if (kAmvl || a.grad_mu_p != nullptr) store_chunk<T>(a.grad_mu_p, out_vec, row, c0, a.d, g_mu_p);
+  if (kAmvl || a.grad_lv_p != nullptr) store_chunk<T>(a.grad_lv_p, out_vec, row, c0, a.d, g_lv_p);
 }
 
 template <typename A>
@@ -395,6 +415,7 @@ __global__ void __launch_bounds__(kBlock, min_blocks_bwd<T>())
   const int lane = threadIdx.x & (tpr - 1);
   const int rows_per_block = blockDim.x / tpr;
   const Routes r = routes_of(a);
+  const bool amvl = is_amvl_routing(a, r);
   // Block y of the grid takes columns [y * tpr * kChunk, (y + 1) * tpr * kChunk) of its rows,
   // then every gridDim.y-th such span (rows longer than 65,535 spans).
   const int64_t c_first = (int64_t(blockIdx.y) * tpr + lane) * kChunk;
@@ -406,7 +427,11 @@ __global__ void __launch_bounds__(kBlock, min_blocks_bwd<T>())
     const A g_fwd = load_row<A>(a.grad_kl_fwd, row);
     const A g_rev = load_row<A>(a.grad_kl_rev, row);
     for (int64_t c0 = c_first; c0 < a.d; c0 += c_step) {
-      backward_chunk<T>(a, r, out_vec, row, c0, g_fwd, g_rev);
+      if (kFastAmvl<T> && amvl) {
+        backward_chunk<T, kFastAmvl<T>>(a, r, out_vec, row, c0, g_fwd, g_rev);
+      } else {
+        backward_chunk<T, false>(a, r, out_vec, row, c0, g_fwd, g_rev);
+      }
     }
   }
 }
@@ -557,7 +582,11 @@ void backward_on_host(const BackwardArgs& args) {
       const A g_fwd = load_row<A>(args.grad_kl_fwd, row);
       const A g_rev = load_row<A>(args.grad_kl_rev, row);
       for (int64_t c0 = 0; c0 < args.d; c0 += kChunk) {
-        backward_chunk<T>(args, r, out_vec, row, c0, g_fwd, g_rev);
+        if (kFastAmvl<T> && is_amvl_routing(args, r)) {
+          backward_chunk<T, kFastAmvl<T>>(args, r, out_vec, row, c0, g_fwd, g_rev);
+        } else {
+          backward_chunk<T, false>(args, r, out_vec, row, c0, g_fwd, g_rev);
+        }
       }
     }
   });
