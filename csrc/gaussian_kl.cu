@@ -31,6 +31,7 @@ namespace {
 // with other values and times them side by side; a plain build never sets them. The blocks
 // per SM promised to __launch_bounds__ cap the registers: left alone, ptxas gave the bf16
 // backward 138 registers, one block of 256 threads per SM, and the GPU sat waiting on memory.
+// The defaults were the fastest of the shapes the sweep timed on an H100 (RESULTS.md, run 4).
 #ifndef AMVL_GAUSSIAN_BLOCK
 #define AMVL_GAUSSIAN_BLOCK 128
 #endif
@@ -121,8 +122,8 @@ AMVL_HD uint4 load16(const uint4* p) {
 // Columns c0 .. c0 + kChunk - 1 of `row` in the storage dtype T: a chunk of bf16 or fp16 stays
 // packed in four 32-bit registers until each element is widened where it is used. Widening
 // the whole chunk up front kept up to 72 fp32 values live per thread in the backward: 138
-// registers and an eighth of the H100's warps, which bound this backend at 45% of copy
-// bandwidth (ncu, 2026-11-27). Columns past d read as 0.
+// registers and an eighth of the H100's warps, which held this backend to 33-50% of copy
+// bandwidth (ncu and benchmarks, 2026-11-27). Columns past d read as 0.
 template <typename T>
 AMVL_HD void load_chunk(const Matrix& m, int64_t row, int64_t c0, int64_t d, T (&out)[kChunk]) {
   const T* p = static_cast<const T*>(m.ptr) + row * m.row_stride + c0 * m.col_stride;
