@@ -244,8 +244,10 @@ def _attention_bwd_dkdv(
 ):
     # Grid (key tiles, B * Hkv * SPLIT), or the other way round without TILES_FASTEST: a
     # head's first key tiles, which causal queries see the most, start first. The GROUP query
-    # heads of a KV head are shared by SPLIT programs (shares differing by at most one head),
-    # each writing its partial sums to head hk * SPLIT + part of DK and DV.
+    # heads of a KV head are shared by SPLIT programs, program `part` taking heads part,
+    # part + SPLIT, ... (a strided range: with bounds computed by division the loop spilled
+    # 68 bytes of scalars at d = 128, sm_90), each writing its partial sums to head
+    # hk * SPLIT + part of DK and DV.
     if TILES_FASTEST:
         pid_bh = tl.program_id(1)
         pid_n = tl.program_id(0)
@@ -295,7 +297,7 @@ def _attention_bwd_dkdv(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # This program's share of the KV head's query heads, summed in registers.
-    for g in range(part * GROUP // SPLIT, (part + 1) * GROUP // SPLIT):
+    for g in range(part, GROUP, SPLIT):
         h = hk * GROUP + g
         q_base = Q + b.to(tl.int64) * s_qb + h * s_qh
         do_base = DO + b.to(tl.int64) * s_db + h * s_dh
@@ -681,7 +683,7 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
         block_n = 32
         _sum_head_shares[(cdiv(lk, block_n), batch * hkv)](
             dk_out, dv_out, dk, dv, *_strides(dk), hkv, split, lk, HEAD_DIM=d,
-            BLOCK_N=block_n, BLOCK_D=_block_d(d), num_warps=4)
+            BLOCK_N=block_n, BLOCK_D=_block_d(d), num_warps=8)
     if atomic:  # scaled and rounded in one pass, into q's memory layout
         torch.mul(dq_acc, scale, out=dq)
         return dq, dk, dv

@@ -77,6 +77,8 @@ def recorded_launches():
     latent_attention_decode._target_programs = lambda device: 2 * 132
     device_arch = la._device_arch
     la._device_arch = lambda device: divmod(ARCH, 10)  # tiles chosen for the target GPU
+    dkdv_target = la._dkdv_target_programs
+    la._dkdv_target_programs = lambda device: 2 * 132  # grouped heads split as on an H100
     try:
         yield calls
     finally:
@@ -85,6 +87,7 @@ def recorded_launches():
         layout.triton_interpreted = interpreted
         latent_attention_decode._target_programs = target
         la._device_arch = device_arch
+        la._dkdv_target_programs = dkdv_target
 
 
 def gaussian_launches(rows: int, d: int, dtype: torch.dtype) -> list:
@@ -98,11 +101,14 @@ def gaussian_launches(rows: int, d: int, dtype: torch.dtype) -> list:
 
 
 def attention_launches(batch: int, heads: int, length: int, head_dim: int,
-                       dtype: torch.dtype, with_layout: bool, dq_atomic: bool = False) -> list:
+                       dtype: torch.dtype, with_layout: bool, dq_atomic: bool = False,
+                       kv_heads: int | None = None) -> list:
     """The launches of one forward and one backward, plain causal or with a latent block
     (tile classifier included); with ``dq_atomic``, the backward whose dk/dv kernel adds dq
-    with atomics."""
-    q, k, v = (torch.zeros(batch, heads, length, head_dim, dtype=dtype) for _ in range(3))
+    with atomics; with ``kv_heads``, grouped query heads."""
+    q = torch.zeros(batch, heads, length, head_dim, dtype=dtype)
+    k, v = (torch.zeros(batch, kv_heads or heads, length, head_dim, dtype=dtype)
+            for _ in range(2))
     chooser = la._dq_in_dkdv
     la._dq_in_dkdv = lambda *args: dq_atomic
     try:
@@ -111,7 +117,8 @@ def attention_launches(batch: int, heads: int, length: int, head_dim: int,
             if with_layout:
                 blocks = [[(length * 3 // 4, 64)]] * batch
                 tiles = la._tile_tensors(layout.LatentLayout.with_latent_blocks(length, blocks),
-                                         length, 1, head_dim, dtype, q.device)
+                                         length, heads // k.shape[1], head_dim, dtype,
+                                         q.device)
             out, lse = la._forward(q, k, v, tiles, 1.0 / math.sqrt(head_dim))
             la._backward(out, q, k, v, out, lse, tiles, 1.0 / math.sqrt(head_dim))
     finally:
@@ -173,6 +180,14 @@ def variants():
                     tile = f"{kwargs['BLOCK_M']}x{kwargs['BLOCK_N']}"
                     yield (fn, f"attention dkdv+dq d={head_dim} {data} {tile} "
                                f"{'layout' if with_layout else 'causal'}", args, kwargs)
+    # GQA 4 / 1 over 4k keys: 32 dk/dv programs, below two an SM, share the query heads
+    for fn, args, kwargs in attention_launches(1, 4, 4096, 128, torch.bfloat16, True,
+                                               kv_heads=1):
+        if fn is la._attention_bwd_dkdv:
+            tile = f"{kwargs['BLOCK_M']}x{kwargs['BLOCK_N']}"
+            yield fn, f"attention dkdv d=128 bf16 {tile} layout, heads shared", args, kwargs
+        elif fn is la._sum_head_shares:
+            yield fn, "head-share sum d=128 bf16", args, kwargs
     for head_dim in (64, 128):  # one query per head over 4k keys, GQA 28 / 4
         for with_layout in (False, True):
             for fn, args, kwargs in decode_launches(1, (28, 4), 4096, head_dim, torch.bfloat16,
