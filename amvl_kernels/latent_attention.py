@@ -826,6 +826,11 @@ def causal_rows_on_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout, s
     of queries at the end of all the keys. Lq must equal Lk. Autograd adds both parts'
     gradients of the shared keys and values.
     """
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"causal_rows_on_sdpa needs as many queries as keys, got "
+                         f"{q.shape[2]} and {k.shape[2]}")
+    if not 0 < rows <= q.shape[2]:
+        raise ValueError(f"rows must be in [1, {q.shape[2]}], got {rows}")
     head = F.scaled_dot_product_attention(q[:, :, :rows], k[:, :, :rows], v[:, :, :rows],
                                           is_causal=True, scale=scale,
                                           enable_gqa=q.shape[1] != k.shape[1])

@@ -298,6 +298,10 @@ def test_plain_causal_rows_on_sdpa(dtype, rng_seed):
     q, k, v = _inputs(2, 4, 2, 21, 21, 32, dtype)
     check(q, k, v, causal, attend=lambda *qkv: causal_rows_on_sdpa(
         *qkv, causal, q.shape[-1] ** -0.5, causal.plain_causal_rows()))
+    with pytest.raises(ValueError, match="rows must be in"):
+        causal_rows_on_sdpa(q, k, v, causal, 1.0, 0)
+    with pytest.raises(ValueError, match="as many queries as keys"):
+        causal_rows_on_sdpa(q[:, :, 1:], k, v, causal, 1.0, 4)
 
 
 def test_auto_hands_long_plain_causal_prefixes_to_sdpa(monkeypatch, rng_seed):
