@@ -15,6 +15,7 @@ Switches (environment variables, read by setup.py and here):
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -24,6 +25,7 @@ import sysconfig
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import ModuleType
 
 from setuptools import Extension
 from setuptools.command.build_ext import build_ext
@@ -125,6 +127,15 @@ def build_module(nvcc: str, sources: list[Path], output: Path, build_dir: Path,
     _run([nvcc, "-shared", "-cudart", "static", "-Xlinker", "--exclude-libs,ALL",
           "-o", str(output), *[str(obj) for obj, _ in jobs]])
     return output
+
+
+def import_built(path: Path, package: str) -> ModuleType:
+    """Import the module ``build_module`` linked at ``path`` as ``package._C`` (its init
+    symbol is PyInit__C, so the name has to end in "._C"), without installing it."""
+    spec = importlib.util.spec_from_file_location(f"{package}._C", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def extension_sources(root: Path, cu_sources: list[Path]) -> list[Path]:

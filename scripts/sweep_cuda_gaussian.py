@@ -19,7 +19,6 @@ counters (``gpu_check.sh counters`` runs it under ncu).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import sysconfig
@@ -57,11 +56,7 @@ def build_variant(nvcc: str, spec: str, folder: Path) -> ModuleType:
                             defines={"AMVL_GAUSSIAN_BLOCK": block,
                                      "AMVL_GAUSSIAN_MIN_BLOCKS_FWD": fwd_blocks,
                                      "AMVL_GAUSSIAN_MIN_BLOCKS_BWD": bwd_blocks})
-    # The init symbol is PyInit__C: the module's name must end in "._C".
-    module_spec = importlib.util.spec_from_file_location(f"amvl_sweep_{where.name}._C", output)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
+    return build_cuda.import_built(output, f"amvl_sweep_{where.name}")
 
 
 def measure(run, check, shape, mode) -> dict[str, float]:

@@ -8,7 +8,6 @@ One architecture only, to keep the build short: the GPU's own when there is one.
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import shutil
 import sysconfig
 import tempfile
@@ -46,11 +45,7 @@ def _build() -> ModuleType:
     output = folder / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
     path = build_cuda.build_module(nvcc, sources, output, folder / "obj",
                                    build_cuda.select_archs(nvcc, arch))
-    # The init symbol is PyInit__C, so the module name has to end in "._C".
-    spec = importlib.util.spec_from_file_location("amvl_cuda_test_build._C", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return build_cuda.import_built(path, "amvl_cuda_test_build")
 
 
 def built_extension() -> ModuleType:

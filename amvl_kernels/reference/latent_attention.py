@@ -45,7 +45,8 @@ def latent_attention_torch(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout
 
 
 def causal_prefix_rows(mask: Tensor) -> int:
-    """How many leading rows of a square (B, L, L) mask are plain causal in every batch row."""
+    """How many leading rows of a square (B, L, L) mask are plain causal in every batch row:
+    the dense reference of :meth:`LatentLayout.plain_causal_rows`, which reads the metadata."""
     length = mask.shape[-1]
     causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
     differs = ~(mask == causal).all(-1).all(0)
@@ -71,7 +72,7 @@ def latent_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout 
 
     def mask_and_split() -> tuple[Tensor, int]:
         mask = attention_mask(layout, lq, lk, q.device)  # (B or 1, Lq, Lk)
-        return mask, causal_prefix_rows(mask) if lq == lk else 0
+        return mask, layout.plain_causal_rows() if layout is not None and lq == lk else 0
 
     # Built once per layout and query length, not once per layer.
     mask, split = mask_and_split() if layout is None \
