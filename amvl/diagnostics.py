@@ -48,10 +48,14 @@ def _to(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
 
 
 def _variant_latents(heads: dict[str, Tensor], generator: torch.Generator,
-                     noise_scale: float) -> dict[str, Tensor | None]:
+                     noise_scale: float, previous: Tensor | None) -> dict[str, Tensor | None]:
+    """The latents of every variant for one batch. "swapped" gives each example the prior
+    means of the example before it: within the batch, and for the first one the last of the
+    previous batch (``previous``), so a last batch of one example is swapped too."""
     mu_p = heads["mu_p"]
     noise = torch.randn(mu_p.shape, generator=generator, dtype=torch.float32).to(mu_p)
-    roll = torch.roll(mu_p, shifts=1, dims=0) if mu_p.shape[0] > 1 else mu_p
+    before = mu_p[-1:] if previous is None else previous.to(mu_p)
+    roll = torch.cat([before, mu_p[:-1]])  # unswapped only for a single example in all
     return {"prior": mu_p, "posterior": heads.get("mu_q"), "zeroed": torch.zeros_like(mu_p),
             "noised": mu_p + noise_scale * noise, "swapped": roll}
 
@@ -74,6 +78,7 @@ def score_choices(model, collator, examples: Sequence[dict], batch_size: int = 8
     generator = torch.Generator().manual_seed(seed)
     nll = {v: np.full((len(examples), n_choices), np.inf) for v in VARIANTS}
     collected: dict[str, list] = {"mu_p": [], "mu_q": [], "kl_fwd": [], "kl_rev": []}
+    previous = None  # the last prior means of the batch before, for the swap
     for start in tqdm(range(0, len(examples), batch_size), desc="diagnostics",
                       disable=not progress):
         chunk = list(examples[start:start + batch_size])
@@ -85,7 +90,8 @@ def score_choices(model, collator, examples: Sequence[dict], batch_size: int = 8
             heads = model.heads(gold_batch["prompt_ids"], gold_batch["prompt_mask"],
                                 gold_batch["answer_ids"] if has_posterior else None,
                                 gold_batch["answer_mask"] if has_posterior else None, **images)
-            variants = _variant_latents(heads, generator, noise_scale)
+            variants = _variant_latents(heads, generator, noise_scale, previous)
+            previous = heads["mu_p"][-1:]
             collected["mu_p"].append(heads["mu_p"].float().cpu())
             if has_posterior:
                 _, kl_fwd, kl_rev = ak.gaussian_sample_kl(

@@ -96,3 +96,62 @@ def test_pairwise_cosine():
     assert mean_pairwise_cosine(opposite) == pytest.approx(-1.0)
     orthogonal = np.eye(4)
     assert mean_pairwise_cosine(orthogonal) == pytest.approx(0.0)
+
+
+class _PlantedModel:
+    """A stand-in AMVLModel whose answers are read straight out of z: the prior means of
+    example i point at choice ``prior_pick[i]``, the posterior means at the gold answer, and a
+    choice's NLL is minus its coordinate in z. Every diagnostic then has a known value."""
+
+    device = torch.device("cpu")
+    config = AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch")
+
+    def __init__(self, prior_pick: np.ndarray):
+        from types import SimpleNamespace
+
+        self.prior_pick = torch.as_tensor(prior_pick)
+        self.objective = SimpleNamespace(latent_source="prior", uses_posterior=True)
+
+    def eval(self):
+        return self
+
+    def _unwrapped(self):
+        embeddings = torch.nn.Embedding(1, 1)
+        return type("Base", (), {"get_input_embeddings": lambda self: embeddings})()
+
+    def heads(self, prompt_ids, prompt_mask, answer_ids=None, answer_mask=None, **images):
+        rows = torch.arange(len(prompt_ids))
+        mu_p = torch.zeros(len(rows), 2, 4)
+        mu_p[rows, 0, self.prior_pick[prompt_ids[:, 0]]] = 1.0
+        mu_q = torch.zeros_like(mu_p)
+        mu_q[rows, 0, answer_ids[:, 0]] = 3.0
+        return {"mu_p": mu_p, "logvar_p": torch.zeros_like(mu_p), "mu_q": mu_q,
+                "logvar_q": torch.zeros_like(mu_q)}
+
+    def answer_nll(self, prompt_ids, prompt_mask, answer_ids, answer_mask, z=None, **images):
+        return -z[torch.arange(len(answer_ids)), 0, answer_ids[:, 0]]
+
+
+def test_known_answers_and_a_swap_that_crosses_batches():
+    n, choices = 9, 4  # batches of 8 and 1: the last example is swapped with the one before
+    gold = np.array([0, 1, 2, 3, 0, 1, 2, 3, 1])
+    prior_pick = np.array([0, 1, 2, 3, 1, 2, 3, 2, 3])  # no two swapped alike
+    examples = [{"question": "q", "choices": [f"c{c}" for c in range(choices)],
+                 "answer": f"c{gold[i]}", "index": i} for i in range(n)]
+
+    def collator(chunk):
+        ones = torch.ones(len(chunk), 1, dtype=torch.bool)
+        return {"prompt_ids": torch.tensor([[ex["index"]] for ex in chunk]), "prompt_mask": ones,
+                "answer_ids": torch.tensor([[int(ex["answer"][1:])] for ex in chunk]),
+                "answer_mask": ones}
+
+    report = leakage_report(_PlantedModel(prior_pick), collator, examples, batch_size=8,
+                            noise_scale=0.0, progress=False)
+    assert report["acc_prior"] == pytest.approx(np.mean(prior_pick == gold))
+    assert report["acc_posterior"] == 1.0
+    assert report["flip_zeroed"] == pytest.approx(np.mean(prior_pick != 0))  # ties pick c0
+    assert report["flip_noised"] == 0.0
+    # each example gets the prior means of the one before it (the first: the batch's last)
+    swapped = np.concatenate([[prior_pick[7]], prior_pick[:7], [prior_pick[7]]])
+    assert report["flip_swapped"] == pytest.approx(np.mean(swapped != prior_pick))
+    assert report["flip_swapped"] == 1.0
