@@ -16,6 +16,10 @@ A run config (YAML) has four sections, each optional but ``model``:
 ``model.path: tiny-qwen2-vl`` builds the demo's tiny model instead of loading one. Training
 data is JSON lines of ``{"images": [paths relative to the file], "question", "answer"}`` or
 ``puzzles`` for the built-in suite.
+
+Relative paths in a run config (``model.path``, ``data.train``, ``output_dir``, the
+``eval.baselines``) are relative to the directory the command runs in, like paths on the
+command line; only the image paths inside a JSON-lines file are relative to that file.
 """
 
 from __future__ import annotations
@@ -34,26 +38,52 @@ from amvl.training import TrainConfig
 FINAL_DIR = "final"
 
 
-def _section(raw: dict, name: str, cls) -> dict:
-    values = raw.get(name) or {}
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
+SECTIONS = ("model", "amvl", "train", "data", "output_dir", "eval")
+MODEL_KEYS = ("path", "dtype", "attn_implementation", "hidden_size")
+DATA_KEYS = ("train", "per_family", "max_prompt_tokens", "max_answer_tokens")
+EVAL_KEYS = ("baselines",)
+
+
+def _check_keys(values, name: str, known: tuple[str, ...]) -> dict:
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise SystemExit(f"amvl: '{name}' must be a mapping, got {type(values).__name__}")
+    unknown = sorted(set(values) - set(known))
     if unknown:
-        raise SystemExit(f"amvl: unknown keys in '{name}': {unknown}")
+        raise SystemExit(f"amvl: unknown keys in '{name}': {unknown} (known: {list(known)})")
     return values
 
 
+def _section(raw: dict, name: str, cls) -> dict:
+    """The keyword arguments of dataclass ``cls`` in section ``name``, checked."""
+    return _check_keys(raw.get(name), name, tuple(f.name for f in fields(cls)))
+
+
 def load_run_config(path: str | Path) -> dict:
-    """Parse and check a run config; returns the raw sections plus AMVLConfig / TrainConfig."""
+    """Parse and check a run config; returns the raw sections plus AMVLConfig / TrainConfig.
+
+    Every section and key is checked, so a misspelt one is an error rather than a setting
+    silently left at its default."""
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"amvl: no config file {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if "model" not in raw or "path" not in (raw["model"] or {}):
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise SystemExit(f"amvl: {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise SystemExit(f"amvl: {path} must hold a mapping of sections {list(SECTIONS)}")
+    _check_keys(raw, "top level", SECTIONS)
+    if "path" not in _check_keys(raw.get("model"), "model", MODEL_KEYS):
         raise SystemExit(f"amvl: {path} needs model.path")
-    raw["amvl_config"] = AMVLConfig(**_section(raw, "amvl", AMVLConfig))
-    raw["train_config"] = TrainConfig(**_section(raw, "train", TrainConfig))
-    raw["base_dir"] = path.parent
+    _check_keys(raw.get("data"), "data", DATA_KEYS)
+    _check_keys(raw.get("eval"), "eval", EVAL_KEYS)
+    try:
+        raw["amvl_config"] = AMVLConfig(**_section(raw, "amvl", AMVLConfig))
+        raw["train_config"] = TrainConfig(**_section(raw, "train", TrainConfig))
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"amvl: {path}: {err}") from None
     return raw
 
 
@@ -111,16 +141,23 @@ def read_jsonl(path: str | Path) -> list[dict]:
             continue
         try:
             record = json.loads(line)
+            if not isinstance(record, dict):
+                raise TypeError(f"expected a JSON object, got {type(record).__name__}")
             images = []
             for name in record.get("images") or []:
                 image_path = path.parent / name
                 if not image_path.is_file():
                     raise ValueError(f"missing image {image_path}")
-                images.append(Image.open(image_path).convert("RGB"))
+                with Image.open(image_path) as image:  # OSError: not an image PIL reads
+                    images.append(image.convert("RGB"))
             examples.append({"images": images, "question": str(record["question"]),
                              "answer": str(record["answer"])})
-        except (ValueError, KeyError, TypeError) as err:
+        except KeyError as err:
+            raise SystemExit(f"amvl: {path} line {line_no}: no {err} field") from None
+        except (ValueError, TypeError, OSError) as err:
             raise SystemExit(f"amvl: {path} line {line_no}: {err}") from None
+    if not examples:
+        raise SystemExit(f"amvl: {path} holds no examples")
     return examples
 
 
@@ -138,15 +175,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from amvl.demo import DemoConfig, run_demo
 
     config = DemoConfig()
+    if args.quick:  # a smoke run: seconds, not a measurement (--steps still applies)
+        config.steps, config.train_per_family, config.test_per_family = 20, 20, 6
     if args.steps is not None:
         config.steps = args.steps
     if args.objectives:
-        config.objectives = tuple(args.objectives.split(","))
+        config.objectives = tuple(name.strip() for name in args.objectives.split(",")
+                                  if name.strip())
     config.seed = args.seed
     config.backbone = args.backbone
-    if args.quick:  # a smoke run: seconds, not a measurement
-        config.steps, config.train_per_family, config.test_per_family = 20, 20, 6
-    run_demo(args.out, config, progress=not args.no_progress)
+    try:
+        run_demo(args.out, config, progress=not args.no_progress)
+    except ValueError as err:  # bad settings, found before any training
+        raise SystemExit(f"amvl demo: {err}") from None
     return 0
 
 
@@ -163,7 +204,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         examples = puzzle_suite("train", int(data.get("per_family", 300)))
     else:
-        examples = read_jsonl(run["base_dir"] / source)
+        examples = read_jsonl(source)
     model = AMVLModel(base, tokenizer, run["amvl_config"])
     out = Path(run.get("output_dir", "runs/amvl"))
     collator = _collator(base, tokenizer, processor, data, cache_images=source == "puzzles")
@@ -180,6 +221,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load_trained(directory: Path):
+    """(AMVLModel on the GPU when there is one, image processor or None) of a directory
+    written by ``amvl train`` (or ``AMVLModel.save_pretrained`` plus the processor's own
+    ``save_pretrained`` into ``base/``)."""
+    import torch
     import transformers
 
     from amvl.model import AMVLModel
@@ -192,8 +237,25 @@ def _load_trained(directory: Path):
         else:
             from amvl.tiny import tiny_image_processor
 
+            # Only the demo's tiny model may go without its processor: any other one would
+            # get images cut to the wrong patches (or to 32 pixels) without a word.
             processor = tiny_image_processor()
+            vision = model.base.config.vision_config
+            if (getattr(vision, "patch_size", None) != processor.patch_size
+                    or getattr(vision, "spatial_merge_size", None) != processor.merge_size
+                    or model.base.config.get_text_config().hidden_size > 256):
+                raise SystemExit(f"amvl eval: no image processor in {directory / 'base'}; save "
+                                 "the model's processor there (processor.save_pretrained), as "
+                                 "amvl train does")
+    if torch.cuda.is_available():
+        model.to("cuda")
     return model, processor
+
+
+def _check_trained(name: str, directory: Path) -> None:
+    if not (directory / "amvl_config.json").is_file():
+        raise SystemExit(f"amvl eval: {name}: {directory} is not a model written by amvl train "
+                         "(no amvl_config.json)")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -204,9 +266,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     models = {f"{checkpoint.name} (prior latents)": checkpoint}
     for name, path in ((run.get("eval") or {}).get("baselines") or {}).items():
         models[name] = Path(path)
+    for name, directory in models.items():  # before an hour of evaluation, not after
+        _check_trained(name, directory)
     try:
-        examples = evaluation.load_benchmark(args.benchmark, args.data, split=args.split)
-    except (ValueError, FileNotFoundError) as err:
+        examples = evaluation.load_benchmark(args.benchmark, args.data, split=args.split,
+                                             **({"unlabelled": True} if args.unlabelled
+                                                else {}))
+    except (ValueError, FileNotFoundError, TypeError) as err:
         raise SystemExit(f"amvl eval: {err}") from None
     results = {}
     for name, directory in models.items():
@@ -215,9 +281,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         results[name] = evaluation.evaluate_benchmark(model, collator, examples,
                                                       batch_size=args.batch_size,
                                                       progress=not args.no_progress)
-    print(evaluation.format_accuracy_table(results, args.benchmark))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+        del model
+        if args.out:  # after every model: a failure later keeps what finished
+            Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+    if args.unlabelled:
+        print(f"amvl eval: predictions for {len(examples)} unlabelled examples written to "
+              f"{args.out}")
+    else:
+        print(evaluation.format_accuracy_table(results, args.benchmark))
     return 0
 
 
@@ -244,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", help="benchmark files on disk")
     ev.add_argument("--split", help="default: val for BLINK, the file's for VisualPuzzles, "
                     "test for the puzzles")
+    ev.add_argument("--unlabelled", action="store_true",
+                    help="load the records without answers and write predictions only (BLINK's "
+                         "test split, whose answers are withheld); needs --out")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--out", help="write the results as JSON here")
     for p in (demo, train, ev):
@@ -258,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
                          f"{args.benchmark}")
     if args.command == "eval" and not (args.config or args.checkpoint):
         raise SystemExit("amvl eval: give --config or --checkpoint")
+    if args.command == "eval" and args.unlabelled and args.benchmark != "blink":
+        raise SystemExit("amvl eval: --unlabelled is for BLINK's test split; the other "
+                         "benchmarks' records carry their answers")
+    if args.command == "eval" and args.unlabelled and not args.out:
+        raise SystemExit("amvl eval: --unlabelled writes predictions only; give --out")
     handler = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval}[args.command]
     return handler(args)
 

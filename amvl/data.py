@@ -10,6 +10,7 @@ emits.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,8 +39,11 @@ class AMVLCollator:
         tokenizer: the model's tokenizer (must have a pad or EOS token).
         image_processor: a Qwen2-VL image processor, for examples with images.
         vision_tokens: image marker ids (:meth:`VisionTokens.from_model_config`).
-        max_prompt_tokens, max_answer_tokens: truncate longer texts (prompt from the left, so
-            the question's end stays; answer from the right). Images are never truncated.
+        max_prompt_tokens, max_answer_tokens: truncate longer texts (the question from the
+            left, so its end, usually the options, stays; the answer from the right), with a
+            warning each time a question loses tokens. Images are never truncated: an example
+            whose images alone exceed ``max_prompt_tokens`` is an error, since the question
+            would vanish entirely.
         cache_images: keep each processed image for as long as the image object lives (for
             many epochs over a small image set, e.g. the built-in puzzles).
     """
@@ -103,7 +107,7 @@ class AMVLCollator:
                 grids.append(grid)
             question = self._text_ids(example["question"])
             if self.max_prompt_tokens is not None:
-                question = question[max(0, len(question) + len(prompt) - self.max_prompt_tokens):]
+                question = self._truncated(index, question, len(prompt))
             answer = self._text_ids(example["answer"])[: self.max_answer_tokens]
             if self.tokenizer.eos_token_id is not None:
                 answer = answer + [self.tokenizer.eos_token_id]
@@ -120,6 +124,21 @@ class AMVLCollator:
             batch["pixel_values"] = torch.cat(images)
             batch["image_grid_thw"] = torch.stack(grids)
         return batch
+
+    def _truncated(self, index: int, question: list[int], image_tokens: int) -> list[int]:
+        """The question's last tokens that fit beside ``image_tokens`` in max_prompt_tokens."""
+        room = self.max_prompt_tokens - image_tokens
+        if room <= 0 and question:
+            raise ValueError(f"example {index}: its images take {image_tokens} tokens, "
+                             f"max_prompt_tokens is {self.max_prompt_tokens}, so no room is left "
+                             "for the question; raise max_prompt_tokens or give the image "
+                             "processor a smaller max_pixels")
+        if len(question) > room:
+            warnings.warn(f"example {index}: the question lost its first "
+                          f"{len(question) - room} of {len(question)} tokens to "
+                          f"max_prompt_tokens={self.max_prompt_tokens}", stacklevel=3)
+            return question[len(question) - room:]
+        return question
 
     def _pad(self, rows: list[list[int]], left: bool) -> tuple[Tensor, Tensor]:
         width = max(1, max(len(r) for r in rows))

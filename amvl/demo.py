@@ -10,6 +10,7 @@ Written to ``--out``: ``results.json`` and PNG plots (learning curves, KL curves
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -113,7 +114,8 @@ def format_table(results: dict[str, dict]) -> str:
         return "-" if v != v else f"{v:.2f}"
 
     head = ["objective", *FAMILIES, "mean (prior z)", "posterior z", "leak gap",
-            "KL(q||p)", "KL(p||q)", "flip 0", "flip noise", "flip swap"]
+            # the bars escaped: a bare | would split the cell (as in the README's table)
+            "KL(q\\|\\|p)", "KL(p\\|\\|q)", "flip 0", "flip noise", "flip swap"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, result in results.items():
         r = result["report"]
@@ -129,6 +131,10 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool =
              echo=print) -> dict:
     """Run the whole demo; write results.json and the plots into ``out``; return the results."""
     config = config or DemoConfig()
+    unknown = [name for name in config.objectives if name not in OBJECTIVES]
+    if unknown or not config.objectives:
+        raise ValueError(f"objectives must be a non-empty subset of {OBJECTIVES}, "
+                         f"got {list(config.objectives)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -142,20 +148,42 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool =
          f"{len(FAMILIES)} families; objectives {', '.join(config.objectives)}; "
          f"{config.steps} steps each; chance accuracy {100 * chance_accuracy(test_set):.1f}%")
     results = {}
+
+    def payload() -> dict:
+        return {"config": asdict(config), "results": results, "table": format_table(results),
+                "seconds": time.perf_counter() - started,
+                "versions": {"python": platform.python_version(), "torch": torch.__version__}}
+
     for name in config.objectives:
         results[name] = run_objective(name, config, tokenizer, train_set, test_set, progress)
         r = results[name]["report"]
         echo(f"  {name:<6} prior-latent accuracy {100 * r['acc_prior']:.1f}%  "
              f"({results[name]['train_seconds']:.0f} s)")
-    table = format_table(results)
-    echo("\n" + table)
+        # after every objective, so a run stopped later keeps what it finished
+        _write_json(out / "results.json", payload())
+    final = payload()
+    echo("\n" + final["table"])
     figures = [plots.learning_curves({n: r["history"] for n, r in results.items()}, out),
                plots.kl_curves({n: r["history"] for n, r in results.items()}, out),
                plots.leakage_gap({n: r["report"] for n, r in results.items()}, out)]
-    payload = {"config": asdict(config), "results": results, "table": table,
-               "seconds": time.perf_counter() - started,
-               "versions": {"python": platform.python_version(), "torch": torch.__version__}}
-    (out / "results.json").write_text(json.dumps(payload, indent=1))
+    _write_json(out / "results.json", final)
     echo(f"\nwrote {out / 'results.json'} and {', '.join(f.name for f in figures)} "
-         f"in {payload['seconds']:.0f} s")
-    return payload
+         f"in {final['seconds']:.0f} s")
+    return final
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    """Strict JSON (NaN, e.g. a "none" run's KLs, and infinities become null), replaced
+    atomically."""
+    def strict(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: strict(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [strict(v) for v in value]
+        return value
+
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(strict(payload), indent=1, allow_nan=False))
+    partial.replace(path)

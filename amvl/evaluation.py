@@ -281,9 +281,11 @@ def _check_subtasks_present(examples: list[dict], expected: Sequence[str], where
 
 
 def _blink_name(name: str) -> str | None:
-    """The canonical subtask name for ``name`` (case, spaces and underscores ignored)."""
-    key = re.sub(r"[\s_]+", "_", name.strip()).lower()
-    return next((s for s in BLINK_SUBTASKS if s.lower() == key), None)
+    """The canonical subtask name for ``name`` (case, spaces, underscores and hyphens
+    ignored: "IQ_Test", "iq test" and "IQTest" all name IQ_Test)."""
+    def key(text: str) -> str:
+        return re.sub(r"[\s_-]+", "", text).lower()
+    return next((s for s in BLINK_SUBTASKS if key(s) == key(name)), None)
 
 
 def _blink_subtasks(subtasks: Sequence[str] | None) -> list[str] | None:
@@ -353,8 +355,9 @@ def load_blink(path: str | os.PathLike, split: str = "val",
     if split == "test" and not unlabelled:
         raise ValueError("BLINK's test answers are withheld (the public test files carry no "
                          "gold answers; test scores come from the benchmark's evaluation "
-                         "server). Use split='val' for accuracy, or unlabelled=True to load the "
-                         "test records with answer=None for predictions.")
+                         "server). Use split='val' for accuracy, or unlabelled=True (amvl eval "
+                         "--unlabelled) to load the test records with answer=None for "
+                         "predictions.")
     root = _existing(path)
     wanted = _blink_subtasks(subtasks)
     sources: list[tuple[Path, str | None]] = []

@@ -114,3 +114,85 @@ def test_amvl_attention_from_the_run_config():
     loss = model(**batch, seed=0).loss
     loss.backward()
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("model: {path: tiny-qwen2-vl}\noutputdir: runs/x", "unknown keys in 'top level'"),
+    ("model: {path: tiny-qwen2-vl}\ndata: {max_prompt_token: 9}", "unknown keys in 'data'"),
+    ("model: {path: tiny-qwen2-vl, dtpye: bfloat16}", "unknown keys in 'model'"),
+    ("model: {path: tiny-qwen2-vl}\neval: {baseline: {}}", "unknown keys in 'eval'"),
+    ("model: {path: tiny-qwen2-vl}\namvl: {num_slots: 0}", "bad.yaml: .*num_slots"),
+    ("model: {path: tiny-qwen2-vl}\namvl: [1, 2]", "'amvl' must be a mapping"),
+    ("- just\n- a list", "must hold a mapping"),
+    ("model: {path: [unclosed", "not valid YAML"),
+])
+def test_config_mistakes_are_named_not_ignored(tmp_path, text, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(SystemExit, match=match):
+        load_run_config(path)
+
+
+def test_demo_arguments_checked_before_any_training(tmp_path, monkeypatch):
+    import amvl.demo
+
+    seen = {}
+    monkeypatch.setattr(amvl.demo, "run_objective", lambda *a, **k: seen.setdefault("ran", 1))
+    with pytest.raises(SystemExit, match="bogus"):
+        main(["demo", "--quick", "--out", str(tmp_path), "--objectives", "none,bogus"])
+    assert not seen and not list(tmp_path.iterdir())
+
+    def record(out, config, progress):
+        seen.update(steps=config.steps, objectives=config.objectives)
+    monkeypatch.setattr(amvl.demo, "run_demo", record)
+    main(["demo", "--quick", "--steps", "5", "--objectives", "none, amvl", "--out", "x"])
+    assert seen == {"steps": 5, "objectives": ("none", "amvl")}
+
+
+def test_jsonl_lines_that_are_not_examples(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    cases = {"array.jsonl": "[1, 2]", "image.jsonl": json.dumps(
+        {"images": ["broken.png"], "question": "q", "answer": "a"}),
+        "field.jsonl": json.dumps({"question": "q"}), "empty.jsonl": "\n"}
+    expected = {"array.jsonl": "line 1: expected a JSON object", "image.jsonl": "line 1: ",
+                "field.jsonl": "line 1: no 'answer' field", "empty.jsonl": "holds no examples"}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text + "\n")
+        with pytest.raises(SystemExit, match=expected[name]):
+            read_jsonl(tmp_path / name)
+
+
+def test_eval_checks_every_model_before_evaluating(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"model": {"path": "tiny-qwen2-vl"},
+                                      "eval": {"baselines": {"none": str(tmp_path / "gone")}}}))
+    with pytest.raises(SystemExit, match="also_gone .*is not a model written by amvl train"):
+        main(["eval", "--config", str(config), "--checkpoint", str(tmp_path / "also_gone")])
+    # a checkpoint that would load (never reached): the baseline is refused first
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "amvl_config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="none: .*gone is not a model written by amvl train"):
+        main(["eval", "--config", str(config), "--checkpoint", str(tmp_path / "final")])
+    with pytest.raises(SystemExit, match="--unlabelled is for BLINK"):
+        main(["eval", "--checkpoint", str(tmp_path), "--unlabelled"])
+
+
+def test_eval_refuses_the_tiny_image_processor_for_another_vision_tower(tmp_path):
+    """A saved VLM without its processor may only be the demo's tiny one: a real model would
+    get images cut to the tiny processor's patches."""
+    from amvl.cli import _load_trained
+    from amvl.config import AMVLConfig
+    from amvl.model import AMVLModel
+    from amvl.puzzles import vocabulary
+    from amvl.tiny import tiny_qwen2_vl, word_tokenizer
+
+    tokenizer = word_tokenizer(vocabulary(), vision=True)
+    for patch, ok in ((4, True), (14, False)):
+        model = AMVLModel(tiny_qwen2_vl(tokenizer, patch_size=patch), tokenizer,
+                          AMVLConfig(num_slots=2, latent_dim=4))
+        model.save_pretrained(tmp_path / str(patch))
+        if ok:
+            assert _load_trained(tmp_path / str(patch))[1].patch_size == 4
+        else:
+            with pytest.raises(SystemExit, match="no image processor in"):
+                _load_trained(tmp_path / str(patch))

@@ -199,6 +199,21 @@ def test_collator_pads_prompts_left_and_answers_right():
     assert batch["prompt_ids"][1, 2] == tokenizer.convert_tokens_to_ids("w5")
 
 
+def test_collator_truncates_questions_aloud_and_never_to_nothing():
+    tokenizer = word_tokenizer(WORDS, vision=True)
+    collator = AMVLCollator(tokenizer, max_prompt_tokens=2)
+    with pytest.warns(UserWarning, match="lost its first 1 of 3 tokens"):
+        batch = collator([{"question": "w1 w2 w3", "answer": "w4"}])
+    assert batch["prompt_ids"][0].tolist() == tokenizer.convert_tokens_to_ids(["w2", "w3"])
+    rng = np.random.default_rng(0)
+    processor = tiny_image_processor()
+    vision = VisionTokens(*tokenizer.convert_tokens_to_ids(
+        ["<|image_pad|>", "<|vision_start|>", "<|vision_end|>"]))
+    collator = AMVLCollator(tokenizer, processor, vision, max_prompt_tokens=8)
+    with pytest.raises(ValueError, match="example 0: its images take"):
+        collator([{"question": "w1", "answer": "w2", "images": [_image(rng)]}])
+
+
 @pytest.mark.parametrize("examples,error,match", [
     ([], ValueError, "empty list"),
     (["w1"], TypeError, "example 0"),
