@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from amvl_kernels.backends import BACKENDS
+
 CONFIG_NAME = "amvl_config.json"
 
 OBJECTIVES = ("amvl", "elbo", "prior", "none")
@@ -76,6 +78,8 @@ class AMVLConfig:
                 f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         require(self.kl_schedule in KL_SCHEDULES,
                 f"kl_schedule must be one of {KL_SCHEDULES}, got {self.kl_schedule!r}")
+        require(self.kernel_backend in BACKENDS,
+                f"kernel_backend must be one of {BACKENDS}, got {self.kernel_backend!r}")
         require(self.inference in INFERENCE_MODES,
                 f"inference must be one of {INFERENCE_MODES}, got {self.inference!r}")
         for name in ("alpha", "beta", "gamma", "free_bits"):

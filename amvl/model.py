@@ -63,16 +63,81 @@ class AMVLOutput:
 
 
 def ensure_special_tokens(base_model: nn.Module, tokenizer, config: AMVLConfig) -> dict[str, int]:
-    """Add the latent special tokens the tokenizer lacks (resizing the embeddings) and return
-    their ids by role. Ids always come from the tokenizer."""
+    """Add the latent special tokens the tokenizer lacks and return their ids by role. Ids
+    always come from the tokenizer.
+
+    New tokens get embedding rows at the mean of the existing tokens' rows (input and, when
+    untied, output embeddings), the way transformers' resize initialises them. The matrices
+    grow only when an id has no row: checkpoints whose matrices are padded past their
+    vocabulary (Qwen2 and Qwen2.5-VL: 151,936 rows for about 151,665 tokens) keep their size,
+    so nothing is cut off and adapters trained on the unmodified model still fit. A tokenizer
+    that already holds the tokens (a saved one) with a base that lacks their rows is resized
+    the same way."""
+    vocab_before = len(tokenizer)
     missing = [t for t in config.special_tokens() if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing},
                                      replace_extra_special_tokens=False)
-        base_model.resize_token_embeddings(len(tokenizer))
     roles = ("latent_start", "latent_end", "latent", "prior_query", "posterior_query")
-    return {role: tokenizer.convert_tokens_to_ids(tok)
-            for role, tok in zip(roles, config.special_tokens())}
+    ids = {role: tokenizer.convert_tokens_to_ids(tok)
+           for role, tok in zip(roles, config.special_tokens())}
+    rows = base_model.get_input_embeddings().num_embeddings
+    if max(ids.values()) >= rows:
+        base_model.resize_token_embeddings(max(len(tokenizer), max(ids.values()) + 1))
+    elif missing:
+        new = torch.tensor([tokenizer.convert_tokens_to_ids(t) for t in missing])
+        matrices = {base_model.get_input_embeddings().weight}
+        output = base_model.get_output_embeddings()
+        if output is not None:
+            matrices.add(output.weight)  # the same tensor when tied: once
+        with torch.no_grad():
+            for weight in matrices:
+                weight[new.to(weight.device)] = weight[:vocab_before].mean(0)
+    return ids
+
+
+def check_batch(prompt_ids: Tensor, prompt_mask: Tensor, answer_ids: Tensor | None = None,
+                answer_mask: Tensor | None = None) -> None:
+    """Raise a ValueError naming what is wrong with a batch, instead of a loss computed from
+    the wrong columns: prompts must be left-padded and answers right-padded (the tails start
+    in one column for every row, and each answer token is predicted from the column before
+    it), each row with at least one real token.
+
+    One host synchronisation for the padding checks, before the step's work is queued."""
+    pairs = [("prompt", prompt_ids, prompt_mask)]
+    if answer_ids is not None or answer_mask is not None:
+        if answer_ids is None or answer_mask is None:
+            raise ValueError("answer_ids and answer_mask come together")
+        pairs.append(("answer", answer_ids, answer_mask))
+    for name, ids, mask in pairs:
+        if ids.dim() != 2 or ids.shape != mask.shape:
+            raise ValueError(f"{name}_ids {tuple(ids.shape)} and {name}_mask "
+                             f"{tuple(mask.shape)} must be the same (batch, length) shape")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ValueError(f"{name}_ids must hold integer token ids, got {ids.dtype}")
+        if ids.shape[0] != prompt_ids.shape[0]:
+            raise ValueError(f"{name}_ids has {ids.shape[0]} rows, prompt_ids "
+                             f"{prompt_ids.shape[0]}")
+        if ids.shape[1] == 0:
+            raise ValueError(f"{name}_ids has no columns: every row needs a real {name} token")
+    if prompt_ids.shape[0] == 0:
+        raise ValueError("the batch is empty")
+    if torch.compiler.is_compiling():
+        return  # a host read would break the graph; the checks ran in eager calls
+    prompt = prompt_mask.bool()
+    flags = [prompt[:, -1].all(), (prompt[:, 1:] >= prompt[:, :-1]).all()]
+    if answer_mask is not None:
+        answer = answer_mask.bool()
+        flags += [answer[:, 0].all(), (answer[:, 1:] <= answer[:, :-1]).all()]
+    ok = torch.stack(flags).tolist()
+    if not all(ok[:2]):
+        raise ValueError("prompts must be left-padded (prompt_mask False only before a row's "
+                         "tokens) with at least one real token a row, as AMVLCollator builds "
+                         "them")
+    if not all(ok[2:]):
+        raise ValueError("answers must be right-padded (answer_mask False only after a row's "
+                         "tokens) with at least one real token a row, as AMVLCollator builds "
+                         "them")
 
 
 class AMVLModel(nn.Module):
@@ -272,6 +337,7 @@ class AMVLModel(nn.Module):
         Prompts are left-padded (B, Lx), answers right-padded (B, Ly), masks True on real
         tokens. ``seed`` fixes the latent noise (same seed, same loss on both paths).
         """
+        check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask)
         share = self.config.prefix_sharing if prefix_sharing is None else prefix_sharing
         # Checkpointed layers drop transformers' KV cache: on the "amvl" attention x's keys are
         # kept in PrefixKeys instead, elsewhere the step falls back to the naive path. (Newer
@@ -364,6 +430,7 @@ class AMVLModel(nn.Module):
               answer_mask: Tensor | None = None, pixel_values: Tensor | None = None,
               image_grid_thw: Tensor | None = None) -> dict[str, Tensor]:
         """Prior (and, given the answer, posterior) means and log-variances, each (B, K, d)."""
+        check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask)
         rope = self._rope_positions(prompt_ids, prompt_mask, image_grid_thw)
         p = self._parts(prompt_ids, prompt_mask, answer_ids, answer_mask, rope)
         images = self._images(pixel_values, image_grid_thw)
@@ -385,6 +452,7 @@ class AMVLModel(nn.Module):
 
         ``z=None`` decodes without a latent block (the "none" objective's model).
         """
+        check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask)
         rope = self._rope_positions(prompt_ids, prompt_mask, image_grid_thw)
         p = self._parts(prompt_ids, prompt_mask, answer_ids, answer_mask, rope)
         names = {"prompt": p["prompt"], "answer": p["answer_after_x"]} if z is None else \
@@ -428,6 +496,10 @@ class AMVLModel(nn.Module):
         mode = latent or self.config.inference
         if mode not in ("mean", "sample"):
             raise ValueError(f"latent must be 'mean' or 'sample', got {mode!r}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        check_batch(prompt_ids, prompt_mask)
         n = (num_samples or self.config.num_samples) if mode == "sample" else 1
         if n > 1:  # every draw decodes as its own row
             if pixel_values is not None:

@@ -29,6 +29,7 @@ def test_round_trip(tmp_path):
     ({"logvar_max": 40.0}, "safe range"),
     ({"logvar_init": -12.0}, "logvar_init"),
     ({"num_samples": 0}, "num_samples"),
+    ({"kernel_backend": "nope"}, "kernel_backend"),
     ({"latent_token": "<lat_start>"}, "special tokens"),
 ])
 def test_invalid_values_are_named(kwargs, match):

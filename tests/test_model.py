@@ -188,6 +188,31 @@ def test_special_tokens_are_added_once_and_ids_come_from_the_tokenizer():
     assert len(tokenizer) == before + 5
 
 
+def test_special_tokens_in_a_padded_vocabulary_keep_its_size():
+    """Qwen2 checkpoints pad their embedding matrices past the tokenizer (151,936 rows for
+    about 151,665 tokens): the new tokens take rows there, set to the mean of the real
+    tokens' rows, and nothing is cut off. A base that lacks rows for a saved tokenizer's
+    tokens grows."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from amvl.tiny import _text_config
+
+    tokenizer = word_tokenizer(WORDS)
+    before = len(tokenizer)
+    base = Qwen2ForCausalLM(Qwen2Config(**_text_config(before + 20, 32, 1)))
+    untouched = base.get_input_embeddings().weight[before + 5:].clone()
+    model = AMVLModel(base, tokenizer, AMVLConfig(num_slots=2, latent_dim=3))
+    for matrix in (base.get_input_embeddings().weight, base.get_output_embeddings().weight):
+        assert matrix.shape[0] == before + 20
+        new = matrix[sorted(model.token_ids.values())]
+        torch.testing.assert_close(new, matrix[:before].mean(0).expand_as(new))
+    torch.testing.assert_close(base.get_input_embeddings().weight[before + 5:], untouched)
+    assert base.config.vocab_size == before + 20
+    short = Qwen2ForCausalLM(Qwen2Config(**_text_config(before, 32, 1)))
+    model = AMVLModel(short, tokenizer, AMVLConfig(num_slots=2, latent_dim=3))
+    assert short.get_input_embeddings().num_embeddings == before + 5
+
+
 def test_collator_pads_prompts_left_and_answers_right():
     tokenizer = word_tokenizer(WORDS)
     batch = AMVLCollator(tokenizer)([{"question": "w1 w2 w3", "answer": "w4"},
@@ -278,3 +303,43 @@ def test_training_step_on_the_triton_kernels(kind):
     finally:
         akhf.set_backend(previous)
         torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _right_padded_prompts(batch):
+    """The batch's prompts with their padding moved to the right."""
+    ids, mask = batch["prompt_ids"].clone(), batch["prompt_mask"].clone()
+    for row in range(ids.shape[0]):
+        keep = mask[row]
+        n = int(keep.sum())
+        ids[row, :n], ids[row, n:] = ids[row][keep].clone(), 0
+        mask[row, :n], mask[row, n:] = True, False
+    return dict(batch, prompt_ids=ids, prompt_mask=mask)
+
+
+@pytest.mark.parametrize("change,match", [
+    (_right_padded_prompts, "prompts must be left-padded"),
+    (lambda b: dict(b, answer_mask=b["answer_mask"].flip(1), answer_ids=b["answer_ids"].flip(1)),
+     "answers must be right-padded"),
+    (lambda b: dict(b, answer_mask=torch.zeros_like(b["answer_mask"])),
+     "answers must be right-padded"),
+    (lambda b: dict(b, answer_ids=b["answer_ids"][:, :0], answer_mask=b["answer_mask"][:, :0]),
+     "answer_ids has no columns"),
+    (lambda b: dict(b, answer_ids=b["answer_ids"][:2]), "must be the same"),
+    (lambda b: dict(b, prompt_ids=b["prompt_ids"].float()), "integer token ids"),
+])
+def test_batches_padded_the_wrong_way_are_refused(change, match):
+    """A right-padded prompt or a left-padded answer would put pad columns where the model
+    reads its predictions: an error, not a slightly different loss."""
+    model, batch = build("qwen2", objective="none")
+    assert not batch["prompt_mask"].all()  # ragged: the padding side matters
+    with pytest.raises(ValueError, match=match):
+        model(**change(batch), seed=0)
+
+
+def test_generate_needs_a_token_to_generate():
+    model, batch = build("qwen2", objective="amvl")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=0)
+    with pytest.raises(ValueError, match="left-padded"):
+        right = _right_padded_prompts(batch)
+        model.generate(right["prompt_ids"], right["prompt_mask"])
