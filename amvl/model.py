@@ -547,19 +547,103 @@ class AMVLModel(nn.Module):
 
     # ------------------------------------------------------------------ saving
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Config (JSON), heads and injector (safetensors), base model and tokenizer."""
+    def save_pretrained(self, directory: str | Path,
+                        state_dict: dict[str, Tensor] | None = None) -> None:
+        """Config (JSON), heads and injector (safetensors), base model and tokenizer.
+
+        ``state_dict`` (this module's keys, e.g. the full state a Trainer gathers under FSDP
+        or ZeRO-3) is saved instead of the live parameters. With a PEFT base, ``base/`` holds
+        only the adapter, so the rows of the latent special tokens in the embeddings, which
+        the adapter does not carry, are saved beside the heads."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save(directory)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self._own_state().items()},
+        own = self._own_state() if state_dict is None else {
+            k: v for k, v in state_dict.items() if k.split(".", 1)[0] in self._own_modules()}
+        own.update(self._special_token_rows(state_dict))
+        save_file({k: v.detach().cpu().contiguous() for k, v in own.items()},
                   str(directory / HEADS_NAME), metadata={"format": "pt"})
-        self.base.save_pretrained(directory / "base", safe_serialization=True)
+        base_state = None if state_dict is None else {
+            k[len("base."):]: v for k, v in state_dict.items() if k.startswith("base.")}
+        self.base.save_pretrained(directory / "base", safe_serialization=True,
+                                  state_dict=base_state)
         self.tokenizer.save_pretrained(directory / "base")
 
     def _own_state(self) -> dict[str, Tensor]:
         return {f"{name}.{k}": v for name, module in self._own_modules().items()
                 for k, v in module.state_dict().items()}
+
+    def _is_peft(self) -> bool:
+        return hasattr(self.base, "get_base_model")
+
+    def _special_token_rows(self, state_dict: dict[str, Tensor] | None = None
+                            ) -> dict[str, Tensor]:
+        """The latent special tokens' embedding rows (input, and output when untied), in
+        ``token_ids`` order, for a PEFT base; {} otherwise."""
+        if not self._is_peft():
+            return {}
+        ids = torch.tensor(list(self.token_ids.values()))
+        rows = {"special_tokens.input": self._unwrapped().get_input_embeddings().weight}
+        output = self._unwrapped().get_output_embeddings()
+        if output is not None and output.weight is not rows["special_tokens.input"]:
+            rows["special_tokens.output"] = output.weight
+        return {k: w[ids.to(w.device)] for k, w in rows.items()}
+
+    def _load_own_state(self, state: dict[str, Tensor]) -> None:
+        for name in self._own_modules():
+            prefix = f"{name}."
+            own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            module = getattr(self, name).to(next(iter(own.values())).dtype)  # as saved
+            module.load_state_dict(own)
+        ids = torch.tensor(list(self.token_ids.values()))
+        with torch.no_grad():
+            for key, layer in (("special_tokens.input", self._unwrapped().get_input_embeddings()),
+                               ("special_tokens.output",
+                                self._unwrapped().get_output_embeddings())):
+                if key in state and layer is not None:
+                    layer.weight[ids.to(layer.weight.device)] = state[key].to(layer.weight)
+
+    def load_weights(self, directory: str | Path) -> None:
+        """Load, in place, every weight :meth:`save_pretrained` wrote into ``directory`` (a
+        model of the same configuration): heads, injector and the base model, or its PEFT
+        adapter. What a Trainer resuming from one of its checkpoints needs."""
+        directory = Path(directory)
+        config = AMVLConfig.load(directory)
+        if config != self.config:
+            raise ValueError(f"{directory} holds a model of another configuration: {config} "
+                             f"against this model's {self.config}")
+        base_dir = directory / "base"
+        if (base_dir / "adapter_model.safetensors").is_file():
+            if not self._is_peft():
+                raise ValueError(f"{base_dir} holds a PEFT adapter but this model's base is "
+                                 "not a PEFT model")
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.base, load_file(str(base_dir /
+                                                               "adapter_model.safetensors")))
+        else:
+            self._load_base_state(base_dir)
+        self._load_own_state(load_file(str(directory / HEADS_NAME), device=str(self.device)))
+
+    def _load_base_state(self, base_dir: Path) -> None:
+        index = base_dir / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) \
+            if index.is_file() else ["model.safetensors"]
+        missing = [name for name in files if not (base_dir / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"no {missing[0]} in {base_dir}")
+        state = {}
+        for name in files:
+            state.update(load_file(str(base_dir / name)))
+        target = self._unwrapped()
+        result = target.load_state_dict(state, strict=False)
+        # A tied weight (the LM head on the input embeddings) is saved once: it may be missing.
+        loaded = {t.data_ptr() for k, t in target.state_dict().items() if k in state}
+        untied = [k for k in result.missing_keys
+                  if target.state_dict()[k].data_ptr() not in loaded]
+        if untied or result.unexpected_keys:
+            raise ValueError(f"{base_dir} does not match this base model: missing {untied[:5]}, "
+                             f"unexpected {result.unexpected_keys[:5]}")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, base_model: nn.Module | None = None,
@@ -567,25 +651,26 @@ class AMVLModel(nn.Module):
         """Load what :meth:`save_pretrained` wrote: JSON and safetensors only, nothing unpickled.
 
         The base model class is taken from the saved ``config.json`` ``architectures`` entry
-        unless ``base_model`` is given (e.g. a PEFT-wrapped model).
+        unless ``base_model`` is given. A PEFT model saved only its adapter: pass its base
+        with the adapter loaded (``PeftModel.from_pretrained(base, directory / "base")``);
+        the latent special tokens' rows come back from the heads' file.
         """
         import transformers
 
         directory = Path(directory)
         config = AMVLConfig.load(directory)
         if base_model is None:
+            if (directory / "base" / "adapter_config.json").is_file():
+                raise ValueError(f"{directory / 'base'} holds a PEFT adapter, not a whole model: "
+                                 "pass base_model=PeftModel.from_pretrained(<the base model>, "
+                                 f"'{directory / 'base'}')")
             arch = json.loads((directory / "base" / "config.json").read_text())["architectures"][0]
             base_model = getattr(transformers, arch).from_pretrained(
                 directory / "base", use_safetensors=True, **base_kwargs)
         if tokenizer is None:
             tokenizer = transformers.AutoTokenizer.from_pretrained(directory / "base")
         model = cls(base_model, tokenizer, config)
-        state = load_file(str(directory / HEADS_NAME), device=str(model.device))
-        for name in model._own_modules():
-            prefix = f"{name}."
-            own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            module = getattr(model, name).to(next(iter(own.values())).dtype)  # as saved
-            module.load_state_dict(own)
+        model._load_own_state(load_file(str(directory / HEADS_NAME), device=str(model.device)))
         return model
 
 

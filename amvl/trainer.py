@@ -3,12 +3,14 @@
 Distribution (DDP, FSDP, DeepSpeed) is the Trainer's and accelerate's: launch with
 ``torchrun`` or ``accelerate launch`` as for any Trainer script. This module only supplies the
 loss (the model's objective at the current step), logs the objective's metrics averaged over
-each logging interval, and saves with :meth:`AMVLModel.save_pretrained`.
+each logging interval, saves with :meth:`AMVLModel.save_pretrained` and loads checkpoints
+(``resume_from_checkpoint``, ``load_best_model_at_end``) with :meth:`AMVLModel.load_weights`.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from transformers import Trainer
@@ -50,7 +52,29 @@ class AMVLTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
-        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+        # state_dict: the full state the Trainer gathered (FSDP, ZeRO-3), or None
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir,
+                                                                  state_dict=state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """``train(resume_from_checkpoint=...)``: the weights of a checkpoint :meth:`_save`
+        wrote (the optimizer, scheduler and RNG states are the Trainer's own files)."""
+        target = self.accelerator.unwrap_model(model or self.model)
+        if isinstance(target, AMVLModel) and \
+                (Path(resume_from_checkpoint) / "amvl_config.json").is_file():
+            target.load_weights(resume_from_checkpoint)
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end=True``: the best checkpoint's weights, as on resume."""
+        best = self.state.best_model_checkpoint
+        target = self.accelerator.unwrap_model(self.model)
+        if isinstance(target, AMVLModel) and best and \
+                (Path(best) / "amvl_config.json").is_file():
+            target.load_weights(best)
+        else:
+            super()._load_best_model()
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation loss only: an AMVL batch has no logits to gather."""

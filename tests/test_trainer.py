@@ -189,3 +189,68 @@ def test_checkpointed_model_in_training_mode_runs_without_autograd():
         reference = model(**batch, seed=7).loss
         model.gradient_checkpointing_enable()
         torch.testing.assert_close(model(**batch, seed=7).loss, reference)
+
+
+def _trainer(model, tokenizer, out, steps: int, **kwargs) -> AMVLTrainer:
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4,
+                             max_steps=steps, learning_rate=1e-2, save_steps=2,
+                             save_strategy="steps", report_to=[], use_cpu=True,
+                             disable_tqdm=True, seed=0, lr_scheduler_type="constant", **kwargs)
+    return AMVLTrainer(model, args, train_dataset=_data(), data_collator=AMVLCollator(tokenizer))
+
+
+def test_trainer_resumes_from_its_own_checkpoints(tmp_path):
+    """``train(resume_from_checkpoint=...)`` loads what ``_save`` wrote (the stock Trainer
+    looks for a model.safetensors there and gives up) and ends where an uninterrupted run
+    ends (a constant learning rate: a schedule would end at step 2 in the cut run)."""
+    model, tokenizer = _tiny_model()
+    _trainer(model, tokenizer, tmp_path / "whole", 4).train()
+    whole = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model, tokenizer = _tiny_model()
+    _trainer(model, tokenizer, tmp_path / "cut", 2).train()
+    at_two = {k: v.clone() for k, v in model.state_dict().items()}
+    model, tokenizer = _tiny_model()  # fresh weights: the checkpoint must replace them all
+    fresh = model.state_dict()["prior_head.proj.weight"].clone()
+    trainer = _trainer(model, tokenizer, tmp_path / "cut", 4)
+    trainer._load_from_checkpoint(str(tmp_path / "cut" / "checkpoint-2"))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, at_two[name]), name
+    assert not torch.equal(fresh, at_two["prior_head.proj.weight"])
+    trainer.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-2"))
+    assert trainer.state.global_step == 4
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, whole[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_peft_model_saves_and_loads_its_special_token_rows(tmp_path):
+    """A PEFT base saves only its adapter; the latent special tokens' embedding rows, which
+    the resize created and the adapter does not carry, travel beside the heads."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer(WORDS)
+    config = AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch")
+    base = tiny_qwen2(tokenizer)
+    AMVLModel(base, tokenizer, config)
+    model = AMVLModel(get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"])),
+                      tokenizer, config)
+    ids = list(model.token_ids.values())
+    with torch.no_grad():  # what training moves: the adapter, the heads and the new rows
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+        for layer in (base.get_input_embeddings(), base.get_output_embeddings()):
+            layer.weight[ids] += torch.randn_like(layer.weight[ids])
+    batch = AMVLCollator(tokenizer)(_data(4))
+    expected = model(**batch, seed=1).loss
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="PEFT adapter"):
+        AMVLModel.from_pretrained(tmp_path)
+    torch.manual_seed(0)  # the pretrained base again, whose matrix lacks the tokens' rows
+    fresh = tiny_qwen2(word_tokenizer(WORDS))
+    loaded = AMVLModel.from_pretrained(tmp_path, base_model=PeftModel.from_pretrained(
+        fresh, tmp_path / "base"))
+    torch.testing.assert_close(loaded(**batch, seed=1).loss, expected)
+    torch.testing.assert_close(loaded._unwrapped().get_input_embeddings().weight[ids],
+                               model._unwrapped().get_input_embeddings().weight[ids])
