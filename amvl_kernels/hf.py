@@ -97,6 +97,8 @@ class _OneEntryCache:
         self._value: LatentLayout | None = None
 
     def get(self, source: object, key: tuple, build: Callable[[], LatentLayout]) -> LatentLayout:
+        if torch.compiler.is_compiling():  # Dynamo cannot trace weak references; a compiled
+            return build()                 # graph builds its layout once per call anyway
         if self._source is not None and self._source() is source and self._key == key:
             return self._value
         value = build()
@@ -139,6 +141,8 @@ def amvl_attention_mask(batch_size: int, q_length: int, kv_length: int,
     if missing > 0:
         mask = torch.nn.functional.pad(mask, (0, missing), value=False)
     mask = mask[:, kv_offset:kv_offset + kv_length]
+    if torch.compiler.is_compiling():  # no host read: an all-True mask is a valid layout too
+        return mask
     return None if bool(mask.all()) else mask
 
 

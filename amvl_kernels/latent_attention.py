@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -805,8 +806,9 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | None,
                              f"but the call has {(batch, lk)}")
         if layout.device != q.device:
             raise ValueError(f"layout is on {layout.device} but q is on {q.device}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                              or not math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite real number or None, got {scale!r}")
 
 
 def _plain_causal_rows(layout: LatentLayout) -> int:

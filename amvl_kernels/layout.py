@@ -215,7 +215,7 @@ class LatentLayout:
         if padding_mask is not None:
             _check_mask("padding_mask", padding_mask, (batch, length))
             kind = torch.where(padding_mask.bool(), kind, int(Kind.PAD))
-        visible = torch.where(kind == Kind.PAD, 0, kind_bits(Kind.TEXT))
+        visible = torch.where(kind == int(Kind.PAD), 0, kind_bits(Kind.TEXT))
         # In range by construction: skip the value checks, whose reads of the device would be
         # host syncs at every decoding step of a padded batch (the HF mask function's layout).
         return cls.from_tensors(kind, visible, torch.zeros_like(kind), check_values=False)
@@ -243,9 +243,9 @@ class LatentLayout:
                     raise ValueError(f"blocks of row {b} overlap at {(start, size)}")
                 block[b, start:start + size] = number
                 kind[b, start:start + size] = torch.where(
-                    kind[b, start:start + size] == Kind.PAD, int(Kind.PAD), int(Kind.LATENT))
+                    kind[b, start:start + size] == int(Kind.PAD), int(Kind.PAD), int(Kind.LATENT))
         text_and_latent = kind_bits(Kind.TEXT, Kind.LATENT)
-        visible = torch.where(kind == Kind.PAD, 0, text_and_latent)
+        visible = torch.where(kind == int(Kind.PAD), 0, text_and_latent)
         return cls.from_tensors(kind, visible, block)
 
     @classmethod
@@ -299,7 +299,7 @@ class LatentLayout:
                 doc[b, start:start + n] = number
                 kind[b, start:start + n] = Kind.TEXT
                 start += n
-        visible = torch.where(kind == Kind.PAD, 0, kind_bits(Kind.TEXT))
+        visible = torch.where(kind == int(Kind.PAD), 0, kind_bits(Kind.TEXT))
         return cls.from_tensors(kind.to(device), visible.to(device),
                                 torch.zeros_like(kind).to(device), doc.to(device))
 

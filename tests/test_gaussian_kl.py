@@ -446,12 +446,16 @@ def test_eager_function_matches_the_custom_op(fwd_grad, rev_grad, use, rng_seed)
         assert (a is None and b is None) or torch.equal(a, b)
 
 
-def test_torch_compile_fullgraph_traces_through():
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_torch_compile_fullgraph_traces_through(backend):
+    """Both backends, the PyTorch one's seeded noise included (an op while compiling: a
+    private torch.Generator is an object Dynamo cannot trace)."""
+    torch._dynamo.reset()
     inputs = make_inputs((4, 9), torch.float32, requires_grad=True)
 
     def step(mu_q, lv_q, mu_p, lv_p):
         z, kl_fwd, kl_rev = ak.gaussian_sample_kl(mu_q, lv_q, mu_p, lv_p, seed=11,
-                                                  backend="triton")
+                                                  backend=backend)
         return z.square().sum() + kl_fwd.sum() + 0.5 * kl_rev.sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")

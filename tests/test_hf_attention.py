@@ -424,3 +424,31 @@ def _cache_kwarg(model) -> str:
 def _cache_of(output):
     """The cache a call returned, under either of its names."""
     return next(output[k] for k in ("cache", "past_key_values") if k in output.keys())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compiled_model_with_padding_runs_as_one_graph(backend):
+    """torch.compile(fullgraph=True) over a model on the "amvl" attention with a padding mask:
+    no host reads, weak references or enum comparisons in the traced code, and the eager
+    logits."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128)
+    model = Qwen2ForCausalLM(config).eval()
+    model.set_attn_implementation("amvl")
+    ids = torch.randint(0, 97, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :3] = 0
+    previous = akhf.set_backend(backend)
+    try:
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda i, m: model(i, attention_mask=m, use_cache=False).logits,
+                                 fullgraph=True, backend="aot_eager")
+        real = mask.bool()
+        torch.testing.assert_close(compiled(ids, mask)[real],
+                                   model(ids, attention_mask=mask, use_cache=False).logits[real])
+    finally:
+        akhf.set_backend(previous)

@@ -432,6 +432,23 @@ def test_backends_agree_and_auto_picks_the_device_default(rng_seed):
     assert auto.dtype == torch.float64
 
 
+def test_torch_compile_on_the_pytorch_path_with_a_fresh_layout(rng_seed):
+    """The CPU fallback counts a layout's plain causal rows with a host read: under
+    torch.compile (first, before any eager call has cached the count) it must not."""
+    torch._dynamo.reset()
+    q, k, v = _inputs(1, 2, 1, 21, 21, 16, torch.float32)
+    prefix = LatentLayout.prefix_sharing([10], [5], 3).to(DEVICE)
+
+    def f(q, k, v, layout):
+        return ak.latent_attention(q, k, v, layout, backend="torch").square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(q, k, v, prefix), (q, k, v))
+    fresh = LatentLayout.prefix_sharing([10], [5], 3).to(DEVICE)
+    for a, b in zip(got, torch.autograd.grad(f(q, k, v, fresh), (q, k, v))):
+        torch.testing.assert_close(a, b)
+
+
 def test_torch_compile_and_opcheck(rng_seed):
     layout = LatentLayout.with_latent_blocks(21, [[(5, 4)]]).to(DEVICE)
     q, k, v = _inputs(1, 2, 1, 21, 21, 16, torch.float32)
@@ -509,6 +526,8 @@ def _ok():
     (lambda q, k, v: ak.latent_attention(q, k, v, layout="causal"), TypeError, "LatentLayout"),
     (lambda q, k, v: ak.latent_attention(q.long(), k, v), TypeError, "floating-point"),
     (lambda q, k, v: ak.latent_attention(q, k, v, scale=float("nan")), ValueError, "scale"),
+    (lambda q, k, v: ak.latent_attention(q, k, v, scale=True), ValueError, "scale"),
+    (lambda q, k, v: ak.latent_attention(q, k, v, scale=torch.tensor(0.5)), ValueError, "scale"),
     (lambda q, k, v: ak.latent_attention(q, k, v, backend="flash"), ValueError, "backend"),
     (lambda q, k, v: ak.latent_attention(q.double(), k.double(), v.double(), backend="triton"),
      TypeError, "float64"),
@@ -516,6 +535,14 @@ def _ok():
 def test_bad_input_is_named(call, error, match):
     with pytest.raises(error, match=match):
         call(*_ok())
+
+
+def test_a_numpy_scale_is_a_number():
+    import numpy as np
+
+    q, k, v = _ok()
+    torch.testing.assert_close(ak.latent_attention(q, k, v, scale=np.float32(0.25)),
+                               ak.latent_attention(q, k, v, scale=0.25))
 
 
 def test_layout_builders_are_exported():

@@ -182,3 +182,15 @@ def test_plain_causal_rows_never_claims_a_row_the_mask_does_not_allow(rng_seed):
         torch.testing.assert_close(layout.dense_mask()[:, :rows, :rows],
                                    torch.ones(rows, rows, dtype=torch.bool).tril()
                                    .expand(3, -1, -1))
+
+
+def test_builders_compile_as_one_graph():
+    """The padding layout is built inside every compiled forward of a model on the "amvl"
+    attention: it must trace without graph breaks (an IntEnum compared with a tensor does
+    not)."""
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[0, :3] = False
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda m: LatentLayout.causal(2, 12, m).visible_kinds,
+                             fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(mask), LatentLayout.causal(2, 12, mask).visible_kinds)

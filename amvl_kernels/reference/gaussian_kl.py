@@ -31,9 +31,22 @@ def gaussian_kl(mu_a: Tensor, logvar_a: Tensor, mu_b: Tensor, logvar_b: Tensor) 
 
 def draw_noise(shape: torch.Size, seed: int, device: torch.device) -> Tensor:
     """Standard normal float32 noise from a private generator seeded with ``seed``."""
+    if torch.compiler.is_compiling():  # the op, so torch.compile(fullgraph=True) traces it
+        return torch.ops.amvl.seeded_normal(list(shape), seed, device)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+
+
+@torch.library.custom_op("amvl::seeded_normal", mutates_args=())
+def _seeded_normal(shape: list[int], seed: int, device: torch.device) -> Tensor:
+    """:func:`draw_noise` as an op: a private generator is an object Dynamo cannot trace."""
+    return draw_noise(torch.Size(shape), seed, device)
+
+
+@_seeded_normal.register_fake
+def _(shape, seed, device):
+    return torch.empty(shape, dtype=torch.float32, device=device)
 
 
 def _route(mu_q: Tensor, lv_q: Tensor, mu_p: Tensor, lv_p: Tensor, route: str

@@ -74,9 +74,12 @@ def latent_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout 
         mask = attention_mask(layout, lq, lk, q.device)  # (B or 1, Lq, Lk)
         return mask, layout.plain_causal_rows() if layout is not None and lq == lk else 0
 
-    # Built once per layout and query length, not once per layer.
-    mask, split = mask_and_split() if layout is None \
-        else layout.cached(("sdpa mask", lq, q.device), mask_and_split)
+    if torch.compiler.is_compiling():
+        # Counting the causal rows reads the device (a graph break); the mask alone is exact.
+        mask, split = attention_mask(layout, lq, lk, q.device), 0
+    else:  # built once per layout and query length, not once per layer
+        mask, split = mask_and_split() if layout is None \
+            else layout.cached(("sdpa mask", lq, q.device), mask_and_split)
     parts = []
     if split:
         parts.append(F.scaled_dot_product_attention(
