@@ -348,7 +348,7 @@ def _sum_head_shares(DK_PARTS, DV_PARTS, DK, DV, s_b, s_h, s_n, s_d, HKV, SPLIT,
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for part in range(0, SPLIT):
-        at = first + part * LK * HEAD_DIM + within
+        at = first + part * LK * HEAD_DIM + within  # < 2**31 past first: the launcher checks
         dk += tl.load(DK_PARTS + at, mask=ok, other=0.0)
         dv += tl.load(DV_PARTS + at, mask=ok, other=0.0)
     out = b.to(tl.int64) * s_b + hk * s_h + offs_n[:, None] * s_n + offs_d[None, :] * s_d
@@ -639,6 +639,7 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
               tiles: list[Tensor], scale: float) -> tuple[Tensor, Tensor, Tensor]:
     batch, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
+    _check_offsets(grad_output=grad_out)
     # delta_i = sum_d dO_i * O_i, the softmax-backward correction of every query row.
     delta = torch.empty((batch, hq, lq), dtype=torch.float32, device=q.device)
     rows, block_r = batch * hq * lq, 16
@@ -670,6 +671,8 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     n_m, n_n, meta = launch_args(dkdv_kernel)
     _check_tile_lists(tiles[9:13], (batch, n_n, n_m), "dk/dv")
     split = _dkdv_head_split(batch * hkv * n_n, hq // hkv, _dkdv_target_programs(q.device))
+    if hkv * split * lk * d > MAX_ROW_OFFSET:  # the partial sums' rows: no split then
+        split = 1
     # Split query-head groups write fp32 partial sums, added up below (in a fixed order).
     dk_out, dv_out = (dk, dv) if split == 1 else (
         torch.empty((batch, hkv * split, lk, d), dtype=torch.float32, device=q.device)
@@ -811,6 +814,28 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | None,
         raise ValueError(f"scale must be a finite real number or None, got {scale!r}")
 
 
+# The kernels widen the batch index to 64 bits; within one batch row, offsets are 32-bit.
+MAX_ROW_OFFSET = 2**31 - 1
+
+
+def _row_extent(t: Tensor) -> int:
+    """The largest offset between two elements of one batch row of ``t``."""
+    return sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:]))
+
+
+def _check_offsets(**tensors: Tensor) -> None:
+    """Refuse tensors whose elements within one batch row lie 2**31 or more apart: the Triton
+    kernels' 32-bit offsets would wrap (reads and writes out of bounds), e.g. at about 512k
+    tokens of 32 heads of 128 in Hugging Face's (B, L, H, D) memory."""
+    for name, t in tensors.items():
+        extent = _row_extent(t)
+        if extent > MAX_ROW_OFFSET:
+            raise ValueError(f"{name} {tuple(t.shape)} with strides {t.stride()} spans "
+                             f"{extent + 1} elements per batch row, more than the Triton "
+                             f"kernels' 32-bit offsets address ({MAX_ROW_OFFSET + 1}); split "
+                             "the call over heads or batch rows")
+
+
 def _plain_causal_rows(layout: LatentLayout) -> int:
     """``layout.plain_causal_rows()``, or 0 while a CUDA graph is being captured and the
     count is not known yet (reading it back from the device is a sync, which capture forbids)."""
@@ -857,7 +882,9 @@ def latent_attention(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | Non
             layout, x in the prefix-sharing layout, when there are at least
             ``CAUSAL_ROWS_TO_SDPA`` of them: see :func:`causal_rows_on_sdpa`), "triton" (our
             kernels for every row) or "torch". The Triton kernels take fp16, bf16 and fp32
-            (fp32 matmuls in IEEE precision) and head dims up to 256.
+            (fp32 matmuls in IEEE precision), head dims up to 256, and tensors whose
+            elements within one batch row lie less than 2**31 apart ("auto" takes SDPA
+            beyond, "triton" raises).
 
     Returns:
         (B, Hq, Lq, D) in q's dtype. A query row that sees no key gets zeros and zero gradient.
@@ -866,7 +893,8 @@ def latent_attention(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | Non
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     auto = backend == "auto"
     backend = resolve_backend(backend, q.device)
-    if auto and (q.dtype not in TRITON_DTYPES or q.shape[-1] > MAX_HEAD_DIM):
+    if auto and (q.dtype not in TRITON_DTYPES or q.shape[-1] > MAX_HEAD_DIM
+                 or max(_row_extent(t) for t in (q, k, v)) > MAX_ROW_OFFSET):
         backend = "torch"
     if backend == "triton":
         if q.dtype not in TRITON_DTYPES:
@@ -875,6 +903,7 @@ def latent_attention(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | Non
         if q.shape[-1] > MAX_HEAD_DIM:
             raise ValueError(f"backend='triton' takes head dims up to {MAX_HEAD_DIM}, got "
                              f"{q.shape[-1]}")
+        _check_offsets(q=q, k=k, v=v)
     if q.numel() == 0 or k.numel() == 0:
         # Nothing to attend: zeros, still connected to every input so autograd gives zeros.
         return q * 0 + (k.sum() + v.sum()) * 0

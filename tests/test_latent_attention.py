@@ -537,6 +537,25 @@ def test_bad_input_is_named(call, error, match):
         call(*_ok())
 
 
+def test_offsets_past_32_bits_are_refused_not_wrapped():
+    """Keys whose heads lie 2**30 elements apart: head 2 starts at element 2**31, where the
+    kernels' 32-bit offsets would wrap (a crash or another tensor's memory). 4 GiB of
+    address space, never touched."""
+    storage = torch.empty(2**31 + 2**10, dtype=torch.float16)
+    k = storage.as_strided((1, 3, 8, 16), (0, 2**30, 16, 1))
+    q = torch.randn(1, 3, 8, 16, dtype=torch.float16)
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        ak.latent_attention(q, k, k, backend="triton")
+    import importlib
+
+    module = importlib.import_module("amvl_kernels.latent_attention")
+    assert module._row_extent(k) > module.MAX_ROW_OFFSET  # "auto" takes the PyTorch path
+    fits = storage.as_strided((1, 3, 8, 16), (0, 2**29, 16, 1))  # head 2 at 2**30: fine
+    from amvl_kernels.latent_attention import _check_offsets
+
+    _check_offsets(k=fits)
+
+
 def test_a_numpy_scale_is_a_number():
     import numpy as np
 
