@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from amvl_kernels._attention_tiles import read_metadata, softmax_result, softmax_tile
-from amvl_kernels._launch import cdiv, next_power_of_2
+from amvl_kernels._launch import MAX_GRID_Y, cdiv, next_power_of_2
 from amvl_kernels.backends import triton_interpreted
 
 # Rows of the decode tile: Lq x (query heads per KV head). Past this the flash forward's
@@ -155,6 +155,13 @@ def decode_forward(q: Tensor, k: Tensor, v: Tensor, meta: Tensor | None, scale_l
     metadata, None for plain causal attention; ``scale_log2`` the score scale times log2(e)."""
     batch, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
+    rows_per_launch = max(1, MAX_GRID_Y // hkv)
+    if batch > rows_per_launch:  # grid axis 1 is batch x KV heads: a launch per slice of rows
+        parts = [decode_forward(q[i:i + rows_per_launch], k[i:i + rows_per_launch],
+                                v[i:i + rows_per_launch],
+                                None if meta is None else meta[:, i:i + rows_per_launch],
+                                scale_log2) for i in range(0, batch, rows_per_launch)]
+        return torch.cat([o for o, _ in parts]), torch.cat([s for _, s in parts])
     group = hq // hkv
     out = torch.empty_like(q)  # in q's memory layout, as the flash forward's
     lse = torch.empty((batch, hq, lq), dtype=torch.float32, device=q.device)

@@ -89,3 +89,12 @@ def test_inference_builds_no_tile_map(rng_seed):
 def test_long_queries_stay_on_the_flash_forward():
     assert decode.uses_decode(1, 8) and decode.uses_decode(8, 8)
     assert not decode.uses_decode(9, 8) and not decode.uses_decode(65, 1)
+
+
+def test_batch_past_the_grid_limit_is_decoded_in_slices_of_rows(monkeypatch, rng_seed):
+    """Grid axis 1 holds batch x KV heads, at most 65,535 on CUDA: beyond, a launch per slice
+    of batch rows (here a limit of 4 programs, 2 KV heads: slices of 2 of the 5 rows)."""
+    monkeypatch.setattr(decode, "MAX_GRID_Y", 4)
+    padding = torch.ones(5, 37, dtype=torch.bool, device=DEVICE)
+    padding[3, :6] = False
+    check(*_inputs(5, 4, 2, 1, 37, 32, torch.float32), LatentLayout.causal(5, 37, padding))
