@@ -503,8 +503,8 @@ class AMVLModel(nn.Module):
         n = (num_samples or self.config.num_samples) if mode == "sample" else 1
         if n > 1:  # every draw decodes as its own row
             if pixel_values is not None:
-                raise ValueError("latent='sample' with num_samples > 1 takes text prompts only; "
-                                 "call generate once per draw with images")
+                pixel_values, image_grid_thw = self._repeat_images(prompt_ids, pixel_values,
+                                                                   image_grid_thw, n)
             prompt_ids, prompt_mask = (t.repeat_interleave(n, 0) for t in (prompt_ids, prompt_mask))
         b = prompt_ids.shape[0]
         rope = self._rope_positions(prompt_ids, prompt_mask, image_grid_thw)
@@ -544,6 +544,28 @@ class AMVLModel(nn.Module):
         sequences = torch.stack(tokens, 1)
         return GenerationOutput(sequences.view(b // n, n, -1),
                                 None if z is None else z.view(b // n, n, *z.shape[1:]))
+
+    def _repeat_images(self, prompt_ids: Tensor, pixel_values: Tensor, image_grid_thw: Tensor,
+                       n: int) -> tuple[Tensor, Tensor]:
+        """Each example's images ``n`` times over, in the order of the rows of
+        ``prompt_ids.repeat_interleave(n, 0)``: the example's images are the next ones in
+        ``image_grid_thw`` order, as many as its prompt has vision-start markers, each
+        ``t * h * w`` rows of ``pixel_values``."""
+        if image_grid_thw is None:
+            raise ValueError("pixel_values given without image_grid_thw")
+        start = self._unwrapped().config.vision_start_token_id
+        counts = (prompt_ids == start).sum(1).tolist()
+        if sum(counts) != image_grid_thw.shape[0]:
+            raise ValueError(f"the prompts mark {sum(counts)} images but image_grid_thw has "
+                             f"{image_grid_thw.shape[0]}")
+        patches = pixel_values.split(image_grid_thw.prod(-1).tolist())
+        pixels, grids, first = [], [], 0
+        for count in counts:
+            for _ in range(n):
+                pixels += patches[first:first + count]
+                grids.append(image_grid_thw[first:first + count])
+            first += count
+        return torch.cat(pixels), torch.cat(grids)
 
     # ------------------------------------------------------------------ saving
 

@@ -507,7 +507,8 @@ def gaussian_sample_kl(mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor, logvar_p: T
 
     Returns:
         z of shape (..., d) in mu_q's dtype (its gradient always flows to mu_q and logvar_q),
-        and kl_fwd, kl_rev of shape (...) in float32 (float64 for float64 inputs).
+        and kl_fwd, kl_rev of shape (...) in float32 (float64 when any input, eps included, is
+        float64: the dtype the kernels accumulate in).
 
     Safe range: finite for log-variances in [-30, 30] in fp32 and bf16; in fp16 z and the
     gradients overflow past about |logvar| > 10. NaN inputs propagate to the affected outputs.

@@ -122,7 +122,7 @@ def _recompute(model, batch, sequences, z):
 
 @pytest.mark.parametrize("kind,mode", [("qwen2", "mean"), ("qwen2", "sample"),
                                        ("llama", "mean"), ("qwen2_vl", "mean"),
-                                       ("qwen2_5_vl", "mean")])
+                                       ("qwen2_5_vl", "mean"), ("qwen2_vl", "sample")])
 def test_generate_matches_recompute_without_cache(kind, mode):
     model, batch = build(kind)
     model.eval()
