@@ -263,7 +263,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     run = load_run_config(args.config) if args.config else {}
     checkpoint = Path(args.checkpoint or Path(run.get("output_dir", "runs/amvl")) / FINAL_DIR)
-    models = {f"{checkpoint.name} (prior latents)": checkpoint}
+    models = {checkpoint.name: checkpoint}  # named after its scoring once loaded
     for name, path in ((run.get("eval") or {}).get("baselines") or {}).items():
         models[name] = Path(path)
     for name, directory in models.items():  # before an hour of evaluation, not after
@@ -277,6 +277,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = {}
     for name, directory in models.items():
         model, processor = _load_trained(directory)
+        if directory is checkpoint:
+            name += " (prior latents)" if model.objective.latent_source != "none" \
+                else " (no latents)"
         collator = _collator(model.base, model.tokenizer, processor, run.get("data") or {})
         results[name] = evaluation.evaluate_benchmark(model, collator, examples,
                                                       batch_size=args.batch_size,
@@ -327,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.no_progress:  # transformers' own bars (loading and writing shards) too
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     if args.command == "eval" and args.benchmark != "puzzles" and not args.data:
         raise SystemExit("amvl eval: --data is required for --benchmark "
                          f"{args.benchmark}")

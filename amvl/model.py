@@ -97,13 +97,14 @@ def ensure_special_tokens(base_model: nn.Module, tokenizer, config: AMVLConfig) 
 
 
 def check_batch(prompt_ids: Tensor, prompt_mask: Tensor, answer_ids: Tensor | None = None,
-                answer_mask: Tensor | None = None) -> None:
+                answer_mask: Tensor | None = None, padding: bool = True) -> None:
     """Raise a ValueError naming what is wrong with a batch, instead of a loss computed from
     the wrong columns: prompts must be left-padded and answers right-padded (the tails start
     in one column for every row, and each answer token is predicted from the column before
     it), each row with at least one real token.
 
-    One host synchronisation for the padding checks, before the step's work is queued."""
+    The padding checks (``padding``) read the masks: one host synchronisation when they are
+    on a GPU."""
     pairs = [("prompt", prompt_ids, prompt_mask)]
     if answer_ids is not None or answer_mask is not None:
         if answer_ids is None or answer_mask is None:
@@ -122,7 +123,7 @@ def check_batch(prompt_ids: Tensor, prompt_mask: Tensor, answer_ids: Tensor | No
             raise ValueError(f"{name}_ids has no columns: every row needs a real {name} token")
     if prompt_ids.shape[0] == 0:
         raise ValueError("the batch is empty")
-    if torch.compiler.is_compiling():
+    if not padding or torch.compiler.is_compiling():
         return  # a host read would break the graph; the checks ran in eager calls
     prompt = prompt_mask.bool()
     flags = [prompt[:, -1].all(), (prompt[:, 1:] >= prompt[:, :-1]).all()]
@@ -171,6 +172,7 @@ class AMVLModel(nn.Module):
         self.posterior_head = GaussianHead(hidden, d, lo, hi, init).to(device) \
             if self.objective.uses_posterior else None
         self.injector = LatentInjector(d, hidden).to(device) if uses_latents else None
+        self._padding_checked = False  # on a GPU: once (see _check_batch)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -192,6 +194,17 @@ class AMVLModel(nn.Module):
         config = self._unwrapped().config
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         return getattr(text, "_attn_implementation", None) == "amvl"
+
+    def _check_batch(self, prompt_ids: Tensor, prompt_mask: Tensor,
+                     answer_ids: Tensor | None = None, answer_mask: Tensor | None = None
+                     ) -> None:
+        """:func:`check_batch`, its padding checks on every batch on the CPU and on the first
+        one on a GPU: a training step then never waits for the device to read its masks
+        (a collator pads every batch alike; :class:`AMVLCollator` pads them right)."""
+        on_host = prompt_mask.device.type == "cpu"
+        check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask,
+                    padding=on_host or not self._padding_checked)
+        self._padding_checked = self._padding_checked or not on_host
 
     def _rope_positions(self, prompt_ids: Tensor, prompt_mask: Tensor,
                         image_grid_thw: Tensor | None) -> Tensor | None:
@@ -337,7 +350,7 @@ class AMVLModel(nn.Module):
         Prompts are left-padded (B, Lx), answers right-padded (B, Ly), masks True on real
         tokens. ``seed`` fixes the latent noise (same seed, same loss on both paths).
         """
-        check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask)
+        self._check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask)
         share = self.config.prefix_sharing if prefix_sharing is None else prefix_sharing
         # Checkpointed layers drop transformers' KV cache: on the "amvl" attention x's keys are
         # kept in PrefixKeys instead, elsewhere the step falls back to the naive path. (Newer
@@ -430,7 +443,7 @@ class AMVLModel(nn.Module):
               answer_mask: Tensor | None = None, pixel_values: Tensor | None = None,
               image_grid_thw: Tensor | None = None) -> dict[str, Tensor]:
         """Prior (and, given the answer, posterior) means and log-variances, each (B, K, d)."""
-        check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask)
+        self._check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask)
         rope = self._rope_positions(prompt_ids, prompt_mask, image_grid_thw)
         p = self._parts(prompt_ids, prompt_mask, answer_ids, answer_mask, rope)
         images = self._images(pixel_values, image_grid_thw)
@@ -452,7 +465,7 @@ class AMVLModel(nn.Module):
 
         ``z=None`` decodes without a latent block (the "none" objective's model).
         """
-        check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask)
+        self._check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask)
         rope = self._rope_positions(prompt_ids, prompt_mask, image_grid_thw)
         p = self._parts(prompt_ids, prompt_mask, answer_ids, answer_mask, rope)
         names = {"prompt": p["prompt"], "answer": p["answer_after_x"]} if z is None else \
@@ -499,7 +512,7 @@ class AMVLModel(nn.Module):
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        check_batch(prompt_ids, prompt_mask)
+        self._check_batch(prompt_ids, prompt_mask)
         n = (num_samples or self.config.num_samples) if mode == "sample" else 1
         if n > 1:  # every draw decodes as its own row
             if pixel_values is not None:

@@ -137,8 +137,12 @@ class Metrics(Mapping[str, float]):
 
     def _read(self) -> dict[str, float]:
         if self._values is None:
-            values = torch.stack([t.float().reshape(()) for t in self._tensors.values()]
-                                 ).tolist() if self._tensors else []
+            # one device for the stack: under a device_map the NLL (LM head's device) and the
+            # KLs (the heads') may live on different GPUs
+            device = next(iter(self._tensors.values())).device if self._tensors else None
+            values = torch.stack([t.float().reshape(()).to(device)
+                                  for t in self._tensors.values()]).tolist() \
+                if self._tensors else []
             self._values = {**dict(zip(self._tensors, values)), **self._floats}
         return self._values
 
