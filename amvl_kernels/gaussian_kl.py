@@ -400,6 +400,7 @@ def _setup_context(ctx, inputs, output):
 
 def _input_grads(ctx, grad_z, grad_kl_fwd, grad_kl_rev, launch_backward):
     mu_q, logvar_q, mu_p, logvar_p, eps = ctx.saved_tensors
+    grad_z, grad_kl_fwd, grad_kl_rev = map(_resolved, (grad_z, grad_kl_fwd, grad_kl_rev))
     with_kl = mu_p is not None
     if not with_kl:
         grad_kl_fwd = grad_kl_rev = None
@@ -471,7 +472,14 @@ def _validate(mu_q, logvar_q, mu_p, logvar_p, eps, seed, fwd_grad, rev_grad):
     check_choice("rev_grad", rev_grad, ROUTES)
 
 
+def _resolved(t: Tensor | None) -> Tensor | None:
+    """``t`` with a pending negation applied: ``x.conj().imag`` is a view whose memory holds
+    the values without their sign, which kernels reading raw pointers would take as they are."""
+    return None if t is None else t.resolve_neg()
+
+
 def _run(mu_q, logvar_q, mu_p, logvar_p, eps, seed, fwd_grad, rev_grad, backend):
+    mu_q, logvar_q, mu_p, logvar_p, eps = map(_resolved, (mu_q, logvar_q, mu_p, logvar_p, eps))
     backend = resolve_backend(backend, mu_q.device, has_cuda_kernel=True)
     if eps is None and seed is None:
         seed = _draw_seed()

@@ -639,6 +639,7 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
               tiles: list[Tensor], scale: float) -> tuple[Tensor, Tensor, Tensor]:
     batch, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
+    grad_out = grad_out.resolve_neg()
     _check_offsets(grad_output=grad_out)
     # delta_i = sum_d dO_i * O_i, the softmax-backward correction of every query row.
     delta = torch.empty((batch, hq, lq), dtype=torch.float32, device=q.device)
@@ -890,6 +891,9 @@ def latent_attention(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | Non
         (B, Hq, Lq, D) in q's dtype. A query row that sees no key gets zeros and zero gradient.
     """
     _validate(q, k, v, layout, scale)
+    # A pending negation (x.conj().imag) is a view whose memory lacks the sign: the kernels
+    # read memory. resolve_neg returns the tensor itself when there is none.
+    q, k, v = q.resolve_neg(), k.resolve_neg(), v.resolve_neg()
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     auto = backend == "auto"
     backend = resolve_backend(backend, q.device)

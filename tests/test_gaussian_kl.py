@@ -481,3 +481,18 @@ def test_torch_compile_traces_the_custom_op_not_the_eager_function():
     compiled(*inputs)
     assert "torch.ops.amvl.gaussian_sample_kl" in graphs[0]
 
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_views_with_a_pending_negation(backend):
+    """``x.conj().imag`` is a real view whose memory holds the values without their sign:
+    the kernels read memory, so the negation must be applied first."""
+    c = torch.randn(3, 7, dtype=torch.complex64, device=DEVICE)
+    mu_q, mu_p = c.conj().imag, torch.randn(3, 7, device=DEVICE)
+    lv_q, lv_p = 0.1 * torch.randn(3, 7, device=DEVICE), 0.1 * torch.randn(3, 7, device=DEVICE)
+    assert mu_q.is_neg()
+    eps = torch.randn(3, 7, device=DEVICE)
+    got = ak.gaussian_sample_kl(mu_q, lv_q, mu_p, lv_p, eps=eps, backend=backend)
+    expected = ak.gaussian_sample_kl(mu_q.clone(), lv_q, mu_p, lv_p, eps=eps, backend=backend)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)

@@ -567,3 +567,22 @@ def test_a_numpy_scale_is_a_number():
 def test_layout_builders_are_exported():
     assert ak.LatentLayout is LatentLayout
     assert kind_bits(Kind.TEXT) == 1
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_views_with_a_pending_negation(backend):
+    """``x.conj().imag`` views hold their values without the sign in memory."""
+    q = torch.randn(1, 2, 9, 16, dtype=torch.complex64, device=DEVICE).conj().imag
+    q.requires_grad_()
+    k, v = (torch.randn(1, 2, 9, 16, device=DEVICE, requires_grad=True) for _ in range(2))
+    assert q.is_neg()
+    out = ak.latent_attention(q, k, v, backend=backend)
+    expected = ak.latent_attention(q.detach().clone(), k.detach(), v.detach(), backend=backend)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn(1, 9, 2, 16, device=DEVICE, dtype=torch.complex64).conj().imag
+    grad = grad.transpose(1, 2)  # an upstream gradient with a pending negation, too
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ak.latent_attention(q, k, v, backend=backend), (q, k, v),
+                               grad.clone())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
