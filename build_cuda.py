@@ -55,6 +55,13 @@ def supported_archs(nvcc: str) -> list[str]:
     return re.findall(r"compute_(\w+)", out)
 
 
+def _arch_name(arch: str) -> str:
+    """"90" from "9.0", "sm_90", "SM_90", "compute_90" or torch's "9.0+PTX"; "90a" from
+    "sm_90a" or "9.0a"."""
+    arch = arch.strip().lower().removesuffix("+ptx").replace(".", "")
+    return arch.removeprefix("sm_").removeprefix("compute_")
+
+
 def _arch_key(arch: str) -> tuple[int, str]:
     digits = re.match(r"\d+", arch)
     return (int(digits.group()) if digits else 0, arch)
@@ -66,9 +73,11 @@ def select_archs(nvcc: str, requested: str | None = None) -> list[str]:
     warning; none left is an error."""
     requested = requested if requested is not None else os.environ.get("AMVL_CUDA_ARCHS")
     supported = supported_archs(nvcc)
-    if requested:
-        wanted = [a.replace(".", "").removeprefix("sm_").removeprefix("compute_")
-                  for a in re.split(r"[;,\s]+", requested.strip()) if a]
+    if requested and requested.strip():
+        wanted = [_arch_name(a) for a in re.split(r"[;,\s]+", requested.strip()) if a]
+        # arch-specific targets (90a, 100f) are not listed by nvcc: their base is
+        supported = supported + [a for a in wanted if a[-1:] in ("a", "f")
+                                 and a[:-1] in supported]
     else:
         wanted = list(DEFAULT_ARCHS) + [a for a in NEWER_ARCHS if a in supported]
     dropped = [a for a in wanted if a not in supported]
@@ -87,6 +96,16 @@ def gencode_flags(archs: list[str]) -> list[str]:
     flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     newest = archs[-1]
     return flags + [f"-gencode=arch=compute_{newest},code=compute_{newest}"]
+
+
+def _source_hash(csrc: Path) -> int:
+    """:func:`amvl_kernels._source_hash.source_hash`, loaded by path: importing the package
+    would import torch, which a build need not have."""
+    path = Path(__file__).resolve().parent / "amvl_kernels" / "_source_hash.py"
+    spec = importlib.util.spec_from_file_location("_amvl_source_hash", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.source_hash(csrc)
 
 
 def _run(cmd: list[str]) -> None:
@@ -112,11 +131,14 @@ def build_module(nvcc: str, sources: list[Path], output: Path, build_dir: Path,
     includes = [f"-I{Path(sources[0]).parent}", f"-I{pybind11.get_include()}",
                 f"-I{sysconfig.get_paths()['include']}"]
     device_flags = gencode_flags(archs) + ["--threads", "0"]
+    # The sources' fingerprint, which the package checks before it runs the module.
+    defines = {"AMVL_SOURCE_HASH": f"{_source_hash(Path(sources[0]).parent)}LL",
+               **(defines or {})}
     jobs = []
     for src in map(Path, sources):
         obj = build_dir / (src.name + ".o")
         extra = device_flags if src.suffix == ".cu" else []
-        macros = [f"-D{name}={value}" for name, value in (defines or {}).items()]
+        macros = [f"-D{name}={value}" for name, value in defines.items()]
         jobs.append((obj, [nvcc, "-c", str(src), "-o", str(obj), *NVCC_FLAGS, *includes,
                            *macros, *extra]))
     # The .cu (device passes) and the pybind11 binding (host only) take similar times.
@@ -178,6 +200,14 @@ def cuda_extension_and_cmdclass(root: Path, nvcc: str, sources: list[Path], *,
                 try:
                     self.build_extension(ext)
                 except Exception as err:  # noqa: BLE001 - any failure means "no extension"
+                    # No module of an earlier build may stay behind as if this one had
+                    # worked: in the build folder, and beside the sources when the build is
+                    # for them (in place, or an editable install, which copies it there).
+                    stale = {Path(self.get_ext_fullpath(ext.name))}
+                    if self.inplace or getattr(self, "editable_mode", False):
+                        stale.add(Path(root) / self.get_ext_filename(ext.name))
+                    for path in stale:
+                        path.unlink(missing_ok=True)
                     if force:
                         raise
                     print(f"amvl: warning: could not build the CUDA extension {ext.name}; "

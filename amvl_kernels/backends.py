@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -33,12 +36,24 @@ def triton_interpreted() -> bool:
     return _INTERPRETED
 
 
+@functools.cache
 def cuda_extension_available() -> bool:
-    """True when the compiled ``amvl_kernels._C`` module imports."""
+    """True when the compiled ``amvl_kernels._C`` module imports and, in a source checkout
+    (csrc/ beside the package), was built from the sources there: a module left by an
+    earlier build is refused with a warning instead of run against changed sources."""
     try:
-        from amvl_kernels import _C  # noqa: F401
+        from amvl_kernels import _C
     except ImportError:
         return False
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    if csrc.is_dir():
+        from amvl_kernels._source_hash import source_hash
+
+        if getattr(_C, "source_hash", None) != source_hash(csrc):
+            warnings.warn(f"amvl_kernels._C ({_C.__file__}) was built from other sources than "
+                          f"{csrc} holds; rebuild it (pip install -e . --no-build-isolation). "
+                          "backend='cuda' is unavailable until then", stacklevel=2)
+            return False
     return True
 
 

@@ -16,14 +16,30 @@
 
 #include "gaussian_kl.h"
 
+// The fingerprint of csrc/ this module was built from (build_cuda.py defines it); the package
+// refuses a module whose sources have changed since.
+#ifndef AMVL_SOURCE_HASH
+#define AMVL_SOURCE_HASH 0LL
+#endif
+
 namespace py = pybind11;
 
 namespace {
+
 
 // (data_ptr, row stride, col stride, dtype code) of a (rows, d) view, or None.
 using MatrixArg = std::optional<std::tuple<uintptr_t, int64_t, int64_t, int>>;
 // (data_ptr, stride) of a per-row vector, or None.
 using RowArg = std::optional<std::tuple<uintptr_t, int64_t>>;
+
+// Inputs other than eps (any float dtype, converted in the kernel) are in the kernel's dtype.
+void check_code(const MatrixArg& arg, int dtype, const char* name) {
+  if (arg && std::get<3>(*arg) != dtype) {
+    throw std::invalid_argument(std::string(name) + " has dtype code " +
+                                std::to_string(std::get<3>(*arg)) + " but the call is for " +
+                                std::to_string(dtype));
+  }
+}
 
 amvl::DType to_dtype(int code) {
   if (code < 0 || code > 3) {
@@ -115,6 +131,14 @@ amvl::ForwardArgs forward_args(int dtype, int64_t rows, int64_t d, uint64_t seed
   if (rows < 0 || d < 0) throw std::invalid_argument("rows and d must be >= 0");
   if (!mu_q || !lv_q) throw std::invalid_argument("mu_q and lv_q are required");
   if (bool(mu_p) != bool(lv_p)) throw std::invalid_argument("mu_p and lv_p come together");
+  if (!z) throw std::invalid_argument("z is required");
+  if (mu_p && (!kl_fwd || !kl_rev)) {
+    throw std::invalid_argument("kl_fwd and kl_rev are required with mu_p and lv_p");
+  }
+  for (const auto& [arg, name] : {std::pair{&mu_q, "mu_q"}, {&lv_q, "lv_q"}, {&mu_p, "mu_p"},
+                                  {&lv_p, "lv_p"}}) {
+    check_code(*arg, dtype, name);
+  }
   amvl::ForwardArgs a;
   a.rows = rows;
   a.d = d;
@@ -144,6 +168,10 @@ amvl::BackwardArgs backward_args(int dtype, int64_t rows, int64_t d, uint64_t se
   if (bool(mu_p) != bool(lv_p)) throw std::invalid_argument("mu_p and lv_p come together");
   if (!mu_p && (grad_mu_p || grad_lv_p)) {
     throw std::invalid_argument("gradients of mu_p / lv_p need mu_p and lv_p");
+  }
+  for (const auto& [arg, name] : {std::pair{&mu_q, "mu_q"}, {&lv_q, "lv_q"}, {&mu_p, "mu_p"},
+                                  {&lv_p, "lv_p"}, {&grad_z, "grad_z"}}) {
+    check_code(*arg, dtype, name);
   }
   amvl::BackwardArgs a;
   a.rows = rows;
@@ -201,6 +229,7 @@ PYBIND11_MODULE(_C, m) {
       "CUDA kernels of amvl_kernels (Gaussian sampling + bidirectional KL). Called by "
       "amvl_kernels._cuda_gaussian_kl with raw pointers; not a public API.";
 
+  m.attr("source_hash") = static_cast<int64_t>(AMVL_SOURCE_HASH);
   m.def("device_count", &device_count,
         "Number of CUDA devices this module's runtime sees; 0 without a GPU or driver.");
   m.def("cuda_runtime_version", [] {

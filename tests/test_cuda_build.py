@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import stat
+import sysconfig
+import warnings
 from pathlib import Path
 
 import pytest
@@ -52,7 +54,7 @@ def test_launch_without_device_is_a_runtime_error(ext):
     common = dict(dtype=0, rows=2, d=4, seed=1, mu_q=_matrix(), lv_q=_matrix(), mu_p=None,
                   lv_p=None, eps=None, device=0, stream=0)
     with pytest.raises(RuntimeError, match="no CUDA device"):
-        ext.forward(**common, z=0, kl_fwd=0, kl_rev=0)
+        ext.forward(**common, z=16, kl_fwd=0, kl_rev=0)  # never written: no device
     with pytest.raises(RuntimeError, match="no CUDA device"):
         ext.backward(**common, grad_z=_matrix(), grad_kl_fwd=None, grad_kl_rev=None,
                      fwd_to_q=False, fwd_to_p=False, rev_to_q=False, rev_to_p=False,
@@ -63,22 +65,51 @@ def test_launch_without_device_is_a_runtime_error(ext):
 def test_bad_arguments_are_value_errors(ext):
     with pytest.raises(ValueError, match="dtype code"):
         ext.forward_host(dtype=7, rows=1, d=1, seed=0, mu_q=_matrix(), lv_q=_matrix(),
-                         mu_p=None, lv_p=None, eps=None, z=0, kl_fwd=0, kl_rev=0)
+                         mu_p=None, lv_p=None, eps=None, z=16, kl_fwd=0, kl_rev=0)
     with pytest.raises(ValueError, match="mu_p and lv_p"):
         ext.forward_host(dtype=0, rows=1, d=1, seed=0, mu_q=_matrix(), lv_q=_matrix(),
                          mu_p=_matrix(), lv_p=None, eps=None, z=0, kl_fwd=0, kl_rev=0)
+    out = torch.empty(1)
+    with pytest.raises(ValueError, match="z is required"):
+        ext.forward_host(dtype=0, rows=1, d=1, seed=0, mu_q=_matrix(), lv_q=_matrix(),
+                         mu_p=None, lv_p=None, eps=None, z=0, kl_fwd=0, kl_rev=0)
+    with pytest.raises(ValueError, match="kl_fwd and kl_rev are required"):
+        ext.forward_host(dtype=0, rows=1, d=1, seed=0, mu_q=_matrix(), lv_q=_matrix(),
+                         mu_p=_matrix(), lv_p=_matrix(), eps=None, z=out.data_ptr(),
+                         kl_fwd=0, kl_rev=0)
+    bf16 = (_matrix()[0], 1, 1, 2)  # the code of bf16 data in an fp32 call
+    with pytest.raises(ValueError, match="lv_q has dtype code 2"):
+        ext.forward_host(dtype=0, rows=1, d=1, seed=0, mu_q=_matrix(), lv_q=bf16,
+                         mu_p=None, lv_p=None, eps=None, z=out.data_ptr(), kl_fwd=0, kl_rev=0)
 
 
 # ----------------------------------------------------------------------------- the package
 
 
 def test_cuda_extension_available_matches_the_in_place_module():
+    """Available when the in-place module imports and was built from today's csrc/."""
+    from amvl_kernels._source_hash import source_hash
+
     in_place = importlib.util.find_spec("amvl_kernels._C") is not None
-    assert ak.cuda_extension_available() == in_place
-    if in_place and not torch.cuda.is_available():
+    current = False
+    if in_place:
         from amvl_kernels import _C
 
-        assert _C.device_count() == 0
+        current = getattr(_C, "source_hash", None) == source_hash(ROOT / "csrc")
+        if not torch.cuda.is_available():
+            assert _C.device_count() == 0
+    ak.cuda_extension_available.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert ak.cuda_extension_available() == (in_place and current)
+    assert any("other sources" in str(w.message) for w in caught) == (in_place and not current)
+
+
+def test_the_module_carries_its_sources_fingerprint(ext):
+    """A module built from csrc/ says so; one built from other sources would not match."""
+    from amvl_kernels._source_hash import source_hash
+
+    assert ext.source_hash == source_hash(ROOT / "csrc") != 0
 
 
 @NO_GPU
@@ -126,6 +157,10 @@ def test_arch_selection(tmp_path, monkeypatch):
     flags = build_cuda.gencode_flags(["80", "90", "120"])
     assert "-gencode=arch=compute_90,code=sm_90" in flags
     assert flags[-1] == "-gencode=arch=compute_120,code=compute_120"  # PTX of the newest only
+    monkeypatch.setenv("AMVL_CUDA_ARCHS", "SM_90, 8.0+PTX; sm_90a 100f 121a")
+    assert build_cuda.select_archs(new) == ["80", "90", "90a", "100f", "121a"]
+    monkeypatch.setenv("AMVL_CUDA_ARCHS", "  ")  # blank: the default
+    assert build_cuda.select_archs(new) == ["80", "90", "100", "120"]
     monkeypatch.setenv("AMVL_CUDA_ARCHS", "300")
     with pytest.raises(RuntimeError, match="none of the CUDA architectures"):
         build_cuda.select_archs(new)
@@ -153,8 +188,12 @@ def _run_build_ext(tmp_path: Path, nvcc: str, force: bool):
 
 def test_failed_build_warns_and_installs_without_the_extension(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("AMVL_CUDA_ARCHS", raising=False)
+    stale = tmp_path / "lib" / "amvl_kernels" / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"a module of an earlier build")
     cmd = _run_build_ext(tmp_path, _fake_nvcc(tmp_path, "80 90", compiles=False), force=False)
     assert cmd.extensions == []  # nothing left for the editable install to copy
+    assert not stale.exists()  # nor a module of an earlier build, as if this one had worked
     err = capsys.readouterr().err
     assert "could not build the CUDA extension" in err and "simulated failure" in err
 
