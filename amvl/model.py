@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -509,9 +510,10 @@ class AMVLModel(nn.Module):
         mode = latent or self.config.inference
         if mode not in ("mean", "sample"):
             raise ValueError(f"latent must be 'mean' or 'sample', got {mode!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
                 or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        max_new_tokens = int(max_new_tokens)
         self._check_batch(prompt_ids, prompt_mask)
         n = (num_samples or self.config.num_samples) if mode == "sample" else 1
         if n > 1:  # every draw decodes as its own row
@@ -622,12 +624,18 @@ class AMVLModel(nn.Module):
         output = self._unwrapped().get_output_embeddings()
         if output is not None and output.weight is not rows["special_tokens.input"]:
             rows["special_tokens.output"] = output.weight
+        if state_dict is not None:  # the gathered state (the live weights may be shards)
+            names = {id(p): n for n, p in self.named_parameters(remove_duplicate=False)}
+            rows = {k: state_dict.get(names.get(id(w)), w) for k, w in rows.items()}
         return {k: w[ids.to(w.device)] for k, w in rows.items()}
 
     def _load_own_state(self, state: dict[str, Tensor]) -> None:
         for name in self._own_modules():
             prefix = f"{name}."
             own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if not own:
+                raise ValueError(f"the saved heads hold no weights of {name} (was the model "
+                                 "saved from a sharded state without gathering it?)")
             module = getattr(self, name).to(next(iter(own.values())).dtype)  # as saved
             module.load_state_dict(own)
         ids = torch.tensor(list(self.token_ids.values()))
@@ -671,14 +679,16 @@ class AMVLModel(nn.Module):
         for name in files:
             state.update(load_file(str(base_dir / name)))
         target = self._unwrapped()
-        result = target.load_state_dict(state, strict=False)
-        # A tied weight (the LM head on the input embeddings) is saved once: it may be missing.
-        loaded = {t.data_ptr() for k, t in target.state_dict().items() if k in state}
-        untied = [k for k in result.missing_keys
-                  if target.state_dict()[k].data_ptr() not in loaded]
-        if untied or result.unexpected_keys:
-            raise ValueError(f"{base_dir} does not match this base model: missing {untied[:5]}, "
-                             f"unexpected {result.unexpected_keys[:5]}")
+        problems = _load_into(target, state)
+        if problems:
+            # transformers saves some models (the Qwen2-VL family) under their original
+            # checkpoints' names and maps them back when it loads: let it.
+            fresh = type(target).from_pretrained(base_dir, use_safetensors=True,
+                                                 dtype=next(target.parameters()).dtype)
+            problems = _load_into(target, fresh.state_dict())
+            del fresh
+        if problems:
+            raise ValueError(f"{base_dir} does not match this base model: {problems}")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, base_model: nn.Module | None = None,
@@ -707,6 +717,18 @@ class AMVLModel(nn.Module):
         model = cls(base_model, tokenizer, config)
         model._load_own_state(load_file(str(directory / HEADS_NAME), device=str(model.device)))
         return model
+
+
+def _load_into(model: nn.Module, state: dict[str, Tensor]) -> str:
+    """Copy ``state`` into ``model``; '' when every weight was found, else what was not. A
+    tied weight (the LM head on the input embeddings) is saved once and may be missing."""
+    result = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    loaded = {own[k].data_ptr() for k in own if k in state}
+    untied = [k for k in result.missing_keys if own[k].data_ptr() not in loaded]
+    if untied or result.unexpected_keys:
+        return f"missing {untied[:5]}, unexpected {result.unexpected_keys[:5]}"
+    return ""
 
 
 @dataclass

@@ -51,6 +51,8 @@ class AMVLTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        if not self.args.should_save:  # one writer (the stock _save returns here too)
+            return
         output_dir = output_dir or self.args.output_dir
         # state_dict: the full state the Trainer gathered (FSDP, ZeRO-3), or None
         self.accelerator.unwrap_model(self.model).save_pretrained(output_dir,
@@ -60,7 +62,7 @@ class AMVLTrainer(Trainer):
         """``train(resume_from_checkpoint=...)``: the weights of a checkpoint :meth:`_save`
         wrote (the optimizer, scheduler and RNG states are the Trainer's own files)."""
         target = self.accelerator.unwrap_model(model or self.model)
-        if isinstance(target, AMVLModel) and \
+        if isinstance(target, AMVLModel) and not self._sharded() and \
                 (Path(resume_from_checkpoint) / "amvl_config.json").is_file():
             target.load_weights(resume_from_checkpoint)
         else:
@@ -70,11 +72,16 @@ class AMVLTrainer(Trainer):
         """``load_best_model_at_end=True``: the best checkpoint's weights, as on resume."""
         best = self.state.best_model_checkpoint
         target = self.accelerator.unwrap_model(self.model)
-        if isinstance(target, AMVLModel) and best and \
+        if isinstance(target, AMVLModel) and best and not self._sharded() and \
                 (Path(best) / "amvl_config.json").is_file():
             target.load_weights(best)
         else:
             super()._load_best_model()
+
+    def _sharded(self) -> bool:
+        """FSDP or DeepSpeed: their checkpoints and shards are the Trainer's own business."""
+        return bool(getattr(self, "is_fsdp_enabled", False)
+                    or getattr(self, "is_deepspeed_enabled", False))
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation loss only: an AMVL batch has no logits to gather."""

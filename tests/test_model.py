@@ -343,3 +343,21 @@ def test_generate_needs_a_token_to_generate():
     with pytest.raises(ValueError, match="left-padded"):
         right = _right_padded_prompts(batch)
         model.generate(right["prompt_ids"], right["prompt_mask"])
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2_vl"])
+def test_load_weights_in_place(tmp_path, kind):
+    """What a Trainer resuming a checkpoint does: every weight back in place, VLMs too, whose
+    checkpoints transformers writes under the original models' names."""
+    model, _ = build(kind, objective="amvl")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    other, _ = build(kind, objective="amvl")
+    other.load_weights(tmp_path)
+    saved = model.state_dict()
+    for name, tensor in other.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+    with pytest.raises(ValueError, match="another configuration"):
+        build(kind, objective="elbo")[0].load_weights(tmp_path)
