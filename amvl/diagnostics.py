@@ -50,12 +50,12 @@ def _to(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
 def _variant_latents(heads: dict[str, Tensor], generator: torch.Generator,
                      noise_scale: float, previous: Tensor | None) -> dict[str, Tensor | None]:
     """The latents of every variant for one batch. "swapped" gives each example the prior
-    means of the example before it: within the batch, and for the first one the last of the
-    previous batch (``previous``), so a last batch of one example is swapped too."""
+    means of the example before it in the whole set (the first example: the last one's), so
+    batch boundaries and batches of one example change nothing; ``previous`` holds the prior
+    means of the example before this batch's first."""
     mu_p = heads["mu_p"]
     noise = torch.randn(mu_p.shape, generator=generator, dtype=torch.float32).to(mu_p)
-    before = mu_p[-1:] if previous is None else previous.to(mu_p)
-    roll = torch.cat([before, mu_p[:-1]])  # unswapped only for a single example in all
+    roll = torch.cat([previous.to(mu_p), mu_p[:-1]])  # a set of one example: its own
     return {"prior": mu_p, "posterior": heads.get("mu_q"), "zeroed": torch.zeros_like(mu_p),
             "noised": mu_p + noise_scale * noise, "swapped": roll}
 
@@ -78,7 +78,12 @@ def score_choices(model, collator, examples: Sequence[dict], batch_size: int = 8
     generator = torch.Generator().manual_seed(seed)
     nll = {v: np.full((len(examples), n_choices), np.inf) for v in VARIANTS}
     collected: dict[str, list] = {"mu_p": [], "mu_q": [], "kl_fwd": [], "kl_rev": []}
-    previous = None  # the last prior means of the batch before, for the swap
+    previous = None  # the prior means of the example before the batch's first, for the swap
+    if has_latents:  # the first example's swap partner is the last one
+        last = _to(collator([examples[-1]]), device, dtype)
+        previous = model.heads(last["prompt_ids"], last["prompt_mask"],
+                               **{k: last[k] for k in ("pixel_values", "image_grid_thw")
+                                  if k in last})["mu_p"]
     for start in tqdm(range(0, len(examples), batch_size), desc="diagnostics",
                       disable=not progress):
         chunk = list(examples[start:start + batch_size])

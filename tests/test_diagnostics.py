@@ -123,19 +123,22 @@ class _PlantedModel:
         rows = torch.arange(len(prompt_ids))
         mu_p = torch.zeros(len(rows), 2, 4)
         mu_p[rows, 0, self.prior_pick[prompt_ids[:, 0]]] = 1.0
-        mu_q = torch.zeros_like(mu_p)
-        mu_q[rows, 0, answer_ids[:, 0]] = 3.0
-        return {"mu_p": mu_p, "logvar_p": torch.zeros_like(mu_p), "mu_q": mu_q,
-                "logvar_q": torch.zeros_like(mu_q)}
+        out = {"mu_p": mu_p, "logvar_p": torch.zeros_like(mu_p)}
+        if answer_ids is not None:  # the posterior, given the answer
+            mu_q = torch.zeros_like(mu_p)
+            mu_q[rows, 0, answer_ids[:, 0]] = 3.0
+            out.update(mu_q=mu_q, logvar_q=torch.zeros_like(mu_q))
+        return out
 
     def answer_nll(self, prompt_ids, prompt_mask, answer_ids, answer_mask, z=None, **images):
         return -z[torch.arange(len(answer_ids)), 0, answer_ids[:, 0]]
 
 
-def test_known_answers_and_a_swap_that_crosses_batches():
-    n, choices = 9, 4  # batches of 8 and 1: the last example is swapped with the one before
+@pytest.mark.parametrize("batch_size", [8, 1, 4])
+def test_known_answers_and_a_swap_that_crosses_batches(batch_size):
+    n, choices = 9, 4  # batches of 8 and 1, of one, of 4, 4 and 1: the swap is one global roll
     gold = np.array([0, 1, 2, 3, 0, 1, 2, 3, 1])
-    prior_pick = np.array([0, 1, 2, 3, 1, 2, 3, 2, 3])  # no two swapped alike
+    prior_pick = np.array([0, 1, 2, 3, 1, 2, 3, 2, 1])  # no two swapped alike, in a ring
     examples = [{"question": "q", "choices": [f"c{c}" for c in range(choices)],
                  "answer": f"c{gold[i]}", "index": i} for i in range(n)]
 
@@ -145,13 +148,13 @@ def test_known_answers_and_a_swap_that_crosses_batches():
                 "answer_ids": torch.tensor([[int(ex["answer"][1:])] for ex in chunk]),
                 "answer_mask": ones}
 
-    report = leakage_report(_PlantedModel(prior_pick), collator, examples, batch_size=8,
-                            noise_scale=0.0, progress=False)
+    report = leakage_report(_PlantedModel(prior_pick), collator, examples,
+                            batch_size=batch_size, noise_scale=0.0, progress=False)
     assert report["acc_prior"] == pytest.approx(np.mean(prior_pick == gold))
     assert report["acc_posterior"] == 1.0
     assert report["flip_zeroed"] == pytest.approx(np.mean(prior_pick != 0))  # ties pick c0
     assert report["flip_noised"] == 0.0
-    # each example gets the prior means of the one before it (the first: the batch's last)
-    swapped = np.concatenate([[prior_pick[7]], prior_pick[:7], [prior_pick[7]]])
+    # each example gets the prior means of the one before it (the first: the last one's)
+    swapped = np.roll(prior_pick, 1)
     assert report["flip_swapped"] == pytest.approx(np.mean(swapped != prior_pick))
     assert report["flip_swapped"] == 1.0
