@@ -83,7 +83,8 @@ def resolve_backend(backend: str, device: torch.device, *, has_cuda_kernel: bool
         if not cuda_extension_available():
             raise RuntimeError(
                 "backend='cuda' needs the compiled extension amvl_kernels._C, which is not "
-                "built: reinstall with nvcc on PATH (pip install -e . --no-build-isolation), "
-                "or use backend='triton'"
+                "built, or was built from other sources than csrc/ holds: (re)install with "
+                "nvcc on PATH (pip install -e . --no-build-isolation), or use "
+                "backend='triton'"
             )
     return backend

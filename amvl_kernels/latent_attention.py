@@ -820,8 +820,11 @@ MAX_ROW_OFFSET = 2**31 - 1
 
 
 def _row_extent(t: Tensor) -> int:
-    """The largest offset between two elements of one batch row of ``t``."""
-    return sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:]))
+    """The largest offset between two elements of one batch row of ``t``, or of a tensor
+    allocated like it: ``empty_like`` of an expanded (stride 0) tensor is contiguous, so
+    outputs and gradients can span more than their input."""
+    strided = sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:]))
+    return max(strided, math.prod(t.shape[1:]) - 1)
 
 
 def _check_offsets(**tensors: Tensor) -> None:

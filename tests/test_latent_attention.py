@@ -550,6 +550,10 @@ def test_offsets_past_32_bits_are_refused_not_wrapped():
 
     module = importlib.import_module("amvl_kernels.latent_attention")
     assert module._row_extent(k) > module.MAX_ROW_OFFSET  # "auto" takes the PyTorch path
+    # stride-0 views of one row: their outputs and gradients, allocated whole, would not fit
+    expanded = torch.empty(1, 1, 1, 256, dtype=torch.float16).expand(1, 3, 2**22, 256)
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        ak.latent_attention(expanded, expanded, expanded, backend="triton")
     fits = storage.as_strided((1, 3, 8, 16), (0, 2**29, 16, 1))  # head 2 at 2**30: fine
     from amvl_kernels.latent_attention import _check_offsets
 
