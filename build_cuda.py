@@ -92,9 +92,13 @@ def select_archs(nvcc: str, requested: str | None = None) -> list[str]:
 
 
 def gencode_flags(archs: list[str]) -> list[str]:
-    """SASS for every arch, plus PTX of the newest so that future GPUs can JIT it."""
+    """SASS for every arch, plus PTX of the newest portable one (not an arch-specific 90a or
+    100f, whose PTX runs on that GPU only) so that future GPUs can JIT it."""
     flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    newest = archs[-1]
+    portable = [a for a in archs if a.isdigit()]
+    if not portable:
+        return flags
+    newest = portable[-1]
     return flags + [f"-gencode=arch=compute_{newest},code=compute_{newest}"]
 
 

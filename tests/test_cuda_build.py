@@ -159,6 +159,9 @@ def test_arch_selection(tmp_path, monkeypatch):
     assert flags[-1] == "-gencode=arch=compute_120,code=compute_120"  # PTX of the newest only
     monkeypatch.setenv("AMVL_CUDA_ARCHS", "SM_90, 8.0+PTX; sm_90a 100f 121a")
     assert build_cuda.select_archs(new) == ["80", "90", "90a", "100f", "121a"]
+    assert build_cuda.gencode_flags(["90", "90a"])[-1] == \
+        "-gencode=arch=compute_90,code=compute_90"  # PTX that runs beyond the 90a GPU
+    assert build_cuda.gencode_flags(["90a"]) == ["-gencode=arch=compute_90a,code=sm_90a"]
     monkeypatch.setenv("AMVL_CUDA_ARCHS", "  ")  # blank: the default
     assert build_cuda.select_archs(new) == ["80", "90", "100", "120"]
     monkeypatch.setenv("AMVL_CUDA_ARCHS", "300")
