@@ -265,6 +265,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint or Path(run.get("output_dir", "runs/amvl")) / FINAL_DIR)
     models = {checkpoint.name: checkpoint}  # named after its scoring once loaded
     for name, path in ((run.get("eval") or {}).get("baselines") or {}).items():
+        if name in models:
+            raise SystemExit(f"amvl eval: the baseline {name!r} has the checkpoint's name; "
+                             "rename it in eval.baselines")
         models[name] = Path(path)
     for name, directory in models.items():  # before an hour of evaluation, not after
         _check_trained(name, directory)
@@ -344,6 +347,11 @@ def main(argv: list[str] | None = None) -> int:
                          "benchmarks' records carry their answers")
     if args.command == "eval" and args.unlabelled and not args.out:
         raise SystemExit("amvl eval: --unlabelled writes predictions only; give --out")
+    if args.command == "eval" and args.unlabelled:
+        if args.split not in (None, "test"):
+            raise SystemExit("amvl eval: --unlabelled is for the test split, whose answers "
+                             f"are withheld; --split {args.split} has them")
+        args.split = "test"
     handler = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval}[args.command]
     return handler(args)
 

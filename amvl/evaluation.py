@@ -441,7 +441,7 @@ def load_visualpuzzles(path: str | os.PathLike, split: str | None = None,
 
     Args:
         path: a data file (``data.parquet`` as on the hub, or JSON / JSON Lines), or a folder
-            of them.
+            of them (or with them in a ``data/`` folder, as some hub revisions lay them out).
         split: in a folder, read only files named after it (``{split}-*.parquet``,
             ``{split}.json``, ...). None: every data file in the folder (the hub has just
             ``data.parquet``).
@@ -466,9 +466,12 @@ def load_visualpuzzles(path: str | os.PathLike, split: str | None = None,
             raise ValueError(f"unknown VisualPuzzles categories in {list(categories)}; the "
                              f"categories are {list(VISUALPUZZLES_CATEGORIES)}")
     files = [root] if root.is_file() else _data_files(root, split)
+    if not files and root.is_dir() and (root / "data").is_dir():
+        files = _data_files(root / "data", split)  # a hub snapshot laid out as data/*.parquet
     if not files:
         named = f" for split {split!r}" if split else ""
-        raise FileNotFoundError(f"{root}: no data file{named} (*.parquet, *.json, *.jsonl)")
+        raise FileNotFoundError(f"{root}: no data file{named} (*.parquet, *.json, *.jsonl), "
+                                "nor in a data/ folder inside it")
     examples = []
     for file in files:
         for row, record in enumerate(_read_records(file)):

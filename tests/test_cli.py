@@ -175,6 +175,13 @@ def test_eval_checks_every_model_before_evaluating(tmp_path):
         main(["eval", "--config", str(config), "--checkpoint", str(tmp_path / "final")])
     with pytest.raises(SystemExit, match="--unlabelled is for BLINK"):
         main(["eval", "--checkpoint", str(tmp_path), "--unlabelled"])
+    with pytest.raises(SystemExit, match="--split val has them"):
+        main(["eval", "--checkpoint", str(tmp_path), "--benchmark", "blink", "--data", "x",
+              "--split", "val", "--unlabelled", "--out", "o.json"])
+    config.write_text(yaml.safe_dump({"model": {"path": "tiny-qwen2-vl"},
+                                      "eval": {"baselines": {"final": str(tmp_path)}}}))
+    with pytest.raises(SystemExit, match="has the checkpoint's name"):
+        main(["eval", "--config", str(config), "--checkpoint", str(tmp_path / "final")])
 
 
 def test_eval_refuses_the_tiny_image_processor_for_another_vision_tower(tmp_path):

@@ -188,6 +188,11 @@ def test_visualpuzzles_parquet_and_json(tmp_path, vp_records):
     same = load_visualpuzzles(tmp_path / "raw", split="test", categories=["spatial"])
     assert [ex["id"] for ex in same] == ["4", "5"]
     assert np.array_equal(np.asarray(same[0]["images"][0]), np.asarray(examples[4]["images"][0]))
+    # a hub revision with its files under data/
+    _write_parquet(tmp_path / "rev" / "data" / "train-00000-of-00001.parquet", vp_records,
+                   ["image"])
+    assert [ex["id"] for ex in load_visualpuzzles(tmp_path / "rev")] == \
+        [ex["id"] for ex in examples]
 
 
 # ------------------------------------------------------------------------------ errors
