@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +27,10 @@ from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
 CHECKPOINT_PREFIX = "checkpoint-"
+# transformers.get_scheduler names that need nothing beyond warm-up and length (the plateau
+# scheduler steps on a metric; cosine_with_min_lr and warmup_stable_decay need arguments)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                 "constant_with_warmup", "inverse_sqrt")
 
 
 @dataclass
@@ -36,7 +41,7 @@ class TrainConfig:
     batch_size: int = 16  # per optimisation step, over all processes
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
-    lr_scheduler: str = "linear"  # any transformers.get_scheduler name
+    lr_scheduler: str = "linear"  # one of LR_SCHEDULERS (transformers.get_scheduler names)
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -50,11 +55,21 @@ class TrainConfig:
     activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        def require(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"TrainConfig: {message}")
+
         for name in ("steps", "batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig: {name} must be >= 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ValueError("TrainConfig: learning_rate must be > 0")
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.learning_rate > 0, "learning_rate must be > 0")
+        require(0 <= self.warmup_steps <= self.steps,
+                f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
+        require(self.save_every >= 0, f"save_every must be >= 0, got {self.save_every}")
+        require(0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed}")
+        require(self.lr_scheduler in LR_SCHEDULERS,
+                f"lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}")
+        require(self.mixed_precision in ("no", "bf16", "fp16"),
+                f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
 
 
 def batch_indices(n_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -72,8 +87,10 @@ def batch_indices(n_examples: int, batch_size: int, step: int, seed: int) -> lis
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
-    """The latent-noise seed of one step on one process."""
-    return (seed * 1_000_003 + step) * 4099 + rank
+    """The latent-noise seed of one step on one process: a hash of (seed, step, rank) in
+    [0, 2**63), so no two steps or processes share one (an arithmetic formula collided across
+    processes, and with the model's seed + 1 for the prior path)."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0] >> 1)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -94,7 +111,8 @@ def _rng_state() -> tuple[dict, dict]:
 def _set_rng_state(tensors: dict, plain: dict) -> None:
     torch.set_rng_state(tensors["torch"])
     if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[k] for k in sorted(tensors) if k.startswith("cuda")])
+        devices = sorted((k for k in tensors if k.startswith("cuda")), key=lambda k: int(k[4:]))
+        torch.cuda.set_rng_state_all([tensors[k] for k in devices])
     kind, keys, pos, has_gauss, cached = plain["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     version, internal, gauss = plain["python"]
@@ -113,11 +131,12 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler,
                     history: list[dict], config: TrainConfig,
-                    pending: dict[str, float] | None = None) -> Path:
+                    pending: dict[str, float] | None = None, scaler=None) -> Path:
     """Write checkpoint-<step> atomically: everything goes to a temporary directory in the
     same folder, which is renamed into place only when complete.
 
-    ``pending`` holds the metric sums of the log window still open at this step.
+    ``pending`` holds the metric sums of the log window still open at this step; ``scaler``
+    is fp16's loss scaler, whose scale a resumed run must continue from.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
@@ -127,6 +146,8 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler,
         model.config.save(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
         tensors, plain = _rng_state()
         torch.save(tensors, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(
@@ -147,6 +168,9 @@ def _prune(output_dir: Path, keep: int) -> None:
                          key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
     for old in checkpoints[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+    # temporary directories of saves that were killed before their rename
+    for stale in output_dir.glob(f".{CHECKPOINT_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -168,6 +192,9 @@ def train(model, collator, examples: Sequence[dict], config: TrainConfig,
     if not examples:
         raise ValueError("train needs at least one example")
     accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+    if config.mixed_precision == "fp16" and not accelerator.native_amp:
+        warnings.warn(f"mixed_precision='fp16' has no effect on {accelerator.device}: "
+                      "training runs in the model's own dtype", stacklevel=2)
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
@@ -188,6 +215,9 @@ def train(model, collator, examples: Sequence[dict], config: TrainConfig,
         scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
         state = json.loads((checkpoint / "state.json").read_text())
         _set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=True), state["rng"])
+        if accelerator.scaler is not None and (checkpoint / "scaler.pt").is_file():
+            accelerator.scaler.load_state_dict(torch.load(checkpoint / "scaler.pt",
+                                                          weights_only=True))
         start, history, sums = state["step"], state["history"], state["pending"]
     if config.activation_checkpointing:
         model.activation_checkpointing_enable()
@@ -207,14 +237,16 @@ def train(model, collator, examples: Sequence[dict], config: TrainConfig,
         if config.max_grad_norm > 0:
             accelerator.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        for key, value in out_step.metrics.items():
+        # summed on the device: reading them every step would make the host wait for the GPU
+        for key, value in out_step.metrics.tensors().items():
             sums[key] = sums.get(key, 0.0) + value
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
             count = (step % config.log_every) + 1
-            entry = {"step": step + 1, "lr": scheduler.get_last_lr()[0],
-                     **{k: v / count for k, v in sums.items()}}
+            entry = {"step": step + 1, "lr": lr,
+                     **{k: float(v) / count for k, v in sums.items()}}
             history.append(entry)
             sums = {}
             bar.set_postfix(loss=f"{entry['loss']:.3f}")
@@ -225,7 +257,8 @@ def train(model, collator, examples: Sequence[dict], config: TrainConfig,
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 save_checkpoint(out, step + 1, accelerator.unwrap_model(wrapped), optimizer,
-                                scheduler, history, config, sums)
+                                scheduler, history, config,
+                                {k: float(v) for k, v in sums.items()}, accelerator.scaler)
                 _prune(out, config.save_total_limit)
             accelerator.wait_for_everyone()
     return history

@@ -17,11 +17,28 @@ def test_head_bounds_and_unit_variance_at_start(rng_seed):
     torch.testing.assert_close(logvar, torch.zeros(3, 5), atol=1e-6, rtol=0)
 
 
-def test_head_starts_at_logvar_init(rng_seed):
-    head = GaussianHead(13, 5, logvar_min=-9.0, logvar_max=2.0, logvar_init=-4.0)
-    torch.nn.init.zeros_(head.proj.weight)
-    _, logvar = head(torch.randn(3, 13))
+@pytest.mark.parametrize("hidden", [13, 4096])
+def test_head_starts_at_logvar_init(hidden, rng_seed):
+    """As built, whatever the hidden size (the means start random, the log-variances not)."""
+    head = GaussianHead(hidden, 5, logvar_min=-9.0, logvar_max=2.0, logvar_init=-4.0)
+    mu, logvar = head(torch.randn(3, hidden))
     torch.testing.assert_close(logvar, torch.full((3, 5), -4.0), atol=1e-5, rtol=0)
+    assert float(mu.abs().max()) > 0
+
+
+def test_head_log_variance_in_fp32_under_autocast(rng_seed):
+    """Under bf16 autocast the linear layer runs in bf16; the bounded log-variance is computed
+    from it in fp32 and rounded once, not squashed through a bf16 sigmoid."""
+    head = GaussianHead(64, 16, logvar_min=-10.0, logvar_max=4.0)
+    torch.nn.init.normal_(head.proj.weight, std=0.3)
+    hidden = torch.randn(3, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mu, logvar = head(hidden)
+        raw = head.proj(hidden).chunk(2, dim=-1)[1]
+    assert mu.dtype == logvar.dtype == torch.bfloat16
+    span = head.logvar_max - head.logvar_min
+    exact = head.logvar_min + span * torch.sigmoid(raw.float() + head.shift)
+    torch.testing.assert_close(logvar, exact.to(torch.bfloat16), atol=0, rtol=0)
 
 
 def test_head_rejects_init_outside_bounds():

@@ -78,6 +78,12 @@ def test_resume_continues_exactly(tmp_path):
 def test_bad_settings_are_clear_errors():
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
+    for kwargs, match in [({"warmup_steps": 11, "steps": 10}, "warmup_steps"),
+                          ({"save_every": -1}, "save_every"), ({"seed": -1}, "seed"),
+                          ({"lr_scheduler": "reduce_lr_on_plateau"}, "lr_scheduler"),
+                          ({"mixed_precision": "fp8"}, "mixed_precision")]:
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**kwargs)
     model, collator = _model()
     with pytest.raises(ValueError, match="at least one example"):
         train(model, collator, [], TrainConfig(steps=1), progress=False)
@@ -100,3 +106,47 @@ def test_activation_checkpointing_trains_the_same_steps():
     assert checkpointed.is_activation_checkpointing
     for got, want in zip(history, expected, strict=True):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+
+
+def test_the_loop_never_reads_metrics_each_step_and_logs_the_rate_it_used(monkeypatch):
+    """Metrics stay on the device until a log line (a read each step would make the host wait
+    for the GPU before it queues the next step), and each line's learning rate is the one
+    its last step used."""
+    from amvl.objectives import Metrics
+
+    def refuse(self):
+        raise AssertionError("metrics read to the host inside the loop")
+    monkeypatch.setattr(Metrics, "_read", refuse)
+    model, collator = _model()
+    config = TrainConfig(steps=4, batch_size=2, learning_rate=1e-3, warmup_steps=2,
+                         lr_scheduler="linear", log_every=1)
+    history = train(model, collator, _data(), config, progress=False)
+    # linear warm-up over 2 steps, then down to 0 at step 4: the rates steps 0..3 used
+    assert [e["lr"] for e in history] == pytest.approx([0.0, 5e-4, 1e-3, 5e-4])
+
+
+def test_step_seeds_never_collide():
+    from amvl.training import step_seed
+
+    seeds = {step_seed(s, step, rank) for s in range(3) for step in range(50)
+             for rank in range(8)}
+    assert len(seeds) == 3 * 50 * 8 and all(0 <= x < 2**63 for x in seeds)
+    # the model draws the prior path's noise from seed + 1: never another step's seed
+    assert not {x + 1 for x in seeds} & seeds
+
+
+def test_saves_keep_the_loss_scale_and_drop_killed_saves(tmp_path):
+    """fp16's loss scale is saved with the checkpoint (a resumed run continues from it), and
+    temporary directories of saves killed before their rename are removed."""
+    from amvl.training import _prune, save_checkpoint
+
+    model, _ = _model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    (tmp_path / ".checkpoint-3.abc123").mkdir()
+    path = save_checkpoint(tmp_path, 4, model, optimizer, scheduler, [], TrainConfig(),
+                           scaler=scaler)
+    assert torch.load(path / "scaler.pt", weights_only=True)["scale"] == 2.0**10
+    _prune(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4"]
