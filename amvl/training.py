@@ -1,7 +1,11 @@
 """The training loop behind ``amvl train`` and ``amvl demo``.
 
 Distribution comes from accelerate: run the same script under ``accelerate launch`` or
-``torchrun`` for DDP / FSDP / DeepSpeed. Everything a step depends on is a function of
+``torchrun`` for DDP (tested with two processes). Its checkpoints are written by the main
+process from its own full copy of the model and optimizer, which FSDP and DeepSpeed ZeRO do
+not keep: for those, train with :class:`amvl.trainer.AMVLTrainer`, whose checkpoints are the
+Trainer's own. Logged metrics are the main process's share of each batch. Everything a step
+depends on is a function of
 (seed, step): the batch (a fixed permutation per epoch, sharded across processes) and the latent
 noise seed. So resuming from a checkpoint continues exactly: the checkpoint holds the step, the
 model, the optimizer, the LR scheduler and the RNG states, and is written atomically (to a
@@ -195,6 +199,12 @@ def train(model, collator, examples: Sequence[dict], config: TrainConfig,
     if config.mixed_precision == "fp16" and not accelerator.native_amp:
         warnings.warn(f"mixed_precision='fp16' has no effect on {accelerator.device}: "
                       "training runs in the model's own dtype", stacklevel=2)
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(f"this loop checkpoints from one full copy of the model, which "
+                         f"{accelerator.distributed_type.value} does not keep: train with "
+                         "amvl.trainer.AMVLTrainer instead")
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the "

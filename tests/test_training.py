@@ -150,3 +150,19 @@ def test_saves_keep_the_loss_scale_and_drop_killed_saves(tmp_path):
     assert torch.load(path / "scaler.pt", weights_only=True)["scale"] == 2.0**10
     _prune(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4"]
+
+
+def test_fsdp_and_deepspeed_are_sent_to_the_trainer():
+    """This loop checkpoints from one full copy of the model: refused under FSDP and ZeRO,
+    whose processes hold shards, instead of writing partial checkpoints."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    model, collator = _model()
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        fake = SimpleNamespace(distributed_type=kind, native_amp=True, num_processes=2,
+                               process_index=0)
+        with pytest.raises(ValueError, match="AMVLTrainer"):
+            train(model, collator, _data(), TrainConfig(steps=1), accelerator=fake,
+                  progress=False)
