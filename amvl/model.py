@@ -421,7 +421,8 @@ class AMVLModel(nn.Module):
         nll = decode_nll(latents.z)
         nll_prior = None
         if obj.uses_prior_nll:
-            z_prior = self._prior_latents(mu_p, lv_p, "sample", None if seed is None else (seed + 1) % 2**63)
+            prior_seed = None if seed is None else (seed + 1) % 2**63
+            z_prior = self._prior_latents(mu_p, lv_p, "sample", prior_seed)
             nll_prior = decode_nll(z_prior)
         loss, metrics = obj.loss(nll, latents, step, nll_prior)
         return AMVLOutput(loss, metrics, latents)

@@ -910,7 +910,8 @@ def latent_attention(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | Non
         if q.shape[-1] > MAX_HEAD_DIM:
             raise ValueError(f"backend='triton' takes head dims up to {MAX_HEAD_DIM}, got "
                              f"{q.shape[-1]}")
-        _check_offsets(q=q, k=k, v=v)
+        if not auto:  # "auto" sent tensors past the kernels' offsets to SDPA above
+            _check_offsets(q=q, k=k, v=v)
     if q.numel() == 0 or k.numel() == 0:
         # Nothing to attend: zeros, still connected to every input so autograd gives zeros.
         return q * 0 + (k.sum() + v.sum()) * 0
