@@ -68,12 +68,14 @@ def tile_scores(q, k_base, v_base, n_tile, offs_d, d_ok, s_kn, s_kd, s_vn, s_vd,
                 scale_log2, pos_i, vis_i, blk_i, doc_i, KIND, BLK, DOC, meta_row,
                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LAYOUT: tl.constexpr,
                 UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """The K and V tiles of key tile ``n_tile`` and the query rows' scores against it, in base
-    2 (scaled by scale * log2(e)), -inf where the rule forbids the pair."""
+    """The K and V tiles of key tile ``n_tile`` and the query rows' scores against it,
+    unscaled (the callers fold ``scale_log2`` into the FMA before exp2, and the online softmax
+    takes the row maxima of the unscaled scores: with scale > 0 the maximum commutes with the
+    scaling, which saves a multiplication per score), -inf where the rule forbids the pair."""
     offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     k, v = load_kv_tiles(k_base, v_base, offs_n, offs_d, d_ok, s_kn, s_kd, s_vn, s_vd, LK,
                          MASKED, UPCAST)
-    s = tile_dot(q, tl.trans(k), IEEE) * scale_log2
+    s = tile_dot(q, tl.trans(k), IEEE)
     if MASKED:
         ok = tile_mask(pos_i, vis_i, blk_i, doc_i, offs_n, LK, KIND, BLK, DOC, meta_row,
                        HAS_LAYOUT)
@@ -90,10 +92,10 @@ def softmax_tile(q, acc, m_i, l_i, k_base, v_base, n_tile, offs_d, d_ok, s_kn, s
     k, v, s = tile_scores(q, k_base, v_base, n_tile, offs_d, d_ok, s_kn, s_kd, s_vn, s_vd, LK,
                           scale_log2, pos_i, vis_i, blk_i, doc_i, KIND, BLK, DOC, meta_row,
                           BLOCK_N, MASKED, HAS_LAYOUT, UPCAST, IEEE)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
     # A row that has seen nothing yet keeps m = -inf; shift by 0 there, not by -inf.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
+    p = tl.math.exp2(s * scale_log2 - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, IEEE)

@@ -366,7 +366,7 @@ def _dq_tile(q, do, dq, lse, delta, k_base, v_base, n_tile, offs_d, d_ok, s_kn, 
                           scale_log2, pos_i, vis_i, blk_i, doc_i, KIND, BLK, DOC, meta_row,
                           BLOCK_N, MASKED, HAS_LAYOUT, UPCAST, IEEE)
     # Forbidden pairs (s = -inf) and rows that see nothing (lse = +inf) get probability 0.
-    p = tl.math.exp2(s - lse[:, None])
+    p = tl.math.exp2(s * scale_log2 - lse[:, None])
     ds = p * (tile_dot(do, tl.trans(v), IEEE) - delta[:, None])
     return dq + tile_dot(ds.to(k.dtype), k, IEEE)
 
@@ -810,9 +810,11 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | None,
                              f"but the call has {(batch, lk)}")
         if layout.device != q.device:
             raise ValueError(f"layout is on {layout.device} but q is on {q.device}")
+    # The kernels take row maxima of unscaled scores, which commute with a positive scale
+    # only; a zero or negative scale is no attention anyone trains.
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
-                              or not math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite real number or None, got {scale!r}")
+                              or not math.isfinite(scale) or scale <= 0):
+        raise ValueError(f"scale must be a finite positive real number or None, got {scale!r}")
 
 
 # The kernels widen the batch index to 64 bits; within one batch row, offsets are 32-bit.
@@ -879,7 +881,7 @@ def latent_attention(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | Non
         q: (B, Hq, Lq, D) queries, the last Lq positions of the keys (a KV cache when Lq < Lk).
         k, v: (B, Hkv, Lk, D) with Hq a multiple of Hkv (grouped-query attention).
         layout: per-token metadata of the Lk keys; None means plain causal attention.
-        scale: score scale, default 1 / sqrt(D).
+        scale: score scale, a positive number, default 1 / sqrt(D).
         backend: "auto" (Triton on a GPU, PyTorch's SDPA with the layout's mask on the CPU or
             where Triton cannot run; a decoding step without a layout, one query that sees
             every key, goes to SDPA everywhere, and so do the leading plain causal rows of a

@@ -527,6 +527,8 @@ def _ok():
     (lambda q, k, v: ak.latent_attention(q.long(), k, v), TypeError, "floating-point"),
     (lambda q, k, v: ak.latent_attention(q, k, v, scale=float("nan")), ValueError, "scale"),
     (lambda q, k, v: ak.latent_attention(q, k, v, scale=True), ValueError, "scale"),
+    (lambda q, k, v: ak.latent_attention(q, k, v, scale=0.0), ValueError, "positive"),
+    (lambda q, k, v: ak.latent_attention(q, k, v, scale=-0.5), ValueError, "positive"),
     (lambda q, k, v: ak.latent_attention(q, k, v, scale=torch.tensor(0.5)), ValueError, "scale"),
     (lambda q, k, v: ak.latent_attention(q, k, v, backend="flash"), ValueError, "backend"),
     (lambda q, k, v: ak.latent_attention(q.double(), k.double(), v.double(), backend="triton"),
