@@ -63,9 +63,10 @@ def test_gaussian_kernels_do_not_spill_and_leave_room_for_warps(report):
 
 
 # Scalars, not tiles: the dk/dv kernel with 128 keys at d = 128 holds its accumulators and K
-# and V in 192 of its 255 registers and spills 20-48 bytes of loop scalars; a spilled tile
-# (the 4-warp 128-row configurations) costs hundreds to thousands of bytes.
-MAX_SCALAR_SPILL_BYTES = 64
+# and V in 192 of its 255 registers and spills 0-88 bytes of loop scalars (Triton 3.9 here;
+# 0-12 with the GPU machine's 3.6, the most in the grouped-heads split); a spilled tile (the
+# 4-warp 128-row configurations) costs hundreds to thousands of bytes.
+MAX_SCALAR_SPILL_BYTES = 128
 
 
 def test_bf16_attention_kernels_use_wgmma_pipelined_and_spill_no_tiles(report):

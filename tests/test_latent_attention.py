@@ -215,6 +215,31 @@ def test_dq_added_by_the_dkdv_kernel(dq_kernel, case, rng_seed):
     assert dq_kernel.launches == 0
 
 
+@pytest.mark.parametrize("dq_by_atomics", [False, True], ids=["dq-kernel", "dq-atomics"])
+@pytest.mark.parametrize("case", ["causal-gqa-kv-cache", "latent-bf16", "random-layout",
+                                  "blind-rows"])
+def test_lengths_that_fill_whole_query_tiles(request, dq_by_atomics, case, rng_seed):
+    """Query lengths a multiple of the dk/dv kernel's BLOCK_M (16 under the interpreter): its
+    FULL tiles then load their query rows without row predicates."""
+    if dq_by_atomics:
+        request.getfixturevalue("dq_kernel")
+    if case == "causal-gqa-kv-cache":
+        check(*_inputs(2, 4, 2, 32, 48, 32, torch.float32), None)
+    elif case == "latent-bf16":
+        layout = LatentLayout.with_latent_blocks(64, [[(40, 8)], [(7, 5), (50, 9)]]).to(DEVICE)
+        check(*_inputs(2, 4, 2, 64, 64, 64, torch.bfloat16), layout)
+    elif case == "random-layout":
+        layout = random_layout(2, 48, torch.Generator().manual_seed(rng_seed)).to(DEVICE)
+        check(*_inputs(2, 4, 2, 32, 48, 32, torch.float32), layout)
+    else:
+        layout = LatentLayout.causal(2, 48, torch.ones(2, 48, dtype=torch.bool)).to(DEVICE)
+        blind = layout.visible_kinds.clone()
+        blind[0, 16:32] = 0  # one whole query tile that sees nothing
+        layout = LatentLayout.from_tensors(layout.segment_kind, blind, layout.block_id)
+        _, (dq, _, _) = check(*_inputs(2, 2, 1, 48, 48, 16, torch.float32), layout)
+        assert torch.count_nonzero(dq[0, :, 16:32]) == 0
+
+
 def test_deterministic_algorithms_keep_dq_off_atomics(dq_kernel, rng_seed):
     """Under torch.use_deterministic_algorithms the dq kernel runs even where atomics would
     be chosen: the order of atomic additions varies between runs."""
