@@ -161,6 +161,11 @@ class AMVLModel(nn.Module):
         self.token_ids = ensure_special_tokens(self._unwrapped(), tokenizer, config)
         model_config = self._unwrapped().config
         self.is_vlm = hasattr(model_config, "vision_config")
+        if self.is_vlm and not hasattr(self._backbone(), "get_rope_index"):
+            raise NotImplementedError(
+                f"AMVLModel takes vision-language models of the Qwen2-VL family, whose tail "
+                f"positions come from the model's multimodal rope index; "
+                f"{type(self._unwrapped()).__name__} has no get_rope_index")
         hidden = getattr(model_config, "text_config", model_config).hidden_size
         device = self._unwrapped().get_input_embeddings().weight.device
         d, lo, hi = config.latent_dim, config.logvar_min, config.logvar_max
@@ -181,6 +186,53 @@ class AMVLModel(nn.Module):
         """The transformers model under any PEFT wrapper."""
         return self.base.get_base_model() if hasattr(self.base, "get_base_model") else self.base
 
+    def _backbone(self) -> nn.Module:
+        """The decoder under the LM head: ``.model`` for most, ``.gpt_neox`` for GPT-NeoX
+        (transformers' ``base_model_prefix``)."""
+        return self._unwrapped().base_model
+
+    def _text_config(self):
+        config = self._unwrapped().config
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    def _sliding_window(self) -> int | None:
+        """The text model's attention window when any layer has one, else None."""
+        text = self._text_config()
+        window = getattr(text, "sliding_window", None)
+        types = getattr(text, "layer_types", None)
+        if not window or (types is not None and "sliding_attention" not in types):
+            return None
+        return int(window)
+
+    def _check_window(self, num_keys: int) -> None:
+        """Refuse a pass longer than a sliding window: the latent masks (dense or layouts)
+        cannot express one, and transformers applies a caller's 4D mask as it is, so the
+        window would silently be ignored. Within the window the result is exact."""
+        window = self._sliding_window()
+        if window is not None and num_keys > window:
+            raise NotImplementedError(
+                f"{type(self._unwrapped()).__name__} attends within a sliding window of "
+                f"{window} tokens, and this pass has {num_keys}: AMVLModel's latent masks have "
+                "no window. Keep prompt + latent block + answer within the window, or disable "
+                "it in the config (e.g. sliding_window=None or use_sliding_window=False)")
+
+    def output_logits(self, hidden: Tensor) -> Tensor:
+        """fp32 logits of the LM head on ``hidden``, with the transforms some models apply
+        after it in their own forward: Granite's ``logits_scaling``, Cohere's
+        ``logit_scale``, Gemma's ``final_logit_softcapping``."""
+        logits = self._unwrapped().get_output_embeddings()(hidden).float()
+        text = self._text_config()
+        scaling = getattr(text, "logits_scaling", None)
+        if scaling is not None:
+            logits = logits / scaling
+        scale = getattr(text, "logit_scale", None)
+        if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+            logits = logits * scale
+        cap = getattr(text, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
     @property
     def device(self) -> torch.device:
         return self._unwrapped().get_input_embeddings().weight.device
@@ -192,9 +244,7 @@ class AMVLModel(nn.Module):
     def _on_amvl_attention(self) -> bool:
         """True when the text model runs on the "amvl" attention (``amvl_kernels.hf``): the
         sequences then travel as a ``LatentLayout`` instead of dense 4D masks."""
-        config = self._unwrapped().config
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        return getattr(text, "_attn_implementation", None) == "amvl"
+        return getattr(self._text_config(), "_attn_implementation", None) == "amvl"
 
     def _check_batch(self, prompt_ids: Tensor, prompt_mask: Tensor,
                      answer_ids: Tensor | None = None, answer_mask: Tensor | None = None
@@ -212,7 +262,7 @@ class AMVLModel(nn.Module):
         """(3, B, Lx) multimodal rope positions of the prompt from the model's own rope index."""
         if not self.is_vlm:
             return None
-        backbone = self._unwrapped().model
+        backbone = self._backbone()
         kwargs = {"image_grid_thw": image_grid_thw, "attention_mask": prompt_mask}
         if "mm_token_type_ids" in inspect.signature(backbone.get_rope_index).parameters:
             image_token = self._unwrapped().config.image_token_id
@@ -237,6 +287,7 @@ class AMVLModel(nn.Module):
             begin = seq.spans["latent"][0] + 1
             embeds = self.injector(embeds, slice(begin, begin + z.shape[1]), z)
         keys = seq if prefix is None else concat(prefix, seq)
+        self._check_window(keys.input_ids.shape[1])
         kwargs = dict(images or {})
         if self._on_amvl_attention():
             # The kernel reads the per-token metadata; no (Lq, Lk) mask is ever built.
@@ -255,7 +306,7 @@ class AMVLModel(nn.Module):
         for name, keys_store in (("record_prefix", record_prefix), ("with_prefix", with_prefix)):
             if keys_store is not None:
                 kwargs[name] = keys_store
-        backbone = self._unwrapped().model
+        backbone = self._backbone()
         kwargs[_cache_kwarg(backbone)] = cache
         out = backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                        use_cache=use_cache, **kwargs)
@@ -268,9 +319,9 @@ class AMVLModel(nn.Module):
              ) -> Tensor:
         """Mean token NLL of the answer part of ``seq`` (each token predicted one column back)."""
         begin, end = seq.spans["answer"]
-        logits = self._unwrapped().get_output_embeddings()(hidden[:, begin - 1:end - 1])
+        logits = self.output_logits(hidden[:, begin - 1:end - 1])
         labels = answer_ids.masked_fill(~answer_mask.bool(), -100)
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
     # ------------------------------------------------------------------ sequence parts
 
@@ -476,7 +527,7 @@ class AMVLModel(nn.Module):
         hidden, _ = self._run(seq, rope=rope, images=self._images(pixel_values, image_grid_thw),
                               z=z)
         begin, end = seq.spans["answer"]
-        logits = self._unwrapped().get_output_embeddings()(hidden[:, begin - 1:end - 1]).float()
+        logits = self.output_logits(hidden[:, begin - 1:end - 1])
         token_nll = F.cross_entropy(logits.transpose(1, 2), answer_ids, reduction="none")
         mask = answer_mask.to(token_nll.dtype)
         return (token_nll * mask).sum(1) / mask.sum(1).clamp(min=1)
@@ -484,7 +535,7 @@ class AMVLModel(nn.Module):
     def next_token_logits(self, hidden: Tensor) -> Tensor:
         """Logits over the vocabulary with the structural tokens (latent specials, vision
         markers) masked out: an answer never contains them."""
-        logits = self._unwrapped().get_output_embeddings()(hidden).float()
+        logits = self.output_logits(hidden)
         banned = list(self.token_ids.values())
         if self.is_vlm:
             c = self._unwrapped().config
@@ -523,6 +574,9 @@ class AMVLModel(nn.Module):
                                                                    image_grid_thw, n)
             prompt_ids, prompt_mask = (t.repeat_interleave(n, 0) for t in (prompt_ids, prompt_mask))
         b = prompt_ids.shape[0]
+        latent_tokens = 0 if self.objective.latent_source == "none" \
+            else self.config.num_slots + 2
+        self._check_window(prompt_ids.shape[1] + latent_tokens + max_new_tokens - 1)
         rope = self._rope_positions(prompt_ids, prompt_mask, image_grid_thw)
         p = self._parts(prompt_ids, prompt_mask, rope=rope)
         images = self._images(pixel_values, image_grid_thw)

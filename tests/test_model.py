@@ -50,14 +50,39 @@ def tiny_llama(tokenizer):
         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256))
 
 
-def build(kind: str, **config_kwargs):
-    """(AMVLModel in float64, batch) for kind 'qwen2', 'llama', 'qwen2_vl' or 'qwen2_5_vl'."""
+def tiny_text_model(kind: str, tokenizer, **model_kwargs):
+    """A tiny causal LM of another family: 'gpt_neox' (its decoder is ``.gpt_neox``, not
+    ``.model``), 'granite' (divides its logits by ``logits_scaling``), 'gemma3' (soft-caps
+    its final logits when asked) or 'mistral' (a sliding window)."""
+    import transformers as tf
+
+    sizes = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                 num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
+    if kind == "gpt_neox":
+        return tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**sizes, **model_kwargs))
+    sizes["num_key_value_heads"] = 2
+    if kind == "granite":
+        return tf.GraniteForCausalLM(tf.GraniteConfig(**sizes, **model_kwargs))
+    if kind == "gemma3":
+        # Gemma 2's eager attention (it has no other) turns a left-padded row into NaN in
+        # float64 in transformers itself; Gemma 3 caps its final logits the same way on SDPA.
+        model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**sizes, head_dim=8, **model_kwargs))
+        model.set_attn_implementation("sdpa")
+        return model
+    return tf.MistralForCausalLM(tf.MistralConfig(**sizes, **model_kwargs))
+
+
+def build(kind: str, model_kwargs: dict | None = None, **config_kwargs):
+    """(AMVLModel in float64, batch) for kind 'qwen2', 'llama', 'qwen2_vl', 'qwen2_5_vl' or
+    one of :func:`tiny_text_model`'s (built with ``model_kwargs``)."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     vision = kind in ("qwen2_vl", "qwen2_5_vl")
     tokenizer = word_tokenizer(WORDS, vision=vision)
-    base = {"qwen2": tiny_qwen2, "llama": tiny_llama, "qwen2_vl": tiny_qwen2_vl,
-            "qwen2_5_vl": tiny_qwen2_5_vl}[kind](tokenizer)
+    builders = {"qwen2": tiny_qwen2, "llama": tiny_llama, "qwen2_vl": tiny_qwen2_vl,
+                "qwen2_5_vl": tiny_qwen2_5_vl}
+    base = builders[kind](tokenizer) if kind in builders \
+        else tiny_text_model(kind, tokenizer, **(model_kwargs or {}))
     config = AMVLConfig(num_slots=3, latent_dim=5, **{"kernel_backend": "torch", **config_kwargs})
     model = AMVLModel(base, tokenizer, config).double()
     collator = AMVLCollator(tokenizer, tiny_image_processor() if vision else None,
@@ -103,6 +128,66 @@ def test_no_latent_objective_is_plain_fine_tuning(kind):
     torch.testing.assert_close(
         out.loss, model.answer_nll(**batch).mul(batch["answer_mask"].sum(1)).sum()
         / batch["answer_mask"].sum(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kind,model_kwargs", [
+    ("gpt_neox", {}), ("granite", {"logits_scaling": 4.0}),
+    ("gemma3", {"final_logit_softcapping": 0.5})], ids=["gpt_neox", "granite", "gemma3"])
+def test_other_families_train_like_their_own_forward(kind, model_kwargs):
+    """GPT-NeoX (decoder under ``.gpt_neox``), Granite (logits divided by logits_scaling) and
+    Gemma 3 (final logits soft-capped): the "none" objective's loss is the model's own loss on
+    [x | y], and the prefix-shared and naive AMVL steps agree."""
+    model, batch = build(kind, model_kwargs, objective="none")
+    ids = torch.cat([batch["prompt_ids"], batch["answer_ids"]], 1)
+    mask = torch.cat([batch["prompt_mask"], batch["answer_mask"]], 1)
+    labels = torch.cat([torch.full_like(batch["prompt_ids"], -100),
+                        batch["answer_ids"].masked_fill(~batch["answer_mask"], -100)], 1)
+    positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+    own = model.base(input_ids=ids, attention_mask=mask, position_ids=positions,
+                     labels=labels).loss
+    # both losses come from fp32 logits
+    torch.testing.assert_close(model(**batch).loss, own, rtol=1e-6, atol=0)
+
+    model, batch = build(kind, model_kwargs)
+    shared, g_shared = _loss_and_grads(model, batch, prefix_sharing=True)
+    naive, g_naive = _loss_and_grads(model, batch, prefix_sharing=False)
+    torch.testing.assert_close(shared.loss, naive.loss, rtol=1e-10, atol=0)
+    for name in g_shared:
+        scale = g_naive[name].abs().max().clamp(min=1e-12)
+        assert (g_shared[name] - g_naive[name]).abs().max() / scale < 1e-5, name
+    model.eval()
+    out = model.generate(batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=4)
+    assert out.sequences.shape == (3, 1, 4)
+
+
+def test_sliding_windows_are_exact_within_and_refused_beyond():
+    """transformers applies a caller's 4D mask as it is, without the window: a pass longer
+    than the window is refused instead of silently attending past it."""
+    windowless, batch = build("mistral", {"sliding_window": None})
+    wide, _ = build("mistral", {"sliding_window": 64})
+    torch.testing.assert_close(wide(**batch, seed=3).loss, windowless(**batch, seed=3).loss,
+                               rtol=0, atol=0)
+    narrow, _ = build("mistral", {"sliding_window": 8})
+    with pytest.raises(NotImplementedError, match="sliding window of 8 tokens"):
+        narrow(**batch, seed=3)
+    narrow.eval()
+    with pytest.raises(NotImplementedError, match="sliding window"):
+        narrow.generate(batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=4)
+
+
+def test_vision_models_without_a_rope_index_are_named():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers import LlavaForConditionalGeneration
+
+    tokenizer = word_tokenizer(WORDS)
+    text = LlamaConfig(vocab_size=len(tokenizer) + 1, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=4, image_size=28, patch_size=14)
+    base = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
+                                                     image_token_id=len(tokenizer)))
+    with pytest.raises(NotImplementedError, match="Qwen2-VL family.*get_rope_index"):
+        AMVLModel(base, tokenizer, AMVLConfig(num_slots=2, latent_dim=4))
 
 
 def _recompute(model, batch, sequences, z):
