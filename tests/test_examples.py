@@ -55,3 +55,25 @@ def test_elbo_leaks_unpredictable_answers_into_z_and_amvl_does_not():
         assert side["prior"] < 0.2, accuracy  # chance is 0.1: nothing to know from x
     assert accuracy["elbo"]["posterior"] > 0.8, accuracy
     assert accuracy["amvl"]["posterior"] < 0.4, accuracy
+
+
+README = EXAMPLES.parent / "README.md"
+
+
+def test_readme_python_snippets_run(tmp_path, monkeypatch):
+    """Every Python block of the README runs as written, in order, each in a fresh namespace
+    (a user pastes them one at a time), except the CUDA backend's, which needs a GPU."""
+    import re
+
+    import torch
+
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert len(blocks) >= 4
+    monkeypatch.chdir(tmp_path)  # the model-layer block saves a run directory
+    for block in blocks:
+        if 'backend="cuda"' in block:
+            from amvl_kernels import cuda_extension_available
+
+            if not (torch.cuda.is_available() and cuda_extension_available()):
+                continue
+        exec(compile(block, str(README), "exec"), {"__name__": "__readme__"})
