@@ -67,10 +67,14 @@ class LatentInjector(nn.Module):
             raise ValueError(f"z must be (B, K, d) with B={embeds.shape[0]}, got {tuple(z.shape)}")
         values = self.proj(z.to(self.proj.weight.dtype)).to(embeds.dtype)
         if isinstance(placeholders, slice):
-            start, stop, step = placeholders.indices(embeds.shape[1])
-            if step != 1 or stop - start != z.shape[1]:
+            # Read as given, not through slice.indices: under torch.compile the sequence length
+            # is symbolic, and indices() would pin it (a recompile for every prompt length).
+            start, stop, step = placeholders.start, placeholders.stop, placeholders.step
+            if (step not in (None, 1) or start is None or stop is None or start < 0
+                    or stop - start != z.shape[1] or stop > embeds.shape[1]):
                 raise ValueError(f"placeholders must be a slice of K={z.shape[1]} consecutive "
-                                 f"columns, got {placeholders}")
+                                 f"columns within the {embeds.shape[1]} of embeds, got "
+                                 f"{placeholders}")
             return torch.cat([embeds[:, :start], values, embeds[:, stop:]], dim=1)
         counts = placeholders.sum(-1)
         if not bool((counts == z.shape[1]).all()):

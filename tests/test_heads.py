@@ -83,5 +83,6 @@ def test_injector_by_columns_matches_the_mask_path(rng_seed):
     (g_columns,) = torch.autograd.grad(by_columns.sum(), z)
     (g_mask,) = torch.autograd.grad(injector(embeds, mask, z).sum(), z)
     torch.testing.assert_close(g_columns, g_mask)
-    with pytest.raises(ValueError, match="slice of K=4"):
-        injector(embeds, slice(3, 6), z)
+    for bad in (slice(3, 6), slice(6, 10), slice(-6, -2), slice(3, 11, 2), slice(None, 4)):
+        with pytest.raises(ValueError, match="slice of K=4"):
+            injector(embeds, bad, z)

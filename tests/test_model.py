@@ -190,6 +190,26 @@ def test_vision_models_without_a_rope_index_are_named():
         AMVLModel(base, tokenizer, AMVLConfig(num_slots=2, latent_dim=4))
 
 
+def test_compiled_naive_step_does_not_recompile_per_prompt_length():
+    """torch.compile(model) on the naive path (what activation checkpointing on SDPA takes):
+    after the one recompile that makes the prompt length dynamic, new lengths reuse the graph.
+    The injector's slice once pinned the length, a recompile per length until dynamo's limit."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model, _ = build("qwen2")
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    rng = np.random.default_rng(1)
+    collator = AMVLCollator(model.tokenizer)
+    for length in (4, 6, 7, 9):
+        batch = collator([{"images": [], "question": " ".join(rng.choice(WORDS, size=length)),
+                           "answer": "w1 w2"} for _ in range(2)])
+        compiled(**batch, seed=11, prefix_sharing=False).loss.backward()
+    assert counter.frame_count <= 2, counter.frame_count
+    torch._dynamo.reset()
+
+
 def _recompute(model, batch, sequences, z):
     """Greedy tokens of a full pass without cache over [x | latent(z) | generated]."""
     mask = torch.ones_like(sequences, dtype=torch.bool)
