@@ -828,6 +828,20 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | None,
         raise ValueError(f"scale must be a finite positive real number or None, got {scale!r}")
 
 
+def _autocast_inputs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Under ``torch.autocast``, q, k and v in autocast's dtype, as autocast hands them to
+    SDPA (it does not know our op). Without it a model whose rotary tables are fp32 would
+    hand over fp32 q and k beside a bf16 v. float64 stays, as autocast leaves it."""
+    if not all(isinstance(t, Tensor) for t in (q, k, v)):
+        return q, k, v  # _validate names the bad argument
+    device = q.device.type
+    if not torch.is_autocast_enabled(device):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device)
+    low = (torch.float32, torch.float16, torch.bfloat16)
+    return tuple(t.to(dtype) if t.dtype in low else t for t in (q, k, v))
+
+
 # The kernels widen the batch index to 64 bits; within one batch row, offsets are 32-bit.
 MAX_ROW_OFFSET = 2**31 - 1
 
@@ -905,7 +919,9 @@ def latent_attention(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | Non
 
     Returns:
         (B, Hq, Lq, D) in q's dtype. A query row that sees no key gets zeros and zero gradient.
+        Under ``torch.autocast`` the inputs are first cast to autocast's dtype, as SDPA's are.
     """
+    q, k, v = _autocast_inputs(q, k, v)
     _validate(q, k, v, layout, scale)
     # A pending negation (x.conj().imag) is a view whose memory lacks the sign: the kernels
     # read memory. resolve_neg returns the tensor itself when there is none.

@@ -526,6 +526,25 @@ def test_eager_function_matches_the_custom_op(with_layout, rng_seed):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_autocast_casts_the_inputs_as_sdpa_does(backend, rng_seed):
+    """Rotary tables in fp32 hand over fp32 q and k beside a bf16 v under autocast: the op
+    takes all three in autocast's dtype, and the gradients reach the fp32 inputs."""
+    layout = LatentLayout.with_latent_blocks(21, [[(12, 4)], [(5, 3)]]).to(DEVICE)
+    q, k, _ = _inputs(2, 4, 2, 21, 21, 16, torch.float32)
+    v = torch.randn(2, 2, 21, 16, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = ak.latent_attention(q, k, v, layout, backend=backend)
+    expected = ak.latent_attention(q.bfloat16(), k.bfloat16(), v, layout, backend=backend)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    dq, dk = torch.autograd.grad(out.float().sum(), (q, k))
+    assert dq.dtype == dk.dtype == torch.float32 and bool(dq.abs().sum() > 0)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):  # float64 stays, as autocast leaves it
+        out64 = ak.latent_attention(q.double(), k.double(), v.double(), layout, backend="torch")
+    assert out64.dtype == torch.float64
+
+
 def test_empty_inputs(rng_seed):
     q, k, v = _inputs(0, 2, 1, 3, 3, 16, torch.float32)
     assert ak.latent_attention(q, k, v, backend="triton").shape == (0, 2, 3, 16)

@@ -210,6 +210,23 @@ def test_compiled_naive_step_does_not_recompile_per_prompt_length():
     torch._dynamo.reset()
 
 
+def test_bf16_autocast_step_on_the_amvl_attention():
+    """Under torch.autocast the rotary step hands the attention fp32 q and k beside a bf16 v;
+    the step runs, on both paths, near the fp32 loss (it raised a dtype mismatch)."""
+    import amvl_kernels.hf as akhf
+
+    model, batch = build("qwen2")
+    model.float()
+    akhf.use_amvl_attention(model.base)
+    for share in (True, False):
+        full = model(**batch, seed=11, prefix_sharing=share).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(**batch, seed=11, prefix_sharing=share).loss
+        low.backward()
+        ratio = float(low.detach() / full.detach())
+        assert torch.isfinite(low) and abs(ratio - 1) < 2e-2, (low, full)
+
+
 def _recompute(model, batch, sequences, z):
     """Greedy tokens of a full pass without cache over [x | latent(z) | generated]."""
     mask = torch.ones_like(sequences, dtype=torch.bool)
