@@ -179,6 +179,7 @@ class AMVLModel(nn.Module):
             if self.objective.uses_posterior else None
         self.injector = LatentInjector(d, hidden).to(device) if uses_latents else None
         self._padding_checked = False  # on a GPU: once (see _check_batch)
+        self._compiled_base_warned = False
 
     # ------------------------------------------------------------------ plumbing
 
@@ -252,6 +253,13 @@ class AMVLModel(nn.Module):
         """:func:`check_batch`, its padding checks on every batch on the CPU and on the first
         one on a GPU: a training step then never waits for the device to read its masks
         (a collator pads every batch alike; :class:`AMVLCollator` pads them right)."""
+        if "_orig_mod" in self.base._modules and not self._compiled_base_warned:
+            warnings.warn(
+                "the base model is wrapped by torch.compile, but AMVLModel calls its decoder and "
+                "LM head directly, so the compiled forward never runs: compile the AMVLModel "
+                "(torch.compile(model) or model.compile()) or the decoder (e.g. "
+                "model.base.model = torch.compile(model.base.model)) instead", stacklevel=3)
+            self._compiled_base_warned = True
         on_host = prompt_mask.device.type == "cpu"
         check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask,
                     padding=on_host or not self._padding_checked)

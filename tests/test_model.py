@@ -7,6 +7,8 @@ and safetensors only.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -225,6 +227,25 @@ def test_bf16_autocast_step_on_the_amvl_attention():
         low.backward()
         ratio = float(low.detach() / full.detach())
         assert torch.isfinite(low) and abs(ratio - 1) < 2e-2, (low, full)
+
+
+def test_a_compiled_base_model_is_named():
+    """AMVLModel calls the decoder and the LM head, never the base model's forward: a base
+    wrapped by torch.compile would silently compile nothing. Compiling the decoder works."""
+    model, batch = build("qwen2")
+    loss = model(**batch, seed=11).loss
+    decoder = model.base.model
+    model.base = torch.compile(model.base, backend="eager")
+    with pytest.warns(UserWarning, match="compiled forward never runs"):
+        torch.testing.assert_close(model(**batch, seed=11).loss, loss)
+    model.base = model.base._orig_mod
+    model.base.model = torch.compile(decoder, backend="eager")
+    model._compiled_base_warned = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.testing.assert_close(model(**batch, seed=11).loss, loss, rtol=1e-6, atol=0)
+    assert not [w for w in caught if "compiled forward" in str(w.message)]
+    torch._dynamo.reset()
 
 
 def _recompute(model, batch, sequences, z):
