@@ -205,9 +205,9 @@ def _dkdv_tile(k, v, dk, dv, offs_n, kind_j, blk_j, doc_j, q_base, do_base, row_
     if EVEN_M and not MASKED:
         # A FULL tile's rows all lie below LQ when LQ is a multiple of BLOCK_M: no row
         # predicates on its loads (about 60 of the 500 instructions of an iteration, sm_90).
-        q_ok = d_ok[None, :]  # broadcast by the atomic add below
-        q = tl.load(q_at, mask=d_ok[None, :], other=0.0)
-        do = tl.load(do_at, mask=d_ok[None, :], other=0.0)
+        q_ok = d_ok[None, :]  # broadcast over the rows by the loads and the atomic add
+        q = tl.load(q_at, mask=q_ok, other=0.0)
+        do = tl.load(do_at, mask=q_ok, other=0.0)
         lse = tl.load(LSE + row_base + offs_m)
         delta = tl.load(DELTA + row_base + offs_m)
     else:

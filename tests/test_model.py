@@ -102,22 +102,29 @@ def _loss_and_grads(model, batch, **kwargs):
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen2_vl", "qwen2_5_vl"])
-@pytest.mark.parametrize("objective,gamma", [("amvl", 0.0), ("amvl", 0.5), ("elbo", 0.0),
-                                             ("prior", 0.0)])
-def test_prefix_shared_and_naive_paths_agree(kind, objective, gamma):
-    model, batch = build(kind, objective=objective, gamma=gamma)
+def _paths_agree(model, batch) -> set[str]:
+    """The prefix-shared and naive steps give the same loss and gradients; returns the names
+    of the parameters with a gradient."""
     shared, g_shared = _loss_and_grads(model, batch, prefix_sharing=True)
     naive, g_naive = _loss_and_grads(model, batch, prefix_sharing=False)
     torch.testing.assert_close(shared.loss, naive.loss, rtol=1e-10, atol=0)
     assert g_shared.keys() == g_naive.keys()
-    assert {"prior_head.proj.weight", "injector.proj.weight"} <= g_shared.keys()
-    assert ("posterior_head.proj.weight" in g_shared) == (objective != "prior")
     for name in g_shared:
         # The models' rotary tables are fp32 even in a float64 model, and their matmul rounds
         # differently for different sequence shapes: ~1e-7 relative, not a path difference.
         scale = g_naive[name].abs().max().clamp(min=1e-12)
         assert (g_shared[name] - g_naive[name]).abs().max() / scale < 1e-5, name
+    return set(g_shared)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("objective,gamma", [("amvl", 0.0), ("amvl", 0.5), ("elbo", 0.0),
+                                             ("prior", 0.0)])
+def test_prefix_shared_and_naive_paths_agree(kind, objective, gamma):
+    model, batch = build(kind, objective=objective, gamma=gamma)
+    trained = _paths_agree(model, batch)
+    assert {"prior_head.proj.weight", "injector.proj.weight"} <= trained
+    assert ("posterior_head.proj.weight" in trained) == (objective != "prior")
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen2_vl"])
@@ -151,12 +158,7 @@ def test_other_families_train_like_their_own_forward(kind, model_kwargs):
     torch.testing.assert_close(model(**batch).loss, own, rtol=1e-6, atol=0)
 
     model, batch = build(kind, model_kwargs)
-    shared, g_shared = _loss_and_grads(model, batch, prefix_sharing=True)
-    naive, g_naive = _loss_and_grads(model, batch, prefix_sharing=False)
-    torch.testing.assert_close(shared.loss, naive.loss, rtol=1e-10, atol=0)
-    for name in g_shared:
-        scale = g_naive[name].abs().max().clamp(min=1e-12)
-        assert (g_shared[name] - g_naive[name]).abs().max() / scale < 1e-5, name
+    assert "injector.proj.weight" in _paths_agree(model, batch)
     model.eval()
     out = model.generate(batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=4)
     assert out.sequences.shape == (3, 1, 4)
