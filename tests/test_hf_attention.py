@@ -437,10 +437,12 @@ def test_compiled_model_with_padding_runs_as_one_graph(backend):
     config = Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=128)
-    model = Qwen2ForCausalLM(config).eval()
+    # the kernel itself on a GPU; the interpreter on the CPU
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    model = Qwen2ForCausalLM(config).eval().to(device)
     model.set_attn_implementation("amvl")
-    ids = torch.randint(0, 97, (2, 12))
-    mask = torch.ones(2, 12, dtype=torch.long)
+    ids = torch.randint(0, 97, (2, 12), device=device)
+    mask = torch.ones(2, 12, dtype=torch.long, device=device)
     mask[0, :3] = 0
     previous = akhf.set_backend(backend)
     try:

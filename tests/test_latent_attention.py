@@ -586,10 +586,10 @@ def test_bad_input_is_named(call, error, match):
 def test_offsets_past_32_bits_are_refused_not_wrapped():
     """Keys whose heads lie 2**30 elements apart: head 2 starts at element 2**31, where the
     kernels' 32-bit offsets would wrap (a crash or another tensor's memory). 4 GiB of
-    address space, never touched."""
-    storage = torch.empty(2**31 + 2**10, dtype=torch.float16)
+    address space, never touched (on a GPU, 4 GiB allocated and never touched)."""
+    storage = torch.empty(2**31 + 2**10, dtype=torch.float16, device=DEVICE)
     k = storage.as_strided((1, 3, 8, 16), (0, 2**30, 16, 1))
-    q = torch.randn(1, 3, 8, 16, dtype=torch.float16)
+    q = torch.randn(1, 3, 8, 16, dtype=torch.float16, device=DEVICE)
     with pytest.raises(ValueError, match="32-bit offsets"):
         ak.latent_attention(q, k, k, backend="triton")
     import importlib
@@ -597,7 +597,8 @@ def test_offsets_past_32_bits_are_refused_not_wrapped():
     module = importlib.import_module("amvl_kernels.latent_attention")
     assert module._row_extent(k) > module.MAX_ROW_OFFSET  # "auto" takes the PyTorch path
     # stride-0 views of one row: their outputs and gradients, allocated whole, would not fit
-    expanded = torch.empty(1, 1, 1, 256, dtype=torch.float16).expand(1, 3, 2**22, 256)
+    expanded = torch.empty(1, 1, 1, 256, dtype=torch.float16, device=DEVICE).expand(
+        1, 3, 2**22, 256)
     with pytest.raises(ValueError, match="32-bit offsets"):
         ak.latent_attention(expanded, expanded, expanded, backend="triton")
     fits = storage.as_strided((1, 3, 8, 16), (0, 2**29, 16, 1))  # head 2 at 2**30: fine
