@@ -53,11 +53,14 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
 # Under backend="auto", at least this many leading plain causal rows (x in the prefix-sharing
-# layout) go to SDPA's causal kernel: cuDNN's on an H100, which ran the 7B proxy's causal
-# attention about twice as fast as our kernels ran its prefix-sharing layout (RESULTS.md,
-# training-step profiles). A guess, not a measurement, below which the extra launches and the
-# concatenation are not worth it.
+# layout) go to SDPA's causal kernel, cuDNN's on an H100: a forward alone (prefill) from 256
+# rows, where the split ran the attention benchmark's forward 1.16-1.21x faster at 4k and 16k
+# tokens; a forward that autograd will differentiate only from 8,192 rows. With the backward,
+# the split lost at 3,072 rows (4k benchmark, 1-6%) and in the 7B proxy's training step (1,536
+# of 1,632 rows: 1.1 ms more device time, from summing both parts' key gradients) and won at
+# 12,288 (16k benchmark, 9%): RESULTS.md, the 2026-11-27 eighth session. 8,192 lies between.
 CAUSAL_ROWS_TO_SDPA = 256
+CAUSAL_ROWS_TO_SDPA_WITH_GRAD = 8192
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -911,7 +914,8 @@ def latent_attention(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | Non
             where Triton cannot run; a decoding step without a layout, one query that sees
             every key, goes to SDPA everywhere, and so do the leading plain causal rows of a
             layout, x in the prefix-sharing layout, when there are at least
-            ``CAUSAL_ROWS_TO_SDPA`` of them: see :func:`causal_rows_on_sdpa`), "triton" (our
+            ``CAUSAL_ROWS_TO_SDPA`` of them, ``CAUSAL_ROWS_TO_SDPA_WITH_GRAD`` when a backward
+            will follow: see :func:`causal_rows_on_sdpa`), "triton" (our
             kernels for every row) or "torch". The Triton kernels take fp16, bf16 and fp32
             (fp32 matmuls in IEEE precision), head dims up to 256, and tensors whose
             elements within one batch row lie less than 2**31 apart ("auto" takes SDPA
@@ -952,12 +956,15 @@ def latent_attention(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | Non
         # (benchmarks/RESULTS.md, decoding rows; mostly host time).
         return F.scaled_dot_product_attention(q, k, v, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
-    if auto and layout is not None and q.shape[2] == k.shape[2] \
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    least_rows = CAUSAL_ROWS_TO_SDPA_WITH_GRAD if backward else CAUSAL_ROWS_TO_SDPA
+    # The length test first: counting the rows reads the device (a host sync), which a layout
+    # too short to qualify need not pay.
+    if auto and layout is not None and q.shape[2] == k.shape[2] >= least_rows \
             and q.dtype in (torch.float16, torch.bfloat16) and not torch.compiler.is_compiling():
         rows = _plain_causal_rows(layout)
-        if rows >= CAUSAL_ROWS_TO_SDPA:
+        if rows >= least_rows:
             return causal_rows_on_sdpa(q, k, v, layout, scale, rows)
-    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     tiles = _tile_tensors(layout, q.shape[2], q.shape[1] // k.shape[1], q.shape[-1], q.dtype,
                           q.device, backward)
     if torch.compiler.is_compiling():

@@ -330,29 +330,47 @@ def test_plain_causal_rows_on_sdpa(dtype, rng_seed):
 
 
 def test_auto_hands_long_plain_causal_prefixes_to_sdpa(monkeypatch, rng_seed):
-    """backend="auto" on a GPU: with at least CAUSAL_ROWS_TO_SDPA leading plain causal rows,
-    a square fp16/bf16 call splits them off; otherwise, or asked for "triton", it does not."""
+    """backend="auto" on a GPU: with at least CAUSAL_ROWS_TO_SDPA leading plain causal rows
+    (CAUSAL_ROWS_TO_SDPA_WITH_GRAD when a backward follows), a square fp16/bf16 call splits
+    them off; otherwise, or asked for "triton", it does not, and a layout shorter than the
+    threshold is not even read (no host sync)."""
     import importlib
 
     module = importlib.import_module("amvl_kernels.latent_attention")
     monkeypatch.setattr(module, "resolve_backend", lambda backend, device: "triton")
     monkeypatch.setattr(module, "CAUSAL_ROWS_TO_SDPA", 10)
+    monkeypatch.setattr(module, "CAUSAL_ROWS_TO_SDPA_WITH_GRAD", 13)
     split = []
     real = module.causal_rows_on_sdpa
     monkeypatch.setattr(module, "causal_rows_on_sdpa",
                         lambda *args: split.append(args[-1]) or real(*args))
     layout = LatentLayout.prefix_sharing([12, 15], [4, 3], num_slots=2).to(DEVICE)
     length = layout.length
-    q, k, v = _inputs(2, 4, 2, length, length, 16, torch.bfloat16)
-    ak.latent_attention(q, k, v, layout)
+    q, k, v = _inputs(2, 4, 2, length, length, 16, torch.bfloat16)  # all require grad
+    with torch.no_grad():  # a forward alone: from 10 rows
+        ak.latent_attention(q, k, v, layout)
+        assert split == [12]
+        ak.latent_attention(q, k, v, layout, backend="triton")  # our kernels for every row
+        ak.latent_attention(q.float(), k.float(), v.float(), layout)  # fp32: ours (IEEE)
+        ak.latent_attention(q[:, :, -5:], k, v, layout)  # a KV cache: no leading rows
+        short = LatentLayout.prefix_sharing([9, 9], [4, 3], num_slots=2).to(DEVICE)
+        ak.latent_attention(*_inputs(2, 4, 2, short.length, short.length, 16,
+                                     torch.bfloat16), short)  # 9 rows: below the threshold
     assert split == [12]
-    ak.latent_attention(q, k, v, layout, backend="triton")  # our kernels for every row
-    ak.latent_attention(q.float(), k.float(), v.float(), layout)  # fp32: ours (IEEE)
-    ak.latent_attention(q[:, :, -5:], k, v, layout)  # a KV cache: no leading rows
-    short = LatentLayout.prefix_sharing([9, 9], [4, 3], num_slots=2).to(DEVICE)
-    ak.latent_attention(*_inputs(2, 4, 2, short.length, short.length, 16, torch.bfloat16),
-                        short)  # 9 rows: below the threshold
+    ak.latent_attention(q, k, v, layout)  # with a backward: 12 rows are below 13
     assert split == [12]
+    longer = LatentLayout.prefix_sharing([14, 15], [4, 3], num_slots=2).to(DEVICE)
+    grads = _inputs(2, 4, 2, longer.length, longer.length, 16, torch.bfloat16)
+    out = ak.latent_attention(*grads, longer)
+    assert split == [12, 14]
+    out.sum().backward()
+    assert all(t.grad is not None and bool(t.grad.isfinite().all()) for t in grads)
+    counted = []
+    monkeypatch.setattr(module, "_plain_causal_rows",
+                        lambda layout: counted.append(layout) or layout.plain_causal_rows())
+    monkeypatch.setattr(module, "CAUSAL_ROWS_TO_SDPA_WITH_GRAD", longer.length + 1)
+    ak.latent_attention(*grads, longer)  # shorter than the threshold: no count, no split
+    assert counted == [] and split == [12, 14]
 
 
 @pytest.mark.parametrize("tiles_fastest", [True, False], ids=["tiles-fastest", "heads-fastest"])
