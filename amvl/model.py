@@ -15,6 +15,7 @@ implementation that accepts custom masks (eager, sdpa) as dense 4D additive mask
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import numbers
@@ -55,6 +56,15 @@ def _cache_kwarg(backbone: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(backbone.forward).parameters \
         else "past_key_values"
 
+
+
+def _scope(name: str):
+    """A named range in torch.profiler's traces (scripts/profile_model_step.py --gaps charges
+    device idle time to them); nothing under torch.compile, which would log that it ignores
+    it."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.profiler.record_function(name)
 
 @dataclass
 class AMVLOutput:
@@ -435,31 +445,34 @@ class AMVLModel(nn.Module):
             loss, metrics = obj.loss(self._nll(hidden, seq, answer_ids, answer_mask), None, step)
             return AMVLOutput(loss, metrics)
 
-        prompt_seq = assemble({"prompt": p["prompt"]})
-        if share:
-            names = ["prompt", "prior", "answer_after_x", "posterior"] if obj.uses_posterior \
-                else ["prompt", "prior"]
-            seq = assemble({n: p[n] for n in names})
-            if prefix_keys is not None:
-                hidden, cache = self._run(seq, rope=rope, images=images,
-                                          record_prefix=prefix_keys)
+        # Named scopes: what scripts/profile_model_step.py --gaps charges device idle time to.
+        with _scope("amvl.prefix_pass"):
+            prompt_seq = assemble({"prompt": p["prompt"]})
+            if share:
+                names = ["prompt", "prior", "answer_after_x", "posterior"] if obj.uses_posterior \
+                    else ["prompt", "prior"]
+                seq = assemble({n: p[n] for n in names})
+                if prefix_keys is not None:
+                    hidden, cache = self._run(seq, rope=rope, images=images,
+                                              record_prefix=prefix_keys)
+                else:
+                    hidden, cache = self._run(seq, rope=rope, images=images, use_cache=True)
+                    cache.crop(-(seq.input_ids.shape[1] - prompt_ids.shape[1]))
+                h_prior = hidden[:, seq.columns("prior")]
+                h_post = hidden[:, seq.columns("posterior")] if obj.uses_posterior else None
             else:
-                hidden, cache = self._run(seq, rope=rope, images=images, use_cache=True)
-                cache.crop(-(seq.input_ids.shape[1] - prompt_ids.shape[1]))
-            h_prior = hidden[:, seq.columns("prior")]
-            h_post = hidden[:, seq.columns("posterior")] if obj.uses_posterior else None
-        else:
-            seq = assemble({n: p[n] for n in ("prompt", "prior")})
-            hidden, _ = self._run(seq, rope=rope, images=images)
-            h_prior = hidden[:, seq.columns("prior")]
-            h_post = None
-            if obj.uses_posterior:
-                seq = assemble({n: p[n] for n in ("prompt", "answer_after_x", "posterior")})
+                seq = assemble({n: p[n] for n in ("prompt", "prior")})
                 hidden, _ = self._run(seq, rope=rope, images=images)
-                h_post = hidden[:, seq.columns("posterior")]
-        mu_p, lv_p = self.prior_head(h_prior)
-        mu_q, lv_q = self.posterior_head(h_post) if h_post is not None else (None, None)
-        latents = obj.draw(mu_p, lv_p, mu_q, lv_q, seed=seed)
+                h_prior = hidden[:, seq.columns("prior")]
+                h_post = None
+                if obj.uses_posterior:
+                    seq = assemble({n: p[n] for n in ("prompt", "answer_after_x", "posterior")})
+                    hidden, _ = self._run(seq, rope=rope, images=images)
+                    h_post = hidden[:, seq.columns("posterior")]
+        with _scope("amvl.heads_and_draw"):
+            mu_p, lv_p = self.prior_head(h_prior)
+            mu_q, lv_q = self.posterior_head(h_post) if h_post is not None else (None, None)
+            latents = obj.draw(mu_p, lv_p, mu_q, lv_q, seed=seed)
 
         def decode_nll(z: Tensor) -> Tensor:
             if share:
@@ -477,13 +490,15 @@ class AMVLModel(nn.Module):
             hidden, _ = self._run(full, rope=rope, images=images, z=z)
             return self._nll(hidden, full, answer_ids, answer_mask)
 
-        nll = decode_nll(latents.z)
-        nll_prior = None
-        if obj.uses_prior_nll:
-            prior_seed = None if seed is None else (seed + 1) % 2**63
-            z_prior = self._prior_latents(mu_p, lv_p, "sample", prior_seed)
-            nll_prior = decode_nll(z_prior)
-        loss, metrics = obj.loss(nll, latents, step, nll_prior)
+        with _scope("amvl.latent_pass"):
+            nll = decode_nll(latents.z)
+            nll_prior = None
+            if obj.uses_prior_nll:
+                prior_seed = None if seed is None else (seed + 1) % 2**63
+                z_prior = self._prior_latents(mu_p, lv_p, "sample", prior_seed)
+                nll_prior = decode_nll(z_prior)
+        with _scope("amvl.loss"):
+            loss, metrics = obj.loss(nll, latents, step, nll_prior)
         return AMVLOutput(loss, metrics, latents)
 
     def _prior_latents(self, mu_p: Tensor, lv_p: Tensor, mode: str, seed: int | None) -> Tensor:

@@ -17,10 +17,12 @@ import importlib
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks package
@@ -45,20 +47,25 @@ def wall_ms(step, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def profile_step(step, device: torch.device) -> dict:
-    """One profiled step: totals and per-operator times (ms)."""
+def profile_step(step, device: torch.device, trace: Path | None = None) -> dict:
+    """One profiled step: totals and per-operator times (ms); ``trace`` also gets the Chrome
+    trace (for :func:`device_timeline`)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
                                            else [])
     with profile(activities=activities) as prof:
         step()
         if device.type == "cuda":
             torch.cuda.synchronize()
+    if trace is not None:
+        prof.export_chrome_trace(str(trace))
     events = prof.key_averages()
     # Device time where there is a device, else the host's own time per operator.
     cost = (lambda e: e.self_device_time_total) if device.type == "cuda" else \
         (lambda e: e.self_cpu_time_total)
     return {"host_ms": sum(e.self_cpu_time_total for e in events) / 1e3,
-            "device_ms": sum(e.self_device_time_total for e in events) / 1e3,
+            # kernels only: an operator's device time is its kernels' again
+            "device_ms": sum(e.self_device_time_total for e in events
+                             if e.device_type != DeviceType.CPU) / 1e3,
             "launches": sum(e.count for e in events if e.key in ("cudaLaunchKernel",
                                                                "cuLaunchKernel",
                                                                "cuLaunchKernelEx")),
@@ -67,6 +74,89 @@ def profile_step(step, device: torch.device) -> dict:
             "syncs": sum(e.count for e in events if e.key == "aten::_local_scalar_dense"
                          or e.key.startswith("cuda") and e.key.endswith("Synchronize")),
             "ops": {e.key: cost(e) / 1e3 for e in events if cost(e) > 0}}
+
+
+DEVICE_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def _open_scopes(intervals: list[dict], times: list[float]) -> list[list[dict]]:
+    """For each time (ascending) the intervals of one thread open at it, outermost first: a
+    sweep with a stack, since a thread's operators nest."""
+    intervals = sorted(intervals, key=lambda e: (e["ts"], -e["dur"]))
+    stack: list[dict] = []
+    out, i = [], 0
+    for t in times:
+        while i < len(intervals) and intervals[i]["ts"] <= t:
+            stack = [e for e in stack if e["ts"] + e["dur"] >= intervals[i]["ts"]]
+            stack.append(intervals[i])
+            i += 1
+        stack = [e for e in stack if e["ts"] + e["dur"] >= t]
+        out.append(list(stack))
+    return out
+
+
+def _where(scopes: list[dict]) -> str:
+    """A launch's place: the innermost of our annotations (record_function) and the outermost
+    and innermost operators open around it."""
+    notes = [e["name"] for e in scopes if e.get("cat") == "user_annotation"]
+    ops = [e["name"].replace("autograd::engine::evaluate_function: ", "")
+           for e in scopes if e.get("cat") == "cpu_op"]
+    parts = [notes[-1] if notes else "-"]
+    if ops:
+        parts += [ops[0]] if len(ops) == 1 else [ops[0], ops[-1]]
+    return " / ".join(parts)
+
+
+def device_timeline(events: list[dict], min_gap_us: float = 5.0) -> dict:
+    """Where the device idled in a profiled step, from its Chrome trace's events.
+
+    An idle gap is the time between the end of all device work before a kernel (or copy) and
+    its start. Each is charged to the host work that launched that kernel: the scopes open on
+    the launching thread at the launch. "host late" gaps are those whose launch call began
+    after the device had gone idle: the device waited for the host, which more device work
+    queued ahead (no host syncs, fewer launches) would have hidden. Host syncs are listed with
+    their places too.
+    """
+    work = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in DEVICE_WORK),
+                  key=lambda e: e["ts"])
+    if not work:
+        return {"span_ms": 0.0, "busy_ms": 0.0, "idle_ms": 0.0, "host_late_ms": 0.0,
+                "gaps": [], "syncs": []}
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in
+                e.get("args", {})}
+    gaps, busy, end = [], 0.0, work[0]["ts"]
+    for e in work:
+        idle = e["ts"] - end
+        if idle >= min_gap_us and (launch := launches.get(e["args"].get("correlation"))):
+            gaps.append((launch, idle, launch["ts"] >= end))
+        busy += max(0.0, e["ts"] + e["dur"] - max(end, e["ts"]))
+        end = max(end, e["ts"] + e["dur"])
+    span = end - work[0]["ts"]
+    # the scopes around each gap's launch and each sync, thread by thread
+    scopes = [e for e in events if e.get("ph") == "X"
+              and e.get("cat") in ("cpu_op", "user_annotation")]
+    syncs = [e for e in events if e.get("ph") == "X" and e.get("cat") in
+             ("cuda_runtime", "cuda_driver") and "Synchronize" in e["name"]]
+    points = [(g[0]["tid"], g[0]["ts"], ("gap", g)) for g in gaps] + \
+        [(s["tid"], s["ts"], ("sync", s)) for s in syncs]
+    by_gap: dict[str, list[float]] = {}
+    by_sync: dict[str, list[float]] = {}
+    for tid in {p[0] for p in points}:
+        mine = sorted((p for p in points if p[0] == tid), key=lambda p: p[1])
+        opened = _open_scopes([e for e in scopes if e["tid"] == tid], [p[1] for p in mine])
+        for (_, _, (kind, item)), around in zip(mine, opened):
+            if kind == "gap":
+                by_gap.setdefault(_where(around), []).append(item[1])
+            else:
+                by_sync.setdefault(_where(around), []).append(item["dur"])
+    ranked = sorted(((where, sum(v) / 1e3, len(v)) for where, v in by_gap.items()),
+                    key=lambda r: -r[1])
+    return {"span_ms": span / 1e3, "busy_ms": busy / 1e3, "idle_ms": (span - busy) / 1e3,
+            "host_late_ms": sum(g[1] for g in gaps if g[2]) / 1e3,
+            "gaps": ranked,
+            "syncs": sorted(((where, len(v), sum(v) / 1e3) for where, v in by_sync.items()),
+                            key=lambda r: -r[2])}
 
 
 NO_SPLIT = "shared_amvl:nosplit"
@@ -115,6 +205,9 @@ def main() -> None:
                              f"'{KERNELS_ONLY}' with every query row on our kernels")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rows", type=int, default=15, help="operators listed per comparison")
+    parser.add_argument("--gaps", type=int, default=0, metavar="N",
+                        help="also list, per provider, the N places whose launches the device "
+                             "waited for longest, and the host syncs (GPU only)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     providers = args.providers.split(",")
@@ -133,6 +226,12 @@ def main() -> None:
     for name in providers:
         results[name] = profile_step(steps[name], device)
         results[name]["wall_ms"] = wall_ms(steps[name], device, args.repeats)
+        if args.gaps and device.type == "cuda":
+            with tempfile.TemporaryDirectory() as folder:
+                trace = Path(folder) / "trace.json"
+                profile_step(steps[name], device, trace)
+                events = json.loads(trace.read_text())["traceEvents"]
+            results[name]["timeline"] = device_timeline(events)
 
     unit = "device" if device.type == "cuda" else "host"
     print(f"{args.model}, {args.shape} (prefix {prefix}, answer {answer}), batch {args.batch}, "
@@ -142,6 +241,17 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:<20}{r['wall_ms']:>10.1f}{r['host_ms']:>10.1f}{r['device_ms']:>11.1f}"
               f"{r['launches']:>10}{r['syncs']:>7}")
+    for name, r in results.items():
+        if "timeline" not in r:
+            continue
+        t = r["timeline"]
+        print(f"\n{name}: device busy {t['busy_ms']:.1f} of {t['span_ms']:.1f} ms, idle "
+              f"{t['idle_ms']:.1f} ms ({t['host_late_ms']:.1f} ms waiting for a late launch); "
+              f"idle before the launches of")
+        for where, ms, count in t["gaps"][:args.gaps]:
+            print(f"  {ms:8.2f} ms {count:5d} gaps  {where[:110]}")
+        for where, count, ms in t["syncs"]:
+            print(f"  sync x{count} ({ms:.2f} ms)  {where[:110]}")
     baseline = results[providers[0]]["ops"]
     for name in providers[1:]:
         ops = results[name]["ops"]

@@ -105,3 +105,42 @@ def test_host_overhead_script_runs():
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count(" us a call") == 4 and "tottime" in proc.stdout
+
+
+def test_device_timeline_charges_idle_to_the_late_launch():
+    """The profile script's timeline on a made-up trace: a gap after which the launch came
+    late is charged to the scopes open around that launch; a short gap is not counted; a
+    sync is listed with its place."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("profile_model_step",
+                                                  ROOT / "scripts" / "profile_model_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def x(cat, name, ts, dur, tid=1, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid,
+                "args": args}
+    events = [
+        x("kernel", "a", 0, 10, tid=7, correlation=1),
+        x("cuda_runtime", "cudaLaunchKernel", -5, 2, correlation=1),
+        x("user_annotation", "amvl.latent_pass", 15, 100),
+        x("cpu_op", "aten::linear", 19, 12),
+        x("cpu_op", "aten::mm", 20, 10),
+        x("cuda_runtime", "cudaLaunchKernel", 25, 2, correlation=2),
+        x("kernel", "b", 30, 10, tid=7, correlation=2),   # idle 20 us, launched late
+        x("cuda_runtime", "cudaLaunchKernel", 26, 2, correlation=3),
+        x("kernel", "c", 41, 5, tid=7, correlation=3),    # idle 1 us: not a gap
+        x("cpu_op", "aten::item", 48, 7),
+        x("cuda_runtime", "cudaStreamSynchronize", 50, 3),
+        x("cuda_runtime", "cudaLaunchKernel", 44, 1, correlation=4),
+        x("kernel", "d", 60, 10, tid=7, correlation=4),   # idle 14 us, launched early
+    ]
+    t = module.device_timeline(events)
+    assert t["span_ms"] == pytest.approx(0.070) and t["busy_ms"] == pytest.approx(0.035)
+    assert t["idle_ms"] == pytest.approx(0.035)
+    assert t["host_late_ms"] == pytest.approx(0.020)
+    gaps = {where: (ms, count) for where, ms, count in t["gaps"]}
+    assert gaps["amvl.latent_pass / aten::linear / aten::mm"] == (pytest.approx(0.020), 1)
+    assert gaps["amvl.latent_pass"] == (pytest.approx(0.014), 1)
+    assert t["syncs"] == [("amvl.latent_pass / aten::item", 1, pytest.approx(0.003))]
