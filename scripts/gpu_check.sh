@@ -2,12 +2,15 @@
 # Everything a lent GPU machine is for, in one call: build the CUDA extension, run the tests on
 # the GPU, run compute-sanitizer on the CUDA backend, run the benchmarks, sweep tile sizes.
 #   bash scripts/gpu_check.sh [build] [tests] [sanitize] [bench] [tune] [counters] [sweep]
+#                             [profile]
 #   (default: build tests sanitize bench; "tune" runs scripts/tune_latent_attention.py,
-#   "counters" ncu on the Gaussian kernels, "sweep" scripts/sweep_cuda_gaussian.py)
+#   "counters" ncu on the Gaussian kernels, "sweep" scripts/sweep_cuda_gaussian.py,
+#   "profile" scripts/profile_model_step.py with its device-idle report)
 # Each step runs under its own time limit so one slow step cannot eat the lease:
 #   AMVL_GPU_TESTS   pytest targets for "tests"      (default: tests/)
 #   AMVL_GPU_BENCH   pytest targets for "bench"      (default: benchmarks/)
 #   AMVL_GPU_BENCH_SELECT  a pytest -k expression for "bench" (default: every case)
+#   AMVL_GPU_PROFILE_ARGS  arguments of profile_model_step.py for "profile"
 #   AMVL_GPU_LIMIT_<STEP>  seconds for that step     (defaults below)
 #   AMVL_GPU_SKIP_ENV=1    skip the versions section (for a second invocation in one call)
 # Logs go to $OUT/gpu_check.log; benchmark rows stream to $OUT/rows.jsonl as they are measured
@@ -83,6 +86,13 @@ for step in $steps; do
       AMVL_BENCH_OUT="$OUT" run "${AMVL_GPU_LIMIT_BENCH:-300}" python3 -m pytest -q \
         -p no:cacheprovider ${AMVL_GPU_BENCH:-benchmarks/} --benchmark \
         --benchmark-columns=median,rounds ${AMVL_GPU_BENCH_SELECT:+-k "$AMVL_GPU_BENCH_SELECT"}
+      ;;
+    profile)
+      section "training-step profile, with where the device idled"
+      # shellcheck disable=SC2086
+      run "${AMVL_GPU_LIMIT_PROFILE:-150}" python3 scripts/profile_model_step.py \
+        ${AMVL_GPU_PROFILE_ARGS:---model 7b-proxy --providers plain,shared_amvl --gaps 12} \
+        --json "$OUT/profile.json"
       ;;
     tune)
       section "attention tile sweep"
