@@ -6,15 +6,19 @@
 // walks the row in chunks of kChunk consecutive columns, tpr * kChunk columns apart, so any d
 // works (d = 1 up to d > 65536). With tpr <= 32 a block holds kBlock / tpr rows and the
 // per-row KL sums reduce with shuffles inside aligned lane groups; with tpr > 32 a block is
-// one row and reduces through shared memory. The backward, elementwise once a row's upstream
-// KL gradients are known, also spreads a row's chunks over blocks (grid axis 1), so a few long
-// rows still fill the GPU.
+// one row and reduces through shared memory. The backward is elementwise once a row's upstream
+// KL gradients are known, so it needs no row owner: its threads deal out the (row, chunk)
+// pairs of the whole tensor in row-major order, one flat index, from a grid that the GPU holds
+// at once. A warp then reads 32 consecutive chunks whatever d is, no thread slot idles at the
+// end of a row (d = 3584 left an eighth of them idle when blocks owned a row's span), and no
+// block is launched for a single chunk per thread.
 //
 // Numerics follow the Triton path: loads widened to fp32 (fp64 inputs stay fp64), z and
 // gradients rounded once to the storage dtype, KLs kept in the accumulation dtype. Noise is
 // Philox4x32-10 + Box-Muller keyed by (seed, row-major element index), see philox.cuh; the
 // Triton kernels group four columns of a row instead, so a seed gives different z on the two.
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -46,6 +50,11 @@ namespace {
 #endif
 #ifndef AMVL_FP32_MIN_BLOCKS_BWD
 #define AMVL_FP32_MIN_BLOCKS_BWD 4
+#endif
+// 1: the backward's flat launch. 0: the 2-D grid it replaced (a row's span of tpr chunks per
+// block, grid axis 1 across the span), kept for the sweep to time beside it; same results.
+#ifndef AMVL_GAUSSIAN_BWD_FLAT
+#define AMVL_GAUSSIAN_BWD_FLAT 1
 #endif
 
 // fp32 and fp64 chunks take two and four times the registers of a packed 16-bit chunk: they
@@ -347,6 +356,47 @@ AMVL_HD A load_row(const RowVector& v, int64_t row) {
   return v.ptr == nullptr ? A(0) : static_cast<const A*>(v.ptr)[row * v.stride];
 }
 
+#if AMVL_GAUSSIAN_BWD_FLAT
+// A thread's walk over the backward's flat index g = row * per_row + chunk, from `first` in
+// steps of `step`, below rows * per_row. Chunks never straddle rows (a row's last one is
+// partial when kChunk does not divide d), so backward_chunk sees the (row, c0) pairs, and
+// loads, of any other split of the work. g advances as a (row, chunk) pair with a carry, as
+// step's chunk part is below per_row: the two divisions up front are a thread's only ones.
+// Index is uint32_t where rows * per_row + step fits, as it does for anything a GPU's memory
+// holds short of broadcast inputs: 64-bit state spilled in the 16-bit kernels' 96 registers.
+template <typename Index>
+struct FlatWalk {
+  AMVL_HD FlatWalk(int64_t rows, int64_t per_row, uint64_t first, uint64_t step)
+      : rows_(static_cast<Index>(rows)), per_row_(static_cast<Index>(per_row)) {
+    row_ = static_cast<Index>(first) / per_row_;
+    chunk_ = static_cast<Index>(first) - row_ * per_row_;
+    by_row_ = static_cast<Index>(step) / per_row_;
+    by_chunk_ = static_cast<Index>(step) - by_row_ * per_row_;
+  }
+  AMVL_HD bool more() const { return row_ < rows_; }
+  AMVL_HD int64_t row() const { return static_cast<int64_t>(row_); }
+  AMVL_HD int64_t c0() const { return static_cast<int64_t>(chunk_) * kChunk; }
+  // No wrap-around: the new (row, chunk) encodes g + step < rows * per_row + step, and chunk_
+  // stays below that before the carry (a sum of a chunk and step's chunk part).
+  AMVL_HD void next() {
+    row_ += by_row_;
+    chunk_ += by_chunk_;
+    if (chunk_ >= per_row_) {
+      chunk_ -= per_row_;
+      ++row_;
+    }
+  }
+
+ private:
+  Index rows_, per_row_, row_, chunk_, by_row_, by_chunk_;
+};
+
+// Whether FlatWalk<uint32_t> holds `chunks` walked by `threads`.
+bool narrow_walk(int64_t chunks, int64_t threads) {
+  return chunks + threads <= int64_t(UINT32_MAX);
+}
+#endif
+
 // ------------------------------------------------------------------------- kernels
 
 // Sum over aligned groups of `width` lanes (a power of two <= 32); every lane gets its group's
@@ -409,6 +459,37 @@ __global__ void __launch_bounds__(kBlock, min_blocks_fwd<T>())
   }
 }
 
+#if AMVL_GAUSSIAN_BWD_FLAT
+// The 64-bit walk, for tensors past 2^32 chunks, a block per SM less: at the 16-bit types'
+// cap its wider state spilled.
+template <typename T, typename Index>
+constexpr int min_blocks_flat_bwd() {
+  return sizeof(Index) == 4 ? min_blocks_bwd<T>() : std::max(1, min_blocks_bwd<T>() - 1);
+}
+
+template <typename T, typename Index>
+__global__ void __launch_bounds__(kBlock, (min_blocks_flat_bwd<T, Index>()))
+    backward_kernel(BackwardArgs a, bool out_vec, int64_t chunks_per_row) {
+  using A = typename Scalar<T>::Acc;
+  const Routes r = routes_of(a);
+  const bool amvl = is_amvl_routing(a, r);
+  // Thread t takes g = t, t + threads, ...: a warp's 32 chunks lie side by side in memory.
+  const uint64_t thread = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (FlatWalk<Index> w(a.rows, chunks_per_row, thread, uint64_t(gridDim.x) * blockDim.x);
+       w.more(); w.next()) {
+    const int64_t row = w.row(), c0 = w.c0();
+    // Per chunk, as a thread's next chunk is mostly in another row; the lanes of a warp read
+    // the same word or two.
+    const A g_fwd = load_row<A>(a.grad_kl_fwd, row);
+    const A g_rev = load_row<A>(a.grad_kl_rev, row);
+    if (kFastAmvl<T> && amvl) {
+      backward_chunk<T, kFastAmvl<T>>(a, r, out_vec, row, c0, g_fwd, g_rev);
+    } else {
+      backward_chunk<T, false>(a, r, out_vec, row, c0, g_fwd, g_rev);
+    }
+  }
+}
+#else
 template <typename T>
 __global__ void __launch_bounds__(kBlock, min_blocks_bwd<T>())
     backward_kernel(BackwardArgs a, bool out_vec, int tpr) {
@@ -436,20 +517,24 @@ __global__ void __launch_bounds__(kBlock, min_blocks_bwd<T>())
     }
   }
 }
+#endif
 
 // ------------------------------------------------------------------------- host side
+
+int64_t chunks_per_row(int64_t d) { return std::max<int64_t>(1, (d + kChunk - 1) / kChunk); }
 
 struct Layout {
   int tpr;    // threads per row
   int block;  // threads per block
   int64_t grid;
-  int64_t column_blocks;  // the backward's grid axis 1: blocks sharing one row's chunks
+  int64_t column_blocks;  // the 2-D backward's grid axis 1: blocks sharing one row's chunks
 };
 
 // Enough threads per row to give each about one chunk, at most one block. Depends only on
-// (rows, d), never on strides, so strided and contiguous inputs sum in the same order.
+// (rows, d), never on strides, so strided and contiguous inputs sum in the same order. The
+// forward's shape; the backward's flat launch has its own below, as it has nothing to sum.
 Layout layout_for(int64_t rows, int64_t d) {
-  const int64_t chunks = std::max<int64_t>(1, (d + kChunk - 1) / kChunk);
+  const int64_t chunks = chunks_per_row(d);
   int tpr = 1;
   while (tpr < chunks && tpr < kBlock) tpr *= 2;
   const int block = tpr <= 32 ? kBlock : tpr;
@@ -458,6 +543,55 @@ Layout layout_for(int64_t rows, int64_t d) {
   const int64_t column_blocks = std::min<int64_t>((chunks + tpr - 1) / tpr, 65535);
   return Layout{tpr, block, grid, column_blocks};
 }
+
+#if AMVL_GAUSSIAN_BWD_FLAT
+// Blocks of the flat backward: at most as many as the GPU holds at once, `resident` (SMs x
+// blocks per SM); past that the threads loop rather than the GPU launching a block per kBlock
+// chunks. Every thread takes the same number of chunks, give or take one, so no thread slot
+// idles through a last partial pass (capping the grid at `resident` alone left 512 x 3584
+// with 2 or 3 chunks a thread). Depends on (rows, d) and the device only, never on strides,
+// like the forward's shape.
+int64_t flat_backward_grid(int64_t rows, int64_t d, int64_t resident) {
+  const int64_t blocks = (rows * chunks_per_row(d) + kBlock - 1) / kBlock;
+  const int64_t passes = (blocks + resident - 1) / std::max<int64_t>(resident, 1);
+  return std::max<int64_t>(1, (blocks + passes - 1) / std::max<int64_t>(passes, 1));
+}
+
+// SMs x resident blocks per SM of backward_kernel<T, uint32_t>, per device, 0 until first
+// asked: the launch asks on every call, and attribute and occupancy queries cost time. The
+// occupancy calculator rather than __launch_bounds__' promise, which is a floor: ptxas gives
+// the fp64 kernel two blocks per SM where it promised one. Devices past kMaxDevices ask anew.
+constexpr int kMaxDevices = 64;
+template <typename T>
+std::atomic<int64_t> resident_cache[kMaxDevices];
+
+template <typename T>
+cudaError_t resident_backward_blocks(int64_t& resident) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  std::atomic<int64_t>* slot =
+      err == cudaSuccess && device >= 0 && device < kMaxDevices ? &resident_cache<T>[device]
+                                                                  : nullptr;
+  if (slot != nullptr && (resident = slot->load(std::memory_order_relaxed)) > 0) {
+    return cudaSuccess;
+  }
+  int sms = 0, per_sm = 0;
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  }
+  if (err == cudaSuccess) {
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, backward_kernel<T, uint32_t>,
+                                                        kBlock, 0);
+  }
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // returned to the caller, not left behind for the next launch
+    return err;
+  }
+  resident = int64_t(std::max(sms, 1)) * std::max(per_sm, 1);
+  if (slot != nullptr) slot->store(resident, std::memory_order_relaxed);
+  return cudaSuccess;
+}
+#endif
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -537,15 +671,28 @@ cudaError_t launch_forward(const ForwardArgs& args, cudaStream_t stream) {
 
 cudaError_t launch_backward(const BackwardArgs& args, cudaStream_t stream) {
   if (args.rows == 0) return cudaSuccess;
-  const Layout l = layout_for(args.rows, args.d);
   const bool out_vec = outputs_vec_ok(
       {args.grad_mu_q, args.grad_lv_q, args.grad_mu_p, args.grad_lv_p}, args.d, args.dtype);
+  cudaError_t err = cudaSuccess;
   dispatch(args.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
+#if AMVL_GAUSSIAN_BWD_FLAT
+    int64_t resident = 0;
+    err = resident_backward_blocks<T>(resident);
+    if (err != cudaSuccess) return;
+    const int64_t per_row = chunks_per_row(args.d);
+    const int64_t grid = flat_backward_grid(args.rows, args.d, resident);
+    const auto kernel = narrow_walk(args.rows * per_row, grid * kBlock)
+                            ? backward_kernel<T, uint32_t>
+                            : backward_kernel<T, uint64_t>;
+    kernel<<<static_cast<unsigned>(grid), kBlock, 0, stream>>>(args, out_vec, per_row);
+#else
+    const Layout l = layout_for(args.rows, args.d);
     const dim3 grid(static_cast<unsigned>(l.grid), static_cast<unsigned>(l.column_blocks));
     backward_kernel<T><<<grid, l.block, 0, stream>>>(args, out_vec, l.tpr);
+#endif
   });
-  return cudaGetLastError();
+  return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 void forward_on_host(const ForwardArgs& args) {
@@ -579,17 +726,39 @@ void backward_on_host(const BackwardArgs& args) {
   dispatch(args.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = typename Scalar<T>::Acc;
-    for (int64_t row = 0; row < args.rows; ++row) {
+    const auto chunk = [&](int64_t row, int64_t c0) {
       const A g_fwd = load_row<A>(args.grad_kl_fwd, row);
       const A g_rev = load_row<A>(args.grad_kl_rev, row);
-      for (int64_t c0 = 0; c0 < args.d; c0 += kChunk) {
-        if (kFastAmvl<T> && is_amvl_routing(args, r)) {
-          backward_chunk<T, kFastAmvl<T>>(args, r, out_vec, row, c0, g_fwd, g_rev);
-        } else {
-          backward_chunk<T, false>(args, r, out_vec, row, c0, g_fwd, g_rev);
+      if (kFastAmvl<T> && is_amvl_routing(args, r)) {
+        backward_chunk<T, kFastAmvl<T>>(args, r, out_vec, row, c0, g_fwd, g_rev);
+      } else {
+        backward_chunk<T, false>(args, r, out_vec, row, c0, g_fwd, g_rev);
+      }
+    };
+#if AMVL_GAUSSIAN_BWD_FLAT
+    // The kernel's walk on a GPU of kTwinThreads threads, one after another. A prime count,
+    // so that the tests' rows take steps both shorter and longer than a row and the walk's
+    // carry into the next row runs; a chunk it skipped would be left unwritten.
+    constexpr uint64_t kTwinThreads = 37;
+    const int64_t per_row = chunks_per_row(args.d);
+    const auto walk = [&](auto index) {
+      using Index = decltype(index);
+      for (uint64_t t = 0; t < kTwinThreads; ++t) {
+        for (FlatWalk<Index> w(args.rows, per_row, t, kTwinThreads); w.more(); w.next()) {
+          chunk(w.row(), w.c0());
         }
       }
+    };
+    if (narrow_walk(args.rows * per_row, kTwinThreads)) {
+      walk(uint32_t(0));
+    } else {
+      walk(uint64_t(0));
     }
+#else
+    for (int64_t row = 0; row < args.rows; ++row) {
+      for (int64_t c0 = 0; c0 < args.d; c0 += kChunk) chunk(row, c0);
+    }
+#endif
   });
 }
 

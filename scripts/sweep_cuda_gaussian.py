@@ -2,14 +2,15 @@
 
 Builds csrc/ once per variant (the ``AMVL_GAUSSIAN_BLOCK`` and ``AMVL_GAUSSIAN_MIN_BLOCKS_*``
 macros of csrc/gaussian_kl.cu: threads per block, and the blocks per SM promised to
-``__launch_bounds__`` for the forward and the backward kernel, which cap their registers) into
-a temporary folder, all in parallel. Then
+``__launch_bounds__`` for the forward and the backward kernel, which cap their registers; and
+``AMVL_GAUSSIAN_BWD_FLAT``, the backward's flat launch or the 2-D grid it replaced) into a
+temporary folder, all in parallel. Then
 it replays forward and forward+backward of every variant, and of the Triton path, from CUDA
 graphs at the benchmark's bf16 shapes, and checks every variant's result against the float64
 formulas exactly as the benchmark does. Prints one row per (shape, provider) and writes them to
 ``--json``.
 
-    python3 scripts/sweep_cuda_gaussian.py [--variants 128:6:5 256:3:2] [--json F]
+    python3 scripts/sweep_cuda_gaussian.py [--variants 128:6:5 128:6:5:0 256:3:2] [--json F]
 
 ``--once`` builds nothing and times nothing: it runs forward+backward of the Triton path and of
 the installed CUDA extension twice each at 4096 x 4096, for a profiler to read the kernels'
@@ -40,22 +41,43 @@ from benchmarks.bench_gaussian_kl import (  # noqa: E402
     NOISE_SIGMAS, TOLERANCE, minimal_bytes, result_errors)
 
 SHAPES = [(4096, 4096), (512, 3584), (65536, 256)]
-# threads per block : forward blocks per SM : backward blocks per SM; the first is the default.
-DEFAULT_VARIANTS = ["128:6:5", "128:7:5", "128:7:6", "128:6:6", "256:4:3"]
+# threads per block : forward blocks per SM : backward blocks per SM [: backward launch, 1 flat
+# (the default) or 0 the 2-D grid]; the first is the default build, the second its old backward.
+DEFAULT_VARIANTS = ["128:6:5", "128:6:5:0", "128:7:5", "128:7:6", "128:6:6", "256:4:3"]
+
+
+def parse_variant(spec: str) -> tuple[int, int, int, int]:
+    """(threads, forward blocks, backward blocks, flat backward) of "128:6:5" or "128:6:5:0"."""
+    fields = [int(x) for x in spec.split(":")]
+    if len(fields) == 3:
+        fields.append(1)
+    if len(fields) != 4 or fields[3] not in (0, 1):
+        raise ValueError("want threads:fwd_blocks:bwd_blocks[:flat], flat 0 or 1")
+    return tuple(fields)  # type: ignore[return-value]
+
+
+def variant_spec(spec: str) -> str:
+    """argparse type: checks a variant and keeps its spelling, the provider's name."""
+    try:
+        parse_variant(spec)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"variant {spec!r}: {err}") from err
+    return spec
 
 
 def build_variant(nvcc: str, spec: str, folder: Path) -> ModuleType:
-    """The extension compiled with ``spec`` = "threads:fwd_blocks:bwd_blocks", imported under a
-    name of its own."""
-    block, fwd_blocks, bwd_blocks = (int(x) for x in spec.split(":"))
+    """The extension compiled with ``spec`` = "threads:fwd_blocks:bwd_blocks[:flat]", imported
+    under a name of its own."""
+    block, fwd_blocks, bwd_blocks, flat = parse_variant(spec)
     arch = "".join(map(str, torch.cuda.get_device_capability()))
-    where = folder / f"b{block}f{fwd_blocks}b{bwd_blocks}"
+    where = folder / f"v{spec.replace(':', '_')}"  # one folder per spelling: no shared builds
     sources = build_cuda.extension_sources(ROOT, sorted((ROOT / "csrc").glob("*.cu")))
     output = where / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
     build_cuda.build_module(nvcc, sources, output, where / "obj", [arch],
                             defines={"AMVL_GAUSSIAN_BLOCK": block,
                                      "AMVL_GAUSSIAN_MIN_BLOCKS_FWD": fwd_blocks,
-                                     "AMVL_GAUSSIAN_MIN_BLOCKS_BWD": bwd_blocks})
+                                     "AMVL_GAUSSIAN_MIN_BLOCKS_BWD": bwd_blocks,
+                                     "AMVL_GAUSSIAN_BWD_FLAT": flat})
     return build_cuda.import_built(output, f"amvl_sweep_{where.name}")
 
 
@@ -86,8 +108,9 @@ def run_once() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
-                        help="threads per block:forward blocks per SM:backward blocks per SM")
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, type=variant_spec,
+                        help="threads per block:forward blocks per SM:backward blocks per SM"
+                             "[:backward launch, 1 flat (default) or 0 the 2-D grid]")
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--once", action="store_true",
                         help="only run each installed backend twice, for a profiler")
