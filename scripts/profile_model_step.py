@@ -1,10 +1,11 @@
 """Where an AMVL training step spends its time beside plain fine-tuning, on one device.
 
 Builds the model and batch of ``benchmarks/bench_model_step.py``, times each provider's step
-(synchronised wall time, median of a few), then profiles one step of each with
-``torch.profiler`` and prints, per provider, the host's time, the device's kernel time, the
-kernel launches and the host's waits for the device, then the operators whose device time
-(on the CPU, host time) grew the most from the first provider to each of the others.
+(the benchmark's median, and synchronised wall time, median of a few), then profiles one step
+of each with ``torch.profiler`` and prints, per provider, the host's time, the device's kernel
+time, the kernel launches and the host's waits for the device, then the operators whose device
+time (on the CPU, host time) grew the most from the first provider to each of the others.
+``--gaps N`` adds where the device sat idle (GPU only).
 
     python scripts/profile_model_step.py --model 7b-proxy --shape blink     # on a GPU
     AMVL_BENCH_SMOKE=1 python scripts/profile_model_step.py                 # harness, CPU
@@ -226,6 +227,9 @@ def main() -> None:
     for name in providers:
         results[name] = profile_step(steps[name], device)
         results[name]["wall_ms"] = wall_ms(steps[name], device, args.repeats)
+        # the benchmark's own measure (do_bench on a GPU), for its ratios
+        results[name]["bench_ms"] = common.time_ms(steps[name], warmup=100, rep=500) \
+            if device.type == "cuda" else results[name]["wall_ms"]
         if args.gaps and device.type == "cuda":
             with tempfile.TemporaryDirectory() as folder:
                 trace = Path(folder) / "trace.json"
@@ -236,11 +240,14 @@ def main() -> None:
     unit = "device" if device.type == "cuda" else "host"
     print(f"{args.model}, {args.shape} (prefix {prefix}, answer {answer}), batch {args.batch}, "
           f"{common.device_info()['device']}")
-    print(f"{'provider':<20}{'wall ms':>10}{'host ms':>10}{'device ms':>11}{'launches':>10}"
-          f"{'syncs':>7}")
+    print(f"{'provider':<20}{'bench ms':>10}{'ratio':>7}{'wall ms':>10}{'host ms':>10}"
+          f"{'device ms':>11}{'ratio':>7}{'launches':>10}{'syncs':>7}")
+    first = results[providers[0]]
     for name, r in results.items():
-        print(f"{name:<20}{r['wall_ms']:>10.1f}{r['host_ms']:>10.1f}{r['device_ms']:>11.1f}"
-              f"{r['launches']:>10}{r['syncs']:>7}")
+        device_ratio = r["device_ms"] / first["device_ms"] if first["device_ms"] else 0.0
+        print(f"{name:<20}{r['bench_ms']:>10.1f}{r['bench_ms'] / first['bench_ms']:>7.3f}"
+              f"{r['wall_ms']:>10.1f}{r['host_ms']:>10.1f}{r['device_ms']:>11.1f}"
+              f"{device_ratio:>7.3f}{r['launches']:>10}{r['syncs']:>7}")
     for name, r in results.items():
         if "timeline" not in r:
             continue
