@@ -129,7 +129,7 @@ def device_timeline(events: list[dict], min_gap_us: float = 5.0) -> dict:
     gaps, busy, end = [], 0.0, work[0]["ts"]
     for e in work:
         idle = e["ts"] - end
-        if idle >= min_gap_us and (launch := launches.get(e["args"].get("correlation"))):
+        if idle >= min_gap_us and (launch := launches.get(e.get("args", {}).get("correlation"))):
             gaps.append((launch, idle, launch["ts"] >= end))
         busy += max(0.0, e["ts"] + e["dur"] - max(end, e["ts"]))
         end = max(end, e["ts"] + e["dur"])
