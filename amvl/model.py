@@ -46,6 +46,7 @@ from amvl.sequences import (
     dense_mask,
     slots,
 )
+from amvl.weight_grads import PairedWeightGrads
 
 
 HEADS_NAME = "amvl_heads.safetensors"
@@ -434,6 +435,11 @@ class AMVLModel(nn.Module):
             share = False
         prefix_keys = PrefixKeys(prompt_ids.shape[1], needs_grad=torch.is_grad_enabled()) \
             if share and checkpointed else None
+        # Checkpointed layers re-run their forward in the backward, outside the pairing.
+        pairing = PairedWeightGrads(self._backbone()) \
+            if share and self.config.pair_weight_grads and torch.is_grad_enabled() \
+            and not self.is_activation_checkpointing and not torch.compiler.is_compiling() \
+            else None
         images = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw} \
             if pixel_values is not None else None
         rope = self._rope_positions(prompt_ids, prompt_mask, image_grid_thw)
@@ -456,7 +462,8 @@ class AMVLModel(nn.Module):
                     hidden, cache = self._run(seq, rope=rope, images=images,
                                               record_prefix=prefix_keys)
                 else:
-                    hidden, cache = self._run(seq, rope=rope, images=images, use_cache=True)
+                    with pairing.prefix_pass() if pairing else contextlib.nullcontext():
+                        hidden, cache = self._run(seq, rope=rope, images=images, use_cache=True)
                     cache.crop(-(seq.input_ids.shape[1] - prompt_ids.shape[1]))
                 h_prior = hidden[:, seq.columns("prior")]
                 h_post = hidden[:, seq.columns("posterior")] if obj.uses_posterior else None
@@ -480,8 +487,9 @@ class AMVLModel(nn.Module):
                 if prefix_keys is not None:
                     hidden, _ = self._run(tail, prefix=prompt_seq, z=z, with_prefix=prefix_keys)
                 else:
-                    hidden, _ = self._run(tail, prefix=prompt_seq, cache=cache, z=z,
-                                          use_cache=True)
+                    with pairing.latent_pass() if pairing else contextlib.nullcontext():
+                        hidden, _ = self._run(tail, prefix=prompt_seq, cache=cache, z=z,
+                                              use_cache=True)
                     cache.crop(-tail.input_ids.shape[1])
                 # columns of the tail's answer are relative to the tail
                 return self._nll(hidden, tail, answer_ids, answer_mask)

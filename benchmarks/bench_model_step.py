@@ -110,6 +110,7 @@ def _steps(base, tokenizer, prefix: int, answer: int, device) -> tuple[dict, dic
         def step():
             loss = latent_loss(share, amvl_attention)
             return torch.autograd.grad(loss, params, allow_unused=True)
+        step.model = model  # for scripts/profile_model_step.py's variants of a step
         return step
 
     paths = {"naive": (False, False), "shared": (True, False), "shared_amvl": (True, True)}

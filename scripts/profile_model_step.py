@@ -177,6 +177,21 @@ def without_head_split(step):
     return run
 
 
+UNPAIRED = "shared_amvl:unpaired"
+
+
+def without_paired_weight_grads(step, model):
+    """``step`` with ``pair_weight_grads`` off: autograd adds the two passes' weight
+    gradients."""
+    def run():
+        model.config.pair_weight_grads = False
+        try:
+            return step()
+        finally:
+            model.config.pair_weight_grads = True
+    return run
+
+
 KERNELS_ONLY = "shared_amvl:kernels"
 
 
@@ -203,7 +218,8 @@ def main() -> None:
                         help=f"comma-separated, first is the baseline, of {bms.PROVIDERS}; "
                              f"'{NO_SPLIT}' is shared_amvl with the dk/dv kernel's "
                              f"grouped query heads never split across programs, "
-                             f"'{KERNELS_ONLY}' with every query row on our kernels")
+                             f"'{KERNELS_ONLY}' with every query row on our kernels, "
+                             f"'{UNPAIRED}' without paired weight gradients")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rows", type=int, default=15, help="operators listed per comparison")
     parser.add_argument("--gaps", type=int, default=0, metavar="N",
@@ -212,7 +228,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     providers = args.providers.split(",")
-    unknown = set(providers) - set(bms.PROVIDERS) - {NO_SPLIT, KERNELS_ONLY}
+    unknown = set(providers) - set(bms.PROVIDERS) - {NO_SPLIT, KERNELS_ONLY, UNPAIRED}
     if unknown or len(providers) < 2:
         parser.error(f"--providers needs two or more of {bms.PROVIDERS}, got {providers}")
 
@@ -223,6 +239,8 @@ def main() -> None:
     steps, _ = bms._steps(base, tokenizer, prefix, answer, device)
     steps[NO_SPLIT] = without_head_split(steps["shared_amvl"])
     steps[KERNELS_ONLY] = on_our_kernels_only(steps["shared_amvl"])
+    steps[UNPAIRED] = without_paired_weight_grads(steps["shared_amvl"],
+                                                  steps["shared_amvl"].model)
     results = {}
     for name in providers:
         results[name] = profile_step(steps[name], device)

@@ -1,0 +1,137 @@
+"""One weight gradient per linear layer for the two decoder passes of a prefix-shared step.
+
+A prefix-shared step runs the decoder twice: the prefix pass over ``[x | P | y | Q]``, then
+the latent pass over the short tail ``[<lat_start> z <lat_end> | y]``. Left to autograd, every
+linear weight gets a gradient from each pass, and autograd adds the two: on the 7B proxy's
+step (RESULTS.md) that addition was 2.1 ms of bf16 traffic over 933 M parameters, on top of the
+latent pass's own weight-gradient GEMMs.
+
+:class:`PairedWeightGrads` runs the decoder's ``nn.Linear`` layers through one autograd
+function in both passes. The latent pass's backward, which autograd runs first (the latent
+pass comes later in the graph and reads the prefix pass's keys), keeps its weight gradient
+instead of handing it over; the prefix pass's backward then accumulates its own into it, in
+the same matrix product (``addmm_`` with beta = 1, whose read of the kept gradient overlaps the
+large product's compute). Each weight receives one gradient, so DDP's and FSDP's gradient hooks
+fire once, as they would for one pass. If the passes' backwards ever run in the other order,
+each pass hands over its own gradient and autograd adds them, as without pairing: the result
+is the same either way.
+
+Only plain ``nn.Linear`` modules whose weight requires grad are paired, and only when the
+matrix products run in the weight's dtype: under autocast to another dtype (fp32 weights,
+bf16 compute), DeepSpeed's partitioned parameters, or a module whose ``forward`` someone else
+already replaced (accelerate's hooks), the module runs as usual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class _WeightRecord:
+    """One weight's bookkeeping over one step: how many prefix-pass uses still owe their
+    backward, and the latent passes' gradient kept for them."""
+
+    def __init__(self) -> None:
+        self.pending_prefix = 0
+        self.kept: Tensor | None = None
+        # autograd runs the backward of a model spread over several GPUs on several threads
+        self.lock = threading.Lock()
+
+    def weight_grad(self, grad_out: Tensor, inputs: Tensor, prefix: bool) -> Tensor | None:
+        """The gradient this use hands autograd for the weight (None: kept for the prefix
+        pass), from its (tokens, out) output gradient and (tokens, in) inputs."""
+        with self.lock:
+            if prefix:
+                self.pending_prefix -= 1
+                kept, self.kept = self.kept, None
+                if kept is not None:
+                    return kept.addmm_(grad_out.t(), inputs)
+                return grad_out.t().mm(inputs)
+            if self.pending_prefix <= 0:  # the prefix pass's backward already ran
+                return grad_out.t().mm(inputs)
+            if self.kept is None:
+                self.kept = grad_out.t().mm(inputs)
+            else:  # a second latent pass (the prior-path NLL)
+                self.kept.addmm_(grad_out.t(), inputs)
+            return None
+
+
+class _PairedLinear(torch.autograd.Function):
+    """``F.linear`` whose weight gradient goes through a :class:`_WeightRecord`."""
+
+    @staticmethod
+    def forward(ctx, inputs: Tensor, weight: Tensor, bias: Tensor | None,
+                record: _WeightRecord, prefix: bool) -> Tensor:
+        ctx.save_for_backward(inputs, weight)
+        ctx.record, ctx.prefix = record, prefix
+        return F.linear(inputs, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        inputs, weight = ctx.saved_tensors
+        grad_in = grad_out.matmul(weight) if ctx.needs_input_grad[0] else None
+        flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_weight = ctx.record.weight_grad(flat_grad, inputs.reshape(-1, inputs.shape[-1]),
+                                             ctx.prefix) if ctx.needs_input_grad[1] else None
+        grad_bias = flat_grad.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_in, grad_weight, grad_bias, None, None
+
+
+def _pairable(module: nn.Module) -> bool:
+    return (type(module) is nn.Linear and module.weight.requires_grad
+            and "forward" not in module.__dict__ and not hasattr(module.weight, "ds_id"))
+
+
+class PairedWeightGrads:
+    """Pairs the weight gradients of ``decoder``'s linear layers across one step's passes.
+
+    Use one instance per training step: the prefix pass inside :meth:`prefix_pass`, each latent
+    pass inside :meth:`latent_pass`, then the backward.
+    """
+
+    def __init__(self, decoder: nn.Module) -> None:
+        self.modules = [m for m in decoder.modules() if _pairable(m)]
+        self.records = {id(m): _WeightRecord() for m in self.modules}
+
+    @contextlib.contextmanager
+    def prefix_pass(self) -> Iterator[None]:
+        with self._patched(prefix=True):
+            yield
+
+    @contextlib.contextmanager
+    def latent_pass(self) -> Iterator[None]:
+        with self._patched(prefix=False):
+            yield
+
+    @contextlib.contextmanager
+    def _patched(self, prefix: bool) -> Iterator[None]:
+        for module in self.modules:
+            module.forward = self._forward(module, self.records[id(module)], prefix)
+        try:
+            yield
+        finally:
+            for module in self.modules:
+                module.__dict__.pop("forward", None)
+
+    @staticmethod
+    def _forward(module: nn.Linear, record: _WeightRecord, prefix: bool):
+        def forward(inputs: Tensor) -> Tensor:
+            weight = module.weight
+            compute = torch.get_autocast_dtype(inputs.device.type) \
+                if torch.is_autocast_enabled(inputs.device.type) else inputs.dtype
+            if not torch.is_grad_enabled() or compute != weight.dtype:
+                return F.linear(inputs, weight, module.bias)
+            # autocast's own cast, made outside the function so that the products inside it
+            # (and in its backward, where autocast is off) see one dtype
+            inputs = inputs.to(compute)
+            if prefix:
+                with record.lock:
+                    record.pending_prefix += 1
+            return _PairedLinear.apply(inputs, weight, module.bias, record, prefix)
+        return forward

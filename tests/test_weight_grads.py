@@ -1,0 +1,166 @@
+"""PairedWeightGrads: one gradient per weight for a step's two decoder passes, equal to the
+sum autograd forms without it, whatever order the passes' backwards run in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from amvl import weight_grads
+from amvl.weight_grads import PairedWeightGrads
+from tests.test_model import _loss_and_grads, build
+
+
+def _decoder(dtype=torch.float64) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 6, bias=False)).to(dtype)
+
+
+def _step(decoder: nn.Module, pairing: PairedWeightGrads | None, order: str,
+          latent_passes: int = 1) -> dict[str, torch.Tensor]:
+    """A prefix pass over x and latent passes over a tail that reads the prefix's output (as
+    the latent pass reads the prefix's keys), so that autograd runs the latent passes'
+    backward first; with ``order="prefix_last_in_graph"`` the prefix pass runs after the
+    latent passes instead, on inputs of its own, so its backward runs first."""
+    decoder.zero_grad()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 6, generator=g, dtype=torch.float64)
+    tail = torch.randn(3, 2, 6, generator=g, dtype=torch.float64)
+    prefix = (lambda: pairing.prefix_pass()) if pairing else _no_context
+    latent = (lambda: pairing.latent_pass()) if pairing else _no_context
+    loss = 0
+    if order == "latent_first_in_backward":
+        with prefix():
+            h = decoder(x)
+        for i in range(latent_passes):
+            with latent():
+                loss = loss + (decoder(tail + h[:, :2] * (i + 1)) ** 2).sum()
+        loss = loss + h.sum()
+    else:
+        for i in range(latent_passes):
+            with latent():
+                loss = loss + (decoder(tail * (i + 1)) ** 2).sum()
+        with prefix():
+            loss = loss + decoder(x).sum()
+    loss.backward()
+    return {name: p.grad.clone() for name, p in decoder.named_parameters()}
+
+
+class _no_context:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _spy(monkeypatch) -> list:
+    """The value each weight_grad call handed autograd: None where a latent pass kept it."""
+    handed = []
+    real = weight_grads._WeightRecord.weight_grad
+
+    def spy(self, *args):
+        out = real(self, *args)
+        handed.append(out)
+        return out
+    monkeypatch.setattr(weight_grads._WeightRecord, "weight_grad", spy)
+    return handed
+
+
+@pytest.mark.parametrize("latent_passes", [1, 2])
+@pytest.mark.parametrize("order", ["latent_first_in_backward", "prefix_last_in_graph"])
+def test_same_gradients_in_either_order(monkeypatch, order, latent_passes):
+    decoder = _decoder()
+    expected = _step(decoder, None, order, latent_passes)
+    handed = _spy(monkeypatch)
+    got = _step(decoder, PairedWeightGrads(decoder), order, latent_passes)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-12, atol=1e-12)
+    kept = sum(g is None for g in handed)
+    # latent first: every latent use of both weights keeps its gradient for the prefix pass;
+    # prefix first: nothing is kept, each use hands its own
+    assert kept == (2 * latent_passes if order == "latent_first_in_backward" else 0)
+    assert len(handed) == 2 * (latent_passes + 1)
+
+
+def test_the_patch_is_undone_and_unpaired_modules_run_as_usual(monkeypatch):
+    decoder = _decoder()
+    decoder[2].weight.requires_grad_(False)  # frozen: not paired
+    pairing = PairedWeightGrads(decoder)
+    assert pairing.modules == [decoder[0]]
+    handed = _spy(monkeypatch)
+    with pairing.prefix_pass():
+        assert "forward" in decoder[0].__dict__ and "forward" not in decoder[2].__dict__
+        with torch.no_grad():
+            decoder(torch.randn(2, 6, dtype=torch.float64))  # no autograd: no record
+    assert "forward" not in decoder[0].__dict__
+    assert handed == [] and pairing.records[id(decoder[0])].pending_prefix == 0
+    # a module whose forward someone else replaced (accelerate's hooks) is left alone
+    hooked = _decoder()
+    hooked[0].forward = hooked[0].forward
+    assert PairedWeightGrads(hooked).modules == [hooked[2]]
+
+
+def test_autocast_to_another_dtype_runs_unpaired(monkeypatch):
+    """fp32 weights under bf16 autocast: the products run in bf16, not the weight's dtype, so
+    the module runs as usual (autocast's casts and autograd's sum)."""
+    decoder = _decoder(torch.float32)
+    handed = _spy(monkeypatch)
+    pairing = PairedWeightGrads(decoder)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pairing.prefix_pass():
+            h = decoder(torch.randn(3, 5, 6))
+        with pairing.latent_pass():
+            loss = decoder(h[:, :2]).float().sum() + h.float().sum()
+    loss.backward()
+    assert handed == [] and decoder[0].weight.grad is not None
+
+
+def test_bf16_weights_under_bf16_autocast_are_paired(monkeypatch):
+    """Weights already in autocast's dtype: paired, fp32 inputs cast as autocast would."""
+    decoder = _decoder(torch.bfloat16)
+    expected = None
+    for pair in (False, True):
+        decoder.zero_grad()
+        handed = _spy(monkeypatch) if pair else []
+        pairing = PairedWeightGrads(decoder) if pair else None
+        x = torch.randn(3, 5, 6, generator=torch.Generator().manual_seed(2))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with pairing.prefix_pass() if pair else _no_context():
+                h = decoder(x)
+            with pairing.latent_pass() if pair else _no_context():
+                loss = (decoder(h[:, :2]).float() ** 2).sum() + h.float().sum()
+        loss.backward()
+        grads = [p.grad.float() for p in decoder.parameters()]
+        if expected is None:
+            expected = grads
+        else:
+            assert sum(g is None for g in handed) == 2
+            for got, want in zip(grads, expected):
+                torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("objective,gamma", [("amvl", 0.0), ("amvl", 0.5), ("elbo", 0.0),
+                                             ("prior", 0.0)])
+def test_model_step_gradients_match_unpaired(monkeypatch, objective, gamma):
+    """The prefix-shared step of AMVLModel with and without pairing: the same loss and
+    gradients, and the latent pass did keep its weight gradients."""
+    model, batch = build("qwen2", objective=objective, gamma=gamma)
+    model.config.pair_weight_grads = False
+    plain, g_plain = _loss_and_grads(model, batch, prefix_sharing=True)
+    model.config.pair_weight_grads = True
+    handed = _spy(monkeypatch)
+    paired, g_paired = _loss_and_grads(model, batch, prefix_sharing=True)
+    torch.testing.assert_close(paired.loss, plain.loss, rtol=1e-12, atol=0)
+    assert g_paired.keys() == g_plain.keys()
+    for name in g_plain:
+        torch.testing.assert_close(g_paired[name], g_plain[name], rtol=1e-9, atol=1e-12,
+                                   msg=name)
+    linears = sum(type(m) is nn.Linear for m in model._backbone().modules())
+    latent_passes = 2 if gamma else 1
+    assert sum(g is None for g in handed) == linears * latent_passes
+    # the naive path and checkpointed steps never pair
+    handed.clear()
+    _loss_and_grads(model, batch, prefix_sharing=False)
+    assert handed == []
