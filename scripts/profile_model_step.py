@@ -64,9 +64,11 @@ def profile_step(step, device: torch.device, trace: Path | None = None) -> dict:
     cost = (lambda e: e.self_device_time_total) if device.type == "cuda" else \
         (lambda e: e.self_cpu_time_total)
     return {"host_ms": sum(e.self_cpu_time_total for e in events) / 1e3,
-            # kernels only: an operator's device time is its kernels' again
+            # kernels only: an operator's device time is its kernels' again, and a
+            # record_function range's is every kernel inside it
             "device_ms": sum(e.self_device_time_total for e in events
-                             if e.device_type != DeviceType.CPU) / 1e3,
+                             if e.device_type != DeviceType.CPU
+                             and not getattr(e, "is_user_annotation", False)) / 1e3,
             "launches": sum(e.count for e in events if e.key in ("cudaLaunchKernel",
                                                                "cuLaunchKernel",
                                                                "cuLaunchKernelEx")),
