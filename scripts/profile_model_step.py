@@ -76,7 +76,8 @@ def profile_step(step, device: torch.device, trace: Path | None = None) -> dict:
             # bool()) and the runtime's synchronisations (.tolist() and copies to the host).
             "syncs": sum(e.count for e in events if e.key == "aten::_local_scalar_dense"
                          or e.key.startswith("cuda") and e.key.endswith("Synchronize")),
-            "ops": {e.key: cost(e) / 1e3 for e in events if cost(e) > 0}}
+            "ops": {e.key: cost(e) / 1e3 for e in events if cost(e) > 0 and not (
+                device.type == "cuda" and getattr(e, "is_user_annotation", False))}}
 
 
 DEVICE_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
