@@ -56,6 +56,11 @@ namespace {
 #ifndef AMVL_GAUSSIAN_BWD_FLAT
 #define AMVL_GAUSSIAN_BWD_FLAT 1
 #endif
+// The flat backward's grid holds at most this many times the blocks the GPU runs at once; more
+// than 1 gives each thread fewer chunks and leaves the block scheduler to fill the SMs.
+#ifndef AMVL_GAUSSIAN_BWD_WAVES
+#define AMVL_GAUSSIAN_BWD_WAVES 1
+#endif
 
 // fp32 and fp64 chunks take two and four times the registers of a packed 16-bit chunk: they
 // get the caps that keep them free of spills (ptxas for sm_90), the 16-bit types the macros'.
@@ -681,7 +686,8 @@ cudaError_t launch_backward(const BackwardArgs& args, cudaStream_t stream) {
     err = resident_backward_blocks<T>(resident);
     if (err != cudaSuccess) return;
     const int64_t per_row = chunks_per_row(args.d);
-    const int64_t grid = flat_backward_grid(args.rows, args.d, resident);
+    const int64_t grid =
+        flat_backward_grid(args.rows, args.d, resident * AMVL_GAUSSIAN_BWD_WAVES);
     const auto kernel = narrow_walk(args.rows * per_row, grid * kBlock)
                             ? backward_kernel<T, uint32_t>
                             : backward_kernel<T, uint64_t>;

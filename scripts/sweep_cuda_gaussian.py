@@ -42,17 +42,20 @@ from benchmarks.bench_gaussian_kl import (  # noqa: E402
 
 SHAPES = [(4096, 4096), (512, 3584), (65536, 256)]
 # threads per block : forward blocks per SM : backward blocks per SM [: backward launch, 1 flat
-# (the default) or 0 the 2-D grid]; the first is the default build, the second its old backward.
-DEFAULT_VARIANTS = ["128:6:5", "128:6:5:0", "128:7:5", "128:7:6", "128:6:6", "256:4:3"]
+# (the default) or 0 the 2-D grid [: the flat grid's cap in GPU-fulls of blocks, default 1]];
+# the first is the default build, the second its old backward.
+DEFAULT_VARIANTS = ["128:6:5", "128:6:5:0", "128:6:5:1:2", "128:6:5:1:4", "128:7:6", "256:4:3"]
 
 
-def parse_variant(spec: str) -> tuple[int, int, int, int]:
-    """(threads, forward blocks, backward blocks, flat backward) of "128:6:5" or "128:6:5:0"."""
+def parse_variant(spec: str) -> tuple[int, int, int, int, int]:
+    """(threads, forward blocks, backward blocks, flat backward, waves) of "128:6:5",
+    "128:6:5:0" or "128:6:5:1:4"."""
     fields = [int(x) for x in spec.split(":")]
-    if len(fields) == 3:
-        fields.append(1)
-    if len(fields) != 4 or fields[3] not in (0, 1):
-        raise ValueError("want threads:fwd_blocks:bwd_blocks[:flat], flat 0 or 1")
+    if 3 <= len(fields) <= 5:
+        fields += [1, 1][len(fields) - 3:]  # the defaults of the missing flat and waves
+    if len(fields) != 5 or fields[3] not in (0, 1) or fields[4] < 1:
+        raise ValueError("want threads:fwd_blocks:bwd_blocks[:flat[:waves]], flat 0 or 1, "
+                         "waves >= 1")
     return tuple(fields)  # type: ignore[return-value]
 
 
@@ -68,7 +71,7 @@ def variant_spec(spec: str) -> str:
 def build_variant(nvcc: str, spec: str, folder: Path) -> ModuleType:
     """The extension compiled with ``spec`` = "threads:fwd_blocks:bwd_blocks[:flat]", imported
     under a name of its own."""
-    block, fwd_blocks, bwd_blocks, flat = parse_variant(spec)
+    block, fwd_blocks, bwd_blocks, flat, waves = parse_variant(spec)
     arch = "".join(map(str, torch.cuda.get_device_capability()))
     where = folder / f"v{spec.replace(':', '_')}"  # one folder per spelling: no shared builds
     sources = build_cuda.extension_sources(ROOT, sorted((ROOT / "csrc").glob("*.cu")))
@@ -77,7 +80,8 @@ def build_variant(nvcc: str, spec: str, folder: Path) -> ModuleType:
                             defines={"AMVL_GAUSSIAN_BLOCK": block,
                                      "AMVL_GAUSSIAN_MIN_BLOCKS_FWD": fwd_blocks,
                                      "AMVL_GAUSSIAN_MIN_BLOCKS_BWD": bwd_blocks,
-                                     "AMVL_GAUSSIAN_BWD_FLAT": flat})
+                                     "AMVL_GAUSSIAN_BWD_FLAT": flat,
+                                     "AMVL_GAUSSIAN_BWD_WAVES": waves})
     return build_cuda.import_built(output, f"amvl_sweep_{where.name}")
 
 
@@ -110,7 +114,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, type=variant_spec,
                         help="threads per block:forward blocks per SM:backward blocks per SM"
-                             "[:backward launch, 1 flat (default) or 0 the 2-D grid]")
+                             "[:backward launch, 1 flat (default) or 0 the 2-D grid"
+                             "[:flat grid cap in GPU-fulls of blocks]]")
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--once", action="store_true",
                         help="only run each installed backend twice, for a profiler")
