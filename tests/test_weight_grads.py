@@ -164,3 +164,35 @@ def test_model_step_gradients_match_unpaired(monkeypatch, objective, gamma):
     handed.clear()
     _loss_and_grads(model, batch, prefix_sharing=False)
     assert handed == []
+
+
+def test_lora_adapters_are_paired_with_the_unpaired_gradients(monkeypatch):
+    """PEFT LoRA on the base model: the frozen base layers are left alone, the adapters'
+    weights are paired, and every gradient equals the unpaired step's."""
+    from peft import LoraConfig, get_peft_model
+
+    from amvl.config import AMVLConfig
+    from amvl.data import AMVLCollator
+    from amvl.model import AMVLModel
+    from amvl.tiny import tiny_qwen2, word_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer([f"w{i}" for i in range(30)])
+    base = tiny_qwen2(tokenizer).double()
+    config = AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch")
+    AMVLModel(base, tokenizer, config)  # adds the special tokens before LoRA wraps the model
+    lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = AMVLModel(lora, tokenizer, config).double()
+    batch = AMVLCollator(tokenizer)([{"images": [], "question": "w1 w2 w3", "answer": "w4 w5"},
+                                     {"images": [], "question": "w6 w7", "answer": "w8"}])
+    model.config.pair_weight_grads = False
+    _, expected = _loss_and_grads(model, batch, prefix_sharing=True)
+    model.config.pair_weight_grads = True
+    handed = _spy(monkeypatch)
+    _, got = _loss_and_grads(model, batch, prefix_sharing=True)
+    assert got.keys() == expected.keys() and any("lora_A" in name for name in got)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-9, atol=1e-12, msg=name)
+    adapters = sum(type(m) is nn.Linear and m.weight.requires_grad
+                   for m in model._backbone().modules())
+    assert adapters > 0 and sum(g is None for g in handed) == adapters
