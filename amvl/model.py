@@ -58,7 +58,6 @@ def _cache_kwarg(backbone: nn.Module) -> str:
         else "past_key_values"
 
 
-
 def _scope(name: str):
     """A named range in torch.profiler's traces (scripts/profile_model_step.py --gaps charges
     device idle time to them); nothing under torch.compile, which would log that it ignores
@@ -66,6 +65,7 @@ def _scope(name: str):
     if torch.compiler.is_compiling():
         return contextlib.nullcontext()
     return torch.profiler.record_function(name)
+
 
 @dataclass
 class AMVLOutput:
@@ -438,8 +438,7 @@ class AMVLModel(nn.Module):
         # Checkpointed layers re-run their forward in the backward, outside the pairing.
         pairing = PairedWeightGrads(self._backbone()) \
             if share and self.config.pair_weight_grads and torch.is_grad_enabled() \
-            and not self.is_activation_checkpointing and not torch.compiler.is_compiling() \
-            else None
+            and not checkpointed and not torch.compiler.is_compiling() else None
         images = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw} \
             if pixel_values is not None else None
         rope = self._rope_positions(prompt_ids, prompt_mask, image_grid_thw)

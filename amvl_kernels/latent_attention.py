@@ -54,11 +54,12 @@ MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
 # Under backend="auto", at least this many leading plain causal rows (x in the prefix-sharing
 # layout) go to SDPA's causal kernel, cuDNN's on an H100: a forward alone (prefill) from 256
-# rows, where the split ran the attention benchmark's forward 1.16-1.21x faster at 4k and 16k
+# rows, where the split ran the attention benchmark's forward 1.18-1.24x faster at 4k and 16k
 # tokens; a forward that autograd will differentiate only from 8,192 rows. With the backward,
-# the split lost at 3,072 rows (4k benchmark, 1-6%) and in the 7B proxy's training step (1,536
-# of 1,632 rows: 1.1 ms more device time, from summing both parts' key gradients) and won at
-# 12,288 (16k benchmark, 9%): RESULTS.md, the 2026-11-27 eighth session. 8,192 lies between.
+# the split lost at about 3,000 rows (4k benchmark, 1-6%) and in the 7B proxy's training step
+# (1,536 of 1,632 rows: 1.1 ms more kernel time, from the concatenation, copies and summed key
+# gradients around it) and won at 12,288 (16k benchmark, 9%): RESULTS.md, run E and the third
+# training-step run. 8,192 lies between.
 CAUSAL_ROWS_TO_SDPA = 256
 CAUSAL_ROWS_TO_SDPA_WITH_GRAD = 8192
 
