@@ -6,12 +6,14 @@
 // Each thread walks the row in chunks of kChunk consecutive columns, tpr * kChunk columns
 // apart, so any d works (d = 1 up to d > 65536). With tpr <= 32 a block holds kBlock / tpr
 // rows and the per-row KL sums reduce with shuffles inside aligned lane groups; with tpr > 32
-// a block is one row and reduces through shared memory. The backward is elementwise once a row's upstream
-// KL gradients are known, so it needs no row owner: its threads deal out the (row, chunk)
-// pairs of the whole tensor in row-major order, one flat index, from a grid that the GPU holds
-// at once. A warp then reads 32 consecutive chunks whatever d is, no thread slot idles at the
-// end of a row (d = 3584 left an eighth of them idle when blocks owned a row's span), and, by
-// default, no block is launched for a single chunk per thread (AMVL_GAUSSIAN_BWD_WAVES).
+// a block is one row and reduces through shared memory.
+//
+// The backward is elementwise once a row's upstream KL gradients are known, so it needs no row
+// owner: its threads deal out the (row, chunk) pairs of the whole tensor in row-major order,
+// one flat index, from a grid that the GPU holds at once. A warp then reads 32 consecutive
+// chunks whatever d is, no thread slot idles at the end of a row (d = 3584 left an eighth of
+// them idle when blocks owned a row's span), and, by default, no block is launched for a
+// single chunk per thread (AMVL_GAUSSIAN_BWD_WAVES).
 //
 // Numerics follow the Triton path: loads widened to fp32 (fp64 inputs stay fp64), z and
 // gradients rounded once to the storage dtype, KLs kept in the accumulation dtype. Noise is
