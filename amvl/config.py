@@ -37,8 +37,8 @@ class AMVLConfig:
         inference: "mean" (z = mu_p) or "sample" (z ~ p, ``num_samples`` draws).
         num_samples: draws per example when ``inference == "sample"``.
         prefix_sharing: compute the query x once per step (needs the "amvl" attention).
-        pair_weight_grads: in prefix-shared training steps, hand each decoder linear weight
-            one gradient for both passes, the latent pass's accumulated into the prefix
+        pair_weight_grads: in prefix-shared training steps, hand each large decoder linear
+            weight one gradient for both passes, the latent pass's accumulated into the prefix
             pass's matrix product, instead of two that autograd adds (amvl/weight_grads.py).
         kernel_backend: backend passed to amvl_kernels ops.
         *_token: special-token strings; added to the tokenizer when missing.

@@ -16,10 +16,11 @@ fire once, as they would for one pass. If the passes' backwards ever run in the 
 each pass hands over its own gradient and autograd adds them, as without pairing: the result
 is the same either way.
 
-Only plain ``nn.Linear`` modules whose weight requires grad are paired, and only when the
-matrix products run in the weight's dtype: under autocast to another dtype (fp32 weights,
-bf16 compute), DeepSpeed's partitioned parameters, or a module whose ``forward`` someone else
-already replaced (accelerate's hooks), the module runs as usual.
+Only plain ``nn.Linear`` modules whose weight requires grad and holds at least
+``MIN_PAIRED_NUMEL`` elements are paired, and only when the matrix products run in the
+weight's dtype: under autocast to another dtype (fp32 weights, bf16 compute), DeepSpeed's
+partitioned parameters, or a module whose ``forward`` someone else already replaced
+(accelerate's hooks), the module runs as usual.
 """
 
 from __future__ import annotations
@@ -31,6 +32,15 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+# The autograd function runs in Python: on our 2-core CPU a paired use cost about 0.11 ms more
+# host time than F.linear's (forward and backward). Pairing saves 4 bytes of memory traffic an
+# element (the addition's 6 against the accumulating product's extra read of 2), about 22 us
+# on an H100 for 2**24 elements. Smaller weights (attention projections of 7B-class models,
+# everything of a 0.5B one, whose steps are bound by the host already) are left to autograd;
+# the MLP weights of 7B-class models, 87% of the traffic, are paired.
+MIN_PAIRED_NUMEL = 2**24
 
 
 class _WeightRecord:
@@ -83,8 +93,9 @@ class _PairedLinear(torch.autograd.Function):
         return grad_in, grad_weight, grad_bias, None, None
 
 
-def _pairable(module: nn.Module) -> bool:
+def _pairable(module: nn.Module, min_numel: int) -> bool:
     return (type(module) is nn.Linear and module.weight.requires_grad
+            and module.weight.numel() >= min_numel
             and "forward" not in module.__dict__ and not hasattr(module.weight, "ds_id"))
 
 
@@ -92,11 +103,13 @@ class PairedWeightGrads:
     """Pairs the weight gradients of ``decoder``'s linear layers across one step's passes.
 
     Use one instance per training step: the prefix pass inside :meth:`prefix_pass`, each latent
-    pass inside :meth:`latent_pass`, then the backward.
+    pass inside :meth:`latent_pass`, then the backward. ``min_numel``: the smallest weight
+    paired, default ``MIN_PAIRED_NUMEL``.
     """
 
-    def __init__(self, decoder: nn.Module) -> None:
-        self.modules = [m for m in decoder.modules() if _pairable(m)]
+    def __init__(self, decoder: nn.Module, min_numel: int | None = None) -> None:
+        least = MIN_PAIRED_NUMEL if min_numel is None else min_numel
+        self.modules = [m for m in decoder.modules() if _pairable(m, least)]
         self.records = {id(m): _WeightRecord() for m in self.modules}
 
     @contextlib.contextmanager
@@ -127,9 +140,10 @@ class PairedWeightGrads:
                 if torch.is_autocast_enabled(inputs.device.type) else inputs.dtype
             if not torch.is_grad_enabled() or compute != weight.dtype:
                 return F.linear(inputs, weight, module.bias)
-            # autocast's own cast, made outside the function so that the products inside it
-            # (and in its backward, where autocast is off) see one dtype
-            inputs = inputs.to(compute)
+            if inputs.dtype != compute:
+                # autocast's own cast, made outside the function so that the products inside
+                # it (and in its backward, where autocast is off) see one dtype
+                inputs = inputs.to(compute)
             if prefix:
                 with record.lock:
                     record.pending_prefix += 1

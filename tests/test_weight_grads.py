@@ -74,7 +74,7 @@ def test_same_gradients_in_either_order(monkeypatch, order, latent_passes):
     decoder = _decoder()
     expected = _step(decoder, None, order, latent_passes)
     handed = _spy(monkeypatch)
-    got = _step(decoder, PairedWeightGrads(decoder), order, latent_passes)
+    got = _step(decoder, PairedWeightGrads(decoder, min_numel=0), order, latent_passes)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-12, atol=1e-12)
     kept = sum(g is None for g in handed)
@@ -87,7 +87,7 @@ def test_same_gradients_in_either_order(monkeypatch, order, latent_passes):
 def test_the_patch_is_undone_and_unpaired_modules_run_as_usual(monkeypatch):
     decoder = _decoder()
     decoder[2].weight.requires_grad_(False)  # frozen: not paired
-    pairing = PairedWeightGrads(decoder)
+    pairing = PairedWeightGrads(decoder, min_numel=0)
     assert pairing.modules == [decoder[0]]
     handed = _spy(monkeypatch)
     with pairing.prefix_pass():
@@ -99,7 +99,7 @@ def test_the_patch_is_undone_and_unpaired_modules_run_as_usual(monkeypatch):
     # a module whose forward someone else replaced (accelerate's hooks) is left alone
     hooked = _decoder()
     hooked[0].forward = hooked[0].forward
-    assert PairedWeightGrads(hooked).modules == [hooked[2]]
+    assert PairedWeightGrads(hooked, min_numel=0).modules == [hooked[2]]
 
 
 def test_autocast_to_another_dtype_runs_unpaired(monkeypatch):
@@ -107,7 +107,7 @@ def test_autocast_to_another_dtype_runs_unpaired(monkeypatch):
     the module runs as usual (autocast's casts and autograd's sum)."""
     decoder = _decoder(torch.float32)
     handed = _spy(monkeypatch)
-    pairing = PairedWeightGrads(decoder)
+    pairing = PairedWeightGrads(decoder, min_numel=0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with pairing.prefix_pass():
             h = decoder(torch.randn(3, 5, 6))
@@ -124,7 +124,7 @@ def test_bf16_weights_under_bf16_autocast_are_paired(monkeypatch):
     for pair in (False, True):
         decoder.zero_grad()
         handed = _spy(monkeypatch) if pair else []
-        pairing = PairedWeightGrads(decoder) if pair else None
+        pairing = PairedWeightGrads(decoder, min_numel=0) if pair else None
         x = torch.randn(3, 5, 6, generator=torch.Generator().manual_seed(2))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             with pairing.prefix_pass() if pair else _no_context():
@@ -146,6 +146,7 @@ def test_bf16_weights_under_bf16_autocast_are_paired(monkeypatch):
 def test_model_step_gradients_match_unpaired(monkeypatch, objective, gamma):
     """The prefix-shared step of AMVLModel with and without pairing: the same loss and
     gradients, and the latent pass did keep its weight gradients."""
+    monkeypatch.setattr(weight_grads, "MIN_PAIRED_NUMEL", 0)  # the tiny model's weights too
     model, batch = build("qwen2", objective=objective, gamma=gamma)
     model.config.pair_weight_grads = False
     plain, g_plain = _loss_and_grads(model, batch, prefix_sharing=True)
@@ -176,6 +177,7 @@ def test_lora_adapters_are_paired_with_the_unpaired_gradients(monkeypatch):
     from amvl.model import AMVLModel
     from amvl.tiny import tiny_qwen2, word_tokenizer
 
+    monkeypatch.setattr(weight_grads, "MIN_PAIRED_NUMEL", 0)  # the tiny model's weights too
     torch.manual_seed(0)
     tokenizer = word_tokenizer([f"w{i}" for i in range(30)])
     base = tiny_qwen2(tokenizer).double()
@@ -196,3 +198,13 @@ def test_lora_adapters_are_paired_with_the_unpaired_gradients(monkeypatch):
     adapters = sum(type(m) is nn.Linear and m.weight.requires_grad
                    for m in model._backbone().modules())
     assert adapters > 0 and sum(g is None for g in handed) == adapters
+
+
+def test_only_weights_of_min_paired_numel_are_paired_by_default():
+    """The Python autograd function costs host time a use: by default only weights of at least
+    MIN_PAIRED_NUMEL elements (the MLPs of 7B-class models) are paired."""
+    side = int(weight_grads.MIN_PAIRED_NUMEL ** 0.5)
+    decoder = nn.Sequential(nn.Linear(side, side, device="meta"),
+                            nn.Linear(side, side - 1, device="meta"), nn.Linear(8, 8))
+    assert PairedWeightGrads(decoder).modules == [decoder[0]]
+    assert PairedWeightGrads(decoder, min_numel=0).modules == list(decoder)
