@@ -187,11 +187,11 @@ def without_paired_weight_grads(step, model):
     """``step`` with ``pair_weight_grads`` off: autograd adds the two passes' weight
     gradients."""
     def run():
-        model.config.pair_weight_grads = False
+        previous, model.config.pair_weight_grads = model.config.pair_weight_grads, False
         try:
             return step()
         finally:
-            model.config.pair_weight_grads = True
+            model.config.pair_weight_grads = previous
     return run
 
 

@@ -3,6 +3,8 @@ sum autograd forms without it, whatever order the passes' backwards run in."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -27,8 +29,8 @@ def _step(decoder: nn.Module, pairing: PairedWeightGrads | None, order: str,
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 5, 6, generator=g, dtype=torch.float64)
     tail = torch.randn(3, 2, 6, generator=g, dtype=torch.float64)
-    prefix = (lambda: pairing.prefix_pass()) if pairing else _no_context
-    latent = (lambda: pairing.latent_pass()) if pairing else _no_context
+    prefix = (lambda: pairing.prefix_pass()) if pairing else contextlib.nullcontext
+    latent = (lambda: pairing.latent_pass()) if pairing else contextlib.nullcontext
     loss = 0
     if order == "latent_first_in_backward":
         with prefix():
@@ -45,14 +47,6 @@ def _step(decoder: nn.Module, pairing: PairedWeightGrads | None, order: str,
             loss = loss + decoder(x).sum()
     loss.backward()
     return {name: p.grad.clone() for name, p in decoder.named_parameters()}
-
-
-class _no_context:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _spy(monkeypatch) -> list:
@@ -127,9 +121,9 @@ def test_bf16_weights_under_bf16_autocast_are_paired(monkeypatch):
         pairing = PairedWeightGrads(decoder, min_numel=0) if pair else None
         x = torch.randn(3, 5, 6, generator=torch.Generator().manual_seed(2))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            with pairing.prefix_pass() if pair else _no_context():
+            with pairing.prefix_pass() if pair else contextlib.nullcontext():
                 h = decoder(x)
-            with pairing.latent_pass() if pair else _no_context():
+            with pairing.latent_pass() if pair else contextlib.nullcontext():
                 loss = (decoder(h[:, :2]).float() ** 2).sum() + h.float().sum()
         loss.backward()
         grads = [p.grad.float() for p in decoder.parameters()]
