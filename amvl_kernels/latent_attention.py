@@ -59,7 +59,8 @@ _LOG2E = 1.4426950408889634
 # the split lost at about 3,000 rows (4k benchmark, 1-6%) and in the 7B proxy's training step
 # (1,536 of 1,632 rows: 1.1 ms more kernel time, from the concatenation, copies and summed key
 # gradients around it) and won at 12,288 (16k benchmark, 9%): RESULTS.md, run E and the third
-# training-step run. 8,192 lies between.
+# training-step run. 8,192 lies between. Those were the split composed from slices; it is one
+# autograd node now (_causal_split), not yet timed on a GPU.
 CAUSAL_ROWS_TO_SDPA = 256
 CAUSAL_ROWS_TO_SDPA_WITH_GRAD = 8192
 
@@ -624,15 +625,18 @@ def _strides(t: Tensor) -> tuple[int, ...]:
     return tuple(t.stride())
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, tiles: list[Tensor], scale: float
-             ) -> tuple[Tensor, Tensor]:
+def _forward(q: Tensor, k: Tensor, v: Tensor, tiles: list[Tensor], scale: float,
+             out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(out, lse); ``out``, when given, is written in place (any strides, q's shape)."""
     batch, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     if uses_decode(lq, hq // hkv):
-        return decode_forward(q, k, v, tiles[0] if tiles else None, scale * _LOG2E)
+        result, lse = decode_forward(q, k, v, tiles[0] if tiles else None, scale * _LOG2E)
+        return (result, lse) if out is None else (out.copy_(result), lse)
     # In q's memory layout: a Hugging Face model's (B, L, H, D) memory, which it transposes
     # back for free, as it does SDPA's output.
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
     lse = torch.empty((batch, hq, lq), dtype=torch.float32, device=q.device)
     bm, bn, warps, stages = _tile_config(d, q.dtype, "forward", _device_arch(q.device))
     n_m, n_n = cdiv(lq, bm), cdiv(lk, bn)
@@ -651,7 +655,9 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, tiles: list[Tensor], scale: float
 
 
 def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-              tiles: list[Tensor], scale: float) -> tuple[Tensor, Tensor, Tensor]:
+              tiles: list[Tensor], scale: float, dq: Tensor | None = None
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv); ``dq``, when given, is written in place (any strides, q's shape)."""
     batch, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     grad_out = grad_out.resolve_neg()
@@ -664,7 +670,8 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
         HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_R=block_r)
     # Gradients in their inputs' memory layouts (no copies on the way back through a
     # model's transposes); dv shares dk's strides, the dk/dv kernel takes one set.
-    dq = torch.empty_like(q)
+    if dq is None:
+        dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(dk)
     kind, vis, blk, doc = _meta_args(tiles, delta)
@@ -879,29 +886,6 @@ def _plain_causal_rows(layout: LatentLayout) -> int:
     return layout.plain_causal_rows()
 
 
-def causal_rows_on_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout, scale: float,
-                        rows: int, backend: str = "triton") -> Tensor:
-    """Attention with the first ``rows`` queries, plain causal ones, on SDPA's causal kernel.
-
-    Those queries see exactly the keys at or before them, so ``is_causal`` over the first
-    ``rows`` keys is their whole mask; the queries after them run on ``backend`` as a block
-    of queries at the end of all the keys. Lq must equal Lk. Autograd adds both parts'
-    gradients of the shared keys and values.
-    """
-    if q.shape[2] != k.shape[2]:
-        raise ValueError(f"causal_rows_on_sdpa needs as many queries as keys, got "
-                         f"{q.shape[2]} and {k.shape[2]}")
-    if not 0 < rows <= q.shape[2]:
-        raise ValueError(f"rows must be in [1, {q.shape[2]}], got {rows}")
-    head = F.scaled_dot_product_attention(q[:, :, :rows], k[:, :, :rows], v[:, :, :rows],
-                                          is_causal=True, scale=scale,
-                                          enable_gqa=q.shape[1] != k.shape[1])
-    if rows == q.shape[2]:
-        return head
-    tail = latent_attention(q[:, :, rows:], k, v, layout, scale, backend=backend)
-    return torch.cat([head, tail], dim=2)
-
-
 def latent_attention(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | None = None,
                      scale: float | None = None, backend: str = "auto") -> Tensor:
     """Attention under the latent-block mask rule of DESIGN.md section 3.
@@ -916,8 +900,8 @@ def latent_attention(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | Non
             every key, goes to SDPA everywhere, and so do the leading plain causal rows of a
             layout, x in the prefix-sharing layout, when there are at least
             ``CAUSAL_ROWS_TO_SDPA`` of them, ``CAUSAL_ROWS_TO_SDPA_WITH_GRAD`` when a backward
-            will follow: see :func:`causal_rows_on_sdpa`), "triton" (our
-            kernels for every row) or "torch". The Triton kernels take fp16, bf16 and fp32
+            will follow: see ``amvl_kernels._causal_split``), "triton" (our kernels for
+            every row) or "torch". The Triton kernels take fp16, bf16 and fp32
             (fp32 matmuls in IEEE precision), head dims up to 256, and tensors whose
             elements within one batch row lie less than 2**31 apart ("auto" takes SDPA
             beyond, "triton" raises).
@@ -965,6 +949,8 @@ def latent_attention(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | Non
             and q.dtype in (torch.float16, torch.bfloat16) and not torch.compiler.is_compiling():
         rows = _plain_causal_rows(layout)
         if rows >= least_rows:
+            # Here, not at the top: that module builds on this one's launchers.
+            from amvl_kernels._causal_split import causal_rows_on_sdpa
             return causal_rows_on_sdpa(q, k, v, layout, scale, rows)
     tiles = _tile_tensors(layout, q.shape[2], q.shape[1] // k.shape[1], q.shape[-1], q.dtype,
                           q.device, backward)

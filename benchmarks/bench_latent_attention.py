@@ -9,6 +9,10 @@ Providers, side by side in one run on one device:
   ``backend="triton"``), the kernels this benchmark is about;
 - ``amvl_auto``: what ``backend="auto"`` runs: the layout's leading plain causal rows (75% of
   each row in ``latent``, x in ``prefix``) on SDPA's causal kernel, the rest on ours;
+- ``amvl_split``: the same split in both modes, whatever ``backend="auto"``'s thresholds say
+  (it splits a forward that autograd will differentiate only from 8,192 rows), so that one run
+  tells whether the split (one autograd node, ``amvl_kernels._causal_split``) pays with a
+  backward at each length;
 - ``amvl_heads_fastest``: the same kernels launched on (heads, tiles) grids instead of
   (tiles, heads) (``_tiles_fastest``), so that one run tells which order is faster (dq by
   atomics in the dk/dv kernel, ``_dq_in_dkdv``, had such a provider until an H100 measured it
@@ -61,7 +65,7 @@ MODES = ["fwd", "fwd+bwd"]
 # fallback instead: the Triton interpreter tripled its time, and the kernels' own tests cover
 # them there.
 KERNELS = "triton" if torch.cuda.is_available() else "auto"
-PROVIDERS = ["amvl", "amvl_auto", "amvl_heads_fastest", "flex", "sdpa_dense",
+PROVIDERS = ["amvl", "amvl_auto", "amvl_split", "amvl_heads_fastest", "flex", "sdpa_dense",
              "sdpa_flash_causal"]
 # Decoding's largest ``common.max_scaled_error``: bf16 rounding gives about 5e-3 there; a wrong
 # tile (a mask misread, a tile skipped) gives errors of order 1 in the rows it touches.
@@ -131,6 +135,12 @@ def make_provider(provider: str, layout: ak.LatentLayout, batch: int, length: in
             layout
     if provider == "amvl_auto":
         return (lambda q, k, v: ak.latent_attention(q, k, v, layout)), {}, layout
+    if provider == "amvl_split":
+        from amvl_kernels._causal_split import causal_rows_on_sdpa
+
+        rows = layout.plain_causal_rows()  # counted once, outside the timing
+        return (lambda q, k, v: causal_rows_on_sdpa(q, k, v, layout, q.shape[-1] ** -0.5,
+                                                    rows, backend=KERNELS)), {}, layout
     if provider == "flex":
         global _flex_compiled
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention

@@ -212,6 +212,24 @@ def on_our_kernels_only(step):
     return run
 
 
+SPLIT = "shared_amvl:split"
+
+
+def with_rows_split_off(step):
+    """``step`` with x's plain causal rows handed to SDPA's causal kernel in training too:
+    the split's threshold with a backward lowered to the forward's (CAUSAL_ROWS_TO_SDPA)."""
+    module = importlib.import_module("amvl_kernels.latent_attention")
+
+    def run():
+        previous = module.CAUSAL_ROWS_TO_SDPA_WITH_GRAD
+        module.CAUSAL_ROWS_TO_SDPA_WITH_GRAD = module.CAUSAL_ROWS_TO_SDPA
+        try:
+            return step()
+        finally:
+            module.CAUSAL_ROWS_TO_SDPA_WITH_GRAD = previous
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=next(iter(bms.MODELS)), choices=list(bms.MODELS))
@@ -222,7 +240,8 @@ def main() -> None:
                              f"'{NO_SPLIT}' is shared_amvl with the dk/dv kernel's "
                              f"grouped query heads never split across programs, "
                              f"'{KERNELS_ONLY}' with every query row on our kernels, "
-                             f"'{UNPAIRED}' without paired weight gradients")
+                             f"'{UNPAIRED}' without paired weight gradients, '{SPLIT}' "
+                             "with x's rows on SDPA in training too")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rows", type=int, default=15, help="operators listed per comparison")
     parser.add_argument("--gaps", type=int, default=0, metavar="N",
@@ -231,7 +250,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     providers = args.providers.split(",")
-    unknown = set(providers) - set(bms.PROVIDERS) - {NO_SPLIT, KERNELS_ONLY, UNPAIRED}
+    unknown = set(providers) - set(bms.PROVIDERS) - {NO_SPLIT, KERNELS_ONLY, UNPAIRED, SPLIT}
     if unknown or len(providers) < 2:
         parser.error(f"--providers needs two or more of {bms.PROVIDERS}, got {providers}")
 
@@ -242,6 +261,7 @@ def main() -> None:
     steps, _ = bms._steps(base, tokenizer, prefix, answer, device)
     steps[NO_SPLIT] = without_head_split(steps["shared_amvl"])
     steps[KERNELS_ONLY] = on_our_kernels_only(steps["shared_amvl"])
+    steps[SPLIT] = with_rows_split_off(steps["shared_amvl"])
     steps[UNPAIRED] = without_paired_weight_grads(steps["shared_amvl"],
                                                   steps["shared_amvl"].model)
     results = {}

@@ -87,7 +87,8 @@ def test_model_step_profile_script_runs(tmp_path):
     that grew, and the JSON."""
     env = {**os.environ, "AMVL_BENCH_SMOKE": "1"}
     out = tmp_path / "profile.json"
-    providers = "plain,naive,shared_amvl,shared_amvl:nosplit,shared_amvl:unpaired"
+    providers = ("plain,naive,shared_amvl,shared_amvl:nosplit,shared_amvl:unpaired,"
+                 "shared_amvl:split")
     proc = subprocess.run([sys.executable, "scripts/profile_model_step.py", "--repeats", "1",
                            "--providers", providers, "--json", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -309,15 +309,28 @@ def test_auto_hands_a_decoding_step_without_layout_to_sdpa(monkeypatch, rng_seed
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_plain_causal_rows_on_sdpa(dtype, rng_seed):
     """x's rows on SDPA's causal kernel, the prior, answer and posterior rows on ours, as
-    "auto" runs the prefix-sharing layout on a GPU: grouped heads, HF's memory layout."""
-    from amvl_kernels.latent_attention import causal_rows_on_sdpa
+    "auto" runs the prefix-sharing layout on a GPU: grouped heads, HF's memory layout, one
+    autograd node whose gradients come back in the inputs' memory layouts."""
+    from amvl_kernels._causal_split import causal_rows_on_sdpa
 
     layout = LatentLayout.prefix_sharing([29, 33], [7, 5], num_slots=3).to(DEVICE)
     rows = layout.plain_causal_rows()
     assert rows == 29
     q, k, v = _inputs(2, 4, 2, layout.length, layout.length, 32, dtype, transposed=True)
-    check(q, k, v, layout, attend=lambda *qkv: causal_rows_on_sdpa(
+    out, (dq, dk, dv) = check(q, k, v, layout, attend=lambda *qkv: causal_rows_on_sdpa(
         *qkv, layout, q.shape[-1] ** -0.5, rows))
+    assert type(out.grad_fn).__name__ == "_CausalRowsSplitBackward"
+    assert out.stride() == q.stride() and dq.stride() == q.stride()
+    assert dk.stride() == k.stride() and dv.stride() == v.stride()
+    # a forward alone: the same output without a node
+    with torch.no_grad():
+        alone = causal_rows_on_sdpa(q, k, v, layout, q.shape[-1] ** -0.5, rows)
+    assert alone.grad_fn is None and alone.stride() == q.stride()
+    torch.testing.assert_close(alone, out.detach(), rtol=0, atol=0)
+    # composed from slices on the reference backend: the same values
+    composed = causal_rows_on_sdpa(q, k, v, layout, q.shape[-1] ** -0.5, rows, backend="torch")
+    torch.testing.assert_close(composed, out, **({} if dtype == torch.float32 else
+                                                  dict(rtol=2e-2, atol=2e-2)))
     # a layout that is plain causal throughout: SDPA alone
     causal = LatentLayout.causal(2, 21).to(DEVICE)
     q, k, v = _inputs(2, 4, 2, 21, 21, 32, dtype)
@@ -327,6 +340,44 @@ def test_plain_causal_rows_on_sdpa(dtype, rng_seed):
         causal_rows_on_sdpa(q, k, v, causal, 1.0, 0)
     with pytest.raises(ValueError, match="as many queries as keys"):
         causal_rows_on_sdpa(q[:, :, 1:], k, v, causal, 1.0, 4)
+
+
+@pytest.mark.parametrize("frozen", ["q", "k", "v", "kv"])
+def test_split_rows_with_frozen_inputs(frozen, rng_seed):
+    """Only the inputs that require grad get gradients from the split node, and those
+    gradients are the ones of the whole attention (x's share added to the keys' and values'
+    in place)."""
+    from amvl_kernels._causal_split import causal_rows_on_sdpa
+
+    layout = LatentLayout.prefix_sharing([23, 19], [5, 6], num_slots=2).to(DEVICE)
+    rows, scale = layout.plain_causal_rows(), 16 ** -0.5
+    inputs = dict(zip("qkv", _inputs(2, 6, 2, layout.length, layout.length, 16,
+                                     torch.float32)))
+    for name in frozen:
+        inputs[name].requires_grad_(False)
+    out = causal_rows_on_sdpa(*inputs.values(), layout, scale, rows)
+    grad = torch.randn_like(out)
+    trained = [t for t in inputs.values() if t.requires_grad]
+    grads = torch.autograd.grad(out, trained, grad)
+    ref_in = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs.values()]
+    ref = latent_attention_torch(*ref_in, layout, scale)
+    ref_grads = torch.autograd.grad(ref, [t for t in ref_in if t.requires_grad], grad.double())
+    assert _rel(out, ref) < TOL[torch.float32]
+    for g, rg in zip(grads, ref_grads):
+        assert _rel(g, rg) < 10 * TOL[torch.float32]
+
+
+def test_split_rows_refuse_a_second_backward(rng_seed):
+    """x's rows' graph is released after the first backward: a second one (retain_graph)
+    names the way out instead of failing inside autograd."""
+    from amvl_kernels._causal_split import causal_rows_on_sdpa
+
+    layout = LatentLayout.prefix_sharing([17], [4], num_slots=2).to(DEVICE)
+    q, k, v = _inputs(1, 2, 1, layout.length, layout.length, 16, torch.float32)
+    out = causal_rows_on_sdpa(q, k, v, layout, 0.25, layout.plain_causal_rows())
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backend='triton'"):
+        out.sum().backward()
 
 
 def test_auto_hands_long_plain_causal_prefixes_to_sdpa(monkeypatch, rng_seed):
@@ -341,8 +392,9 @@ def test_auto_hands_long_plain_causal_prefixes_to_sdpa(monkeypatch, rng_seed):
     monkeypatch.setattr(module, "CAUSAL_ROWS_TO_SDPA", 10)
     monkeypatch.setattr(module, "CAUSAL_ROWS_TO_SDPA_WITH_GRAD", 13)
     split = []
-    real = module.causal_rows_on_sdpa
-    monkeypatch.setattr(module, "causal_rows_on_sdpa",
+    splitter = importlib.import_module("amvl_kernels._causal_split")
+    real = splitter.causal_rows_on_sdpa
+    monkeypatch.setattr(splitter, "causal_rows_on_sdpa",
                         lambda *args: split.append(args[-1]) or real(*args))
     layout = LatentLayout.prefix_sharing([12, 15], [4, 3], num_slots=2).to(DEVICE)
     length = layout.length
