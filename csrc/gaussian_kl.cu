@@ -2,9 +2,10 @@
 // ak.gaussian_sample_kl / ak.gaussian_sample, same semantics as the Triton kernels in
 // amvl_kernels/gaussian_kl.py.
 //
-// Forward work split: a row (one latent slot) is owned by `tpr` threads, a power of two.
+// Forward work split: a row (one latent slot) is owned by `tpr` threads: a power of two up
+// to 32, whole warps past that (layout_for).
 // Each thread walks the row in chunks of kChunk consecutive columns, tpr * kChunk columns
-// apart, so any d works (d = 1 up to d > 65536). With tpr <= 32 a block holds kBlock / tpr
+// apart, so any d works (d = 1 up to d > 65536). With tpr <= 32 a block holds kBlockFwd / tpr
 // rows and the per-row KL sums reduce with shuffles inside aligned lane groups; with tpr > 32
 // a block is one row and reduces through shared memory.
 //
@@ -53,6 +54,12 @@ namespace {
 #ifndef AMVL_FP32_MIN_BLOCKS_BWD
 #define AMVL_FP32_MIN_BLOCKS_BWD 4
 #endif
+// The forward's threads per block, when not AMVL_GAUSSIAN_BLOCK: a row of d = 3584 (448
+// chunks) takes 4 passes of 128 threads, each a round trip to memory, where 512 threads take
+// one; the sweep times both.
+#ifndef AMVL_GAUSSIAN_BLOCK_FWD
+#define AMVL_GAUSSIAN_BLOCK_FWD AMVL_GAUSSIAN_BLOCK
+#endif
 // 1: the backward's flat launch. 0: the 2-D grid it replaced (a row's span of tpr chunks per
 // block, grid axis 1 across the span), kept for the sweep to time beside it; same results.
 #ifndef AMVL_GAUSSIAN_BWD_FLAT
@@ -64,25 +71,36 @@ namespace {
 #define AMVL_GAUSSIAN_BWD_WAVES 1
 #endif
 
+constexpr int kChunk = 8;  // 16 bytes of bf16/fp16, two 16-byte loads of fp32, four of fp64
+constexpr int kBlock = AMVL_GAUSSIAN_BLOCK;
+constexpr int kBlockFwd = AMVL_GAUSSIAN_BLOCK_FWD;
+static_assert(kBlock >= 32 && kBlock <= 1024 && (kBlock & (kBlock - 1)) == 0,
+              "threads per block: a power of two from 32 to 1024");
+static_assert(kBlockFwd >= 32 && kBlockFwd <= 1024 && (kBlockFwd & (kBlockFwd - 1)) == 0,
+              "forward threads per block: a power of two from 32 to 1024");
+
+// Blocks per SM that `block` threads can have at all: an SM holds 2048 threads (sm_80 and
+// sm_90), and __launch_bounds__ promising more would starve every thread of registers.
+constexpr int fitting_blocks(int wanted, int block) {
+  return wanted * block <= 2048 ? wanted : 2048 / block > 0 ? 2048 / block : 1;
+}
+
 // fp32 and fp64 chunks take two and four times the registers of a packed 16-bit chunk: they
 // get the caps that keep them free of spills (ptxas for sm_90), the 16-bit types the macros'.
 template <typename T>
 constexpr int min_blocks_fwd() {
-  return sizeof(T) == 2   ? AMVL_GAUSSIAN_MIN_BLOCKS_FWD
-         : sizeof(T) == 4 ? AMVL_FP32_MIN_BLOCKS_FWD
-                          : 1;
+  return fitting_blocks(sizeof(T) == 2   ? AMVL_GAUSSIAN_MIN_BLOCKS_FWD
+                        : sizeof(T) == 4 ? AMVL_FP32_MIN_BLOCKS_FWD
+                                         : 1,
+                        kBlockFwd);
 }
 template <typename T>
 constexpr int min_blocks_bwd() {
-  return sizeof(T) == 2   ? AMVL_GAUSSIAN_MIN_BLOCKS_BWD
-         : sizeof(T) == 4 ? AMVL_FP32_MIN_BLOCKS_BWD
-                          : 1;
+  return fitting_blocks(sizeof(T) == 2   ? AMVL_GAUSSIAN_MIN_BLOCKS_BWD
+                        : sizeof(T) == 4 ? AMVL_FP32_MIN_BLOCKS_BWD
+                                         : 1,
+                        kBlock);
 }
-
-constexpr int kChunk = 8;  // 16 bytes of bf16/fp16, two 16-byte loads of fp32, four of fp64
-constexpr int kBlock = AMVL_GAUSSIAN_BLOCK;
-static_assert(kBlock >= 32 && kBlock <= 1024 && (kBlock & (kBlock - 1)) == 0,
-              "threads per block: a power of two from 32 to 1024");
 constexpr int64_t kMaxGrid = 1 << 20;  // larger problems loop (grid-stride over row groups)
 
 // Storage dtype -> accumulation dtype and the two roundings between them.
@@ -419,7 +437,7 @@ __device__ A group_sum(A v, int width) {
 // Block-wide sums of two values; the totals are valid in thread 0.
 template <typename A>
 __device__ void block_sum2(A& x, A& y) {
-  __shared__ A partial[2][kBlock / 32];
+  __shared__ A partial[2][kBlockFwd / 32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   x = group_sum(x, 32);
   y = group_sum(y, 32);
@@ -437,10 +455,10 @@ __device__ void block_sum2(A& x, A& y) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kBlock, min_blocks_fwd<T>())
+__global__ void __launch_bounds__(kBlockFwd, min_blocks_fwd<T>())
     forward_kernel(ForwardArgs a, bool out_vec, int tpr) {
   using A = typename Scalar<T>::Acc;
-  const int lane = threadIdx.x & (tpr - 1);
+  const int lane = tpr <= 32 ? threadIdx.x & (tpr - 1) : threadIdx.x;  // past 32, a row a block
   const int rows_per_block = blockDim.x / tpr;
   const bool with_kl = a.mu_p.ptr != nullptr;
   for (int64_t first = int64_t(blockIdx.x) * rows_per_block; first < a.rows;
@@ -501,7 +519,7 @@ template <typename T>
 __global__ void __launch_bounds__(kBlock, min_blocks_bwd<T>())
     backward_kernel(BackwardArgs a, bool out_vec, int tpr) {
   using A = typename Scalar<T>::Acc;
-  const int lane = threadIdx.x & (tpr - 1);
+  const int lane = tpr <= 32 ? threadIdx.x & (tpr - 1) : threadIdx.x;  // past 32, a row a block
   const int rows_per_block = blockDim.x / tpr;
   const Routes r = routes_of(a);
   const bool amvl = is_amvl_routing(a, r);
@@ -537,14 +555,23 @@ struct Layout {
   int64_t column_blocks;  // the 2-D backward's grid axis 1: blocks sharing one row's chunks
 };
 
-// Enough threads per row to give each about one chunk, at most one block. Depends only on
-// (rows, d), never on strides, so strided and contiguous inputs sum in the same order. The
-// forward's shape; the backward's flat launch has its own below, as it has nothing to sum.
-Layout layout_for(int64_t rows, int64_t d) {
+// Enough threads per row to give each about one chunk, at most one block of `block_cap`
+// threads: up to 32 chunks a power of two (lane groups of a warp), past that whole warps
+// that take the row in equal passes (d = 3584, 448 chunks, under a cap of 256: 224 threads
+// of 2 chunks each, where 256 left an eighth of them idle in the second pass). Depends only
+// on (rows, d), never on strides, so strided and contiguous inputs sum in the same order.
+// The forward's shape (cap kBlockFwd) and the 2-D backward grid's (kBlock); the backward's
+// flat launch has its own below, as it has nothing to sum.
+Layout layout_for(int64_t rows, int64_t d, int block_cap) {
   const int64_t chunks = chunks_per_row(d);
   int tpr = 1;
-  while (tpr < chunks && tpr < kBlock) tpr *= 2;
-  const int block = tpr <= 32 ? kBlock : tpr;
+  while (tpr < chunks && tpr < 32) tpr *= 2;
+  if (chunks > 32) {
+    const int64_t passes = (chunks + block_cap - 1) / block_cap;
+    const int64_t per_pass = (chunks + passes - 1) / passes;
+    tpr = static_cast<int>(std::min<int64_t>((per_pass + 31) / 32 * 32, block_cap));
+  }
+  const int block = tpr <= 32 ? block_cap : tpr;
   const int64_t rows_per_block = block / tpr;
   const int64_t grid = std::min((rows + rows_per_block - 1) / rows_per_block, kMaxGrid);
   const int64_t column_blocks = std::min<int64_t>((chunks + tpr - 1) / tpr, 65535);
@@ -667,7 +694,7 @@ bool vector_loads_ok(const Matrix& m, int64_t rows, int64_t d) {
 
 cudaError_t launch_forward(const ForwardArgs& args, cudaStream_t stream) {
   if (args.rows == 0) return cudaSuccess;
-  const Layout l = layout_for(args.rows, args.d);
+  const Layout l = layout_for(args.rows, args.d, kBlockFwd);
   const bool out_vec = outputs_vec_ok({args.z}, args.d, args.dtype);
   dispatch(args.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -695,7 +722,7 @@ cudaError_t launch_backward(const BackwardArgs& args, cudaStream_t stream) {
                             : backward_kernel<T, uint64_t>;
     kernel<<<static_cast<unsigned>(grid), kBlock, 0, stream>>>(args, out_vec, per_row);
 #else
-    const Layout l = layout_for(args.rows, args.d);
+    const Layout l = layout_for(args.rows, args.d, kBlock);
     const dim3 grid(static_cast<unsigned>(l.grid), static_cast<unsigned>(l.column_blocks));
     backward_kernel<T><<<grid, l.block, 0, stream>>>(args, out_vec, l.tpr);
 #endif
@@ -705,7 +732,7 @@ cudaError_t launch_backward(const BackwardArgs& args, cudaStream_t stream) {
 
 void forward_on_host(const ForwardArgs& args) {
   const bool out_vec = outputs_vec_ok({args.z}, args.d, args.dtype);
-  const Layout l = layout_for(args.rows, args.d);
+  const Layout l = layout_for(args.rows, args.d, kBlockFwd);
   dispatch(args.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = typename Scalar<T>::Acc;

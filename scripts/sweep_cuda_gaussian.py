@@ -3,8 +3,9 @@
 Builds csrc/ once per variant (the ``AMVL_GAUSSIAN_BLOCK`` and ``AMVL_GAUSSIAN_MIN_BLOCKS_*``
 macros of csrc/gaussian_kl.cu: threads per block, and the blocks per SM promised to
 ``__launch_bounds__`` for the forward and the backward kernel, which cap their registers; and
-``AMVL_GAUSSIAN_BWD_FLAT``, the backward's flat launch or the 2-D grid it replaced) into a
-temporary folder, all in parallel. Then
+``AMVL_GAUSSIAN_BWD_FLAT``, the backward's flat launch or the 2-D grid it replaced;
+``AMVL_GAUSSIAN_BWD_WAVES``, the flat grid's cap; ``AMVL_GAUSSIAN_BLOCK_FWD``, the forward's
+own threads per block) into a temporary folder, all in parallel. Then
 it replays forward and forward+backward of every variant, and of the Triton path, from CUDA
 graphs at the benchmark's bf16 shapes, and checks every variant's result against the float64
 formulas exactly as the benchmark does. Prints one row per (shape, provider) and writes them to
@@ -42,20 +43,24 @@ from benchmarks.bench_gaussian_kl import (  # noqa: E402
 
 SHAPES = [(4096, 4096), (512, 3584), (65536, 256)]
 # threads per block : forward blocks per SM : backward blocks per SM [: backward launch, 1 flat
-# (the default) or 0 the 2-D grid [: the flat grid's cap in GPU-fulls of blocks, default 1]];
-# the first is the default build, the second its old backward.
-DEFAULT_VARIANTS = ["128:6:5", "128:6:5:0", "128:6:5:1:2", "128:6:5:1:4", "128:7:6", "256:4:3"]
+# (the default) or 0 the 2-D grid [: the flat grid's cap in GPU-fulls of blocks, default 1
+# [: the forward's threads per block, default the first field]]]; the first is the default
+# build, the second its old backward. The 16-bit forward takes 70 registers (ptxas, sm_90):
+# 3 blocks of 256 threads or 1 of 512 fit an SM.
+DEFAULT_VARIANTS = ["128:6:5", "128:6:5:0", "128:6:5:1:2", "128:6:5:1:4", "128:3:5:1:1:256",
+                    "128:3:5:1:4:256", "128:1:5:1:4:512"]
 
 
-def parse_variant(spec: str) -> tuple[int, int, int, int, int]:
-    """(threads, forward blocks, backward blocks, flat backward, waves) of "128:6:5",
-    "128:6:5:0" or "128:6:5:1:4"."""
+def parse_variant(spec: str) -> tuple[int, int, int, int, int, int]:
+    """(threads, forward blocks, backward blocks, flat backward, waves, forward threads) of
+    "128:6:5", "128:6:5:0", "128:6:5:1:4" or "128:3:5:1:4:256"."""
     fields = [int(x) for x in spec.split(":")]
-    if 3 <= len(fields) <= 5:
-        fields += [1, 1][len(fields) - 3:]  # the defaults of the missing flat and waves
-    if len(fields) != 5 or fields[3] not in (0, 1) or fields[4] < 1:
-        raise ValueError("want threads:fwd_blocks:bwd_blocks[:flat[:waves]], flat 0 or 1, "
-                         "waves >= 1")
+    if 3 <= len(fields) <= 6:
+        fields += [1, 1, fields[0]][len(fields) - 3:]  # the missing flat, waves, fwd threads
+    power_of_two = fields[5] >= 32 and fields[5] <= 1024 and fields[5] & (fields[5] - 1) == 0
+    if len(fields) != 6 or fields[3] not in (0, 1) or fields[4] < 1 or not power_of_two:
+        raise ValueError("want threads:fwd_blocks:bwd_blocks[:flat[:waves[:fwd_threads]]], "
+                         "flat 0 or 1, waves >= 1, fwd_threads a power of two from 32 to 1024")
     return tuple(fields)  # type: ignore[return-value]
 
 
@@ -69,9 +74,9 @@ def variant_spec(spec: str) -> str:
 
 
 def build_variant(nvcc: str, spec: str, folder: Path) -> ModuleType:
-    """The extension compiled with ``spec`` = "threads:fwd_blocks:bwd_blocks[:flat]", imported
-    under a name of its own."""
-    block, fwd_blocks, bwd_blocks, flat, waves = parse_variant(spec)
+    """The extension compiled with ``spec`` (see ``parse_variant``), imported under a name of
+    its own."""
+    block, fwd_blocks, bwd_blocks, flat, waves, fwd_block = parse_variant(spec)
     arch = "".join(map(str, torch.cuda.get_device_capability()))
     where = folder / f"v{spec.replace(':', '_')}"  # one folder per spelling: no shared builds
     sources = build_cuda.extension_sources(ROOT, sorted((ROOT / "csrc").glob("*.cu")))
@@ -81,7 +86,8 @@ def build_variant(nvcc: str, spec: str, folder: Path) -> ModuleType:
                                      "AMVL_GAUSSIAN_MIN_BLOCKS_FWD": fwd_blocks,
                                      "AMVL_GAUSSIAN_MIN_BLOCKS_BWD": bwd_blocks,
                                      "AMVL_GAUSSIAN_BWD_FLAT": flat,
-                                     "AMVL_GAUSSIAN_BWD_WAVES": waves})
+                                     "AMVL_GAUSSIAN_BWD_WAVES": waves,
+                                     "AMVL_GAUSSIAN_BLOCK_FWD": fwd_block})
     return build_cuda.import_built(output, f"amvl_sweep_{where.name}")
 
 
@@ -115,7 +121,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, type=variant_spec,
                         help="threads per block:forward blocks per SM:backward blocks per SM"
                              "[:backward launch, 1 flat (default) or 0 the 2-D grid"
-                             "[:flat grid cap in GPU-fulls of blocks]]")
+                             "[:flat grid cap in GPU-fulls of blocks[:forward threads per "
+                             "block]]]")
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--once", action="store_true",
                         help="only run each installed backend twice, for a profiler")
