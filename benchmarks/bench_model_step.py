@@ -13,7 +13,9 @@ the prefix-shared path on the "amvl" attention (layouts, no dense masks: the Tri
 GPU, SDPA with the causal rows split off on the CPU). Targets: shared <= 0.6x naive at both
 shapes; at the BLINK-style shape, shared <= 1.15x plain (its token count alone is 1.07x).
 The three AMVL providers compute the same loss from the same noise: each row records its
-``loss``, and the test fails when one is off (a broken path's speed means nothing).
+``loss``, and the test fails when one is off (a broken path's speed means nothing). Timing:
+the providers take turns, one step each per round, 11 rounds on a GPU (CUDA events around
+each step) and 7 on the CPU, after a warm-up; medians of the rounds.
 
     python -m pytest benchmarks/bench_model_step.py --benchmark
 """
@@ -76,6 +78,7 @@ def _batch(prefix: int, answer: int, vocab: int, device) -> dict:
 
 
 PROVIDERS = ("plain", "naive", "shared", "shared_amvl")
+GPU_ROUNDS = 2 if common.SMOKE else 11
 # How far (relative) the shared paths' loss may be from the naive path's: bf16 rounding in
 # another order of operations moves it by about 1e-3; a wrong mask or position moves it more.
 LOSS_TOLERANCE = 1e-4 if not ON_GPU else 2e-2
@@ -125,8 +128,9 @@ def test_model_step(benchmark, bench_device, model_name, shape):
     base, tokenizer = _model(model_name)
     prefix, answer = SHAPES[shape]
     steps, losses = _steps(base, tokenizer, prefix, answer, bench_device)
-    # do_bench sizes its repeats from rep (ms): a step takes tens of ms on a GPU
-    medians = common.time_ms_side_by_side(steps, warmup=100, rep=500, cpu_rounds=7)
+    # A step takes tens of ms on a GPU, where do_bench would take about five samples of each
+    # provider in turn: the providers take turns instead, one step each per round.
+    medians = common.time_ms_side_by_side(steps, warmup=100, cpu_rounds=7, gpu_rounds=GPU_ROUNDS)
     tokens = BATCH * (prefix + answer)
     case = f"{model_name} {shape} prefix={prefix} answer={answer} K={K} B={BATCH}"
     for provider in PROVIDERS:

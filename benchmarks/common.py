@@ -94,24 +94,61 @@ def time_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float
 
 
 def time_ms_side_by_side(fns: dict[str, Callable[[], object]], warmup: int = 25,
-                         rep: int = 100, cpu_rounds: int = 10) -> dict[str, float]:
+                         rep: int = 100, cpu_rounds: int = 10, gpu_rounds: int = 0
+                         ) -> dict[str, float]:
     """Median milliseconds of each of several providers of one comparison.
 
-    On a GPU each goes through :func:`time_ms` in turn (CUDA events do not drift). On the CPU
-    the providers take turns, one call each per round after a warm-up round, so that a change
-    in the machine's speed during the run hits all of them alike.
+    On a GPU, with ``gpu_rounds`` 0, each goes through :func:`time_ms` in turn. With
+    ``gpu_rounds`` N, as on the CPU: after ``warmup`` ms of calls each, the providers take
+    turns, one call each per round, each call timed alone by CUDA events, and the median of
+    the N rounds is reported: for calls of tens of ms, where do_bench takes only a handful of
+    samples of each provider minutes apart, so that a drift of the machine's speed (clocks,
+    another process) hits every provider alike. On the CPU the providers always take turns,
+    one call each per round after a warm-up round.
     """
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and gpu_rounds <= 0:
         return {name: time_ms(fn, warmup, rep) for name, fn in fns.items()}
-    for fn in fns.values():
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(2 if SMOKE else cpu_rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
+    if torch.cuda.is_available():
+        for fn in fns.values():
+            started = time.perf_counter()
+            while True:
+                fn()
+                torch.cuda.synchronize()
+                if (time.perf_counter() - started) * 1e3 >= warmup:
+                    break
+        rounds, timer = gpu_rounds, _cuda_event_ms
+    else:
+        for fn in fns.values():
             fn()
-            samples[name].append((time.perf_counter() - start) * 1e3)
+        rounds, timer = (2 if SMOKE else cpu_rounds), _wall_ms
+    return take_turns(fns, rounds, timer)
+
+
+def take_turns(fns: dict[str, Callable[[], object]], rounds: int,
+               timer: Callable[[Callable[[], object]], float]) -> dict[str, float]:
+    """``rounds`` rounds of one ``timer(fn)`` per provider, in order; each one's median."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name].append(timer(fn))
     return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def _wall_ms(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def _cuda_event_ms(fn: Callable[[], object]) -> float:
+    """One call between two CUDA events, the device idle before it and waited for after."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
 def allow_recompiles(limit: int = 64) -> None:

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
     ("bench_gaussian_kl.py", "gaussian_kl", "float32", {"eager", "torch.compile", "triton"}),
     ("bench_model_step.py", "model_step", "", {"plain", "naive", "shared", "shared_amvl"}),
     ("bench_latent_attention.py", "latent_attention", "",
-     {"amvl", "amvl_auto", "amvl_heads_fastest", "flex", "sdpa_dense", "sdpa_flash_causal"}),
+     {"amvl", "amvl_auto", "amvl_split", "amvl_heads_fastest", "flex", "sdpa_dense",
+      "sdpa_flash_causal"}),
 ])
 def test_benchmark_runs_and_writes_json(tmp_path, module, bench, select, providers):
     env = {**os.environ, "AMVL_BENCH_SMOKE": "1", "AMVL_BENCH_OUT": str(tmp_path)}
@@ -80,6 +81,18 @@ def test_attention_benchmark_check_follows_the_design_criterion():
                                 torch.float32)
         assert not within_criterion(*result_errors(causal, q, k, v, grad_out, layout, mode),
                                     torch.float32)
+
+
+def test_providers_take_turns():
+    """The interleaved timing: one call per provider per round, in order, and each provider's
+    median over the rounds (a drift of the machine's speed then hits every provider alike)."""
+    from benchmarks.common import take_turns
+
+    calls, clock = [], iter([5.0, 1.0, 7.0, 3.0, 6.0, 2.0])
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    medians = take_turns(fns, 3, lambda fn: (fn(), next(clock))[1])
+    assert calls == ["a", "b"] * 3
+    assert medians == {"a": 6.0, "b": 2.0}
 
 
 def test_model_step_profile_script_runs(tmp_path):
