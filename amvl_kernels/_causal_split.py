@@ -20,12 +20,16 @@ beside the full output, one attention output of x's rows per layer.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from amvl_kernels.latent_attention import _backward, _forward, _tile_tensors, latent_attention
+from amvl_kernels.latent_attention import (_autocast_inputs, _backward, _check_triton_inputs,
+                                           _forward, _tile_tensors, _validate,
+                                           latent_attention)
 from amvl_kernels.layout import LatentLayout
 
 
@@ -82,27 +86,55 @@ class _CausalRowsSplit(torch.autograd.Function):
         return *grads, None, None, *([None] * len(tiles))
 
 
-def causal_rows_on_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout, scale: float,
-                        rows: int, backend: str = "triton") -> Tensor:
+def causal_rows_on_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | None,
+                        scale: float | None, rows: int, backend: str = "triton") -> Tensor:
     """Attention with the first ``rows`` queries, plain causal ones, on SDPA's causal kernel.
 
     Those queries see exactly the keys at or before them, so ``is_causal`` over the first
     ``rows`` keys is their whole mask; the queries after them run on ``backend`` as a block
-    of queries at the end of all the keys. Lq must equal Lk. With ``backend="triton"`` the two
-    parts make one autograd node (see the module's docstring); ``"torch"`` composes them from
-    slices, for reference.
+    of queries at the end of all the keys. Lq must equal Lk, and ``rows`` may not exceed the
+    layout's :meth:`~amvl_kernels.layout.LatentLayout.plain_causal_rows` (counted once per
+    layout: a host sync). With ``backend="triton"`` the two parts make one autograd node (see
+    the module's docstring); ``"torch"`` composes them from slices, for reference. The
+    inputs are checked as :func:`amvl_kernels.latent_attention` checks them, and ``scale``
+    None means 1 / sqrt(D).
     """
+    q, k, v = _autocast_inputs(q, k, v)
+    _validate(q, k, v, layout, scale)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
+    scale = float(scale)
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"causal_rows_on_sdpa needs as many queries as keys, got "
                          f"{q.shape[2]} and {k.shape[2]}")
-    if not 0 < rows <= q.shape[2]:
-        raise ValueError(f"rows must be in [1, {q.shape[2]}], got {rows}")
-    if rows == q.shape[2]:
-        return _sdpa_causal(q, k, v, scale)
-    if backend != "triton":
+    if isinstance(rows, bool) or not isinstance(rows, int) or not 0 < rows <= q.shape[2]:
+        raise ValueError(f"rows must be an int in [1, {q.shape[2]}], got {rows!r}")
+    if backend == "triton":
+        _check_triton_inputs(q, k, v)
+    if q.numel() == 0 or k.numel() == 0:  # nothing to split: the empty call's own answer
+        return latent_attention(q, k, v, layout, scale, backend=backend)
+    if layout is not None and rows > layout.plain_causal_rows():
+        raise ValueError(f"rows={rows} but the layout's first {layout.plain_causal_rows()} "
+                         "rows only are plain causal in every batch row: the rows after them "
+                         "see more or less than the keys at or before them")
+    q, k, v = q.resolve_neg(), k.resolve_neg(), v.resolve_neg()
+    if backend == "torch":
+        if rows == q.shape[2]:
+            return _sdpa_causal(q, k, v, scale)
         head = _sdpa_causal(q[:, :, :rows], k[:, :, :rows], v[:, :, :rows], scale)
         tail = latent_attention(q[:, :, rows:], k, v, layout, scale, backend=backend)
         return torch.cat([head, tail], dim=2)
+    return split_causal_rows(q, k, v, layout, scale, rows)
+
+
+def split_causal_rows(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | None,
+                      scale: float, rows: int) -> Tensor:
+    """:func:`causal_rows_on_sdpa` on the Triton kernels, without its checks: for
+    :func:`amvl_kernels.latent_attention`, which has made them (and counted ``rows``)."""
+    if rows == q.shape[2]:
+        return _sdpa_causal(q, k, v, scale)
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     tiles = _tile_tensors(layout, q.shape[2] - rows, q.shape[1] // k.shape[1], q.shape[-1],
                           q.dtype, q.device, backward)

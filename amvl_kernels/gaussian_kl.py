@@ -396,6 +396,19 @@ def _setup_context(ctx, inputs, output):
     ctx.seed, ctx.fwd_grad, ctx.rev_grad, ctx.backend = seed, fwd_grad, rev_grad, backend
     # Unused outputs then arrive as None, not zeros: their terms are skipped, not multiplied.
     ctx.set_materialize_grads(False)
+    # An output whose routes reach no input that requires grad has no gradient, as on the
+    # PyTorch path: z without q's, a KL whose flag names only sides that are frozen (or
+    # "none"). Otherwise .backward() through it would run and silently change nothing.
+    trains_q = any(t is not None and t.requires_grad for t in (mu_q, logvar_q))
+    trains_p = any(t is not None and t.requires_grad for t in (mu_p, logvar_p))
+
+    def reaches(route: str) -> bool:
+        return (trains_q and route in ("q", "both")) or (trains_p and route in ("p", "both"))
+    z, kl_fwd, kl_rev = output
+    frozen = [t for t, live in ((z, trains_q), (kl_fwd, reaches(fwd_grad)),
+                                (kl_rev, reaches(rev_grad))) if not live]
+    if frozen:
+        ctx.mark_non_differentiable(*frozen)
 
 
 def _input_grads(ctx, grad_z, grad_kl_fwd, grad_kl_rev, launch_backward):

@@ -878,6 +878,18 @@ def _check_offsets(**tensors: Tensor) -> None:
                              "the call over heads or batch rows")
 
 
+def _check_triton_inputs(q: Tensor, k: Tensor, v: Tensor, offsets: bool = True) -> None:
+    """What the Triton kernels take beyond the contract's checks (:func:`_validate`)."""
+    if q.dtype not in TRITON_DTYPES:
+        raise TypeError(f"backend='triton' takes {TRITON_DTYPES}, got {q.dtype}; use "
+                        "backend='torch'")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"backend='triton' takes head dims up to {MAX_HEAD_DIM}, got "
+                         f"{q.shape[-1]}")
+    if offsets:
+        _check_offsets(q=q, k=k, v=v)
+
+
 def _plain_causal_rows(layout: LatentLayout) -> int:
     """``layout.plain_causal_rows()``, or 0 while a CUDA graph is being captured and the
     count is not known yet (reading it back from the device is a sync, which capture forbids)."""
@@ -909,27 +921,25 @@ def latent_attention(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | Non
     Returns:
         (B, Hq, Lq, D) in q's dtype. A query row that sees no key gets zeros and zero gradient.
         Under ``torch.autocast`` the inputs are first cast to autocast's dtype, as SDPA's are.
+        A NaN in q, k or v reaches the rows that see it on our kernels; on "torch" SDPA's own
+        handling applies (see ``reference.latent_attention_sdpa``).
     """
     q, k, v = _autocast_inputs(q, k, v)
     _validate(q, k, v, layout, scale)
     # A pending negation (x.conj().imag) is a view whose memory lacks the sign: the kernels
     # read memory. resolve_neg returns the tensor itself when there is none.
     q, k, v = q.resolve_neg(), k.resolve_neg(), v.resolve_neg()
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if scale is None:  # head dim 0 (an empty call) would divide by zero
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
+    scale = float(scale)
     auto = backend == "auto"
     backend = resolve_backend(backend, q.device)
     if auto and (q.dtype not in TRITON_DTYPES or q.shape[-1] > MAX_HEAD_DIM
                  or max(_row_extent(t) for t in (q, k, v)) > MAX_ROW_OFFSET):
         backend = "torch"
     if backend == "triton":
-        if q.dtype not in TRITON_DTYPES:
-            raise TypeError(f"backend='triton' takes {TRITON_DTYPES}, got {q.dtype}; use "
-                            "backend='torch'")
-        if q.shape[-1] > MAX_HEAD_DIM:
-            raise ValueError(f"backend='triton' takes head dims up to {MAX_HEAD_DIM}, got "
-                             f"{q.shape[-1]}")
-        if not auto:  # "auto" sent tensors past the kernels' offsets to SDPA above
-            _check_offsets(q=q, k=k, v=v)
+        # "auto" sent tensors past the kernels' offsets to SDPA above
+        _check_triton_inputs(q, k, v, offsets=not auto)
     if q.numel() == 0 or k.numel() == 0:
         # Nothing to attend: zeros, still connected to every input so autograd gives zeros.
         return q * 0 + (k.sum() + v.sum()) * 0
@@ -950,8 +960,8 @@ def latent_attention(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | Non
         rows = _plain_causal_rows(layout)
         if rows >= least_rows:
             # Here, not at the top: that module builds on this one's launchers.
-            from amvl_kernels._causal_split import causal_rows_on_sdpa
-            return causal_rows_on_sdpa(q, k, v, layout, scale, rows)
+            from amvl_kernels._causal_split import split_causal_rows
+            return split_causal_rows(q, k, v, layout, scale, rows)
     tiles = _tile_tensors(layout, q.shape[2], q.shape[1] // k.shape[1], q.shape[-1], q.dtype,
                           q.device, backward)
     if torch.compiler.is_compiling():

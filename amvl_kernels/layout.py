@@ -197,6 +197,15 @@ class LatentLayout:
                 raise ValueError(f"segment_kind must lie in [0, {MAX_KINDS}), got [{lo}, {hi}]")
             if int(block_id.min()) < 0:
                 raise ValueError("block_id must be >= 0 (0 = no bidirectional block)")
+            # The kernels read int32: a wider id would wrap, merging blocks or documents
+            # (or turning a block off) without a word.
+            if int(block_id.max()) >= 2**31:
+                raise ValueError(f"block_id must be < 2**31 (the kernels store int32), got "
+                                 f"{int(block_id.max())}")
+            if doc_id is not None and not -2**31 <= int(doc_id.min()) <= int(doc_id.max()) \
+                    < 2**31:
+                raise ValueError(f"doc_id must lie in the int32 range [-2**31, 2**31), got "
+                                 f"[{int(doc_id.min())}, {int(doc_id.max())}]")
             if int(visible_kinds.min()) < 0 or int(visible_kinds.max()) >= 2**MAX_KINDS:
                 raise ValueError(f"visible_kinds must be bit sets in [0, 2**{MAX_KINDS})")
         if doc_id is None:

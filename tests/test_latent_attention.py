@@ -336,10 +336,42 @@ def test_plain_causal_rows_on_sdpa(dtype, rng_seed):
     q, k, v = _inputs(2, 4, 2, 21, 21, 32, dtype)
     check(q, k, v, causal, attend=lambda *qkv: causal_rows_on_sdpa(
         *qkv, causal, q.shape[-1] ** -0.5, causal.plain_causal_rows()))
-    with pytest.raises(ValueError, match="rows must be in"):
-        causal_rows_on_sdpa(q, k, v, causal, 1.0, 0)
-    with pytest.raises(ValueError, match="as many queries as keys"):
-        causal_rows_on_sdpa(q[:, :, 1:], k, v, causal, 1.0, 4)
+
+
+def test_split_rows_check_their_inputs(rng_seed):
+    """The split checks what ak.latent_attention checks, and that the rows it is handed are
+    plain causal: too many rows would be attended causally against the layout's rule."""
+    from amvl_kernels._causal_split import causal_rows_on_sdpa
+
+    layout = LatentLayout.prefix_sharing([11, 14], [4, 3], num_slots=2).to(DEVICE)
+    length, rows = layout.length, layout.plain_causal_rows()
+    q, k, v = _inputs(2, 4, 2, length, length, 16, torch.float32)
+    bad = [
+        (lambda: causal_rows_on_sdpa(q, k, v, layout, 1.0, 0), ValueError, "rows must be"),
+        (lambda: causal_rows_on_sdpa(q, k, v, layout, 1.0, 2.0), ValueError, "rows must be"),
+        (lambda: causal_rows_on_sdpa(q[:, :, 1:], k, v, layout, 1.0, 4), ValueError,
+         "as many queries as keys"),
+        (lambda: causal_rows_on_sdpa(q, k, v, layout, 1.0, rows + 1), ValueError,
+         "plain causal"),
+        (lambda: causal_rows_on_sdpa(q[:, :, :-1], k[:, :, :-1], v[:, :, :-1], layout, 1.0, 4),
+         ValueError, "layout is for"),
+        (lambda: causal_rows_on_sdpa(q[:1], k[:1], v[:1], layout, 1.0, 4), ValueError,
+         "layout is for"),
+        (lambda: causal_rows_on_sdpa(q.double(), k.double(), v.double(), layout, 1.0, 4),
+         TypeError, "backend='triton' takes"),
+        (lambda: causal_rows_on_sdpa(q, k, v, layout, -1.0, 4), ValueError, "scale"),
+        (lambda: causal_rows_on_sdpa(q, k, v, layout, 1.0, 4, backend="cuda"), ValueError,
+         "backend must be"),
+    ]
+    for call, error, match in bad:
+        with pytest.raises(error, match=match):
+            call()
+    # an empty batch: the empty call's answer; scale None: 1 / sqrt(D)
+    empty = causal_rows_on_sdpa(*_inputs(0, 4, 2, length, length, 16, torch.float32), None,
+                                None, 3)
+    assert empty.shape == (0, 4, length, 16)
+    torch.testing.assert_close(causal_rows_on_sdpa(q, k, v, layout, None, rows),
+                               causal_rows_on_sdpa(q, k, v, layout, 0.25, rows))
 
 
 @pytest.mark.parametrize("frozen", ["q", "k", "v", "kv"])
@@ -393,8 +425,8 @@ def test_auto_hands_long_plain_causal_prefixes_to_sdpa(monkeypatch, rng_seed):
     monkeypatch.setattr(module, "CAUSAL_ROWS_TO_SDPA_WITH_GRAD", 13)
     split = []
     splitter = importlib.import_module("amvl_kernels._causal_split")
-    real = splitter.causal_rows_on_sdpa
-    monkeypatch.setattr(splitter, "causal_rows_on_sdpa",
+    real = splitter.split_causal_rows
+    monkeypatch.setattr(splitter, "split_causal_rows",
                         lambda *args: split.append(args[-1]) or real(*args))
     layout = LatentLayout.prefix_sharing([12, 15], [4, 3], num_slots=2).to(DEVICE)
     length = layout.length
@@ -622,6 +654,10 @@ def test_empty_inputs(rng_seed):
     out = ak.latent_attention(q, k, v, backend="triton")
     assert out.shape == (1, 2, 0, 16)
     assert all(g is not None for g in torch.autograd.grad(out.sum(), (q, k, v)))
+    # head dim 0: the default scale 1 / sqrt(D) is never taken
+    q, k, v = _inputs(1, 2, 1, 3, 3, 0, torch.float32)
+    for backend in ("triton", "torch"):
+        assert ak.latent_attention(q, k, v, backend=backend).shape == (1, 2, 3, 0)
 
 
 def _ok():

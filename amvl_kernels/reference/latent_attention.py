@@ -61,8 +61,12 @@ def latent_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout 
     Without a KV-cache offset (Lq == Lk), the leading query rows that are plain causal (the
     whole of x in the prefix-sharing layout) run on SDPA's causal kernel, which skips the upper
     triangle; the rows after them take the layout's boolean mask. Numerics are those of SDPA
-    in the inputs' dtype. A query row that sees nothing returns zeros and zero gradients: it
-    attends to key 0 instead (finite, never NaN) and is zeroed afterwards.
+    in the inputs' dtype, and so is NaN handling: PyTorch 2.13's CPU causal kernel returns
+    zeros for a query row holding a NaN, and a NaN key reaches rows whose mask hides it (SDPA
+    adds the mask to the scores), where the Triton kernels and the explicit-softmax
+    reference give NaN in exactly the rows that see it. A query row that sees nothing
+    returns zeros and zero gradients: it attends to key 0 instead (finite, never NaN) and is
+    zeroed afterwards.
     """
     lq, lk = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
