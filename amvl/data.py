@@ -73,7 +73,12 @@ class AMVLCollator:
                 return hit[1]
         processed = self.image_processor(images=[image], return_tensors="pt")
         if self._image_cache is not None:
-            self._image_cache[id(image)] = (weakref.ref(image), processed)
+            cache, key = self._image_cache, id(image)
+
+            def forget(ref: weakref.ref) -> None:  # the image is gone: so is its entry
+                if cache.get(key, (None,))[0] is ref:
+                    del cache[key]
+            cache[key] = (weakref.ref(image, forget), processed)
         return processed
 
     def _text_ids(self, text: str) -> list[int]:

@@ -24,6 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import amvl_kernels as ak
+from amvl.model import in_eval_mode
 from amvl.objectives import ACTIVE_SLOT_NATS
 
 VARIANTS = ("prior", "posterior", "zeroed", "noised", "swapped")
@@ -61,6 +62,7 @@ def _variant_latents(heads: dict[str, Tensor], generator: torch.Generator,
 
 
 @torch.no_grad()
+@in_eval_mode
 def score_choices(model, collator, examples: Sequence[dict], batch_size: int = 8,
                   noise_scale: float = 1.0, seed: int = 0, progress: bool = True) -> dict:
     """Per-example choice NLLs under every latent variant, plus the heads' outputs.
@@ -69,7 +71,6 @@ def score_choices(model, collator, examples: Sequence[dict], batch_size: int = 8
     "kl_fwd", "kl_rev"}`` (the last four (N, K, ...) arrays, None without latents).
     """
     _check_examples(examples)
-    model.eval()
     device = model.device
     dtype = model._unwrapped().get_input_embeddings().weight.dtype
     has_latents = model.objective.latent_source != "none"

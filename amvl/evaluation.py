@@ -67,6 +67,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from amvl.model import in_eval_mode
+
 # Subtask (folder and ``sub_task`` name) -> column header, in the order of the BLINK paper's
 # results table (also the order of the authors' eval script).
 BLINK_SUBTASKS: dict[str, str] = {
@@ -533,6 +535,7 @@ def _check_scorable(examples: Sequence[dict]) -> bool:
 
 
 @torch.no_grad()
+@in_eval_mode
 def prior_choice_nll(model, collator, examples: Sequence[dict], batch_size: int = 8,
                      progress: bool = True) -> np.ndarray:
     """(N, C) mean token NLL of every choice given prior latents z = mu_p (``inf`` past an
@@ -542,7 +545,6 @@ def prior_choice_nll(model, collator, examples: Sequence[dict], batch_size: int 
     variants and the posterior pass it also runs (about five times the work), and without
     needing gold answers, so unlabelled test records can be scored too.
     """
-    model.eval()
     device = model.device
     dtype = model._unwrapped().get_input_embeddings().weight.dtype
     has_latents = model.objective.latent_source != "none"

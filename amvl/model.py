@@ -16,6 +16,7 @@ implementation that accepts custom masks (eager, sdpa) as dense 4D additive mask
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import numbers
@@ -72,6 +73,24 @@ class AMVLOutput:
     loss: Tensor
     metrics: Metrics = field(default_factory=lambda: Metrics({}))
     latents: Latents | None = None
+
+
+def in_eval_mode(fn):
+    """Decorator for ``fn(model, ...)``: runs it with ``model.eval()`` and leaves every
+    submodule's train/eval flag as it found it, so that a diagnostic called from inside a
+    training loop does not switch dropout and activation checkpointing off for the steps
+    after it."""
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        modes = [(module, module.training) for module in model.modules()] \
+            if isinstance(model, nn.Module) else []  # a stand-in model keeps its own state
+        model.eval()
+        try:
+            return fn(model, *args, **kwargs)
+        finally:
+            for module, training in modes:
+                module.training = training
+    return wrapper
 
 
 def ensure_special_tokens(base_model: nn.Module, tokenizer, config: AMVLConfig) -> dict[str, int]:

@@ -236,8 +236,8 @@ def train(model, collator, examples: Sequence[dict], config: TrainConfig,
     per_rank = config.batch_size // world
     bar = tqdm(range(start, config.steps), desc="train", disable=not progress or rank != 0,
                initial=start, total=config.steps)
-    wrapped.train()
     for step in bar:
+        wrapped.train()  # each step: an on_log callback may have evaluated the model
         indices = batch_indices(len(examples), config.batch_size, step, config.seed)
         mine = [examples[i] for i in indices[rank * per_rank:(rank + 1) * per_rank]]
         batch = {k: v.to(device) for k, v in collator(mine).items()}

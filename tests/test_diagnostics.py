@@ -53,6 +53,17 @@ def test_scores_match_answer_nll_of_each_choice():
                if len(e["choices"]) == 2)
 
 
+def test_scoring_leaves_each_modules_train_mode_as_it_was():
+    """Diagnostics called from a training loop (an on_log callback) must not leave the model
+    in eval mode: dropout and activation checkpointing would stay off for the steps after."""
+    model, collator = _model("amvl")
+    model.train()
+    model.base.get_input_embeddings().eval()  # a frozen part that stays in eval
+    before = [m.training for m in model.modules()]
+    score_choices(model, collator, _examples(3, np.random.default_rng(4)), progress=False)
+    assert [m.training for m in model.modules()] == before
+
+
 @pytest.mark.parametrize("objective", ["amvl", "prior", "none"])
 def test_leakage_report_fields(objective):
     model, collator = _model(objective)

@@ -312,7 +312,9 @@ def _model(examples: list[dict], objective: str) -> tuple[AMVLModel, AMVLCollato
 def test_prior_scores_equal_the_diagnostics_prior_column(blink_dir):
     examples = load_blink(blink_dir)
     model, collator = _model(examples, "amvl")
+    model.train()
     ours = prior_choice_nll(model, collator, examples, batch_size=3, progress=False)
+    assert model.training  # left as it was found
     theirs = score_choices(model, collator, examples, batch_size=3, progress=False)
     np.testing.assert_allclose(ours, theirs["nll"]["prior"], rtol=1e-5)
 

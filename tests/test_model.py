@@ -369,6 +369,29 @@ def test_collator_pads_prompts_left_and_answers_right():
     assert batch["prompt_ids"][1, 2] == tokenizer.convert_tokens_to_ids("w5")
 
 
+def test_collator_image_cache_forgets_images_that_are_gone():
+    """cache_images keeps a processed image as long as the image object lives, and no longer:
+    a dataset that decodes its images afresh each epoch must not grow the cache for ever."""
+    import gc
+
+    tokenizer = word_tokenizer(WORDS, vision=True)
+    vision = VisionTokens(*tokenizer.convert_tokens_to_ids(
+        ["<|image_pad|>", "<|vision_start|>", "<|vision_end|>"]))
+    collator = AMVLCollator(tokenizer, tiny_image_processor(), vision, cache_images=True)
+    rng = np.random.default_rng(0)
+    kept = _image(rng)
+    collator([{"question": "w1", "answer": "w2", "images": [kept]}])
+    for _ in range(5):  # fresh images, dropped after their batch
+        collator([{"question": "w1", "answer": "w2", "images": [_image(rng)]}])
+    gc.collect()
+    assert len(collator._image_cache) == 1
+    before = collator([{"question": "w1", "answer": "w2", "images": [kept]}])
+    del kept
+    gc.collect()
+    assert len(collator._image_cache) == 0
+    assert before["pixel_values"].shape[0] > 0
+
+
 def test_collator_truncates_questions_aloud_and_never_to_nothing():
     tokenizer = word_tokenizer(WORDS, vision=True)
     collator = AMVLCollator(tokenizer, max_prompt_tokens=2)

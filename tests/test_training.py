@@ -125,6 +125,17 @@ def test_the_loop_never_reads_metrics_each_step_and_logs_the_rate_it_used(monkey
     assert [e["lr"] for e in history] == pytest.approx([0.0, 5e-4, 1e-3, 5e-4])
 
 
+def test_every_step_trains_in_train_mode_whatever_on_log_did():
+    """An on_log callback that evaluates the model (diagnostics, generation) may leave it in
+    eval mode; the next step must still train in train mode (dropout, checkpointing)."""
+    model, collator = _model()
+    modes = []
+    model.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    train(model, collator, _data(), TrainConfig(steps=3, batch_size=2, log_every=1),
+          on_log=lambda entry: model.eval(), progress=False)
+    assert modes == [True, True, True]
+
+
 def test_step_seeds_never_collide():
     from amvl.training import step_seed
 
