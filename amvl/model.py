@@ -606,7 +606,10 @@ class AMVLModel(nn.Module):
         ``<lat_start> z <lat_end>`` (always closed by a real token), then the answer token by
         token. ``latent`` is "mean" (z = mu_p) or "sample" (``num_samples`` draws per example,
         rows of the output); defaults come from the config. Rows stop at the tokenizer's EOS and
-        are padded with its pad id afterwards.
+        are padded with its pad id afterwards. With "sample", ``seed`` fixes the draws of the
+        batch as a whole: the noise is keyed by an element's place in the batch, so an example
+        gets the same draws again only at the same row of a batch of the same shape (greedy
+        decoding from "mean" does not depend on the batch).
         """
         mode = latent or self.config.inference
         if mode not in ("mean", "sample"):
