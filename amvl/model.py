@@ -608,8 +608,8 @@ class AMVLModel(nn.Module):
         rows of the output); defaults come from the config. Rows stop at the tokenizer's EOS and
         are padded with its pad id afterwards. With "sample", ``seed`` fixes the draws of the
         batch as a whole: the noise is keyed by an element's place in the batch, so an example
-        gets the same draws again only at the same row of a batch of the same shape (greedy
-        decoding from "mean" does not depend on the batch).
+        gets the same draws again only at the same row of a batch of the same shape ("mean"
+        depends on the batch only through floating-point rounding).
         """
         mode = latent or self.config.inference
         if mode not in ("mean", "sample"):
