@@ -57,8 +57,8 @@ def parse_variant(spec: str) -> tuple[int, int, int, int, int, int]:
     fields = [int(x) for x in spec.split(":")]
     if 3 <= len(fields) <= 6:
         fields += [1, 1, fields[0]][len(fields) - 3:]  # the missing flat, waves, fwd threads
-    power_of_two = fields[5] >= 32 and fields[5] <= 1024 and fields[5] & (fields[5] - 1) == 0
-    if len(fields) != 6 or fields[3] not in (0, 1) or fields[4] < 1 or not power_of_two:
+    if len(fields) != 6 or fields[3] not in (0, 1) or fields[4] < 1 \
+            or not 32 <= fields[5] <= 1024 or fields[5] & (fields[5] - 1):
         raise ValueError("want threads:fwd_blocks:bwd_blocks[:flat[:waves[:fwd_threads]]], "
                          "flat 0 or 1, waves >= 1, fwd_threads a power of two from 32 to 1024")
     return tuple(fields)  # type: ignore[return-value]

@@ -83,6 +83,25 @@ def test_attention_benchmark_check_follows_the_design_criterion():
                                     torch.float32)
 
 
+def test_sweep_variant_specs():
+    """scripts/sweep_cuda_gaussian.py's variant spelling: the short forms fill in the
+    defaults (flat backward, one wave, the forward's threads = the backward's); a spec the
+    macros cannot build is refused before nvcc runs (a GPU lease is too short for that)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sweep_cuda_gaussian",
+                                                  ROOT / "scripts" / "sweep_cuda_gaussian.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.parse_variant("128:6:5") == (128, 6, 5, 1, 1, 128)
+    assert module.parse_variant("128:3:5:1:4:256") == (128, 3, 5, 1, 4, 256)
+    assert all(module.parse_variant(v) for v in module.DEFAULT_VARIANTS)
+    for bad in ("128:6", "128:6:5:2", "128:6:5:1:0", "128:6:5:1:1:300", "128:6:5:1:1:16",
+                "1:2:3:4:5:6:7"):
+        with pytest.raises(ValueError):
+            module.parse_variant(bad)
+
+
 def test_providers_take_turns():
     """The interleaved timing: one call per provider per round, in order, and each provider's
     median over the rounds (a drift of the machine's speed then hits every provider alike)."""
