@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from amvl_kernels.latent_attention import (_autocast_inputs, _backward, _check_triton_inputs,
-                                           _forward, _tile_tensors, _validate,
-                                           latent_attention)
+from amvl_kernels.latent_attention import (TRITON_DTYPES, _autocast_inputs, _backward,
+                                           _check_triton_inputs, _forward, _tile_tensors,
+                                           _validate, latent_attention)
 from amvl_kernels.layout import LatentLayout
 
 
@@ -95,7 +95,8 @@ def causal_rows_on_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | 
     of queries at the end of all the keys. Lq must equal Lk, and ``rows`` may not exceed the
     layout's :meth:`~amvl_kernels.layout.LatentLayout.plain_causal_rows` (counted once per
     layout: a host sync). With ``backend="triton"`` the two parts make one autograd node (see
-    the module's docstring); ``"torch"`` composes them from slices, for reference. The
+    the module's docstring); ``"torch"`` composes them from slices, for reference; ``"auto"``
+    is the first on a GPU, the second elsewhere. The
     inputs are checked as :func:`amvl_kernels.latent_attention` checks them, and ``scale``
     None means 1 / sqrt(D).
     """
@@ -104,8 +105,10 @@ def causal_rows_on_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | 
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
     scale = float(scale)
-    if backend not in ("triton", "torch"):
-        raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "auto":  # as latent_attention's: Triton on a GPU, where it takes the dtype
+        backend = "triton" if q.is_cuda and q.dtype in TRITON_DTYPES else "torch"
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"causal_rows_on_sdpa needs as many queries as keys, got "
                          f"{q.shape[2]} and {k.shape[2]}")

@@ -362,6 +362,8 @@ def test_split_rows_check_their_inputs(rng_seed):
         (lambda: causal_rows_on_sdpa(q, k, v, layout, -1.0, 4), ValueError, "scale"),
         (lambda: causal_rows_on_sdpa(q, k, v, layout, 1.0, 4, backend="cuda"), ValueError,
          "backend must be"),
+        (lambda: causal_rows_on_sdpa(q, k, v, layout, 1.0, 4, backend=None), ValueError,
+         "backend must be"),
     ]
     for call, error, match in bad:
         with pytest.raises(error, match=match):
