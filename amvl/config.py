@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -26,11 +29,15 @@ class AMVLConfig:
         alpha: weight of KL(sg(q)||p) (amvl).
         beta: weight of KL(sg(p)||q) (amvl), of KL(q||p) (elbo).
         gamma: weight of the optional prior-path NLL(y | x, z~p) (amvl, elbo).
+            The NLLs are token means over the batch's answer tokens, the KLs sums over slots
+            of batch means: alpha and beta weigh a slot's nats against a token's.
         kl_schedule: "constant", "linear" (warm-up from 0 over ``kl_warmup_steps``) or
             "cyclical" (linear ramps repeating every ``kl_cycle_steps``, rising over the first
-            ``kl_cycle_ratio`` of each cycle).
-        free_bits: lambda of free bits per slot: each slot's batch-mean KL counts as
-            max(KL_k, lambda). 0 disables it.
+            ``kl_cycle_ratio`` of each cycle). It scales the KL that reaches the posterior:
+            beta's term (amvl: the forward KL, the prior's target, always counts in full;
+            elbo: its one KL).
+        free_bits: lambda of free bits per slot, on the same term as the schedule: each
+            slot's batch-mean KL counts as max(KL_k, lambda). 0 disables it.
         logvar_min, logvar_max: bounds of the heads' log-variance parameterisation.
         logvar_init: the heads' log-variance at initialisation (below 0 fights posterior
             collapse: early noise would otherwise teach the decoder to ignore z).
@@ -74,10 +81,32 @@ class AMVLConfig:
             if not ok:
                 raise ValueError(f"AMVLConfig: {message}")
 
-        require(isinstance(self.num_slots, int) and self.num_slots >= 1,
-                f"num_slots must be an int >= 1, got {self.num_slots!r}")
-        require(isinstance(self.latent_dim, int) and self.latent_dim >= 1,
-                f"latent_dim must be an int >= 1, got {self.latent_dim!r}")
+        def integer(name: str, least: int) -> None:
+            value = getattr(self, name)
+            require(isinstance(value, numbers.Integral) and not isinstance(value, bool)
+                    and value >= least, f"{name} must be an int >= {least}, got {value!r}")
+            setattr(self, name, int(value))
+
+        def real(name: str) -> None:  # finite: an inf weight or bound makes the loss inf/NaN
+            value = getattr(self, name)
+            hint = " (YAML reads 1e-3 as a string: write 1.0e-3)" if isinstance(value, str) else ""
+            require(isinstance(value, numbers.Real) and not isinstance(value, bool)
+                    and math.isfinite(value), f"{name} must be a finite number, got {value!r}{hint}")
+            setattr(self, name, float(value))
+
+        for name, least in (("num_slots", 1), ("latent_dim", 1), ("kl_warmup_steps", 0),
+                            ("kl_cycle_steps", 2), ("num_samples", 1)):
+            integer(name, least)
+        for name in ("alpha", "beta", "gamma", "free_bits", "kl_cycle_ratio", "logvar_min",
+                     "logvar_max", "logvar_init"):
+            real(name)
+        for name in ("prefix_sharing", "pair_weight_grads"):
+            require(isinstance(getattr(self, name), bool),
+                    f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("latent_start_token", "latent_end_token", "latent_token",
+                     "prior_query_token", "posterior_query_token"):
+            require(isinstance(getattr(self, name), str) and getattr(self, name) != "",
+                    f"{name} must be a non-empty string, got {getattr(self, name)!r}")
         require(self.objective in OBJECTIVES,
                 f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         require(self.kl_schedule in KL_SCHEDULES,
@@ -88,14 +117,15 @@ class AMVLConfig:
                 f"inference must be one of {INFERENCE_MODES}, got {self.inference!r}")
         for name in ("alpha", "beta", "gamma", "free_bits"):
             require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        require(self.kl_warmup_steps >= 0, "kl_warmup_steps must be >= 0")
-        require(self.kl_cycle_steps >= 1, "kl_cycle_steps must be >= 1")
         require(0 < self.kl_cycle_ratio <= 1, "kl_cycle_ratio must be in (0, 1]")
+        if self.kl_warmup_steps and self.kl_schedule != "linear":
+            warnings.warn(f"AMVLConfig: kl_warmup_steps={self.kl_warmup_steps} has no effect "
+                          f"with kl_schedule={self.kl_schedule!r}: only 'linear' warms up",
+                          stacklevel=3)
         require(self.logvar_min < self.logvar_init < self.logvar_max,
                 "need logvar_min < logvar_init < logvar_max")
         require(-30 <= self.logvar_min and self.logvar_max <= 30,
                 "log-variance bounds must lie in the kernels' safe range [-30, 30]")
-        require(self.num_samples >= 1, "num_samples must be >= 1")
         tokens = self.special_tokens()
         require(len(set(tokens)) == len(tokens), f"special tokens must differ, got {tokens}")
 

@@ -41,9 +41,10 @@ class GaussianHead(nn.Module):
     def forward(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
         mu, raw = self.proj(hidden.to(self.proj.weight.dtype)).chunk(2, dim=-1)
         span = self.logvar_max - self.logvar_min
-        # In fp32 whatever autocast chose: the span magnifies a bf16 sigmoid's rounding (0.06
-        # nats, a few dozen distinct values); rounded once at the end instead.
-        logvar = self.logvar_min + span * torch.sigmoid(raw.float() + self.shift)
+        # In fp32 (fp64 stays) whatever autocast chose: the span magnifies a bf16 sigmoid's
+        # rounding (0.06 nats, a few dozen distinct values); rounded once at the end instead.
+        wide = raw.to(torch.promote_types(raw.dtype, torch.float32))
+        logvar = self.logvar_min + span * torch.sigmoid(wide + self.shift)
         return mu, logvar.to(mu.dtype)
 
 

@@ -248,10 +248,11 @@ class AMVLModel(nn.Module):
                 "it in the config (e.g. sliding_window=None or use_sliding_window=False)")
 
     def output_logits(self, hidden: Tensor) -> Tensor:
-        """fp32 logits of the LM head on ``hidden``, with the transforms some models apply
-        after it in their own forward: Granite's ``logits_scaling``, Cohere's
-        ``logit_scale``, Gemma's ``final_logit_softcapping``."""
-        logits = self._unwrapped().get_output_embeddings()(hidden).float()
+        """Logits of the LM head on ``hidden``, at least fp32 (an fp64 model's stay fp64),
+        with the transforms some models apply after it in their own forward: Granite's
+        ``logits_scaling``, Cohere's ``logit_scale``, Gemma's ``final_logit_softcapping``."""
+        logits = self._unwrapped().get_output_embeddings()(hidden)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         text = self._text_config()
         scaling = getattr(text, "logits_scaling", None)
         if scaling is not None:

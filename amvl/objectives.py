@@ -41,7 +41,9 @@ class Latents:
 
 
 def kl_weight(config: AMVLConfig, step: int) -> float:
-    """Multiplier of the KL terms at optimisation step ``step`` (0-based)."""
+    """Multiplier of the KL term that reaches the posterior at optimisation step ``step``
+    (0-based). The cyclical schedule is Fu et al.'s (2019): within each cycle a linear ramp
+    over the first ``kl_cycle_ratio`` of its steps, then 1."""
     if config.kl_schedule == "linear":
         if config.kl_warmup_steps == 0:
             return 1.0
@@ -180,10 +182,14 @@ class AMVLObjective(Objective):
     fwd_grad, rev_grad = "p", "q"
 
     def kl_loss(self, latents: Latents, step: int) -> Tensor:
+        # The KL schedule and free bits keep the posterior from collapsing onto the prior, so
+        # they act on the term that reaches q, the reverse KL. The forward KL is the prior's
+        # only target (with gamma = 0): warmed up, the prior would learn nothing early on;
+        # clamped at lambda, it would stop up to lambda nats a slot short of the posterior it
+        # stands in for at inference.
         c = self.config
-        w = kl_weight(c, step)
-        return w * (c.alpha * free_bits(latents.kl_fwd, c.free_bits)
-                    + c.beta * free_bits(latents.kl_rev, c.free_bits))
+        return (c.alpha * latents.kl_fwd.mean(0).sum()
+                + kl_weight(c, step) * c.beta * free_bits(latents.kl_rev, c.free_bits))
 
 
 class ELBOObjective(Objective):

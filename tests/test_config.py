@@ -31,10 +31,23 @@ def test_round_trip(tmp_path):
     ({"num_samples": 0}, "num_samples"),
     ({"kernel_backend": "nope"}, "kernel_backend"),
     ({"latent_token": "<lat_start>"}, "special tokens"),
+    ({"num_slots": True}, "num_slots"),
+    ({"alpha": float("inf")}, "alpha must be a finite"),
+    ({"free_bits": float("inf")}, "free_bits"),
+    ({"beta": "1e-3"}, "YAML reads 1e-3 as a string"),
+    ({"prefix_sharing": "false"}, "prefix_sharing"),
+    ({"latent_token": ""}, "non-empty"),
+    ({"kl_cycle_steps": 1}, "kl_cycle_steps"),  # a weight of 0 at every step
+    ({"num_samples": 2.5}, "num_samples"),
 ])
 def test_invalid_values_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AMVLConfig(**kwargs)
+
+
+def test_warm_up_steps_without_the_linear_schedule_are_named():
+    with pytest.warns(UserWarning, match="kl_warmup_steps=10 has no effect"):
+        AMVLConfig(kl_warmup_steps=10)
 
 
 def test_unknown_keys_and_missing_file(tmp_path):

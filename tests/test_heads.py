@@ -26,6 +26,19 @@ def test_head_starts_at_logvar_init(hidden, rng_seed):
     assert float(mu.abs().max()) > 0
 
 
+def test_float64_head_stays_float64(rng_seed):
+    """The fp32 widening is for 16-bit heads: a float64 head (the references' dtype) keeps
+    every digit of lo + span * sigmoid(raw + shift)."""
+    head = GaussianHead(7, 3, logvar_min=-6.0, logvar_max=2.0).double()
+    torch.nn.init.normal_(head.proj.weight, std=0.5)
+    hidden = torch.randn(4, 7, dtype=torch.float64)
+    mu, logvar = head(hidden)
+    raw = head.proj(hidden).chunk(2, dim=-1)[1]
+    exact = -6.0 + 8.0 * torch.sigmoid(raw + head.shift)
+    assert mu.dtype == logvar.dtype == torch.float64
+    torch.testing.assert_close(logvar, exact, rtol=1e-14, atol=1e-14)
+
+
 def test_head_log_variance_in_fp32_under_autocast(rng_seed):
     """Under bf16 autocast the linear layer runs in bf16; the bounded log-variance is computed
     from it in fp32 and rounded once, not squashed through a bf16 sigmoid."""

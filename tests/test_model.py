@@ -131,6 +131,7 @@ def test_prefix_shared_and_naive_paths_agree(kind, objective, gamma):
 def test_no_latent_objective_is_plain_fine_tuning(kind):
     model, batch = build(kind, objective="none")
     out, grads = _loss_and_grads(model, batch)
+    assert out.loss.dtype == torch.float64  # a float64 model's NLL is not rounded to fp32
     assert model.prior_head is None and model.posterior_head is None and model.injector is None
     assert grads and all(name.startswith("base.") for name in grads)
     # Different sequence shapes round the fp32 rotary tables differently (see above).
@@ -154,8 +155,10 @@ def test_other_families_train_like_their_own_forward(kind, model_kwargs):
     positions = (mask.long().cumsum(1) - 1).clamp(min=0)
     own = model.base(input_ids=ids, attention_mask=mask, position_ids=positions,
                      labels=labels).loss
-    # both losses come from fp32 logits
-    torch.testing.assert_close(model(**batch).loss, own, rtol=1e-6, atol=0)
+    # transformers' loss rounds a float64 model's logits to fp32; ours keeps them in fp64
+    ours = model(**batch).loss
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours, own.double(), rtol=1e-6, atol=0)
 
     model, batch = build(kind, model_kwargs)
     assert "injector.proj.weight" in _paths_agree(model, batch)

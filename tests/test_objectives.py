@@ -92,8 +92,30 @@ def test_amvl_prior_nll_term_and_schedule(rng_seed):
     latents = objective.draw(mu_p, lv_p, mu_q, lv_q, seed=1)
     nll, nll_prior = (torch.tensor(v, dtype=torch.float64, device=DEVICE) for v in (2.0, 3.0))
     loss, metrics = objective.loss(nll, latents, step=0, nll_prior=nll_prior)
-    torch.testing.assert_close(loss.cpu(), torch.tensor(3.5, dtype=torch.float64))  # KL weight 0
+    # KL weight 0 at step 0: the reverse KL is off, the forward KL (the prior's target) is not
+    expected = 3.5 + latents.kl_fwd.mean(0).sum()
+    torch.testing.assert_close(loss, expected)
     assert metrics["kl_weight"] == 0.0 and metrics["nll_prior"] == 3.0
+
+
+@pytest.mark.parametrize("setting", ["warm-up", "free bits"])
+def test_amvl_schedule_and_free_bits_act_on_the_posteriors_kl_only(setting, rng_seed):
+    """Warm-up and free bits keep q from collapsing onto p, so under "amvl" they act on the
+    reverse KL, the one term that reaches q; the prior keeps its full forward-KL target (a
+    prior clamped at lambda would stop short of the posterior it replaces at inference)."""
+    kwargs = (dict(kl_schedule="linear", kl_warmup_steps=10) if setting == "warm-up"
+              else dict(free_bits=1e3))  # lambda far above every slot's KL
+    objective = build_objective(AMVLConfig(objective="amvl", alpha=0.7, beta=1.9,
+                                           kernel_backend="torch", **kwargs))
+    mu_q, lv_q, mu_p, lv_p = _heads()
+    latents = objective.draw(mu_p, lv_p, mu_q, lv_q, seed=5)
+    loss, _ = objective.loss(latents.z.sum() * 0, latents, step=0)
+    g_mu_q, g_lv_q, g_mu_p, g_lv_p = torch.autograd.grad(loss, [mu_q, lv_q, mu_p, lv_p])
+    prior_target = 0.7 * _kl(mu_q.detach(), lv_q.detach(), mu_p, lv_p).mean(0).sum()
+    want_mu_p, want_lv_p = torch.autograd.grad(prior_target, [mu_p, lv_p])
+    torch.testing.assert_close(g_mu_p, want_mu_p)
+    torch.testing.assert_close(g_lv_p, want_lv_p)
+    assert torch.count_nonzero(g_mu_q) == 0 and torch.count_nonzero(g_lv_q) == 0
 
 
 def test_prior_objective_samples_the_prior_and_trains_it_through_z(rng_seed):
