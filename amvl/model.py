@@ -434,12 +434,14 @@ class AMVLModel(nn.Module):
 
     def forward(self, prompt_ids: Tensor, prompt_mask: Tensor, answer_ids: Tensor,
                 answer_mask: Tensor, pixel_values: Tensor | None = None,
-                image_grid_thw: Tensor | None = None, step: int = 0, seed: int | None = None,
+                image_grid_thw: Tensor | None = None, step: int | None = 0,
+                seed: int | None = None,
                 prefix_sharing: bool | None = None) -> AMVLOutput:
         """One training forward: loss, metrics and the drawn latents.
 
         Prompts are left-padded (B, Lx), answers right-padded (B, Ly), masks True on real
-        tokens. ``seed`` fixes the latent noise (same seed, same loss on both paths).
+        tokens. ``step`` drives the KL schedule (None: the full objective, as evaluation
+        wants). ``seed`` fixes the latent noise (same seed, same loss on both paths).
         """
         self._check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask)
         share = self.config.prefix_sharing if prefix_sharing is None else prefix_sharing

@@ -40,10 +40,13 @@ class Latents:
     kl_rev: Tensor | None = None  # (B, K) KL(p||q)
 
 
-def kl_weight(config: AMVLConfig, step: int) -> float:
+def kl_weight(config: AMVLConfig, step: int | None) -> float:
     """Multiplier of the KL term that reaches the posterior at optimisation step ``step``
-    (0-based). The cyclical schedule is Fu et al.'s (2019): within each cycle a linear ramp
-    over the first ``kl_cycle_ratio`` of its steps, then 1."""
+    (0-based); 1 for ``step`` None, the full objective (evaluation). The cyclical schedule is
+    Fu et al.'s (2019): within each cycle a linear ramp over the first ``kl_cycle_ratio`` of
+    its steps, then 1."""
+    if step is None:
+        return 1.0
     if config.kl_schedule == "linear":
         if config.kl_warmup_steps == 0:
             return 1.0
@@ -101,11 +104,11 @@ class Objective:
         z = ak.gaussian_sample(mu_p, logvar_p, seed=seed, backend=backend)
         return Latents(z, mu_p, logvar_p)
 
-    def kl_loss(self, latents: Latents, step: int) -> Tensor:
+    def kl_loss(self, latents: Latents, step: int | None) -> Tensor:
         """The objective's weighted KL terms; objectives without a posterior have none."""
         return latents.z.new_zeros((), dtype=torch.float32)
 
-    def loss(self, nll: Tensor, latents: Latents | None, step: int = 0,
+    def loss(self, nll: Tensor, latents: Latents | None, step: int | None = 0,
              nll_prior: Tensor | None = None) -> tuple[Tensor, Metrics]:
         """Total loss and metrics from the decoder's mean NLL(s) and the drawn latents."""
         total = nll
@@ -181,7 +184,7 @@ class AMVLObjective(Objective):
     latent_source = "posterior"
     fwd_grad, rev_grad = "p", "q"
 
-    def kl_loss(self, latents: Latents, step: int) -> Tensor:
+    def kl_loss(self, latents: Latents, step: int | None) -> Tensor:
         # The KL schedule and free bits keep the posterior from collapsing onto the prior, so
         # they act on the term that reaches q, the reverse KL. The forward KL is the prior's
         # only target (with gamma = 0): warmed up, the prior would learn nothing early on;
@@ -199,7 +202,7 @@ class ELBOObjective(Objective):
     latent_source = "posterior"
     fwd_grad, rev_grad = "both", "none"
 
-    def kl_loss(self, latents: Latents, step: int) -> Tensor:
+    def kl_loss(self, latents: Latents, step: int | None) -> Tensor:
         c = self.config
         return kl_weight(c, step) * c.beta * free_bits(latents.kl_fwd, c.free_bits)
 

@@ -5,6 +5,12 @@ Distribution (DDP, FSDP, DeepSpeed) is the Trainer's and accelerate's: launch wi
 loss (the model's objective at the current step), logs the objective's metrics averaged over
 each logging interval, saves with :meth:`AMVLModel.save_pretrained` and loads checkpoints
 (``resume_from_checkpoint``, ``load_best_model_at_end``) with :meth:`AMVLModel.load_weights`.
+
+Latent noise is seeded per micro-batch and process from ``TrainingArguments.seed``
+(:func:`amvl.training.step_seed`): each rank draws its own noise, and a resumed run draws the
+same as an uninterrupted one. Evaluation scores the full objective (KL weight 1, whatever the
+schedule) with noise fixed per evaluation batch, so the same model always gets the same
+``eval_loss`` and evaluating does not move training's noise.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ import torch
 from transformers import Trainer
 
 from amvl.model import AMVLModel
+from amvl.training import step_seed
+
+EVAL_STREAM = 1  # step_seed's stream of evaluation seeds
 
 
 class AMVLTrainer(Trainer):
@@ -32,9 +41,29 @@ class AMVLTrainer(Trainer):
         # wait for the forward before it queues the backward.
         self._metric_sums: dict[str, torch.Tensor | float] = defaultdict(float)
         self._metric_count = 0
+        self._seeded_step, self._micro_batch, self._eval_batch = -1, 0, 0
+
+    def _training_seed(self) -> int:
+        """The noise seed of this micro-batch: (seed, micro-batches before it, rank)."""
+        step = self.state.global_step
+        if step != self._seeded_step:
+            self._seeded_step, self._micro_batch = step, 0
+        micro = step * self.args.gradient_accumulation_steps + self._micro_batch
+        self._micro_batch += 1
+        return step_seed(self.args.seed, micro, self.args.process_index)
+
+    def evaluate(self, *args, **kwargs):
+        self._eval_batch = 0  # every evaluation draws the same noise
+        return super().evaluate(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = model(**inputs, step=self.state.global_step)
+        if model.training:
+            out = model(**inputs, step=self.state.global_step, seed=self._training_seed())
+        else:
+            seed = step_seed(self.args.seed, self._eval_batch, self.args.process_index,
+                             stream=EVAL_STREAM)
+            self._eval_batch += 1
+            out = model(**inputs, step=None, seed=seed)
         if model.training:
             for key, value in out.metrics.tensors().items():
                 if "/slot" not in key:  # per-slot values go to diagnostics, not the log line

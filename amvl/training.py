@@ -90,11 +90,13 @@ def batch_indices(n_examples: int, batch_size: int, step: int, seed: int) -> lis
     return out
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
+def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
     """The latent-noise seed of one step on one process: a hash of (seed, step, rank) in
     [0, 2**63), so no two steps or processes share one (an arithmetic formula collided across
-    processes, and with the model's seed + 1 for the prior path)."""
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0] >> 1)
+    processes, and with the model's seed + 1 for the prior path). ``stream`` > 0 gives other
+    streams of seeds (evaluation's), disjoint from training's."""
+    entropy = [seed, step, rank] + ([stream] if stream else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -254,3 +254,55 @@ def test_peft_model_saves_and_loads_its_special_token_rows(tmp_path):
     torch.testing.assert_close(loaded(**batch, seed=1).loss, expected)
     torch.testing.assert_close(loaded._unwrapped().get_input_embeddings().weight[ids],
                                model._unwrapped().get_input_embeddings().weight[ids])
+
+
+def _record_calls(model) -> list[dict]:
+    """The step and seed of every forward of ``model``."""
+    calls = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append({k: kwargs.get(k) for k in ("step", "seed")}),
+        with_kwargs=True)
+    return calls
+
+
+def test_each_rank_and_micro_batch_draws_its_own_noise(tmp_path, monkeypatch):
+    """With one TrainingArguments.seed on every rank (as a Trainer script has it), the latent
+    noise still differs between ranks and between micro-batches, and is the same again for
+    the same rank: seeded from (seed, micro-batch, rank), not torch's global generator, which
+    the Trainer seeds alike on every rank."""
+    seeds = {}
+    for rank in (0, 1, 0):
+        monkeypatch.setattr(TrainingArguments, "process_index", property(lambda self: rank))
+        model, tokenizer = _tiny_model()
+        calls = _record_calls(model)
+        _trainer(model, tokenizer, tmp_path / f"rank{rank}", 2,
+                 gradient_accumulation_steps=2).train()
+        run = [c["seed"] for c in calls]
+        # 2 steps of up to 2 micro-batches (an epoch of 3 batches ends the second early)
+        assert len(run) == len(set(run)) >= 3 and None not in run
+        assert seeds.setdefault(rank, run) == run
+    assert not set(seeds[0]) & set(seeds[1])
+
+
+def test_evaluation_scores_the_full_objective_with_fixed_noise(tmp_path):
+    """eval_loss is the full objective (KL weight 1 during a warm-up), the same for the same
+    model every time, and evaluating between steps leaves training's losses as they were."""
+    histories = []
+    for eval_steps in (None, 1):
+        model, tokenizer = _tiny_model()
+        model.config.kl_schedule, model.config.kl_warmup_steps = "linear", 100
+        calls = _record_calls(model)
+        extra = dict(eval_strategy="steps", eval_steps=eval_steps) if eval_steps else {}
+        trainer = AMVLTrainer(model, TrainingArguments(
+            output_dir=str(tmp_path / str(eval_steps)), per_device_train_batch_size=4,
+            per_device_eval_batch_size=4, max_steps=3, learning_rate=1e-2, logging_steps=1,
+            save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+            **extra), train_dataset=_data(), eval_dataset=_data(8), data_collator=AMVLCollator(tokenizer))
+        trainer.train()
+        histories.append([e["loss"] for e in trainer.state.log_history if "loss" in e])
+        if eval_steps:
+            first, again = trainer.evaluate()["eval_loss"], trainer.evaluate()["eval_loss"]
+            assert first == again
+            # 2 batches an evaluation: 3 during training, 2 after, all at KL weight 1
+            assert sum(c["step"] is None for c in calls) == 3 * 2 + 2 * 2
+    assert histories[0] == histories[1]
