@@ -193,7 +193,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from amvl.model import AMVLModel
-    from amvl.training import train
+    from amvl.training import OtherRunError, train
 
     run = load_run_config(args.config)
     base, tokenizer, processor = load_base(run["model"])
@@ -208,8 +208,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = AMVLModel(base, tokenizer, run["amvl_config"])
     out = Path(run.get("output_dir", "runs/amvl"))
     collator = _collator(base, tokenizer, processor, data, cache_images=source == "puzzles")
-    train(model, collator, examples, run["train_config"], output_dir=out, resume=args.resume,
-          progress=not args.no_progress)
+    try:
+        train(model, collator, examples, run["train_config"], output_dir=out,
+              resume=args.resume, progress=not args.no_progress)
+    except (FileExistsError, FileNotFoundError, OtherRunError) as err:  # the output dir's
+        raise SystemExit(f"amvl train: {err}") from None
     from accelerate import PartialState
 
     if PartialState().is_main_process:  # under accelerate launch / torchrun: one writer

@@ -16,6 +16,8 @@ arbitrary is unpickled.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import random
 import shutil
@@ -63,9 +65,27 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"TrainConfig: {message}")
 
+        # Types first: YAML reads 1e-5 as a string and 'false' as a true string, and a float
+        # step count would pass the range checks and fail an hour in.
+        for name in ("steps", "batch_size", "warmup_steps", "seed", "log_every", "save_every",
+                     "save_total_limit"):
+            value = getattr(self, name)
+            require(isinstance(value, numbers.Integral) and not isinstance(value, bool),
+                    f"{name} must be an int, got {value!r}")
+            setattr(self, name, int(value))
+        for name in ("learning_rate", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            hint = " (YAML reads 1e-5 as a string: write 1.0e-5)" if isinstance(value, str) else ""
+            require(isinstance(value, numbers.Real) and not isinstance(value, bool)
+                    and math.isfinite(value), f"{name} must be a finite number, got {value!r}{hint}")
+            setattr(self, name, float(value))
+        require(isinstance(self.activation_checkpointing, bool),
+                f"activation_checkpointing must be true or false, got "
+                f"{self.activation_checkpointing!r}")
         for name in ("steps", "batch_size", "log_every"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.learning_rate > 0, "learning_rate must be > 0")
+        require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         require(0 <= self.warmup_steps <= self.steps,
                 f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
         require(self.save_every >= 0, f"save_every must be >= 0, got {self.save_every}")
@@ -179,6 +199,45 @@ def _prune(output_dir: Path, keep: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+class OtherRunError(ValueError):
+    """A checkpoint to resume was trained with other settings."""
+
+
+def _check_same_run(checkpoint: Path, model, config: TrainConfig) -> None:
+    """Refuse to resume a checkpoint of another run: another latent block or objective (the
+    model's AMVLConfig), or another data order or batch (seed, batch_size). The step count,
+    rates and logging may change on resume."""
+    from amvl.config import AMVLConfig
+
+    saved = AMVLConfig.load(checkpoint)
+    if saved != model.config:
+        differ = sorted(k for k, v in saved.to_dict().items() if model.config.to_dict()[k] != v)
+        raise OtherRunError(f"{checkpoint} was trained with another AMVLConfig (differs in "
+                         f"{differ}): resume it with the same settings or start a new run "
+                         "elsewhere")
+    state = json.loads((checkpoint / "state.json").read_text())
+    for name in ("seed", "batch_size"):
+        before = state["train_config"].get(name)
+        if before != getattr(config, name):
+            raise OtherRunError(f"{checkpoint} was trained with {name}={before}, this run has "
+                             f"{getattr(config, name)}: the data order would not continue")
+
+
+def _decay_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups as transformers' Trainer makes them: weight decay on weight matrices, none
+    on biases and normalisation weights (decaying a norm's gain pulls it towards 0, not 1)."""
+    decay, keep, seen = [], [], set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:  # tied weights: once
+                continue
+            seen.add(id(param))
+            is_norm = "norm" in type(module).__name__.lower() or "norm" in name.lower()
+            (keep if name == "bias" or is_norm or param.dim() < 2 else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": keep, "weight_decay": 0.0}]
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -213,15 +272,23 @@ def train(model, collator, examples: Sequence[dict], config: TrainConfig,
                          f"{world} processes")
     torch.manual_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate,
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(_decay_groups(model, config.weight_decay),
+                                  lr=config.learning_rate)
     scheduler = get_scheduler(config.lr_scheduler, optimizer, config.warmup_steps, config.steps)
     start, history, sums = 0, [], {}
     out = Path(output_dir) if output_dir is not None else None
+    found = latest_checkpoint(out) if out is not None else None
+    if found is not None and not resume:
+        # Its checkpoints would be pruned among this run's by step number, and a later
+        # resume would continue whichever is newest.
+        raise FileExistsError(f"{out} already holds checkpoints of a run ({found.name}): pass "
+                              "resume=True (amvl train --resume) to continue it, or choose "
+                              "another output directory")
     if resume:
-        checkpoint = latest_checkpoint(out) if out is not None else None
+        checkpoint = found
         if checkpoint is None:
             raise FileNotFoundError(f"resume=True but no checkpoint in {output_dir}")
+        _check_same_run(checkpoint, model, config)
         load_model(model, str(checkpoint / "model.safetensors"), device=str(model.device))
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))

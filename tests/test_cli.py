@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -51,6 +52,26 @@ def test_train_resume_and_eval(tmp_path, capsys):
                  "--out", str(out), "--no-progress"]) == 0
     assert "counting" in capsys.readouterr().out
     assert out.is_file()
+
+
+def test_train_keeps_runs_apart(tmp_path):
+    """A new run into a directory holding another run's checkpoints is refused (its pruning
+    would delete the new checkpoints among the old by step, and --resume would continue the
+    newest); --resume refuses a checkpoint trained with other settings, and one that is not
+    there."""
+    config = _run_config(tmp_path, steps=2, save_every=1)
+    assert main(["train", "--config", config, "--no-progress"]) == 0
+    with pytest.raises(SystemExit, match="already holds checkpoints"):
+        main(["train", "--config", config, "--no-progress"])
+    other = yaml.safe_load(Path(config).read_text())
+    other["amvl"]["objective"] = "amvl"
+    Path(config).write_text(yaml.safe_dump(other))
+    with pytest.raises(SystemExit, match=r"another AMVLConfig \(differs in \['objective'\]\)"):
+        main(["train", "--config", config, "--resume", "--no-progress"])
+    other["output_dir"] = str(tmp_path / "empty")
+    Path(config).write_text(yaml.safe_dump(other))
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        main(["train", "--config", config, "--resume", "--no-progress"])
 
 
 @pytest.mark.parametrize("text,match", [

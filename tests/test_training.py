@@ -136,6 +136,36 @@ def test_every_step_trains_in_train_mode_whatever_on_log_did():
     assert modes == [True, True, True]
 
 
+def test_weight_decay_spares_biases_and_norms():
+    """As transformers' Trainer does: AdamW decays the weight matrices, not the biases and
+    normalisation gains (a decayed RMSNorm gain drifts towards 0, not 1); a tied weight is
+    listed once."""
+    from amvl.training import _decay_groups
+
+    model, _ = _model()
+    decay, keep = _decay_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and keep["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    kept = {names[id(p)] for p in keep["params"]}
+    assert kept and all("norm" in n or n.endswith("bias") for n in kept)
+    assert all(p.dim() == 2 for p in decay["params"])
+    listed = decay["params"] + keep["params"]
+    assert len({id(p) for p in listed}) == len(listed) == \
+        len({id(p) for p in model.parameters() if p.requires_grad})
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"learning_rate": "1e-5"}, "YAML reads 1e-5 as a string"),
+    ({"steps": 3.5}, "steps must be an int"),
+    ({"activation_checkpointing": "false"}, "activation_checkpointing"),
+    ({"max_grad_norm": "1.0"}, "max_grad_norm"),
+    ({"weight_decay": -0.1}, "weight_decay"),
+])
+def test_train_config_types_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
 def test_step_seeds_never_collide():
     from amvl.training import step_seed
 
