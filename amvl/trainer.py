@@ -57,14 +57,13 @@ class AMVLTrainer(Trainer):
         return super().evaluate(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if model.training:
-            out = model(**inputs, step=self.state.global_step, seed=self._training_seed())
-        else:
+        if not model.training:
             seed = step_seed(self.args.seed, self._eval_batch, self.args.process_index,
                              stream=EVAL_STREAM)
             self._eval_batch += 1
             out = model(**inputs, step=None, seed=seed)
-        if model.training:
+        else:
+            out = model(**inputs, step=self.state.global_step, seed=self._training_seed())
             for key, value in out.metrics.tensors().items():
                 if "/slot" not in key:  # per-slot values go to diagnostics, not the log line
                     self._metric_sums[key] = self._metric_sums[key] + value
