@@ -29,8 +29,10 @@ def main(out: str) -> None:
              "answer": words[int(torch.randint(0, 30, (1,), generator=rng))]} for _ in range(16)]
     args = TrainingArguments(output_dir=out, per_device_train_batch_size=2, max_steps=3,
                              learning_rate=1e-2, logging_steps=1, save_strategy="no",
-                             report_to=[], use_cpu=True, ddp_backend="gloo", seed=int(os.environ["RANK"]),
+                             report_to=[], use_cpu=True, ddp_backend="gloo", seed=0,
                              disable_tqdm=True, dataloader_num_workers=0)
+    # One seed on every rank, as a Trainer script has it: AMVLTrainer draws each rank's
+    # latent noise from (seed, micro-batch, rank), not from the generator the Trainer seeds.
     trainer = AMVLTrainer(model, args, train_dataset=data, data_collator=AMVLCollator(tokenizer))
     trainer.train()
     rank = int(os.environ["RANK"])
