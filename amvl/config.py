@@ -89,9 +89,11 @@ class AMVLConfig:
 
         def real(name: str) -> None:  # finite: an inf weight or bound makes the loss inf/NaN
             value = getattr(self, name)
-            hint = " (YAML reads 1e-3 as a string: write 1.0e-3)" if isinstance(value, str) else ""
+            hint = " (YAML reads 1e-3 as a string: write 1.0e-3)" \
+                if isinstance(value, str) else ""
             require(isinstance(value, numbers.Real) and not isinstance(value, bool)
-                    and math.isfinite(value), f"{name} must be a finite number, got {value!r}{hint}")
+                    and math.isfinite(value),
+                    f"{name} must be a finite number, got {value!r}{hint}")
             setattr(self, name, float(value))
 
         for name, least in (("num_slots", 1), ("latent_dim", 1), ("kl_warmup_steps", 0),

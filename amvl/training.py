@@ -75,9 +75,11 @@ class TrainConfig:
             setattr(self, name, int(value))
         for name in ("learning_rate", "weight_decay", "max_grad_norm"):
             value = getattr(self, name)
-            hint = " (YAML reads 1e-5 as a string: write 1.0e-5)" if isinstance(value, str) else ""
+            hint = " (YAML reads 1e-5 as a string: write 1.0e-5)" \
+                if isinstance(value, str) else ""
             require(isinstance(value, numbers.Real) and not isinstance(value, bool)
-                    and math.isfinite(value), f"{name} must be a finite number, got {value!r}{hint}")
+                    and math.isfinite(value),
+                    f"{name} must be a finite number, got {value!r}{hint}")
             setattr(self, name, float(value))
         require(isinstance(self.activation_checkpointing, bool),
                 f"activation_checkpointing must be true or false, got "

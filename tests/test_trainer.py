@@ -297,7 +297,8 @@ def test_evaluation_scores_the_full_objective_with_fixed_noise(tmp_path):
             output_dir=str(tmp_path / str(eval_steps)), per_device_train_batch_size=4,
             per_device_eval_batch_size=4, max_steps=3, learning_rate=1e-2, logging_steps=1,
             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
-            **extra), train_dataset=_data(), eval_dataset=_data(8), data_collator=AMVLCollator(tokenizer))
+            **extra), train_dataset=_data(), eval_dataset=_data(8),
+            data_collator=AMVLCollator(tokenizer))
         trainer.train()
         histories.append([e["loss"] for e in trainer.state.log_history if "loss" in e])
         if eval_steps:
