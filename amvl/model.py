@@ -542,6 +542,9 @@ class AMVLModel(nn.Module):
     def _images(self, pixel_values, image_grid_thw) -> dict | None:
         if pixel_values is None:
             return None
+        if not self.is_vlm:  # the text model's forward would drop them without a word
+            raise ValueError(f"pixel_values given, but {type(self._unwrapped()).__name__} is "
+                             "a text-only model: it cannot see images")
         return {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
 
     def heads(self, prompt_ids: Tensor, prompt_mask: Tensor, answer_ids: Tensor | None = None,
@@ -599,6 +602,7 @@ class AMVLModel(nn.Module):
         return logits
 
     @torch.no_grad()
+    @in_eval_mode  # greedy decoding means no dropout, whatever mode training left
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor,
                  pixel_values: Tensor | None = None, image_grid_thw: Tensor | None = None, *,
                  latent: str | None = None, num_samples: int | None = None,
@@ -621,8 +625,11 @@ class AMVLModel(nn.Module):
                 or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         max_new_tokens = int(max_new_tokens)
+        if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(
+                num_samples, numbers.Integral) or num_samples < 1):
+            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
         self._check_batch(prompt_ids, prompt_mask)
-        n = (num_samples or self.config.num_samples) if mode == "sample" else 1
+        n = int(num_samples or self.config.num_samples) if mode == "sample" else 1
         if n > 1:  # every draw decodes as its own row
             if pixel_values is not None:
                 pixel_values, image_grid_thw = self._repeat_images(prompt_ids, pixel_values,
@@ -656,7 +663,8 @@ class AMVLModel(nn.Module):
         tokens = []
         for t in range(max_new_tokens):
             token = self.next_token_logits(hidden[:, -1]).argmax(-1)
-            token = torch.where(done, torch.full_like(token, pad), token)
+            if pad is not None:  # no EOS and no pad: every row runs max_new_tokens
+                token = torch.where(done, torch.full_like(token, pad), token)
             tokens.append(token)
             done |= token == eos if eos is not None else done
             if bool(done.all()) or t == max_new_tokens - 1:

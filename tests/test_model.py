@@ -511,9 +511,34 @@ def test_generate_needs_a_token_to_generate():
     model, batch = build("qwen2", objective="amvl")
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=0)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="num_samples"):
+            model.generate(batch["prompt_ids"], batch["prompt_mask"], latent="sample",
+                           num_samples=bad)
+    with pytest.raises(ValueError, match="text-only model"):  # not silently dropped
+        model.generate(batch["prompt_ids"], batch["prompt_mask"],
+                       pixel_values=torch.zeros(4, 8, dtype=torch.float64))
     with pytest.raises(ValueError, match="left-padded"):
         right = _right_padded_prompts(batch)
         model.generate(right["prompt_ids"], right["prompt_mask"])
+
+
+def test_generate_decodes_in_eval_mode_and_without_eos_or_pad():
+    """Greedy decoding from a model left in training mode runs without dropout, and leaves
+    the mode as it was; a tokenizer with neither EOS nor pad runs every row to the end."""
+    model, batch = build("qwen2", objective="amvl")
+    model.base.config.attention_dropout = 0.5
+    for layer in model.base.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    model.eval()
+    expected = model.generate(batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=4)
+    model.train()
+    again = model.generate(batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=4)
+    assert model.training and torch.equal(again.sequences, expected.sequences)
+    model.tokenizer.eos_token, model.tokenizer.pad_token = None, None
+    assert model.tokenizer.eos_token_id is None and model.tokenizer.pad_token_id is None
+    out = model.generate(batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=3)
+    assert out.sequences.shape[-1] == 3
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen2_vl"])
