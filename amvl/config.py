@@ -18,6 +18,34 @@ KL_SCHEDULES = ("constant", "linear", "cyclical")
 INFERENCE_MODES = ("mean", "sample")
 
 
+def check_types(owner: object, integers: dict[str, int], reals: tuple[str, ...],
+                flags: tuple[str, ...]) -> None:
+    """Check and normalise a config dataclass's typed fields in place: ``integers`` maps
+    names to their least value, ``reals`` must be finite numbers, ``flags`` real bools.
+    Raises ValueError naming the class and field. YAML 1.1 (PyYAML) reads 1e-3 as a string
+    and 'false' (quoted) as a string, which would otherwise pass as true or fail an hour in.
+    """
+    def fail(message: str) -> None:
+        raise ValueError(f"{type(owner).__name__}: {message}")
+
+    for name, least in integers.items():
+        value = getattr(owner, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            fail(f"{name} must be an int >= {least}, got {value!r}")
+        setattr(owner, name, int(value))
+    for name in reals:
+        value = getattr(owner, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+                or not math.isfinite(value):  # an inf weight makes the loss inf or NaN
+            hint = " (YAML reads 1e-5 as a string: write 1.0e-5)" if isinstance(value, str) \
+                else ""
+            fail(f"{name} must be a finite number, got {value!r}{hint}")
+        setattr(owner, name, float(value))
+    for name in flags:
+        if not isinstance(getattr(owner, name), bool):
+            fail(f"{name} must be true or false, got {getattr(owner, name)!r}")
+
+
 @dataclass
 class AMVLConfig:
     """Latent block, objective and inference settings (DESIGN.md section 2).
@@ -81,30 +109,11 @@ class AMVLConfig:
             if not ok:
                 raise ValueError(f"AMVLConfig: {message}")
 
-        def integer(name: str, least: int) -> None:
-            value = getattr(self, name)
-            require(isinstance(value, numbers.Integral) and not isinstance(value, bool)
-                    and value >= least, f"{name} must be an int >= {least}, got {value!r}")
-            setattr(self, name, int(value))
-
-        def real(name: str) -> None:  # finite: an inf weight or bound makes the loss inf/NaN
-            value = getattr(self, name)
-            hint = " (YAML reads 1e-3 as a string: write 1.0e-3)" \
-                if isinstance(value, str) else ""
-            require(isinstance(value, numbers.Real) and not isinstance(value, bool)
-                    and math.isfinite(value),
-                    f"{name} must be a finite number, got {value!r}{hint}")
-            setattr(self, name, float(value))
-
-        for name, least in (("num_slots", 1), ("latent_dim", 1), ("kl_warmup_steps", 0),
-                            ("kl_cycle_steps", 2), ("num_samples", 1)):
-            integer(name, least)
-        for name in ("alpha", "beta", "gamma", "free_bits", "kl_cycle_ratio", "logvar_min",
-                     "logvar_max", "logvar_init"):
-            real(name)
-        for name in ("prefix_sharing", "pair_weight_grads"):
-            require(isinstance(getattr(self, name), bool),
-                    f"{name} must be true or false, got {getattr(self, name)!r}")
+        check_types(self, integers={"num_slots": 1, "latent_dim": 1, "kl_warmup_steps": 0,
+                                    "kl_cycle_steps": 2, "num_samples": 1},
+                    reals=("alpha", "beta", "gamma", "free_bits", "kl_cycle_ratio",
+                           "logvar_min", "logvar_max", "logvar_init"),
+                    flags=("prefix_sharing", "pair_weight_grads"))
         for name in ("latent_start_token", "latent_end_token", "latent_token",
                      "prior_query_token", "posterior_query_token"):
             require(isinstance(getattr(self, name), str) and getattr(self, name) != "",

@@ -16,8 +16,6 @@ arbitrary is unpickled.
 from __future__ import annotations
 
 import json
-import math
-import numbers
 import os
 import random
 import shutil
@@ -31,6 +29,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
+
+from amvl.config import AMVLConfig, check_types
 
 CHECKPOINT_PREFIX = "checkpoint-"
 # transformers.get_scheduler names that need nothing beyond warm-up and length (the plateau
@@ -65,25 +65,10 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"TrainConfig: {message}")
 
-        # Types first: YAML reads 1e-5 as a string and 'false' as a true string, and a float
-        # step count would pass the range checks and fail an hour in.
-        for name in ("steps", "batch_size", "warmup_steps", "seed", "log_every", "save_every",
-                     "save_total_limit"):
-            value = getattr(self, name)
-            require(isinstance(value, numbers.Integral) and not isinstance(value, bool),
-                    f"{name} must be an int, got {value!r}")
-            setattr(self, name, int(value))
-        for name in ("learning_rate", "weight_decay", "max_grad_norm"):
-            value = getattr(self, name)
-            hint = " (YAML reads 1e-5 as a string: write 1.0e-5)" \
-                if isinstance(value, str) else ""
-            require(isinstance(value, numbers.Real) and not isinstance(value, bool)
-                    and math.isfinite(value),
-                    f"{name} must be a finite number, got {value!r}{hint}")
-            setattr(self, name, float(value))
-        require(isinstance(self.activation_checkpointing, bool),
-                f"activation_checkpointing must be true or false, got "
-                f"{self.activation_checkpointing!r}")
+        check_types(self, integers={"steps": 1, "batch_size": 1, "warmup_steps": 0, "seed": 0,
+                                    "log_every": 1, "save_every": 0, "save_total_limit": 0},
+                    reals=("learning_rate", "weight_decay", "max_grad_norm"),
+                    flags=("activation_checkpointing",))
         for name in ("steps", "batch_size", "log_every"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.learning_rate > 0, "learning_rate must be > 0")
@@ -209,20 +194,19 @@ def _check_same_run(checkpoint: Path, model, config: TrainConfig) -> None:
     """Refuse to resume a checkpoint of another run: another latent block or objective (the
     model's AMVLConfig), or another data order or batch (seed, batch_size). The step count,
     rates and logging may change on resume."""
-    from amvl.config import AMVLConfig
-
     saved = AMVLConfig.load(checkpoint)
     if saved != model.config:
         differ = sorted(k for k, v in saved.to_dict().items() if model.config.to_dict()[k] != v)
         raise OtherRunError(f"{checkpoint} was trained with another AMVLConfig (differs in "
-                         f"{differ}): resume it with the same settings or start a new run "
-                         "elsewhere")
+                            f"{differ}): resume it with the same settings or start a new run "
+                            "elsewhere")
     state = json.loads((checkpoint / "state.json").read_text())
     for name in ("seed", "batch_size"):
         before = state["train_config"].get(name)
         if before != getattr(config, name):
-            raise OtherRunError(f"{checkpoint} was trained with {name}={before}, this run has "
-                             f"{getattr(config, name)}: the data order would not continue")
+            raise OtherRunError(f"{checkpoint} was trained with {name}={before}, this run "
+                                f"has {getattr(config, name)}: the data order would not "
+                                "continue")
 
 
 def _decay_groups(model, weight_decay: float) -> list[dict]:

@@ -34,7 +34,7 @@ def test_round_trip(tmp_path):
     ({"num_slots": True}, "num_slots"),
     ({"alpha": float("inf")}, "alpha must be a finite"),
     ({"free_bits": float("inf")}, "free_bits"),
-    ({"beta": "1e-3"}, "YAML reads 1e-3 as a string"),
+    ({"beta": "1e-3"}, "YAML reads 1e-5 as a string"),
     ({"prefix_sharing": "false"}, "prefix_sharing"),
     ({"latent_token": ""}, "non-empty"),
     ({"kl_cycle_steps": 1}, "kl_cycle_steps"),  # a weight of 0 at every step
