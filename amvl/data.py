@@ -10,6 +10,7 @@ emits.
 
 from __future__ import annotations
 
+import os
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -45,7 +46,8 @@ class AMVLCollator:
             whose images alone exceed ``max_prompt_tokens`` is an error, since the question
             would vanish entirely.
         cache_images: keep each processed image for as long as the image object lives (for
-            many epochs over a small image set, e.g. the built-in puzzles).
+            many epochs over a small image set, e.g. the built-in puzzles); images given as
+            file paths are kept by path for the collator's life.
     """
 
     def __init__(self, tokenizer, image_processor=None, vision_tokens: VisionTokens | None = None,
@@ -55,6 +57,11 @@ class AMVLCollator:
             raise ValueError("the tokenizer needs a pad or an EOS token")
         if image_processor is not None and vision_tokens is None:
             raise ValueError("image_processor given without vision_tokens")
+        for name, value in (("max_prompt_tokens", max_prompt_tokens),
+                            ("max_answer_tokens", max_answer_tokens)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.vision_tokens = vision_tokens
@@ -65,20 +72,31 @@ class AMVLCollator:
         # id(image) -> (weak reference, processed): PIL images are unhashable, and a weak
         # reference tells a live image from a new one that reuses a freed id.
         self._image_cache: dict[int, tuple[weakref.ref, dict]] | None = {} if cache_images else None
+        self._path_cache: dict[str, dict] = {}  # file names cannot be weakly referenced
 
     def _process_image(self, image) -> dict:
-        if self._image_cache is not None:
-            hit = self._image_cache.get(id(image))
-            if hit is not None and hit[0]() is image:
-                return hit[1]
+        if isinstance(image, os.PathLike):  # the image processor loads str paths only
+            image = os.fspath(image)
+        if self._image_cache is None:
+            return self.image_processor(images=[image], return_tensors="pt")
+        if isinstance(image, str):
+            if image not in self._path_cache:
+                self._path_cache[image] = self.image_processor(images=[image],
+                                                               return_tensors="pt")
+            return self._path_cache[image]
+        hit = self._image_cache.get(id(image))
+        if hit is not None and hit[0]() is image:
+            return hit[1]
         processed = self.image_processor(images=[image], return_tensors="pt")
-        if self._image_cache is not None:
-            cache, key = self._image_cache, id(image)
+        cache, key = self._image_cache, id(image)
 
-            def forget(ref: weakref.ref) -> None:  # the image is gone: so is its entry
-                if cache.get(key, (None,))[0] is ref:
-                    del cache[key]
+        def forget(ref: weakref.ref) -> None:  # the image is gone: so is its entry
+            if cache.get(key, (None,))[0] is ref:
+                del cache[key]
+        try:
             cache[key] = (weakref.ref(image, forget), processed)
+        except TypeError:  # an object without weak references: processed each time
+            pass
         return processed
 
     def _text_ids(self, text: str) -> list[int]:
@@ -133,7 +151,7 @@ class AMVLCollator:
     def _truncated(self, index: int, question: list[int], image_tokens: int) -> list[int]:
         """The question's last tokens that fit beside ``image_tokens`` in max_prompt_tokens."""
         room = self.max_prompt_tokens - image_tokens
-        if room <= 0 and question:
+        if room < 0 or (room == 0 and question):
             raise ValueError(f"example {index}: its images take {image_tokens} tokens, "
                              f"max_prompt_tokens is {self.max_prompt_tokens}, so no room is left "
                              "for the question; raise max_prompt_tokens or give the image "

@@ -159,7 +159,7 @@ class _Row:
     def image(self, key: str, value) -> Image.Image:
         where = f"image {key!r}"
         if isinstance(value, Image.Image):
-            return value.convert("RGB")
+            return _rgb(value)
         if isinstance(value, dict):
             data, path = value.get("bytes"), value.get("path")
             if data is not None:
@@ -197,9 +197,20 @@ class _Row:
     def _decode(self, where: str, data: bytes) -> Image.Image:
         try:
             with Image.open(io.BytesIO(data)) as image:
-                return image.convert("RGB")
+                return _rgb(image)
         except Exception as err:  # noqa: BLE001 - PIL raises many types for bad data
             self.fail(f"{where}: cannot decode the image ({type(err).__name__}: {err})")
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """``image`` as RGB, transparent pixels composited onto white as transformers'
+    ``convert_to_rgb`` (Qwen2-VL's image processor) does: dropping the alpha channel would
+    show whatever colour lies under them, often black."""
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)),
+                                     rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def _labels(n: int) -> list[str]:
@@ -239,7 +250,7 @@ def _read_records(file: Path) -> list:
             return pq.read_table(file).to_pylist()
         except Exception as err:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ...
             raise ValueError(f"{file}: not a readable parquet file ({err})") from err
-    text = file.read_text(encoding="utf-8")
+    text = file.read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark is dropped
     if not text.strip():
         raise ValueError(f"{file}: the file is empty")
     if text.lstrip().startswith("["):
@@ -295,6 +306,8 @@ def _blink_subtasks(subtasks: Sequence[str] | None) -> list[str] | None:
         return None
     if isinstance(subtasks, str):
         subtasks = [subtasks]
+    if not subtasks:
+        raise ValueError("subtasks is empty; pass None for every subtask found")
     names = []
     for s in subtasks:
         name = _blink_name(s)
@@ -463,6 +476,8 @@ def load_visualpuzzles(path: str | os.PathLike, split: str | None = None,
     wanted = None
     if categories is not None:
         categories = [categories] if isinstance(categories, str) else categories
+        if not categories:
+            raise ValueError("categories is empty; pass None for all five")
         wanted = [_visualpuzzles_category(c) for c in categories]
         if None in wanted:
             raise ValueError(f"unknown VisualPuzzles categories in {list(categories)}; the "

@@ -34,6 +34,7 @@ NUMBERS = ["zero", "one", "two", "three", "four", "five", "six"]
 DIRECTIONS = ["left", "right", "above", "below"]
 SPLITS = {"train": 0, "val": 1, "test": 2}
 FAMILIES = ("counting", "comparison", "spatial", "odd_one_out", "pattern")
+MIN_GRID = 4  # odd_one_out places up to 10 shapes; a pattern of period 3 hides a cell past 3
 
 
 class PuzzleCanvas:
@@ -141,6 +142,12 @@ def make_puzzle(family: str, split: str, index: int, seed: int = 0, grid: int = 
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < MIN_GRID:
+        raise ValueError(f"grid must be an int >= {MIN_GRID} (the odd-one-out family places "
+                         f"up to 10 shapes, a pattern row needs its period + 1 cells), got "
+                         f"{grid!r}")
+    if isinstance(cell, bool) or not isinstance(cell, int) or cell < 1:
+        raise ValueError(f"cell must be a positive int (pixels a side), got {cell!r}")
     family_index = FAMILIES.index(family)
     rng = np.random.default_rng([seed, SPLITS[split], family_index, index])
     canvas = PuzzleCanvas(grid, cell)

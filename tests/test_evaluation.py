@@ -292,6 +292,46 @@ def test_missing_files_and_duplicates(tmp_path, blink_dir, vp_records):
     file.write_text(json.dumps(_as_json(vp_records[0])))
     with pytest.raises(ValueError, match=r"no records for \['Spatial'\]"):
         load_visualpuzzles(file, categories=["spatial"])
+    # An empty selection was "all" for the folders and "none" for the records.
+    with pytest.raises(ValueError, match="subtasks is empty"):
+        load_blink(blink_dir, subtasks=[])
+    with pytest.raises(ValueError, match="categories is empty"):
+        load_visualpuzzles(file, categories=[])
+
+
+def test_files_with_a_byte_order_mark(tmp_path, vp_records):
+    records = [_as_json(r) for r in vp_records]
+    (tmp_path / "plain.json").write_text(json.dumps(records), encoding="utf-8")
+    (tmp_path / "array.json").write_text(json.dumps(records), encoding="utf-8-sig")
+    (tmp_path / "lines.jsonl").write_text("\n".join(json.dumps(r) for r in records),
+                                          encoding="utf-8-sig")
+    expected = [ex["id"] for ex in load_visualpuzzles(tmp_path / "plain.json")]
+    assert len(expected) == len(records)
+    for name in ("array.json", "lines.jsonl"):
+        assert [ex["id"] for ex in load_visualpuzzles(tmp_path / name)] == expected
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_images_are_composited_onto_white(tmp_path, mode):
+    # A black square on a transparent background: dropping alpha made the image all black.
+    pixels = np.zeros((16, 16, 4), np.uint8)
+    pixels[4:12, 4:12] = (0, 0, 0, 255)
+    image = Image.fromarray(pixels, "RGBA")
+    if mode == "LA":
+        image = image.convert("LA")
+    elif mode == "P":
+        image = image.convert("P")
+        image.info["transparency"] = image.getpixel((0, 0))  # the background's index
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    record = _blink_record(np.random.default_rng(0), "Counting", 0)
+    record["image_1"] = {"bytes": buffer.getvalue(), "path": None}
+    (tmp_path / "Counting").mkdir()
+    (tmp_path / "Counting" / "val.jsonl").write_text(json.dumps(_as_json(record)))
+    loaded = load_blink(tmp_path)[0]["images"][0]
+    rgb = np.asarray(loaded)
+    assert loaded.mode == "RGB"
+    assert rgb[0, 0].tolist() == [255, 255, 255] and rgb[8, 8].tolist() == [0, 0, 0]
 
 
 # ------------------------------------------------------------------------------ scoring

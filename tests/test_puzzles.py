@@ -53,3 +53,16 @@ def test_bad_arguments():
         make_puzzle("sudoku", "train", 0)
     with pytest.raises(ValueError, match="split"):
         make_puzzle("counting", "dev", 0)
+    # A 3 x 3 grid used to work for some indices and fail with NumPy's errors at others.
+    for family, index in (("odd_one_out", 20), ("pattern", 4), ("counting", 0)):
+        with pytest.raises(ValueError, match="grid must be an int >= 4"):
+            make_puzzle(family, "train", index, grid=3)
+    with pytest.raises(ValueError, match="cell must be a positive int"):
+        make_puzzle("counting", "train", 0, cell=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_smallest_grid_builds_every_index(family):
+    for i in range(300):
+        ex = make_puzzle(family, "train", i, grid=4, cell=2)
+        assert ex["images"][0].size == (8, 8) and ex["answer"] in ex["choices"]
