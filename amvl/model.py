@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from amvl_kernels.hf import PrefixKeys
+from amvl_kernels.hf import PrefixKeys, layouts_replace_masks
 from amvl_kernels.layout import LatentLayout
 
 from amvl.config import AMVLConfig
@@ -347,8 +347,16 @@ class AMVLModel(nn.Module):
                 kwargs[name] = keys_store
         backbone = self._backbone()
         kwargs[_cache_kwarg(backbone)] = cache
-        out = backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                       use_cache=use_cache, **kwargs)
+        promise = contextlib.nullcontext()
+        if "latent_layout" in kwargs:
+            promise = layouts_replace_masks()
+            if cache is None and not self.is_vlm:
+                # A 2D mask keeps transformers from reading restarting positions as packed
+                # sequences (a host sync); the layout replaces it.
+                mask = torch.ones(seq.input_ids.shape, dtype=torch.bool, device=embeds.device)
+        with promise:
+            out = backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                           use_cache=use_cache, **kwargs)
         # transformers 5.2x names the output field "cache", earlier 5.x "past_key_values"; the
         # old name is looked up in keys() only, since reading it on 5.2x logs a deprecation.
         cache = next((out[k] for k in ("cache", "past_key_values") if k in out.keys()), None)

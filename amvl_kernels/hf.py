@@ -38,10 +38,11 @@ transformers; ``import amvl_kernels`` alone does not.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -112,6 +113,29 @@ _moved_layouts = _OneEntryCache()
 
 # ----------------------------------------------------------------------------- mask function
 
+# How many callers have promised a latent_layout= on every "amvl" call (see
+# layouts_replace_masks). A plain global, not a ContextVar: Dynamo traces globals.
+_layout_promises = 0
+
+
+@contextlib.contextmanager
+def layouts_replace_masks() -> Iterator[None]:
+    """Within: every ``"amvl"`` attention call passes ``latent_layout=``, so the mask function
+    builds nothing.
+
+    The layout replaces whatever mask transformers would hand on. Without this promise a call
+    with ``attention_mask=None`` and position ids that restart (left padding, or the prefix
+    pass's prior slots and answer, which both continue from the end of x) looks like packed
+    sequences to transformers, and the mask function builds the dense (B, 1, Lq, Lk) mask
+    that the layout then overrides: O(B L^2) memory and a host sync for nothing.
+    """
+    global _layout_promises
+    _layout_promises += 1
+    try:
+        yield
+    finally:
+        _layout_promises -= 1
+
 
 def amvl_attention_mask(batch_size: int, q_length: int, kv_length: int,
                         q_offset: int | Tensor = 0, kv_offset: int = 0,
@@ -123,8 +147,11 @@ def amvl_attention_mask(batch_size: int, q_length: int, kv_length: int,
     gives None without padding, else the (B, kv_length) bool padding mask (True = real token).
     Anything else (packed sequences, overlays, sliding or chunked windows, a static cache)
     gives the dense 4D mask of transformers' ``sdpa_mask``: the attention function then runs
-    SDPA on it, or raises if the module asks for something it cannot honour.
+    SDPA on it, or raises if the module asks for something it cannot honour. Within
+    :func:`layouts_replace_masks`: None.
     """
+    if _layout_promises:
+        return None
     if isinstance(q_offset, Tensor):  # static caches hand a tensor (one host sync per pass)
         q_offset = int(q_offset)
     queries_are_last = q_offset + q_length == kv_offset + kv_length
@@ -218,6 +245,10 @@ def _check_supported(module: torch.nn.Module, num_keys: int, dropout: float, kwa
             f"'amvl' attention has no logit soft-capping (softcap={kwargs['softcap']})")
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("'amvl' attention has no attention sinks (s_aux)")
+    if kwargs.get("output_attentions"):
+        raise NotImplementedError("'amvl' attention never forms the attention weights "
+                                  "(output_attentions=True): use attn_implementation='eager' "
+                                  "for them")
 
 
 def _user_layout(layout: object, query: Tensor, key: Tensor) -> LatentLayout:
@@ -268,6 +299,9 @@ def amvl_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, 
     layout = kwargs.get("latent_layout")
     if layout is not None:
         layout = _user_layout(layout, query, key)
+    elif _layout_promises:  # the mask function built nothing: there is no padding mask
+        raise ValueError(f"{type(module).__name__} got no latent_layout= inside "
+                         "layouts_replace_masks(), where every 'amvl' call must pass one")
     else:
         is_causal = kwargs.get("is_causal")
         if is_causal is None:

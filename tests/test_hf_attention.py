@@ -363,6 +363,24 @@ def test_softcap_raises():
         akhf.amvl_attention_forward(torch.nn.Module(), q, k, k, None, softcap=30.0)
 
 
+def test_attention_weights_are_refused_not_dropped():
+    # output_attentions=True once returned an empty tuple without a word.
+    model, inputs = build("qwen2")
+    akhf.use_amvl_attention(model)
+    with pytest.raises(NotImplementedError, match="output_attentions"):
+        model(**inputs, output_attentions=True)
+
+
+def test_a_promised_layout_must_come():
+    # Inside layouts_replace_masks the mask function builds nothing, so a call without a
+    # layout would silently lose its padding: it is refused instead.
+    model, inputs = build("qwen2")
+    akhf.use_amvl_attention(model)
+    with akhf.layouts_replace_masks(), pytest.raises(ValueError, match="no latent_layout"):
+        model(**inputs)
+    model(**inputs)  # the promise ends with its block
+
+
 def test_bad_layouts_raise():
     model, inputs = build("qwen2")
     akhf.use_amvl_attention(model)

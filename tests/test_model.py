@@ -408,6 +408,29 @@ def test_collator_truncates_questions_aloud_and_never_to_nothing():
     collator = AMVLCollator(tokenizer, processor, vision, max_prompt_tokens=8)
     with pytest.raises(ValueError, match="example 0: its images take"):
         collator([{"question": "w1", "answer": "w2", "images": [_image(rng)]}])
+    with pytest.raises(ValueError, match="example 0: its images take"):  # images alone, too
+        collator([{"question": "", "answer": "w2", "images": [_image(rng)]}])
+    for bad in (0, -1, 2.5, "8", True):
+        with pytest.raises(ValueError, match="max_prompt_tokens must be a positive int"):
+            AMVLCollator(tokenizer, max_prompt_tokens=bad)
+        with pytest.raises(ValueError, match="max_answer_tokens must be a positive int"):
+            AMVLCollator(tokenizer, max_answer_tokens=bad)
+
+
+def test_collator_image_cache_takes_file_paths(tmp_path):
+    tokenizer = word_tokenizer(WORDS, vision=True)
+    vision = VisionTokens(*tokenizer.convert_tokens_to_ids(
+        ["<|image_pad|>", "<|vision_start|>", "<|vision_end|>"]))
+    path = tmp_path / "image.png"
+    _image(np.random.default_rng(0)).save(path)
+    batches = []
+    for cache in (False, True, True):
+        collator = AMVLCollator(tokenizer, tiny_image_processor(), vision, cache_images=cache)
+        for image in (str(path), path):
+            batches.append(collator([{"question": "w1", "answer": "w2", "images": [image]}]))
+    assert len(collator._path_cache) == 1
+    for batch in batches[1:]:
+        assert torch.equal(batch["pixel_values"], batches[0]["pixel_values"])
 
 
 @pytest.mark.parametrize("examples,error,match", [
@@ -438,6 +461,36 @@ def test_amvl_attention_gives_the_dense_mask_loss_and_gradients(kind):
         for name in g_dense:
             scale = g_dense[name].abs().max().clamp(min=1e-12)
             assert (grads[name] - g_dense[name]).abs().max() / scale < 1e-5, name
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2_vl"])
+def test_amvl_attention_builds_no_dense_mask_on_any_pass(kind, monkeypatch):
+    """Passes without a KV cache (the checkpointed prefix-shared step, the naive step, heads,
+    answer_nll) once had transformers read restarting positions (left padding; P and y both
+    continuing x) as packed sequences, and the mask function then built a (B, 1, L, L) mask
+    that the layout overrode. Every pass must reach the kernels with no mask built."""
+    import transformers.masking_utils as masking
+
+    import amvl_kernels.hf as akhf
+
+    model, batch = build(kind, objective="amvl")
+    akhf.use_amvl_attention(model.base)
+    built = []
+    monkeypatch.setattr(akhf, "sdpa_mask", lambda *a, **k: built.append(k) or None)
+    packed_checks = []
+    find_packed = masking.find_packed_sequence_indices
+    monkeypatch.setattr(masking, "find_packed_sequence_indices",
+                        lambda *a, **k: packed_checks.append(1) or find_packed(*a, **k))
+    dense, _ = _loss_and_grads(model, batch, prefix_sharing=True)
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    model.train()
+    for share in (True, False):
+        out, _ = _loss_and_grads(model, batch, prefix_sharing=share)
+        torch.testing.assert_close(out.loss, dense.loss, rtol=1e-9, atol=0)
+    with torch.no_grad():
+        heads = model.heads(**batch)
+        model.answer_nll(**batch, z=heads["mu_p"])
+    assert built == [] and packed_checks == []
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen2_vl"])
