@@ -16,6 +16,7 @@ latents under test. Reported (:func:`leakage_report`):
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -48,14 +49,15 @@ def _to(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return out
 
 
-def _variant_latents(heads: dict[str, Tensor], generator: torch.Generator,
-                     noise_scale: float, previous: Tensor | None) -> dict[str, Tensor | None]:
+def _variant_latents(heads: dict[str, Tensor], noise: Tensor, noise_scale: float,
+                     previous: Tensor | None) -> dict[str, Tensor | None]:
     """The latents of every variant for one batch. "swapped" gives each example the prior
     means of the example before it in the whole set (the first example: the last one's), so
     batch boundaries and batches of one example change nothing; ``previous`` holds the prior
-    means of the example before this batch's first."""
+    means of the example before this batch's first. ``noise`` is this batch's rows of one
+    draw for the whole set, so the batch size does not change it either."""
     mu_p = heads["mu_p"]
-    noise = torch.randn(mu_p.shape, generator=generator, dtype=torch.float32).to(mu_p)
+    noise = noise.to(mu_p)
     roll = torch.cat([previous.to(mu_p), mu_p[:-1]])  # a set of one example: its own
     return {"prior": mu_p, "posterior": heads.get("mu_q"), "zeroed": torch.zeros_like(mu_p),
             "noised": mu_p + noise_scale * noise, "swapped": roll}
@@ -76,7 +78,9 @@ def score_choices(model, collator, examples: Sequence[dict], batch_size: int = 8
     has_latents = model.objective.latent_source != "none"
     has_posterior = model.objective.uses_posterior
     n_choices = max(len(ex["choices"]) for ex in examples)
-    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    noise = torch.randn((len(examples), config.num_slots, config.latent_dim),
+                        generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
     nll = {v: np.full((len(examples), n_choices), np.inf) for v in VARIANTS}
     collected: dict[str, list] = {"mu_p": [], "mu_q": [], "kl_fwd": [], "kl_rev": []}
     previous = None  # the prior means of the example before the batch's first, for the swap
@@ -96,7 +100,7 @@ def score_choices(model, collator, examples: Sequence[dict], batch_size: int = 8
             heads = model.heads(gold_batch["prompt_ids"], gold_batch["prompt_mask"],
                                 gold_batch["answer_ids"] if has_posterior else None,
                                 gold_batch["answer_mask"] if has_posterior else None, **images)
-            variants = _variant_latents(heads, generator, noise_scale, previous)
+            variants = _variant_latents(heads, noise[rows], noise_scale, previous)
             previous = heads["mu_p"][-1:]
             collected["mu_p"].append(heads["mu_p"].float().cpu())
             if has_posterior:
@@ -131,22 +135,35 @@ def score_choices(model, collator, examples: Sequence[dict], batch_size: int = 8
 
 def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = 5,
                           seed: int = 0) -> float:
-    """Cross-validated accuracy of a logistic regression decoding ``labels`` from features."""
+    """Cross-validated accuracy of a logistic regression decoding ``labels`` from features
+    (standardised per fold, so the features' scale does not matter)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
     counts = np.bincount(labels)
     folds = int(min(folds, counts[counts > 0].min()))
     if folds < 2 or len(np.unique(labels)) < 2:
         return float("nan")  # too few examples per class to hold any out
-    probe = LogisticRegression(max_iter=2000)
+    # Standardised features: with the default L2 penalty an unscaled probe reads the means'
+    # scale, not what they encode (a signal at 1e-3 of unit size decoded at chance).
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return float(cross_val_score(probe, features.reshape(len(labels), -1), labels, cv=cv).mean())
 
 
 def mean_pairwise_cosine(latents: np.ndarray) -> float:
-    """Mean cosine similarity between different examples' flattened latents (1 = collapsed)."""
+    """Mean cosine similarity between different examples' flattened latents (1 = collapsed).
+
+    Latents all equal (zeros included) are collapsed: 1. Otherwise examples whose latents
+    are zero have no direction and are left out; NaN when fewer than two remain."""
     flat = torch.from_numpy(latents.reshape(len(latents), -1)).double()
+    if len(flat) < 2:
+        return float("nan")
+    if bool((flat == flat[0]).all()):
+        return 1.0
+    flat = flat[flat.norm(dim=1) > 0]
     if len(flat) < 2:
         return float("nan")
     unit = torch.nn.functional.normalize(flat, dim=1)
@@ -167,7 +184,19 @@ def leakage_report(model, collator, examples: Sequence[dict], batch_size: int = 
     scores = score_choices(model, collator, examples, batch_size, noise_scale, seed, progress)
     gold, nll = scores["gold"], scores["nll"]
     rows = np.arange(len(gold))
-    preds = {v: nll[v].argmin(1) for v in VARIANTS if np.isfinite(nll[v][rows, gold]).all()}
+    present = np.arange(nll["prior"].shape[1]) < np.array([len(ex["choices"])
+                                                           for ex in examples])[:, None]
+    preds = {}
+    for v in VARIANTS:
+        scored = nll[v][present]
+        if np.isinf(scored).all():  # not computed for this objective
+            continue
+        if not np.isfinite(scored).all():
+            warnings.warn(f"{int((~np.isfinite(scored)).sum())} of the {v} choice NLLs are "
+                          f"not finite: the report's entries from them are NaN",
+                          stacklevel=2)
+            continue
+        preds[v] = nll[v].argmin(1)
     nan = float("nan")
     report: dict[str, float] = {}
     for v in ("prior", "posterior"):
@@ -182,7 +211,8 @@ def leakage_report(model, collator, examples: Sequence[dict], batch_size: int = 
     report["leakage_gap"] = report["acc_posterior"] - report["acc_prior"]
     report["nll_gap"] = report["nll_prior"] - report["nll_posterior"]
     for v in ("zeroed", "noised", "swapped"):
-        report[f"flip_{v}"] = float((preds[v] != preds["prior"]).mean()) if v in preds else nan
+        report[f"flip_{v}"] = float((preds[v] != preds["prior"]).mean()) \
+            if v in preds and "prior" in preds else nan
     report["probe_posterior"] = nan if scores["mu_q"] is None else \
         linear_probe_accuracy(scores["mu_q"], gold, seed=seed)
     report["probe_prior"] = nan if scores["mu_p"] is None else \

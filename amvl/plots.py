@@ -13,6 +13,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 def _curves(histories: dict[str, list[dict]], keys: list[str], title: str, ylabel: str,
             path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    try:
+        _draw_curves(ax, histories, keys, title, ylabel)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:  # an unwritable path must not leave the figure open
+        plt.close(fig)
+    return path
+
+
+def _draw_curves(ax, histories: dict[str, list[dict]], keys: list[str], title: str,
+                 ylabel: str) -> None:
     for name, history in histories.items():
         for key in keys:
             points = [(e["step"], e[key]) for e in history if key in e]
@@ -24,10 +35,6 @@ def _curves(histories: dict[str, list[dict]], keys: list[str], title: str, ylabe
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # none when no run logged these keys ("none" alone)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def learning_curves(histories: dict[str, list[dict]], out: Path) -> Path:
@@ -45,10 +52,23 @@ def kl_curves(histories: dict[str, list[dict]], out: Path) -> Path:
 
 def leakage_gap(reports: dict[str, dict], out: Path) -> Path:
     """Accuracy with prior latents vs posterior latents per objective, and chance."""
+    if not reports:
+        raise ValueError("leakage_gap needs at least one report")
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    path = out / "leakage_gap.png"
+    try:
+        _draw_leakage_gap(ax, reports)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _draw_leakage_gap(ax, reports: dict[str, dict]) -> None:
     names = list(reports)
     prior = [reports[n]["acc_prior"] for n in names]
     posterior = [reports[n]["acc_posterior"] for n in names]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
     xs = range(len(names))
     ax.bar([x - 0.2 for x in xs], prior, width=0.4, label="prior latents (inference)")
     ax.bar([x + 0.2 for x in xs], [0 if p != p else p for p in posterior], width=0.4,
@@ -60,8 +80,3 @@ def leakage_gap(reports: dict[str, dict], out: Path) -> Path:
     ax.set(title="leakage gap: posterior minus prior accuracy", ylabel="test accuracy",
            ylim=(0, 1))
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "leakage_gap.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
