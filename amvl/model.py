@@ -720,6 +720,7 @@ class AMVLModel(nn.Module):
         the adapter does not carry, are saved beside the heads."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        _remove_other_kind_of_base(directory / "base", adapter=self._is_peft())
         self.config.save(directory)
         own = self._own_state() if state_dict is None else {
             k: v for k, v in state_dict.items() if k.split(".", 1)[0] in self._own_modules()}
@@ -822,27 +823,84 @@ class AMVLModel(nn.Module):
         """Load what :meth:`save_pretrained` wrote: JSON and safetensors only, nothing unpickled.
 
         The base model class is taken from the saved ``config.json`` ``architectures`` entry
-        unless ``base_model`` is given. A PEFT model saved only its adapter: pass its base
-        with the adapter loaded (``PeftModel.from_pretrained(base, directory / "base")``);
-        the latent special tokens' rows come back from the heads' file.
+        unless ``base_model`` is given; a given base gets the saved weights loaded into it. A
+        PEFT model saved only its adapter: pass its base with the adapter loaded
+        (``PeftModel.from_pretrained(base, directory / "base")``); the latent special tokens'
+        rows come back from the heads' file. A given ``tokenizer`` must hold the latent
+        special tokens at the saved tokenizer's ids (the saved embedding rows are theirs).
         """
         import transformers
 
         directory = Path(directory)
+        base_dir = directory / "base"
         config = AMVLConfig.load(directory)
+        adapter = (base_dir / "adapter_config.json").is_file()
+        load_saved_base = False
         if base_model is None:
-            if (directory / "base" / "adapter_config.json").is_file():
-                raise ValueError(f"{directory / 'base'} holds a PEFT adapter, not a whole model: "
+            if adapter:
+                raise ValueError(f"{base_dir} holds a PEFT adapter, not a whole model: "
                                  "pass base_model=PeftModel.from_pretrained(<the base model>, "
-                                 f"'{directory / 'base'}')")
-            arch = json.loads((directory / "base" / "config.json").read_text())["architectures"][0]
+                                 f"'{base_dir}')")
+            arch = json.loads((base_dir / "config.json").read_text())["architectures"][0]
             base_model = getattr(transformers, arch).from_pretrained(
-                directory / "base", use_safetensors=True, **base_kwargs)
+                base_dir, use_safetensors=True, **base_kwargs)
+        elif adapter and not hasattr(base_model, "get_base_model"):
+            raise ValueError(f"{base_dir} holds a PEFT adapter, but base_model is not a PEFT "
+                             "model: pass PeftModel.from_pretrained(<the base model>, "
+                             f"'{base_dir}')")
+        else:
+            load_saved_base = not adapter  # the trained weights, not the given ones
+        saved_tokenizer = _load_saved_tokenizer(base_dir)
         if tokenizer is None:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(directory / "base")
+            tokenizer = saved_tokenizer
+        else:
+            _check_latent_token_ids(tokenizer, saved_tokenizer, config)
         model = cls(base_model, tokenizer, config)
+        if load_saved_base:
+            model._load_base_state(base_dir)
         model._load_own_state(load_file(str(directory / HEADS_NAME), device=str(model.device)))
         return model
+
+
+def _load_saved_tokenizer(base_dir: Path):
+    """The tokenizer ``save_pretrained`` wrote, as the class it was saved as: AutoTokenizer
+    picks the model type's class instead, and a generic tokenizers-backed one (e.g. a
+    WordLevel vocabulary on a Qwen2 base) rebuilt as Qwen2's BPE tokenizes to nothing."""
+    import transformers
+
+    config_file = base_dir / "tokenizer_config.json"
+    saved_class = json.loads(config_file.read_text()).get("tokenizer_class") \
+        if config_file.is_file() else None
+    tokenizer_class = getattr(transformers, saved_class or "", None)
+    if tokenizer_class is None or not hasattr(tokenizer_class, "from_pretrained"):
+        tokenizer_class = transformers.AutoTokenizer
+    return tokenizer_class.from_pretrained(base_dir)
+
+
+def _check_latent_token_ids(tokenizer, saved_tokenizer, config: AMVLConfig) -> None:
+    """Refuse a tokenizer whose latent special tokens are missing or at other ids than the
+    saved one's: the model would re-initialise their trained rows, or read other rows."""
+    for token in config.special_tokens():
+        saved = saved_tokenizer.convert_tokens_to_ids(token)
+        given = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() \
+            else None
+        if given != saved:
+            raise ValueError(f"the tokenizer given has {token!r} at id {given}, the saved one "
+                             f"at {saved}: pass the saved tokenizer (tokenizer=None) or one "
+                             "with the same latent special tokens")
+
+
+def _remove_other_kind_of_base(base_dir: Path, adapter: bool) -> None:
+    """Before saving into ``base_dir``: delete the files of the other kind of save (a whole
+    model's weights before an adapter, an adapter before a whole model), which an earlier
+    save into the same directory left and which loading would take for this save's."""
+    if not base_dir.is_dir():
+        return
+    patterns = ("model*.safetensors", "model.safetensors.index.json") if adapter else \
+        ("adapter_config.json", "adapter_model.safetensors")
+    for pattern in patterns:
+        for file in base_dir.glob(pattern):
+            file.unlink()
 
 
 def _load_into(model: nn.Module, state: dict[str, Tensor]) -> str:

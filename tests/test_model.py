@@ -322,6 +322,37 @@ def test_save_and_load_round_trip(tmp_path):
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0)
     torch.testing.assert_close(loaded(**batch, seed=3).loss, model(**batch, seed=3).loss)
+    # The tokenizer comes back as the class it was saved as: AutoTokenizer rebuilt this
+    # word-level vocabulary as Qwen2's BPE, which turned "w1 w2 w3" into no tokens at all.
+    text = "w1 w12 w3"
+    assert loaded.tokenizer(text)["input_ids"] == model.tokenizer(text)["input_ids"] != []
+
+
+def test_a_given_base_gets_the_saved_weights_and_a_given_tokenizer_is_checked(tmp_path):
+    model, batch = build("qwen2", objective="amvl")
+    with torch.no_grad():  # what training moves, the latent tokens' rows among it
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    fresh, _ = build("qwen2", objective="amvl")
+    loaded = AMVLModel.from_pretrained(tmp_path, base_model=fresh.base,
+                                       tokenizer=model.tokenizer)
+    for name, tensor in model.state_dict().items():  # the given base's own weights once stayed
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    # A tokenizer without the latent tokens once had their trained rows reset to the mean.
+    with pytest.raises(ValueError, match="'<lat_start>' at id None"):
+        AMVLModel.from_pretrained(tmp_path, tokenizer=word_tokenizer(WORDS))
+
+
+def test_saving_a_whole_model_over_an_adapter_removes_the_adapter(tmp_path):
+    model, batch = build("qwen2", objective="amvl")
+    (tmp_path / "base").mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):  # an earlier LoRA save
+        (tmp_path / "base" / name).write_text("{}")
+    model.save_pretrained(tmp_path)
+    assert not (tmp_path / "base" / "adapter_config.json").exists()
+    loaded = AMVLModel.from_pretrained(tmp_path, dtype=torch.float64)
+    torch.testing.assert_close(loaded(**batch, seed=3).loss, model(**batch, seed=3).loss)
 
 
 def test_special_tokens_are_added_once_and_ids_come_from_the_tokenizer():

@@ -244,9 +244,14 @@ def test_peft_model_saves_and_loads_its_special_token_rows(tmp_path):
             layer.weight[ids] += torch.randn_like(layer.weight[ids])
     batch = AMVLCollator(tokenizer)(_data(4))
     expected = model(**batch, seed=1).loss
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "model.safetensors").write_text("")  # an earlier whole-model save
     model.save_pretrained(tmp_path)
+    assert not (tmp_path / "base" / "model.safetensors").exists()
     with pytest.raises(ValueError, match="PEFT adapter"):
         AMVLModel.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="base_model is not a PEFT model"):
+        AMVLModel.from_pretrained(tmp_path, base_model=tiny_qwen2(word_tokenizer(WORDS)))
     torch.manual_seed(0)  # the pretrained base again, whose matrix lacks the tokens' rows
     fresh = tiny_qwen2(word_tokenizer(WORDS))
     loaded = AMVLModel.from_pretrained(tmp_path, base_model=PeftModel.from_pretrained(
