@@ -77,14 +77,60 @@ def load_run_config(path: str | Path) -> dict:
     _check_keys(raw, "top level", SECTIONS)
     if "path" not in _check_keys(raw.get("model"), "model", MODEL_KEYS):
         raise SystemExit(f"amvl: {path} needs model.path")
-    _check_keys(raw.get("data"), "data", DATA_KEYS)
-    _check_keys(raw.get("eval"), "eval", EVAL_KEYS)
+    _check_model_values(path, raw["model"])
+    _check_data_values(path, _check_keys(raw.get("data"), "data", DATA_KEYS))
+    baselines = _check_keys(raw.get("eval"), "eval", EVAL_KEYS).get("baselines")
+    if baselines is not None and (not isinstance(baselines, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v for k, v in baselines.items())):
+        raise SystemExit(f"amvl: {path}: eval.baselines must map names to checkpoint "
+                         f"directories, got {baselines!r}")
+    if not isinstance(raw.get("output_dir", ""), str):
+        raise SystemExit(f"amvl: {path}: output_dir must be a path, got "
+                         f"{raw['output_dir']!r}")
     try:
         raw["amvl_config"] = AMVLConfig(**_section(raw, "amvl", AMVLConfig))
         raw["train_config"] = TrainConfig(**_section(raw, "train", TrainConfig))
     except (TypeError, ValueError) as err:
         raise SystemExit(f"amvl: {path}: {err}") from None
     return raw
+
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_model_values(path: Path, model: dict) -> None:
+    if not isinstance(model["path"], str) or not model["path"]:
+        raise SystemExit(f"amvl: {path}: model.path must be a path, got {model['path']!r}")
+    if model.get("dtype", "float32") not in DTYPES:
+        raise SystemExit(f"amvl: {path}: model.dtype must be one of {list(DTYPES)}, got "
+                         f"{model['dtype']!r}")
+    if "hidden_size" in model:
+        if model["path"] != "tiny-qwen2-vl":
+            raise SystemExit(f"amvl: {path}: model.hidden_size is for model.path "
+                             "tiny-qwen2-vl only; a checkpoint has its own")
+        size = model["hidden_size"]
+        # 4 heads whose rotary half splits 2:1:1 into mrope's t, h and w sections
+        if not _positive_int(size) or size % 32:
+            raise SystemExit(f"amvl: {path}: model.hidden_size must be a positive multiple "
+                             f"of 32, got {size!r}")
+
+
+def _check_data_values(path: Path, data: dict) -> None:
+    for key in ("per_family",):
+        if key in data and not _positive_int(data[key]):
+            raise SystemExit(f"amvl: {path}: data.{key} must be a positive int, got "
+                             f"{data[key]!r}")
+    for key in ("max_prompt_tokens", "max_answer_tokens"):
+        if data.get(key) is not None and not _positive_int(data[key]):
+            raise SystemExit(f"amvl: {path}: data.{key} must be a positive int or null, got "
+                             f"{data[key]!r}")
+    if "train" in data and (not isinstance(data["train"], str) or not data["train"]):
+        raise SystemExit(f"amvl: {path}: data.train must be a JSON-lines file or 'puzzles', "
+                         f"got {data['train']!r}")
 
 
 def load_base(model_section: dict):
@@ -100,12 +146,17 @@ def load_base(model_section: dict):
 
         tokenizer = word_tokenizer(vocabulary(), vision=True)
         base = tiny_qwen2_vl(tokenizer, hidden=int(model_section.get("hidden_size", 64)))
+        base = base.to(getattr(torch, model_section.get("dtype", "float32")))
         return _with_attention(base, attention), tokenizer, tiny_image_processor()
     directory = Path(source)
     if not (directory / "config.json").is_file():
         raise SystemExit(f"amvl: model.path {source} is not a local Hugging Face checkpoint "
                          "(no config.json); nothing is downloaded")
-    arch = json.loads((directory / "config.json").read_text())["architectures"][0]
+    architectures = json.loads((directory / "config.json").read_text()).get("architectures")
+    arch = architectures[0] if architectures else None
+    if not isinstance(arch, str) or not hasattr(transformers, arch):
+        raise SystemExit(f"amvl: {directory / 'config.json'} names no model class transformers "
+                         f"has (architectures: {architectures!r})")
     dtype = getattr(torch, model_section.get("dtype", "float32"))
     base = getattr(transformers, arch).from_pretrained(
         directory, dtype=dtype, use_safetensors=True,
@@ -186,7 +237,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config.backbone = args.backbone
     try:
         run_demo(args.out, config, progress=not args.no_progress)
-    except ValueError as err:  # bad settings, found before any training
+    except (ValueError, OSError) as err:  # bad settings or --out, found before any training
         raise SystemExit(f"amvl demo: {err}") from None
     return 0
 
@@ -301,12 +352,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _check_output_file(command: str, out: str) -> None:
+    """Refuse an --out that cannot be written before any model is loaded."""
+    import os
+
+    path = Path(out)
+    if path.is_dir():
+        raise SystemExit(f"amvl {command}: --out {out} is a directory; give a file name")
+    parent = path.parent
+    if not parent.is_dir():
+        raise SystemExit(f"amvl {command}: --out {out}: no directory {parent}")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise SystemExit(f"amvl {command}: --out {out} cannot be written")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amvl", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train and compare none/prior/elbo/amvl on the puzzles")
     demo.add_argument("--out", default="amvl-demo", help="where results.json and plots go")
-    demo.add_argument("--steps", type=int, help="training steps per objective")
+    demo.add_argument("--steps", type=_positive, help="training steps per objective")
     demo.add_argument("--objectives", help="comma-separated subset of none,prior,elbo,amvl")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--backbone", choices=("tiny", "smollm2"), default="tiny",
@@ -328,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--unlabelled", action="store_true",
                     help="load the records without answers and write predictions only (BLINK's "
                          "test split, whose answers are withheld); needs --out")
-    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--batch-size", type=_positive, default=8)
     ev.add_argument("--out", help="write the results as JSON here")
     for p in (demo, train, ev):
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -344,6 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "eval" and args.benchmark != "puzzles" and not args.data:
         raise SystemExit("amvl eval: --data is required for --benchmark "
                          f"{args.benchmark}")
+    if args.command == "eval" and args.benchmark == "puzzles" and args.data:
+        raise SystemExit("amvl eval: --benchmark puzzles builds its own examples; --data is "
+                         "for blink and visualpuzzles")
+    if args.command == "eval" and args.out:
+        _check_output_file("eval", args.out)
     if args.command == "eval" and not (args.config or args.checkpoint):
         raise SystemExit("amvl eval: give --config or --checkpoint")
     if args.command == "eval" and args.unlabelled and args.benchmark != "blink":

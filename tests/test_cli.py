@@ -146,6 +146,17 @@ def test_amvl_attention_from_the_run_config():
     ("model: {path: tiny-qwen2-vl}\namvl: [1, 2]", "'amvl' must be a mapping"),
     ("- just\n- a list", "must hold a mapping"),
     ("model: {path: [unclosed", "not valid YAML"),
+    # values, not only keys: these were tracebacks, or silently ignored
+    ("model: {path: tiny-qwen2-vl}\neval: {baselines: [a, b]}", "eval.baselines must map"),
+    ("model: {path: tiny-qwen2-vl}\neval: {baselines: {none: }}", "eval.baselines must map"),
+    ("model: {path: tiny-qwen2-vl}\ndata: {per_family: many}", "data.per_family must be"),
+    ("model: {path: tiny-qwen2-vl}\ndata: {max_prompt_tokens: lots}",
+     "data.max_prompt_tokens must be"),
+    ("model: {path: tiny-qwen2-vl}\ndata: {train: 3}", "data.train must be"),
+    ("model: {path: tiny-qwen2-vl, dtype: bfloat}", "model.dtype must be one of"),
+    ("model: {path: tiny-qwen2-vl, hidden_size: 30}", "multiple of 32"),
+    ("model: {path: /models/x, hidden_size: 64}", "hidden_size is for model.path tiny"),
+    ("model: {path: tiny-qwen2-vl}\noutput_dir: [a]", "output_dir must be a path"),
 ])
 def test_config_mistakes_are_named_not_ignored(tmp_path, text, match):
     path = tmp_path / "bad.yaml"
@@ -224,3 +235,32 @@ def test_eval_refuses_the_tiny_image_processor_for_another_vision_tower(tmp_path
         else:
             with pytest.raises(SystemExit, match="no image processor in"):
                 _load_trained(tmp_path / str(patch))
+
+
+def test_model_section_values_reach_the_model(tmp_path):
+    import torch
+
+    base, _, _ = load_base({"path": "tiny-qwen2-vl", "dtype": "bfloat16"})  # was ignored
+    assert {p.dtype for p in base.parameters()} == {torch.bfloat16}
+    (tmp_path / "config.json").write_text("{}")  # no architectures: was a KeyError
+    with pytest.raises(SystemExit, match="names no model class"):
+        load_base({"path": str(tmp_path)})
+
+
+def test_command_line_values_checked_before_any_model_loads(tmp_path):
+    checkpoint = ["eval", "--checkpoint", str(tmp_path)]
+    for bad in ("0", "-2", "two"):  # 0 was a traceback after loading, -2 a non-finite NLL
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(checkpoint + ["--batch-size", bad])
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["demo", "--steps", bad])
+    # an unwritable --out failed only after the first model's evaluation
+    with pytest.raises(SystemExit, match="no directory"):
+        main(checkpoint + ["--out", str(tmp_path / "nodir" / "res.json")])
+    with pytest.raises(SystemExit, match="is a directory"):
+        main(checkpoint + ["--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--data is for blink"):
+        main(checkpoint + ["--data", str(tmp_path)])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="amvl demo: "):  # was a FileExistsError traceback
+        main(["demo", "--quick", "--out", str(tmp_path / "file"), "--no-progress"])
