@@ -164,8 +164,32 @@ def load_base(model_section: dict):
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     processor = None
     if hasattr(base.config, "vision_config"):
-        processor = transformers.AutoImageProcessor.from_pretrained(directory)
+        processor = load_image_processor(directory)
     return _with_attention(base, attention), tokenizer, processor
+
+
+def load_image_processor(directory: Path):
+    """The image processor saved in ``directory``. Without torchvision, transformers 5.17's
+    AutoImageProcessor refuses even processors that have a pillow backend: then the saved
+    type's pillow class (``...Pil``) or the type itself, which falls back to pillow."""
+    import transformers
+
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(directory)
+    except ImportError as err:
+        config_file = directory / "preprocessor_config.json"
+        saved = json.loads(config_file.read_text()).get("image_processor_type", "") \
+            if config_file.is_file() else ""
+        name = saved.removesuffix("Fast")
+        for candidate in (f"{name}Pil", name):
+            cls = getattr(transformers, candidate, None) if candidate else None
+            if cls is not None and hasattr(cls, "from_pretrained"):
+                try:
+                    return cls.from_pretrained(directory)
+                except ImportError:
+                    continue
+        raise SystemExit(f"amvl: cannot load the image processor in {directory}: {err}") \
+            from None
 
 
 def _with_attention(base, attention: str):
@@ -279,7 +303,6 @@ def _load_trained(directory: Path):
     written by ``amvl train`` (or ``AMVLModel.save_pretrained`` plus the processor's own
     ``save_pretrained`` into ``base/``)."""
     import torch
-    import transformers
 
     from amvl.model import AMVLModel
 
@@ -287,7 +310,7 @@ def _load_trained(directory: Path):
     processor = None
     if model.is_vlm:
         if (directory / "base" / "preprocessor_config.json").is_file():
-            processor = transformers.AutoImageProcessor.from_pretrained(directory / "base")
+            processor = load_image_processor(directory / "base")
         else:
             from amvl.tiny import tiny_image_processor
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from amvl.cli import build_parser, load_base, load_run_config, main, read_jsonl
+from amvl.cli import (build_parser, load_base, load_image_processor, load_run_config, main,
+                      read_jsonl)
 
 
 def test_demo_quick_writes_table_json_and_plots(tmp_path, capsys):
@@ -264,3 +265,28 @@ def test_command_line_values_checked_before_any_model_loads(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit, match="amvl demo: "):  # was a FileExistsError traceback
         main(["demo", "--quick", "--out", str(tmp_path / "file"), "--no-progress"])
+
+
+def test_image_processor_loads_without_torchvision(tmp_path, monkeypatch):
+    """transformers 5.17's AutoImageProcessor needs torchvision even for a processor with a
+    pillow backend (the GPU machine's version): the saved type's pillow class loads it."""
+    import transformers
+
+    from amvl.tiny import tiny_image_processor
+
+    saved = tiny_image_processor()
+    saved.save_pretrained(tmp_path)
+
+    def no_torchvision(*args, **kwargs):
+        raise ImportError("AutoImageProcessor requires the Torchvision library")
+    try:
+        monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", no_torchvision)
+    except ImportError:  # 5.17 without torchvision: AutoImageProcessor itself refuses
+        pass
+    loaded = load_image_processor(tmp_path)
+    assert type(loaded).__name__.startswith("Qwen2VLImageProcessor")
+    assert loaded.to_dict() | {"image_processor_type": None} == \
+        saved.to_dict() | {"image_processor_type": None}
+    (tmp_path / "preprocessor_config.json").write_text('{"image_processor_type": "Nothing"}')
+    with pytest.raises(SystemExit, match="cannot load the image processor"):
+        load_image_processor(tmp_path)
