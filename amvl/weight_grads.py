@@ -67,9 +67,17 @@ class _WeightRecord:
                 return grad_out.t().mm(inputs)
             if self.kept is None:
                 self.kept = grad_out.t().mm(inputs)
+                # A backward that never reaches the prefix pass (torch.autograd.grad of z,
+                # backward(inputs=...) of the heads) does not want this weight's gradient:
+                # drop it when that backward ends, or the next one would count it twice.
+                torch.autograd.Variable._execution_engine.queue_callback(self._drop_kept)
             else:  # a second latent pass (the prior-path NLL)
                 self.kept.addmm_(grad_out.t(), inputs)
             return None
+
+    def _drop_kept(self) -> None:
+        with self.lock:
+            self.kept = None
 
 
 class _PairedLinear(torch.autograd.Function):
@@ -104,7 +112,9 @@ class PairedWeightGrads:
 
     Use one instance per training step: the prefix pass inside :meth:`prefix_pass`, each latent
     pass inside :meth:`latent_pass`, then the backward. ``min_numel``: the smallest weight
-    paired, default ``MIN_PAIRED_NUMEL``.
+    paired, default ``MIN_PAIRED_NUMEL``. Not under activation checkpointing: a checkpointed
+    layer re-runs its forward in the backward, outside these contexts, and non-reentrant
+    checkpointing then finds other tensors saved (``AMVLModel`` pairs only without it).
     """
 
     def __init__(self, decoder: nn.Module, min_numel: int | None = None) -> None:
@@ -138,7 +148,10 @@ class PairedWeightGrads:
             weight = module.weight
             compute = torch.get_autocast_dtype(inputs.device.type) \
                 if torch.is_autocast_enabled(inputs.device.type) else inputs.dtype
-            if not torch.is_grad_enabled() or compute != weight.dtype:
+            # Compiled (a compiled decoder inside an eager step): Dynamo cannot trace the
+            # record's lock, and would break the graph at every paired layer.
+            if not torch.is_grad_enabled() or compute != weight.dtype \
+                    or torch.compiler.is_compiling():
                 return F.linear(inputs, weight, module.bias)
             if inputs.dtype != compute:
                 # autocast's own cast, made outside the function so that the products inside

@@ -15,7 +15,9 @@ copied in once, and only the x part of dk and dv gets SDPA's share added in plac
 
 SDPA runs inside the node with autograd on, so its own backward (whichever kernel it picked)
 computes x's gradients: the price is that SDPA's output for x's rows is kept for the backward
-beside the full output, one attention output of x's rows per layer.
+beside the full output, one attention output of x's rows per layer. That graph lives outside
+``save_for_backward``, so under saved-tensor hooks (activation checkpointing, offloading) a
+call with a backward runs every row on our kernels instead.
 """
 
 from __future__ import annotations
@@ -86,6 +88,13 @@ class _CausalRowsSplit(torch.autograd.Function):
         return *grads, None, None, *([None] * len(tiles))
 
 
+def _saved_tensors_hooked() -> bool:
+    """Whether saved-tensor hooks are on: non-reentrant activation checkpointing (in the
+    forward and in its recomputation alike) or offloading."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None  # unknown: assume so
+
+
 def causal_rows_on_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | None,
                         scale: float | None, rows: int, backend: str = "triton") -> Tensor:
     """Attention with the first ``rows`` queries, plain causal ones, on SDPA's causal kernel.
@@ -139,6 +148,11 @@ def split_causal_rows(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | No
     if rows == q.shape[2]:
         return _sdpa_causal(q, k, v, scale)
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if backward and _saved_tensors_hooked():
+        # The node keeps x's part (SDPA's graph and its inputs) outside save_for_backward,
+        # where activation checkpointing or offloading cannot reach it: q, k and v would
+        # stay alive through a checkpointed layer. Every row on our kernels instead.
+        return latent_attention(q, k, v, layout, scale, backend="triton")
     tiles = _tile_tensors(layout, q.shape[2] - rows, q.shape[1] // k.shape[1], q.shape[-1],
                           q.dtype, q.device, backward)
     if not backward:

@@ -338,6 +338,39 @@ def test_plain_causal_rows_on_sdpa(dtype, rng_seed):
         *qkv, causal, q.shape[-1] ** -0.5, causal.plain_causal_rows()))
 
 
+def test_split_rows_free_their_inputs_under_activation_checkpointing(rng_seed):
+    """The split's node holds x's part (SDPA's graph and its inputs) outside
+    save_for_backward: under non-reentrant checkpointing q, k and v stayed alive through the
+    checkpointed layer. There every row runs on our kernels, with the same result."""
+    import gc
+
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils.checkpoint import checkpoint
+
+    from amvl_kernels._causal_split import causal_rows_on_sdpa
+
+    layout = LatentLayout.prefix_sharing([29, 33], [7, 5], num_slots=3).to(DEVICE)
+    rows = layout.plain_causal_rows()
+    weight = torch.randn(32, 3 * 4 * 32, device=DEVICE, dtype=torch.float64) * 0.2
+    x = torch.randn(2, layout.length, 32, device=DEVICE, dtype=torch.float64,
+                    requires_grad=True)
+    storages = []
+
+    def block(x):
+        qkv = (x @ weight).view(2, layout.length, 3, 4, 32).permute(2, 0, 3, 1, 4).float()
+        storages.append(StorageWeakRef(qkv.untyped_storage()))
+        return causal_rows_on_sdpa(*qkv.unbind(0), layout, 32 ** -0.5, rows).double().sum()
+
+    plain = block(x)
+    plain_grad, = torch.autograd.grad(plain, x)
+    checkpointed = checkpoint(block, x, use_reentrant=False)
+    gc.collect()
+    assert storages[-1].expired()
+    checkpointed.backward()
+    torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, plain_grad, rtol=1e-4, atol=1e-5)
+
+
 def test_split_rows_check_their_inputs(rng_seed):
     """The split checks what ak.latent_attention checks, and that the rows it is handed are
     plain causal: too many rows would be attended causally against the layout's rule."""

@@ -78,6 +78,61 @@ def test_same_gradients_in_either_order(monkeypatch, order, latent_passes):
     assert len(handed) == 2 * (latent_passes + 1)
 
 
+@pytest.mark.parametrize("partial", ["grad_of_the_tail", "backward_of_other_inputs"])
+def test_a_partial_backward_first_leaves_nothing_behind(partial):
+    """A backward that runs the latent pass but never reaches the prefix pass (a diagnostic
+    gradient of z, or backward(inputs=...) of the heads) once left the latent pass's weight
+    gradient kept, and the full backward after it counted that share twice."""
+    def run(pair: bool) -> dict[str, torch.Tensor]:
+        decoder = _decoder()
+        pairing = PairedWeightGrads(decoder, min_numel=0) if pair else None
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(3, 5, 6, generator=g, dtype=torch.float64)
+        tail = torch.randn(3, 2, 6, generator=g, dtype=torch.float64, requires_grad=True)
+        head = torch.ones(6, dtype=torch.float64, requires_grad=True)  # stands for the heads
+        with pairing.prefix_pass() if pair else contextlib.nullcontext():
+            h = decoder(x)
+        with pairing.latent_pass() if pair else contextlib.nullcontext():
+            loss = (decoder(tail + h[:, :2]) ** 2 * head).sum() + h.sum()
+        if partial == "grad_of_the_tail":
+            torch.autograd.grad(loss, tail, retain_graph=True)
+        else:
+            loss.backward(inputs=[head, tail], retain_graph=True)
+        loss.backward()
+        return {name: p.grad.clone() for name, p in decoder.named_parameters()}
+
+    expected, got = run(False), run(True)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-12, atol=1e-12)
+
+
+def test_a_compiled_decoder_runs_unpaired_without_graph_breaks(monkeypatch):
+    """A decoder compiled inside an eager step (what the model's warning recommends) broke
+    its graph at every paired layer: Dynamo cannot trace the record's lock."""
+    import torch._dynamo
+
+    decoder = _decoder()
+    expected = _step(decoder, None, "latent_first_in_backward")
+    torch._dynamo.reset()
+    compiled = torch.compile(decoder, backend="eager")
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    handed = _spy(monkeypatch)
+    pairing = PairedWeightGrads(decoder, min_numel=0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 6, generator=g, dtype=torch.float64)
+    tail = torch.randn(3, 2, 6, generator=g, dtype=torch.float64)
+    decoder.zero_grad()
+    with pairing.prefix_pass():
+        h = compiled(x)
+    with pairing.latent_pass():
+        loss = (compiled(tail + h[:, :2]) ** 2).sum() + h.sum()
+    loss.backward()
+    assert sum(counters["graph_break"].values()) == 0 and handed == []
+    for name, p in decoder.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-12, atol=1e-12)
+
+
 def test_the_patch_is_undone_and_unpaired_modules_run_as_usual(monkeypatch):
     decoder = _decoder()
     decoder[2].weight.requires_grad_(False)  # frozen: not paired
