@@ -880,10 +880,10 @@ def _load_saved_tokenizer(base_dir: Path):
 def _check_latent_token_ids(tokenizer, saved_tokenizer, config: AMVLConfig) -> None:
     """Refuse a tokenizer whose latent special tokens are missing or at other ids than the
     saved one's: the model would re-initialise their trained rows, or read other rows."""
+    vocab = tokenizer.get_vocab()
     for token in config.special_tokens():
         saved = saved_tokenizer.convert_tokens_to_ids(token)
-        given = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() \
-            else None
+        given = vocab.get(token)
         if given != saved:
             raise ValueError(f"the tokenizer given has {token!r} at id {given}, the saved one "
                              f"at {saved}: pass the saved tokenizer (tokenizer=None) or one "
