@@ -350,9 +350,10 @@ class AMVLModel(nn.Module):
         promise = contextlib.nullcontext()
         if "latent_layout" in kwargs:
             promise = layouts_replace_masks()
-            if cache is None and not self.is_vlm:
+            if cache is None and not use_cache and not self.is_vlm:
                 # A 2D mask keeps transformers from reading restarting positions as packed
-                # sequences (a host sync); the layout replaces it.
+                # sequences (a host sync; with a cache, made by the call, it does not look);
+                # the layout replaces it.
                 mask = torch.ones(seq.input_ids.shape, dtype=torch.bool, device=embeds.device)
         with promise:
             out = backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
