@@ -126,11 +126,14 @@ def time_ms_side_by_side(fns: dict[str, Callable[[], object]], warmup: int = 25,
 
 def take_turns(fns: dict[str, Callable[[], object]], rounds: int,
                timer: Callable[[Callable[[], object]], float]) -> dict[str, float]:
-    """``rounds`` rounds of one ``timer(fn)`` per provider, in order; each one's median."""
+    """``rounds`` rounds of one ``timer(fn)`` per provider; each one's median. Each round
+    starts one provider later than the one before (a, b, c; b, c, a; ...), so that no provider
+    always follows the same one (whose leftovers in caches and the allocator it would meet)."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            samples[name].append(timer(fn))
+    names = list(fns)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            samples[name].append(timer(fns[name]))
     return {name: statistics.median(times) for name, times in samples.items()}
 
 

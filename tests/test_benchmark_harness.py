@@ -103,15 +103,16 @@ def test_sweep_variant_specs():
 
 
 def test_providers_take_turns():
-    """The interleaved timing: one call per provider per round, in order, and each provider's
-    median over the rounds (a drift of the machine's speed then hits every provider alike)."""
+    """The interleaved timing: one call per provider per round, each round starting one
+    provider later, and each provider's median over the rounds (a drift of the machine's speed
+    then hits every provider alike)."""
     from benchmarks.common import take_turns
 
-    calls, clock = [], iter([5.0, 1.0, 7.0, 3.0, 6.0, 2.0])
-    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    calls, clock = [], iter([5.0, 1.0, 7.0, 3.0, 6.0, 2.0, 4.0, 9.0, 8.0])
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
     medians = take_turns(fns, 3, lambda fn: (fn(), next(clock))[1])
-    assert calls == ["a", "b"] * 3
-    assert medians == {"a": 6.0, "b": 2.0}
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert medians == {"a": 5.0, "b": 3.0, "c": 6.0}
 
 
 def test_model_step_profile_script_runs(tmp_path):
