@@ -288,6 +288,19 @@ def amvl_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, 
     no attention weights. ``record_prefix=`` / ``with_prefix=`` (a :class:`PrefixKeys`) record
     this call's first keys and values, or put recorded ones in front of this call's.
     """
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    if not is_causal:
+        # A bidirectional module (a vision tower switched to "amvl" with the whole model):
+        # the layout and the prefix keys passed to model(...) are the language model's.
+        if attention_mask is not None and attention_mask.dim() == 2:
+            raise ValueError(f"{type(module).__name__} is not causal but received a 2D "
+                             "padding mask from the 'amvl' mask function")
+        ours = ("latent_layout", "record_prefix", "with_prefix")
+        return _sdpa_fallback(module, query, key, value, attention_mask, scaling,
+                              f"{type(module).__name__} is not causal",
+                              {k: v for k, v in kwargs.items() if k not in ours})
     if kwargs.get("record_prefix") is not None:
         kwargs["record_prefix"].record(module, key, value)
     if kwargs.get("with_prefix") is not None:
@@ -299,22 +312,14 @@ def amvl_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, 
     layout = kwargs.get("latent_layout")
     if layout is not None:
         layout = _user_layout(layout, query, key)
-    elif _layout_promises:  # the mask function built nothing: there is no padding mask
-        raise ValueError(f"{type(module).__name__} got no latent_layout= inside "
-                         "layouts_replace_masks(), where every 'amvl' call must pass one")
     else:
-        is_causal = kwargs.get("is_causal")
-        if is_causal is None:
-            is_causal = getattr(module, "is_causal", True)
         if attention_mask is not None and attention_mask.dim() != 2:
             return _sdpa_fallback(module, query, key, value, attention_mask, scaling,
                                   "the mask is not plain causal with padding", kwargs)
-        if not is_causal:
-            if attention_mask is not None:
-                raise ValueError(f"{type(module).__name__} is not causal but received a 2D "
-                                 "padding mask from the 'amvl' mask function")
-            return _sdpa_fallback(module, query, key, value, None, scaling,
-                                  f"{type(module).__name__} is not causal", kwargs)
+        if _layout_promises:  # the mask function built nothing: a padding mask may be lost
+            raise ValueError(f"{type(module).__name__} got no latent_layout= inside "
+                             "layouts_replace_masks(), where every causal 'amvl' call must "
+                             "pass one")
         if attention_mask is not None:
             batch, num_keys = key.shape[0], key.shape[2]
             if tuple(attention_mask.shape) != (batch, num_keys):
@@ -364,5 +369,5 @@ def use_amvl_attention(model: torch.nn.Module, vision_attention: str | None = "s
 AttentionInterface.register(NAME, amvl_attention_forward)
 AttentionMaskInterface.register(NAME, amvl_attention_mask)
 
-__all__ = ["HF_BACKENDS", "NAME", "amvl_attention_forward", "amvl_attention_mask", "get_backend",
-           "set_backend", "use_amvl_attention"]
+__all__ = ["HF_BACKENDS", "NAME", "PrefixKeys", "amvl_attention_forward", "amvl_attention_mask",
+           "get_backend", "layouts_replace_masks", "set_backend", "use_amvl_attention"]

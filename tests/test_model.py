@@ -522,6 +522,11 @@ def test_amvl_attention_builds_no_dense_mask_on_any_pass(kind, monkeypatch):
         heads = model.heads(**batch)
         model.answer_nll(**batch, z=heads["mu_p"])
     assert built == [] and packed_checks == []
+    if kind == "qwen2_vl":  # the vision tower on "amvl" too: it still falls back to SDPA
+        model.base.set_attn_implementation("amvl")
+        with pytest.warns(UserWarning, match="not causal"):
+            out, _ = _loss_and_grads(model, batch, prefix_sharing=True)
+        torch.testing.assert_close(out.loss, dense.loss, rtol=1e-9, atol=0)
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen2_vl"])
