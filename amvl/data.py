@@ -74,6 +74,14 @@ class AMVLCollator:
         self._image_cache: dict[int, tuple[weakref.ref, dict]] | None = {} if cache_images else None
         self._path_cache: dict[str, dict] = {}  # file names cannot be weakly referenced
 
+    def __getstate__(self) -> dict:
+        # DataLoader workers started by "spawn" or "forkserver" get a pickled copy: the caches
+        # (weak references among them) stay behind, and each worker fills its own.
+        state = dict(self.__dict__)
+        state["_image_cache"] = None if self._image_cache is None else {}
+        state["_path_cache"] = {}
+        return state
+
     def _process_image(self, image) -> dict:
         if isinstance(image, os.PathLike):  # the image processor loads str paths only
             image = os.fspath(image)

@@ -3,7 +3,8 @@
 Distribution (DDP, FSDP, DeepSpeed) is the Trainer's and accelerate's: launch with
 ``torchrun`` or ``accelerate launch`` as for any Trainer script. This module only supplies the
 loss (the model's objective at the current step), logs the objective's metrics averaged over
-each logging interval, saves with :meth:`AMVLModel.save_pretrained` and loads checkpoints
+each logging interval (each optimizer step's micro-batches first, then the steps, as the
+Trainer averages its loss), saves with :meth:`AMVLModel.save_pretrained` and loads checkpoints
 (``resume_from_checkpoint``, ``load_best_model_at_end``) with :meth:`AMVLModel.load_weights`.
 
 Latent noise is seeded per micro-batch and process from ``TrainingArguments.seed``
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import align_special_tokens
 
 from amvl.model import AMVLModel
 from amvl.training import step_seed
@@ -37,11 +39,38 @@ class AMVLTrainer(Trainer):
     def __init__(self, model: AMVLModel, *args, **kwargs):
         super().__init__(model, *args, **kwargs)
         self.args.remove_unused_columns = False
+        self._eval_batch = 0
+        self._reset_training_state()
+
+    def _reset_training_state(self) -> None:
+        """What one train() call counts: a second call (a resume in the same process) must not
+        continue the first's noise counters or log its unlogged metrics."""
         # Sums stay on the device until logged: reading them every step would make the host
-        # wait for the forward before it queues the backward.
+        # wait for the forward before it queues the backward. A step's micro-batches are
+        # averaged first, then the steps, as the Trainer averages its loss (a last step of
+        # fewer micro-batches weighs as much as any other).
+        self._step_sums: dict[str, torch.Tensor | float] = defaultdict(float)
+        self._step_micro_batches, self._metric_step = 0, -1
         self._metric_sums: dict[str, torch.Tensor | float] = defaultdict(float)
-        self._metric_count = 0
-        self._seeded_step, self._micro_batch, self._eval_batch = -1, 0, 0
+        self._metric_steps = 0
+        self._seeded_step, self._micro_batch = -1, 0
+
+    def train(self, *args, **kwargs):
+        self._reset_training_state()
+        processing_class = self.processing_class
+        if processing_class is None:
+            return super().train(*args, **kwargs)
+        # The stock train() aligns the special tokens of self.model.config with the
+        # tokenizer's; an AMVLModel's config is its AMVLConfig, so align the base model's
+        # here and hide the processing class from that step (nothing else in train() needs
+        # it for AMVL batches, which have no input_ids).
+        align_special_tokens(self.accelerator.unwrap_model(self.model)._unwrapped(),
+                             processing_class)
+        self.processing_class = None
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.processing_class = processing_class
 
     def _training_seed(self) -> int:
         """The noise seed of this micro-batch: (seed, micro-batches before it, rank)."""
@@ -52,9 +81,9 @@ class AMVLTrainer(Trainer):
         self._micro_batch += 1
         return step_seed(self.args.seed, micro, self.args.process_index)
 
-    def evaluate(self, *args, **kwargs):
-        self._eval_batch = 0  # every evaluation draws the same noise
-        return super().evaluate(*args, **kwargs)
+    def evaluation_loop(self, *args, **kwargs):
+        self._eval_batch = 0  # every evaluate() and predict() draws the same noise
+        return super().evaluation_loop(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:
@@ -64,18 +93,31 @@ class AMVLTrainer(Trainer):
             out = model(**inputs, step=None, seed=seed)
         else:
             out = model(**inputs, step=self.state.global_step, seed=self._training_seed())
+            if self.state.global_step != self._metric_step:
+                self._close_metric_step()
+                self._metric_step = self.state.global_step
             for key, value in out.metrics.tensors().items():
                 if "/slot" not in key:  # per-slot values go to diagnostics, not the log line
-                    self._metric_sums[key] = self._metric_sums[key] + value
-            self._metric_count += 1
+                    self._step_sums[key] = self._step_sums[key] + value
+            self._step_micro_batches += 1
         return (out.loss, out) if return_outputs else out.loss
 
+    def _close_metric_step(self) -> None:
+        """Add the last optimizer step's mean over its micro-batches to the interval's sums."""
+        if self._step_micro_batches:
+            for key, total in self._step_sums.items():
+                self._metric_sums[key] = self._metric_sums[key] + total / self._step_micro_batches
+            self._metric_steps += 1
+        self._step_sums.clear()
+        self._step_micro_batches = 0
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if self._metric_count and "loss" in logs:
+        if "loss" in logs:
+            self._close_metric_step()
             for key, total in self._metric_sums.items():
-                logs.setdefault(f"amvl/{key}", float(total) / self._metric_count)
+                logs.setdefault(f"amvl/{key}", float(total) / self._metric_steps)
             self._metric_sums.clear()
-            self._metric_count = 0
+            self._metric_steps = 0
         super().log(logs, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:

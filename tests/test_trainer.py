@@ -312,3 +312,103 @@ def test_evaluation_scores_the_full_objective_with_fixed_noise(tmp_path):
             # 2 batches an evaluation: 3 during training, 2 after, all at KL weight 1
             assert sum(c["step"] is None for c in calls) == 3 * 2 + 2 * 2
     assert histories[0] == histories[1]
+
+
+def test_a_tokenizer_as_processing_class(tmp_path):
+    """processing_class=tokenizer, the stock Trainer usage, crashed train(): transformers
+    aligned the special tokens of model.config, an AMVLConfig here. The base model's config
+    is aligned instead, and the tokenizer is the trainer's again afterwards."""
+    model, tokenizer = _tiny_model()
+    model.base.config.pad_token_id = None
+    trainer = AMVLTrainer(model, TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, report_to=[],
+        use_cpu=True, disable_tqdm=True, save_strategy="no"), train_dataset=_data(),
+        data_collator=AMVLCollator(tokenizer), processing_class=tokenizer)
+    trainer.train()
+    assert trainer.processing_class is tokenizer
+    assert model.base.config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_predict_draws_the_noise_evaluate_draws(tmp_path):
+    """predict() skipped evaluate()'s reset of the noise counter: two predictions of one
+    model differed, and neither equalled eval_loss."""
+    model, tokenizer = _tiny_model()
+    trainer = AMVLTrainer(model, TrainingArguments(
+        output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to=[], use_cpu=True,
+        disable_tqdm=True), data_collator=AMVLCollator(tokenizer))
+    data = _data(8)
+    predicted = [trainer.predict(data).metrics["test_loss"] for _ in range(2)]
+    assert predicted[0] == predicted[1] == trainer.evaluate(data)["eval_loss"]
+
+
+def test_a_second_train_call_starts_its_counts_afresh(tmp_path):
+    """A resume on the same trainer object (a notebook after an interruption) continued the
+    first call's noise counters and logged its unlogged metrics: it must match a fresh run."""
+    def run(cut: bool) -> tuple[list[dict], dict[str, torch.Tensor], list[float]]:
+        model, tokenizer = _tiny_model()
+        calls = _record_calls(model)
+        trainer = _trainer(model, tokenizer, tmp_path / f"cut{cut}", 4, logging_steps=2,
+                           gradient_accumulation_steps=2)
+        if cut:  # stop in the middle of step 3, after the step-2 checkpoint
+            real, seen = trainer.compute_loss, []
+
+            def interrupted(*args, **kwargs):
+                seen.append(1)
+                if len(seen) == 5:
+                    raise KeyboardInterrupt
+                return real(*args, **kwargs)
+            trainer.compute_loss = interrupted
+            with pytest.raises(KeyboardInterrupt):
+                trainer.train()
+            trainer.compute_loss = real
+            del calls[:]
+            trainer.train(resume_from_checkpoint=True)
+        else:
+            trainer.train()
+        logged = [e["amvl/loss"] for e in trainer.state.log_history if "amvl/loss" in e]
+        return [c for c in calls if c["step"] >= 2], model.state_dict(), logged
+
+    whole_calls, whole_state, whole_log = run(False)
+    cut_calls, cut_state, cut_log = run(True)
+    assert cut_calls == whole_calls
+    assert cut_log[-1] == whole_log[-1]
+    for name, tensor in whole_state.items():
+        assert torch.equal(cut_state[name], tensor), name
+
+
+def test_logged_metrics_weigh_steps_as_the_trainer_weighs_its_loss(tmp_path):
+    """An epoch ending in a shorter accumulation step: amvl/* averaged micro-batches where
+    the Trainer's loss averages optimizer steps, and the two disagreed on one log line."""
+    model, tokenizer = _tiny_model()
+    # 12 examples in batches of 2 with 4 micro-batches a step: steps of 4 and 2 micro-batches
+    trainer = AMVLTrainer(model, TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=4,
+        num_train_epochs=1, logging_steps=2, learning_rate=1e-2, report_to=[], use_cpu=True,
+        disable_tqdm=True, save_strategy="no"), train_dataset=_data(12),
+        data_collator=AMVLCollator(tokenizer))
+    trainer.train()
+    line, = [e for e in trainer.state.log_history if "amvl/loss" in e]
+    assert line["amvl/loss"] == pytest.approx(line["loss"], rel=1e-5)
+
+
+def test_a_used_image_cache_does_not_stop_pickling():
+    """DataLoader workers started by spawn or forkserver pickle the collator; a cache of weak
+    references made that fail once the collator had run."""
+    import pickle
+
+    import numpy as np
+    from PIL import Image
+
+    from amvl.data import VisionTokens
+    from amvl.tiny import tiny_image_processor
+
+    tokenizer = word_tokenizer(WORDS, vision=True)
+    vision = VisionTokens(*tokenizer.convert_tokens_to_ids(
+        ["<|image_pad|>", "<|vision_start|>", "<|vision_end|>"]))
+    collator = AMVLCollator(tokenizer, tiny_image_processor(), vision, cache_images=True)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), np.uint8))
+    example = {"question": "w1", "answer": "w2", "images": [image]}
+    batch = collator([example])
+    copy = pickle.loads(pickle.dumps(collator))
+    assert copy._image_cache == {} and collator._image_cache
+    torch.testing.assert_close(copy([example])["pixel_values"], batch["pixel_values"])
