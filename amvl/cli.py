@@ -161,7 +161,9 @@ def load_base(model_section: dict):
     base = getattr(transformers, arch).from_pretrained(
         directory, dtype=dtype, use_safetensors=True,
         attn_implementation="sdpa" if attention == "amvl" else attention)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    from amvl.model import load_saved_tokenizer
+
+    tokenizer = load_saved_tokenizer(directory)
     processor = None
     if hasattr(base.config, "vision_config"):
         processor = load_image_processor(directory)
@@ -268,9 +270,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from amvl.model import AMVLModel
-    from amvl.training import OtherRunError, train
+    import transformers
+
+    from amvl.training import NothingLeftToTrain, OtherRunError, train
 
     run = load_run_config(args.config)
+    # The heads and the injector (and the tiny model) start from torch's generator: train.seed
+    # fixes them as it fixes the rest of the run.
+    transformers.set_seed(run["train_config"].seed)
     base, tokenizer, processor = load_base(run["model"])
     data = run.get("data") or {}
     source = data.get("train", "puzzles")
@@ -286,7 +293,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         train(model, collator, examples, run["train_config"], output_dir=out,
               resume=args.resume, progress=not args.no_progress)
-    except (FileExistsError, FileNotFoundError, OtherRunError) as err:  # the output dir's
+    except (FileExistsError, FileNotFoundError, OtherRunError,  # the output dir's
+            NothingLeftToTrain) as err:
         raise SystemExit(f"amvl train: {err}") from None
     from accelerate import PartialState
 
@@ -329,6 +337,13 @@ def _load_trained(directory: Path):
     return model, processor
 
 
+def _text_only(directory: Path) -> bool:
+    """Whether the saved base model has no vision tower (False when that cannot be read
+    without loading it, e.g. a PEFT adapter)."""
+    config_file = directory / "base" / "config.json"
+    return config_file.is_file() and "vision_config" not in json.loads(config_file.read_text())
+
+
 def _check_trained(name: str, directory: Path) -> None:
     if not (directory / "amvl_config.json").is_file():
         raise SystemExit(f"amvl eval: {name}: {directory} is not a model written by amvl train "
@@ -354,9 +369,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                                 else {}))
     except (ValueError, FileNotFoundError, TypeError) as err:
         raise SystemExit(f"amvl eval: {err}") from None
+    if any(ex.get("images") for ex in examples):
+        for name, directory in models.items():
+            if _text_only(directory):
+                raise SystemExit(f"amvl eval: {name}: {directory} holds a text-only model, "
+                                 f"and the {args.benchmark} examples have images")
+    attention = (run.get("model") or {}).get("attn_implementation")
     results = {}
     for name, directory in models.items():
         model, processor = _load_trained(directory)
+        if attention == "amvl":  # as training ran; a saved model comes back on its default
+            _with_attention(model.base, attention)
+        elif attention:
+            model.base.set_attn_implementation(attention)
         if directory is checkpoint:
             name += " (prior latents)" if model.objective.latent_source != "none" \
                 else " (no latents)"

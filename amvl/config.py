@@ -46,6 +46,14 @@ def check_types(owner: object, integers: dict[str, int], reals: tuple[str, ...],
             fail(f"{name} must be true or false, got {getattr(owner, name)!r}")
 
 
+# The objectives each setting acts in (every other setting acts in all of them).
+_WITH_KL = ("amvl", "elbo")
+OBJECTIVE_SETTINGS = {"alpha": ("amvl",), "beta": _WITH_KL, "gamma": _WITH_KL,
+                      "kl_schedule": _WITH_KL, "kl_warmup_steps": _WITH_KL,
+                      "kl_cycle_steps": _WITH_KL, "kl_cycle_ratio": _WITH_KL,
+                      "free_bits": _WITH_KL}
+
+
 @dataclass
 class AMVLConfig:
     """Latent block, objective and inference settings (DESIGN.md section 2).
@@ -133,6 +141,12 @@ class AMVLConfig:
             warnings.warn(f"AMVLConfig: kl_warmup_steps={self.kl_warmup_steps} has no effect "
                           f"with kl_schedule={self.kl_schedule!r}: only 'linear' warms up",
                           stacklevel=3)
+        unused = [f.name for f in fields(self) if f.name in OBJECTIVE_SETTINGS
+                  and self.objective not in OBJECTIVE_SETTINGS[f.name]
+                  and getattr(self, f.name) != f.default]
+        if unused:
+            warnings.warn(f"AMVLConfig: {', '.join(unused)} set but unused by objective="
+                          f"{self.objective!r}", stacklevel=3)
         require(self.logvar_min < self.logvar_init < self.logvar_max,
                 "need logvar_min < logvar_init < logvar_max")
         require(-30 <= self.logvar_min and self.logvar_max <= 30,

@@ -851,7 +851,7 @@ class AMVLModel(nn.Module):
                              f"'{base_dir}')")
         else:
             load_saved_base = not adapter  # the trained weights, not the given ones
-        saved_tokenizer = _load_saved_tokenizer(base_dir)
+        saved_tokenizer = load_saved_tokenizer(base_dir)
         if tokenizer is None:
             tokenizer = saved_tokenizer
         else:
@@ -863,12 +863,13 @@ class AMVLModel(nn.Module):
         return model
 
 
-def _load_saved_tokenizer(base_dir: Path):
-    """The tokenizer ``save_pretrained`` wrote, as the class it was saved as: AutoTokenizer
-    picks the model type's class instead, and a generic tokenizers-backed one (e.g. a
-    WordLevel vocabulary on a Qwen2 base) rebuilt as Qwen2's BPE tokenizes to nothing."""
+def load_saved_tokenizer(base_dir: str | Path):
+    """The tokenizer saved in ``base_dir``, as the class it was saved as: AutoTokenizer picks
+    the model type's class instead, and a generic tokenizers-backed one (e.g. a WordLevel
+    vocabulary on a Qwen2 base) rebuilt as Qwen2's BPE tokenizes to nothing."""
     import transformers
 
+    base_dir = Path(base_dir)
     config_file = base_dir / "tokenizer_config.json"
     saved_class = json.loads(config_file.read_text()).get("tokenizer_class") \
         if config_file.is_file() else None

@@ -144,12 +144,14 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler,
                     history: list[dict], config: TrainConfig,
-                    pending: dict[str, float] | None = None, scaler=None) -> Path:
+                    pending: dict[str, float] | None = None, scaler=None, *,
+                    pending_steps: int = 0) -> Path:
     """Write checkpoint-<step> atomically: everything goes to a temporary directory in the
     same folder, which is renamed into place only when complete.
 
-    ``pending`` holds the metric sums of the log window still open at this step; ``scaler``
-    is fp16's loss scaler, whose scale a resumed run must continue from.
+    ``pending`` holds the metric sums of the log window still open at this step, over
+    ``pending_steps`` steps; ``scaler`` is fp16's loss scaler, whose scale a resumed run must
+    continue from.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
@@ -164,7 +166,8 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler,
         tensors, plain = _rng_state()
         torch.save(tensors, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(
-            {"step": step, "history": history, "pending": pending or {}, "rng": plain,
+            {"step": step, "history": history, "pending": pending or {},
+             "pending_steps": pending_steps, "rng": plain,
              "train_config": asdict(config)}))
         if final.exists():
             shutil.rmtree(final)
@@ -188,6 +191,10 @@ def _prune(output_dir: Path, keep: int) -> None:
 
 class OtherRunError(ValueError):
     """A checkpoint to resume was trained with other settings."""
+
+
+class NothingLeftToTrain(ValueError):
+    """A checkpoint to resume is already at (or past) the run's last step."""
 
 
 def _check_same_run(checkpoint: Path, model, config: TrainConfig) -> None:
@@ -261,7 +268,7 @@ def train(model, collator, examples: Sequence[dict], config: TrainConfig,
     optimizer = torch.optim.AdamW(_decay_groups(model, config.weight_decay),
                                   lr=config.learning_rate)
     scheduler = get_scheduler(config.lr_scheduler, optimizer, config.warmup_steps, config.steps)
-    start, history, sums = 0, [], {}
+    start, history, sums, summed = 0, [], {}, 0
     out = Path(output_dir) if output_dir is not None else None
     found = latest_checkpoint(out) if out is not None else None
     if found is not None and not resume:
@@ -284,6 +291,12 @@ def train(model, collator, examples: Sequence[dict], config: TrainConfig,
             accelerator.scaler.load_state_dict(torch.load(checkpoint / "scaler.pt",
                                                           weights_only=True))
         start, history, sums = state["step"], state["history"], state["pending"]
+        # Checkpoints before "pending_steps" assumed a window open since the last multiple
+        # of log_every, which a run that logged its last step had closed.
+        summed = state.get("pending_steps", start % config.log_every)
+        if start >= config.steps:
+            raise NothingLeftToTrain(f"{checkpoint.name} is already at step {start}, and this run "
+                             f"trains to step {config.steps}: raise steps to go on")
     if config.activation_checkpointing:
         model.activation_checkpointing_enable()
     wrapped, optimizer = accelerator.prepare(model, optimizer)
@@ -308,12 +321,12 @@ def train(model, collator, examples: Sequence[dict], config: TrainConfig,
         # summed on the device: reading them every step would make the host wait for the GPU
         for key, value in out_step.metrics.tensors().items():
             sums[key] = sums.get(key, 0.0) + value
+        summed += 1
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            count = (step % config.log_every) + 1
             entry = {"step": step + 1, "lr": lr,
-                     **{k: float(v) / count for k, v in sums.items()}}
+                     **{k: float(v) / summed for k, v in sums.items()}}
             history.append(entry)
-            sums = {}
+            sums, summed = {}, 0
             bar.set_postfix(loss=f"{entry['loss']:.3f}")
             if on_log is not None:
                 on_log(entry)
@@ -323,7 +336,8 @@ def train(model, collator, examples: Sequence[dict], config: TrainConfig,
             if accelerator.is_main_process:
                 save_checkpoint(out, step + 1, accelerator.unwrap_model(wrapped), optimizer,
                                 scheduler, history, config,
-                                {k: float(v) for k, v in sums.items()}, accelerator.scaler)
+                                {k: float(v) for k, v in sums.items()}, accelerator.scaler,
+                                pending_steps=summed)
                 _prune(out, config.save_total_limit)
             accelerator.wait_for_everyone()
     return history

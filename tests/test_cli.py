@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from amvl.cli import (build_parser, load_base, load_image_processor, load_run_config, main,
@@ -290,3 +291,66 @@ def test_image_processor_loads_without_torchvision(tmp_path, monkeypatch):
     (tmp_path / "preprocessor_config.json").write_text('{"image_processor_type": "Nothing"}')
     with pytest.raises(SystemExit, match="cannot load the image processor"):
         load_image_processor(tmp_path)
+
+
+def test_train_seed_fixes_the_whole_run(tmp_path):
+    """The heads and the injector (and the tiny model) were built before train() seeded
+    torch: two runs of one config trained different models."""
+    losses = []
+    for run in ("a", "b"):
+        config = yaml.safe_load(Path(_run_config(tmp_path, steps=2, save_every=2)).read_text())
+        config["output_dir"] = str(tmp_path / run)
+        path = tmp_path / f"{run}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        torch.manual_seed(len(losses))  # whatever the generator held before
+        assert main(["train", "--config", str(path), "--no-progress"]) == 0
+        state = json.loads((tmp_path / run / "checkpoint-2" / "state.json").read_text())
+        losses.append([e["loss"] for e in state["history"]])
+    assert losses[0] == losses[1]
+    with pytest.raises(SystemExit, match="already at step 2"):
+        main(["train", "--config", str(path), "--resume", "--no-progress"])
+
+
+def test_a_checkpoints_own_tokenizer_class(tmp_path):
+    """A word-level tokenizer saved with a Qwen2 came back from AutoTokenizer as Qwen2's BPE
+    tokenizer, which drops every word it does not know: the class it was saved as."""
+    from amvl.tiny import tiny_qwen2, word_tokenizer
+
+    tokenizer = word_tokenizer(["how", "many", "cells"])
+    tiny_qwen2(tokenizer).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    _, loaded, _ = load_base({"path": str(tmp_path)})
+    text = "how many cells"
+    assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"] != []
+
+
+def test_eval_applies_the_config_attention_and_refuses_text_models_on_images(tmp_path, capsys):
+    import amvl.evaluation
+
+    config = _run_config(tmp_path, steps=1, save_every=1)
+    assert main(["train", "--config", config, "--no-progress"]) == 0
+    raw = yaml.safe_load(Path(config).read_text())
+    raw["model"]["attn_implementation"] = "amvl"
+    Path(config).write_text(yaml.safe_dump(raw))
+    seen = []
+    real = amvl.evaluation.evaluate_benchmark
+
+    def spy(model, *args, **kwargs):
+        seen.append(model._on_amvl_attention())
+        return real(model, *args, **kwargs)
+    amvl.evaluation.evaluate_benchmark = spy
+    try:
+        assert main(["eval", "--config", config, "--benchmark", "puzzles", "--split", "test",
+                     "--no-progress"]) == 0
+    finally:
+        amvl.evaluation.evaluate_benchmark = real
+    assert seen == [True]  # the saved model came back on sdpa, whatever the config said
+    # a text-only model on the image puzzles: named before any evaluation
+    text_only = tmp_path / "text"
+    (text_only / "base").mkdir(parents=True)
+    (text_only / "amvl_config.json").write_text("{}")
+    (text_only / "base" / "config.json").write_text('{"model_type": "qwen2"}')
+    with pytest.raises(SystemExit, match="text-only model, and the puzzles examples have "
+                                         "images"):
+        main(["eval", "--checkpoint", str(text_only), "--benchmark", "puzzles",
+              "--no-progress"])

@@ -50,6 +50,20 @@ def test_warm_up_steps_without_the_linear_schedule_are_named():
         AMVLConfig(kl_warmup_steps=10)
 
 
+def test_settings_the_objective_does_not_use_are_named():
+    with pytest.warns(UserWarning, match="beta, gamma, free_bits set but unused by "
+                                         "objective='none'"):
+        AMVLConfig(objective="none", beta=0.3, gamma=0.5, free_bits=0.5)
+    with pytest.warns(UserWarning, match="alpha set but unused by objective='elbo'"):
+        AMVLConfig(objective="elbo", alpha=2.0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AMVLConfig(objective="amvl", alpha=2.0, beta=0.5, gamma=0.5, free_bits=0.1)
+        AMVLConfig(objective="prior", num_slots=4)
+
+
 def test_unknown_keys_and_missing_file(tmp_path):
     with pytest.raises(ValueError, match="unknown keys"):
         AMVLConfig.from_dict({"num_slots": 2, "slots": 3})

@@ -207,3 +207,31 @@ def test_fsdp_and_deepspeed_are_sent_to_the_trainer():
         with pytest.raises(ValueError, match="AMVLTrainer"):
             train(model, collator, _data(), TrainConfig(steps=1), accelerator=fake,
                   progress=False)
+
+
+def test_a_run_that_logged_its_last_step_resumes_with_the_right_means(tmp_path):
+    """A run of 4 steps logs step 4 and closes its window; resumed to 8 with log_every=3,
+    the window of steps 5-6 was divided by 3 (the window's length, not the steps in it)."""
+    import dataclasses
+
+    config = TrainConfig(steps=8, batch_size=4, learning_rate=5e-3, log_every=3, seed=1,
+                         lr_scheduler="constant")  # the same rates in the runs of 4 and 8
+    straight, collator = _model()
+    whole = {e["step"]: e["loss"] for e in train(straight, collator, _data(), config,
+                                                  progress=False)}
+    model, collator = _model()
+    first = {e["step"]: e["loss"] for e in train(
+        model, collator, _data(), dataclasses.replace(config, steps=4), output_dir=tmp_path,
+        progress=False)}
+    assert sorted(first) == [3, 4]  # step 4's line is step 4 alone
+    model, collator = _model()
+    resumed = {e["step"]: e["loss"] for e in train(model, collator, _data(), config,
+                                                    output_dir=tmp_path, resume=True,
+                                                    progress=False)}
+    assert sorted(resumed) == [3, 4, 6, 8]
+    # the straight run's step-6 line is the mean of steps 4-6; the resumed one of 5-6
+    assert resumed[6] == pytest.approx((3 * whole[6] - first[4]) / 2, rel=1e-5)
+    assert resumed[8] == pytest.approx(whole[8], rel=1e-6)
+    with pytest.raises(ValueError, match="already at step 8"):
+        train(model, collator, _data(), dataclasses.replace(config, steps=5),
+              output_dir=tmp_path, resume=True, progress=False)
