@@ -863,20 +863,23 @@ class AMVLModel(nn.Module):
         return model
 
 
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load_saved_tokenizer(base_dir: str | Path):
-    """The tokenizer saved in ``base_dir``, as the class it was saved as: AutoTokenizer picks
-    the model type's class instead, and a generic tokenizers-backed one (e.g. a WordLevel
-    vocabulary on a Qwen2 base) rebuilt as Qwen2's BPE tokenizes to nothing."""
+    """The tokenizer saved in ``base_dir``. A generic tokenizers-backed one (e.g. a WordLevel
+    vocabulary on a Qwen2 base) loads as its own class: AutoTokenizer would pick the model
+    type's, and Qwen2's BPE rebuilt from a word-level vocabulary tokenizes to nothing. Any
+    other class is AutoTokenizer's choice, as for the model's own checkpoints."""
     import transformers
 
     base_dir = Path(base_dir)
     config_file = base_dir / "tokenizer_config.json"
     saved_class = json.loads(config_file.read_text()).get("tokenizer_class") \
         if config_file.is_file() else None
-    tokenizer_class = getattr(transformers, saved_class or "", None)
-    if tokenizer_class is None or not hasattr(tokenizer_class, "from_pretrained"):
-        tokenizer_class = transformers.AutoTokenizer
-    return tokenizer_class.from_pretrained(base_dir)
+    if saved_class in GENERIC_TOKENIZER_CLASSES and hasattr(transformers, saved_class):
+        return getattr(transformers, saved_class).from_pretrained(base_dir)
+    return transformers.AutoTokenizer.from_pretrained(base_dir)
 
 
 def _check_latent_token_ids(tokenizer, saved_tokenizer, config: AMVLConfig) -> None:
