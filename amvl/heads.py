@@ -39,13 +39,18 @@ class GaussianHead(nn.Module):
         self.shift = math.log(start / (1 - start))
 
     def forward(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
-        mu, raw = self.proj(hidden.to(self.proj.weight.dtype)).chunk(2, dim=-1)
+        """(mu, logvar) in fp32 (fp64 for a fp64 head), whatever the head's dtype or autocast:
+        fp16 cannot hold the KL's gradients at the bounds (dKL/dmu_p = diff * exp(-lv_p) is
+        66,000 at lv_p = -10, diff = 3), and the span magnifies a bf16 sigmoid's rounding
+        (0.06 nats, a few dozen distinct values). The projection reads only the K query
+        slots' hidden states, so the wide products cost nothing that shows."""
+        dtype = torch.promote_types(self.proj.weight.dtype, torch.float32)
+        with torch.autocast(hidden.device.type, enabled=False):
+            out = nn.functional.linear(hidden.to(dtype), self.proj.weight.to(dtype),
+                                       self.proj.bias.to(dtype))
+        mu, raw = out.chunk(2, dim=-1)
         span = self.logvar_max - self.logvar_min
-        # In fp32 (fp64 stays) whatever autocast chose: the span magnifies a bf16 sigmoid's
-        # rounding (0.06 nats, a few dozen distinct values); rounded once at the end instead.
-        wide = raw.to(torch.promote_types(raw.dtype, torch.float32))
-        logvar = self.logvar_min + span * torch.sigmoid(wide + self.shift)
-        return mu, logvar.to(mu.dtype)
+        return mu, self.logvar_min + span * torch.sigmoid(raw + self.shift)
 
 
 class LatentInjector(nn.Module):

@@ -560,6 +560,8 @@ class AMVLModel(nn.Module):
               answer_mask: Tensor | None = None, pixel_values: Tensor | None = None,
               image_grid_thw: Tensor | None = None) -> dict[str, Tensor]:
         """Prior (and, given the answer, posterior) means and log-variances, each (B, K, d)."""
+        if self.prior_head is None:
+            raise ValueError(f"objective {self.config.objective!r} has no latent heads")
         self._check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask)
         rope = self._rope_positions(prompt_ids, prompt_mask, image_grid_thw)
         p = self._parts(prompt_ids, prompt_mask, answer_ids, answer_mask, rope)
@@ -671,12 +673,24 @@ class AMVLModel(nn.Module):
         done = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
         tokens = []
         for t in range(max_new_tokens):
-            token = self.next_token_logits(hidden[:, -1]).argmax(-1)
+            logits = self.next_token_logits(hidden[:, -1])
+            token = logits.argmax(-1)
             if pad is not None:  # no EOS and no pad: every row runs max_new_tokens
                 token = torch.where(done, torch.full_like(token, pad), token)
             tokens.append(token)
             done |= token == eos if eos is not None else done
-            if bool(done.all()) or t == max_new_tokens - 1:
+            # (suppressed tokens' logits are -inf by design: NaN is what overflow leaves)
+            flags = [done.all()] + ([torch.isnan(logits).any()] if t == 0 else [])
+            stop, *nan = torch.stack(flags).tolist()  # one host read, as before
+            if nan and nan[0]:
+                # argmax of NaN is token 0 for every step: refuse instead of padding output
+                raise FloatingPointError(
+                    f"the first decoding step's logits are NaN: the latents or the "
+                    f"model overflow {hidden.dtype} (log-variances up to "
+                    f"{self.config.logvar_max} give latents up to exp("
+                    f"{self.config.logvar_max / 2:g}) times the noise); lower logvar_max or "
+                    "decode in a wider dtype")
+            if stop or t == max_new_tokens - 1:
                 break
             step = assemble({"answer": Part(Segment.ANSWER, token[:, None],
                                             torch.ones_like(token[:, None], dtype=torch.bool),

@@ -531,8 +531,11 @@ def gaussian_sample_kl(mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor, logvar_p: T
         and kl_fwd, kl_rev of shape (...) in float32 (float64 when any input, eps included, is
         float64: the dtype the kernels accumulate in).
 
-    Safe range: finite for log-variances in [-30, 30] in fp32 and bf16; in fp16 z and the
-    gradients overflow past about |logvar| > 10. NaN inputs propagate to the affected outputs.
+    Safe range: finite for log-variances in [-30, 30] in fp32 and bf16. In fp16 the
+    gradients, written in the inputs' dtype, reach diff * exp(-logvar) and
+    diff^2 * exp(-logvar) / 2, past fp16's 65,504 already at logvar = -10 with the means 3
+    apart, and z overflows past logvar of about 20: give fp16 models' heads fp32 outputs (as
+    ``amvl``'s heads do). NaN inputs propagate to the affected outputs.
     """
     _validate(mu_q, logvar_q, mu_p, logvar_p, eps, seed, fwd_grad, rev_grad)
     if mu_p is None or logvar_p is None:

@@ -39,19 +39,28 @@ def test_float64_head_stays_float64(rng_seed):
     torch.testing.assert_close(logvar, exact, rtol=1e-14, atol=1e-14)
 
 
-def test_head_log_variance_in_fp32_under_autocast(rng_seed):
-    """Under bf16 autocast the linear layer runs in bf16; the bounded log-variance is computed
-    from it in fp32 and rounded once, not squashed through a bf16 sigmoid."""
+@pytest.mark.parametrize("case", ["bf16_autocast", "fp16_autocast", "fp16_head"])
+def test_head_outputs_fp32_whatever_the_compute_dtype(case, rng_seed):
+    """Under autocast, or as a 16-bit module, the head still computes and returns fp32: the
+    KL's gradients at the log-variance bounds overflow fp16 (diff * exp(10) = 66,000 for a
+    mean 3 away at lv_p = -10), and a 16-bit sigmoid rounds the bounded log-variance to a
+    few dozen values."""
     head = GaussianHead(64, 16, logvar_min=-10.0, logvar_max=4.0)
     torch.nn.init.normal_(head.proj.weight, std=0.3)
     hidden = torch.randn(3, 64)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    if case == "fp16_head":
+        head = head.half()
+        hidden = hidden.half()
+    exact_proj = torch.nn.functional.linear(hidden.float(), head.proj.weight.float(),
+                                            head.proj.bias.float())
+    dtype = torch.bfloat16 if case == "bf16_autocast" else torch.float16
+    with torch.autocast("cpu", dtype=dtype, enabled=case != "fp16_head"):
         mu, logvar = head(hidden)
-        raw = head.proj(hidden).chunk(2, dim=-1)[1]
-    assert mu.dtype == logvar.dtype == torch.bfloat16
-    span = head.logvar_max - head.logvar_min
-    exact = head.logvar_min + span * torch.sigmoid(raw.float() + head.shift)
-    torch.testing.assert_close(logvar, exact.to(torch.bfloat16), atol=0, rtol=0)
+    assert mu.dtype == logvar.dtype == torch.float32
+    exact_mu, raw = exact_proj.chunk(2, dim=-1)
+    torch.testing.assert_close(mu, exact_mu, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logvar, -10.0 + 14.0 * torch.sigmoid(raw + head.shift),
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_head_rejects_init_outside_bounds():

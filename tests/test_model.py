@@ -646,3 +646,40 @@ def test_load_weights_in_place(tmp_path, kind):
         assert torch.equal(tensor, saved[name]), name
     with pytest.raises(ValueError, match="another configuration"):
         build(kind, objective="elbo")[0].load_weights(tmp_path)
+
+
+def test_fp16_autocast_keeps_finite_kl_gradients_at_the_bounds():
+    """Under fp16 autocast (mixed precision's fp32 weights) the heads returned fp16, so the
+    KL ran in fp16 and its gradient at lv_p = -10 (the default bound) with the means 9 apart,
+    9 * exp(10) / 3 examples = 66,000, overflowed: inf or NaN gradients from the heads on, under a finite loss. The
+    heads now compute in fp32; what the fp16 decoder's own range does with such gradients is
+    the loss scaler's business, as for any fp16 model."""
+    model, batch = build("qwen2", objective="amvl")
+    model = model.float()
+    d = model.config.latent_dim
+    with torch.no_grad():
+        model.prior_head.proj.bias[d:] = -20.0  # lv_p at the lower bound
+        model.posterior_head.proj.bias[:d] = 9.0
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = model(**batch, seed=11)
+    out.latents.mu_p.retain_grad()
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(out.latents.mu_p.grad).all()
+    assert float(out.latents.mu_p.grad.abs().max()) > 65504  # past fp16's largest value
+    heads = [p for head in (model.prior_head, model.posterior_head) for p in head.parameters()]
+    assert all(torch.isfinite(p.grad).all() for p in heads)
+
+
+def test_generate_refuses_logits_that_overflow():
+    """Latents too large for a fp16 model made every logit NaN, and argmax gave token 0 at
+    every step, silently; and heads() of the "none" objective was a TypeError."""
+    model, batch = build("qwen2", objective="prior", logvar_min=-30.0, logvar_max=30.0)
+    model = model.half().eval()
+    with torch.no_grad():
+        model.prior_head.proj.bias[model.config.latent_dim:] = 3.0  # lv_p about 28.6
+    with pytest.raises(FloatingPointError, match="logits are NaN"):
+        model.generate(batch["prompt_ids"], batch["prompt_mask"], latent="sample",
+                       max_new_tokens=3, seed=1)
+    none, batch = build("qwen2", objective="none")
+    with pytest.raises(ValueError, match="'none' has no latent heads"):
+        none.heads(batch["prompt_ids"], batch["prompt_mask"])
