@@ -120,10 +120,9 @@ def _check_model_values(path: Path, model: dict) -> None:
 
 
 def _check_data_values(path: Path, data: dict) -> None:
-    for key in ("per_family",):
-        if key in data and not _positive_int(data[key]):
-            raise SystemExit(f"amvl: {path}: data.{key} must be a positive int, got "
-                             f"{data[key]!r}")
+    if "per_family" in data and not _positive_int(data["per_family"]):
+        raise SystemExit(f"amvl: {path}: data.per_family must be a positive int, got "
+                         f"{data['per_family']!r}")
     for key in ("max_prompt_tokens", "max_answer_tokens"):
         if data.get(key) is not None and not _positive_int(data[key]):
             raise SystemExit(f"amvl: {path}: data.{key} must be a positive int or null, got "
@@ -183,13 +182,11 @@ def load_image_processor(directory: Path):
         saved = json.loads(config_file.read_text()).get("image_processor_type", "") \
             if config_file.is_file() else ""
         name = saved.removesuffix("Fast")
-        for candidate in (f"{name}Pil", name):
-            cls = getattr(transformers, candidate, None) if candidate else None
-            if cls is not None and hasattr(cls, "from_pretrained"):
-                try:
-                    return cls.from_pretrained(directory)
-                except ImportError:
-                    continue
+        for candidate in (f"{name}Pil", name) if name else ():
+            try:  # a lazy attribute may itself be a class that needs torchvision
+                return getattr(transformers, candidate).from_pretrained(directory)
+            except (AttributeError, ImportError):
+                continue
         raise SystemExit(f"amvl: cannot load the image processor in {directory}: {err}") \
             from None
 
@@ -269,9 +266,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from amvl.model import AMVLModel
     import transformers
 
+    from amvl.model import AMVLModel
     from amvl.training import NothingLeftToTrain, OtherRunError, train
 
     run = load_run_config(args.config)
