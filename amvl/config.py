@@ -137,7 +137,8 @@ class AMVLConfig:
         for name in ("alpha", "beta", "gamma", "free_bits"):
             require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         require(0 < self.kl_cycle_ratio <= 1, "kl_cycle_ratio must be in (0, 1]")
-        if self.kl_warmup_steps and self.kl_schedule != "linear":
+        if self.kl_warmup_steps and self.kl_schedule != "linear" \
+                and self.objective in OBJECTIVE_SETTINGS["kl_warmup_steps"]:
             warnings.warn(f"AMVLConfig: kl_warmup_steps={self.kl_warmup_steps} has no effect "
                           f"with kl_schedule={self.kl_schedule!r}: only 'linear' warms up",
                           stacklevel=3)

@@ -50,7 +50,7 @@ class AMVLTrainer(Trainer):
         # averaged first, then the steps, as the Trainer averages its loss (a last step of
         # fewer micro-batches weighs as much as any other).
         self._step_sums: dict[str, torch.Tensor | float] = defaultdict(float)
-        self._step_micro_batches, self._metric_step = 0, -1
+        self._step_micro_batches = 0
         self._metric_sums: dict[str, torch.Tensor | float] = defaultdict(float)
         self._metric_steps = 0
         self._seeded_step, self._micro_batch = -1, 0
@@ -75,8 +75,9 @@ class AMVLTrainer(Trainer):
     def _training_seed(self) -> int:
         """The noise seed of this micro-batch: (seed, micro-batches before it, rank)."""
         step = self.state.global_step
-        if step != self._seeded_step:
+        if step != self._seeded_step:  # a new optimizer step: the last one's metrics close
             self._seeded_step, self._micro_batch = step, 0
+            self._close_metric_step()
         micro = step * self.args.gradient_accumulation_steps + self._micro_batch
         self._micro_batch += 1
         return step_seed(self.args.seed, micro, self.args.process_index)
@@ -93,9 +94,6 @@ class AMVLTrainer(Trainer):
             out = model(**inputs, step=None, seed=seed)
         else:
             out = model(**inputs, step=self.state.global_step, seed=self._training_seed())
-            if self.state.global_step != self._metric_step:
-                self._close_metric_step()
-                self._metric_step = self.state.global_step
             for key, value in out.metrics.tensors().items():
                 if "/slot" not in key:  # per-slot values go to diagnostics, not the log line
                     self._step_sums[key] = self._step_sums[key] + value
