@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from amvl.families import vision_markers
+
 
 @dataclass
 class VisionTokens:
@@ -30,7 +32,9 @@ class VisionTokens:
 
     @classmethod
     def from_model_config(cls, config) -> VisionTokens:
-        return cls(config.image_token_id, config.vision_start_token_id, config.vision_end_token_id)
+        """The ids under the config's own names (Qwen's ``vision_start_token_id``, GLM-4.1V's
+        ``image_start_token_id``, ...)."""
+        return cls(config.image_token_id, *vision_markers(config))
 
 
 class AMVLCollator:

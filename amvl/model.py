@@ -33,6 +33,8 @@ from amvl_kernels.hf import PrefixKeys, layouts_replace_masks
 from amvl_kernels.layout import LatentLayout
 
 from amvl.config import AMVLConfig
+from amvl.families import check_supported, structural_vision_ids, text_config, \
+    transform_logits, vision_markers
 from amvl.heads import GaussianHead, LatentInjector
 from amvl.objectives import Latents, Metrics, build_objective
 from amvl.sequences import (
@@ -188,14 +190,11 @@ class AMVLModel(nn.Module):
         self.tokenizer = tokenizer
         self.config = config
         self.objective = build_objective(config)
+        # before anything changes: a refused model keeps its tokenizer and embeddings
+        check_supported(self._unwrapped(), self._backbone())
         self.token_ids = ensure_special_tokens(self._unwrapped(), tokenizer, config)
         model_config = self._unwrapped().config
         self.is_vlm = hasattr(model_config, "vision_config")
-        if self.is_vlm and not hasattr(self._backbone(), "get_rope_index"):
-            raise NotImplementedError(
-                f"AMVLModel takes vision-language models of the Qwen2-VL family, whose tail "
-                f"positions come from the model's multimodal rope index; "
-                f"{type(self._unwrapped()).__name__} has no get_rope_index")
         hidden = getattr(model_config, "text_config", model_config).hidden_size
         device = self._unwrapped().get_input_embeddings().weight.device
         d, lo, hi = config.latent_dim, config.logvar_min, config.logvar_max
@@ -223,8 +222,7 @@ class AMVLModel(nn.Module):
         return self._unwrapped().base_model
 
     def _text_config(self):
-        config = self._unwrapped().config
-        return config.get_text_config() if hasattr(config, "get_text_config") else config
+        return text_config(self._unwrapped())
 
     def _sliding_window(self) -> int | None:
         """The text model's attention window when any layer has one, else None."""
@@ -249,21 +247,12 @@ class AMVLModel(nn.Module):
 
     def output_logits(self, hidden: Tensor) -> Tensor:
         """Logits of the LM head on ``hidden``, at least fp32 (an fp64 model's stay fp64),
-        with the transforms some models apply after it in their own forward: Granite's
-        ``logits_scaling``, Cohere's ``logit_scale``, Gemma's ``final_logit_softcapping``."""
+        with the transforms some models apply after it in their own forward
+        (:func:`amvl.families.transform_logits`: Granite's ``logits_scaling``, Cohere's
+        ``logit_scale``, Gemma's ``final_logit_softcapping``, ...)."""
         logits = self._unwrapped().get_output_embeddings()(hidden)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        text = self._text_config()
-        scaling = getattr(text, "logits_scaling", None)
-        if scaling is not None:
-            logits = logits / scaling
-        scale = getattr(text, "logit_scale", None)
-        if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
-            logits = logits * scale
-        cap = getattr(text, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return transform_logits(logits, self._text_config())
 
     @property
     def device(self) -> torch.device:
@@ -604,11 +593,7 @@ class AMVLModel(nn.Module):
         logits = self.output_logits(hidden)
         banned = list(self.token_ids.values())
         if self.is_vlm:
-            c = self._unwrapped().config
-            banned += [getattr(c, name) for name in ("image_token_id", "video_token_id",
-                                                     "vision_start_token_id",
-                                                     "vision_end_token_id")
-                       if getattr(c, name, None) is not None]
+            banned += structural_vision_ids(self._unwrapped().config)
         logits[..., banned] = float("-inf")
         return logits
 
@@ -709,7 +694,7 @@ class AMVLModel(nn.Module):
         ``t * h * w`` rows of ``pixel_values``."""
         if image_grid_thw is None:
             raise ValueError("pixel_values given without image_grid_thw")
-        start = self._unwrapped().config.vision_start_token_id
+        start, _ = vision_markers(self._unwrapped().config)
         counts = (prompt_ids == start).sum(1).tolist()
         if sum(counts) != image_grid_thw.shape[0]:
             raise ValueError(f"the prompts mark {sum(counts)} images but image_grid_thw has "

@@ -182,21 +182,6 @@ def test_sliding_windows_are_exact_within_and_refused_beyond():
         narrow.generate(batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=4)
 
 
-def test_vision_models_without_a_rope_index_are_named():
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-    from transformers import LlavaForConditionalGeneration
-
-    tokenizer = word_tokenizer(WORDS)
-    text = LlamaConfig(vocab_size=len(tokenizer) + 1, hidden_size=32, intermediate_size=64,
-                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                              num_attention_heads=4, image_size=28, patch_size=14)
-    base = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
-                                                     image_token_id=len(tokenizer)))
-    with pytest.raises(NotImplementedError, match="Qwen2-VL family.*get_rope_index"):
-        AMVLModel(base, tokenizer, AMVLConfig(num_slots=2, latent_dim=4))
-
-
 def test_compiled_naive_step_does_not_recompile_per_prompt_length():
     """torch.compile(model) on the naive path (what activation checkpointing on SDPA takes):
     after the one recompile that makes the prompt length dynamic, new lengths reuse the graph.
