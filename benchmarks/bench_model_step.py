@@ -13,9 +13,11 @@ the prefix-shared path on the "amvl" attention (layouts, no dense masks: the Tri
 GPU, SDPA with the causal rows split off on the CPU). Targets: shared <= 0.6x naive at both
 shapes; at the BLINK-style shape, shared <= 1.15x plain (its token count alone is 1.07x).
 The three AMVL providers compute the same loss from the same noise: each row records its
-``loss``, and the test fails when one is off (a broken path's speed means nothing). Timing:
-the providers take turns, one step each per round, 11 rounds on a GPU (CUDA events around
-each step) and 7 on the CPU, after a warm-up; medians of the rounds.
+``loss``, ``nll``, ``kl_fwd`` and ``kl_rev``, and the test fails when one is off (a broken
+path's speed means nothing). The answer's NLL is checked on its own: the KLs of random heads
+make up 99% of the loss, so a loss check alone would miss a wrong answer path. Timing: the
+providers take turns in a balanced order, one step each per round, 12 rounds on a GPU (CUDA
+events around each step) and 7 on the CPU, after a warm-up; medians of the rounds.
 
     python -m pytest benchmarks/bench_model_step.py --benchmark
 """
@@ -78,15 +80,19 @@ def _batch(prefix: int, answer: int, vocab: int, device) -> dict:
 
 
 PROVIDERS = ("plain", "naive", "shared", "shared_amvl")
-GPU_ROUNDS = 2 if common.SMOKE else 11
-# How far (relative) the shared paths' loss may be from the naive path's: bf16 rounding in
-# another order of operations moves it by about 1e-3; a wrong mask or position moves it more.
+GPU_ROUNDS = 2 if common.SMOKE else 12  # a multiple of 4 providers: balanced orders
+# How far the shared paths' figures may be from the naive path's. Relative, for the loss and
+# the KLs: bf16 rounding in another order of operations moves them by about 1e-3. Absolute
+# nats, for the answer's NLL (about 7 nats on the random models): bf16 rounding moves the
+# mean over 256 tokens by well under 0.02; a position off by one in the answer pass moved it
+# by 0.04 in fp32 (a random model is nearly uniform, so any error moves it little).
 LOSS_TOLERANCE = 1e-4 if not ON_GPU else 2e-2
+NLL_TOLERANCE = 1e-4 if not ON_GPU else 2e-2
 
 
 def _steps(base, tokenizer, prefix: int, answer: int, device) -> tuple[dict, dict]:
     """One training-step closure per provider, each selecting its attention first, and the
-    loss of each AMVL provider."""
+    loss, NLL and KLs of each AMVL provider."""
     import amvl_kernels.hf as akhf
 
     config = AMVLConfig(num_slots=K, latent_dim=64, kernel_backend="auto")
@@ -102,24 +108,37 @@ def _steps(base, tokenizer, prefix: int, answer: int, device) -> tuple[dict, dic
         base.set_attn_implementation("sdpa")
         return torch.autograd.grad(base(input_ids=ids, labels=labels).loss, base_params)
 
-    def latent_loss(share: bool, amvl_attention: bool) -> torch.Tensor:
+    def latent_step(share: bool, amvl_attention: bool):
         if amvl_attention:
             akhf.use_amvl_attention(base)
         else:
             base.set_attn_implementation("sdpa")
-        return model(**batch, seed=0, prefix_sharing=share).loss
+        return model(**batch, seed=0, prefix_sharing=share)
 
     def latent(share: bool, amvl_attention: bool):
         def step():
-            loss = latent_loss(share, amvl_attention)
+            loss = latent_step(share, amvl_attention).loss
             return torch.autograd.grad(loss, params, allow_unused=True)
         step.model = model  # for scripts/profile_model_step.py's variants of a step
         return step
 
     paths = {"naive": (False, False), "shared": (True, False), "shared_amvl": (True, True)}
-    losses = {name: float(latent_loss(*path).detach()) for name, path in paths.items()}
+    figures = {}
+    for name, path in paths.items():
+        metrics = latent_step(*path).metrics
+        figures[name] = {key: metrics[key] for key in ("loss", "nll", "kl_fwd", "kl_rev")}
     steps = {"plain": plain, **{name: latent(*path) for name, path in paths.items()}}
-    return steps, losses
+    return steps, figures
+
+
+def path_differences(figures: dict[str, dict[str, float]], provider: str) -> dict[str, float]:
+    """How far ``provider``'s figures are from the naive path's: relative for the loss and
+    the KLs, absolute nats for the NLL."""
+    naive, ours = figures["naive"], figures[provider]
+    out = {key: abs(ours[key] - naive[key]) / max(abs(naive[key]), 1e-12)
+           for key in ("loss", "kl_fwd", "kl_rev")}
+    out["nll"] = abs(ours["nll"] - naive["nll"])
+    return out
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -127,7 +146,7 @@ def _steps(base, tokenizer, prefix: int, answer: int, device) -> tuple[dict, dic
 def test_model_step(benchmark, bench_device, model_name, shape):
     base, tokenizer = _model(model_name)
     prefix, answer = SHAPES[shape]
-    steps, losses = _steps(base, tokenizer, prefix, answer, bench_device)
+    steps, figures = _steps(base, tokenizer, prefix, answer, bench_device)
     # A step takes tens of ms on a GPU, where do_bench would take about five samples of each
     # provider in turn: the providers take turns instead, one step each per round.
     medians = common.time_ms_side_by_side(steps, warmup=100, cpu_rounds=7, gpu_rounds=GPU_ROUNDS)
@@ -135,11 +154,14 @@ def test_model_step(benchmark, bench_device, model_name, shape):
     case = f"{model_name} {shape} prefix={prefix} answer={answer} K={K} B={BATCH}"
     for provider in PROVIDERS:
         peak = common.peak_memory_bytes(steps[provider]) / 2**20
-        loss = {"loss": losses[provider]} if provider in losses else {}
         common.record("model_step", case, provider, medians[provider], peak_MB=peak,
-                      tokens_per_s=tokens / medians[provider] * 1e3, **loss)
+                      tokens_per_s=tokens / medians[provider] * 1e3,
+                      **figures.get(provider, {}))
     benchmark.extra_info.update(medians)
     for provider in ("shared", "shared_amvl"):
-        off = abs(losses[provider] - losses["naive"]) / abs(losses["naive"])
-        assert off <= LOSS_TOLERANCE, f"{provider}'s loss is off by {off:.2e} on {case}: {losses}"
+        off = path_differences(figures, provider)
+        limits = {"loss": LOSS_TOLERANCE, "kl_fwd": LOSS_TOLERANCE, "kl_rev": LOSS_TOLERANCE,
+                  "nll": NLL_TOLERANCE}
+        wrong = {key: value for key, value in off.items() if not value <= limits[key]}
+        assert not wrong, f"{provider} is off the naive path on {case}: {wrong}; {figures}"
     benchmark.pedantic(steps["shared_amvl"], rounds=1, warmup_rounds=0)

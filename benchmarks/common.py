@@ -10,6 +10,7 @@ together with :func:`device_info`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -126,15 +127,32 @@ def time_ms_side_by_side(fns: dict[str, Callable[[], object]], warmup: int = 25,
 
 def take_turns(fns: dict[str, Callable[[], object]], rounds: int,
                timer: Callable[[Callable[[], object]], float]) -> dict[str, float]:
-    """``rounds`` rounds of one ``timer(fn)`` per provider; each one's median. Each round
-    starts one provider later than the one before (a, b, c; b, c, a; ...), so that no provider
-    always follows the same one (whose leftovers in caches and the allocator it would meet)."""
+    """``rounds`` rounds of one ``timer(fn)`` per provider; each one's median. The rounds
+    follow :func:`balanced_orders`, so that each provider comes after every other one equally
+    often (whose leftovers in caches and the allocator it would meet), not after the same one
+    in most rounds, as rotating one order would have it."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
+    orders = balanced_orders(len(names))
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            samples[name].append(timer(fns[name]))
+        for i in orders[r % len(orders)]:
+            samples[names[i]].append(timer(fns[names[i]]))
     return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def balanced_orders(n: int) -> list[list[int]]:
+    """A Williams design: orders of ``range(n)`` in which every item directly follows every
+    other item equally often (n orders for even n, 2n for odd n), each item first equally
+    often too."""
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:  # 0, 1, n-1, 2, n-2, ...
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    orders = [[(i + r) % n for i in first] for r in range(n)]
+    return orders if n % 2 == 0 else orders + [order[::-1] for order in orders]
 
 
 def _wall_ms(fn: Callable[[], object]) -> float:
@@ -162,17 +180,34 @@ def allow_recompiles(limit: int = 64) -> None:
             setattr(torch._dynamo.config, name, limit)
 
 
-def graph_time_ms(fn: Callable[[], object]) -> float | None:
-    """Median ms of ``fn`` replayed from a CUDA graph: GPU time without the host's launch
-    overhead. None off the GPU or when ``fn`` cannot be captured."""
+def graph_time_ms(fn: Callable[[], object], calls: int = 1) -> float | None:
+    """Median ms of ``fn`` replayed from a CUDA graph, divided by the ``calls`` calls it
+    makes: GPU time without the host's launch overhead. None off the GPU or when ``fn``
+    cannot be captured.
+
+    Replays do not flush the L2 cache between calls (``do_bench`` does): a call whose buffers
+    fit in L2 would be timed reading the previous call's data from cache. ``fn`` should then
+    cycle through :func:`l2_cold_copies` independent sets of buffers, one call each."""
     if not torch.cuda.is_available():
         return None
     from triton.testing import do_bench_cudagraph
 
     try:
-        return float(do_bench_cudagraph(fn, rep=50, return_mode="median"))
+        return float(do_bench_cudagraph(fn, rep=50, return_mode="median")) / calls
     except Exception:  # noqa: BLE001 - a provider that cannot be captured just has no number
         return None
+
+
+def l2_cold_copies(distinct_bytes: int) -> int:
+    """How many independent sets of a call's buffers (``distinct_bytes`` each) a replay must
+    cycle through for twice the GPU's L2 cache to lie between two uses of one set, so that
+    each call reads from memory, as the copy bandwidth it is compared with does. 1 off the
+    GPU and for calls that are large enough alone."""
+    if not torch.cuda.is_available() or distinct_bytes <= 0:
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()),
+                 "L2_cache_size", 0) or 50 * 2**20
+    return max(1, math.ceil(2 * l2 / distinct_bytes))
 
 
 def peak_memory_bytes(fn: Callable[[], object]) -> int:
