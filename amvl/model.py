@@ -61,6 +61,16 @@ def _cache_kwarg(backbone: nn.Module) -> str:
         else "past_key_values"
 
 
+def _composable_apis(module: nn.Module) -> tuple[str, ...]:
+    """Names of the torch.distributed composable APIs applied to ``module`` (``checkpoint``,
+    ``fully_shard``, ...)."""
+    try:
+        from torch.distributed._composable.contract import _get_registry
+    except ImportError:  # torch built without distributed
+        return ()
+    return tuple(_get_registry(module) or ())
+
+
 def _scope(name: str):
     """A named range in torch.profiler's traces (scripts/profile_model_step.py --gaps charges
     device idle time to them); nothing under torch.compile, which would log that it ignores
@@ -187,6 +197,11 @@ class AMVLModel(nn.Module):
     def __init__(self, base_model: nn.Module, tokenizer, config: AMVLConfig):
         super().__init__()
         self.base = base_model
+        # The decoder layer classes, which FSDP's transformer-based wrapping (the Trainer's
+        # and accelerate's default) shards and checkpoints one by one; without them the whole
+        # model would be one unit, unsharded at once on every rank.
+        self._no_split_modules = list(getattr(self._unwrapped(), "_no_split_modules", None)
+                                      or [])
         self.tokenizer = tokenizer
         self.config = config
         self.objective = build_objective(config)
@@ -398,8 +413,12 @@ class AMVLModel(nn.Module):
 
     @property
     def is_activation_checkpointing(self) -> bool:
-        """Whether any layer of the base model is checkpointed."""
+        """Whether any layer of the base model is checkpointed: by transformers, or by torch's
+        ``checkpoint_wrapper`` or composable ``checkpoint`` (what FSDP's activation
+        checkpointing in accelerate and the Trainer applies to each decoder layer)."""
         return any(getattr(module, "gradient_checkpointing", False) is True
+                   or hasattr(module, "_checkpoint_wrapped_module")
+                   or "checkpoint" in _composable_apis(module)
                    for module in self._unwrapped().modules())
 
     is_gradient_checkpointing = is_activation_checkpointing  # the name before transformers 5.24
@@ -718,6 +737,8 @@ class AMVLModel(nn.Module):
         or ZeRO-3) is saved instead of the live parameters. With a PEFT base, ``base/`` holds
         only the adapter, so the rows of the latent special tokens in the embeddings, which
         the adapter does not carry, are saved beside the heads."""
+        if state_dict is None:
+            self._check_whole()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         _remove_other_kind_of_base(directory / "base", adapter=self._is_peft())
@@ -732,6 +753,22 @@ class AMVLModel(nn.Module):
         self.base.save_pretrained(directory / "base", safe_serialization=True,
                                   state_dict=base_state)
         self.tokenizer.save_pretrained(directory / "base")
+
+    def _check_whole(self) -> None:
+        """Refuse to save live parameters that are one rank's shards (FSDP): FSDP1 leaves
+        flat or empty views, which would be saved as heads of no size."""
+        for name, module in self._own_modules().items():
+            for layer in module.modules():
+                weight = getattr(layer, "weight", None)
+                if isinstance(layer, nn.Linear) and weight is not None and (
+                        type(weight).__name__ == "DTensor"
+                        or tuple(weight.shape) != (layer.out_features, layer.in_features)):
+                    raise ValueError(
+                        f"{name}'s weights are sharded (FSDP): pass the gathered full state, "
+                        f"save_pretrained(directory, state_dict=...), e.g. from "
+                        f"torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+                        f"options=StateDictOptions(full_state_dict=True)) (FSDP2) or under "
+                        f"FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT) (FSDP1)")
 
     def _own_state(self) -> dict[str, Tensor]:
         return {f"{name}.{k}": v for name, module in self._own_modules().items()

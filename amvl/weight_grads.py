@@ -17,8 +17,9 @@ each pass hands over its own gradient and autograd adds them, as without pairing
 is the same either way.
 
 Only plain ``nn.Linear`` modules whose weight requires grad and holds at least
-``MIN_PAIRED_NUMEL`` elements are paired, and only when the matrix products run in the
-weight's dtype: under autocast to another dtype (fp32 weights, bf16 compute), DeepSpeed's
+``MIN_PAIRED_NUMEL`` elements are paired (counted in the layer's forward: under FSDP with
+``use_orig_params`` a weight outside it is only this rank's shard), and only when the matrix
+products run in the weight's dtype: under autocast to another dtype (fp32 weights, bf16 compute), DeepSpeed's
 partitioned parameters, or a module whose ``forward`` someone else already replaced
 (accelerate's hooks), the module runs as usual.
 """
@@ -101,9 +102,8 @@ class _PairedLinear(torch.autograd.Function):
         return grad_in, grad_weight, grad_bias, None, None
 
 
-def _pairable(module: nn.Module, min_numel: int) -> bool:
+def _pairable(module: nn.Module) -> bool:
     return (type(module) is nn.Linear and module.weight.requires_grad
-            and module.weight.numel() >= min_numel
             and "forward" not in module.__dict__ and not hasattr(module.weight, "ds_id"))
 
 
@@ -118,9 +118,17 @@ class PairedWeightGrads:
     """
 
     def __init__(self, decoder: nn.Module, min_numel: int | None = None) -> None:
-        least = MIN_PAIRED_NUMEL if min_numel is None else min_numel
-        self.modules = [m for m in decoder.modules() if _pairable(m, least)]
+        self.min_numel = MIN_PAIRED_NUMEL if min_numel is None else min_numel
+        # the layers that may pair; whether one does is decided in its forward, on the
+        # weight it holds there (see :meth:`pairs`)
+        self.modules = [m for m in decoder.modules() if _pairable(m)]
         self.records = {id(m): _WeightRecord() for m in self.modules}
+
+    def pairs(self, weight: Tensor) -> bool:
+        """Whether a layer pairs a use of ``weight``, the weight it holds in its forward (the
+        full weight under FSDP, where outside the forward it holds a shard, which may be
+        empty, and would decide differently on each rank)."""
+        return weight.numel() >= self.min_numel
 
     @contextlib.contextmanager
     def prefix_pass(self) -> Iterator[None]:
@@ -135,7 +143,8 @@ class PairedWeightGrads:
     @contextlib.contextmanager
     def _patched(self, prefix: bool) -> Iterator[None]:
         for module in self.modules:
-            module.forward = self._forward(module, self.records[id(module)], prefix)
+            module.forward = self._forward(module, self.records[id(module)], prefix,
+                                           self.pairs)
         try:
             yield
         finally:
@@ -143,7 +152,7 @@ class PairedWeightGrads:
                 module.__dict__.pop("forward", None)
 
     @staticmethod
-    def _forward(module: nn.Linear, record: _WeightRecord, prefix: bool):
+    def _forward(module: nn.Linear, record: _WeightRecord, prefix: bool, pairs):
         def forward(inputs: Tensor) -> Tensor:
             weight = module.weight
             compute = torch.get_autocast_dtype(inputs.device.type) \
@@ -151,7 +160,7 @@ class PairedWeightGrads:
             # Compiled (a compiled decoder inside an eager step): Dynamo cannot trace the
             # record's lock, and would break the graph at every paired layer.
             if not torch.is_grad_enabled() or compute != weight.dtype \
-                    or torch.compiler.is_compiling():
+                    or torch.compiler.is_compiling() or not pairs(weight):
                 return F.linear(inputs, weight, module.bias)
             if inputs.dtype != compute:
                 # autocast's own cast, made outside the function so that the products inside

@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from PIL import Image
 
 from amvl.config import AMVLConfig
@@ -311,6 +312,21 @@ def test_save_and_load_round_trip(tmp_path):
     # word-level vocabulary as Qwen2's BPE, which turned "w1 w2 w3" into no tokens at all.
     text = "w1 w12 w3"
     assert loaded.tokenizer(text)["input_ids"] == model.tokenizer(text)["input_ids"] != []
+
+
+def test_sharded_heads_are_not_saved(tmp_path):
+    """Under FSDP1 a rank's live head weights are flat or empty views of its shard: saving
+    them wrote heads of no size. They are refused, and a gathered state_dict is saved."""
+    model, _ = build("qwen2")
+    full = model.state_dict()
+    model.posterior_head.proj.weight = nn.Parameter(torch.empty(0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="posterior_head's weights are sharded"):
+        model.save_pretrained(tmp_path / "live")
+    assert not (tmp_path / "live").exists()
+    model.save_pretrained(tmp_path / "gathered", state_dict=full)
+    loaded = AMVLModel.from_pretrained(tmp_path / "gathered", dtype=torch.float64)
+    torch.testing.assert_close(loaded.posterior_head.proj.weight,
+                               full["posterior_head.proj.weight"], rtol=0, atol=0)
 
 
 def test_a_given_base_gets_the_saved_weights_and_a_given_tokenizer_is_checked(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,29 @@ def test_ddp_two_processes_keep_identical_parameters(tmp_path):
     init = AMVLModel(tiny_qwen2(word_tokenizer(WORDS)), word_tokenizer(WORDS),
                      AMVLConfig(num_slots=2, latent_dim=4)).state_dict()
     assert not torch.equal(init["prior_head.proj.weight"], rank0["prior_head.proj.weight"])
+
+
+def test_fsdp2_two_processes_train_like_one(tmp_path, monkeypatch):
+    """FSDP2 on 2 CPU processes, with accelerate's activation-checkpointing recipe and every
+    linear paired: the prefix-shared step calls each sharded layer twice before one backward,
+    and the gathered parameters after two steps equal one process's on both ranks' batches."""
+    from torch.distributed.fsdp import fully_shard  # noqa: F401 - skip where it is missing
+
+    from amvl import weight_grads
+    from tests import fsdp_worker
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+         "--standalone", str(ROOT / "tests" / "fsdp_worker.py"), str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sharded = load_file(str(tmp_path / "fsdp.safetensors"))
+    monkeypatch.setattr(weight_grads, "MIN_PAIRED_NUMEL", 0)
+    expected = fsdp_worker.single_process()
+    assert sharded.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(sharded[name], tensor, rtol=1e-10, atol=1e-12, msg=name)
 
 
 def test_peft_lora_on_the_base_model(tmp_path):
@@ -160,6 +184,46 @@ def test_activation_checkpointing_on_the_amvl_attention_keeps_prefix_sharing():
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     with pytest.raises(RuntimeError, match="reentrant"):
         model(**batch, seed=5, prefix_sharing=True)
+
+
+@pytest.mark.parametrize("amvl_attention", [False, True])
+@pytest.mark.parametrize("how", ["checkpoint_wrapper", "composable"])
+def test_fsdp_activation_checkpointing_is_recognised(monkeypatch, how, amvl_attention):
+    """FSDP's activation checkpointing (accelerate, the Trainer's fsdp_config) wraps each
+    decoder layer in torch's checkpoint_wrapper, without transformers' flag: the step kept
+    the KV cache, which the backward's re-run appended to (a shape error), and with pairing
+    the re-run saved other tensors (CheckpointError). It now counts as checkpointing: the
+    uncheckpointed step's loss and gradients. The decoder layer classes are offered to FSDP's
+    wrapping policy as a transformers model offers them."""
+    from torch.distributed._composable import checkpoint
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from amvl import weight_grads
+
+    monkeypatch.setattr(weight_grads, "MIN_PAIRED_NUMEL", 0)  # the tiny model's layers pair
+    model, tokenizer = _tiny_model(amvl_attention)
+    assert model._no_split_modules == ["Qwen2DecoderLayer"]
+    batch = AMVLCollator(tokenizer)(_data(4))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    reference = model(**batch, seed=5, prefix_sharing=True).loss
+    reference_grads = dict(zip(names, torch.autograd.grad(reference, params)))
+    layers = model.base.model.layers
+    for i, layer in enumerate(layers):
+        if how == "checkpoint_wrapper":
+            layers[i] = checkpoint_wrapper(layer)
+        else:
+            checkpoint(layer)
+    assert model.is_activation_checkpointing
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SDPA's fallback to the naive path, tested above
+        loss = model(**batch, seed=5, prefix_sharing=True).loss
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    names = [n.replace("._checkpoint_wrapped_module", "")
+             for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    for name, g in zip(names, torch.autograd.grad(loss, params)):
+        torch.testing.assert_close(g, reference_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_trainer_with_activation_checkpointing(tmp_path):

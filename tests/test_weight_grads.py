@@ -255,5 +255,38 @@ def test_only_weights_of_min_paired_numel_are_paired_by_default():
     side = int(weight_grads.MIN_PAIRED_NUMEL ** 0.5)
     decoder = nn.Sequential(nn.Linear(side, side, device="meta"),
                             nn.Linear(side, side - 1, device="meta"), nn.Linear(8, 8))
-    assert PairedWeightGrads(decoder).modules == [decoder[0]]
-    assert PairedWeightGrads(decoder, min_numel=0).modules == list(decoder)
+    pairing = PairedWeightGrads(decoder)
+    assert [pairing.pairs(m.weight) for m in decoder] == [True, False, False]
+    assert all(PairedWeightGrads(decoder, min_numel=0).pairs(m.weight) for m in decoder)
+
+
+def test_the_size_that_decides_is_the_weight_in_the_layers_forward(monkeypatch):
+    """Under FSDP with use_orig_params a weight outside its layer's forward is this rank's
+    shard (in a 2-rank run one rank paired 0 layers, the other 4, of 6): the decision is made
+    on the weight the layer holds in its forward, as FSDP's pre-forward hook sets it."""
+    decoder = _decoder()
+    expected = _step(decoder, None, "latent_first_in_backward")
+    full = {i: decoder[i].weight for i in (0, 2)}
+    for i, layer in full.items():  # a shard outside the forward, the full weight inside
+        decoder[i].weight = nn.Parameter(layer.detach()[:1].clone())
+        decoder[i].register_forward_pre_hook(
+            lambda module, args, i=i: setattr(module, "weight", full[i]))
+        decoder[i].register_forward_hook(
+            lambda module, args, out, i=i: setattr(module, "weight", shards[i]))
+    shards = {i: decoder[i].weight for i in (0, 2)}
+    handed = _spy(monkeypatch)
+    min_numel = decoder[0].weight.numel() + 1  # more than a shard, less than a weight
+    pairing = PairedWeightGrads(decoder, min_numel=min_numel)
+    for weight in full.values():
+        weight.grad = None
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 6, generator=g, dtype=torch.float64)
+    tail = torch.randn(3, 2, 6, generator=g, dtype=torch.float64)
+    with pairing.prefix_pass():
+        h = decoder(x)
+    with pairing.latent_pass():
+        loss = (decoder(tail + h[:, :2]) ** 2).sum() + h.sum()
+    loss.backward()
+    assert sum(g is None for g in handed) == 2  # both layers' latent gradients kept
+    torch.testing.assert_close(full[0].grad, expected["0.weight"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(full[2].grad, expected["2.weight"], rtol=1e-12, atol=1e-12)

@@ -1,0 +1,101 @@
+"""Worker for tests/test_trainer.py: AMVLModel steps under FSDP2 (``fully_shard``) on 2 CPU
+processes (gloo, torchrun), and the same steps in one process for the test to compare.
+
+The recipe accelerate applies with activation checkpointing: each decoder layer in torch's
+checkpoint_wrapper, then sharded on its own (the classes AMVLModel offers as
+``_no_split_modules``), then the whole AMVLModel. The prefix-shared step on the "amvl"
+attention runs every layer twice before one backward, and every linear is paired (the
+pairing threshold lowered to 0). Rank 0 writes the gathered parameters to OUT/fsdp.safetensors.
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from amvl import weight_grads
+from amvl.config import AMVLConfig
+from amvl.data import AMVLCollator
+from amvl.model import AMVLModel
+from amvl.tiny import tiny_qwen2, word_tokenizer
+from amvl.training import step_seed
+
+WORDS = [f"w{i}" for i in range(30)]
+WORLD, PER_RANK, STEPS, LR = 2, 2, 2, 0.05
+
+
+def build(checkpointed: bool) -> tuple[AMVLModel, AMVLCollator]:
+    import amvl_kernels.hf as akhf
+
+    weight_grads.MIN_PAIRED_NUMEL = 0
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer(WORDS)
+    model = AMVLModel(tiny_qwen2(tokenizer), tokenizer,
+                      AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch")).double()
+    akhf.use_amvl_attention(model.base)
+    if checkpointed:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            checkpoint_wrapper,
+        )
+        layers = model.base.model.layers
+        for i, layer in enumerate(layers):
+            layers[i] = checkpoint_wrapper(layer)
+    return model.train(), AMVLCollator(tokenizer)
+
+
+def batch(collator: AMVLCollator, step: int, rank: int) -> dict:
+    g = torch.Generator().manual_seed(100 * step + rank)
+    examples = [{"question": " ".join(WORDS[int(i)] for i in
+                                      torch.randint(0, 30, (2 + j,), generator=g)),
+                 "answer": WORDS[int(torch.randint(0, 30, (1,), generator=g))]}
+                for j in range(PER_RANK)]
+    return collator(examples)
+
+
+def single_process() -> dict[str, torch.Tensor]:
+    """The ranks' steps in one process: the mean of their losses, their own noise seeds."""
+    model, collator = build(checkpointed=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    for step in range(STEPS):
+        for rank in range(WORLD):
+            loss = model(**batch(collator, step, rank), step=step,
+                         seed=step_seed(0, step, rank)).loss
+            (loss / WORLD).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def main(out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model, collator = build(checkpointed=True)
+    assert model.is_activation_checkpointing
+    for module in list(model.modules()):
+        if type(module).__name__ in model._no_split_modules:
+            fully_shard(module)
+    fully_shard(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    for step in range(STEPS):
+        loss = model(**batch(collator, step, rank), step=step,
+                     seed=step_seed(0, step, rank)).loss
+        loss.backward()  # FSDP averages the gradients over the ranks
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    params = {n.replace("._checkpoint_wrapped_module", ""):
+              (p.full_tensor() if isinstance(p, DTensor) else p).detach().contiguous()
+              for n, p in model.named_parameters()}
+    if rank == 0:
+        save_file(params, os.path.join(out, "fsdp.safetensors"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
