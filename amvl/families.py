@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import numbers
 import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -63,13 +66,42 @@ def check_supported(model: nn.Module, backbone: nn.Module) -> None:
             f"latent masks (padding and the prior slots' view of y would leak into their "
             f"state) and their state cannot be cropped back to the prompt, so AMVLModel "
             f"cannot train or decode them correctly")
-    if getattr(text, "output_router_logits", False) or \
-            getattr(model.config, "output_router_logits", False):
+    router_balance(model)  # an MoE model whose balancing loss cannot be reproduced
+
+
+@dataclass(frozen=True)
+class RouterBalance:
+    """How an MoE model's own loss adds its routers' load-balancing loss: ``coef`` times
+    ``loss_fn(router_logits, num_experts, top_k, attention_mask)``, the model's own function
+    (transformers' MoE models each define ``load_balancing_loss_func``: Switch Transformer's
+    loss over every layer's real tokens)."""
+
+    coef: float
+    num_experts: int
+    top_k: int
+    loss_fn: Callable[..., Tensor]
+
+
+def router_balance(model: nn.Module) -> RouterBalance | None:
+    """The model's load-balancing loss when its config asks for it
+    (``output_router_logits=True``), else None. ``NotImplementedError`` when it asks but the
+    model's module or config lacks what the loss needs."""
+    text = text_config(model)
+    if not (getattr(text, "output_router_logits", False)
+            or getattr(model.config, "output_router_logits", False)):
+        return None
+    loss_fn = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
+    experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None)
+    top_k = getattr(text, "num_experts_per_tok", None)
+    coef = getattr(text, "router_aux_loss_coef", None)
+    if loss_fn is None or not experts or not top_k or coef is None:
         raise NotImplementedError(
-            f"{name} is configured with output_router_logits=True, so its own loss adds the "
-            f"router's load-balancing loss; AMVLModel runs the decoder itself and does not "
-            f"add it. Set config.output_router_logits = False (and text_config's, for a VLM) "
-            f"to train without it")
+            f"{type(model).__name__} is configured with output_router_logits=True, but "
+            f"AMVLModel cannot reproduce its load-balancing loss (it looks for "
+            f"load_balancing_loss_func in the model's module and num_experts, "
+            f"num_experts_per_tok and router_aux_loss_coef in its config). Set "
+            f"config.output_router_logits = False to train without it")
+    return RouterBalance(float(coef), int(experts), int(top_k), loss_fn)
 
 
 def transform_logits(logits: Tensor, text) -> Tensor:

@@ -33,8 +33,8 @@ from amvl_kernels.hf import PrefixKeys, layouts_replace_masks
 from amvl_kernels.layout import LatentLayout
 
 from amvl.config import AMVLConfig
-from amvl.families import check_supported, structural_vision_ids, text_config, \
-    transform_logits, vision_markers
+from amvl.families import check_supported, router_balance, structural_vision_ids, \
+    text_config, transform_logits, vision_markers
 from amvl.heads import GaussianHead, LatentInjector
 from amvl.objectives import Latents, Metrics, build_objective
 from amvl.sequences import (
@@ -210,6 +210,7 @@ class AMVLModel(nn.Module):
         self.token_ids = ensure_special_tokens(self._unwrapped(), tokenizer, config)
         model_config = self._unwrapped().config
         self.is_vlm = hasattr(model_config, "vision_config")
+        self._router_balance = router_balance(self._unwrapped())
         hidden = getattr(model_config, "text_config", model_config).hidden_size
         device = self._unwrapped().get_input_embeddings().weight.device
         d, lo, hi = config.latent_dim, config.logvar_min, config.logvar_max
@@ -316,9 +317,10 @@ class AMVLModel(nn.Module):
     def _run(self, seq: Sequence, *, prefix: Sequence | None = None, cache=None,
              z: Tensor | None = None, rope: Tensor | None = None, images: dict | None = None,
              use_cache: bool = False, record_prefix: PrefixKeys | None = None,
-             with_prefix: PrefixKeys | None = None):
+             with_prefix: PrefixKeys | None = None, routers: list | None = None):
         """One decoder call on ``seq`` (after ``prefix``, whose keys are in ``cache`` or, on
-        the "amvl" attention, in ``with_prefix``; ``record_prefix`` records them).
+        the "amvl" attention, in ``with_prefix``; ``record_prefix`` records them). An MoE
+        model's router logits (per layer, (B * L, experts)) are appended to ``routers``.
 
         Returns the last hidden states (B, L, H) and the cache.
         """
@@ -349,6 +351,8 @@ class AMVLModel(nn.Module):
         for name, keys_store in (("record_prefix", record_prefix), ("with_prefix", with_prefix)):
             if keys_store is not None:
                 kwargs[name] = keys_store
+        if routers is not None:
+            kwargs["output_router_logits"] = True
         backbone = self._backbone()
         kwargs[_cache_kwarg(backbone)] = cache
         promise = contextlib.nullcontext()
@@ -365,6 +369,8 @@ class AMVLModel(nn.Module):
         # transformers 5.2x names the output field "cache", earlier 5.x "past_key_values"; the
         # old name is looked up in keys() only, since reading it on 5.2x logs a deprecation.
         cache = next((out[k] for k in ("cache", "past_key_values") if k in out.keys()), None)
+        if routers is not None:
+            routers.append(out["router_logits"])
         return out.last_hidden_state, cache
 
     def _nll(self, hidden: Tensor, seq: Sequence, answer_ids: Tensor, answer_mask: Tensor
@@ -483,10 +489,14 @@ class AMVLModel(nn.Module):
         rope = self._rope_positions(prompt_ids, prompt_mask, image_grid_thw)
         p = self._parts(prompt_ids, prompt_mask, answer_ids, answer_mask, rope)
         obj = self.objective
+        # An MoE model's routers, balanced over the tokens of the sequence the NLL decodes,
+        # [x | latent block | y] (x's from the pass that encodes it), as its own loss over [x | y]
+        routed: list | None = [] if self._router_balance is not None else None
         if obj.latent_source == "none":
             seq = assemble({"prompt": p["prompt"], "answer": p["answer_after_x"]})
-            hidden, _ = self._run(seq, rope=rope, images=images)
+            hidden, _ = self._run(seq, rope=rope, images=images, routers=routed)
             loss, metrics = obj.loss(self._nll(hidden, seq, answer_ids, answer_mask), None, step)
+            loss, metrics = self._balance_routers(loss, metrics, routed, [(seq, slice(None))])
             return AMVLOutput(loss, metrics)
 
         # Named scopes: what scripts/profile_model_step.py --gaps charges device idle time to.
@@ -496,16 +506,19 @@ class AMVLModel(nn.Module):
                 names = ["prompt", "prior", "answer_after_x", "posterior"] if obj.uses_posterior \
                     else ["prompt", "prior"]
                 seq = assemble({n: p[n] for n in names})
+                routed_parts = [(seq, seq.columns("prompt"))]
                 if prefix_keys is not None:
                     hidden, cache = self._run(seq, rope=rope, images=images,
-                                              record_prefix=prefix_keys)
+                                              record_prefix=prefix_keys, routers=routed)
                 else:
                     with pairing.prefix_pass() if pairing else contextlib.nullcontext():
-                        hidden, cache = self._run(seq, rope=rope, images=images, use_cache=True)
+                        hidden, cache = self._run(seq, rope=rope, images=images, use_cache=True,
+                                                  routers=routed)
                     cache.crop(-(seq.input_ids.shape[1] - prompt_ids.shape[1]))
                 h_prior = hidden[:, seq.columns("prior")]
                 h_post = hidden[:, seq.columns("posterior")] if obj.uses_posterior else None
             else:
+                routed_parts = []
                 seq = assemble({n: p[n] for n in ("prompt", "prior")})
                 hidden, _ = self._run(seq, rope=rope, images=images)
                 h_prior = hidden[:, seq.columns("prior")]
@@ -519,25 +532,30 @@ class AMVLModel(nn.Module):
             mu_q, lv_q = self.posterior_head(h_post) if h_post is not None else (None, None)
             latents = obj.draw(mu_p, lv_p, mu_q, lv_q, seed=seed)
 
-        def decode_nll(z: Tensor) -> Tensor:
+        def decode_nll(z: Tensor, routers: list | None = None) -> Tensor:
             if share:
                 tail = assemble({"latent": p["latent"], "answer": p["answer_after_latent"]})
                 if prefix_keys is not None:
-                    hidden, _ = self._run(tail, prefix=prompt_seq, z=z, with_prefix=prefix_keys)
+                    hidden, _ = self._run(tail, prefix=prompt_seq, z=z, with_prefix=prefix_keys,
+                                          routers=routers)
                 else:
                     with pairing.latent_pass() if pairing else contextlib.nullcontext():
                         hidden, _ = self._run(tail, prefix=prompt_seq, cache=cache, z=z,
-                                              use_cache=True)
+                                              use_cache=True, routers=routers)
                     cache.crop(-tail.input_ids.shape[1])
+                if routers is not None:
+                    routed_parts.append((tail, slice(None)))
                 # columns of the tail's answer are relative to the tail
                 return self._nll(hidden, tail, answer_ids, answer_mask)
             full = assemble({"prompt": p["prompt"], "latent": p["latent"],
                              "answer": p["answer_after_latent"]})
-            hidden, _ = self._run(full, rope=rope, images=images, z=z)
+            hidden, _ = self._run(full, rope=rope, images=images, z=z, routers=routers)
+            if routers is not None:
+                routed_parts.append((full, slice(None)))
             return self._nll(hidden, full, answer_ids, answer_mask)
 
         with _scope("amvl.latent_pass"):
-            nll = decode_nll(latents.z)
+            nll = decode_nll(latents.z, routed)
             nll_prior = None
             if obj.uses_prior_nll:
                 prior_seed = None if seed is None else (seed + 1) % 2**63
@@ -545,7 +563,26 @@ class AMVLModel(nn.Module):
                 nll_prior = decode_nll(z_prior)
         with _scope("amvl.loss"):
             loss, metrics = obj.loss(nll, latents, step, nll_prior)
+            loss, metrics = self._balance_routers(loss, metrics, routed, routed_parts)
         return AMVLOutput(loss, metrics, latents)
+
+    def _balance_routers(self, loss: Tensor, metrics: Metrics, routed: list | None,
+                         parts: list[tuple[Sequence, slice]]) -> tuple[Tensor, Metrics]:
+        """The loss plus the MoE routers' load-balancing loss, as the model's own loss adds it,
+        over the columns ``parts`` name of the passes that ``routed`` recorded (in order), and
+        the metric ``router_aux``. Unchanged for other models."""
+        balance = self._router_balance
+        if balance is None:
+            return loss, metrics
+        layers = []
+        for i in range(len(routed[0])):
+            pieces = [logits[i].view(*seq.input_ids.shape, -1)[:, columns]
+                      for logits, (seq, columns) in zip(routed, parts)]
+            layers.append(torch.cat(pieces, 1).flatten(0, 1))
+        mask = torch.cat([seq.real[:, columns] for seq, columns in parts], 1)
+        aux = balance.loss_fn(tuple(layers), balance.num_experts, balance.top_k, mask)
+        loss = loss + balance.coef * aux.to(loss.device)
+        return loss, metrics.with_tensors(router_aux=aux, loss=loss)
 
     def _prior_latents(self, mu_p: Tensor, lv_p: Tensor, mode: str, seed: int | None) -> Tensor:
         if mode == "mean":

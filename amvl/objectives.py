@@ -136,6 +136,10 @@ class Metrics(Mapping[str, float]):
         self._floats = dict(floats or {})
         self._values: dict[str, float] | None = None
 
+    def with_tensors(self, **tensors: Tensor) -> Metrics:
+        """A copy with these device scalars added or replaced."""
+        return Metrics({**self._tensors, **tensors}, self._floats)
+
     def tensors(self) -> dict[str, Tensor | float]:
         """Every metric, device scalars left on the device (for sums over steps)."""
         return {**self._tensors, **self._floats}

@@ -86,26 +86,64 @@ def test_refused_vision_models_keep_their_tokenizer_and_embeddings():
     assert len(tokenizer) == vocab and base.get_input_embeddings().num_embeddings == rows
 
 
-def test_router_load_balancing_loss_is_refused_not_dropped():
-    """With output_router_logits=True an MoE model's own loss adds the load-balancing loss;
-    AMVLModel dropped it silently (loss 3.9349 against the model's 3.9757)."""
-    tokenizer = word_tokenizer(WORDS)
+def _moe(tokenizer, objective="amvl", **config_kwargs) -> AMVLModel:
     config = tf.Qwen3MoeConfig(vocab_size=len(tokenizer), **SIZES, head_dim=8, num_experts=4,
-                               num_experts_per_tok=2, moe_intermediate_size=32, pad_token_id=0)
-    config.output_router_logits = True
-    with pytest.raises(NotImplementedError, match="output_router_logits"):
-        AMVLModel(tf.Qwen3MoeForCausalLM(config), tokenizer,
-                  AMVLConfig(num_slots=2, latent_dim=4))
-    config.output_router_logits = False
+                               num_experts_per_tok=2, moe_intermediate_size=32, pad_token_id=0,
+                               output_router_logits=True, router_aux_loss_coef=0.5)
     torch.manual_seed(0)
     base = tf.Qwen3MoeForCausalLM(config)
     if hasattr(base, "set_experts_implementation"):  # grouped_mm takes no float64
         base.set_experts_implementation("eager")
-    model = AMVLModel(base, tokenizer, AMVLConfig(num_slots=2, latent_dim=4,
-                                                  objective="none")).double()
+    return AMVLModel(base, tokenizer, AMVLConfig(num_slots=2, latent_dim=4, objective=objective,
+                                                 kernel_backend="torch",
+                                                 **config_kwargs)).double()
+
+
+def test_router_load_balancing_loss_is_the_models_own():
+    """With output_router_logits=True an MoE model's own loss adds its routers' balancing
+    loss; AMVLModel dropped it silently (3.9349 against the model's 3.9757, the router's
+    gradient a third of the model's). The "none" objective is now the model's own loss, and
+    its gradients."""
+    tokenizer = word_tokenizer(WORDS)
+    model = _moe(tokenizer, objective="none")
     batch = _batch(tokenizer)
-    torch.testing.assert_close(model(**batch).loss, _own_loss(model, batch).double(),
-                               rtol=1e-6, atol=0)
+    ours = model(**batch)
+    own = _own_loss(model, batch).double()
+    torch.testing.assert_close(ours.loss, own, rtol=1e-6, atol=0)
+    assert ours.metrics["router_aux"] > 0  # metrics are read as fp32
+    assert ours.metrics["loss"] == pytest.approx(float(ours.loss.detach()), rel=1e-6)
+    gate = model.base.model.layers[0].mlp.gate.weight
+    want = torch.autograd.grad(own, gate)[0]
+    torch.testing.assert_close(torch.autograd.grad(ours.loss, gate)[0], want,
+                               rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5])
+@pytest.mark.parametrize("attention", ["sdpa", "amvl", "amvl_checkpointed"])
+def test_router_balance_is_the_same_on_both_paths(attention, gamma):
+    """Balanced over [x | latent block | y], the sequence the NLL decodes (x's router logits
+    from the pass that encodes it): the prefix-shared and naive steps give the same loss and
+    router gradients, with the prior-path NLL too, and on the checkpointed PrefixKeys path."""
+    import amvl_kernels.hf as akhf
+
+    tokenizer = word_tokenizer(WORDS)
+    model = _moe(tokenizer, gamma=gamma)
+    if attention != "sdpa":
+        akhf.use_amvl_attention(model.base)
+    if attention == "amvl_checkpointed":
+        model.gradient_checkpointing_enable()
+    batch = _batch(tokenizer)
+    gates = [layer.mlp.gate.weight for layer in model.base.model.layers]
+    results = []
+    for share in (True, False):
+        out = model(**batch, seed=4, prefix_sharing=share)
+        results.append((out.loss, out.metrics["router_aux"],
+                        torch.autograd.grad(out.loss, gates)))
+    (shared, aux_shared, g_shared), (naive, aux_naive, g_naive) = results
+    torch.testing.assert_close(shared, naive, rtol=1e-9, atol=0)
+    assert aux_shared == pytest.approx(aux_naive, rel=1e-9) and aux_naive > 0
+    for g, r in zip(g_shared, g_naive):
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-10)
 
 
 @pytest.mark.parametrize("scaling", [0.25, 4.0])
