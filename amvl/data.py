@@ -19,7 +19,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from amvl.config import AMVLConfig
 from amvl.families import vision_markers
+
+# The latent block's marker strings under AMVLConfig's defaults: text that spells one would be
+# read as the structural token itself.
+_LATENT_MARKERS = frozenset(AMVLConfig().special_tokens())
 
 
 @dataclass
@@ -143,7 +148,14 @@ class AMVLCollator:
             question = self._text_ids(example["question"])
             if self.max_prompt_tokens is not None:
                 question = self._truncated(index, question, len(prompt))
-            answer = self._text_ids(example["answer"])[: self.max_answer_tokens]
+            answer = self._text_ids(example["answer"])
+            self._check_no_markers(index, question, answer)
+            if self.max_answer_tokens is not None and len(answer) > self.max_answer_tokens:
+                warnings.warn(f"example {index}: the answer lost its last "
+                              f"{len(answer) - self.max_answer_tokens} of {len(answer)} tokens "
+                              f"to max_answer_tokens={self.max_answer_tokens} (the model then "
+                              f"learns to stop there)", stacklevel=2)
+                answer = answer[: self.max_answer_tokens]
             if self.tokenizer.eos_token_id is not None:
                 answer = answer + [self.tokenizer.eos_token_id]
             if not prompt + question:
@@ -159,6 +171,22 @@ class AMVLCollator:
             batch["pixel_values"] = torch.cat(images)
             batch["image_grid_thw"] = torch.stack(grids)
         return batch
+
+    def _check_no_markers(self, index: int, question: list[int], answer: list[int]) -> None:
+        """Refuse text that spells a structural token (a latent or image marker): the tokenizer
+        turns it into the token itself, which would open a latent block or announce an image
+        inside the text."""
+        added = getattr(self.tokenizer, "added_tokens_encoder", {})
+        markers = {added[t]: t for t in _LATENT_MARKERS if t in added}
+        vt = self.vision_tokens
+        if vt is not None:
+            markers.update({i: self.tokenizer.convert_ids_to_tokens(i)
+                            for i in (vt.image, vt.start, vt.end)})
+        for name, ids in (("question", question), ("answer", answer)):
+            found = sorted({markers[i] for i in ids if i in markers})
+            if found:
+                raise ValueError(f"example {index}: the {name} spells the structural token(s) "
+                                 f"{found}, which the tokenizer reads as the tokens themselves")
 
     def _truncated(self, index: int, question: list[int], image_tokens: int) -> list[int]:
         """The question's last tokens that fit beside ``image_tokens`` in max_prompt_tokens."""

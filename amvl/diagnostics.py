@@ -31,10 +31,19 @@ from amvl.objectives import ACTIVE_SLOT_NATS
 VARIANTS = ("prior", "posterior", "zeroed", "noised", "swapped")
 
 
-def _check_examples(examples: Sequence[dict]) -> None:
+def _check_examples(examples: Sequence[dict], batch_size: int = 1,
+                    group_key: str | None = None) -> None:
+    if not (hasattr(examples, "__len__") and hasattr(examples, "__getitem__")):
+        # an iterator would be spent by these checks
+        raise TypeError(f"examples must be a sequence (e.g. a list), got "
+                        f"{type(examples).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if not examples:
         raise ValueError("diagnostics need at least one example")
     for i, ex in enumerate(examples):
+        if group_key is not None and group_key not in ex:
+            raise ValueError(f"example {i} has no {group_key!r} (group_key)")
         choices = ex.get("choices")
         if not isinstance(choices, (list, tuple)) or len(choices) < 2:
             raise ValueError(f"example {i}: 'choices' must list at least two strings")
@@ -72,7 +81,7 @@ def score_choices(model, collator, examples: Sequence[dict], batch_size: int = 8
     Returns ``{"nll": {variant: (N, C) array}, "gold": (N,) array, "mu_p", "mu_q",
     "kl_fwd", "kl_rev"}`` (the last four (N, K, ...) arrays, None without latents).
     """
-    _check_examples(examples)
+    _check_examples(examples, batch_size)
     device = model.device
     dtype = model._unwrapped().get_input_embeddings().weight.dtype
     has_latents = model.objective.latent_source != "none"
@@ -142,6 +151,14 @@ def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, folds: int =
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    features, labels = np.asarray(features), np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or (labels < 0).any():
+        raise ValueError(f"labels must be a 1-D array of class indices >= 0, got dtype "
+                         f"{labels.dtype} and shape {labels.shape}")
+    if len(features) != len(labels):
+        raise ValueError(f"features has {len(features)} rows but labels {len(labels)}")
+    if len(labels) == 0:
+        return float("nan")
     counts = np.bincount(labels)
     folds = int(min(folds, counts[counts > 0].min()))
     if folds < 2 or len(np.unique(labels)) < 2:
@@ -158,9 +175,10 @@ def mean_pairwise_cosine(latents: np.ndarray) -> float:
 
     Latents all equal (zeros included) are collapsed: 1. Otherwise examples whose latents
     are zero have no direction and are left out; NaN when fewer than two remain."""
-    flat = torch.from_numpy(latents.reshape(len(latents), -1)).double()
-    if len(flat) < 2:
+    latents = np.asarray(latents)
+    if len(latents) < 2:
         return float("nan")
+    flat = torch.from_numpy(latents.reshape(len(latents), -1)).double()
     if bool((flat == flat[0]).all()):
         return 1.0
     flat = flat[flat.norm(dim=1) > 0]
@@ -181,6 +199,7 @@ def leakage_report(model, collator, examples: Sequence[dict], batch_size: int = 
     With ``group_key`` (e.g. "family"), accuracies are also reported per group as
     ``acc_prior/<group>`` and ``acc_posterior/<group>``.
     """
+    _check_examples(examples, batch_size, group_key)  # before the scoring, not after
     scores = score_choices(model, collator, examples, batch_size, noise_scale, seed, progress)
     gold, nll = scores["gold"], scores["nll"]
     rows = np.arange(len(gold))

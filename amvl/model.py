@@ -140,20 +140,29 @@ def ensure_special_tokens(base_model: nn.Module, tokenizer, config: AMVLConfig) 
 
 
 def check_batch(prompt_ids: Tensor, prompt_mask: Tensor, answer_ids: Tensor | None = None,
-                answer_mask: Tensor | None = None, padding: bool = True) -> None:
+                answer_mask: Tensor | None = None, padding: bool = True,
+                vocab_size: int | None = None) -> None:
     """Raise a ValueError naming what is wrong with a batch, instead of a loss computed from
     the wrong columns: prompts must be left-padded and answers right-padded (the tails start
     in one column for every row, and each answer token is predicted from the column before
-    it), each row with at least one real token.
+    it), each row with at least one real token; masks bool (or 0/1 integers), all on one
+    device; token ids in [0, ``vocab_size``).
 
-    The padding checks (``padding``) read the masks: one host synchronisation when they are
-    on a GPU."""
+    The value checks (``padding``) read the device: one host synchronisation on a GPU."""
     pairs = [("prompt", prompt_ids, prompt_mask)]
     if answer_ids is not None or answer_mask is not None:
         if answer_ids is None or answer_mask is None:
             raise ValueError("answer_ids and answer_mask come together")
         pairs.append(("answer", answer_ids, answer_mask))
     for name, ids, mask in pairs:
+        for what, t in ((f"{name}_ids", ids), (f"{name}_mask", mask)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+            if t.device != prompt_ids.device:
+                raise ValueError(f"{what} is on {t.device} but prompt_ids on {prompt_ids.device}")
+        if mask.dtype.is_floating_point or mask.dtype.is_complex:
+            raise ValueError(f"{name}_mask must be bool (or 0/1 integers) marking real tokens, "
+                             f"got {mask.dtype}")
         if ids.dim() != 2 or ids.shape != mask.shape:
             raise ValueError(f"{name}_ids {tuple(ids.shape)} and {name}_mask "
                              f"{tuple(mask.shape)} must be the same (batch, length) shape")
@@ -173,7 +182,21 @@ def check_batch(prompt_ids: Tensor, prompt_mask: Tensor, answer_ids: Tensor | No
     if answer_mask is not None:
         answer = answer_mask.bool()
         flags += [answer[:, 0].all(), (answer[:, 1:] <= answer[:, :-1]).all()]
-    ok = torch.stack(flags).tolist()
+    # read in the same transfer as the padding flags: no second host synchronisation
+    extra = [(mask == mask.bool()).all() for _, _, mask in pairs]
+    if vocab_size is not None:
+        extra += [((ids >= 0) & (ids < vocab_size)).all() for _, ids, _ in pairs]
+    ok = torch.stack(flags + extra).tolist()
+    ok, masks_ok, ids_ok = ok[:len(flags)], ok[len(flags):][:len(pairs)], \
+        ok[len(flags) + len(pairs):]
+    for (name, _, _), good in zip(pairs, masks_ok):
+        if not good:
+            raise ValueError(f"{name}_mask must hold 0/1 (or bools) marking real tokens")
+    for (name, _, _), good in zip(pairs, ids_ok):
+        if not good:
+            raise ValueError(f"{name}_ids must be token ids in [0, {vocab_size}), the "
+                             f"embedding's rows; pad with a real id (e.g. the pad token) and "
+                             f"mark padding in {name}_mask, not with -100")
     if not all(ok[:2]):
         raise ValueError("prompts must be left-padded (prompt_mask False only before a row's "
                          "tokens) with at least one real token a row, as AMVLCollator builds "
@@ -297,8 +320,9 @@ class AMVLModel(nn.Module):
                 "model.base.model = torch.compile(model.base.model)) instead", stacklevel=3)
             self._compiled_base_warned = True
         on_host = prompt_mask.device.type == "cpu"
+        vocab = self._unwrapped().get_input_embeddings().num_embeddings
         check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask,
-                    padding=on_host or not self._padding_checked)
+                    padding=on_host or not self._padding_checked, vocab_size=vocab)
         self._padding_checked = self._padding_checked or not on_host
 
     def _rope_positions(self, prompt_ids: Tensor, prompt_mask: Tensor,
@@ -467,6 +491,10 @@ class AMVLModel(nn.Module):
         wants). ``seed`` fixes the latent noise (same seed, same loss on both paths).
         """
         self._check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask)
+        if step is not None and (isinstance(step, bool) or not isinstance(step, numbers.Integral)
+                                 or step < 0):
+            # a negative step would turn the KL schedule's weight negative
+            raise ValueError(f"step must be an int >= 0 or None, got {step!r}")
         share = self.config.prefix_sharing if prefix_sharing is None else prefix_sharing
         # Checkpointed layers drop transformers' KV cache: on the "amvl" attention x's keys are
         # kept in PrefixKeys instead, elsewhere the step falls back to the naive path. (Newer
@@ -484,8 +512,7 @@ class AMVLModel(nn.Module):
         pairing = PairedWeightGrads(self._backbone()) \
             if share and self.config.pair_weight_grads and torch.is_grad_enabled() \
             and not checkpointed and not torch.compiler.is_compiling() else None
-        images = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw} \
-            if pixel_values is not None else None
+        images = self._images(pixel_values, image_grid_thw)
         rope = self._rope_positions(prompt_ids, prompt_mask, image_grid_thw)
         p = self._parts(prompt_ids, prompt_mask, answer_ids, answer_mask, rope)
         obj = self.objective
@@ -670,9 +697,15 @@ class AMVLModel(nn.Module):
         gets the same draws again only at the same row of a batch of the same shape ("mean"
         depends on the batch only through floating-point rounding).
         """
-        mode = latent or self.config.inference
+        mode = self.config.inference if latent is None else latent
         if mode not in ("mean", "sample"):
             raise ValueError(f"latent must be 'mean' or 'sample', got {mode!r}")
+        if num_samples is not None and mode == "mean":
+            raise ValueError("num_samples draws latents: pass latent='sample' with it (the "
+                             "means give one answer)")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                                 or seed < 0):
+            raise ValueError(f"seed must be an int >= 0 or None, got {seed!r}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
                 or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")

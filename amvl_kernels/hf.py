@@ -50,7 +50,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import causal_mask_function, sdpa_mask
 
-from amvl_kernels._validation import check_choice
+from amvl_kernels._validation import check_choice, check_count
 from amvl_kernels.latent_attention import latent_attention
 from amvl_kernels.layout import LatentLayout
 
@@ -192,9 +192,9 @@ class PrefixKeys:
     """
 
     def __init__(self, length: int, needs_grad: bool = True) -> None:
-        if not isinstance(length, int) or length < 1:
-            raise ValueError(f"PrefixKeys length must be a positive int, got {length!r}")
-        self.length = length
+        self.length = check_count("PrefixKeys length", length, least=1)
+        if not isinstance(needs_grad, bool):
+            raise TypeError(f"needs_grad must be a bool, got {type(needs_grad).__name__}")
         self.needs_grad = needs_grad
         self.layers: dict[int, tuple[Tensor, Tensor]] = {}
 
@@ -206,6 +206,8 @@ class PrefixKeys:
         return index
 
     def record(self, module: torch.nn.Module, key: Tensor, value: Tensor) -> None:
+        """Keep ``module``'s keys and values (B, H, L, D) of the prefix's tokens (the first
+        ``length``); a second record of one layer (a checkpointed replay) keeps the first."""
         index = self._layer(module)
         if index in self.layers:  # a checkpointed layer's replay: keep the first records
             return
@@ -220,11 +222,16 @@ class PrefixKeys:
 
     def prepend(self, module: torch.nn.Module, key: Tensor, value: Tensor
                 ) -> tuple[Tensor, Tensor]:
+        """``module``'s recorded prefix keys and values in front of this call's."""
         index = self._layer(module)
         if index not in self.layers:
             raise RuntimeError(f"no prefix keys recorded for layer {index}: pass the same "
                                "PrefixKeys as record_prefix= to the prefix call first")
         prefix_key, prefix_value = self.layers[index]
+        if prefix_key.shape[0] != key.shape[0] or prefix_key.shape[1] != key.shape[1]:
+            raise ValueError(f"the prefix keys were recorded for (batch, heads) = "
+                             f"{tuple(prefix_key.shape[:2])}, this call has "
+                             f"{tuple(key.shape[:2])}")
         return torch.cat([prefix_key, key], 2), torch.cat([prefix_value, value], 2)
 
 

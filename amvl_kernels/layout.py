@@ -30,6 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from amvl_kernels._mask_rule import mask_rule
+from amvl_kernels._validation import check_count
 from amvl_kernels.backends import triton_interpreted
 
 MAX_KINDS = 31  # visible_kinds is an int32 bit set
@@ -150,7 +151,9 @@ class LatentLayout:
     """Per-token attention metadata, all (B, Lk) int32 on one device.
 
     Build with :meth:`from_tensors` or one of the builders. The key length Lk of a layout must
-    equal the key length of the attention call; the queries are its last Lq tokens.
+    equal the key length of the attention call; the queries are its last Lq tokens. The
+    constructor itself checks types, shapes and devices only: the values' ranges are
+    :meth:`from_tensors`'s to check.
     """
 
     segment_kind: Tensor
@@ -158,6 +161,18 @@ class LatentLayout:
     block_id: Tensor
     doc_id: Tensor
     _derived: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for name, t in zip(("segment_kind", "visible_kinds", "block_id", "doc_id"),
+                           self.metadata()):
+            if not isinstance(t, Tensor) or t.dtype != torch.int32 or t.dim() != 2:
+                raise TypeError(
+                    f"LatentLayout takes (B, L) int32 tensors; {name} is "
+                    f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}"
+                    f"{tuple(t.shape) if isinstance(t, Tensor) else ''}: build layouts with "
+                    f"LatentLayout.from_tensors, which checks and converts")
+            if t.shape != self.segment_kind.shape or t.device != self.segment_kind.device:
+                raise ValueError(f"{name} must have segment_kind's shape and device")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -219,10 +234,12 @@ class LatentLayout:
                device: torch.device | str | None = None) -> LatentLayout:
         """Plain causal attention; ``padding_mask`` (B, L) marks real tokens (False = padding,
         anywhere in the row: left or right padding both work)."""
-        device = padding_mask.device if padding_mask is not None else device
-        kind = torch.full((batch, length), int(Kind.TEXT), dtype=torch.int32, device=device)
+        batch, length = check_count("batch", batch), check_count("length", length)
         if padding_mask is not None:
             _check_mask("padding_mask", padding_mask, (batch, length))
+            device = padding_mask.device
+        kind = torch.full((batch, length), int(Kind.TEXT), dtype=torch.int32, device=device)
+        if padding_mask is not None:
             kind = torch.where(padding_mask.bool(), kind, int(Kind.PAD))
         visible = torch.where(kind == int(Kind.PAD), 0, kind_bits(Kind.TEXT))
         # In range by construction: skip the value checks, whose reads of the device would be
@@ -240,12 +257,15 @@ class LatentLayout:
         causal. ``padding_mask`` as in :meth:`causal`.
         """
         batch = len(blocks)
-        device = padding_mask.device if padding_mask is not None else device
         layout = cls.causal(batch, length, padding_mask, device)
         kind, block = layout.segment_kind.clone(), layout.block_id.clone()
         for b, row in enumerate(blocks):
-            for number, (start, size) in enumerate(row, start=1):
-                if start < 0 or size < 1 or start + size > length:
+            for number, pair in enumerate(row, start=1):
+                if not isinstance(pair, Sequence) or len(pair) != 2:
+                    raise TypeError(f"blocks[{b}] must hold (start, size) pairs, got {pair!r}")
+                start = check_count(f"the start of blocks[{b}][{number - 1}]", pair[0])
+                size = check_count(f"the size of blocks[{b}][{number - 1}]", pair[1])
+                if size < 1 or start + size > length:
                     raise ValueError(f"block {(start, size)} of row {b} does not fit in "
                                      f"length {length}")
                 if bool((block[b, start:start + size] != 0).any()):
@@ -268,11 +288,9 @@ class LatentLayout:
         """
         if len(prompt_lengths) != len(answer_lengths):
             raise ValueError("prompt_lengths and answer_lengths must have one entry per row")
-        if num_slots < 1:
-            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
-        rows = [(int(x), int(y)) for x, y in zip(prompt_lengths, answer_lengths)]
-        if any(x < 0 or y < 0 for x, y in rows):
-            raise ValueError("prompt and answer lengths must be >= 0")
+        num_slots = check_count("num_slots", num_slots, least=1)
+        rows = [(check_count(f"prompt_lengths[{b}]", x), check_count(f"answer_lengths[{b}]", y))
+                for b, (x, y) in enumerate(zip(prompt_lengths, answer_lengths))]
         length = max((x + y + 2 * num_slots for x, y in rows), default=0)
         kind = torch.full((len(rows), length), int(Kind.PAD), dtype=torch.int32)
         block = torch.zeros_like(kind)
@@ -297,10 +315,11 @@ class LatentLayout:
                device: torch.device | str | None = None) -> LatentLayout:
         """Packed documents: row b holds documents of ``doc_lengths[b]`` tokens back to back,
         each causal on its own; the rest of the row is padding."""
-        batch = len(doc_lengths)
+        batch, length = len(doc_lengths), check_count("length", length)
         doc = torch.zeros((batch, length), dtype=torch.int32)
         kind = torch.full((batch, length), int(Kind.PAD), dtype=torch.int32)
         for b, docs in enumerate(doc_lengths):
+            docs = [check_count(f"doc_lengths[{b}][{i}]", n) for i, n in enumerate(docs)]
             if any(n < 1 for n in docs) or sum(docs) > length:
                 raise ValueError(f"documents {list(docs)} of row {b} do not fit in {length}")
             start = 0
@@ -338,7 +357,7 @@ class LatentLayout:
         For references and tests: it is quadratic in length, which the kernels avoid.
         """
         lk = self.length
-        lq = lk if num_queries is None else num_queries
+        lq = lk if num_queries is None else check_count("num_queries", num_queries)
         if not 0 <= lq <= lk:
             raise ValueError(f"num_queries must be in [0, {lk}], got {lq}")
         kind, visible, block, doc = (t.long() for t in self.metadata())
@@ -380,6 +399,12 @@ class LatentLayout:
         length is stored and a map costs a handful of launches (CUDA tensors, or the CPU under
         ``TRITON_INTERPRET=1``).
         """
+        num_queries = check_count("num_queries", num_queries)
+        if num_queries > self.length:
+            raise ValueError(f"num_queries must be in [0, {self.length}], got {num_queries}")
+        for name, size in (("block_m", block_m), ("block_n", block_n)):
+            if check_count(name, size, least=1) & (size - 1):
+                raise ValueError(f"{name} must be a power of two, got {size}")
         return self.cached(("tile map", num_queries, block_m, block_n),
                            lambda: self._classify(num_queries, block_m, block_n))
 
@@ -406,7 +431,12 @@ class LatentLayout:
 
 
 def _check_mask(name: str, mask: Tensor, shape: tuple[int, int]) -> None:
+    """A (B, L) bool or integer tensor, True / nonzero on real tokens. Float masks are refused:
+    an additive mask (0 on real tokens, -inf on padding) would read the other way round."""
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        raise TypeError(f"{name} must be a bool (or 0/1 integer) tensor marking real tokens, "
+                        f"got {mask.dtype}")
     if tuple(mask.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(mask.shape)}")

@@ -1,11 +1,13 @@
 """Worker for tests/test_trainer.py: AMVLModel steps under FSDP2 (``fully_shard``) on 2 CPU
 processes (gloo, torchrun), and the same steps in one process for the test to compare.
 
-The recipe accelerate applies with activation checkpointing: each decoder layer in torch's
-checkpoint_wrapper, then sharded on its own (the classes AMVLModel offers as
+Each decoder layer is sharded on its own (the classes AMVLModel offers as
 ``_no_split_modules``), then the whole AMVLModel. The prefix-shared step on the "amvl"
-attention runs every layer twice before one backward, and every linear is paired (the
-pairing threshold lowered to 0). Rank 0 writes the gathered parameters to OUT/fsdp.safetensors.
+attention runs every layer twice before one backward. Mode "paired": every linear pairs its
+weight gradients (the threshold lowered to 0; the worker checks that they did). Mode
+"checkpointed": accelerate's recipe with activation checkpointing, each layer in torch's
+checkpoint_wrapper first (checkpointed steps do not pair). Rank 0 writes the gathered
+parameters to OUT/fsdp.safetensors.
 """
 
 import os
@@ -68,15 +70,23 @@ def single_process() -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def main(out: str) -> None:
+def main(out: str, mode: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    model, collator = build(checkpointed=True)
-    assert model.is_activation_checkpointing
+    model, collator = build(checkpointed=mode == "checkpointed")
+    assert model.is_activation_checkpointing == (mode == "checkpointed")
+    kept = []  # True where a latent pass kept its weight gradient: pairing happened
+    handed = weight_grads._WeightRecord.weight_grad
+
+    def spy(record, *args):
+        grad = handed(record, *args)
+        kept.append(grad is None)
+        return grad
+    weight_grads._WeightRecord.weight_grad = spy
     for module in list(model.modules()):
         if type(module).__name__ in model._no_split_modules:
             fully_shard(module)
@@ -88,6 +98,8 @@ def main(out: str) -> None:
         loss.backward()  # FSDP averages the gradients over the ranks
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    # every linear of both layers, in every step, or none when checkpointed
+    assert sum(kept) == (0 if mode == "checkpointed" else 2 * 7 * STEPS), sum(kept)
     params = {n.replace("._checkpoint_wrapped_module", ""):
               (p.full_tensor() if isinstance(p, DTensor) else p).detach().contiguous()
               for n, p in model.named_parameters()}
@@ -98,4 +110,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

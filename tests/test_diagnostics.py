@@ -91,6 +91,32 @@ def test_bad_examples_are_named():
                                           "answer": "yes"}], progress=False)
 
 
+def test_bad_settings_are_named_before_any_scoring(monkeypatch):
+    """batch_size -1 gave an all-NaN report, 0 a range() error; a group_key missing from an
+    example failed only after all the scoring; an iterator was spent by the checks."""
+    import amvl.diagnostics as diagnostics
+
+    model, collator = _model("amvl")
+    examples = _examples(3, np.random.default_rng(0))
+    monkeypatch.setattr(diagnostics, "score_choices", None)  # never reached
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+            leakage_report(model, collator, examples, batch_size=bad, progress=False)
+    with pytest.raises(ValueError, match="example 0 has no 'family'"):
+        leakage_report(model, collator, examples, group_key="family", progress=False)
+    with pytest.raises(TypeError, match="examples must be a sequence"):
+        leakage_report(model, collator, iter(examples), progress=False)
+
+
+def test_probe_and_cosine_name_bad_arrays():
+    with pytest.raises(ValueError, match="labels must be a 1-D array of class indices"):
+        linear_probe_accuracy(np.zeros((4, 2)), np.array([0.0, 1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="features has 4 rows but labels 3"):
+        linear_probe_accuracy(np.zeros((4, 2)), np.array([0, 1, 0]))
+    assert np.isnan(linear_probe_accuracy(np.zeros((0, 2)), np.zeros(0, dtype=int)))
+    assert np.isnan(mean_pairwise_cosine(np.zeros((0, 3))))  # as documented: below two
+
+
 def test_probe_decodes_a_planted_signal_and_not_noise():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, size=90)

@@ -429,8 +429,17 @@ def test_prefix_keys_continue_a_call_like_the_kv_cache():
         with pytest.raises(ValueError, match="fewer than the prefix"):
             model(ids[:, :PREFIX - 1], latent_layout=LatentLayout.causal(1, PREFIX - 1),
                   record_prefix=akhf.PrefixKeys(PREFIX, needs_grad=False), use_cache=False)
-    with pytest.raises(ValueError, match="positive int"):
+        with pytest.raises(ValueError, match=r"recorded for \(batch, heads\)"):
+            doubled = LatentLayout.from_tensors(*(t.repeat(2, 1) for t in full.metadata()))
+            model(ids[:, PREFIX:].repeat(2, 1), latent_layout=doubled, with_prefix=keys,
+                  use_cache=False)
+    with pytest.raises(ValueError, match="PrefixKeys length must be >= 1"):
         akhf.PrefixKeys(0)
+    with pytest.raises(TypeError, match="PrefixKeys length must be an int"):
+        akhf.PrefixKeys(True)
+    with pytest.raises(TypeError, match="needs_grad must be a bool"):
+        akhf.PrefixKeys(3, needs_grad="no")
+    assert akhf.PrefixKeys(np.int64(3)).length == 3
 
 
 def _cache_kwarg(model) -> str:

@@ -134,6 +134,31 @@ def test_builders():
     (lambda: LatentLayout.with_latent_blocks(5, [[(3, 4)]]), ValueError, "does not fit"),
     (lambda: LatentLayout.with_latent_blocks(9, [[(1, 4), (3, 2)]]), ValueError, "overlap"),
     (lambda: LatentLayout.packed([[4, 4]], 6), ValueError, "do not fit"),
+    # sizes that were truncated, read by truthiness, or failed deep inside torch
+    (lambda: LatentLayout.prefix_sharing([2.7], [1.9], 1), TypeError, r"prompt_lengths\[0\]"),
+    (lambda: LatentLayout.prefix_sharing(["3"], [1], 1), TypeError, "prompt_lengths"),
+    (lambda: LatentLayout.prefix_sharing([3], [1], True), TypeError, "num_slots"),
+    (lambda: LatentLayout.causal(-1, 4), ValueError, "batch must be >= 0"),
+    (lambda: LatentLayout.causal(2, 2.0), TypeError, "length must be an int"),
+    (lambda: LatentLayout.causal(1, 4, torch.tensor([[0.0, float("-inf"), 0.0, 0.0]])),
+     TypeError, "padding_mask must be a bool"),
+    (lambda: LatentLayout.causal(1, 2, [[True, False]]), TypeError, "padding_mask must be a"),
+    (lambda: LatentLayout.with_latent_blocks(8, [[(1.0, 2)]]), TypeError, "start of blocks"),
+    (lambda: LatentLayout.with_latent_blocks(8, [[(1, 2, 3)]]), TypeError, "pairs"),
+    (lambda: LatentLayout.with_latent_blocks(8, [[(True, True)]]), TypeError, "start"),
+    (lambda: LatentLayout.with_latent_blocks(8, [[(-1, 2)]]), ValueError, "start"),
+    (lambda: LatentLayout.packed([[2.0, 2]], 5), TypeError, r"doc_lengths\[0\]\[0\]"),
+    (lambda: LatentLayout.packed([[]], -1), ValueError, "length must be >= 0"),
+    (lambda: LatentLayout.causal(1, 4).dense_mask(2.0), TypeError, "num_queries"),
+    # the constructor bypassed every check: float metadata, which only Triton refused
+    (lambda: LatentLayout(*[torch.zeros(1, 3)] * 4), TypeError, "from_tensors"),
+    (lambda: LatentLayout(*[torch.zeros(1, 3, dtype=torch.int32)] * 3,
+                          torch.zeros(1, 4, dtype=torch.int32)), ValueError, "doc_id"),
+    # tile maps read past the layout (out of bounds on a GPU) or failed inside Triton
+    (lambda: LatentLayout.causal(1, 8).tile_map(100, 16, 16), ValueError, "num_queries"),
+    (lambda: LatentLayout.causal(1, 8).tile_map(-1, 16, 16), ValueError, "num_queries"),
+    (lambda: LatentLayout.causal(1, 8).tile_map(8, 3, 16), ValueError, "block_m must be"),
+    (lambda: LatentLayout.causal(1, 8).tile_map(8, 16, 0), ValueError, "block_n must be"),
 ])
 def test_bad_layouts_are_named(build, error, match):
     with pytest.raises(error, match=match):

@@ -449,6 +449,33 @@ def test_collator_truncates_questions_aloud_and_never_to_nothing():
             AMVLCollator(tokenizer, max_answer_tokens=bad)
 
 
+def test_collator_truncates_answers_aloud():
+    """A cut answer teaches the model to stop early (EOS follows the cut): it is cut with a
+    warning, as questions are."""
+    tokenizer = word_tokenizer(WORDS)
+    collator = AMVLCollator(tokenizer, max_answer_tokens=1)
+    with pytest.warns(UserWarning, match="answer lost its last 2 of 3 tokens"):
+        batch = collator([{"question": "w1", "answer": "w2 w3 w4"}])
+    assert batch["answer_ids"][0].tolist() == [tokenizer.convert_tokens_to_ids("w2"),
+                                               tokenizer.eos_token_id]
+
+
+def test_collator_refuses_text_that_spells_a_structural_token():
+    """Text that spells "<lat>" or an image marker was tokenized to the structural token
+    itself, opening a latent block or announcing an image inside the question."""
+    model, _ = build("qwen2_vl")
+    tokenizer = model.tokenizer
+    vision = VisionTokens.from_model_config(model.base.config)
+    collator = AMVLCollator(tokenizer, tiny_image_processor(), vision)
+    latent = model.config.latent_token
+    with pytest.raises(ValueError, match=f"example 1: the question spells .*{latent}"):
+        collator([{"question": "w1", "answer": "w2"},
+                  {"question": f"w1 {latent} w3", "answer": "w2"}])
+    with pytest.raises(ValueError, match="the answer spells .*vision_start"):
+        collator([{"question": "w1", "answer": "<|vision_start|> w2"}])
+    collator([{"question": "w1 w3", "answer": "w2"}])  # plain text passes
+
+
 def test_collator_image_cache_takes_file_paths(tmp_path):
     tokenizer = word_tokenizer(WORDS, vision=True)
     vision = VisionTokens(*tokenizer.convert_tokens_to_ids(
@@ -587,14 +614,33 @@ def _right_padded_prompts(batch):
      "answer_ids has no columns"),
     (lambda b: dict(b, answer_ids=b["answer_ids"][:2]), "must be the same"),
     (lambda b: dict(b, prompt_ids=b["prompt_ids"].float()), "integer token ids"),
+    # answers padded with the labels' -100, ids past the vocabulary: IndexError in F.embedding
+    (lambda b: dict(b, answer_ids=b["answer_ids"].masked_fill(~b["answer_mask"], -100)),
+     r"answer_ids must be token ids in \[0, "),
+    (lambda b: dict(b, prompt_ids=b["prompt_ids"] + 1000), "prompt_ids must be token ids"),
+    # masks read by truthiness: a 3 changed the loss, an additive float mask reads backwards
+    (lambda b: dict(b, answer_mask=b["answer_mask"].long() * 3), "answer_mask must hold 0/1"),
+    (lambda b: dict(b, prompt_mask=b["prompt_mask"].float()), "prompt_mask must be bool"),
+    (lambda b: dict(b, prompt_mask=b["prompt_mask"].to("meta")), "prompt_mask is on meta"),
+    (lambda b: dict(b, pixel_values=torch.zeros(4, 8, dtype=torch.float64)), "text-only"),
 ])
 def test_batches_padded_the_wrong_way_are_refused(change, match):
     """A right-padded prompt or a left-padded answer would put pad columns where the model
-    reads its predictions: an error, not a slightly different loss."""
+    reads its predictions: an error, not a slightly different loss. Likewise ids, masks and
+    images the model cannot read as given."""
     model, batch = build("qwen2", objective="none")
     assert not batch["prompt_mask"].all()  # ragged: the padding side matters
     with pytest.raises(ValueError, match=match):
         model(**change(batch), seed=0)
+
+
+@pytest.mark.parametrize("step", [-5, 2.5, "3", True])
+def test_a_step_that_is_not_a_count_is_refused(step):
+    """A negative step turned the linear warm-up's KL weight negative (the loss fell below
+    the NLL)."""
+    model, batch = build("qwen2", objective="amvl", kl_schedule="linear", kl_warmup_steps=10)
+    with pytest.raises(ValueError, match="step must be an int >= 0"):
+        model(**batch, seed=0, step=step)
 
 
 def test_generate_needs_a_token_to_generate():
@@ -608,6 +654,14 @@ def test_generate_needs_a_token_to_generate():
     with pytest.raises(ValueError, match="text-only model"):  # not silently dropped
         model.generate(batch["prompt_ids"], batch["prompt_mask"],
                        pixel_values=torch.zeros(4, 8, dtype=torch.float64))
+    # arguments that were silently ignored or replaced by the config's
+    for bad in ("", 0):
+        with pytest.raises(ValueError, match="latent must be"):
+            model.generate(batch["prompt_ids"], batch["prompt_mask"], latent=bad)
+    with pytest.raises(ValueError, match="num_samples draws latents"):
+        model.generate(batch["prompt_ids"], batch["prompt_mask"], latent="mean", num_samples=3)
+    with pytest.raises(ValueError, match="seed must be"):
+        model.generate(batch["prompt_ids"], batch["prompt_mask"], latent="mean", seed="x")
     with pytest.raises(ValueError, match="left-padded"):
         right = _right_padded_prompts(batch)
         model.generate(right["prompt_ids"], right["prompt_mask"])

@@ -84,10 +84,12 @@ def test_ddp_two_processes_keep_identical_parameters(tmp_path):
     assert not torch.equal(init["prior_head.proj.weight"], rank0["prior_head.proj.weight"])
 
 
-def test_fsdp2_two_processes_train_like_one(tmp_path, monkeypatch):
-    """FSDP2 on 2 CPU processes, with accelerate's activation-checkpointing recipe and every
-    linear paired: the prefix-shared step calls each sharded layer twice before one backward,
-    and the gathered parameters after two steps equal one process's on both ranks' batches."""
+@pytest.mark.parametrize("mode", ["paired", "checkpointed"])
+def test_fsdp2_two_processes_train_like_one(tmp_path, monkeypatch, mode):
+    """FSDP2 on 2 CPU processes, every linear pairing its weight gradients, or with
+    accelerate's activation-checkpointing recipe: the prefix-shared step calls each sharded
+    layer twice before one backward, and the gathered parameters after two steps equal one
+    process's on both ranks' batches."""
     from torch.distributed.fsdp import fully_shard  # noqa: F401 - skip where it is missing
 
     from amvl import weight_grads
@@ -96,7 +98,7 @@ def test_fsdp2_two_processes_train_like_one(tmp_path, monkeypatch):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-         "--standalone", str(ROOT / "tests" / "fsdp_worker.py"), str(tmp_path)],
+         "--standalone", str(ROOT / "tests" / "fsdp_worker.py"), str(tmp_path), mode],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     sharded = load_file(str(tmp_path / "fsdp.safetensors"))
