@@ -29,11 +29,15 @@ import json
 import sys
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from amvl.config import AMVLConfig
 from amvl.training import TrainConfig
+
+if TYPE_CHECKING:  # annotations only: the commands import transformers when they run
+    from transformers import BaseImageProcessor, PreTrainedModel, PreTrainedTokenizerBase
 
 FINAL_DIR = "final"
 
@@ -132,7 +136,8 @@ def _check_data_values(path: Path, data: dict) -> None:
                          f"got {data['train']!r}")
 
 
-def load_base(model_section: dict):
+def load_base(model_section: dict) -> tuple[PreTrainedModel, PreTrainedTokenizerBase,
+                                            BaseImageProcessor | None]:
     """(base model, tokenizer, image processor or None) from a run config's model section."""
     import torch
     import transformers
@@ -169,7 +174,7 @@ def load_base(model_section: dict):
     return _with_attention(base, attention), tokenizer, processor
 
 
-def load_image_processor(directory: Path):
+def load_image_processor(directory: Path) -> BaseImageProcessor:
     """The image processor saved in ``directory``. Without torchvision, transformers 5.17's
     AutoImageProcessor refuses even processors that have a pillow backend: then the saved
     type's pillow class (``...Pil``) or the type itself, which falls back to pillow."""
@@ -246,6 +251,8 @@ def _collator(base, tokenizer, processor, data_section: dict, cache_images: bool
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """``amvl demo``: run the built-in comparison with the command line's settings; returns 0.
+    Bad settings or an unusable ``--out`` raise SystemExit before any training."""
     from amvl.demo import DemoConfig, run_demo
 
     config = DemoConfig()
@@ -266,6 +273,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """``amvl train``: train the run config's model on its data (``--resume`` continues the
+    latest checkpoint), then save it to ``output_dir/final`` from the main process; returns 0.
+    A bad config, or an output directory that does not fit the run, raises SystemExit."""
     import transformers
 
     from amvl.model import AMVLModel
@@ -348,6 +358,9 @@ def _check_trained(name: str, directory: Path) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """``amvl eval``: score the checkpoint and the config's ``eval.baselines`` on a benchmark
+    and print the accuracy table (``--unlabelled``: write predictions only); ``--out`` gets
+    the results after every model. Returns 0; unusable inputs raise SystemExit."""
     from amvl import evaluation
 
     run = load_run_config(args.config) if args.config else {}
@@ -423,6 +436,7 @@ def _check_output_file(command: str, out: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``amvl`` argument parser, with subcommands ``demo``, ``train`` and ``eval``."""
     parser = argparse.ArgumentParser(prog="amvl", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train and compare none/prior/elbo/amvl on the puzzles")
@@ -457,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (None: ``sys.argv[1:]``), check the options that depend on each other
+    and run the subcommand; returns its exit status. Bad combinations raise SystemExit."""
     args = build_parser().parse_args(argv)
     if args.no_progress:  # transformers' own bars (loading and writing shards) too
         import transformers

@@ -156,14 +156,19 @@ class AMVLConfig:
         require(len(set(tokens)) == len(tokens), f"special tokens must differ, got {tokens}")
 
     def special_tokens(self) -> list[str]:
+        """The five special-token strings: latent start, latent end, latent slot, prior query,
+        posterior query."""
         return [self.latent_start_token, self.latent_end_token, self.latent_token,
                 self.prior_query_token, self.posterior_query_token]
 
     def to_dict(self) -> dict:
+        """Every field by name, as :meth:`save` writes them."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> AMVLConfig:
+        """The config of a :meth:`to_dict` mapping (missing fields take their defaults).
+        Raises ValueError on unknown keys, as on invalid values."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -171,6 +176,8 @@ class AMVLConfig:
         return cls(**data)
 
     def save(self, directory: str | Path) -> Path:
+        """Write ``amvl_config.json`` into ``directory`` (created if missing); return its
+        path."""
         path = Path(directory) / CONFIG_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -178,6 +185,8 @@ class AMVLConfig:
 
     @classmethod
     def load(cls, directory: str | Path) -> AMVLConfig:
+        """The config :meth:`save` wrote into ``directory``; FileNotFoundError when it has no
+        ``amvl_config.json``."""
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")

@@ -13,8 +13,10 @@ import json
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +28,9 @@ from amvl.model import AMVLModel
 from amvl.puzzles import FAMILIES, puzzle_suite, vocabulary
 from amvl.tiny import tiny_image_processor, tiny_qwen2_vl, word_tokenizer
 from amvl.training import TrainConfig, train
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 OBJECTIVES = ("none", "prior", "elbo", "amvl")
 
@@ -71,11 +76,13 @@ class DemoConfig:
 
 
 def chance_accuracy(examples: list[dict]) -> float:
+    """The accuracy of guessing uniformly among each example's ``choices``, averaged over
+    ``examples``."""
     return sum(1 / len(ex["choices"]) for ex in examples) / len(examples)
 
 
-def run_objective(name: str, config: DemoConfig, tokenizer, train_set, test_set,
-                  progress: bool = True) -> dict:
+def run_objective(name: str, config: DemoConfig, tokenizer: PreTrainedTokenizerBase,
+                  train_set: list[dict], test_set: list[dict], progress: bool = True) -> dict:
     """Train one objective from the shared initialisation; return its history and report."""
     torch.manual_seed(config.seed)
     if config.backbone == "smollm2":
@@ -128,7 +135,7 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool = True,
-             echo=print) -> dict:
+             echo: Callable[[str], None] = print) -> dict:
     """Run the whole demo; write results.json and the plots into ``out``; return the results."""
     config = config or DemoConfig()
     unknown = [name for name in config.objectives if name not in OBJECTIVES]

@@ -60,7 +60,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 import torch
@@ -68,6 +68,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from amvl.model import in_eval_mode
+
+if TYPE_CHECKING:
+    from amvl.data import AMVLCollator
+    from amvl.model import AMVLModel
 
 # Subtask (folder and ``sub_task`` name) -> column header, in the order of the BLINK paper's
 # results table (also the order of the authors' eval script).
@@ -551,8 +555,8 @@ def _check_scorable(examples: Sequence[dict]) -> bool:
 
 @torch.no_grad()
 @in_eval_mode
-def prior_choice_nll(model, collator, examples: Sequence[dict], batch_size: int = 8,
-                     progress: bool = True) -> np.ndarray:
+def prior_choice_nll(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
+                     batch_size: int = 8, progress: bool = True) -> np.ndarray:
     """(N, C) mean token NLL of every choice given prior latents z = mu_p (``inf`` past an
     example's last choice).
 
@@ -598,8 +602,8 @@ def _subtask_order(names: set[str]) -> list[str]:
     return sorted(names)
 
 
-def evaluate_benchmark(model, collator, examples: Sequence[dict], batch_size: int = 8,
-                       progress: bool = True) -> dict:
+def evaluate_benchmark(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
+                       batch_size: int = 8, progress: bool = True) -> dict:
     """Predict every example's choice from prior latents and score the predictions.
 
     Args:

@@ -16,9 +16,13 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
 """``layer_types`` entries that are softmax attention over the caller's mask (a sliding window
@@ -35,7 +39,7 @@ _VISION_MARKER_NAMES = (("vision_start_token_id", "vision_end_token_id"),
                         ("image_start_token_id", "image_end_token_id"))
 
 
-def text_config(model: nn.Module):
+def text_config(model: nn.Module) -> PreTrainedConfig:
     """The text model's config (the whole config for a text-only model)."""
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -104,7 +108,7 @@ def router_balance(model: nn.Module) -> RouterBalance | None:
     return RouterBalance(float(coef), int(experts), int(top_k), loss_fn)
 
 
-def transform_logits(logits: Tensor, text) -> Tensor:
+def transform_logits(logits: Tensor, text: PreTrainedConfig) -> Tensor:
     """What a model's own ``forward`` does to the LM head's output: Granite's and MiniCPM3's
     division by ``logits_scaling`` (HyperCLOVA X multiplies by it instead), Cohere's
     ``logit_scale``, Muse's ``output_multiplier`` and Gemma's ``final_logit_softcapping``.
@@ -123,7 +127,7 @@ def transform_logits(logits: Tensor, text) -> Tensor:
     return logits
 
 
-def vision_markers(config) -> tuple[int, int]:
+def vision_markers(config: PreTrainedConfig) -> tuple[int, int]:
     """(start, end) ids of the markers around each image, under either family's names."""
     for start, end in _VISION_MARKER_NAMES:
         if getattr(config, start, None) is not None and getattr(config, end, None) is not None:
@@ -132,7 +136,7 @@ def vision_markers(config) -> tuple[int, int]:
                      f"{', '.join(n for pair in _VISION_MARKER_NAMES for n in pair)})")
 
 
-def structural_vision_ids(config) -> list[int]:
+def structural_vision_ids(config: PreTrainedConfig) -> list[int]:
     """Ids that mark images and videos in a prompt: an answer never contains them."""
     names = ["image_token_id", "video_token_id",
              *(n for pair in _VISION_MARKER_NAMES for n in pair)]

@@ -45,12 +45,16 @@ class PuzzleCanvas:
         self.cells: dict[tuple[int, int], str | tuple[int, int, int]] = {}
 
     def free_cells(self, rng: np.random.Generator, n: int) -> list[tuple[int, int]]:
+        """``n`` distinct empty cells as (row, column), drawn with ``rng``; ValueError when
+        fewer than ``n`` are empty."""
         free = [(r, c) for r in range(self.grid) for c in range(self.grid)
                 if (r, c) not in self.cells]
         picks = rng.choice(len(free), size=n, replace=False)
         return [free[i] for i in picks]
 
     def render(self) -> Image.Image:
+        """The grid as an RGB image ``grid * cell`` pixels a side: each filled cell a square of
+        its colour (a ``COLORS`` name or an RGB tuple), empty cells black."""
         pixels = np.zeros((self.grid * self.cell, self.grid * self.cell, 3), dtype=np.uint8)
         for (r, c), color in self.cells.items():
             rgb = COLORS[color] if isinstance(color, str) else color

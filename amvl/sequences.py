@@ -23,6 +23,9 @@ from amvl_kernels.layout import kind_bits
 
 
 class Segment(IntEnum):
+    """The kind of each token; its value is the token's bit in a ``visible_kinds`` set
+    (:data:`VISIBLE_KINDS`)."""
+
     PROMPT = 0
     PRIOR_QUERY = 1
     ANSWER = 2
@@ -73,9 +76,11 @@ class Sequence:
 
     @property
     def real(self) -> Tensor:
+        """(B, L) bool, True on real tokens (False on padding)."""
         return self.segment != Segment.PAD
 
     def columns(self, name: str) -> slice:
+        """The columns of part ``name``, as a slice (KeyError for an unknown part)."""
         begin, end = self.spans[name]
         return slice(begin, end)
 

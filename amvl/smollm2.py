@@ -21,11 +21,15 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from amvl.tiny import VISION_WORDS
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 
 def find_smollm2_gguf(path: str | Path | None = None) -> Path:
@@ -47,7 +51,8 @@ def find_smollm2_gguf(path: str | Path | None = None) -> Path:
         "or set AMVL_SMOLLM2_GGUF to a SmolLM2 .gguf file")
 
 
-def load_smollm2(path: str | Path | None = None):
+def load_smollm2(path: str | Path | None = None
+                 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     """(LlamaForCausalLM in float32, tokenizer) dequantized from the GGUF file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -8,8 +8,17 @@ Llama, Qwen2-VL and Qwen2.5-VL), so every code path is the one a full-size check
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+if TYPE_CHECKING:  # the vision-language classes are imported when a model is built
+    from transformers import (
+        BaseImageProcessor,
+        PreTrainedTokenizerBase,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLForConditionalGeneration,
+    )
 
 SPECIAL_WORDS = ["<pad>", "<unk>", "<eos>"]
 VISION_WORDS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -36,13 +45,15 @@ def _text_config(vocab_size: int, hidden: int, layers: int, **extra) -> dict:
                 bos_token_id=None, eos_token_id=2, **extra)
 
 
-def tiny_qwen2(tokenizer, hidden: int = 32, layers: int = 2) -> Qwen2ForCausalLM:
+def tiny_qwen2(tokenizer: PreTrainedTokenizerBase, hidden: int = 32,
+               layers: int = 2) -> Qwen2ForCausalLM:
     """A Qwen2 causal LM of ``layers`` layers and width ``hidden`` for ``tokenizer``."""
     return Qwen2ForCausalLM(Qwen2Config(**_text_config(len(tokenizer), hidden, layers)))
 
 
-def tiny_qwen2_vl(tokenizer, hidden: int = 32, layers: int = 2, patch_size: int = 4,
-                  vision_dim: int = 16, vision_depth: int = 1):
+def tiny_qwen2_vl(tokenizer: PreTrainedTokenizerBase, hidden: int = 32, layers: int = 2,
+                  patch_size: int = 4, vision_dim: int = 16,
+                  vision_depth: int = 1) -> Qwen2VLForConditionalGeneration:
     """A Qwen2-VL model (vision tower + text model) sized for 16-32 pixel images.
 
     ``tokenizer`` must come from :func:`word_tokenizer` with ``vision=True``.
@@ -64,8 +75,9 @@ def tiny_qwen2_vl(tokenizer, hidden: int = 32, layers: int = 2, patch_size: int 
     return Qwen2VLForConditionalGeneration(config)
 
 
-def tiny_qwen2_5_vl(tokenizer, hidden: int = 32, layers: int = 2, patch_size: int = 4,
-                    vision_dim: int = 16, vision_depth: int = 2):
+def tiny_qwen2_5_vl(tokenizer: PreTrainedTokenizerBase, hidden: int = 32, layers: int = 2,
+                    patch_size: int = 4, vision_dim: int = 16,
+                    vision_depth: int = 2) -> Qwen2_5_VLForConditionalGeneration:
     """A Qwen2.5-VL model (windowed vision tower + text model) sized like
     :func:`tiny_qwen2_vl`; its last vision block attends over the whole image, the others
     within windows of 2x2 merged patches."""
@@ -88,7 +100,7 @@ def tiny_qwen2_5_vl(tokenizer, hidden: int = 32, layers: int = 2, patch_size: in
     return Qwen2_5_VLForConditionalGeneration(config)
 
 
-def tiny_image_processor(patch_size: int = 4):
+def tiny_image_processor(patch_size: int = 4) -> BaseImageProcessor:
     """Qwen2-VL image processor (pillow backend) for small images."""
     from transformers import Qwen2VLImageProcessor
 

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 from transformers import Trainer
-from transformers.trainer_utils import align_special_tokens
+from transformers.trainer_utils import EvalLoopOutput, TrainOutput, align_special_tokens
 
-from amvl.model import AMVLModel
+from amvl.model import AMVLModel, AMVLOutput
 from amvl.training import step_seed
 
 EVAL_STREAM = 1  # step_seed's stream of evaluation seeds
@@ -55,7 +57,10 @@ class AMVLTrainer(Trainer):
         self._metric_steps = 0
         self._seeded_step, self._micro_batch = -1, 0
 
-    def train(self, *args, **kwargs):
+    def train(self, *args: Any, **kwargs: Any) -> TrainOutput:
+        """``Trainer.train`` with fresh noise counters and metric sums. The processing class's
+        special tokens are aligned with the base model's config (an AMVLModel's own ``config``
+        is its AMVLConfig)."""
         self._reset_training_state()
         processing_class = self.processing_class
         if processing_class is None:
@@ -82,11 +87,20 @@ class AMVLTrainer(Trainer):
         self._micro_batch += 1
         return step_seed(self.args.seed, micro, self.args.process_index)
 
-    def evaluation_loop(self, *args, **kwargs):
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> EvalLoopOutput:
+        """``Trainer.evaluation_loop`` from the first evaluation seed, so every call draws the
+        same latent noise."""
         self._eval_batch = 0  # every evaluate() and predict() draws the same noise
         return super().evaluation_loop(*args, **kwargs)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor],
+                     return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None
+                     ) -> torch.Tensor | tuple[torch.Tensor, AMVLOutput]:
+        """The objective's loss on one micro-batch (and the model's output if
+        ``return_outputs``): in training at the current step with the micro-batch's noise seed,
+        its metrics summed for :meth:`log`; in evaluation the full objective with the
+        evaluation batch's seed. ``num_items_in_batch`` is unused."""
         if not model.training:
             seed = step_seed(self.args.seed, self._eval_batch, self.args.process_index,
                              stream=EVAL_STREAM)
@@ -109,7 +123,9 @@ class AMVLTrainer(Trainer):
         self._step_sums.clear()
         self._step_micro_batches = 0
 
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """``Trainer.log``; a log with the training loss also gets the objective's metrics
+        (``amvl/<name>``), averaged over the optimizer steps since the last such log."""
         if "loss" in logs:
             self._close_metric_step()
             for key, total in self._metric_sums.items():
@@ -151,7 +167,9 @@ class AMVLTrainer(Trainer):
         return bool(getattr(self, "is_fsdp_enabled", False)
                     or getattr(self, "is_deepspeed_enabled", False))
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+    def prediction_step(self, model: nn.Module, inputs: dict[str, torch.Tensor],
+                        prediction_loss_only: bool, ignore_keys: list[str] | None = None
+                        ) -> tuple[torch.Tensor, None, None]:
         """Evaluation loss only: an AMVL batch has no logits to gather."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():

@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,12 @@ from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
 from amvl.config import AMVLConfig, check_types
+
+if TYPE_CHECKING:  # annotations only: accelerate is imported when a run starts
+    from accelerate import Accelerator
+
+    from amvl.data import AMVLCollator
+    from amvl.model import AMVLModel
 
 CHECKPOINT_PREFIX = "checkpoint-"
 # transformers.get_scheduler names that need nothing beyond warm-up and length (the plateau
@@ -142,9 +149,12 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
 
 
-def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler,
+def save_checkpoint(output_dir: Path, step: int, model: AMVLModel,
+                    optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler,
                     history: list[dict], config: TrainConfig,
-                    pending: dict[str, float] | None = None, scaler=None, *,
+                    pending: dict[str, float] | None = None,
+                    scaler: torch.amp.GradScaler | None = None, *,
                     pending_steps: int = 0) -> Path:
     """Write checkpoint-<step> atomically: everything goes to a temporary directory in the
     same folder, which is renamed into place only when complete.
@@ -234,10 +244,10 @@ def _decay_groups(model, weight_decay: float) -> list[dict]:
 # ----------------------------------------------------------------------------- the loop
 
 
-def train(model, collator, examples: Sequence[dict], config: TrainConfig,
-          output_dir: str | Path | None = None, resume: bool = False,
+def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
+          config: TrainConfig, output_dir: str | Path | None = None, resume: bool = False,
           on_log: Callable[[dict], None] | None = None, progress: bool = True,
-          accelerator=None) -> list[dict]:
+          accelerator: Accelerator | None = None) -> list[dict]:
     """Train ``model`` (an :class:`amvl.model.AMVLModel`) and return the logged history.
 
     Each history entry holds the step, the learning rate and the objective's metrics averaged

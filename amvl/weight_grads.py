@@ -132,11 +132,15 @@ class PairedWeightGrads:
 
     @contextlib.contextmanager
     def prefix_pass(self) -> Iterator[None]:
+        """Context of the prefix pass: the paired layers' backward hands autograd this pass's
+        weight gradient plus any the latent passes kept (accumulated in one product)."""
         with self._patched(prefix=True):
             yield
 
     @contextlib.contextmanager
     def latent_pass(self) -> Iterator[None]:
+        """Context of a latent pass: the paired layers' backward keeps this pass's weight
+        gradient for the prefix pass (or hands it over if that backward already ran)."""
         with self._patched(prefix=False):
             yield
 
