@@ -15,12 +15,16 @@ import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from amvl.config import AMVLConfig
 from amvl.families import vision_markers
+
+if TYPE_CHECKING:
+    from transformers import BaseImageProcessor, PreTrainedConfig, PreTrainedTokenizerBase
 
 # The latent block's marker strings under AMVLConfig's defaults: text that spells one would be
 # read as the structural token itself.
@@ -36,7 +40,7 @@ class VisionTokens:
     end: int
 
     @classmethod
-    def from_model_config(cls, config) -> VisionTokens:
+    def from_model_config(cls, config: PreTrainedConfig) -> VisionTokens:
         """The ids under the config's own names (Qwen's ``vision_start_token_id``, GLM-4.1V's
         ``image_start_token_id``, ...)."""
         return cls(config.image_token_id, *vision_markers(config))
@@ -59,7 +63,9 @@ class AMVLCollator:
             file paths are kept by path for the collator's life.
     """
 
-    def __init__(self, tokenizer, image_processor=None, vision_tokens: VisionTokens | None = None,
+    def __init__(self, tokenizer: PreTrainedTokenizerBase,
+                 image_processor: BaseImageProcessor | None = None,
+                 vision_tokens: VisionTokens | None = None,
                  max_prompt_tokens: int | None = None, max_answer_tokens: int | None = None,
                  cache_images: bool = False):
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
@@ -130,6 +136,9 @@ class AMVLCollator:
             raise ValueError(f"example {index} has images but the collator has no image processor")
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, Tensor]:
+        """The batch of ``examples``: ``prompt_ids``/``prompt_mask`` (B, Lx) left-padded,
+        ``answer_ids``/``answer_mask`` (B, Ly) right-padded with EOS, and for examples with
+        images ``pixel_values`` and ``image_grid_thw`` in the images' order."""
         if not examples:
             raise ValueError("cannot collate an empty list of examples")
         prompts, answers, images, grids = [], [], [], []

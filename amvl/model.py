@@ -21,8 +21,10 @@ import inspect
 import json
 import numbers
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +54,11 @@ from amvl.sequences import (
 from amvl.weight_grads import PairedWeightGrads
 
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 HEADS_NAME = "amvl_heads.safetensors"
+_Fn = TypeVar("_Fn", bound=Callable)
 
 
 def _cache_kwarg(backbone: nn.Module) -> str:
@@ -82,12 +88,15 @@ def _scope(name: str):
 
 @dataclass
 class AMVLOutput:
+    """A training forward's result: the scalar loss, its metrics (read lazily, in one
+    transfer) and the latents drawn (None for the "none" objective)."""
+
     loss: Tensor
     metrics: Metrics = field(default_factory=lambda: Metrics({}))
     latents: Latents | None = None
 
 
-def in_eval_mode(fn):
+def in_eval_mode(fn: _Fn) -> _Fn:
     """Decorator for ``fn(model, ...)``: runs it with ``model.eval()`` and leaves every
     submodule's train/eval flag as it found it, so that a diagnostic called from inside a
     training loop does not switch dropout and activation checkpointing off for the steps
@@ -105,7 +114,8 @@ def in_eval_mode(fn):
     return wrapper
 
 
-def ensure_special_tokens(base_model: nn.Module, tokenizer, config: AMVLConfig) -> dict[str, int]:
+def ensure_special_tokens(base_model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                          config: AMVLConfig) -> dict[str, int]:
     """Add the latent special tokens the tokenizer lacks and return their ids by role. Ids
     always come from the tokenizer.
 
@@ -217,7 +227,8 @@ class AMVLModel(nn.Module):
         config: :class:`AMVLConfig`.
     """
 
-    def __init__(self, base_model: nn.Module, tokenizer, config: AMVLConfig):
+    def __init__(self, base_model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                 config: AMVLConfig) -> None:
         super().__init__()
         self.base = base_model
         # The decoder layer classes, which FSDP's transformer-based wrapping (the Trainer's
@@ -295,6 +306,7 @@ class AMVLModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Where the input embeddings live: where batches go."""
         return self._unwrapped().get_input_embeddings().weight.device
 
     def _own_modules(self) -> dict[str, nn.Module]:
@@ -470,6 +482,7 @@ class AMVLModel(nn.Module):
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def activation_checkpointing_disable(self) -> None:
+        """Stop checkpointing the base model's layers."""
         base = self._unwrapped()
         disable = getattr(base, "activation_checkpointing_disable", None) \
             or base.gradient_checkpointing_disable
@@ -926,7 +939,8 @@ class AMVLModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, base_model: nn.Module | None = None,
-                        tokenizer=None, **base_kwargs) -> AMVLModel:
+                        tokenizer: PreTrainedTokenizerBase | None = None,
+                        **base_kwargs) -> AMVLModel:
         """Load what :meth:`save_pretrained` wrote: JSON and safetensors only, nothing unpickled.
 
         The base model class is taken from the saved ``config.json`` ``architectures`` entry
@@ -972,7 +986,7 @@ class AMVLModel(nn.Module):
 GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
-def load_saved_tokenizer(base_dir: str | Path):
+def load_saved_tokenizer(base_dir: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved in ``base_dir``. A generic tokenizers-backed one (e.g. a WordLevel
     vocabulary on a Qwen2 base) loads as its own class: AutoTokenizer would pick the model
     type's, and Qwen2's BPE rebuilt from a word-level vocabulary tokenizes to nothing. Any
@@ -1028,5 +1042,7 @@ def _load_into(model: nn.Module, state: dict[str, Tensor]) -> str:
 
 @dataclass
 class GenerationOutput:
+    """What :meth:`AMVLModel.generate` decoded, ``n`` rows per example (``n`` samples, or 1)."""
+
     sequences: Tensor  # (B, n, T) answer tokens, padded after EOS
     latents: Tensor | None  # (B, n, K, d) the z each row was decoded from

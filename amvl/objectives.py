@@ -83,6 +83,7 @@ class Objective:
 
     @property
     def uses_posterior(self) -> bool:
+        """Whether the decoder's latents come from the posterior (which then needs its head)."""
         return self.latent_source == "posterior"
 
     @property
@@ -189,6 +190,7 @@ class AMVLObjective(Objective):
     fwd_grad, rev_grad = "p", "q"
 
     def kl_loss(self, latents: Latents, step: int | None) -> Tensor:
+        """alpha KL(sg(q)||p) in full + the scheduled beta KL(sg(p)||q) with free bits."""
         # The KL schedule and free bits keep the posterior from collapsing onto the prior, so
         # they act on the term that reaches q, the reverse KL. The forward KL is the prior's
         # only target (with gamma = 0): warmed up, the prior would learn nothing early on;
@@ -207,6 +209,7 @@ class ELBOObjective(Objective):
     fwd_grad, rev_grad = "both", "none"
 
     def kl_loss(self, latents: Latents, step: int | None) -> Tensor:
+        """The scheduled beta KL(q||p) with free bits, gradient to both sides."""
         c = self.config
         return kl_weight(c, step) * c.beta * free_bits(latents.kl_fwd, c.free_bits)
 

@@ -334,14 +334,17 @@ class LatentLayout:
     # ------------------------------------------------------------------ queries
     @property
     def batch(self) -> int:
+        """Rows, B."""
         return self.segment_kind.shape[0]
 
     @property
     def length(self) -> int:
+        """Key tokens per row, Lk."""
         return self.segment_kind.shape[1]
 
     @property
     def device(self) -> torch.device:
+        """Where the metadata lives."""
         return self.segment_kind.device
 
     def to(self, device: torch.device | str) -> LatentLayout:
@@ -349,6 +352,7 @@ class LatentLayout:
         return LatentLayout(*(t.to(device) for t in self.metadata()))
 
     def metadata(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(segment_kind, visible_kinds, block_id, doc_id)."""
         return self.segment_kind, self.visible_kinds, self.block_id, self.doc_id
 
     def dense_mask(self, num_queries: int | None = None) -> Tensor:
