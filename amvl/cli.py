@@ -165,7 +165,7 @@ def load_base(model_section: dict) -> tuple[PreTrainedModel, PreTrainedTokenizer
     base = getattr(transformers, arch).from_pretrained(
         directory, dtype=dtype, use_safetensors=True,
         attn_implementation="sdpa" if attention == "amvl" else attention)
-    from amvl.model import load_saved_tokenizer
+    from amvl.saving import load_saved_tokenizer
 
     tokenizer = load_saved_tokenizer(directory)
     processor = None

@@ -18,17 +18,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import json
 import numbers
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from amvl_kernels.hf import PrefixKeys, layouts_replace_masks
@@ -39,6 +36,7 @@ from amvl.families import check_supported, router_balance, structural_vision_ids
     text_config, transform_logits, vision_markers
 from amvl.heads import GaussianHead, LatentInjector
 from amvl.objectives import Latents, Metrics, build_objective
+from amvl.saving import SavingMixin
 from amvl.sequences import (
     LATENT_BLOCK,
     POSTERIOR_BLOCK,
@@ -57,7 +55,6 @@ from amvl.weight_grads import PairedWeightGrads
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-HEADS_NAME = "amvl_heads.safetensors"
 _Fn = TypeVar("_Fn", bound=Callable)
 
 
@@ -217,7 +214,7 @@ def check_batch(prompt_ids: Tensor, prompt_mask: Tensor, answer_ids: Tensor | No
                          "them")
 
 
-class AMVLModel(nn.Module):
+class AMVLModel(SavingMixin, nn.Module):
     """A Hugging Face causal LM or Qwen2-VL-family model with an AMVL latent block.
 
     Args:
@@ -809,235 +806,6 @@ class AMVLModel(nn.Module):
                 grids.append(image_grid_thw[first:first + count])
             first += count
         return torch.cat(pixels), torch.cat(grids)
-
-    # ------------------------------------------------------------------ saving
-
-    def save_pretrained(self, directory: str | Path,
-                        state_dict: dict[str, Tensor] | None = None) -> None:
-        """Config (JSON), heads and injector (safetensors), base model and tokenizer.
-
-        ``state_dict`` (this module's keys, e.g. the full state a Trainer gathers under FSDP
-        or ZeRO-3) is saved instead of the live parameters. With a PEFT base, ``base/`` holds
-        only the adapter, so the rows of the latent special tokens in the embeddings, which
-        the adapter does not carry, are saved beside the heads."""
-        if state_dict is None:
-            self._check_whole()
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        _remove_other_kind_of_base(directory / "base", adapter=self._is_peft())
-        self.config.save(directory)
-        own = self._own_state() if state_dict is None else {
-            k: v for k, v in state_dict.items() if k.split(".", 1)[0] in self._own_modules()}
-        own.update(self._special_token_rows(state_dict))
-        save_file({k: v.detach().cpu().contiguous() for k, v in own.items()},
-                  str(directory / HEADS_NAME), metadata={"format": "pt"})
-        base_state = None if state_dict is None else {
-            k[len("base."):]: v for k, v in state_dict.items() if k.startswith("base.")}
-        self.base.save_pretrained(directory / "base", safe_serialization=True,
-                                  state_dict=base_state)
-        self.tokenizer.save_pretrained(directory / "base")
-
-    def _check_whole(self) -> None:
-        """Refuse to save live parameters that are one rank's shards (FSDP): FSDP1 leaves
-        flat or empty views, which would be saved as heads of no size."""
-        for name, module in self._own_modules().items():
-            for layer in module.modules():
-                weight = getattr(layer, "weight", None)
-                if isinstance(layer, nn.Linear) and weight is not None and (
-                        type(weight).__name__ == "DTensor"
-                        or tuple(weight.shape) != (layer.out_features, layer.in_features)):
-                    raise ValueError(
-                        f"{name}'s weights are sharded (FSDP): pass the gathered full state, "
-                        f"save_pretrained(directory, state_dict=...), e.g. from "
-                        f"torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
-                        f"options=StateDictOptions(full_state_dict=True)) (FSDP2) or under "
-                        f"FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT) (FSDP1)")
-
-    def _own_state(self) -> dict[str, Tensor]:
-        return {f"{name}.{k}": v for name, module in self._own_modules().items()
-                for k, v in module.state_dict().items()}
-
-    def _is_peft(self) -> bool:
-        return hasattr(self.base, "get_base_model")
-
-    def _special_token_rows(self, state_dict: dict[str, Tensor] | None = None
-                            ) -> dict[str, Tensor]:
-        """The latent special tokens' embedding rows (input, and output when untied), in
-        ``token_ids`` order, for a PEFT base; {} otherwise."""
-        if not self._is_peft():
-            return {}
-        ids = torch.tensor(list(self.token_ids.values()))
-        rows = {"special_tokens.input": self._unwrapped().get_input_embeddings().weight}
-        output = self._unwrapped().get_output_embeddings()
-        if output is not None and output.weight is not rows["special_tokens.input"]:
-            rows["special_tokens.output"] = output.weight
-        if state_dict is not None:  # the gathered state (the live weights may be shards)
-            names = {id(p): n for n, p in self.named_parameters(remove_duplicate=False)}
-            rows = {k: state_dict.get(names.get(id(w)), w) for k, w in rows.items()}
-        return {k: w[ids.to(w.device)] for k, w in rows.items()}
-
-    def _load_own_state(self, state: dict[str, Tensor]) -> None:
-        for name in self._own_modules():
-            prefix = f"{name}."
-            own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            if not own:
-                raise ValueError(f"the saved heads hold no weights of {name} (was the model "
-                                 "saved from a sharded state without gathering it?)")
-            module = getattr(self, name).to(next(iter(own.values())).dtype)  # as saved
-            module.load_state_dict(own)
-        ids = torch.tensor(list(self.token_ids.values()))
-        with torch.no_grad():
-            for key, layer in (("special_tokens.input", self._unwrapped().get_input_embeddings()),
-                               ("special_tokens.output",
-                                self._unwrapped().get_output_embeddings())):
-                if key in state and layer is not None:
-                    layer.weight[ids.to(layer.weight.device)] = state[key].to(layer.weight)
-
-    def load_weights(self, directory: str | Path) -> None:
-        """Load, in place, every weight :meth:`save_pretrained` wrote into ``directory`` (a
-        model of the same configuration): heads, injector and the base model, or its PEFT
-        adapter. What a Trainer resuming from one of its checkpoints needs."""
-        directory = Path(directory)
-        config = AMVLConfig.load(directory)
-        if config != self.config:
-            raise ValueError(f"{directory} holds a model of another configuration: {config} "
-                             f"against this model's {self.config}")
-        base_dir = directory / "base"
-        if (base_dir / "adapter_model.safetensors").is_file():
-            if not self._is_peft():
-                raise ValueError(f"{base_dir} holds a PEFT adapter but this model's base is "
-                                 "not a PEFT model")
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(self.base, load_file(str(base_dir /
-                                                               "adapter_model.safetensors")))
-        else:
-            self._load_base_state(base_dir)
-        self._load_own_state(load_file(str(directory / HEADS_NAME), device=str(self.device)))
-
-    def _load_base_state(self, base_dir: Path) -> None:
-        index = base_dir / "model.safetensors.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) \
-            if index.is_file() else ["model.safetensors"]
-        missing = [name for name in files if not (base_dir / name).is_file()]
-        if missing:
-            raise FileNotFoundError(f"no {missing[0]} in {base_dir}")
-        state = {}
-        for name in files:
-            state.update(load_file(str(base_dir / name)))
-        target = self._unwrapped()
-        problems = _load_into(target, state)
-        if problems:
-            # transformers saves some models (the Qwen2-VL family) under their original
-            # checkpoints' names and maps them back when it loads: let it.
-            fresh = type(target).from_pretrained(base_dir, use_safetensors=True,
-                                                 dtype=next(target.parameters()).dtype)
-            problems = _load_into(target, fresh.state_dict())
-            del fresh
-        if problems:
-            raise ValueError(f"{base_dir} does not match this base model: {problems}")
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, base_model: nn.Module | None = None,
-                        tokenizer: PreTrainedTokenizerBase | None = None,
-                        **base_kwargs) -> AMVLModel:
-        """Load what :meth:`save_pretrained` wrote: JSON and safetensors only, nothing unpickled.
-
-        The base model class is taken from the saved ``config.json`` ``architectures`` entry
-        unless ``base_model`` is given; a given base gets the saved weights loaded into it. A
-        PEFT model saved only its adapter: pass its base with the adapter loaded
-        (``PeftModel.from_pretrained(base, directory / "base")``); the latent special tokens'
-        rows come back from the heads' file. A given ``tokenizer`` must hold the latent
-        special tokens at the saved tokenizer's ids (the saved embedding rows are theirs).
-        """
-        import transformers
-
-        directory = Path(directory)
-        base_dir = directory / "base"
-        config = AMVLConfig.load(directory)
-        adapter = (base_dir / "adapter_config.json").is_file()
-        load_saved_base = False
-        if base_model is None:
-            if adapter:
-                raise ValueError(f"{base_dir} holds a PEFT adapter, not a whole model: "
-                                 "pass base_model=PeftModel.from_pretrained(<the base model>, "
-                                 f"'{base_dir}')")
-            arch = json.loads((base_dir / "config.json").read_text())["architectures"][0]
-            base_model = getattr(transformers, arch).from_pretrained(
-                base_dir, use_safetensors=True, **base_kwargs)
-        elif adapter and not hasattr(base_model, "get_base_model"):
-            raise ValueError(f"{base_dir} holds a PEFT adapter, but base_model is not a PEFT "
-                             "model: pass PeftModel.from_pretrained(<the base model>, "
-                             f"'{base_dir}')")
-        else:
-            load_saved_base = not adapter  # the trained weights, not the given ones
-        saved_tokenizer = load_saved_tokenizer(base_dir)
-        if tokenizer is None:
-            tokenizer = saved_tokenizer
-        else:
-            _check_latent_token_ids(tokenizer, saved_tokenizer, config)
-        model = cls(base_model, tokenizer, config)
-        if load_saved_base:
-            model._load_base_state(base_dir)
-        model._load_own_state(load_file(str(directory / HEADS_NAME), device=str(model.device)))
-        return model
-
-
-GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
-
-
-def load_saved_tokenizer(base_dir: str | Path) -> PreTrainedTokenizerBase:
-    """The tokenizer saved in ``base_dir``. A generic tokenizers-backed one (e.g. a WordLevel
-    vocabulary on a Qwen2 base) loads as its own class: AutoTokenizer would pick the model
-    type's, and Qwen2's BPE rebuilt from a word-level vocabulary tokenizes to nothing. Any
-    other class is AutoTokenizer's choice, as for the model's own checkpoints."""
-    import transformers
-
-    base_dir = Path(base_dir)
-    config_file = base_dir / "tokenizer_config.json"
-    saved_class = json.loads(config_file.read_text()).get("tokenizer_class") \
-        if config_file.is_file() else None
-    if saved_class in GENERIC_TOKENIZER_CLASSES and hasattr(transformers, saved_class):
-        return getattr(transformers, saved_class).from_pretrained(base_dir)
-    return transformers.AutoTokenizer.from_pretrained(base_dir)
-
-
-def _check_latent_token_ids(tokenizer, saved_tokenizer, config: AMVLConfig) -> None:
-    """Refuse a tokenizer whose latent special tokens are missing or at other ids than the
-    saved one's: the model would re-initialise their trained rows, or read other rows."""
-    vocab = tokenizer.get_vocab()
-    for token in config.special_tokens():
-        saved = saved_tokenizer.convert_tokens_to_ids(token)
-        given = vocab.get(token)
-        if given != saved:
-            raise ValueError(f"the tokenizer given has {token!r} at id {given}, the saved one "
-                             f"at {saved}: pass the saved tokenizer (tokenizer=None) or one "
-                             "with the same latent special tokens")
-
-
-def _remove_other_kind_of_base(base_dir: Path, adapter: bool) -> None:
-    """Before saving into ``base_dir``: delete the files of the other kind of save (a whole
-    model's weights before an adapter, an adapter before a whole model), which an earlier
-    save into the same directory left and which loading would take for this save's."""
-    if not base_dir.is_dir():
-        return
-    patterns = ("model*.safetensors", "model.safetensors.index.json") if adapter else \
-        ("adapter_config.json", "adapter_model.safetensors")
-    for pattern in patterns:
-        for file in base_dir.glob(pattern):
-            file.unlink()
-
-
-def _load_into(model: nn.Module, state: dict[str, Tensor]) -> str:
-    """Copy ``state`` into ``model``; '' when every weight was found, else what was not. A
-    tied weight (the LM head on the input embeddings) is saved once and may be missing."""
-    result = model.load_state_dict(state, strict=False)
-    own = model.state_dict()
-    loaded = {own[k].data_ptr() for k in own if k in state}
-    untied = [k for k in result.missing_keys if own[k].data_ptr() not in loaded]
-    if untied or result.unexpected_keys:
-        return f"missing {untied[:5]}, unexpected {result.unexpected_keys[:5]}"
-    return ""
 
 
 @dataclass
