@@ -370,7 +370,8 @@ class AMVLModel(SavingMixin, nn.Module):
         if self._on_amvl_attention():
             # The kernel reads the per-token metadata; no (Lq, Lk) mask is ever built.
             kwargs["latent_layout"] = LatentLayout.from_tensors(
-                keys.segment, keys.visible_kinds, keys.block_id, check_values=False)
+                keys.segment, keys.visible_kinds, keys.block_id, check_values=False,
+                copy=False)  # built for this call alone
             mask = None
         else:
             allowed = dense_mask(keys, seq.input_ids.shape[1])

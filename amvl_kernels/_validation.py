@@ -42,11 +42,11 @@ def check_seed(seed: object) -> int | None:
     """A seed is None or an int in [0, 2**63)."""
     if seed is None:
         return None
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    return seed
+    return int(seed)
 
 
 def check_count(name: str, value: object, least: int = 0) -> int:

@@ -496,7 +496,7 @@ def _run(mu_q, logvar_q, mu_p, logvar_p, eps, seed, fwd_grad, rev_grad, backend)
     backend = resolve_backend(backend, mu_q.device, has_cuda_kernel=True)
     if eps is None and seed is None:
         seed = _draw_seed()
-    seed = 0 if seed is None else seed
+    seed = 0 if seed is None else int(seed)  # a NumPy integer too (checked by _validate)
     if backend == "torch" or mu_q.numel() == 0:
         # Empty inputs give empty outputs (or zero KLs when d == 0) without a launch.
         return gaussian_sample_kl_torch(mu_q, logvar_q, mu_p, logvar_p, eps, seed,

@@ -173,12 +173,15 @@ class LatentLayout:
                     f"LatentLayout.from_tensors, which checks and converts")
             if t.shape != self.segment_kind.shape or t.device != self.segment_kind.device:
                 raise ValueError(f"{name} must have segment_kind's shape and device")
+            if not t.is_contiguous():  # the tile classifier indexes rows by the length
+                raise ValueError(f"LatentLayout takes contiguous tensors; {name} is a strided "
+                                 f"view: build layouts with LatentLayout.from_tensors")
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_tensors(cls, segment_kind: Tensor, visible_kinds: Tensor, block_id: Tensor,
-                     doc_id: Tensor | None = None, *, check_values: bool = True
-                     ) -> LatentLayout:
+                     doc_id: Tensor | None = None, *, check_values: bool = True,
+                     copy: bool = True) -> LatentLayout:
         """Validate and wrap (B, L) integer tensors (see the module docstring for the rule).
 
         segment_kind: the kind of each token, in [0, 31).
@@ -188,6 +191,9 @@ class LatentLayout:
         check_values: check the ranges of the values too. Each check reads the device back (a
             host sync), so code that builds the metadata itself, once per model call, may
             pass False; types, shapes and devices are always checked.
+        copy: the layout keeps copies (it caches what it derives, tile maps among them, so a
+            tensor changed in place afterwards would leave them stale). False shares tensors
+            that are int32 and contiguous already, for code that never changes them.
         """
         named = {"segment_kind": segment_kind, "visible_kinds": visible_kinds,
                  "block_id": block_id}
@@ -225,8 +231,10 @@ class LatentLayout:
                 raise ValueError(f"visible_kinds must be bit sets in [0, 2**{MAX_KINDS})")
         if doc_id is None:
             doc_id = torch.zeros_like(segment_kind)
-        as32 = [t.to(torch.int32).contiguous()
-                for t in (segment_kind, visible_kinds, block_id, doc_id)]
+        as32 = []
+        for t in (segment_kind, visible_kinds, block_id, doc_id):
+            owned = t.to(torch.int32).contiguous()
+            as32.append(owned.clone() if copy and owned is t else owned)
         return cls(*as32)
 
     @classmethod
@@ -244,7 +252,8 @@ class LatentLayout:
         visible = torch.where(kind == int(Kind.PAD), 0, kind_bits(Kind.TEXT))
         # In range by construction: skip the value checks, whose reads of the device would be
         # host syncs at every decoding step of a padded batch (the HF mask function's layout).
-        return cls.from_tensors(kind, visible, torch.zeros_like(kind), check_values=False)
+        return cls.from_tensors(kind, visible, torch.zeros_like(kind), check_values=False,
+                                copy=False)
 
     @classmethod
     def with_latent_blocks(cls, length: int, blocks: Sequence[Sequence[tuple[int, int]]],
@@ -275,7 +284,7 @@ class LatentLayout:
                     kind[b, start:start + size] == int(Kind.PAD), int(Kind.PAD), int(Kind.LATENT))
         text_and_latent = kind_bits(Kind.TEXT, Kind.LATENT)
         visible = torch.where(kind == int(Kind.PAD), 0, text_and_latent)
-        return cls.from_tensors(kind, visible, block)
+        return cls.from_tensors(kind, visible, block, copy=False)
 
     @classmethod
     def prefix_sharing(cls, prompt_lengths: Sequence[int], answer_lengths: Sequence[int],
@@ -308,7 +317,8 @@ class LatentLayout:
         table[Kind.ANSWER] = kind_bits(Kind.TEXT, Kind.ANSWER)
         table[Kind.POSTERIOR_QUERY] = kind_bits(Kind.TEXT, Kind.ANSWER, Kind.POSTERIOR_QUERY)
         visible = table[kind.long()]
-        return cls.from_tensors(kind.to(device), visible.to(device), block.to(device))
+        return cls.from_tensors(kind.to(device), visible.to(device), block.to(device),
+                                copy=False)
 
     @classmethod
     def packed(cls, doc_lengths: Sequence[Sequence[int]], length: int,
@@ -329,7 +339,7 @@ class LatentLayout:
                 start += n
         visible = torch.where(kind == int(Kind.PAD), 0, kind_bits(Kind.TEXT))
         return cls.from_tensors(kind.to(device), visible.to(device),
-                                torch.zeros_like(kind).to(device), doc.to(device))
+                                torch.zeros_like(kind).to(device), doc.to(device), copy=False)
 
     # ------------------------------------------------------------------ queries
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
@@ -258,6 +259,10 @@ def test_same_seed_bitwise_and_backward_uses_the_same_noise(backend, dtype, rng_
     assert torch.equal(z1, z2) and torch.equal(f1, f2) and torch.equal(r1, r2)
     z3, _, _ = ak.gaussian_sample_kl(mu_q, lv_q, mu_p, lv_p, seed=seed + 1, backend=backend)
     assert not torch.equal(z1, z3)
+    # a NumPy integer seed (from a NumPy generator) is the same seed, not a TypeError
+    z4, _, _ = ak.gaussian_sample_kl(mu_q, lv_q, mu_p, lv_p, seed=np.int64(seed),
+                                     backend=backend)
+    assert torch.equal(z1, z4)
     # The noise the forward used is what gaussian_sample draws from the same seed at mu=0,
     # logvar=0, and d z / d logvar_q = 0.5 * sigma * eps must use exactly that noise.
     zeros = torch.zeros_like(mu_q, dtype=torch.float32)

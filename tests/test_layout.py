@@ -169,6 +169,32 @@ def test_kind_bits():
     assert kind_bits(Kind.TEXT, Kind.ANSWER) == 0b101
 
 
+def test_a_layout_owns_its_metadata():
+    """from_tensors shared the caller's int32 tensors: changed in place afterwards (a reused
+    buffer), they left the cached tile maps and masks stale (output off by 1.1). A layout now
+    keeps copies, unless told the tensors never change."""
+    kind = torch.zeros(1, 6, dtype=torch.int32)
+    visible = torch.ones(1, 6, dtype=torch.int32)
+    block = torch.tensor([[0, 1, 1, 1, 0, 0]], dtype=torch.int32)
+    layout = LatentLayout.from_tensors(kind, visible, block)
+    before = layout.dense_mask().clone()
+    block.zero_()
+    assert torch.equal(layout.dense_mask(), before)
+    shared = LatentLayout.from_tensors(kind, visible, block, copy=False)
+    assert shared.block_id.data_ptr() == block.data_ptr()
+
+
+def test_the_constructor_refuses_strided_views():
+    """A view of a longer buffer (a decode loop's preallocated metadata) reached the tile
+    classifier, which indexes rows by the length: the Triton output was off by 2.28."""
+    buffer = LatentLayout.with_latent_blocks(12, [[(2, 3)], [(4, 2)]]).metadata()
+    with pytest.raises(ValueError, match="contiguous"):
+        LatentLayout(*(t[:, :8] for t in buffer))
+    view = LatentLayout.from_tensors(*(t[:, :8] for t in buffer))
+    assert torch.equal(view.dense_mask(), LatentLayout.with_latent_blocks(
+        8, [[(2, 3)], [(4, 2)]]).dense_mask())
+
+
 def test_value_checks_can_be_skipped_but_not_shape_checks():
     kind = torch.full((1, 3), 40)
     zeros = torch.zeros(1, 3, dtype=torch.int64)
