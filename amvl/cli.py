@@ -240,14 +240,16 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return examples
 
 
-def _collator(base, tokenizer, processor, data_section: dict, cache_images: bool = False):
+def _collator(model, processor, data_section: dict, cache_images: bool = False):
     from amvl.data import AMVLCollator, VisionTokens
 
+    base = model.base
     vision = VisionTokens.from_model_config(base.config) if processor is not None else None
-    return AMVLCollator(tokenizer, processor, vision,
+    return AMVLCollator(model.tokenizer, processor, vision,
                         max_prompt_tokens=data_section.get("max_prompt_tokens"),
                         max_answer_tokens=data_section.get("max_answer_tokens"),
-                        cache_images=cache_images)
+                        cache_images=cache_images,
+                        special_tokens=model.config.special_tokens())
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -296,7 +298,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         examples = read_jsonl(source)
     model = AMVLModel(base, tokenizer, run["amvl_config"])
     out = Path(run.get("output_dir", "runs/amvl"))
-    collator = _collator(base, tokenizer, processor, data, cache_images=source == "puzzles")
+    collator = _collator(model, processor, data, cache_images=source == "puzzles")
     try:
         train(model, collator, examples, run["train_config"], output_dir=out,
               resume=args.resume, progress=not args.no_progress)
@@ -395,7 +397,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if directory is checkpoint:
             name += " (prior latents)" if model.objective.latent_source != "none" \
                 else " (no latents)"
-        collator = _collator(model.base, model.tokenizer, processor, run.get("data") or {})
+        collator = _collator(model, processor, run.get("data") or {})
         results[name] = evaluation.evaluate_benchmark(model, collator, examples,
                                                       batch_size=args.batch_size,
                                                       progress=not args.no_progress)

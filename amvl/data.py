@@ -26,9 +26,6 @@ from amvl.families import vision_markers
 if TYPE_CHECKING:
     from transformers import BaseImageProcessor, PreTrainedConfig, PreTrainedTokenizerBase
 
-# The latent block's marker strings under AMVLConfig's defaults: text that spells one would be
-# read as the structural token itself.
-_LATENT_MARKERS = frozenset(AMVLConfig().special_tokens())
 
 
 @dataclass
@@ -55,19 +52,22 @@ class AMVLCollator:
         vision_tokens: image marker ids (:meth:`VisionTokens.from_model_config`).
         max_prompt_tokens, max_answer_tokens: truncate longer texts (the question from the
             left, so its end, usually the options, stays; the answer from the right), with a
-            warning each time a question loses tokens. Images are never truncated: an example
+            warning each time a text loses tokens. Images are never truncated: an example
             whose images alone exceed ``max_prompt_tokens`` is an error, since the question
             would vanish entirely.
         cache_images: keep each processed image for as long as the image object lives (for
             many epochs over a small image set, e.g. the built-in puzzles); images given as
             file paths are kept by path for the collator's life.
+        special_tokens: the latent block's token strings (``AMVLConfig.special_tokens()``;
+            default: AMVLConfig's defaults). Text that spells one of them, or an image marker,
+            is refused: the tokenizer would read it as the structural token itself.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase,
                  image_processor: BaseImageProcessor | None = None,
                  vision_tokens: VisionTokens | None = None,
                  max_prompt_tokens: int | None = None, max_answer_tokens: int | None = None,
-                 cache_images: bool = False):
+                 cache_images: bool = False, special_tokens: Sequence[str] | None = None):
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs a pad or an EOS token")
         if image_processor is not None and vision_tokens is None:
@@ -88,6 +88,9 @@ class AMVLCollator:
         # reference tells a live image from a new one that reuses a freed id.
         self._image_cache: dict[int, tuple[weakref.ref, dict]] | None = {} if cache_images else None
         self._path_cache: dict[str, dict] = {}  # file names cannot be weakly referenced
+        self.special_tokens = tuple(AMVLConfig().special_tokens() if special_tokens is None
+                                    else special_tokens)
+        self._markers: tuple[int, dict[int, str]] | None = None  # (vocabulary size, markers)
 
     def __getstate__(self) -> dict:
         # DataLoader workers started by "spawn" or "forkserver" get a pickled copy: the caches
@@ -143,6 +146,7 @@ class AMVLCollator:
             raise ValueError("cannot collate an empty list of examples")
         prompts, answers, images, grids = [], [], [], []
         merge = getattr(self.image_processor, "merge_size", 2)
+        markers = self._marker_ids()  # once a batch: len(tokenizer) alone takes ~0.1 ms
         for index, example in enumerate(examples):
             self._check(index, example)
             prompt: list[int] = []
@@ -158,7 +162,7 @@ class AMVLCollator:
             if self.max_prompt_tokens is not None:
                 question = self._truncated(index, question, len(prompt))
             answer = self._text_ids(example["answer"])
-            self._check_no_markers(index, question, answer)
+            self._check_no_markers(index, question, answer, markers)
             if self.max_answer_tokens is not None and len(answer) > self.max_answer_tokens:
                 warnings.warn(f"example {index}: the answer lost its last "
                               f"{len(answer) - self.max_answer_tokens} of {len(answer)} tokens "
@@ -181,21 +185,33 @@ class AMVLCollator:
             batch["image_grid_thw"] = torch.stack(grids)
         return batch
 
-    def _check_no_markers(self, index: int, question: list[int], answer: list[int]) -> None:
+    def _check_no_markers(self, index: int, question: list[int], answer: list[int],
+                          markers: dict[int, str]) -> None:
         """Refuse text that spells a structural token (a latent or image marker): the tokenizer
         turns it into the token itself, which would open a latent block or announce an image
         inside the text."""
-        added = getattr(self.tokenizer, "added_tokens_encoder", {})
-        markers = {added[t]: t for t in _LATENT_MARKERS if t in added}
-        vt = self.vision_tokens
-        if vt is not None:
-            markers.update({i: self.tokenizer.convert_ids_to_tokens(i)
-                            for i in (vt.image, vt.start, vt.end)})
         for name, ids in (("question", question), ("answer", answer)):
             found = sorted({markers[i] for i in ids if i in markers})
             if found:
                 raise ValueError(f"example {index}: the {name} spells the structural token(s) "
                                  f"{found}, which the tokenizer reads as the tokens themselves")
+
+    def _marker_ids(self) -> dict[int, str]:
+        """Structural token ids -> their strings, rebuilt when the vocabulary grows (the latent
+        tokens are added when AMVLModel is built, maybe after the collator)."""
+        size = len(self.tokenizer)
+        if self._markers is None or self._markers[0] != size:
+            markers = {}
+            for token in self.special_tokens:
+                ids = self.tokenizer(token, add_special_tokens=False)["input_ids"]
+                if len(ids) == 1 and ids[0] != self.tokenizer.unk_token_id:  # one token: added
+                    markers[ids[0]] = token
+            vt = self.vision_tokens
+            if vt is not None:
+                markers.update({i: self.tokenizer.convert_ids_to_tokens(i)
+                                for i in (vt.image, vt.start, vt.end)})
+            self._markers = (size, markers)
+        return self._markers[1]
 
     def _truncated(self, index: int, question: list[int], image_tokens: int) -> list[int]:
         """The question's last tokens that fit beside ``image_tokens`` in max_prompt_tokens."""

@@ -97,7 +97,8 @@ def run_objective(name: str, config: DemoConfig, tokenizer: PreTrainedTokenizerB
                              kernel_backend="auto", **config.amvl_overrides)
     model = AMVLModel(base, tokenizer, amvl_config)
     collator = AMVLCollator(tokenizer, tiny_image_processor(),
-                            VisionTokens.from_model_config(base.config), cache_images=True)
+                            VisionTokens.from_model_config(base.config), cache_images=True,
+                            special_tokens=amvl_config.special_tokens())
     started = time.perf_counter()
     history = train(model, collator, train_set,
                     TrainConfig(steps=config.steps, batch_size=config.batch_size,

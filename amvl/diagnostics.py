@@ -16,6 +16,7 @@ latents under test. Reported (:func:`leakage_report`):
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Sequence
 
@@ -37,7 +38,8 @@ def _check_examples(examples: Sequence[dict], batch_size: int = 1,
         # an iterator would be spent by these checks
         raise TypeError(f"examples must be a sequence (e.g. a list), got "
                         f"{type(examples).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) \
+            or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if not examples:
         raise ValueError("diagnostics need at least one example")

@@ -11,6 +11,7 @@ changed on the model or its tokenizer.
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import re
 import sys
@@ -95,6 +96,9 @@ def router_balance(model: nn.Module) -> RouterBalance | None:
             or getattr(model.config, "output_router_logits", False)):
         return None
     loss_fn = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
+    if loss_fn is not None and list(inspect.signature(loss_fn).parameters)[:4] != \
+            ["gate_logits", "num_experts", "top_k", "attention_mask"]:
+        loss_fn = None  # another loss (Doge's takes num_keys): called this way, it would break
     experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None)
     top_k = getattr(text, "num_experts_per_tok", None)
     coef = getattr(text, "router_aux_loss_coef", None)

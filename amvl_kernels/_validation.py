@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import operator
 from collections.abc import Iterable
 
 import torch
@@ -50,9 +51,15 @@ def check_seed(seed: object) -> int | None:
 
 
 def check_count(name: str, value: object, least: int = 0) -> int:
-    """A size or index: an integer (Python or NumPy, not bool) of at least ``least``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < least:
-        raise ValueError(f"{name} must be >= {least}, got {value}")
-    return int(value)
+    """A size or index: an integer of at least ``least`` (Python, NumPy or a 0-d integer
+    tensor, e.g. a length from ``mask.sum(1)[b]``; not a bool)."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor)
+                                   and value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an int, got a bool {value!r}")
+    try:
+        count = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+    if count < least:
+        raise ValueError(f"{name} must be >= {least}, got {count}")
+    return count

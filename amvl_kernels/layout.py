@@ -270,10 +270,13 @@ class LatentLayout:
         kind, block = layout.segment_kind.clone(), layout.block_id.clone()
         for b, row in enumerate(blocks):
             for number, pair in enumerate(row, start=1):
-                if not isinstance(pair, Sequence) or len(pair) != 2:
-                    raise TypeError(f"blocks[{b}] must hold (start, size) pairs, got {pair!r}")
-                start = check_count(f"the start of blocks[{b}][{number - 1}]", pair[0])
-                size = check_count(f"the size of blocks[{b}][{number - 1}]", pair[1])
+                try:
+                    start, size = pair
+                except (TypeError, ValueError):
+                    raise TypeError(f"blocks[{b}] must hold (start, size) pairs, got "
+                                    f"{pair!r}") from None
+                start = check_count(f"the start of blocks[{b}][{number - 1}]", start)
+                size = check_count(f"the size of blocks[{b}][{number - 1}]", size)
                 if size < 1 or start + size > length:
                     raise ValueError(f"block {(start, size)} of row {b} does not fit in "
                                      f"length {length}")

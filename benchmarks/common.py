@@ -199,15 +199,18 @@ def graph_time_ms(fn: Callable[[], object], calls: int = 1) -> float | None:
 
 
 def l2_cold_copies(distinct_bytes: int) -> int:
-    """How many independent sets of a call's buffers (``distinct_bytes`` each) a replay must
-    cycle through for twice the GPU's L2 cache to lie between two uses of one set, so that
-    each call reads from memory, as the copy bandwidth it is compared with does. 1 off the
-    GPU and for calls that are large enough alone."""
+    """How many independent sets of a call's buffers (``distinct_bytes`` each, outputs
+    included) a replay must cycle through for twice the GPU's L2 cache to lie between two
+    uses of one set, so that each call reads from memory, as the copy bandwidth it is
+    compared with does: the set itself and enough others. 1 off the GPU and for calls large
+    enough alone. The replayed function must keep each call's outputs until it returns, or
+    the graph's allocator hands every call the same output buffers."""
     if not torch.cuda.is_available() or distinct_bytes <= 0:
         return 1
     l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()),
                  "L2_cache_size", 0) or 50 * 2**20
-    return max(1, math.ceil(2 * l2 / distinct_bytes))
+    others = math.ceil(2 * l2 / distinct_bytes)
+    return 1 if distinct_bytes >= 2 * l2 else 1 + others
 
 
 def peak_memory_bytes(fn: Callable[[], object]) -> int:

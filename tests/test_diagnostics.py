@@ -106,6 +106,7 @@ def test_bad_settings_are_named_before_any_scoring(monkeypatch):
         leakage_report(model, collator, examples, group_key="family", progress=False)
     with pytest.raises(TypeError, match="examples must be a sequence"):
         leakage_report(model, collator, iter(examples), progress=False)
+    diagnostics._check_examples(examples, np.int64(4))  # a NumPy integer is a batch size
 
 
 def test_probe_and_cosine_name_bad_arrays():

@@ -118,6 +118,18 @@ def test_router_load_balancing_loss_is_the_models_own():
                                rtol=1e-5, atol=1e-9)
 
 
+def test_a_balancing_loss_of_another_signature_is_refused():
+    """Doge's load_balancing_loss_func takes num_keys before top_k: called as Mixtral's, the
+    first step crashed inside transformers. Such a model is refused when built."""
+    tokenizer = word_tokenizer(WORDS)
+    config = _transformers_class("DogeConfig")(
+        vocab_size=len(tokenizer), **SIZES, pad_token_id=0, is_moe=True, num_experts=16,
+        num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5)
+    with pytest.raises(NotImplementedError, match="cannot reproduce its load-balancing loss"):
+        AMVLModel(_transformers_class("DogeForCausalLM")(config), tokenizer,
+                  AMVLConfig(num_slots=2, latent_dim=4))
+
+
 @pytest.mark.parametrize("gamma", [0.0, 0.5])
 @pytest.mark.parametrize("attention", ["sdpa", "amvl", "amvl_checkpointed"])
 def test_router_balance_is_the_same_on_both_paths(attention, gamma):

@@ -169,6 +169,24 @@ def test_kind_bits():
     assert kind_bits(Kind.TEXT, Kind.ANSWER) == 0b101
 
 
+def test_builders_take_lengths_as_tensors_and_numpy_integers():
+    """Lengths computed from masks (0-d integer tensors, tensors of lengths) and NumPy pairs
+    are what a training loop has at hand; they worked before sizes were checked, and must."""
+    import numpy as np
+
+    expected = LatentLayout.prefix_sharing([2, 3], [1, 2], 2).dense_mask()
+    for lengths in (torch.tensor([2, 3]), np.array([2, 3])):
+        answers = torch.tensor([1, 2]) if isinstance(lengths, torch.Tensor) else np.array([1, 2])
+        got = LatentLayout.prefix_sharing(lengths, answers, torch.tensor(2)).dense_mask()
+        assert torch.equal(got, expected)
+    blocks = LatentLayout.with_latent_blocks(8, [[(1, 2)], [(0, 3)]]).dense_mask()
+    assert torch.equal(LatentLayout.with_latent_blocks(
+        8, np.array([[[1, 2]], [[0, 3]]])).dense_mask(), blocks)
+    assert torch.equal(LatentLayout.packed([torch.tensor([2, 3])], 6).dense_mask(),
+                       LatentLayout.packed([[2, 3]], 6).dense_mask())
+    assert LatentLayout.causal(2, torch.tensor(5)).length == 5
+
+
 def test_a_layout_owns_its_metadata():
     """from_tensors shared the caller's int32 tensors: changed in place afterwards (a reused
     buffer), they left the cached tile maps and masks stale (output off by 1.1). A layout now

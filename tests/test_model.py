@@ -474,6 +474,14 @@ def test_collator_refuses_text_that_spells_a_structural_token():
     with pytest.raises(ValueError, match="the answer spells .*vision_start"):
         collator([{"question": "w1", "answer": "<|vision_start|> w2"}])
     collator([{"question": "w1 w3", "answer": "w2"}])  # plain text passes
+    # a model's own latent token strings (the defaults were all the collator knew), and
+    # tokens added after the collator was built
+    tokenizer = word_tokenizer(WORDS)
+    collator = AMVLCollator(tokenizer, special_tokens=["<z>"])
+    collator([{"question": "w1 <z>", "answer": "w2"}])  # not a token yet: plain text
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<z>"]})
+    with pytest.raises(ValueError, match="spells the structural token.*<z>"):
+        collator([{"question": "w1 <z>", "answer": "w2"}])
 
 
 def test_collator_image_cache_takes_file_paths(tmp_path):
