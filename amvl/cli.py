@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -281,7 +282,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import transformers
 
     from amvl.model import AMVLModel
-    from amvl.training import NothingLeftToTrain, OtherRunError, train
+    from amvl.training import LaunchError, NothingLeftToTrain, OtherRunError, train
 
     run = load_run_config(args.config)
     # The heads and the injector (and the tiny model) start from torch's generator: train.seed
@@ -303,7 +304,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         train(model, collator, examples, run["train_config"], output_dir=out,
               resume=args.resume, progress=not args.no_progress)
     except (FileExistsError, FileNotFoundError, OtherRunError,  # the output dir's
-            NothingLeftToTrain) as err:
+            NothingLeftToTrain, LaunchError) as err:
         raise SystemExit(f"amvl train: {err}") from None
     from accelerate import PartialState
 
@@ -365,6 +366,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     the results after every model. Returns 0; unusable inputs raise SystemExit."""
     from amvl import evaluation
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit("amvl eval runs in one process: every process would score every "
+                         "example and write --out; launch it without torchrun / accelerate")
     run = load_run_config(args.config) if args.config else {}
     checkpoint = Path(args.checkpoint or Path(run.get("output_dir", "runs/amvl")) / FINAL_DIR)
     models = {checkpoint.name: checkpoint}  # named after its scoring once loaded

@@ -407,13 +407,18 @@ class AMVLModel(SavingMixin, nn.Module):
             routers.append(out["router_logits"])
         return out.last_hidden_state, cache
 
-    def _nll(self, hidden: Tensor, seq: Sequence, answer_ids: Tensor, answer_mask: Tensor
-             ) -> Tensor:
-        """Mean token NLL of the answer part of ``seq`` (each token predicted one column back)."""
+    def _nll(self, hidden: Tensor, seq: Sequence, answer_ids: Tensor, answer_mask: Tensor,
+             tokens: float | Tensor | None = None) -> Tensor:
+        """Mean token NLL of the answer part of ``seq`` (each token predicted one column back),
+        or its sum divided by ``tokens``."""
         begin, end = seq.spans["answer"]
         logits = self.output_logits(hidden[:, begin - 1:end - 1])
         labels = answer_ids.masked_fill(~answer_mask.bool(), -100)
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        if tokens is None:
+            return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                reduction="sum")
+        return total / tokens
 
     # ------------------------------------------------------------------ sequence parts
 
@@ -494,12 +499,17 @@ class AMVLModel(SavingMixin, nn.Module):
                 answer_mask: Tensor, pixel_values: Tensor | None = None,
                 image_grid_thw: Tensor | None = None, step: int | None = 0,
                 seed: int | None = None,
-                prefix_sharing: bool | None = None) -> AMVLOutput:
+                prefix_sharing: bool | None = None,
+                answer_tokens: float | Tensor | None = None) -> AMVLOutput:
         """One training forward: loss, metrics and the drawn latents.
 
         Prompts are left-padded (B, Lx), answers right-padded (B, Ly), masks True on real
         tokens. ``step`` drives the KL schedule (None: the full objective, as evaluation
         wants). ``seed`` fixes the latent noise (same seed, same loss on both paths).
+        ``answer_tokens``: divide the answer's summed NLL by this instead of the batch's own
+        answer token count. Data-parallel ranks pass the tokens of all their shares divided
+        by the number of ranks, so that the average of their losses (DDP's) weighs every
+        token alike, as one process over the whole batch does.
         """
         self._check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask)
         if step is not None and (isinstance(step, bool) or not isinstance(step, numbers.Integral)
@@ -533,7 +543,8 @@ class AMVLModel(SavingMixin, nn.Module):
         if obj.latent_source == "none":
             seq = assemble({"prompt": p["prompt"], "answer": p["answer_after_x"]})
             hidden, _ = self._run(seq, rope=rope, images=images, routers=routed)
-            loss, metrics = obj.loss(self._nll(hidden, seq, answer_ids, answer_mask), None, step)
+            loss, metrics = obj.loss(self._nll(hidden, seq, answer_ids, answer_mask,
+                                           answer_tokens), None, step)
             loss, metrics = self._balance_routers(loss, metrics, routed, [(seq, slice(None))])
             return AMVLOutput(loss, metrics)
 
@@ -584,13 +595,13 @@ class AMVLModel(SavingMixin, nn.Module):
                 if routers is not None:
                     routed_parts.append((tail, slice(None)))
                 # columns of the tail's answer are relative to the tail
-                return self._nll(hidden, tail, answer_ids, answer_mask)
+                return self._nll(hidden, tail, answer_ids, answer_mask, answer_tokens)
             full = assemble({"prompt": p["prompt"], "latent": p["latent"],
                              "answer": p["answer_after_latent"]})
             hidden, _ = self._run(full, rope=rope, images=images, z=z, routers=routers)
             if routers is not None:
                 routed_parts.append((full, slice(None)))
-            return self._nll(hidden, full, answer_ids, answer_mask)
+            return self._nll(hidden, full, answer_ids, answer_mask, answer_tokens)
 
         with _scope("amvl.latent_pass"):
             nll = decode_nll(latents.z, routed)

@@ -4,8 +4,11 @@ Distribution comes from accelerate: run the same script under ``accelerate launc
 ``torchrun`` for DDP (tested with two processes). Its checkpoints are written by the main
 process from its own full copy of the model and optimizer, which FSDP and DeepSpeed ZeRO do
 not keep: for those, train with :class:`amvl.trainer.AMVLTrainer`, whose checkpoints are the
-Trainer's own. Logged metrics are the main process's share of each batch. Everything a step
-depends on is a function of
+Trainer's own. On a machine without GPUs, launch with ``ACCELERATE_USE_CPU=1 torchrun
+--nproc_per_node N ...`` (``accelerate launch --cpu`` starts one process). Each process's NLL is
+weighed by its share of the batch's answer tokens, so N processes optimise the loss one process
+would on the whole batch (up to the latent noise, which is drawn per process). Logged metrics
+are the main process's share of each batch. Everything a step depends on is a function of
 (seed, step): the batch (a fixed permutation per epoch, sharded across processes) and the latent
 noise seed. So resuming from a checkpoint continues exactly: the checkpoint holds the step, the
 model, the optimizer, the LR scheduler and the RNG states, and is written atomically (to a
@@ -155,7 +158,7 @@ def save_checkpoint(output_dir: Path, step: int, model: AMVLModel,
                     history: list[dict], config: TrainConfig,
                     pending: dict[str, float] | None = None,
                     scaler: torch.amp.GradScaler | None = None, *,
-                    pending_steps: int = 0) -> Path:
+                    pending_steps: int = 0, num_processes: int = 1) -> Path:
     """Write checkpoint-<step> atomically: everything goes to a temporary directory in the
     same folder, which is renamed into place only when complete.
 
@@ -177,7 +180,7 @@ def save_checkpoint(output_dir: Path, step: int, model: AMVLModel,
         torch.save(tensors, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(
             {"step": step, "history": history, "pending": pending or {},
-             "pending_steps": pending_steps, "rng": plain,
+             "pending_steps": pending_steps, "rng": plain, "num_processes": num_processes,
              "train_config": asdict(config)}))
         if final.exists():
             shutil.rmtree(final)
@@ -207,10 +210,16 @@ class NothingLeftToTrain(ValueError):
     """A checkpoint to resume is already at (or past) the run's last step."""
 
 
-def _check_same_run(checkpoint: Path, model, config: TrainConfig) -> None:
+class LaunchError(ValueError):
+    """The processes the run was launched as cannot train it: accelerate sees another number
+    of them, or they do not divide the batch."""
+
+
+def _check_same_run(checkpoint: Path, model, config: TrainConfig, num_processes: int) -> None:
     """Refuse to resume a checkpoint of another run: another latent block or objective (the
-    model's AMVLConfig), or another data order or batch (seed, batch_size). The step count,
-    rates and logging may change on resume."""
+    model's AMVLConfig), another data order or batch (seed, batch_size), or another number of
+    processes (each draws its share's noise from its rank). The step count, rates and logging
+    may change on resume."""
     saved = AMVLConfig.load(checkpoint)
     if saved != model.config:
         differ = sorted(k for k, v in saved.to_dict().items() if model.config.to_dict()[k] != v)
@@ -224,6 +233,11 @@ def _check_same_run(checkpoint: Path, model, config: TrainConfig) -> None:
             raise OtherRunError(f"{checkpoint} was trained with {name}={before}, this run "
                                 f"has {getattr(config, name)}: the data order would not "
                                 "continue")
+    before = state.get("num_processes")  # not recorded before 2026-11-28
+    if before is not None and before != num_processes:
+        raise OtherRunError(f"{checkpoint} was trained on {before} processes, this run has "
+                            f"{num_processes}: the batches' shares and their latent noise "
+                            f"would not continue; resume on {before}")
 
 
 def _decay_groups(model, weight_decay: float) -> list[dict]:
@@ -259,7 +273,14 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
 
     if not examples:
         raise ValueError("train needs at least one example")
-    accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+    if accelerator is None:
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        # A VLM's vision tower gets no gradient from a share of a batch without images: DDP
+        # must look for unused parameters there, or it waits for their gradients forever.
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=model.is_vlm)
+        accelerator = Accelerator(mixed_precision=config.mixed_precision,
+                                  kwargs_handlers=[ddp])
     if config.mixed_precision == "fp16" and not accelerator.native_amp:
         warnings.warn(f"mixed_precision='fp16' has no effect on {accelerator.device}: "
                       "training runs in the model's own dtype", stacklevel=2)
@@ -269,10 +290,17 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
         raise ValueError(f"this loop checkpoints from one full copy of the model, which "
                          f"{accelerator.distributed_type.value} does not keep: train with "
                          "amvl.trainer.AMVLTrainer instead")
+    launched = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
+    if launched != accelerator.num_processes:
+        raise LaunchError(
+            f"launched as {launched} processes, but accelerate sees "
+            f"{accelerator.num_processes}: each would train alone and write the same "
+            "checkpoints. Without GPUs launch with ACCELERATE_USE_CPU=1 torchrun "
+            "--nproc_per_node N (accelerate launch --cpu starts one process)")
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size % world:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
-                         f"{world} processes")
+        raise LaunchError(f"batch_size {config.batch_size} is not divisible by the "
+                          f"{world} processes")
     torch.manual_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(_decay_groups(model, config.weight_decay),
@@ -291,7 +319,7 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
         checkpoint = found
         if checkpoint is None:
             raise FileNotFoundError(f"resume=True but no checkpoint in {output_dir}")
-        _check_same_run(checkpoint, model, config)
+        _check_same_run(checkpoint, model, config, accelerator.num_processes)
         load_model(model, str(checkpoint / "model.safetensors"), device=str(model.device))
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
@@ -319,8 +347,12 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
         indices = batch_indices(len(examples), config.batch_size, step, config.seed)
         mine = [examples[i] for i in indices[rank * per_rank:(rank + 1) * per_rank]]
         batch = {k: v.to(device) for k, v in collator(mine).items()}
+        tokens = None
+        if world > 1:  # every rank's NLL over the mean tokens of a share (no host sync)
+            tokens = accelerator.reduce(batch["answer_mask"].sum().float(), "sum") / world
         with accelerator.autocast():
-            out_step = wrapped(**batch, step=step, seed=step_seed(config.seed, step, rank))
+            out_step = wrapped(**batch, step=step, seed=step_seed(config.seed, step, rank),
+                               answer_tokens=tokens)
         accelerator.backward(out_step.loss)
         if config.max_grad_norm > 0:
             accelerator.clip_grad_norm_(params, config.max_grad_norm)
@@ -347,7 +379,7 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
                 save_checkpoint(out, step + 1, accelerator.unwrap_model(wrapped), optimizer,
                                 scheduler, history, config,
                                 {k: float(v) for k, v in sums.items()}, accelerator.scaler,
-                                pending_steps=summed)
+                                pending_steps=summed, num_processes=world)
                 _prune(out, config.save_total_limit)
             accelerator.wait_for_everyone()
     return history

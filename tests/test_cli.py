@@ -88,6 +88,13 @@ def test_bad_run_configs(tmp_path, text, match):
         load_run_config(path)
 
 
+def test_eval_refuses_to_run_in_several_processes(monkeypatch):
+    """Under torchrun every process scored every example and wrote --out."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="amvl eval runs in one process"):
+        main(["eval", "--checkpoint", "x", "--benchmark", "puzzles"])
+
+
 def test_eval_needs_data_for_real_benchmarks():
     with pytest.raises(SystemExit, match="--data"):
         main(["eval", "--checkpoint", "x", "--benchmark", "blink"])

@@ -1,0 +1,90 @@
+"""Worker for tests/test_training.py: ``amvl.training.train`` on 2 CPU processes (torchrun,
+``ACCELERATE_USE_CPU=1``), and the same run in one process for the test to compare.
+
+The "none" objective (no latent noise, which is drawn per process) on answers of 1 to 6 words,
+so the two processes' shares hold different numbers of answer tokens. Mode "vlm": a tiny
+Qwen2-VL on examples of which half have no image, so a share can leave the vision tower
+without gradients. Rank 0 writes the parameters to OUT/params.safetensors.
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from amvl.config import AMVLConfig
+from amvl.data import AMVLCollator, VisionTokens
+from amvl.model import AMVLModel
+from amvl.tiny import tiny_image_processor, tiny_qwen2, tiny_qwen2_vl, word_tokenizer
+from amvl.training import TrainConfig, train
+
+WORDS = [f"w{i}" for i in range(30)]
+CONFIG = TrainConfig(steps=3, batch_size=4, learning_rate=5e-2, warmup_steps=0, log_every=1,
+                     save_every=0, seed=2)
+
+
+def examples(vision: bool) -> list[dict]:
+    import numpy as np
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(12):
+        words = torch.randint(0, 30, (3 + i % 2,), generator=g).tolist()
+        answer = torch.randint(0, 30, (1 + (5 * i) % 6,), generator=g).tolist()
+        image = [Image.fromarray((rng.random((20, 20, 3)) * 255).astype("uint8"))] \
+            if vision and i % 2 else []
+        out.append({"images": image, "question": " ".join(WORDS[w] for w in words),
+                    "answer": " ".join(WORDS[w] for w in answer)})
+    return out
+
+
+def build(vision: bool) -> tuple[AMVLModel, AMVLCollator]:
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer(WORDS, vision=vision)
+    base = tiny_qwen2_vl(tokenizer) if vision else tiny_qwen2(tokenizer)
+    model = AMVLModel(base, tokenizer, AMVLConfig(num_slots=2, latent_dim=4, objective="none",
+                                                  kernel_backend="torch")).double()
+    collator = AMVLCollator(tokenizer, tiny_image_processor() if vision else None,
+                            VisionTokens.from_model_config(base.config) if vision else None)
+    if vision:  # the image processor's fp32 pixels into a float64 model
+        collator = _Float64Pixels(collator)
+    return model, collator
+
+
+class _Float64Pixels:
+    """A collator whose pixel values come out in float64."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, batch):
+        out = self.collate(batch)
+        if "pixel_values" in out:
+            out["pixel_values"] = out["pixel_values"].double()
+        return out
+
+
+def single_process(vision: bool) -> dict[str, torch.Tensor]:
+    model, collator = build(vision)
+    train(model, collator, examples(vision), CONFIG, progress=False)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def main(out: str, mode: str) -> None:
+    torch.set_num_threads(1)
+    vision = mode == "vlm"
+    model, collator = build(vision)
+    train(model, collator, examples(vision), CONFIG, progress=False)
+    if dist.get_rank() == 0:
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters()},
+                  os.path.join(out, "params.safetensors"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
