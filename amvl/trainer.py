@@ -7,6 +7,11 @@ each logging interval (each optimizer step's micro-batches first, then the steps
 Trainer averages its loss), saves with :meth:`AMVLModel.save_pretrained` and loads checkpoints
 (``resume_from_checkpoint``, ``load_best_model_at_end``) with :meth:`AMVLModel.load_weights`.
 
+Each micro-batch's answer NLL is its summed NLL over the mean answer tokens of the
+optimizer step's micro-batches on all processes, so gradient accumulation and data
+parallelism optimise the token mean over the whole step's batch, as one process on it would
+(transformers' ``num_items_in_batch``, counted here from ``answer_mask``).
+
 Latent noise is seeded per micro-batch and process from ``TrainingArguments.seed``
 (:func:`amvl.training.step_seed`): each rank draws its own noise, and a resumed run draws the
 same as an uninterrupted one. Evaluation scores the full objective (KL weight 1, whatever the
@@ -37,6 +42,10 @@ class AMVLTrainer(Trainer):
     The dataset yields raw examples (``{"images", "question", "answer"}``), so the Trainer must
     not drop "unused" columns: ``remove_unused_columns`` is forced to False.
     """
+
+    # The Trainer divides the loss by the step's micro-batches (compute_loss does not scale
+    # it for accumulation; the answer tokens it divides by are the step's per micro-batch).
+    loss_is_scaled_for_ga = False
 
     def __init__(self, model: AMVLModel, *args, **kwargs):
         super().__init__(model, *args, **kwargs)
@@ -87,6 +96,20 @@ class AMVLTrainer(Trainer):
         self._micro_batch += 1
         return step_seed(self.args.seed, micro, self.args.process_index)
 
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device
+                          ) -> tuple[list, torch.Tensor | None]:
+        """The Trainer's micro-batches of one optimizer step, and the answer tokens they hold
+        on all processes (``num_items_in_batch``; the Trainer counts ``labels``, which AMVL
+        batches do not have)."""
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        masks = [b["answer_mask"] for b in batch_samples if "answer_mask" in b]
+        if not masks or len(masks) != len(batch_samples):
+            return batch_samples, None
+        tokens = torch.stack([m.sum() for m in masks]).sum().to(device)
+        if self.args.world_size > 1:
+            tokens = self.accelerator.reduce(tokens, "sum")
+        return batch_samples, tokens
+
     def evaluation_loop(self, *args: Any, **kwargs: Any) -> EvalLoopOutput:
         """``Trainer.evaluation_loop`` from the first evaluation seed, so every call draws the
         same latent noise."""
@@ -100,14 +123,20 @@ class AMVLTrainer(Trainer):
         """The objective's loss on one micro-batch (and the model's output if
         ``return_outputs``): in training at the current step with the micro-batch's noise seed,
         its metrics summed for :meth:`log`; in evaluation the full objective with the
-        evaluation batch's seed. ``num_items_in_batch`` is unused."""
+        evaluation batch's seed. ``num_items_in_batch``: the answer tokens of the optimizer
+        step's micro-batches on all processes (:meth:`get_batch_samples`)."""
         if not model.training:
             seed = step_seed(self.args.seed, self._eval_batch, self.args.process_index,
                              stream=EVAL_STREAM)
             self._eval_batch += 1
             out = model(**inputs, step=None, seed=seed)
         else:
-            out = model(**inputs, step=self.state.global_step, seed=self._training_seed())
+            tokens = None
+            if num_items_in_batch is not None:  # the mean tokens of a micro-batch of the step
+                shares = self.current_gradient_accumulation_steps * self.args.world_size
+                tokens = num_items_in_batch / shares
+            out = model(**inputs, step=self.state.global_step, seed=self._training_seed(),
+                        answer_tokens=tokens)
             for key, value in out.metrics.tensors().items():
                 if "/slot" not in key:  # per-slot values go to diagnostics, not the log line
                     self._step_sums[key] = self._step_sums[key] + value

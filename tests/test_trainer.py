@@ -66,6 +66,40 @@ def test_trainer_trains_logs_and_saves(tmp_path):
     torch.testing.assert_close(loaded.injector.proj.weight, model.injector.proj.weight)
 
 
+def test_gradient_accumulation_weighs_every_answer_token_alike(tmp_path):
+    """Two micro-batches of 1 and 9 answer tokens in one optimizer step: the step follows the
+    token mean over both, as one batch of the four examples would (the mean of the two
+    micro-batches' token means counted a token of the short one 5x as much)."""
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer(WORDS)
+    config = AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch", objective="none")
+    model = AMVLModel(tiny_qwen2(tokenizer), tokenizer, config).double()
+    reference = AMVLModel(tiny_qwen2(tokenizer), tokenizer, config).double()
+    reference.load_state_dict(model.state_dict())
+    data = [{"question": "w1 w2", "answer": "w3"}, {"question": "w4", "answer": "w5"},
+            {"question": "w6 w7 w8", "answer": "w9 w10 w11 w12 w13"},
+            {"question": "w14", "answer": "w15 w16 w17 w18 w19"}]
+    collator = AMVLCollator(tokenizer)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, max_steps=1, learning_rate=0.5,
+                             optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant",
+                             save_strategy="no", report_to=[], use_cpu=True,
+                             disable_tqdm=True, seed=0)
+
+    class InOrder(AMVLTrainer):  # micro-batches of examples 0-1 and 2-3, as built above
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    InOrder(model, args, train_dataset=data, data_collator=collator).train()
+    loss = reference(**collator(data)).loss
+    loss.backward()
+    with torch.no_grad():
+        for (name, p), (_, q) in zip(reference.named_parameters(), model.named_parameters()):
+            if p.grad is not None:
+                torch.testing.assert_close(q, p - 0.5 * p.grad, rtol=1e-9, atol=1e-12,
+                                           msg=name)
+
+
 def test_ddp_two_processes_keep_identical_parameters(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
