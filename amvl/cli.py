@@ -244,8 +244,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
 def _collator(model, processor, data_section: dict, cache_images: bool = False):
     from amvl.data import AMVLCollator, VisionTokens
 
-    base = model.base
-    vision = VisionTokens.from_model_config(base.config) if processor is not None else None
+    vision = VisionTokens.from_model_config(model.base.config) if processor is not None else None
     return AMVLCollator(model.tokenizer, processor, vision,
                         max_prompt_tokens=data_section.get("max_prompt_tokens"),
                         max_answer_tokens=data_section.get("max_answer_tokens"),

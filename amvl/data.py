@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from transformers import BaseImageProcessor, PreTrainedConfig, PreTrainedTokenizerBase
 
 
-
 @dataclass
 class VisionTokens:
     """Token ids a Qwen2-VL-family model marks images with, from its config."""

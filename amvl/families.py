@@ -71,7 +71,6 @@ def check_supported(model: nn.Module, backbone: nn.Module) -> None:
             f"latent masks (padding and the prior slots' view of y would leak into their "
             f"state) and their state cannot be cropped back to the prompt, so AMVLModel "
             f"cannot train or decode them correctly")
-    router_balance(model)  # an MoE model whose balancing loss cannot be reproduced
 
 
 @dataclass(frozen=True)

@@ -238,10 +238,10 @@ class AMVLModel(SavingMixin, nn.Module):
         self.objective = build_objective(config)
         # before anything changes: a refused model keeps its tokenizer and embeddings
         check_supported(self._unwrapped(), self._backbone())
+        self._router_balance = router_balance(self._unwrapped())
         self.token_ids = ensure_special_tokens(self._unwrapped(), tokenizer, config)
         model_config = self._unwrapped().config
         self.is_vlm = hasattr(model_config, "vision_config")
-        self._router_balance = router_balance(self._unwrapped())
         hidden = getattr(model_config, "text_config", model_config).hidden_size
         device = self._unwrapped().get_input_embeddings().weight.device
         d, lo, hi = config.latent_dim, config.logvar_min, config.logvar_max
