@@ -9,6 +9,21 @@ import torch
 from torch import Tensor, nn
 
 
+class WideLinear(nn.Linear):
+    """A linear layer computed in at least fp32 (fp64 for an fp64 layer), whatever its own
+    dtype, its input's or autocast's; the output is in that wider dtype.
+
+    The heads call it as a module rather than reading its weight in their own forward:
+    DeepSpeed ZeRO-3 gathers a module's partitioned parameters only around that module's own
+    forward (its prefetching hides this in small models' training, not in ``generate``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            return nn.functional.linear(x.to(dtype), self.weight.to(dtype),
+                                        None if self.bias is None else self.bias.to(dtype))
+
+
 class GaussianHead(nn.Module):
     """Hidden states (..., hidden) -> (mu, logvar), each (..., d).
 
@@ -27,7 +42,7 @@ class GaussianHead(nn.Module):
                              f"{logvar_init}, {logvar_max}")
         self.latent_dim = latent_dim
         self.logvar_min, self.logvar_max = logvar_min, logvar_max
-        self.proj = nn.Linear(hidden_size, 2 * latent_dim)
+        self.proj = WideLinear(hidden_size, 2 * latent_dim)
         nn.init.normal_(self.proj.weight, std=0.02)
         with torch.no_grad():
             # The log-variance rows start at zero: every slot at logvar_init whatever the
@@ -44,11 +59,7 @@ class GaussianHead(nn.Module):
         66,000 at lv_p = -10, diff = 3), and the span magnifies a bf16 sigmoid's rounding
         (0.06 nats, a few dozen distinct values). The projection reads only the K query
         slots' hidden states, so the wide products cost nothing that shows."""
-        dtype = torch.promote_types(self.proj.weight.dtype, torch.float32)
-        with torch.autocast(hidden.device.type, enabled=False):
-            out = nn.functional.linear(hidden.to(dtype), self.proj.weight.to(dtype),
-                                       self.proj.bias.to(dtype))
-        mu, raw = out.chunk(2, dim=-1)
+        mu, raw = self.proj(hidden).chunk(2, dim=-1)
         span = self.logvar_max - self.logvar_min
         return mu, self.logvar_min + span * torch.sigmoid(raw + self.shift)
 

@@ -37,6 +37,8 @@ from amvl.families import check_supported, router_balance, structural_vision_ids
 from amvl.heads import GaussianHead, LatentInjector
 from amvl.objectives import Latents, Metrics, build_objective
 from amvl.saving import SavingMixin
+from amvl.sharded import all_processes, gathered_for_update, gathered_root, \
+    sharded_across_processes
 from amvl.sequences import (
     LATENT_BLOCK,
     POSTERIOR_BLOCK,
@@ -140,7 +142,7 @@ def ensure_special_tokens(base_model: nn.Module, tokenizer: PreTrainedTokenizerB
         output = base_model.get_output_embeddings()
         if output is not None:
             matrices.add(output.weight)  # the same tensor when tied: once
-        with torch.no_grad():
+        with torch.no_grad(), gathered_for_update(list(matrices)):
             for weight in matrices:
                 weight[new.to(weight.device)] = weight[:vocab_before].mean(0)
     return ids
@@ -707,7 +709,8 @@ class AMVLModel(SavingMixin, nn.Module):
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor,
                  pixel_values: Tensor | None = None, image_grid_thw: Tensor | None = None, *,
                  latent: str | None = None, num_samples: int | None = None,
-                 max_new_tokens: int = 32, seed: int | None = None) -> GenerationOutput:
+                 max_new_tokens: int = 32, seed: int | None = None,
+                 synced_processes: bool | None = None) -> GenerationOutput:
         """Greedy decoding from prior latents, with a KV cache.
 
         Per example: the prior pass ``[x | P]``, the cache cropped to x, the latent block
@@ -718,6 +721,12 @@ class AMVLModel(SavingMixin, nn.Module):
         batch as a whole: the noise is keyed by an element's place in the batch, so an example
         gets the same draws again only at the same row of a batch of the same shape ("mean"
         depends on the batch only through floating-point rounding).
+
+        ``synced_processes``: every process decodes until all processes' rows have ended (as
+        transformers' ``synced_gpus``), which a model sharded across processes needs, since
+        each forward pass gathers parameters from all of them; every process must then call
+        ``generate`` alike (same ``max_new_tokens``). None: on when the model is sharded
+        (DeepSpeed ZeRO-3, FSDP) in a group of several processes (:mod:`amvl.sharded`).
         """
         mode = self.config.inference if latent is None else latent
         if mode not in ("mean", "sample"):
@@ -735,7 +744,12 @@ class AMVLModel(SavingMixin, nn.Module):
         if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(
                 num_samples, numbers.Integral) or num_samples < 1):
             raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+        if synced_processes is not None and not isinstance(synced_processes, bool):
+            raise ValueError(f"synced_processes must be a bool or None, got "
+                             f"{synced_processes!r}")
         self._check_batch(prompt_ids, prompt_mask)
+        synced = sharded_across_processes(self) if synced_processes is None \
+            else synced_processes
         n = int(num_samples or self.config.num_samples) if mode == "sample" else 1
         if n > 1:  # every draw decodes as its own row
             if pixel_values is not None:
@@ -746,6 +760,18 @@ class AMVLModel(SavingMixin, nn.Module):
         latent_tokens = 0 if self.objective.latent_source == "none" \
             else self.config.num_slots + 2
         self._check_window(prompt_ids.shape[1] + latent_tokens + max_new_tokens - 1)
+        with gathered_root(self):
+            sequences, z = self._decode(prompt_ids, prompt_mask, pixel_values, image_grid_thw,
+                                        mode, seed, max_new_tokens, synced)
+        return GenerationOutput(sequences.view(b // n, n, -1),
+                                None if z is None else z.view(b // n, n, *z.shape[1:]))
+
+    def _decode(self, prompt_ids: Tensor, prompt_mask: Tensor, pixel_values: Tensor | None,
+                image_grid_thw: Tensor | None, mode: str, seed: int | None,
+                max_new_tokens: int, synced: bool) -> tuple[Tensor, Tensor | None]:
+        """:meth:`generate`'s passes on checked rows: the (B, T) tokens and the (B, K, d)
+        latents (None without a latent block)."""
+        b = prompt_ids.shape[0]
         rope = self._rope_positions(prompt_ids, prompt_mask, image_grid_thw)
         p = self._parts(prompt_ids, prompt_mask, rope=rope)
         images = self._images(pixel_values, image_grid_thw)
@@ -776,7 +802,8 @@ class AMVLModel(SavingMixin, nn.Module):
             tokens.append(token)
             done |= token == eos if eos is not None else done
             # (suppressed tokens' logits are -inf by design: NaN is what overflow leaves)
-            flags = [done.all()] + ([torch.isnan(logits).any()] if t == 0 else [])
+            ended = all_processes(done.all()) if synced else done.all()
+            flags = [ended] + ([torch.isnan(logits).any()] if t == 0 else [])
             stop, *nan = torch.stack(flags).tolist()  # one host read, as before
             if nan and nan[0]:
                 # argmax of NaN is token 0 for every step: refuse instead of padding output
@@ -793,9 +820,7 @@ class AMVLModel(SavingMixin, nn.Module):
                                             next_pos + t)})
             hidden, cache = self._run(step, prefix=keys, cache=cache, use_cache=True)
             keys = concat(keys, step)
-        sequences = torch.stack(tokens, 1)
-        return GenerationOutput(sequences.view(b // n, n, -1),
-                                None if z is None else z.view(b // n, n, *z.shape[1:]))
+        return torch.stack(tokens, 1), z
 
     def _repeat_images(self, prompt_ids: Tensor, pixel_values: Tensor, image_grid_thw: Tensor,
                        n: int) -> tuple[Tensor, Tensor]:

@@ -7,11 +7,13 @@ attention runs every layer twice before one backward. Mode "paired": every linea
 weight gradients (the threshold lowered to 0; the worker checks that they did). Mode
 "checkpointed": accelerate's recipe with activation checkpointing, each layer in torch's
 checkpoint_wrapper first (checkpointed steps do not pair). Rank 0 writes the gathered
-parameters to OUT/fsdp.safetensors.
+parameters to OUT/fsdp.safetensors; then each rank decodes its own prompt (:func:`decode`)
+and writes the tokens to OUT/tokens{rank}.safetensors.
 """
 
 import os
 import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -28,14 +30,15 @@ WORDS = [f"w{i}" for i in range(30)]
 WORLD, PER_RANK, STEPS, LR = 2, 2, 2, 0.05
 
 
-def build(checkpointed: bool) -> tuple[AMVLModel, AMVLCollator]:
+def build(checkpointed: bool, dtype: torch.dtype = torch.float64
+          ) -> tuple[AMVLModel, AMVLCollator]:
     import amvl_kernels.hf as akhf
 
     weight_grads.MIN_PAIRED_NUMEL = 0
     torch.manual_seed(0)
     tokenizer = word_tokenizer(WORDS)
     model = AMVLModel(tiny_qwen2(tokenizer), tokenizer,
-                      AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch")).double()
+                      AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch")).to(dtype)
     akhf.use_amvl_attention(model.base)
     if checkpointed:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
@@ -56,9 +59,33 @@ def batch(collator: AMVLCollator, step: int, rank: int) -> dict:
     return collator(examples)
 
 
-def single_process() -> dict[str, torch.Tensor]:
+def decode(model: AMVLModel, collator: AMVLCollator, rank: int) -> torch.Tensor:
+    """Greedy tokens of this rank's prompt, 4 at most. Rank 0's EOS is set to its first token,
+    rank 1's to a token it never emits, so rank 0's rows end three passes before rank 1's: on
+    a sharded model every pass gathers parameters from both ranks, which must go on together
+    (``generate``'s synced decoding)."""
+    question = "w1 w2 w3" if rank == 0 else "w4 w5 w6 w7 w8"
+    batch = collator([{"question": question, "answer": "w0"}])
+    prompt = batch["prompt_ids"], batch["prompt_mask"]
+    first = model.generate(*prompt, max_new_tokens=1).sequences
+    eos = model.tokenizer.eos_token_id  # the collator's too: put back afterwards
+    model.tokenizer.eos_token_id = int(first.flatten()[0]) if rank == 0 \
+        else model.token_ids["latent_start"]  # the latent specials are never decoded
+    try:
+        return model.generate(*prompt, max_new_tokens=4).sequences
+    finally:
+        model.tokenizer.eos_token_id = eos
+
+
+def single_process(dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
     """The ranks' steps in one process: the mean of their losses, their own noise seeds."""
-    model, collator = build(checkpointed=False)
+    return {n: p.detach().clone() for n, p in trained_in_one_process(dtype)[0].named_parameters()}
+
+
+def trained_in_one_process(dtype: torch.dtype = torch.float64
+                           ) -> tuple[AMVLModel, AMVLCollator]:
+    """The model after :func:`single_process`'s steps, and its collator."""
+    model, collator = build(checkpointed=False, dtype=dtype)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     for step in range(STEPS):
         for rank in range(WORLD):
@@ -67,7 +94,7 @@ def single_process() -> dict[str, torch.Tensor]:
             (loss / WORLD).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return model, collator
 
 
 def main(out: str, mode: str) -> None:
@@ -75,7 +102,8 @@ def main(out: str, mode: str) -> None:
     from torch.distributed.tensor import DTensor
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    # a rank left waiting in a collective fails the test in a minute instead of hanging it
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank = dist.get_rank()
     model, collator = build(checkpointed=mode == "checkpointed")
     assert model.is_activation_checkpointing == (mode == "checkpointed")
@@ -105,6 +133,7 @@ def main(out: str, mode: str) -> None:
               for n, p in model.named_parameters()}
     if rank == 0:
         save_file(params, os.path.join(out, "fsdp.safetensors"))
+    save_file({"tokens": decode(model, collator, rank)}, os.path.join(out, f"tokens{rank}.safetensors"))
     dist.barrier()
     dist.destroy_process_group()
 

@@ -108,3 +108,16 @@ def test_injector_by_columns_matches_the_mask_path(rng_seed):
     for bad in (slice(3, 6), slice(6, 10), slice(-6, -2), slice(3, 11, 2), slice(None, 4)):
         with pytest.raises(ValueError, match="slice of K=4"):
             injector(embeds, bad, z)
+
+
+def test_heads_and_injector_run_their_linear_layers_as_modules(rng_seed):
+    """Every head and the injector call their linear layer as a module, never reading its
+    weight in their own forward: DeepSpeed ZeRO-3 gathers a partitioned weight only around its
+    own module's forward (tests/deepspeed_worker.py runs it)."""
+    head, injector = GaussianHead(13, 5), LatentInjector(5, 13)
+    calls = []
+    for layer in (head.proj, injector.proj):
+        layer.register_forward_pre_hook(lambda module, args: calls.append(module))
+    mu, _ = head(torch.randn(2, 3, 13))
+    injector(torch.randn(2, 6, 13), slice(1, 4), mu)
+    assert calls == [head.proj, injector.proj]

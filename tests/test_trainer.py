@@ -1,8 +1,9 @@
-"""Trainer integration: single-process training, 2-process DDP (gloo, CPU), PEFT LoRA,
-activation checkpointing."""
+"""Trainer integration: single-process training, 2-process DDP, FSDP2 and DeepSpeed ZeRO
+(gloo, CPU), PEFT LoRA, activation checkpointing."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -123,7 +124,8 @@ def test_fsdp2_two_processes_train_like_one(tmp_path, monkeypatch, mode):
     """FSDP2 on 2 CPU processes, every linear pairing its weight gradients, or with
     accelerate's activation-checkpointing recipe: the prefix-shared step calls each sharded
     layer twice before one backward, and the gathered parameters after two steps equal one
-    process's on both ranks' batches."""
+    process's on both ranks' batches. Then the ranks decode prompts whose rows end at
+    different steps (synced decoding), as one process does."""
     from torch.distributed.fsdp import fully_shard  # noqa: F401 - skip where it is missing
 
     from amvl import weight_grads
@@ -137,10 +139,82 @@ def test_fsdp2_two_processes_train_like_one(tmp_path, monkeypatch, mode):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     sharded = load_file(str(tmp_path / "fsdp.safetensors"))
     monkeypatch.setattr(weight_grads, "MIN_PAIRED_NUMEL", 0)
-    expected = fsdp_worker.single_process()
+    model, collator = fsdp_worker.trained_in_one_process()
+    expected = dict(model.named_parameters())
     assert sharded.keys() == expected.keys()
     for name, tensor in expected.items():
-        torch.testing.assert_close(sharded[name], tensor, rtol=1e-10, atol=1e-12, msg=name)
+        torch.testing.assert_close(sharded[name], tensor.detach(), rtol=1e-10, atol=1e-12,
+                                   msg=name)
+    _check_decoding_on_both_ranks(tmp_path, model, collator)
+
+
+def _check_decoding_on_both_ranks(out: Path, model: AMVLModel, collator: AMVLCollator,
+                                  sharded: bool = True, prefix: str = "") -> None:
+    """The ranks' tokens (a worker's ``fsdp_worker.decode``) are one process's: rank 0's rows
+    ended after one token, then, on a ``sharded`` model, were padded while rank 1's ran on."""
+    from tests import fsdp_worker
+
+    pad = model.tokenizer.pad_token_id
+    for rank in (0, 1):
+        tokens = load_file(str(out / f"{prefix}tokens{rank}.safetensors"))["tokens"]
+        expected = fsdp_worker.decode(model, collator, rank)
+        assert expected.shape[-1] == (1 if rank == 0 else 4)
+        assert tokens.shape[-1] == (4 if sharded else expected.shape[-1])
+        assert torch.equal(tokens[..., :expected.shape[-1]], expected), (rank, tokens, expected)
+        assert (tokens[..., expected.shape[-1]:] == pad).all()
+    assert (tokens != pad).all()  # rank 1's
+
+
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="DeepSpeed is not installed (.ci/run installs it)")
+
+
+def _deepspeed_workers(out: Path, mode: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+         "--standalone", str(ROOT / "tests" / "deepspeed_worker.py"), str(out), mode],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("mode", ["zero2", "zero3"])
+def test_deepspeed_two_processes_train_and_decode_like_one(tmp_path, monkeypatch, mode):
+    """DeepSpeed ZeRO-2 and ZeRO-3 on 2 CPU processes: the gathered parameters after the
+    prefix-shared steps of the FSDP test equal one process's (fp32), and decoding rows that
+    end at different steps on the two ranks gives one process's tokens (ZeRO-2 keeps whole
+    parameters on every rank: its ranks decode on their own)."""
+    from amvl import weight_grads
+    from tests import fsdp_worker
+
+    _deepspeed_workers(tmp_path, mode)
+    params = load_file(str(tmp_path / "params.safetensors"))
+    monkeypatch.setattr(weight_grads, "MIN_PAIRED_NUMEL", 0)
+    model, collator = fsdp_worker.trained_in_one_process(torch.float32)
+    expected = dict(model.named_parameters())
+    assert params.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(params[name], tensor.detach(), rtol=1e-5, atol=1e-6,
+                                   msg=name)
+    _check_decoding_on_both_ranks(tmp_path, model, collator, sharded=mode == "zero3")
+    untrained, collator = fsdp_worker.build(checkpointed=False, dtype=torch.float32)
+    _check_decoding_on_both_ranks(tmp_path, untrained, collator, sharded=mode == "zero3",
+                                  prefix="untrained_")
+
+
+@needs_deepspeed
+def test_deepspeed_zero3_trainer_saves_whole_weights(tmp_path):
+    """AMVLTrainer with a ZeRO-3 config, on a base transformers built partitioned (AMVLModel
+    writes its special tokens' embedding rows into partitioned matrices): the saved model
+    loads with the weights the ranks hold between them."""
+    _deepspeed_workers(tmp_path, "trainer")
+    params = load_file(str(tmp_path / "params.safetensors"))
+    assert (tmp_path / "checkpoint-2" / "amvl_config.json").is_file()
+    loaded = dict(AMVLModel.from_pretrained(tmp_path / "saved").named_parameters())
+    assert loaded.keys() == params.keys()
+    for name, tensor in params.items():
+        assert torch.equal(loaded[name].detach(), tensor), name
 
 
 def test_peft_lora_on_the_base_model(tmp_path):

@@ -1,0 +1,86 @@
+"""Models whose parameters are sharded across processes (DeepSpeed ZeRO-3, FSDP).
+
+Every forward pass of such a model gathers each layer's parameters from all processes, so all
+of them must run the same passes: a process whose rows have all ended keeps decoding (its rows
+padded) until every process's have, as transformers' ``generate`` does with ``synced_gpus``.
+Under FSDP2 the parameters of the root unit (the heads, the injector and whatever of the base
+no layer unit holds) are gathered only by the root's own forward, which ``generate`` does not
+call: :func:`gathered_root` gathers them around it.
+
+A base model built under ZeRO-3 (transformers' ``from_pretrained`` with a ZeRO-3 Trainer
+configuration alive) holds one partition of each parameter on a rank, an empty tensor outside
+the forward of its module: writing rows of the embeddings (the latent special tokens') must
+gather them first (:func:`gathered_for_update`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+def sharded_across_processes(model: nn.Module) -> bool:
+    """True when ``model``'s forward passes gather parameters from other processes: DeepSpeed
+    ZeRO-3 (partitioned parameters carry ``ds_id``) or FSDP (1 or 2) units inside it, in a
+    process group of more than one process."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        return True
+    fsdp_types = _fsdp_types()
+    return bool(fsdp_types) and any(isinstance(m, fsdp_types) for m in model.modules())
+
+
+def all_processes(flag: Tensor) -> Tensor:
+    """``flag`` (a bool scalar) true on every process: the processes' minimum, on every one."""
+    value = flag.to(torch.int32).reshape(1)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return value[0].bool()
+
+
+@contextlib.contextmanager
+def gathered_root(model: nn.Module) -> Iterator[None]:
+    """The parameters of an FSDP2 root unit gathered for the block (resharded after it);
+    nothing for any other model."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        FSDPModule = ()  # noqa: N806
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
+@contextlib.contextmanager
+def gathered_for_update(params: list[nn.Parameter]) -> Iterator[None]:
+    """``params`` whole for the block, where some are DeepSpeed ZeRO-3 partitions; what rank 0
+    writes into them is every rank's afterwards. Nothing for parameters that are whole."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+        yield
+
+
+def _fsdp_types() -> tuple[type, ...]:
+    types: list[type] = []
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        types.append(FullyShardedDataParallel)
+        from torch.distributed.fsdp import FSDPModule
+        types.append(FSDPModule)
+    except ImportError:
+        pass
+    return tuple(types)

@@ -1,0 +1,121 @@
+"""Worker for tests/test_trainer.py: AMVLModel under DeepSpeed ZeRO on 2 CPU processes (gloo,
+torchrun).
+
+Modes "zero2" and "zero3": ``deepspeed.initialize`` on the model of tests/fsdp_worker.py in
+fp32 (ZeRO takes no fp64), its steps with SGD and no gradient clipping (DeepSpeed clips to 1.0
+unless told otherwise); before and after them each rank decodes its own prompt
+(``fsdp_worker.decode``: the ranks' rows end at different steps). Rank 0 writes the gathered
+parameters to OUT/params.safetensors; each rank its tokens to OUT/untrained_tokens{rank} and
+OUT/tokens{rank}.safetensors.
+
+Mode "trainer": AMVLTrainer with a ZeRO-3 ``deepspeed`` config (what a Trainer script passes),
+on a base that transformers built partitioned; a checkpoint and ``save_model`` to OUT/saved;
+rank 0 writes the gathered parameters to OUT/params.safetensors for the test to compare with
+what it loads.
+"""
+
+import os
+import sys
+from datetime import timedelta
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from amvl.config import AMVLConfig
+from amvl.data import AMVLCollator
+from amvl.model import AMVLModel
+from amvl.tiny import tiny_qwen2, word_tokenizer
+from amvl.training import step_seed
+from tests import fsdp_worker
+
+
+def gathered(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full copies of the parameters (ZeRO-3 keeps one partition of each on a rank)."""
+    params = dict(model.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        return {n: p.detach().clone().contiguous() for n, p in params.items()}
+
+
+def engine(out: str, stage: int) -> None:
+    model, collator = fsdp_worker.build(checkpointed=False, dtype=torch.float32)
+    rank = dist.get_rank()
+    config = {"train_micro_batch_size_per_gpu": fsdp_worker.PER_RANK,
+              "zero_optimization": {"stage": stage}, "gradient_clipping": 0.0,
+              "zero_allow_untested_optimizer": True}
+    optimizer = torch.optim.SGD(model.parameters(), lr=fsdp_worker.LR)
+    wrapped, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    # Before any step too: ZeRO-3 prefetches what a traced training step used, which can
+    # hide a parameter read outside its module's forward.
+    save_file({"tokens": fsdp_worker.decode(model, collator, rank)},
+              os.path.join(out, f"untrained_tokens{rank}.safetensors"))
+    for step in range(fsdp_worker.STEPS):
+        loss = wrapped(**fsdp_worker.batch(collator, step, rank), step=step,
+                       seed=step_seed(0, step, rank)).loss
+        wrapped.backward(loss)
+        wrapped.step()
+    params = gathered(model)
+    if rank == 0:
+        save_file(params, os.path.join(out, "params.safetensors"))
+    tokens = fsdp_worker.decode(model, collator, rank)
+    save_file({"tokens": tokens}, os.path.join(out, f"tokens{rank}.safetensors"))
+
+
+def zero3_built_model() -> tuple[AMVLModel, AMVLCollator]:
+    """The model of tests/fsdp_worker.py (fp32), its base built by transformers under ZeRO-3
+    (as ``from_pretrained`` builds one), partitioned before AMVLModel adds its special
+    tokens, into embedding rows the vocabulary leaves spare as in Qwen2 checkpoints."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer(fsdp_worker.WORDS)
+    config = tiny_qwen2(tokenizer).config
+    config.vocab_size += 8
+    base = AutoModelForCausalLM.from_config(config)
+    assert hasattr(base.get_input_embeddings().weight, "ds_id"), "not built partitioned"
+    model = AMVLModel(base, tokenizer,
+                      AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch"))
+    return model.train(), AMVLCollator(tokenizer)
+
+
+def trainer(out: str) -> None:
+    from transformers import TrainingArguments
+
+    from amvl.trainer import AMVLTrainer
+
+    zero3 = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+             "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
+             "zero_optimization": {"stage": 3,
+                                   "stage3_gather_16bit_weights_on_model_save": True}}
+    # Before the model: with ZeRO-3 in the arguments, transformers builds models partitioned.
+    args = TrainingArguments(output_dir=out, per_device_train_batch_size=2, max_steps=2,
+                             learning_rate=1e-2, logging_steps=1, save_strategy="steps",
+                             save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True,
+                             deepspeed=zero3, seed=0)
+    model, collator = zero3_built_model()
+    data = [{"question": f"w{i} w{i + 1} w{i + 2}", "answer": f"w{i + 3}"} for i in range(8)]
+    run = AMVLTrainer(model, args, train_dataset=data, data_collator=collator)
+    run.train()
+    if not any("amvl/kl_fwd" in entry for entry in run.state.log_history):
+        raise SystemExit("the objective's metrics were not logged")
+    run.save_model(os.path.join(out, "saved"))
+    params = gathered(model)
+    if dist.get_rank() == 0:
+        save_file(params, os.path.join(out, "params.safetensors"))
+
+
+def main(out: str, mode: str) -> None:
+    torch.set_num_threads(1)
+    # a rank left waiting in a collective fails the test in a minute instead of hanging it
+    deepspeed.init_distributed("gloo", timeout=timedelta(seconds=60))
+    if mode == "trainer":
+        trainer(out)
+    else:
+        engine(out, stage={"zero2": 2, "zero3": 3}[mode])
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
