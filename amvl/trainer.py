@@ -3,9 +3,10 @@
 Distribution (DDP, FSDP, DeepSpeed) is the Trainer's and accelerate's: launch with
 ``torchrun`` or ``accelerate launch`` as for any Trainer script. This module only supplies the
 loss (the model's objective at the current step), logs the objective's metrics averaged over
-each logging interval (each optimizer step's micro-batches first, then the steps, as the
-Trainer averages its loss), saves with :meth:`AMVLModel.save_pretrained` and loads checkpoints
-(``resume_from_checkpoint``, ``load_best_model_at_end``) with :meth:`AMVLModel.load_weights`.
+each logging interval (each optimizer step's micro-batches first, then the steps, then the
+processes, as the Trainer averages its loss), saves with :meth:`AMVLModel.save_pretrained`
+and loads checkpoints (``resume_from_checkpoint``, ``load_best_model_at_end``) with
+:meth:`AMVLModel.load_weights`.
 
 Each micro-batch's answer NLL is its summed NLL over the mean answer tokens of the
 optimizer step's micro-batches on all processes, so gradient accumulation and data
@@ -154,14 +155,29 @@ class AMVLTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """``Trainer.log``; a log with the training loss also gets the objective's metrics
-        (``amvl/<name>``), averaged over the optimizer steps since the last such log."""
+        (``amvl/<name>``), averaged over the optimizer steps since the last such log and over
+        the processes."""
         if "loss" in logs:
             self._close_metric_step()
-            for key, total in self._metric_sums.items():
-                logs.setdefault(f"amvl/{key}", float(total) / self._metric_steps)
+            means = {key: total / self._metric_steps for key, total in self._metric_sums.items()}
+            if self.args.world_size > 1 and means:
+                means = self._mean_over_processes(means)
+            for key, value in means.items():
+                logs.setdefault(f"amvl/{key}", float(value))
             self._metric_sums.clear()
             self._metric_steps = 0
         super().log(logs, *args, **kwargs)
+
+    def _mean_over_processes(self, means: dict[str, torch.Tensor | float]
+                             ) -> dict[str, torch.Tensor]:
+        """Each metric's mean over the processes, as the Trainer logs its loss: every process
+        logs a training loss at the same step with the same metrics (one objective), so one
+        reduction of them in a fixed order."""
+        keys = sorted(means)
+        values = torch.stack([torch.as_tensor(means[key], dtype=torch.float32,
+                                              device=self.args.device).reshape(())
+                              for key in keys])
+        return dict(zip(keys, self.accelerator.reduce(values, "mean")))
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         if not self.args.should_save:  # one writer (the stock _save returns here too)

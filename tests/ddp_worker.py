@@ -1,8 +1,11 @@
 """Worker for tests/test_trainer.py: a few AMVLTrainer steps under torchrun (gloo, CPU).
 
-Each rank writes its parameters to OUT/rank{N}.safetensors for the test to compare.
+Each rank writes its parameters to OUT/rank{N}.safetensors for the test to compare, and the
+objective's metrics it logged (and its own, before they were averaged over the ranks) to
+OUT/metrics{N}.json.
 """
 
+import json
 import os
 import sys
 
@@ -34,13 +37,23 @@ def main(out: str) -> None:
     # One seed on every rank, as a Trainer script has it: AMVLTrainer draws each rank's
     # latent noise from (seed, micro-batch, rank), not from the generator the Trainer seeds.
     trainer = AMVLTrainer(model, args, train_dataset=data, data_collator=AMVLCollator(tokenizer))
+    own = []  # this rank's metric means before they are averaged over the ranks
+    averaged = getattr(trainer, "_mean_over_processes", None)
+    if averaged is not None:
+        def spy(means):
+            own.append({k: float(v) for k, v in means.items()})
+            return averaged(means)
+        trainer._mean_over_processes = spy
     trainer.train()
     rank = int(os.environ["RANK"])
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, os.path.join(out, f"rank{rank}.safetensors"))
-    logged = [entry for entry in trainer.state.log_history if "amvl/kl_fwd" in entry]
-    if rank == 0 and not logged:
+    logged = [{k[len("amvl/"):]: v for k, v in entry.items() if k.startswith("amvl/")}
+              for entry in trainer.state.log_history if "amvl/kl_fwd" in entry]
+    if not logged:
         raise SystemExit("the objective's metrics were not logged")
+    with open(os.path.join(out, f"metrics{rank}.json"), "w") as f:
+        json.dump({"logged": logged, "own": own}, f)
     # Trainer leaves the process group to interpreter shutdown, where gloo's threads can be torn
     # down in the wrong order ("terminate called without an active exception", SIGABRT): close
     # it explicitly once both ranks are done.

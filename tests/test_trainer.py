@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -117,6 +118,14 @@ def test_ddp_two_processes_keep_identical_parameters(tmp_path):
     init = AMVLModel(tiny_qwen2(word_tokenizer(WORDS)), word_tokenizer(WORDS),
                      AMVLConfig(num_slots=2, latent_dim=4)).state_dict()
     assert not torch.equal(init["prior_head.proj.weight"], rank0["prior_head.proj.weight"])
+    # the objective's metrics are logged as the loss is: averaged over the ranks, on each
+    metrics = [json.loads((tmp_path / f"metrics{r}.json").read_text()) for r in (0, 1)]
+    assert metrics[0]["logged"] == metrics[1]["logged"] and len(metrics[0]["logged"]) == 3
+    for i, logged in enumerate(metrics[0]["logged"]):
+        own = [m["own"][i] for m in metrics]
+        assert own[0]["nll"] != own[1]["nll"]  # the ranks' batches differ
+        for key, value in logged.items():
+            assert value == pytest.approx((own[0][key] + own[1][key]) / 2, rel=1e-6), key
 
 
 @pytest.mark.parametrize("mode", ["paired", "checkpointed"])
