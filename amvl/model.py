@@ -38,7 +38,7 @@ from amvl.heads import GaussianHead, LatentInjector
 from amvl.objectives import Latents, Metrics, build_objective
 from amvl.saving import SavingMixin
 from amvl.sharded import all_processes, gathered_for_update, gathered_root, \
-    sharded_across_processes
+    sharded_across_processes, with_gathered_root
 from amvl.sequences import (
     LATENT_BLOCK,
     POSTERIOR_BLOCK,
@@ -652,6 +652,7 @@ class AMVLModel(SavingMixin, nn.Module):
                              "a text-only model: it cannot see images")
         return {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
 
+    @with_gathered_root
     def heads(self, prompt_ids: Tensor, prompt_mask: Tensor, answer_ids: Tensor | None = None,
               answer_mask: Tensor | None = None, pixel_values: Tensor | None = None,
               image_grid_thw: Tensor | None = None) -> dict[str, Tensor]:
@@ -672,6 +673,7 @@ class AMVLModel(SavingMixin, nn.Module):
                            self.posterior_head(hidden[:, seq.columns("posterior")])))
         return out
 
+    @with_gathered_root
     def answer_nll(self, prompt_ids: Tensor, prompt_mask: Tensor, answer_ids: Tensor,
                    answer_mask: Tensor, z: Tensor | None = None,
                    pixel_values: Tensor | None = None, image_grid_thw: Tensor | None = None

@@ -4,8 +4,8 @@ Every forward pass of such a model gathers each layer's parameters from all proc
 of them must run the same passes: a process whose rows have all ended keeps decoding (its rows
 padded) until every process's have, as transformers' ``generate`` does with ``synced_gpus``.
 Under FSDP2 the parameters of the root unit (the heads, the injector and whatever of the base
-no layer unit holds) are gathered only by the root's own forward, which ``generate`` does not
-call: :func:`gathered_root` gathers them around it.
+no layer unit holds) are gathered only by the root's own forward, which ``generate``,
+``heads`` and ``answer_nll`` do not call: :func:`gathered_root` gathers them around those.
 
 A base model built under ZeRO-3 (transformers' ``from_pretrained`` with a ZeRO-3 Trainer
 configuration alive) holds one partition of each parameter on a rank, an empty tensor outside
@@ -16,7 +16,9 @@ gather them first (:func:`gathered_for_update`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -58,6 +60,19 @@ def gathered_root(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.reshard()
+
+
+_Method = TypeVar("_Method", bound=Callable)
+
+
+def with_gathered_root(method: _Method) -> _Method:
+    """Decorator for a model method that runs passes outside ``forward``: it runs inside
+    :func:`gathered_root`."""
+    @functools.wraps(method)
+    def wrapper(model, *args, **kwargs):
+        with gathered_root(model):
+            return method(model, *args, **kwargs)
+    return wrapper  # type: ignore[return-value]
 
 
 @contextlib.contextmanager

@@ -8,7 +8,8 @@ weight gradients (the threshold lowered to 0; the worker checks that they did). 
 "checkpointed": accelerate's recipe with activation checkpointing, each layer in torch's
 checkpoint_wrapper first (checkpointed steps do not pair). Rank 0 writes the gathered
 parameters to OUT/fsdp.safetensors; then each rank decodes its own prompt (:func:`decode`)
-and writes the tokens to OUT/tokens{rank}.safetensors.
+and writes the tokens to OUT/tokens{rank}.safetensors, and :func:`scores` to
+OUT/scores{rank}.safetensors.
 """
 
 import os
@@ -77,6 +78,17 @@ def decode(model: AMVLModel, collator: AMVLCollator, rank: int) -> torch.Tensor:
         model.tokenizer.eos_token_id = eos
 
 
+def scores(model: AMVLModel, collator: AMVLCollator, rank: int) -> dict[str, torch.Tensor]:
+    """The heads' outputs and the answer NLL given the posterior means on this rank's first
+    batch (passes outside ``forward``)."""
+    b = batch(collator, 0, rank)
+    with torch.no_grad():
+        out = model.heads(b["prompt_ids"], b["prompt_mask"], b["answer_ids"], b["answer_mask"])
+        out["nll"] = model.answer_nll(b["prompt_ids"], b["prompt_mask"], b["answer_ids"],
+                                      b["answer_mask"], z=out["mu_q"])
+    return {k: v.contiguous() for k, v in out.items()}
+
+
 def single_process(dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
     """The ranks' steps in one process: the mean of their losses, their own noise seeds."""
     return {n: p.detach().clone() for n, p in trained_in_one_process(dtype)[0].named_parameters()}
@@ -134,6 +146,7 @@ def main(out: str, mode: str) -> None:
     if rank == 0:
         save_file(params, os.path.join(out, "fsdp.safetensors"))
     save_file({"tokens": decode(model, collator, rank)}, os.path.join(out, f"tokens{rank}.safetensors"))
+    save_file(scores(model, collator, rank), os.path.join(out, f"scores{rank}.safetensors"))
     dist.barrier()
     dist.destroy_process_group()
 

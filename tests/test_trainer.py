@@ -134,7 +134,8 @@ def test_fsdp2_two_processes_train_like_one(tmp_path, monkeypatch, mode):
     accelerate's activation-checkpointing recipe: the prefix-shared step calls each sharded
     layer twice before one backward, and the gathered parameters after two steps equal one
     process's on both ranks' batches. Then the ranks decode prompts whose rows end at
-    different steps (synced decoding), as one process does."""
+    different steps (synced decoding), and score with ``heads`` and ``answer_nll``, as one
+    process does."""
     from torch.distributed.fsdp import fully_shard  # noqa: F401 - skip where it is missing
 
     from amvl import weight_grads
@@ -155,6 +156,10 @@ def test_fsdp2_two_processes_train_like_one(tmp_path, monkeypatch, mode):
         torch.testing.assert_close(sharded[name], tensor.detach(), rtol=1e-10, atol=1e-12,
                                    msg=name)
     _check_decoding_on_both_ranks(tmp_path, model, collator)
+    for rank in (0, 1):
+        got = load_file(str(tmp_path / f"scores{rank}.safetensors"))
+        for name, tensor in fsdp_worker.scores(model, collator, rank).items():
+            torch.testing.assert_close(got[name], tensor, rtol=1e-10, atol=1e-12, msg=name)
 
 
 def _check_decoding_on_both_ranks(out: Path, model: AMVLModel, collator: AMVLCollator,
