@@ -6,7 +6,7 @@ import json
 import math
 import numbers
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from amvl_kernels.backends import BACKENDS
@@ -154,6 +154,32 @@ class AMVLConfig:
                 "log-variance bounds must lie in the kernels' safe range [-30, 30]")
         tokens = self.special_tokens()
         require(len(set(tokens)) == len(tokens), f"special tokens must differ, got {tokens}")
+        object.__setattr__(self, "_checked", True)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        """Assignments are checked as the constructor checks (the field keeps its value when
+        the new one is refused); the fields a built model has consumed cannot change."""
+        if not self.__dict__.get("_checked") or name not in _FIELD_NAMES:
+            object.__setattr__(self, name, value)
+            return
+        if name in self.__dict__.get("_fixed", ()):
+            raise AttributeError(
+                f"AMVLConfig.{name} is fixed once an AMVLModel is built on this config (its "
+                f"heads, objective and special tokens were made from it; the model would "
+                f"diverge from its saved config): build a new model on "
+                f"dataclasses.replace(config, {name}=...)")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            checked = replace(self, **{name: value})
+        for warning in caught:  # those about this field; the others were given before
+            if name in str(warning.message):
+                warnings.warn(warning.message, stacklevel=2)
+        object.__setattr__(self, name, getattr(checked, name))
+
+    def fix_structure(self) -> None:
+        """Make the fields a model consumes when it is built (latent_dim, objective, log-
+        variance bounds and start, special tokens) unassignable: AMVLModel calls it."""
+        object.__setattr__(self, "_fixed", STRUCTURE_FIELDS)
 
     def special_tokens(self) -> list[str]:
         """The five special-token strings: latent start, latent end, latent slot, prior query,
@@ -191,3 +217,11 @@ class AMVLConfig:
         if not path.is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
         return cls.from_dict(json.loads(path.read_text()))
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(AMVLConfig))
+# What AMVLModel makes from the config when it is built: the heads' sizes and log-variance
+# parameterisation, the objective's class, the special tokens' ids.
+STRUCTURE_FIELDS = frozenset({"latent_dim", "objective", "logvar_min", "logvar_max",
+                              "logvar_init", "latent_start_token", "latent_end_token",
+                              "latent_token", "prior_query_token", "posterior_query_token"})

@@ -258,6 +258,7 @@ class AMVLModel(SavingMixin, nn.Module):
         self.injector = LatentInjector(d, hidden).to(device) if uses_latents else None
         self._padding_checked = False  # on a GPU: once (see _check_batch)
         self._compiled_base_warned = False
+        config.fix_structure()
 
     # ------------------------------------------------------------------ plumbing
 

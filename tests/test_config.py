@@ -45,6 +45,57 @@ def test_invalid_values_are_named(kwargs, match):
         AMVLConfig(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    ({"num_slots": 0}, "num_slots"), ({"objective": "vae"}, "objective"),
+    ({"alpha": -1.0}, "alpha"), ({"beta": "1e-3"}, "YAML"),
+    ({"logvar_init": -12.0}, "logvar_init"), ({"latent_token": "<lat_start>"}, "special"),
+    ({"prefix_sharing": "false"}, "prefix_sharing"), ({"num_samples": 2.5}, "num_samples"),
+    ({"kernel_backend": "nope"}, "kernel_backend")])
+def test_invalid_assignments_are_refused_and_change_nothing(kwargs, match):
+    """As the constructor refuses them; the field keeps its value."""
+    config = AMVLConfig()
+    (name, value), = kwargs.items()
+    before = getattr(config, name)
+    with pytest.raises(ValueError, match=match):
+        setattr(config, name, value)
+    assert getattr(config, name) == before and config == AMVLConfig()
+
+
+def test_assignments_are_normalised_and_named_when_unused():
+    import numpy as np
+
+    config = AMVLConfig(objective="prior")
+    config.num_samples = np.int64(3)
+    assert type(config.num_samples) is int and config.num_samples == 3
+    with pytest.warns(UserWarning, match="alpha set but unused by objective='prior'"):
+        config.alpha = 2.0
+    assert config.alpha == 2.0
+
+
+def test_a_built_model_fixes_what_it_was_made_from():
+    """latent_dim, the objective, the log-variance parameterisation and the special tokens
+    made the model's heads, objective and token ids: changing them on its config would make
+    the model and its saved config disagree. Everything else stays assignable."""
+    import dataclasses
+
+    from amvl.model import AMVLModel
+    from amvl.tiny import tiny_qwen2, word_tokenizer
+
+    tokenizer = word_tokenizer(["a", "b"])
+    config = AMVLConfig(num_slots=2, latent_dim=3)
+    model = AMVLModel(tiny_qwen2(tokenizer), tokenizer, config)
+    for name, value in [("latent_dim", 5), ("objective", "elbo"), ("logvar_max", 3.0),
+                        ("latent_token", "<z>")]:
+        with pytest.raises(AttributeError, match=f"AMVLConfig.{name} is fixed"):
+            setattr(model.config, name, value)
+    assert model.config == AMVLConfig(num_slots=2, latent_dim=3)
+    model.config.alpha, model.config.inference = 0.5, "sample"
+    assert (model.config.alpha, model.objective.config.alpha) == (0.5, 0.5)
+    other = dataclasses.replace(model.config, latent_dim=5)
+    other.objective = "elbo"  # a new config is free until a model is built on it
+    assert AMVLModel(tiny_qwen2(tokenizer), tokenizer, other).prior_head.latent_dim == 5
+
+
 def test_warm_up_steps_without_the_linear_schedule_are_named():
     with pytest.warns(UserWarning, match="kl_warmup_steps=10 has no effect"):
         AMVLConfig(kl_warmup_steps=10)
