@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from transformers import BaseImageProcessor, PreTrainedConfig, PreTrainedTokenizerBase
 
 
+_TEXT_ONLY = object()  # an example's image when it has none and image_for_text_only is set
+
+
 @dataclass
 class VisionTokens:
     """Token ids a Qwen2-VL-family model marks images with, from its config."""
@@ -60,17 +63,25 @@ class AMVLCollator:
         special_tokens: the latent block's token strings (``AMVLConfig.special_tokens()``;
             default: AMVLConfig's defaults). Text that spells one of them, or an image marker,
             is refused: the tokenizer would read it as the structural token itself.
+        image_for_text_only: an image (e.g. a small blank one) that examples without images
+            get instead, so that every batch runs the vision tower. Training a VLM sharded
+            across processes (DeepSpeed ZeRO-3, FSDP) needs this when text-only examples are
+            mixed in: the tower's parameters are gathered from all processes, so a process
+            whose batch has no images would leave the others waiting.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase,
                  image_processor: BaseImageProcessor | None = None,
                  vision_tokens: VisionTokens | None = None,
                  max_prompt_tokens: int | None = None, max_answer_tokens: int | None = None,
-                 cache_images: bool = False, special_tokens: Sequence[str] | None = None):
+                 cache_images: bool = False, special_tokens: Sequence[str] | None = None,
+                 image_for_text_only: object | None = None):
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs a pad or an EOS token")
         if image_processor is not None and vision_tokens is None:
             raise ValueError("image_processor given without vision_tokens")
+        if image_for_text_only is not None and image_processor is None:
+            raise ValueError("image_for_text_only given without an image_processor")
         for name, value in (("max_prompt_tokens", max_prompt_tokens),
                             ("max_answer_tokens", max_answer_tokens)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -90,6 +101,9 @@ class AMVLCollator:
         self.special_tokens = tuple(AMVLConfig().special_tokens() if special_tokens is None
                                     else special_tokens)
         self._markers: tuple[int, dict[int, str]] | None = None  # (vocabulary size, markers)
+        self.image_for_text_only = image_for_text_only
+        # processed once (cache_images or not): every text-only example gets the same
+        self._text_only_image: dict | None = None
 
     def __getstate__(self) -> dict:
         # DataLoader workers started by "spawn" or "forkserver" get a pickled copy: the caches
@@ -124,6 +138,16 @@ class AMVLCollator:
             pass
         return processed
 
+    def _images_for_text_only(self) -> list[object]:
+        """The images of an example without any: ``image_for_text_only`` (processed once, and
+        stood for by ``_TEXT_ONLY``) when one is given."""
+        if self.image_for_text_only is None:
+            return []
+        if self._text_only_image is None:
+            self._text_only_image = self.image_processor(images=[self.image_for_text_only],
+                                                         return_tensors="pt")
+        return [_TEXT_ONLY]
+
     def _text_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -149,8 +173,9 @@ class AMVLCollator:
         for index, example in enumerate(examples):
             self._check(index, example)
             prompt: list[int] = []
-            for image in example.get("images") or []:
-                processed = self._process_image(image)
+            for image in example.get("images") or self._images_for_text_only():
+                processed = self._text_only_image if image is _TEXT_ONLY \
+                    else self._process_image(image)
                 grid = processed["image_grid_thw"][0]
                 n_tokens = int(grid.prod()) // merge**2
                 vt = self.vision_tokens

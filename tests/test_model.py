@@ -427,6 +427,29 @@ def test_collator_image_cache_forgets_images_that_are_gone():
     assert before["pixel_values"].shape[0] > 0
 
 
+def test_collator_gives_text_only_examples_the_stand_in_image():
+    """image_for_text_only: an example without images is collated as if it had that image
+    (what a VLM sharded across processes needs in every batch); examples with images keep
+    theirs; without the option, nothing changes."""
+    tokenizer = word_tokenizer(WORDS, vision=True)
+    vision = VisionTokens(*tokenizer.convert_tokens_to_ids(
+        ["<|image_pad|>", "<|vision_start|>", "<|vision_end|>"]))
+    rng = np.random.default_rng(0)
+    blank, photo = Image.new("RGB", (16, 16)), _image(rng)
+    stand_in = AMVLCollator(tokenizer, tiny_image_processor(), vision, image_for_text_only=blank)
+    plain = AMVLCollator(tokenizer, tiny_image_processor(), vision)
+    text, pictured = {"question": "w1", "answer": "w2"}, \
+        {"question": "w3", "answer": "w4", "images": [photo]}
+    mixed = stand_in([text, pictured])
+    expected = plain([{**text, "images": [blank]}, pictured])
+    assert mixed.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(mixed[key], expected[key]), key
+    assert "pixel_values" not in plain([text])
+    with pytest.raises(ValueError, match="image_for_text_only given without an image_processor"):
+        AMVLCollator(tokenizer, image_for_text_only=blank)
+
+
 def test_collator_truncates_questions_aloud_and_never_to_nothing():
     tokenizer = word_tokenizer(WORDS, vision=True)
     collator = AMVLCollator(tokenizer, max_prompt_tokens=2)
