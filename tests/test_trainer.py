@@ -102,14 +102,18 @@ def test_gradient_accumulation_weighs_every_answer_token_alike(tmp_path):
                                            msg=name)
 
 
-def test_ddp_two_processes_keep_identical_parameters(tmp_path):
+def _two_processes(worker: str, out: Path, *args: str) -> None:
+    """tests/<worker> on 2 CPU processes under torchrun, with OUT and ``args``."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-         "--standalone",
-         str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path)],
+         "--standalone", str(ROOT / "tests" / worker), str(out), *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_ddp_two_processes_keep_identical_parameters(tmp_path):
+    _two_processes("ddp_worker.py", tmp_path)
     rank0, rank1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
     assert rank0.keys() == rank1.keys()
     for name in rank0:
@@ -141,12 +145,7 @@ def test_fsdp2_two_processes_train_like_one(tmp_path, monkeypatch, mode):
     from amvl import weight_grads
     from tests import fsdp_worker
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-         "--standalone", str(ROOT / "tests" / "fsdp_worker.py"), str(tmp_path), mode],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _two_processes("fsdp_worker.py", tmp_path, mode)
     sharded = load_file(str(tmp_path / "fsdp.safetensors"))
     monkeypatch.setattr(weight_grads, "MIN_PAIRED_NUMEL", 0)
     model, collator = fsdp_worker.trained_in_one_process()
@@ -183,15 +182,6 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
                                      reason="DeepSpeed is not installed (.ci/run installs it)")
 
 
-def _deepspeed_workers(out: Path, mode: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-         "--standalone", str(ROOT / "tests" / "deepspeed_worker.py"), str(out), mode],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
 @needs_deepspeed
 @pytest.mark.parametrize("mode", ["zero2", "zero3"])
 def test_deepspeed_two_processes_train_and_decode_like_one(tmp_path, monkeypatch, mode):
@@ -202,7 +192,7 @@ def test_deepspeed_two_processes_train_and_decode_like_one(tmp_path, monkeypatch
     from amvl import weight_grads
     from tests import fsdp_worker
 
-    _deepspeed_workers(tmp_path, mode)
+    _two_processes("deepspeed_worker.py", tmp_path, mode)
     params = load_file(str(tmp_path / "params.safetensors"))
     monkeypatch.setattr(weight_grads, "MIN_PAIRED_NUMEL", 0)
     model, collator = fsdp_worker.trained_in_one_process(torch.float32)
@@ -222,7 +212,7 @@ def test_deepspeed_zero3_trainer_saves_whole_weights(tmp_path):
     """AMVLTrainer with a ZeRO-3 config, on a base transformers built partitioned (AMVLModel
     writes its special tokens' embedding rows into partitioned matrices): the saved model
     loads with the weights the ranks hold between them."""
-    _deepspeed_workers(tmp_path, "trainer")
+    _two_processes("deepspeed_worker.py", tmp_path, "trainer")
     params = load_file(str(tmp_path / "params.safetensors"))
     assert (tmp_path / "checkpoint-2" / "amvl_config.json").is_file()
     loaded = dict(AMVLModel.from_pretrained(tmp_path / "saved").named_parameters())
