@@ -805,13 +805,15 @@ class AMVLModel(SavingMixin, nn.Module):
             tokens.append(token)
             done |= token == eos if eos is not None else done
             # (suppressed tokens' logits are -inf by design: NaN is what overflow leaves)
-            ended = all_processes(done.all()) if synced else done.all()
-            flags = [ended] + ([torch.isnan(logits).any()] if t == 0 else [])
-            stop, *nan = torch.stack(flags).tolist()  # one host read, as before
-            if nan and nan[0]:
+            flags = torch.stack([done.all()] + ([~torch.isnan(logits).any()] if t == 0 else []))
+            if synced:  # every process stops, or refuses, together
+                flags = all_processes(flags)
+            stop, *finite = flags.tolist()  # one host read, as before
+            if finite and not finite[0]:
                 # argmax of NaN is token 0 for every step: refuse instead of padding output
+                where = " (on some process)" if synced else ""
                 raise FloatingPointError(
-                    f"the first decoding step's logits are NaN: the latents or the "
+                    f"the first decoding step's logits are NaN{where}: the latents or the "
                     f"model overflow {hidden.dtype} (log-variances up to "
                     f"{self.config.logvar_max} give latents up to exp("
                     f"{self.config.logvar_max / 2:g}) times the noise); lower logvar_max or "

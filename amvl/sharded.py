@@ -37,11 +37,12 @@ def sharded_across_processes(model: nn.Module) -> bool:
     return bool(fsdp_types) and any(isinstance(m, fsdp_types) for m in model.modules())
 
 
-def all_processes(flag: Tensor) -> Tensor:
-    """``flag`` (a bool scalar) true on every process: the processes' minimum, on every one."""
-    value = flag.to(torch.int32).reshape(1)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return value[0].bool()
+def all_processes(flags: Tensor) -> Tensor:
+    """Where ``flags`` (bool) are true on every process: their minimum over the processes,
+    element by element, on every one (one collective)."""
+    values = flags.to(torch.int32)
+    dist.all_reduce(values, op=dist.ReduceOp.MIN)
+    return values.bool()
 
 
 @contextlib.contextmanager

@@ -78,6 +78,23 @@ def decode(model: AMVLModel, collator: AMVLCollator, rank: int) -> torch.Tensor:
         model.tokenizer.eos_token_id = eos
 
 
+def refuses_together(model: AMVLModel, collator: AMVLCollator, rank: int) -> bool:
+    """Whether ``generate`` raised on this rank when only rank 0's first logits are NaN (a
+    synced rank that went on would wait for rank 0 for ever)."""
+    question = "w1 w2 w3" if rank == 0 else "w4 w5 w6 w7 w8"
+    batch = collator([{"question": question, "answer": "w0"}])
+    logits = model.next_token_logits
+    if rank == 0:
+        model.next_token_logits = lambda hidden: logits(hidden) * float("nan")
+    try:
+        model.generate(batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=4)
+    except FloatingPointError:
+        return True
+    finally:
+        model.__dict__.pop("next_token_logits", None)  # the method again
+    return False
+
+
 def scores(model: AMVLModel, collator: AMVLCollator, rank: int) -> dict[str, torch.Tensor]:
     """The heads' outputs and the answer NLL given the posterior means on this rank's first
     batch (passes outside ``forward``)."""
@@ -145,7 +162,9 @@ def main(out: str, mode: str) -> None:
               for n, p in model.named_parameters()}
     if rank == 0:
         save_file(params, os.path.join(out, "fsdp.safetensors"))
-    save_file({"tokens": decode(model, collator, rank)}, os.path.join(out, f"tokens{rank}.safetensors"))
+    save_file({"tokens": decode(model, collator, rank),
+               "refused": torch.tensor(refuses_together(model, collator, rank))},
+              os.path.join(out, f"tokens{rank}.safetensors"))
     save_file(scores(model, collator, rank), os.path.join(out, f"scores{rank}.safetensors"))
     dist.barrier()
     dist.destroy_process_group()

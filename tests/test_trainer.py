@@ -139,7 +139,7 @@ def test_fsdp2_two_processes_train_like_one(tmp_path, monkeypatch, mode):
     layer twice before one backward, and the gathered parameters after two steps equal one
     process's on both ranks' batches. Then the ranks decode prompts whose rows end at
     different steps (synced decoding), and score with ``heads`` and ``answer_nll``, as one
-    process does."""
+    process does; NaN logits on one rank make both refuse to decode."""
     from torch.distributed.fsdp import fully_shard  # noqa: F401 - skip where it is missing
 
     from amvl import weight_grads
@@ -155,7 +155,8 @@ def test_fsdp2_two_processes_train_like_one(tmp_path, monkeypatch, mode):
         torch.testing.assert_close(sharded[name], tensor.detach(), rtol=1e-10, atol=1e-12,
                                    msg=name)
     _check_decoding_on_both_ranks(tmp_path, model, collator)
-    for rank in (0, 1):
+    for rank in (0, 1):  # rank 0's NaN logits: both refuse, neither waits for the other
+        assert load_file(str(tmp_path / f"tokens{rank}.safetensors"))["refused"].item(), rank
         got = load_file(str(tmp_path / f"scores{rank}.safetensors"))
         for name, tensor in fsdp_worker.scores(model, collator, rank).items():
             torch.testing.assert_close(got[name], tensor, rtol=1e-10, atol=1e-12, msg=name)
