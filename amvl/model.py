@@ -38,7 +38,7 @@ from amvl.heads import GaussianHead, LatentInjector
 from amvl.objectives import Latents, Metrics, build_objective
 from amvl.saving import SavingMixin
 from amvl.sharded import all_processes, gathered_for_update, gathered_root, \
-    sharded_across_processes, with_gathered_root
+    several_processes, sharded_across_processes, with_gathered_root
 from amvl.sequences import (
     LATENT_BLOCK,
     POSTERIOR_BLOCK,
@@ -752,7 +752,7 @@ class AMVLModel(SavingMixin, nn.Module):
                              f"{synced_processes!r}")
         self._check_batch(prompt_ids, prompt_mask)
         synced = sharded_across_processes(self) if synced_processes is None \
-            else synced_processes
+            else synced_processes and several_processes()  # one process is in step with itself
         n = int(num_samples or self.config.num_samples) if mode == "sample" else 1
         if n > 1:  # every draw decodes as its own row
             if pixel_values is not None:

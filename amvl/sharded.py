@@ -29,12 +29,17 @@ def sharded_across_processes(model: nn.Module) -> bool:
     """True when ``model``'s forward passes gather parameters from other processes: DeepSpeed
     ZeRO-3 (partitioned parameters carry ``ds_id``) or FSDP (1 or 2) units inside it, in a
     process group of more than one process."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not several_processes():
         return False
     if any(hasattr(p, "ds_id") for p in model.parameters()):
         return True
     fsdp_types = _fsdp_types()
     return bool(fsdp_types) and any(isinstance(m, fsdp_types) for m in model.modules())
+
+
+def several_processes() -> bool:
+    """A process group of more than one process is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def all_processes(flags: Tensor) -> Tensor:

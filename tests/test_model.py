@@ -696,6 +696,12 @@ def test_generate_needs_a_token_to_generate():
     with pytest.raises(ValueError, match="left-padded"):
         right = _right_padded_prompts(batch)
         model.generate(right["prompt_ids"], right["prompt_mask"])
+    with pytest.raises(ValueError, match="synced_processes must be a bool"):
+        model.generate(batch["prompt_ids"], batch["prompt_mask"], synced_processes="yes")
+    # one process (no process group) is in step with itself: the same tokens
+    prompt = batch["prompt_ids"], batch["prompt_mask"]
+    assert torch.equal(model.generate(*prompt, max_new_tokens=3).sequences,
+                       model.generate(*prompt, max_new_tokens=3, synced_processes=True).sequences)
 
 
 def test_generate_decodes_in_eval_mode_and_without_eos_or_pad():
