@@ -245,7 +245,7 @@ class AMVLModel(SavingMixin, nn.Module):
         model_config = self._unwrapped().config
         self.is_vlm = hasattr(model_config, "vision_config")
         hidden = getattr(model_config, "text_config", model_config).hidden_size
-        device = self._unwrapped().get_input_embeddings().weight.device
+        device = self.get_input_embeddings().weight.device
         d, lo, hi = config.latent_dim, config.logvar_min, config.logvar_max
         init = config.logvar_init
         # Only what the objective trains exists, so DDP never meets parameters without
@@ -265,6 +265,15 @@ class AMVLModel(SavingMixin, nn.Module):
     def _unwrapped(self) -> nn.Module:
         """The transformers model under any PEFT wrapper."""
         return self.base.get_base_model() if hasattr(self.base, "get_base_model") else self.base
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The base model's input embeddings (what tools that hook them expect of a Hugging
+        Face model, e.g. the Trainer's NEFTune, whose noise then reaches every pass)."""
+        return self._unwrapped().get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        """The base model's LM head."""
+        return self._unwrapped().get_output_embeddings()
 
     def _backbone(self) -> nn.Module:
         """The decoder under the LM head: ``.model`` for most, ``.gpt_neox`` for GPT-NeoX
@@ -300,14 +309,14 @@ class AMVLModel(SavingMixin, nn.Module):
         with the transforms some models apply after it in their own forward
         (:func:`amvl.families.transform_logits`: Granite's ``logits_scaling``, Cohere's
         ``logit_scale``, Gemma's ``final_logit_softcapping``, ...)."""
-        logits = self._unwrapped().get_output_embeddings()(hidden)
+        logits = self.get_output_embeddings()(hidden)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return transform_logits(logits, self._text_config())
 
     @property
     def device(self) -> torch.device:
         """Where the input embeddings live: where batches go."""
-        return self._unwrapped().get_input_embeddings().weight.device
+        return self.get_input_embeddings().weight.device
 
     def _own_modules(self) -> dict[str, nn.Module]:
         return {name: getattr(self, name) for name in ("prior_head", "posterior_head", "injector")
@@ -332,7 +341,7 @@ class AMVLModel(SavingMixin, nn.Module):
                 "model.base.model = torch.compile(model.base.model)) instead", stacklevel=3)
             self._compiled_base_warned = True
         on_host = prompt_mask.device.type == "cpu"
-        vocab = self._unwrapped().get_input_embeddings().num_embeddings
+        vocab = self.get_input_embeddings().num_embeddings
         check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask,
                     padding=on_host or not self._padding_checked, vocab_size=vocab)
         self._padding_checked = self._padding_checked or not on_host
@@ -360,7 +369,7 @@ class AMVLModel(SavingMixin, nn.Module):
 
         Returns the last hidden states (B, L, H) and the cache.
         """
-        embed = self._unwrapped().get_input_embeddings()
+        embed = self.get_input_embeddings()
         embeds = embed(seq.input_ids)
         if z is not None:
             # The placeholders follow <lat_start> in the latent part: the same K columns in

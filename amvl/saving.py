@@ -83,8 +83,8 @@ class SavingMixin:
         if not self._is_peft():
             return {}
         ids = torch.tensor(list(self.token_ids.values()))
-        rows = {"special_tokens.input": self._unwrapped().get_input_embeddings().weight}
-        output = self._unwrapped().get_output_embeddings()
+        rows = {"special_tokens.input": self.get_input_embeddings().weight}
+        output = self.get_output_embeddings()
         if output is not None and output.weight is not rows["special_tokens.input"]:
             rows["special_tokens.output"] = output.weight
         if state_dict is not None:  # the gathered state (the live weights may be shards)
@@ -103,9 +103,9 @@ class SavingMixin:
             module.load_state_dict(own)
         ids = torch.tensor(list(self.token_ids.values()))
         with torch.no_grad():
-            for key, layer in (("special_tokens.input", self._unwrapped().get_input_embeddings()),
+            for key, layer in (("special_tokens.input", self.get_input_embeddings()),
                                ("special_tokens.output",
-                                self._unwrapped().get_output_embeddings())):
+                                self.get_output_embeddings())):
                 if key in state and layer is not None:
                     layer.weight[ids.to(layer.weight.device)] = state[key].to(layer.weight)
 

@@ -51,8 +51,48 @@ class AMVLTrainer(Trainer):
     def __init__(self, model: AMVLModel, *args, **kwargs):
         super().__init__(model, *args, **kwargs)
         self.args.remove_unused_columns = False
+        self._refuse_what_amvl_batches_cannot_do()
         self._eval_batch = 0
         self._reset_training_state()
+
+    def _refuse_what_amvl_batches_cannot_do(self) -> None:
+        """Settings the stock Trainer would silently skip (or crash on later) with AMVL
+        batches, which carry no logits, labels or ``input_ids``."""
+        refused = []
+        if self.compute_metrics is not None or self.preprocess_logits_for_metrics is not None:
+            refused.append("compute_metrics / preprocess_logits_for_metrics: evaluation "
+                           "returns the objective's loss only, no logits or labels, so they "
+                           "would never be called (score answers with amvl.evaluation or "
+                           "amvl.diagnostics)")
+        if getattr(self, "compute_loss_func", None) is not None:
+            refused.append("compute_loss_func: the loss is the AMVLConfig's objective")
+        if self.args.label_smoothing_factor:
+            refused.append("label_smoothing_factor: the objective's NLL is plain "
+                           "cross-entropy, so it would have no effect")
+        strategy = getattr(self.args, "train_sampling_strategy", "random")
+        if strategy in ("group_by_length", "batch_rebalance") and self.train_dataset is not None \
+                and self.args.length_column_name not in getattr(self.train_dataset,
+                                                                "column_names", ()):
+            refused.append(f"train_sampling_strategy={strategy!r} without a precomputed "
+                           f"{self.args.length_column_name!r} column: the Trainer reads "
+                           "lengths from input_ids, which raw AMVL examples do not have "
+                           "(give a datasets.Dataset that has the column)")
+        if refused:
+            raise ValueError("AMVLTrainer cannot honour: " + "; ".join(refused))
+
+    def _track_num_input_tokens(self, inputs: dict[str, torch.Tensor]) -> None:
+        """``include_num_input_tokens_seen``: the prompts' and answers' tokens (the real ones
+        for "non_padding", every position for "all"), summed over the processes; the stock
+        count looks for ``input_ids``, which AMVL batches do not have."""
+        mode = self.args.include_num_input_tokens_seen
+        if mode in ("no", False, None) or "prompt_ids" not in inputs:
+            return
+        if mode == "non_padding":
+            tokens = inputs["prompt_mask"].sum() + inputs["answer_mask"].sum()
+        else:
+            tokens = inputs["prompt_ids"].numel() + inputs["answer_ids"].numel()
+        tokens = torch.as_tensor(tokens, device=self.args.device, dtype=torch.int64)
+        self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
 
     def _reset_training_state(self) -> None:
         """What one train() call counts: a second call (a resume in the same process) must not

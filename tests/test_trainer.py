@@ -68,6 +68,69 @@ def test_trainer_trains_logs_and_saves(tmp_path):
     torch.testing.assert_close(loaded.injector.proj.weight, model.injector.proj.weight)
 
 
+@pytest.mark.parametrize("setting,match", [
+    ({"compute_metrics": lambda p: {}}, "compute_metrics"),
+    ({"compute_loss_func": lambda *a, **k: 0}, "compute_loss_func"),
+    ({"label_smoothing_factor": 0.1}, "label_smoothing_factor"),
+    ({"train_sampling_strategy": "group_by_length"}, "precomputed 'length' column"),
+])
+def test_trainer_refuses_what_amvl_batches_cannot_do(tmp_path, setting, match):
+    """Settings the stock Trainer would skip without a word with AMVL batches (no logits,
+    labels or input_ids), or crash on a step later, are refused when the trainer is built."""
+    model, tokenizer = _tiny_model()
+    trainer_kwargs = {k: v for k, v in setting.items() if k.startswith("compute")}
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[],
+                             **{k: v for k, v in setting.items() if k not in trainer_kwargs})
+    with pytest.raises(ValueError, match=match):
+        AMVLTrainer(model, args, train_dataset=_data(), eval_dataset=_data(4),
+                    data_collator=AMVLCollator(tokenizer), **trainer_kwargs)
+
+
+@pytest.mark.parametrize("mode", ["all", "non_padding"])
+def test_trainer_counts_the_tokens_it_trains_on(tmp_path, mode):
+    """include_num_input_tokens_seen counts the prompts' and answers' tokens of every
+    micro-batch (AMVL batches have no input_ids, where the stock count looks)."""
+    model, tokenizer = _tiny_model()
+    collator = AMVLCollator(tokenizer)
+    seen = []
+
+    def counting(examples):
+        batch = collator(examples)
+        seen.append(batch)
+        return batch
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=3,
+                             max_steps=2, report_to=[], use_cpu=True, disable_tqdm=True,
+                             save_strategy="no", include_num_input_tokens_seen=mode,
+                             dataloader_num_workers=0)
+    trainer = AMVLTrainer(model, args, train_dataset=_data(), data_collator=counting)
+    trainer.train()
+    trained = seen[:2]  # the loader may collate one batch ahead
+    if mode == "all":
+        expected = sum(b["prompt_ids"].numel() + b["answer_ids"].numel() for b in trained)
+    else:
+        expected = sum(int(b["prompt_mask"].sum() + b["answer_mask"].sum()) for b in trained)
+    assert trainer.state.num_input_tokens_seen == expected > 0
+
+
+def test_trainer_adds_neftune_noise_to_the_embeddings(tmp_path):
+    """neftune_noise_alpha: the Trainer hooks the base model's input embeddings
+    (AMVLModel.get_input_embeddings) for the run and removes the hook after it."""
+    losses = []
+    for alpha in (None, 5.0):
+        model, tokenizer = _tiny_model()
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4,
+                                 max_steps=2, logging_steps=1, report_to=[], use_cpu=True,
+                                 disable_tqdm=True, save_strategy="no", seed=0,
+                                 neftune_noise_alpha=alpha)
+        trainer = AMVLTrainer(model, args, train_dataset=_data(),
+                              data_collator=AMVLCollator(tokenizer))
+        trainer.train()
+        losses.append([e["loss"] for e in trainer.state.log_history if "loss" in e])
+        assert not model.get_input_embeddings()._forward_hooks  # removed after training
+    assert model.get_input_embeddings() is model.base.get_input_embeddings()
+    assert losses[0][0] != losses[1][0] and all(x == x for x in losses[1])  # noised, finite
+
+
 def test_gradient_accumulation_weighs_every_answer_token_alike(tmp_path):
     """Two micro-batches of 1 and 9 answer tokens in one optimizer step: the step follows the
     token mean over both, as one batch of the four examples would (the mean of the two
