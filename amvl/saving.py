@@ -54,20 +54,26 @@ class SavingMixin:
         self.tokenizer.save_pretrained(directory / "base")
 
     def _check_whole(self) -> None:
-        """Refuse to save live parameters that are one rank's shards (FSDP): FSDP1 leaves
-        flat or empty views, which would be saved as heads of no size."""
-        for name, module in self._own_modules().items():
-            for layer in module.modules():
-                weight = getattr(layer, "weight", None)
-                if isinstance(layer, nn.Linear) and weight is not None and (
-                        type(weight).__name__ == "DTensor"
-                        or tuple(weight.shape) != (layer.out_features, layer.in_features)):
-                    raise ValueError(
-                        f"{name}'s weights are sharded (FSDP): pass the gathered full state, "
-                        f"save_pretrained(directory, state_dict=...), e.g. from "
-                        f"torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
-                        f"options=StateDictOptions(full_state_dict=True)) (FSDP2) or under "
-                        f"FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT) (FSDP1)")
+        """Refuse to save live parameters that are one process's shards: FSDP2's DTensors,
+        DeepSpeed ZeRO-3's partitions (empty outside a forward), FSDP1's flat or empty views
+        (heads of no size), which would be saved as they are."""
+        partitioned = [n for n, p in self.named_parameters()
+                       if type(p).__name__ == "DTensor" or hasattr(p, "ds_id")]
+        partitioned += [f"{name}.{layer_name}.weight"
+                        for name, module in self._own_modules().items()
+                        for layer_name, layer in module.named_modules()
+                        if isinstance(layer, nn.Linear) and tuple(layer.weight.shape)
+                        != (layer.out_features, layer.in_features)]
+        if partitioned:
+            raise ValueError(
+                f"the model's live weights are sharded across processes ({partitioned[0]}, "
+                f"...): pass the gathered full state, save_pretrained(directory, "
+                f"state_dict=...), e.g. from torch.distributed.checkpoint.state_dict."
+                f"get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) "
+                f"(FSDP2), under FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT) "
+                f"(FSDP1), or from DeepSpeed's engine._zero3_consolidated_16bit_state_dict() "
+                f"(ZeRO-3; the Trainer's save_model gathers it with "
+                f"stage3_gather_16bit_weights_on_model_save)")
 
     def _own_state(self) -> dict[str, Tensor]:
         return {f"{name}.{k}": v for name, module in self._own_modules().items()

@@ -61,6 +61,13 @@ def gathered_root(model: nn.Module) -> Iterator[None]:
     if not isinstance(model, FSDPModule):
         yield
         return
+    # The root's first forward sets up its state (which unshard() does not); a layer unit
+    # whose forward ran before would take itself for the root, and the next training forward
+    # through the real root fails ("FSDP requires running forward through the root module
+    # first"). Private torch API, guarded: without it only a pass before training suffers.
+    lazy_init = getattr(getattr(model, "_get_fsdp_state", lambda: None)(), "_lazy_init", None)
+    if lazy_init is not None:
+        lazy_init()
     model.unshard()
     try:
         yield

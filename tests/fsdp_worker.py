@@ -7,9 +7,9 @@ attention runs every layer twice before one backward. Mode "paired": every linea
 weight gradients (the threshold lowered to 0; the worker checks that they did). Mode
 "checkpointed": accelerate's recipe with activation checkpointing, each layer in torch's
 checkpoint_wrapper first (checkpointed steps do not pair). Rank 0 writes the gathered
-parameters to OUT/fsdp.safetensors; then each rank decodes its own prompt (:func:`decode`)
-and writes the tokens to OUT/tokens{rank}.safetensors, and :func:`scores` to
-OUT/scores{rank}.safetensors.
+parameters to OUT/fsdp.safetensors. Each rank decodes its own prompt (:func:`decode`) before
+training and after it, and writes the tokens to OUT/untrained_tokens{rank} and
+OUT/tokens{rank}.safetensors, and :func:`scores` to OUT/scores{rank}.safetensors.
 """
 
 import os
@@ -148,6 +148,9 @@ def main(out: str, mode: str) -> None:
         if type(module).__name__ in model._no_split_modules:
             fully_shard(module)
     fully_shard(model)
+    # Before any step too: a pass outside forward first must leave training possible.
+    save_file({"tokens": decode(model, collator, rank)},
+              os.path.join(out, f"untrained_tokens{rank}.safetensors"))
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     for step in range(STEPS):
         loss = model(**batch(collator, step, rank), step=step,

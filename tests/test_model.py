@@ -320,13 +320,26 @@ def test_sharded_heads_are_not_saved(tmp_path):
     model, _ = build("qwen2")
     full = model.state_dict()
     model.posterior_head.proj.weight = nn.Parameter(torch.empty(0, dtype=torch.float64))
-    with pytest.raises(ValueError, match="posterior_head's weights are sharded"):
+    with pytest.raises(ValueError, match=r"sharded across processes \(posterior_head"):
         model.save_pretrained(tmp_path / "live")
     assert not (tmp_path / "live").exists()
     model.save_pretrained(tmp_path / "gathered", state_dict=full)
     loaded = AMVLModel.from_pretrained(tmp_path / "gathered", dtype=torch.float64)
     torch.testing.assert_close(loaded.posterior_head.proj.weight,
                                full["posterior_head.proj.weight"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("objective", ["amvl", "none"])
+def test_partitioned_base_weights_are_not_saved(tmp_path, objective):
+    """A DeepSpeed ZeRO-3 partition (a parameter with ``ds_id``, empty outside a forward)
+    anywhere in the model is refused, with or without heads (the "none" objective has none:
+    its base was saved as tensors of size 0)."""
+    model, _ = build("qwen2", objective=objective)
+    model.base.model.layers[0].mlp.up_proj.weight.ds_id = 0  # what ZeRO-3 marks them with
+    with pytest.raises(ValueError, match=r"sharded across processes \(base\.model\.layers\.0"
+                                         r"\.mlp\.up_proj\.weight.*ZeRO-3"):
+        model.save_pretrained(tmp_path)
+    assert not tmp_path.joinpath("amvl_heads.safetensors").exists()
 
 
 def test_a_given_base_gets_the_saved_weights_and_a_given_tokenizer_is_checked(tmp_path):

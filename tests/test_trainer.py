@@ -200,9 +200,9 @@ def test_fsdp2_two_processes_train_like_one(tmp_path, monkeypatch, mode):
     """FSDP2 on 2 CPU processes, every linear pairing its weight gradients, or with
     accelerate's activation-checkpointing recipe: the prefix-shared step calls each sharded
     layer twice before one backward, and the gathered parameters after two steps equal one
-    process's on both ranks' batches. Then the ranks decode prompts whose rows end at
-    different steps (synced decoding), and score with ``heads`` and ``answer_nll``, as one
-    process does; NaN logits on one rank make both refuse to decode."""
+    process's on both ranks' batches. Before and after the steps the ranks decode prompts
+    whose rows end at different steps (synced decoding), and after them score with ``heads``
+    and ``answer_nll``, as one process does; NaN logits on one rank make both refuse."""
     from torch.distributed.fsdp import fully_shard  # noqa: F401 - skip where it is missing
 
     from amvl import weight_grads
@@ -218,6 +218,8 @@ def test_fsdp2_two_processes_train_like_one(tmp_path, monkeypatch, mode):
         torch.testing.assert_close(sharded[name], tensor.detach(), rtol=1e-10, atol=1e-12,
                                    msg=name)
     _check_decoding_on_both_ranks(tmp_path, model, collator)
+    _check_decoding_on_both_ranks(tmp_path, *fsdp_worker.build(checkpointed=False),
+                                  prefix="untrained_")
     for rank in (0, 1):  # rank 0's NaN logits: both refuse, neither waits for the other
         assert load_file(str(tmp_path / f"tokens{rank}.safetensors"))["refused"].item(), rank
         got = load_file(str(tmp_path / f"scores{rank}.safetensors"))
