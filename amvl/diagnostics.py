@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 import amvl_kernels as ak
 from amvl.model import in_eval_mode
 from amvl.objectives import ACTIVE_SLOT_NATS
+from amvl.sharded import choices_to_score, with_choice
 
 VARIANTS = ("prior", "posterior", "zeroed", "noised", "swapped")
 
@@ -89,6 +90,7 @@ def score_choices(model, collator, examples: Sequence[dict], batch_size: int = 8
     has_latents = model.objective.latent_source != "none"
     has_posterior = model.objective.uses_posterior
     n_choices = max(len(ex["choices"]) for ex in examples)
+    sharded, passes = choices_to_score(model, len(examples), batch_size, n_choices)
     config = model.config
     noise = torch.randn((len(examples), config.num_slots, config.latent_dim),
                         generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
@@ -121,13 +123,14 @@ def score_choices(model, collator, examples: Sequence[dict], batch_size: int = 8
                 collected["mu_q"].append(heads["mu_q"].float().cpu())
                 collected["kl_fwd"].append(kl_fwd.float().cpu())
                 collected["kl_rev"].append(kl_rev.float().cpu())
-        for c in range(n_choices):
+        for c in range(passes):
             have = [i for i, ex in enumerate(chunk) if c < len(ex["choices"])]
-            if not have:
+            run = list(range(len(chunk))) if sharded else have
+            if not run:
                 continue
-            picked = [dict(chunk[i], answer=chunk[i]["choices"][c]) for i in have]
-            batch = _to(collator(picked), device, dtype)
-            pick = torch.tensor(have, device=device)
+            batch = _to(collator([with_choice(chunk[i], c) for i in run]), device, dtype)
+            pick = torch.tensor(run, device=device)
+            kept = [run.index(i) for i in have]
             picked_images = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
             for name, z in variants.items():
                 if has_latents and z is None:
@@ -135,7 +138,8 @@ def score_choices(model, collator, examples: Sequence[dict], batch_size: int = 8
                 values = model.answer_nll(batch["prompt_ids"], batch["prompt_mask"],
                                           batch["answer_ids"], batch["answer_mask"],
                                           z=None if z is None else z[pick], **picked_images)
-                nll[name][np.arange(rows.start, rows.stop)[have], c] = values.cpu().numpy()
+                nll[name][np.arange(rows.start, rows.stop)[have], c] = \
+                    values.cpu().numpy()[kept]
     gold = np.array([ex["choices"].index(ex["answer"]) for ex in examples])
 
     def cat(key):

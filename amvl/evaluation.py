@@ -68,6 +68,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from amvl.model import in_eval_mode
+from amvl.sharded import choices_to_score, with_choice
 
 if TYPE_CHECKING:
     from amvl.data import AMVLCollator
@@ -568,16 +569,18 @@ def prior_choice_nll(model: AMVLModel, collator: AMVLCollator, examples: Sequenc
     dtype = model._unwrapped().get_input_embeddings().weight.dtype
     has_latents = model.objective.latent_source != "none"
     n_choices = max(len(ex["choices"]) for ex in examples)
+    sharded, passes = choices_to_score(model, len(examples), batch_size, n_choices)
     nll = np.full((len(examples), n_choices), np.inf)
     for start in tqdm(range(0, len(examples), batch_size), desc="evaluate",
                       disable=not progress):
         chunk = list(examples[start:start + batch_size])
         z = None
-        for c in range(n_choices):
+        for c in range(passes):
             have = [i for i, ex in enumerate(chunk) if c < len(ex["choices"])]
-            if not have:
+            run = list(range(len(chunk))) if sharded else have
+            if not run:
                 continue
-            batch = collator([dict(chunk[i], answer=chunk[i]["choices"][c]) for i in have])
+            batch = collator([with_choice(chunk[i], c) for i in run])
             batch = {k: v.to(device) for k, v in batch.items()}
             if "pixel_values" in batch:
                 batch["pixel_values"] = batch["pixel_values"].to(dtype)
@@ -585,11 +588,12 @@ def prior_choice_nll(model: AMVLModel, collator: AMVLCollator, examples: Sequenc
             if has_latents and z is None:
                 # Every example has a first choice, so this batch's prompts are the chunk's.
                 z = model.heads(batch["prompt_ids"], batch["prompt_mask"], **images)["mu_p"]
-            pick = torch.tensor(have, device=device)
+            pick = torch.tensor(run, device=device)
             values = model.answer_nll(batch["prompt_ids"], batch["prompt_mask"],
                                       batch["answer_ids"], batch["answer_mask"],
                                       z=None if z is None else z[pick], **images)
-            nll[start + np.array(have), c] = values.float().cpu().numpy()
+            kept = values.float().cpu().numpy()[[run.index(i) for i in have]]
+            nll[start + np.array(have, dtype=int), c] = kept
     return nll
 
 

@@ -10,7 +10,8 @@ no layer unit holds) are gathered only by the root's own forward, which ``genera
 A base model built under ZeRO-3 (transformers' ``from_pretrained`` with a ZeRO-3 Trainer
 configuration alive) holds one partition of each parameter on a rank, an empty tensor outside
 the forward of its module: writing rows of the embeddings (the latent special tokens') must
-gather them first (:func:`gathered_for_update`).
+gather them first (:func:`gathered_for_update`). Scoring multiple-choice examples runs one
+pass per choice: :func:`choices_to_score` makes every process run as many.
 """
 
 from __future__ import annotations
@@ -73,6 +74,34 @@ def gathered_root(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.reshard()
+
+
+def choices_to_score(model: nn.Module, n_examples: int, batch_size: int,
+                     n_choices: int) -> tuple[bool, int]:
+    """(sharded, choices) for scoring multiple-choice examples one pass per choice. On a model
+    sharded across processes every process must run the same passes: the examples and batch
+    sizes must be alike on every process (ValueError otherwise), each scores the most choices
+    any process has, and a row past its last choice scores a stand-in (its last choice),
+    which the caller drops. Elsewhere: (False, ``n_choices``)."""
+    if not sharded_across_processes(model):
+        return False, n_choices
+    device = next(model.parameters()).device
+    counts = torch.tensor([n_examples, -n_examples, batch_size, -batch_size, n_choices],
+                          device=device)
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+    most, fewest, largest, smallest, choices = counts.tolist()
+    if (most, largest) != (-fewest, -smallest):
+        raise ValueError(f"the processes score {-fewest} to {most} examples in batches of "
+                         f"{-smallest} to {largest}: on a model sharded across processes every "
+                         "process must run the same passes, so give each as many examples "
+                         "with the same batch_size")
+    return True, choices
+
+
+def with_choice(example: dict, c: int) -> dict:
+    """``example`` answered with its choice ``c``, or with its last choice past its last (the
+    stand-in of :func:`choices_to_score`)."""
+    return dict(example, answer=example["choices"][min(c, len(example["choices"]) - 1)])
 
 
 _Method = TypeVar("_Method", bound=Callable)

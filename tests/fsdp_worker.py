@@ -9,7 +9,8 @@ weight gradients (the threshold lowered to 0; the worker checks that they did). 
 checkpoint_wrapper first (checkpointed steps do not pair). Rank 0 writes the gathered
 parameters to OUT/fsdp.safetensors. Each rank decodes its own prompt (:func:`decode`) before
 training and after it, and writes the tokens to OUT/untrained_tokens{rank} and
-OUT/tokens{rank}.safetensors, and :func:`scores` to OUT/scores{rank}.safetensors.
+OUT/tokens{rank}.safetensors, and :func:`scores` and :func:`choice_scores` to
+OUT/scores{rank}.safetensors.
 """
 
 import os
@@ -95,6 +96,34 @@ def refuses_together(model: AMVLModel, collator: AMVLCollator, rank: int) -> boo
     return False
 
 
+CHOICE_EXAMPLES = [  # rank 0's examples have 2 and 3 choices, rank 1's 3 each
+    [{"question": "w1 w2", "choices": ["w3", "w4"], "answer": "w3"},
+     {"question": "w5 w6", "choices": ["w7", "w8", "w9"], "answer": "w8"}],
+    [{"question": "w5 w6", "choices": ["w7", "w8", "w9"], "answer": "w8"},
+     {"question": "w2 w4 w6", "choices": ["w1", "w3", "w5"], "answer": "w1"}]]
+
+
+def choice_scores(model: AMVLModel, collator: AMVLCollator, rank: int
+                  ) -> dict[str, torch.Tensor]:
+    """Choice NLLs of this rank's multiple-choice examples (whose choices number differently
+    on the two ranks: one pass per choice) by prior_choice_nll and score_choices, and whether
+    prior_choice_nll refused examples numbering differently on the ranks (on a sharded model
+    it must; in one process there is nothing to refuse)."""
+    from amvl.diagnostics import score_choices
+    from amvl.evaluation import prior_choice_nll
+
+    examples = CHOICE_EXAMPLES[rank]
+    try:  # as many examples on every process, or a refusal on each
+        prior_choice_nll(model, collator, examples[:rank + 1], batch_size=1, progress=False)
+        refused = False
+    except ValueError as error:
+        refused = "every process must run the same passes" in str(error)
+    prior = prior_choice_nll(model, collator, examples, batch_size=1, progress=False)
+    scored = score_choices(model, collator, examples, batch_size=1, progress=False)
+    return {"prior_choice_nll": torch.from_numpy(prior), "refused": torch.tensor(refused),
+            **{f"score_choices.{k}": torch.from_numpy(v) for k, v in scored["nll"].items()}}
+
+
 def scores(model: AMVLModel, collator: AMVLCollator, rank: int) -> dict[str, torch.Tensor]:
     """The heads' outputs and the answer NLL given the posterior means on this rank's first
     batch (passes outside ``forward``)."""
@@ -168,7 +197,8 @@ def main(out: str, mode: str) -> None:
     save_file({"tokens": decode(model, collator, rank),
                "refused": torch.tensor(refuses_together(model, collator, rank))},
               os.path.join(out, f"tokens{rank}.safetensors"))
-    save_file(scores(model, collator, rank), os.path.join(out, f"scores{rank}.safetensors"))
+    save_file({**scores(model, collator, rank), **choice_scores(model, collator, rank)},
+              os.path.join(out, f"scores{rank}.safetensors"))
     dist.barrier()
     dist.destroy_process_group()
 

@@ -201,8 +201,9 @@ def test_fsdp2_two_processes_train_like_one(tmp_path, monkeypatch, mode):
     accelerate's activation-checkpointing recipe: the prefix-shared step calls each sharded
     layer twice before one backward, and the gathered parameters after two steps equal one
     process's on both ranks' batches. Before and after the steps the ranks decode prompts
-    whose rows end at different steps (synced decoding), and after them score with ``heads``
-    and ``answer_nll``, as one process does; NaN logits on one rank make both refuse."""
+    whose rows end at different steps (synced decoding), and after them score with ``heads``,
+    ``answer_nll`` and the multiple-choice scorers (choices numbering differently on the two
+    ranks), as one process does; NaN logits on one rank make both refuse."""
     from torch.distributed.fsdp import fully_shard  # noqa: F401 - skip where it is missing
 
     from amvl import weight_grads
@@ -223,7 +224,11 @@ def test_fsdp2_two_processes_train_like_one(tmp_path, monkeypatch, mode):
     for rank in (0, 1):  # rank 0's NaN logits: both refuse, neither waits for the other
         assert load_file(str(tmp_path / f"tokens{rank}.safetensors"))["refused"].item(), rank
         got = load_file(str(tmp_path / f"scores{rank}.safetensors"))
-        for name, tensor in fsdp_worker.scores(model, collator, rank).items():
+        expected = {**fsdp_worker.scores(model, collator, rank),
+                    **fsdp_worker.choice_scores(model, collator, rank)}
+        assert got.keys() == expected.keys()
+        assert got.pop("refused").item() and not expected.pop("refused").item()
+        for name, tensor in expected.items():
             torch.testing.assert_close(got[name], tensor, rtol=1e-10, atol=1e-12, msg=name)
 
 
