@@ -12,6 +12,10 @@ Mode "trainer": AMVLTrainer with a ZeRO-3 ``deepspeed`` config (what a Trainer s
 on a base that transformers built partitioned; a checkpoint and ``save_model`` to OUT/saved;
 rank 0 writes the gathered parameters to OUT/params.safetensors for the test to compare with
 what it loads.
+
+Mode "vlm": ZeRO-3 steps of a tiny Qwen2-VL whose batches hold images on rank 0 and none on
+rank 1 (the collator's stand-in image), the gathered parameters to OUT/params.safetensors
+and each rank's decoded tokens to OUT/tokens{rank}.safetensors.
 """
 
 import os
@@ -105,12 +109,67 @@ def trainer(out: str) -> None:
         save_file(params, os.path.join(out, "params.safetensors"))
 
 
+def vlm(dtype: torch.dtype = torch.float32) -> tuple[AMVLModel, AMVLCollator]:
+    """A tiny Qwen2-VL AMVLModel and a collator that gives examples without images a blank
+    stand-in (what a VLM sharded across processes needs: see :func:`vlm_batch`)."""
+    from PIL import Image
+
+    from amvl.data import VisionTokens
+    from amvl.tiny import tiny_image_processor, tiny_qwen2_vl
+
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer(fsdp_worker.WORDS, vision=True)
+    base = tiny_qwen2_vl(tokenizer)
+    model = AMVLModel(base, tokenizer,
+                      AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch")).to(dtype)
+    collator = AMVLCollator(tokenizer, tiny_image_processor(),
+                            VisionTokens.from_model_config(base.config),
+                            image_for_text_only=Image.new("RGB", (16, 16)))
+    return model.train(), collator
+
+
+def vlm_batch(collator: AMVLCollator, step: int, rank: int) -> dict:
+    """Rank 0's examples have an image, rank 1's none (they get the stand-in)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(100 * step + rank)
+    examples = [{"question": f"w{step + j} w{rank + 3}", "answer": f"w{j + 7}",
+                 **({"images": [Image.fromarray(rng.integers(0, 255, (16, 16, 3), np.uint8))]}
+                    if rank == 0 else {})} for j in range(2)]
+    return collator(examples)
+
+
+def vlm_engine(out: str) -> None:
+    """ZeRO-3 steps of the tiny Qwen2-VL, then each rank decodes its first example."""
+    model, collator = vlm()
+    rank = dist.get_rank()
+    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
+              "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True}
+    optimizer = torch.optim.SGD(model.parameters(), lr=fsdp_worker.LR)
+    wrapped, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    for step in range(fsdp_worker.STEPS):
+        loss = wrapped(**vlm_batch(collator, step, rank), step=step,
+                       seed=step_seed(0, step, rank)).loss
+        wrapped.backward(loss)
+        wrapped.step()
+    params = gathered(model)
+    if rank == 0:
+        save_file(params, os.path.join(out, "params.safetensors"))
+    b = vlm_batch(collator, 0, rank)
+    tokens = model.generate(b["prompt_ids"], b["prompt_mask"], b.get("pixel_values"),
+                            b.get("image_grid_thw"), max_new_tokens=3).sequences
+    save_file({"tokens": tokens}, os.path.join(out, f"tokens{rank}.safetensors"))
+
+
 def main(out: str, mode: str) -> None:
     torch.set_num_threads(1)
     # a rank left waiting in a collective fails the test in a minute instead of hanging it
     deepspeed.init_distributed("gloo", timeout=timedelta(seconds=60))
     if mode == "trainer":
         trainer(out)
+    elif mode == "vlm":
+        vlm_engine(out)
     else:
         engine(out, stage={"zero2": 2, "zero3": 3}[mode])
     dist.barrier()

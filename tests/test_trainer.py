@@ -292,6 +292,39 @@ def test_deepspeed_zero3_trainer_saves_whole_weights(tmp_path):
         assert torch.equal(loaded[name].detach(), tensor), name
 
 
+@needs_deepspeed
+def test_deepspeed_zero3_vlm_with_text_only_batches_trains_like_one_process(tmp_path):
+    """A tiny Qwen2-VL under ZeRO-3, rank 0's batches with images and rank 1's text-only: the
+    collator's stand-in image keeps both ranks running the vision tower (whose gathers would
+    otherwise leave rank 0 waiting), and the gathered parameters after the steps and each
+    rank's decoded tokens equal one process's."""
+    from amvl.training import step_seed
+    from tests import deepspeed_worker, fsdp_worker
+
+    _two_processes("deepspeed_worker.py", tmp_path, "vlm")
+    params = load_file(str(tmp_path / "params.safetensors"))
+    model, collator = deepspeed_worker.vlm()
+    optimizer = torch.optim.SGD(model.parameters(), lr=fsdp_worker.LR)
+    for step in range(fsdp_worker.STEPS):
+        for rank in (0, 1):
+            loss = model(**deepspeed_worker.vlm_batch(collator, step, rank), step=step,
+                         seed=step_seed(0, step, rank)).loss
+            (loss / 2).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert params.keys() == dict(model.named_parameters()).keys()
+    for name, tensor in model.named_parameters():
+        torch.testing.assert_close(params[name], tensor.detach(), rtol=1e-5, atol=1e-6,
+                                   msg=name)
+    for rank in (0, 1):
+        b = deepspeed_worker.vlm_batch(collator, 0, rank)
+        assert "pixel_values" in b  # rank 1's from the stand-in
+        expected = model.generate(b["prompt_ids"], b["prompt_mask"], b["pixel_values"],
+                                  b["image_grid_thw"], max_new_tokens=3).sequences
+        tokens = load_file(str(tmp_path / f"tokens{rank}.safetensors"))["tokens"]
+        assert torch.equal(tokens[..., :expected.shape[-1]], expected), (rank, tokens, expected)
+
+
 def test_peft_lora_on_the_base_model(tmp_path):
     from peft import LoraConfig, get_peft_model
 
