@@ -20,6 +20,7 @@ and each rank's decoded tokens to OUT/tokens{rank}.safetensors.
 
 import os
 import sys
+from collections.abc import Callable
 from datetime import timedelta
 
 import deepspeed
@@ -42,26 +43,38 @@ def gathered(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone().contiguous() for n, p in params.items()}
 
 
-def engine(out: str, stage: int) -> None:
-    model, collator = fsdp_worker.build(checkpointed=False, dtype=torch.float32)
+def steps_under_zero(out: str, model: AMVLModel, batch_of: Callable[[int, int], dict],
+                     stage: int, before_steps: Callable[[], None] = lambda: None) -> None:
+    """``deepspeed.initialize`` with ZeRO ``stage``, SGD and no clipping, fsdp_worker's steps
+    on ``batch_of(step, rank)``; rank 0 writes the gathered parameters to
+    OUT/params.safetensors. ``before_steps`` runs once the model is partitioned."""
     rank = dist.get_rank()
     config = {"train_micro_batch_size_per_gpu": fsdp_worker.PER_RANK,
               "zero_optimization": {"stage": stage}, "gradient_clipping": 0.0,
               "zero_allow_untested_optimizer": True}
     optimizer = torch.optim.SGD(model.parameters(), lr=fsdp_worker.LR)
     wrapped, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    # Before any step too: ZeRO-3 prefetches what a traced training step used, which can
-    # hide a parameter read outside its module's forward.
-    save_file({"tokens": fsdp_worker.decode(model, collator, rank)},
-              os.path.join(out, f"untrained_tokens{rank}.safetensors"))
+    before_steps()
     for step in range(fsdp_worker.STEPS):
-        loss = wrapped(**fsdp_worker.batch(collator, step, rank), step=step,
-                       seed=step_seed(0, step, rank)).loss
+        loss = wrapped(**batch_of(step, rank), step=step, seed=step_seed(0, step, rank)).loss
         wrapped.backward(loss)
         wrapped.step()
     params = gathered(model)
     if rank == 0:
         save_file(params, os.path.join(out, "params.safetensors"))
+
+
+def engine(out: str, stage: int) -> None:
+    model, collator = fsdp_worker.build(checkpointed=False, dtype=torch.float32)
+    rank = dist.get_rank()
+
+    def decode_untrained() -> None:
+        # ZeRO-3 prefetches what a traced training step used, which can hide a parameter
+        # read outside its module's forward: decode before any step too.
+        save_file({"tokens": fsdp_worker.decode(model, collator, rank)},
+                  os.path.join(out, f"untrained_tokens{rank}.safetensors"))
+    steps_under_zero(out, model, lambda step, r: fsdp_worker.batch(collator, step, r), stage,
+                     decode_untrained)
     tokens = fsdp_worker.decode(model, collator, rank)
     save_file({"tokens": tokens}, os.path.join(out, f"tokens{rank}.safetensors"))
 
@@ -141,24 +154,13 @@ def vlm_batch(collator: AMVLCollator, step: int, rank: int) -> dict:
 
 
 def vlm_engine(out: str) -> None:
-    """ZeRO-3 steps of the tiny Qwen2-VL, then each rank decodes its first example."""
+    """ZeRO-3 steps of the tiny Qwen2-VL, then each rank decodes its first batch."""
     model, collator = vlm()
     rank = dist.get_rank()
-    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
-              "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True}
-    optimizer = torch.optim.SGD(model.parameters(), lr=fsdp_worker.LR)
-    wrapped, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    for step in range(fsdp_worker.STEPS):
-        loss = wrapped(**vlm_batch(collator, step, rank), step=step,
-                       seed=step_seed(0, step, rank)).loss
-        wrapped.backward(loss)
-        wrapped.step()
-    params = gathered(model)
-    if rank == 0:
-        save_file(params, os.path.join(out, "params.safetensors"))
+    steps_under_zero(out, model, lambda step, r: vlm_batch(collator, step, r), stage=3)
     b = vlm_batch(collator, 0, rank)
-    tokens = model.generate(b["prompt_ids"], b["prompt_mask"], b.get("pixel_values"),
-                            b.get("image_grid_thw"), max_new_tokens=3).sequences
+    tokens = model.generate(b["prompt_ids"], b["prompt_mask"], b["pixel_values"],
+                            b["image_grid_thw"], max_new_tokens=3).sequences
     save_file({"tokens": tokens}, os.path.join(out, f"tokens{rank}.safetensors"))
 
 
