@@ -37,8 +37,8 @@ from amvl.families import check_supported, router_balance, structural_vision_ids
 from amvl.heads import GaussianHead, LatentInjector
 from amvl.objectives import Latents, Metrics, build_objective
 from amvl.saving import SavingMixin
-from amvl.sharded import all_processes, gathered_for_update, gathered_root, \
-    several_processes, sharded_across_processes, with_gathered_root
+from amvl.sharded import all_processes, gathered_for_update, several_processes, \
+    sharded_across_processes, with_gathered_root
 from amvl.sequences import (
     LATENT_BLOCK,
     POSTERIOR_BLOCK,
@@ -772,12 +772,12 @@ class AMVLModel(SavingMixin, nn.Module):
         latent_tokens = 0 if self.objective.latent_source == "none" \
             else self.config.num_slots + 2
         self._check_window(prompt_ids.shape[1] + latent_tokens + max_new_tokens - 1)
-        with gathered_root(self):
-            sequences, z = self._decode(prompt_ids, prompt_mask, pixel_values, image_grid_thw,
-                                        mode, seed, max_new_tokens, synced)
+        sequences, z = self._decode(prompt_ids, prompt_mask, pixel_values, image_grid_thw,
+                                    mode, seed, max_new_tokens, synced)
         return GenerationOutput(sequences.view(b // n, n, -1),
                                 None if z is None else z.view(b // n, n, *z.shape[1:]))
 
+    @with_gathered_root
     def _decode(self, prompt_ids: Tensor, prompt_mask: Tensor, pixel_values: Tensor | None,
                 image_grid_thw: Tensor | None, mode: str, seed: int | None,
                 max_new_tokens: int, synced: bool) -> tuple[Tensor, Tensor | None]:
