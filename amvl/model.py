@@ -362,15 +362,17 @@ class AMVLModel(SavingMixin, nn.Module):
     def _run(self, seq: Sequence, *, prefix: Sequence | None = None, cache=None,
              z: Tensor | None = None, rope: Tensor | None = None, images: dict | None = None,
              use_cache: bool = False, record_prefix: PrefixKeys | None = None,
-             with_prefix: PrefixKeys | None = None, routers: list | None = None):
+             with_prefix: PrefixKeys | None = None, routers: list | None = None,
+             embeds: Tensor | None = None):
         """One decoder call on ``seq`` (after ``prefix``, whose keys are in ``cache`` or, on
         the "amvl" attention, in ``with_prefix``; ``record_prefix`` records them). An MoE
         model's router logits (per layer, (B * L, experts)) are appended to ``routers``.
+        ``embeds``: the input embeddings of ``seq``'s tokens, when already looked up.
 
         Returns the last hidden states (B, L, H) and the cache.
         """
-        embed = self.get_input_embeddings()
-        embeds = embed(seq.input_ids)
+        if embeds is None:
+            embeds = self._embed(seq)[0]
         if z is not None:
             # The placeholders follow <lat_start> in the latent part: the same K columns in
             # every row, so no search for them (and no host sync).
@@ -418,6 +420,17 @@ class AMVLModel(SavingMixin, nn.Module):
         if routers is not None:
             routers.append(out["router_logits"])
         return out.last_hidden_state, cache
+
+    def _embed(self, *seqs: Sequence) -> list[Tensor]:
+        """The input embeddings of each of ``seqs`` (same batch size), from one lookup.
+
+        A lookup's backward writes a gradient the size of the whole table (Qwen2-7B's
+        152,064 x 3,584, 1.1 GB in bf16), so a lookup per pass would write one per pass and
+        autograd would add them: one lookup for all the passes of a step writes it once.
+        """
+        ids = torch.cat([s.input_ids for s in seqs], 1) if len(seqs) > 1 else seqs[0].input_ids
+        embeds = self.get_input_embeddings()(ids)
+        return list(embeds.split([s.input_ids.shape[1] for s in seqs], 1))
 
     def _nll(self, hidden: Tensor, seq: Sequence, answer_ids: Tensor, answer_mask: Tensor,
              tokens: float | Tensor | None = None) -> Tensor:
@@ -567,53 +580,60 @@ class AMVLModel(SavingMixin, nn.Module):
                 names = ["prompt", "prior", "answer_after_x", "posterior"] if obj.uses_posterior \
                     else ["prompt", "prior"]
                 seq = assemble({n: p[n] for n in names})
+                decoded = assemble({"latent": p["latent"], "answer": p["answer_after_latent"]})
+                seq_embeds, decoded_embeds = self._embed(seq, decoded)
                 routed_parts = [(seq, seq.columns("prompt"))]
                 if prefix_keys is not None:
-                    hidden, cache = self._run(seq, rope=rope, images=images,
+                    hidden, cache = self._run(seq, rope=rope, images=images, embeds=seq_embeds,
                                               record_prefix=prefix_keys, routers=routed)
                 else:
                     with pairing.prefix_pass() if pairing else contextlib.nullcontext():
                         hidden, cache = self._run(seq, rope=rope, images=images, use_cache=True,
-                                                  routers=routed)
+                                                  routers=routed, embeds=seq_embeds)
                     cache.crop(-(seq.input_ids.shape[1] - prompt_ids.shape[1]))
                 h_prior = hidden[:, seq.columns("prior")]
                 h_post = hidden[:, seq.columns("posterior")] if obj.uses_posterior else None
             else:
                 routed_parts = []
-                seq = assemble({n: p[n] for n in ("prompt", "prior")})
-                hidden, _ = self._run(seq, rope=rope, images=images)
-                h_prior = hidden[:, seq.columns("prior")]
+                passes = [assemble({n: p[n] for n in ("prompt", "prior")})]
+                if obj.uses_posterior:
+                    passes.append(assemble({n: p[n] for n in ("prompt", "answer_after_x",
+                                                              "posterior")}))
+                decoded = assemble({"prompt": p["prompt"], "latent": p["latent"],
+                                    "answer": p["answer_after_latent"]})
+                *pass_embeds, decoded_embeds = self._embed(*passes, decoded)
+                hidden, _ = self._run(passes[0], rope=rope, images=images,
+                                      embeds=pass_embeds[0])
+                h_prior = hidden[:, passes[0].columns("prior")]
                 h_post = None
                 if obj.uses_posterior:
-                    seq = assemble({n: p[n] for n in ("prompt", "answer_after_x", "posterior")})
-                    hidden, _ = self._run(seq, rope=rope, images=images)
-                    h_post = hidden[:, seq.columns("posterior")]
+                    hidden, _ = self._run(passes[1], rope=rope, images=images,
+                                          embeds=pass_embeds[1])
+                    h_post = hidden[:, passes[1].columns("posterior")]
         with _scope("amvl.heads_and_draw"):
             mu_p, lv_p = self.prior_head(h_prior)
             mu_q, lv_q = self.posterior_head(h_post) if h_post is not None else (None, None)
             latents = obj.draw(mu_p, lv_p, mu_q, lv_q, seed=seed)
 
         def decode_nll(z: Tensor, routers: list | None = None) -> Tensor:
+            # ``decoded``: the latent block and the answer, after x's cache when sharing, with x
+            # before them otherwise; its embeddings were looked up with the first pass's.
             if share:
-                tail = assemble({"latent": p["latent"], "answer": p["answer_after_latent"]})
                 if prefix_keys is not None:
-                    hidden, _ = self._run(tail, prefix=prompt_seq, z=z, with_prefix=prefix_keys,
-                                          routers=routers)
+                    hidden, _ = self._run(decoded, prefix=prompt_seq, z=z, routers=routers,
+                                          with_prefix=prefix_keys, embeds=decoded_embeds)
                 else:
                     with pairing.latent_pass() if pairing else contextlib.nullcontext():
-                        hidden, _ = self._run(tail, prefix=prompt_seq, cache=cache, z=z,
-                                              use_cache=True, routers=routers)
-                    cache.crop(-tail.input_ids.shape[1])
-                if routers is not None:
-                    routed_parts.append((tail, slice(None)))
-                # columns of the tail's answer are relative to the tail
-                return self._nll(hidden, tail, answer_ids, answer_mask, answer_tokens)
-            full = assemble({"prompt": p["prompt"], "latent": p["latent"],
-                             "answer": p["answer_after_latent"]})
-            hidden, _ = self._run(full, rope=rope, images=images, z=z, routers=routers)
+                        hidden, _ = self._run(decoded, prefix=prompt_seq, cache=cache, z=z,
+                                              use_cache=True, routers=routers,
+                                              embeds=decoded_embeds)
+                    cache.crop(-decoded.input_ids.shape[1])
+            else:
+                hidden, _ = self._run(decoded, rope=rope, images=images, z=z, routers=routers,
+                                      embeds=decoded_embeds)
             if routers is not None:
-                routed_parts.append((full, slice(None)))
-            return self._nll(hidden, full, answer_ids, answer_mask, answer_tokens)
+                routed_parts.append((decoded, slice(None)))
+            return self._nll(hidden, decoded, answer_ids, answer_mask, answer_tokens)
 
         with _scope("amvl.latent_pass"):
             nll = decode_nll(latents.z, routed)

@@ -129,6 +129,30 @@ def test_prefix_shared_and_naive_paths_agree(kind, objective, gamma):
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen2_vl"])
+@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("gamma", [0.0, 0.5])
+def test_a_training_step_looks_its_embeddings_up_once(kind, share, gamma, monkeypatch):
+    """Every pass's tokens are embedded in one lookup, whose backward writes one gradient of
+    the whole table (1.1 GB for Qwen2-7B) where a lookup per pass writes one each, and the
+    step is what a lookup per pass gives."""
+    model, batch = build(kind, gamma=gamma)
+    lookups = []
+    # (Qwen2-VL's own forward also looks up its one image token, to find where images go.)
+    model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: lookups.append(1) if args[0].numel() > 1 else None)
+    joint, g_joint = _loss_and_grads(model, batch, prefix_sharing=share)
+    assert len(lookups) == 1
+    monkeypatch.setattr(AMVLModel, "_embed", lambda self, *seqs: [
+        self.get_input_embeddings()(s.input_ids) for s in seqs])
+    apart, g_apart = _loss_and_grads(model, batch, prefix_sharing=share)
+    assert len(lookups) > 2
+    torch.testing.assert_close(joint.loss, apart.loss, rtol=1e-12, atol=0)
+    assert g_joint.keys() == g_apart.keys()
+    for name in g_joint:
+        torch.testing.assert_close(g_joint[name], g_apart[name], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2_vl"])
 def test_no_latent_objective_is_plain_fine_tuning(kind):
     model, batch = build(kind, objective="none")
     out, grads = _loss_and_grads(model, batch)
