@@ -4,6 +4,7 @@ Timings from this run mean nothing (CPU, Triton interpreter); the test checks th
 provider runs, the summary prints and the JSON is written with device and versions.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +15,14 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_script(name: str):
+    """A module of scripts/ (not a package), loaded from its file."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.parametrize("module,bench,select,providers", [
@@ -87,12 +96,7 @@ def test_sweep_variant_specs():
     """scripts/sweep_cuda_gaussian.py's variant spelling: the short forms fill in the
     defaults (flat backward, one wave, the forward's threads = the backward's); a spec the
     macros cannot build is refused before nvcc runs (a GPU lease is too short for that)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("sweep_cuda_gaussian",
-                                                  ROOT / "scripts" / "sweep_cuda_gaussian.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_script("sweep_cuda_gaussian")
     assert module.parse_variant("128:6:5") == (128, 6, 5, 1, 1, 128)
     assert module.parse_variant("128:3:5:1:4:256") == (128, 3, 5, 1, 4, 256)
     assert all(module.parse_variant(v) for v in module.DEFAULT_VARIANTS)
@@ -175,7 +179,7 @@ def test_model_step_profile_script_runs(tmp_path):
     env = {**os.environ, "AMVL_BENCH_SMOKE": "1"}
     out = tmp_path / "profile.json"
     providers = ("plain,naive,shared_amvl,shared_amvl:nosplit,shared_amvl:unpaired,"
-                 "shared_amvl:split")
+                 "shared_amvl:pair_all,shared_amvl:split")
     proc = subprocess.run([sys.executable, "scripts/profile_model_step.py", "--repeats", "1",
                            "--providers", providers, "--json", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -184,6 +188,43 @@ def test_model_step_profile_script_runs(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert set(results) == set(providers.split(","))
     assert all(r["wall_ms"] > 0 and r["ops"] for r in results.values())
+
+    def paired(provider):  # the smoke model's weights are all under MIN_PAIRED_NUMEL
+        return any("PairedLinear" in op for op in results[provider]["ops"])
+    assert paired("shared_amvl:pair_all") and not paired("shared_amvl")
+
+
+def test_traffic_count_reads_inputs_writes_outputs_and_skips_views():
+    """scripts/step_traffic.py's count: an addition moves its two inputs and its output, a
+    view nothing, a matrix product counts 2 m n k FLOPs and no bytes."""
+    module = _load_script("step_traffic")
+    a, b = torch.randn(5, 7), torch.randn(7, 3, dtype=torch.float64)
+    with module.TrafficCount() as count:
+        (a + a).t().reshape(-1)
+        b.to(torch.float32)
+        a @ b.float()
+        torch.nn.functional.embedding(torch.tensor([[2, 0, 2]]), torch.randn(1000, 4))
+    assert count.bytes[("add", "[*, 7]", "float32")] == 3 * 35 * 4
+    assert count.bytes[("_to_copy", "[*, 3]", "float32")] == 2 * 21 * (8 + 4)
+    assert count.flops[("mm", "[*, 3]", "float32")] == 2 * 5 * 7 * 3
+    assert count.bytes[("mm", "[*, 3]", "float32")] == 0
+    assert count.bytes[("embedding", "[*, *, 4]", "float32")] == 2 * 3 * 4 * 4 + 3 * 8
+    assert not any(op in ("t", "view", "_unsafe_view") for op, _, _ in count.calls)
+
+
+def test_step_traffic_script_runs():
+    """scripts/step_traffic.py on the smoke model: a row per provider and the operators that
+    grew, per layer and for the rest."""
+    env = {**os.environ, "AMVL_BENCH_SMOKE": "1"}
+    proc = subprocess.run([sys.executable, "scripts/step_traffic.py", "--model", "tiny",
+                           "--providers", "plain,shared_amvl,naive", "--vocab", "2000",
+                           "--rows", "3"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for provider in ("shared_amvl", "naive"):
+        assert f"a decoder layer, {provider} against plain" in proc.stdout
+        assert f"the rest of the model, {provider} against plain" in proc.stdout
+    assert "vocabulary 2000" in proc.stdout and "[*, 2000]" in proc.stdout
 
 
 def test_host_overhead_script_runs():
@@ -199,12 +240,7 @@ def test_device_timeline_charges_idle_to_the_late_launch():
     """The profile script's timeline on a made-up trace: a gap after which the launch came
     late is charged to the scopes open around that launch; a short gap is not counted; a
     sync is listed with its place."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("profile_model_step",
-                                                  ROOT / "scripts" / "profile_model_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_script("profile_model_step")
 
     def x(cat, name, ts, dur, tid=1, **args):
         return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid,
