@@ -291,9 +291,11 @@ def main() -> None:
     steps[PAIR_ALL] = with_every_weight_paired(steps["shared_amvl"])
     # The benchmark's own measure, side by side: the effects asked about (about 1% of a step)
     # are smaller than the drift between providers timed one after another (2.4% in run 5).
+    # Whole cycles of the balanced orders (2n of them for an odd number n of providers).
+    cycle = len(common.balanced_orders(len(providers)))
     bench_ms = common.time_ms_side_by_side({name: steps[name] for name in providers},
                                            warmup=100, cpu_rounds=args.repeats,
-                                           gpu_rounds=bms.GPU_ROUNDS)
+                                           gpu_rounds=-(-bms.GPU_ROUNDS // cycle) * cycle)
     results = {}
     for name in providers:
         results[name] = profile_step(steps[name], device)
