@@ -17,11 +17,12 @@ each pass hands over its own gradient and autograd adds them, as without pairing
 is the same either way.
 
 Only plain ``nn.Linear`` modules whose weight requires grad and holds at least
-``MIN_PAIRED_NUMEL`` elements are paired (counted in the layer's forward: under FSDP with
-``use_orig_params`` a weight outside it is only this rank's shard), and only when the matrix
-products run in the weight's dtype: under autocast to another dtype (fp32 weights, bf16 compute), DeepSpeed's
-partitioned parameters, or a module whose ``forward`` someone else already replaced
-(accelerate's hooks), the module runs as usual.
+``MIN_PAIRED_NUMEL`` elements are paired (counted as ``in_features * out_features``: under FSDP
+with ``use_orig_params`` a weight outside the layer's forward is only this rank's shard; the
+others are left alone, without even a wrapper's host time), and only when the matrix products
+run in the weight's dtype: under autocast to another dtype (fp32 weights, bf16 compute),
+DeepSpeed's partitioned parameters, or a module whose ``forward`` someone else already
+replaced (accelerate's hooks), the module runs as usual.
 """
 
 from __future__ import annotations
@@ -119,16 +120,14 @@ class PairedWeightGrads:
 
     def __init__(self, decoder: nn.Module, min_numel: int | None = None) -> None:
         self.min_numel = MIN_PAIRED_NUMEL if min_numel is None else min_numel
-        # the layers that may pair; whether one does is decided in its forward, on the
-        # weight it holds there (see :meth:`pairs`)
-        self.modules = [m for m in decoder.modules() if _pairable(m)]
+        self.modules = [m for m in decoder.modules() if _pairable(m) and self.pairs(m)]
         self.records = {id(m): _WeightRecord() for m in self.modules}
 
-    def pairs(self, weight: Tensor) -> bool:
-        """Whether a layer pairs a use of ``weight``, the weight it holds in its forward (the
-        full weight under FSDP, where outside the forward it holds a shard, which may be
-        empty, and would decide differently on each rank)."""
-        return weight.numel() >= self.min_numel
+    def pairs(self, module: nn.Linear) -> bool:
+        """Whether ``module`` is large enough to pair, by the size of its full weight: under
+        FSDP the weight it holds outside its forward is a shard, which may be empty, and
+        would decide differently on each rank."""
+        return module.in_features * module.out_features >= self.min_numel
 
     @contextlib.contextmanager
     def prefix_pass(self) -> Iterator[None]:
@@ -147,8 +146,7 @@ class PairedWeightGrads:
     @contextlib.contextmanager
     def _patched(self, prefix: bool) -> Iterator[None]:
         for module in self.modules:
-            module.forward = self._forward(module, self.records[id(module)], prefix,
-                                           self.pairs)
+            module.forward = self._forward(module, self.records[id(module)], prefix)
         try:
             yield
         finally:
@@ -156,7 +154,7 @@ class PairedWeightGrads:
                 module.__dict__.pop("forward", None)
 
     @staticmethod
-    def _forward(module: nn.Linear, record: _WeightRecord, prefix: bool, pairs):
+    def _forward(module: nn.Linear, record: _WeightRecord, prefix: bool):
         def forward(inputs: Tensor) -> Tensor:
             weight = module.weight
             compute = torch.get_autocast_dtype(inputs.device.type) \
@@ -164,7 +162,7 @@ class PairedWeightGrads:
             # Compiled (a compiled decoder inside an eager step): Dynamo cannot trace the
             # record's lock, and would break the graph at every paired layer.
             if not torch.is_grad_enabled() or compute != weight.dtype \
-                    or torch.compiler.is_compiling() or not pairs(weight):
+                    or torch.compiler.is_compiling():
                 return F.linear(inputs, weight, module.bias)
             if inputs.dtype != compute:
                 # autocast's own cast, made outside the function so that the products inside

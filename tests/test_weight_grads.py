@@ -256,14 +256,20 @@ def test_only_weights_of_min_paired_numel_are_paired_by_default():
     decoder = nn.Sequential(nn.Linear(side, side, device="meta"),
                             nn.Linear(side, side - 1, device="meta"), nn.Linear(8, 8))
     pairing = PairedWeightGrads(decoder)
-    assert [pairing.pairs(m.weight) for m in decoder] == [True, False, False]
-    assert all(PairedWeightGrads(decoder, min_numel=0).pairs(m.weight) for m in decoder)
+    assert [pairing.pairs(m) for m in decoder] == [True, False, False]
+    assert all(PairedWeightGrads(decoder, min_numel=0).pairs(m) for m in decoder)
+    # the others keep their own forward, without the pairing's wrapper and its host time
+    assert pairing.modules == [decoder[0]]
+    with pairing.latent_pass():
+        assert ["forward" in m.__dict__ for m in decoder] == [True, False, False]
+    assert not any("forward" in m.__dict__ for m in decoder)
 
 
-def test_the_size_that_decides_is_the_weight_in_the_layers_forward(monkeypatch):
+def test_the_size_that_decides_is_the_full_weights(monkeypatch):
     """Under FSDP with use_orig_params a weight outside its layer's forward is this rank's
     shard (in a 2-rank run one rank paired 0 layers, the other 4, of 6): the decision is made
-    on the weight the layer holds in its forward, as FSDP's pre-forward hook sets it."""
+    on the layer's full size, the weight it holds in its forward, as FSDP's pre-forward hook
+    sets it."""
     decoder = _decoder()
     expected = _step(decoder, None, "latent_first_in_backward")
     full = {i: decoder[i].weight for i in (0, 2)}
