@@ -8,10 +8,14 @@ latent pass's own weight-gradient GEMMs.
 
 :class:`PairedWeightGrads` runs the decoder's ``nn.Linear`` layers through one autograd
 function in both passes. The latent pass's backward, which autograd runs first (the latent
-pass comes later in the graph and reads the prefix pass's keys), keeps its weight gradient
-instead of handing it over; the prefix pass's backward then accumulates its own into it, in
-the same matrix product (``addmm_`` with beta = 1, whose read of the kept gradient overlaps the
-large product's compute). Each weight receives one gradient, so DDP's and FSDP's gradient hooks
+pass comes later in the graph and reads the prefix pass's keys), keeps what its weight
+gradient is made of, its output gradient and inputs (a few dozen tokens a row, far smaller
+than the gradient), instead of handing a gradient over. The prefix pass's backward multiplies
+them out and accumulates its own gradient into the result in the same matrix product
+(``addmm_`` with beta = 1, whose read of the result overlaps the large product's compute), so
+no latent gradient waits in memory through the prefix pass's backward, as autograd's would,
+beside all of that pass's activations. Each weight receives one gradient, so DDP's and FSDP's
+gradient hooks
 fire once, as they would for one pass. If the passes' backwards ever run in the other order,
 each pass hands over its own gradient and autograd adds them, as without pairing: the result
 is the same either way.
@@ -44,14 +48,24 @@ from torch import Tensor, nn
 # the MLP weights of 7B-class models, 87% of the traffic, are paired.
 MIN_PAIRED_NUMEL = 2**24
 
+# Whether a latent pass keeps its gradient's factors (output gradient, inputs) where they are
+# smaller than the gradient, for the prefix pass to multiply out: the step's peak memory then
+# grows with the layers as plain fine-tuning's does (measured on the CPU at the 7B proxy's
+# widths: +466 MB a layer, against +849 MB with the gradients kept). Off, the latent pass's
+# products run in its own backward, where the device may be waiting for the host anyway
+# (scripts/profile_model_step.py's provider "shared_amvl:kept_grads" times it).
+KEEP_FACTORS = True
+
 
 class _WeightRecord:
     """One weight's bookkeeping over one step: how many prefix-pass uses still owe their
-    backward, and the latent passes' gradient kept for them."""
+    backward, and what the latent passes kept for them: the factors of their gradients
+    (output gradient, inputs) while those are smaller than the gradient, else the gradient."""
 
     def __init__(self) -> None:
         self.pending_prefix = 0
         self.kept: Tensor | None = None
+        self.factors: list[tuple[Tensor, Tensor]] = []
         # autograd runs the backward of a model spread over several GPUs on several threads
         self.lock = threading.Lock()
 
@@ -61,25 +75,42 @@ class _WeightRecord:
         with self.lock:
             if prefix:
                 self.pending_prefix -= 1
-                kept, self.kept = self.kept, None
+                kept = self._take_kept()
                 if kept is not None:
                     return kept.addmm_(grad_out.t(), inputs)
                 return grad_out.t().mm(inputs)
             if self.pending_prefix <= 0:  # the prefix pass's backward already ran
                 return grad_out.t().mm(inputs)
-            if self.kept is None:
-                self.kept = grad_out.t().mm(inputs)
+            if self.kept is None and not self.factors:
                 # A backward that never reaches the prefix pass (torch.autograd.grad of z,
                 # backward(inputs=...) of the heads) does not want this weight's gradient:
                 # drop it when that backward ends, or the next one would count it twice.
                 torch.autograd.Variable._execution_engine.queue_callback(self._drop_kept)
+            # The latent pass's backward runs first, and the prefix pass's activations are
+            # all alive until theirs: a gradient kept here would add a whole set of weight
+            # gradients to the step's peak memory (1.6 GB of the 7B proxy's 8 GB). Its factors
+            # (82 tokens a row there) are a tenth of that; the product waits for the prefix
+            # pass, and costs the same there.
+            if KEEP_FACTORS and (grad_out.numel() + inputs.numel()
+                                 < grad_out.shape[1] * inputs.shape[1]):
+                self.factors.append((grad_out, inputs))
+            elif self.kept is None:
+                self.kept = grad_out.t().mm(inputs)
             else:  # a second latent pass (the prior-path NLL)
                 self.kept.addmm_(grad_out.t(), inputs)
             return None
 
+    def _take_kept(self) -> Tensor | None:
+        """What the latent passes kept, as one gradient (None if nothing), and forget it."""
+        kept, factors = self.kept, self.factors
+        self.kept, self.factors = None, []
+        for grad_out, inputs in factors:
+            kept = grad_out.t().mm(inputs) if kept is None else kept.addmm_(grad_out.t(), inputs)
+        return kept
+
     def _drop_kept(self) -> None:
         with self.lock:
-            self.kept = None
+            self.kept, self.factors = None, []
 
 
 class _PairedLinear(torch.autograd.Function):

@@ -14,8 +14,13 @@ from amvl.weight_grads import PairedWeightGrads
 from tests.test_model import _loss_and_grads, build
 
 
-def _decoder(dtype=torch.float64) -> nn.Module:
+def _decoder(dtype=torch.float64, wide: bool = False) -> nn.Module:
+    """Two linear layers; ``wide``: a 32 x 32 one between them, whose gradient is larger than
+    its factors for the few tokens of a tail (the others' are not)."""
     torch.manual_seed(0)
+    if wide:
+        return nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
+                             nn.Linear(32, 6, bias=False)).to(dtype)
     return nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 6, bias=False)).to(dtype)
 
 
@@ -78,13 +83,40 @@ def test_same_gradients_in_either_order(monkeypatch, order, latent_passes):
     assert len(handed) == 2 * (latent_passes + 1)
 
 
+@pytest.mark.parametrize("latent_passes", [1, 2])
+def test_the_latent_passes_keep_factors_smaller_than_their_gradient(monkeypatch,
+                                                                    latent_passes):
+    """Until the prefix pass's backward, a latent pass keeps its output gradient and inputs
+    where they are smaller than the weight's gradient (the MLPs of 7B-class models: 82 tokens
+    a row against 3,584 and 18,944 features), else the gradient; the sums are the same."""
+    decoder = _decoder(wide=True)
+    expected = _step(decoder, None, "latent_first_in_backward", latent_passes)
+    seen = {}
+    real = weight_grads._WeightRecord.weight_grad
+
+    def spy(self, grad_out, inputs, prefix):
+        if prefix:  # what the latent passes left for this use
+            seen[grad_out.shape[1], inputs.shape[1]] = (self.kept is not None,
+                                                       len(self.factors))
+        return real(self, grad_out, inputs, prefix)
+    monkeypatch.setattr(weight_grads._WeightRecord, "weight_grad", spy)
+    pairing = PairedWeightGrads(decoder, min_numel=0)
+    got = _step(decoder, pairing, "latent_first_in_backward", latent_passes)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-12, atol=1e-12)
+    # 6 tail tokens: (6 x 32) x 2 factors < 32 x 32; (6 x 32) + (6 x 6) > 32 x 6
+    assert seen == {(32, 6): (True, 0), (32, 32): (False, latent_passes), (6, 32): (True, 0)}
+    assert all(r.kept is None and not r.factors for r in pairing.records.values())
+
+
+@pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("partial", ["grad_of_the_tail", "backward_of_other_inputs"])
-def test_a_partial_backward_first_leaves_nothing_behind(partial):
+def test_a_partial_backward_first_leaves_nothing_behind(partial, wide):
     """A backward that runs the latent pass but never reaches the prefix pass (a diagnostic
     gradient of z, or backward(inputs=...) of the heads) once left the latent pass's weight
     gradient kept, and the full backward after it counted that share twice."""
     def run(pair: bool) -> dict[str, torch.Tensor]:
-        decoder = _decoder()
+        decoder = _decoder(wide=wide)
         pairing = PairedWeightGrads(decoder, min_numel=0) if pair else None
         g = torch.Generator().manual_seed(1)
         x = torch.randn(3, 5, 6, generator=g, dtype=torch.float64)
