@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -214,15 +215,34 @@ def l2_cold_copies(distinct_bytes: int) -> int:
 
 
 def peak_memory_bytes(fn: Callable[[], object]) -> int:
-    """Peak bytes allocated while ``fn`` runs, above what was allocated before (CUDA only)."""
+    """Peak bytes allocated while ``fn`` runs, above what was allocated before: CUDA's
+    allocator statistics on a GPU; on the CPU, which keeps none, the running total of the
+    allocations ``torch.profiler`` records (tensors only, not the Python heap)."""
     if not torch.cuda.is_available():
-        return 0
+        return _cpu_peak_bytes(fn)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
+
+
+def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as folder:
+        trace = os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(trace)
+        with open(trace) as f:
+            events = json.load(f)["traceEvents"]
+    # Each allocation and free is a "[memory]" event whose "Total Allocated" is the running
+    # total since the profile began.
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"
+              and e["args"].get("Device Type") == 0]  # 0: the CPU
+    return max([0, *totals])
 
 
 _COPY_GBS: float | None = None

@@ -217,6 +217,24 @@ def with_every_weight_paired(step):
     return run
 
 
+KEPT_GRADS = "shared_amvl:kept_grads"
+
+
+def with_latent_gradients_kept(step):
+    """``step`` with the latent pass's weight gradients multiplied out in its own backward and
+    kept for the prefix pass, instead of their factors (``weight_grads.KEEP_FACTORS`` off):
+    more peak memory, the products where the device may wait for the host anyway."""
+    module = importlib.import_module("amvl.weight_grads")
+
+    def run():
+        previous, module.KEEP_FACTORS = module.KEEP_FACTORS, False
+        try:
+            return step()
+        finally:
+            module.KEEP_FACTORS = previous
+    return run
+
+
 KERNELS_ONLY = "shared_amvl:kernels"
 
 
@@ -263,7 +281,9 @@ def main() -> None:
                              f"grouped query heads never split across programs, "
                              f"'{KERNELS_ONLY}' with every query row on our kernels, "
                              f"'{UNPAIRED}' without paired weight gradients, '{PAIR_ALL}' "
-                             f"with every weight's paired, '{SPLIT}' "
+                             f"with every weight's paired, '{KEPT_GRADS}' with the latent "
+                             f"pass's weight gradients kept instead of their factors, "
+                             f"'{SPLIT}' "
                              "with x's rows on SDPA in training too")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rows", type=int, default=15, help="operators listed per comparison")
@@ -273,7 +293,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     providers = args.providers.split(",")
-    variants = {NO_SPLIT, KERNELS_ONLY, UNPAIRED, PAIR_ALL, SPLIT}
+    variants = {NO_SPLIT, KERNELS_ONLY, UNPAIRED, PAIR_ALL, KEPT_GRADS, SPLIT}
     unknown = set(providers) - set(bms.PROVIDERS) - variants
     if unknown or len(providers) < 2:
         parser.error(f"--providers needs two or more of {bms.PROVIDERS}, got {providers}")
@@ -289,6 +309,7 @@ def main() -> None:
     steps[UNPAIRED] = without_paired_weight_grads(steps["shared_amvl"],
                                                   steps["shared_amvl"].model)
     steps[PAIR_ALL] = with_every_weight_paired(steps["shared_amvl"])
+    steps[KEPT_GRADS] = with_latent_gradients_kept(steps["shared_amvl"])
     # The benchmark's own measure, side by side: the effects asked about (about 1% of a step)
     # are smaller than the drift between providers timed one after another (2.4% in run 5).
     # Whole cycles of the balanced orders (2n of them for an odd number n of providers).

@@ -10,6 +10,8 @@ every ATen operator with its tensors' bytes (each input read once, each output w
 views move nothing; an embedding lookup reads the rows it gathers), on models of 1 and 2
 decoder layers, and prints what one decoder layer and what the rest of the model
 (embeddings, loss, heads, the latent draw) add over the first provider, operator by operator.
+It also measures each step's peak memory of the tensors it allocates (``torch.profiler``'s
+allocation records on the CPU), per layer and for the rest.
 
 Where the GPU runs other operators than the CPU, so does the count: the "amvl" attention runs
 SDPA and masks on the CPU and our Triton kernels on a GPU, so the attention's own rows here say
@@ -87,10 +89,11 @@ class TrafficCount(TorchDispatchMode):
 
 
 def count_steps(widths: dict, layers: int, providers: list[str], prefix: int, answer: int,
-                dtype: torch.dtype, vocab: int | None = None) -> dict[str, TrafficCount]:
+                dtype: torch.dtype, vocab: int | None = None
+                ) -> tuple[dict[str, TrafficCount], dict[str, int]]:
     """One counted step per provider, after an uncounted one, on a model of ``layers``, its
     embedding tables grown to ``vocab`` rows if given (the batch's tokens stay in the
-    benchmark's first thousand)."""
+    benchmark's first thousand); and each step's peak bytes of tensors it allocated."""
     bms.MODELS["counted"] = dict(widths, num_hidden_layers=layers)
     bms._CACHE.pop("counted", None)
     base, tokenizer = bms._model("counted")
@@ -98,14 +101,15 @@ def count_steps(widths: dict, layers: int, providers: list[str], prefix: int, an
         base.resize_token_embeddings(vocab, mean_resizing=False)
     base.to(dtype)
     steps, _ = bms._steps(base, tokenizer, prefix, answer, base.device)
-    counts = {}
+    counts, peaks = {}, {}
     for name in providers:
         steps[name]()
         counts[name] = TrafficCount()
         with counts[name]:
             steps[name]()
+        peaks[name] = common.peak_memory_bytes(steps[name])
     del bms.MODELS["counted"], bms._CACHE["counted"]
-    return counts
+    return counts, peaks
 
 
 def split_per_layer(one: TrafficCount, two: TrafficCount) -> tuple[Counter, Counter]:
@@ -142,13 +146,14 @@ def main() -> None:
 
     prefix, answer = bms.SHAPES[args.shape]
     dtype = getattr(torch, args.dtype)
-    one, two = (count_steps(widths[args.model], layers, providers, prefix, answer, dtype,
-                            args.vocab) for layers in (1, 2))
+    (one, peak_one), (two, peak_two) = (
+        count_steps(widths[args.model], layers, providers, prefix, answer, dtype, args.vocab)
+        for layers in (1, 2))
     vocab = f", vocabulary {args.vocab}" if args.vocab else ""
     print(f"{args.model} widths{vocab}, {args.shape} (prefix {prefix}, answer {answer}), "
           f"batch {bms.BATCH}, {args.dtype}, counted on {common.device_info()['device']}")
     print(f"{'provider':<14}{'MB a layer':>12}{'MB the rest':>13}{'GFLOP a layer':>15}"
-          f"{'GFLOP the rest':>16}")
+          f"{'GFLOP the rest':>16}{'peak MB a layer':>17}{'peak MB the rest':>18}")
     parts = {}
     for name in providers:
         parts[name] = split_per_layer(one[name], two[name])
@@ -156,7 +161,8 @@ def main() -> None:
         rest_flops = sum(one[name].flops.values()) - layer_flops
         print(f"{name:<14}{sum(parts[name][0].values()) / 1e6:>12.1f}"
               f"{sum(parts[name][1].values()) / 1e6:>13.1f}{layer_flops / 1e9:>15.1f}"
-              f"{rest_flops / 1e9:>16.1f}")
+              f"{rest_flops / 1e9:>16.1f}{(peak_two[name] - peak_one[name]) / 1e6:>17.1f}"
+              f"{(2 * peak_one[name] - peak_two[name]) / 1e6:>18.1f}")
     for name in providers[1:]:
         for part, title in ((0, "a decoder layer"), (1, "the rest of the model")):
             ours, theirs = parts[name][part], parts[providers[0]][part]

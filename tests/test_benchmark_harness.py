@@ -179,7 +179,7 @@ def test_model_step_profile_script_runs(tmp_path):
     env = {**os.environ, "AMVL_BENCH_SMOKE": "1"}
     out = tmp_path / "profile.json"
     providers = ("plain,naive,shared_amvl,shared_amvl:nosplit,shared_amvl:unpaired,"
-                 "shared_amvl:pair_all,shared_amvl:split")
+                 "shared_amvl:pair_all,shared_amvl:kept_grads,shared_amvl:split")
     proc = subprocess.run([sys.executable, "scripts/profile_model_step.py", "--repeats", "1",
                            "--providers", providers, "--json", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -225,6 +225,24 @@ def test_step_traffic_script_runs():
         assert f"a decoder layer, {provider} against plain" in proc.stdout
         assert f"the rest of the model, {provider} against plain" in proc.stdout
     assert "vocabulary 2000" in proc.stdout and "[*, 2000]" in proc.stdout
+    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in
+            proc.stdout.splitlines() if line.split()[:1] in (["plain"], ["shared_amvl"])}
+    assert all(len(row) == 6 and row[0] > 0 and row[4] > 0 for row in rows.values()), rows
+
+
+def test_peak_memory_on_the_cpu_follows_allocations_and_frees():
+    """The CPU's peak: the most bytes of tensors alive at once during the call."""
+    from benchmarks import common
+
+    a = torch.randn(1000, 1000)
+
+    def fn():
+        b = a * 2
+        c = b + 1  # b and c: 8 MB
+        del b
+        d = torch.empty(3000, 1000)  # c and d: 16 MB
+        return c, d
+    assert common.peak_memory_bytes(fn) == 4 * (1000 + 3000) * 1000
 
 
 def test_host_overhead_script_runs():
