@@ -9,16 +9,15 @@ latent pass's own weight-gradient GEMMs.
 :class:`PairedWeightGrads` runs the decoder's ``nn.Linear`` layers through one autograd
 function in both passes. The latent pass's backward, which autograd runs first (the latent
 pass comes later in the graph and reads the prefix pass's keys), keeps what its weight
-gradient is made of, its output gradient and inputs (a few dozen tokens a row, far smaller
-than the gradient), instead of handing a gradient over. The prefix pass's backward multiplies
-them out and accumulates its own gradient into the result in the same matrix product
-(``addmm_`` with beta = 1, whose read of the result overlaps the large product's compute), so
-no latent gradient waits in memory through the prefix pass's backward, as autograd's would,
-beside all of that pass's activations. Each weight receives one gradient, so DDP's and FSDP's
-gradient hooks
-fire once, as they would for one pass. If the passes' backwards ever run in the other order,
-each pass hands over its own gradient and autograd adds them, as without pairing: the result
-is the same either way.
+gradient is made of, its output gradient and inputs (a few dozen tokens a row: smaller than
+the gradient, else it keeps the gradient), instead of handing a gradient over. The prefix
+pass's backward multiplies them out and accumulates its own gradient into the result in the
+same matrix product (``addmm_`` with beta = 1, whose read of the result overlaps the large
+product's compute), so no latent gradient waits in memory through the prefix pass's backward,
+as autograd's would, beside all of that pass's activations. Each weight receives one gradient,
+so DDP's and FSDP's gradient hooks fire once, as they would for one pass. If the passes'
+backwards ever run in the other order, each pass hands over its own gradient and autograd adds
+them, as without pairing: the result is the same either way.
 
 Only plain ``nn.Linear`` modules whose weight requires grad and holds at least
 ``MIN_PAIRED_NUMEL`` elements are paired (counted as ``in_features * out_features``: under FSDP
