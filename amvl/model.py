@@ -443,9 +443,15 @@ class AMVLModel(SavingMixin, nn.Module):
         152,064 x 3,584, 1.1 GB in bf16), so a lookup per pass would write one per pass and
         autograd would add them: one lookup for all the passes of a step writes it once.
         """
-        ids = torch.cat([s.input_ids for s in seqs], 1) if len(seqs) > 1 else seqs[0].input_ids
-        embeds = self.get_input_embeddings()(ids)
-        return list(embeds.split([s.input_ids.shape[1] for s in seqs], 1))
+        if len(seqs) == 1:
+            return [self.get_input_embeddings()(seqs[0].input_ids)]
+        # One row of all the passes' tokens, each pass's a contiguous piece of it (models may
+        # .view their inputs_embeds), still (batch, length, hidden) for the module's hooks
+        # (NEFTune's reads its output's last two sizes).
+        ids = torch.cat([s.input_ids.reshape(1, -1) for s in seqs], 1)
+        embeds = self.get_input_embeddings()(ids)[0]
+        pieces = embeds.split([s.input_ids.numel() for s in seqs])
+        return [piece.view(*s.input_ids.shape, -1) for piece, s in zip(pieces, seqs)]
 
     def _nll(self, hidden: Tensor, seq: Sequence, answer_ids: Tensor, answer_mask: Tensor,
              tokens: float | Tensor | None = None) -> Tensor:

@@ -140,8 +140,12 @@ def test_a_training_step_looks_its_embeddings_up_once(kind, share, gamma, monkey
     # (Qwen2-VL's own forward also looks up its one image token, to find where images go.)
     model.get_input_embeddings().register_forward_hook(
         lambda module, args, out: lookups.append(1) if args[0].numel() > 1 else None)
+    passed = []  # each pass's inputs_embeds, contiguous as a lookup of its own would be
+    model._backbone().register_forward_pre_hook(
+        lambda module, args, kwargs: passed.append(kwargs["inputs_embeds"]), with_kwargs=True)
     joint, g_joint = _loss_and_grads(model, batch, prefix_sharing=share)
     assert len(lookups) == 1
+    assert len(passed) >= 2 and all(e.is_contiguous() and e.dim() == 3 for e in passed)
     monkeypatch.setattr(AMVLModel, "_embed", lambda self, *seqs: [
         self.get_input_embeddings()(s.input_ids) for s in seqs])
     apart, g_apart = _loss_and_grads(model, batch, prefix_sharing=share)
