@@ -42,10 +42,11 @@ K = 4 if common.SMOKE else 16
 
 QWEN2_0_5B = dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14,
                   num_key_value_heads=2)
+QWEN2_7B = dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                num_key_value_heads=4)
 MODELS = {
     "qwen2-0.5b": dict(QWEN2_0_5B, num_hidden_layers=24),
-    "7b-proxy": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=4,
-                     num_attention_heads=28, num_key_value_heads=4),
+    "7b-proxy": dict(QWEN2_7B, num_hidden_layers=4),
 }
 if not ON_GPU:
     MODELS = {"qwen2-0.5b-2layers": dict(QWEN2_0_5B, num_hidden_layers=2)}

@@ -137,8 +137,7 @@ def main() -> None:
     providers = args.providers.split(",")
     if set(providers) - set(bms.PROVIDERS) or len(providers) < 2:
         parser.error(f"--providers needs two or more of {bms.PROVIDERS}, got {providers}")
-    widths = {"7b-proxy": dict(hidden_size=3584, intermediate_size=18944,
-                               num_attention_heads=28, num_key_value_heads=4)}
+    widths = {"7b-proxy": bms.QWEN2_7B}
     widths.update({name: {k: v for k, v in w.items() if k != "num_hidden_layers"}
                    for name, w in bms.MODELS.items()})
     if args.model not in widths:
