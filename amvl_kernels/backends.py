@@ -36,11 +36,19 @@ def triton_interpreted() -> bool:
     return _INTERPRETED
 
 
-@functools.cache
+# torch.compile calls it while tracing and keeps the answer as a constant: it cannot trace the
+# import and file reads inside, and would break the graph at every op asked for the CUDA
+# backend. (A functools.cache wrapper would be traced through, so the cache sits beneath.)
+@torch.compiler.assume_constant_result
 def cuda_extension_available() -> bool:
     """True when the compiled ``amvl_kernels._C`` module imports and, in a source checkout
     (csrc/ beside the package), was built from the sources there: a module left by an
     earlier build is refused with a warning instead of run against changed sources."""
+    return _load_and_check_extension()
+
+
+@functools.cache
+def _load_and_check_extension() -> bool:
     try:
         from amvl_kernels import _C
     except ImportError:
@@ -55,6 +63,9 @@ def cuda_extension_available() -> bool:
                           "backend='cuda' is unavailable until then", stacklevel=2)
             return False
     return True
+
+
+cuda_extension_available.cache_clear = _load_and_check_extension.cache_clear
 
 
 def resolve_backend(backend: str, device: torch.device, *, has_cuda_kernel: bool = False) -> str:

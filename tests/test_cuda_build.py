@@ -105,6 +105,19 @@ def test_cuda_extension_available_matches_the_in_place_module():
     assert any("other sources" in str(w.message) for w in caught) == (in_place and not current)
 
 
+def test_compiled_code_can_ask_whether_the_extension_is_there():
+    """torch.compile keeps the answer as a constant instead of breaking the graph on the import
+    and file reads inside: an op asked for backend="cuda" compiles with fullgraph=True."""
+    expected = ak.cuda_extension_available()
+
+    def answer(x):
+        return x + 1 if ak.cuda_extension_available() else x - 1
+
+    torch._dynamo.reset()
+    out = torch.compile(answer, backend="eager", fullgraph=True)(torch.zeros(3))
+    assert out.tolist() == [1.0 if expected else -1.0] * 3
+
+
 def test_the_module_carries_its_sources_fingerprint(ext):
     """A module built from csrc/ says so; one built from other sources would not match."""
     from amvl_kernels._source_hash import source_hash
