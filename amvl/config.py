@@ -83,6 +83,10 @@ class AMVLConfig:
         pair_weight_grads: in prefix-shared training steps, hand each large decoder linear
             weight one gradient for both passes, the latent pass's accumulated into the prefix
             pass's matrix product, instead of two that autograd adds (amvl/weight_grads.py).
+            Less peak memory (the MLP weight gradients of a layer: 0.4 GB at Qwen2-7B's widths
+            in bf16), at the cost of a Python autograd function's host time per use: off by
+            default, since a step whose host cannot keep ahead of the GPU runs slower with it
+            (benchmarks/RESULTS.md, the H200 run of 2026-11-28).
         kernel_backend: backend passed to amvl_kernels ops.
         *_token: special-token strings; added to the tokenizer when missing.
     """
@@ -104,7 +108,7 @@ class AMVLConfig:
     inference: str = "mean"
     num_samples: int = 1
     prefix_sharing: bool = True
-    pair_weight_grads: bool = True
+    pair_weight_grads: bool = False
     kernel_backend: str = "auto"
     latent_start_token: str = "<lat_start>"
     latent_end_token: str = "<lat_end>"

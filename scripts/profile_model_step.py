@@ -182,14 +182,15 @@ def without_head_split(step):
     return run
 
 
-UNPAIRED = "shared_amvl:unpaired"
+UNPAIRED, PAIRED = "shared_amvl:unpaired", "shared_amvl:paired"
 
 
-def without_paired_weight_grads(step, model):
-    """``step`` with ``pair_weight_grads`` off: autograd adds the two passes' weight
-    gradients."""
+def with_pairing(step, model, on: bool):
+    """``step`` with ``pair_weight_grads`` on (each large decoder weight's gradients of the
+    two passes paired in one product) or off (autograd adds them; the default since the
+    H200 run of 2026-11-28)."""
     def run():
-        previous, model.config.pair_weight_grads = model.config.pair_weight_grads, False
+        previous, model.config.pair_weight_grads = model.config.pair_weight_grads, on
         try:
             return step()
         finally:
@@ -200,18 +201,19 @@ def without_paired_weight_grads(step, model):
 PAIR_ALL = "shared_amvl:pair_all"
 
 
-def with_every_weight_paired(step):
-    """``step`` with every decoder linear's weight gradients paired, the attention projections
+def with_every_weight_paired(step, model):
+    """``step`` paired, every decoder linear's weight gradients, the attention projections
     too: at the 7B proxy's widths each of q_proj and o_proj (3,584 x 3,584, under
     ``MIN_PAIRED_NUMEL``) costs a bf16 addition of 77 MB a layer when left to autograd (counted
     on the CPU by a dispatch mode), about 26 us on an H100, against about 0.1 ms more host
     time per paired use."""
     module = importlib.import_module("amvl.weight_grads")
+    paired = with_pairing(step, model, True)
 
     def run():
         previous, module.MIN_PAIRED_NUMEL = module.MIN_PAIRED_NUMEL, 0
         try:
-            return step()
+            return paired()
         finally:
             module.MIN_PAIRED_NUMEL = previous
     return run
@@ -220,16 +222,18 @@ def with_every_weight_paired(step):
 KEPT_GRADS = "shared_amvl:kept_grads"
 
 
-def with_latent_gradients_kept(step):
-    """``step`` with the latent pass's weight gradients multiplied out in its own backward and
-    kept for the prefix pass, instead of their factors (``weight_grads.KEEP_FACTORS`` off):
-    more peak memory, the products where the device may wait for the host anyway."""
+def with_latent_gradients_kept(step, model):
+    """``step`` paired, with the latent pass's weight gradients multiplied out in its own
+    backward and kept for the prefix pass, instead of their factors
+    (``weight_grads.KEEP_FACTORS`` off): more peak memory, the products where the device may
+    wait for the host anyway."""
     module = importlib.import_module("amvl.weight_grads")
+    paired = with_pairing(step, model, True)
 
     def run():
         previous, module.KEEP_FACTORS = module.KEEP_FACTORS, False
         try:
-            return step()
+            return paired()
         finally:
             module.KEEP_FACTORS = previous
     return run
@@ -280,7 +284,8 @@ def main() -> None:
                              f"'{NO_SPLIT}' is shared_amvl with the dk/dv kernel's "
                              f"grouped query heads never split across programs, "
                              f"'{KERNELS_ONLY}' with every query row on our kernels, "
-                             f"'{UNPAIRED}' without paired weight gradients, '{PAIR_ALL}' "
+                             f"'{UNPAIRED}' without paired weight gradients, '{PAIRED}' "
+                             f"with them, '{PAIR_ALL}' "
                              f"with every weight's paired, '{KEPT_GRADS}' with the latent "
                              f"pass's weight gradients kept instead of their factors, "
                              f"'{SPLIT}' "
@@ -293,7 +298,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     providers = args.providers.split(",")
-    variants = {NO_SPLIT, KERNELS_ONLY, UNPAIRED, PAIR_ALL, KEPT_GRADS, SPLIT}
+    variants = {NO_SPLIT, KERNELS_ONLY, UNPAIRED, PAIRED, PAIR_ALL, KEPT_GRADS, SPLIT}
     unknown = set(providers) - set(bms.PROVIDERS) - variants
     if unknown or len(providers) < 2:
         parser.error(f"--providers needs two or more of {bms.PROVIDERS}, got {providers}")
@@ -306,10 +311,11 @@ def main() -> None:
     steps[NO_SPLIT] = without_head_split(steps["shared_amvl"])
     steps[KERNELS_ONLY] = on_our_kernels_only(steps["shared_amvl"])
     steps[SPLIT] = with_rows_split_off(steps["shared_amvl"])
-    steps[UNPAIRED] = without_paired_weight_grads(steps["shared_amvl"],
-                                                  steps["shared_amvl"].model)
-    steps[PAIR_ALL] = with_every_weight_paired(steps["shared_amvl"])
-    steps[KEPT_GRADS] = with_latent_gradients_kept(steps["shared_amvl"])
+    model = steps["shared_amvl"].model
+    steps[UNPAIRED] = with_pairing(steps["shared_amvl"], model, False)
+    steps[PAIRED] = with_pairing(steps["shared_amvl"], model, True)
+    steps[PAIR_ALL] = with_every_weight_paired(steps["shared_amvl"], model)
+    steps[KEPT_GRADS] = with_latent_gradients_kept(steps["shared_amvl"], model)
     # The benchmark's own measure, side by side: the effects asked about (about 1% of a step)
     # are smaller than the drift between providers timed one after another (2.4% in run 5).
     # Whole cycles of the balanced orders (2n of them for an odd number n of providers).
@@ -322,6 +328,7 @@ def main() -> None:
         results[name] = profile_step(steps[name], device)
         results[name]["wall_ms"] = wall_ms(steps[name], device, args.repeats)
         results[name]["bench_ms"] = bench_ms[name]
+        results[name]["peak_mb"] = common.peak_memory_bytes(steps[name]) / 2**20
         if args.gaps and device.type == "cuda":
             with tempfile.TemporaryDirectory() as folder:
                 trace = Path(folder) / "trace.json"
@@ -333,13 +340,13 @@ def main() -> None:
     print(f"{args.model}, {args.shape} (prefix {prefix}, answer {answer}), batch {args.batch}, "
           f"{common.device_info()['device']}")
     print(f"{'provider':<20}{'bench ms':>10}{'ratio':>7}{'wall ms':>10}{'host ms':>10}"
-          f"{'device ms':>11}{'ratio':>7}{'launches':>10}{'syncs':>7}")
+          f"{'device ms':>11}{'ratio':>7}{'launches':>10}{'syncs':>7}{'peak MB':>9}")
     first = results[providers[0]]
     for name, r in results.items():
         device_ratio = r["device_ms"] / first["device_ms"] if first["device_ms"] else 0.0
         print(f"{name:<20}{r['bench_ms']:>10.1f}{r['bench_ms'] / first['bench_ms']:>7.3f}"
               f"{r['wall_ms']:>10.1f}{r['host_ms']:>10.1f}{r['device_ms']:>11.1f}"
-              f"{device_ratio:>7.3f}{r['launches']:>10}{r['syncs']:>7}")
+              f"{device_ratio:>7.3f}{r['launches']:>10}{r['syncs']:>7}{r['peak_mb']:>9.0f}")
     for name, r in results.items():
         if "timeline" not in r:
             continue

@@ -40,7 +40,8 @@ def build(checkpointed: bool, dtype: torch.dtype = torch.float64
     torch.manual_seed(0)
     tokenizer = word_tokenizer(WORDS)
     model = AMVLModel(tiny_qwen2(tokenizer), tokenizer,
-                      AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch")).to(dtype)
+                      AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch",
+                                 pair_weight_grads=True)).to(dtype)
     akhf.use_amvl_attention(model.base)
     if checkpointed:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (

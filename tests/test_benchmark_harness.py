@@ -179,7 +179,8 @@ def test_model_step_profile_script_runs(tmp_path):
     env = {**os.environ, "AMVL_BENCH_SMOKE": "1"}
     out = tmp_path / "profile.json"
     providers = ("plain,naive,shared_amvl,shared_amvl:nosplit,shared_amvl:unpaired,"
-                 "shared_amvl:pair_all,shared_amvl:kept_grads,shared_amvl:split")
+                 "shared_amvl:paired,shared_amvl:pair_all,shared_amvl:kept_grads,"
+                 "shared_amvl:split")
     proc = subprocess.run([sys.executable, "scripts/profile_model_step.py", "--repeats", "1",
                            "--providers", providers, "--json", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -187,7 +188,7 @@ def test_model_step_profile_script_runs(tmp_path):
     assert "against plain: the operators that grew most" in proc.stdout
     results = json.loads(out.read_text())["results"]
     assert set(results) == set(providers.split(","))
-    assert all(r["wall_ms"] > 0 and r["ops"] for r in results.values())
+    assert all(r["wall_ms"] > 0 and r["ops"] and r["peak_mb"] > 0 for r in results.values())
 
     def paired(provider):  # the smoke model's weights are all under MIN_PAIRED_NUMEL
         return any("PairedLinear" in op for op in results[provider]["ops"])

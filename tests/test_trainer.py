@@ -420,6 +420,7 @@ def test_fsdp_activation_checkpointing_is_recognised(monkeypatch, how, amvl_atte
 
     monkeypatch.setattr(weight_grads, "MIN_PAIRED_NUMEL", 0)  # the tiny model's layers pair
     model, tokenizer = _tiny_model(amvl_attention)
+    model.config.pair_weight_grads = True
     assert model._no_split_modules == ["Qwen2DecoderLayer"]
     batch = AMVLCollator(tokenizer)(_data(4))
     names = [n for n, p in model.named_parameters() if p.requires_grad]
