@@ -481,8 +481,7 @@ class AMVLModel(SavingMixin, nn.Module):
         latent_ids = torch.cat([slots(ids["latent_start"], b, 1, device)[0],
                                 slots(ids["latent"], b, k, device)[0],
                                 slots(ids["latent_end"], b, 1, device)[0]], 1)
-        block = torch.zeros(b, k + 2, dtype=torch.long, device=device)
-        block[:, 1:-1] = LATENT_BLOCK
+        block = (0,) + (LATENT_BLOCK,) * k + (0,)  # the ends are causal
         parts["latent"] = Part(Segment.LATENT, latent_ids,
                                torch.ones_like(latent_ids, dtype=torch.bool), x_end, block)
         if answer_ids is not None:
