@@ -7,7 +7,10 @@ profiles one step
 of each with ``torch.profiler`` and prints, per provider, the host's time, the device's kernel
 time, the kernel launches and the host's waits for the device, then the operators whose device
 time (on the CPU, host time) grew the most from the first provider to each of the others.
-``--gaps N`` adds where the device sat idle (GPU only).
+``--gaps N`` adds where the device sat idle (GPU only). ``--host-only`` keeps the model's
+layers, heads and batch but shrinks its widths (head size 8, MLP 256), so that the device
+finishes each kernel at once and a step's time is its host's: how much of a step the host
+alone would take, per provider.
 
     python scripts/profile_model_step.py --model 7b-proxy --shape blink     # on a GPU
     AMVL_BENCH_SMOKE=1 python scripts/profile_model_step.py                 # harness, CPU
@@ -274,6 +277,13 @@ def with_rows_split_off(step):
     return run
 
 
+def host_only_widths(widths: dict) -> dict:
+    """``widths`` with the same layers, query and KV heads, and head size 8: the same
+    operators and launches, each on a device that finishes it at once."""
+    heads = widths["num_attention_heads"]
+    return dict(widths, hidden_size=8 * heads, intermediate_size=256)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=next(iter(bms.MODELS)), choices=list(bms.MODELS))
@@ -295,6 +305,9 @@ def main() -> None:
     parser.add_argument("--gaps", type=int, default=0, metavar="N",
                         help="also list, per provider, the N places whose launches the device "
                              "waited for longest, and the host syncs (GPU only)")
+    parser.add_argument("--host-only", action="store_true",
+                        help="the model's layers and heads at tiny widths: each step's time "
+                             "is then the host's")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     providers = args.providers.split(",")
@@ -305,6 +318,8 @@ def main() -> None:
 
     device = common.bench_device()
     bms.BATCH = args.batch  # read by the batch builder
+    if args.host_only:
+        bms.MODELS[args.model] = host_only_widths(bms.MODELS[args.model])
     base, tokenizer = bms._model(args.model)
     prefix, answer = bms.SHAPES[args.shape]
     steps, _ = bms._steps(base, tokenizer, prefix, answer, device)
@@ -337,8 +352,9 @@ def main() -> None:
             results[name]["timeline"] = device_timeline(events)
 
     unit = "device" if device.type == "cuda" else "host"
-    print(f"{args.model}, {args.shape} (prefix {prefix}, answer {answer}), batch {args.batch}, "
-          f"{common.device_info()['device']}")
+    host_only = ", at tiny widths (host time)" if args.host_only else ""
+    print(f"{args.model}{host_only}, {args.shape} (prefix {prefix}, answer {answer}), batch "
+          f"{args.batch}, {common.device_info()['device']}")
     print(f"{'provider':<20}{'bench ms':>10}{'ratio':>7}{'wall ms':>10}{'host ms':>10}"
           f"{'device ms':>11}{'ratio':>7}{'launches':>10}{'syncs':>7}{'peak MB':>9}")
     first = results[providers[0]]
