@@ -19,8 +19,11 @@ alone would take, per provider.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import importlib
+import io
 import json
+import pstats
 import statistics
 import sys
 import tempfile
@@ -277,6 +280,24 @@ def with_rows_split_off(step):
     return run
 
 
+def python_functions(step, device: torch.device, rows: int, steps: int = 5) -> str:
+    """The ``rows`` Python functions (and built-ins: each torch operator's call) with the most
+    time of their own in ``steps`` steps under cProfile, as cProfile prints them (totals of
+    the ``steps`` steps)."""
+    step()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    profiler.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("tottime").print_stats(rows)
+    return out.getvalue()
+
+
 def host_only_widths(widths: dict) -> dict:
     """``widths`` with the same layers, query and KV heads, and head size 8: the same
     operators and launches, each on a device that finishes it at once."""
@@ -305,6 +326,9 @@ def main() -> None:
     parser.add_argument("--gaps", type=int, default=0, metavar="N",
                         help="also list, per provider, the N places whose launches the device "
                              "waited for longest, and the host syncs (GPU only)")
+    parser.add_argument("--python", type=int, default=0, metavar="N",
+                        help="also list, per provider, the N Python functions that took the "
+                             "most host time in 5 of its steps (cProfile)")
     parser.add_argument("--host-only", action="store_true",
                         help="the model's layers and heads at tiny widths: each step's time "
                              "is then the host's")
@@ -350,6 +374,8 @@ def main() -> None:
                 profile_step(steps[name], device, trace)
                 events = json.loads(trace.read_text())["traceEvents"]
             results[name]["timeline"] = device_timeline(events)
+        if args.python:
+            results[name]["python"] = python_functions(steps[name], device, args.python)
 
     unit = "device" if device.type == "cuda" else "host"
     host_only = ", at tiny widths (host time)" if args.host_only else ""
@@ -374,6 +400,10 @@ def main() -> None:
             print(f"  {ms:8.2f} ms {count:5d} gaps  {where[:110]}")
         for where, count, ms in t["syncs"]:
             print(f"  sync x{count} ({ms:.2f} ms)  {where[:110]}")
+    for name, r in results.items():
+        if "python" in r:
+            print(f"\n{name}: the Python functions that took the most host time in 5 steps\n"
+                  f"{r['python']}")
     baseline = results[providers[0]]["ops"]
     for name in providers[1:]:
         ops = results[name]["ops"]

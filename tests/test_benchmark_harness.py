@@ -182,11 +182,13 @@ def test_model_step_profile_script_runs(tmp_path):
                  "shared_amvl:paired,shared_amvl:pair_all,shared_amvl:kept_grads,"
                  "shared_amvl:split")
     proc = subprocess.run([sys.executable, "scripts/profile_model_step.py", "--repeats", "1",
-                           "--providers", providers, "--json", str(out), "--host-only"],
+                           "--providers", providers, "--json", str(out), "--host-only",
+                           "--python", "5"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "against plain: the operators that grew most" in proc.stdout
     assert "at tiny widths (host time)" in proc.stdout
+    assert "the Python functions that took the most host time in 5 steps" in proc.stdout
     results = json.loads(out.read_text())["results"]
     assert set(results) == set(providers.split(","))
     assert all(r["wall_ms"] > 0 and r["ops"] and r["peak_mb"] > 0 for r in results.values())
