@@ -10,7 +10,8 @@ time (on the CPU, host time) grew the most from the first provider to each of th
 ``--gaps N`` adds where the device sat idle (GPU only). ``--host-only`` keeps the model's
 layers, heads and batch but shrinks its widths (head size 8, MLP 256), so that the device
 finishes each kernel at once and a step's time is its host's: how much of a step the host
-alone would take, per provider.
+alone would take, per provider. ``--python N`` lists the N Python functions (torch's operator
+calls among them) that took the most host time in 5 steps of each provider.
 
     python scripts/profile_model_step.py --model 7b-proxy --shape blink     # on a GPU
     AMVL_BENCH_SMOKE=1 python scripts/profile_model_step.py                 # harness, CPU
