@@ -598,7 +598,7 @@ def _tile_tensors(layout: LatentLayout | None, lq: int, group: int, head_dim: in
                        tile_map.col_partial_count] if kernel.startswith("dkdv") else
                       [tile_map.row_full, tile_map.row_full_count, tile_map.row_partial,
                        tile_map.row_partial_count])
-        return [t.to(device) for t in lists]
+        return [t if t.device == device else t.to(device) for t in lists]
 
     # Every layer of a pass asks for the same list: built by the first.
     return layout.cached(("kernel arguments", lq, kernels, tiles, device), build)

@@ -20,6 +20,7 @@ Builders cover the common layouts: :meth:`LatentLayout.causal` (with padding),
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -79,13 +80,6 @@ class TileMap:
     col_partial_count: Tensor
 
 
-def _index_lists(selected: Tensor) -> tuple[Tensor, Tensor]:
-    """For a (B, R, C) bool tensor: per row, the selected column indices first, ascending
-    (a stable sort of the negation), and their count."""
-    order = torch.sort((~selected).to(torch.int8), dim=-1, stable=True).indices
-    return order.to(torch.int32).contiguous(), selected.sum(-1).to(torch.int32).contiguous()
-
-
 # Compiled kernels read globals only as tl.constexpr instances (the interpreter is laxer).
 _EMPTY = tl.constexpr(EMPTY)
 _PARTIAL = tl.constexpr(PARTIAL)
@@ -125,10 +119,9 @@ def _classify_tiles(KIND, VIS, BLK, DOC, CLASSES, LQ, LK, N_M, N_N,
     tl.store(CLASSES + (b.to(tl.int64) * N_M + pid_m) * N_N + pid_n, cls.to(tl.int8))
 
 
-# A custom op, so that torch.compile traces a first call on a new layout through its tile maps.
-@torch.library.custom_op("amvl::classify_tiles", mutates_args=())
-def _classify_tiles_op(segment_kind: Tensor, visible_kinds: Tensor, block_id: Tensor,
-                       doc_id: Tensor, num_queries: int, block_m: int, block_n: int) -> Tensor:
+def _classify(segment_kind: Tensor, visible_kinds: Tensor, block_id: Tensor, doc_id: Tensor,
+              num_queries: int, block_m: int, block_n: int) -> Tensor:
+    """The (B, N_M, N_N) int8 classes of a layout's tile pairs."""
     batch, lk = segment_kind.shape
     n_m, n_n = -(-num_queries // block_m), -(-lk // block_n)
     classes = torch.empty((batch, n_m, n_n), dtype=torch.int8, device=segment_kind.device)
@@ -139,11 +132,107 @@ def _classify_tiles_op(segment_kind: Tensor, visible_kinds: Tensor, block_id: Te
     return classes
 
 
+# Custom ops, so that torch.compile traces a first call on a new layout through its tile maps.
+_classify_tiles_op = torch.library.custom_op("amvl::classify_tiles", _classify,
+                                             mutates_args=())
+
+
 @_classify_tiles_op.register_fake
 def _(segment_kind, visible_kinds, block_id, doc_id, num_queries, block_m, block_n):
     batch, lk = segment_kind.shape
     return segment_kind.new_empty((batch, -(-num_queries // block_m), -(-lk // block_n)),
                                   dtype=torch.int8)
+
+
+# Whether a tile map's index lists come from one Triton launch (_tile_lists) instead of
+# torch's sorts (about a dozen launches a map, four maps a training step). Written in a session
+# whose GPU lease was spent: checked under the interpreter only, so off until a GPU compiles
+# and times it (tests/test_layout.py runs the kernel; scripts/profile_model_step.py's
+# "shared_amvl:lists_kernel" times a step with it).
+LISTS_BY_KERNEL = False
+
+
+@triton.jit
+def _tile_lists(CLASSES, ROWS, ROW_COUNTS, COLS, COL_COUNTS, BATCH, N_M, N_N,
+                BLOCK: tl.constexpr):
+    """One line of one batch row's tile map: a query tile's key tiles (axis 2 = 0) or a key
+    tile's query tiles (axis 2 = 1), partitioned as :func:`_lists_by_sort` does."""
+    line = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    if tl.program_id(2) == 0:  # query tile m = line: its key tiles n
+        if line < N_M:
+            valid = offs < N_N
+            cls = tl.load(CLASSES + (b * N_M + line) * N_N + offs, mask=valid, other=_EMPTY)
+            start, at = (b * N_M + line) * N_N, b * N_M + line
+            _partition(cls, valid, offs, _FULL, ROWS + start, ROW_COUNTS + at)
+            _partition(cls, valid, offs, _PARTIAL, ROWS + BATCH * N_M * N_N + start,
+                       ROW_COUNTS + BATCH * N_M + at)
+    else:  # key tile n = line: its query tiles m
+        if line < N_N:
+            valid = offs < N_M
+            cls = tl.load(CLASSES + (b * N_M + offs) * N_N + line, mask=valid, other=_EMPTY)
+            start, at = (b * N_N + line) * N_M, b * N_N + line
+            _partition(cls, valid, offs, _FULL, COLS + start, COL_COUNTS + at)
+            _partition(cls, valid, offs, _PARTIAL, COLS + BATCH * N_N * N_M + start,
+                       COL_COUNTS + BATCH * N_N + at)
+
+
+@triton.jit
+def _partition(cls, valid, offs, KIND: tl.constexpr, LIST, COUNT):
+    """Stores at LIST the stable partition of ``offs`` by ``cls == KIND`` (those first), and
+    at COUNT how many those are."""
+    chosen = valid & (cls == KIND)
+    others = valid & (cls != KIND)
+    count = tl.sum(chosen.to(tl.int32), axis=0)
+    rank = tl.where(chosen, tl.cumsum(chosen.to(tl.int32), axis=0) - 1,
+                    count + tl.cumsum(others.to(tl.int32), axis=0) - 1)
+    tl.store(LIST + rank, offs, mask=valid)
+    tl.store(COUNT, count)
+
+
+def _lists(classes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The index lists of a (B, N_M, N_N) map of classes: (2, B, N_M, N_N) row lists and
+    (2, B, N_M) counts, (2, B, N_N, N_M) column lists and (2, B, N_N) counts, each [FULL,
+    PARTIAL] (see :class:`TileMap`)."""
+    return _lists_by_kernel(classes) if LISTS_BY_KERNEL else _lists_by_sort(classes)
+
+
+def _lists_by_sort(classes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per line, the indices of its tiles of a class first, ascending, then the others,
+    ascending: a stable sort of 0 (chosen) and 1 (not), for both classes and both directions
+    in two sorts."""
+    unchosen = torch.stack([classes != FULL, classes != PARTIAL]).to(torch.int8)
+    lists, counts = [], []
+    for by_line in (unchosen, unchosen.transpose(2, 3)):
+        order = torch.sort(by_line, dim=-1, stable=True).indices
+        lists.append(order.to(torch.int32).contiguous())
+        counts.append(by_line.shape[-1] - by_line.sum(-1, dtype=torch.int32))
+    return lists[0], counts[0], lists[1], counts[1]
+
+
+def _lists_by_kernel(classes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_lists_by_sort` in one launch."""
+    batch, n_m, n_n = classes.shape
+    new = functools.partial(torch.empty, dtype=torch.int32, device=classes.device)
+    rows, row_counts = new((2, batch, n_m, n_n)), new((2, batch, n_m))
+    cols, col_counts = new((2, batch, n_n, n_m)), new((2, batch, n_n))
+    if classes.numel():
+        _tile_lists[(max(n_m, n_n), batch, 2)](
+            classes, rows, row_counts, cols, col_counts, batch, n_m, n_n,
+            BLOCK=triton.next_power_of_2(max(n_m, n_n)))
+    return rows, row_counts, cols, col_counts
+
+
+_tile_lists_op = torch.library.custom_op("amvl::tile_lists", _lists, mutates_args=())
+
+
+@_tile_lists_op.register_fake
+def _(classes):
+    batch, n_m, n_n = classes.shape
+    new = functools.partial(classes.new_empty, dtype=torch.int32)
+    return new((2, batch, n_m, n_n)), new((2, batch, n_m)), new((2, batch, n_n, n_m)), \
+        new((2, batch, n_n))
 
 
 @dataclass(eq=False)
@@ -440,11 +529,15 @@ class LatentLayout:
             raise RuntimeError("tile maps are built by a Triton kernel: they need CUDA tensors, "
                                "or TRITON_INTERPRET=1 on the CPU (set before importing "
                                "amvl_kernels)")
-        classes = torch.ops.amvl.classify_tiles(*self.metadata(), lq, bm, bn)
-        full, partial = classes == FULL, classes == PARTIAL
-        return TileMap(classes, *_index_lists(full), *_index_lists(partial),
-                       *_index_lists(full.transpose(1, 2)),
-                       *_index_lists(partial.transpose(1, 2)))
+        # Eager calls skip the dispatcher's round trips (host time on every new layout: two a
+        # training step); torch.compile traces the custom ops.
+        compiling = torch.compiler.is_compiling()
+        classify = torch.ops.amvl.classify_tiles if compiling else _classify
+        lists = torch.ops.amvl.tile_lists if compiling else _lists
+        classes = classify(*self.metadata(), lq, bm, bn)
+        rows, row_counts, cols, col_counts = lists(classes)
+        return TileMap(classes, rows[0], row_counts[0], rows[1], row_counts[1],
+                       cols[0], col_counts[0], cols[1], col_counts[1])
 
 
 def _check_mask(name: str, mask: Tensor, shape: tuple[int, int]) -> None:

@@ -246,6 +246,23 @@ def with_latent_gradients_kept(step, model):
     return run
 
 
+LISTS_KERNEL = "shared_amvl:lists_kernel"
+
+
+def with_tile_lists_by_kernel(step):
+    """``step`` with each tile map's index lists from one Triton launch instead of torch's
+    sorts (``layout.LISTS_BY_KERNEL``): a dozen fewer launches a map, four maps a step."""
+    module = importlib.import_module("amvl_kernels.layout")
+
+    def run():
+        previous, module.LISTS_BY_KERNEL = module.LISTS_BY_KERNEL, True
+        try:
+            return step()
+        finally:
+            module.LISTS_BY_KERNEL = previous
+    return run
+
+
 KERNELS_ONLY = "shared_amvl:kernels"
 
 
@@ -320,6 +337,7 @@ def main() -> None:
                              f"with them, '{PAIR_ALL}' "
                              f"with every weight's paired, '{KEPT_GRADS}' with the latent "
                              f"pass's weight gradients kept instead of their factors, "
+                             f"'{LISTS_KERNEL}' with tile maps' lists from one launch, "
                              f"'{SPLIT}' "
                              "with x's rows on SDPA in training too")
     parser.add_argument("--repeats", type=int, default=5)
@@ -336,7 +354,8 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     providers = args.providers.split(",")
-    variants = {NO_SPLIT, KERNELS_ONLY, UNPAIRED, PAIRED, PAIR_ALL, KEPT_GRADS, SPLIT}
+    variants = {NO_SPLIT, KERNELS_ONLY, UNPAIRED, PAIRED, PAIR_ALL, KEPT_GRADS, SPLIT,
+                LISTS_KERNEL}
     unknown = set(providers) - set(bms.PROVIDERS) - variants
     if unknown or len(providers) < 2:
         parser.error(f"--providers needs two or more of {bms.PROVIDERS}, got {providers}")
@@ -356,6 +375,7 @@ def main() -> None:
     steps[PAIRED] = with_pairing(steps["shared_amvl"], model, True)
     steps[PAIR_ALL] = with_every_weight_paired(steps["shared_amvl"], model)
     steps[KEPT_GRADS] = with_latent_gradients_kept(steps["shared_amvl"], model)
+    steps[LISTS_KERNEL] = with_tile_lists_by_kernel(steps["shared_amvl"])
     # The benchmark's own measure, side by side: the effects asked about (about 1% of a step)
     # are smaller than the drift between providers timed one after another (2.4% in run 5).
     # Whole cycles of the balanced orders (2n of them for an odd number n of providers).

@@ -76,6 +76,48 @@ def test_classify_tiles_op_passes_opcheck(rng_seed):
                           (*layout.metadata(), 21, 16, 16))
 
 
+@pytest.mark.parametrize("batch,n_m,n_n", [(3, 5, 7), (2, 1, 9), (1, 13, 1), (2, 17, 33)])
+@pytest.mark.parametrize("how", ["sort", "kernel"])
+def test_tile_lists_are_a_stable_partition_per_line(batch, n_m, n_n, how, rng_seed):
+    """Per query tile (key tile), the key (query) tiles of a class first, ascending, then the
+    others, ascending, and their count; from torch's sorts and from the Triton kernel."""
+    from amvl_kernels.layout import _lists_by_kernel, _lists_by_sort
+
+    g = torch.Generator().manual_seed(rng_seed)
+    classes = torch.randint(0, 3, (batch, n_m, n_n), generator=g, dtype=torch.int8)
+    lists = _lists_by_sort if how == "sort" else _lists_by_kernel
+    rows, row_counts, cols, col_counts = (t.cpu() for t in lists(classes.to(DEVICE)))
+    for which, kind in enumerate((FULL, PARTIAL)):
+        for got, counts, lines in ((rows, row_counts, classes), (cols, col_counts,
+                                                                 classes.transpose(1, 2))):
+            for index in torch.cartesian_prod(*(torch.arange(n) for n in lines.shape[:2])):
+                b, line = index.tolist()
+                chosen = [i for i, c in enumerate(lines[b, line].tolist()) if c == kind]
+                others = [i for i, c in enumerate(lines[b, line].tolist()) if c != kind]
+                assert got[which, b, line].tolist() == chosen + others
+                assert counts[which, b, line] == len(chosen)
+
+
+@pytest.mark.parametrize("by_kernel", [False, True])
+def test_tile_maps_are_the_same_either_way(by_kernel, rng_seed, monkeypatch):
+    """A layout's tile map with its lists from the kernel equals one from the sorts."""
+    from amvl_kernels import layout as module
+
+    monkeypatch.setattr(module, "LISTS_BY_KERNEL", by_kernel)
+    built = random_layout(2, 45, torch.Generator().manual_seed(rng_seed)).to(DEVICE)
+    got = built.tile_map(29, 16, 16)
+    monkeypatch.setattr(module, "LISTS_BY_KERNEL", not by_kernel)
+    again = LatentLayout(*built.metadata()).tile_map(29, 16, 16)
+    for name in got.__dataclass_fields__:
+        assert torch.equal(getattr(got, name), getattr(again, name)), name
+
+
+def test_tile_lists_op_passes_opcheck(rng_seed):
+    g = torch.Generator().manual_seed(rng_seed)
+    classes = torch.randint(0, 3, (2, 3, 5), generator=g, dtype=torch.int8).to(DEVICE)
+    torch.library.opcheck(torch.ops.amvl.tile_lists.default, (classes,))
+
+
 def test_tile_map_of_causal_layout_is_exact():
     layout = LatentLayout.causal(1, 64).to(DEVICE)
     tm = layout.tile_map(64, 16, 16)
