@@ -53,16 +53,16 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
 # Under backend="auto", at least this many leading plain causal rows (x in the prefix-sharing
-# layout) go to SDPA's causal kernel, cuDNN's on an H100: a forward alone (prefill) from 256
-# rows, where the split ran the attention benchmark's forward 1.18-1.24x faster at 4k and 16k
-# tokens; a forward that autograd will differentiate only from 8,192 rows. With the backward,
-# the split lost at about 3,000 rows (4k benchmark, 1-6%) and in the 7B proxy's training step
-# (1,536 of 1,632 rows: 1.1 ms more kernel time, from the concatenation, copies and summed key
-# gradients around it) and won at 12,288 (16k benchmark, 9%): RESULTS.md, run E and the third
-# training-step run. 8,192 lies between. Those were the split composed from slices; it is one
-# autograd node now (_causal_split), not yet timed on a GPU.
+# layout) go to SDPA's causal kernel, cuDNN's on an H100 or H200: a forward alone (prefill)
+# from 256 rows, where the split ran the attention benchmark's forward 1.18-1.24x faster at 4k
+# and 16k tokens (H100); a forward that autograd will differentiate from 2,048 rows. With the
+# backward, the split as one autograd node (_causal_split) ran the benchmark's forward+backward
+# 3-10% faster at about 3,000 rows and 11-13% at 12,288 (H200, RESULTS.md run 6); in the 7B
+# proxy's training step, 1,536 of 1,632 rows, it took 0.6 ms off the kernels and nothing
+# measurable off the step, whose time is its host's there, and costs a host sync per layout
+# (counting the rows) and one attention output of x's rows in memory.
 CAUSAL_ROWS_TO_SDPA = 256
-CAUSAL_ROWS_TO_SDPA_WITH_GRAD = 8192
+CAUSAL_ROWS_TO_SDPA_WITH_GRAD = 2048
 
 
 # ----------------------------------------------------------------------------- kernels

@@ -10,7 +10,7 @@ Providers, side by side in one run on one device:
 - ``amvl_auto``: what ``backend="auto"`` runs: the layout's leading plain causal rows (75% of
   each row in ``latent``, x in ``prefix``) on SDPA's causal kernel, the rest on ours;
 - ``amvl_split``: the same split in both modes, whatever ``backend="auto"``'s thresholds say
-  (it splits a forward that autograd will differentiate only from 8,192 rows), so that one run
+  (it splits a forward that autograd will differentiate only from 2,048 rows), so that one run
   tells whether the split (one autograd node, ``amvl_kernels._causal_split``) pays with a
   backward at each length;
 - ``amvl_heads_fastest``: the same kernels launched on (heads, tiles) grids instead of
