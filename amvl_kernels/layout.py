@@ -159,23 +159,26 @@ def _tile_lists(CLASSES, ROWS, ROW_COUNTS, COLS, COL_COUNTS, BATCH, N_M, N_N,
     tile's query tiles (axis 2 = 1), partitioned as :func:`_lists_by_sort` does."""
     line = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    if tl.program_id(2) == 0:  # query tile m = line: its key tiles n
+    start = CLASSES + b * N_M * N_N
+    if tl.program_id(2) == 0:  # query tile m = line: its key tiles n, N_N of them, 1 apart
         if line < N_M:
-            valid = offs < N_N
-            cls = tl.load(CLASSES + (b * N_M + line) * N_N + offs, mask=valid, other=_EMPTY)
-            start, at = (b * N_M + line) * N_N, b * N_M + line
-            _partition(cls, valid, offs, _FULL, ROWS + start, ROW_COUNTS + at)
-            _partition(cls, valid, offs, _PARTIAL, ROWS + BATCH * N_M * N_N + start,
-                       ROW_COUNTS + BATCH * N_M + at)
-    else:  # key tile n = line: its query tiles m
+            _line_lists(start + line * N_N, 1, N_N, ROWS, ROW_COUNTS, b * N_M + line,
+                        BATCH * N_M, BLOCK)
+    else:  # key tile n = line: its query tiles m, N_M of them, N_N apart
         if line < N_N:
-            valid = offs < N_M
-            cls = tl.load(CLASSES + (b * N_M + offs) * N_N + line, mask=valid, other=_EMPTY)
-            start, at = (b * N_N + line) * N_M, b * N_N + line
-            _partition(cls, valid, offs, _FULL, COLS + start, COL_COUNTS + at)
-            _partition(cls, valid, offs, _PARTIAL, COLS + BATCH * N_N * N_M + start,
-                       COL_COUNTS + BATCH * N_N + at)
+            _line_lists(start + line, N_N, N_M, COLS, COL_COUNTS, b * N_N + line,
+                        BATCH * N_N, BLOCK)
+
+
+@triton.jit
+def _line_lists(LINE, step, n, LISTS, COUNTS, owner, owners, BLOCK: tl.constexpr):
+    """The FULL and PARTIAL lists and counts of one line of ``n`` classes ``step`` apart,
+    the line ``owner`` of ``owners`` (lists of ``n`` entries; PARTIAL's after FULL's)."""
+    offs = tl.arange(0, BLOCK)
+    valid = offs < n
+    cls = tl.load(LINE + offs * step, mask=valid, other=_EMPTY)
+    _partition(cls, valid, offs, _FULL, LISTS + owner * n, COUNTS + owner)
+    _partition(cls, valid, offs, _PARTIAL, LISTS + (owners + owner) * n, COUNTS + owners + owner)
 
 
 @triton.jit

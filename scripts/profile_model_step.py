@@ -172,21 +172,29 @@ def device_timeline(events: list[dict], min_gap_us: float = 5.0) -> dict:
                             key=lambda r: -r[2])}
 
 
+def with_setting(step, owner, name: str, value):
+    """``step`` with attribute ``name`` of ``owner`` (an object, or a module's dotted name)
+    set to ``value`` while it runs."""
+    if isinstance(owner, str):
+        owner = importlib.import_module(owner)
+
+    def run():
+        previous = getattr(owner, name)
+        setattr(owner, name, value)
+        try:
+            return step()
+        finally:
+            setattr(owner, name, previous)
+    return run
+
+
 NO_SPLIT = "shared_amvl:nosplit"
 
 
 def without_head_split(step):
     """``step`` with every dk/dv launch summing a KV head's query heads in one program."""
-    module = importlib.import_module("amvl_kernels.latent_attention")
-
-    def run():
-        chooser = module._dkdv_head_split
-        module._dkdv_head_split = lambda programs, group, target: 1
-        try:
-            return step()
-        finally:
-            module._dkdv_head_split = chooser
-    return run
+    return with_setting(step, "amvl_kernels.latent_attention", "_dkdv_head_split",
+                        lambda programs, group, target: 1)
 
 
 UNPAIRED, PAIRED = "shared_amvl:unpaired", "shared_amvl:paired"
@@ -196,13 +204,7 @@ def with_pairing(step, model, on: bool):
     """``step`` with ``pair_weight_grads`` on (each large decoder weight's gradients of the
     two passes paired in one product) or off (autograd adds them; the default since the
     H200 run of 2026-11-28)."""
-    def run():
-        previous, model.config.pair_weight_grads = model.config.pair_weight_grads, on
-        try:
-            return step()
-        finally:
-            model.config.pair_weight_grads = previous
-    return run
+    return with_setting(step, model.config, "pair_weight_grads", on)
 
 
 PAIR_ALL = "shared_amvl:pair_all"
@@ -214,16 +216,8 @@ def with_every_weight_paired(step, model):
     ``MIN_PAIRED_NUMEL``) costs a bf16 addition of 77 MB a layer when left to autograd (counted
     on the CPU by a dispatch mode), about 26 us on an H100, against about 0.1 ms more host
     time per paired use."""
-    module = importlib.import_module("amvl.weight_grads")
-    paired = with_pairing(step, model, True)
-
-    def run():
-        previous, module.MIN_PAIRED_NUMEL = module.MIN_PAIRED_NUMEL, 0
-        try:
-            return paired()
-        finally:
-            module.MIN_PAIRED_NUMEL = previous
-    return run
+    return with_setting(with_pairing(step, model, True), "amvl.weight_grads",
+                        "MIN_PAIRED_NUMEL", 0)
 
 
 KEPT_GRADS = "shared_amvl:kept_grads"
@@ -234,16 +228,8 @@ def with_latent_gradients_kept(step, model):
     backward and kept for the prefix pass, instead of their factors
     (``weight_grads.KEEP_FACTORS`` off): more peak memory, the products where the device may
     wait for the host anyway."""
-    module = importlib.import_module("amvl.weight_grads")
-    paired = with_pairing(step, model, True)
-
-    def run():
-        previous, module.KEEP_FACTORS = module.KEEP_FACTORS, False
-        try:
-            return paired()
-        finally:
-            module.KEEP_FACTORS = previous
-    return run
+    return with_setting(with_pairing(step, model, True), "amvl.weight_grads",
+                        "KEEP_FACTORS", False)
 
 
 LISTS_KERNEL = "shared_amvl:lists_kernel"
@@ -252,15 +238,7 @@ LISTS_KERNEL = "shared_amvl:lists_kernel"
 def with_tile_lists_by_kernel(step):
     """``step`` with each tile map's index lists from one Triton launch instead of torch's
     sorts (``layout.LISTS_BY_KERNEL``): a dozen fewer launches a map, four maps a step."""
-    module = importlib.import_module("amvl_kernels.layout")
-
-    def run():
-        previous, module.LISTS_BY_KERNEL = module.LISTS_BY_KERNEL, True
-        try:
-            return step()
-        finally:
-            module.LISTS_BY_KERNEL = previous
-    return run
+    return with_setting(step, "amvl_kernels.layout", "LISTS_BY_KERNEL", True)
 
 
 KERNELS_ONLY = "shared_amvl:kernels"
@@ -287,15 +265,8 @@ def with_rows_split_off(step):
     """``step`` with x's plain causal rows handed to SDPA's causal kernel in training too:
     the split's threshold with a backward lowered to the forward's (CAUSAL_ROWS_TO_SDPA)."""
     module = importlib.import_module("amvl_kernels.latent_attention")
-
-    def run():
-        previous = module.CAUSAL_ROWS_TO_SDPA_WITH_GRAD
-        module.CAUSAL_ROWS_TO_SDPA_WITH_GRAD = module.CAUSAL_ROWS_TO_SDPA
-        try:
-            return step()
-        finally:
-            module.CAUSAL_ROWS_TO_SDPA_WITH_GRAD = previous
-    return run
+    return with_setting(step, module, "CAUSAL_ROWS_TO_SDPA_WITH_GRAD",
+                        module.CAUSAL_ROWS_TO_SDPA)
 
 
 def python_functions(step, device: torch.device, rows: int, steps: int = 5) -> str:
