@@ -157,7 +157,8 @@ def _column_constants(structure: tuple[tuple[int, int, int | tuple[int, ...] | N
     visible-kinds set and its block id, and (2, L) int64 of the part's first column and the
     part's index. Built on the CPU and copied without a host sync (pinned memory) on a GPU:
     with padding to each batch's longest row the widths, hence the structure, can change
-    every step."""
+    every step. The copy runs on the current stream, which the kernels reading the constants
+    follow."""
     widths = torch.tensor([width for _, width, _ in structure], dtype=torch.long)
     per_part = torch.tensor([[kind, VISIBLE_KINDS[Segment(kind)]] for kind, _, _ in structure],
                             dtype=torch.int32).reshape(-1, 2).t()
