@@ -26,6 +26,11 @@ others are left alone, without even a wrapper's host time), and only when the ma
 run in the weight's dtype: under autocast to another dtype (fp32 weights, bf16 compute),
 DeepSpeed's partitioned parameters, or a module whose ``forward`` someone else already
 replaced (accelerate's hooks), the module runs as usual.
+
+``AMVLModel`` pairs only with ``AMVLConfig(pair_weight_grads=True)``, off by default: on an
+H200 whose host could not keep ahead of the GPU the pairing's Python took 5-7 ms more of the
+7B proxy's step than its products saved (benchmarks/RESULTS.md, run 6); it saves the peak
+memory of a layer's latent weight gradients.
 """
 
 from __future__ import annotations
