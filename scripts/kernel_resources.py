@@ -180,6 +180,13 @@ def variants():
                     tile = f"{kwargs['BLOCK_M']}x{kwargs['BLOCK_N']}"
                     yield (fn, f"attention dkdv+dq d={head_dim} {data} {tile} "
                                f"{'layout' if with_layout else 'causal'}", args, kwargs)
+    # a tile map's lists in one launch (layout.LISTS_BY_KERNEL): 4k tokens in 64-row tiles,
+    # and a map with more key tiles than query tiles (a tail over a cached prefix)
+    for shape in ((4, 64, 64), (4, 2, 130)):
+        with recorded_launches() as calls:
+            layout._lists_by_kernel(torch.zeros(shape, dtype=torch.int8))
+        for fn, args, kwargs in calls:
+            yield fn, f"tile lists {shape[1]}x{shape[2]}", args, kwargs
     # GQA 4 / 1 over 4k keys: 32 dk/dv programs, below two an SM, share the query heads
     for fn, args, kwargs in attention_launches(1, 4, 4096, 128, torch.bfloat16, True,
                                                kv_heads=1):
