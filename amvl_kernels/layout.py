@@ -146,8 +146,9 @@ def _(segment_kind, visible_kinds, block_id, doc_id, num_queries, block_m, block
 
 # Whether a tile map's index lists come from one Triton launch (_tile_lists) instead of
 # torch's sorts (about a dozen launches a map, four maps a training step). Written in a session
-# whose GPU lease was spent: checked under the interpreter only, so off until a GPU compiles
-# and times it (tests/test_layout.py runs the kernel; scripts/profile_model_step.py's
+# whose GPU lease was spent: checked under the interpreter and compiled for sm_90 (Triton 3.6
+# and 3.9, scripts/kernel_resources.py), never run on a GPU, so off until one runs and times
+# it (tests/test_layout.py runs the kernel; scripts/profile_model_step.py's
 # "shared_amvl:lists_kernel" times a step with it).
 LISTS_BY_KERNEL = False
 
