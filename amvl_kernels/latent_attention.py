@@ -63,6 +63,13 @@ _LOG2E = 1.4426950408889634
 # (counting the rows) and one attention output of x's rows in memory.
 CAUSAL_ROWS_TO_SDPA = 256
 CAUSAL_ROWS_TO_SDPA_WITH_GRAD = 2048
+# Under backend="auto", a call of at most this many queries over a KV cache with a layout (the
+# latent pass's tail of a training step: 82 tokens a row on the 7B proxy) runs on SDPA with
+# the layout's dense mask, built once per layout: two C++ operators a layer instead of our
+# launchers' Python and four Triton launches, in the stretch of the step where the device
+# waits for the host (RESULTS.md, run 6). 0, off, until a GPU times it
+# (scripts/profile_model_step.py's "shared_amvl:short_sdpa").
+SHORT_QUERIES_TO_SDPA = 0
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -951,6 +958,9 @@ def latent_attention(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | Non
         # (benchmarks/RESULTS.md, decoding rows; mostly host time).
         return F.scaled_dot_product_attention(q, k, v, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
+    if auto and layout is not None and q.shape[2] <= SHORT_QUERIES_TO_SDPA \
+            and q.shape[2] < k.shape[2]:
+        return latent_attention_sdpa(q, k, v, layout, scale)
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     least_rows = CAUSAL_ROWS_TO_SDPA_WITH_GRAD if backward else CAUSAL_ROWS_TO_SDPA
     # The length test first: counting the rows reads the device (a host sync), which a layout

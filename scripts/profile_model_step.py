@@ -241,6 +241,16 @@ def with_tile_lists_by_kernel(step):
     return with_setting(step, "amvl_kernels.layout", "LISTS_BY_KERNEL", True)
 
 
+SHORT_SDPA = "shared_amvl:short_sdpa"
+
+
+def with_short_queries_on_sdpa(step):
+    """``step`` with the latent pass's attention (82 queries a row over x's cached keys) on
+    SDPA with the layout's dense mask (``SHORT_QUERIES_TO_SDPA`` = 128) instead of our
+    kernels: fewer and cheaper launches where the device waits for the host."""
+    return with_setting(step, "amvl_kernels.latent_attention", "SHORT_QUERIES_TO_SDPA", 128)
+
+
 KERNELS_ONLY = "shared_amvl:kernels"
 
 
@@ -309,6 +319,7 @@ def main() -> None:
                              f"with every weight's paired, '{KEPT_GRADS}' with the latent "
                              f"pass's weight gradients kept instead of their factors, "
                              f"'{LISTS_KERNEL}' with tile maps' lists from one launch, "
+                             f"'{SHORT_SDPA}' with the latent pass's attention on SDPA, "
                              f"'{SPLIT}' "
                              "with x's rows on SDPA in training too")
     parser.add_argument("--repeats", type=int, default=5)
@@ -326,7 +337,7 @@ def main() -> None:
     args = parser.parse_args()
     providers = args.providers.split(",")
     variants = {NO_SPLIT, KERNELS_ONLY, UNPAIRED, PAIRED, PAIR_ALL, KEPT_GRADS, SPLIT,
-                LISTS_KERNEL}
+                LISTS_KERNEL, SHORT_SDPA}
     unknown = set(providers) - set(bms.PROVIDERS) - variants
     if unknown or len(providers) < 2:
         parser.error(f"--providers needs two or more of {bms.PROVIDERS}, got {providers}")
@@ -347,6 +358,7 @@ def main() -> None:
     steps[PAIR_ALL] = with_every_weight_paired(steps["shared_amvl"], model)
     steps[KEPT_GRADS] = with_latent_gradients_kept(steps["shared_amvl"], model)
     steps[LISTS_KERNEL] = with_tile_lists_by_kernel(steps["shared_amvl"])
+    steps[SHORT_SDPA] = with_short_queries_on_sdpa(steps["shared_amvl"])
     # The benchmark's own measure, side by side: the effects asked about (about 1% of a step)
     # are smaller than the drift between providers timed one after another (2.4% in run 5).
     # Whole cycles of the balanced orders (2n of them for an odd number n of providers).

@@ -180,7 +180,7 @@ def test_model_step_profile_script_runs(tmp_path):
     out = tmp_path / "profile.json"
     providers = ("plain,naive,shared_amvl,shared_amvl:nosplit,shared_amvl:unpaired,"
                  "shared_amvl:paired,shared_amvl:pair_all,shared_amvl:kept_grads,"
-                 "shared_amvl:split,shared_amvl:lists_kernel")
+                 "shared_amvl:split,shared_amvl:lists_kernel,shared_amvl:short_sdpa")
     proc = subprocess.run([sys.executable, "scripts/profile_model_step.py", "--repeats", "1",
                            "--providers", providers, "--json", str(out), "--host-only",
                            "--python", "5"],

@@ -492,6 +492,40 @@ def test_auto_hands_long_plain_causal_prefixes_to_sdpa(monkeypatch, rng_seed):
     assert counted == [] and split == [12, 14]
 
 
+def test_auto_can_hand_short_query_blocks_over_a_cache_to_sdpa(monkeypatch, rng_seed):
+    """With SHORT_QUERIES_TO_SDPA set, backend="auto" runs a call of that many queries or
+    fewer over a KV cache with a layout on SDPA with the layout's dense mask (built once per
+    layout), with the same output and gradients as our kernels; longer blocks, square calls
+    and backend="triton" stay on our kernels."""
+    import importlib
+
+    module = importlib.import_module("amvl_kernels.latent_attention")
+    monkeypatch.setattr(module, "resolve_backend", lambda backend, device: "triton")
+    monkeypatch.setattr(module, "SHORT_QUERIES_TO_SDPA", 6)
+    handed = []
+    real = module.latent_attention_sdpa
+    monkeypatch.setattr(module, "latent_attention_sdpa",
+                        lambda *args: handed.append(args[0].shape[2]) or real(*args))
+    layout = LatentLayout.prefix_sharing([11, 9], [4, 3], num_slots=2).to(DEVICE)
+    length = layout.length
+    q, k, v = _inputs(2, 4, 2, length, length, 16, torch.float32)
+    for rows, backend, expected in ((6, "auto", [6]), (7, "auto", []), (6, "triton", []),
+                                    (length, "auto", [])):
+        handed.clear()
+        inputs = [q[:, :, -rows:].detach().requires_grad_(), k, v]
+        out = ak.latent_attention(*inputs, layout, backend=backend)
+        assert handed == expected, (rows, backend)
+        if expected:
+            ours = ak.latent_attention(*inputs, layout, backend="triton")
+            torch.testing.assert_close(out, ours, rtol=1e-4, atol=1e-5)
+            g = torch.randn_like(out)
+            got = torch.autograd.grad(out, inputs, g)
+            want = torch.autograd.grad(ours, inputs, g)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert sum(key[0] == "sdpa masks" for key in layout._derived) == 1
+
+
 @pytest.mark.parametrize("tiles_fastest", [True, False], ids=["tiles-fastest", "heads-fastest"])
 def test_both_grid_orders(monkeypatch, tiles_fastest, rng_seed):
     """The flash kernels read their place from either grid order: (tiles, heads), the

@@ -74,27 +74,28 @@ def latent_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout 
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                               enable_gqa=gqa)
 
-    def mask_and_split() -> tuple[Tensor, int]:
-        mask = attention_mask(layout, lq, lk, q.device)  # (B or 1, Lq, Lk)
-        return mask, layout.plain_causal_rows() if layout is not None and lq == lk else 0
+    def masks(split: int) -> tuple[int, Tensor, Tensor]:
+        """The split, and the rows after it: their mask (a row that sees nothing given key 0)
+        and which of them see anything."""
+        rest = attention_mask(layout, lq, lk, q.device)[:, split:]  # (B or 1, rows, Lk)
+        sees = rest.any(-1, keepdim=True)
+        first_key = torch.arange(lk, device=q.device) == 0
+        return split, (rest | (~sees & first_key))[:, None], sees[:, None]
 
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or layout is None:
         # Counting the causal rows reads the device (a graph break); the mask alone is exact.
-        mask, split = attention_mask(layout, lq, lk, q.device), 0
+        split, rest, sees = masks(0)
     else:  # built once per layout and query length, not once per layer
-        mask, split = mask_and_split() if layout is None \
-            else layout.cached(("sdpa mask", lq, q.device), mask_and_split)
+        split, rest, sees = layout.cached(
+            ("sdpa masks", lq, q.device),
+            lambda: masks(layout.plain_causal_rows() if lq == lk else 0))
     parts = []
     if split:
         parts.append(F.scaled_dot_product_attention(
             q[:, :, :split], k[:, :, :split], v[:, :, :split], is_causal=True, scale=scale,
             enable_gqa=gqa))
     if split < lq:
-        rest = mask[:, split:]
-        sees = rest.any(-1, keepdim=True)
-        first_key = torch.arange(lk, device=q.device) == 0
-        rest = rest | (~sees & first_key)
-        out = F.scaled_dot_product_attention(q[:, :, split:], k, v, attn_mask=rest[:, None],
+        out = F.scaled_dot_product_attention(q[:, :, split:], k, v, attn_mask=rest,
                                              scale=scale, enable_gqa=gqa)
-        parts.append(torch.where(sees[:, None], out, 0.0))
+        parts.append(torch.where(sees, out, 0.0))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
