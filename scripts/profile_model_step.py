@@ -245,10 +245,11 @@ SHORT_SDPA = "shared_amvl:short_sdpa"
 
 
 def with_short_queries_on_sdpa(step):
-    """``step`` with the latent pass's attention (82 queries a row over x's cached keys) on
-    SDPA with the layout's dense mask (``SHORT_QUERIES_TO_SDPA`` = 128) instead of our
-    kernels: fewer and cheaper launches where the device waits for the host."""
-    return with_setting(step, "amvl_kernels.latent_attention", "SHORT_QUERIES_TO_SDPA", 128)
+    """``step`` with the latent pass's attention (82 queries a row over x's cached keys at the
+    BLINK-style shape, 274 at 4:1) on SDPA with the layout's dense mask
+    (``SHORT_QUERIES_TO_SDPA`` = 512) instead of our kernels: fewer and cheaper launches where
+    the device waits for the host."""
+    return with_setting(step, "amvl_kernels.latent_attention", "SHORT_QUERIES_TO_SDPA", 512)
 
 
 KERNELS_ONLY = "shared_amvl:kernels"
