@@ -33,11 +33,12 @@ from amvl_kernels.latent_attention import (TRITON_DTYPES, _autocast_inputs, _bac
                                            _check_triton_inputs, _forward, _tile_tensors,
                                            _validate, latent_attention)
 from amvl_kernels.layout import LatentLayout
+from amvl_kernels.reference.latent_attention import grouped_heads
 
 
 def _sdpa_causal(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                          enable_gqa=q.shape[1] != k.shape[1])
+                                          enable_gqa=grouped_heads(q, k))
 
 
 class _CausalRowsSplit(torch.autograd.Function):

@@ -52,7 +52,14 @@ def check_seed(seed: object) -> int | None:
 
 def check_count(name: str, value: object, least: int = 0) -> int:
     """A size or index: an integer of at least ``least`` (Python, NumPy or a 0-d integer
-    tensor, e.g. a length from ``mask.sum(1)[b]``; not a bool)."""
+    tensor, e.g. a length from ``mask.sum(1)[b]``; not a bool). A symbolic size (torch.compile
+    with dynamic shapes; Dynamo shows it as an int) stays symbolic: ``operator.index`` would
+    pin the graph to its value."""
+    if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool) \
+            and torch.compiler.is_compiling():
+        if value < least:  # a guard on its range, not on its value
+            raise ValueError(f"{name} must be >= {least}, got {value}")
+        return value
     if isinstance(value, bool) or (isinstance(value, torch.Tensor)
                                    and value.dtype == torch.bool):
         raise TypeError(f"{name} must be an int, got a bool {value!r}")

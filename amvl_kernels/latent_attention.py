@@ -47,7 +47,7 @@ from amvl_kernels._validation import check_float_tensor
 from amvl_kernels.backends import resolve_backend, triton_interpreted
 from amvl_kernels.latent_attention_decode import decode_forward, uses_decode
 from amvl_kernels.layout import LatentLayout
-from amvl_kernels.reference.latent_attention import latent_attention_sdpa
+from amvl_kernels.reference.latent_attention import grouped_heads, latent_attention_sdpa
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -518,11 +518,16 @@ def _dq_in_dkdv(head_dim: int, dtype: torch.dtype, arch: tuple[int, int]) -> boo
 
 
 @torch.compiler.assume_constant_result  # evaluated while torch.compile traces, not graphed
+def _deterministic() -> bool:
+    # Without arguments: a constant-folded function needs constant ones, and a head dim is
+    # symbolic under torch.compile with dynamic shapes.
+    return torch.are_deterministic_algorithms_enabled()
+
+
 def _dq_by_atomics(head_dim: int, dtype: torch.dtype, arch: tuple[int, int]) -> bool:
     """:func:`_dq_in_dkdv`, except under ``torch.use_deterministic_algorithms(True)``: the
     order of the atomic additions varies from run to run, and with it dq's last bits."""
-    return (_dq_in_dkdv(head_dim, dtype, arch)
-            and not torch.are_deterministic_algorithms_enabled())
+    return _dq_in_dkdv(head_dim, dtype, arch) and not _deterministic()
 
 
 def _tiles_fastest(heads: int) -> bool:
@@ -957,7 +962,7 @@ def latent_attention(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | Non
         # kernels took 15-109 us a call against our decode kernel's 118-365 us on an H100
         # (benchmarks/RESULTS.md, decoding rows; mostly host time).
         return F.scaled_dot_product_attention(q, k, v, scale=scale,
-                                              enable_gqa=q.shape[1] != k.shape[1])
+                                              enable_gqa=grouped_heads(q, k))
     if auto and layout is not None and q.shape[2] <= SHORT_QUERIES_TO_SDPA \
             and q.shape[2] < k.shape[2]:
         return latent_attention_sdpa(q, k, v, layout, scale)

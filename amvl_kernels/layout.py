@@ -522,8 +522,12 @@ class LatentLayout:
         """A value derived from this layout (tile maps, kernel arguments), built on first use.
 
         Layouts are immutable once built, so derived values live as long as the layout: every
-        layer of a forward pass reuses what the first one built.
+        layer of a forward pass reuses what the first one built. Not under torch.compile: a
+        key's lengths may be symbolic there (dynamic shapes), and looking them up would hash
+        them, pinning the graph to one length; each call in a graph builds what it needs.
         """
+        if torch.compiler.is_compiling():
+            return build()
         if key not in self._derived:
             self._derived[key] = build()
         return self._derived[key]

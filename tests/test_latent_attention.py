@@ -678,6 +678,50 @@ def test_torch_compile_traces_the_custom_op_not_the_eager_function(rng_seed):
     assert "torch.ops.amvl.latent_attention" in graphs[0]
 
 
+def _dynamic_case(case: str, extra: int):
+    """Inputs and layout of one call whose lengths grow with ``extra``; at least two tiles of
+    the interpreter's 16 rows, so that no tile count is 1 (torch.compile specialises sizes of
+    1)."""
+    x = 19 + extra
+    if case == "causal":
+        return (*_inputs(2, 4, 2, x, x, 8, torch.float32), None)
+    if case == "kv-cache":
+        return (*_inputs(2, 4, 2, 17, x + 17, 8, torch.float32), None)
+    if case == "prefix-sharing":  # every tail of the training step's first pass
+        layout = LatentLayout.prefix_sharing([x, x - 3], [3, 2], num_slots=4)
+        return (*_inputs(2, 4, 2, layout.length, layout.length, 8, torch.float32), layout)
+    layout = LatentLayout.with_latent_blocks(x + 17, [[(x, 5)]])  # a latent pass over a cache
+    return (*_inputs(1, 2, 1, 17, x + 17, 8, torch.float32), layout)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("case", ["causal", "kv-cache", "prefix-sharing", "latent-block-cache"])
+def test_torch_compile_with_dynamic_shapes_keeps_one_graph(backend, case, rng_seed):
+    """torch.compile with dynamic shapes (dynamic=True, or the automatic kind after a second
+    length) traces every length into one graph, whose outputs and gradients equal eager
+    calls. SDPA's enable_gqa once got a symbolic bool (a TypeError); a length checked with
+    operator.index and a tile map looked up by its length each pinned the graph to one
+    length, a recompile per length; a constant-folded function of the head dim failed."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def f(q, k, v, layout):
+        return ak.latent_attention(q, k, v, layout, backend=backend).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True, backend=counter)
+    for extra in (0, 5, 22):
+        q, k, v, layout = _dynamic_case(case, extra)
+        layout = layout.to(DEVICE) if layout is not None else None
+        want = torch.autograd.grad(f(q, k, v, layout), (q, k, v))
+        got = torch.autograd.grad(compiled(q, k, v, layout), (q, k, v))
+        for a, b in zip(want, got):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("with_layout", [False, True])
 def test_eager_function_matches_the_custom_op(with_layout, rng_seed):
     """Eager calls skip the dispatcher (an autograd.Function over the same launchers); they

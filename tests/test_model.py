@@ -231,6 +231,42 @@ def test_compiled_naive_step_does_not_recompile_per_prompt_length():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compiled_shared_step_on_the_amvl_attention_keeps_one_graph_per_shape(backend):
+    """torch.compile(model, fullgraph=True) on the prefix-sharing path and the "amvl"
+    attention (what a Trainer with torch_compile=True runs): the loss of every prompt length
+    equals the eager step's, and after the one recompile that makes the lengths dynamic, new
+    lengths reuse the graph. A tile map cached by its length and a length checked with
+    operator.index each pinned the graph to one length: a recompile per length, past
+    dynamo's limit of 8 silently eager."""
+    import amvl_kernels.hf as akhf
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model, _ = build("qwen2")
+    model.float()  # the Triton kernels take up to fp32
+    akhf.use_amvl_attention(model.base)
+    previous = akhf.set_backend(backend)
+    try:
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(model, backend=counter, fullgraph=True)
+        rng = np.random.default_rng(1)
+        collator = AMVLCollator(model.tokenizer)
+        # Prompts of two and more tiles of the interpreter's 16 rows (a count of 1 is a size
+        # torch.compile specialises)
+        for length in (17, 20, 23, 29):
+            batch = collator([{"images": [], "question": " ".join(rng.choice(WORDS, size=n)),
+                               "answer": " ".join(rng.choice(WORDS, size=2 + i))}
+                              for i, n in enumerate((length, length - 4))])
+            loss = compiled(**batch, seed=11, prefix_sharing=True).loss
+            torch.testing.assert_close(loss, model(**batch, seed=11, prefix_sharing=True).loss)
+            loss.backward()
+        assert counter.frame_count <= 2, counter.frame_count
+    finally:
+        akhf.set_backend(previous)
+        torch._dynamo.reset()
+
+
 def test_bf16_autocast_step_on_the_amvl_attention():
     """Under torch.autocast the rotary step hands the attention fp32 q and k beside a bf16 v;
     the step runs, on both paths, near the fp32 loss (it raised a dtype mismatch)."""

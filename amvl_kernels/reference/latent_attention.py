@@ -54,6 +54,13 @@ def causal_prefix_rows(mask: Tensor) -> int:
     return length if first.numel() == 0 else int(first[0])
 
 
+def grouped_heads(q: Tensor, k: Tensor) -> bool:
+    """Whether q has more heads than k (SDPA's ``enable_gqa``) as a plain bool. A branch, not
+    the comparison: under torch.compile with dynamic shapes the comparison is symbolic, which
+    SDPA refuses, and the branch specialises the graph on the head counts instead."""
+    return True if q.shape[1] != k.shape[1] else False  # noqa: SIM210
+
+
 def latent_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | None,
                           scale: float) -> Tensor:
     """The same attention on ``torch.nn.functional.scaled_dot_product_attention``.
@@ -69,7 +76,7 @@ def latent_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout 
     zeroed afterwards.
     """
     lq, lk = q.shape[2], k.shape[2]
-    gqa = q.shape[1] != k.shape[1]
+    gqa = grouped_heads(q, k)
     if layout is None and lq == lk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                               enable_gqa=gqa)
