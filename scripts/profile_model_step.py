@@ -11,7 +11,8 @@ time (on the CPU, host time) grew the most from the first provider to each of th
 layers, heads and batch but shrinks its widths (head size 8, MLP 256), so that the device
 finishes each kernel at once and a step's time is its host's: how much of a step the host
 alone would take, per provider. ``--python N`` lists the N Python functions (torch's operator
-calls among them) that took the most host time in 5 steps of each provider.
+calls among them) that took the most host time in 5 steps of each provider. The providers
+``plain:compiled`` and ``shared_amvl:compiled`` are those two steps through ``torch.compile``.
 
     python scripts/profile_model_step.py --model 7b-proxy --shape blink     # on a GPU
     AMVL_BENCH_SMOKE=1 python scripts/profile_model_step.py                 # harness, CPU
@@ -280,6 +281,36 @@ def with_rows_split_off(step):
                         module.CAUSAL_ROWS_TO_SDPA)
 
 
+PLAIN_COMPILED, SHARED_COMPILED = "plain:compiled", "shared_amvl:compiled"
+
+
+def compiled_steps(base, model, tokenizer, prefix: int, answer: int, device) -> dict:
+    """``plain`` and ``shared_amvl`` through ``torch.compile`` (the base model's forward for
+    plain fine-tuning, AMVLModel's for ours, as a Trainer with ``torch_compile=True`` runs
+    them): one graph for each forward and its backward, so a step's host work is Inductor's
+    wrapper instead of a Python call and an autograd node per operator. Each compiles on its
+    first call (the warm-up's)."""
+    import amvl_kernels.hf as akhf
+
+    batch = bms._batch(prefix, answer, len(tokenizer), device)  # the same batch as _steps's
+    ids = torch.cat([batch["prompt_ids"], batch["answer_ids"]], 1)
+    labels = ids.clone()
+    labels[:, :prefix] = -100
+    base_params = [p for p in base.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    compiled_base, compiled_model = torch.compile(base), torch.compile(model)
+
+    def plain():
+        base.set_attn_implementation("sdpa")
+        return torch.autograd.grad(compiled_base(input_ids=ids, labels=labels).loss, base_params)
+
+    def shared_amvl():
+        akhf.use_amvl_attention(base)
+        loss = compiled_model(**batch, seed=0, prefix_sharing=True).loss
+        return torch.autograd.grad(loss, params, allow_unused=True)
+    return {PLAIN_COMPILED: plain, SHARED_COMPILED: shared_amvl}
+
+
 def python_functions(step, device: torch.device, rows: int, steps: int = 5) -> str:
     """The ``rows`` Python functions (and built-ins: each torch operator's call) with the most
     time of their own in ``steps`` steps under cProfile, as cProfile prints them (totals of
@@ -321,6 +352,8 @@ def main() -> None:
                              f"pass's weight gradients kept instead of their factors, "
                              f"'{LISTS_KERNEL}' with tile maps' lists from one launch, "
                              f"'{SHORT_SDPA}' with the latent pass's attention on SDPA, "
+                             f"'{PLAIN_COMPILED}' and '{SHARED_COMPILED}' through "
+                             "torch.compile, "
                              f"'{SPLIT}' "
                              "with x's rows on SDPA in training too")
     parser.add_argument("--repeats", type=int, default=5)
@@ -338,7 +371,7 @@ def main() -> None:
     args = parser.parse_args()
     providers = args.providers.split(",")
     variants = {NO_SPLIT, KERNELS_ONLY, UNPAIRED, PAIRED, PAIR_ALL, KEPT_GRADS, SPLIT,
-                LISTS_KERNEL, SHORT_SDPA}
+                LISTS_KERNEL, SHORT_SDPA, PLAIN_COMPILED, SHARED_COMPILED}
     unknown = set(providers) - set(bms.PROVIDERS) - variants
     if unknown or len(providers) < 2:
         parser.error(f"--providers needs two or more of {bms.PROVIDERS}, got {providers}")
@@ -360,6 +393,8 @@ def main() -> None:
     steps[KEPT_GRADS] = with_latent_gradients_kept(steps["shared_amvl"], model)
     steps[LISTS_KERNEL] = with_tile_lists_by_kernel(steps["shared_amvl"])
     steps[SHORT_SDPA] = with_short_queries_on_sdpa(steps["shared_amvl"])
+    if {PLAIN_COMPILED, SHARED_COMPILED} & set(providers):  # compiling takes a while
+        steps.update(compiled_steps(base, model, tokenizer, prefix, answer, device))
     # The benchmark's own measure, side by side: the effects asked about (about 1% of a step)
     # are smaller than the drift between providers timed one after another (2.4% in run 5).
     # Whole cycles of the balanced orders (2n of them for an odd number n of providers).
