@@ -180,7 +180,8 @@ def test_model_step_profile_script_runs(tmp_path):
     out = tmp_path / "profile.json"
     providers = ("plain,naive,shared_amvl,shared_amvl:nosplit,shared_amvl:unpaired,"
                  "shared_amvl:paired,shared_amvl:pair_all,shared_amvl:kept_grads,"
-                 "shared_amvl:split,shared_amvl:lists_kernel,shared_amvl:short_sdpa")
+                 "shared_amvl:split,shared_amvl:lists_kernel,shared_amvl:short_sdpa,"
+                 "plain:compiled,shared_amvl:compiled")
     proc = subprocess.run([sys.executable, "scripts/profile_model_step.py", "--repeats", "1",
                            "--providers", providers, "--json", str(out), "--host-only",
                            "--python", "5"],
@@ -192,6 +193,10 @@ def test_model_step_profile_script_runs(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert set(results) == set(providers.split(","))
     assert all(r["wall_ms"] > 0 and r["ops"] and r["peak_mb"] > 0 for r in results.values())
+
+    # The compiled steps run Inductor's graphs, not the eager operators
+    assert any("CompiledFxGraph" in op for op in results["shared_amvl:compiled"]["ops"])
+    assert not any("CompiledFxGraph" in op for op in results["shared_amvl"]["ops"])
 
     def paired(provider):  # the smoke model's weights are all under MIN_PAIRED_NUMEL
         return any("PairedLinear" in op for op in results[provider]["ops"])
