@@ -90,6 +90,8 @@ def test_bad_settings_are_clear_errors():
                           ({"mixed_precision": "fp8"}, "mixed_precision")]:
         with pytest.raises(ValueError, match=match):
             TrainConfig(**kwargs)
+    with pytest.raises(ValueError, match="compile must be true or false"):
+        TrainConfig(compile="yes")  # a string in a config file would read as true
     model, collator = _model()
     with pytest.raises(ValueError, match="at least one example"):
         train(model, collator, [], TrainConfig(steps=1), progress=False)
@@ -112,6 +114,32 @@ def test_activation_checkpointing_trains_the_same_steps():
     assert checkpointed.is_activation_checkpointing
     for got, want in zip(history, expected, strict=True):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+
+
+def test_compiled_loop_trains_the_same_steps_on_the_amvl_attention(monkeypatch):
+    """TrainConfig(compile=True): each step's forward runs as a torch.compile graph (a
+    counting backend sees it; one recompile when the step, the seed and the lengths first
+    change, then none) and the history equals the eager loop's, up to rounding."""
+    import amvl_kernels.hf as akhf
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")  # Inductor's compile would take a minute
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: real_compile(model, backend=counter))
+    config = TrainConfig(steps=5, batch_size=4, learning_rate=5e-3, log_every=1, seed=2)
+    eager, collator = _model()
+    akhf.use_amvl_attention(eager.base)
+    expected = train(eager, collator, _data(), config, progress=False)
+    compiled, collator = _model()
+    akhf.use_amvl_attention(compiled.base)
+    history = train(compiled, collator, _data(), TrainConfig(**{**config.__dict__,
+                                                                 "compile": True}),
+                    progress=False)
+    assert 1 <= counter.frame_count <= 2, counter.frame_count
+    for got, want in zip(history, expected, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    torch._dynamo.reset()
 
 
 def test_the_loop_never_reads_metrics_each_step_and_logs_the_rate_it_used(monkeypatch):
