@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from amvl_kernels.hf import PrefixKeys, layouts_replace_masks
+from amvl_kernels.hf import PrefixKeys
 from amvl_kernels.layout import LatentLayout
 
 from amvl.config import AMVLConfig
@@ -401,7 +401,13 @@ class AMVLModel(SavingMixin, nn.Module):
             kwargs["latent_layout"] = LatentLayout.from_tensors(
                 keys.segment, keys.visible_kinds, keys.block_id, check_values=False,
                 copy=False)  # built for this call alone
-            mask = None
+            # transformers hands a 4D mask to the attention as it is, without building one
+            # (nor reading the device to detect packed sequences in positions that restart),
+            # and the layout replaces it there. All True, expanded from one element: no memory.
+            # Not a promise held around the call (layouts_replace_masks): torch.compile cannot
+            # break a graph, as a VLM's forward does, inside a with block of an inlined call.
+            mask = torch.ones((), dtype=torch.bool, device=embeds.device).expand(
+                embeds.shape[0], 1, seq.input_ids.shape[1], keys.input_ids.shape[1])
         else:
             allowed = dense_mask(keys, seq.input_ids.shape[1])
             mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=embeds.device)
@@ -418,17 +424,8 @@ class AMVLModel(SavingMixin, nn.Module):
             kwargs["output_router_logits"] = True
         backbone = self._backbone()
         kwargs[_cache_kwarg(backbone)] = cache
-        promise = contextlib.nullcontext()
-        if "latent_layout" in kwargs:
-            promise = layouts_replace_masks()
-            if cache is None and not use_cache and not self.is_vlm:
-                # A 2D mask keeps transformers from reading restarting positions as packed
-                # sequences (a host sync; with a cache, made by the call, it does not look);
-                # the layout replaces it.
-                mask = torch.ones(seq.input_ids.shape, dtype=torch.bool, device=embeds.device)
-        with promise:
-            out = backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                           use_cache=use_cache, **kwargs)
+        out = backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                       use_cache=use_cache, **kwargs)
         # transformers 5.2x names the output field "cache", earlier 5.x "past_key_values"; the
         # old name is looked up in keys() only, since reading it on 5.2x logs a deprecation.
         cache = next((out[k] for k in ("cache", "past_key_values") if k in out.keys()), None)

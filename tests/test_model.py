@@ -272,6 +272,27 @@ def test_compiled_shared_step_on_the_amvl_attention_keeps_one_graph_per_shape(ba
         torch._dynamo.reset()
 
 
+def test_compiled_vlm_step_breaks_graphs_only_where_transformers_reads_the_device():
+    """torch.compile(model) on a Qwen2-VL's prefix-sharing step over the "amvl" attention: the
+    same loss as eager. The VLM's own forward breaks the graph (data-dependent operators in
+    its vision code); none of those breaks may fall inside a with block of ours, which Dynamo
+    cannot resume (it then runs the whole enclosing frame eagerly)."""
+    import amvl_kernels.hf as akhf
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model, batch = build("qwen2_vl")
+    akhf.use_amvl_attention(model.base)
+    compiled = torch.compile(model, backend="aot_eager")
+    loss = compiled(**batch, seed=11, prefix_sharing=True).loss
+    torch.testing.assert_close(loss, model(**batch, seed=11, prefix_sharing=True).loss)
+    loss.backward()
+    breaks = " ".join(counters["graph_break"])
+    assert counters["graph_break"] and "context manager" not in breaks, breaks
+    torch._dynamo.reset()
+
+
 def test_bf16_autocast_step_on_the_amvl_attention():
     """Under torch.autocast the rotary step hands the attention fp32 q and k beside a bf16 v;
     the step runs, on both paths, near the fp32 loss (it raised a dtype mismatch)."""
