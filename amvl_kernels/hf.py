@@ -38,10 +38,11 @@ transformers; ``import amvl_kernels`` alone does not.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -117,7 +118,8 @@ _moved_layouts = _OneEntryCache()
 _layout_promises = 0
 
 
-class layouts_replace_masks:  # noqa: N801 (a context manager, used as a function)
+@contextlib.contextmanager
+def layouts_replace_masks() -> Iterator[None]:
     """Within: every ``"amvl"`` attention call passes ``latent_layout=``, so the mask function
     builds nothing.
 
@@ -126,17 +128,12 @@ class layouts_replace_masks:  # noqa: N801 (a context manager, used as a functio
     pass's prior slots and answer, which both continue from the end of x) looks like packed
     sequences to transformers, and the mask function builds the dense (B, 1, Lq, Lk) mask
     that the layout then overrides: O(B L^2) memory and a host sync for nothing.
-
-    A class, not a generator: torch.compile cannot break a graph inside a generator's
-    ``with`` block, and a VLM's forward breaks its graph on data-dependent operators.
     """
-
-    def __enter__(self) -> None:
-        global _layout_promises
-        _layout_promises += 1
-
-    def __exit__(self, *exc_info: object) -> None:
-        global _layout_promises
+    global _layout_promises
+    _layout_promises += 1
+    try:
+        yield
+    finally:
         _layout_promises -= 1
 
 
