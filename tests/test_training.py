@@ -285,13 +285,14 @@ def _two_processes(tmp_path, mode: str, cpu: bool = True) -> subprocess.Complete
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("mode", ["text", "vlm"])
+@pytest.mark.parametrize("mode", ["text", "vlm", "compiled"])
 def test_two_processes_train_like_one(tmp_path, mode):
     """Two processes optimise what one process does on the whole batch: each rank's NLL is
     weighed by its share of the answer tokens (DDP's plain average of the ranks' token means
     counted a token of a share with fewer tokens more: parameters 2.3e-2 apart after 4 steps).
     A VLM's share without images leaves the vision tower without gradients, which DDP must
-    expect (it waited for them: "Expected to have finished reduction")."""
+    expect (it waited for them: "Expected to have finished reduction"). "compiled": the two
+    processes with TrainConfig.compile against one eager process."""
     from tests import train_worker
 
     if not torch.distributed.is_available():

@@ -78,7 +78,17 @@ def main(out: str, mode: str) -> None:
     torch.set_num_threads(1)
     vision = mode == "vlm"
     model, collator = build(vision)
-    train(model, collator, examples(vision), CONFIG, progress=False)
+    config = CONFIG
+    if mode == "compiled":  # TrainConfig.compile around the DDP wrapper
+        config = TrainConfig(**{**CONFIG.__dict__, "compile": True})
+        real_compile = torch.compile  # AOT eager: Inductor's compile would take minutes here
+        torch.compile = lambda module: real_compile(module, backend="aot_eager")
+    train(model, collator, examples(vision), config, progress=False)
+    if mode == "compiled":
+        from torch._dynamo.utils import counters
+
+        if not counters["stats"]["unique_graphs"]:
+            raise SystemExit("compile=True, but no graph was compiled")
     if dist.get_rank() == 0:
         save_file({n: p.detach().contiguous() for n, p in model.named_parameters()},
                   os.path.join(out, "params.safetensors"))
