@@ -22,6 +22,7 @@ schedule) with noise fixed per evaluation batch, so the same model always gets t
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from transformers import Trainer
 from transformers.trainer_utils import EvalLoopOutput, TrainOutput, align_special_tokens
 
 from amvl.model import AMVLModel, AMVLOutput
-from amvl.training import step_seed
+from amvl.training import recompute_skips_side_effects, step_seed
 
 EVAL_STREAM = 1  # step_seed's stream of evaluation seeds
 
@@ -176,8 +177,10 @@ class AMVLTrainer(Trainer):
             if num_items_in_batch is not None:  # the mean tokens of a micro-batch of the step
                 shares = self.current_gradient_accumulation_steps * self.args.world_size
                 tokens = num_items_in_batch / shares
-            out = model(**inputs, step=self.state.global_step, seed=self._training_seed(),
-                        answer_tokens=tokens)
+            with recompute_skips_side_effects() if self.args.torch_compile \
+                    else contextlib.nullcontext():
+                out = model(**inputs, step=self.state.global_step, seed=self._training_seed(),
+                            answer_tokens=tokens)
             for key, value in out.metrics.tensors().items():
                 if "/slot" not in key:  # per-slot values go to diagnostics, not the log line
                     self._step_sums[key] = self._step_sums[key] + value

@@ -18,6 +18,7 @@ arbitrary is unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -95,6 +96,17 @@ class TrainConfig:
                 f"lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}")
         require(self.mixed_precision in ("no", "bf16", "fp16"),
                 f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+
+
+def recompute_skips_side_effects() -> contextlib.AbstractContextManager:
+    """Around a compiled training forward: under activation checkpointing, PrefixKeys (prefix
+    sharing on the "amvl" attention) records x's keys inside the checkpointed layers, a side
+    effect torch.compile cannot replay in the recompute, so it broke the graph at every layer.
+    The recompute needs none of it (PrefixKeys keeps a layer's first record), so Dynamo may
+    leave it out. Nothing changes without checkpointing, or on a torch without the setting."""
+    if not hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
 
 
 def batch_indices(n_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -357,7 +369,8 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
         tokens = None
         if world > 1:  # every rank's NLL over the mean tokens of a share (no host sync)
             tokens = accelerator.reduce(batch["answer_mask"].sum().float(), "sum") / world
-        with accelerator.autocast():
+        with accelerator.autocast(), \
+                recompute_skips_side_effects() if config.compile else contextlib.nullcontext():
             out_step = forward(**batch, step=step, seed=step_seed(config.seed, step, rank),
                                answer_tokens=tokens)
         accelerator.backward(out_step.loss)
