@@ -311,6 +311,26 @@ def compiled_steps(base, model, tokenizer, prefix: int, answer: int, device) -> 
     return {PLAIN_COMPILED: plain, SHARED_COMPILED: shared_amvl}
 
 
+def working_providers(steps: dict, providers: list[str]) -> list[str]:
+    """``providers`` less those whose step raises on its first call, each reported with its
+    error: a variant that fails on the device (a compile error, a kernel never run there)
+    must not cost the lease the other providers' numbers. The baseline must work."""
+    working = []
+    for name in providers:
+        try:
+            steps[name]()
+        except Exception as error:  # noqa: BLE001 - reported, and the rest go on
+            if name == providers[0]:
+                raise
+            print(f"provider {name} left out: its first step raised "
+                  f"{type(error).__name__}: {str(error)[:500]}", file=sys.stderr, flush=True)
+            continue
+        working.append(name)
+    if len(working) < 2:
+        raise SystemExit(f"nothing to compare: only {working} of {providers} ran")
+    return working
+
+
 def python_functions(step, device: torch.device, rows: int, steps: int = 5) -> str:
     """The ``rows`` Python functions (and built-ins: each torch operator's call) with the most
     time of their own in ``steps`` steps under cProfile, as cProfile prints them (totals of
@@ -395,6 +415,7 @@ def main() -> None:
     steps[SHORT_SDPA] = with_short_queries_on_sdpa(steps["shared_amvl"])
     if {PLAIN_COMPILED, SHARED_COMPILED} & set(providers):  # compiling takes a while
         steps.update(compiled_steps(base, model, tokenizer, prefix, answer, device))
+    providers = working_providers(steps, providers)
     # The benchmark's own measure, side by side: the effects asked about (about 1% of a step)
     # are smaller than the drift between providers timed one after another (2.4% in run 5).
     # Whole cycles of the balanced orders (2n of them for an odd number n of providers).

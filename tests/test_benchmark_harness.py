@@ -203,6 +203,31 @@ def test_model_step_profile_script_runs(tmp_path):
     assert paired("shared_amvl:pair_all") and not paired("shared_amvl")
 
 
+def test_profile_drops_a_provider_that_fails_and_keeps_the_rest(capsys):
+    """A variant whose first step raises is reported and left out, so that one failure on a
+    lent GPU does not cost the other providers' numbers; a failing baseline, or a comparison
+    left with one provider, ends the run."""
+    module = _load_script("profile_model_step")
+    calls = []
+
+    def works(name):
+        return lambda: calls.append(name)
+
+    def fails():
+        raise RuntimeError("no kernel image for this device")
+    steps = {"plain": works("plain"), "shared_amvl": works("shared_amvl"), "broken": fails,
+             "later": works("later")}
+    kept = module.working_providers(steps, ["plain", "broken", "shared_amvl", "later"])
+    assert kept == ["plain", "shared_amvl", "later"]
+    assert calls == ["plain", "shared_amvl", "later"]
+    err = capsys.readouterr().err
+    assert "provider broken left out" in err and "no kernel image" in err
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        module.working_providers(steps, ["broken", "plain"])
+    with pytest.raises(SystemExit, match="nothing to compare"):
+        module.working_providers(steps, ["plain", "broken"])
+
+
 def test_traffic_count_reads_inputs_writes_outputs_and_skips_views():
     """scripts/step_traffic.py's count: an addition moves its two inputs and its output, a
     view nothing, a matrix product counts 2 m n k FLOPs and no bytes."""
