@@ -19,6 +19,13 @@ make up 99% of the loss, so a loss check alone would miss a wrong answer path. T
 providers take turns in a balanced order, one step each per round, 12 rounds on a GPU (CUDA
 events around each step) and 7 on the CPU, after a warm-up; medians of the rounds.
 
+``test_model_step_compiled`` (bench ``model_step_compiled``) times plain fine-tuning and the
+prefix-shared step on the "amvl" attention through ``torch.compile`` beside the same two
+eager, side by side: compiling turns a step's host work (a Python call and an autograd node per
+operator) into Inductor's wrapper code, which matters where the eager step waits on its host.
+Its compiled AMVL row must compute the eager row's loss, NLL and KLs. Select with ``-k
+compiled`` or ``-k "not compiled"`` (compiling takes a minute or two on a GPU).
+
     python -m pytest benchmarks/bench_model_step.py --benchmark
 """
 
@@ -132,14 +139,60 @@ def _steps(base, tokenizer, prefix: int, answer: int, device) -> tuple[dict, dic
     return steps, figures
 
 
-def path_differences(figures: dict[str, dict[str, float]], provider: str) -> dict[str, float]:
-    """How far ``provider``'s figures are from the naive path's: relative for the loss and
-    the KLs, absolute nats for the NLL."""
-    naive, ours = figures["naive"], figures[provider]
-    out = {key: abs(ours[key] - naive[key]) / max(abs(naive[key]), 1e-12)
+COMPILED_PROVIDERS = ("plain", "plain_compiled", "shared_amvl", "shared_amvl_compiled")
+
+
+def compiled_steps(base, model, tokenizer, prefix: int, answer: int, device) -> dict:
+    """``plain`` and ``shared_amvl`` through ``torch.compile`` (the base model's forward for
+    plain fine-tuning, AMVLModel's for ours, as a Trainer with ``torch_compile=True`` runs
+    them), on the batch of :func:`_steps`: one graph for each forward and its backward. The
+    AMVL step compiles here, in a first forward whose figures (loss, NLL and KLs) its closure
+    carries as ``.figures``, to check against the eager step's; plain's on its first call."""
+    import amvl_kernels.hf as akhf
+
+    batch = _batch(prefix, answer, len(tokenizer), device)
+    ids = torch.cat([batch["prompt_ids"], batch["answer_ids"]], 1)
+    labels = ids.clone()
+    labels[:, :prefix] = -100
+    base_params = [p for p in base.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    compiled_base, compiled_model = torch.compile(base), torch.compile(model)
+
+    def plain_compiled():
+        base.set_attn_implementation("sdpa")
+        return torch.autograd.grad(compiled_base(input_ids=ids, labels=labels).loss, base_params)
+
+    def forward():
+        akhf.use_amvl_attention(base)
+        return compiled_model(**batch, seed=0, prefix_sharing=True)
+
+    def shared_amvl_compiled():
+        return torch.autograd.grad(forward().loss, params, allow_unused=True)
+
+    metrics = forward().metrics
+    shared_amvl_compiled.figures = {key: metrics[key] for key in ("loss", "nll", "kl_fwd",
+                                                                   "kl_rev")}
+    return {"plain_compiled": plain_compiled, "shared_amvl_compiled": shared_amvl_compiled}
+
+
+def path_differences(figures: dict[str, dict[str, float]], provider: str,
+                     reference: str = "naive") -> dict[str, float]:
+    """How far ``provider``'s figures are from ``reference``'s (the naive path's): relative
+    for the loss and the KLs, absolute nats for the NLL."""
+    ref, ours = figures[reference], figures[provider]
+    out = {key: abs(ours[key] - ref[key]) / max(abs(ref[key]), 1e-12)
            for key in ("loss", "kl_fwd", "kl_rev")}
-    out["nll"] = abs(ours["nll"] - naive["nll"])
+    out["nll"] = abs(ours["nll"] - ref["nll"])
     return out
+
+
+def off_limits(figures: dict[str, dict[str, float]], provider: str,
+               reference: str = "naive") -> dict[str, float]:
+    """The figures of ``provider`` further from ``reference``'s than the tolerances allow."""
+    limits = {"loss": LOSS_TOLERANCE, "kl_fwd": LOSS_TOLERANCE, "kl_rev": LOSS_TOLERANCE,
+              "nll": NLL_TOLERANCE}
+    off = path_differences(figures, provider, reference)
+    return {key: value for key, value in off.items() if not value <= limits[key]}
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -160,9 +213,31 @@ def test_model_step(benchmark, bench_device, model_name, shape):
                       **figures.get(provider, {}))
     benchmark.extra_info.update(medians)
     for provider in ("shared", "shared_amvl"):
-        off = path_differences(figures, provider)
-        limits = {"loss": LOSS_TOLERANCE, "kl_fwd": LOSS_TOLERANCE, "kl_rev": LOSS_TOLERANCE,
-                  "nll": NLL_TOLERANCE}
-        wrong = {key: value for key, value in off.items() if not value <= limits[key]}
+        wrong = off_limits(figures, provider)
         assert not wrong, f"{provider} is off the naive path on {case}: {wrong}; {figures}"
     benchmark.pedantic(steps["shared_amvl"], rounds=1, warmup_rounds=0)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_model_step_compiled(benchmark, bench_device, model_name, shape):
+    base, tokenizer = _model(model_name)
+    prefix, answer = SHAPES[shape]
+    eager, figures = _steps(base, tokenizer, prefix, answer, bench_device)
+    compiled = compiled_steps(base, eager["shared_amvl"].model, tokenizer, prefix, answer,
+                              bench_device)
+    figures["shared_amvl_compiled"] = compiled["shared_amvl_compiled"].figures
+    steps = {**{name: eager[name] for name in ("plain", "shared_amvl")}, **compiled}
+    # The warm-up's first call of each compiled step compiles it.
+    medians = common.time_ms_side_by_side(steps, warmup=100, cpu_rounds=7, gpu_rounds=GPU_ROUNDS)
+    tokens = BATCH * (prefix + answer)
+    case = f"{model_name} {shape} prefix={prefix} answer={answer} K={K} B={BATCH}"
+    for provider in COMPILED_PROVIDERS:
+        peak = common.peak_memory_bytes(steps[provider]) / 2**20
+        common.record("model_step_compiled", case, provider, medians[provider], peak_MB=peak,
+                      tokens_per_s=tokens / medians[provider] * 1e3,
+                      **figures.get(provider, {}))
+    benchmark.extra_info.update(medians)
+    wrong = off_limits(figures, "shared_amvl_compiled", reference="shared_amvl")
+    assert not wrong, f"the compiled step is off the eager one on {case}: {wrong}; {figures}"
+    benchmark.pedantic(steps["shared_amvl_compiled"], rounds=1, warmup_rounds=0)

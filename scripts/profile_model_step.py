@@ -284,33 +284,6 @@ def with_rows_split_off(step):
 PLAIN_COMPILED, SHARED_COMPILED = "plain:compiled", "shared_amvl:compiled"
 
 
-def compiled_steps(base, model, tokenizer, prefix: int, answer: int, device) -> dict:
-    """``plain`` and ``shared_amvl`` through ``torch.compile`` (the base model's forward for
-    plain fine-tuning, AMVLModel's for ours, as a Trainer with ``torch_compile=True`` runs
-    them): one graph for each forward and its backward, so a step's host work is Inductor's
-    wrapper instead of a Python call and an autograd node per operator. Each compiles on its
-    first call (the warm-up's)."""
-    import amvl_kernels.hf as akhf
-
-    batch = bms._batch(prefix, answer, len(tokenizer), device)  # the same batch as _steps's
-    ids = torch.cat([batch["prompt_ids"], batch["answer_ids"]], 1)
-    labels = ids.clone()
-    labels[:, :prefix] = -100
-    base_params = [p for p in base.parameters() if p.requires_grad]
-    params = [p for p in model.parameters() if p.requires_grad]
-    compiled_base, compiled_model = torch.compile(base), torch.compile(model)
-
-    def plain():
-        base.set_attn_implementation("sdpa")
-        return torch.autograd.grad(compiled_base(input_ids=ids, labels=labels).loss, base_params)
-
-    def shared_amvl():
-        akhf.use_amvl_attention(base)
-        loss = compiled_model(**batch, seed=0, prefix_sharing=True).loss
-        return torch.autograd.grad(loss, params, allow_unused=True)
-    return {PLAIN_COMPILED: plain, SHARED_COMPILED: shared_amvl}
-
-
 def working_providers(steps: dict, providers: list[str]) -> list[str]:
     """``providers`` less those whose step raises on its first call, each reported with its
     error: a variant that fails on the device (a compile error, a kernel never run there)
@@ -414,7 +387,9 @@ def main() -> None:
     steps[LISTS_KERNEL] = with_tile_lists_by_kernel(steps["shared_amvl"])
     steps[SHORT_SDPA] = with_short_queries_on_sdpa(steps["shared_amvl"])
     if {PLAIN_COMPILED, SHARED_COMPILED} & set(providers):  # compiling takes a while
-        steps.update(compiled_steps(base, model, tokenizer, prefix, answer, device))
+        compiled = bms.compiled_steps(base, model, tokenizer, prefix, answer, device)
+        steps[PLAIN_COMPILED] = compiled["plain_compiled"]
+        steps[SHARED_COMPILED] = compiled["shared_amvl_compiled"]
     providers = working_providers(steps, providers)
     # The benchmark's own measure, side by side: the effects asked about (about 1% of a step)
     # are smaller than the drift between providers timed one after another (2.4% in run 5).
