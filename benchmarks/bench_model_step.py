@@ -139,9 +139,6 @@ def _steps(base, tokenizer, prefix: int, answer: int, device) -> tuple[dict, dic
     return steps, figures
 
 
-COMPILED_PROVIDERS = ("plain", "plain_compiled", "shared_amvl", "shared_amvl_compiled")
-
-
 def compiled_steps(base, model, tokenizer, prefix: int, answer: int, device) -> dict:
     """``plain`` and ``shared_amvl`` through ``torch.compile`` (the base model's forward for
     plain fine-tuning, AMVLModel's for ours, as a Trainer with ``torch_compile=True`` runs
@@ -195,23 +192,32 @@ def off_limits(figures: dict[str, dict[str, float]], provider: str,
     return {key: value for key, value in off.items() if not value <= limits[key]}
 
 
+def _time_and_record(bench: str, steps: dict, figures: dict, model_name: str, shape: str,
+                     benchmark) -> str:
+    """Time ``steps`` side by side and record a row per provider under ``bench``; returns
+    the case's name. A step takes tens of ms on a GPU, where do_bench would take about five
+    samples of each provider in turn: the providers take turns instead, one step each per
+    round (a compiled step compiles in the warm-up's first call)."""
+    prefix, answer = SHAPES[shape]
+    medians = common.time_ms_side_by_side(steps, warmup=100, cpu_rounds=7, gpu_rounds=GPU_ROUNDS)
+    tokens = BATCH * (prefix + answer)
+    case = f"{model_name} {shape} prefix={prefix} answer={answer} K={K} B={BATCH}"
+    for provider, step in steps.items():
+        peak = common.peak_memory_bytes(step) / 2**20
+        common.record(bench, case, provider, medians[provider], peak_MB=peak,
+                      tokens_per_s=tokens / medians[provider] * 1e3,
+                      **figures.get(provider, {}))
+    benchmark.extra_info.update(medians)
+    return case
+
+
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_model_step(benchmark, bench_device, model_name, shape):
     base, tokenizer = _model(model_name)
-    prefix, answer = SHAPES[shape]
-    steps, figures = _steps(base, tokenizer, prefix, answer, bench_device)
-    # A step takes tens of ms on a GPU, where do_bench would take about five samples of each
-    # provider in turn: the providers take turns instead, one step each per round.
-    medians = common.time_ms_side_by_side(steps, warmup=100, cpu_rounds=7, gpu_rounds=GPU_ROUNDS)
-    tokens = BATCH * (prefix + answer)
-    case = f"{model_name} {shape} prefix={prefix} answer={answer} K={K} B={BATCH}"
-    for provider in PROVIDERS:
-        peak = common.peak_memory_bytes(steps[provider]) / 2**20
-        common.record("model_step", case, provider, medians[provider], peak_MB=peak,
-                      tokens_per_s=tokens / medians[provider] * 1e3,
-                      **figures.get(provider, {}))
-    benchmark.extra_info.update(medians)
+    steps, figures = _steps(base, tokenizer, *SHAPES[shape], bench_device)
+    case = _time_and_record("model_step", {name: steps[name] for name in PROVIDERS}, figures,
+                            model_name, shape, benchmark)
     for provider in ("shared", "shared_amvl"):
         wrong = off_limits(figures, provider)
         assert not wrong, f"{provider} is off the naive path on {case}: {wrong}; {figures}"
@@ -222,22 +228,14 @@ def test_model_step(benchmark, bench_device, model_name, shape):
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_model_step_compiled(benchmark, bench_device, model_name, shape):
     base, tokenizer = _model(model_name)
-    prefix, answer = SHAPES[shape]
-    eager, figures = _steps(base, tokenizer, prefix, answer, bench_device)
-    compiled = compiled_steps(base, eager["shared_amvl"].model, tokenizer, prefix, answer,
+    eager, figures = _steps(base, tokenizer, *SHAPES[shape], bench_device)
+    compiled = compiled_steps(base, eager["shared_amvl"].model, tokenizer, *SHAPES[shape],
                               bench_device)
     figures["shared_amvl_compiled"] = compiled["shared_amvl_compiled"].figures
-    steps = {**{name: eager[name] for name in ("plain", "shared_amvl")}, **compiled}
-    # The warm-up's first call of each compiled step compiles it.
-    medians = common.time_ms_side_by_side(steps, warmup=100, cpu_rounds=7, gpu_rounds=GPU_ROUNDS)
-    tokens = BATCH * (prefix + answer)
-    case = f"{model_name} {shape} prefix={prefix} answer={answer} K={K} B={BATCH}"
-    for provider in COMPILED_PROVIDERS:
-        peak = common.peak_memory_bytes(steps[provider]) / 2**20
-        common.record("model_step_compiled", case, provider, medians[provider], peak_MB=peak,
-                      tokens_per_s=tokens / medians[provider] * 1e3,
-                      **figures.get(provider, {}))
-    benchmark.extra_info.update(medians)
+    steps = {"plain": eager["plain"], "plain_compiled": compiled["plain_compiled"],
+             "shared_amvl": eager["shared_amvl"],
+             "shared_amvl_compiled": compiled["shared_amvl_compiled"]}
+    case = _time_and_record("model_step_compiled", steps, figures, model_name, shape, benchmark)
     wrong = off_limits(figures, "shared_amvl_compiled", reference="shared_amvl")
     assert not wrong, f"the compiled step is off the eager one on {case}: {wrong}; {figures}"
     benchmark.pedantic(steps["shared_amvl_compiled"], rounds=1, warmup_rounds=0)
