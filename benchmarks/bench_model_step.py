@@ -139,12 +139,14 @@ def _steps(base, tokenizer, prefix: int, answer: int, device) -> tuple[dict, dic
     return steps, figures
 
 
-def compiled_steps(base, model, tokenizer, prefix: int, answer: int, device) -> dict:
+def compiled_steps(base, model, tokenizer, prefix: int, answer: int, device,
+                   mode: str | None = None) -> dict:
     """``plain`` and ``shared_amvl`` through ``torch.compile`` (the base model's forward for
     plain fine-tuning, AMVLModel's for ours, as a Trainer with ``torch_compile=True`` runs
     them), on the batch of :func:`_steps`: one graph for each forward and its backward. The
     AMVL step compiles here, in a first forward whose figures (loss, NLL and KLs) its closure
-    carries as ``.figures``, to check against the eager step's; plain's on its first call."""
+    carries as ``.figures``, to check against the eager step's; plain's on its first call.
+    ``mode``: torch.compile's (e.g. "reduce-overhead", CUDA graphs on a GPU)."""
     import amvl_kernels.hf as akhf
 
     batch = _batch(prefix, answer, len(tokenizer), device)
@@ -153,7 +155,8 @@ def compiled_steps(base, model, tokenizer, prefix: int, answer: int, device) -> 
     labels[:, :prefix] = -100
     base_params = [p for p in base.parameters() if p.requires_grad]
     params = [p for p in model.parameters() if p.requires_grad]
-    compiled_base, compiled_model = torch.compile(base), torch.compile(model)
+    compiled_base = torch.compile(base, mode=mode)
+    compiled_model = torch.compile(model, mode=mode)
 
     def plain_compiled():
         base.set_attn_implementation("sdpa")

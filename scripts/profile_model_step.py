@@ -12,7 +12,11 @@ layers, heads and batch but shrinks its widths (head size 8, MLP 256), so that t
 finishes each kernel at once and a step's time is its host's: how much of a step the host
 alone would take, per provider. ``--python N`` lists the N Python functions (torch's operator
 calls among them) that took the most host time in 5 steps of each provider. The providers
-``plain:compiled`` and ``shared_amvl:compiled`` are those two steps through ``torch.compile``.
+``plain:compiled`` and ``shared_amvl:compiled`` are those two steps through ``torch.compile``,
+``plain:graphed`` and ``shared_amvl:graphed`` through its "reduce-overhead" mode (CUDA graphs
+on a GPU: no host work a step beyond the replay). The graphed AMVL step draws its noise from
+one fixed seed; a training loop's seed changes every step, which the CUDA graphs would record
+anew, so the graphed rows are a bound on what graphing could give, not a way to train.
 
     python scripts/profile_model_step.py --model 7b-proxy --shape blink     # on a GPU
     AMVL_BENCH_SMOKE=1 python scripts/profile_model_step.py                 # harness, CPU
@@ -282,6 +286,7 @@ def with_rows_split_off(step):
 
 
 PLAIN_COMPILED, SHARED_COMPILED = "plain:compiled", "shared_amvl:compiled"
+PLAIN_GRAPHED, SHARED_GRAPHED = "plain:graphed", "shared_amvl:graphed"
 
 
 def working_providers(steps: dict, providers: list[str]) -> list[str]:
@@ -346,7 +351,8 @@ def main() -> None:
                              f"'{LISTS_KERNEL}' with tile maps' lists from one launch, "
                              f"'{SHORT_SDPA}' with the latent pass's attention on SDPA, "
                              f"'{PLAIN_COMPILED}' and '{SHARED_COMPILED}' through "
-                             "torch.compile, "
+                             f"torch.compile, '{PLAIN_GRAPHED}' and '{SHARED_GRAPHED}' "
+                             "through its mode 'reduce-overhead' (CUDA graphs), "
                              f"'{SPLIT}' "
                              "with x's rows on SDPA in training too")
     parser.add_argument("--repeats", type=int, default=5)
@@ -364,7 +370,8 @@ def main() -> None:
     args = parser.parse_args()
     providers = args.providers.split(",")
     variants = {NO_SPLIT, KERNELS_ONLY, UNPAIRED, PAIRED, PAIR_ALL, KEPT_GRADS, SPLIT,
-                LISTS_KERNEL, SHORT_SDPA, PLAIN_COMPILED, SHARED_COMPILED}
+                LISTS_KERNEL, SHORT_SDPA, PLAIN_COMPILED, SHARED_COMPILED, PLAIN_GRAPHED,
+                SHARED_GRAPHED}
     unknown = set(providers) - set(bms.PROVIDERS) - variants
     if unknown or len(providers) < 2:
         parser.error(f"--providers needs two or more of {bms.PROVIDERS}, got {providers}")
@@ -386,10 +393,12 @@ def main() -> None:
     steps[KEPT_GRADS] = with_latent_gradients_kept(steps["shared_amvl"], model)
     steps[LISTS_KERNEL] = with_tile_lists_by_kernel(steps["shared_amvl"])
     steps[SHORT_SDPA] = with_short_queries_on_sdpa(steps["shared_amvl"])
-    if {PLAIN_COMPILED, SHARED_COMPILED} & set(providers):  # compiling takes a while
-        compiled = bms.compiled_steps(base, model, tokenizer, prefix, answer, device)
-        steps[PLAIN_COMPILED] = compiled["plain_compiled"]
-        steps[SHARED_COMPILED] = compiled["shared_amvl_compiled"]
+    for (plain, shared), mode in (((PLAIN_COMPILED, SHARED_COMPILED), None),
+                                  ((PLAIN_GRAPHED, SHARED_GRAPHED), "reduce-overhead")):
+        if {plain, shared} & set(providers):  # compiling takes a while
+            compiled = bms.compiled_steps(base, model, tokenizer, prefix, answer, device, mode)
+            steps[plain] = compiled["plain_compiled"]
+            steps[shared] = compiled["shared_amvl_compiled"]
     providers = working_providers(steps, providers)
     # The benchmark's own measure, side by side: the effects asked about (about 1% of a step)
     # are smaller than the drift between providers timed one after another (2.4% in run 5).

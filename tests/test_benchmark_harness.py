@@ -184,7 +184,7 @@ def test_model_step_profile_script_runs(tmp_path):
     providers = ("plain,naive,shared_amvl,shared_amvl:nosplit,shared_amvl:unpaired,"
                  "shared_amvl:paired,shared_amvl:pair_all,shared_amvl:kept_grads,"
                  "shared_amvl:split,shared_amvl:lists_kernel,shared_amvl:short_sdpa,"
-                 "plain:compiled,shared_amvl:compiled")
+                 "plain:compiled,shared_amvl:compiled,shared_amvl:graphed")
     proc = subprocess.run([sys.executable, "scripts/profile_model_step.py", "--repeats", "1",
                            "--providers", providers, "--json", str(out), "--host-only",
                            "--python", "5"],
