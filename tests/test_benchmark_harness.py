@@ -216,8 +216,7 @@ def test_profile_drops_a_provider_that_fails_and_keeps_the_rest(capsys):
     def works(name):
         return lambda: calls.append(name)
 
-    def fails():
-        raise RuntimeError("no kernel image for this device")
+    fails = module.raising(RuntimeError("no kernel image for this device"))  # as a failed build
     steps = {"plain": works("plain"), "shared_amvl": works("shared_amvl"), "broken": fails,
              "later": works("later")}
     kept = module.working_providers(steps, ["plain", "broken", "shared_amvl", "later"])
