@@ -92,14 +92,27 @@ def _noise(seed, rows, start, d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     return tl.reshape(quads, [BLOCK_R, BLOCK_D])
 
 
+@triton.jit
+def _philox_key(seed, seed_ptr, SEED_IN_MEMORY: tl.constexpr):
+    """The noise's key: the ``seed`` argument, or with SEED_IN_MEMORY the int64 at
+    ``seed_ptr``, read on the device (a seed tensor: what a CUDA graph replays afresh)."""
+    if SEED_IN_MEMORY:
+        key = tl.load(seed_ptr)
+    else:
+        key = seed
+    return key
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _gaussian_kl_fwd_kernel(
     mu_q_ptr, lv_q_ptr, mu_p_ptr, lv_p_ptr, eps_ptr, z_ptr, kl_fwd_ptr, kl_rev_ptr,
-    n_rows, d, seed,
+    n_rows, d, seed, seed_ptr,
     s_mq_r, s_mq_c, s_lq_r, s_lq_c, s_mp_r, s_mp_c, s_lp_r, s_lp_c, s_e_r, s_e_c,
     HAS_EPS: tl.constexpr, WITH_KL: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, FAST_MATH: tl.constexpr,
+    SEED_IN_MEMORY: tl.constexpr,
 ):
+    key = _philox_key(seed, seed_ptr, SEED_IN_MEMORY)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     r64 = rows.to(tl.int64)[:, None]
@@ -121,7 +134,7 @@ def _gaussian_kl_fwd_kernel(
         if HAS_EPS:
             eps = tl.load(eps_ptr + r64 * s_e_r + c64 * s_e_c, mask=mask, other=0.0).to(ACC)
         else:
-            eps = _noise(seed, rows, start, d, BLOCK_R, BLOCK_D, FAST_MATH).to(ACC)
+            eps = _noise(key, rows, start, d, BLOCK_R, BLOCK_D, FAST_MATH).to(ACC)
         z = mu_q + tl.exp(0.5 * lv_q) * eps
         tl.store(z_ptr + r64 * d + c64, z.to(z_ptr.dtype.element_ty), mask=mask)
         if WITH_KL:
@@ -143,7 +156,7 @@ def _gaussian_kl_bwd_kernel(
     mu_q_ptr, lv_q_ptr, mu_p_ptr, lv_p_ptr, eps_ptr,
     dz_ptr, dkl_fwd_ptr, dkl_rev_ptr,
     dmu_q_ptr, dlv_q_ptr, dmu_p_ptr, dlv_p_ptr,
-    n_rows, d, seed,
+    n_rows, d, seed, seed_ptr,
     s_mq_r, s_mq_c, s_lq_r, s_lq_c, s_mp_r, s_mp_c, s_lp_r, s_lp_c, s_e_r, s_e_c,
     s_dz_r, s_dz_c,
     HAS_EPS: tl.constexpr, HAS_DZ: tl.constexpr, HAS_DKL_FWD: tl.constexpr,
@@ -153,7 +166,9 @@ def _gaussian_kl_bwd_kernel(
     FWD_TO_Q: tl.constexpr, FWD_TO_P: tl.constexpr, REV_TO_Q: tl.constexpr,
     REV_TO_P: tl.constexpr,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, FAST_MATH: tl.constexpr,
+    SEED_IN_MEMORY: tl.constexpr,
 ):
+    key = _philox_key(seed, seed_ptr, SEED_IN_MEMORY)
     # Purely elementwise given the per-slot upstream gradients of the two KLs, so the column
     # chunks of a row go to programs of their own (grid axis 1) instead of one program's loop:
     # no serial chain of chunks, which bounds the latency of rows of a few thousand columns.
@@ -190,7 +205,7 @@ def _gaussian_kl_bwd_kernel(
                     eps = tl.load(eps_ptr + r64 * s_e_r + c64 * s_e_c, mask=mask,
                                   other=0.0).to(ACC)
                 else:
-                    eps = _noise(seed, rows, start, d, BLOCK_R, BLOCK_D, FAST_MATH).to(ACC)
+                    eps = _noise(key, rows, start, d, BLOCK_R, BLOCK_D, FAST_MATH).to(ACC)
                 g_mu_q += dz
                 g_lv_q += dz * 0.5 * tl.exp(0.5 * lv_q) * eps
             if FWD_TO_Q:
@@ -259,8 +274,15 @@ def _fast_math() -> bool:
     return not triton_interpreted() and torch.version.hip is None
 
 
+def _seed_arguments(seed: int | Tensor, placeholder: Tensor) -> tuple[int, Tensor, bool]:
+    """(seed, seed_ptr, SEED_IN_MEMORY) of the kernels for an int seed or a seed tensor."""
+    if isinstance(seed, Tensor):
+        return 0, seed, True
+    return seed, placeholder, False
+
+
 def _triton_forward(mu_q: Tensor, lv_q: Tensor, mu_p: Tensor | None, lv_p: Tensor | None,
-                    eps: Tensor | None, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+                    eps: Tensor | None, seed: int | Tensor) -> tuple[Tensor, Tensor, Tensor]:
     d = mu_q.shape[-1]
     lead = mu_q.shape[:-1]
     mq, lq, mp, lp, e = (_rows(t, d) for t in (mu_q, lv_q, mu_p, lv_p, eps))
@@ -273,20 +295,21 @@ def _triton_forward(mu_q: Tensor, lv_q: Tensor, mu_p: Tensor | None, lv_p: Tenso
     kl_rev = torch.empty(kl_shape, dtype=kl_dtype, device=mu_q.device)
     block_r, block_d, num_warps = _block_sizes(n_rows, d)
     grid = (cdiv(n_rows, block_r),)
+    seed, seed_ptr, seed_in_memory = _seed_arguments(seed, mq)
     # Absent inputs are passed as mu_q: never read, but triton needs a pointer.
     _gaussian_kl_fwd_kernel[grid](
         mq, lq, mp if with_kl else mq, lp if with_kl else mq, e if e is not None else mq,
-        z, kl_fwd, kl_rev, n_rows, d, seed,
+        z, kl_fwd, kl_rev, n_rows, d, seed, seed_ptr,
         *_strides(mq), *_strides(lq), *_strides(mp), *_strides(lp), *_strides(e),
         HAS_EPS=e is not None, WITH_KL=with_kl, ACC=_acc_dtype(mu_q, eps),
         BLOCK_R=block_r, BLOCK_D=block_d, FAST_MATH=_fast_math(),
-        num_warps=num_warps,
+        SEED_IN_MEMORY=seed_in_memory, num_warps=num_warps,
     )
     return z, kl_fwd, kl_rev
 
 
 def _triton_backward(mu_q: Tensor, lv_q: Tensor, mu_p: Tensor | None, lv_p: Tensor | None,
-                     eps: Tensor | None, seed: int, grad_z: Tensor | None,
+                     eps: Tensor | None, seed: int | Tensor, grad_z: Tensor | None,
                      grad_kl_fwd: Tensor | None, grad_kl_rev: Tensor | None,
                      fwd_grad: str, rev_grad: str, need: list[bool]) -> list[Tensor]:
     d = mu_q.shape[-1]
@@ -301,13 +324,14 @@ def _triton_backward(mu_q: Tensor, lv_q: Tensor, mu_p: Tensor | None, lv_p: Tens
     has_fwd, has_rev = with_kl and grad_kl_fwd is not None, with_kl and grad_kl_rev is not None
     block_r, block_d, num_warps = _block_sizes(n_rows, d)
     grid = (cdiv(n_rows, block_r), min(cdiv(d, block_d), MAX_GRID_Y))
+    seed, seed_ptr, seed_in_memory = _seed_arguments(seed, placeholder)
     _gaussian_kl_bwd_kernel[grid](
         mq, lq, mp, lp, e if e is not None else placeholder,
         dz if dz is not None else placeholder,
         grad_kl_fwd.contiguous() if grad_kl_fwd is not None else placeholder,
         grad_kl_rev.contiguous() if grad_kl_rev is not None else placeholder,
         *(g if g is not None else placeholder for g in grads),
-        n_rows, d, seed,
+        n_rows, d, seed, seed_ptr,
         *_strides(mq), *_strides(lq), *_strides(mp), *_strides(lp), *_strides(e),
         *_strides(dz),
         HAS_EPS=e is not None, HAS_DZ=dz is not None,
@@ -320,32 +344,48 @@ def _triton_backward(mu_q: Tensor, lv_q: Tensor, mu_p: Tensor | None, lv_p: Tens
         REV_TO_Q=has_rev and rev_grad in ("q", "both"),
         REV_TO_P=has_rev and rev_grad in ("p", "both"),
         ACC=_acc_dtype(mu_q, eps), BLOCK_R=block_r, BLOCK_D=block_d,
-        FAST_MATH=_fast_math(), num_warps=num_warps,
+        FAST_MATH=_fast_math(), SEED_IN_MEMORY=seed_in_memory, num_warps=num_warps,
     )
     return [g for g in grads if g is not None]
 
 
-def _cuda_forward(*args):
+def _host_seed(seed: int | Tensor, backend: str) -> int:
+    """``seed`` as an int, for the backends that take their key by value (the CUDA extension,
+    the PyTorch path): a seed tensor is read back to the host, which a CUDA graph being
+    captured cannot do."""
+    if not isinstance(seed, Tensor):
+        return seed
+    if seed.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"backend={backend!r} reads a seed tensor on the host, which a CUDA "
+                           "graph being captured cannot do: use backend='triton', whose "
+                           "kernels read it on the device at each replay")
+    return int(seed.item())
+
+
+def _cuda_forward(mu_q, lv_q, mu_p, lv_p, eps, seed):
     from amvl_kernels import _cuda_gaussian_kl
 
-    return _cuda_gaussian_kl.forward(*args)
+    return _cuda_gaussian_kl.forward(mu_q, lv_q, mu_p, lv_p, eps, _host_seed(seed, "cuda"))
 
 
-def _cuda_backward(*args):
+def _cuda_backward(mu_q, lv_q, mu_p, lv_p, eps, seed, *rest):
     from amvl_kernels import _cuda_gaussian_kl
 
-    return _cuda_gaussian_kl.backward(*args)
+    return _cuda_gaussian_kl.backward(mu_q, lv_q, mu_p, lv_p, eps, _host_seed(seed, "cuda"),
+                                      *rest)
 
 
-def _launch_forward(mu_q, logvar_q, mu_p, logvar_p, eps, seed, backend):
+def _launch_forward(mu_q, logvar_q, mu_p, logvar_p, eps, seed, backend, seed_tensor=None):
     forward = _cuda_forward if backend == "cuda" else _triton_forward
-    return forward(mu_q, logvar_q, mu_p, logvar_p, eps, seed)
+    return forward(mu_q, logvar_q, mu_p, logvar_p, eps,
+                   seed if seed_tensor is None else seed_tensor)
 
 
 def _launch_backward(mu_q, logvar_q, mu_p, logvar_p, eps, seed, grad_z, grad_kl_fwd,
-                     grad_kl_rev, fwd_grad, rev_grad, need, backend):
+                     grad_kl_rev, fwd_grad, rev_grad, need, backend, seed_tensor=None):
     backward = _cuda_backward if backend == "cuda" else _triton_backward
-    return backward(mu_q, logvar_q, mu_p, logvar_p, eps, seed, grad_z, grad_kl_fwd,
+    return backward(mu_q, logvar_q, mu_p, logvar_p, eps,
+                    seed if seed_tensor is None else seed_tensor, grad_z, grad_kl_fwd,
                     grad_kl_rev, fwd_grad, rev_grad, need)
 
 
@@ -360,13 +400,17 @@ def _launch_backward(mu_q, logvar_q, mu_p, logvar_p, eps, seed, grad_z, grad_kl_
 @torch.library.custom_op("amvl::gaussian_sample_kl", mutates_args=())
 def _gaussian_sample_kl_op(mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor | None,
                            logvar_p: Tensor | None, eps: Tensor | None, seed: int,
-                           fwd_grad: str, rev_grad: str, backend: str
+                           fwd_grad: str, rev_grad: str, backend: str,
+                           seed_tensor: Tensor | None = None
                            ) -> tuple[Tensor, Tensor, Tensor]:
-    return _launch_forward(mu_q, logvar_q, mu_p, logvar_p, eps, seed, backend)
+    """``seed_tensor``, when given, replaces ``seed``: a one-element int64 tensor on the
+    inputs' device."""
+    return _launch_forward(mu_q, logvar_q, mu_p, logvar_p, eps, seed, backend, seed_tensor)
 
 
 @_gaussian_sample_kl_op.register_fake
-def _(mu_q, logvar_q, mu_p, logvar_p, eps, seed, fwd_grad, rev_grad, backend):
+def _(mu_q, logvar_q, mu_p, logvar_p, eps, seed, fwd_grad, rev_grad, backend,
+      seed_tensor=None):
     kl_shape = mu_q.shape[:-1] if mu_p is not None else (0,)
     kl_dtype = compute_dtype(mu_q, eps)
     return (torch.empty(mu_q.shape, dtype=mu_q.dtype, device=mu_q.device),
@@ -378,21 +422,22 @@ def _gaussian_sample_kl_backward_op(
     mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor | None, logvar_p: Tensor | None,
     eps: Tensor | None, seed: int, grad_z: Tensor | None, grad_kl_fwd: Tensor | None,
     grad_kl_rev: Tensor | None, fwd_grad: str, rev_grad: str, need: list[bool], backend: str,
+    seed_tensor: Tensor | None = None,
 ) -> list[Tensor]:
     """Gradients of the inputs flagged in ``need`` (mu_q, logvar_q, mu_p, logvar_p), in order."""
     return _launch_backward(mu_q, logvar_q, mu_p, logvar_p, eps, seed, grad_z, grad_kl_fwd,
-                            grad_kl_rev, fwd_grad, rev_grad, need, backend)
+                            grad_kl_rev, fwd_grad, rev_grad, need, backend, seed_tensor)
 
 
 @_gaussian_sample_kl_backward_op.register_fake
 def _(mu_q, logvar_q, mu_p, logvar_p, eps, seed, grad_z, grad_kl_fwd, grad_kl_rev, fwd_grad,
-      rev_grad, need, backend):
+      rev_grad, need, backend, seed_tensor=None):
     return [torch.empty(mu_q.shape, dtype=mu_q.dtype, device=mu_q.device) for n in need if n]
 
 
 def _setup_context(ctx, inputs, output):
-    mu_q, logvar_q, mu_p, logvar_p, eps, seed, fwd_grad, rev_grad, backend = inputs
-    ctx.save_for_backward(mu_q, logvar_q, mu_p, logvar_p, eps)
+    mu_q, logvar_q, mu_p, logvar_p, eps, seed, fwd_grad, rev_grad, backend, seed_tensor = inputs
+    ctx.save_for_backward(mu_q, logvar_q, mu_p, logvar_p, eps, seed_tensor)
     ctx.seed, ctx.fwd_grad, ctx.rev_grad, ctx.backend = seed, fwd_grad, rev_grad, backend
     # Unused outputs then arrive as None, not zeros: their terms are skipped, not multiplied.
     ctx.set_materialize_grads(False)
@@ -412,7 +457,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _input_grads(ctx, grad_z, grad_kl_fwd, grad_kl_rev, launch_backward):
-    mu_q, logvar_q, mu_p, logvar_p, eps = ctx.saved_tensors
+    mu_q, logvar_q, mu_p, logvar_p, eps, seed_tensor = ctx.saved_tensors
     grad_z, grad_kl_fwd, grad_kl_rev = map(_resolved, (grad_z, grad_kl_fwd, grad_kl_rev))
     with_kl = mu_p is not None
     if not with_kl:
@@ -430,10 +475,10 @@ def _input_grads(ctx, grad_z, grad_kl_fwd, grad_kl_rev, launch_backward):
     if any(need):
         computed = iter(launch_backward(
             mu_q, logvar_q, mu_p, logvar_p, eps, ctx.seed, grad_z, grad_kl_fwd, grad_kl_rev,
-            ctx.fwd_grad, ctx.rev_grad, need, ctx.backend))
+            ctx.fwd_grad, ctx.rev_grad, need, ctx.backend, seed_tensor))
         grads = [next(computed) if n else None for n in need]
-    # eps is noise: it receives no gradient, nor do the non-tensor arguments.
-    return (*grads, None, None, None, None, None)
+    # eps is noise: it receives no gradient, nor do the seeds and the non-tensor arguments.
+    return (*grads, None, None, None, None, None, None)
 
 
 def _op_backward(ctx, grad_z, grad_kl_fwd, grad_kl_rev):
@@ -448,10 +493,12 @@ class _GaussianSampleKLFunction(torch.autograd.Function):
     """The eager door: the custom op's forward and backward without the dispatcher."""
 
     @staticmethod
-    def forward(ctx, mu_q, logvar_q, mu_p, logvar_p, eps, seed, fwd_grad, rev_grad, backend):
-        output = _launch_forward(mu_q, logvar_q, mu_p, logvar_p, eps, seed, backend)
+    def forward(ctx, mu_q, logvar_q, mu_p, logvar_p, eps, seed, fwd_grad, rev_grad, backend,
+                seed_tensor):
+        output = _launch_forward(mu_q, logvar_q, mu_p, logvar_p, eps, seed, backend,
+                                 seed_tensor)
         _setup_context(ctx, (mu_q, logvar_q, mu_p, logvar_p, eps, seed, fwd_grad, rev_grad,
-                             backend), output)
+                             backend, seed_tensor), output)
         return output
 
     @staticmethod
@@ -463,8 +510,28 @@ class _GaussianSampleKLFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------- public API
 
 
-def _draw_seed() -> int:
+def _draw_seed(like: Tensor, backend: str) -> int | Tensor:
+    """A fresh seed from torch's generator. For the Triton kernels a one-element tensor drawn
+    on the inputs' device, which the kernels read there: no host sync, and inside a CUDA
+    graph each replay draws anew (torch's generators are graph-safe), where an int drawn on
+    the host would be captured once and replayed forever.
+    The other backends take an int, which a CUDA graph cannot draw afresh: refused there."""
+    if backend == "triton":
+        return torch.randint(0, 2**62, (1,), device=like.device)
+    if like.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"seed=None under CUDA graph capture on backend={backend!r} would "
+                           "replay the noise of one host-drawn seed forever: use "
+                           "backend='triton', or pass a seed tensor it reads at each replay")
     return int(torch.randint(0, 2**62, (1,), device="cpu").item())
+
+
+def _check_seed_tensor(seed: Tensor, like: Tensor) -> None:
+    if seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError(f"a seed tensor must hold one int64, got dtype {seed.dtype} and shape "
+                         f"{tuple(seed.shape)}")
+    if seed.device != like.device:
+        raise ValueError(f"a seed tensor must be on the inputs' device ({like.device}), got "
+                         f"{seed.device}")
 
 
 def _validate(mu_q, logvar_q, mu_p, logvar_p, eps, seed, fwd_grad, rev_grad):
@@ -480,7 +547,10 @@ def _validate(mu_q, logvar_q, mu_p, logvar_p, eps, seed, fwd_grad, rev_grad):
     if eps is not None:
         check_float_tensor("eps", eps)
         check_like("eps", eps, "mu_q", mu_q, same_dtype=False)
-    check_seed(seed)
+    if isinstance(seed, Tensor):
+        _check_seed_tensor(seed, mu_q)
+    else:
+        check_seed(seed)
     check_choice("fwd_grad", fwd_grad, ROUTES)
     check_choice("rev_grad", rev_grad, ROUTES)
 
@@ -494,22 +564,26 @@ def _resolved(t: Tensor | None) -> Tensor | None:
 def _run(mu_q, logvar_q, mu_p, logvar_p, eps, seed, fwd_grad, rev_grad, backend):
     mu_q, logvar_q, mu_p, logvar_p, eps = map(_resolved, (mu_q, logvar_q, mu_p, logvar_p, eps))
     backend = resolve_backend(backend, mu_q.device, has_cuda_kernel=True)
-    if eps is None and seed is None:
-        seed = _draw_seed()
-    seed = 0 if seed is None else int(seed)  # a NumPy integer too (checked by _validate)
+    if eps is not None or mu_q.numel() == 0:
+        seed = 0  # unused: no noise is drawn
+    elif seed is None:
+        seed = _draw_seed(mu_q, backend)
+    seed_tensor = seed if isinstance(seed, Tensor) else None
+    seed = 0 if seed_tensor is not None else int(seed)  # a NumPy integer too (_validate)
     if backend == "torch" or mu_q.numel() == 0:
         # Empty inputs give empty outputs (or zero KLs when d == 0) without a launch.
+        seed = seed if seed_tensor is None else _host_seed(seed_tensor, backend)
         return gaussian_sample_kl_torch(mu_q, logvar_q, mu_p, logvar_p, eps, seed,
                                         fwd_grad, rev_grad)
     if torch.compiler.is_compiling():
         return torch.ops.amvl.gaussian_sample_kl(mu_q, logvar_q, mu_p, logvar_p, eps, seed,
-                                                 fwd_grad, rev_grad, backend)
+                                                 fwd_grad, rev_grad, backend, seed_tensor)
     return _GaussianSampleKLFunction.apply(mu_q, logvar_q, mu_p, logvar_p, eps, seed,
-                                           fwd_grad, rev_grad, backend)
+                                           fwd_grad, rev_grad, backend, seed_tensor)
 
 
 def gaussian_sample_kl(mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor, logvar_p: Tensor,
-                       eps: Tensor | None = None, seed: int | None = None,
+                       eps: Tensor | None = None, seed: int | Tensor | None = None,
                        fwd_grad: str = "p", rev_grad: str = "q", backend: str = "auto"
                        ) -> tuple[Tensor, Tensor, Tensor]:
     """Sample z ~ q by reparameterisation and return the per-slot KL(q||p) and KL(p||q).
@@ -519,8 +593,15 @@ def gaussian_sample_kl(mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor, logvar_p: T
         mu_p, logvar_p: prior mean and log-variance, same shape, dtype and device.
         eps: explicit standard-normal noise of the same shape (any float dtype), or None to draw
             it in the kernel from ``seed``. eps receives no gradient.
-        seed: int in [0, 2**63); None draws one from torch's default CPU generator. Ignored
-            when ``eps`` is given. The same seed gives bitwise-identical z on one backend.
+        seed: int in [0, 2**63), or a one-element int64 tensor on the inputs' device (its
+            64 bits the key as they are), which the Triton kernels read on the device: what a
+            CUDA graph (or torch.compile's "reduce-overhead") needs to draw new noise at each
+            replay: an int seed is a constant or a symbolic int of a compiled graph, and CUDA
+            graphs record anew for each value. The CUDA and PyTorch backends read it to the
+            host. None draws a fresh seed from torch's
+            generator (on the inputs' device for the Triton kernels, so graph replays draw
+            anew; captured elsewhere it is refused). Ignored when ``eps`` is given. The same
+            seed, int or tensor, gives bitwise-identical z on one backend.
         fwd_grad: which side KL(q||p) sends gradient to: "p" (AMVL's prior update, default),
             "q", "both" (the ELBO) or "none".
         rev_grad: which side KL(p||q) sends gradient to: "q" (default), "p", "both" or "none".
@@ -544,7 +625,7 @@ def gaussian_sample_kl(mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor, logvar_p: T
 
 
 def gaussian_sample(mu: Tensor, logvar: Tensor, eps: Tensor | None = None,
-                    seed: int | None = None, backend: str = "auto") -> Tensor:
+                    seed: int | Tensor | None = None, backend: str = "auto") -> Tensor:
     """Reparameterised sample z = mu + exp(logvar / 2) * eps, e.g. from the prior.
 
     Same conventions as :func:`gaussian_sample_kl`: z in mu's dtype, noise drawn in the kernel

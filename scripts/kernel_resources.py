@@ -90,12 +90,15 @@ def recorded_launches():
         la._dkdv_target_programs = dkdv_target
 
 
-def gaussian_launches(rows: int, d: int, dtype: torch.dtype) -> list:
-    """The launches of one forward and one AMVL-routed backward (every input gets gradient)."""
+def gaussian_launches(rows: int, d: int, dtype: torch.dtype, seed_tensor: bool = False
+                      ) -> list:
+    """The launches of one forward and one AMVL-routed backward (every input gets gradient),
+    with an int seed or (``seed_tensor``) one the kernels read from memory."""
     mu_q, lv_q, mu_p, lv_p = (torch.zeros(rows, d, dtype=dtype) for _ in range(4))
+    seed = torch.tensor([1234]) if seed_tensor else 1234
     with recorded_launches() as calls:
-        z, kl_fwd, kl_rev = gaussian_kl._triton_forward(mu_q, lv_q, mu_p, lv_p, None, 1234)
-        gaussian_kl._triton_backward(mu_q, lv_q, mu_p, lv_p, None, 1234, z, kl_fwd, kl_rev,
+        z, kl_fwd, kl_rev = gaussian_kl._triton_forward(mu_q, lv_q, mu_p, lv_p, None, seed)
+        gaussian_kl._triton_backward(mu_q, lv_q, mu_p, lv_p, None, seed, z, kl_fwd, kl_rev,
                                      "p", "q", [True] * 4)
     return calls
 
@@ -148,10 +151,12 @@ def variants():
     """(kernel, label, args, kwargs) of the real launches at benchmark shapes: the Gaussian
     op's, attention in bf16 at d = 64, 128, 256 and in fp32 at d = 64 (and the dk/dv kernel
     that adds dq with atomics, bf16 at d = 64 and 128), and decoding."""
-    for rows, d in [(4096, 4096), (512, 3584), (65536, 256)]:
-        for fn, args, kwargs in gaussian_launches(rows, d, torch.bfloat16):
+    for rows, d, seed_tensor in [(4096, 4096, False), (512, 3584, False), (65536, 256, False),
+                                 (512, 3584, True)]:
+        for fn, args, kwargs in gaussian_launches(rows, d, torch.bfloat16, seed_tensor):
             kind = "fwd" if fn is gaussian_kl._gaussian_kl_fwd_kernel else "bwd"
-            yield fn, f"gaussian {kind} {rows}x{d}", args, kwargs
+            label = f"gaussian {kind} {rows}x{d}" + (", seed tensor" if seed_tensor else "")
+            yield fn, label, args, kwargs
     names = {la._attention_fwd: "forward", la._attention_bwd_dkdv: "dkdv",
              la._attention_bwd_dq: "dq", la._attention_bwd_delta: "delta",
              layout._classify_tiles: "tile classifier"}

@@ -327,6 +327,103 @@ def test_triton_noise_does_not_depend_on_block_sizes(monkeypatch, d, rng_seed):
     assert torch.equal(head, ak.gaussian_sample(wider, wider, seed=seed, backend="triton")[:2])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(5, 7), (2, 3, 130), (4, 1)], ids=str)
+def test_a_seed_tensor_draws_the_stream_of_its_int(backend, shape, rng_seed):
+    """A one-element int64 seed tensor on the inputs' device is the seed it holds: the same
+    z, KLs and gradients (the backward regenerates the noise from it) as that int, and the
+    same sample from gaussian_sample. Past 32 bits, so both halves of the key count."""
+    inputs = make_inputs(shape, torch.float32, requires_grad=True)
+    seed = rng_seed + 2**40
+
+    def step(s):
+        outs = ak.gaussian_sample_kl(*inputs, seed=s, fwd_grad="both", rev_grad="both",
+                                     backend=backend)
+        return [*outs, *torch.autograd.grad(sum(o.sum() for o in outs), inputs)]
+
+    for from_int, from_tensor in zip(step(seed), step(torch.tensor([seed], device=DEVICE)),
+                                     strict=True):
+        assert torch.equal(from_int, from_tensor)
+    mu, logvar = (t.detach() for t in inputs[:2])
+    assert torch.equal(ak.gaussian_sample(mu, logvar, seed=seed, backend=backend),
+                       ak.gaussian_sample(mu, logvar, seed=torch.tensor(seed, device=DEVICE),
+                                          backend=backend))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton backend")
+def test_compiled_seed_tensor_keeps_one_graph_and_none_draws_inside_it(rng_seed):
+    """Under torch.compile(fullgraph=True) a seed tensor whose value changes keeps one graph
+    and gives the eager result of its int (an int seed is a constant or a symbolic int of
+    the graph, which CUDA graphs record anew for each value). seed=None draws its seed in
+    the graph, fresh at every call."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    inputs = make_inputs((3, 9), torch.float32, requires_grad=True)
+
+    def loss(seed, *xs):
+        return sum(o.sum() for o in ak.gaussian_sample_kl(*xs, seed=seed, backend="triton"))
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(loss, backend=counter, fullgraph=True)
+    for seed in (rng_seed, rng_seed + 1, rng_seed + 2**40):
+        got = compiled(torch.tensor(seed, device=DEVICE), *inputs)
+        want = loss(seed, *inputs)
+        assert torch.equal(got, want)
+        assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(got, inputs),
+                                                     torch.autograd.grad(want, inputs)))
+    assert counter.frame_count == 1
+    fresh = torch.compile(lambda *xs: ak.gaussian_sample(*xs, backend="triton"),
+                          backend="aot_eager", fullgraph=True)
+    mu, logvar = (t.detach() for t in inputs[:2])
+    assert not torch.equal(fresh(mu, logvar), fresh(mu, logvar))
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (CUDA graphs)")
+def test_cuda_graph_replays_draw_new_noise_from_a_seed_tensor_or_none():
+    """Captured in a CUDA graph, the Triton kernels read a seed tensor at each replay (the
+    replay equals an eager call with the value it then holds), and seed=None draws anew at
+    each replay instead of replaying the noise of the seed drawn at capture. The backends
+    that take their seed by value refuse seed=None under capture."""
+    mu, logvar = (t.detach() for t in make_inputs((4, 37), torch.float32)[:2])
+    seed = torch.tensor([5], device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (compile the kernels) outside the capture
+        ak.gaussian_sample(mu, logvar, seed=seed, backend="triton")
+        ak.gaussian_sample(mu, logvar, backend="triton")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        seeded = ak.gaussian_sample(mu, logvar, seed=seed, backend="triton")
+        fresh = ak.gaussian_sample(mu, logvar, backend="triton")
+    draws = []
+    for value in (5, 9):
+        seed.fill_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(seeded, ak.gaussian_sample(mu, logvar, seed=value,
+                                                      backend="triton"))
+        draws.append(fresh.clone())
+    assert not torch.equal(draws[0], draws[1])
+    with pytest.raises(RuntimeError, match="CUDA graph"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            ak.gaussian_sample(mu, logvar, backend="torch")
+
+
+@pytest.mark.parametrize("bad,match", [
+    (torch.tensor([1.0]), "one int64"), (torch.tensor([1, 2]), "one int64"),
+    (torch.tensor(1, dtype=torch.int32), "one int64"),
+    (torch.tensor([1], device="meta"), "inputs' device")], ids=["float", "two", "int32", "meta"])
+def test_a_bad_seed_tensor_is_refused(bad, match):
+    mu, logvar = make_inputs((2, 3), torch.float32)[:2]
+    with pytest.raises(ValueError, match=match):
+        ak.gaussian_sample(mu, logvar, seed=bad)
+    with pytest.raises(ValueError, match=match):
+        ak.gaussian_sample_kl(mu, logvar, mu, logvar, seed=bad)
+
+
 # ----------------------------------------------------------------------------- edge cases
 
 
