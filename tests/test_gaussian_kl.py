@@ -545,6 +545,8 @@ def test_opcheck():
     torch.library.opcheck(op, (*inputs, None, 5, "p", "q", "triton"))
     torch.library.opcheck(op, (*inputs, eps, 0, "both", "both", "triton"))
     torch.library.opcheck(op, (*inputs[:2], None, None, None, 5, "none", "none", "triton"))
+    seed = torch.tensor([2**40 + 5], device=DEVICE)  # read by the kernels, in place of the int
+    torch.library.opcheck(op, (*inputs, None, 0, "p", "q", "triton", seed))
 
 
 @pytest.mark.parametrize("fwd_grad, rev_grad", [("p", "q"), ("both", "none"), ("q", "p")])
