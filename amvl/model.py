@@ -536,8 +536,8 @@ class AMVLModel(SavingMixin, nn.Module):
 
     def forward(self, prompt_ids: Tensor, prompt_mask: Tensor, answer_ids: Tensor,
                 answer_mask: Tensor, pixel_values: Tensor | None = None,
-                image_grid_thw: Tensor | None = None, step: int | None = 0,
-                seed: int | None = None,
+                image_grid_thw: Tensor | None = None, step: int | Tensor | None = 0,
+                seed: int | Tensor | None = None,
                 prefix_sharing: bool | None = None,
                 answer_tokens: float | Tensor | None = None) -> AMVLOutput:
         """One training forward: loss, metrics and the drawn latents.
@@ -545,16 +545,26 @@ class AMVLModel(SavingMixin, nn.Module):
         Prompts are left-padded (B, Lx), answers right-padded (B, Ly), masks True on real
         tokens. ``step`` drives the KL schedule (None: the full objective, as evaluation
         wants). ``seed`` fixes the latent noise (same seed, same loss on both paths).
+        Both may be one-element integer tensors on the model's device (int64 for the seed),
+        which a step captured in CUDA graphs (torch.compile's "reduce-overhead") needs: the
+        graph then reads them at each replay, where a Python int is a value it records a
+        new graph for. A seed tensor draws the noise of the int it holds on the Triton
+        kernels (``kernel_backend`` "auto" on a GPU, or "triton").
         ``answer_tokens``: divide the answer's summed NLL by this instead of the batch's own
         answer token count. Data-parallel ranks pass the tokens of all their shares divided
         by the number of ranks, so that the average of their losses (DDP's) weighs every
         token alike, as one process over the whole batch does.
         """
         self._check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask)
-        if step is not None and (isinstance(step, bool) or not isinstance(step, numbers.Integral)
-                                 or step < 0):
+        if isinstance(step, Tensor):
+            if step.is_floating_point() or step.is_complex() or step.dtype == torch.bool \
+                    or step.numel() != 1:
+                raise ValueError(f"a step tensor must hold one integer, got dtype {step.dtype} "
+                                 f"and shape {tuple(step.shape)}")
+        elif step is not None and (isinstance(step, bool)
+                                   or not isinstance(step, numbers.Integral) or step < 0):
             # a negative step would turn the KL schedule's weight negative
-            raise ValueError(f"step must be an int >= 0 or None, got {step!r}")
+            raise ValueError(f"step must be an int >= 0, a tensor or None, got {step!r}")
         share = self.config.prefix_sharing if prefix_sharing is None else prefix_sharing
         # Checkpointed layers drop transformers' KV cache: on the "amvl" attention x's keys are
         # kept in PrefixKeys instead, elsewhere the step falls back to the naive path. (Newer
@@ -653,7 +663,9 @@ class AMVLModel(SavingMixin, nn.Module):
             nll = decode_nll(latents.z, routed)
             nll_prior = None
             if obj.uses_prior_nll:
-                prior_seed = None if seed is None else (seed + 1) % 2**63
+                # A tensor's 64 bits are a key as they are: no wrap to [0, 2**63) needed.
+                prior_seed = None if seed is None else (
+                    seed + 1 if isinstance(seed, Tensor) else (seed + 1) % 2**63)
                 z_prior = self._prior_latents(mu_p, lv_p, "sample", prior_seed)
                 nll_prior = decode_nll(z_prior)
         with _scope("amvl.loss"):
@@ -679,7 +691,8 @@ class AMVLModel(SavingMixin, nn.Module):
         loss = loss + balance.coef * aux.to(loss.device)
         return loss, metrics.with_tensors(router_aux=aux, loss=loss)
 
-    def _prior_latents(self, mu_p: Tensor, lv_p: Tensor, mode: str, seed: int | None) -> Tensor:
+    def _prior_latents(self, mu_p: Tensor, lv_p: Tensor, mode: str,
+                       seed: int | Tensor | None) -> Tensor:
         if mode == "mean":
             return mu_p
         import amvl_kernels as ak

@@ -40,21 +40,23 @@ class Latents:
     kl_rev: Tensor | None = None  # (B, K) KL(p||q)
 
 
-def kl_weight(config: AMVLConfig, step: int | None) -> float:
+def kl_weight(config: AMVLConfig, step: int | Tensor | None) -> float | Tensor:
     """Multiplier of the KL term that reaches the posterior at optimisation step ``step``
     (0-based); 1 for ``step`` None, the full objective (evaluation). The cyclical schedule is
     Fu et al.'s (2019): within each cycle a linear ramp over the first ``kl_cycle_ratio`` of
-    its steps, then 1."""
+    its steps, then 1. A step given as a one-element integer tensor (as a CUDA-graphed step
+    takes it, see :meth:`amvl.model.AMVLModel.forward`) gives the weight as a tensor."""
     if step is None:
         return 1.0
     if config.kl_schedule == "linear":
         if config.kl_warmup_steps == 0:
             return 1.0
-        return min(1.0, step / config.kl_warmup_steps)
-    if config.kl_schedule == "cyclical":
-        phase = (step % config.kl_cycle_steps) / config.kl_cycle_steps
-        return min(1.0, phase / config.kl_cycle_ratio)
-    return 1.0
+        ramp = step / config.kl_warmup_steps
+    elif config.kl_schedule == "cyclical":
+        ramp = (step % config.kl_cycle_steps) / config.kl_cycle_steps / config.kl_cycle_ratio
+    else:
+        return 1.0
+    return ramp.clamp(max=1.0).reshape(()) if isinstance(ramp, Tensor) else min(1.0, ramp)
 
 
 def free_bits(kl: Tensor, lam: float) -> Tensor:
@@ -92,7 +94,7 @@ class Objective:
         return self.uses_posterior and self.config.gamma > 0
 
     def draw(self, mu_p: Tensor, logvar_p: Tensor, mu_q: Tensor | None = None,
-             logvar_q: Tensor | None = None, seed: int | None = None) -> Latents:
+             logvar_q: Tensor | None = None, seed: int | Tensor | None = None) -> Latents:
         """Sample the latents the decoder sees, with this objective's gradient routing."""
         backend = self.config.kernel_backend
         if self.uses_posterior:
@@ -105,11 +107,11 @@ class Objective:
         z = ak.gaussian_sample(mu_p, logvar_p, seed=seed, backend=backend)
         return Latents(z, mu_p, logvar_p)
 
-    def kl_loss(self, latents: Latents, step: int | None) -> Tensor:
+    def kl_loss(self, latents: Latents, step: int | Tensor | None) -> Tensor:
         """The objective's weighted KL terms; objectives without a posterior have none."""
         return latents.z.new_zeros((), dtype=torch.float32)
 
-    def loss(self, nll: Tensor, latents: Latents | None, step: int | None = 0,
+    def loss(self, nll: Tensor, latents: Latents | None, step: int | Tensor | None = 0,
              nll_prior: Tensor | None = None) -> tuple[Tensor, Metrics]:
         """Total loss and metrics from the decoder's mean NLL(s) and the drawn latents."""
         total = nll
@@ -118,7 +120,11 @@ class Objective:
         if latents is not None and latents.kl_fwd is not None:
             total = total + self.kl_loss(latents, step)
             named.update(kl_metrics(latents))
-            weight["kl_weight"] = kl_weight(self.config, step)
+            scheduled = kl_weight(self.config, step)
+            if isinstance(scheduled, Tensor):
+                named["kl_weight"] = scheduled
+            else:
+                weight["kl_weight"] = scheduled
         if nll_prior is not None:
             total = total + self.config.gamma * nll_prior
             named["nll_prior"] = nll_prior
@@ -189,7 +195,7 @@ class AMVLObjective(Objective):
     latent_source = "posterior"
     fwd_grad, rev_grad = "p", "q"
 
-    def kl_loss(self, latents: Latents, step: int | None) -> Tensor:
+    def kl_loss(self, latents: Latents, step: int | Tensor | None) -> Tensor:
         """alpha KL(sg(q)||p) in full + the scheduled beta KL(sg(p)||q) with free bits."""
         # The KL schedule and free bits keep the posterior from collapsing onto the prior, so
         # they act on the term that reaches q, the reverse KL. The forward KL is the prior's
@@ -208,7 +214,7 @@ class ELBOObjective(Objective):
     latent_source = "posterior"
     fwd_grad, rev_grad = "both", "none"
 
-    def kl_loss(self, latents: Latents, step: int | None) -> Tensor:
+    def kl_loss(self, latents: Latents, step: int | Tensor | None) -> Tensor:
         """The scheduled beta KL(q||p) with free bits, gradient to both sides."""
         c = self.config
         return kl_weight(c, step) * c.beta * free_bits(latents.kl_fwd, c.free_bits)

@@ -36,6 +36,7 @@ from amvl.model import AMVLModel, AMVLOutput
 from amvl.training import recompute_skips_side_effects, step_seed
 
 EVAL_STREAM = 1  # step_seed's stream of evaluation seeds
+CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 
 class AMVLTrainer(Trainer):
@@ -171,7 +172,7 @@ class AMVLTrainer(Trainer):
             seed = step_seed(self.args.seed, self._eval_batch, self.args.process_index,
                              stream=EVAL_STREAM)
             self._eval_batch += 1
-            out = model(**inputs, step=None, seed=seed)
+            out = model(**inputs, step=None, seed=self._as_graph_input(seed, (1,)))
         else:
             tokens = None
             if num_items_in_batch is not None:  # the mean tokens of a micro-batch of the step
@@ -179,13 +180,24 @@ class AMVLTrainer(Trainer):
                 tokens = num_items_in_batch / shares
             with recompute_skips_side_effects() if self.args.torch_compile \
                     else contextlib.nullcontext():
-                out = model(**inputs, step=self.state.global_step, seed=self._training_seed(),
+                out = model(**inputs, step=self._as_graph_input(self.state.global_step, ()),
+                            seed=self._as_graph_input(self._training_seed(), (1,)),
                             answer_tokens=tokens)
             for key, value in out.metrics.tensors().items():
                 if "/slot" not in key:  # per-slot values go to diagnostics, not the log line
                     self._step_sums[key] = self._step_sums[key] + value
             self._step_micro_batches += 1
         return (out.loss, out) if return_outputs else out.loss
+
+    def _as_graph_input(self, value: int, shape: tuple[int, ...]) -> int | torch.Tensor:
+        """``value`` as an int64 tensor of ``shape`` on the device when torch.compile's mode
+        captures CUDA graphs ("reduce-overhead", "max-autotune"): the graph reads a tensor at
+        each replay, where it would record a new graph for every new int (a step's number
+        and noise seed change every step). As it is otherwise."""
+        if not (self.args.torch_compile
+                and self.args.torch_compile_mode in CUDA_GRAPH_COMPILE_MODES):
+            return value
+        return torch.full(shape, value, dtype=torch.int64, device=self.args.device)
 
     def _close_metric_step(self) -> None:
         """Add the last optimizer step's mean over its micro-batches to the interval's sums."""

@@ -162,9 +162,14 @@ def compiled_steps(base, model, tokenizer, prefix: int, answer: int, device,
         base.set_attn_implementation("sdpa")
         return torch.autograd.grad(compiled_base(input_ids=ids, labels=labels).loss, base_params)
 
+    # CUDA graphs read the step and the seed as tensors, as AMVLTrainer passes them there
+    graphed = mode in ("reduce-overhead", "max-autotune")
+    step = torch.tensor(0, device=device) if graphed else 0
+    seed = torch.tensor([0], device=device) if graphed else 0
+
     def forward():
         akhf.use_amvl_attention(base)
-        return compiled_model(**batch, seed=0, prefix_sharing=True)
+        return compiled_model(**batch, step=step, seed=seed, prefix_sharing=True)
 
     def shared_amvl_compiled():
         return torch.autograd.grad(forward().loss, params, allow_unused=True)

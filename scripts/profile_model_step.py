@@ -14,9 +14,8 @@ alone would take, per provider. ``--python N`` lists the N Python functions (tor
 calls among them) that took the most host time in 5 steps of each provider. The providers
 ``plain:compiled`` and ``shared_amvl:compiled`` are those two steps through ``torch.compile``,
 ``plain:graphed`` and ``shared_amvl:graphed`` through its "reduce-overhead" mode (CUDA graphs
-on a GPU: no host work a step beyond the replay). The graphed AMVL step draws its noise from
-one fixed seed; a training loop's seed changes every step, which the CUDA graphs would record
-anew, so the graphed rows are a bound on what graphing could give, not a way to train.
+on a GPU: no host work a step beyond the replay), the AMVL step taking its step and seed as
+tensors, as AMVLTrainer passes them under that mode.
 
     python scripts/profile_model_step.py --model 7b-proxy --shape blink     # on a GPU
     AMVL_BENCH_SMOKE=1 python scripts/profile_model_step.py                 # harness, CPU

@@ -272,6 +272,46 @@ def test_compiled_shared_step_on_the_amvl_attention_keeps_one_graph_per_shape(ba
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cyclical"])
+def test_step_and_seed_as_tensors_keep_one_compiled_graph_and_equal_the_ints(schedule):
+    """A CUDA-graphed step must take its step and seed as tensors: a Python int is a value
+    the graph records anew for. As one-element tensors, a compiled step keeps one graph
+    (fullgraph) over steps with other values, and every step's loss, metrics and gradients
+    equal the eager step with the same ints (the KL schedule and the noise included, the
+    gamma term's prior-path draw too)."""
+    from amvl_kernels.backends import triton_interpreted
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    if not (torch.cuda.is_available() or triton_interpreted()):
+        pytest.skip("Triton runs neither on a GPU nor under TRITON_INTERPRET=1 here")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch._dynamo.reset()
+    lengths = {"kl_warmup_steps": 4} if schedule == "linear" else {"kl_cycle_steps": 4}
+    model, batch = build("qwen2", kernel_backend="triton", kl_schedule=schedule, gamma=0.5,
+                         **lengths)
+    model = model.float().to(device)  # the Triton kernels take up to fp32
+    batch = {k: v.to(device) for k, v in batch.items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    for step, seed in ((1, 5), (2, 2**40), (6, 7)):
+        got = compiled(**batch, step=torch.tensor(step, device=device),
+                       seed=torch.tensor([seed], device=device))
+        want = model(**batch, step=step, seed=seed)
+        torch.testing.assert_close(got.loss, want.loss)
+        # read from the device with the other metrics, a float like the int step's
+        assert isinstance(got.metrics["kl_weight"], float)
+        assert got.metrics["kl_weight"] == pytest.approx(want.metrics["kl_weight"])
+        assert got.metrics["nll_prior"] == pytest.approx(want.metrics["nll_prior"])
+        for a, b in zip(torch.autograd.grad(got.loss, params, allow_unused=True),
+                        torch.autograd.grad(want.loss, params, allow_unused=True)):
+            assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert counter.frame_count == 1, counter.frame_count
+    with pytest.raises(ValueError, match="step tensor"):
+        model(**batch, step=torch.tensor([1.0], device=device))
+    torch._dynamo.reset()
+
+
 def test_compiled_vlm_step_breaks_graphs_only_where_transformers_reads_the_device():
     """torch.compile(model) on a Qwen2-VL's prefix-sharing step over the "amvl" attention: the
     same loss as eager. The VLM's own forward breaks the graph (data-dependent operators in

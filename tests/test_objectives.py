@@ -33,6 +33,11 @@ def test_kl_schedules():
     assert [kl_weight(linear, s) for s in (0, 25, 100, 400)] == [0.0, 0.25, 1.0, 1.0]
     cyc = AMVLConfig(kl_schedule="cyclical", kl_cycle_steps=10, kl_cycle_ratio=0.5)
     assert [kl_weight(cyc, s) for s in (0, 2, 5, 9, 10, 12)] == [0.0, 0.4, 1.0, 1.0, 0.0, 0.4]
+    # a step tensor (a CUDA-graphed step's) gives the same weights as a 0-d tensor
+    for config, steps in ((linear, (0, 25, 100, 400)), (cyc, (0, 2, 5, 9, 10, 12))):
+        for s in steps:
+            weight = kl_weight(config, torch.tensor([s]))
+            assert weight.shape == () and weight.item() == pytest.approx(kl_weight(config, s))
 
 
 def test_free_bits_clamps_batch_mean_per_slot(rng_seed):

@@ -102,6 +102,43 @@ def test_trainer_with_torch_compile_trains_like_eager(tmp_path, checkpointed):
     torch._dynamo.reset()
 
 
+def test_cuda_graph_compile_modes_get_the_step_and_seed_as_tensors(tmp_path, monkeypatch):
+    """Under torch_compile_mode "reduce-overhead" or "max-autotune" (CUDA graphs), the step
+    and the noise seed reach the model as tensors, which a graph reads at each replay (a new
+    int each step would be recorded anew each step), with the loss of the same ints; other
+    modes pass ints. Checked on compute_loss, without compiling (the CPU has no CUDA graphs)."""
+    from amvl_kernels.backends import triton_interpreted
+
+    if not (torch.cuda.is_available() or triton_interpreted()):
+        pytest.skip("a seed tensor needs the Triton kernels: a GPU or TRITON_INTERPRET=1")
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer(WORDS)
+    model = AMVLModel(tiny_qwen2(tokenizer), tokenizer,
+                      AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="triton",
+                                 kl_schedule="linear", kl_warmup_steps=8))
+    batch = AMVLCollator(tokenizer)(_data(4))
+    seen = []
+    forward = AMVLModel.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append((kwargs["step"], kwargs["seed"]))
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(AMVLModel, "forward", spy)
+    losses = {}
+    for mode in ("default", "reduce-overhead", "max-autotune"):
+        args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                                 torch_compile_mode=mode, seed=3)
+        trainer = AMVLTrainer(model, args, data_collator=AMVLCollator(tokenizer))
+        trainer.state.global_step = 5
+        losses[mode] = trainer.compute_loss(model, batch).item()
+        step, seed = seen[-1]
+        assert isinstance(step, torch.Tensor) == (mode != "default"), mode
+        assert isinstance(seed, torch.Tensor) == (mode != "default"), mode
+        assert int(step) == 5
+    assert losses["reduce-overhead"] == pytest.approx(losses["default"], rel=1e-6)
+    assert losses["max-autotune"] == pytest.approx(losses["default"], rel=1e-6)
+
+
 @pytest.mark.parametrize("setting,match", [
     ({"compute_metrics": lambda p: {}}, "compute_metrics"),
     ({"compute_loss_func": lambda *a, **k: 0}, "compute_loss_func"),
