@@ -312,6 +312,37 @@ def test_step_and_seed_as_tensors_keep_one_compiled_graph_and_equal_the_ints(sch
     torch._dynamo.reset()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (CUDA graphs)")
+def test_reduce_overhead_step_runs_in_cuda_graphs_with_tensor_step_and_seed():
+    """torch.compile(mode="reduce-overhead") over the prefix-sharing step on the "amvl"
+    attention, the step and seed as tensors (as AMVLTrainer passes them in that mode): the
+    losses and gradients of three steps equal eager's with the same ints, and Inductor
+    skipped no CUDA graph (a host sync or a CPU tensor in the step would make it skip)."""
+    import amvl_kernels.hf as akhf
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model, batch = build("qwen2", kernel_backend="triton", kl_schedule="linear",
+                         kl_warmup_steps=4)
+    model = model.float().cuda()
+    akhf.use_amvl_attention(model.base)
+    batch = {k: v.cuda() for k, v in batch.items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    compiled = torch.compile(model, mode="reduce-overhead")
+    for step, seed in ((0, 3), (1, 4), (2, 5), (3, 2**40)):
+        got = compiled(**batch, step=torch.tensor(step, device="cuda"),
+                       seed=torch.tensor([seed], device="cuda"), prefix_sharing=True)
+        grads = [None if g is None else g.clone() for g in
+                 torch.autograd.grad(got.loss, params, allow_unused=True)]
+        want = model(**batch, step=step, seed=seed, prefix_sharing=True)
+        torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-5)
+        for a, b in zip(grads, torch.autograd.grad(want.loss, params, allow_unused=True)):
+            assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+    assert not counters["inductor"].get("cudagraph_skips"), dict(counters["inductor"])
+    torch._dynamo.reset()
+
+
 def test_compiled_vlm_step_breaks_graphs_only_where_transformers_reads_the_device():
     """torch.compile(model) on a Qwen2-VL's prefix-sharing step over the "amvl" attention: the
     same loss as eager. The VLM's own forward breaks the graph (data-dependent operators in
