@@ -38,6 +38,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from amvl.config import AMVLConfig
 from amvl.model import AMVLModel
 from amvl.tiny import word_tokenizer
+from amvl.trainer import CUDA_GRAPH_COMPILE_MODES
 from benchmarks import common
 
 ON_GPU = torch.cuda.is_available()
@@ -163,7 +164,7 @@ def compiled_steps(base, model, tokenizer, prefix: int, answer: int, device,
         return torch.autograd.grad(compiled_base(input_ids=ids, labels=labels).loss, base_params)
 
     # CUDA graphs read the step and the seed as tensors, as AMVLTrainer passes them there
-    graphed = mode in ("reduce-overhead", "max-autotune")
+    graphed = mode in CUDA_GRAPH_COMPILE_MODES
     step = torch.tensor(0, device=device) if graphed else 0
     seed = torch.tensor([0], device=device) if graphed else 0
 
