@@ -144,10 +144,10 @@ def compiled_steps(base, model, tokenizer, prefix: int, answer: int, device,
                    mode: str | None = None) -> dict:
     """``plain`` and ``shared_amvl`` through ``torch.compile`` (the base model's forward for
     plain fine-tuning, AMVLModel's for ours, as a Trainer with ``torch_compile=True`` runs
-    them), on the batch of :func:`_steps`: one graph for each forward and its backward. The
-    AMVL step compiles here, in a first forward whose figures (loss, NLL and KLs) its closure
-    carries as ``.figures``, to check against the eager step's; plain's on its first call.
-    ``mode``: torch.compile's (e.g. "reduce-overhead", CUDA graphs on a GPU)."""
+    them), on the batch of :func:`_steps`: one graph for each forward and its backward.
+    Each compiles on its first call; the AMVL closure's ``.figures()`` runs a forward and
+    returns its loss, NLL and KLs, to check against the eager step's. ``mode``:
+    torch.compile's (e.g. "reduce-overhead", CUDA graphs on a GPU)."""
     import amvl_kernels.hf as akhf
 
     batch = _batch(prefix, answer, len(tokenizer), device)
@@ -175,9 +175,11 @@ def compiled_steps(base, model, tokenizer, prefix: int, answer: int, device,
     def shared_amvl_compiled():
         return torch.autograd.grad(forward().loss, params, allow_unused=True)
 
-    metrics = forward().metrics
-    shared_amvl_compiled.figures = {key: metrics[key] for key in ("loss", "nll", "kl_fwd",
-                                                                   "kl_rev")}
+    def figures() -> dict[str, float]:
+        metrics = forward().metrics
+        return {key: metrics[key] for key in ("loss", "nll", "kl_fwd", "kl_rev")}
+
+    shared_amvl_compiled.figures = figures
     return {"plain_compiled": plain_compiled, "shared_amvl_compiled": shared_amvl_compiled}
 
 
@@ -240,7 +242,7 @@ def test_model_step_compiled(benchmark, bench_device, model_name, shape):
     eager, figures = _steps(base, tokenizer, *SHAPES[shape], bench_device)
     compiled = compiled_steps(base, eager["shared_amvl"].model, tokenizer, *SHAPES[shape],
                               bench_device)
-    figures["shared_amvl_compiled"] = compiled["shared_amvl_compiled"].figures
+    figures["shared_amvl_compiled"] = compiled["shared_amvl_compiled"].figures()
     steps = {"plain": eager["plain"], "plain_compiled": compiled["plain_compiled"],
              "shared_amvl": eager["shared_amvl"],
              "shared_amvl_compiled": compiled["shared_amvl_compiled"]}
