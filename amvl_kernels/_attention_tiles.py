@@ -105,7 +105,9 @@ def softmax_tile(q, acc, m_i, l_i, k_base, v_base, n_tile, offs_d, d_ok, s_kn, s
 @triton.jit
 def softmax_result(acc, m_i, l_i):
     """(normalised output, base-2 log-sum-exp, rows that saw nothing) of an online softmax;
-    the rows that saw nothing get 0 and a log-sum-exp of -inf."""
+    the rows that saw nothing get 0 and a log-sum-exp of -inf. Their 0 is set, not left to
+    ``acc``: a masked key's probability is an exact 0, but 0 * inf or 0 * NaN in its value
+    row would make the product NaN."""
     empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
     return out, m_i + tl.math.log2(tl.where(empty, 1.0, l_i)), empty

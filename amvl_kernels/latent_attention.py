@@ -442,6 +442,9 @@ def _attention_bwd_dq(
         dq = _dq_tile(q, do, dq, lse, delta, k_base, v_base, n_tile, offs_d, d_ok, s_kn, s_kd,
                       s_vn, s_vd, LK, scale_log2, pos_i, vis_i, blk_i, doc_i, KIND, BLK, DOC,
                       meta_row, BLOCK_N, True, HAS_LAYOUT, UPCAST, IEEE)
+    # A row that sees nothing has a zero dq, set: its probabilities are exact zeros, which a
+    # NaN or inf in a key of a shared tile would turn into NaN in the product.
+    dq = tl.where((lse == float("inf"))[:, None], 0.0, dq)
     tl.store(DQ + b.to(tl.int64) * s_gb + h * s_gh + offs_m[:, None] * s_gm
              + offs_d[None, :] * s_gd, (dq * scale).to(DQ.dtype.element_ty), mask=q_ok)
 
@@ -933,8 +936,13 @@ def latent_attention(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | Non
     Returns:
         (B, Hq, Lq, D) in q's dtype. A query row that sees no key gets zeros and zero gradient.
         Under ``torch.autocast`` the inputs are first cast to autocast's dtype, as SDPA's are.
-        A NaN in q, k or v reaches the rows that see it on our kernels; on "torch" SDPA's own
-        handling applies (see ``reference.latent_attention_sdpa``).
+        Non-finite inputs: a row that sees nothing returns zeros whatever the keys it cannot
+        see hold. Otherwise a NaN or inf in q, k or v reaches the rows that see it, and may
+        also reach, in the output and the gradients, rows and keys that share a kernel tile
+        with it: a masked pair's probability is an exact 0, and 0 * NaN is NaN, as in
+        FlashAttention, FlexAttention and SDPA with a mask. So fill unused cache or padding
+        slots with finite values (zeros, not ``torch.empty``). On "torch" SDPA's own handling
+        applies (see ``reference.latent_attention_sdpa``).
     """
     q, k, v = _autocast_inputs(q, k, v)
     _validate(q, k, v, layout, scale)

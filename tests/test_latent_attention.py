@@ -119,6 +119,29 @@ def test_rows_that_see_nothing_give_zeros_and_zero_gradients(rng_seed):
     assert torch.count_nonzero(dq[0, :, 3:21]) == 0
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("lq", [1, 3, 37], ids=["decode-1", "decode-3", "flash"])
+def test_rows_that_see_nothing_stay_zero_beside_non_finite_keys(backend, lq, rng_seed):
+    """Garbage in unfilled cache slots (NaN values, inf keys, as torch.empty may leave them)
+    that no row sees: the rows that see nothing still return exact zeros, set rather than
+    computed (a masked probability is 0, but 0 * NaN is NaN), and on our kernels a zero dq."""
+    padding = torch.ones(2, 37, dtype=torch.bool, device=DEVICE)
+    padding[:, 34:] = False  # rows 32-33 see keys of the tile that holds the garbage
+    layout = LatentLayout.causal(2, 37, padding).to(DEVICE)
+    q, k, v = (t.detach() for t in _inputs(2, 4, 2, lq, 37, 16, torch.float32))
+    v[:, :, 35] = float("nan")
+    k[:, :, 36] = float("inf")
+    q.requires_grad_()
+    out = ak.latent_attention(q, k, v, layout, backend=backend)
+    first_blind = max(0, 34 - (37 - lq))  # the query rows at padding positions
+    blind = out[:, :, first_blind:]
+    assert blind.numel() and torch.count_nonzero(blind) == 0 and torch.isfinite(blind).all()
+    if backend == "triton":  # SDPA's backward spreads the NaN over such rows' dq
+        (dq,) = torch.autograd.grad(out, q, torch.randn_like(out))
+        blind_dq = dq[:, :, first_blind:]
+        assert torch.count_nonzero(blind_dq) == 0 and torch.isfinite(blind_dq).all()
+
+
 def test_kv_cache_decoding_matches_full_pass(rng_seed):
     """The last query of a full pass equals a one-query call over the same keys."""
     layout = LatentLayout.with_latent_blocks(30, [[(20, 4)]]).to(DEVICE)
