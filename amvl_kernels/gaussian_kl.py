@@ -10,7 +10,7 @@ BLOCK_R rows and loops over d in BLOCK_D chunks, so any d works, including d > 6
 
 Numerics (documented contract, tested):
 - Inputs are upcast to fp32 right after each load (fp64 stays fp64, for gradcheck); the KLs are
-  returned in fp32 (fp64 for fp64 inputs), z and gradients in the inputs' dtype.
+  returned in fp32 (fp64 when mu_q or eps is fp64), z and gradients in the inputs' dtype.
 - Safe log-variance range: for log-variances in [-30, 30] (and |mu| up to 1e3) every output is
   finite in fp32 and bf16. In fp16, z and gradients are rounded to fp16, whose range ends at
   65504: exp(logvar/2) and exp(logvar_q - logvar_p) overflow it past about |logvar| > 10.
@@ -19,8 +19,9 @@ Numerics (documented contract, tested):
   ``_noise``), so the same seed gives bitwise identical z whatever the block sizes or strides.
   Box-Muller takes the hardware's approximate log, sine and cosine on a GPU (``_box_muller``):
   normals within about 3e-6 of the exact transform of the same Philox words.
-  The PyTorch backend draws from torch's generator: same seed, same z within a backend,
-  different streams across backends.
+  The PyTorch backend draws from torch's generator (on the CPU from the seed's low 32 bits,
+  see ``reference.gaussian_kl.draw_noise``): same seed, same z within a backend, different
+  streams across backends.
 """
 
 from __future__ import annotations
@@ -601,7 +602,9 @@ def gaussian_sample_kl(mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor, logvar_p: T
             host. None draws a fresh seed from torch's
             generator (on the inputs' device for the Triton kernels, so graph replays draw
             anew; captured elsewhere it is refused). Ignored when ``eps`` is given. The same
-            seed, int or tensor, gives bitwise-identical z on one backend.
+            seed, int or tensor, gives bitwise-identical z on one backend. The PyTorch backend
+            on the CPU draws from PyTorch's CPU generator, which reads the seed's low 32 bits
+            only: there seeds equal modulo 2**32 give the same z.
         fwd_grad: which side KL(q||p) sends gradient to: "p" (AMVL's prior update, default),
             "q", "both" (the ELBO) or "none".
         rev_grad: which side KL(p||q) sends gradient to: "q" (default), "p", "both" or "none".
@@ -609,8 +612,9 @@ def gaussian_sample_kl(mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor, logvar_p: T
 
     Returns:
         z of shape (..., d) in mu_q's dtype (its gradient always flows to mu_q and logvar_q),
-        and kl_fwd, kl_rev of shape (...) in float32 (float64 when any input, eps included, is
-        float64: the dtype the kernels accumulate in).
+        and kl_fwd, kl_rev of shape (...) in float32, or in float64 when mu_q (and so
+        logvar_q, mu_p and logvar_p, which share its dtype) or eps is float64: the dtype the
+        kernels accumulate in. Half-precision inputs still give float32 KLs.
 
     Safe range: finite for log-variances in [-30, 30] in fp32 and bf16. In fp16 the
     gradients, written in the inputs' dtype, reach diff * exp(-logvar) and

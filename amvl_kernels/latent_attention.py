@@ -833,7 +833,10 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | None,
     if kb != batch or kd != d:
         raise ValueError(f"k must be (batch={batch}, heads, length, head_dim={d}), got "
                          f"{tuple(k.shape)}")
-    if hkv == 0 or hq % hkv:
+    if hkv == 0:
+        raise ValueError(f"k and v need at least one head, got k and v of shape "
+                         f"{tuple(k.shape)} (batch, heads, length, head_dim)")
+    if hq % hkv:
         raise ValueError(f"q's heads ({hq}) must be a multiple of k's heads ({hkv})")
     if lq > lk:
         raise ValueError(f"q has {lq} queries but k only {lk} keys: the queries are the last "

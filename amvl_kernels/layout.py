@@ -354,9 +354,9 @@ class LatentLayout:
                            device: torch.device | str | None = None) -> LatentLayout:
         """Causal rows with bidirectional latent blocks.
 
-        blocks[b] lists (start, size) of the blocks in row b; rows may differ in count and
-        offsets. Tokens of a block see each other in both directions; everything else is
-        causal. ``padding_mask`` as in :meth:`causal`.
+        blocks[b] lists (start, size) of the blocks in row b, each size >= 1; rows may differ
+        in count and offsets. Tokens of a block see each other in both directions; everything
+        else is causal. ``padding_mask`` as in :meth:`causal`.
         """
         batch = len(blocks)
         layout = cls.causal(batch, length, padding_mask, device)
@@ -370,7 +370,10 @@ class LatentLayout:
                                     f"{pair!r}") from None
                 start = check_count(f"the start of blocks[{b}][{number - 1}]", start)
                 size = check_count(f"the size of blocks[{b}][{number - 1}]", size)
-                if size < 1 or start + size > length:
+                if size < 1:  # an empty block would take a block id and mark nothing
+                    raise ValueError(f"a block size must be >= 1, got size {size} in "
+                                     f"blocks[{b}][{number - 1}] = {(start, size)} (row {b})")
+                if start + size > length:
                     raise ValueError(f"block {(start, size)} of row {b} does not fit in "
                                      f"length {length}")
                 if bool((block[b, start:start + size] != 0).any()):
@@ -420,14 +423,19 @@ class LatentLayout:
     def packed(cls, doc_lengths: Sequence[Sequence[int]], length: int,
                device: torch.device | str | None = None) -> LatentLayout:
         """Packed documents: row b holds documents of ``doc_lengths[b]`` tokens back to back,
-        each causal on its own; the rest of the row is padding."""
+        each causal on its own; the rest of the row is padding. Every length must be >= 1."""
         batch, length = len(doc_lengths), check_count("length", length)
         doc = torch.zeros((batch, length), dtype=torch.int32)
         kind = torch.full((batch, length), int(Kind.PAD), dtype=torch.int32)
         for b, docs in enumerate(doc_lengths):
             docs = [check_count(f"doc_lengths[{b}][{i}]", n) for i, n in enumerate(docs)]
-            if any(n < 1 for n in docs) or sum(docs) > length:
-                raise ValueError(f"documents {list(docs)} of row {b} do not fit in {length}")
+            for i, n in enumerate(docs):
+                if n < 1:  # an empty document would take a doc id and hold no token
+                    raise ValueError(f"a document length must be >= 1, got doc_lengths[{b}][{i}]"
+                                     f" = {n} (row {b}: {docs})")
+            if sum(docs) > length:
+                raise ValueError(f"documents {docs} of row {b} ({sum(docs)} tokens) do not fit "
+                                 f"in length {length}")
             start = 0
             for number, n in enumerate(docs, start=1):
                 doc[b, start:start + n] = number

@@ -94,6 +94,26 @@ def test_forward_matches_float64(backend, dtype, shape, rng_seed):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,eps_dtype,kl_dtype", [
+    (torch.float16, None, torch.float32),
+    (torch.bfloat16, torch.float32, torch.float32),
+    (torch.float32, torch.float64, torch.float64),  # float64 noise alone widens the KLs
+    (torch.float64, None, torch.float64),
+    (torch.float64, torch.float16, torch.float64),
+], ids=str)
+def test_kl_dtype_is_float32_or_float64_when_mu_q_or_eps_is(backend, dtype, eps_dtype,
+                                                            kl_dtype):
+    """The documented KL dtype: float32, float64 when mu_q (so every Gaussian input) or eps
+    is float64; z stays in mu_q's dtype."""
+    mu_q, lv_q, mu_p, lv_p = make_inputs((3, 5), dtype)
+    eps = None if eps_dtype is None else torch.randn(3, 5, device=DEVICE, dtype=eps_dtype)
+    z, kl_fwd, kl_rev = ak.gaussian_sample_kl(mu_q, lv_q, mu_p, lv_p, eps=eps, seed=5,
+                                              backend=backend)
+    assert z.dtype == dtype
+    assert kl_fwd.dtype == kl_rev.dtype == kl_dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(7, 1), (5, 3), (4, 127), (2, 4099)], ids=str)
 def test_gradients_match_float64(backend, dtype, shape, rng_seed):
@@ -295,6 +315,19 @@ def test_noise_statistics(backend):
     assert abs(corr(eps[:-1], eps[1:])) < tol, "neighbouring slots correlate"
     other = ak.gaussian_sample(zeros, zeros, seed=seed + 1, backend=backend).double().cpu()
     assert abs(corr(eps, other)) < tol, "neighbouring seeds correlate"
+
+
+def test_torch_backend_noise_on_the_cpu_is_the_cpu_generators_stream():
+    """The PyTorch backend's CPU noise is PyTorch's CPU generator's stream for the seed, kept
+    stable so that CPU runs reproduce across versions; that generator reads the seed's low 32
+    bits, so seeds equal modulo 2**32 share it (documented). The op torch.compile traces
+    instead of the generator draws the same."""
+    mu, logvar = torch.randn(4, 9), torch.randn(4, 9)
+    for seed in (7, 7 + 2**32, 2**62 + 3):
+        z = ak.gaussian_sample(mu, logvar, seed=seed, backend="torch")
+        eps = torch.randn(4, 9, generator=torch.Generator().manual_seed(seed % 2**32))
+        torch.testing.assert_close(z, mu + torch.exp(0.5 * logvar) * eps, rtol=0, atol=1e-6)
+        assert torch.equal(torch.ops.amvl.seeded_normal([4, 9], seed, torch.device("cpu")), eps)
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton backend")

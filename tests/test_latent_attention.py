@@ -807,6 +807,8 @@ def _ok():
     (lambda q, k, v: ak.latent_attention(q.repeat(1, 1, 2, 1), k, v), ValueError, "queries"),
     (lambda q, k, v: ak.latent_attention(q, k.repeat(1, 3, 1, 1), v.repeat(1, 3, 1, 1)),
      ValueError, "multiple"),
+    (lambda q, k, v: ak.latent_attention(q, k[:, :0], v[:, :0]), ValueError,
+     "k and v need at least one head"),
     (lambda q, k, v: ak.latent_attention(q, k, v, LatentLayout.causal(1, 5)), ValueError,
      "layout is for"),
     (lambda q, k, v: ak.latent_attention(q, k, v, layout="causal"), TypeError, "LatentLayout"),

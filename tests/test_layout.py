@@ -176,6 +176,11 @@ def test_builders():
     (lambda: LatentLayout.with_latent_blocks(5, [[(3, 4)]]), ValueError, "does not fit"),
     (lambda: LatentLayout.with_latent_blocks(9, [[(1, 4), (3, 2)]]), ValueError, "overlap"),
     (lambda: LatentLayout.packed([[4, 4]], 6), ValueError, "do not fit"),
+    # empty documents and blocks were reported as not fitting, which they do
+    (lambda: LatentLayout.packed([[3, 0, 2]], 10), ValueError,
+     r"document length must be >= 1, got doc_lengths\[0\]\[1\] = 0"),
+    (lambda: LatentLayout.with_latent_blocks(10, [[(2, 0)]]), ValueError,
+     r"block size must be >= 1, got size 0 in blocks\[0\]\[0\]"),
     # sizes that were truncated, read by truthiness, or failed deep inside torch
     (lambda: LatentLayout.prefix_sharing([2.7], [1.9], 1), TypeError, r"prompt_lengths\[0\]"),
     (lambda: LatentLayout.prefix_sharing(["3"], [1], 1), TypeError, "prompt_lengths"),

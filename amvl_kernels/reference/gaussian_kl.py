@@ -30,7 +30,14 @@ def gaussian_kl(mu_a: Tensor, logvar_a: Tensor, mu_b: Tensor, logvar_b: Tensor) 
 
 
 def draw_noise(shape: torch.Size, seed: int, device: torch.device) -> Tensor:
-    """Standard normal float32 noise from a private generator seeded with ``seed``."""
+    """Standard normal float32 noise from a private generator seeded with ``seed``.
+
+    The stream is PyTorch's own, kept stable so that runs on the PyTorch backend reproduce
+    across versions of this package. On the CPU that generator (a Mersenne Twister) takes the
+    seed's low 32 bits: seeds equal modulo 2**32 draw the same noise there (the model layer's
+    seeds are hashes, :func:`amvl.training.step_seed`, whose low bits differ). CUDA's
+    generator takes all 64 bits.
+    """
     if torch.compiler.is_compiling():  # the op, so torch.compile(fullgraph=True) traces it
         return torch.ops.amvl.seeded_normal(list(shape), seed, device)
     generator = torch.Generator(device=device)
@@ -68,8 +75,10 @@ def gaussian_sample_kl_torch(mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor | None
     """Reference for :func:`amvl_kernels.gaussian_sample_kl` (inputs already validated).
 
     ``mu_p`` / ``logvar_p`` of None means sampling only; the KLs are then None. When ``eps`` is
-    None the noise comes from a generator seeded with ``seed``; its stream differs from the
-    Triton and CUDA kernels' Philox streams.
+    None the noise comes from a generator seeded with ``seed`` (see :func:`draw_noise`); its
+    stream differs from the Triton and CUDA kernels' Philox streams. ``kl_fwd`` and ``kl_rev``
+    are in :func:`compute_dtype` of the inputs: float32, or float64 when mu_q (and so every
+    Gaussian input) or eps is float64.
     """
     dtype = compute_dtype(mu_q, logvar_q, mu_p, logvar_p, eps)
     mq, lq = mu_q.to(dtype), logvar_q.to(dtype)
