@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import numbers
 import warnings
 from collections.abc import Callable
@@ -343,7 +344,8 @@ class AMVLModel(SavingMixin, nn.Module):
         return getattr(self._text_config(), "_attn_implementation", None) == "amvl"
 
     def _check_batch(self, prompt_ids: Tensor, prompt_mask: Tensor,
-                     answer_ids: Tensor | None = None, answer_mask: Tensor | None = None
+                     answer_ids: Tensor | None = None, answer_mask: Tensor | None = None,
+                     pixel_values: Tensor | None = None, image_grid_thw: Tensor | None = None
                      ) -> None:
         """:func:`check_batch`, its padding checks on every batch on the CPU and on the first
         one on a GPU: a training step then never waits for the device to read its masks
@@ -360,6 +362,38 @@ class AMVLModel(SavingMixin, nn.Module):
         check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask,
                     padding=on_host or not self._padding_checked, vocab_size=vocab)
         self._padding_checked = self._padding_checked or not on_host
+        if self.is_vlm:
+            self._check_images(prompt_ids, pixel_values, image_grid_thw)
+
+    def _check_images(self, prompt_ids: Tensor, pixel_values: Tensor | None,
+                      image_grid_thw: Tensor | None) -> None:
+        """A VLM's images against its prompts: the vision code would otherwise fail deep in
+        transformers (a bare StopIteration) or misplace features. The count reads the device,
+        as transformers' rope index does on every VLM batch anyway."""
+        if (pixel_values is None) != (image_grid_thw is None):
+            given, missing = ("pixel_values", "image_grid_thw") if image_grid_thw is None \
+                else ("image_grid_thw", "pixel_values")
+            raise ValueError(f"{given} given without {missing}: the image processor returns "
+                             "both, and the model needs both")
+        config = self._unwrapped().config
+        merge = getattr(getattr(config, "vision_config", None), "spatial_merge_size", None)
+        image_token = getattr(config, "image_token_id", None)
+        if merge is None or image_token is None or torch.compiler.is_compiling():
+            return
+        if image_grid_thw is not None and (image_grid_thw.dim() != 2
+                                           or image_grid_thw.shape[-1] != 3):
+            raise ValueError(f"image_grid_thw must be (images, 3), got "
+                             f"{tuple(image_grid_thw.shape)}")
+        tokens = (prompt_ids == image_token).sum()
+        grid = image_grid_thw.prod(-1).sum() // merge**2 if image_grid_thw is not None \
+            else torch.zeros_like(tokens)
+        tokens, grid = torch.stack([tokens, grid.to(tokens)]).tolist()  # one host read
+        if tokens != grid:
+            rows = 0 if image_grid_thw is None else image_grid_thw.shape[0]
+            raise ValueError(f"the prompts hold {tokens} image tokens, but image_grid_thw's "
+                             f"{rows} row(s) give {grid} (an image's t * h * w / "
+                             f"{merge}**2): prompts and images must come from one collator "
+                             "or processor call")
 
     def _rope_positions(self, prompt_ids: Tensor, prompt_mask: Tensor,
                         image_grid_thw: Tensor | None) -> Tensor | None:
@@ -555,7 +589,8 @@ class AMVLModel(SavingMixin, nn.Module):
         by the number of ranks, so that the average of their losses (DDP's) weighs every
         token alike, as one process over the whole batch does.
         """
-        self._check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask)
+        self._check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask, pixel_values,
+                          image_grid_thw)
         if isinstance(step, Tensor):
             if step.is_floating_point() or step.is_complex() or step.dtype == torch.bool \
                     or step.numel() != 1:
@@ -565,6 +600,16 @@ class AMVLModel(SavingMixin, nn.Module):
                                    or not isinstance(step, numbers.Integral) or step < 0):
             # a negative step would turn the KL schedule's weight negative
             raise ValueError(f"step must be an int >= 0, a tensor or None, got {step!r}")
+        if isinstance(answer_tokens, Tensor):
+            if answer_tokens.numel() != 1 or answer_tokens.dtype == torch.bool \
+                    or answer_tokens.is_complex():
+                raise ValueError(f"an answer_tokens tensor must hold one real number, got dtype "
+                                 f"{answer_tokens.dtype} and shape {tuple(answer_tokens.shape)}")
+        elif answer_tokens is not None and (isinstance(answer_tokens, bool) or not isinstance(
+                answer_tokens, numbers.Real) or not 0 < answer_tokens < math.inf):
+            # 0 would make the loss inf, a negative count flip its sign
+            raise ValueError(f"answer_tokens must be a number > 0, a tensor or None, got "
+                             f"{answer_tokens!r}")
         share = self.config.prefix_sharing if prefix_sharing is None else prefix_sharing
         # Checkpointed layers drop transformers' KV cache: on the "amvl" attention x's keys are
         # kept in PrefixKeys instead, elsewhere the step falls back to the naive path. (Newer
@@ -716,7 +761,8 @@ class AMVLModel(SavingMixin, nn.Module):
         """Prior (and, given the answer, posterior) means and log-variances, each (B, K, d)."""
         if self.prior_head is None:
             raise ValueError(f"objective {self.config.objective!r} has no latent heads")
-        self._check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask)
+        self._check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask, pixel_values,
+                          image_grid_thw)
         rope = self._rope_positions(prompt_ids, prompt_mask, image_grid_thw)
         p = self._parts(prompt_ids, prompt_mask, answer_ids, answer_mask, rope)
         images = self._images(pixel_values, image_grid_thw)
@@ -739,7 +785,17 @@ class AMVLModel(SavingMixin, nn.Module):
 
         ``z=None`` decodes without a latent block (the "none" objective's model).
         """
-        self._check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask)
+        self._check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask, pixel_values,
+                          image_grid_thw)
+        if z is not None:
+            if self.injector is None:
+                raise ValueError(f"objective {self.config.objective!r} has no latent block: "
+                                 "pass z=None")
+            want = (prompt_ids.shape[0], self.config.num_slots, self.config.latent_dim)
+            # A wrong K would write over <lat_end> and the answer, or leave placeholders.
+            if z.dim() != 3 or tuple(z.shape) != want:
+                raise ValueError(f"z must be (B, K, d) = {want} (batch, num_slots, latent_dim), "
+                                 f"got {tuple(z.shape)}")
         rope = self._rope_positions(prompt_ids, prompt_mask, image_grid_thw)
         p = self._parts(prompt_ids, prompt_mask, answer_ids, answer_mask, rope)
         names = {"prompt": p["prompt"], "answer": p["answer_after_x"]} if z is None else \
@@ -806,7 +862,8 @@ class AMVLModel(SavingMixin, nn.Module):
         if synced_processes is not None and not isinstance(synced_processes, bool):
             raise ValueError(f"synced_processes must be a bool or None, got "
                              f"{synced_processes!r}")
-        self._check_batch(prompt_ids, prompt_mask)
+        self._check_batch(prompt_ids, prompt_mask, pixel_values=pixel_values,
+                          image_grid_thw=image_grid_thw)
         synced = sharded_across_processes(self) if synced_processes is None \
             else synced_processes and several_processes()  # one process is in step with itself
         n = int(num_samples or self.config.num_samples) if mode == "sample" else 1
@@ -869,11 +926,11 @@ class AMVLModel(SavingMixin, nn.Module):
                 # argmax of NaN is token 0 for every step: refuse instead of padding output
                 where = " (on some process)" if synced else ""
                 raise FloatingPointError(
-                    f"the first decoding step's logits are NaN{where}: the latents or the "
-                    f"model overflow {hidden.dtype} (log-variances up to "
-                    f"{self.config.logvar_max} give latents up to exp("
-                    f"{self.config.logvar_max / 2:g}) times the noise); lower logvar_max or "
-                    "decode in a wider dtype")
+                    f"the first decoding step's logits are NaN{where}: the inputs hold NaN "
+                    f"or inf (pixel_values?), or the latents or the model overflow "
+                    f"{hidden.dtype} (log-variances up to {self.config.logvar_max} give "
+                    f"latents up to exp({self.config.logvar_max / 2:g}) times the noise; "
+                    "lower logvar_max or decode in a wider dtype)")
             if stop or t == max_new_tokens - 1:
                 break
             step = assemble({"answer": Part(Segment.ANSWER, token[:, None],

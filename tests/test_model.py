@@ -848,6 +848,58 @@ def test_a_step_that_is_not_a_count_is_refused(step):
         model(**batch, seed=0, step=step)
 
 
+@pytest.mark.parametrize("tokens", [0, -1.0, float("inf"), float("nan"), True, "3"])
+def test_answer_tokens_that_are_not_a_positive_count_are_refused(tokens):
+    """0 made the loss inf and a negative count flipped its sign, silently."""
+    model, batch = build("qwen2", objective="amvl")
+    with pytest.raises(ValueError, match="answer_tokens must be a number > 0"):
+        model(**batch, seed=0, answer_tokens=tokens)
+    with pytest.raises(ValueError, match="answer_tokens tensor must hold one real number"):
+        model(**batch, seed=0, answer_tokens=torch.ones(2))
+    tokens = batch["answer_mask"].sum()  # the batch's own count, as a tensor and a float
+    want = model(**batch, seed=0).loss
+    for given in (tokens, float(tokens)):
+        torch.testing.assert_close(model(**batch, seed=0, answer_tokens=given).loss, want)
+
+
+def test_answer_nll_refuses_latents_of_another_shape():
+    """z with more slots than K was injected over <lat_end> and the answer's embeddings, one
+    with fewer left placeholders in place: a different NLL, silently."""
+    model, batch = build("qwen2", objective="amvl")
+    b, k, d = batch["prompt_ids"].shape[0], model.config.num_slots, model.config.latent_dim
+    z = torch.randn(b, k, d, dtype=torch.float64)
+    assert model.answer_nll(**batch, z=z).shape == (b,)
+    for bad in (torch.randn(b, k + 2, d), torch.randn(b, k - 1, d), torch.randn(b, k, d + 1),
+                torch.randn(b + 1, k, d), torch.randn(k, d)):
+        with pytest.raises(ValueError, match=r"z must be \(B, K, d\)"):
+            model.answer_nll(**batch, z=bad.double())
+    none, batch = build("qwen2", objective="none")
+    with pytest.raises(ValueError, match="'none' has no latent block"):
+        none.answer_nll(**batch, z=z)
+    assert none.answer_nll(**batch).shape == (b,)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda b: dict(b, image_grid_thw=None), "pixel_values given without image_grid_thw"),
+    (lambda b: {k: v for k, v in b.items() if k != "pixel_values"},
+     "image_grid_thw given without pixel_values"),
+    (lambda b: {k: v for k, v in b.items() if k not in ("pixel_values", "image_grid_thw")},
+     r"image tokens, but image_grid_thw's 0 row\(s\)"),
+    (lambda b: dict(b, image_grid_thw=b["image_grid_thw"][:-1]), "image tokens, but"),
+    (lambda b: dict(b, image_grid_thw=b["image_grid_thw"][:, :2]), r"must be \(images, 3\)"),
+])
+def test_images_that_do_not_match_the_prompts_are_refused(change, match):
+    """Images missing or too few for the prompts' image tokens failed deep in transformers'
+    rope index (a TypeError, a bare StopIteration): now a ValueError in every entry point."""
+    model, batch = build("qwen2_vl")
+    bad = change(batch)
+    prompt = {k: v for k, v in bad.items() if not k.startswith("answer")}
+    for call in (lambda: model(**bad, seed=0), lambda: model.heads(**bad),
+                 lambda: model.answer_nll(**bad), lambda: model.generate(**prompt)):
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
 def test_generate_needs_a_token_to_generate():
     model, batch = build("qwen2", objective="amvl")
     with pytest.raises(ValueError, match="max_new_tokens"):
