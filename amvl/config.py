@@ -185,6 +185,14 @@ class AMVLConfig:
         variance bounds and start, special tokens) unassignable: AMVLModel calls it."""
         object.__setattr__(self, "_fixed", STRUCTURE_FIELDS)
 
+    def differences(self, other: AMVLConfig, ignore: frozenset[str] = frozenset()
+                    ) -> list[str]:
+        """The names of the fields whose values differ from ``other``'s, sorted, but those in
+        ``ignore`` (e.g. :data:`INFERENCE_FIELDS`)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return sorted(name for name, value in mine.items()
+                      if name not in ignore and theirs[name] != value)
+
     def special_tokens(self) -> list[str]:
         """The five special-token strings: latent start, latent end, latent slot, prior query,
         posterior query."""
@@ -224,6 +232,10 @@ class AMVLConfig:
 
 
 _FIELD_NAMES = frozenset(f.name for f in fields(AMVLConfig))
+# Fields that only inference reads (AMVLModel.generate and the evaluation built on it): two
+# configs that differ in nothing else train alike, and hold interchangeable weights.
+INFERENCE_FIELDS = frozenset({"inference", "num_samples"})
+
 # What AMVLModel makes from the config when it is built: the heads' sizes and log-variance
 # parameterisation, the objective's class, the special tokens' ids.
 STRUCTURE_FIELDS = frozenset({"latent_dim", "objective", "logvar_min", "logvar_max",

@@ -18,7 +18,9 @@ has puzzles whose options exist only inside the image, where labels are all ther
 
 Scoring (:func:`evaluate_benchmark`): the prediction is the label of lowest mean token NLL given
 the prior latents z = mu_p, i.e. what inference sees (a model trained with objective "none" is
-scored without a latent block). Ties go to the earlier label.
+scored without a latent block). Ties go to the earlier label. Choices that the tokenizer turns
+into the same ids (e.g. "(A)" and "(B)" both as its unknown token, when it lacks those
+characters) always tie: :func:`prior_choice_nll` warns, naming how many examples have them.
 
 Averages. BLINK's authors report the unweighted mean over its 14 subtasks (their eval script);
 VisualPuzzles' authors report accuracy over all puzzles beside the five category accuracies
@@ -58,6 +60,7 @@ import io
 import json
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -564,6 +567,9 @@ def prior_choice_nll(model: AMVLModel, collator: AMVLCollator, examples: Sequenc
     The "prior" column of :func:`amvl.diagnostics.score_choices`, without the four other latent
     variants and the posterior pass it also runs (about five times the work), and without
     needing gold answers, so unlabelled test records can be scored too.
+
+    Warns once (UserWarning) when some examples have choices that tokenize to the same ids:
+    their NLLs tie, and the predictions over them mean nothing.
     """
     device = model.device
     dtype = model._unwrapped().get_input_embeddings().weight.dtype
@@ -571,6 +577,9 @@ def prior_choice_nll(model: AMVLModel, collator: AMVLCollator, examples: Sequenc
     n_choices = max(len(ex["choices"]) for ex in examples)
     sharded, passes = choices_to_score(model, len(examples), batch_size, n_choices)
     nll = np.full((len(examples), n_choices), np.inf)
+    # Each example's choices as the answer token ids the collator builds (read on the host,
+    # before the batch moves): choices with the same ids tie, whatever the model.
+    choice_ids: list[list[tuple[int, ...]]] = [[] for _ in examples]
     for start in tqdm(range(0, len(examples), batch_size), desc="evaluate",
                       disable=not progress):
         chunk = list(examples[start:start + batch_size])
@@ -581,6 +590,10 @@ def prior_choice_nll(model: AMVLModel, collator: AMVLCollator, examples: Sequenc
             if not run:
                 continue
             batch = collator([with_choice(chunk[i], c) for i in run])
+            for row, i in enumerate(run):
+                if c < len(chunk[i]["choices"]):  # not a sharded run's stand-in
+                    answer = batch["answer_ids"][row][batch["answer_mask"][row].bool()]
+                    choice_ids[start + i].append(tuple(answer.tolist()))
             batch = {k: v.to(device) for k, v in batch.items()}
             if "pixel_values" in batch:
                 batch["pixel_values"] = batch["pixel_values"].to(dtype)
@@ -594,7 +607,29 @@ def prior_choice_nll(model: AMVLModel, collator: AMVLCollator, examples: Sequenc
                                       z=None if z is None else z[pick], **images)
             kept = values.float().cpu().numpy()[[run.index(i) for i in have]]
             nll[start + np.array(have, dtype=int), c] = kept
+    _warn_indistinguishable_choices(examples, choice_ids)
     return nll
+
+
+def _warn_indistinguishable_choices(examples: Sequence[dict],
+                                    choice_ids: list[list[tuple[int, ...]]]) -> None:
+    """Warn once, naming how many examples have two or more choices of the same answer token
+    ids and the first of them: their NLLs tie, so the earliest of those choices is predicted
+    whatever the model does, and an accuracy over them measures nothing."""
+    tied_examples = [i for i, ids in enumerate(choice_ids) if len(set(ids)) < len(ids)]
+    if not tied_examples:
+        return
+    first = tied_examples[0]
+    ids = choice_ids[first]
+    tied_ids = next(key for key in ids if ids.count(key) > 1)
+    tied_choices = [c for c, key in zip(examples[first]["choices"], ids) if key == tied_ids]
+    warnings.warn(
+        f"{len(tied_examples)} of {len(examples)} examples have choices that tokenize to the "
+        f"same ids, so their NLLs tie and the earlier choice is always predicted (first: "
+        f"example {examples[first].get('id', first)!r}, choices {tied_choices} all tokenize "
+        f"to {list(tied_ids)}): the tokenizer cannot tell them apart (e.g. characters it lacks "
+        "become its unknown token), and accuracy on these examples is meaningless",
+        stacklevel=2)
 
 
 def _subtask_order(names: set[str]) -> list[str]:

@@ -150,6 +150,12 @@ def ensure_special_tokens(base_model: nn.Module, tokenizer: PreTrainedTokenizerB
     ids = {role: tokenizer.convert_tokens_to_ids(tok)
            for role, tok in zip(roles, config.special_tokens())}
     rows = base_model.get_input_embeddings().num_embeddings
+    others = vocab_before - (len(config.special_tokens()) - len(missing))
+    if others > rows:  # rows for the latent tokens alone are added below without a word
+        warnings.warn(f"the tokenizer holds {others} tokens besides the latent ones but the "
+                      f"model's embeddings only {rows} rows: resizing them to fit. Tokens "
+                      "added to the tokenizer get new rows; a tokenizer of another model would "
+                      "read wrong ones", stacklevel=3)
     if max(ids.values()) >= rows:
         base_model.resize_token_embeddings(max(len(tokenizer), max(ids.values()) + 1))
     elif missing:
@@ -275,6 +281,10 @@ class AMVLModel(SavingMixin, nn.Module):
         self._padding_checked = False  # on a GPU: once (see _check_batch)
         self._compiled_base_warned = False
         config.fix_structure()
+        # One mode for the whole model, the base's: a model from transformers' from_pretrained
+        # comes in eval mode, and new heads alone in training mode would say training while
+        # the decoder ran without dropout. Training loops call .train(), as they must anyway.
+        self.train(base_model.training)
 
     # ------------------------------------------------------------------ plumbing
 

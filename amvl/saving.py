@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from amvl.config import AMVLConfig
+from amvl.config import INFERENCE_FIELDS, AMVLConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -106,7 +106,12 @@ class SavingMixin:
                 raise ValueError(f"the saved heads hold no weights of {name} (was the model "
                                  "saved from a sharded state without gathering it?)")
             module = getattr(self, name).to(next(iter(own.values())).dtype)  # as saved
-            module.load_state_dict(own)
+            try:
+                module.load_state_dict(own)
+            except RuntimeError as error:  # e.g. a config edited after saving
+                raise ValueError(f"the saved weights of {name} do not fit this model's "
+                                 f"(num_slots={self.config.num_slots}, latent_dim="
+                                 f"{self.config.latent_dim}): {error}") from None
         ids = torch.tensor(list(self.token_ids.values()))
         with torch.no_grad():
             for key, layer in (("special_tokens.input", self.get_input_embeddings()),
@@ -117,13 +122,15 @@ class SavingMixin:
 
     def load_weights(self, directory: str | Path) -> None:
         """Load, in place, every weight :meth:`save_pretrained` wrote into ``directory`` (a
-        model of the same configuration): heads, injector and the base model, or its PEFT
-        adapter. What a Trainer resuming from one of its checkpoints needs."""
+        model of the same configuration, but for the inference settings, which the weights do
+        not depend on and which this model keeps): heads, injector and the base model, or its
+        PEFT adapter. What a Trainer resuming from one of its checkpoints needs."""
         directory = Path(directory)
-        config = AMVLConfig.load(directory)
-        if config != self.config:
-            raise ValueError(f"{directory} holds a model of another configuration: {config} "
-                             f"against this model's {self.config}")
+        differ = AMVLConfig.load(directory).differences(self.config, ignore=INFERENCE_FIELDS)
+        if differ:
+            raise ValueError(f"{directory} holds a model of another configuration (differs in "
+                             f"{differ}): build the model on the saved config "
+                             "(AMVLConfig.load) to load it")
         base_dir = directory / "base"
         if (base_dir / "adapter_model.safetensors").is_file():
             if not self._is_peft():
@@ -171,6 +178,7 @@ class SavingMixin:
         (``PeftModel.from_pretrained(base, directory / "base")``); the latent special tokens'
         rows come back from the heads' file. A given ``tokenizer`` must hold the latent
         special tokens at the saved tokenizer's ids (the saved embedding rows are theirs).
+        The model comes in eval mode, as transformers' do: call ``.train()`` to train it.
         """
         import transformers
 
@@ -202,7 +210,7 @@ class SavingMixin:
         if load_saved_base:
             model._load_base_state(base_dir)
         model._load_own_state(load_file(str(directory / HEADS_NAME), device=str(model.device)))
-        return model
+        return model.eval()  # as transformers' from_pretrained returns its models
 
 
 GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")

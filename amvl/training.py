@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
-from amvl.config import AMVLConfig, check_types
+from amvl.config import INFERENCE_FIELDS, AMVLConfig, check_types
 
 if TYPE_CHECKING:  # annotations only: accelerate is imported when a run starts
     from accelerate import Accelerator
@@ -231,14 +231,16 @@ class LaunchError(ValueError):
     of them, or they do not divide the batch."""
 
 
-def _check_same_run(checkpoint: Path, model, config: TrainConfig, num_processes: int) -> None:
+def _check_same_run(checkpoint: Path, amvl_config: AMVLConfig, config: TrainConfig,
+                    num_processes: int | None) -> None:
     """Refuse to resume a checkpoint of another run: another latent block or objective (the
-    model's AMVLConfig), another data order or batch (seed, batch_size), or another number of
-    processes (each draws its share's noise from its rank). The step count, rates and logging
-    may change on resume."""
-    saved = AMVLConfig.load(checkpoint)
-    if saved != model.config:
-        differ = sorted(k for k, v in saved.to_dict().items() if model.config.to_dict()[k] != v)
+    AMVLConfig, but for its inference settings, ``INFERENCE_FIELDS``, which a resumed run
+    trains alike with), another data order
+    or batch (seed, batch_size), or another number of processes (each draws its share's noise
+    from its rank; None: not checked). The step count, rates and logging may change on
+    resume."""
+    differ = AMVLConfig.load(checkpoint).differences(amvl_config, ignore=INFERENCE_FIELDS)
+    if differ:
         raise OtherRunError(f"{checkpoint} was trained with another AMVLConfig (differs in "
                             f"{differ}): resume it with the same settings or start a new run "
                             "elsewhere")
@@ -250,10 +252,42 @@ def _check_same_run(checkpoint: Path, model, config: TrainConfig, num_processes:
                                 f"has {getattr(config, name)}: the data order would not "
                                 "continue")
     before = state.get("num_processes")  # not recorded before 2026-11-28
-    if before is not None and before != num_processes:
+    if num_processes is not None and before is not None and before != num_processes:
         raise OtherRunError(f"{checkpoint} was trained on {before} processes, this run has "
                             f"{num_processes}: the batches' shares and their latent noise "
                             f"would not continue; resume on {before}")
+
+
+def check_output_dir(output_dir: str | Path, config: TrainConfig, amvl_config: AMVLConfig,
+                     resume: bool, num_processes: int | None = None) -> Path | None:
+    """The checkpoint a run into ``output_dir`` continues (None: a new run), or the reason it
+    cannot train there. It reads only the directory, so ``amvl train`` calls it before it
+    builds the model; :func:`train` calls it again.
+
+    Raises:
+        FileExistsError: ``output_dir`` holds checkpoints and ``resume`` is False.
+        FileNotFoundError: ``resume`` is True and ``output_dir`` holds no checkpoint.
+        OtherRunError: the latest checkpoint was trained with other settings (see
+            ``_check_same_run``; ``num_processes`` None leaves the process count unchecked).
+        NothingLeftToTrain: the latest checkpoint is already at ``config.steps``.
+    """
+    found = latest_checkpoint(output_dir)
+    if found is not None and not resume:
+        # Its checkpoints would be pruned among this run's by step number, and a later
+        # resume would continue whichever is newest.
+        raise FileExistsError(f"{output_dir} already holds checkpoints of a run ({found.name}): "
+                              "pass resume=True (amvl train --resume) to continue it, or "
+                              "choose another output directory")
+    if not resume:
+        return None
+    if found is None:
+        raise FileNotFoundError(f"resume=True but no checkpoint in {output_dir}")
+    _check_same_run(found, amvl_config, config, num_processes)
+    step = json.loads((found / "state.json").read_text())["step"]
+    if step >= config.steps:
+        raise NothingLeftToTrain(f"{found.name} is already at step {step}, and this run "
+                                 f"trains to step {config.steps}: raise steps to go on")
+    return found
 
 
 def _decay_groups(model, weight_decay: float) -> list[dict]:
@@ -324,18 +358,12 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
     scheduler = get_scheduler(config.lr_scheduler, optimizer, config.warmup_steps, config.steps)
     start, history, sums, summed = 0, [], {}, 0
     out = Path(output_dir) if output_dir is not None else None
-    found = latest_checkpoint(out) if out is not None else None
-    if found is not None and not resume:
-        # Its checkpoints would be pruned among this run's by step number, and a later
-        # resume would continue whichever is newest.
-        raise FileExistsError(f"{out} already holds checkpoints of a run ({found.name}): pass "
-                              "resume=True (amvl train --resume) to continue it, or choose "
-                              "another output directory")
-    if resume:
-        checkpoint = found
-        if checkpoint is None:
-            raise FileNotFoundError(f"resume=True but no checkpoint in {output_dir}")
-        _check_same_run(checkpoint, model, config, accelerator.num_processes)
+    if resume and out is None:
+        raise FileNotFoundError("resume=True but no checkpoint in output_dir=None: give the "
+                                "directory of the run to continue")
+    checkpoint = check_output_dir(out, config, model.config, resume,
+                                  accelerator.num_processes) if out is not None else None
+    if checkpoint is not None:
         load_model(model, str(checkpoint / "model.safetensors"), device=str(model.device))
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
@@ -348,9 +376,6 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
         # Checkpoints before "pending_steps" assumed a window open since the last multiple
         # of log_every, which a run that logged its last step had closed.
         summed = state.get("pending_steps", start % config.log_every)
-        if start >= config.steps:
-            raise NothingLeftToTrain(f"{checkpoint.name} is already at step {start}, and this run "
-                             f"trains to step {config.steps}: raise steps to go on")
     if config.activation_checkpointing:
         model.activation_checkpointing_enable()
     wrapped, optimizer = accelerator.prepare(model, optimizer)

@@ -361,3 +361,63 @@ def test_eval_applies_the_config_attention_and_refuses_text_models_on_images(tmp
                                          "images"):
         main(["eval", "--checkpoint", str(text_only), "--benchmark", "puzzles",
               "--no-progress"])
+
+
+def test_train_checks_the_output_directory_before_building_the_model(tmp_path, monkeypatch):
+    """A directory that already held checkpoints was refused only after the model was loaded
+    and its embeddings resized (minutes on a real model); so were a resume of another run, of
+    one already at its last step, and of a checkpoint that is not there."""
+    import amvl.cli
+    from amvl.config import AMVLConfig
+
+    config = _run_config(tmp_path, steps=2, save_every=1)
+    run = load_run_config(config)
+    checkpoint = tmp_path / "run" / "checkpoint-2"  # what the checks read of a checkpoint
+    checkpoint.mkdir(parents=True)
+    run["amvl_config"].save(checkpoint)
+    (checkpoint / "state.json").write_text(json.dumps(
+        {"step": 2, "train_config": {"seed": 0, "batch_size": 4}, "num_processes": 1}))
+
+    def no_model(section):
+        raise AssertionError("the model was built before the output directory was checked")
+    monkeypatch.setattr(amvl.cli, "load_base", no_model)
+    with pytest.raises(SystemExit, match="amvl train: .*already holds checkpoints"):
+        main(["train", "--config", config, "--no-progress"])
+    with pytest.raises(SystemExit, match="amvl train: checkpoint-2 is already at step 2"):
+        main(["train", "--config", config, "--resume", "--no-progress"])
+    AMVLConfig(num_slots=3, latent_dim=4, objective="elbo").save(checkpoint)
+    with pytest.raises(SystemExit, match=r"another AMVLConfig \(differs in \['num_slots'\]\)"):
+        main(["train", "--config", config, "--resume", "--no-progress"])
+    raw = yaml.safe_load(Path(config).read_text())
+    raw["output_dir"] = str(tmp_path / "empty")
+    Path(config).write_text(yaml.safe_dump(raw))
+    with pytest.raises(SystemExit, match="amvl train: resume=True but no checkpoint"):
+        main(["train", "--config", config, "--resume", "--no-progress"])
+
+
+def test_demo_options_are_named_in_their_errors_and_help(tmp_path, monkeypatch, capsys):
+    """--seed -1 failed deep in numpy as "expected non-negative integer", without naming the
+    option; an --out that is a file failed as "[Errno 17] File exists"; --help showed the
+    module doc's reST ``literals``."""
+    import amvl.demo
+
+    monkeypatch.setattr(amvl.demo, "run_objective", lambda *a, **k: pytest.fail("trained"))
+    for bad in ("-1", str(2**63), "one"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["demo", "--seed", bad])
+        assert "argument --seed: " in capsys.readouterr().err
+    assert build_parser().parse_args(["demo", "--seed", "7"]).seed == 7
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"amvl demo: --out .*file is a file; give a "
+                                         r"directory"):
+        main(["demo", "--quick", "--out", str(tmp_path / "file"), "--no-progress"])
+    with pytest.raises(SystemExit, match=r"amvl demo: --out .*file is a file, so no "
+                                         r"directory can be made inside it"):
+        main(["demo", "--quick", "--out", str(tmp_path / "file" / "sub"), "--no-progress"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    top_help = capsys.readouterr().out
+    assert "The amvl command: demo, train and eval." in top_help and "``" not in top_help
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--help"])
+    assert "fixes the whole run" in capsys.readouterr().out

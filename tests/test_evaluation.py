@@ -411,3 +411,36 @@ def test_evaluate_visualpuzzles_and_unlabelled(tmp_path, vp_records, blink_dir):
         evaluate_benchmark(model, collator, [test[0], dict(test[1], answer="(A)")])
     with pytest.raises(ValueError, match="unknown benchmark"):
         format_accuracy_table({"prior": result}, "mmmu")
+
+
+def test_choices_the_tokenizer_cannot_tell_apart_are_warned_about(blink_dir):
+    """A tokenizer without "(C)" and "(D)" reads both as its unknown token: their NLLs tie and
+    the earlier always won, so an accuracy over those examples was meaningless, silently."""
+    import warnings
+
+    examples = load_blink(blink_dir)
+    words = sorted(({w for ex in examples for w in ex["question"].split()} | {"(A)", "(B)"})
+                   - {"(C)", "(D)"})
+    tokenizer = word_tokenizer(words, vision=True)
+    torch.manual_seed(0)
+    base = tiny_qwen2_vl(tokenizer)
+    model = AMVLModel(base, tokenizer, AMVLConfig(num_slots=2, latent_dim=4,
+                                                  kernel_backend="torch"))
+    collator = AMVLCollator(tokenizer, tiny_image_processor(),
+                            VisionTokens.from_model_config(base.config))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = evaluate_benchmark(model, collator, examples, batch_size=3, progress=False)
+    tied = [str(w.message) for w in caught if "tokenize to the same ids" in str(w.message)]
+    # the 4-choice examples (Counting's 3, IQ_Test's 2) tie; Jigsaw's (A)/(B) do not
+    assert len(tied) == 1, tied
+    assert tied[0].startswith("5 of 7 examples") and "'val_Counting_0'" in tied[0]
+    assert "['(C)', '(D)']" in tied[0]
+    first = result["predictions"][0]
+    assert first["nll"][2] == first["nll"][3]
+    # a tokenizer that knows every label: no warning
+    model, collator = _model(examples, "amvl")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        evaluate_benchmark(model, collator, examples, batch_size=3, progress=False)
+    assert not [w for w in caught if "tokenize to the same ids" in str(w.message)]

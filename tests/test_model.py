@@ -563,8 +563,21 @@ def test_special_tokens_in_a_padded_vocabulary_keep_its_size():
     torch.testing.assert_close(base.get_input_embeddings().weight[before + 5:], untouched)
     assert base.config.vocab_size == before + 20
     short = Qwen2ForCausalLM(Qwen2Config(**_text_config(before, 32, 1)))
-    model = AMVLModel(short, tokenizer, AMVLConfig(num_slots=2, latent_dim=3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rows for the latent tokens alone: no warning
+        model = AMVLModel(short, tokenizer, AMVLConfig(num_slots=2, latent_dim=3))
     assert short.get_input_embeddings().num_embeddings == before + 5
+
+
+def test_a_tokenizer_larger_than_the_embeddings_is_named():
+    """A tokenizer with more tokens than the model has rows (another model's, or tokens added
+    without resizing) grew the embeddings without a word."""
+    tokenizer = word_tokenizer(WORDS)
+    base = tiny_qwen2(tokenizer)
+    tokenizer.add_tokens(["extra1", "extra2"])
+    with pytest.warns(UserWarning, match=r"holds \d+ tokens besides the latent ones"):
+        AMVLModel(base, tokenizer, AMVLConfig(num_slots=2, latent_dim=3))
+    assert base.get_input_embeddings().num_embeddings == len(tokenizer)
 
 
 def test_collator_pads_prompts_left_and_answers_right():
@@ -962,8 +975,28 @@ def test_load_weights_in_place(tmp_path, kind):
     saved = model.state_dict()
     for name, tensor in other.state_dict().items():
         assert torch.equal(tensor, saved[name]), name
-    with pytest.raises(ValueError, match="another configuration"):
+    with pytest.raises(ValueError, match=r"another configuration \(differs in \['objective'\]"):
         build(kind, objective="elbo")[0].load_weights(tmp_path)
+    # the inference settings are not the weights': loaded, and this model keeps its own
+    sampler, _ = build(kind, objective="amvl", inference="sample", num_samples=3)
+    sampler.load_weights(tmp_path)
+    assert (sampler.config.inference, sampler.config.num_samples) == ("sample", 3)
+    assert all(torch.equal(t, saved[n]) for n, t in sampler.state_dict().items())
+
+
+def test_a_model_is_in_one_mode_the_bases_and_loads_in_eval_mode(tmp_path):
+    """transformers' from_pretrained returns eval-mode models; wrapped, the heads alone were in
+    training mode (model.training True over a decoder without dropout), and
+    AMVLModel.from_pretrained returned that mix."""
+    model, _ = build("qwen2", objective="amvl")
+    assert model.training and all(m.training for m in model.modules())
+    model.save_pretrained(tmp_path)
+    loaded = AMVLModel.from_pretrained(tmp_path)
+    assert not any(m.training for m in loaded.modules())
+    base = loaded.base.train(False)
+    rewrapped = AMVLModel(base, loaded.tokenizer, AMVLConfig.load(tmp_path))
+    assert not any(m.training for m in rewrapped.modules())
+    assert all(m.training for m in rewrapped.train().modules())
 
 
 def test_fp16_autocast_keeps_finite_kl_gradients_at_the_bounds():

@@ -341,3 +341,29 @@ def test_resuming_on_another_number_of_processes_is_refused(tmp_path, monkeypatc
     with pytest.raises(OtherRunError, match="trained on 2 processes, this run has 1"):
         train(model, collator, _data(), TrainConfig(steps=4, batch_size=2, log_every=1),
               output_dir=tmp_path, resume=True, progress=False)
+
+
+def test_resume_accepts_other_inference_settings_only(tmp_path):
+    """``inference`` and ``num_samples`` are read only by generate: a resume that changed them
+    was refused as "another AMVLConfig (differs in ['inference', 'num_samples'])"; the settings
+    that shape training still are."""
+    from amvl.config import INFERENCE_FIELDS
+    from amvl.training import OtherRunError
+
+    assert INFERENCE_FIELDS == {"inference", "num_samples"}
+    model, collator = _model()
+    train(model, collator, _data(), TrainConfig(steps=2, batch_size=2, save_every=1,
+                                                log_every=1),
+          output_dir=tmp_path, progress=False)
+    model, collator = _model()
+    model.config.inference, model.config.num_samples = "sample", 4
+    history = train(model, collator, _data(), TrainConfig(steps=3, batch_size=2, log_every=1),
+                    output_dir=tmp_path, resume=True, progress=False)
+    assert [e["step"] for e in history] == [1, 2, 3]
+    saved = AMVLConfig.load(tmp_path / "checkpoint-3")  # the run's settings from here on
+    assert (saved.inference, saved.num_samples) == ("sample", 4)
+    model, collator = _model()
+    model.config.num_samples, model.config.beta = 2, 0.5
+    with pytest.raises(OtherRunError, match=r"another AMVLConfig \(differs in \['beta'\]\)"):
+        train(model, collator, _data(), TrainConfig(steps=4, batch_size=2, log_every=1),
+              output_dir=tmp_path, resume=True, progress=False)
