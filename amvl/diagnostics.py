@@ -19,6 +19,7 @@ from __future__ import annotations
 import numbers
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,10 @@ import amvl_kernels as ak
 from amvl.model import in_eval_mode
 from amvl.objectives import ACTIVE_SLOT_NATS
 from amvl.sharded import choices_to_score, with_choice
+
+if TYPE_CHECKING:
+    from amvl.data import AMVLCollator
+    from amvl.model import AMVLModel
 
 VARIANTS = ("prior", "posterior", "zeroed", "noised", "swapped")
 
@@ -77,8 +82,9 @@ def _variant_latents(heads: dict[str, Tensor], noise: Tensor, noise_scale: float
 
 @torch.no_grad()
 @in_eval_mode
-def score_choices(model, collator, examples: Sequence[dict], batch_size: int = 8,
-                  noise_scale: float = 1.0, seed: int = 0, progress: bool = True) -> dict:
+def score_choices(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
+                  batch_size: int = 8, noise_scale: float = 1.0, seed: int = 0,
+                  progress: bool = True) -> dict:
     """Per-example choice NLLs under every latent variant, plus the heads' outputs.
 
     Returns ``{"nll": {variant: (N, C) array}, "gold": (N,) array, "mu_p", "mu_q",
@@ -196,9 +202,9 @@ def mean_pairwise_cosine(latents: np.ndarray) -> float:
     return float((sims.sum() - sims.diagonal().sum()) / (n * (n - 1)))
 
 
-def leakage_report(model, collator, examples: Sequence[dict], batch_size: int = 8,
-                   noise_scale: float = 1.0, seed: int = 0, progress: bool = True,
-                   group_key: str | None = None) -> dict:
+def leakage_report(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
+                   batch_size: int = 8, noise_scale: float = 1.0, seed: int = 0,
+                   progress: bool = True, group_key: str | None = None) -> dict:
     """All diagnostics of the module docstring as a flat dict of floats (NaN where a
     quantity does not exist for the model's objective).
 

@@ -18,6 +18,7 @@ class WideLinear(nn.Linear):
     forward (its prefetching hides this in small models' training, not in ``generate``)."""
 
     def forward(self, x: Tensor) -> Tensor:
+        """x @ weight.T + bias in the wider of fp32 and the layer's dtype, autocast off."""
         dtype = torch.promote_types(self.weight.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
             return nn.functional.linear(x.to(dtype), self.weight.to(dtype),
