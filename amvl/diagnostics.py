@@ -27,6 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import amvl_kernels as ak
+from amvl.evaluation import warn_indistinguishable_choices
 from amvl.model import in_eval_mode
 from amvl.objectives import ACTIVE_SLOT_NATS
 from amvl.sharded import choices_to_score, with_choice
@@ -89,6 +90,8 @@ def score_choices(model: AMVLModel, collator: AMVLCollator, examples: Sequence[d
 
     Returns ``{"nll": {variant: (N, C) array}, "gold": (N,) array, "mu_p", "mu_q",
     "kl_fwd", "kl_rev"}`` (the last four (N, K, ...) arrays, None without latents).
+    Warns when choices tokenize alike (:func:`amvl.evaluation.warn_indistinguishable_choices`):
+    their NLLs tie under every variant.
     """
     _check_examples(examples, batch_size)
     device = model.device
@@ -102,6 +105,7 @@ def score_choices(model: AMVLModel, collator: AMVLCollator, examples: Sequence[d
                         generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
     nll = {v: np.full((len(examples), n_choices), np.inf) for v in VARIANTS}
     collected: dict[str, list] = {"mu_p": [], "mu_q": [], "kl_fwd": [], "kl_rev": []}
+    choice_ids: list[list[tuple[int, ...]]] = [[] for _ in examples]  # for ties, as in eval
     previous = None  # the prior means of the example before the batch's first, for the swap
     if has_latents:  # the first example's swap partner is the last one
         last = _to(collator([examples[-1]]), device, dtype)
@@ -135,6 +139,10 @@ def score_choices(model: AMVLModel, collator: AMVLCollator, examples: Sequence[d
             if not run:
                 continue
             batch = _to(collator([with_choice(chunk[i], c) for i in run]), device, dtype)
+            for row, i in enumerate(run):
+                if c < len(chunk[i]["choices"]):  # not a sharded run's stand-in
+                    answer = batch["answer_ids"][row][batch["answer_mask"][row].bool()]
+                    choice_ids[start + i].append(tuple(answer.tolist()))
             pick = torch.tensor(run, device=device)
             kept = [run.index(i) for i in have]
             picked_images = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
@@ -146,6 +154,7 @@ def score_choices(model: AMVLModel, collator: AMVLCollator, examples: Sequence[d
                                           z=None if z is None else z[pick], **picked_images)
                 nll[name][np.arange(rows.start, rows.stop)[have], c] = \
                     values.cpu().numpy()[kept]
+    warn_indistinguishable_choices(examples, choice_ids)
     gold = np.array([ex["choices"].index(ex["answer"]) for ex in examples])
 
     def cat(key):

@@ -607,15 +607,16 @@ def prior_choice_nll(model: AMVLModel, collator: AMVLCollator, examples: Sequenc
                                       z=None if z is None else z[pick], **images)
             kept = values.float().cpu().numpy()[[run.index(i) for i in have]]
             nll[start + np.array(have, dtype=int), c] = kept
-    _warn_indistinguishable_choices(examples, choice_ids)
+    warn_indistinguishable_choices(examples, choice_ids)
     return nll
 
 
-def _warn_indistinguishable_choices(examples: Sequence[dict],
+def warn_indistinguishable_choices(examples: Sequence[dict],
                                     choice_ids: list[list[tuple[int, ...]]]) -> None:
     """Warn once, naming how many examples have two or more choices of the same answer token
     ids and the first of them: their NLLs tie, so the earliest of those choices is predicted
-    whatever the model does, and an accuracy over them measures nothing."""
+    whatever the model does, and an accuracy over them measures nothing. ``choice_ids[i]``:
+    example i's choices as token id tuples, in order."""
     tied_examples = [i for i, ids in enumerate(choice_ids) if len(set(ids)) < len(ids)]
     if not tied_examples:
         return

@@ -53,6 +53,27 @@ def test_scores_match_answer_nll_of_each_choice():
                if len(e["choices"]) == 2)
 
 
+def test_choices_that_tokenize_alike_are_warned_about():
+    """Choices the tokenizer cannot tell apart tie under every latent variant, so the flip
+    rates and accuracies over them measured nothing, silently (as in amvl eval)."""
+    import warnings
+
+    model, collator = _model("amvl")
+    examples = _examples(4, np.random.default_rng(2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        score_choices(model, collator, examples, batch_size=3, progress=False)
+    assert not [w for w in caught if "tokenize to the same ids" in str(w.message)]
+    examples[2] = dict(examples[2], choices=["yes", "(X)", "(Y)"], answer="yes")  # both <unk>
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scores = score_choices(model, collator, examples, batch_size=3, progress=False)
+    tied = [str(w.message) for w in caught if "tokenize to the same ids" in str(w.message)]
+    assert len(tied) == 1 and tied[0].startswith("1 of 4 examples"), tied
+    assert "['(X)', '(Y)']" in tied[0]
+    assert scores["nll"]["prior"][2, 1] == scores["nll"]["prior"][2, 2]
+
+
 def test_scoring_leaves_each_modules_train_mode_as_it_was():
     """Diagnostics called from a training loop (an on_log callback) must not leave the model
     in eval mode: dropout and activation checkpointing would stay off for the steps after."""
