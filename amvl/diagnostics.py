@@ -8,8 +8,13 @@ latents under test. Reported (:func:`leakage_report`):
   posterior latents (mu_q, computed from the gold answer): their difference is the leakage gap;
 - answer-flip rates of the prior-latent predictions when z is zeroed, noised, or swapped across
   examples (how much the decoder actually reads z);
-- how well a linear probe decodes the gold choice from posterior means vs prior means
-  (cross-validated logistic regression);
+- how well a linear probe decodes the gold answer (its text, one class per distinct answer)
+  from posterior means vs prior means, and from posterior draws z ~ q (cross-validated
+  logistic regression). The probe standardises its features, so the means' probe is
+  scale-free: it finds any answer dependence of mu_q however small against the posterior's
+  noise, and even an untrained posterior, whose means move with the answer it reads, decodes
+  it. The draws' probe reads what the decoder receives in training, above chance only where
+  the answer survives the posterior's noise: the leakage that matters;
 - per-slot KL(q||p), KL(p||q) and active slots;
 - latent collapse: mean pairwise cosine similarity of the prior means across examples.
 """
@@ -88,8 +93,9 @@ def score_choices(model: AMVLModel, collator: AMVLCollator, examples: Sequence[d
                   progress: bool = True) -> dict:
     """Per-example choice NLLs under every latent variant, plus the heads' outputs.
 
-    Returns ``{"nll": {variant: (N, C) array}, "gold": (N,) array, "mu_p", "mu_q",
-    "kl_fwd", "kl_rev"}`` (the last four (N, K, ...) arrays, None without latents).
+    Returns ``{"nll": {variant: (N, C) array}, "gold": (N,) array, "mu_p", "mu_q", "z_q",
+    "kl_fwd", "kl_rev"}`` (the last five (N, K, ...) arrays, None without latents; ``z_q``:
+    one posterior draw per example, from the same fixed noise as the "noised" variant).
     Warns when choices tokenize alike (:func:`amvl.evaluation.warn_indistinguishable_choices`):
     their NLLs tie under every variant.
     """
@@ -104,7 +110,8 @@ def score_choices(model: AMVLModel, collator: AMVLCollator, examples: Sequence[d
     noise = torch.randn((len(examples), config.num_slots, config.latent_dim),
                         generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
     nll = {v: np.full((len(examples), n_choices), np.inf) for v in VARIANTS}
-    collected: dict[str, list] = {"mu_p": [], "mu_q": [], "kl_fwd": [], "kl_rev": []}
+    collected: dict[str, list] = {"mu_p": [], "mu_q": [], "z_q": [], "kl_fwd": [],
+                                  "kl_rev": []}
     choice_ids: list[list[tuple[int, ...]]] = [[] for _ in examples]  # for ties, as in eval
     previous = None  # the prior means of the example before the batch's first, for the swap
     if has_latents:  # the first example's swap partner is the last one
@@ -131,6 +138,10 @@ def score_choices(model: AMVLModel, collator: AMVLCollator, examples: Sequence[d
                     heads["mu_q"], heads["logvar_q"], heads["mu_p"], heads["logvar_p"],
                     seed=seed, backend=model.config.kernel_backend)
                 collected["mu_q"].append(heads["mu_q"].float().cpu())
+                # one draw per example from the fixed noise, so batch sizes agree
+                draw = heads["mu_q"].float() + torch.exp(0.5 * heads["logvar_q"].float()) \
+                    * noise[rows].to(device)
+                collected["z_q"].append(draw.cpu())
                 collected["kl_fwd"].append(kl_fwd.float().cpu())
                 collected["kl_rev"].append(kl_rev.float().cpu())
         for c in range(passes):
@@ -253,18 +264,25 @@ def leakage_report(model: AMVLModel, collator: AMVLCollator, examples: Sequence[
     for v in ("zeroed", "noised", "swapped"):
         report[f"flip_{v}"] = float((preds[v] != preds["prior"]).mean()) \
             if v in preds and "prior" in preds else nan
+    # The answer's text, not its position among the choices: choice lists may differ
+    answers = np.unique([ex["answer"] for ex in examples], return_inverse=True)[1]
     report["probe_posterior"] = nan if scores["mu_q"] is None else \
-        linear_probe_accuracy(scores["mu_q"], gold, seed=seed)
+        linear_probe_accuracy(scores["mu_q"], answers, seed=seed)
+    report["probe_posterior_sampled"] = nan if scores["z_q"] is None else \
+        linear_probe_accuracy(scores["z_q"], answers, seed=seed)
     report["probe_prior"] = nan if scores["mu_p"] is None else \
-        linear_probe_accuracy(scores["mu_p"], gold, seed=seed)
+        linear_probe_accuracy(scores["mu_p"], answers, seed=seed)
     report["cosine_prior"] = nan if scores["mu_p"] is None else \
         mean_pairwise_cosine(scores["mu_p"])
-    if scores["kl_fwd"] is not None:
-        per_slot_fwd = scores["kl_fwd"].mean(0)
-        report["kl_fwd"] = float(scores["kl_fwd"].sum(1).mean())
-        report["kl_rev"] = float(scores["kl_rev"].sum(1).mean())
-        report["active_slots"] = float((per_slot_fwd > ACTIVE_SLOT_NATS).sum())
-        for k, (f, r) in enumerate(zip(per_slot_fwd, scores["kl_rev"].mean(0))):
-            report[f"kl_fwd/slot{k}"] = float(f)
-            report[f"kl_rev/slot{k}"] = float(r)
+    # The same keys for every objective (NaN without a posterior), so reports tabulate
+    slots = model.config.num_slots
+    per_slot_fwd, per_slot_rev = (np.full(slots, nan), np.full(slots, nan)) \
+        if scores["kl_fwd"] is None else (scores["kl_fwd"].mean(0), scores["kl_rev"].mean(0))
+    report["kl_fwd"] = nan if scores["kl_fwd"] is None else float(scores["kl_fwd"].sum(1).mean())
+    report["kl_rev"] = nan if scores["kl_rev"] is None else float(scores["kl_rev"].sum(1).mean())
+    report["active_slots"] = nan if scores["kl_fwd"] is None \
+        else float((per_slot_fwd > ACTIVE_SLOT_NATS).sum())
+    for k in range(slots):
+        report[f"kl_fwd/slot{k}"] = float(per_slot_fwd[k])
+        report[f"kl_rev/slot{k}"] = float(per_slot_rev[k])
     return report

@@ -99,7 +99,39 @@ def test_leakage_report_fields(objective):
     else:
         assert 0 <= report["flip_swapped"] <= 1 and -1 <= report["cosine_prior"] <= 1
     if has_posterior:
-        assert report["kl_fwd"] > 0 and "kl_rev/slot1" in report and report["active_slots"] <= 2
+        assert report["kl_fwd"] > 0 and report["active_slots"] <= 2
+        sampled, means = report["probe_posterior_sampled"], report["probe_posterior"]
+        assert math.isnan(sampled) == math.isnan(means)  # NaN: a class too rare to hold out
+        assert math.isnan(sampled) or 0 <= sampled <= 1
+    else:  # the same keys for every objective, NaN where they do not exist (they were missing)
+        assert all(math.isnan(report[k]) for k in ("kl_fwd", "kl_rev", "active_slots",
+                                                  "kl_fwd/slot1", "kl_rev/slot0",
+                                                  "probe_posterior", "probe_posterior_sampled"))
+    assert {k for k in report if "/slot" in k} == {f"kl_{d}/slot{i}" for d in ("fwd", "rev")
+                                                   for i in range(2)}
+
+
+def test_probes_decode_the_answer_and_the_draws_probe_reads_through_the_noise():
+    """An untrained posterior's means move with the answer they read, by a hair against its
+    noise: the scale-free means probe decodes them perfectly (it read 1.0 on an untrained
+    model), the draws' probe stays near chance. Narrowed to near points, the posterior's draws
+    carry the answer too. The probes' classes are the answers' texts, not their positions."""
+    model, collator = _model("amvl")
+    rng = np.random.default_rng(0)
+    options = ["yes", "no", "maybe"]
+    examples = []
+    for _ in range(30):  # one question; choice lists in varying order
+        answer = options[int(rng.integers(3))]
+        order = list(rng.permutation(options))
+        examples.append({"question": "w1 w2 w3", "choices": order, "answer": answer})
+    report = leakage_report(model, collator, examples, batch_size=10, progress=False)
+    assert report["probe_posterior"] == 1.0
+    assert report["probe_posterior_sampled"] < 0.6  # chance: 1/3
+    assert math.isnan(report["probe_prior"]) or report["probe_prior"] < 0.6  # x is the same
+    with torch.no_grad():  # log-variance at its floor: draws within exp(-5) of the means
+        model.posterior_head.proj.bias[model.config.latent_dim:] = -30.0
+    report = leakage_report(model, collator, examples, batch_size=10, progress=False)
+    assert report["probe_posterior_sampled"] == 1.0
 
 
 def test_bad_examples_are_named():
