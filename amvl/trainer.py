@@ -23,13 +23,14 @@ schedule) with noise fixed per evaluation batch, so the same model always gets t
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import EvalLoopOutput, TrainOutput, align_special_tokens
 
 from amvl.model import AMVLModel, AMVLOutput
@@ -43,16 +44,21 @@ class AMVLTrainer(Trainer):
     """A Trainer for :class:`AMVLModel` with :class:`amvl.data.AMVLCollator` batches.
 
     The dataset yields raw examples (``{"images", "question", "answer"}``), so the Trainer must
-    not drop "unused" columns: ``remove_unused_columns`` is forced to False.
+    not drop "unused" columns: ``remove_unused_columns`` is False in the trainer's own copy of
+    ``args`` (the caller's object stays as given, e.g. for a plain Trainer beside it).
     """
 
     # The Trainer divides the loss by the step's micro-batches (compute_loss does not scale
     # it for accumulation; the answer tokens it divides by are the step's per micro-batch).
     loss_is_scaled_for_ga = False
 
-    def __init__(self, model: AMVLModel, *args, **kwargs):
-        super().__init__(model, *args, **kwargs)
-        self.args.remove_unused_columns = False
+    def __init__(self, model: AMVLModel, args: TrainingArguments | None = None, *rest: Any,
+                 **kwargs: Any):
+        if args is not None and args.remove_unused_columns:
+            args = copy.copy(args)
+            args.remove_unused_columns = False
+        super().__init__(model, args, *rest, **kwargs)
+        self.args.remove_unused_columns = False  # the Trainer's default arguments too
         self._refuse_what_amvl_batches_cannot_do()
         self._eval_batch = 0
         self._reset_training_state()
@@ -68,6 +74,10 @@ class AMVLTrainer(Trainer):
                            "amvl.diagnostics)")
         if getattr(self, "compute_loss_func", None) is not None:
             refused.append("compute_loss_func: the loss is the AMVLConfig's objective")
+        if getattr(self.args, "include_for_metrics", None):
+            refused.append(f"include_for_metrics={self.args.include_for_metrics!r}: it feeds "
+                           "compute_metrics, and the Trainer looks for input_ids, which AMVL "
+                           "batches do not have")
         if self.args.label_smoothing_factor:
             refused.append("label_smoothing_factor: the objective's NLL is plain "
                            "cross-entropy, so it would have no effect")

@@ -144,6 +144,8 @@ def test_cuda_graph_compile_modes_get_the_step_and_seed_as_tensors(tmp_path, mon
     ({"compute_loss_func": lambda *a, **k: 0}, "compute_loss_func"),
     ({"label_smoothing_factor": 0.1}, "label_smoothing_factor"),
     ({"train_sampling_strategy": "group_by_length"}, "precomputed 'length' column"),
+    # looked for input_ids in the first evaluation
+    ({"include_for_metrics": ["inputs"]}, "include_for_metrics"),
 ])
 def test_trainer_refuses_what_amvl_batches_cannot_do(tmp_path, setting, match):
     """Settings the stock Trainer would skip without a word with AMVL batches (no logits,
@@ -155,6 +157,16 @@ def test_trainer_refuses_what_amvl_batches_cannot_do(tmp_path, setting, match):
     with pytest.raises(ValueError, match=match):
         AMVLTrainer(model, args, train_dataset=_data(), eval_dataset=_data(4),
                     data_collator=AMVLCollator(tokenizer), **trainer_kwargs)
+
+
+def test_trainer_leaves_the_callers_arguments_as_given(tmp_path):
+    """remove_unused_columns must be off for raw AMVL examples: it was switched off on the
+    caller's TrainingArguments, which a plain Trainer built beside it then inherited."""
+    model, tokenizer = _tiny_model()
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    trainer = AMVLTrainer(model, args, data_collator=AMVLCollator(tokenizer))
+    assert args.remove_unused_columns and not trainer.args.remove_unused_columns
+    assert not AMVLTrainer(model, data_collator=AMVLCollator(tokenizer)).args.remove_unused_columns
 
 
 @pytest.mark.parametrize("mode", ["all", "non_padding"])
