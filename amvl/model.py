@@ -149,7 +149,8 @@ def ensure_special_tokens(base_model: nn.Module, tokenizer: PreTrainedTokenizerB
     roles = ("latent_start", "latent_end", "latent", "prior_query", "posterior_query")
     ids = {role: tokenizer.convert_tokens_to_ids(tok)
            for role, tok in zip(roles, config.special_tokens())}
-    rows = base_model.get_input_embeddings().num_embeddings
+    embeddings, output = base_model.get_input_embeddings(), base_model.get_output_embeddings()
+    rows = embeddings.weight.shape[0]  # PEFT's wrappers have no num_embeddings
     others = vocab_before - (len(config.special_tokens()) - len(missing))
     if others > rows:  # rows for the latent tokens alone are added below without a word
         warnings.warn(f"the tokenizer holds {others} tokens besides the latent ones but the "
@@ -157,11 +158,21 @@ def ensure_special_tokens(base_model: nn.Module, tokenizer: PreTrainedTokenizerB
                       "added to the tokenizer get new rows; a tokenizer of another model would "
                       "read wrong ones", stacklevel=3)
     if max(ids.values()) >= rows:
+        wrapped = [f"{name} ({type(module).__name__})" for name, module, plain in
+                   (("input embeddings", embeddings, nn.Embedding), ("LM head", output, nn.Linear))
+                   if module is not None and not isinstance(module, plain)]
+        if wrapped:  # transformers resizes plain layers only
+            raise ValueError(
+                f"the latent special tokens need embedding rows up to id {max(ids.values())}, "
+                f"the model has {rows}, and it cannot grow them: its {' and '.join(wrapped)} "
+                "are wrapped (e.g. by PEFT's LoRA on embed_tokens, or modules_to_save), which "
+                "transformers cannot resize. Build the AMVLModel on the unwrapped base first "
+                "(it adds the rows), then wrap it: "
+                "model.base = get_peft_model(model.base, lora_config)")
         base_model.resize_token_embeddings(max(len(tokenizer), max(ids.values()) + 1))
     elif missing:
         new = torch.tensor([tokenizer.convert_tokens_to_ids(t) for t in missing])
-        matrices = {base_model.get_input_embeddings().weight}
-        output = base_model.get_output_embeddings()
+        matrices = {embeddings.weight}
         if output is not None:
             matrices.add(output.weight)  # the same tensor when tied: once
         with torch.no_grad(), gathered_for_update(list(matrices)):
@@ -368,7 +379,7 @@ class AMVLModel(SavingMixin, nn.Module):
                 "model.base.model = torch.compile(model.base.model)) instead", stacklevel=3)
             self._compiled_base_warned = True
         on_host = prompt_mask.device.type == "cpu"
-        vocab = self.get_input_embeddings().num_embeddings
+        vocab = self.get_input_embeddings().weight.shape[0]  # a PEFT wrapper's too
         check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask,
                     padding=on_host or not self._padding_checked, vocab_size=vocab)
         self._padding_checked = self._padding_checked or not on_host

@@ -434,6 +434,32 @@ def test_peft_lora_on_the_base_model(tmp_path):
     torch.testing.assert_close(shared, naive, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("lora", [{"target_modules": ["q_proj", "embed_tokens"]},
+                                  {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}],
+                         ids=["lora-embed-tokens", "save-lm-head"])
+def test_peft_wrapped_embeddings_are_named_and_work_when_wrapped_after(lora):
+    """PEFT on the embeddings or the LM head before the special tokens had rows: an
+    AttributeError (num_embeddings) or transformers' TypeError deep in its resize. Now a
+    ValueError saying how; built on the unwrapped base first, the wrapped model trains."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer(WORDS)
+    config = AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch")
+    with pytest.raises(ValueError, match="transformers cannot resize.*get_peft_model"):
+        AMVLModel(get_peft_model(tiny_qwen2(tokenizer), LoraConfig(r=4, **lora)), tokenizer,
+                  config)
+    tokenizer = word_tokenizer(WORDS)
+    model = AMVLModel(tiny_qwen2(tokenizer), tokenizer, config)
+    model.base = get_peft_model(model.base, LoraConfig(r=4, **lora))
+    rebuilt = AMVLModel(model.base, tokenizer, config)  # the rows exist: nothing to resize
+    rebuilt(**AMVLCollator(tokenizer)(_data(3)), seed=1).loss.backward()
+    grads = {n for n, p in rebuilt.named_parameters() if p.grad is not None}
+    assert any("lora_A" in n for n in grads)
+    wrapped = "embed_tokens" if "embed_tokens" in lora["target_modules"] else "lm_head"
+    assert any(wrapped in n for n in grads)
+
+
 def test_activation_checkpointing_takes_the_naive_path_with_the_same_gradients():
     """On SDPA, checkpointed layers drop the KV cache that prefix sharing reuses: the step
     warns, runs the naive path, and gives the loss and gradients of the uncheckpointed shared
