@@ -61,6 +61,9 @@ class AMVLTrainer(Trainer):
         self.args.remove_unused_columns = False  # the Trainer's default arguments too
         self._refuse_what_amvl_batches_cannot_do()
         self._eval_batch = 0
+        # the objective's metrics summed over an evaluation's examples (evaluation_loop)
+        self._eval_sums: dict[str, torch.Tensor | float] | None = None
+        self._eval_examples = 0
         self._reset_training_state()
 
     def _refuse_what_amvl_batches_cannot_do(self) -> None:
@@ -163,11 +166,29 @@ class AMVLTrainer(Trainer):
             tokens = self.accelerator.reduce(tokens, "sum")
         return batch_samples, tokens
 
-    def evaluation_loop(self, *args: Any, **kwargs: Any) -> EvalLoopOutput:
+    def evaluation_loop(self, dataloader: Any, description: str,
+                        prediction_loss_only: bool | None = None,
+                        ignore_keys: list[str] | None = None,
+                        metric_key_prefix: str = "eval") -> EvalLoopOutput:
         """``Trainer.evaluation_loop`` from the first evaluation seed, so every call draws the
-        same latent noise."""
+        same latent noise, with the objective's metrics beside the loss
+        (``<prefix>_amvl/<name>``: NLL, KLs, active slots, ...), averaged over the examples as
+        the loss is, then over the processes."""
         self._eval_batch = 0  # every evaluate() and predict() draws the same noise
-        return super().evaluation_loop(*args, **kwargs)
+        self._eval_sums, self._eval_examples = defaultdict(float), 0
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only,
+                                             ignore_keys, metric_key_prefix)
+            sums, examples = self._eval_sums, self._eval_examples
+        finally:
+            self._eval_sums = None
+        if examples:
+            means = {key: total / examples for key, total in sums.items()}
+            if self.args.world_size > 1:
+                means = self._mean_over_processes(means)
+            for key, value in means.items():
+                output.metrics[f"{metric_key_prefix}_amvl/{key}"] = float(value)
+        return output
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor],
                      return_outputs: bool = False,
@@ -183,6 +204,12 @@ class AMVLTrainer(Trainer):
                              stream=EVAL_STREAM)
             self._eval_batch += 1
             out = model(**inputs, step=None, seed=self._as_graph_input(seed, (1,)))
+            if self._eval_sums is not None:  # inside evaluation_loop, not a direct call
+                examples = inputs["prompt_ids"].shape[0]
+                for key, value in out.metrics.tensors().items():
+                    if "/slot" not in key:
+                        self._eval_sums[key] = self._eval_sums[key] + value * examples
+                self._eval_examples += examples
         else:
             tokens = None
             if num_items_in_batch is not None:  # the mean tokens of a micro-batch of the step

@@ -706,6 +706,27 @@ def test_evaluation_scores_the_full_objective_with_fixed_noise(tmp_path):
     assert histories[0] == histories[1]
 
 
+def test_evaluation_reports_the_objectives_metrics(tmp_path):
+    """evaluate() and predict() logged eval_loss alone: the NLL and KLs that training logs
+    (amvl/...) were not there to watch on held-out data. Averaged over the examples as
+    eval_loss is, and the same model's full objective as a forward with the same noise."""
+    model, tokenizer = _tiny_model()
+    trainer = AMVLTrainer(model, TrainingArguments(
+        output_dir=str(tmp_path), per_device_eval_batch_size=3, report_to=[], use_cpu=True,
+        disable_tqdm=True), data_collator=AMVLCollator(tokenizer))
+    data = _data(7)  # batches of 3, 3 and 1: a plain mean of batches would differ
+    metrics = trainer.evaluate(data)
+    for key in ("nll", "kl_fwd", "kl_rev", "active_slots", "loss"):
+        assert f"eval_amvl/{key}" in metrics, sorted(metrics)
+    assert metrics["eval_amvl/loss"] == pytest.approx(metrics["eval_loss"], rel=1e-5)
+    assert not any("/slot" in key for key in metrics)
+    predicted = trainer.predict(data).metrics
+    assert predicted["test_amvl/nll"] == metrics["eval_amvl/nll"]
+    trainer.model.eval()  # a direct call outside an evaluation adds to no sums
+    trainer.compute_loss(trainer.model, AMVLCollator(tokenizer)(data[:2]))
+    assert trainer.evaluate(data)["eval_amvl/nll"] == metrics["eval_amvl/nll"]
+
+
 def test_a_tokenizer_as_processing_class(tmp_path):
     """processing_class=tokenizer, the stock Trainer usage, crashed train(): transformers
     aligned the special tokens of model.config, an AMVLConfig here. The base model's config
