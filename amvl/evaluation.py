@@ -385,6 +385,12 @@ def load_blink(path: str | os.PathLike, split: str = "val",
     wanted = _blink_subtasks(subtasks)
     sources: list[tuple[Path, str | None]] = []
     if root.is_file():
+        # A file is read whatever the split; one named for another split is refused, or a
+        # labelled val file read as "test" would silently lose its answers.
+        named = re.match(r"(val|validation|test|dev|train)(?=[-_.])", root.name.lower())
+        if named and named.group(1) != split:
+            raise ValueError(f"{root} is a {named.group(1)!r} file, but split={split!r}: pass "
+                             f"split={named.group(1)!r}, or the file of the split you want")
         sources = [(root, None)]
     else:
         folders = {name: child for child in sorted(root.iterdir())

@@ -284,6 +284,11 @@ def test_missing_files_and_duplicates(tmp_path, blink_dir, vp_records):
         load_blink(blink_dir, split="dev")
     with pytest.raises(ValueError, match="unknown BLINK subtask 'Chess'"):
         load_blink(blink_dir, subtasks=["Chess"])
+    # one file is read whatever the split: a labelled val file read as "test" lost its answers
+    val_file = next((blink_dir / "Counting").glob("val*"))
+    with pytest.raises(ValueError, match="is a 'val' file, but split='test'"):
+        load_blink(val_file, split="test", unlabelled=True)
+    assert all(ex["answer"] is not None for ex in load_blink(val_file))
     (blink_dir / "Counting" / "val-copy.jsonl").write_text(json.dumps(_as_json(_blink_record(
         np.random.default_rng(0), "Counting", 0))))
     with pytest.raises(ValueError, match="'val_Counting_0' .* already loaded"):
