@@ -40,6 +40,10 @@ EVAL_STREAM = 1  # step_seed's stream of evaluation seeds
 CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 
+TRAINING_ARGS_JSON = "training_args.json"
+"""What :meth:`AMVLTrainer._save` writes the TrainingArguments to, in every checkpoint."""
+
+
 class AMVLTrainer(Trainer):
     """A Trainer for :class:`AMVLModel` with :class:`amvl.data.AMVLCollator` batches.
 
@@ -278,6 +282,9 @@ class AMVLTrainer(Trainer):
         # state_dict: the full state the Trainer gathered (FSDP, ZeRO-3), or None
         self.accelerator.unwrap_model(self.model).save_pretrained(output_dir,
                                                                   state_dict=state_dict)
+        # The run's arguments, as the stock training_args.bin records them, but as JSON:
+        # nothing this package writes needs unpickling to read.
+        (Path(output_dir) / TRAINING_ARGS_JSON).write_text(self.args.to_json_string())
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """``train(resume_from_checkpoint=...)``: the weights of a checkpoint :meth:`_save`

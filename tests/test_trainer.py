@@ -613,6 +613,10 @@ def test_trainer_resumes_from_its_own_checkpoints(tmp_path):
     assert trainer.state.global_step == 4
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, whole[name], rtol=1e-5, atol=1e-6, msg=name)
+    # the run's arguments beside each checkpoint, as JSON (the stock one pickles them)
+    saved = json.loads((tmp_path / "cut" / "checkpoint-4" / "training_args.json").read_text())
+    assert saved["max_steps"] == 4 and saved["learning_rate"] == 1e-2
+    assert not (tmp_path / "cut" / "checkpoint-4" / "training_args.bin").exists()
 
 
 def test_peft_model_saves_and_loads_its_special_token_rows(tmp_path):
