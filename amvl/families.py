@@ -71,6 +71,13 @@ def check_supported(model: nn.Module, backbone: nn.Module) -> None:
             f"latent masks (padding and the prior slots' view of y would leak into their "
             f"state) and their state cannot be cropped back to the prompt, so AMVLModel "
             f"cannot train or decode them correctly")
+    if not getattr(model, "_supports_attention_backend", True):
+        # Falcon and Bloom: their attention builds ALiBi biases from a 2D mask itself, and
+        # neither the "amvl" attention nor a 4D mask reaches it (a crash deep in transformers)
+        raise NotImplementedError(
+            f"{name}'s attention does not go through transformers' attention interface (its "
+            f"own code, ALiBi biases in Falcon and Bloom): it takes neither the 'amvl' "
+            f"attention nor the 4D masks of AMVLModel's sequences")
 
 
 @dataclass(frozen=True)

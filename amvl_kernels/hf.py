@@ -25,8 +25,12 @@ continue after them), e.g. under activation checkpointing, which drops the cache
 What the kernel cannot express without a layout (packed sequences detected from
 ``position_ids``, custom mask overlays, a user-supplied 4D mask, a static cache whose queries are
 not the last keys, non-causal modules) runs on transformers' own SDPA with the dense mask it
-builds, with a warning. Dropout, active sliding windows, logit soft-capping and attention sinks
-raise an error instead: the result would silently differ from the model's.
+builds, with a warning. Dropout, active sliding windows, logit soft-capping, attention sinks and
+any other set argument the attention function does not know (a relative position bias, sparse
+indices: ``KNOWN_ARGUMENTS``) raise an error instead: the result would silently differ from the
+model's. A sliding window that holds every key is plain causal attention and runs on the kernel;
+a model whose attention is its own code (Falcon, Bloom) cannot switch to ``"amvl"``, and
+:func:`use_amvl_attention` raises for it.
 
 The backend defaults to ``"auto"`` (Triton on a GPU, PyTorch's SDPA with the layout's mask on
 the CPU); change it with :func:`set_backend` or the ``AMVL_ATTENTION_BACKEND`` environment
@@ -155,7 +159,13 @@ def amvl_attention_mask(batch_size: int, q_length: int, kv_length: int,
     if isinstance(q_offset, Tensor):  # static caches hand a tensor (one host sync per pass)
         q_offset = int(q_offset)
     queries_are_last = q_offset + q_length == kv_offset + kv_length
-    if mask_function is not causal_mask_function or not queries_are_last:
+    window = kwargs.get("local_size")
+    # A sliding window that holds every key is plain causal attention. transformers passes
+    # it as local_size with its own window mask, and turns allow_is_causal_skip off when it
+    # adds overlays or packing to that mask.
+    plain_window = window is not None and kv_offset + kv_length <= window \
+        and kwargs.get("allow_is_causal_skip", True)
+    if (mask_function is not causal_mask_function and not plain_window) or not queries_are_last:
         kwargs["allow_is_causal_skip"] = False  # always materialise: None would mean "causal"
         return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
                          q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
@@ -235,8 +245,44 @@ class PrefixKeys:
         return torch.cat([prefix_key, key], 2), torch.cat([prefix_value, value], 2)
 
 
+# Keyword arguments that reach attention functions without changing what they compute (call
+# plumbing, flash-attention's packing hints, whose packing the mask already carries, position
+# and cache bookkeeping, output flags, multimodal metadata the layers pass along) or that the
+# checks below read. Any other argument that is set is refused: transformers passes new
+# attention features this way (relative position biases, attention sinks, sparse indices),
+# and ignoring one would silently give other outputs than the model's.
+KNOWN_ARGUMENTS = frozenset({
+    "is_causal", "sliding_window", "softcap", "s_aux", "output_attentions",
+    "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids",
+    "cache_position", "use_cache", "past_key_values", "past_key_value", "position_embeddings",
+    "output_hidden_states", "output_router_logits", "return_dict", "deterministic",
+    "token_type_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "rope_deltas",
+    "second_per_grid_ts", "num_items_in_batch",
+    "latent_layout", "record_prefix", "with_prefix"})
+
+
+def _check_arguments(module: torch.nn.Module, kwargs: dict) -> None:
+    """Raise for set arguments the kernel does not implement (soft-capping, sinks) and for
+    set ones it does not know; None and booleans (flags) pass."""
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError(
+            f"'amvl' attention has no logit soft-capping (softcap={kwargs['softcap']})")
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("'amvl' attention has no attention sinks (s_aux)")
+    unknown = sorted(name for name, value in kwargs.items()
+                     if name not in KNOWN_ARGUMENTS and value is not None
+                     and not isinstance(value, bool))
+    if unknown:
+        raise NotImplementedError(
+            f"{type(module).__name__} passes {unknown} to its attention, which 'amvl' "
+            "attention does not implement (they may change the attention: a relative position "
+            "bias, sinks, sparse indices), so it refuses rather than ignores them: use "
+            "another attention implementation for this model")
+
+
 def _check_supported(module: torch.nn.Module, num_keys: int, dropout: float, kwargs: dict) -> None:
     """Raise for what the kernel would silently get wrong."""
+    _check_arguments(module, kwargs)
     if dropout and dropout > 0 and getattr(module, "training", True):
         raise NotImplementedError(
             f"'amvl' attention has no dropout, but {type(module).__name__} asks for "
@@ -247,11 +293,6 @@ def _check_supported(module: torch.nn.Module, num_keys: int, dropout: float, kwa
             f"'amvl' attention has no sliding window, but {type(module).__name__} asks for a "
             f"window of {window} over {num_keys} keys: use another implementation (or disable "
             "sliding windows, e.g. use_sliding_window=False)")
-    if kwargs.get("softcap") is not None:
-        raise NotImplementedError(
-            f"'amvl' attention has no logit soft-capping (softcap={kwargs['softcap']})")
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("'amvl' attention has no attention sinks (s_aux)")
     if kwargs.get("output_attentions"):
         raise NotImplementedError("'amvl' attention never forms the attention weights "
                                   "(output_attentions=True): use attn_implementation='eager' "
@@ -275,11 +316,11 @@ def _user_layout(layout: object, query: Tensor, key: Tensor) -> LatentLayout:
 
 def _sdpa_fallback(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                    attention_mask: Tensor | None, scaling: float | None, why: str,
-                   kwargs: dict) -> tuple[Tensor, None]:
+                   kwargs: dict, dropout: float = 0.0) -> tuple[Tensor, None]:
     warnings.warn(f"'amvl' attention: {why}; running transformers' SDPA with a dense mask "
                   "instead (pass latent_layout= to use the amvl kernel)", stacklevel=3)
     kwargs = {k: v for k, v in kwargs.items() if k != "latent_layout"}
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                   scaling=scaling, **kwargs)
 
 
@@ -305,9 +346,11 @@ def amvl_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, 
             raise ValueError(f"{type(module).__name__} is not causal but received a 2D "
                              "padding mask from the 'amvl' mask function")
         ours = ("latent_layout", "record_prefix", "with_prefix")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ours}
+        _check_arguments(module, kwargs)  # SDPA would drop them as well
+        # SDPA has dropout: the module's, as transformers passes it (0 in eval mode)
         return _sdpa_fallback(module, query, key, value, attention_mask, scaling,
-                              f"{type(module).__name__} is not causal",
-                              {k: v for k, v in kwargs.items() if k not in ours})
+                              f"{type(module).__name__} is not causal", kwargs, dropout)
     if kwargs.get("record_prefix") is not None:
         kwargs["record_prefix"].record(module, key, value)
     if kwargs.get("with_prefix") is not None:
@@ -356,6 +399,7 @@ def use_amvl_attention(model: torch.nn.Module, vision_attention: str | None = "s
     text_config = config.get_text_config()
     if text_config is config:
         model.set_attn_implementation(NAME)
+        _check_switched(model, text_config)
         return model
     choice: dict[str, str] = {}
     for name in getattr(config, "sub_configs", {}):
@@ -370,7 +414,18 @@ def use_amvl_attention(model: torch.nn.Module, vision_attention: str | None = "s
         raise ValueError(f"cannot find the text sub-config of {type(config).__name__} among "
                          f"{list(getattr(config, 'sub_configs', {}))}")
     model.set_attn_implementation(choice)
+    _check_switched(model, text_config)
     return model
+
+
+def _check_switched(model: torch.nn.Module, text_config: object) -> None:
+    """transformers leaves models whose attention is their own code (Falcon, Bloom) on their
+    implementation with a log line: the "amvl" attention would never run, silently."""
+    if getattr(text_config, "_attn_implementation", None) != NAME:
+        raise ValueError(f"{type(model).__name__} kept its attention implementation "
+                         f"({getattr(text_config, '_attn_implementation', None)!r}): its "
+                         "attention does not go through transformers' AttentionInterface, so "
+                         "'amvl' attention cannot run in it")
 
 
 AttentionInterface.register(NAME, amvl_attention_forward)

@@ -69,6 +69,28 @@ def test_models_with_recurrent_token_mixers_are_refused_untouched(kind):
     assert len(tokenizer) == vocab and base.get_input_embeddings().num_embeddings == rows
 
 
+@pytest.mark.parametrize("kind", ["falcon", "bloom"])
+def test_models_whose_attention_is_their_own_code_are_refused(kind):
+    """Falcon (ALiBi) and Bloom build their attention biases from a 2D mask themselves:
+    AMVLModel accepted them and failed deep in transformers ("too many values to unpack"),
+    and use_amvl_attention left them on their own attention without a word."""
+    import amvl_kernels.hf as akhf
+
+    tokenizer = word_tokenizer(WORDS)
+    sizes = dict(vocab_size=len(tokenizer), hidden_size=32, num_attention_heads=4)
+    if kind == "falcon":
+        base = tf.FalconForCausalLM(tf.FalconConfig(num_hidden_layers=2, alibi=True, **sizes))
+    else:
+        base = tf.BloomForCausalLM(tf.BloomConfig(n_layer=2, n_head=4, **{
+            k: v for k, v in sizes.items() if k != "num_attention_heads"}))
+    vocab = len(tokenizer)
+    with pytest.raises(NotImplementedError, match="does not go through transformers' attention"):
+        AMVLModel(base, tokenizer, AMVLConfig(num_slots=2, latent_dim=4))
+    assert len(tokenizer) == vocab  # refused before anything changed
+    with pytest.raises(ValueError, match="kept its attention implementation"):
+        akhf.use_amvl_attention(base)
+
+
 def test_refused_vision_models_keep_their_tokenizer_and_embeddings():
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
     from transformers import LlavaForConditionalGeneration

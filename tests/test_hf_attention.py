@@ -356,6 +356,60 @@ def test_active_sliding_window_raises():
         model(**inputs)
 
 
+def test_a_sliding_window_that_holds_every_key_runs_on_the_kernel():
+    """Mistral's default window (4,096) over a shorter sequence is plain causal attention: it
+    ran on SDPA, with a warning on every layer of every call, instead of on the kernel."""
+    import warnings
+
+    config = dict(use_sliding_window=True, sliding_window=LENGTH, max_window_layers=0,
+                  layer_types=["sliding_attention", "sliding_attention"])
+    model, inputs = build("qwen2", **config)
+    reference = run(model, inputs, "sdpa")
+    with spy_on_amvl() as calls, warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        candidate = run(model, inputs, "amvl")
+    assert len(calls) == model.config.num_hidden_layers
+    assert_same(reference, candidate, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("argument", ["position_bias", "sinks", "indices"])
+def test_attention_arguments_it_does_not_know_are_refused(argument):
+    """transformers passes new attention features as arguments (Inkling2's position_bias and
+    sinks, DeepSeek-V3.2's indices); ignoring one gave other logits than the model's (0.05
+    off on Inkling2) without a word. Flags and None pass."""
+    q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8)
+    with pytest.raises(NotImplementedError, match=rf"passes \['{argument}'\]"):
+        akhf.amvl_attention_forward(torch.nn.Module(), q, k, k, None,
+                                    **{argument: torch.zeros(1)})
+    out, _ = akhf.amvl_attention_forward(torch.nn.Module(), q, k, k, None, **{argument: None},
+                                         some_flag=True)
+    assert out.shape == (1, 3, 4, 8)
+    bidirectional = torch.nn.Module()
+    bidirectional.is_causal = False  # the SDPA path of non-causal modules refuses them too
+    with pytest.raises(NotImplementedError, match=argument):
+        akhf.amvl_attention_forward(bidirectional, q, k, k, None,
+                                    **{argument: torch.zeros(1)})
+    with pytest.raises(NotImplementedError, match="soft-capping"):
+        akhf.amvl_attention_forward(bidirectional, q, k, k, None, softcap=30.0)
+
+
+def test_a_bidirectional_module_keeps_its_dropout_on_sdpa(monkeypatch):
+    """A non-causal module on the "amvl" implementation runs SDPA: with dropout 0, always,
+    so a vision tower switched along lost its training dropout silently."""
+    seen = []
+
+    def spy(module, query, key, value, mask, dropout=0.0, **kwargs):
+        seen.append(dropout)
+        return query.transpose(1, 2), None
+    monkeypatch.setattr(akhf, "sdpa_attention_forward", spy)
+    bidirectional = torch.nn.Module()
+    bidirectional.is_causal = False
+    q = torch.randn(1, 4, 3, 8)
+    with pytest.warns(UserWarning, match="is not causal"):
+        akhf.amvl_attention_forward(bidirectional, q, q, q, None, dropout=0.25)
+    assert seen == [0.25]
+
+
 def test_softcap_raises():
     q = torch.randn(1, 4, 3, 8)
     k = torch.randn(1, 2, 3, 8)
