@@ -146,6 +146,13 @@ class AMVLConfig:
             warnings.warn(f"AMVLConfig: kl_warmup_steps={self.kl_warmup_steps} has no effect "
                           f"with kl_schedule={self.kl_schedule!r}: only 'linear' warms up",
                           stacklevel=3)
+        cycle = [f"{f.name}={getattr(self, f.name)}" for f in fields(self)
+                 if f.name in ("kl_cycle_steps", "kl_cycle_ratio")
+                 and getattr(self, f.name) != f.default]
+        if cycle and self.kl_schedule != "cyclical" \
+                and self.objective in OBJECTIVE_SETTINGS["kl_cycle_steps"]:
+            warnings.warn(f"AMVLConfig: {', '.join(cycle)} has no effect with kl_schedule="
+                          f"{self.kl_schedule!r}: only 'cyclical' cycles", stacklevel=3)
         unused = [f.name for f in fields(self) if f.name in OBJECTIVE_SETTINGS
                   and self.objective not in OBJECTIVE_SETTINGS[f.name]
                   and getattr(self, f.name) != f.default]

@@ -386,6 +386,10 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
     torch.manual_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     _warn_low_precision_weights(params, config)
+    amvl_config = model.config
+    if amvl_config.kl_schedule == "linear" and amvl_config.kl_warmup_steps > config.steps:
+        warnings.warn(f"kl_warmup_steps={amvl_config.kl_warmup_steps} is longer than the run's "
+                      f"{config.steps} steps: the KL weight never reaches 1", stacklevel=2)
     optimizer = torch.optim.AdamW(_decay_groups(model, config.weight_decay),
                                   lr=config.learning_rate)
     scheduler = get_scheduler(config.lr_scheduler, optimizer, config.warmup_steps, config.steps)

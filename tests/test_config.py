@@ -99,6 +99,15 @@ def test_a_built_model_fixes_what_it_was_made_from():
 def test_warm_up_steps_without_the_linear_schedule_are_named():
     with pytest.warns(UserWarning, match="kl_warmup_steps=10 has no effect"):
         AMVLConfig(kl_warmup_steps=10)
+    # the cycle's settings likewise outside the cyclical schedule (they were silent)
+    with pytest.warns(UserWarning, match="kl_cycle_steps=50, kl_cycle_ratio=0.2 has no effect"):
+        AMVLConfig(kl_schedule="linear", kl_warmup_steps=5, kl_cycle_steps=50,
+                   kl_cycle_ratio=0.2)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AMVLConfig(kl_schedule="cyclical", kl_cycle_steps=50, kl_cycle_ratio=0.2)
 
 
 def test_settings_the_objective_does_not_use_are_named():

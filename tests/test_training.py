@@ -98,7 +98,15 @@ def test_low_precision_weights_are_warned_about():
     model, collator = _model()
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        train(model, collator, _data(), TrainConfig(steps=1, batch_size=2, log_every=1),
+        train(model, collator, _data(), TrainConfig(steps=4, batch_size=2, log_every=1),
+              progress=False)
+
+
+def test_a_warm_up_longer_than_the_run_is_named():
+    model, collator = _model()
+    model.config.kl_schedule, model.config.kl_warmup_steps = "linear", 10
+    with pytest.warns(UserWarning, match="kl_warmup_steps=10 is longer than the run's 2 steps"):
+        train(model, collator, _data(), TrainConfig(steps=2, batch_size=2, log_every=1),
               progress=False)
 
 
