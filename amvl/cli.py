@@ -14,8 +14,12 @@ A run config (YAML) has four sections, each optional but ``model``:
     eval:  {baselines: {none: runs/none/final}}
 
 ``model.path: tiny-qwen2-vl`` builds the demo's tiny model instead of loading one. Training
-data is JSON lines of ``{"images": [paths relative to the file], "question", "answer"}`` or
-``puzzles`` for the built-in suite.
+data is JSON lines (UTF-8, as the run config is) of ``{"images": [paths relative to the file],
+"question", "answer"}`` or ``puzzles`` for the built-in suite.
+
+``amvl eval`` takes ``output_dir/final`` (or ``--checkpoint``: a ``final/``, or a
+``checkpoint-<step>`` with the run's ``--config``, whose model section supplies the base model's
+config, tokenizer and image processor that a training checkpoint does not hold).
 
 Relative paths in a run config (``model.path``, ``data.train``, ``output_dir``, the
 ``eval.baselines``) are relative to the directory the command runs in, like paths on the
@@ -29,6 +33,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,6 +45,9 @@ from amvl.training import TrainConfig
 
 if TYPE_CHECKING:  # annotations only: the commands import transformers when they run
     from transformers import BaseImageProcessor, PreTrainedModel, PreTrainedTokenizerBase
+
+    from amvl.data import AMVLCollator
+    from amvl.model import AMVLModel
 
 FINAL_DIR = "final"
 
@@ -75,7 +83,7 @@ def load_run_config(path: str | Path) -> dict:
     if not path.is_file():
         raise SystemExit(f"amvl: no config file {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise SystemExit(f"amvl: {path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
@@ -158,7 +166,8 @@ def load_base(model_section: dict) -> tuple[PreTrainedModel, PreTrainedTokenizer
     if not (directory / "config.json").is_file():
         raise SystemExit(f"amvl: model.path {source} is not a local Hugging Face checkpoint "
                          "(no config.json); nothing is downloaded")
-    architectures = json.loads((directory / "config.json").read_text()).get("architectures")
+    architectures = json.loads((directory / "config.json").read_text(encoding="utf-8")
+                               ).get("architectures")
     arch = architectures[0] if architectures else None
     if not isinstance(arch, str) or not hasattr(transformers, arch):
         raise SystemExit(f"amvl: {directory / 'config.json'} names no model class transformers "
@@ -186,7 +195,8 @@ def load_image_processor(directory: Path) -> BaseImageProcessor:
         return transformers.AutoImageProcessor.from_pretrained(directory)
     except ImportError as err:
         config_file = directory / "preprocessor_config.json"
-        saved = json.loads(config_file.read_text()).get("image_processor_type", "") \
+        saved = json.loads(config_file.read_text(encoding="utf-8")
+                           ).get("image_processor_type", "") \
             if config_file.is_file() else ""
         name = saved.removesuffix("Fast")
         for candidate in (f"{name}Pil", name) if name else ():
@@ -210,36 +220,86 @@ def _with_attention(base, attention: str):
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Training examples from JSON lines; image paths are relative to the file."""
-    from PIL import Image
+    """Training examples from JSON lines (see :func:`read_jsonl_lines`)."""
+    return read_jsonl_lines(path)[0]
 
+
+def read_jsonl_lines(path: str | Path) -> tuple[list[dict], list[int]]:
+    """(examples, the line each came from) of a JSON-lines file of ``{"images": [paths],
+    "question": str, "answer": str}`` records (UTF-8).
+
+    Image paths are relative to the file (an absolute one stays as it is) and are kept as
+    paths, checked only to exist: the collator decodes each image when its batch is built, so
+    no process holds the whole data set's pixels. Raises SystemExit naming the file and line
+    of the first record that is not an example. Empty answers are allowed (the example trains
+    on the EOS token alone), with one warning counting them."""
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"amvl: no data file {path}")
-    examples = []
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+    examples, line_numbers, empty_answers = [], [], []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-            if not isinstance(record, dict):
-                raise TypeError(f"expected a JSON object, got {type(record).__name__}")
-            images = []
-            for name in record.get("images") or []:
-                image_path = path.parent / name
-                if not image_path.is_file():
-                    raise ValueError(f"missing image {image_path}")
-                with Image.open(image_path) as image:  # OSError: not an image PIL reads
-                    images.append(image.convert("RGB"))
-            examples.append({"images": images, "question": str(record["question"]),
-                             "answer": str(record["answer"])})
+            example = _jsonl_example(path, json.loads(line))
         except KeyError as err:
             raise SystemExit(f"amvl: {path} line {line_no}: no {err} field") from None
-        except (ValueError, TypeError, OSError) as err:
+        except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
             raise SystemExit(f"amvl: {path} line {line_no}: {err}") from None
+        if not example["answer"]:
+            empty_answers.append(line_no)
+        examples.append(example)
+        line_numbers.append(line_no)
     if not examples:
         raise SystemExit(f"amvl: {path} holds no examples")
-    return examples
+    if empty_answers:
+        warnings.warn(f"amvl: {path}: an empty answer in {len(empty_answers)} of "
+                      f"{len(examples)} examples (the first on line {empty_answers[0]}): they "
+                      "train on the EOS token alone", stacklevel=2)
+    return examples, line_numbers
+
+
+def _jsonl_example(path: Path, record: object) -> dict:
+    """One JSON-lines record as an example: its texts exactly as written (str() would turn
+    null into "None" and a list into "['one']"), its images as paths resolved against the
+    file's directory. Raises KeyError for a missing text, TypeError or ValueError for the
+    rest."""
+    if not isinstance(record, dict):
+        raise TypeError(f"expected a JSON object, got {type(record).__name__}")
+    texts = {}
+    for key in ("question", "answer"):
+        value = record[key]
+        if not isinstance(value, str):
+            raise TypeError(f"{key!r} must be a string, got {json.dumps(value)[:80]}")
+        texts[key] = value
+    names = record.get("images")
+    if names is None:  # absent or null: a text-only example
+        names = []
+    if not isinstance(names, list):  # a string would be read one character per image
+        raise TypeError(f"'images' must be a list of paths, got {json.dumps(names)[:80]}")
+    images = []
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"'images' must hold paths (non-empty strings), got "
+                            f"{json.dumps(name)[:80]}")
+        image_path = path.parent / name
+        if not image_path.is_file():
+            raise ValueError(f"missing image {image_path}")
+        # absolute: the collator opens it later, whatever the working directory is then
+        images.append(str(image_path.absolute()))
+    return {"images": images, **texts}
+
+
+def check_jsonl_texts(path: str | Path, examples: list[dict], line_numbers: list[int],
+                      collator: AMVLCollator) -> None:
+    """Run the collator's own checks of each example's text (structural tokens spelt in it,
+    an empty prompt, ...; :meth:`AMVLCollator.check_examples`) over a JSON-lines data set
+    before training, naming the file and line of the first one it refuses: a batch would
+    otherwise find it only when it is built, maybe hours in."""
+    try:
+        collator.check_examples(examples, [f"{path} line {n}" for n in line_numbers])
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"amvl: {err}") from None
 
 
 def _collator(model, processor, data_section: dict, cache_images: bool = False):
@@ -296,20 +356,26 @@ def cmd_train(args: argparse.Namespace) -> int:
                          PartialState().num_processes)
     except output_dir_errors as err:
         raise SystemExit(f"amvl train: {err}") from None
+    data = run.get("data") or {}
+    source = data.get("train", "puzzles")
+    # before the model loads: a bad record is named in seconds, not after minutes of loading
+    jsonl = None if source == "puzzles" else read_jsonl_lines(source)
     # The heads and the injector (and the tiny model) start from torch's generator: train.seed
     # fixes them as it fixes the rest of the run.
     transformers.set_seed(run["train_config"].seed)
     base, tokenizer, processor = load_base(run["model"])
-    data = run.get("data") or {}
-    source = data.get("train", "puzzles")
-    if source == "puzzles":
+    if jsonl is None:
         from amvl.puzzles import puzzle_suite
 
         examples = puzzle_suite("train", int(data.get("per_family", 300)))
     else:
-        examples = read_jsonl(source)
+        examples, line_numbers = jsonl
     model = AMVLModel(base, tokenizer, run["amvl_config"])
+    # The puzzles are a few hundred small images in memory, processed once each; JSON-lines
+    # images are paths, decoded and processed when their batch is built.
     collator = _collator(model, processor, data, cache_images=source == "puzzles")
+    if jsonl is not None:  # needs the latent tokens, which the model adds to the tokenizer
+        check_jsonl_texts(source, examples, line_numbers, collator)
     try:  # train checks the directory again, and the processes accelerate sees
         train(model, collator, examples, run["train_config"], output_dir=out,
               resume=args.resume, progress=not args.no_progress)
@@ -323,12 +389,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_trained(directory: Path):
+def _is_training_checkpoint(directory: Path) -> bool:
+    """Whether ``directory`` is one of ``amvl train``'s ``checkpoint-<step>`` directories
+    (amvl.training.save_checkpoint): the whole model's weights in one ``model.safetensors``
+    beside the resume state, without ``base/`` (the base model's config, tokenizer and image
+    processor), which ``final/`` and ``AMVLModel.save_pretrained`` hold."""
+    return ((directory / "state.json").is_file() and (directory / "model.safetensors").is_file()
+            and not (directory / "base").is_dir())
+
+
+def _load_trained(directory: Path, model_section: dict | None = None
+                  ) -> tuple[AMVLModel, BaseImageProcessor | None]:
     """(AMVLModel on the GPU when there is one, image processor or None) of a directory
-    written by ``amvl train`` (or ``AMVLModel.save_pretrained`` plus the processor's own
-    ``save_pretrained`` into ``base/``)."""
+    written by ``amvl train``: ``final/`` (or ``AMVLModel.save_pretrained`` plus the
+    processor's own ``save_pretrained`` into ``base/``), or a ``checkpoint-<step>``, which is
+    built on the run config's ``model_section`` (the model it trained from). Either comes back
+    on the base's default attention, in eval mode."""
     import torch
 
+    if _is_training_checkpoint(directory):
+        model, processor = _load_training_checkpoint(directory, model_section)
+    else:
+        model, processor = _load_saved_model(directory)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    return model, processor
+
+
+def _load_saved_model(directory: Path) -> tuple[AMVLModel, BaseImageProcessor | None]:
+    """What ``AMVLModel.save_pretrained`` wrote into ``directory``, and the image processor
+    saved beside the base model (for a VLM)."""
     from amvl.model import AMVLModel
 
     model = AMVLModel.from_pretrained(directory)
@@ -349,22 +439,67 @@ def _load_trained(directory: Path):
                 raise SystemExit(f"amvl eval: no image processor in {directory / 'base'}; save "
                                  "the model's processor there (processor.save_pretrained), as "
                                  "amvl train does")
-    if torch.cuda.is_available():
-        model.to("cuda")
     return model, processor
 
 
-def _text_only(directory: Path) -> bool:
-    """Whether the saved base model has no vision tower (False when that cannot be read
-    without loading it, e.g. a PEFT adapter)."""
-    config_file = directory / "base" / "config.json"
-    return config_file.is_file() and "vision_config" not in json.loads(config_file.read_text())
+def _load_training_checkpoint(directory: Path, model_section: dict | None
+                              ) -> tuple[AMVLModel, BaseImageProcessor | None]:
+    """A ``checkpoint-<step>`` of ``amvl train`` as a model: the base model, tokenizer and
+    image processor of the run config's model section (as training loaded them), the
+    checkpoint's AMVL config, then every weight from its ``model.safetensors``, which must
+    fit exactly (no key missing or left over, every shape equal)."""
+    from safetensors.torch import load_model
+
+    from amvl.model import AMVLModel
+
+    _check_trained(directory.name, directory, model_section)  # cmd_eval's check, for others
+    # the default attention, as a saved model comes back: cmd_eval sets the config's
+    section = {key: value for key, value in model_section.items()
+               if key != "attn_implementation"}
+    base, tokenizer, processor = load_base(section)
+    model = AMVLModel(base, tokenizer, AMVLConfig.load(directory))
+    try:
+        load_model(model, str(directory / "model.safetensors"), strict=True)
+    except RuntimeError as err:  # keys or shapes of another model
+        raise SystemExit(f"amvl eval: {directory / 'model.safetensors'} does not fit the "
+                         f"model of the run config's model.path {model_section['path']} (was "
+                         f"the checkpoint trained from another model?): {err}") from None
+    return model.eval(), processor
 
 
-def _check_trained(name: str, directory: Path) -> None:
+def _base_config_file(directory: Path, model_section: dict | None) -> Path | None:
+    """The config.json of the base model a directory of ``amvl train`` holds or, for a
+    training checkpoint, is built on (None for the tiny model, which has none)."""
+    if not _is_training_checkpoint(directory):
+        return directory / "base" / "config.json"
+    if model_section is None or model_section["path"] == "tiny-qwen2-vl":
+        return None
+    return Path(model_section["path"]) / "config.json"
+
+
+def _text_only(directory: Path, model_section: dict | None = None) -> bool:
+    """Whether the base model of a directory of ``amvl train`` has no vision tower (False
+    when that cannot be read without loading it, e.g. a PEFT adapter; the tiny model has
+    one)."""
+    config_file = _base_config_file(directory, model_section)
+    return config_file is not None and config_file.is_file() and \
+        "vision_config" not in json.loads(config_file.read_text(encoding="utf-8"))
+
+
+def _check_trained(name: str, directory: Path, model_section: dict | None = None) -> None:
+    """Refuse a directory that ``amvl eval`` cannot load, before any model loads: one that
+    ``amvl train`` did not write, or a training checkpoint without the run config whose model
+    section holds what the checkpoint lacks (the base model's config, tokenizer and image
+    processor)."""
     if not (directory / "amvl_config.json").is_file():
         raise SystemExit(f"amvl eval: {name}: {directory} is not a model written by amvl train "
                          "(no amvl_config.json)")
+    if _is_training_checkpoint(directory) and model_section is None:
+        raise SystemExit(
+            f"amvl eval: {name}: {directory} is a training checkpoint, which holds the weights "
+            "but not the base model's config, tokenizer or image processor: give the run's "
+            "--config as well (its model section is loaded and the checkpoint's weights put "
+            f"into it), or evaluate the run's {FINAL_DIR}/, which holds everything")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -384,8 +519,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise SystemExit(f"amvl eval: the baseline {name!r} has the checkpoint's name; "
                              "rename it in eval.baselines")
         models[name] = Path(path)
+    model_section = run.get("model")  # what a training checkpoint is built on
     for name, directory in models.items():  # before an hour of evaluation, not after
-        _check_trained(name, directory)
+        _check_trained(name, directory, model_section)
     try:
         examples = evaluation.load_benchmark(args.benchmark, args.data, split=args.split,
                                              **({"unlabelled": True} if args.unlabelled
@@ -394,13 +530,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise SystemExit(f"amvl eval: {err}") from None
     if any(ex.get("images") for ex in examples):
         for name, directory in models.items():
-            if _text_only(directory):
+            if _text_only(directory, model_section):
                 raise SystemExit(f"amvl eval: {name}: {directory} holds a text-only model, "
                                  f"and the {args.benchmark} examples have images")
     attention = (run.get("model") or {}).get("attn_implementation")
     results = {}
     for name, directory in models.items():
-        model, processor = _load_trained(directory)
+        model, processor = _load_trained(directory, model_section)
         if attention == "amvl":  # as training ran; a saved model comes back on its default
             _with_attention(model.base, attention)
         elif attention:
@@ -497,8 +633,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True)
     train.add_argument("--resume", action="store_true", help="continue the latest checkpoint")
     ev = sub.add_parser("eval", help="multiple-choice evaluation on benchmark files")
-    ev.add_argument("--config", help="the run config (its output_dir and eval.baselines)")
-    ev.add_argument("--checkpoint", help="a directory written by amvl train (final/)")
+    ev.add_argument("--config", help="the run config (its output_dir and eval.baselines; its "
+                    "model section for a checkpoint-<step>/)")
+    ev.add_argument("--checkpoint", help="a directory written by amvl train: final/, or a "
+                    "checkpoint-<step>/ with the run's --config (default: the config's "
+                    "output_dir/final)")
     ev.add_argument("--benchmark", choices=["blink", "visualpuzzles", "puzzles"],
                     default="puzzles")
     ev.add_argument("--data", help="benchmark files on disk")

@@ -151,15 +151,54 @@ class AMVLCollator:
     def _text_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _check(self, index: int, example: dict) -> None:
+    def _check(self, where: str, example: dict) -> None:
+        """Refuse an example that is not a dict of string texts, or that has images the
+        collator cannot process; ``where`` names it ("example 3")."""
         if not isinstance(example, dict):
-            raise TypeError(f"example {index} must be a dict, got {type(example).__name__}")
+            raise TypeError(f"{where} must be a dict, got {type(example).__name__}")
         for key in ("question", "answer"):
             if not isinstance(example.get(key), str):
-                raise ValueError(f"example {index}: {key!r} must be a string, "
+                raise ValueError(f"{where}: {key!r} must be a string, "
                                  f"got {type(example.get(key)).__name__}")
-        if example.get("images") and self.image_processor is None:
-            raise ValueError(f"example {index} has images but the collator has no image processor")
+        images = example.get("images")
+        if images is not None and not isinstance(images, (list, tuple)):
+            # a single path would be read character by character
+            raise TypeError(f"{where}: 'images' must be a list (of images or paths), got "
+                            f"{type(images).__name__}")
+        if images and self.image_processor is None:
+            raise ValueError(f"{where} has images but the collator has no image processor")
+
+    @staticmethod
+    def _check_not_empty(where: str, has_prompt: bool, has_answer: bool) -> None:
+        """Refuse an example with nothing to condition on or nothing to predict."""
+        if not has_prompt:
+            raise ValueError(f"{where}: the prompt is empty (no images, no question)")
+        if not has_answer:
+            raise ValueError(f"{where}: the answer is empty and there is no EOS token")
+
+    def check_examples(self, examples: Sequence[dict],
+                       names: Sequence[str] | None = None) -> None:
+        """Refuse the first of ``examples`` that a batch would refuse for its text, without
+        processing any image: one that is not a dict, a question or answer that is not a
+        string, images without an image processor, text that spells a structural token, an
+        empty prompt (no images and a question of no tokens), an empty answer without an EOS
+        token. The same checks as :meth:`__call__`'s, for a whole data set at once before
+        training, where a bad example would otherwise stop the run only when its batch is
+        built. Each text is tokenized once. The question is checked whole, where a batch
+        checks only what ``max_prompt_tokens`` leaves of it. ``names`` name the examples in
+        the errors (default: "example <index>"). Raises TypeError or ValueError."""
+        if names is not None and len(names) != len(examples):
+            raise ValueError(f"{len(names)} names for {len(examples)} examples")
+        markers = self._marker_ids()  # once: the vocabulary does not change while checking
+        has_eos = self.tokenizer.eos_token_id is not None
+        for index, example in enumerate(examples):
+            where = names[index] if names is not None else f"example {index}"
+            self._check(where, example)
+            question = self._text_ids(example["question"])
+            answer = self._text_ids(example["answer"])
+            self._check_no_markers(where, question, answer, markers)
+            has_images = bool(example.get("images")) or self.image_for_text_only is not None
+            self._check_not_empty(where, has_images or bool(question), bool(answer) or has_eos)
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, Tensor]:
         """The batch of ``examples``: ``prompt_ids``/``prompt_mask`` (B, Lx) left-padded,
@@ -171,7 +210,8 @@ class AMVLCollator:
         merge = getattr(self.image_processor, "merge_size", 2)
         markers = self._marker_ids()  # once a batch: len(tokenizer) alone takes ~0.1 ms
         for index, example in enumerate(examples):
-            self._check(index, example)
+            where = f"example {index}"
+            self._check(where, example)
             prompt: list[int] = []
             for image in example.get("images") or self._images_for_text_only():
                 processed = self._text_only_image if image is _TEXT_ONLY \
@@ -184,21 +224,18 @@ class AMVLCollator:
                 grids.append(grid)
             question = self._text_ids(example["question"])
             if self.max_prompt_tokens is not None:
-                question = self._truncated(index, question, len(prompt))
+                question = self._truncated(where, question, len(prompt))
             answer = self._text_ids(example["answer"])
-            self._check_no_markers(index, question, answer, markers)
+            self._check_no_markers(where, question, answer, markers)
             if self.max_answer_tokens is not None and len(answer) > self.max_answer_tokens:
-                warnings.warn(f"example {index}: the answer lost its last "
+                warnings.warn(f"{where}: the answer lost its last "
                               f"{len(answer) - self.max_answer_tokens} of {len(answer)} tokens "
                               f"to max_answer_tokens={self.max_answer_tokens} (the model then "
                               f"learns to stop there)", stacklevel=2)
                 answer = answer[: self.max_answer_tokens]
             if self.tokenizer.eos_token_id is not None:
                 answer = answer + [self.tokenizer.eos_token_id]
-            if not prompt + question:
-                raise ValueError(f"example {index}: the prompt is empty (no images, no question)")
-            if not answer:
-                raise ValueError(f"example {index}: the answer is empty and there is no EOS token")
+            self._check_not_empty(where, bool(prompt + question), bool(answer))
             prompts.append(prompt + question)
             answers.append(answer)
         batch = {}
@@ -209,7 +246,7 @@ class AMVLCollator:
             batch["image_grid_thw"] = torch.stack(grids)
         return batch
 
-    def _check_no_markers(self, index: int, question: list[int], answer: list[int],
+    def _check_no_markers(self, where: str, question: list[int], answer: list[int],
                           markers: dict[int, str]) -> None:
         """Refuse text that spells a structural token (a latent or image marker): the tokenizer
         turns it into the token itself, which would open a latent block or announce an image
@@ -217,7 +254,7 @@ class AMVLCollator:
         for name, ids in (("question", question), ("answer", answer)):
             found = sorted({markers[i] for i in ids if i in markers})
             if found:
-                raise ValueError(f"example {index}: the {name} spells the structural token(s) "
+                raise ValueError(f"{where}: the {name} spells the structural token(s) "
                                  f"{found}, which the tokenizer reads as the tokens themselves")
 
     def _marker_ids(self) -> dict[int, str]:
@@ -237,16 +274,16 @@ class AMVLCollator:
             self._markers = (size, markers)
         return self._markers[1]
 
-    def _truncated(self, index: int, question: list[int], image_tokens: int) -> list[int]:
+    def _truncated(self, where: str, question: list[int], image_tokens: int) -> list[int]:
         """The question's last tokens that fit beside ``image_tokens`` in max_prompt_tokens."""
         room = self.max_prompt_tokens - image_tokens
         if room < 0 or (room == 0 and question):
-            raise ValueError(f"example {index}: its images take {image_tokens} tokens, "
+            raise ValueError(f"{where}: its images take {image_tokens} tokens, "
                              f"max_prompt_tokens is {self.max_prompt_tokens}, so no room is left "
                              "for the question; raise max_prompt_tokens or give the image "
                              "processor a smaller max_pixels")
         if len(question) > room:
-            warnings.warn(f"example {index}: the question lost its first "
+            warnings.warn(f"{where}: the question lost its first "
                           f"{len(question) - room} of {len(question)} tokens to "
                           f"max_prompt_tokens={self.max_prompt_tokens}", stacklevel=3)
             return question[len(question) - room:]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+import amvl.cli as cli
 from amvl.cli import (build_parser, load_base, load_image_processor, load_run_config, main,
                       read_jsonl)
 
@@ -109,7 +111,7 @@ def test_jsonl_training_data(tmp_path):
         json.dumps({"images": ["a.png"], "question": "what colour ?", "answer": "red"}) + "\n"
         + json.dumps({"question": "no image", "answer": "ok"}) + "\n")
     examples = read_jsonl(tmp_path / "train.jsonl")
-    assert examples[0]["images"][0].size == (8, 8) and examples[1]["images"] == []
+    assert examples[0]["images"] == [str(tmp_path / "a.png")] and examples[1]["images"] == []
     (tmp_path / "bad.jsonl").write_text(json.dumps({"images": ["missing.png"],
                                                     "question": "q", "answer": "a"}) + "\n")
     with pytest.raises(SystemExit, match="line 1: missing image"):
@@ -191,12 +193,11 @@ def test_demo_arguments_checked_before_any_training(tmp_path, monkeypatch):
 
 
 def test_jsonl_lines_that_are_not_examples(tmp_path):
-    (tmp_path / "broken.png").write_bytes(b"not an image")
-    cases = {"array.jsonl": "[1, 2]", "image.jsonl": json.dumps(
-        {"images": ["broken.png"], "question": "q", "answer": "a"}),
-        "field.jsonl": json.dumps({"question": "q"}), "empty.jsonl": "\n"}
-    expected = {"array.jsonl": "line 1: expected a JSON object", "image.jsonl": "line 1: ",
-                "field.jsonl": "line 1: no 'answer' field", "empty.jsonl": "holds no examples"}
+    cases = {"array.jsonl": "[1, 2]", "field.jsonl": json.dumps({"question": "q"}),
+             "empty.jsonl": "\n", "json.jsonl": '{"question": "q",'}
+    expected = {"array.jsonl": "line 1: expected a JSON object",
+                "field.jsonl": "line 1: no 'answer' field", "empty.jsonl": "holds no examples",
+                "json.jsonl": "line 1: "}
     for name, text in cases.items():
         (tmp_path / name).write_text(text + "\n")
         with pytest.raises(SystemExit, match=expected[name]):
@@ -421,3 +422,215 @@ def test_demo_options_are_named_in_their_errors_and_help(tmp_path, monkeypatch, 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["demo", "--help"])
     assert "fixes the whole run" in capsys.readouterr().out
+
+
+def _write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                    encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("field,value,match", [
+    # str() made these "None" and "['one']", and trained on them
+    ("answer", None, "line 2: 'answer' must be a string, got null"),
+    ("question", None, "line 2: 'question' must be a string, got null"),
+    ("answer", ["one"], r"line 2: 'answer' must be a string, got \[\"one\"\]"),
+    ("answer", 4, "line 2: 'answer' must be a string, got 4"),
+    # a string was read one character per image: "missing image .../s"
+    ("images", "a.png", "line 2: 'images' must be a list of paths, got \"a.png\""),
+    ("images", [3], "line 2: 'images' must hold paths"),
+    ("images", [""], "line 2: 'images' must hold paths"),
+])
+def test_jsonl_fields_of_the_wrong_type_are_named(tmp_path, field, value, match):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    good = {"images": ["a.png"], "question": "q", "answer": "a"}
+    path = _write_jsonl(tmp_path / "train.jsonl", [good, {**good, field: value}])
+    with pytest.raises(SystemExit, match=f"amvl: {re.escape(str(path))} {match}"):
+        read_jsonl(path)
+
+
+def test_jsonl_empty_answers_are_counted_in_one_warning(tmp_path):
+    """An empty answer trains on the EOS token alone: allowed, but said once, with how many
+    there are and where the first is."""
+    records = [{"question": "q", "answer": a} for a in ("a", "", "b", "", "c")]
+    path = _write_jsonl(tmp_path / "train.jsonl", records)
+    with pytest.warns(UserWarning) as caught:
+        examples = read_jsonl(path)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert "an empty answer in 2 of 5 examples (the first on line 2)" in messages[0]
+    assert "EOS token alone" in messages[0]
+    assert [ex["answer"] for ex in examples] == ["a", "", "b", "", "c"]
+
+
+def test_jsonl_images_are_kept_as_paths_relative_to_the_file(tmp_path, monkeypatch):
+    """Every image was decoded into memory when the file was read, on every process: the
+    examples hold paths (relative to the JSON-lines file, whatever the working directory),
+    which the collator decodes when their batch is built, as it does an image."""
+    import PIL.Image
+
+    from amvl.data import AMVLCollator, VisionTokens
+    from amvl.puzzles import vocabulary
+    from amvl.tiny import tiny_image_processor, word_tokenizer
+
+    data = tmp_path / "data"
+    (data / "imgs").mkdir(parents=True)
+    image = PIL.Image.new("RGB", (24, 20), (200, 10, 30))
+    image.save(data / "imgs" / "a.png")
+    (data / "broken.png").write_bytes(b"not an image")
+    path = _write_jsonl(data / "train.jsonl", [
+        {"images": ["imgs/a.png"], "question": "how many", "answer": "one"},
+        {"images": [str(data / "imgs" / "a.png")], "question": "how many", "answer": "one"},
+        {"images": ["broken.png"], "question": "how many", "answer": "one"}])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the file's directory, not the working directory, counts
+    real_open = PIL.Image.open
+    monkeypatch.setattr(PIL.Image, "open", lambda *a, **k: pytest.fail("decoded at load"))
+    examples = read_jsonl(Path("..") / "data" / "train.jsonl")
+    monkeypatch.setattr(PIL.Image, "open", real_open)
+    expected = elsewhere / ".." / "data" / "imgs" / "a.png"
+    assert [ex["images"] for ex in examples[:2]] == [[str(expected)],
+                                                    [str(data / "imgs" / "a.png")]]
+    tokenizer = word_tokenizer(vocabulary(), vision=True)
+    vision = VisionTokens(*tokenizer.convert_tokens_to_ids(
+        ["<|image_pad|>", "<|vision_start|>", "<|vision_end|>"]))
+    collator = AMVLCollator(tokenizer, tiny_image_processor(), vision)
+    from_paths = collator(examples[:2])["pixel_values"]
+    decoded = collator([{**examples[0], "images": [image]}])["pixel_values"]
+    assert torch.equal(from_paths, torch.cat([decoded, decoded]))
+    # only existence is checked at load (not opening every image on every process): a file
+    # that is not an image is found, and named, when its batch is built
+    with pytest.raises(OSError, match="broken.png"):  # PIL.UnidentifiedImageError
+        collator(examples[2:])
+    monkeypatch.chdir(tmp_path)
+    (data / "imgs" / "a.png").unlink()
+    with pytest.raises(SystemExit, match=r"train.jsonl line 1: missing image "):
+        read_jsonl(path)
+
+
+def test_run_config_and_jsonl_are_read_as_utf8(tmp_path, monkeypatch):
+    """Both were read in the locale's encoding: under a Latin-1 locale "é" became "Ã©"."""
+    import io
+
+    path = _write_jsonl(tmp_path / "train.jsonl", [{"question": "wie viele ? é 日本",
+                                                    "answer": "zwei ✓"}])
+    config = tmp_path / "run.yaml"
+    config.write_text("model: {path: tiny-qwen2-vl}\noutput_dir: runs/é\n", encoding="utf-8")
+    real = io.text_encoding
+    # what a Latin-1 locale gives a file opened without an encoding
+    monkeypatch.setattr(io, "text_encoding", lambda encoding, stacklevel=2:
+                        real(encoding) if encoding is not None else "latin-1")
+    assert read_jsonl(path) == [{"images": [], "question": "wie viele ? é 日本",
+                                 "answer": "zwei ✓"}]
+    assert load_run_config(config)["output_dir"] == "runs/é"
+
+
+def _jsonl_run_config(tmp_path, records: list) -> str:
+    """A run config of the tiny model on ``records`` written as tmp_path/data/train.jsonl."""
+    from PIL import Image
+
+    (tmp_path / "data").mkdir(exist_ok=True)
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(tmp_path / "data" / "a.png")
+    data = _write_jsonl(tmp_path / "data" / "train.jsonl", records)
+    config = yaml.safe_load(Path(_run_config(tmp_path, steps=1, save_every=1)).read_text())
+    config["data"] = {"train": str(data)}
+    path = tmp_path / "jsonl.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"images": [], "question": "", "answer": "one"},
+     "line 3: the prompt is empty"),
+    ({"images": ["a.png"], "question": "how many", "answer": "<lat> one"},
+     r"line 3: the answer spells the structural token\(s\) \['<lat>'\]"),
+    ({"images": ["a.png"], "question": "how <|image_pad|> many", "answer": "one"},
+     r"line 3: the question spells the structural token\(s\) \['<\|image_pad\|>'\]"),
+])
+def test_train_checks_each_jsonl_text_before_training(tmp_path, monkeypatch, bad, match):
+    """What the collator refuses in a text (an empty prompt, a structural token spelt out)
+    stopped the run only when the bad example's batch was built, maybe hours in, as "example
+    1" of that batch: refused before the first step, naming the file and line."""
+    import amvl.training
+
+    good = {"images": ["a.png"], "question": "how many blue cells ?", "answer": "one"}
+    config = _jsonl_run_config(tmp_path, [good, good, bad, good])
+    monkeypatch.setattr(amvl.training, "train", lambda *a, **k: pytest.fail("trained"))
+    data = re.escape(str(tmp_path / "data" / "train.jsonl"))
+    with pytest.raises(SystemExit, match=f"amvl: {data} {match}"):
+        main(["train", "--config", config, "--no-progress"])
+
+
+def test_jsonl_check_refuses_what_a_batch_refuses(tmp_path):
+    """The load-time check is the collator's own, example by example: the same refusals with
+    the same words, the example named by its line instead of its place in a batch."""
+    from amvl.data import AMVLCollator
+    from amvl.tiny import word_tokenizer
+
+    tokenizer = word_tokenizer(["how", "many", "one"])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<lat>"]})
+    tokenizer.eos_token = None  # an empty answer is refused only without an EOS token
+    collator = AMVLCollator(tokenizer, special_tokens=["<lat>"])
+    for bad in ({"question": "", "answer": "one"}, {"question": "how <lat>", "answer": "one"},
+                {"question": "how", "answer": ""}, {"question": "how", "answer": None},
+                {"question": "how", "answer": "one", "images": ["a.png"]}):
+        with pytest.raises((TypeError, ValueError)) as in_batch:
+            collator([{"question": "how many", "answer": "one"}, bad])
+        with pytest.raises(SystemExit) as at_load:
+            cli.check_jsonl_texts("d.jsonl", [{"question": "how", "answer": "one"}, bad],
+                                  [1, 7], collator)
+        assert str(at_load.value) == "amvl: " + str(in_batch.value).replace(
+            "example 1", "d.jsonl line 7"), bad
+    cli.check_jsonl_texts("d.jsonl", [{"question": "how many", "answer": "one"}], [1],
+                          collator)
+
+
+def test_eval_loads_a_training_checkpoint(tmp_path, capsys):
+    """amvl eval --checkpoint run/checkpoint-N passed the up-front check and then failed on
+    a missing checkpoint-N/base/config.json: a training checkpoint holds the whole model's
+    weights but not the base's config, tokenizer or processor. With the run's --config it is
+    built on the config's model section and scores as final/ does (the same weights at the
+    last step); without --config it is refused before anything loads."""
+    config = _run_config(tmp_path, steps=2, save_every=1)
+    assert main(["train", "--config", config, "--no-progress"]) == 0
+    run = tmp_path / "run"
+    scores = {}
+    for name in ("final", "checkpoint-2", "checkpoint-1"):
+        out = tmp_path / f"{name}.json"
+        assert main(["eval", "--config", config, "--checkpoint", str(run / name),
+                     "--benchmark", "puzzles", "--out", str(out), "--no-progress"]) == 0
+        (result,) = json.loads(out.read_text()).values()
+        scores[name] = [nll for p in result["predictions"] for nll in p["nll"]]
+    assert "checkpoint-2 (prior latents)" in capsys.readouterr().out
+    assert scores["checkpoint-2"] == pytest.approx(scores["final"], rel=1e-5)
+    assert scores["checkpoint-1"] != pytest.approx(scores["final"], rel=1e-5)  # its own step
+    with pytest.raises(SystemExit, match=r"checkpoint-1: .*checkpoint-1 is a training "
+                                         r"checkpoint.*give the run's --config"):
+        main(["eval", "--checkpoint", str(run / "checkpoint-1"), "--benchmark", "puzzles"])
+    other = yaml.safe_load(Path(config).read_text())
+    other["model"]["hidden_size"] = 64  # another model than the run trained
+    Path(config).write_text(yaml.safe_dump(other))
+    with pytest.raises(SystemExit, match=r"checkpoint-1/model.safetensors does not fit the "
+                                         r"model of the run config's model.path tiny-qwen2-vl"):
+        main(["eval", "--config", config, "--checkpoint", str(run / "checkpoint-1"),
+              "--benchmark", "puzzles", "--no-progress"])
+
+
+def test_eval_refuses_a_training_checkpoint_of_a_text_model_on_images(tmp_path):
+    """A training checkpoint's base is the run config's model.path: its config.json tells a
+    text-only model, before anything loads."""
+    checkpoint = tmp_path / "run" / "checkpoint-5"
+    checkpoint.mkdir(parents=True)
+    for name in ("amvl_config.json", "state.json", "model.safetensors"):
+        (checkpoint / name).write_text("{}")
+    (tmp_path / "text_model").mkdir()
+    (tmp_path / "text_model" / "config.json").write_text('{"model_type": "qwen2"}')
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"model": {"path": str(tmp_path / "text_model")}}))
+    with pytest.raises(SystemExit, match="checkpoint-5: .*holds a text-only model, and the "
+                                         "puzzles examples have images"):
+        main(["eval", "--config", str(config), "--checkpoint", str(checkpoint),
+              "--benchmark", "puzzles", "--no-progress"])

@@ -716,6 +716,9 @@ def test_collator_image_cache_takes_file_paths(tmp_path):
     ([{"question": "w1", "answer": 3}], ValueError, "'answer'"),
     ([{"question": "", "answer": "w1"}], ValueError, "prompt is empty"),
     ([{"question": "w1", "answer": "w2", "images": [object()]}], ValueError, "image processor"),
+    # one path, not a list: read character by character ("missing image d")
+    ([{"question": "w1", "answer": "w2", "images": "dir/a.png"}], TypeError,
+     "'images' must be a list"),
 ])
 def test_collator_errors_name_the_example(examples, error, match):
     with pytest.raises(error, match=match):
