@@ -144,6 +144,9 @@ def _check_data_values(path: Path, data: dict) -> None:
     if "train" in data and (not isinstance(data["train"], str) or not data["train"]):
         raise SystemExit(f"amvl: {path}: data.train must be a JSON-lines file or 'puzzles', "
                          f"got {data['train']!r}")
+    if "per_family" in data and data.get("train", "puzzles") != "puzzles":
+        raise SystemExit(f"amvl: {path}: data.per_family sizes the built-in puzzles, but "
+                         f"data.train is {data['train']!r}: remove it")
 
 
 def load_base(model_section: dict) -> tuple[PreTrainedModel, PreTrainedTokenizerBase,
@@ -356,6 +359,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                          PartialState().num_processes)
     except output_dir_errors as err:
         raise SystemExit(f"amvl train: {err}") from None
+    _check_kernel_backend(run["amvl_config"].kernel_backend)
     data = run.get("data") or {}
     source = data.get("train", "puzzles")
     # before the model loads: a bad record is named in seconds, not after minutes of loading
@@ -387,6 +391,21 @@ def cmd_train(args: argparse.Namespace) -> int:
             processor.save_pretrained(out / FINAL_DIR / "base")
         print(f"amvl: trained model saved to {out / FINAL_DIR}")
     return 0
+
+
+def _check_kernel_backend(backend: str) -> None:
+    """Refuse an ``amvl.kernel_backend`` that cannot run on this machine's training device
+    before the model loads (it failed at the first step, with a traceback)."""
+    import torch
+
+    from amvl_kernels.backends import resolve_backend
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolve_backend(backend, device, has_cuda_kernel=True)
+    except (ValueError, RuntimeError) as err:
+        raise SystemExit(f"amvl train: amvl.kernel_backend={backend!r} cannot run here: "
+                         f"{err}") from None
 
 
 def _is_training_checkpoint(directory: Path) -> bool:

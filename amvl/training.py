@@ -355,6 +355,9 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
 
     if not examples:
         raise ValueError("train needs at least one example")
+    if config.batch_size > len(examples):
+        warnings.warn(f"batch_size {config.batch_size} is larger than the {len(examples)} "
+                      "examples: every batch holds some of them more than once", stacklevel=2)
     if accelerator is None:
         from accelerate.utils import DistributedDataParallelKwargs
 

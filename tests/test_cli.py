@@ -164,6 +164,9 @@ def test_amvl_attention_from_the_run_config():
     ("model: {path: tiny-qwen2-vl}\ndata: {max_prompt_tokens: lots}",
      "data.max_prompt_tokens must be"),
     ("model: {path: tiny-qwen2-vl}\ndata: {train: 3}", "data.train must be"),
+    # sized the puzzles, silently ignored beside a data file
+    ("model: {path: tiny-qwen2-vl}\ndata: {train: d.jsonl, per_family: 5}",
+     "data.per_family sizes the built-in puzzles"),
     ("model: {path: tiny-qwen2-vl, dtype: bfloat}", "model.dtype must be one of"),
     ("model: {path: tiny-qwen2-vl, hidden_size: 30}", "multiple of 32"),
     ("model: {path: /models/x, hidden_size: 64}", "hidden_size is for model.path tiny"),
@@ -394,6 +397,12 @@ def test_train_checks_the_output_directory_before_building_the_model(tmp_path, m
     Path(config).write_text(yaml.safe_dump(raw))
     with pytest.raises(SystemExit, match="amvl train: resume=True but no checkpoint"):
         main(["train", "--config", config, "--resume", "--no-progress"])
+    # a kernel backend this machine cannot run failed at the first step, with a traceback
+    if not torch.cuda.is_available():
+        raw["amvl"] = {**(raw.get("amvl") or {}), "kernel_backend": "cuda"}
+        Path(config).write_text(yaml.safe_dump(raw))
+        with pytest.raises(SystemExit, match="kernel_backend='cuda' cannot run here"):
+            main(["train", "--config", config, "--no-progress"])
 
 
 def test_demo_options_are_named_in_their_errors_and_help(tmp_path, monkeypatch, capsys):

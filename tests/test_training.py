@@ -102,6 +102,14 @@ def test_low_precision_weights_are_warned_about():
               progress=False)
 
 
+def test_a_batch_larger_than_the_data_is_named():
+    """Every batch then repeats examples: it was silent."""
+    model, collator = _model()
+    with pytest.warns(UserWarning, match="batch_size 16 is larger than the 3 examples"):
+        train(model, collator, _data()[:3], TrainConfig(steps=4, batch_size=16, log_every=1),
+              progress=False)
+
+
 def test_a_warm_up_longer_than_the_run_is_named():
     model, collator = _model()
     model.config.kl_schedule, model.config.kl_warmup_steps = "linear", 10
