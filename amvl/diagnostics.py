@@ -32,7 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import amvl_kernels as ak
-from amvl.evaluation import warn_indistinguishable_choices
+from amvl.evaluation import record_choice_ids, warn_indistinguishable_choices
 from amvl.model import in_eval_mode
 from amvl.objectives import ACTIVE_SLOT_NATS
 from amvl.sharded import choices_to_score, with_choice
@@ -149,11 +149,9 @@ def score_choices(model: AMVLModel, collator: AMVLCollator, examples: Sequence[d
             run = list(range(len(chunk))) if sharded else have
             if not run:
                 continue
-            batch = _to(collator([with_choice(chunk[i], c) for i in run]), device, dtype)
-            for row, i in enumerate(run):
-                if c < len(chunk[i]["choices"]):  # not a sharded run's stand-in
-                    answer = batch["answer_ids"][row][batch["answer_mask"][row].bool()]
-                    choice_ids[start + i].append(tuple(answer.tolist()))
+            batch = collator([with_choice(chunk[i], c) for i in run])
+            record_choice_ids(choice_ids, start, chunk, run, c, batch)  # on the host
+            batch = _to(batch, device, dtype)
             pick = torch.tensor(run, device=device)
             kept = [run.index(i) for i in have]
             picked_images = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}

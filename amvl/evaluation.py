@@ -596,10 +596,7 @@ def prior_choice_nll(model: AMVLModel, collator: AMVLCollator, examples: Sequenc
             if not run:
                 continue
             batch = collator([with_choice(chunk[i], c) for i in run])
-            for row, i in enumerate(run):
-                if c < len(chunk[i]["choices"]):  # not a sharded run's stand-in
-                    answer = batch["answer_ids"][row][batch["answer_mask"][row].bool()]
-                    choice_ids[start + i].append(tuple(answer.tolist()))
+            record_choice_ids(choice_ids, start, chunk, run, c, batch)
             batch = {k: v.to(device) for k, v in batch.items()}
             if "pixel_values" in batch:
                 batch["pixel_values"] = batch["pixel_values"].to(dtype)
@@ -615,6 +612,19 @@ def prior_choice_nll(model: AMVLModel, collator: AMVLCollator, examples: Sequenc
             nll[start + np.array(have, dtype=int), c] = kept
     warn_indistinguishable_choices(examples, choice_ids)
     return nll
+
+
+def record_choice_ids(choice_ids: list[list[tuple[int, ...]]], start: int,
+                      chunk: Sequence[dict], run: list[int], choice: int,
+                      batch: dict[str, torch.Tensor]) -> None:
+    """Append choice ``choice``'s answer token ids, as the collator built them in ``batch``
+    (rows ``run`` of ``chunk``, the examples from ``start`` on), to ``choice_ids``, for
+    :func:`warn_indistinguishable_choices`. ``batch`` is the collator's, still on the host (on
+    a GPU each row would be a device read). A sharded run's stand-in rows are skipped."""
+    for row, i in enumerate(run):
+        if choice < len(chunk[i]["choices"]):
+            answer = batch["answer_ids"][row][batch["answer_mask"][row].bool()]
+            choice_ids[start + i].append(tuple(answer.tolist()))
 
 
 def warn_indistinguishable_choices(examples: Sequence[dict],

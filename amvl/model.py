@@ -129,7 +129,7 @@ def in_eval_mode(fn: _Fn) -> _Fn:
     return wrapper
 
 
-def embedding_rows(layer: nn.Module) -> int:
+def _embedding_rows(layer: nn.Module) -> int:
     """The rows of an embedding layer: its ``num_embeddings``, or that of the layer a PEFT
     wrapper holds (``base_layer``), not its weight's shape, which DeepSpeed ZeRO-3 partitions
     down to (0,)."""
@@ -161,7 +161,7 @@ def ensure_special_tokens(base_model: nn.Module, tokenizer: PreTrainedTokenizerB
     ids = {role: tokenizer.convert_tokens_to_ids(tok)
            for role, tok in zip(roles, config.special_tokens())}
     embeddings, output = base_model.get_input_embeddings(), base_model.get_output_embeddings()
-    rows = embedding_rows(embeddings)
+    rows = _embedding_rows(embeddings)
     others = vocab_before - (len(config.special_tokens()) - len(missing))
     if others > rows:  # rows for the latent tokens alone are added below without a word
         warnings.warn(f"the tokenizer holds {others} tokens besides the latent ones but the "
@@ -390,7 +390,7 @@ class AMVLModel(SavingMixin, nn.Module):
                 "model.base.model = torch.compile(model.base.model)) instead", stacklevel=3)
             self._compiled_base_warned = True
         on_host = prompt_mask.device.type == "cpu"
-        vocab = embedding_rows(self.get_input_embeddings())
+        vocab = _embedding_rows(self.get_input_embeddings())
         check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask,
                     padding=on_host or not self._padding_checked, vocab_size=vocab)
         self._padding_checked = self._padding_checked or not on_host
