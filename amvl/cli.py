@@ -9,13 +9,15 @@ A run config (YAML) has four sections, each optional but ``model``:
     model: {path: /models/Qwen2.5-VL-3B-Instruct, dtype: bfloat16, attn_implementation: amvl}
     amvl:  {num_slots: 16, latent_dim: 64, objective: amvl, beta: 1.0, ...}   # AMVLConfig
     train: {steps: 2000, batch_size: 32, learning_rate: 1e-5, save_every: 500} # TrainConfig
-    data:  {train: data/train.jsonl, max_prompt_tokens: 2048}
+    data:  {train: data/train.jsonl, max_prompt_tokens: 2048, chat_template: true}
     output_dir: runs/amvl
     eval:  {baselines: {none: runs/none/final}}
 
 ``model.path: tiny-qwen2-vl`` builds the demo's tiny model instead of loading one. Training
 data is JSON lines (UTF-8, as the run config is) of ``{"images": [paths relative to the file],
-"question", "answer"}`` or ``puzzles`` for the built-in suite.
+"question", "answer"}`` or ``puzzles`` for the built-in suite. ``data.chat_template`` (true:
+the tokenizer's, or a Jinja file) and ``data.system_prompt`` format the prompts as a chat turn;
+``final/`` records the format, and ``amvl eval`` prompts each model as it was trained.
 
 ``amvl eval`` takes ``output_dir/final`` (or ``--checkpoint``: a ``final/``, or a
 ``checkpoint-<step>`` with the run's ``--config``, whose model section supplies the base model's
@@ -50,11 +52,13 @@ if TYPE_CHECKING:  # annotations only: the commands import transformers when the
     from amvl.model import AMVLModel
 
 FINAL_DIR = "final"
+PROMPT_FORMAT_FILE = "prompt_format.json"  # in final/: how the run formatted its prompts
+PROMPT_KEYS = ("chat_template", "system_prompt")
 
 
 SECTIONS = ("model", "amvl", "train", "data", "output_dir", "eval")
 MODEL_KEYS = ("path", "dtype", "attn_implementation", "hidden_size")
-DATA_KEYS = ("train", "per_family", "max_prompt_tokens", "max_answer_tokens")
+DATA_KEYS = ("train", "per_family", "max_prompt_tokens", "max_answer_tokens", *PROMPT_KEYS)
 EVAL_KEYS = ("baselines",)
 
 
@@ -147,6 +151,25 @@ def _check_data_values(path: Path, data: dict) -> None:
     if "per_family" in data and data.get("train", "puzzles") != "puzzles":
         raise SystemExit(f"amvl: {path}: data.per_family sizes the built-in puzzles, but "
                          f"data.train is {data['train']!r}: remove it")
+    template = data.get("chat_template", False)
+    if not isinstance(template, (bool, str)) or template == "":
+        raise SystemExit(f"amvl: {path}: data.chat_template must be true, false or a Jinja "
+                         f"template file, got {template!r}")
+    if isinstance(template, str) and not Path(template).is_file():
+        raise SystemExit(f"amvl: {path}: data.chat_template: no file {template}")
+    system = data.get("system_prompt")
+    if system is not None and (not isinstance(system, str) or not template):
+        raise SystemExit(f"amvl: {path}: data.system_prompt must be a string, and needs "
+                         f"data.chat_template (got {system!r})")
+
+
+def prompt_format(data_section: dict) -> dict:
+    """The run's prompt format from its data section: ``chat_template`` (False, True for the
+    tokenizer's own, or a template file's text) and ``system_prompt``."""
+    template = data_section.get("chat_template", False)
+    if isinstance(template, str):
+        template = Path(template).read_text(encoding="utf-8")
+    return {"chat_template": template, "system_prompt": data_section.get("system_prompt")}
 
 
 def load_base(model_section: dict) -> tuple[PreTrainedModel, PreTrainedTokenizerBase,
@@ -305,15 +328,22 @@ def check_jsonl_texts(path: str | Path, examples: list[dict], line_numbers: list
         raise SystemExit(f"amvl: {err}") from None
 
 
-def _collator(model, processor, data_section: dict, cache_images: bool = False):
+def _collator(command: str, model, processor, data_section: dict, cache_images: bool = False,
+              prompt: dict | None = None):
+    """The run's collator; ``prompt``: the prompt format (default: the data section's). A
+    format the tokenizer cannot render raises SystemExit naming ``command``."""
     from amvl.data import AMVLCollator, VisionTokens
 
     vision = VisionTokens.from_model_config(model.base.config) if processor is not None else None
-    return AMVLCollator(model.tokenizer, processor, vision,
-                        max_prompt_tokens=data_section.get("max_prompt_tokens"),
-                        max_answer_tokens=data_section.get("max_answer_tokens"),
-                        cache_images=cache_images,
-                        special_tokens=model.config.special_tokens())
+    try:
+        return AMVLCollator(model.tokenizer, processor, vision,
+                            max_prompt_tokens=data_section.get("max_prompt_tokens"),
+                            max_answer_tokens=data_section.get("max_answer_tokens"),
+                            cache_images=cache_images,
+                            special_tokens=model.config.special_tokens(),
+                            **(prompt or prompt_format(data_section)))
+    except ValueError as err:  # e.g. chat_template: true for a tokenizer without one
+        raise SystemExit(f"amvl {command}: {err}") from None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -377,7 +407,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = AMVLModel(base, tokenizer, run["amvl_config"])
     # The puzzles are a few hundred small images in memory, processed once each; JSON-lines
     # images are paths, decoded and processed when their batch is built.
-    collator = _collator(model, processor, data, cache_images=source == "puzzles")
+    collator = _collator("train", model, processor, data, cache_images=source == "puzzles")
     if jsonl is not None:  # needs the latent tokens, which the model adds to the tokenizer
         check_jsonl_texts(source, examples, line_numbers, collator)
     try:  # train checks the directory again, and the processes accelerate sees
@@ -389,6 +419,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         model.save_pretrained(out / FINAL_DIR)
         if processor is not None:
             processor.save_pretrained(out / FINAL_DIR / "base")
+        used = {key: getattr(collator, key) for key in PROMPT_KEYS}  # the template's text
+        (out / FINAL_DIR / PROMPT_FORMAT_FILE).write_text(json.dumps(used, indent=1),
+                                                          encoding="utf-8")
         print(f"amvl: trained model saved to {out / FINAL_DIR}")
     return 0
 
@@ -521,6 +554,25 @@ def _check_trained(name: str, directory: Path, model_section: dict | None = None
             f"into it), or evaluate the run's {FINAL_DIR}/, which holds everything")
 
 
+def _trained_prompt_format(name: str, directory: Path, data_section: dict) -> dict | None:
+    """The prompt format ``amvl train`` recorded in a ``final/`` directory, else None (a
+    training checkpoint, or a directory from before the record: the run config's data section
+    applies). A config that sets another format is overruled, with a note."""
+    file = directory / PROMPT_FORMAT_FILE
+    if not file.is_file():
+        return None
+    try:
+        saved = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SystemExit(f"amvl eval: {name}: {file} is not JSON: {err}") from None
+    if not isinstance(saved, dict) or set(saved) != set(PROMPT_KEYS):
+        raise SystemExit(f"amvl eval: {name}: {file} must map {list(PROMPT_KEYS)} to values")
+    if any(key in data_section for key in PROMPT_KEYS) and prompt_format(data_section) != saved:
+        print(f"amvl eval: {name} was trained with another prompt format than the config's "
+              f"data section sets ({file}); it is evaluated with its own", file=sys.stderr)
+    return saved
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """``amvl eval``: score the checkpoint and the config's ``eval.baselines`` on a benchmark
     and print the accuracy table (``--unlabelled``: write predictions only); ``--out`` gets
@@ -539,8 +591,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
                              "rename it in eval.baselines")
         models[name] = Path(path)
     model_section = run.get("model")  # what a training checkpoint is built on
+    data = run.get("data") or {}
+    prompts = {}
     for name, directory in models.items():  # before an hour of evaluation, not after
         _check_trained(name, directory, model_section)
+        prompts[name] = _trained_prompt_format(name, directory, data)
     try:
         examples = evaluation.load_benchmark(args.benchmark, args.data, split=args.split,
                                              **({"unlabelled": True} if args.unlabelled
@@ -555,6 +610,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     attention = (run.get("model") or {}).get("attn_implementation")
     results = {}
     for name, directory in models.items():
+        prompt = prompts[name]
         model, processor = _load_trained(directory, model_section)
         if attention == "amvl":  # as training ran; a saved model comes back on its default
             _with_attention(model.base, attention)
@@ -563,7 +619,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if directory is checkpoint:
             name += " (prior latents)" if model.objective.latent_source != "none" \
                 else " (no latents)"
-        collator = _collator(model, processor, run.get("data") or {})
+        collator = _collator("eval", model, processor, data, prompt=prompt)
         results[name] = evaluation.evaluate_benchmark(model, collator, examples,
                                                       batch_size=args.batch_size,
                                                       progress=not args.no_progress)

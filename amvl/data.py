@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 
 
 _TEXT_ONLY = object()  # an example's image when it has none and image_for_text_only is set
+# What a chat template is rendered with in place of the question and the answer: private-use
+# characters, which no text or template holds and no whitespace filter (``trim``) strips.
+_QUESTION = "\ue000amvl question\ue000"
+_ANSWER = "\ue000amvl answer\ue000"
 
 
 @dataclass
@@ -68,6 +72,18 @@ class AMVLCollator:
             across processes (DeepSpeed ZeRO-3, FSDP) needs this when text-only examples are
             mixed in: the tower's parameters are gathered from all processes, so a process
             whose batch has no images would leave the others waiting.
+        chat_template: format each prompt as a chat's user turn followed by the assistant's
+            header (``apply_chat_template(..., add_generation_prompt=True)``), as an Instruct
+            checkpoint was tuned on: True for the tokenizer's own template, or a template's
+            Jinja text. The latent block then opens the assistant's turn, before the answer.
+            The user's message is the images' markers (``<|vision_start|><|image_pad|>
+            <|vision_end|>`` each, as Qwen2-VL's template writes them) followed by the
+            question. The template is rendered once per number of images with the question
+            standing in, so a question is tokenized as it is without a template (and cut by
+            ``max_prompt_tokens`` the same way), between the template's tokens. Default
+            False: the prompt is the images' markers and the question alone.
+        system_prompt: the chat's system message (with ``chat_template`` only; None: none,
+            or whatever the template writes by default).
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase,
@@ -75,9 +91,21 @@ class AMVLCollator:
                  vision_tokens: VisionTokens | None = None,
                  max_prompt_tokens: int | None = None, max_answer_tokens: int | None = None,
                  cache_images: bool = False, special_tokens: Sequence[str] | None = None,
-                 image_for_text_only: object | None = None):
+                 image_for_text_only: object | None = None,
+                 chat_template: bool | str = False, system_prompt: str | None = None):
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs a pad or an EOS token")
+        if not isinstance(chat_template, (bool, str)) or chat_template == "":
+            raise ValueError("chat_template must be True, False or a template's text, got "
+                             f"{chat_template!r}")
+        if chat_template is True and not tokenizer.chat_template:
+            raise ValueError("chat_template=True, but the tokenizer has no chat template: pass "
+                             "the template's text as chat_template")
+        if system_prompt is not None and (not chat_template or not isinstance(system_prompt,
+                                                                              str)):
+            raise ValueError("system_prompt must be a string, and needs a chat_template "
+                             f"(got system_prompt={system_prompt!r}, "
+                             f"chat_template={chat_template!r})")
         if image_processor is not None and vision_tokens is None:
             raise ValueError("image_processor given without vision_tokens")
         if image_for_text_only is not None and image_processor is None:
@@ -104,6 +132,13 @@ class AMVLCollator:
         self.image_for_text_only = image_for_text_only
         # processed once (cache_images or not): every text-only example gets the same
         self._text_only_image: dict | None = None
+        self.chat_template = chat_template
+        self.system_prompt = system_prompt
+        # (vocabulary size, number of images) -> the template's token ids before and after
+        # the question
+        self._template_parts_cache: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+        if chat_template:
+            self._check_template()
 
     def __getstate__(self) -> dict:
         # DataLoader workers started by "spawn" or "forkserver" get a pickled copy: the caches
@@ -150,6 +185,77 @@ class AMVLCollator:
 
     def _text_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _render(self, user: str, answer: str | None = None, header: bool = True) -> str:
+        """The chat template's text for a user turn, then an assistant turn ``answer`` or, when
+        there is none, the assistant's header (``header``: add_generation_prompt)."""
+        messages = [] if self.system_prompt is None else [{"role": "system",
+                                                           "content": self.system_prompt}]
+        messages.append({"role": "user", "content": user})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
+        template = None if self.chat_template is True else self.chat_template
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False,
+            add_generation_prompt=header and answer is None)
+
+    def _template_parts(self, n_images: int) -> tuple[list[int], list[int]]:
+        """The chat template's token ids before the question (with one image token per image
+        between its start and end markers, which the caller repeats for the image's patches)
+        and after it, up to the assistant's header."""
+        key = (len(self.tokenizer), n_images)
+        if key in self._template_parts_cache:
+            return self._template_parts_cache[key]
+        markers = ""
+        if n_images:
+            vt = self.vision_tokens
+            markers = "".join(self.tokenizer.convert_ids_to_tokens([vt.start, vt.image,
+                                                                    vt.end])) * n_images
+        parts = self._render(markers + _QUESTION).split(_QUESTION)
+        if len(parts) != 2:
+            raise ValueError(f"the chat template wrote the user's message {len(parts) - 1} "
+                             "times; it must write it once")
+        before, after = (self._text_ids(part) for part in parts)
+        if n_images:
+            vt = self.vision_tokens
+            at = [i for i, token in enumerate(before) if token == vt.image]
+            if len(at) != n_images or any(
+                    i == 0 or i + 1 == len(before) or before[i - 1] != vt.start
+                    or before[i + 1] != vt.end for i in at):
+                raise ValueError(f"the chat template did not keep the {n_images} image(s)' "
+                                 "markers in front of the question as the user's message "
+                                 "wrote them")
+        self._template_parts_cache[key] = before, after
+        return before, after
+
+    def _check_template(self) -> None:
+        """Render the template once, so an unusable one fails when the collator is built, and
+        warn where its assistant turn does not fit how answers are trained and decoded."""
+        try:
+            self._template_parts(0)
+            with_header, without_header = self._render(_QUESTION), self._render(_QUESTION,
+                                                                                header=False)
+            answered = self._render(_QUESTION, _ANSWER)
+        except ValueError:
+            raise
+        except Exception as err:  # Jinja's errors, or a template that raises on our messages
+            raise ValueError(f"the chat template cannot render a user turn: "
+                             f"{type(err).__name__}: {err}") from None
+        if with_header == without_header:
+            warnings.warn("the chat template writes no assistant header for "
+                          "add_generation_prompt=True: the latent block and the answer follow "
+                          "the user's turn directly", stacklevel=3)
+        if answered.count(_ANSWER) != 1:
+            return
+        turn_end = self._text_ids(answered.split(_ANSWER)[1])
+        eos = self.tokenizer.eos_token_id
+        if turn_end and eos is not None and turn_end[0] != eos:
+            token = self.tokenizer.convert_ids_to_tokens(turn_end[0])
+            warnings.warn(f"the chat template ends an assistant turn with {token!r}, but "
+                          f"answers end with the tokenizer's EOS {self.tokenizer.eos_token!r}, "
+                          f"where generate stops: set the tokenizer's eos_token to {token!r} "
+                          "(as Instruct checkpoints have it) for answers that end as the "
+                          "template's turns do", stacklevel=3)
 
     def _check(self, where: str, example: dict) -> None:
         """Refuse an example that is not a dict of string texts, or that has images the
@@ -198,7 +304,9 @@ class AMVLCollator:
             answer = self._text_ids(example["answer"])
             self._check_no_markers(where, question, answer, markers)
             has_images = bool(example.get("images")) or self.image_for_text_only is not None
-            self._check_not_empty(where, has_images or bool(question), bool(answer) or has_eos)
+            has_template = bool(self.chat_template and sum(self._template_parts(0), []))
+            self._check_not_empty(where, has_images or has_template or bool(question),
+                                  bool(answer) or has_eos)
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, Tensor]:
         """The batch of ``examples``: ``prompt_ids``/``prompt_mask`` (B, Lx) left-padded,
@@ -212,19 +320,18 @@ class AMVLCollator:
         for index, example in enumerate(examples):
             where = f"example {index}"
             self._check(where, example)
-            prompt: list[int] = []
+            patches: list[int] = []  # image tokens per image
             for image in example.get("images") or self._images_for_text_only():
                 processed = self._text_only_image if image is _TEXT_ONLY \
                     else self._process_image(image)
                 grid = processed["image_grid_thw"][0]
-                n_tokens = int(grid.prod()) // merge**2
-                vt = self.vision_tokens
-                prompt += [vt.start] + [vt.image] * n_tokens + [vt.end]
+                patches.append(int(grid.prod()) // merge**2)
                 images.append(processed["pixel_values"])
                 grids.append(grid)
+            prompt, after = self._around_question(patches)
             question = self._text_ids(example["question"])
             if self.max_prompt_tokens is not None:
-                question = self._truncated(where, question, len(prompt))
+                question = self._truncated(where, question, len(prompt) + len(after))
             answer = self._text_ids(example["answer"])
             self._check_no_markers(where, question, answer, markers)
             if self.max_answer_tokens is not None and len(answer) > self.max_answer_tokens:
@@ -235,8 +342,8 @@ class AMVLCollator:
                 answer = answer[: self.max_answer_tokens]
             if self.tokenizer.eos_token_id is not None:
                 answer = answer + [self.tokenizer.eos_token_id]
-            self._check_not_empty(where, bool(prompt + question), bool(answer))
-            prompts.append(prompt + question)
+            self._check_not_empty(where, bool(prompt + question + after), bool(answer))
+            prompts.append(prompt + question + after)
             answers.append(answer)
         batch = {}
         batch["prompt_ids"], batch["prompt_mask"] = self._pad(prompts, left=True)
@@ -245,6 +352,18 @@ class AMVLCollator:
             batch["pixel_values"] = torch.cat(images)
             batch["image_grid_thw"] = torch.stack(grids)
         return batch
+
+    def _around_question(self, patches: list[int]) -> tuple[list[int], list[int]]:
+        """The prompt's token ids before and after the question, for images of ``patches``
+        image tokens each: their markers (and the chat template's turn, if used)."""
+        vt = self.vision_tokens
+        if not self.chat_template:
+            return [t for n in patches for t in (vt.start, *[vt.image] * n, vt.end)], []
+        before, after = self._template_parts(len(patches))
+        counts = iter(patches)
+        return [t for token in before
+                for t in ([token] * next(counts) if patches and token == vt.image
+                          else [token])], after
 
     def _check_no_markers(self, where: str, question: list[int], answer: list[int],
                           markers: dict[int, str]) -> None:
@@ -271,14 +390,20 @@ class AMVLCollator:
             if vt is not None:
                 markers.update({i: self.tokenizer.convert_ids_to_tokens(i)
                                 for i in (vt.image, vt.start, vt.end)})
+            if self.chat_template:  # the template's own tokens: text must not end a turn
+                added = self.tokenizer.added_tokens_decoder
+                markers.update({i: added[i].content for i in sum(self._template_parts(0), [])
+                                if i in added})
             self._markers = (size, markers)
         return self._markers[1]
 
-    def _truncated(self, where: str, question: list[int], image_tokens: int) -> list[int]:
-        """The question's last tokens that fit beside ``image_tokens`` in max_prompt_tokens."""
-        room = self.max_prompt_tokens - image_tokens
+    def _truncated(self, where: str, question: list[int], fixed_tokens: int) -> list[int]:
+        """The question's last tokens that fit beside ``fixed_tokens`` (the images' and the
+        chat template's) in max_prompt_tokens."""
+        room = self.max_prompt_tokens - fixed_tokens
         if room < 0 or (room == 0 and question):
-            raise ValueError(f"{where}: its images take {image_tokens} tokens, "
+            what = "its images and the chat template" if self.chat_template else "its images"
+            raise ValueError(f"{where}: {what} take {fixed_tokens} tokens, "
                              f"max_prompt_tokens is {self.max_prompt_tokens}, so no room is left "
                              "for the question; raise max_prompt_tokens or give the image "
                              "processor a smaller max_pixels")

@@ -34,8 +34,11 @@ def word_tokenizer(words: Iterable[str], vision: bool = False) -> PreTrainedToke
         vocab.setdefault(word, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # the vision markers are added special tokens, as in Qwen2-VL's tokenizer: text that
+    # writes them side by side ("<|vision_start|><|image_pad|>") splits into them
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
-                                   unk_token="<unk>", eos_token="<eos>")
+                                   unk_token="<unk>", eos_token="<eos>",
+                                   additional_special_tokens=VISION_WORDS if vision else None)
 
 
 def _text_config(vocab_size: int, hidden: int, layers: int, **extra) -> dict:

@@ -171,6 +171,13 @@ def test_amvl_attention_from_the_run_config():
     ("model: {path: tiny-qwen2-vl, hidden_size: 30}", "multiple of 32"),
     ("model: {path: /models/x, hidden_size: 64}", "hidden_size is for model.path tiny"),
     ("model: {path: tiny-qwen2-vl}\noutput_dir: [a]", "output_dir must be a path"),
+    ("model: {path: tiny-qwen2-vl}\ndata: {chat_template: 1}", "data.chat_template must be"),
+    ("model: {path: tiny-qwen2-vl}\ndata: {chat_template: none.jinja}",
+     "data.chat_template: no file none.jinja"),
+    ("model: {path: tiny-qwen2-vl}\ndata: {system_prompt: be brief}",
+     "data.system_prompt must be a string, and needs data.chat_template"),
+    ("model: {path: tiny-qwen2-vl}\ndata: {chat_template: true, system_prompt: [a]}",
+     "data.system_prompt must be a string"),
 ])
 def test_config_mistakes_are_named_not_ignored(tmp_path, text, match):
     path = tmp_path / "bad.yaml"
@@ -643,3 +650,61 @@ def test_eval_refuses_a_training_checkpoint_of_a_text_model_on_images(tmp_path):
                                          "puzzles examples have images"):
         main(["eval", "--config", str(config), "--checkpoint", str(checkpoint),
               "--benchmark", "puzzles", "--no-progress"])
+
+
+# A chat template over the tiny tokenizer's words: the system turn, the user's message, and
+# "<eos>" closing each turn and opening the assistant's.
+TINY_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }} <eos> "
+                 "{% else %}{{ m['content'] }} <eos> {% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}there is{% endif %}")
+
+
+def test_a_chat_template_trains_and_evaluates_each_model_as_it_was_trained(tmp_path, capsys):
+    """data.chat_template and data.system_prompt format the prompts; final/ records the
+    format, and amvl eval prompts a final/ with it whatever the config's data section says
+    (a training checkpoint takes the config's, as it has no record)."""
+    (tmp_path / "chat.jinja").write_text(TINY_TEMPLATE)
+    config = _run_config(tmp_path, steps=2, save_every=1)
+    run = yaml.safe_load(Path(config).read_text())
+    run["data"].update(chat_template=str(tmp_path / "chat.jinja"), system_prompt="the options")
+    Path(config).write_text(yaml.safe_dump(run))
+    assert main(["train", "--config", config, "--no-progress"]) == 0
+    final = tmp_path / "run" / "final"
+    assert json.loads((final / cli.PROMPT_FORMAT_FILE).read_text()) == {
+        "chat_template": TINY_TEMPLATE, "system_prompt": "the options"}
+
+    def scores(checkpoint: Path, config_path: str) -> list[float]:
+        out = tmp_path / "eval.json"
+        assert main(["eval", "--config", config_path, "--checkpoint", str(checkpoint),
+                     "--benchmark", "puzzles", "--out", str(out), "--no-progress"]) == 0
+        (result,) = json.loads(out.read_text()).values()
+        return [nll for p in result["predictions"] for nll in p["nll"]]
+
+    with_template = scores(final, config)
+    # the same weights at the same step, prompted as trained
+    assert scores(tmp_path / "run" / "checkpoint-2", config) == pytest.approx(with_template,
+                                                                              rel=1e-5)
+    plain = dict(run, data={k: v for k, v in run["data"].items()
+                            if k not in cli.PROMPT_KEYS})
+    plain_config = tmp_path / "plain.yaml"
+    plain_config.write_text(yaml.safe_dump(plain))
+    capsys.readouterr()
+    assert scores(final, str(plain_config)) == pytest.approx(with_template, rel=1e-5)
+    assert "another prompt format" not in capsys.readouterr().err  # the config says nothing
+    # a training checkpoint has no record: the config's format, here none, is another prompt
+    assert scores(tmp_path / "run" / "checkpoint-2", str(plain_config)) != pytest.approx(
+        with_template, rel=1e-5)
+    plain["data"]["chat_template"] = False
+    plain_config.write_text(yaml.safe_dump(plain))
+    assert scores(final, str(plain_config)) == pytest.approx(with_template, rel=1e-5)
+    assert "was trained with another prompt format" in capsys.readouterr().err
+
+
+def test_a_tokenizer_without_the_chat_template_asked_for(tmp_path):
+    config = _run_config(tmp_path, steps=1, save_every=1)
+    run = yaml.safe_load(Path(config).read_text())
+    run["data"]["chat_template"] = True  # the tiny word tokenizer has none
+    Path(config).write_text(yaml.safe_dump(run))
+    with pytest.raises(SystemExit, match="amvl train: chat_template=True, but the tokenizer "
+                                         "has no chat template"):
+        main(["train", "--config", config, "--no-progress"])

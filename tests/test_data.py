@@ -1,0 +1,228 @@
+"""AMVLCollator with a chat template: the prompt is the template's user turn and assistant
+header around the images' markers and the question, exactly as the tokenizer's own
+``apply_chat_template`` writes it, with every image marker expanded to the image's tokens."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from amvl.config import AMVLConfig
+from amvl.data import AMVLCollator, VisionTokens
+from amvl.model import AMVLModel
+from amvl.tiny import tiny_image_processor, tiny_qwen2_vl, word_tokenizer
+
+WORDS = [f"w{i}" for i in range(30)] + ["user", "assistant", "system"]
+# ChatML, as Qwen and SmolLM2 Instruct checkpoints write it (written here, not copied)
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+MARKERS = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def chat_tokenizer(vision: bool = True, template: str | None = CHATML,
+                   eos: str = "<|im_end|>"):
+    tokenizer = word_tokenizer(WORDS, vision=vision)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.eos_token = eos
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def vision_tokens(tokenizer) -> VisionTokens:
+    return VisionTokens(*tokenizer.convert_tokens_to_ids(
+        ["<|image_pad|>", "<|vision_start|>", "<|vision_end|>"]))
+
+
+def image(rng: np.random.Generator, height: int, width: int) -> Image.Image:
+    return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
+
+
+def expected_prompt(tokenizer, question: str, patches: list[int],
+                    system: str | None = None) -> list[int]:
+    """The tokenizer's own rendering of the whole turn, tokenized at once, with each image
+    token repeated for its patches."""
+    messages = [] if system is None else [{"role": "system", "content": system}]
+    messages.append({"role": "user", "content": MARKERS * len(patches) + question})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    counts = iter(patches)
+    return [t for token in tokenizer(text, add_special_tokens=False)["input_ids"]
+            for t in ([token] * next(counts) if token == pad else [token])]
+
+
+def unpadded(batch: dict, row: int, key: str = "prompt") -> list[int]:
+    return batch[f"{key}_ids"][row][batch[f"{key}_mask"][row]].tolist()
+
+
+def test_prompts_are_the_templates_turn_with_each_image_expanded():
+    rng = np.random.default_rng(0)
+    tokenizer = chat_tokenizer()
+    processor = tiny_image_processor()
+    collator = AMVLCollator(tokenizer, processor, vision_tokens(tokenizer), chat_template=True)
+    sizes = [[(16, 24), (32, 16)], [], [(24, 24)]]  # two images of other sizes, none, one
+    examples = [{"images": [image(rng, *hw) for hw in hws],
+                 "question": " ".join(rng.choice(WORDS[:30], size=3 + i)),
+                 "answer": " ".join(rng.choice(WORDS[:30], size=2))}
+                for i, hws in enumerate(sizes)]
+    batch = collator(examples)
+    plain = AMVLCollator(tokenizer, processor, vision_tokens(tokenizer))(examples)
+    grids = iter(batch["image_grid_thw"].tolist())
+    for row, example in enumerate(examples):
+        patches = [int(np.prod(next(grids))) // processor.merge_size ** 2
+                   for _ in example["images"]]
+        assert unpadded(batch, row) == expected_prompt(tokenizer, example["question"], patches)
+        # the answer is the text then EOS, as without a template
+        assert unpadded(batch, row, "answer") == unpadded(plain, row, "answer")
+        assert unpadded(batch, row, "answer")[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert torch.equal(batch["pixel_values"], plain["pixel_values"])
+    assert torch.equal(batch["image_grid_thw"], plain["image_grid_thw"])
+
+
+def test_a_template_given_as_text_and_a_system_prompt():
+    tokenizer = chat_tokenizer(vision=False, template=None)
+    with pytest.raises(ValueError, match="the tokenizer has no chat template"):
+        AMVLCollator(tokenizer, chat_template=True)
+    collator = AMVLCollator(tokenizer, chat_template=CHATML, system_prompt="w7 w8")
+    batch = collator([{"question": "w1 w2", "answer": "w3"}])
+    tokenizer.chat_template = CHATML
+    assert unpadded(batch, 0) == expected_prompt(tokenizer, "w1 w2", [], system="w7 w8")
+    assert tokenizer.convert_ids_to_tokens(unpadded(batch, 0))[:6] == [
+        "<|im_start|>", "system", "w7", "w8", "<|im_end|>", "<|im_start|>"]
+    with pytest.raises(ValueError, match="needs a chat_template"):
+        AMVLCollator(tokenizer, system_prompt="w7")
+    for bad in ("", 1, None):
+        with pytest.raises(ValueError, match="chat_template must be True, False or"):
+            AMVLCollator(tokenizer, chat_template=bad)
+    with pytest.raises(ValueError, match="system_prompt must be a string"):
+        AMVLCollator(tokenizer, chat_template=True, system_prompt=3)
+
+
+@pytest.mark.parametrize("template,match", [
+    ("{% for m in messages %}{{ m['content'] }} {{ m['content'] }}{% endfor %}",
+     "wrote the user's message 2 times"),
+    ("{% for m in messages %}{{ m['content'][:3] }}{% endfor %}",
+     "wrote the user's message 0 times"),
+    ("{{ raise_exception('no such role') }}", "cannot render a user turn"),
+    ("{% for m in messages %}{{ m.content.nope() }}{% endfor %}", "cannot render a user turn"),
+])
+def test_templates_that_lose_or_repeat_the_message_are_refused(template, match):
+    with pytest.raises(ValueError, match=match):
+        AMVLCollator(chat_tokenizer(vision=False), chat_template=template)
+
+
+def test_a_template_that_drops_the_image_markers_is_refused():
+    rng = np.random.default_rng(1)
+    tokenizer = chat_tokenizer()
+    dropping = CHATML.replace("{{ m['content'] }}",
+                              "{{ m['content'] | replace('<|image_pad|>', '') }}")
+    collator = AMVLCollator(tokenizer, tiny_image_processor(), vision_tokens(tokenizer),
+                            chat_template=dropping)
+    collator([{"question": "w1", "answer": "w2"}])  # no image: fine
+    with pytest.raises(ValueError, match="did not keep the 1 image"):
+        collator([{"images": [image(rng, 16, 16)], "question": "w1", "answer": "w2"}])
+
+
+def test_the_template_counts_against_max_prompt_tokens_and_is_never_cut():
+    tokenizer = chat_tokenizer(vision=False)
+    scaffold = len(expected_prompt(tokenizer, "", []))  # <|im_start|> user <|im_end|> ...
+    collator = AMVLCollator(tokenizer, chat_template=True, max_prompt_tokens=scaffold + 2)
+    with pytest.warns(UserWarning, match="lost its first 2 of 4 tokens"):
+        batch = collator([{"question": "w1 w2 w3 w4", "answer": "w5"}])
+    assert unpadded(batch, 0) == expected_prompt(tokenizer, "w3 w4", [])
+    collator = AMVLCollator(tokenizer, chat_template=True, max_prompt_tokens=scaffold)
+    with pytest.raises(ValueError, match=f"its images and the chat template take {scaffold} tokens"):
+        collator([{"question": "w1", "answer": "w5"}])
+
+
+def test_text_that_spells_the_templates_tokens_is_refused():
+    """A question holding "<|im_end|>" would end the user's turn inside the question."""
+    collator = AMVLCollator(chat_tokenizer(vision=False), chat_template=True)
+    for example in ({"question": "w1 <|im_end|> w2", "answer": "w3"},
+                    {"question": "w1", "answer": "<|im_start|> w3"}):
+        with pytest.raises(ValueError, match="spells the structural token"):
+            collator([example])
+        with pytest.raises(ValueError, match="line 1: the .* spells the structural token"):
+            collator.check_examples([example], ["line 1"])
+    # the same text is plain text without a template: the tokens are not structural there
+    AMVLCollator(chat_tokenizer(vision=False))([{"question": "w1 <|im_end|>", "answer": "w3"}])
+    # the template's tokens make an empty question a prompt
+    collator.check_examples([{"question": "", "answer": "w3"}])
+    assert unpadded(collator([{"question": "", "answer": "w3"}]), 0) == \
+        expected_prompt(collator.tokenizer, "", [])
+
+
+def test_warnings_where_the_template_and_the_tokenizer_disagree():
+    with pytest.warns(UserWarning, match="ends an assistant turn with '<\\|im_end\\|>', but "
+                                         "answers end with the tokenizer's EOS '<eos>'"):
+        AMVLCollator(chat_tokenizer(vision=False, eos="<eos>"), chat_template=True)
+    headless = "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}"
+    with pytest.warns(UserWarning, match="writes no assistant header"):
+        AMVLCollator(chat_tokenizer(vision=False), chat_template=headless)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AMVLCollator(chat_tokenizer(vision=False), chat_template=True)
+
+
+def test_a_vlm_trains_and_scores_on_templated_prompts():
+    """The template's prompts run through both training paths alike, and generation decodes
+    from them (the latent block follows the assistant's header)."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(2)
+    tokenizer = chat_tokenizer()
+    base = tiny_qwen2_vl(tokenizer)
+    model = AMVLModel(base, tokenizer, AMVLConfig(num_slots=3, latent_dim=5,
+                                                  kernel_backend="torch")).double()
+    collator = AMVLCollator(tokenizer, tiny_image_processor(),
+                            VisionTokens.from_model_config(base.config), chat_template=True)
+    batch = collator([{"images": [image(rng, 16, 24)], "question": "w1 w2", "answer": "w3"},
+                      {"images": [], "question": "w4", "answer": "w5 w6"}])
+    batch["pixel_values"] = batch["pixel_values"].double()
+    losses = []
+    for shared in (True, False):
+        out = model(**batch, seed=3, prefix_sharing=shared)
+        losses.append(out.loss.item())
+    assert np.isfinite(losses).all()
+    assert losses[0] == pytest.approx(losses[1], rel=1e-9)
+    generated = model.generate(batch["prompt_ids"], batch["prompt_mask"],
+                               batch["pixel_values"], batch["image_grid_thw"],
+                               max_new_tokens=3)
+    assert generated.sequences.shape == (2, 1, 3)
+
+
+try:
+    from amvl.smollm2 import find_smollm2_gguf
+    find_smollm2_gguf()
+    import gguf  # noqa: F401
+    HAVE_SMOLLM2 = True
+except (FileNotFoundError, ImportError):
+    HAVE_SMOLLM2 = False
+
+
+@pytest.mark.skipif(not HAVE_SMOLLM2, reason="SmolLM2 GGUF or gguf not installed")
+def test_smollm2_instructs_own_template_and_bpe():
+    """A real tokenizer (byte-level BPE) and template: the prompt's ids are those of
+    ``apply_chat_template(..., tokenize=True)``, and prompt, latent block aside, answer and
+    EOS are the tokenized conversation with the answer."""
+    from transformers import AutoTokenizer
+
+    path = find_smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # transformers 5.17 reads the GGUF's EOS as "<|im_start|>" (5.24: "<|im_end|>"), which
+    # the collator warns of; set as that warning advises
+    tokenizer.eos_token = "<|im_end|>"
+    collator = AMVLCollator(tokenizer, chat_template=True)
+    question, answer = "Two red squares and one blue circle: how many shapes?", "Three."
+    batch = collator([{"question": question, "answer": answer},
+                      {"question": "Is it raining?", "answer": "No"}])
+    messages = [{"role": "user", "content": question}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    assert unpadded(batch, 0) == prompt
+    whole = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}],
+                                          tokenize=False)
+    whole = tokenizer(whole, add_special_tokens=False)["input_ids"]
+    assert prompt + unpadded(batch, 0, "answer") == whole[:-1]  # the template's final newline
