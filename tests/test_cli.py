@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-import amvl.cli as cli
-from amvl.cli import (build_parser, load_base, load_image_processor, load_run_config, main,
-                      read_jsonl)
+from amvl.checkpoints import PROMPT_FORMAT_FILE, load_base, load_image_processor
+from amvl.cli import build_parser, main
+from amvl.run_config import PROMPT_KEYS, check_jsonl_texts, load_run_config, read_jsonl
 
 
 def test_demo_quick_writes_table_json_and_plots(tmp_path, capsys):
@@ -239,7 +239,7 @@ def test_eval_checks_every_model_before_evaluating(tmp_path):
 def test_eval_refuses_the_tiny_image_processor_for_another_vision_tower(tmp_path):
     """A saved VLM without its processor may only be the demo's tiny one: a real model would
     get images cut to the tiny processor's patches."""
-    from amvl.cli import _load_trained
+    from amvl.checkpoints import load_trained
     from amvl.config import AMVLConfig
     from amvl.model import AMVLModel
     from amvl.puzzles import vocabulary
@@ -251,10 +251,10 @@ def test_eval_refuses_the_tiny_image_processor_for_another_vision_tower(tmp_path
                           AMVLConfig(num_slots=2, latent_dim=4))
         model.save_pretrained(tmp_path / str(patch))
         if ok:
-            assert _load_trained(tmp_path / str(patch))[1].patch_size == 4
+            assert load_trained(tmp_path / str(patch))[1].patch_size == 4
         else:
             with pytest.raises(SystemExit, match="no image processor in"):
-                _load_trained(tmp_path / str(patch))
+                load_trained(tmp_path / str(patch))
 
 
 def test_model_section_values_reach_the_model(tmp_path):
@@ -596,11 +596,11 @@ def test_jsonl_check_refuses_what_a_batch_refuses(tmp_path):
         with pytest.raises((TypeError, ValueError)) as in_batch:
             collator([{"question": "how many", "answer": "one"}, bad])
         with pytest.raises(SystemExit) as at_load:
-            cli.check_jsonl_texts("d.jsonl", [{"question": "how", "answer": "one"}, bad],
+            check_jsonl_texts("d.jsonl", [{"question": "how", "answer": "one"}, bad],
                                   [1, 7], collator)
         assert str(at_load.value) == "amvl: " + str(in_batch.value).replace(
             "example 1", "d.jsonl line 7"), bad
-    cli.check_jsonl_texts("d.jsonl", [{"question": "how many", "answer": "one"}], [1],
+    check_jsonl_texts("d.jsonl", [{"question": "how many", "answer": "one"}], [1],
                           collator)
 
 
@@ -670,7 +670,7 @@ def test_a_chat_template_trains_and_evaluates_each_model_as_it_was_trained(tmp_p
     Path(config).write_text(yaml.safe_dump(run))
     assert main(["train", "--config", config, "--no-progress"]) == 0
     final = tmp_path / "run" / "final"
-    assert json.loads((final / cli.PROMPT_FORMAT_FILE).read_text()) == {
+    assert json.loads((final / PROMPT_FORMAT_FILE).read_text()) == {
         "chat_template": TINY_TEMPLATE, "system_prompt": "the options"}
 
     def scores(checkpoint: Path, config_path: str) -> list[float]:
@@ -685,7 +685,7 @@ def test_a_chat_template_trains_and_evaluates_each_model_as_it_was_trained(tmp_p
     assert scores(tmp_path / "run" / "checkpoint-2", config) == pytest.approx(with_template,
                                                                               rel=1e-5)
     plain = dict(run, data={k: v for k, v in run["data"].items()
-                            if k not in cli.PROMPT_KEYS})
+                            if k not in PROMPT_KEYS})
     plain_config = tmp_path / "plain.yaml"
     plain_config.write_text(yaml.safe_dump(plain))
     capsys.readouterr()

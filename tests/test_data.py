@@ -134,7 +134,7 @@ def test_the_template_counts_against_max_prompt_tokens_and_is_never_cut():
         batch = collator([{"question": "w1 w2 w3 w4", "answer": "w5"}])
     assert unpadded(batch, 0) == expected_prompt(tokenizer, "w3 w4", [])
     collator = AMVLCollator(tokenizer, chat_template=True, max_prompt_tokens=scaffold)
-    with pytest.raises(ValueError, match=f"its images and the chat template take {scaffold} tokens"):
+    with pytest.raises(ValueError, match=f"images and the chat template take {scaffold} tokens"):
         collator([{"question": "w1", "answer": "w5"}])
 
 
