@@ -1,8 +1,9 @@
-"""The ``amvl`` command: ``demo``, ``train`` and ``eval``.
+"""The ``amvl`` command: ``demo``, ``train``, ``eval`` and ``generate``.
 
     amvl demo [--out DIR]                       the built-in comparison (README's main job)
     amvl train --config run.yaml [--resume]     train on a real model (accelerate launch ok)
     amvl eval --config run.yaml --benchmark blink --data PATH
+    amvl generate --config run.yaml --data questions.jsonl --out answers.jsonl
 
 A run config (YAML) has four sections, each optional but ``model``:
 
@@ -190,15 +191,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if is_text_only(directory, model_section):
                 raise SystemExit(f"amvl eval: {name}: {directory} holds a text-only model, "
                                  f"and the {args.benchmark} examples have images")
-    attention = (run.get("model") or {}).get("attn_implementation")
     results = {}
     for name, directory in models.items():
         prompt = prompts[name]
         model, processor = load_trained(directory, model_section)
-        if attention == "amvl":  # as training ran; a saved model comes back on its default
-            with_attention(model.base, attention)
-        elif attention:
-            model.base.set_attn_implementation(attention)
+        _attention_as_trained(model, run)
         if directory is checkpoint:
             name += " (prior latents)" if model.objective.latent_source != "none" \
                 else " (no latents)"
@@ -214,6 +211,70 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"{args.out}")
     else:
         print(evaluation.format_accuracy_table(results, args.benchmark))
+    return 0
+
+
+def _attention_as_trained(model, run: dict) -> None:
+    """Put a loaded model on the run config's ``model.attn_implementation``, as training ran:
+    a saved model comes back on its default."""
+    attention = (run.get("model") or {}).get("attn_implementation")
+    if attention == "amvl":
+        with_attention(model.base, attention)
+    elif attention:
+        model.base.set_attn_implementation(attention)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """``amvl generate``: answer the questions of a JSON-lines file with a trained model from
+    prior latents, writing one JSON line per question to ``--out`` as each batch ends, and
+    print the exact match over the records that carry an answer. Returns 0; unusable inputs
+    raise SystemExit before any model loads."""
+    from amvl.config import AMVLConfig
+    from amvl.generation import exact_match_summary, generate_answers
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit("amvl generate runs in one process; launch it without torchrun / "
+                         "accelerate")
+    run = load_run_config(args.config) if args.config else {}
+    checkpoint = Path(args.checkpoint or Path(run.get("output_dir", "runs/amvl")) / FINAL_DIR)
+    model_section, data = run.get("model"), run.get("data") or {}
+    check_trained(checkpoint.name, checkpoint, model_section, "generate")
+    prompt = trained_prompt_format(checkpoint.name, checkpoint, data, "generate")
+    if args.num_samples is not None and \
+            (args.latent or AMVLConfig.load(checkpoint).inference) != "sample":
+        raise SystemExit("amvl generate: --num-samples draws latents: add --latent sample "
+                         "(the model's inference setting is the means)")
+    examples, line_numbers = read_jsonl_lines(args.data, need_answers=False)
+    if any(ex["images"] for ex in examples) and is_text_only(checkpoint, model_section):
+        raise SystemExit(f"amvl generate: {checkpoint} holds a text-only model, and "
+                         f"{args.data} has images")
+    model, processor = load_trained(checkpoint, model_section, "generate")
+    _attention_as_trained(model, run)
+    collator = _collator("generate", model, processor, data, prompt=prompt)
+    check_jsonl_texts(args.data, [{**ex, "answer": ""} for ex in examples], line_numbers,
+                      collator)
+    records = []
+    answers = generate_answers(model, collator, examples, batch_size=args.batch_size,
+                               latent=args.latent, num_samples=args.num_samples,
+                               max_new_tokens=args.max_new_tokens, seed=args.seed,
+                               progress=not args.no_progress)
+    with open(args.out, "w", encoding="utf-8") as out:
+        for line_no, example, answer in zip(line_numbers, examples, answers):
+            record = {"line": line_no, "question": example["question"],
+                      **({"answer": example["answer"]} if "answer" in example else {}),
+                      **answer}
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()  # an interrupted run keeps every answer written so far
+            records.append(record)
+    summary = exact_match_summary(records)
+    line = f"amvl generate: {len(records)} answers written to {args.out}"
+    if summary["scored"]:
+        line += (f"; exact match {summary['exact_match']:.1%} of the {summary['scored']} "
+                 "with answers")
+        if "sample_exact_match" in summary:
+            line += (f" (majority vote; each draw alone: "
+                     f"{summary['sample_exact_match']:.1%})")
+    print(line)
     return 0
 
 
@@ -270,7 +331,8 @@ def _check_output_file(command: str, out: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``amvl`` argument parser, with subcommands ``demo``, ``train`` and ``eval``."""
+    """The ``amvl`` argument parser, with subcommands ``demo``, ``train``, ``eval`` and
+    ``generate``."""
     # --help prints the module doc's first line as plain text, without reST's ``literals``
     description = re.sub(r"``(.+?)``", r"\1", __doc__.split("\n\n")[0])
     parser = argparse.ArgumentParser(prog="amvl", description=description)
@@ -306,7 +368,28 @@ def build_parser() -> argparse.ArgumentParser:
                          "test split, whose answers are withheld); needs --out")
     ev.add_argument("--batch-size", type=_positive, default=8)
     ev.add_argument("--out", help="write the results as JSON here")
-    for p in (demo, train, ev):
+    gen = sub.add_parser("generate", help="answer a JSON-lines file's questions from prior "
+                         "latents")
+    gen.add_argument("--data", required=True, help='JSON lines of {"images": [paths relative '
+                     'to the file], "question": str, "answer": str (optional, scored by exact '
+                     'match)}')
+    gen.add_argument("--out", required=True, help="JSON lines written here, one per question, "
+                     "as they are answered")
+    gen.add_argument("--config", help="the run config (its output_dir, model.attn_"
+                     "implementation and data section; its model section for a "
+                     "checkpoint-<step>/)")
+    gen.add_argument("--checkpoint", help="final/, or a checkpoint-<step>/ with the run's "
+                     "--config (default: the config's output_dir/final)")
+    gen.add_argument("--latent", choices=("mean", "sample"),
+                     help="z = the prior's means, or draws from it (default: the model's "
+                          "inference setting)")
+    gen.add_argument("--num-samples", type=_positive,
+                     help="with --latent sample: draws per question, answered each and "
+                          "voted on")
+    gen.add_argument("--max-new-tokens", type=_positive, default=64)
+    gen.add_argument("--batch-size", type=_positive, default=8)
+    gen.add_argument("--seed", type=_seed, help="fixes sampled latents (for one --batch-size)")
+    for p in (demo, train, ev, gen):
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -339,7 +422,12 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("amvl eval: --unlabelled is for the test split, whose answers "
                              f"are withheld; --split {args.split} has them")
         args.split = "test"
-    handler = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval}[args.command]
+    if args.command == "generate":
+        if not (args.config or args.checkpoint):
+            raise SystemExit("amvl generate: give --config or --checkpoint")
+        _check_output_file("generate", args.out)
+    handler = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval,
+               "generate": cmd_generate}[args.command]
     return handler(args)
 
 

@@ -148,9 +148,11 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return read_jsonl_lines(path)[0]
 
 
-def read_jsonl_lines(path: str | Path) -> tuple[list[dict], list[int]]:
+def read_jsonl_lines(path: str | Path, need_answers: bool = True
+                     ) -> tuple[list[dict], list[int]]:
     """(examples, the line each came from) of a JSON-lines file of ``{"images": [paths],
-    "question": str, "answer": str}`` records (UTF-8).
+    "question": str, "answer": str}`` records (UTF-8); without ``need_answers`` (questions
+    to answer) a record may leave the answer out or null, and its example has none.
 
     Image paths are relative to the file (an absolute one stays as it is) and are kept as
     paths, checked only to exist: the collator decodes each image when its batch is built, so
@@ -165,12 +167,12 @@ def read_jsonl_lines(path: str | Path) -> tuple[list[dict], list[int]]:
         if not line.strip():
             continue
         try:
-            example = _jsonl_example(path, json.loads(line))
+            example = _jsonl_example(path, json.loads(line), need_answers)
         except KeyError as err:
             raise SystemExit(f"amvl: {path} line {line_no}: no {err} field") from None
         except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
             raise SystemExit(f"amvl: {path} line {line_no}: {err}") from None
-        if not example["answer"]:
+        if need_answers and not example["answer"]:
             empty_answers.append(line_no)
         examples.append(example)
         line_numbers.append(line_no)
@@ -183,7 +185,7 @@ def read_jsonl_lines(path: str | Path) -> tuple[list[dict], list[int]]:
     return examples, line_numbers
 
 
-def _jsonl_example(path: Path, record: object) -> dict:
+def _jsonl_example(path: Path, record: object, need_answers: bool = True) -> dict:
     """One JSON-lines record as an example: its texts exactly as written (str() would turn
     null into "None" and a list into "['one']"), its images as paths resolved against the
     file's directory. Raises KeyError for a missing text, TypeError or ValueError for the
@@ -192,6 +194,8 @@ def _jsonl_example(path: Path, record: object) -> dict:
         raise TypeError(f"expected a JSON object, got {type(record).__name__}")
     texts = {}
     for key in ("question", "answer"):
+        if key == "answer" and not need_answers and record.get(key) is None:
+            continue
         value = record[key]
         if not isinstance(value, str):
             raise TypeError(f"{key!r} must be a string, got {json.dumps(value)[:80]}")

@@ -708,3 +708,72 @@ def test_a_tokenizer_without_the_chat_template_asked_for(tmp_path):
     with pytest.raises(SystemExit, match="amvl train: chat_template=True, but the tokenizer "
                                          "has no chat template"):
         main(["train", "--config", config, "--no-progress"])
+
+
+def test_generate_answers_a_jsonl_file_as_the_library_does(tmp_path, capsys):
+    """amvl generate: one JSON line per question, in order, the answers of
+    amvl.generation.generate_answers on the loaded model, exact match over the lines that
+    carry an answer; --num-samples draws and votes."""
+    from amvl.checkpoints import load_trained
+    from amvl.data import AMVLCollator, VisionTokens
+    from amvl.generation import generate_answers
+    from amvl.puzzles import puzzle_suite
+
+    config = _run_config(tmp_path, steps=2, save_every=2)
+    assert main(["train", "--config", config, "--no-progress"]) == 0
+    puzzles = puzzle_suite("test", 1)
+    records = []
+    for i, puzzle in enumerate(puzzles):
+        puzzle["images"][0].save(tmp_path / f"p{i}.png")
+        record = {"images": [f"p{i}.png"], "question": puzzle["question"]}
+        if i % 2 == 0:
+            record["answer"] = puzzle["answer"]
+        records.append(record)
+    data = _write_jsonl(tmp_path / "questions.jsonl", records)
+    out = tmp_path / "answers.jsonl"
+    capsys.readouterr()
+    assert main(["generate", "--config", config, "--data", str(data), "--out", str(out),
+                 "--max-new-tokens", "3", "--batch-size", "2", "--no-progress"]) == 0
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [w["line"] for w in written] == [1, 2, 3, 4, 5]
+    assert [w["question"] for w in written] == [p["question"] for p in puzzles]
+    assert [("answer" in w, "exact_match" in w) for w in written] == \
+        [(i % 2 == 0,) * 2 for i in range(5)]
+    model, processor = load_trained(tmp_path / "run" / "final")
+    collator = AMVLCollator(model.tokenizer, processor,
+                            VisionTokens.from_model_config(model.base.config))
+    expected = list(generate_answers(model, collator, [dict(p, answer="") for p in puzzles],
+                                     batch_size=2, max_new_tokens=3, progress=False))
+    assert [w["prediction"] for w in written] == [e["prediction"] for e in expected]
+    hits = sum(w["exact_match"] for w in written if "exact_match" in w)
+    assert f"5 answers written to {out}; exact match {hits / 3:.1%} of the 3 with answers" \
+        in capsys.readouterr().out
+    assert main(["generate", "--config", config, "--data", str(data), "--out", str(out),
+                 "--latent", "sample", "--num-samples", "3", "--seed", "1",
+                 "--max-new-tokens", "2", "--no-progress"]) == 0
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(len(w["predictions"]) == 3 for w in written)
+    assert "(majority vote; each draw alone:" in capsys.readouterr().out
+
+
+def test_generate_refuses_what_it_cannot_do_before_loading(tmp_path, monkeypatch):
+    config = _run_config(tmp_path, steps=1, save_every=1)
+    assert main(["train", "--config", config, "--no-progress"]) == 0
+    data = _write_jsonl(tmp_path / "q.jsonl", [{"question": "how many", "answer": None}])
+    out = str(tmp_path / "a.jsonl")
+    with pytest.raises(SystemExit, match="give --config or --checkpoint"):
+        main(["generate", "--data", str(data), "--out", out])
+    with pytest.raises(SystemExit, match="--out .* is a directory"):
+        main(["generate", "--config", config, "--data", str(data), "--out", str(tmp_path)])
+    import amvl.checkpoints
+    monkeypatch.setattr(amvl.checkpoints, "load_trained",
+                        lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(amvl.cli, "load_trained", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(SystemExit, match="--num-samples draws latents: add --latent sample"):
+        main(["generate", "--config", config, "--data", str(data), "--out", out,
+              "--num-samples", "2"])
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"question": 3}])
+    with pytest.raises(SystemExit, match="bad.jsonl line 1: 'question' must be a string"):
+        main(["generate", "--config", config, "--data", str(bad), "--out", out])
+    with pytest.raises(SystemExit, match="is not a model written by amvl train"):
+        main(["generate", "--checkpoint", str(tmp_path), "--data", str(data), "--out", out])
