@@ -227,8 +227,9 @@ def _attention_as_trained(model, run: dict) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     """``amvl generate``: answer the questions of a JSON-lines file with a trained model from
     prior latents, writing one JSON line per question to ``--out`` as each batch ends, and
-    print the exact match over the records that carry an answer. Returns 0; unusable inputs
-    raise SystemExit before any model loads."""
+    print the exact match over the records that carry an answer. Returns 0; unusable options
+    and files raise SystemExit before the model loads, questions the collator refuses before
+    the first batch, an image that does not decode when its batch is reached."""
     from amvl.config import AMVLConfig
     from amvl.generation import exact_match_summary, generate_answers
 
@@ -240,10 +241,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model_section, data = run.get("model"), run.get("data") or {}
     check_trained(checkpoint.name, checkpoint, model_section, "generate")
     prompt = trained_prompt_format(checkpoint.name, checkpoint, data, "generate")
-    if args.num_samples is not None and \
-            (args.latent or AMVLConfig.load(checkpoint).inference) != "sample":
-        raise SystemExit("amvl generate: --num-samples draws latents: add --latent sample "
-                         "(the model's inference setting is the means)")
+    saved = AMVLConfig.load(checkpoint)
+    mode = args.latent or saved.inference
+    if saved.objective == "none" and (args.latent == "sample" or args.num_samples is not None):
+        raise SystemExit(f"amvl generate: {checkpoint} was trained with objective 'none' and "
+                         "has no latents to sample: drop --latent sample / --num-samples")
+    if args.num_samples is not None and mode != "sample":
+        raise SystemExit("amvl generate: --num-samples draws latents: add --latent sample"
+                         + ("" if args.latent else " (the model's inference setting is the "
+                            "means)"))
+    if args.seed is not None and mode != "sample":
+        raise SystemExit("amvl generate: --seed fixes sampled latents; the means (--latent "
+                         "mean) draw none")
+    if Path(args.out).resolve() == Path(args.data).resolve():
+        raise SystemExit(f"amvl generate: --out {args.out} is the --data file; give another")
     examples, line_numbers = read_jsonl_lines(args.data, need_answers=False)
     if any(ex["images"] for ex in examples) and is_text_only(checkpoint, model_section):
         raise SystemExit(f"amvl generate: {checkpoint} holds a text-only model, and "
@@ -251,6 +262,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, processor = load_trained(checkpoint, model_section, "generate")
     _attention_as_trained(model, run)
     collator = _collator("generate", model, processor, data, prompt=prompt)
+    if model.tokenizer.eos_token_id is None:
+        raise SystemExit(f"amvl generate: {checkpoint}'s tokenizer has no EOS token, so no "
+                         "answer could end before --max-new-tokens; set its eos_token")
     check_jsonl_texts(args.data, [{**ex, "answer": ""} for ex in examples], line_numbers,
                       collator)
     records = []
@@ -259,13 +273,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                max_new_tokens=args.max_new_tokens, seed=args.seed,
                                progress=not args.no_progress)
     with open(args.out, "w", encoding="utf-8") as out:
-        for line_no, example, answer in zip(line_numbers, examples, answers):
-            record = {"line": line_no, "question": example["question"],
-                      **({"answer": example["answer"]} if "answer" in example else {}),
-                      **answer}
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            out.flush()  # an interrupted run keeps every answer written so far
-            records.append(record)
+        try:
+            _write_records(out, line_numbers, examples, answers, records)
+        except ValueError as err:  # a batch the collator refused (an image that won't decode)
+            raise SystemExit(f"amvl generate: {args.data}: the batch from line "
+                             f"{line_numbers[len(records)]}: {err}; the answers before it are "
+                             f"in {args.out}") from None
     summary = exact_match_summary(records)
     line = f"amvl generate: {len(records)} answers written to {args.out}"
     if summary["scored"]:
@@ -276,6 +289,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
                      f"{summary['sample_exact_match']:.1%})")
     print(line)
     return 0
+
+
+# characters str.splitlines() breaks at that json.dumps(ensure_ascii=False) leaves as they are
+_LINE_BREAKS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def _write_records(out, line_numbers, examples, answers, records: list) -> None:
+    """Write each answer's JSON line as it comes (flushed: an interrupted run keeps them)."""
+    for line_no, example, answer in zip(line_numbers, examples, answers):
+        record = {"line": line_no, "question": example["question"],
+                  **({"answer": example["answer"]} if "answer" in example else {}), **answer}
+        text = json.dumps(record, ensure_ascii=False)
+        for char, escaped in _LINE_BREAKS.items():
+            text = text.replace(char, escaped)
+        out.write(text + "\n")
+        out.flush()
+        records.append(record)
 
 
 def _positive(text: str) -> int:

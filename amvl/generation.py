@@ -10,6 +10,7 @@ that carry an answer.
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -23,15 +24,18 @@ if TYPE_CHECKING:
 
 
 def normalise(text: str) -> str:
-    """What exact match compares: the text without leading and trailing whitespace."""
-    return text.strip()
+    """What exact match compares: the text with each run of whitespace made one space and
+    none at either end (decoding may not give back the answer's own spacing: a word-level
+    tokenizer joins its words with single spaces)."""
+    return " ".join(text.split())
 
 
 def _majority(answers: list[str]) -> str:
-    """The most frequent answer (after :func:`normalise`), the earliest drawn among ties."""
+    """The most frequent answer (counted after :func:`normalise`) as first drawn, the earliest
+    drawn among ties."""
     counts = Counter(normalise(a) for a in answers)
     best = max(counts.values())
-    return next(normalise(a) for a in answers if counts[normalise(a)] == best)
+    return next(a for a in answers if counts[normalise(a)] == best)
 
 
 def _answer_text(model: AMVLModel, tokens: torch.Tensor) -> str:
@@ -43,7 +47,15 @@ def _answer_text(model: AMVLModel, tokens: torch.Tensor) -> str:
     return model.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-@torch.no_grad()
+def _batch_seed(seed: int | None, start: int) -> int | None:
+    """The seed of the batch starting at example ``start``: ``seed`` for the first, one derived
+    from it for each other, so that batches do not all draw the same noise (the noise is keyed
+    by a row's place in its batch)."""
+    if seed is None or start == 0:
+        return seed
+    return random.Random(f"{seed}:{start}").getrandbits(63)
+
+
 def generate_answers(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict], *,
                      batch_size: int = 8, latent: str | None = None,
                      num_samples: int | None = None, max_new_tokens: int = 64,
@@ -54,15 +66,25 @@ def generate_answers(model: AMVLModel, collator: AMVLCollator, examples: Sequenc
     A record has ``"prediction"`` (the answer's text, up to EOS); with several draws
     (``latent="sample"`` and ``num_samples`` > 1) ``"predictions"`` (one per draw) and
     ``"prediction"`` their majority vote. An example with an ``"answer"`` gets
-    ``"exact_match"`` (the prediction equals the answer, whitespace stripped; with draws also
-    ``"sample_exact_match"``, the share of draws that do). ``latent`` and ``num_samples``
+    ``"exact_match"`` (the prediction equals the answer after :func:`normalise`; with draws
+    also ``"sample_exact_match"``, the share of draws that do). ``latent`` and ``num_samples``
     default to the model's config; ``seed`` fixes sampled latents for a given ``batch_size``
-    (:meth:`AMVLModel.generate`). The model runs in eval mode and is left as it was.
+    (:meth:`AMVLModel.generate`): each batch draws from its own seed derived from it. The
+    model runs in eval mode until the generator is exhausted or closed, then returns to the
+    mode it had.
 
-    Raises ValueError for a bad ``batch_size`` or examples the collator refuses.
+    Raises ValueError for a bad ``batch_size`` (at the call) or examples the collator refuses
+    (naming them, as they are reached).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    return _generate(model, collator, examples, batch_size, latent, num_samples,
+                     max_new_tokens, seed, progress)
+
+
+@torch.no_grad()
+def _generate(model, collator, examples, batch_size, latent, num_samples, max_new_tokens,
+              seed, progress) -> Iterator[dict]:
     was_training = model.training
     model.eval()
     try:
@@ -71,12 +93,17 @@ def generate_answers(model: AMVLModel, collator: AMVLCollator, examples: Sequenc
             chunk = examples[start:start + batch_size]
             # the collator builds answers too: an empty one (EOS) keeps long answers from
             # being cut aloud by max_answer_tokens, and generation reads the prompts only
-            batch = collator([{**ex, "answer": ""} for ex in chunk])
+            try:  # an image that does not decode is found only here
+                batch = collator([{**ex, "answer": ""} for ex in chunk])
+            except (OSError, ValueError) as err:
+                raise ValueError(f"examples {start} to {start + len(chunk) - 1}: "
+                                 f"{type(err).__name__}: {err}") from err
             batch = {key: value.to(model.device) for key, value in batch.items()}
             out = model.generate(batch["prompt_ids"], batch["prompt_mask"],
                                  batch.get("pixel_values"), batch.get("image_grid_thw"),
                                  latent=latent, num_samples=num_samples,
-                                 max_new_tokens=max_new_tokens, seed=seed)
+                                 max_new_tokens=max_new_tokens,
+                                 seed=_batch_seed(seed, start))
             sequences = out.sequences.cpu()
             for example, rows in zip(chunk, sequences):
                 yield _record(example, [_answer_text(model, row) for row in rows])

@@ -163,7 +163,15 @@ def read_jsonl_lines(path: str | Path, need_answers: bool = True
     if not path.is_file():
         raise SystemExit(f"amvl: no data file {path}")
     examples, line_numbers, empty_answers = [], [], []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:  # utf-8-sig: a byte-order mark that some editors write is not part of line 1
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        line_no = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise SystemExit(f"amvl: {path} line {line_no}: not UTF-8 ({err.reason} at byte "
+                         f"{err.start})") from None
+    # JSON lines end at \n only: splitlines() also breaks at U+2028, U+0085, ... that a JSON
+    # string may hold as they are
+    for line_no, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -199,6 +207,11 @@ def _jsonl_example(path: Path, record: object, need_answers: bool = True) -> dic
         value = record[key]
         if not isinstance(value, str):
             raise TypeError(f"{key!r} must be a string, got {json.dumps(value)[:80]}")
+        try:  # a JSON escape of half a surrogate pair ("\ud83d") is no character
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{key!r} holds an unpaired surrogate escape (\\ud800-\\udfff), "
+                             "which is no character") from None
         texts[key] = value
     names = record.get("images")
     if names is None:  # absent or null: a text-only example

@@ -777,3 +777,57 @@ def test_generate_refuses_what_it_cannot_do_before_loading(tmp_path, monkeypatch
         main(["generate", "--config", config, "--data", str(bad), "--out", out])
     with pytest.raises(SystemExit, match="is not a model written by amvl train"):
         main(["generate", "--checkpoint", str(tmp_path), "--data", str(data), "--out", out])
+
+
+def test_generate_settings_that_would_mislead_and_inputs_that_fail_midway(tmp_path, capsys):
+    """Sampling from a model without latents (5 identical rows, and a "majority vote"), a
+    seed for the means (ignored), --out on the questions (overwritten) are refused; an image
+    that does not decode stops the run naming its batch's line, the answers before it kept;
+    a line separator inside a question survives the round trip."""
+    config = _run_config(tmp_path, steps=1, save_every=1)
+    run = yaml.safe_load(Path(config).read_text())
+    run["amvl"]["objective"] = "none"
+    Path(config).write_text(yaml.safe_dump(run))
+    assert main(["train", "--config", config, "--no-progress"]) == 0
+    from amvl.puzzles import puzzle_suite
+
+    puzzle = puzzle_suite("test", 1)[0]
+    puzzle["images"][0].save(tmp_path / "good.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    question = puzzle["question"] + "\u2028" + puzzle["question"]
+    records = [{"images": ["good.png"], "question": question, "answer": "one"}] * 3 + \
+        [{"images": ["bad.png"], "question": puzzle["question"]}]
+    data = _write_jsonl(tmp_path / "q.jsonl", records)
+    out = tmp_path / "a.jsonl"
+    args = ["generate", "--config", config, "--data", str(data), "--out", str(out),
+            "--max-new-tokens", "2", "--batch-size", "2", "--no-progress"]
+    with pytest.raises(SystemExit, match="trained with objective 'none' and has no latents"):
+        main(args + ["--latent", "sample", "--num-samples", "5"])
+    with pytest.raises(SystemExit, match="--seed fixes sampled latents"):
+        main(args + ["--seed", "3"])
+    with pytest.raises(SystemExit, match="is the --data file"):
+        main(args[:6] + [str(data)] + args[7:])
+    with pytest.raises(SystemExit, match=r"q.jsonl: the batch from line 3: .*bad.png.*the "
+                                         r"answers before it are in"):
+        main(args)
+    written = [json.loads(line) for line in out.read_text(encoding="utf-8").split("\n")
+               if line]
+    assert [w["question"] for w in written] == [question] * 2
+    assert "\u2028" not in out.read_text(encoding="utf-8")  # escaped: one record a line
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 2
+
+
+def test_jsonl_encodings_named_by_line(tmp_path):
+    """A byte-order mark is not part of line 1; bytes that are not UTF-8 and escapes of half
+    a surrogate pair are refused naming the line (a traceback, and an error deep in the
+    tokenizer, before)."""
+    path = tmp_path / "d.jsonl"
+    line = json.dumps({"question": "how many", "answer": "one"})
+    path.write_bytes(b"\xef\xbb\xbf" + line.encode() + b"\n")
+    assert read_jsonl(path) == [{"images": [], "question": "how many", "answer": "one"}]
+    path.write_bytes(line.encode() + b"\n" + line.encode()[:-2] + b"\xe9\"}\n")
+    with pytest.raises(SystemExit, match="d.jsonl line 2: not UTF-8"):
+        read_jsonl(path)
+    path.write_text(line + "\n" + '{"question": "a \\ud83d b", "answer": "one"}\n')
+    with pytest.raises(SystemExit, match="line 2: 'question' holds an unpaired surrogate"):
+        read_jsonl(path)
