@@ -101,6 +101,13 @@ class AMVLCollator:
         if chat_template is True and not tokenizer.chat_template:
             raise ValueError("chat_template=True, but the tokenizer has no chat template: pass "
                              "the template's text as chat_template")
+        named = tokenizer.chat_template if isinstance(tokenizer.chat_template, dict) else {}
+        if isinstance(chat_template, str) and "{" not in chat_template \
+                and chat_template not in named:
+            # transformers renders a string that names none of the tokenizer's templates as
+            # a template, which writes it out as it is
+            raise ValueError(f"chat_template {chat_template!r} is neither a Jinja template nor "
+                             f"one of the tokenizer's named templates {sorted(named)}")
         if system_prompt is not None and (not chat_template or not isinstance(system_prompt,
                                                                               str)):
             raise ValueError("system_prompt must be a string, and needs a chat_template "
@@ -132,13 +139,27 @@ class AMVLCollator:
         self.image_for_text_only = image_for_text_only
         # processed once (cache_images or not): every text-only example gets the same
         self._text_only_image: dict | None = None
-        self.chat_template = chat_template
-        self.system_prompt = system_prompt
+        # read-only (properties): the template's renderings are cached
+        self._chat_template = chat_template
+        self._system_prompt = system_prompt
         # (vocabulary size, number of images) -> the template's token ids before and after
         # the question
         self._template_parts_cache: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+        # number of images -> (text before the question, text after it, strips its start,
+        # strips its end)
+        self._template_texts_cache: dict[int, tuple[str, str, bool, bool]] = {}
         if chat_template:
             self._check_template()
+
+    @property
+    def chat_template(self) -> bool | str:
+        """The chat template in use: False (none), True (the tokenizer's) or its text."""
+        return self._chat_template
+
+    @property
+    def system_prompt(self) -> str | None:
+        """The chat's system message (None: none, or the template's default)."""
+        return self._system_prompt
 
     def __getstate__(self) -> dict:
         # DataLoader workers started by "spawn" or "forkserver" get a pickled copy: the caches
@@ -186,9 +207,9 @@ class AMVLCollator:
     def _text_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _render(self, user: str, answer: str | None = None, header: bool = True) -> str:
+    def _render(self, user: str, answer: str | None = None) -> str:
         """The chat template's text for a user turn, then an assistant turn ``answer`` or, when
-        there is none, the assistant's header (``header``: add_generation_prompt)."""
+        there is none, the generation prompt (the assistant's header)."""
         messages = [] if self.system_prompt is None else [{"role": "system",
                                                            "content": self.system_prompt}]
         messages.append({"role": "user", "content": user})
@@ -197,15 +218,14 @@ class AMVLCollator:
         template = None if self.chat_template is True else self.chat_template
         return self.tokenizer.apply_chat_template(
             messages, chat_template=template, tokenize=False,
-            add_generation_prompt=header and answer is None)
+            add_generation_prompt=answer is None)
 
-    def _template_parts(self, n_images: int) -> tuple[list[int], list[int]]:
-        """The chat template's token ids before the question (with one image token per image
-        between its start and end markers, which the caller repeats for the image's patches)
-        and after it, up to the assistant's header."""
-        key = (len(self.tokenizer), n_images)
-        if key in self._template_parts_cache:
-            return self._template_parts_cache[key]
+    def _template_texts(self, n_images: int) -> tuple[str, str, bool, bool]:
+        """The rendered template's text before and after the question, and whether the
+        template strips the message's leading / trailing whitespace (``trim``, ``strip()``, as
+        Llama-3's, Gemma's and Qwen3.5's do), which then applies to the question too."""
+        if n_images in self._template_texts_cache:
+            return self._template_texts_cache[n_images]
         markers = ""
         if n_images:
             vt = self.vision_tokens
@@ -215,7 +235,45 @@ class AMVLCollator:
         if len(parts) != 2:
             raise ValueError(f"the chat template wrote the user's message {len(parts) - 1} "
                              "times; it must write it once")
-        before, after = (self._text_ids(part) for part in parts)
+        padded = self._render(markers + " " + _QUESTION + " ")
+        texts = (parts[0], parts[1], " " + _QUESTION not in padded,
+                 _QUESTION + " " not in padded)
+        self._template_texts_cache[n_images] = texts
+        return texts
+
+    def _split_prompt(self, n_images: int, question: str
+                      ) -> tuple[list[int], list[int], list[int]]:
+        """The templated prompt's ids before the question (one image token per image), the
+        question's and after it: the whole rendered text tokenized at once, as
+        ``apply_chat_template(..., tokenize=True)`` does, and split at the question's
+        characters (a token that crosses a boundary, e.g. BPE's "\\n\\n" across the user
+        header and a question starting with a newline, counts as the question's)."""
+        head, tail = self._template_parts(n_images)  # checks the image markers (cached)
+        before, after, lstrip, rstrip = self._template_texts(n_images)
+        question = question.lstrip() if lstrip else question
+        question = question.rstrip() if rstrip else question
+        if not getattr(self.tokenizer, "is_fast", False):  # no offsets: the parts' own ids
+            return head, self._text_ids(question), tail
+        encoded = self.tokenizer(before + question + after, add_special_tokens=False,
+                                 return_offsets_mapping=True)
+        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        start, end = len(before), len(before) + len(question)
+        k = 0
+        while k < len(ids) and offsets[k][1] <= start:
+            k += 1
+        m = len(ids)
+        while m > k and offsets[m - 1][0] >= end:
+            m -= 1
+        return ids[:k], ids[k:m], ids[m:]
+
+    def _template_parts(self, n_images: int) -> tuple[list[int], list[int]]:
+        """The chat template's token ids before the question (with one image token per image
+        between its start and end markers, which the caller repeats for the image's patches)
+        and after it, up to the assistant's header."""
+        key = (len(self.tokenizer), n_images)
+        if key in self._template_parts_cache:
+            return self._template_parts_cache[key]
+        before, after = (self._text_ids(part) for part in self._template_texts(n_images)[:2])
         if n_images:
             vt = self.vision_tokens
             at = [i for i, token in enumerate(before) if token == vt.image]
@@ -233,20 +291,24 @@ class AMVLCollator:
         warn where its assistant turn does not fit how answers are trained and decoded."""
         try:
             self._template_parts(0)
-            with_header, without_header = self._render(_QUESTION), self._render(_QUESTION,
-                                                                                header=False)
+            with_header = self._render(_QUESTION)
             answered = self._render(_QUESTION, _ANSWER)
         except ValueError:
             raise
         except Exception as err:  # Jinja's errors, or a template that raises on our messages
             raise ValueError(f"the chat template cannot render a user turn: "
                              f"{type(err).__name__}: {err}") from None
-        if with_header == without_header:
-            warnings.warn("the chat template writes no assistant header for "
-                          "add_generation_prompt=True: the latent block and the answer follow "
-                          "the user's turn directly", stacklevel=3)
         if answered.count(_ANSWER) != 1:
             return
+        opening = answered.split(_ANSWER)[0]
+        if opening != with_header:  # e.g. a thinking template: "<think>\n" against
+            # "<think>\n\n</think>\n\n" before an answer without reasoning
+            common = len(os.path.commonprefix([opening, with_header]))
+            warnings.warn(f"the chat template's generation prompt ends with "
+                          f"{with_header[common:]!r} where its assistant turns write "
+                          f"{opening[common:]!r} before the answer: the latent block and the "
+                          "answer follow the generation prompt (pass a template whose "
+                          "generation prompt opens the answer as its turns do)", stacklevel=3)
         turn_end = self._text_ids(answered.split(_ANSWER)[1])
         eos = self.tokenizer.eos_token_id
         if turn_end and eos is not None and turn_end[0] != eos:
@@ -328,8 +390,12 @@ class AMVLCollator:
                 patches.append(int(grid.prod()) // merge**2)
                 images.append(processed["pixel_values"])
                 grids.append(grid)
-            prompt, after = self._around_question(patches)
-            question = self._text_ids(example["question"])
+            if self.chat_template:
+                head, question, after = self._split_prompt(len(patches), example["question"])
+                prompt = self._expanded(head, patches)
+            else:
+                prompt, after = self._around_question(patches)
+                question = self._text_ids(example["question"])
             if self.max_prompt_tokens is not None:
                 question = self._truncated(where, question, len(prompt) + len(after))
             answer = self._text_ids(example["answer"])
@@ -360,10 +426,15 @@ class AMVLCollator:
         if not self.chat_template:
             return [t for n in patches for t in (vt.start, *[vt.image] * n, vt.end)], []
         before, after = self._template_parts(len(patches))
-        counts = iter(patches)
-        return [t for token in before
-                for t in ([token] * next(counts) if patches and token == vt.image
-                          else [token])], after
+        return self._expanded(before, patches), after
+
+    def _expanded(self, ids: list[int], patches: list[int]) -> list[int]:
+        """``ids`` with its k-th image token repeated ``patches[k]`` times."""
+        if not patches:
+            return ids
+        image, counts = self.vision_tokens.image, iter(patches)
+        return [t for token in ids for t in ([token] * next(counts) if token == image
+                                              else [token])]
 
     def _check_no_markers(self, where: str, question: list[int], answer: list[int],
                           markers: dict[int, str]) -> None:

@@ -159,12 +159,105 @@ def test_warnings_where_the_template_and_the_tokenizer_disagree():
     with pytest.warns(UserWarning, match="ends an assistant turn with '<\\|im_end\\|>', but "
                                          "answers end with the tokenizer's EOS '<eos>'"):
         AMVLCollator(chat_tokenizer(vision=False, eos="<eos>"), chat_template=True)
-    headless = "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}"
-    with pytest.warns(UserWarning, match="writes no assistant header"):
-        AMVLCollator(chat_tokenizer(vision=False), chat_template=headless)
+    # a "thinking" template: the generation prompt opens a reasoning block that the turns it
+    # was trained on close before the answer
+    thinking = CHATML.replace("{% if add_generation_prompt %}<|im_start|>assistant\n",
+                              "{% if add_generation_prompt %}<|im_start|>assistant\nw1\n")
+    thinking = thinking.replace("{{ m['content'] }}<|im_end|>",
+                                "{% if m['role'] == 'assistant' %}w1 w2\n{% endif %}"
+                                "{{ m['content'] }}<|im_end|>")
+    with pytest.warns(UserWarning, match="generation prompt ends with '\\\\n' where its "
+                                         "assistant turns write ' w2\\\\n' before"):
+        AMVLCollator(chat_tokenizer(vision=False), chat_template=thinking)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         AMVLCollator(chat_tokenizer(vision=False), chat_template=True)
+        # no assistant header at all (Mistral's [INST] ... [/INST]) is how such a model's
+        # answers follow the user's turn: nothing to warn of
+        AMVLCollator(chat_tokenizer(vision=False), chat_template=(
+            "{% for m in messages %}{% if m['role'] == 'user' %}<|im_start|> {{ m['content'] }}"
+            " <|im_end|>{% else %}{{ m['content'] }}<|im_end|>{% endif %}{% endfor %}"))
+
+
+def test_named_templates_and_read_only_settings():
+    tokenizer = chat_tokenizer(vision=False)
+    tokenizer.chat_template = {"default": CHATML,
+                               "terse": "{% for m in messages %}{{ m['content'] }} {% endfor %}"}
+    collator = AMVLCollator(tokenizer, chat_template="terse")
+    assert tokenizer.convert_ids_to_tokens(unpadded(collator([{"question": "w1",
+                                                               "answer": "w2"}]), 0)) == \
+        ["w1"]
+    with pytest.raises(ValueError, match="'tersee' is neither a Jinja template nor one of the "
+                                         "tokenizer's named templates \\['default', 'terse'\\]"):
+        AMVLCollator(tokenizer, chat_template="tersee")
+    with pytest.raises(AttributeError):  # its renderings are cached
+        collator.system_prompt = "w3"
+
+
+QWEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+              r"\s+(?!\S)|\s+")  # Qwen2's pre-tokenizer pattern: newlines group together
+
+
+def trained_tokenizer(kind: str):
+    """A small BPE trained here with a real family's pre-tokenization: "bytelevel" (Qwen2's,
+    whose merges join a header's newline with a question's) or "metaspace" (SentencePiece's
+    "▁" for spaces, as Llama 2 and Mistral have it, whose merges join a template's space with
+    the question's first word)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["system\nuser\nassistant\n\nHow many red shapes?\n\n  How many?\n",
+              "[INST] How many blue circles? [/INST] Three. \n\n\t Is it raining? No"] * 40
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "[INST]", "[/INST]",
+                *VISION_MARKERS]
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    if kind == "bytelevel":
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        backend.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+        backend.decoder = decoders.Metaspace(prepend_scheme="first")
+        alphabet = []
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=alphabet))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
+                                        bos_token="<s>", eos_token="<|im_end|>",
+                                        additional_special_tokens=specials[3:])
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+VISION_MARKERS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+INST = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
+        "{{ m['content'] }} [/INST]{% else %}{{ m['content'] }}<|im_end|>{% endif %}{% endfor %}")
+TRIM = CHATML.replace("{{ m['content'] }}", "{{ m['content'] | trim }}")
+
+
+@pytest.mark.parametrize("kind,template,question", [
+    ("bytelevel", CHATML, "\nHow many red shapes?"),  # "\n\n" is one token across the turn
+    ("bytelevel", CHATML, "  How many?\n\n"),
+    ("metaspace", INST, "How many blue circles?"),  # "▁How": the template's space is its
+    ("metaspace", CHATML, "How many?"),
+    ("bytelevel", TRIM, " \n How many red shapes?  \n"),  # trimmed, as the template does
+    ("metaspace", TRIM, "  How many? "),
+], ids=["bpe-newline-merge", "bpe-spaces", "sentencepiece-inst", "sentencepiece-chatml",
+        "bpe-trim", "sentencepiece-trim"])
+def test_prompts_are_the_whole_turn_tokenized_at_once(kind, template, question):
+    """The question is tokenized inside the rendered turn, as apply_chat_template(...,
+    tokenize=True) does, not on its own: tokens that merge across its edges, and a template
+    that trims the message, give the same ids as the tokenizer's own rendering. Tokenized on
+    its own, every one of these prompts differed."""
+    tokenizer = trained_tokenizer(kind)
+    tokenizer.chat_template = template
+    batch = AMVLCollator(tokenizer, chat_template=True)([{"question": question,
+                                                          "answer": "Three."}])
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                         tokenize=False, add_generation_prompt=True)
+    assert unpadded(batch, 0) == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert unpadded(batch, 0).count(tokenizer.bos_token_id) == (template == INST)
 
 
 def test_a_vlm_trains_and_scores_on_templated_prompts():
