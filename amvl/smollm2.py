@@ -59,7 +59,12 @@ def load_smollm2(path: str | Path | None = None
     gguf = find_smollm2_gguf(path)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                 torch_dtype=torch.float32)
+                                                 dtype=torch.float32)
+    eos = model.config.eos_token_id
+    if isinstance(eos, int) and tokenizer.eos_token_id != eos:
+        # transformers 5.17 reads the GGUF's EOS as "<|im_start|>" for the tokenizer (the
+        # model's config has "<|im_end|>", which ends the Instruct model's turns)
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -35,6 +35,10 @@ def test_grafted_text_model_reproduces_smollm2_logits():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     # the instruct model has learned something: its next token after the prompt is not noise
     assert want[0, -1].softmax(-1).max() > 0.05
+    # answers end with the token that ends the Instruct model's turns (transformers 5.17
+    # read the tokenizer's EOS from the GGUF as "<|im_start|>")
+    assert tokenizer.eos_token == vlm_tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.eos_token_id == llama.config.eos_token_id
 
 
 @needs_weights
