@@ -56,6 +56,11 @@ class TrainConfig:
 
     steps: int = 1000
     batch_size: int = 16  # per optimisation step, over all processes
+    # Examples per forward on each process (None: its whole share, batch_size / processes); a
+    # step accumulates the gradients of share / micro_batch_size of them. The step's examples
+    # and its loss (the answer NLL over all of its answer tokens) stay those of the whole
+    # batch, so a run's data continue on resume with another micro_batch_size.
+    micro_batch_size: int | None = None
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     lr_scheduler: str = "linear"  # one of LR_SCHEDULERS (transformers.get_scheduler names)
@@ -86,6 +91,11 @@ class TrainConfig:
                     flags=("activation_checkpointing", "compile"))
         for name in ("steps", "batch_size", "log_every"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch_size is not None:
+            check_types(self, integers={"micro_batch_size": 1}, reals=(), flags=())
+            require(self.micro_batch_size <= self.batch_size,
+                    f"micro_batch_size {self.micro_batch_size} is larger than batch_size "
+                    f"{self.batch_size}")
         require(self.learning_rate > 0, "learning_rate must be > 0")
         require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         require(0 <= self.warmup_steps <= self.steps,
@@ -123,12 +133,14 @@ def batch_indices(n_examples: int, batch_size: int, step: int, seed: int) -> lis
     return out
 
 
-def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
+def step_seed(seed: int, step: int, rank: int, stream: int = 0, micro: int = 0) -> int:
     """The latent-noise seed of one step on one process: a hash of (seed, step, rank) in
     [0, 2**63), so no two steps or processes share one (an arithmetic formula collided across
     processes, and with the model's seed + 1 for the prior path). ``stream`` > 0 gives other
-    streams of seeds (evaluation's), disjoint from training's."""
-    entropy = [seed, step, rank] + ([stream] if stream else [])
+    streams of seeds (evaluation's), disjoint from training's; ``micro`` > 0 the seeds of a
+    step's later micro-batches (the first one's is the step's)."""
+    entropy = [seed, step, rank] + ([stream] if stream or micro else []) \
+        + ([micro] if micro else [])
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
 
 
@@ -386,6 +398,12 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
     if config.batch_size % world:
         raise LaunchError(f"batch_size {config.batch_size} is not divisible by the "
                           f"{world} processes")
+    per_rank = config.batch_size // world
+    micro = config.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise LaunchError(f"each of the {world} processes takes {per_rank} of batch_size "
+                          f"{config.batch_size}, which micro_batch_size {micro} does not divide")
+    accumulate = per_rank // micro
     torch.manual_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     _warn_low_precision_weights(params, config)
@@ -423,31 +441,43 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
     # gradient buckets); ``wrapped`` itself stays what checkpoints unwrap.
     forward = torch.compile(wrapped) if config.compile else wrapped
     device = accelerator.device
-    per_rank = config.batch_size // world
     bar = tqdm(range(start, config.steps), desc="train", disable=not progress or rank != 0,
                initial=start, total=config.steps)
     for step in bar:
         wrapped.train()  # each step: an on_log callback may have evaluated the model
         indices = batch_indices(len(examples), config.batch_size, step, config.seed)
         mine = [examples[i] for i in indices[rank * per_rank:(rank + 1) * per_rank]]
-        batch = {k: v.to(device) for k, v in collator(mine).items()}
+        batches = [collator(mine[i:i + micro]) for i in range(0, per_rank, micro)]  # host
         tokens = None
-        if world > 1:  # every rank's NLL over the mean tokens of a share (no host sync)
-            tokens = accelerator.reduce(batch["answer_mask"].sum().float(), "sum") / world
-        with accelerator.autocast(), \
-                recompute_skips_side_effects() if config.compile else contextlib.nullcontext():
-            out_step = forward(**batch, step=step, seed=step_seed(config.seed, step, rank),
-                               answer_tokens=tokens)
-        accelerator.backward(out_step.loss)
+        if world > 1 or accumulate > 1:
+            # each micro-batch's NLL over the mean answer tokens of the step's micro-batches
+            # on all processes, so the step's loss is the token mean over its whole batch
+            tokens = torch.tensor(float(sum(b["answer_mask"].sum() for b in batches)),
+                                  device=device)
+            tokens = (accelerator.reduce(tokens, "sum") if world > 1 else tokens) \
+                / (world * accumulate)
+        for i, batch in enumerate(batches):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            # DDP averages the gradients across processes at the step's last micro-batch only
+            last = i + 1 == accumulate
+            with accelerator.no_sync(wrapped) if not last else contextlib.nullcontext(), \
+                    accelerator.autocast(), recompute_skips_side_effects() if config.compile \
+                    else contextlib.nullcontext():
+                out_step = forward(**batch, step=step,
+                                   seed=step_seed(config.seed, step, rank, micro=i),
+                                   answer_tokens=tokens)
+                accelerator.backward(out_step.loss / accumulate if accumulate > 1
+                                     else out_step.loss)
+            # summed on the device: reading them every step would make the host wait
+            for key, value in out_step.metrics.tensors().items():
+                value = value / accumulate if accumulate > 1 else value
+                sums[key] = sums.get(key, 0.0) + value
         if config.max_grad_norm > 0:
             accelerator.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
         lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        # summed on the device: reading them every step would make the host wait for the GPU
-        for key, value in out_step.metrics.tensors().items():
-            sums[key] = sums.get(key, 0.0) + value
         summed += 1
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
             entry = {"step": step + 1, "lr": lr,

@@ -329,14 +329,16 @@ def _two_processes(tmp_path, mode: str, cpu: bool = True) -> subprocess.Complete
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("mode", ["text", "vlm", "compiled"])
+@pytest.mark.parametrize("mode", ["text", "vlm", "compiled", "accumulate"])
 def test_two_processes_train_like_one(tmp_path, mode):
     """Two processes optimise what one process does on the whole batch: each rank's NLL is
     weighed by its share of the answer tokens (DDP's plain average of the ranks' token means
     counted a token of a share with fewer tokens more: parameters 2.3e-2 apart after 4 steps).
     A VLM's share without images leaves the vision tower without gradients, which DDP must
     expect (it waited for them: "Expected to have finished reduction"). "compiled": the two
-    processes with TrainConfig.compile against one eager process."""
+    processes with TrainConfig.compile against one eager process; "accumulate": each
+    process's share in micro-batches of one example (gradients averaged across the processes
+    at each step's last micro-batch only)."""
     from tests import train_worker
 
     if not torch.distributed.is_available():
@@ -404,3 +406,68 @@ def test_resume_accepts_other_inference_settings_only(tmp_path):
     with pytest.raises(OtherRunError, match=r"another AMVLConfig \(differs in \['beta'\]\)"):
         train(model, collator, _data(), TrainConfig(steps=4, batch_size=2, log_every=1),
               output_dir=tmp_path, resume=True, progress=False)
+
+
+def _none_model() -> tuple[AMVLModel, AMVLCollator]:
+    """The "none" objective in float64: no latent noise, so micro-batching changes nothing."""
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer(WORDS)
+    model = AMVLModel(tiny_qwen2(tokenizer), tokenizer,
+                      AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch",
+                                 objective="none")).double()
+    return model, AMVLCollator(tokenizer)
+
+
+def _ragged_data(n: int = 12) -> list[dict]:
+    """Answers of 1 to 6 words: micro-batches of one step hold different numbers of answer
+    tokens, which a mean of the micro-batches' token means would weigh wrongly."""
+    g = torch.Generator().manual_seed(1)
+    return [{"question": " ".join(WORDS[int(i)] for i in torch.randint(0, 30, (3,), generator=g)),
+             "answer": " ".join(WORDS[int(i)] for i in torch.randint(0, 30, (1 + i % 6,),
+                                                                     generator=g))}
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("micro", [1, 2])
+def test_micro_batches_train_the_steps_of_the_whole_batch(micro):
+    """Gradient accumulation: a step of 4 examples in micro-batches of 1 or 2 trains the
+    parameters and logs the losses of the step of all 4 at once (the NLL over all the step's
+    answer tokens, not a mean of the micro-batches' means)."""
+    config = TrainConfig(steps=3, batch_size=4, learning_rate=5e-2, log_every=1, seed=2)
+    whole, collator = _none_model()
+    whole_history = train(whole, collator, _ragged_data(), config, progress=False)
+    parts, collator = _none_model()
+    accumulated = TrainConfig(**{**config.__dict__, "micro_batch_size": micro})
+    parts_history = train(parts, collator, _ragged_data(), accumulated, progress=False)
+    for (name, a), (_, b) in zip(whole.named_parameters(), parts.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11, msg=name)
+    for a, b in zip(whole_history, parts_history):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-9)
+        assert b["nll"] == pytest.approx(a["nll"], rel=1e-9)
+
+
+def test_micro_batches_draw_their_own_noise_and_bad_sizes_are_refused(monkeypatch):
+    from amvl.training import LaunchError, step_seed
+
+    model, collator = _model()
+    seeds = []
+    real = AMVLModel.forward
+
+    def recording(self, *args, **kwargs):
+        seeds.append(kwargs["seed"])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(AMVLModel, "forward", recording)
+    train(model, collator, _data(), TrainConfig(steps=2, batch_size=4, micro_batch_size=2,
+                                                log_every=1), progress=False)
+    assert len(seeds) == 4 and len(set(seeds)) == 4
+    assert seeds[0] == step_seed(0, 0, 0)  # the step's first micro-batch: the step's seed
+    with pytest.raises(ValueError, match="micro_batch_size 5 is larger than batch_size 4"):
+        TrainConfig(batch_size=4, micro_batch_size=5)
+    for bad in (0, 1.5, "2"):
+        with pytest.raises(ValueError, match="micro_batch_size must be an int >= 1"):
+            TrainConfig(batch_size=4, micro_batch_size=bad)
+    with pytest.raises(LaunchError, match="takes 4 of batch_size 4, which micro_batch_size 3 "
+                                          "does not divide"):
+        train(model, collator, _data(), TrainConfig(steps=1, batch_size=4, micro_batch_size=3),
+              progress=False)

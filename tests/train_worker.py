@@ -79,6 +79,8 @@ def main(out: str, mode: str) -> None:
     vision = mode == "vlm"
     model, collator = build(vision)
     config = CONFIG
+    if mode == "accumulate":  # each process's share of 2 in micro-batches of 1
+        config = TrainConfig(**{**CONFIG.__dict__, "micro_batch_size": 1})
     if mode == "compiled":  # TrainConfig.compile around the DDP wrapper
         config = TrainConfig(**{**CONFIG.__dict__, "compile": True})
         real_compile = torch.compile  # AOT eager: Inductor's compile would take minutes here
