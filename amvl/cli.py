@@ -110,6 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     source = data.get("train", "puzzles")
     # before the model loads: a bad record is named in seconds, not after minutes of loading
     jsonl = None if source == "puzzles" else read_jsonl_lines(source)
+    held_out = read_jsonl_lines(data["eval"]) if data.get("eval") else None
     # The heads and the injector (and the tiny model) start from torch's generator: train.seed
     # fixes them as it fixes the rest of the run.
     transformers.set_seed(run["train_config"].seed)
@@ -126,9 +127,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     collator = _collator("train", model, processor, data, cache_images=source == "puzzles")
     if jsonl is not None:  # needs the latent tokens, which the model adds to the tokenizer
         check_jsonl_texts(source, examples, line_numbers, collator)
+    if held_out is not None:
+        check_jsonl_texts(data["eval"], *held_out, collator)
     try:  # train checks the directory again, and the processes accelerate sees
         train(model, collator, examples, run["train_config"], output_dir=out,
-              resume=args.resume, progress=not args.no_progress)
+              resume=args.resume, progress=not args.no_progress,
+              eval_examples=held_out[0] if held_out is not None else None)
     except output_dir_errors as err:
         raise SystemExit(f"amvl train: {err}") from None
     if PartialState().is_main_process:  # under accelerate launch / torchrun: one writer

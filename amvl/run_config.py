@@ -29,7 +29,8 @@ PROMPT_KEYS = ("chat_template", "system_prompt")  # the data keys that format pr
 
 SECTIONS = ("model", "amvl", "train", "data", "output_dir", "eval")
 MODEL_KEYS = ("path", "dtype", "attn_implementation", "hidden_size")
-DATA_KEYS = ("train", "per_family", "max_prompt_tokens", "max_answer_tokens", *PROMPT_KEYS)
+DATA_KEYS = ("train", "eval", "per_family", "max_prompt_tokens", "max_answer_tokens",
+             *PROMPT_KEYS)
 EVAL_KEYS = ("baselines",)
 
 
@@ -81,6 +82,9 @@ def load_run_config(path: str | Path) -> dict:
         raw["train_config"] = TrainConfig(**_section(raw, "train", TrainConfig))
     except (TypeError, ValueError) as err:
         raise SystemExit(f"amvl: {path}: {err}") from None
+    if raw["train_config"].eval_every and not (raw.get("data") or {}).get("eval"):
+        raise SystemExit(f"amvl: {path}: train.eval_every validates on data.eval, which is "
+                         "not set")
     return raw
 
 
@@ -119,6 +123,9 @@ def _check_data_values(path: Path, data: dict) -> None:
     if "train" in data and (not isinstance(data["train"], str) or not data["train"]):
         raise SystemExit(f"amvl: {path}: data.train must be a JSON-lines file or 'puzzles', "
                          f"got {data['train']!r}")
+    if "eval" in data and (not isinstance(data["eval"], str) or not data["eval"]):
+        raise SystemExit(f"amvl: {path}: data.eval must be a JSON-lines file of held-out "
+                         f"examples, got {data['eval']!r}")
     if "per_family" in data and data.get("train", "puzzles") != "puzzles":
         raise SystemExit(f"amvl: {path}: data.per_family sizes the built-in puzzles, but "
                          f"data.train is {data['train']!r}: remove it")

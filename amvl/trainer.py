@@ -34,9 +34,8 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import EvalLoopOutput, TrainOutput, align_special_tokens
 
 from amvl.model import AMVLModel, AMVLOutput
-from amvl.training import recompute_skips_side_effects, step_seed
+from amvl.training import EVAL_STREAM, recompute_skips_side_effects, step_seed
 
-EVAL_STREAM = 1  # step_seed's stream of evaluation seeds
 CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 

@@ -75,6 +75,11 @@ class TrainConfig:
     # needs the "amvl" attention (x's keys kept outside the dropped KV cache); elsewhere steps
     # take the naive path.
     activation_checkpointing: bool = False
+    # With validation examples (train's eval_examples, amvl train's data.eval): validate every
+    # eval_every steps (0: after the last step only), eval_batch_size examples a forward on
+    # each process (None: micro_batch_size, else the process's share of a step).
+    eval_every: int = 0
+    eval_batch_size: int | None = None
     # Run each step's forward and backward as torch.compile graphs: far less host work a step
     # (one graph each instead of an autograd node and a Python call per operator), after a
     # compile on the first step and one more when lengths first change.
@@ -86,11 +91,14 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig: {message}")
 
         check_types(self, integers={"steps": 1, "batch_size": 1, "warmup_steps": 0, "seed": 0,
-                                    "log_every": 1, "save_every": 0, "save_total_limit": 0},
+                                    "log_every": 1, "save_every": 0, "save_total_limit": 0,
+                                    "eval_every": 0},
                     reals=("learning_rate", "weight_decay", "max_grad_norm"),
                     flags=("activation_checkpointing", "compile"))
         for name in ("steps", "batch_size", "log_every"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_batch_size is not None:
+            check_types(self, integers={"eval_batch_size": 1}, reals=(), flags=())
         if self.micro_batch_size is not None:
             check_types(self, integers={"micro_batch_size": 1}, reals=(), flags=())
             require(self.micro_batch_size <= self.batch_size,
@@ -131,6 +139,9 @@ def batch_indices(n_examples: int, batch_size: int, step: int, seed: int) -> lis
         out += order[offset:offset + take].tolist()
         position += take
     return out
+
+
+EVAL_STREAM = 1  # step_seed's stream of evaluation seeds
 
 
 def step_seed(seed: int, step: int, rank: int, stream: int = 0, micro: int = 0) -> int:
@@ -323,6 +334,21 @@ def _decay_groups(model, weight_decay: float) -> list[dict]:
 HISTORY_NAME = "history.jsonl"
 
 
+def _validation_entry(step: int, accelerator: Accelerator, model: AMVLModel,
+                      collator: AMVLCollator, examples: Sequence[dict], batch_size: int,
+                      seed: int) -> dict:
+    """A history entry of :mod:`amvl.validation`'s metrics after ``step`` steps: each process
+    validates every ``world``-th example, and the sums are added up across processes."""
+    from amvl.validation import validation_metrics, validation_sums
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    sums = validation_sums(model, collator, examples[rank::world], batch_size, seed, rank)
+    if world > 1:
+        sums = accelerator.reduce(sums, "sum")
+    return {"step": step, **{f"eval/{key}": value
+                             for key, value in validation_metrics(sums).items()}}
+
+
 def _write_history(out: Path, history: list[dict]) -> None:
     """The whole logged history so far as ``out/history.jsonl``, one entry a line, replaced
     atomically: it outlives pruned checkpoints, and a resumed run rewrites it from the
@@ -353,12 +379,16 @@ def _warn_low_precision_weights(params: list[torch.Tensor], config: TrainConfig)
 def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
           config: TrainConfig, output_dir: str | Path | None = None, resume: bool = False,
           on_log: Callable[[dict], None] | None = None, progress: bool = True,
-          accelerator: Accelerator | None = None) -> list[dict]:
+          accelerator: Accelerator | None = None,
+          eval_examples: Sequence[dict] | None = None) -> list[dict]:
     """Train ``model`` (an :class:`amvl.model.AMVLModel`) and return the logged history.
 
     Each history entry holds the step, the learning rate and the objective's metrics averaged
-    over the ``log_every`` steps before it; with an ``output_dir`` the main process also keeps
-    the history so far in ``output_dir/history.jsonl``. ``resume=True`` continues from the
+    over the ``log_every`` steps before it; with ``eval_examples``, validation entries hold
+    the step and :mod:`amvl.validation`'s metrics as ``eval/<name>`` (``eval/nll``,
+    ``eval/nll_prior``, ...), every ``config.eval_every`` steps and after the last, each
+    process validating a share of the examples. With an ``output_dir`` the main process also
+    keeps the history so far in ``output_dir/history.jsonl``; ``on_log`` gets every entry. ``resume=True`` continues from the
     latest checkpoint in ``output_dir``. Trainable bf16/fp16 weights get a warning: AdamW
     updates them without fp32 master weights.
     """
@@ -367,6 +397,8 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
 
     if not examples:
         raise ValueError("train needs at least one example")
+    if config.eval_every and not eval_examples:
+        raise ValueError(f"eval_every={config.eval_every}, but there are no eval_examples")
     if config.batch_size > len(examples):
         warnings.warn(f"batch_size {config.batch_size} is larger than the {len(examples)} "
                       "examples: every batch holds some of them more than once", stacklevel=2)
@@ -404,6 +436,9 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
         raise LaunchError(f"each of the {world} processes takes {per_rank} of batch_size "
                           f"{config.batch_size}, which micro_batch_size {micro} does not divide")
     accumulate = per_rank // micro
+    if eval_examples and len(eval_examples) < world:
+        raise LaunchError(f"{len(eval_examples)} eval_examples for {world} processes: each "
+                          "validates a share of them, so give at least one each")
     torch.manual_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     _warn_low_precision_weights(params, config)
@@ -487,6 +522,20 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
             bar.set_postfix(loss=f"{entry['loss']:.3f}")
             if out is not None and accelerator.is_main_process:
                 _write_history(out, history)
+            if on_log is not None:
+                on_log(entry)
+        if eval_examples and ((config.eval_every and (step + 1) % config.eval_every == 0)
+                              or step + 1 == config.steps):
+            entry = _validation_entry(step + 1, accelerator, accelerator.unwrap_model(wrapped),
+                                      collator, eval_examples,
+                                      config.eval_batch_size or micro, config.seed)
+            history.append(entry)
+            if progress and rank == 0:
+                bar.write("step {}: {}".format(step + 1, ", ".join(
+                    f"{key} {entry[key]:.4f}" for key in ("eval/loss", "eval/nll",
+                                                          "eval/nll_prior"))))
+            if out is not None and accelerator.is_main_process:
+                _write_history(out, history)  # before the step's save: the checkpoint has it
             if on_log is not None:
                 on_log(entry)
         save_now = config.save_every and (step + 1) % config.save_every == 0

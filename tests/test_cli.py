@@ -172,6 +172,9 @@ def test_amvl_attention_from_the_run_config():
     ("model: {path: /models/x, hidden_size: 64}", "hidden_size is for model.path tiny"),
     ("model: {path: tiny-qwen2-vl}\noutput_dir: [a]", "output_dir must be a path"),
     ("model: {path: tiny-qwen2-vl}\ndata: {chat_template: 1}", "data.chat_template must be"),
+    ("model: {path: tiny-qwen2-vl}\ndata: {eval: [a]}", "data.eval must be a JSON-lines"),
+    ("model: {path: tiny-qwen2-vl}\ntrain: {eval_every: 5}",
+     "train.eval_every validates on data.eval, which is not set"),
     ("model: {path: tiny-qwen2-vl}\ndata: {chat_template: none.jinja}",
      "data.chat_template: no file none.jinja"),
     ("model: {path: tiny-qwen2-vl}\ndata: {system_prompt: be brief}",
@@ -832,3 +835,34 @@ def test_jsonl_encodings_named_by_line(tmp_path):
     path.write_text(line + "\n" + '{"question": "a \\ud83d b", "answer": "one"}\n')
     with pytest.raises(SystemExit, match="line 2: 'question' holds an unpaired surrogate"):
         read_jsonl(path)
+
+
+def test_train_validates_on_held_out_data(tmp_path, capsys):
+    """data.eval and train.eval_every: validation entries (eval/nll, eval/nll_prior, ...) in
+    history.jsonl at every eval_every steps and the last, a line each on the console."""
+    from amvl.puzzles import puzzle_suite
+
+    records = []
+    for i, puzzle in enumerate(puzzle_suite("test", 1)[:3]):
+        puzzle["images"][0].save(tmp_path / f"v{i}.png")
+        records.append({"images": [f"v{i}.png"], "question": puzzle["question"],
+                        "answer": puzzle["answer"]})
+    held_out = _write_jsonl(tmp_path / "held_out.jsonl", records)
+    config = _run_config(tmp_path, steps=3, save_every=3)
+    run = yaml.safe_load(Path(config).read_text())
+    run["data"]["eval"] = str(held_out)
+    run["train"]["eval_every"] = 2
+    Path(config).write_text(yaml.safe_dump(run))
+    assert main(["train", "--config", config]) == 0
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text()
+               .splitlines()]
+    evals = [e for e in history if "eval/nll_prior" in e]
+    assert [e["step"] for e in evals] == [2, 3]
+    assert all(e["eval/nll"] > 0 and e["eval/kl_fwd"] >= 0 for e in evals)
+    printed = capsys.readouterr()
+    assert "step 2: eval/loss" in printed.out + printed.err
+    _write_jsonl(held_out, [{"question": "how many <lat> cells", "answer": "one"}])
+    run["output_dir"] = str(tmp_path / "other")
+    Path(config).write_text(yaml.safe_dump(run))
+    with pytest.raises(SystemExit, match="held_out.jsonl line 1: the question spells"):
+        main(["train", "--config", config, "--no-progress"])

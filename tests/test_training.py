@@ -350,6 +350,18 @@ def test_two_processes_train_like_one(tmp_path, mode):
     assert two.keys() == one.keys()
     for name, tensor in one.items():
         torch.testing.assert_close(two[name], tensor, rtol=1e-9, atol=1e-11, msg=name)
+    if mode == "accumulate":  # validated in shares: the sums added up are one process's
+        from amvl.validation import validate
+
+        model, collator = train_worker.build(False)
+        model.load_state_dict(one, strict=False)
+        held_out = train_worker.examples(False)[:5]
+        (entry,) = [e for e in json.loads((tmp_path / "history.json").read_text())
+                    if "eval/nll" in e]
+        want = validate(model, collator, held_out, batch_size=3, progress=False)
+        assert entry["step"] == train_worker.CONFIG.steps
+        assert entry["eval/nll"] == pytest.approx(want["nll"], rel=1e-9)
+        assert entry["eval/nll_prior"] == pytest.approx(want["nll_prior"], rel=1e-9)
 
 
 def test_processes_accelerate_does_not_see_are_refused(tmp_path):
@@ -471,3 +483,41 @@ def test_micro_batches_draw_their_own_noise_and_bad_sizes_are_refused(monkeypatc
                                           "does not divide"):
         train(model, collator, _data(), TrainConfig(steps=1, batch_size=4, micro_batch_size=3),
               progress=False)
+
+
+def test_validation_entries_in_the_history_and_checkpoints(tmp_path):
+    """Validation every eval_every steps and after the last: entries of eval/* metrics equal
+    to amvl.validation's on the model at that step, kept in history.jsonl and in the
+    checkpoints, and resumed like the rest."""
+    from amvl.validation import validate
+
+    held_out = _data(14)[10:]
+    config = TrainConfig(steps=5, batch_size=4, learning_rate=5e-3, log_every=2, save_every=3,
+                         eval_every=2, seed=1)
+    model, collator = _model()
+    stops = []
+    history = train(model, collator, _data(), config, output_dir=tmp_path, progress=False,
+                    eval_examples=held_out, on_log=stops.append)
+    evals = [e for e in history if "eval/nll" in e]
+    assert [e["step"] for e in evals] == [2, 4, 5]
+    assert {"eval/loss", "eval/kl_fwd", "eval/kl_rev", "eval/nll_prior"} <= evals[-1].keys()
+    want = validate(model, collator, held_out, batch_size=4, seed=1, progress=False)
+    assert evals[-1] == {"step": 5, **{f"eval/{k}": pytest.approx(v, rel=1e-6)
+                                       for k, v in want.items()}}
+    assert stops == history  # on_log gets the validation entries too
+    logged = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text()
+              .splitlines()]
+    assert logged == history
+    state = json.loads((tmp_path / "checkpoint-3" / "state.json").read_text())
+    assert [e["step"] for e in state["history"] if "eval/nll" in e] == [2]
+    # resumed from checkpoint-3: the same entries after it
+    import shutil
+
+    shutil.rmtree(tmp_path / "checkpoint-5")
+    resumed, collator = _model()
+    again = train(resumed, collator, _data(), config, output_dir=tmp_path, resume=True,
+                  progress=False, eval_examples=held_out)
+    assert [e["step"] for e in again] == [e["step"] for e in history]
+    assert again[-1] == pytest.approx(history[-1], rel=1e-9)
+    with pytest.raises(ValueError, match="eval_every=2, but there are no eval_examples"):
+        train(model, collator, _data(), config, progress=False)

@@ -7,6 +7,7 @@ Qwen2-VL on examples of which half have no image, so a share can leave the visio
 without gradients. Rank 0 writes the parameters to OUT/params.safetensors.
 """
 
+import json
 import os
 import sys
 
@@ -85,7 +86,10 @@ def main(out: str, mode: str) -> None:
         config = TrainConfig(**{**CONFIG.__dict__, "compile": True})
         real_compile = torch.compile  # AOT eager: Inductor's compile would take minutes here
         torch.compile = lambda module: real_compile(module, backend="aot_eager")
-    train(model, collator, examples(vision), config, progress=False)
+    # "accumulate" validates too: each process a share of the examples, the sums added up
+    held_out = examples(vision)[:5] if mode == "accumulate" else None
+    history = train(model, collator, examples(vision), config, progress=False,
+                    eval_examples=held_out)
     if mode == "compiled":
         from torch._dynamo.utils import counters
 
@@ -94,6 +98,8 @@ def main(out: str, mode: str) -> None:
     if dist.get_rank() == 0:
         save_file({n: p.detach().contiguous() for n, p in model.named_parameters()},
                   os.path.join(out, "params.safetensors"))
+        with open(os.path.join(out, "history.json"), "w") as file:
+            json.dump(history, file)
     dist.barrier()
     dist.destroy_process_group()
 
