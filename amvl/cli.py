@@ -207,6 +207,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         results[name] = evaluation.evaluate_benchmark(model, collator, examples,
                                                       batch_size=args.batch_size,
                                                       progress=not args.no_progress)
+        if args.diagnostics and model.objective.latent_source != "none":
+            from amvl.diagnostics import leakage_report
+
+            results[name]["diagnostics"] = leakage_report(
+                model, collator, examples, batch_size=args.batch_size,
+                progress=not args.no_progress, group_key="subtask")
         del model
         if args.out:  # after every model: a failure later keeps what finished
             Path(args.out).write_text(json.dumps(results, indent=1, default=str))
@@ -215,6 +221,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"{args.out}")
     else:
         print(evaluation.format_accuracy_table(results, args.benchmark))
+    reports = {name: result["diagnostics"] for name, result in results.items()
+               if "diagnostics" in result}
+    if reports:
+        from amvl.diagnostics import format_leakage_table
+
+        print("\n" + format_leakage_table(reports))
     return 0
 
 
@@ -401,6 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="load the records without answers and write predictions only (BLINK's "
                          "test split, whose answers are withheld); needs --out")
     ev.add_argument("--batch-size", type=_positive, default=8)
+    ev.add_argument("--diagnostics", action="store_true",
+                    help="also the leakage diagnostics of each model with latents (accuracy "
+                         "with prior vs posterior latents, flip rates, probes, per-slot KL; "
+                         "amvl.diagnostics.leakage_report), about five times the scoring")
     ev.add_argument("--out", help="write the results as JSON here")
     gen = sub.add_parser("generate", help="answer a JSON-lines file's questions from prior "
                          "latents")
@@ -449,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "eval" and args.unlabelled and args.benchmark != "blink":
         raise SystemExit("amvl eval: --unlabelled is for BLINK's test split; the other "
                          "benchmarks' records carry their answers")
+    if args.command == "eval" and args.unlabelled and args.diagnostics:
+        raise SystemExit("amvl eval: --diagnostics compares latents on the gold answers, "
+                         "which --unlabelled records lack")
     if args.command == "eval" and args.unlabelled and not args.out:
         raise SystemExit("amvl eval: --unlabelled writes predictions only; give --out")
     if args.command == "eval" and args.unlabelled:

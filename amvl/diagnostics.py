@@ -284,3 +284,48 @@ def leakage_report(model: AMVLModel, collator: AMVLCollator, examples: Sequence[
         report[f"kl_fwd/slot{k}"] = float(per_slot_fwd[k])
         report[f"kl_rev/slot{k}"] = float(per_slot_rev[k])
     return report
+
+
+# (header, report key, format) of format_leakage_table's columns
+_TABLE_COLUMNS = (("acc prior", "acc_prior", "pct"), ("acc posterior", "acc_posterior", "pct"),
+                  ("leakage gap", "leakage_gap", "pct"), ("NLL prior", "nll_prior", "nats"),
+                  ("NLL posterior", "nll_posterior", "nats"),
+                  ("flip zeroed", "flip_zeroed", "pct"), ("flip noised", "flip_noised", "pct"),
+                  ("flip swapped", "flip_swapped", "pct"),
+                  ("probe q draws", "probe_posterior_sampled", "pct"),
+                  ("probe p means", "probe_prior", "pct"),
+                  ("active slots", "active_slots", "count"), ("cos p", "cosine_prior", "nats"))
+
+
+def format_leakage_table(reports: dict[str, dict]) -> str:
+    """The headline numbers of :func:`leakage_report` for several models, one row each, as an
+    aligned markdown table: accuracies, the leakage gap, flip rates and probe accuracies in
+    percent, gold-answer NLLs and the prior means' mean cosine similarity to three decimals,
+    active slots as a count; "-" where a model has no such quantity (no posterior)."""
+    if not reports:
+        raise ValueError("no diagnostics to tabulate")
+
+    def cell(value: float, kind: str) -> str:
+        if value is None or not np.isfinite(value):
+            return "-"
+        return {"pct": f"{100 * value:.1f}", "nats": f"{value:.3f}",
+                "count": f"{value:g}"}[kind]
+
+    header = ["Model", *(h for h, _, _ in _TABLE_COLUMNS)]
+    rows = [[name.replace("|", "\\|"), *(cell(report.get(key), kind)
+                                          for _, key, kind in _TABLE_COLUMNS)]
+            for name, report in reports.items()]
+    widths = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) if j == 0 else c.rjust(w)
+                                 for j, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 2)) if j == 0 else ("-" * (w + 1) + ":")
+                          for j, w in enumerate(widths)) + "|"
+    caption = ("Leakage diagnostics: accuracy (%) with prior latents (mu_p, as inference) and "
+               "posterior latents (mu_q, from the gold answer) and their gap; gold-answer NLLs; "
+               "prior predictions flipped (%) by zeroed, noised or swapped latents; linear probes "
+               "of the answer (%) from posterior draws and prior means; active slots; mean "
+               "cosine of the prior means.")
+    return "\n".join([caption, "", line(header), rule, *(line(r) for r in rows)])

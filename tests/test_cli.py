@@ -866,3 +866,36 @@ def test_train_validates_on_held_out_data(tmp_path, capsys):
     Path(config).write_text(yaml.safe_dump(run))
     with pytest.raises(SystemExit, match="held_out.jsonl line 1: the question spells"):
         main(["train", "--config", config, "--no-progress"])
+
+
+def test_eval_diagnostics_report_leakage_beside_accuracy(tmp_path, capsys):
+    """--diagnostics: each model with latents also gets amvl.diagnostics.leakage_report (in
+    --out and as a second table); its prior-latent accuracy is the benchmark's overall
+    accuracy; a model without latents gets none."""
+    config = _run_config(tmp_path, steps=2, save_every=2)
+    assert main(["train", "--config", config, "--no-progress"]) == 0
+    baseline = yaml.safe_load(Path(config).read_text())
+    baseline["amvl"]["objective"] = "none"
+    baseline["output_dir"] = str(tmp_path / "none")
+    (tmp_path / "none.yaml").write_text(yaml.safe_dump(baseline))
+    assert main(["train", "--config", str(tmp_path / "none.yaml"), "--no-progress"]) == 0
+    run = yaml.safe_load(Path(config).read_text())
+    run["eval"] = {"baselines": {"none": str(tmp_path / "none" / "final")}}
+    Path(config).write_text(yaml.safe_dump(run))
+    capsys.readouterr()
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--config", config, "--benchmark", "puzzles", "--diagnostics",
+                 "--out", str(out), "--no-progress"]) == 0
+    results = json.loads(out.read_text())
+    ours = results["final (prior latents)"]
+    assert "diagnostics" not in results["none"]
+    report = ours["diagnostics"]
+    assert report["acc_prior"] == pytest.approx(ours["overall"])
+    assert {"acc_posterior", "leakage_gap", "flip_swapped", "probe_posterior_sampled",
+            "acc_prior/counting"} <= report.keys()
+    printed = capsys.readouterr().out
+    table = printed[printed.index("Leakage diagnostics"):]
+    assert "| final (prior latents) |" in table and "| none |" not in table
+    with pytest.raises(SystemExit, match="--diagnostics compares latents on the gold answers"):
+        main(["eval", "--benchmark", "blink", "--data", str(tmp_path), "--split", "test",
+              "--unlabelled", "--diagnostics", "--out", str(out), "--checkpoint", "x"])

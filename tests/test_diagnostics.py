@@ -353,3 +353,23 @@ def test_plots_close_their_figures_even_when_they_fail(tmp_path):
     with pytest.raises(ValueError, match="at least one report"):
         plots.leakage_gap({}, tmp_path)
     assert plt.get_fignums() == []
+
+
+def test_leakage_table_formats_each_kind_and_marks_what_a_model_lacks():
+    from amvl.diagnostics import format_leakage_table
+
+    report = {"acc_prior": 0.5, "acc_posterior": 0.875, "leakage_gap": 0.375,
+              "nll_prior": 1.23456, "nll_posterior": float("nan"), "flip_zeroed": 0.0,
+              "flip_noised": 0.25, "flip_swapped": 1.0, "probe_posterior_sampled": 0.3333,
+              "probe_prior": 0.5, "active_slots": 3.0, "cosine_prior": 0.9876}
+    table = format_leakage_table({"amvl | run": report,
+                                  "prior": {**report, "acc_posterior": float("nan")}})
+    lines = table.splitlines()
+    assert lines[0].startswith("Leakage diagnostics:")
+    cells = [c.strip() for c in lines[4].strip("|").split(" | ")]
+    assert cells == ["amvl \\| run", "50.0", "87.5", "37.5", "1.235", "-", "0.0", "25.0",
+                     "100.0", "33.3", "50.0", "3", "0.988"]
+    assert [c.strip() for c in lines[5].strip("|").split(" | ")][2] == "-"
+    assert len({len(line) for line in lines[2:]}) == 1  # aligned
+    with pytest.raises(ValueError, match="no diagnostics"):
+        format_leakage_table({})
