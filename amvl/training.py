@@ -342,7 +342,9 @@ def _validation_entry(step: int, accelerator: Accelerator, model: AMVLModel,
     from amvl.validation import validation_metrics, validation_sums
 
     world, rank = accelerator.num_processes, accelerator.process_index
-    sums = validation_sums(model, collator, examples[rank::world], batch_size, seed, rank)
+    with accelerator.autocast():  # as the training forward (patched by prepare) runs: the
+        # objective and nll_prior (heads / answer_nll, not patched) in the same precision
+        sums = validation_sums(model, collator, examples[rank::world], batch_size, seed, rank)
     if world > 1:
         sums = accelerator.reduce(sums, "sum")
     return {"step": step, **{f"eval/{key}": value
@@ -436,6 +438,11 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
         raise LaunchError(f"each of the {world} processes takes {per_rank} of batch_size "
                           f"{config.batch_size}, which micro_batch_size {micro} does not divide")
     accumulate = per_rank // micro
+    if model.config.free_bits > 0 and model.config.objective in ("amvl", "elbo") \
+            and world * accumulate > 1:
+        warnings.warn(f"free_bits={model.config.free_bits} clamps each forward's batch-mean KL "
+                      f"per slot: with {world * accumulate} forwards a step (processes x "
+                      "micro-batches) the step is not the whole batch's", stacklevel=2)
     if eval_examples and len(eval_examples) < world:
         raise LaunchError(f"{len(eval_examples)} eval_examples for {world} processes: each "
                           "validates a share of them, so give at least one each")
@@ -530,7 +537,7 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
                                       collator, eval_examples,
                                       config.eval_batch_size or micro, config.seed)
             history.append(entry)
-            if progress and rank == 0:
+            if rank == 0:  # tqdm.write prints plainly when the bar is disabled
                 bar.write("step {}: {}".format(step + 1, ", ".join(
                     f"{key} {entry[key]:.4f}" for key in ("eval/loss", "eval/nll",
                                                           "eval/nll_prior"))))

@@ -7,12 +7,16 @@ Two kinds of numbers, side by side, so the leakage AMVL is about can be watched 
   values), with the decoder's NLL from the latents the objective trains it on (posterior
   draws for "amvl" and "elbo");
 - ``nll_prior``: the answers' NLL decoded from the prior's means, what inference decodes
-  from (``generate``'s default). ``nll_prior - nll`` is the price of answering without the
+  from with ``latent="mean"`` (``generate``'s default), whatever the config's inference
+  setting. ``nll_prior - nll`` is the price of answering without the
   answer in view; a posterior that leaks the answer into z makes ``nll`` small and this gap
   large. For "prior" and "none" the two differ only by the prior's noise (none for "none").
 
-Both NLLs are means over all answer tokens, the other metrics means over examples, and
-``loss`` is ``nll`` plus the mean over examples of the rest of the objective.
+The NLLs are means over all answer tokens, the other metrics means over examples, and
+``loss`` is the objective's NLL terms (``nll``, plus ``gamma`` times ``nll_prior_draw``, the
+prior-path NLL from a prior draw, when gamma > 0) over tokens plus the rest of it over
+examples. ``nll_prior`` does not depend on the batching; the others' noise is drawn per batch,
+so they move a little with the batch size and the number of processes.
 :func:`validation_sums` returns the sums behind them, for processes to add up before
 :func:`validation_metrics` divides.
 """
@@ -34,6 +38,7 @@ if TYPE_CHECKING:
 
 _EXAMPLES, _TOKENS = "_examples", "_tokens"  # the counts among the sums
 _BEYOND_NLL = "_loss_beyond_nll"  # the loss's KL terms, a mean over examples
+_LOSS_NLL = "_loss_nll"  # the loss's NLL terms (nll + gamma nll_prior_draw), token means
 
 
 @torch.no_grad()
@@ -64,10 +69,17 @@ def validation_sums(model: AMVLModel, collator: AMVLCollator, examples: Sequence
         tokens = batch["answer_mask"].sum(1)
         out = model(**batch, step=None,  # step=None: the full KL weight
                     seed=step_seed(seed, index, rank, stream=EVAL_STREAM))
-        for key, value in out.metrics.tensors().items():
+        metrics = out.metrics.tensors()
+        # gamma > 0: the forward's own "nll_prior" decodes a prior *draw*; kept apart from
+        # nll_prior (the prior's *means*, below), token-weighted like "nll"
+        token_terms = metrics["nll"] + model.config.gamma * metrics.get("nll_prior", 0.0)
+        for key, value in metrics.items():
             # per-slot values are diagnostics, and the KL weight is 1 here
-            if key == "loss":  # its NLL a token mean like "nll", the rest an example mean
-                add(_BEYOND_NLL, (value - out.metrics.tensors()["nll"]) * n)
+            if key == "loss":  # its NLL terms token means, the rest an example mean
+                add(_BEYOND_NLL, (value - token_terms) * n)
+                add(_LOSS_NLL, token_terms * tokens.sum())
+            elif key == "nll_prior":
+                add("nll_prior_draw", value * tokens.sum())
             elif "/slot" not in key and key != "kl_weight":
                 add(key, value * (tokens.sum() if key == "nll" else n))
         add("nll_prior", (_prior_nll(model, batch) * tokens).sum())
@@ -93,7 +105,7 @@ def validation_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
     examples, tokens = float(sums[_EXAMPLES]), float(sums[_TOKENS])
     metrics = {key: float(value) / (tokens if key.startswith("nll") else examples)
                for key, value in sums.items() if not key.startswith("_")}
-    metrics["loss"] = metrics["nll"] + float(sums[_BEYOND_NLL]) / examples
+    metrics["loss"] = float(sums[_LOSS_NLL]) / tokens + float(sums[_BEYOND_NLL]) / examples
     return metrics
 
 
