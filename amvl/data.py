@@ -344,6 +344,15 @@ class AMVLCollator:
         if not has_answer:
             raise ValueError(f"{where}: the answer is empty and there is no EOS token")
 
+    def answer_tokens(self, examples: Sequence[dict]) -> int:
+        """How many answer tokens (EOS included) a batch of ``examples`` holds, counted from
+        the answers' text alone: what ``answer_mask.sum()`` of their batch is, without
+        processing any image (a training step counts its micro-batches' tokens first)."""
+        eos = int(self.tokenizer.eos_token_id is not None)
+        limit = self.max_answer_tokens
+        return sum(min(len(self._text_ids(ex["answer"])), limit or 1 << 62) + eos
+                   for ex in examples)
+
     def check_examples(self, examples: Sequence[dict],
                        names: Sequence[str] | None = None) -> None:
         """Refuse the first of ``examples`` that a batch would refuse for its text, without

@@ -390,9 +390,9 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
     the step and :mod:`amvl.validation`'s metrics as ``eval/<name>`` (``eval/nll``,
     ``eval/nll_prior``, ...), every ``config.eval_every`` steps and after the last, each
     process validating a share of the examples. With an ``output_dir`` the main process also
-    keeps the history so far in ``output_dir/history.jsonl``; ``on_log`` gets every entry. ``resume=True`` continues from the
-    latest checkpoint in ``output_dir``. Trainable bf16/fp16 weights get a warning: AdamW
-    updates them without fp32 master weights.
+    keeps the history so far in ``output_dir/history.jsonl``; ``on_log`` gets every entry.
+    ``resume=True`` continues from the latest checkpoint in ``output_dir``. Trainable
+    bf16/fp16 weights get a warning: AdamW updates them without fp32 master weights.
     """
     from accelerate import Accelerator
     from transformers import get_scheduler
@@ -489,16 +489,21 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
         wrapped.train()  # each step: an on_log callback may have evaluated the model
         indices = batch_indices(len(examples), config.batch_size, step, config.seed)
         mine = [examples[i] for i in indices[rank * per_rank:(rank + 1) * per_rank]]
-        batches = [collator(mine[i:i + micro]) for i in range(0, per_rank, micro)]  # host
-        tokens = None
+        tokens, batches = None, None
         if world > 1 or accumulate > 1:
             # each micro-batch's NLL over the mean answer tokens of the step's micro-batches
             # on all processes, so the step's loss is the token mean over its whole batch
-            tokens = torch.tensor(float(sum(b["answer_mask"].sum() for b in batches)),
-                                  device=device)
+            if hasattr(collator, "answer_tokens"):  # counted from the answers' text alone,
+                count = collator.answer_tokens(mine)  # each micro-batch built when it runs
+            else:  # a collator of the caller's own: the step's micro-batches built first
+                batches = [collator(mine[i * micro:(i + 1) * micro]) for i in range(accumulate)]
+                count = sum(int(b["answer_mask"].sum()) for b in batches)
+            tokens = torch.tensor(float(count), device=device)
             tokens = (accelerator.reduce(tokens, "sum") if world > 1 else tokens) \
                 / (world * accumulate)
-        for i, batch in enumerate(batches):
+        for i in range(accumulate):
+            batch = batches[i] if batches is not None \
+                else collator(mine[i * micro:(i + 1) * micro])
             batch = {k: v.to(device) for k, v in batch.items()}
             # DDP averages the gradients across processes at the step's last micro-batch only
             last = i + 1 == accumulate

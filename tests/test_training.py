@@ -595,3 +595,23 @@ def test_validation_in_mixed_precision_and_on_the_console(capsys):
     entry = history[-1]
     assert entry["eval/nll"] == pytest.approx(entry["eval/nll_prior"], abs=1e-6)
     assert "step 1: eval/loss" in capsys.readouterr().out
+
+
+def test_micro_batches_are_built_when_they_run(monkeypatch):
+    """A step counted its micro-batches' answer tokens from their built batches, so the host
+    held every micro-batch (a VLM's processed images) before the first forward; the collator
+    now counts them from the answers' text, exactly as the batches' masks would."""
+    model, collator = _model()
+    collator.max_answer_tokens = 2
+    examples = _ragged_data() + [{"question": "w1", "answer": ""}]
+    with pytest.warns(UserWarning, match="lost its last"):
+        assert collator.answer_tokens(examples) == int(collator(examples)["answer_mask"].sum())
+    events = []
+    real_collate, real_forward = AMVLCollator.__call__, AMVLModel.forward
+    monkeypatch.setattr(AMVLCollator, "__call__", lambda self, ex: events.append("collate")
+                        or real_collate(self, ex))
+    monkeypatch.setattr(AMVLModel, "forward", lambda self, *a, **k: events.append("forward")
+                        or real_forward(self, *a, **k))
+    train(model, collator, _data(), TrainConfig(steps=1, batch_size=4, micro_batch_size=2),
+          progress=False)
+    assert events == ["collate", "forward"] * 2
