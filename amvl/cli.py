@@ -404,9 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", help="a directory written by amvl train: final/, or a "
                     "checkpoint-<step>/ with the run's --config (default: the config's "
                     "output_dir/final)")
-    ev.add_argument("--benchmark", choices=["blink", "visualpuzzles", "puzzles"],
-                    default="puzzles")
-    ev.add_argument("--data", help="benchmark files on disk")
+    ev.add_argument("--benchmark", choices=["blink", "visualpuzzles", "puzzles", "jsonl"],
+                    default="puzzles",
+                    help="jsonl: multiple-choice records of one's own, {\"question\", "
+                         "\"choices\": [...], \"answer\", \"images\": [...] (optional), "
+                         "\"subtask\" (optional)} a line (amvl.evaluation.load_choices)")
+    ev.add_argument("--data", help="benchmark files on disk (for jsonl: the file)")
     ev.add_argument("--split", help="default: val for BLINK, the file's for VisualPuzzles, "
                     "test for the puzzles")
     ev.add_argument("--unlabelled", action="store_true",
@@ -457,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{args.benchmark}")
     if args.command == "eval" and args.benchmark == "puzzles" and args.data:
         raise SystemExit("amvl eval: --benchmark puzzles builds its own examples; --data is "
-                         "for blink and visualpuzzles")
+                         "for blink, visualpuzzles and jsonl")
     if args.command == "eval" and args.out:
         _check_output_file("eval", args.out)
     if args.command == "eval" and not (args.config or args.checkpoint):

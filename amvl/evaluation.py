@@ -96,7 +96,8 @@ BLINK_SUBTASKS: dict[str, str] = {
     "IQ_Test": "IQ",
 }
 VISUALPUZZLES_CATEGORIES = ("Algorithmic", "Analogical", "Deductive", "Inductive", "Spatial")
-BENCHMARKS = ("blink", "visualpuzzles", "puzzles")  # puzzles: the built-in suite (amvl.puzzles)
+# puzzles: the built-in suite (amvl.puzzles); jsonl: multiple-choice records of one's own
+BENCHMARKS = ("blink", "visualpuzzles", "puzzles", "jsonl")
 DATA_SUFFIXES = (".parquet", ".json", ".jsonl")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 BLINK_IMAGE_FIELDS = ("image_1", "image_2", "image_3", "image_4")
@@ -267,7 +268,9 @@ def _read_records(file: Path) -> list:
         except json.JSONDecodeError as err:
             raise ValueError(f"{file}: invalid JSON at line {err.lineno}: {err.msg}") from err
     records = []  # JSON Lines, which is also what `datasets` writes to a ".json" file
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # lines end at "\n" only: splitlines() also breaks at U+2028 and the like, which a JSON
+    # string may hold as they are
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -514,13 +517,69 @@ def load_visualpuzzles(path: str | os.PathLike, split: str | None = None,
     return examples
 
 
+def _choices_example(file: Path, row: int, record) -> dict:
+    r = _Row(file, row, dict(record, id=record.get("id", row)) if isinstance(record, dict)
+             else record, "id")
+    question, choices = r.text("question"), r.strings("choices")
+    if len(set(choices)) != len(choices):
+        r.fail(f"'choices' holds the same text twice: {choices!r:.80}")
+    answer = r.text("answer")
+    if answer not in choices:  # else a label, "(B)" or "B", of the choice it names
+        label = re.fullmatch(r"\(([A-Za-z])\)|([A-Za-z])", answer.strip())
+        index = LETTERS.index((label.group(1) or label.group(2)).upper()) if label else None
+        if index is None or index >= len(choices):
+            r.fail(f"'answer' {answer!r} is none of the choices {choices!r:.80} nor the label "
+                   f"of one ({', '.join(_labels(len(choices)))})")
+        answer = choices[index]
+    subtask = record.get("subtask", "all")
+    if not isinstance(subtask, str) or not subtask:
+        r.fail(f"'subtask' must be a non-empty string, got {subtask!r:.80}")
+    images = record.get("images") or []
+    if not isinstance(images, list):
+        r.fail(f"'images' must be a list, got {type(images).__name__}")
+    return {"id": r.id, "subtask": subtask,
+            "images": [r.image(f"images[{i}]", image) for i, image in enumerate(images)],
+            "question": question, "choices": choices, "answer": answer,
+            "source": f"{file} row {row}"}
+
+
+def load_choices(path: str | os.PathLike) -> list[dict]:
+    """Multiple-choice examples of one's own from a JSON-lines (or JSON array) file.
+
+    A record is ``{"question": str, "choices": [str, ...], "answer": str}`` with optional
+    ``"images"`` (paths relative to the file, or what BLINK's loader takes: bytes, base64,
+    ``{"bytes"}`` objects), ``"subtask"`` (default "all") and ``"id"`` (default: its row).
+    The question is used as written (list the options in it as the model was trained to see
+    them); each choice's text is scored as the answer. ``answer`` is one of the choices, or
+    the label of one ("(B)" or "B") when no choice reads so.
+
+    Raises:
+        FileNotFoundError: no such file.
+        BenchmarkRecordError: a malformed record (names file, row and id).
+        ValueError: an empty file, ids loaded twice.
+    """
+    file = _existing(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is a folder; give the JSON-lines file itself")
+    examples = [_choices_example(file, row, record)
+                for row, record in enumerate(_read_records(file))]
+    _check_subtasks_present(examples, [], file)
+    _check_unique_ids(examples)
+    return examples
+
+
 def load_benchmark(benchmark: str, path: str | os.PathLike, split: str | None = None,
                    **kwargs) -> list[dict]:
-    """:func:`load_blink` or :func:`load_visualpuzzles` by name ("blink" | "visualpuzzles");
+    """:func:`load_blink`, :func:`load_visualpuzzles` or :func:`load_choices` by name
+    ("blink" | "visualpuzzles" | "jsonl"), or the built-in puzzles' ``split`` ("puzzles");
     ``split=None`` takes each loader's default."""
     name = _benchmark_key(benchmark)
     if name == "blink":
         return load_blink(path, split or "val", **kwargs)
+    if name == "jsonl":
+        if split is not None:
+            raise ValueError("a JSON-lines file of one's own has no splits: give the file")
+        return load_choices(path, **kwargs)
     if name == "puzzles":  # generated, not read: ``path`` is unused
         from amvl.puzzles import puzzle_suite
 
@@ -729,6 +788,8 @@ def format_accuracy_table(results_by_model: dict[str, dict], benchmark: str) -> 
 
         columns = {f: f for f in FAMILIES}
         average, title = ("Avg", "mean_over_subtasks"), "amvl puzzles"
+    elif key == "jsonl":  # the subtasks the file has
+        columns, average, title = {}, ("Overall", "overall"), "multiple choice"
     else:
         columns = {c: c for c in VISUALPUZZLES_CATEGORIES}
         average, title = ("Overall", "overall"), "VisualPuzzles"
@@ -761,8 +822,9 @@ def format_accuracy_table(results_by_model: dict[str, dict], benchmark: str) -> 
 
     rule = "|" + "|".join(("-" * (w + 2)) if j == 0 else ("-" * (w + 1) + ":")
                           for j, w in enumerate(widths)) + "|"
-    unit, explain = ("category", "accuracy over all puzzles") if key == "visualpuzzles" else \
-        ("subtask", "unweighted mean over subtasks")
+    unit, explain = {"visualpuzzles": ("category", "accuracy over all puzzles"),
+                     "jsonl": ("subtask", "accuracy over all examples")}.get(
+        key, ("subtask", "unweighted mean over subtasks"))
     caption = f"{title}: accuracy (%) per {unit}; {average[0]} = {explain}."
     return "\n".join([caption, "", line(header), rule, *(line(r) for r in rows),
                       *([""] + notes if notes else [])])

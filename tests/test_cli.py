@@ -899,3 +899,39 @@ def test_eval_diagnostics_report_leakage_beside_accuracy(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--diagnostics compares latents on the gold answers"):
         main(["eval", "--benchmark", "blink", "--data", str(tmp_path), "--split", "test",
               "--unlabelled", "--diagnostics", "--out", str(out), "--checkpoint", "x"])
+
+
+def test_eval_on_multiple_choice_records_of_ones_own(tmp_path, capsys):
+    """--benchmark jsonl --data FILE: the puzzles written as records of one's own score as
+    the built-in puzzles do (the same questions, choices and images)."""
+    from amvl.puzzles import puzzle_suite
+
+    config = _run_config(tmp_path, steps=1, save_every=1)
+    assert main(["train", "--config", config, "--no-progress"]) == 0
+    puzzles = puzzle_suite("test", 1)
+    records = []
+    for i, puzzle in enumerate(puzzles):
+        puzzle["images"][0].save(tmp_path / f"m{i}.png")
+        records.append({"question": puzzle["question"], "choices": puzzle["choices"],
+                        "answer": puzzle["answer"], "images": [f"m{i}.png"],
+                        "subtask": puzzle["family"], "id": puzzle["id"]})
+    data = _write_jsonl(tmp_path / "mine.jsonl", records)
+    mine, builtin = tmp_path / "mine.json", tmp_path / "builtin.json"
+    assert main(["eval", "--config", config, "--benchmark", "jsonl", "--data", str(data),
+                 "--out", str(mine), "--no-progress"]) == 0
+    assert "multiple choice: accuracy (%) per subtask" in capsys.readouterr().out
+    (ours,) = json.loads(mine.read_text()).values()
+    from amvl.checkpoints import load_trained
+    from amvl.data import AMVLCollator, VisionTokens
+    from amvl.evaluation import evaluate_benchmark
+
+    model, processor = load_trained(tmp_path / "run" / "final")
+    collator = AMVLCollator(model.tokenizer, processor,
+                            VisionTokens.from_model_config(model.base.config))
+    reference = evaluate_benchmark(model, collator, [dict(p, subtask=p["family"])
+                                                     for p in puzzles], progress=False)
+    assert [n for p in ours["predictions"] for n in p["nll"]] == pytest.approx(
+        [n for p in reference["predictions"] for n in p["nll"]], rel=1e-5)
+    with pytest.raises(SystemExit, match="has no splits"):
+        main(["eval", "--config", config, "--benchmark", "jsonl", "--data", str(data),
+              "--split", "val", "--no-progress"])

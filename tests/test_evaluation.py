@@ -449,3 +449,66 @@ def test_choices_the_tokenizer_cannot_tell_apart_are_warned_about(blink_dir):
         warnings.simplefilter("always")
         evaluate_benchmark(model, collator, examples, batch_size=3, progress=False)
     assert not [w for w in caught if "tokenize to the same ids" in str(w.message)]
+
+
+def _write_lines(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                    encoding="utf-8")
+    return path
+
+
+def test_multiple_choice_records_of_ones_own(tmp_path):
+    """--benchmark jsonl: questions as written, each choice's text scored as the answer, the
+    answer given as a choice or its label, images relative to the file, subtasks optional."""
+    from amvl.evaluation import load_choices
+
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(tmp_path / "red.png")
+    path = _write_lines(tmp_path / "mine.jsonl", [
+        {"question": "which is red ?", "choices": ["left", "right"], "answer": "right",
+         "images": ["red.png"], "subtask": "colour"},
+        {"question": "one two \u2028 three ?", "choices": ["one", "two", "three"],
+         "answer": "(C)", "id": "q7"},
+        {"question": "is it red ?", "choices": ["one", "two"], "answer": "B"},
+    ])
+    examples = load_benchmark("jsonl", path)
+    assert [(e["id"], e["subtask"], e["answer"]) for e in examples] == \
+        [("0", "colour", "right"), ("q7", "all", "three"), ("2", "all", "two")]
+    assert examples[1]["question"] == "one two \u2028 three ?"  # one line, as written
+    assert examples[0]["images"][0].getpixel((0, 0)) == (200, 10, 10)
+    assert load_choices(path) == examples
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer(WORDS + ["?", "it"], vision=True)
+    base = tiny_qwen2_vl(tokenizer)
+    model = AMVLModel(base, tokenizer, AMVLConfig(num_slots=2, latent_dim=4,
+                                                  kernel_backend="torch"))
+    collator = AMVLCollator(tokenizer, tiny_image_processor(),
+                            VisionTokens.from_model_config(base.config))
+    result = evaluate_benchmark(model, collator, examples, batch_size=2, progress=False)
+    assert result["overall"] == np.mean([p["correct"] for p in result["predictions"]])
+    table = format_accuracy_table({"mine": result}, "jsonl")
+    assert table.startswith("multiple choice: accuracy (%) per subtask; Overall = accuracy "
+                            "over all examples.")
+    header = table.splitlines()[2]
+    assert [c.strip() for c in header.strip("|").split("|")] == ["Model", "all", "colour",
+                                                                 "Overall"]
+
+
+@pytest.mark.parametrize("record,match", [
+    ({"question": "q", "choices": ["a", "b"], "answer": "c"},
+     r"'answer' 'c' is none of the choices \['a', 'b'\] nor the label of one \(\(A\), \(B\)\)"),
+    ({"question": "q", "choices": ["a", "b"], "answer": "(C)"}, "none of the choices"),
+    ({"question": "q", "choices": ["a", "b"], "answer": "maybe"}, "none of the choices"),
+    ({"question": "q", "choices": ["a", "a"], "answer": "a"}, "the same text twice"),
+    ({"question": "q", "choices": ["a"], "answer": "a"}, "2 to 26 options"),
+    ({"question": "q", "choices": ["a", "b"], "answer": "a", "images": ["none.png"]},
+     "image file .*none.png not found"),
+    ({"question": "q", "choices": ["a", "b"], "answer": "a", "subtask": 3}, "'subtask' must"),
+    ({"choices": ["a", "b"], "answer": "a"}, "missing field 'question'"),
+])
+def test_multiple_choice_records_that_cannot_be_scored_are_named(tmp_path, record, match):
+    path = _write_lines(tmp_path / "mine.jsonl", [
+        {"question": "q", "choices": ["a", "b"], "answer": "a"}, record])
+    with pytest.raises(BenchmarkRecordError, match=f"mine.jsonl: row 1 .*{match}"):
+        load_benchmark("jsonl", path)
+    with pytest.raises(ValueError, match="has no splits"):
+        load_benchmark("jsonl", path, split="val")
