@@ -916,7 +916,7 @@ def test_eval_on_multiple_choice_records_of_ones_own(tmp_path, capsys):
                         "answer": puzzle["answer"], "images": [f"m{i}.png"],
                         "subtask": puzzle["family"], "id": puzzle["id"]})
     data = _write_jsonl(tmp_path / "mine.jsonl", records)
-    mine, builtin = tmp_path / "mine.json", tmp_path / "builtin.json"
+    mine = tmp_path / "mine.json"
     assert main(["eval", "--config", config, "--benchmark", "jsonl", "--data", str(data),
                  "--out", str(mine), "--no-progress"]) == 0
     assert "multiple choice: accuracy (%) per subtask" in capsys.readouterr().out
