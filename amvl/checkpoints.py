@@ -1,5 +1,5 @@
 """The models of the ``amvl`` command: a run config's base model, and the directories that
-``amvl train`` writes, loaded for ``amvl eval``: ``final/`` (``AMVLModel.save_pretrained``, the
+``amvl train`` writes, loaded for ``amvl eval`` and ``amvl generate``: ``final/`` (``AMVLModel.save_pretrained``, the
 image processor in ``base/``, the prompt format) and ``checkpoint-<step>/`` (the weights alone,
 built on the run config's model section)."""
 
@@ -159,8 +159,9 @@ def _load_training_checkpoint(directory: Path, model_section: dict | None, comma
 
     from amvl.model import AMVLModel
 
-    check_trained(directory.name, directory, model_section, command)  # done by the commands
-    # the default attention, as a saved model comes back: cmd_eval sets the config's
+    # the commands check before anything loads; a caller of its own gets the same errors
+    check_trained(directory.name, directory, model_section, command)
+    # the default attention, as a saved model comes back: the commands set the config's
     section = {key: value for key, value in model_section.items()
                if key != "attn_implementation"}
     base, tokenizer, processor = load_base(section)

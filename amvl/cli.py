@@ -5,12 +5,12 @@
     amvl eval --config run.yaml --benchmark blink --data PATH
     amvl generate --config run.yaml --data questions.jsonl --out answers.jsonl
 
-A run config (YAML) has four sections, each optional but ``model``:
+A run config (YAML) has these sections, each optional but ``model``:
 
     model: {path: /models/Qwen2.5-VL-3B-Instruct, dtype: bfloat16, attn_implementation: amvl}
     amvl:  {num_slots: 16, latent_dim: 64, objective: amvl, beta: 1.0, ...}   # AMVLConfig
     train: {steps: 2000, batch_size: 32, learning_rate: 1e-5, save_every: 500} # TrainConfig
-    data:  {train: data/train.jsonl, max_prompt_tokens: 2048, chat_template: true}
+    data:  {train: data/train.jsonl, eval: data/val.jsonl, chat_template: true}
     output_dir: runs/amvl
     eval:  {baselines: {none: runs/none/final}}
 
@@ -19,13 +19,14 @@ data is JSON lines (UTF-8, as the run config is) of ``{"images": [paths relative
 "question", "answer"}`` or ``puzzles`` for the built-in suite. ``data.chat_template`` (true:
 the tokenizer's, or a Jinja file) and ``data.system_prompt`` format the prompts as a chat turn;
 ``final/`` records the format, and ``amvl eval`` prompts each model as it was trained.
+``data.eval`` holds held-out examples that ``train.eval_every`` validates on.
 
 ``amvl eval`` takes ``output_dir/final`` (or ``--checkpoint``: a ``final/``, or a
 ``checkpoint-<step>`` with the run's ``--config``, whose model section supplies the base model's
 config, tokenizer and image processor that a training checkpoint does not hold).
 
-Relative paths in a run config (``model.path``, ``data.train``, ``output_dir``, the
-``eval.baselines``) are relative to the directory the command runs in, like paths on the
+Relative paths in a run config (``model.path``, ``data.train``, ``data.eval``,
+``data.chat_template``, ``output_dir``, the ``eval.baselines``) are relative to the directory the command runs in, like paths on the
 command line; only the image paths inside a JSON-lines file are relative to that file.
 """
 
@@ -36,7 +37,9 @@ import json
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 from amvl.checkpoints import (FINAL_DIR, PROMPT_FORMAT_FILE, check_trained, is_text_only,
                               load_base, load_trained, trained_prompt_format, with_attention)
@@ -258,10 +261,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_trained(checkpoint.name, checkpoint, model_section, "generate")
     prompt = trained_prompt_format(checkpoint.name, checkpoint, data, "generate")
     saved = AMVLConfig.load(checkpoint)
-    mode = args.latent or saved.inference
-    if saved.objective == "none" and (args.latent == "sample" or args.num_samples is not None):
+    no_latents = saved.objective == "none"
+    if no_latents and (args.latent == "sample" or args.num_samples is not None
+                       or args.seed is not None):
         raise SystemExit(f"amvl generate: {checkpoint} was trained with objective 'none' and "
-                         "has no latents to sample: drop --latent sample / --num-samples")
+                         "has no latents to sample: drop --latent sample / --num-samples / "
+                         "--seed")
+    # a model without latents decodes one answer, whatever its inference setting says
+    mode = "mean" if no_latents else args.latent or saved.inference
     if args.num_samples is not None and mode != "sample":
         raise SystemExit("amvl generate: --num-samples draws latents: add --latent sample"
                          + ("" if args.latent else " (the model's inference setting is the "
@@ -285,16 +292,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
                       collator)
     records = []
     answers = generate_answers(model, collator, examples, batch_size=args.batch_size,
-                               latent=args.latent, num_samples=args.num_samples,
+                               latent=mode, num_samples=args.num_samples,
                                max_new_tokens=args.max_new_tokens, seed=args.seed,
                                progress=not args.no_progress)
     with open(args.out, "w", encoding="utf-8") as out:
         try:
             _write_records(out, line_numbers, examples, answers, records)
         except ValueError as err:  # a batch the collator refused (an image that won't decode)
+            cause = err.__cause__ or err  # named by the file's lines here, not by indices
             raise SystemExit(f"amvl generate: {args.data}: the batch from line "
-                             f"{line_numbers[len(records)]}: {err}; the answers before it are "
-                             f"in {args.out}") from None
+                             f"{line_numbers[len(records)]}: {type(cause).__name__}: {cause}; "
+                             f"the answers before it are in {args.out}") from None
     summary = exact_match_summary(records)
     line = f"amvl generate: {len(records)} answers written to {args.out}"
     if summary["scored"]:
@@ -311,9 +319,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 _LINE_BREAKS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 
 
-def _write_records(out, line_numbers, examples, answers, records: list) -> None:
-    """Write each answer's JSON line as it comes (flushed: an interrupted run keeps them)."""
-    for line_no, example, answer in zip(line_numbers, examples, answers):
+def _write_records(out: TextIO, line_numbers: list[int], examples: list[dict],
+                   generated: Iterator[dict], records: list[dict]) -> None:
+    """Write each generated record's JSON line to ``out`` as it comes, with the question's
+    line and texts, and append it to ``records`` (flushed: an interrupted run keeps them)."""
+    for line_no, example, answer in zip(line_numbers, examples, generated):
         record = {"line": line_no, "question": example["question"],
                   **({"answer": example["answer"]} if "answer" in example else {}), **answer}
         text = json.dumps(record, ensure_ascii=False)

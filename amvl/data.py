@@ -74,14 +74,16 @@ class AMVLCollator:
             whose batch has no images would leave the others waiting.
         chat_template: format each prompt as a chat's user turn followed by the assistant's
             header (``apply_chat_template(..., add_generation_prompt=True)``), as an Instruct
-            checkpoint was tuned on: True for the tokenizer's own template, or a template's
-            Jinja text. The latent block then opens the assistant's turn, before the answer.
-            The user's message is the images' markers (``<|vision_start|><|image_pad|>
-            <|vision_end|>`` each, as Qwen2-VL's template writes them) followed by the
-            question. The template is rendered once per number of images with the question
-            standing in, so a question is tokenized as it is without a template (and cut by
-            ``max_prompt_tokens`` the same way), between the template's tokens. Default
-            False: the prompt is the images' markers and the question alone.
+            checkpoint was tuned on: True for the tokenizer's own template, a template's Jinja
+            text, or the name of one of the tokenizer's named templates. The latent block
+            then opens the assistant's turn, before the answer. The user's message is the
+            images' markers (``<|vision_start|><|image_pad|><|vision_end|>`` each, as
+            Qwen2-VL's template writes them) followed by the question. The turn is tokenized
+            whole (with a fast tokenizer), as ``apply_chat_template(..., tokenize=True)``
+            does, and split at the question's characters: tokens that merge across its edges
+            count as the question's, a template that trims the message trims the question,
+            and ``max_prompt_tokens`` cuts only the question. Default False: the prompt is
+            the images' markers and the question alone.
         system_prompt: the chat's system message (with ``chat_template`` only; None: none,
             or whatever the template writes by default).
     """
@@ -100,7 +102,8 @@ class AMVLCollator:
                              f"{chat_template!r}")
         if chat_template is True and not tokenizer.chat_template:
             raise ValueError("chat_template=True, but the tokenizer has no chat template: pass "
-                             "the template's text as chat_template")
+                             "the template's text as chat_template (amvl train: "
+                             "data.chat_template, a Jinja file)")
         named = tokenizer.chat_template if isinstance(tokenizer.chat_template, dict) else {}
         if isinstance(chat_template, str) and "{" not in chat_template \
                 and chat_template not in named:
@@ -349,9 +352,12 @@ class AMVLCollator:
         the answers' text alone: what ``answer_mask.sum()`` of their batch is, without
         processing any image (a training step counts its micro-batches' tokens first)."""
         eos = int(self.tokenizer.eos_token_id is not None)
-        limit = self.max_answer_tokens
-        return sum(min(len(self._text_ids(ex["answer"])), limit or 1 << 62) + eos
-                   for ex in examples)
+        limit = self.max_answer_tokens or 1 << 62
+        total = 0
+        for index, example in enumerate(examples):
+            self._check(f"example {index}", example)  # the batch's own errors, not the tokenizer's
+            total += min(len(self._text_ids(example["answer"])), limit) + eos
+        return total
 
     def check_examples(self, examples: Sequence[dict],
                        names: Sequence[str] | None = None) -> None:
@@ -368,6 +374,7 @@ class AMVLCollator:
             raise ValueError(f"{len(names)} names for {len(examples)} examples")
         markers = self._marker_ids()  # once: the vocabulary does not change while checking
         has_eos = self.tokenizer.eos_token_id is not None
+        has_template = bool(self.chat_template and sum(self._template_parts(0), []))
         for index, example in enumerate(examples):
             where = names[index] if names is not None else f"example {index}"
             self._check(where, example)
@@ -375,7 +382,6 @@ class AMVLCollator:
             answer = self._text_ids(example["answer"])
             self._check_no_markers(where, question, answer, markers)
             has_images = bool(example.get("images")) or self.image_for_text_only is not None
-            has_template = bool(self.chat_template and sum(self._template_parts(0), []))
             self._check_not_empty(where, has_images or has_template or bool(question),
                                   bool(answer) or has_eos)
 
@@ -403,8 +409,9 @@ class AMVLCollator:
                 head, question, after = self._split_prompt(len(patches), example["question"])
                 prompt = self._expanded(head, patches)
             else:
-                prompt, after = self._around_question(patches)
-                question = self._text_ids(example["question"])
+                vt = self.vision_tokens
+                prompt = [t for n in patches for t in (vt.start, *[vt.image] * n, vt.end)]
+                question, after = self._text_ids(example["question"]), []
             if self.max_prompt_tokens is not None:
                 question = self._truncated(where, question, len(prompt) + len(after))
             answer = self._text_ids(example["answer"])
@@ -427,15 +434,6 @@ class AMVLCollator:
             batch["pixel_values"] = torch.cat(images)
             batch["image_grid_thw"] = torch.stack(grids)
         return batch
-
-    def _around_question(self, patches: list[int]) -> tuple[list[int], list[int]]:
-        """The prompt's token ids before and after the question, for images of ``patches``
-        image tokens each: their markers (and the chat template's turn, if used)."""
-        vt = self.vision_tokens
-        if not self.chat_template:
-            return [t for n in patches for t in (vt.start, *[vt.image] * n, vt.end)], []
-        before, after = self._template_parts(len(patches))
-        return self._expanded(before, patches), after
 
     def _expanded(self, ids: list[int], patches: list[int]) -> list[int]:
         """``ids`` with its k-th image token repeated ``patches[k]`` times."""

@@ -32,7 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import amvl_kernels as ak
-from amvl.evaluation import record_choice_ids, warn_indistinguishable_choices
+from amvl.evaluation import markdown_table, record_choice_ids, warn_indistinguishable_choices
 from amvl.model import in_eval_mode
 from amvl.objectives import ACTIVE_SLOT_NATS
 from amvl.sharded import choices_to_score, with_choice
@@ -288,13 +288,13 @@ def leakage_report(model: AMVLModel, collator: AMVLCollator, examples: Sequence[
 
 # (header, report key, format) of format_leakage_table's columns
 _TABLE_COLUMNS = (("acc prior", "acc_prior", "pct"), ("acc posterior", "acc_posterior", "pct"),
-                  ("leakage gap", "leakage_gap", "pct"), ("NLL prior", "nll_prior", "nats"),
-                  ("NLL posterior", "nll_posterior", "nats"),
+                  ("leakage gap", "leakage_gap", "pct"), ("NLL prior", "nll_prior", "decimal"),
+                  ("NLL posterior", "nll_posterior", "decimal"),
                   ("flip zeroed", "flip_zeroed", "pct"), ("flip noised", "flip_noised", "pct"),
                   ("flip swapped", "flip_swapped", "pct"),
                   ("probe q draws", "probe_posterior_sampled", "pct"),
                   ("probe p means", "probe_prior", "pct"),
-                  ("active slots", "active_slots", "count"), ("cos p", "cosine_prior", "nats"))
+                  ("active slots", "active_slots", "count"), ("cos p", "cosine_prior", "decimal"))
 
 
 def format_leakage_table(reports: dict[str, dict]) -> str:
@@ -308,24 +308,16 @@ def format_leakage_table(reports: dict[str, dict]) -> str:
     def cell(value: float, kind: str) -> str:
         if value is None or not np.isfinite(value):
             return "-"
-        return {"pct": f"{100 * value:.1f}", "nats": f"{value:.3f}",
+        return {"pct": f"{100 * value:.1f}", "decimal": f"{value:.3f}",
                 "count": f"{value:g}"}[kind]
 
     header = ["Model", *(h for h, _, _ in _TABLE_COLUMNS)]
     rows = [[name.replace("|", "\\|"), *(cell(report.get(key), kind)
                                           for _, key, kind in _TABLE_COLUMNS)]
             for name, report in reports.items()]
-    widths = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) if j == 0 else c.rjust(w)
-                                 for j, (c, w) in enumerate(zip(cells, widths))) + " |"
-
-    rule = "|" + "|".join(("-" * (w + 2)) if j == 0 else ("-" * (w + 1) + ":")
-                          for j, w in enumerate(widths)) + "|"
     caption = ("Leakage diagnostics: accuracy (%) with prior latents (mu_p, as inference) and "
                "posterior latents (mu_q, from the gold answer) and their gap; gold-answer NLLs; "
                "prior predictions flipped (%) by zeroed, noised or swapped latents; linear probes "
                "of the answer (%) from posterior draws and prior means; active slots; mean "
                "cosine of the prior means.")
-    return "\n".join([caption, "", line(header), rule, *(line(r) for r in rows)])
+    return "\n".join([caption, "", markdown_table(header, rows)])

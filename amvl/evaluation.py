@@ -813,6 +813,17 @@ def format_accuracy_table(results_by_model: dict[str, dict], benchmark: str) -> 
         if missing:
             notes.append(f"{name}: {average[0]} covers {len(accuracy)} of {len(columns)} "
                          f"subtasks (not evaluated: {', '.join(missing)})")
+    unit, explain = {"visualpuzzles": ("category", "accuracy over all puzzles"),
+                     "jsonl": ("subtask", "accuracy over all examples")}.get(
+        key, ("subtask", "unweighted mean over subtasks"))
+    caption = f"{title}: accuracy (%) per {unit}; {average[0]} = {explain}."
+    return "\n".join([caption, "", markdown_table(header, rows),
+                      *([""] + notes if notes else [])])
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """An aligned markdown table (it reads as plain text too): the first column left-aligned,
+    the others right-aligned, as numbers are."""
     widths = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
 
     def line(cells: list[str]) -> str:
@@ -822,9 +833,4 @@ def format_accuracy_table(results_by_model: dict[str, dict], benchmark: str) -> 
 
     rule = "|" + "|".join(("-" * (w + 2)) if j == 0 else ("-" * (w + 1) + ":")
                           for j, w in enumerate(widths)) + "|"
-    unit, explain = {"visualpuzzles": ("category", "accuracy over all puzzles"),
-                     "jsonl": ("subtask", "accuracy over all examples")}.get(
-        key, ("subtask", "unweighted mean over subtasks"))
-    caption = f"{title}: accuracy (%) per {unit}; {average[0]} = {explain}."
-    return "\n".join([caption, "", line(header), rule, *(line(r) for r in rows),
-                      *([""] + notes if notes else [])])
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])

@@ -10,13 +10,14 @@ that carry an answer.
 
 from __future__ import annotations
 
-import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
+
+from amvl.training import GENERATION_STREAM, step_seed
 
 if TYPE_CHECKING:
     from amvl.data import AMVLCollator
@@ -47,13 +48,13 @@ def _answer_text(model: AMVLModel, tokens: torch.Tensor) -> str:
     return model.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def _batch_seed(seed: int | None, start: int) -> int | None:
-    """The seed of the batch starting at example ``start``: ``seed`` for the first, one derived
-    from it for each other, so that batches do not all draw the same noise (the noise is keyed
-    by a row's place in its batch)."""
-    if seed is None or start == 0:
+def _batch_seed(seed: int | None, batch: int) -> int | None:
+    """The seed of the ``batch``-th batch: ``seed`` for the first, one derived from it for each
+    other, so that batches do not all draw the same noise (the noise is keyed by a row's place
+    in its batch)."""
+    if seed is None or batch == 0:
         return seed
-    return random.Random(f"{seed}:{start}").getrandbits(63)
+    return step_seed(seed, batch, 0, stream=GENERATION_STREAM)
 
 
 def generate_answers(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict], *,
@@ -69,9 +70,8 @@ def generate_answers(model: AMVLModel, collator: AMVLCollator, examples: Sequenc
     ``"exact_match"`` (the prediction equals the answer after :func:`normalise`; with draws
     also ``"sample_exact_match"``, the share of draws that do). ``latent`` and ``num_samples``
     default to the model's config; ``seed`` fixes sampled latents for a given ``batch_size``
-    (:meth:`AMVLModel.generate`): each batch draws from its own seed derived from it. The
-    model runs in eval mode until the generator is exhausted or closed, then returns to the
-    mode it had.
+    (:meth:`AMVLModel.generate`): each batch draws from its own seed derived from it.
+    Decoding runs in eval mode and leaves every module's mode as it was.
 
     Raises ValueError for a bad ``batch_size`` (at the call) or examples the collator refuses
     (naming them, as they are reached).
@@ -82,33 +82,28 @@ def generate_answers(model: AMVLModel, collator: AMVLCollator, examples: Sequenc
                      max_new_tokens, seed, progress)
 
 
-@torch.no_grad()
-def _generate(model, collator, examples, batch_size, latent, num_samples, max_new_tokens,
-              seed, progress) -> Iterator[dict]:
-    was_training = model.training
-    model.eval()
-    try:
-        for start in tqdm(range(0, len(examples), batch_size), desc="generate",
-                          disable=not progress):
-            chunk = examples[start:start + batch_size]
-            # the collator builds answers too: an empty one (EOS) keeps long answers from
-            # being cut aloud by max_answer_tokens, and generation reads the prompts only
-            try:  # an image that does not decode is found only here
-                batch = collator([{**ex, "answer": ""} for ex in chunk])
-            except (OSError, ValueError) as err:
-                raise ValueError(f"examples {start} to {start + len(chunk) - 1}: "
-                                 f"{type(err).__name__}: {err}") from err
-            batch = {key: value.to(model.device) for key, value in batch.items()}
-            out = model.generate(batch["prompt_ids"], batch["prompt_mask"],
-                                 batch.get("pixel_values"), batch.get("image_grid_thw"),
-                                 latent=latent, num_samples=num_samples,
-                                 max_new_tokens=max_new_tokens,
-                                 seed=_batch_seed(seed, start))
-            sequences = out.sequences.cpu()
-            for example, rows in zip(chunk, sequences):
-                yield _record(example, [_answer_text(model, row) for row in rows])
-    finally:
-        model.train(was_training)
+def _generate(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
+              batch_size: int, latent: str | None, num_samples: int | None,
+              max_new_tokens: int, seed: int | None, progress: bool) -> Iterator[dict]:
+    # AMVLModel.generate runs in eval mode and leaves every module's mode as it found it
+    for batch_index, start in enumerate(tqdm(range(0, len(examples), batch_size),
+                                             desc="generate", disable=not progress)):
+        chunk = examples[start:start + batch_size]
+        # the collator builds answers too: an empty one (EOS) keeps long answers from being
+        # cut aloud by max_answer_tokens, and generation reads the prompts only
+        try:  # an image that does not decode is found only here
+            batch = collator([{**ex, "answer": ""} for ex in chunk])
+        except (OSError, ValueError) as err:
+            raise ValueError(f"examples {start} to {start + len(chunk) - 1}: "
+                             f"{type(err).__name__}: {err}") from err
+        batch = {key: value.to(model.device) for key, value in batch.items()}
+        out = model.generate(batch["prompt_ids"], batch["prompt_mask"],
+                             batch.get("pixel_values"), batch.get("image_grid_thw"),
+                             latent=latent, num_samples=num_samples,
+                             max_new_tokens=max_new_tokens, seed=_batch_seed(seed, batch_index))
+        sequences = out.sequences.cpu()
+        for example, rows in zip(chunk, sequences):
+            yield _record(example, [_answer_text(model, row) for row in rows])
 
 
 def _record(example: dict, answers: list[str]) -> dict:

@@ -3,8 +3,9 @@ its training data in JSON lines.
 
 Sections (each optional but ``model``): ``model`` (``path``, ``dtype``,
 ``attn_implementation``, ``hidden_size`` for the tiny model), ``amvl`` (:class:`AMVLConfig`),
-``train`` (:class:`TrainConfig`), ``data`` (``train``, ``per_family``, ``max_prompt_tokens``,
-``max_answer_tokens``, ``chat_template``, ``system_prompt``), ``output_dir`` and ``eval``
+``train`` (:class:`TrainConfig`), ``data`` (``train``, ``eval``, ``per_family``,
+``max_prompt_tokens``, ``max_answer_tokens``, ``chat_template``, ``system_prompt``),
+``output_dir`` and ``eval``
 (``baselines``). A misspelt key or a bad value is an error naming it, never a setting left at
 its default.
 """

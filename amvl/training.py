@@ -104,6 +104,9 @@ class TrainConfig:
             require(self.micro_batch_size <= self.batch_size,
                     f"micro_batch_size {self.micro_batch_size} is larger than batch_size "
                     f"{self.batch_size}")
+            require(self.batch_size % self.micro_batch_size == 0,
+                    f"micro_batch_size {self.micro_batch_size} does not divide batch_size "
+                    f"{self.batch_size}")
         require(self.learning_rate > 0, "learning_rate must be > 0")
         require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         require(0 <= self.warmup_steps <= self.steps,
@@ -142,16 +145,17 @@ def batch_indices(n_examples: int, batch_size: int, step: int, seed: int) -> lis
 
 
 EVAL_STREAM = 1  # step_seed's stream of evaluation seeds
+GENERATION_STREAM = 2  # ... and of amvl.generation's batches after the first
 
 
-def step_seed(seed: int, step: int, rank: int, stream: int = 0, micro: int = 0) -> int:
+def step_seed(seed: int, step: int, rank: int, stream: int = 0, micro_index: int = 0) -> int:
     """The latent-noise seed of one step on one process: a hash of (seed, step, rank) in
     [0, 2**63), so no two steps or processes share one (an arithmetic formula collided across
     processes, and with the model's seed + 1 for the prior path). ``stream`` > 0 gives other
-    streams of seeds (evaluation's), disjoint from training's; ``micro`` > 0 the seeds of a
-    step's later micro-batches (the first one's is the step's)."""
-    entropy = [seed, step, rank] + ([stream] if stream or micro else []) \
-        + ([micro] if micro else [])
+    streams of seeds (evaluation's), disjoint from training's; ``micro_index`` > 0 the seeds
+    of a step's later micro-batches (the first one's is the step's)."""
+    entropy = [seed, step, rank] + ([stream] if stream or micro_index else []) \
+        + ([micro_index] if micro_index else [])
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
 
 
@@ -433,11 +437,12 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
         raise LaunchError(f"batch_size {config.batch_size} is not divisible by the "
                           f"{world} processes")
     per_rank = config.batch_size // world
-    micro = config.micro_batch_size or per_rank
-    if per_rank % micro:
+    micro_size = config.micro_batch_size or per_rank
+    if per_rank % micro_size:
         raise LaunchError(f"each of the {world} processes takes {per_rank} of batch_size "
-                          f"{config.batch_size}, which micro_batch_size {micro} does not divide")
-    accumulate = per_rank // micro
+                          f"{config.batch_size}, which micro_batch_size {micro_size} does not "
+                          "divide")
+    accumulate = per_rank // micro_size
     if model.config.free_bits > 0 and model.config.objective in ("amvl", "elbo") \
             and world * accumulate > 1:
         warnings.warn(f"free_bits={model.config.free_bits} clamps each forward's batch-mean KL "
@@ -496,23 +501,24 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
             if hasattr(collator, "answer_tokens"):  # counted from the answers' text alone,
                 count = collator.answer_tokens(mine)  # each micro-batch built when it runs
             else:  # a collator of the caller's own: the step's micro-batches built first
-                batches = [collator(mine[i * micro:(i + 1) * micro]) for i in range(accumulate)]
+                batches = [collator(mine[i * micro_size:(i + 1) * micro_size])
+                           for i in range(accumulate)]
                 count = sum(int(b["answer_mask"].sum()) for b in batches)
             tokens = torch.tensor(float(count), device=device)
             tokens = (accelerator.reduce(tokens, "sum") if world > 1 else tokens) \
                 / (world * accumulate)
         for i in range(accumulate):
             batch = batches[i] if batches is not None \
-                else collator(mine[i * micro:(i + 1) * micro])
+                else collator(mine[i * micro_size:(i + 1) * micro_size])
             batch = {k: v.to(device) for k, v in batch.items()}
             # DDP averages the gradients across processes at the step's last micro-batch only
             last = i + 1 == accumulate
-            with accelerator.no_sync(wrapped) if not last else contextlib.nullcontext(), \
-                    accelerator.autocast(), recompute_skips_side_effects() if config.compile \
-                    else contextlib.nullcontext():
-                out_step = forward(**batch, step=step,
-                                   seed=step_seed(config.seed, step, rank, micro=i),
-                                   answer_tokens=tokens)
+            with accelerator.no_sync(wrapped) if not last else contextlib.nullcontext():
+                with accelerator.autocast(), recompute_skips_side_effects() \
+                        if config.compile else contextlib.nullcontext():
+                    out_step = forward(**batch, step=step,
+                                       seed=step_seed(config.seed, step, rank, micro_index=i),
+                                       answer_tokens=tokens)
                 accelerator.backward(out_step.loss / accumulate if accumulate > 1
                                      else out_step.loss)
             # summed on the device: reading them every step would make the host wait
@@ -540,7 +546,7 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
                               or step + 1 == config.steps):
             entry = _validation_entry(step + 1, accelerator, accelerator.unwrap_model(wrapped),
                                       collator, eval_examples,
-                                      config.eval_batch_size or micro, config.seed)
+                                      config.eval_batch_size or micro_size, config.seed)
             history.append(entry)
             if rank == 0:  # tqdm.write prints plainly when the bar is disabled
                 bar.write("step {}: {}".format(step + 1, ", ".join(

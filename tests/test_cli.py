@@ -769,9 +769,8 @@ def test_generate_refuses_what_it_cannot_do_before_loading(tmp_path, monkeypatch
         main(["generate", "--data", str(data), "--out", out])
     with pytest.raises(SystemExit, match="--out .* is a directory"):
         main(["generate", "--config", config, "--data", str(data), "--out", str(tmp_path)])
-    import amvl.checkpoints
-    monkeypatch.setattr(amvl.checkpoints, "load_trained",
-                        lambda *a, **k: pytest.fail("loaded the model"))
+    import amvl.cli
+
     monkeypatch.setattr(amvl.cli, "load_trained", lambda *a, **k: pytest.fail("loaded"))
     with pytest.raises(SystemExit, match="--num-samples draws latents: add --latent sample"):
         main(["generate", "--config", config, "--data", str(data), "--out", out,
@@ -807,7 +806,16 @@ def test_generate_settings_that_would_mislead_and_inputs_that_fail_midway(tmp_pa
             "--max-new-tokens", "2", "--batch-size", "2", "--no-progress"]
     with pytest.raises(SystemExit, match="trained with objective 'none' and has no latents"):
         main(args + ["--latent", "sample", "--num-samples", "5"])
-    with pytest.raises(SystemExit, match="--seed fixes sampled latents"):
+    # its saved inference setting says "sample": still one answer each, no vote
+    saved = tmp_path / "run" / "final" / "amvl_config.json"
+    saved.write_text(saved.read_text().replace('"inference": "mean"', '"inference": "sample"'))
+    assert '"inference": "sample"' in saved.read_text()
+    good = _write_jsonl(tmp_path / "good.jsonl", records[:2])
+    capsys.readouterr()
+    assert main(args[:4] + [str(good)] + args[5:]) == 0
+    assert all("predictions" not in json.loads(line) for line in out.read_text().splitlines())
+    assert "majority vote" not in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="has no latents to sample: drop .*--seed"):
         main(args + ["--seed", "3"])
     with pytest.raises(SystemExit, match="is the --data file"):
         main(args[:6] + [str(data)] + args[7:])

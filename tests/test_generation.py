@@ -130,3 +130,13 @@ def test_a_seed_draws_other_latents_in_every_batch():
     assert len(set(seeded)) > 1
     assert draws(7) == seeded
     assert draws(8) != seeded
+
+
+def test_submodules_keep_their_modes():
+    """generate_answers set the whole model to eval and back to train, which put a frozen
+    base (left in eval mode on purpose) back into training mode."""
+    model = _model().train()
+    model.base.eval()
+    list(generate_answers(model, AMVLCollator(model.tokenizer), _questions(2),
+                          max_new_tokens=2, progress=False))
+    assert model.training and not model.base.training
