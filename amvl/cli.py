@@ -324,7 +324,8 @@ def _write_records(out: TextIO, line_numbers: list[int], examples: list[dict],
     """Write each generated record's JSON line to ``out`` as it comes, with the question's
     line and texts, and append it to ``records`` (flushed: an interrupted run keeps them)."""
     for line_no, example, answer in zip(line_numbers, examples, generated):
-        record = {"line": line_no, "question": example["question"],
+        record = {"line": line_no, **({"id": example["id"]} if "id" in example else {}),
+                  "question": example["question"],
                   **({"answer": example["answer"]} if "answer" in example else {}), **answer}
         text = json.dumps(record, ensure_ascii=False)
         for char, escaped in _LINE_BREAKS.items():

@@ -236,7 +236,10 @@ def _jsonl_example(path: Path, record: object, need_answers: bool = True) -> dic
             raise ValueError(f"missing image {image_path}")
         # absolute: the collator opens it later, whatever the working directory is then
         images.append(str(image_path.absolute()))
-    return {"images": images, **texts}
+    ident = record.get("id")  # carried to what amvl generate writes
+    if ident is not None and (isinstance(ident, bool) or not isinstance(ident, (str, int))):
+        raise TypeError(f"'id' must be a string or an integer, got {json.dumps(ident)[:80]}")
+    return {"images": images, **texts, **({} if ident is None else {"id": ident})}
 
 
 def check_jsonl_texts(path: str | Path, examples: list[dict], line_numbers: list[int],

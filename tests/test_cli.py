@@ -458,6 +458,7 @@ def _write_jsonl(path: Path, records: list) -> Path:
     ("answer", 4, "line 2: 'answer' must be a string, got 4"),
     # a string was read one character per image: "missing image .../s"
     ("images", "a.png", "line 2: 'images' must be a list of paths, got \"a.png\""),
+    ("id", [1], r"line 2: 'id' must be a string or an integer, got \[1\]"),
     ("images", [3], "line 2: 'images' must hold paths"),
     ("images", [""], "line 2: 'images' must hold paths"),
 ])
@@ -732,6 +733,8 @@ def test_generate_answers_a_jsonl_file_as_the_library_does(tmp_path, capsys):
         record = {"images": [f"p{i}.png"], "question": puzzle["question"]}
         if i % 2 == 0:
             record["answer"] = puzzle["answer"]
+        if i == 1:
+            record["id"] = "q-1"  # carried to the output
         records.append(record)
     data = _write_jsonl(tmp_path / "questions.jsonl", records)
     out = tmp_path / "answers.jsonl"
@@ -740,6 +743,7 @@ def test_generate_answers_a_jsonl_file_as_the_library_does(tmp_path, capsys):
                  "--max-new-tokens", "3", "--batch-size", "2", "--no-progress"]) == 0
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert [w["line"] for w in written] == [1, 2, 3, 4, 5]
+    assert [w.get("id") for w in written] == [None, "q-1", None, None, None]
     assert [w["question"] for w in written] == [p["question"] for p in puzzles]
     assert [("answer" in w, "exact_match" in w) for w in written] == \
         [(i % 2 == 0,) * 2 for i in range(5)]
