@@ -450,6 +450,18 @@ def _write_jsonl(path: Path, records: list) -> Path:
     return path
 
 
+def _puzzles_on_disk(folder: Path) -> list[tuple[dict, str]]:
+    """The built-in test puzzles (one per family), each with the name of its image saved in
+    ``folder``: what JSON-lines records of them refer to."""
+    from amvl.puzzles import puzzle_suite
+
+    saved = []
+    for i, puzzle in enumerate(puzzle_suite("test", 1)):
+        puzzle["images"][0].save(folder / f"puzzle{i}.png")
+        saved.append((puzzle, f"puzzle{i}.png"))
+    return saved
+
+
 @pytest.mark.parametrize("field,value,match", [
     # str() made these "None" and "['one']", and trained on them
     ("answer", None, "line 2: 'answer' must be a string, got null"),
@@ -722,15 +734,14 @@ def test_generate_answers_a_jsonl_file_as_the_library_does(tmp_path, capsys):
     from amvl.checkpoints import load_trained
     from amvl.data import AMVLCollator, VisionTokens
     from amvl.generation import generate_answers
-    from amvl.puzzles import puzzle_suite
 
     config = _run_config(tmp_path, steps=2, save_every=2)
     assert main(["train", "--config", config, "--no-progress"]) == 0
-    puzzles = puzzle_suite("test", 1)
+    saved = _puzzles_on_disk(tmp_path)
+    puzzles = [puzzle for puzzle, _ in saved]
     records = []
-    for i, puzzle in enumerate(puzzles):
-        puzzle["images"][0].save(tmp_path / f"p{i}.png")
-        record = {"images": [f"p{i}.png"], "question": puzzle["question"]}
+    for i, (puzzle, image) in enumerate(saved):
+        record = {"images": [image], "question": puzzle["question"]}
         if i % 2 == 0:
             record["answer"] = puzzle["answer"]
         if i == 1:
@@ -796,13 +807,10 @@ def test_generate_settings_that_would_mislead_and_inputs_that_fail_midway(tmp_pa
     run["amvl"]["objective"] = "none"
     Path(config).write_text(yaml.safe_dump(run))
     assert main(["train", "--config", config, "--no-progress"]) == 0
-    from amvl.puzzles import puzzle_suite
-
-    puzzle = puzzle_suite("test", 1)[0]
-    puzzle["images"][0].save(tmp_path / "good.png")
+    puzzle, good = _puzzles_on_disk(tmp_path)[0]
     (tmp_path / "bad.png").write_bytes(b"not a png")
     question = puzzle["question"] + "\u2028" + puzzle["question"]
-    records = [{"images": ["good.png"], "question": question, "answer": "one"}] * 3 + \
+    records = [{"images": [good], "question": question, "answer": "one"}] * 3 + \
         [{"images": ["bad.png"], "question": puzzle["question"]}]
     data = _write_jsonl(tmp_path / "q.jsonl", records)
     out = tmp_path / "a.jsonl"
@@ -852,13 +860,8 @@ def test_jsonl_encodings_named_by_line(tmp_path):
 def test_train_validates_on_held_out_data(tmp_path, capsys):
     """data.eval and train.eval_every: validation entries (eval/nll, eval/nll_prior, ...) in
     history.jsonl at every eval_every steps and the last, a line each on the console."""
-    from amvl.puzzles import puzzle_suite
-
-    records = []
-    for i, puzzle in enumerate(puzzle_suite("test", 1)[:3]):
-        puzzle["images"][0].save(tmp_path / f"v{i}.png")
-        records.append({"images": [f"v{i}.png"], "question": puzzle["question"],
-                        "answer": puzzle["answer"]})
+    records = [{"images": [image], "question": puzzle["question"], "answer": puzzle["answer"]}
+               for puzzle, image in _puzzles_on_disk(tmp_path)[:3]]
     held_out = _write_jsonl(tmp_path / "held_out.jsonl", records)
     config = _run_config(tmp_path, steps=3, save_every=3)
     run = yaml.safe_load(Path(config).read_text())
@@ -916,17 +919,13 @@ def test_eval_diagnostics_report_leakage_beside_accuracy(tmp_path, capsys):
 def test_eval_on_multiple_choice_records_of_ones_own(tmp_path, capsys):
     """--benchmark jsonl --data FILE: the puzzles written as records of one's own score as
     the built-in puzzles do (the same questions, choices and images)."""
-    from amvl.puzzles import puzzle_suite
-
     config = _run_config(tmp_path, steps=1, save_every=1)
     assert main(["train", "--config", config, "--no-progress"]) == 0
-    puzzles = puzzle_suite("test", 1)
-    records = []
-    for i, puzzle in enumerate(puzzles):
-        puzzle["images"][0].save(tmp_path / f"m{i}.png")
-        records.append({"question": puzzle["question"], "choices": puzzle["choices"],
-                        "answer": puzzle["answer"], "images": [f"m{i}.png"],
-                        "subtask": puzzle["family"], "id": puzzle["id"]})
+    saved = _puzzles_on_disk(tmp_path)
+    puzzles = [puzzle for puzzle, _ in saved]
+    records = [{"question": puzzle["question"], "choices": puzzle["choices"],
+                "answer": puzzle["answer"], "images": [image], "subtask": puzzle["family"],
+                "id": puzzle["id"]} for puzzle, image in saved]
     data = _write_jsonl(tmp_path / "mine.jsonl", records)
     mine = tmp_path / "mine.json"
     assert main(["eval", "--config", config, "--benchmark", "jsonl", "--data", str(data),
