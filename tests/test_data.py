@@ -319,3 +319,41 @@ def test_smollm2_instructs_own_template_and_bpe():
                                           tokenize=False)
     whole = tokenizer(whole, add_special_tokens=False)["input_ids"]
     assert prompt + unpadded(batch, 0, "answer") == whole[:-1]  # the template's final newline
+
+
+def test_a_slow_tokenizer_takes_the_parts_tokenized_apart():
+    """A tokenizer without offsets (a Python "slow" one) cannot split the whole turn at the
+    question's characters: the template's parts and the question are tokenized apart, which
+    for a tokenizer whose tokens never cross the question's edges is the same."""
+    from transformers import PreTrainedTokenizer
+
+    class WordsAlone(PreTrainedTokenizer):
+        def __init__(self, words, **kwargs):
+            self.vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", *words])}
+            super().__init__(pad_token="<pad>", unk_token="<unk>", **kwargs)
+
+        @property
+        def vocab_size(self) -> int:
+            return len(self.vocab)
+
+        def get_vocab(self) -> dict[str, int]:
+            return dict(self.vocab)
+
+        def _tokenize(self, text, **kwargs):
+            return text.split()
+
+        def _convert_token_to_id(self, token):
+            return self.vocab.get(token, 1)
+
+        def _convert_id_to_token(self, index):
+            return {i: w for w, i in self.vocab.items()}.get(index, "<unk>")
+
+    tokenizer = WordsAlone(WORDS)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.chat_template = CHATML
+    assert not tokenizer.is_fast
+    batch = AMVLCollator(tokenizer, chat_template=True)([{"question": "w1 w2", "answer": "w3"}])
+    assert unpadded(batch, 0) == expected_prompt(tokenizer, "w1 w2", [])
+    assert tokenizer.convert_ids_to_tokens(unpadded(batch, 0)) == [
+        "<|im_start|>", "user", "w1", "w2", "<|im_end|>", "<|im_start|>", "assistant"]
