@@ -498,9 +498,11 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
         if world > 1 or accumulate > 1:
             # each micro-batch's NLL over the mean answer tokens of the step's micro-batches
             # on all processes, so the step's loss is the token mean over its whole batch
-            if hasattr(collator, "answer_tokens"):  # counted from the answers' text alone,
-                count = collator.answer_tokens(mine)  # each micro-batch built when it runs
-            else:  # a collator of the caller's own: the step's micro-batches built first
+            if accumulate > 1 and hasattr(collator, "answer_tokens"):
+                # counted from the answers' text alone: each micro-batch built when it runs
+                count = collator.answer_tokens(mine)
+            else:  # one batch (or a collator of the caller's own): built first, its masks
+                # counted, as tokenizing the answers again would be host work for nothing
                 batches = [collator(mine[i * micro_size:(i + 1) * micro_size])
                            for i in range(accumulate)]
                 count = sum(int(b["answer_mask"].sum()) for b in batches)
