@@ -34,6 +34,7 @@ from amvl.model import AMVLModel
 from amvl.tiny import tiny_qwen2, word_tokenizer
 from amvl.training import step_seed
 from tests import fsdp_worker
+from tests.worker_exit import exit_without_teardown
 
 
 def gathered(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -180,3 +181,4 @@ def main(out: str, mode: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:3])
+    exit_without_teardown()

@@ -27,6 +27,7 @@ from amvl.data import AMVLCollator
 from amvl.model import AMVLModel
 from amvl.tiny import tiny_qwen2, word_tokenizer
 from amvl.training import step_seed
+from tests.worker_exit import exit_without_teardown
 
 WORDS = [f"w{i}" for i in range(30)]
 WORLD, PER_RANK, STEPS, LR = 2, 2, 2, 0.05
@@ -206,3 +207,4 @@ def main(out: str, mode: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:3])
+    exit_without_teardown()

@@ -20,6 +20,7 @@ from amvl.data import AMVLCollator, VisionTokens
 from amvl.model import AMVLModel
 from amvl.tiny import tiny_image_processor, tiny_qwen2, tiny_qwen2_vl, word_tokenizer
 from amvl.training import TrainConfig, train
+from tests.worker_exit import exit_without_teardown
 
 WORDS = [f"w{i}" for i in range(30)]
 CONFIG = TrainConfig(steps=3, batch_size=4, learning_rate=5e-2, warmup_steps=0, log_every=1,
@@ -106,3 +107,4 @@ def main(out: str, mode: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:3])
+    exit_without_teardown()
