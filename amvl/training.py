@@ -10,7 +10,8 @@ weighed by its share of the batch's answer tokens, so N processes optimise the l
 would on the whole batch (up to the latent noise, which is drawn per process). Logged metrics
 are the main process's share of each batch. Everything a step depends on is a function of
 (seed, step): the batch (a fixed permutation per epoch, sharded across processes) and the latent
-noise seed. So resuming from a checkpoint continues exactly: the checkpoint holds the step, the
+noise seed (whether the batches are built in the loop or ahead of it by DataLoader workers,
+``TrainConfig.num_workers``). So resuming from a checkpoint continues exactly: the checkpoint holds the step, the
 model, the optimizer, the LR scheduler and the RNG states, and is written atomically (to a
 temporary directory, then renamed). Checkpoints are loaded with ``weights_only=True``: nothing
 arbitrary is unpickled.
@@ -36,6 +37,7 @@ from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
 from amvl.config import INFERENCE_FIELDS, AMVLConfig, check_types
+from amvl.step_batches import StepBatches, prefetching_loader
 
 if TYPE_CHECKING:  # annotations only: accelerate is imported when a run starts
     from accelerate import Accelerator
@@ -84,6 +86,9 @@ class TrainConfig:
     # (one graph each instead of an autograd node and a Python call per operator), after a
     # compile on the first step and one more when lengths first change.
     compile: bool = False
+    # Build the coming steps' batches in this many DataLoader worker processes (0: in the loop,
+    # while the device waits), each up to two steps ahead, into pinned memory on a GPU.
+    num_workers: int = 0
 
     def __post_init__(self) -> None:
         def require(ok: bool, message: str) -> None:
@@ -92,7 +97,7 @@ class TrainConfig:
 
         check_types(self, integers={"steps": 1, "batch_size": 1, "warmup_steps": 0, "seed": 0,
                                     "log_every": 1, "save_every": 0, "save_total_limit": 0,
-                                    "eval_every": 0},
+                                    "eval_every": 0, "num_workers": 0},
                     reals=("learning_rate", "weight_decay", "max_grad_norm"),
                     flags=("activation_checkpointing", "compile"))
         for name in ("steps", "batch_size", "log_every"):
@@ -128,20 +133,6 @@ def recompute_skips_side_effects() -> contextlib.AbstractContextManager:
     if not hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
         return contextlib.nullcontext()
     return torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
-
-
-def batch_indices(n_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
-    """Example indices of optimisation step ``step``: consecutive slices of one fixed
-    permutation per epoch, so the order depends only on (seed, step)."""
-    out: list[int] = []
-    position = step * batch_size
-    while len(out) < batch_size:
-        epoch, offset = divmod(position, n_examples)
-        order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch))
-        take = min(batch_size - len(out), n_examples - offset)
-        out += order[offset:offset + take].tolist()
-        position += take
-    return out
 
 
 EVAL_STREAM = 1  # step_seed's stream of evaluation seeds
@@ -490,29 +481,35 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
     device = accelerator.device
     bar = tqdm(range(start, config.steps), desc="train", disable=not progress or rank != 0,
                initial=start, total=config.steps)
+    steps = StepBatches(examples, collator, start=start, steps=config.steps,
+                        batch_size=config.batch_size, seed=config.seed, rank=rank, world=world,
+                        micro_size=micro_size)
+    built_ahead = iter(prefetching_loader(steps, config.num_workers,
+                                          pin_memory=device.type == "cuda", seed=config.seed)) \
+        if config.num_workers and start < config.steps else None
     for step in bar:
         wrapped.train()  # each step: an on_log callback may have evaluated the model
-        indices = batch_indices(len(examples), config.batch_size, step, config.seed)
-        mine = [examples[i] for i in indices[rank * per_rank:(rank + 1) * per_rank]]
-        tokens, batches = None, None
+        mine = None
+        if built_ahead is not None:
+            batches = next(built_ahead)
+        elif accumulate > 1 and hasattr(collator, "answer_tokens"):
+            # each micro-batch built when it runs, its answer tokens counted from the text
+            mine, batches = steps.share(step), None
+        else:  # one batch (or a collator of the caller's own): built first
+            batches = steps.build(steps.share(step))
+        tokens = None
         if world > 1 or accumulate > 1:
             # each micro-batch's NLL over the mean answer tokens of the step's micro-batches
             # on all processes, so the step's loss is the token mean over its whole batch
-            if accumulate > 1 and hasattr(collator, "answer_tokens"):
-                # counted from the answers' text alone: each micro-batch built when it runs
-                count = collator.answer_tokens(mine)
-            else:  # one batch (or a collator of the caller's own): built first, its masks
-                # counted, as tokenizing the answers again would be host work for nothing
-                batches = [collator(mine[i * micro_size:(i + 1) * micro_size])
-                           for i in range(accumulate)]
-                count = sum(int(b["answer_mask"].sum()) for b in batches)
+            count = collator.answer_tokens(mine) if batches is None \
+                else sum(int(b["answer_mask"].sum()) for b in batches)
             tokens = torch.tensor(float(count), device=device)
             tokens = (accelerator.reduce(tokens, "sum") if world > 1 else tokens) \
                 / (world * accumulate)
         for i in range(accumulate):
-            batch = batches[i] if batches is not None \
-                else collator(mine[i * micro_size:(i + 1) * micro_size])
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = batches[i] if batches is not None else steps.micro_batch(mine, i)
+            # asynchronous from pinned memory: the copy overlaps what the device still runs
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             # DDP averages the gradients across processes at the step's last micro-batch only
             last = i + 1 == accumulate
             with accelerator.no_sync(wrapped) if not last else contextlib.nullcontext():

@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 from amvl.config import AMVLConfig
 from amvl.data import AMVLCollator
 from amvl.model import AMVLModel
+from amvl.step_batches import batch_indices
 from amvl.tiny import tiny_qwen2, word_tokenizer
-from amvl.training import TrainConfig, batch_indices, latest_checkpoint, train
+from amvl.training import TrainConfig, latest_checkpoint, train
 
 WORDS = [f"w{i}" for i in range(30)]
 
@@ -238,6 +239,8 @@ def test_weight_decay_spares_biases_and_norms():
     ({"activation_checkpointing": "false"}, "activation_checkpointing"),
     ({"max_grad_norm": "1.0"}, "max_grad_norm"),
     ({"weight_decay": -0.1}, "weight_decay"),
+    ({"num_workers": -1}, "num_workers must be an int >= 0, got -1"),
+    ({"num_workers": True}, "num_workers must be an int"),
 ])
 def test_train_config_types_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -335,7 +338,8 @@ def test_two_processes_train_like_one(tmp_path, mode):
     weighed by its share of the answer tokens (DDP's plain average of the ranks' token means
     counted a token of a share with fewer tokens more: parameters 2.3e-2 apart after 4 steps).
     A VLM's share without images leaves the vision tower without gradients, which DDP must
-    expect (it waited for them: "Expected to have finished reduction"). "compiled": the two
+    expect (it waited for them: "Expected to have finished reduction"); its two processes
+    build their batches in a DataLoader worker each. "compiled": the two
     processes with TrainConfig.compile against one eager process; "accumulate": each
     process's share in micro-batches of one example (gradients averaged across the processes
     at each step's last micro-batch only)."""
@@ -643,3 +647,67 @@ def test_a_collator_of_ones_own_still_accumulates():
           TrainConfig(**{**config.__dict__, "micro_batch_size": 1}), progress=False)
     for (name, a), (_, b) in zip(whole.named_parameters(), parts.named_parameters()):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_workers_build_the_same_steps_and_resume_exactly(tmp_path):
+    """Batches built ahead in worker processes train the steps of batches built in the loop,
+    micro-batches and their token counts included, and leave the global random state (which
+    dropout draws from) where the loop leaves it, so a resumed run continues exactly."""
+    config = TrainConfig(steps=6, batch_size=4, micro_batch_size=2, learning_rate=5e-3,
+                         log_every=2, save_every=3, seed=1)
+    in_loop, collator = _model()
+    history = train(in_loop, collator, _data(), config, progress=False)
+    after_loop = torch.get_rng_state()
+
+    ahead = TrainConfig(**{**config.__dict__, "num_workers": 2})
+    workers, collator = _model()
+    assert train(workers, collator, _data(), ahead, progress=False) == history
+    assert torch.equal(torch.get_rng_state(), after_loop)
+    for (name, a), (_, b) in zip(in_loop.state_dict().items(), workers.state_dict().items()):
+        assert torch.equal(a, b), name
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_four(entry):
+        if entry["step"] >= 4:
+            raise Stop
+
+    interrupted, collator = _model()
+    with pytest.raises(Stop):
+        train(interrupted, collator, _data(), ahead, output_dir=tmp_path, on_log=stop_at_four,
+              progress=False)
+    resumed, collator = _model()
+    assert train(resumed, collator, _data(), ahead, output_dir=tmp_path, resume=True,
+                 progress=False) == history
+    for (name, a), (_, b) in zip(in_loop.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+class _RecordingCollator(AMVLCollator):
+    """Writes the process that built each batch to a file; fails on a question "w29"."""
+
+    def __init__(self, tokenizer, record: Path):
+        super().__init__(tokenizer)
+        self.record = record
+
+    def __call__(self, examples):
+        with open(self.record, "a") as file:
+            file.write(f"{os.getpid()}\n")
+        if any(e["question"] == "w29" for e in examples):
+            raise ValueError("a question of w29 alone")
+        return super().__call__(examples)
+
+
+def test_workers_build_the_batches_and_their_errors_reach_the_loop(tmp_path):
+    model, collator = _model()
+    record = tmp_path / "pids"
+    collator = _RecordingCollator(collator.tokenizer, record)
+    train(model, collator, _data(), TrainConfig(steps=4, batch_size=4, num_workers=2),
+          progress=False)
+    builders = {int(line) for line in record.read_text().split()}
+    assert len(builders) == 2 and os.getpid() not in builders
+    broken = _data(4) + [{"question": "w29", "answer": "w1"}] * 4
+    with pytest.raises(ValueError, match="a question of w29 alone"):
+        train(model, collator, broken, TrainConfig(steps=4, batch_size=4, num_workers=1),
+              progress=False)

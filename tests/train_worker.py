@@ -4,7 +4,8 @@
 The "none" objective (no latent noise, which is drawn per process) on answers of 1 to 6 words,
 so the two processes' shares hold different numbers of answer tokens. Mode "vlm": a tiny
 Qwen2-VL on examples of which half have no image, so a share can leave the vision tower
-without gradients. Rank 0 writes the parameters to OUT/params.safetensors.
+without gradients, its batches built in a DataLoader worker of each process. Rank 0 writes
+the parameters to OUT/params.safetensors.
 """
 
 import json
@@ -81,6 +82,8 @@ def main(out: str, mode: str) -> None:
     vision = mode == "vlm"
     model, collator = build(vision)
     config = CONFIG
+    if mode == "vlm":  # the images processed in a DataLoader worker of each process
+        config = TrainConfig(**{**CONFIG.__dict__, "num_workers": 1})
     if mode == "accumulate":  # each process's share of 2 in micro-batches of 1
         config = TrainConfig(**{**CONFIG.__dict__, "micro_batch_size": 1})
     if mode == "compiled":  # TrainConfig.compile around the DDP wrapper
