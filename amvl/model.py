@@ -605,7 +605,8 @@ class AMVLModel(SavingMixin, nn.Module):
                 image_grid_thw: Tensor | None = None, step: int | Tensor | None = 0,
                 seed: int | Tensor | None = None,
                 prefix_sharing: bool | None = None,
-                answer_tokens: float | Tensor | None = None) -> AMVLOutput:
+                answer_tokens: float | Tensor | None = None,
+                prior_mean_nll: bool = False) -> AMVLOutput:
         """One training forward: loss, metrics and the drawn latents.
 
         Prompts are left-padded (B, Lx), answers right-padded (B, Ly), masks True on real
@@ -620,9 +621,16 @@ class AMVLModel(SavingMixin, nn.Module):
         answer token count. Data-parallel ranks pass the tokens of all their shares divided
         by the number of ranks, so that the average of their losses (DDP's) weighs every
         token alike, as one process over the whole batch does.
+        ``prior_mean_nll``: also the metric ``nll_prior_mean``, the answers' NLL decoded from
+        the prior's means (what inference decodes from by default; without a latent block for
+        "none"): one more decoding pass, which reuses the step's encoding of x when sharing.
+        For evaluation, so only without autograd (``torch.no_grad()``).
         """
         self._check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask, pixel_values,
                           image_grid_thw)
+        if prior_mean_nll and torch.is_grad_enabled():
+            raise ValueError("prior_mean_nll is an evaluation metric: call the forward under "
+                             "torch.no_grad()")
         if isinstance(step, Tensor):
             if step.is_floating_point() or step.is_complex() or step.dtype == torch.bool \
                     or step.numel() != 1:
@@ -672,6 +680,8 @@ class AMVLModel(SavingMixin, nn.Module):
             loss, metrics = obj.loss(self._nll(hidden, seq, answer_ids, answer_mask,
                                            answer_tokens), None, step)
             loss, metrics = self._balance_routers(loss, metrics, routed, [(seq, slice(None))])
+            if prior_mean_nll:  # no latents: the answers' NLL is the one inference decodes
+                metrics = metrics.with_tensors(nll_prior_mean=metrics.tensors()["nll"])
             return AMVLOutput(loss, metrics)
 
         # Named scopes: what scripts/profile_model_step.py --gaps charges device idle time to.
@@ -748,6 +758,8 @@ class AMVLModel(SavingMixin, nn.Module):
         with _scope("amvl.loss"):
             loss, metrics = obj.loss(nll, latents, step, nll_prior)
             loss, metrics = self._balance_routers(loss, metrics, routed, routed_parts)
+        if prior_mean_nll:
+            metrics = metrics.with_tensors(nll_prior_mean=decode_nll(mu_p))
         return AMVLOutput(loss, metrics, latents)
 
     def _balance_routers(self, loss: Tensor, metrics: Metrics, routed: list | None,

@@ -37,6 +37,9 @@ from amvl.model import AMVLModel, AMVLOutput
 from amvl.training import EVAL_STREAM, recompute_skips_side_effects, step_seed
 
 CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+# Evaluation's names of the forward's metrics, as amvl.validation has them: "nll_prior" the
+# NLL from the prior's means (what inference decodes from), "nll_prior_draw" gamma's draw.
+EVAL_NAMES = {"nll_prior": "nll_prior_draw", "nll_prior_mean": "nll_prior"}
 
 
 TRAINING_ARGS_JSON = "training_args.json"
@@ -175,8 +178,10 @@ class AMVLTrainer(Trainer):
                         metric_key_prefix: str = "eval") -> EvalLoopOutput:
         """``Trainer.evaluation_loop`` from the first evaluation seed, so every call draws the
         same latent noise, with the objective's metrics beside the loss
-        (``<prefix>_amvl/<name>``: NLL, KLs, active slots, ...), averaged over the examples as
-        the loss is, then over the processes."""
+        (``<prefix>_amvl/<name>``: NLL, KLs, active slots, ...) and ``nll_prior``, the
+        answers' NLL decoded from the prior's means as inference decodes (one more decoding
+        pass a batch; gamma's prior-draw NLL is ``nll_prior_draw`` here), averaged over the
+        examples as the loss is, then over the processes."""
         self._eval_batch = 0  # every evaluate() and predict() draws the same noise
         self._eval_sums, self._eval_examples = defaultdict(float), 0
         try:
@@ -206,11 +211,14 @@ class AMVLTrainer(Trainer):
             seed = step_seed(self.args.seed, self._eval_batch, self.args.process_index,
                              stream=EVAL_STREAM)
             self._eval_batch += 1
-            out = model(**inputs, step=None, seed=self._as_graph_input(seed, (1,)))
-            if self._eval_sums is not None:  # inside evaluation_loop, not a direct call
+            looping = self._eval_sums is not None  # inside evaluation_loop, not a direct call
+            out = model(**inputs, step=None, seed=self._as_graph_input(seed, (1,)),
+                        prior_mean_nll=looping and not torch.is_grad_enabled())
+            if looping:
                 examples = inputs["prompt_ids"].shape[0]
                 for key, value in out.metrics.tensors().items():
                     if "/slot" not in key:
+                        key = EVAL_NAMES.get(key, key)
                         self._eval_sums[key] = self._eval_sums[key] + value * examples
                 self._eval_examples += examples
         else:

@@ -68,7 +68,7 @@ def validation_sums(model: AMVLModel, collator: AMVLCollator, examples: Sequence
         n = batch["prompt_ids"].shape[0]
         tokens = batch["answer_mask"].sum(1)
         out = model(**batch, step=None,  # step=None: the full KL weight
-                    seed=step_seed(seed, index, rank, stream=EVAL_STREAM))
+                    seed=step_seed(seed, index, rank, stream=EVAL_STREAM), prior_mean_nll=True)
         metrics = out.metrics.tensors()
         # gamma > 0: the forward's own "nll_prior" decodes a prior *draw*; kept apart from
         # nll_prior (the prior's *means*, below), token-weighted like "nll"
@@ -80,23 +80,13 @@ def validation_sums(model: AMVLModel, collator: AMVLCollator, examples: Sequence
                 add(_LOSS_NLL, token_terms * tokens.sum())
             elif key == "nll_prior":
                 add("nll_prior_draw", value * tokens.sum())
+            elif key == "nll_prior_mean":
+                add("nll_prior", value * tokens.sum())
             elif "/slot" not in key and key != "kl_weight":
                 add(key, value * (tokens.sum() if key == "nll" else n))
-        add("nll_prior", (_prior_nll(model, batch) * tokens).sum())
         add(_EXAMPLES, n)
         add(_TOKENS, tokens.sum())
     return sums
-
-
-def _prior_nll(model: AMVLModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Each example's mean answer-token NLL decoded from the prior's means (B,)."""
-    images = {key: batch[key] for key in ("pixel_values", "image_grid_thw") if key in batch}
-    answers = (batch["prompt_ids"], batch["prompt_mask"], batch["answer_ids"],
-               batch["answer_mask"])
-    if model.prior_head is None:  # "none": no latent block
-        return model.answer_nll(*answers, **images)
-    z = model.heads(batch["prompt_ids"], batch["prompt_mask"], **images)["mu_p"]
-    return model.answer_nll(*answers, z=z, **images)
 
 
 def validation_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:

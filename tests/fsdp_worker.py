@@ -128,12 +128,15 @@ def choice_scores(model: AMVLModel, collator: AMVLCollator, rank: int
 
 def scores(model: AMVLModel, collator: AMVLCollator, rank: int) -> dict[str, torch.Tensor]:
     """The heads' outputs and the answer NLL given the posterior means on this rank's first
-    batch (passes outside ``forward``)."""
+    batch (passes outside ``forward``), and an evaluation forward's NLL from the prior's
+    means (one more decoding pass inside it)."""
     b = batch(collator, 0, rank)
     with torch.no_grad():
         out = model.heads(b["prompt_ids"], b["prompt_mask"], b["answer_ids"], b["answer_mask"])
         out["nll"] = model.answer_nll(b["prompt_ids"], b["prompt_mask"], b["answer_ids"],
                                       b["answer_mask"], z=out["mu_q"])
+        evaluated = model(**b, step=None, seed=step_seed(0, 0, rank), prior_mean_nll=True)
+        out["nll_prior_mean"] = evaluated.metrics.tensors()["nll_prior_mean"]
     return {k: v.contiguous() for k, v in out.items()}
 
 

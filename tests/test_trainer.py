@@ -731,6 +731,41 @@ def test_evaluation_reports_the_objectives_metrics(tmp_path):
     assert trainer.evaluate(data)["eval_amvl/nll"] == metrics["eval_amvl/nll"]
 
 
+def test_evaluation_reports_the_nll_from_the_priors_means(tmp_path):
+    """Trainer evaluation lacked what amvl.validation reports beside the objective: the
+    answers' NLL decoded from the prior's means, as inference decodes, whose gap to the
+    posterior's NLL is the leakage AMVL limits. Each batch's token mean, averaged over the
+    examples as eval_loss is; gamma's prior-draw NLL is nll_prior_draw, as in validation."""
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer(WORDS)
+    model = AMVLModel(tiny_qwen2(tokenizer), tokenizer,
+                      AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch", gamma=0.5))
+    g = torch.Generator().manual_seed(4)
+    data = [{"question": " ".join(WORDS[int(i)] for i in torch.randint(0, 30, (3,), generator=g)),
+             "answer": " ".join(WORDS[int(i)] for i in torch.randint(0, 30, (1 + n % 4,),
+                                                                     generator=g))}
+            for n in range(7)]
+    collator = AMVLCollator(tokenizer)
+    trainer = AMVLTrainer(model, TrainingArguments(
+        output_dir=str(tmp_path), per_device_eval_batch_size=3, report_to=[], use_cpu=True,
+        disable_tqdm=True), data_collator=collator)
+    metrics = trainer.evaluate(data)
+    want = 0.0
+    with torch.no_grad():
+        for start in range(0, 7, 3):  # batches of 3, 3 and 1
+            batch = collator(data[start:start + 3])
+            z = model.heads(batch["prompt_ids"], batch["prompt_mask"])["mu_p"]
+            per_example = model.answer_nll(batch["prompt_ids"], batch["prompt_mask"],
+                                           batch["answer_ids"], batch["answer_mask"], z=z)
+            tokens = batch["answer_mask"].sum(1)
+            want += float((per_example * tokens).sum() / tokens.sum()) * len(tokens) / 7
+    assert metrics["eval_amvl/nll_prior"] == pytest.approx(want, rel=1e-5)
+    assert metrics["eval_amvl/nll_prior_draw"] != metrics["eval_amvl/nll_prior"]  # a draw
+    assert "eval_amvl/nll_prior_mean" not in metrics
+    with pytest.raises(ValueError, match="prior_mean_nll is an evaluation metric"):
+        model(**collator(data[:2]), prior_mean_nll=True)
+
+
 def test_a_tokenizer_as_processing_class(tmp_path):
     """processing_class=tokenizer, the stock Trainer usage, crashed train(): transformers
     aligned the special tokens of model.config, an AMVLConfig here. The base model's config
