@@ -128,6 +128,28 @@ def test_prefix_shared_and_naive_paths_agree(kind, objective, gamma):
     assert ("posterior_head.proj.weight" in trained) == (objective != "prior")
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2_5_vl"])
+@pytest.mark.parametrize("objective", ["amvl", "prior", "none"])
+def test_the_forwards_nll_from_the_priors_means_on_both_paths(kind, objective):
+    """prior_mean_nll decodes the prior's means once more inside the forward (after x's
+    cache when sharing): the token-mean NLL that heads() and answer_nll() give apart (the
+    fp32 rotary tables round differently for other sequence shapes, see above)."""
+    model, batch = build(kind, objective=objective)
+    images = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
+    answers = [batch[k] for k in ("prompt_ids", "prompt_mask", "answer_ids", "answer_mask")]
+    with torch.no_grad():
+        z = None if objective == "none" else model.heads(*answers[:2], **images)["mu_p"]
+        per_example = model.answer_nll(*answers, z=z, **images)
+        tokens = batch["answer_mask"].sum(1)
+        want = (per_example * tokens).sum() / tokens.sum()
+        for share in (True, False):
+            out = model(**batch, step=None, seed=3, prefix_sharing=share, prior_mean_nll=True)
+            got = out.metrics.tensors()["nll_prior_mean"]
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=0, msg=f"sharing {share}")
+            without = model(**batch, step=None, seed=3, prefix_sharing=share)
+            assert without.loss == out.loss  # the extra pass leaves the objective alone
+
+
 @pytest.mark.parametrize("kind", ["qwen2", "qwen2_vl"])
 @pytest.mark.parametrize("share", [True, False])
 @pytest.mark.parametrize("gamma", [0.0, 0.5])
