@@ -631,14 +631,14 @@ def prior_choice_nll(model: AMVLModel, collator: AMVLCollator, examples: Sequenc
 
     The "prior" column of :func:`amvl.diagnostics.score_choices`, without the four other latent
     variants and the posterior pass it also runs (about five times the work), and without
-    needing gold answers, so unlabelled test records can be scored too.
+    needing gold answers, so unlabelled test records can be scored too. Each batch's prompts
+    are encoded once for all of its choices (:meth:`AMVLModel.choices_nll`).
 
     Warns once (UserWarning) when some examples have choices that tokenize to the same ids:
     their NLLs tie, and the predictions over them mean nothing.
     """
     device = model.device
     dtype = model._unwrapped().get_input_embeddings().weight.dtype
-    has_latents = model.objective.latent_source != "none"
     n_choices = max(len(ex["choices"]) for ex in examples)
     sharded, passes = choices_to_score(model, len(examples), batch_size, n_choices)
     nll = np.full((len(examples), n_choices), np.inf)
@@ -648,27 +648,27 @@ def prior_choice_nll(model: AMVLModel, collator: AMVLCollator, examples: Sequenc
     for start in tqdm(range(0, len(examples), batch_size), desc="evaluate",
                       disable=not progress):
         chunk = list(examples[start:start + batch_size])
-        z = None
-        for c in range(passes):
-            have = [i for i, ex in enumerate(chunk) if c < len(ex["choices"])]
-            run = list(range(len(chunk))) if sharded else have
-            if not run:
-                continue
-            batch = collator([with_choice(chunk[i], c) for i in run])
-            record_choice_ids(choice_ids, start, chunk, run, c, batch)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            if "pixel_values" in batch:
-                batch["pixel_values"] = batch["pixel_values"].to(dtype)
-            images = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
-            if has_latents and z is None:
-                # Every example has a first choice, so this batch's prompts are the chunk's.
-                z = model.heads(batch["prompt_ids"], batch["prompt_mask"], **images)["mu_p"]
-            pick = torch.tensor(run, device=device)
-            values = model.answer_nll(batch["prompt_ids"], batch["prompt_mask"],
-                                      batch["answer_ids"], batch["answer_mask"],
-                                      z=None if z is None else z[pick], **images)
-            kept = values.float().cpu().numpy()[[run.index(i) for i in have]]
-            nll[start + np.array(have, dtype=int), c] = kept
+        rows = list(range(len(chunk)))
+        # Every row answers each choice, a row past its last one with a stand-in (dropped),
+        # so that all answers follow the same prompts, encoded once (AMVLModel.choices_nll).
+        # A sharded model's processes must run alike: all of them the most choices of any.
+        count = passes if sharded else max(len(ex["choices"]) for ex in chunk)
+        batches = [collator([with_choice(ex, c) for ex in chunk]) for c in range(count)]
+        if any(not torch.equal(b["prompt_ids"], batches[0]["prompt_ids"]) for b in batches):
+            raise ValueError("the collator built other prompts for other answers: choices "
+                             "are scored after one encoding of each prompt")
+        for c, batch in enumerate(batches):
+            record_choice_ids(choice_ids, start, chunk, rows, c, batch)
+        first = {k: v.to(device) for k, v in batches[0].items()}
+        images = {k: first[k] for k in ("pixel_values", "image_grid_thw") if k in first}
+        if "pixel_values" in images:
+            images["pixel_values"] = images["pixel_values"].to(dtype)
+        answers = [(b["answer_ids"].to(device), b["answer_mask"].to(device)) for b in batches]
+        values = model.choices_nll(first["prompt_ids"], first["prompt_mask"], answers,
+                                   **images).float().cpu().numpy()
+        for c in range(count):
+            have = [i for i in rows if c < len(chunk[i]["choices"])]
+            nll[start + np.array(have, dtype=int), c] = values[have, c]
     warn_indistinguishable_choices(examples, choice_ids)
     return nll
 

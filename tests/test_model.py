@@ -150,6 +150,38 @@ def test_the_forwards_nll_from_the_priors_means_on_both_paths(kind, objective):
             assert without.loss == out.loss  # the extra pass leaves the objective alone
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("objective", ["amvl", "none"])
+@pytest.mark.parametrize("attention", ["sdpa", "amvl"])
+def test_choices_after_one_encoding_score_as_each_apart(kind, objective, attention):
+    """choices_nll encodes x once and decodes every answer after its cache, cropped back to
+    x in between: each answer's NLL is answer_nll's from the prior's means (a full pass per
+    answer), with prefix sharing and without; a third answer shorter than the others."""
+    import amvl_kernels.hf as akhf
+
+    model, batch = build(kind, objective=objective)
+    if attention == "amvl":
+        akhf.use_amvl_attention(model.base)
+    images = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
+    prompts = (batch["prompt_ids"], batch["prompt_mask"])
+    shorter = batch["answer_mask"].clone()
+    shorter[:, 1:] = False
+    answers = [(batch["answer_ids"], batch["answer_mask"]),
+               (batch["answer_ids"].roll(1, 0), batch["answer_mask"].roll(1, 0)),
+               (batch["answer_ids"], shorter)]
+    with torch.no_grad():
+        z = None if objective == "none" else model.heads(*prompts, **images)["mu_p"]
+        want = torch.stack([model.answer_nll(*prompts, *answer, z=z, **images)
+                            for answer in answers], 1)
+        for share in (True, False):
+            model.config.prefix_sharing = share
+            got = model.choices_nll(*prompts, answers, **images)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=0, msg=f"sharing {share}")
+    assert not torch.equal(want[:, 0], want[:, 1])
+    with pytest.raises(ValueError, match="at least one answer"):
+        model.choices_nll(*prompts, [], **images)
+
+
 @pytest.mark.parametrize("kind", ["qwen2", "qwen2_vl"])
 @pytest.mark.parametrize("share", [True, False])
 @pytest.mark.parametrize("gamma", [0.0, 0.5])
