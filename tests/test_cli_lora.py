@@ -1,0 +1,317 @@
+"""LoRA through the amvl command: the run config's model.lora section, training adapters on a
+frozen base, resuming, and eval / generate loading what a LoRA run saved."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import amvl.training
+from amvl.cli import main
+from amvl.run_config import load_run_config
+
+
+def _lora_config(folder: Path, steps: int, save_every: int, lora: dict | None = None,
+                 **train) -> str:
+    """A run config of the tiny Qwen2-VL with ``model.lora`` (None: none), written in
+    ``folder``; its output directory is ``folder/run``."""
+    model = {"path": "tiny-qwen2-vl", "hidden_size": 32}
+    if lora is not None:
+        model["lora"] = lora
+    config = {"model": model,
+              "amvl": {"num_slots": 2, "latent_dim": 4, "objective": "elbo"},
+              "train": {"steps": steps, "batch_size": 4, "save_every": save_every,
+                        "log_every": 1, "learning_rate": 1e-2, **train},
+              "data": {"train": "puzzles", "per_family": 4},
+              "output_dir": str(folder / "run")}
+    path = folder / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def _write_puzzle_records(folder: Path) -> tuple[list[dict], Path]:
+    """The built-in test puzzles (one per family) with their images saved in ``folder``, and
+    a JSON-lines file of them as multiple-choice records."""
+    from amvl.puzzles import puzzle_suite
+
+    puzzles, lines = puzzle_suite("test", 1), []
+    for i, puzzle in enumerate(puzzles):
+        puzzle["images"][0].save(folder / f"puzzle{i}.png")
+        lines.append(json.dumps({"question": puzzle["question"], "choices": puzzle["choices"],
+                                 "answer": puzzle["answer"], "images": [f"puzzle{i}.png"],
+                                 "subtask": puzzle["family"], "id": puzzle["id"]}))
+    data = folder / "puzzles.jsonl"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return puzzles, data
+
+
+# ------------------------------------------------------------------------- the config section
+
+
+@pytest.mark.parametrize("lora,match", [
+    ("{rank: 4}", r"unknown keys in 'model.lora': \['rank'\]"),
+    ("{alpha: 8}", "model.lora needs r"),
+    ("[4]", "'model.lora' must be a mapping"),
+    ("{r: 0}", "model.lora.r must be a positive int, got 0"),
+    ("{r: '8'}", "model.lora.r must be a positive int, got '8'"),
+    ("{r: true}", "model.lora.r must be a positive int, got True"),
+    ("{r: 4.0}", "model.lora.r must be a positive int, got 4.0"),
+    ("{r: 4, alpha: 0}", "model.lora.alpha must be a positive number, got 0"),
+    ("{r: 4, alpha: lots}", "model.lora.alpha must be a positive number, got 'lots'"),
+    ("{r: 4, alpha: .inf}", "model.lora.alpha must be a positive number, got inf"),
+    ("{r: 4, dropout: 1.0}", r"model.lora.dropout must be a number in \[0, 1\), got 1.0"),
+    ("{r: 4, dropout: -0.1}", r"model.lora.dropout must be a number in \[0, 1\), got -0.1"),
+    ("{r: 4, dropout: true}", r"model.lora.dropout must be a number in \[0, 1\), got True"),
+    ("{r: 4, target_modules: q_proj}", "model.lora.target_modules must be a non-empty list"),
+    ("{r: 4, target_modules: []}", "model.lora.target_modules must be a non-empty list"),
+    ("{r: 4, target_modules: ['']}", "model.lora.target_modules must be a non-empty list"),
+    ("{r: 4, target_modules: [1]}", "model.lora.target_modules must be a non-empty list"),
+    ("{r: 4, target_modules: [q_proj, q_proj]}", "list of distinct module names"),
+])
+def test_lora_section_mistakes_are_named(tmp_path, lora, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"model: {{path: tiny-qwen2-vl, lora: {lora}}}")
+    with pytest.raises(SystemExit, match=match):
+        load_run_config(path)
+
+
+def test_lora_section_defaults(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {path: tiny-qwen2-vl, lora: {r: 4}}")
+    assert load_run_config(path)["lora_settings"] == {
+        "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None}
+    path.write_text("model: {path: tiny-qwen2-vl, lora: {r: 4, alpha: 1.5, dropout: 0.1, "
+                    "target_modules: [q_proj]}}")
+    assert load_run_config(path)["lora_settings"] == {
+        "r": 4, "alpha": 1.5, "dropout": 0.1, "target_modules": ["q_proj"]}
+    path.write_text("model: {path: tiny-qwen2-vl}")
+    assert load_run_config(path)["lora_settings"] is None
+
+
+def test_lora_without_peft_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft raises ImportError
+    config = _lora_config(tmp_path, steps=1, save_every=1, lora={"r": 4})
+    with pytest.raises(SystemExit, match="amvl train: LoRA adapters need the peft package: "
+                                         "pip install peft"):
+        main(["train", "--config", config, "--no-progress"])
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- the adapters
+
+
+@pytest.mark.parametrize("build", ["tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_qwen2"])
+def test_default_targets_are_the_text_decoders_linear_layers(build):
+    """By name alone, Qwen2.5-VL's vision MLP (gate_proj, up_proj, down_proj) would get
+    adapters too: the default names the text decoder's layers in full."""
+    pytest.importorskip("peft")
+    import amvl.tiny
+    from amvl.config import AMVLConfig
+    from amvl.lora import add_adapters
+    from amvl.model import AMVLModel
+    from amvl.puzzles import vocabulary
+
+    tokenizer = amvl.tiny.word_tokenizer(vocabulary(), vision=build != "tiny_qwen2")
+    base = getattr(amvl.tiny, build)(tokenizer)
+    linear = {name for name, module in base.named_modules()
+              if isinstance(module, torch.nn.Linear)}
+    decoder = "model.language_model." if build != "tiny_qwen2" else "model."
+    expected = {name for name in linear if name.startswith(decoder)}
+    assert len(expected) == 2 * 7  # 2 layers of q, k, v, o, gate, up and down projections
+    model = AMVLModel(base, tokenizer, AMVLConfig(num_slots=2, latent_dim=4))
+    summary = add_adapters(model, {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": None})
+    assert "on 14 modules" in summary
+    adapted = {name.removeprefix("base_model.model.").removesuffix(".lora_A")
+               for name, _ in model.base.named_modules() if name.endswith(".lora_A")}
+    assert adapted == expected
+    assert not any("visual" in name for name in adapted)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert all("lora_" in name or name.split(".")[0] in ("prior_head", "posterior_head",
+                                                         "injector") for name in trainable)
+
+    model = AMVLModel(getattr(amvl.tiny, build)(tokenizer), tokenizer,
+                      AMVLConfig(num_slots=2, latent_dim=4))
+    with pytest.raises(SystemExit, match="amvl train: model.lora.target_modules: .*qproj"):
+        add_adapters(model, {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["qproj"]})
+
+
+class _Capture:
+    """Wraps amvl.training.train to keep the model amvl train trains, with its state before
+    and after."""
+
+    def __init__(self) -> None:
+        self.model, self.before, self.after = None, None, None
+        self._train = amvl.training.train
+
+    def __call__(self, model, *args, **kwargs):
+        self.model = model
+        self.before = {k: v.clone() for k, v in model.state_dict().items()}
+        history = self._train(model, *args, **kwargs)
+        self.after = {k: v.clone() for k, v in model.state_dict().items()}
+        return history
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """One LoRA run of amvl train (2 steps, a checkpoint each), its config and the captured
+    in-memory model, shared by the tests that read it."""
+    pytest.importorskip("peft")
+    folder = tmp_path_factory.mktemp("lora")
+    config = _lora_config(folder, steps=2, save_every=1, lora={"r": 4, "dropout": 0.1})
+    capture = _Capture()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(amvl.training, "train", capture)
+        assert main(["train", "--config", config, "--no-progress"]) == 0
+    return folder, config, capture
+
+
+def test_lora_training_moves_adapters_and_heads_and_leaves_the_base_as_it_was(lora_run):
+    folder, _, capture = lora_run
+    lora = [k for k in capture.after if "lora_" in k]
+    heads = [k for k in capture.after if k.split(".")[0] in ("prior_head", "posterior_head",
+                                                             "injector")]
+    frozen = [k for k in capture.after if k not in lora and k not in heads]
+    assert lora and heads and len(frozen) > len(lora)
+    assert any("visual" in k for k in frozen)
+    for key in frozen:  # the base's own weights, the latent tokens' rows among them
+        assert torch.equal(capture.before[key], capture.after[key]), key
+    for key in [k for k in lora if "lora_B" in k] + heads:
+        assert not torch.equal(capture.before[key], capture.after[key]), key
+    run = folder / "run"
+    for saved in (run / "final", run / "checkpoint-2"):  # the adapter, not the base's weights
+        assert (saved / "base" / "adapter_model.safetensors").is_file()
+        assert not list(saved.rglob("model*.safetensors"))
+        adapter = load_file(str(saved / "base" / "adapter_model.safetensors"))
+        assert adapter and all("lora_" in k for k in adapter)
+    record = json.loads((run / "final" / "lora_run.json").read_text())
+    assert record["lora"] == {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": None}
+
+
+def test_lora_eval_and_generate_score_as_the_trained_model(lora_run, capsys):
+    """final/, a checkpoint and an eval.baselines entry load with the adapter merged into
+    the base rebuilt from the run's record, and score and answer as the model in memory at
+    the end of training did."""
+    from amvl.data import AMVLCollator, VisionTokens
+    from amvl.evaluation import evaluate_benchmark
+    from amvl.generation import generate_answers
+    from amvl.tiny import tiny_image_processor
+
+    folder, config, capture = lora_run
+    puzzles, data = _write_puzzle_records(folder)
+    trained = capture.model.eval()
+    collator = AMVLCollator(trained.tokenizer, tiny_image_processor(),
+                            VisionTokens.from_model_config(trained.base.config))
+    reference = evaluate_benchmark(trained, collator, [dict(p, subtask=p["family"])
+                                                       for p in puzzles], progress=False)
+    expected = [n for p in reference["predictions"] for n in p["nll"]]
+    with_baseline = yaml.safe_load(Path(config).read_text())  # the last step's checkpoint
+    with_baseline["eval"] = {"baselines": {"step2": str(folder / "run" / "checkpoint-2")}}
+    Path(config).write_text(yaml.safe_dump(with_baseline))
+    out = folder / "scores.json"
+    assert main(["eval", "--config", config, "--benchmark", "jsonl", "--data", str(data),
+                 "--out", str(out), "--no-progress"]) == 0
+    results = json.loads(out.read_text())
+    assert set(results) == {"final (prior latents)", "step2"}
+    for name, result in results.items():
+        scores = [n for p in result["predictions"] for n in p["nll"]]
+        assert scores == pytest.approx(expected, rel=1e-5, abs=1e-6), name
+
+    questions = folder / "questions.jsonl"
+    questions.write_text("".join(json.dumps({"images": [f"puzzle{i}.png"],
+                                             "question": p["question"]}) + "\n"
+                                 for i, p in enumerate(puzzles)), encoding="utf-8")
+    answers = folder / "answers.jsonl"
+    assert main(["generate", "--config", config, "--data", str(questions), "--out",
+                 str(answers), "--max-new-tokens", "3", "--batch-size", "2",
+                 "--no-progress"]) == 0
+    written = [json.loads(line)["prediction"] for line in answers.read_text().splitlines()]
+    wanted = [record["prediction"] for record in generate_answers(
+        trained, collator, [dict(p, answer="") for p in puzzles], batch_size=2,
+        max_new_tokens=3, progress=False)]
+    assert written == wanted
+
+
+# ---------------------------------------------------------------------------------- resume
+
+
+def test_lora_resume_continues_exactly(tmp_path):
+    """A LoRA run stopped after its step-1 checkpoint and resumed logs the losses of an
+    uninterrupted run and ends with the same adapter and heads."""
+    pytest.importorskip("peft")
+    lora = {"r": 4, "dropout": 0.1}  # dropout: the resumed run's generator must continue too
+    finals = {}
+    for name, stops in (("straight", [2]), ("resumed", [1, 2])):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i, steps in enumerate(stops):
+            config = _lora_config(folder, steps=steps, save_every=1, lora=lora,
+                                  lr_scheduler="constant")
+            assert main(["train", "--config", config, "--no-progress"]
+                        + (["--resume"] if i else [])) == 0
+        finals[name] = folder / "run"
+    histories = [[json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+                 for run in finals.values()]
+    assert [e["step"] for e in histories[1]] == [1, 2]
+    assert histories[0] == histories[1]
+    for file in ("base/adapter_model.safetensors", "amvl_heads.safetensors"):
+        straight, resumed = (load_file(str(run / "final" / file)) for run in finals.values())
+        assert straight.keys() == resumed.keys()
+        for key in straight:
+            assert torch.equal(straight[key], resumed[key]), (file, key)
+
+
+def test_resume_with_other_lora_settings_is_refused_before_the_model_loads(tmp_path,
+                                                                          monkeypatch):
+    pytest.importorskip("peft")
+    config = _lora_config(tmp_path, steps=1, save_every=1, lora={"r": 4})
+    assert main(["train", "--config", config, "--no-progress"]) == 0
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model loaded before the settings were compared")
+
+    monkeypatch.setattr("amvl.cli.load_base", no_loading)
+    for lora, match in (({"r": 8, "alpha": 8}, r"differs in \['model.lora.r'\]"),
+                        ({"r": 4, "target_modules": ["q_proj"]},
+                         r"differs in \['model.lora.target_modules'\]"),
+                        (None, r"with model.lora \{.*\}, this run has no model.lora \(full "
+                               r"fine-tuning\)")):
+        config = _lora_config(tmp_path, steps=2, save_every=1, lora=lora)
+        with pytest.raises(SystemExit, match=match):
+            main(["train", "--config", config, "--resume", "--no-progress"])
+    monkeypatch.undo()
+    # the same settings, alpha's default written out: resumed
+    config = _lora_config(tmp_path, steps=2, save_every=1, lora={"r": 4, "alpha": 8})
+    assert main(["train", "--config", config, "--resume", "--no-progress"]) == 0
+
+    full = tmp_path / "full"
+    full.mkdir()
+    assert main(["train", "--config", _lora_config(full, steps=1, save_every=1),
+                 "--no-progress"]) == 0
+    monkeypatch.setattr("amvl.cli.load_base", no_loading)
+    with pytest.raises(SystemExit, match=r"trained with no model.lora \(full fine-tuning\), "
+                                         r"this run has model.lora"):
+        main(["train", "--config", _lora_config(full, steps=2, save_every=1, lora={"r": 4}),
+              "--resume", "--no-progress"])
+
+
+def test_lora_runs_that_cannot_load_are_refused_before_any_model_loads(lora_run, tmp_path):
+    import shutil
+
+    folder, _, _ = lora_run
+    copy = tmp_path / "final"
+    shutil.copytree(folder / "run" / "final", copy)
+    record = json.loads((copy / "lora_run.json").read_text())
+    record["base"]["path"] = str(tmp_path / "moved")
+    (copy / "lora_run.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match=r"adapts the base model .*moved, which is not there"):
+        main(["eval", "--checkpoint", str(copy), "--benchmark", "puzzles", "--no-progress"])
+    (copy / "lora_run.json").unlink()  # an adapter saved in Python: its base is unknown
+    with pytest.raises(SystemExit, match=r"holds a PEFT adapter but .* has no lora_run.json"):
+        main(["generate", "--checkpoint", str(copy), "--data", "q.jsonl", "--out",
+              str(tmp_path / "a.jsonl"), "--no-progress"])
