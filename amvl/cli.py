@@ -39,8 +39,8 @@ import json
 import os
 import re
 import sys
-from functools import partial
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import TextIO
 
