@@ -30,6 +30,7 @@ def _load_script(name: str):
     ("bench_model_step.py", {"model_step": {"plain", "naive", "shared", "shared_amvl"},
                              "model_step_compiled": {"plain", "plain_compiled", "shared_amvl",
                                                      "shared_amvl_compiled"}}, ""),
+    ("bench_choice_scoring.py", {"choice_scoring": {"per_choice", "one_encoding"}}, ""),
     ("bench_latent_attention.py", {"latent_attention": {
         "amvl", "amvl_auto", "amvl_split", "amvl_heads_fastest", "flex", "sdpa_dense",
         "sdpa_flash_causal"}}, ""),
