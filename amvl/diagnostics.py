@@ -144,25 +144,24 @@ def score_choices(model: AMVLModel, collator: AMVLCollator, examples: Sequence[d
                 collected["z_q"].append(draw.cpu())
                 collected["kl_fwd"].append(kl_fwd.float().cpu())
                 collected["kl_rev"].append(kl_rev.float().cpu())
-        for c in range(passes):
+        # Every row answers each choice, a row past its last one with a stand-in (dropped),
+        # so that every answer under every variant follows the chunk's prompts, encoded once
+        # (AMVLModel.choices_nll). A sharded model's processes run the most choices of any.
+        count = passes if sharded else max(len(ex["choices"]) for ex in chunk)
+        batches = [collator([with_choice(ex, c) for ex in chunk]) for c in range(count)]
+        for c, batch in enumerate(batches):
+            record_choice_ids(choice_ids, start, chunk, list(range(len(chunk))), c, batch)
+        answers = [(b["answer_ids"].to(device), b["answer_mask"].to(device)) for b in batches]
+        prompts = (gold_batch["prompt_ids"], gold_batch["prompt_mask"])
+        names = [name for name, z in variants.items() if z is not None] or ["prior"]
+        values = model.choices_nll(*prompts, answers, **images, latents=[
+            variants[name] for name in names]) if has_latents \
+            else model.choices_nll(*prompts, answers, **images)[None]
+        values = values.float().cpu().numpy()
+        for c in range(count):
             have = [i for i, ex in enumerate(chunk) if c < len(ex["choices"])]
-            run = list(range(len(chunk))) if sharded else have
-            if not run:
-                continue
-            batch = collator([with_choice(chunk[i], c) for i in run])
-            record_choice_ids(choice_ids, start, chunk, run, c, batch)  # on the host
-            batch = _to(batch, device, dtype)
-            pick = torch.tensor(run, device=device)
-            kept = [run.index(i) for i in have]
-            picked_images = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
-            for name, z in variants.items():
-                if has_latents and z is None:
-                    continue
-                values = model.answer_nll(batch["prompt_ids"], batch["prompt_mask"],
-                                          batch["answer_ids"], batch["answer_mask"],
-                                          z=None if z is None else z[pick], **picked_images)
-                nll[name][np.arange(rows.start, rows.stop)[have], c] = \
-                    values.cpu().numpy()[kept]
+            for v, name in enumerate(names):
+                nll[name][start + np.array(have, dtype=int), c] = values[v, have, c]
     warn_indistinguishable_choices(examples, choice_ids)
     gold = np.array([ex["choices"].index(ex["answer"]) for ex in examples])
 

@@ -863,52 +863,71 @@ class AMVLModel(SavingMixin, nn.Module):
     def choices_nll(self, prompt_ids: Tensor, prompt_mask: Tensor,
                     answers: list[tuple[Tensor, Tensor]],
                     pixel_values: Tensor | None = None,
-                    image_grid_thw: Tensor | None = None) -> Tensor:
+                    image_grid_thw: Tensor | None = None,
+                    latents: list[Tensor] | None = None) -> Tensor:
         """Per-example mean token NLL (B, C) of C answers to the same prompts, each given the
         prior's means (without a latent block for "none"), as :meth:`answer_nll` gives them
-        one at a time. ``answers``: C pairs (answer_ids, answer_mask), right-padded.
+        one at a time. ``answers``: C pairs (answer_ids, answer_mask), right-padded. With
+        ``latents`` (V tensors (B, K, d)), (V, B, C): each answer given each of them instead
+        (a diagnostic's variants: posterior means, zeroed, swapped, ...).
 
-        With ``config.prefix_sharing`` x is encoded once, in the prior's pass, and each answer
-        decoded after its cache (cropped back to x in between), where answer_nll encodes x
-        again for every answer: the prompt of a benchmark's question is an image's thousand
-        tokens or more, its answers a few.
+        With ``config.prefix_sharing`` x is encoded once (in the prior's pass when it needs
+        the prior's means) and each answer decoded after its cache (cropped back to x in
+        between), where answer_nll encodes x again for every answer and latent: a benchmark
+        question's prompt is an image's thousand tokens or more, its answers a few.
         """
         if not answers:
             raise ValueError("choices_nll needs at least one answer")
         for answer_ids, answer_mask in answers:
             self._check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask, pixel_values,
                               image_grid_thw)
-        images = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
         latent = self.prior_head is not None
+        if latents is not None:
+            if not latent:
+                raise ValueError(f"objective {self.config.objective!r} has no latent block: "
+                                 "pass latents=None")
+            want = (prompt_ids.shape[0], self.config.num_slots, self.config.latent_dim)
+            if not latents or any(tuple(z.shape) != want for z in latents):
+                raise ValueError(f"latents must be a non-empty list of (B, K, d) = {want} "
+                                 f"tensors, got shapes {[tuple(z.shape) for z in latents]}")
+        images = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
         if not self.config.prefix_sharing:
-            z = self.heads(prompt_ids, prompt_mask, **images)["mu_p"] if latent else None
-            return torch.stack([self.answer_nll(prompt_ids, prompt_mask, *answer, z=z,
-                                                **images) for answer in answers], 1)
+            zs = latents if latents is not None else \
+                [self.heads(prompt_ids, prompt_mask, **images)["mu_p"] if latent else None]
+            out = torch.stack([torch.stack([self.answer_nll(prompt_ids, prompt_mask, *answer,
+                                                            z=z, **images)
+                                            for answer in answers], 1) for z in zs])
+            return out if latents is not None else out[0]
         rope = self._rope_positions(prompt_ids, prompt_mask, image_grid_thw)
         p = self._parts(prompt_ids, prompt_mask, None, None, rope)
         prompt_seq = assemble({"prompt": p["prompt"]})
-        seq = assemble({n: p[n] for n in ("prompt", "prior")}) if latent else prompt_seq
+        seq = assemble({n: p[n] for n in ("prompt", "prior")}) \
+            if latent and latents is None else prompt_seq
         hidden, cache = self._run(seq, rope=rope, images=self._images(pixel_values,
                                                                         image_grid_thw),
                                   use_cache=True)
-        if latent:
-            z = self.prior_head(hidden[:, seq.columns("prior")])[0]
-            cache.crop(-(seq.input_ids.shape[1] - prompt_ids.shape[1]))
-        else:  # the answer's first token is predicted from x's last (left padding: column -1)
-            z, before_answer = None, hidden[:, -1:]
+        before_answer = hidden[:, -1:]  # without latents: x's last state (left padding)
+        zs = latents
+        if zs is None:
+            zs = [self.prior_head(hidden[:, seq.columns("prior")])[0] if latent else None]
+            if latent:
+                cache.crop(-(seq.input_ids.shape[1] - prompt_ids.shape[1]))
         out = []
-        for answer_ids, answer_mask in answers:
-            parts = self._parts(prompt_ids, prompt_mask, answer_ids, answer_mask, rope)
-            decoded = assemble({"latent": parts["latent"],
-                                "answer": parts["answer_after_latent"]} if latent
-                               else {"answer": parts["answer_after_x"]})
-            hidden, _ = self._run(decoded, prefix=prompt_seq, cache=cache, z=z, use_cache=True)
-            cache.crop(-decoded.input_ids.shape[1])
-            begin, end = decoded.spans["answer"]
-            states = hidden[:, begin - 1:end - 1] if latent \
-                else torch.cat([before_answer, hidden[:, :end - 1]], 1)
-            out.append(self._per_example_nll(states, answer_ids, answer_mask))
-        return torch.stack(out, 1)
+        for z in zs:
+            for answer_ids, answer_mask in answers:
+                parts = self._parts(prompt_ids, prompt_mask, answer_ids, answer_mask, rope)
+                decoded = assemble({"latent": parts["latent"],
+                                    "answer": parts["answer_after_latent"]} if latent
+                                   else {"answer": parts["answer_after_x"]})
+                hidden, _ = self._run(decoded, prefix=prompt_seq, cache=cache, z=z,
+                                      use_cache=True)
+                cache.crop(-decoded.input_ids.shape[1])
+                begin, end = decoded.spans["answer"]
+                states = hidden[:, begin - 1:end - 1] if latent \
+                    else torch.cat([before_answer, hidden[:, :end - 1]], 1)
+                out.append(self._per_example_nll(states, answer_ids, answer_mask))
+        out = torch.stack(out, 1).unflatten(1, (len(zs), len(answers))).transpose(0, 1)
+        return out if latents is not None else out[0]
 
     def next_token_logits(self, hidden: Tensor) -> Tensor:
         """Logits over the vocabulary with the structural tokens (latent specials, vision

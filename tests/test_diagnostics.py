@@ -241,6 +241,14 @@ class _PlantedModel:
     def answer_nll(self, prompt_ids, prompt_mask, answer_ids, answer_mask, z=None, **images):
         return -z[torch.arange(len(answer_ids)), 0, answer_ids[:, 0]]
 
+    def choices_nll(self, prompt_ids, prompt_mask, answers, latents=None, **images):
+        """AMVLModel.choices_nll's contract, from answer_nll: (V, B, C), or (B, C) from the
+        prior's means."""
+        zs = latents if latents is not None else [self.heads(prompt_ids, prompt_mask)["mu_p"]]
+        out = torch.stack([torch.stack([self.answer_nll(prompt_ids, prompt_mask, *answer, z=z)
+                                        for answer in answers], 1) for z in zs])
+        return out if latents is not None else out[0]
+
 
 @pytest.mark.parametrize("batch_size", [8, 1, 4])
 def test_known_answers_and_a_swap_that_crosses_batches(batch_size):

@@ -180,6 +180,21 @@ def test_choices_after_one_encoding_score_as_each_apart(kind, objective, attenti
     assert not torch.equal(want[:, 0], want[:, 1])
     with pytest.raises(ValueError, match="at least one answer"):
         model.choices_nll(*prompts, [], **images)
+    if objective == "none":
+        with pytest.raises(ValueError, match="has no latent block: pass latents=None"):
+            model.choices_nll(*prompts, answers, latents=[torch.zeros(1)], **images)
+        return
+    # given latents (a diagnostic's variants): each answer after each of them, x once
+    variants = [z, torch.zeros_like(z), torch.randn_like(z)]
+    with torch.no_grad():
+        want = torch.stack([torch.stack([model.answer_nll(*prompts, *answer, z=v, **images)
+                                         for answer in answers], 1) for v in variants])
+        for share in (True, False):
+            model.config.prefix_sharing = share
+            got = model.choices_nll(*prompts, answers, latents=variants, **images)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=0, msg=f"sharing {share}")
+    with pytest.raises(ValueError, match=r"latents must be a non-empty list of \(B, K, d\)"):
+        model.choices_nll(*prompts, answers, latents=[z[:, :1]], **images)
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen2_vl"])
