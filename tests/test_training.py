@@ -332,7 +332,7 @@ def _two_processes(tmp_path, mode: str, cpu: bool = True) -> subprocess.Complete
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("mode", ["text", "vlm", "compiled", "accumulate"])
+@pytest.mark.parametrize("mode", ["text", "vlm", "compiled", "accumulate", "lora"])
 def test_two_processes_train_like_one(tmp_path, mode):
     """Two processes optimise what one process does on the whole batch: each rank's NLL is
     weighed by its share of the answer tokens (DDP's plain average of the ranks' token means
@@ -342,15 +342,23 @@ def test_two_processes_train_like_one(tmp_path, mode):
     build their batches in a DataLoader worker each. "compiled": the two
     processes with TrainConfig.compile against one eager process; "accumulate": each
     process's share in micro-batches of one example (gradients averaged across the processes
-    at each step's last micro-batch only)."""
+    at each step's last micro-batch only); "lora": LoRA adapters on a frozen base, as amvl
+    train adds them (DDP averages the gradients of the parameters that train only)."""
     from tests import train_worker
+
+    if mode == "lora":
+        pytest.importorskip("peft")
 
     if not torch.distributed.is_available():
         pytest.skip("torch without distributed")
     proc = _two_processes(tmp_path, mode)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = load_file(str(tmp_path / "params.safetensors"))
-    one = train_worker.single_process(mode == "vlm")
+    one = train_worker.single_process(mode == "vlm", lora=mode == "lora")
+    if mode == "lora":  # the adapters trained, the base did not
+        untrained = dict(train_worker.build(False, lora=True)[0].named_parameters())
+        assert all(torch.equal(one[n], untrained[n]) == ("lora_" not in n)
+                   for n in one if ".base_model." in n)
     assert two.keys() == one.keys()
     for name, tensor in one.items():
         torch.testing.assert_close(two[name], tensor, rtol=1e-9, atol=1e-11, msg=name)

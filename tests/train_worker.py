@@ -4,8 +4,9 @@
 The "none" objective (no latent noise, which is drawn per process) on answers of 1 to 6 words,
 so the two processes' shares hold different numbers of answer tokens. Mode "vlm": a tiny
 Qwen2-VL on examples of which half have no image, so a share can leave the vision tower
-without gradients, its batches built in a DataLoader worker of each process. Rank 0 writes
-the parameters to OUT/params.safetensors.
+without gradients, its batches built in a DataLoader worker of each process. Mode "lora":
+LoRA adapters on the text model's decoder (the base frozen). Rank 0 writes the parameters to
+OUT/params.safetensors.
 """
 
 import json
@@ -45,12 +46,19 @@ def examples(vision: bool) -> list[dict]:
     return out
 
 
-def build(vision: bool) -> tuple[AMVLModel, AMVLCollator]:
+def build(vision: bool, lora: bool = False) -> tuple[AMVLModel, AMVLCollator]:
+    """The model (LoRA adapters on its text decoder with ``lora``, as amvl train adds them)
+    and its collator."""
     torch.manual_seed(0)
     tokenizer = word_tokenizer(WORDS, vision=vision)
     base = tiny_qwen2_vl(tokenizer) if vision else tiny_qwen2(tokenizer)
     model = AMVLModel(base, tokenizer, AMVLConfig(num_slots=2, latent_dim=4, objective="none",
-                                                  kernel_backend="torch")).double()
+                                                  kernel_backend="torch"))
+    if lora:
+        from amvl.lora import add_adapters
+
+        add_adapters(model, {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": None})
+    model = model.double()
     collator = AMVLCollator(tokenizer, tiny_image_processor() if vision else None,
                             VisionTokens.from_model_config(base.config) if vision else None)
     if vision:  # the image processor's fp32 pixels into a float64 model
@@ -71,8 +79,8 @@ class _Float64Pixels:
         return out
 
 
-def single_process(vision: bool) -> dict[str, torch.Tensor]:
-    model, collator = build(vision)
+def single_process(vision: bool, lora: bool = False) -> dict[str, torch.Tensor]:
+    model, collator = build(vision, lora)
     train(model, collator, examples(vision), CONFIG, progress=False)
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -80,7 +88,7 @@ def single_process(vision: bool) -> dict[str, torch.Tensor]:
 def main(out: str, mode: str) -> None:
     torch.set_num_threads(1)
     vision = mode == "vlm"
-    model, collator = build(vision)
+    model, collator = build(vision, lora=mode == "lora")
     config = CONFIG
     if mode == "vlm":  # the images processed in a DataLoader worker of each process
         config = TrainConfig(**{**CONFIG.__dict__, "num_workers": 1})
