@@ -155,7 +155,8 @@ def cmd_train(args: argparse.Namespace) -> int:
               on_save=None if record is None else partial(write_record, record=record))
     except output_dir_errors as err:
         raise SystemExit(f"amvl train: {err}") from None
-    if PartialState().is_main_process:  # under accelerate launch / torchrun: one writer
+    state = PartialState()
+    if state.is_main_process:  # under accelerate launch / torchrun: one writer
         model.save_pretrained(out / FINAL_DIR)
         if record is not None:
             write_record(out / FINAL_DIR, record)
@@ -165,6 +166,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         (out / FINAL_DIR / PROMPT_FORMAT_FILE).write_text(json.dumps(used, indent=1),
                                                           encoding="utf-8")
         print(f"amvl: trained model saved to {out / FINAL_DIR}")
+    if state.num_processes > 1:
+        # Every process leaves the group once the main one has saved: left to interpreter
+        # shutdown, NCCL warns on every rank that the group was never destroyed, and a
+        # process that exits first can leave a peer waiting in a collective.
+        state.wait_for_everyone()
+        state.destroy_process_group()
     return 0
 
 

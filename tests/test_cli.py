@@ -58,6 +58,29 @@ def test_train_resume_and_eval(tmp_path, capsys):
     assert out.is_file()
 
 
+def test_train_leaves_the_process_group_together_once_saved(tmp_path, monkeypatch):
+    """Under torchrun the processes left their group to interpreter shutdown, where NCCL warns
+    on every rank that it was never destroyed: after the main process has saved final/, they
+    wait for each other and destroy it."""
+    import accelerate
+
+    events = []
+
+    class TwoProcesses:  # what the command asks of accelerate's state, as rank 0 of two
+        num_processes, is_main_process = 2, True
+
+        def wait_for_everyone(self):
+            events.append(("wait", (tmp_path / "run" / "final").is_dir()))
+
+        def destroy_process_group(self):
+            events.append(("destroy", None))
+
+    monkeypatch.setattr(accelerate, "PartialState", TwoProcesses)
+    assert main(["train", "--config", _run_config(tmp_path, steps=1, save_every=0),
+                 "--no-progress"]) == 0
+    assert events == [("wait", True), ("destroy", None)]
+
+
 def test_train_keeps_runs_apart(tmp_path):
     """A new run into a directory holding another run's checkpoints is refused (its pruning
     would delete the new checkpoints among the old by step, and --resume would continue the
