@@ -414,16 +414,8 @@ class AMVLCollator:
                 question, after = self._text_ids(example["question"]), []
             if self.max_prompt_tokens is not None:
                 question = self._truncated(where, question, len(prompt) + len(after))
-            answer = self._text_ids(example["answer"])
-            self._check_no_markers(where, question, answer, markers)
-            if self.max_answer_tokens is not None and len(answer) > self.max_answer_tokens:
-                warnings.warn(f"{where}: the answer lost its last "
-                              f"{len(answer) - self.max_answer_tokens} of {len(answer)} tokens "
-                              f"to max_answer_tokens={self.max_answer_tokens} (the model then "
-                              f"learns to stop there)", stacklevel=2)
-                answer = answer[: self.max_answer_tokens]
-            if self.tokenizer.eos_token_id is not None:
-                answer = answer + [self.tokenizer.eos_token_id]
+            self._check_no_markers(where, question, [], markers)
+            answer = self._answer(where, example, markers)
             self._check_not_empty(where, bool(prompt + question + after), bool(answer))
             prompts.append(prompt + question + after)
             answers.append(answer)
@@ -434,6 +426,38 @@ class AMVLCollator:
             batch["pixel_values"] = torch.cat(images)
             batch["image_grid_thw"] = torch.stack(grids)
         return batch
+
+    def answers(self, examples: Sequence[dict]) -> dict[str, Tensor]:
+        """``answer_ids`` and ``answer_mask`` of the batch of ``examples``, exactly as
+        :meth:`__call__` builds them, without building the prompts or processing any image:
+        scoring other answers to prompts already built (a benchmark's choices)."""
+        if not examples:
+            raise ValueError("cannot collate an empty list of examples")
+        markers = self._marker_ids()
+        answers = []
+        for index, example in enumerate(examples):
+            where = f"example {index}"
+            self._check(where, example)
+            answer = self._answer(where, example, markers)
+            self._check_not_empty(where, True, bool(answer))
+            answers.append(answer)
+        answer_ids, answer_mask = self._pad(answers, left=False)
+        return {"answer_ids": answer_ids, "answer_mask": answer_mask}
+
+    def _answer(self, where: str, example: dict, markers: dict[int, str]) -> list[int]:
+        """An example's answer ids: its text's tokens (refused if they spell a structural
+        token), cut to ``max_answer_tokens`` (warned), then the EOS."""
+        answer = self._text_ids(example["answer"])
+        self._check_no_markers(where, [], answer, markers)
+        if self.max_answer_tokens is not None and len(answer) > self.max_answer_tokens:
+            warnings.warn(f"{where}: the answer lost its last "
+                          f"{len(answer) - self.max_answer_tokens} of {len(answer)} tokens "
+                          f"to max_answer_tokens={self.max_answer_tokens} (the model then "
+                          f"learns to stop there)", stacklevel=3)
+            answer = answer[: self.max_answer_tokens]
+        if self.tokenizer.eos_token_id is not None:
+            answer = answer + [self.tokenizer.eos_token_id]
+        return answer
 
     def _expanded(self, ids: list[int], patches: list[int]) -> list[int]:
         """``ids`` with its k-th image token repeated ``patches[k]`` times."""

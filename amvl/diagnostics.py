@@ -148,7 +148,9 @@ def score_choices(model: AMVLModel, collator: AMVLCollator, examples: Sequence[d
         # so that every answer under every variant follows the chunk's prompts, encoded once
         # (AMVLModel.choices_nll). A sharded model's processes run the most choices of any.
         count = passes if sharded else max(len(ex["choices"]) for ex in chunk)
-        batches = [collator([with_choice(ex, c) for ex in chunk]) for c in range(count)]
+        batches = [collator.answers([with_choice(ex, c) for ex in chunk])
+                   for c in range(count)] if hasattr(collator, "answers") \
+            else [collator([with_choice(ex, c) for ex in chunk]) for c in range(count)]
         for c, batch in enumerate(batches):
             record_choice_ids(choice_ids, start, chunk, list(range(len(chunk))), c, batch)
         answers = [(b["answer_ids"].to(device), b["answer_mask"].to(device)) for b in batches]

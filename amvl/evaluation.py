@@ -653,10 +653,7 @@ def prior_choice_nll(model: AMVLModel, collator: AMVLCollator, examples: Sequenc
         # so that all answers follow the same prompts, encoded once (AMVLModel.choices_nll).
         # A sharded model's processes must run alike: all of them the most choices of any.
         count = passes if sharded else max(len(ex["choices"]) for ex in chunk)
-        batches = [collator([with_choice(ex, c) for ex in chunk]) for c in range(count)]
-        if any(not torch.equal(b["prompt_ids"], batches[0]["prompt_ids"]) for b in batches):
-            raise ValueError("the collator built other prompts for other answers: choices "
-                             "are scored after one encoding of each prompt")
+        batches = choice_batches(collator, chunk, count)
         for c, batch in enumerate(batches):
             record_choice_ids(choice_ids, start, chunk, rows, c, batch)
         first = {k: v.to(device) for k, v in batches[0].items()}
@@ -671,6 +668,23 @@ def prior_choice_nll(model: AMVLModel, collator: AMVLCollator, examples: Sequenc
             nll[start + np.array(have, dtype=int), c] = values[have, c]
     warn_indistinguishable_choices(examples, choice_ids)
     return nll
+
+
+def choice_batches(collator: AMVLCollator, chunk: Sequence[dict], count: int
+                   ) -> list[dict[str, torch.Tensor]]:
+    """The batches of choices 0 .. ``count - 1`` of ``chunk`` (a row past its last choice:
+    its stand-in, :func:`with_choice`): the first whole, the others their answers alone
+    (``AMVLCollator.answers``: the prompts and images are the first's, processed once). A
+    collator without ``answers`` builds each whole, and must build the same prompts."""
+    first = collator([with_choice(ex, 0) for ex in chunk])
+    if hasattr(collator, "answers"):
+        return [first] + [collator.answers([with_choice(ex, c) for ex in chunk])
+                          for c in range(1, count)]
+    batches = [first] + [collator([with_choice(ex, c) for ex in chunk]) for c in range(1, count)]
+    if any(not torch.equal(b["prompt_ids"], first["prompt_ids"]) for b in batches):
+        raise ValueError("the collator built other prompts for other answers: choices are "
+                         "scored after one encoding of each prompt")
+    return batches
 
 
 def record_choice_ids(choice_ids: list[list[tuple[int, ...]]], start: int,

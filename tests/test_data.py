@@ -357,3 +357,34 @@ def test_a_slow_tokenizer_takes_the_parts_tokenized_apart():
     assert unpadded(batch, 0) == expected_prompt(tokenizer, "w1 w2", [])
     assert tokenizer.convert_ids_to_tokens(unpadded(batch, 0)) == [
         "<|im_start|>", "user", "w1", "w2", "<|im_end|>", "<|im_start|>", "assistant"]
+
+
+@pytest.mark.parametrize("template", [None, CHATML])
+def test_answers_alone_are_the_batchs_answers_without_processing_images(template):
+    """AMVLCollator.answers builds a batch's answer tensors without its prompts: scoring a
+    benchmark's other choices processed every image again for each of them."""
+    tokenizer = chat_tokenizer(template=template)
+    calls = []
+    processor = tiny_image_processor()
+    real = processor.__call__
+    processor.__class__ = type("Counting", (type(processor),), {
+        "__call__": lambda self, *a, **k: calls.append(1) or real(*a, **k)})
+    collator = AMVLCollator(tokenizer, processor, vision_tokens(tokenizer),
+                            chat_template=template is not None, max_answer_tokens=3)
+    rng = np.random.default_rng(0)
+    examples = [{"images": [image(rng, 28, 28)], "question": "w1 w2", "answer": "w3 w4"},
+                {"images": [], "question": "w5", "answer": "w6 w7 w8 w9 w10"},
+                {"images": [image(rng, 28, 56)], "question": "w11", "answer": ""}]
+    with pytest.warns(UserWarning, match="example 1: the answer lost its last 2 of 5"):
+        whole = collator(examples)
+    calls.clear()
+    with pytest.warns(UserWarning, match="example 1: the answer lost its last 2 of 5"):
+        alone = collator.answers(examples)
+    assert not calls
+    assert alone.keys() == {"answer_ids", "answer_mask"}
+    for key in alone:
+        assert torch.equal(alone[key], whole[key]), key
+    with pytest.raises(ValueError, match="example 0: the answer spells the structural"):
+        collator.answers([{"question": "w1", "answer": "<|image_pad|>"}])
+    with pytest.raises(ValueError, match="empty list"):
+        collator.answers([])

@@ -364,6 +364,29 @@ def test_prior_scores_equal_the_diagnostics_prior_column(blink_dir):
     np.testing.assert_allclose(ours, theirs["nll"]["prior"], rtol=1e-5)
 
 
+def test_choices_process_each_image_once(blink_dir, monkeypatch):
+    """Every choice's batch processed the question's images again (4 choices, 4 times);
+    the prompts and images are now built once a batch, the other choices' answers alone."""
+    examples = load_blink(blink_dir)
+    model, collator = _model(examples, "amvl")
+    calls = []
+    real = AMVLCollator._process_image
+    monkeypatch.setattr(AMVLCollator, "_process_image",
+                        lambda self, image: calls.append(1) or real(self, image))
+    scores = prior_choice_nll(model, collator, examples, batch_size=3, progress=False)
+    assert len(calls) == sum(len(ex["images"]) for ex in examples)
+    calls.clear()  # the diagnostics too (and the last example's, the first one's swap partner)
+    score_choices(model, collator, examples, batch_size=3, progress=False)
+    assert len(calls) == sum(len(ex["images"]) for ex in examples + examples[-1:])
+
+    class Own:  # a collator of one's own, without answers: each choice's batch built whole
+        def __call__(self, chunk):
+            return collator(chunk)
+
+    np.testing.assert_allclose(prior_choice_nll(model, Own(), examples, batch_size=3,
+                                                progress=False), scores, rtol=1e-6)
+
+
 @pytest.mark.parametrize("objective", ["amvl", "none"])
 def test_evaluate_and_tabulate_blink(blink_dir, objective):
     examples = load_blink(blink_dir)
