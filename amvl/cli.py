@@ -50,6 +50,9 @@ from amvl.lora import (add_adapters, read_record, require_peft, run_record,
                        setting_differences, write_record)
 from amvl.run_config import (PROMPT_KEYS, check_jsonl_texts, load_run_config, prompt_format,
                              read_jsonl_lines)
+from amvl.training import read_history
+
+PLOTS_DIR = "plots"  # where amvl train and amvl plot write a run's curves, inside the run
 
 
 def _collator(command: str, model, processor, data_section: dict, cache_images: bool = False,
@@ -166,12 +169,47 @@ def cmd_train(args: argparse.Namespace) -> int:
         (out / FINAL_DIR / PROMPT_FORMAT_FILE).write_text(json.dumps(used, indent=1),
                                                           encoding="utf-8")
         print(f"amvl: trained model saved to {out / FINAL_DIR}")
+    if state.is_main_process:
+        try:  # the model is saved: a plot that fails must not fail the run
+            _write_run_plots(out / PLOTS_DIR, {out.resolve().name: read_history(out)})
+        except (OSError, ValueError) as err:
+            print(f"amvl train: no plots ({err}); amvl plot {out} draws them later",
+                  file=sys.stderr)
     if state.num_processes > 1:
         # Every process leaves the group once the main one has saved: left to interpreter
         # shutdown, NCCL warns on every rank that the group was never destroyed, and a
         # process that exits first can leave a peer waiting in a collective.
         state.wait_for_everyone()
         state.destroy_process_group()
+    return 0
+
+
+def _write_run_plots(out: Path, histories: dict[str, list[dict]]) -> None:
+    from amvl import plots
+
+    written = plots.run_plots(histories, out)
+    print(f"amvl: plots written to {out}: {', '.join(path.name for path in written)}")
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """``amvl plot``: the curves of one or more runs of ``amvl train`` (finished or still
+    training) from their ``history.jsonl``, into ``--out`` (default: the run's
+    ``plots/``); returns 0. A directory without a history raises SystemExit."""
+    runs = [Path(run) for run in args.runs]
+    names = [run.resolve().name for run in runs]
+    if len(set(names)) < len(names):  # each run's curves are labelled with its name
+        names = [str(run) for run in runs]
+    if args.out is None and len(runs) > 1:
+        raise SystemExit("amvl plot: give --out for the plots of several runs")
+    out = Path(args.out) if args.out is not None else runs[0] / PLOTS_DIR
+    _check_output_dir("plot", str(out))
+    histories = {}
+    for name, run in zip(names, runs):
+        try:
+            histories[name] = read_history(run)
+        except (FileNotFoundError, ValueError) as err:
+            raise SystemExit(f"amvl plot: {err}") from None
+    _write_run_plots(out, histories)
     return 0
 
 
@@ -432,8 +470,8 @@ def _check_output_file(command: str, out: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``amvl`` argument parser, with subcommands ``demo``, ``train``, ``eval`` and
-    ``generate``."""
+    """The ``amvl`` argument parser, with subcommands ``demo``, ``train``, ``eval``,
+    ``generate`` and ``plot``."""
     # --help prints the module doc's first line as plain text, without reST's ``literals``
     description = re.sub(r"``(.+?)``", r"\1", __doc__.split("\n\n")[0])
     parser = argparse.ArgumentParser(prog="amvl", description=description)
@@ -497,7 +535,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=_positive, default=64)
     gen.add_argument("--batch-size", type=_positive, default=8)
     gen.add_argument("--seed", type=_seed, help="fixes sampled latents (for one --batch-size)")
-    for p in (demo, train, ev, gen):
+    plot = sub.add_parser("plot", help="the learning, KL and validation curves of runs of "
+                          "amvl train, finished or still training")
+    plot.add_argument("runs", nargs="+", help="output directories of amvl train (their "
+                      "history.jsonl)")
+    plot.add_argument("--out", help="where the PNGs go (default: the run's plots/; required "
+                      "for several runs)")
+    for p in (demo, train, ev, gen, plot):
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -538,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("amvl generate: give --config or --checkpoint")
         _check_output_file("generate", args.out)
     handler = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval,
-               "generate": cmd_generate}[args.command]
+               "generate": cmd_generate, "plot": cmd_plot}[args.command]
     return handler(args)
 
 

@@ -1,4 +1,5 @@
-"""PNG plots of a demo or training run: learning curves, KL curves, the leakage gap."""
+"""PNG plots of a demo or training run: learning curves, KL curves, validation curves (the
+leakage gap as it grows), the leakage gap of finished models."""
 
 from __future__ import annotations
 
@@ -48,6 +49,30 @@ def kl_curves(histories: dict[str, list[dict]], out: Path) -> Path:
     with_kl = {n: h for n, h in histories.items() if any("kl_fwd" in e for e in h)}
     return _curves(with_kl, ["kl_fwd", "kl_rev"], "KL between posterior and prior",
                    "KL (nats/example)", out / "kl_curves.png")
+
+
+def validation_curves(histories: dict[str, list[dict]], out: Path) -> Path:
+    """Held-out answer NLL decoded from the latents the objective trains on (solid) and from
+    the prior's means, as inference decodes (dashed): a posterior that leaks the answer
+    widens the gap between them as training goes on."""
+    return _curves(histories, ["eval/nll", "eval/nll_prior"],
+                   "held-out answer NLL: training latents vs prior means", "NLL (nats/token)",
+                   out / "validation_curves.png")
+
+
+def run_plots(histories: dict[str, list[dict]], out: Path) -> list[Path]:
+    """The plots of training histories (``amvl train``'s ``history.jsonl``, one per run
+    name) that have something to show, written into ``out``: learning curves; KL curves
+    where a run has a posterior; validation curves where a run validated."""
+    if not histories:
+        raise ValueError("run_plots needs at least one history")
+    out.mkdir(parents=True, exist_ok=True)
+    written = [learning_curves(histories, out)]
+    if any("kl_fwd" in e for h in histories.values() for e in h):
+        written.append(kl_curves(histories, out))
+    if any("eval/nll" in e for h in histories.values() for e in h):
+        written.append(validation_curves(histories, out))
+    return written
 
 
 def leakage_gap(reports: dict[str, dict], out: Path) -> Path:

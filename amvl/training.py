@@ -355,6 +355,29 @@ def _validation_entry(step: int, accelerator: Accelerator, model: AMVLModel,
                              for key, value in validation_metrics(sums).items()}}
 
 
+def read_history(run: str | Path) -> list[dict]:
+    """The history a run of :func:`train` with an ``output_dir`` keeps in
+    ``run/history.jsonl`` (training and validation entries, as logged so far). Raises
+    FileNotFoundError without one, ValueError naming a line that is not a JSON object."""
+    file = Path(run) / HISTORY_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"no {HISTORY_NAME} in {run} (the output_dir of a run of "
+                                "amvl train, which writes it at its first log)")
+    entries = []
+    for number, line in enumerate(file.read_text(encoding="utf-8").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file}, line {number}: not JSON ({err})") from None
+        if not isinstance(entry, dict) or "step" not in entry:
+            raise ValueError(f"{file}, line {number}: not a history entry (an object with "
+                             "a step)")
+        entries.append(entry)
+    return entries
+
+
 def _write_history(out: Path, history: list[dict]) -> None:
     """The whole logged history so far as ``out/history.jsonl``, one entry a line, replaced
     atomically: it outlives pruned checkpoints, and a resumed run rewrites it from the

@@ -969,3 +969,40 @@ def test_eval_on_multiple_choice_records_of_ones_own(tmp_path, capsys):
     with pytest.raises(SystemExit, match="has no splits"):
         main(["eval", "--config", config, "--benchmark", "jsonl", "--data", str(data),
               "--split", "val", "--no-progress"])
+
+
+def test_train_plots_its_curves_and_amvl_plot_draws_runs(tmp_path, capsys):
+    """amvl train wrote no plots, and a run in progress had none to look at: it now writes its
+    curves into output_dir/plots, and amvl plot draws those of one or several runs from
+    their history.jsonl, the validation curves where they validated."""
+    from amvl import plots
+    from amvl.training import read_history
+
+    config = _run_config(tmp_path, steps=2, save_every=0)
+    assert main(["train", "--config", config, "--no-progress"]) == 0
+    run = tmp_path / "run"
+    assert {p.name for p in (run / "plots").iterdir()} == {"learning_curves.png",
+                                                          "kl_curves.png"}
+    history = read_history(run)
+    validated = history + [{"step": 2, "eval/nll": 3.5, "eval/nll_prior": 4.25}]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "history.jsonl").write_text("".join(json.dumps(e) + "\n" for e in validated))
+    capsys.readouterr()
+    assert main(["plot", str(run), str(other), "--out", str(tmp_path / "both")]) == 0
+    assert "validation_curves.png" in capsys.readouterr().out
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()  # what the validation plot draws: the two NLLs of "other"
+    plots._draw_curves(ax, {"run": history, "other": validated}, ["eval/nll", "eval/nll_prior"],
+                       "", "")
+    assert [(line.get_label(), list(line.get_ydata())) for line in ax.get_lines()] == [
+        ("other eval/nll", [3.5]), ("other eval/nll_prior", [4.25])]
+    plt.close(fig)
+    with pytest.raises(SystemExit, match="give --out for the plots of several runs"):
+        main(["plot", str(run), str(other)])
+    with pytest.raises(SystemExit, match="no history.jsonl in"):
+        main(["plot", str(tmp_path)])
+    (other / "history.jsonl").write_text('{"step": 1}\nnot json\n')
+    with pytest.raises(SystemExit, match="line 2: not JSON"):
+        main(["plot", str(other)])
