@@ -25,13 +25,15 @@ def _curves(histories: dict[str, list[dict]], keys: list[str], title: str, ylabe
 
 def _draw_curves(ax, histories: dict[str, list[dict]], keys: list[str], title: str,
                  ylabel: str) -> None:
-    for name, history in histories.items():
+    for index, (name, history) in enumerate(histories.items()):
         for key in keys:
             points = [(e["step"], e[key]) for e in history if key in e]
             if points:
                 steps, values = zip(*points)
                 label = name if len(keys) == 1 else f"{name} {key}"
-                ax.plot(steps, values, label=label, linestyle="-" if key == keys[0] else "--")
+                # one colour a run: its keys apart by line style alone
+                ax.plot(steps, values, label=label, color=f"C{index % 10}",
+                        linestyle="-" if key == keys[0] else "--")
     ax.set(title=title, xlabel="step", ylabel=ylabel)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # none when no run logged these keys ("none" alone)
