@@ -46,7 +46,7 @@ from typing import TextIO
 
 from amvl.checkpoints import (FINAL_DIR, PROMPT_FORMAT_FILE, check_trained, is_text_only,
                               load_base, load_trained, trained_prompt_format, with_attention)
-from amvl.lora import (add_adapters, read_record, require_peft, run_record,
+from amvl.lora import (add_adapters, base_record, read_record, require_peft, run_record,
                        setting_differences, write_record)
 from amvl.run_config import (PROMPT_KEYS, check_jsonl_texts, load_run_config, prompt_format,
                              read_jsonl_lines)
@@ -120,7 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except output_dir_errors as err:
         raise SystemExit(f"amvl train: {err}") from None
     if resumed is not None:
-        _check_same_lora(resumed, lora)
+        _check_same_lora(resumed, lora, run["model"])
     _check_kernel_backend(run["amvl_config"].kernel_backend)
     data = run.get("data") or {}
     source = data.get("train", "puzzles")
@@ -213,11 +213,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_same_lora(checkpoint: Path, lora: dict | None) -> None:
+def _check_same_lora(checkpoint: Path, lora: dict | None, model_section: dict) -> None:
     """Refuse to resume ``checkpoint`` with other LoRA settings than it trained with (``lora``:
-    the run config's, None for a full fine-tune): its adapter (or its whole model) would not
-    fit, or would go on training as another run. Reads the directory only, before any model
-    loads."""
+    the run config's, None for a full fine-tune), or a LoRA run on another base model (path,
+    dtype, the tiny model's width): its adapter (or its whole model) would not fit, or would
+    go on training as another run. Reads the directory only, before any model loads."""
     record = read_record(checkpoint)
     before = record["lora"] if record is not None else None
     differ = setting_differences(before, lora)
@@ -229,6 +229,13 @@ def _check_same_lora(checkpoint: Path, lora: dict | None) -> None:
         raise SystemExit(f"amvl train: {checkpoint} was trained with {describe(before)}, this "
                          f"run has {describe(lora)} (differs in {differ}): resume it with the "
                          "same LoRA settings or start a new run elsewhere")
+    if record is not None and record["base"] != base_record(model_section):
+        now = base_record(model_section)
+        keys = sorted(k for k in set(now) | set(record["base"])
+                      if now.get(k) != record["base"].get(k))
+        raise SystemExit(f"amvl train: {checkpoint}'s adapter was trained on the base model "
+                         f"{record['base']}, this run's is {now} (differs in "
+                         f"{['model.' + k for k in keys]}): resume it on the same base")
 
 
 def _check_kernel_backend(backend: str) -> None:

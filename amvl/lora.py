@@ -28,8 +28,7 @@ if TYPE_CHECKING:
 RECORD_FILE = "lora_run.json"  # beside amvl_config.json in a LoRA run's saved directories
 ADAPTER_FILE = "adapter_model.safetensors"  # what PEFT's save_pretrained writes into base/
 TINY_MODEL = "tiny-qwen2-vl"  # model.path of the demo's tiny model, built rather than loaded
-# the keys of the run config's model section that say which base model a run trained
-BASE_KEYS = ("path", "dtype", "hidden_size")
+TINY_HIDDEN_SIZE = 64  # the tiny model's width when model.hidden_size is not given
 
 
 def require_peft(command: str) -> None:
@@ -86,10 +85,19 @@ def run_record(settings: dict, model_section: dict, seed: int) -> dict:
     the base model (the run config's model section, its path absolute since the command may
     run elsewhere later) and the run's ``seed``, which alone fixes the tiny model's weights
     (built from torch's generator, not loaded)."""
-    base = {key: model_section[key] for key in BASE_KEYS if key in model_section}
-    if base["path"] != TINY_MODEL:
+    return {"lora": settings, "base": base_record(model_section), "seed": seed}
+
+
+def base_record(model_section: dict) -> dict:
+    """The base model a run config's model section names, its defaults filled in (so that a
+    setting left out and one written out compare equal): the path, absolute since the
+    command may run elsewhere later, the dtype, and the tiny model's width."""
+    base = {"path": model_section["path"], "dtype": model_section.get("dtype", "float32")}
+    if base["path"] == TINY_MODEL:
+        base["hidden_size"] = model_section.get("hidden_size", TINY_HIDDEN_SIZE)
+    else:
         base["path"] = str(Path(base["path"]).resolve())
-    return {"lora": settings, "base": base, "seed": seed}
+    return base
 
 
 def write_record(directory: Path, record: dict) -> None:

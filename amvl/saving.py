@@ -49,8 +49,12 @@ class SavingMixin:
                   str(directory / HEADS_NAME), metadata={"format": "pt"})
         base_state = None if state_dict is None else {
             k[len("base."):]: v for k, v in state_dict.items() if k.startswith("base.")}
+        # A PEFT base whose vocabulary grew for the latent tokens would otherwise save its
+        # whole embedding matrices into the adapter (PEFT's save_embedding_layers="auto"),
+        # which then fit no base but a resized one: the special rows are beside the heads.
+        peft_options = {"save_embedding_layers": False} if self._is_peft() else {}
         self.base.save_pretrained(directory / "base", safe_serialization=True,
-                                  state_dict=base_state)
+                                  state_dict=base_state, **peft_options)
         self.tokenizer.save_pretrained(directory / "base")
 
     def _check_whole(self) -> None:

@@ -284,6 +284,14 @@ def test_resume_with_other_lora_settings_is_refused_before_the_model_loads(tmp_p
         config = _lora_config(tmp_path, steps=2, save_every=1, lora=lora)
         with pytest.raises(SystemExit, match=match):
             main(["train", "--config", config, "--resume", "--no-progress"])
+    # the same LoRA settings on another base (a dtype the first run left at its default)
+    config = _lora_config(tmp_path, steps=2, save_every=1, lora={"r": 4})
+    other_base = yaml.safe_load(Path(config).read_text())
+    other_base["model"].update(dtype="bfloat16")
+    Path(config).write_text(yaml.safe_dump(other_base))
+    with pytest.raises(SystemExit, match=r"trained on the base model .* \(differs in "
+                                         r"\['model.dtype'\]\): resume it on the same base"):
+        main(["train", "--config", config, "--resume", "--no-progress"])
     monkeypatch.undo()
     # the same settings, alpha's default written out: resumed
     config = _lora_config(tmp_path, steps=2, save_every=1, lora={"r": 4, "alpha": 8})
@@ -315,3 +323,41 @@ def test_lora_runs_that_cannot_load_are_refused_before_any_model_loads(lora_run,
     with pytest.raises(SystemExit, match=r"holds a PEFT adapter but .* has no lora_run.json"):
         main(["generate", "--checkpoint", str(copy), "--data", "q.jsonl", "--out",
               str(tmp_path / "a.jsonl"), "--no-progress"])
+
+
+def test_a_base_on_disk_whose_vocabulary_grows_saves_and_loads_the_adapter_alone(tmp_path,
+                                                                                  capsys):
+    """A base with no spare embedding rows (AMVLModel grows it for the latent tokens): PEFT
+    saved its whole embedding matrices into every adapter ("save_embedding_layers" auto),
+    which then fit only a resized base, and amvl eval failed on a size mismatch."""
+    pytest.importorskip("peft")
+    from amvl.tiny import tiny_qwen2, word_tokenizer
+
+    words = [f"w{i}" for i in range(30)]
+    tokenizer = word_tokenizer(words)
+    torch.manual_seed(0)
+    base = tiny_qwen2(tokenizer)
+    assert base.config.vocab_size == len(tokenizer)  # no spare rows
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({
+        "question": " ".join(words[int(i)] for i in torch.randint(0, 30, (3,), generator=g)),
+        "answer": words[int(torch.randint(0, 30, (1,), generator=g))]}) + "\n"
+        for _ in range(8)))
+    (tmp_path / "mc.jsonl").write_text(
+        json.dumps({"question": "w1 w2", "choices": ["w3", "w4"], "answer": "w3"}) + "\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"path": str(tmp_path / "base"), "lora": {"r": 2}},
+        "amvl": {"num_slots": 2, "latent_dim": 4, "kernel_backend": "torch"},
+        "train": {"steps": 1, "batch_size": 4, "save_every": 1},
+        "data": {"train": str(tmp_path / "train.jsonl")}, "output_dir": str(tmp_path / "run")}))
+    assert main(["train", "--config", str(config), "--no-progress"]) == 0
+    for saved in ("final", "checkpoint-1"):
+        adapter = load_file(str(tmp_path / "run" / saved / "base" / "adapter_model.safetensors"))
+        assert adapter and all("lora_" in key for key in adapter), sorted(adapter)
+    capsys.readouterr()
+    assert main(["eval", "--config", str(config), "--benchmark", "jsonl", "--data",
+                 str(tmp_path / "mc.jsonl"), "--no-progress"]) == 0
+    assert "final" in capsys.readouterr().out  # the table's row of the LoRA run
