@@ -11,9 +11,10 @@ would on the whole batch (up to the latent noise, which is drawn per process). L
 are the main process's share of each batch. Everything a step depends on is a function of
 (seed, step): the batch (a fixed permutation per epoch, sharded across processes) and the latent
 noise seed (whether the batches are built in the loop or ahead of it by DataLoader workers,
-``TrainConfig.num_workers``). So resuming from a checkpoint continues exactly: the checkpoint holds the step, the
-model, the optimizer, the LR scheduler and the RNG states, and is written atomically (to a
-temporary directory, then renamed). Checkpoints are loaded with ``weights_only=True``: nothing
+``TrainConfig.num_workers``, for a collator that draws no random numbers). So resuming from a
+checkpoint continues exactly: the checkpoint holds the step, the model, the optimizer, the LR
+scheduler and the RNG states, and is written atomically (to a temporary directory, then
+renamed). Checkpoints are loaded with ``weights_only=True``: nothing
 arbitrary is unpickled.
 """
 
@@ -526,82 +527,89 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
     built_ahead = iter(prefetching_loader(steps, config.num_workers,
                                           pin_memory=device.type == "cuda", seed=config.seed)) \
         if config.num_workers and start < config.steps else None
-    for step in bar:
-        wrapped.train()  # each step: an on_log callback may have evaluated the model
-        mine = None
-        if built_ahead is not None:
-            batches = next(built_ahead)
-        elif accumulate > 1 and hasattr(collator, "answer_tokens"):
-            # each micro-batch built when it runs, its answer tokens counted from the text
-            mine, batches = steps.share(step), None
-        else:  # one batch (or a collator of the caller's own): built first
-            batches = steps.build(steps.share(step))
-        tokens = None
-        if world > 1 or accumulate > 1:
-            # each micro-batch's NLL over the mean answer tokens of the step's micro-batches
-            # on all processes, so the step's loss is the token mean over its whole batch
-            count = collator.answer_tokens(mine) if batches is None \
-                else sum(int(b["answer_mask"].sum()) for b in batches)
-            tokens = torch.tensor(float(count), device=device)
-            tokens = (accelerator.reduce(tokens, "sum") if world > 1 else tokens) \
-                / (world * accumulate)
-        for i in range(accumulate):
-            batch = batches[i] if batches is not None else steps.micro_batch(mine, i)
-            # asynchronous from pinned memory: the copy overlaps what the device still runs
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            # DDP averages the gradients across processes at the step's last micro-batch only
-            last = i + 1 == accumulate
-            with accelerator.no_sync(wrapped) if not last else contextlib.nullcontext():
-                with accelerator.autocast(), recompute_skips_side_effects() \
-                        if config.compile else contextlib.nullcontext():
-                    out_step = forward(**batch, step=step,
-                                       seed=step_seed(config.seed, step, rank, micro_index=i),
-                                       answer_tokens=tokens)
-                accelerator.backward(out_step.loss / accumulate if accumulate > 1
-                                     else out_step.loss)
-            # summed on the device: reading them every step would make the host wait
-            for key, value in out_step.metrics.tensors().items():
-                value = value / accumulate if accumulate > 1 else value
-                sums[key] = sums.get(key, 0.0) + value
-        if config.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        lr = scheduler.get_last_lr()[0]  # the rate this step used
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        summed += 1
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            entry = {"step": step + 1, "lr": lr,
-                     **{k: float(v) / summed for k, v in sums.items()}}
-            history.append(entry)
-            sums, summed = {}, 0
-            bar.set_postfix(loss=f"{entry['loss']:.3f}")
-            if out is not None and accelerator.is_main_process:
-                _write_history(out, history)
-            if on_log is not None:
-                on_log(entry)
-        if eval_examples and ((config.eval_every and (step + 1) % config.eval_every == 0)
-                              or step + 1 == config.steps):
-            entry = _validation_entry(step + 1, accelerator, accelerator.unwrap_model(wrapped),
-                                      collator, eval_examples,
-                                      config.eval_batch_size or micro_size, config.seed)
-            history.append(entry)
-            if rank == 0:  # tqdm.write prints plainly when the bar is disabled
-                bar.write("step {}: {}".format(step + 1, ", ".join(
-                    f"{key} {entry[key]:.4f}" for key in ("eval/loss", "eval/nll",
-                                                          "eval/nll_prior"))))
-            if out is not None and accelerator.is_main_process:
-                _write_history(out, history)  # before the step's save: the checkpoint has it
-            if on_log is not None:
-                on_log(entry)
-        save_now = config.save_every and (step + 1) % config.save_every == 0
-        if out is not None and (save_now or step + 1 == config.steps):
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                save_checkpoint(out, step + 1, accelerator.unwrap_model(wrapped), optimizer,
-                                scheduler, history, config,
-                                {k: float(v) for k, v in sums.items()}, accelerator.scaler,
-                                pending_steps=summed, num_processes=world, on_save=on_save)
-                _prune(out, config.save_total_limit)
-            accelerator.wait_for_everyone()
+    try:
+        for step in bar:
+            wrapped.train()  # each step: an on_log callback may have evaluated the model
+            mine = None
+            if built_ahead is not None:
+                batches = next(built_ahead)
+            elif accumulate > 1 and hasattr(collator, "answer_tokens"):
+                # each micro-batch built when it runs, its answer tokens counted from the text
+                mine, batches = steps.share(step), None
+            else:  # one batch (or a collator of the caller's own): built first
+                batches = steps.build(steps.share(step))
+            tokens = None
+            if world > 1 or accumulate > 1:
+                # each micro-batch's NLL over the mean answer tokens of the step's micro-batches
+                # on all processes, so the step's loss is the token mean over its whole batch
+                count = collator.answer_tokens(mine) if batches is None \
+                    else sum(int(b["answer_mask"].sum()) for b in batches)
+                tokens = torch.tensor(float(count), device=device)
+                tokens = (accelerator.reduce(tokens, "sum") if world > 1 else tokens) \
+                    / (world * accumulate)
+            for i in range(accumulate):
+                batch = batches[i] if batches is not None else steps.micro_batch(mine, i)
+                # asynchronous from pinned memory: the copy overlaps what the device still runs
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                # DDP averages the gradients across processes at the step's last micro-batch only
+                last = i + 1 == accumulate
+                with accelerator.no_sync(wrapped) if not last else contextlib.nullcontext():
+                    with accelerator.autocast(), recompute_skips_side_effects() \
+                            if config.compile else contextlib.nullcontext():
+                        out_step = forward(**batch, step=step,
+                                           seed=step_seed(config.seed, step, rank, micro_index=i),
+                                           answer_tokens=tokens)
+                    accelerator.backward(out_step.loss / accumulate if accumulate > 1
+                                         else out_step.loss)
+                # summed on the device: reading them every step would make the host wait
+                for key, value in out_step.metrics.tensors().items():
+                    value = value / accumulate if accumulate > 1 else value
+                    sums[key] = sums.get(key, 0.0) + value
+            if config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            summed += 1
+            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+                entry = {"step": step + 1, "lr": lr,
+                         **{k: float(v) / summed for k, v in sums.items()}}
+                history.append(entry)
+                sums, summed = {}, 0
+                bar.set_postfix(loss=f"{entry['loss']:.3f}")
+                if out is not None and accelerator.is_main_process:
+                    _write_history(out, history)
+                if on_log is not None:
+                    on_log(entry)
+            if eval_examples and ((config.eval_every and (step + 1) % config.eval_every == 0)
+                                  or step + 1 == config.steps):
+                entry = _validation_entry(step + 1, accelerator, accelerator.unwrap_model(wrapped),
+                                          collator, eval_examples,
+                                          config.eval_batch_size or micro_size, config.seed)
+                history.append(entry)
+                if rank == 0:  # tqdm.write prints plainly when the bar is disabled
+                    bar.write("step {}: {}".format(step + 1, ", ".join(
+                        f"{key} {entry[key]:.4f}" for key in ("eval/loss", "eval/nll",
+                                                              "eval/nll_prior"))))
+                if out is not None and accelerator.is_main_process:
+                    _write_history(out, history)  # before the step's save: the checkpoint has it
+                if on_log is not None:
+                    on_log(entry)
+            save_now = config.save_every and (step + 1) % config.save_every == 0
+            if out is not None and (save_now or step + 1 == config.steps):
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    save_checkpoint(out, step + 1, accelerator.unwrap_model(wrapped), optimizer,
+                                    scheduler, history, config,
+                                    {k: float(v) for k, v in sums.items()}, accelerator.scaler,
+                                    pending_steps=summed, num_processes=world, on_save=on_save)
+                    _prune(out, config.save_total_limit)
+                accelerator.wait_for_everyone()
+    finally:
+        # A loop that raised is kept alive by its traceback (the loader's own frames among
+        # them), and with it the workers and the steps they built ahead (pinned memory on a
+        # GPU): stop them now. (A private method of torch's loader iterator, there since 1.x.)
+        getattr(built_ahead, "_shutdown_workers", lambda: None)()
+
     return history

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -716,6 +717,8 @@ def test_workers_build_the_batches_and_their_errors_reach_the_loop(tmp_path):
     builders = {int(line) for line in record.read_text().split()}
     assert len(builders) == 2 and os.getpid() not in builders
     broken = _data(4) + [{"question": "w29", "answer": "w1"}] * 4
-    with pytest.raises(ValueError, match="a question of w29 alone"):
-        train(model, collator, broken, TrainConfig(steps=4, batch_size=4, num_workers=1),
+    with pytest.raises(ValueError, match="a question of w29 alone") as raised:
+        train(model, collator, broken, TrainConfig(steps=4, batch_size=4, num_workers=2),
               progress=False)
+    # The traceback held the loop's frame, and with it the workers and their prefetched steps.
+    assert raised.traceback and not multiprocessing.active_children()
