@@ -681,10 +681,17 @@ def choice_batches(collator: AMVLCollator, chunk: Sequence[dict], count: int
         return [first] + [collator.answers([with_choice(ex, c) for ex in chunk])
                           for c in range(1, count)]
     batches = [first] + [collator([with_choice(ex, c) for ex in chunk]) for c in range(1, count)]
-    if any(not torch.equal(b["prompt_ids"], first["prompt_ids"]) for b in batches):
+    check_same_prompts(batches, first["prompt_ids"])
+    return batches
+
+
+def check_same_prompts(batches: Sequence[dict[str, torch.Tensor]], prompt_ids: torch.Tensor
+                       ) -> None:
+    """Refuse whole batches of a chunk's choices (a collator of one's own) whose prompts are
+    not ``prompt_ids``: every choice is scored after one encoding of the chunk's prompts."""
+    if any(not torch.equal(b["prompt_ids"], prompt_ids) for b in batches):
         raise ValueError("the collator built other prompts for other answers: choices are "
                          "scored after one encoding of each prompt")
-    return batches
 
 
 def record_choice_ids(choice_ids: list[list[tuple[int, ...]]], start: int,

@@ -386,6 +386,15 @@ def test_choices_process_each_image_once(blink_dir, monkeypatch):
     np.testing.assert_allclose(prior_choice_nll(model, Own(), examples, batch_size=3,
                                                 progress=False), scores, rtol=1e-6)
 
+    class AnswerInPrompt:  # prompts that differ per choice cannot share one encoding
+        def __call__(self, chunk):
+            return collator([dict(ex, question=f"{ex['question']} {ex['answer']}")
+                             for ex in chunk])
+
+    for score in (prior_choice_nll, score_choices):
+        with pytest.raises(ValueError, match="other prompts for other answers"):
+            score(model, AnswerInPrompt(), examples, batch_size=3, progress=False)
+
 
 @pytest.mark.parametrize("objective", ["amvl", "none"])
 def test_evaluate_and_tabulate_blink(blink_dir, objective):
