@@ -42,11 +42,33 @@ def text_decoder_linear_names(base: nn.Module) -> list[str]:
     """The full names, in ``base`` (a transformers model, unwrapped), of every linear layer of
     its text decoder: the attention and MLP projections of each decoder layer, without a
     vision tower's layers or the LM head."""
+    decoder, prefix = _text_decoder(base)
+    return [f"{prefix}.{name}" if prefix else name
+            for name, module in decoder.named_modules()
+            if isinstance(module, nn.Linear) and not _is_router(name)]
+
+
+def _text_decoder(base: nn.Module) -> tuple[nn.Module, str]:
+    """The text decoder of ``base`` and its name in it."""
     backbone = base.base_model  # the decoder; for a VLM, vision tower + text model
     decoder = getattr(backbone, "language_model", backbone)
-    prefix = next(name for name, module in base.named_modules() if module is decoder)
-    return [f"{prefix}.{name}" if prefix else name
-            for name, module in decoder.named_modules() if isinstance(module, nn.Linear)]
+    return decoder, next(name for name, module in base.named_modules() if module is decoder)
+
+
+def _is_router(name: str) -> bool:
+    """An MoE block's routing layer (``mlp.gate``, Qwen2-MoE's ``shared_expert_gate``): an
+    adapter there would move which experts a token goes to, not what they compute."""
+    last = name.rsplit(".", 1)[-1]
+    return last == "gate" or last.endswith("_gate")
+
+
+def fused_expert_blocks(base: nn.Module) -> list[str]:
+    """Names of the text decoder's MoE expert blocks whose weights are fused parameters (no
+    linear layers): LoRA puts no adapter on them."""
+    decoder, prefix = _text_decoder(base)
+    return [f"{prefix}.{name}" if prefix else name for name, module in decoder.named_modules()
+            if name.rsplit(".", 1)[-1] == "experts"
+            and any(True for _ in module.parameters(recurse=False))]
 
 
 def add_adapters(model: AMVLModel, settings: dict, command: str = "train") -> str:
@@ -59,6 +81,7 @@ def add_adapters(model: AMVLModel, settings: dict, command: str = "train") -> st
     from peft import LoraConfig, get_peft_model
 
     targets = settings["target_modules"] or text_decoder_linear_names(model.base)
+    fused = fused_expert_blocks(model.base)  # named in the base, before PEFT wraps it
     config = LoraConfig(r=settings["r"], lora_alpha=settings["alpha"],
                         lora_dropout=settings["dropout"], target_modules=targets)
     try:
@@ -71,7 +94,8 @@ def add_adapters(model: AMVLModel, settings: dict, command: str = "train") -> st
     return (f"amvl {command}: LoRA r={settings['r']}, alpha={settings['alpha']:g}, dropout="
             f"{settings['dropout']:g} on {adapted} modules: training {trainable:,} of "
             f"{total:,} parameters ({trainable / total:.2%}; the adapters, the heads and the "
-            "injector)")
+            "injector)" + (f"; the fused expert weights of {len(fused)} MoE blocks "
+                           f"({fused[0]}, ...) get no adapters" if fused else ""))
 
 
 def has_adapter(directory: Path) -> bool:

@@ -141,6 +141,33 @@ def test_default_targets_are_the_text_decoders_linear_layers(build):
         add_adapters(model, {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["qproj"]})
 
 
+def test_default_targets_leave_routers_out_and_name_fused_experts():
+    """MoE models: Qwen2-MoE's shared_expert_gate (a linear router) got an adapter by
+    default; Qwen3-MoE's experts are fused parameters, which LoRA skipped without a word."""
+    pytest.importorskip("peft")
+    import transformers as tf
+
+    from amvl.config import AMVLConfig
+    from amvl.lora import add_adapters, text_decoder_linear_names
+    from amvl.model import AMVLModel
+    from amvl.tiny import word_tokenizer
+
+    tokenizer = word_tokenizer([f"w{i}" for i in range(10)])
+    sizes = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                 num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    qwen2_moe = tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(**sizes,
+                                                         shared_expert_intermediate_size=32))
+    names = text_decoder_linear_names(qwen2_moe)
+    assert "model.layers.0.mlp.shared_expert.gate_proj" in names
+    assert not any(name.endswith("_gate") or name.endswith(".gate") for name in names)
+    qwen3_moe = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**sizes, head_dim=8))
+    model = AMVLModel(qwen3_moe, tokenizer, AMVLConfig(num_slots=2, latent_dim=4))
+    summary = add_adapters(model, {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": None})
+    assert summary.endswith("the fused expert weights of 1 MoE blocks "
+                            "(model.layers.0.mlp.experts, ...) get no adapters")
+
+
 class _Capture:
     """Wraps amvl.training.train to keep the model amvl train trains, with its state before
     and after."""
