@@ -235,6 +235,24 @@ def save_checkpoint(output_dir: Path, step: int, model: AMVLModel,
     return final
 
 
+def _rates_of_this_run(optimizer: torch.optim.Optimizer,
+                       scheduler: torch.optim.lr_scheduler.LRScheduler,
+                       learning_rate: float) -> None:
+    """After loading a checkpoint's optimizer and scheduler: the rates of this run's schedule
+    (its learning_rate, steps and warm-up) at the checkpoint's step. The loaded state holds the
+    checkpoint run's peak rate and, in the optimizer, the rate its schedule left for the next
+    step (0 at the end of a linear decay): a run resumed with more steps trained its first
+    step at that rate, and every later one at the old peak. The same settings give the same
+    rates as before."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # transformers' are
+        return
+    scheduler.base_lrs = [learning_rate] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = learning_rate
+        group["lr"] = learning_rate * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def _prune(output_dir: Path, keep: int) -> None:
     checkpoints = sorted((p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
                           if p.name[len(CHECKPOINT_PREFIX):].isdigit()),
@@ -503,6 +521,7 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
             model.load_weights(checkpoint)
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+        _rates_of_this_run(optimizer, scheduler, config.learning_rate)
         state = json.loads((checkpoint / "state.json").read_text())
         _set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=True), state["rng"])
         if accelerator.scaler is not None and (checkpoint / "scaler.pt").is_file():

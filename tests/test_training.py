@@ -722,3 +722,18 @@ def test_workers_build_the_batches_and_their_errors_reach_the_loop(tmp_path):
               progress=False)
     # The traceback held the loop's frame, and with it the workers and their prefetched steps.
     assert raised.traceback and not multiprocessing.active_children()
+
+
+def test_a_resumed_run_trains_at_its_own_schedules_rates(tmp_path):
+    """The step count and rates may change on resume (to go on past a finished run): the
+    loaded optimizer kept the old schedule's next rate (0 at the end of a linear decay) for
+    the first resumed step, and the loaded scheduler the old peak for every later one."""
+    first = TrainConfig(steps=2, batch_size=4, learning_rate=1e-3, log_every=1, save_every=1)
+    model, collator = _model()
+    train(model, collator, _data(), first, output_dir=tmp_path, progress=False)
+    longer = TrainConfig(**{**first.__dict__, "steps": 4, "learning_rate": 1e-2})
+    model, collator = _model()
+    history = train(model, collator, _data(), longer, output_dir=tmp_path, resume=True,
+                    progress=False)
+    # the first run's rates, then linear decay from 1e-2 over 4 steps at steps 3 and 4
+    assert [e["lr"] for e in history] == pytest.approx([1e-3, 5e-4, 5e-3, 2.5e-3])
