@@ -38,7 +38,9 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -160,16 +162,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise SystemExit(f"amvl train: {err}") from None
     state = PartialState()
     if state.is_main_process:  # under accelerate launch / torchrun: one writer
-        model.save_pretrained(out / FINAL_DIR)
-        if record is not None:
-            write_record(out / FINAL_DIR, record)
-        if processor is not None:
-            processor.save_pretrained(out / FINAL_DIR / "base")
-        used = {key: getattr(collator, key) for key in PROMPT_KEYS}  # the template's text
-        (out / FINAL_DIR / PROMPT_FORMAT_FILE).write_text(json.dumps(used, indent=1),
-                                                          encoding="utf-8")
+        # Into a temporary directory renamed into place once complete, as the checkpoints:
+        # a run killed while saving leaves no final/ that loads as something it is not (an
+        # adapter without its record, weights without the prompt format).
+        for stale in out.glob(f".{FINAL_DIR}.*"):  # of a run killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
+        staged = Path(tempfile.mkdtemp(prefix=f".{FINAL_DIR}.", dir=out))
+        try:
+            model.save_pretrained(staged)
+            if record is not None:
+                write_record(staged, record)
+            if processor is not None:
+                processor.save_pretrained(staged / "base")
+            used = {key: getattr(collator, key) for key in PROMPT_KEYS}  # the template's text
+            (staged / PROMPT_FORMAT_FILE).write_text(json.dumps(used, indent=1),
+                                                     encoding="utf-8")
+            if (out / FINAL_DIR).exists():  # a resumed run's, replaced
+                shutil.rmtree(out / FINAL_DIR)
+            os.replace(staged, out / FINAL_DIR)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
         print(f"amvl: trained model saved to {out / FINAL_DIR}")
-    if state.is_main_process:
         try:  # the model is saved: a plot that fails must not fail the run
             _write_run_plots(out / PLOTS_DIR, {out.resolve().name: read_history(out)})
         except (OSError, ValueError) as err:

@@ -81,6 +81,34 @@ def test_train_leaves_the_process_group_together_once_saved(tmp_path, monkeypatc
     assert events == [("wait", True), ("destroy", None)]
 
 
+def test_final_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """final/ was written in place, file by file: a run killed while saving left a directory
+    that loaded as something it was not (an adapter without its record)."""
+    from amvl.model import AMVLModel
+
+    assert main(["train", "--config", _run_config(tmp_path, steps=1, save_every=1),
+                 "--no-progress"]) == 0
+    final = tmp_path / "run" / "final"
+    before = {str(p): p.read_bytes() for p in final.rglob("*") if p.is_file()}
+    (tmp_path / "run" / ".final.killed").mkdir()  # a save killed before its rename
+    real = AMVLModel.save_pretrained
+
+    def fails_halfway(self, directory, **kwargs):
+        real(self, directory, **kwargs)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(AMVLModel, "save_pretrained", fails_halfway)
+    with pytest.raises(OSError, match="No space left"):
+        main(["train", "--config", _run_config(tmp_path, steps=2, save_every=1), "--resume",
+              "--no-progress"])
+    assert {str(p): p.read_bytes() for p in final.rglob("*") if p.is_file()} == before
+    assert not list((tmp_path / "run").glob(".final*"))
+    monkeypatch.undo()
+    assert main(["train", "--config", _run_config(tmp_path, steps=3, save_every=1), "--resume",
+                 "--no-progress"]) == 0
+    assert {str(p): p.read_bytes() for p in final.rglob("*") if p.is_file()} != before
+
+
 def test_train_keeps_runs_apart(tmp_path):
     """A new run into a directory holding another run's checkpoints is refused (its pruning
     would delete the new checkpoints among the old by step, and --resume would continue the
