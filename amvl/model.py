@@ -621,7 +621,7 @@ class AMVLModel(SavingMixin, nn.Module):
         answer token count. Data-parallel ranks pass the tokens of all their shares divided
         by the number of ranks, so that the average of their losses (DDP's) weighs every
         token alike, as one process over the whole batch does.
-        ``prior_mean_nll``: also the metric ``nll_prior_mean``, the answers' NLL decoded from
+        ``prior_mean_nll``: also the metric ``nll_prior``, the answers' NLL decoded from
         the prior's means (what inference decodes from by default; without a latent block for
         "none"): one more decoding pass, which reuses the step's encoding of x when sharing.
         For evaluation, so only without autograd (``torch.no_grad()``).
@@ -681,7 +681,7 @@ class AMVLModel(SavingMixin, nn.Module):
                                            answer_tokens), None, step)
             loss, metrics = self._balance_routers(loss, metrics, routed, [(seq, slice(None))])
             if prior_mean_nll:  # no latents: the answers' NLL is the one inference decodes
-                metrics = metrics.with_tensors(nll_prior_mean=metrics.tensors()["nll"])
+                metrics = metrics.with_tensors(nll_prior=metrics.tensors()["nll"])
             return AMVLOutput(loss, metrics)
 
         # Named scopes: what scripts/profile_model_step.py --gaps charges device idle time to.
@@ -759,7 +759,7 @@ class AMVLModel(SavingMixin, nn.Module):
             loss, metrics = obj.loss(nll, latents, step, nll_prior)
             loss, metrics = self._balance_routers(loss, metrics, routed, routed_parts)
         if prior_mean_nll:
-            metrics = metrics.with_tensors(nll_prior_mean=decode_nll(mu_p))
+            metrics = metrics.with_tensors(nll_prior=decode_nll(mu_p))
         return AMVLOutput(loss, metrics, latents)
 
     def _balance_routers(self, loss: Tensor, metrics: Metrics, routed: list | None,

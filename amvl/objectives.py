@@ -127,7 +127,7 @@ class Objective:
                 weight["kl_weight"] = scheduled
         if nll_prior is not None:
             total = total + self.config.gamma * nll_prior
-            named["nll_prior"] = nll_prior
+            named["nll_prior_draw"] = nll_prior  # a draw: "nll_prior" is the means'
         named["loss"] = total
         return total, Metrics(named, weight)
 

@@ -37,9 +37,6 @@ from amvl.model import AMVLModel, AMVLOutput
 from amvl.training import EVAL_STREAM, recompute_skips_side_effects, step_seed
 
 CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
-# Evaluation's names of the forward's metrics, as amvl.validation has them: "nll_prior" the
-# NLL from the prior's means (what inference decodes from), "nll_prior_draw" gamma's draw.
-EVAL_NAMES = {"nll_prior": "nll_prior_draw", "nll_prior_mean": "nll_prior"}
 
 
 TRAINING_ARGS_JSON = "training_args.json"
@@ -180,7 +177,7 @@ class AMVLTrainer(Trainer):
         same latent noise, with the objective's metrics beside the loss
         (``<prefix>_amvl/<name>``: NLL, KLs, active slots, ...) and ``nll_prior``, the
         answers' NLL decoded from the prior's means as inference decodes (one more decoding
-        pass a batch; gamma's prior-draw NLL is ``nll_prior_draw`` here), averaged over the
+        pass a batch; gamma's prior-draw NLL is ``nll_prior_draw``), averaged over the
         examples as the loss is, then over the processes."""
         self._eval_batch = 0  # every evaluate() and predict() draws the same noise
         self._eval_sums, self._eval_examples = defaultdict(float), 0
@@ -218,7 +215,6 @@ class AMVLTrainer(Trainer):
                 examples = inputs["prompt_ids"].shape[0]
                 for key, value in out.metrics.tensors().items():
                     if "/slot" not in key:
-                        key = EVAL_NAMES.get(key, key)
                         self._eval_sums[key] = self._eval_sums[key] + value * examples
                 self._eval_examples += examples
         else:

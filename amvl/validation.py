@@ -70,20 +70,16 @@ def validation_sums(model: AMVLModel, collator: AMVLCollator, examples: Sequence
         out = model(**batch, step=None,  # step=None: the full KL weight
                     seed=step_seed(seed, index, rank, stream=EVAL_STREAM), prior_mean_nll=True)
         metrics = out.metrics.tensors()
-        # gamma > 0: the forward's own "nll_prior" decodes a prior *draw*; kept apart from
-        # nll_prior (the prior's *means*, below), token-weighted like "nll"
-        token_terms = metrics["nll"] + model.config.gamma * metrics.get("nll_prior", 0.0)
+        # gamma > 0: the objective's "nll_prior_draw" decodes a prior *draw*, a term of the
+        # loss; "nll_prior" the prior's *means*, which the loss has not
+        token_terms = metrics["nll"] + model.config.gamma * metrics.get("nll_prior_draw", 0.0)
         for key, value in metrics.items():
             # per-slot values are diagnostics, and the KL weight is 1 here
             if key == "loss":  # its NLL terms token means, the rest an example mean
                 add(_BEYOND_NLL, (value - token_terms) * n)
                 add(_LOSS_NLL, token_terms * tokens.sum())
-            elif key == "nll_prior":
-                add("nll_prior_draw", value * tokens.sum())
-            elif key == "nll_prior_mean":
-                add("nll_prior", value * tokens.sum())
             elif "/slot" not in key and key != "kl_weight":
-                add(key, value * (tokens.sum() if key == "nll" else n))
+                add(key, value * (tokens.sum() if key.startswith("nll") else n))
         add(_EXAMPLES, n)
         add(_TOKENS, tokens.sum())
     return sums

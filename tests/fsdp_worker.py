@@ -136,7 +136,7 @@ def scores(model: AMVLModel, collator: AMVLCollator, rank: int) -> dict[str, tor
         out["nll"] = model.answer_nll(b["prompt_ids"], b["prompt_mask"], b["answer_ids"],
                                       b["answer_mask"], z=out["mu_q"])
         evaluated = model(**b, step=None, seed=step_seed(0, 0, rank), prior_mean_nll=True)
-        out["nll_prior_mean"] = evaluated.metrics.tensors()["nll_prior_mean"]
+        out["nll_prior"] = evaluated.metrics.tensors()["nll_prior"]
     return {k: v.contiguous() for k, v in out.items()}
 
 

@@ -100,7 +100,7 @@ def test_amvl_prior_nll_term_and_schedule(rng_seed):
     # KL weight 0 at step 0: the reverse KL is off, the forward KL (the prior's target) is not
     expected = 3.5 + latents.kl_fwd.mean(0).sum()
     torch.testing.assert_close(loss, expected)
-    assert metrics["kl_weight"] == 0.0 and metrics["nll_prior"] == 3.0
+    assert metrics["kl_weight"] == 0.0 and metrics["nll_prior_draw"] == 3.0
 
 
 @pytest.mark.parametrize("setting", ["warm-up", "free bits"])

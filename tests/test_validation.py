@@ -116,5 +116,5 @@ def test_gamma_keeps_the_objectives_prior_draw_apart_from_the_prior_means():
                                              rel=1e-10)
     model.eval()
     out = model(**batch, step=None, seed=step_seed(0, 0, 0, stream=EVAL_STREAM))
-    assert got["nll_prior_draw"] == pytest.approx(out.metrics["nll_prior"], rel=1e-6)
+    assert got["nll_prior_draw"] == pytest.approx(out.metrics["nll_prior_draw"], rel=1e-6)
     assert got["loss"] == pytest.approx(out.loss.item(), rel=1e-10)
