@@ -1,9 +1,10 @@
-"""The ``amvl`` command: ``demo``, ``train``, ``eval`` and ``generate``.
+"""The ``amvl`` command: ``demo``, ``train``, ``eval``, ``generate`` and ``plot``.
 
     amvl demo [--out DIR]                       the built-in comparison (README's main job)
     amvl train --config run.yaml [--resume]     train on a real model (accelerate launch ok)
     amvl eval --config run.yaml --benchmark blink --data PATH
     amvl generate --config run.yaml --data questions.jsonl --out answers.jsonl
+    amvl plot RUN [RUN ...] [--out DIR]         a run's curves, finished or still training
 
 A run config (YAML) has these sections, each optional but ``model``:
 
