@@ -312,7 +312,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         collator = _collator("eval", model, processor, data, prompt=prompt)
         results[name] = evaluation.evaluate_benchmark(model, collator, examples,
                                                       batch_size=args.batch_size,
-                                                      progress=not args.no_progress)
+                                                      progress=not args.no_progress,
+                                                      num_workers=args.num_workers)
         if args.diagnostics and model.objective.latent_source != "none":
             from amvl.diagnostics import leakage_report
 
@@ -438,15 +439,20 @@ def _write_records(out: TextIO, line_numbers: list[int], examples: list[dict],
         records.append(record)
 
 
-def _positive(text: str) -> int:
-    """argparse type: an int >= 1."""
+def _positive(text: str, least: int = 1) -> int:
+    """argparse type: an int >= ``least`` (1)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
     return value
+
+
+def _non_negative(text: str) -> int:
+    """argparse type: an int >= 0."""
+    return _positive(text, least=0)
 
 
 def _seed(text: str) -> int:
@@ -530,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="load the records without answers and write predictions only (BLINK's "
                          "test split, whose answers are withheld); needs --out")
     ev.add_argument("--batch-size", type=_positive, default=8)
+    ev.add_argument("--num-workers", type=_non_negative, default=0,
+                    help="processes building the coming batches (decoding and processing "
+                         "images) while the model scores (default 0: in turn)")
     ev.add_argument("--diagnostics", action="store_true",
                     help="also the leakage diagnostics of each model with latents (accuracy "
                          "with prior vs posterior latents, flip rates, probes, per-slot KL; "

@@ -72,6 +72,7 @@ from tqdm.auto import tqdm
 
 from amvl.model import in_eval_mode
 from amvl.sharded import choices_to_score, with_choice
+from amvl.step_batches import prefetching_loader, stop_workers
 
 if TYPE_CHECKING:
     from amvl.data import AMVLCollator
@@ -625,14 +626,17 @@ def _check_scorable(examples: Sequence[dict]) -> bool:
 @torch.no_grad()
 @in_eval_mode
 def prior_choice_nll(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
-                     batch_size: int = 8, progress: bool = True) -> np.ndarray:
+                     batch_size: int = 8, progress: bool = True, num_workers: int = 0
+                     ) -> np.ndarray:
     """(N, C) mean token NLL of every choice given prior latents z = mu_p (``inf`` past an
     example's last choice).
 
     The "prior" column of :func:`amvl.diagnostics.score_choices`, without the four other latent
     variants and the posterior pass it also runs (about five times the work), and without
     needing gold answers, so unlabelled test records can be scored too. Each batch's prompts
-    are encoded once for all of its choices (:meth:`AMVLModel.choices_nll`).
+    are encoded once for all of its choices (:meth:`AMVLModel.choices_nll`). With
+    ``num_workers`` > 0 the coming batches are built (images decoded and processed) in that
+    many DataLoader worker processes while the model scores this one.
 
     Warns once (UserWarning) when some examples have choices that tokenize to the same ids:
     their NLLs tie, and the predictions over them mean nothing.
@@ -645,29 +649,55 @@ def prior_choice_nll(model: AMVLModel, collator: AMVLCollator, examples: Sequenc
     # Each example's choices as the answer token ids the collator builds (read on the host,
     # before the batch moves): choices with the same ids tie, whatever the model.
     choice_ids: list[list[tuple[int, ...]]] = [[] for _ in examples]
-    for start in tqdm(range(0, len(examples), batch_size), desc="evaluate",
-                      disable=not progress):
-        chunk = list(examples[start:start + batch_size])
-        rows = list(range(len(chunk)))
-        # Every row answers each choice, a row past its last one with a stand-in (dropped),
-        # so that all answers follow the same prompts, encoded once (AMVLModel.choices_nll).
-        # A sharded model's processes must run alike: all of them the most choices of any.
-        count = passes if sharded else max(len(ex["choices"]) for ex in chunk)
-        batches = choice_batches(collator, chunk, count)
-        for c, batch in enumerate(batches):
-            record_choice_ids(choice_ids, start, chunk, rows, c, batch)
-        first = {k: v.to(device) for k, v in batches[0].items()}
-        images = {k: first[k] for k in ("pixel_values", "image_grid_thw") if k in first}
-        if "pixel_values" in images:
-            images["pixel_values"] = images["pixel_values"].to(dtype)
-        answers = [(b["answer_ids"].to(device), b["answer_mask"].to(device)) for b in batches]
-        values = model.choices_nll(first["prompt_ids"], first["prompt_mask"], answers,
-                                   **images).float().cpu().numpy()
-        for c in range(count):
-            have = [i for i in rows if c < len(chunk[i]["choices"])]
-            nll[start + np.array(have, dtype=int), c] = values[have, c]
+    # A sharded model's processes must run alike: all of them the most choices of any.
+    chunks = ChoiceChunks(collator, examples, batch_size, passes if sharded else None)
+    built = iter(prefetching_loader(chunks, num_workers, device.type == "cuda", seed=0)) \
+        if num_workers else (chunks[i] for i in range(len(chunks)))
+    try:
+        for index, batches in enumerate(tqdm(built, total=len(chunks), desc="evaluate",
+                                             disable=not progress)):
+            start = index * batch_size
+            chunk = list(examples[start:start + batch_size])
+            rows = list(range(len(chunk)))
+            for c, batch in enumerate(batches):
+                record_choice_ids(choice_ids, start, chunk, rows, c, batch)
+            first = {k: v.to(device, non_blocking=True) for k, v in batches[0].items()}
+            images = {k: first[k] for k in ("pixel_values", "image_grid_thw") if k in first}
+            if "pixel_values" in images:
+                images["pixel_values"] = images["pixel_values"].to(dtype)
+            answers = [(b["answer_ids"].to(device, non_blocking=True),
+                        b["answer_mask"].to(device, non_blocking=True)) for b in batches]
+            values = model.choices_nll(first["prompt_ids"], first["prompt_mask"], answers,
+                                       **images).float().cpu().numpy()
+            for c in range(len(batches)):
+                have = [i for i in rows if c < len(chunk[i]["choices"])]
+                nll[start + np.array(have, dtype=int), c] = values[have, c]
+    finally:
+        stop_workers(built)
     warn_indistinguishable_choices(examples, choice_ids)
     return nll
+
+
+class ChoiceChunks(torch.utils.data.Dataset):
+    """Item i: the :func:`choice_batches` of ``examples[i * batch_size:(i + 1) *
+    batch_size]``, every row answering ``passes`` choices (None: the chunk's most), a row
+    past its last one with a stand-in (dropped), so that all of a chunk's answers follow the
+    same prompts, encoded once (:meth:`AMVLModel.choices_nll`)."""
+
+    def __init__(self, collator: AMVLCollator, examples: Sequence[dict], batch_size: int,
+                 passes: int | None) -> None:
+        self.collator, self.examples = collator, examples
+        self.batch_size, self.passes = batch_size, passes
+
+    def __len__(self) -> int:
+        return -(-len(self.examples) // self.batch_size)
+
+    def __getitem__(self, index: int) -> list[dict[str, torch.Tensor]]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"chunk {index} of {len(self)}")
+        chunk = list(self.examples[index * self.batch_size:(index + 1) * self.batch_size])
+        count = self.passes or max(len(ex["choices"]) for ex in chunk)
+        return choice_batches(self.collator, chunk, count)
 
 
 def choice_batches(collator: AMVLCollator, chunk: Sequence[dict], count: int
@@ -739,7 +769,8 @@ def _subtask_order(names: set[str]) -> list[str]:
 
 
 def evaluate_benchmark(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
-                       batch_size: int = 8, progress: bool = True) -> dict:
+                       batch_size: int = 8, progress: bool = True, num_workers: int = 0
+                       ) -> dict:
     """Predict every example's choice from prior latents and score the predictions.
 
     Args:
@@ -750,6 +781,8 @@ def evaluate_benchmark(model: AMVLModel, collator: AMVLCollator, examples: Seque
             index and "all").
         batch_size: examples per forward pass (each choice is one pass per batch).
         progress: show a progress bar.
+        num_workers: DataLoader worker processes building the coming batches ahead (0: each
+            built in turn, while the model waits).
 
     Returns:
         ``{"objective", "scoring", "num_examples", "predictions", "counts", "accuracy",
@@ -760,7 +793,7 @@ def evaluate_benchmark(model: AMVLModel, collator: AMVLCollator, examples: Seque
         (VisualPuzzles'). For unlabelled examples the accuracies are None and ``correct`` too.
     """
     labelled = _check_scorable(examples)
-    nll = prior_choice_nll(model, collator, examples, batch_size, progress)
+    nll = prior_choice_nll(model, collator, examples, batch_size, progress, num_workers)
     predictions, by_subtask = [], {}
     for i, (ex, scores) in enumerate(zip(examples, nll)):
         scores = scores[:len(ex["choices"])]

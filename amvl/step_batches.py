@@ -70,6 +70,14 @@ class StepBatches(torch.utils.data.Dataset):
         return self.build(self.share(self.start + index))
 
 
+def stop_workers(iterator: object) -> None:
+    """Stop the worker processes of a DataLoader iterator now; nothing for other iterators.
+    A loop that raised is kept alive by its traceback (the loader's own frames among them),
+    and with it the workers and what they built ahead (pinned memory on a GPU). (A private
+    method of torch's loader iterator, there since torch 1.x.)"""
+    getattr(iterator, "_shutdown_workers", lambda: None)()
+
+
 def prefetching_loader(steps: StepBatches, num_workers: int, pin_memory: bool,
                        seed: int) -> torch.utils.data.DataLoader:
     """A loader of ``steps`` in order, each built in one of ``num_workers`` processes, up to

@@ -38,7 +38,7 @@ from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
 from amvl.config import INFERENCE_FIELDS, AMVLConfig, check_types
-from amvl.step_batches import StepBatches, prefetching_loader
+from amvl.step_batches import StepBatches, prefetching_loader, stop_workers
 
 if TYPE_CHECKING:  # annotations only: accelerate is imported when a run starts
     from accelerate import Accelerator
@@ -626,9 +626,6 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
                     _prune(out, config.save_total_limit)
                 accelerator.wait_for_everyone()
     finally:
-        # A loop that raised is kept alive by its traceback (the loader's own frames among
-        # them), and with it the workers and the steps they built ahead (pinned memory on a
-        # GPU): stop them now. (A private method of torch's loader iterator, there since 1.x.)
-        getattr(built_ahead, "_shutdown_workers", lambda: None)()
+        stop_workers(built_ahead)
 
     return history

@@ -148,6 +148,14 @@ def test_eval_refuses_to_run_in_several_processes(monkeypatch):
         main(["eval", "--checkpoint", "x", "--benchmark", "puzzles"])
 
 
+def test_eval_num_workers_is_a_count(capsys):
+    assert build_parser().parse_args(["eval", "--checkpoint", "x", "--num-workers",
+                                      "2"]).num_workers == 2
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--checkpoint", "x", "--num-workers", "-1"])
+    assert "must be at least 0, got -1" in capsys.readouterr().err
+
+
 def test_eval_needs_data_for_real_benchmarks():
     with pytest.raises(SystemExit, match="--data"):
         main(["eval", "--checkpoint", "x", "--benchmark", "blink"])

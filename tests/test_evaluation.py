@@ -544,3 +544,29 @@ def test_multiple_choice_records_that_cannot_be_scored_are_named(tmp_path, recor
         load_benchmark("jsonl", path)
     with pytest.raises(ValueError, match="has no splits"):
         load_benchmark("jsonl", path, split="val")
+
+
+def test_workers_build_the_batches_the_loop_would(blink_dir):
+    """num_workers builds the coming batches (images decoded and processed) in DataLoader
+    workers while the model scores: the same scores; a collator's error reaches the caller
+    with its message and the workers stop."""
+    import multiprocessing
+
+    examples = load_blink(blink_dir)
+    model, collator = _model(examples, "amvl")
+    in_turn = prior_choice_nll(model, collator, examples, batch_size=3, progress=False)
+    ahead = prior_choice_nll(model, collator, examples, batch_size=3, progress=False,
+                             num_workers=2)
+    np.testing.assert_array_equal(ahead, in_turn)
+    assert evaluate_benchmark(model, collator, examples, batch_size=3, progress=False,
+                              num_workers=1)["predictions"] == evaluate_benchmark(
+        model, collator, examples, batch_size=3, progress=False)["predictions"]
+
+    class Breaks:
+        def __call__(self, chunk):
+            raise ValueError("a broken image")
+
+    with pytest.raises(ValueError, match="a broken image") as raised:
+        prior_choice_nll(model, Breaks(), examples, batch_size=3, progress=False,
+                         num_workers=2)
+    assert raised.traceback and not multiprocessing.active_children()
