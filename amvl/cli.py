@@ -41,7 +41,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -53,7 +52,7 @@ from amvl.lora import (add_adapters, base_record, read_record, require_peft, run
                        setting_differences, write_record)
 from amvl.run_config import (PROMPT_KEYS, check_jsonl_texts, load_run_config, prompt_format,
                              read_jsonl_lines)
-from amvl.training import read_history
+from amvl.training import read_history, readable_temporary_directory
 
 PLOTS_DIR = "plots"  # where amvl train and amvl plot write a run's curves, inside the run
 
@@ -124,6 +123,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise SystemExit(f"amvl train: {err}") from None
     if resumed is not None:
         _check_same_lora(resumed, lora, run["model"])
+    if (out / FINAL_DIR).is_symlink():  # replaced whole at the end, which a link is not
+        raise SystemExit(f"amvl train: {out / FINAL_DIR} is a symbolic link; amvl train "
+                         "writes final/ as a directory of its own (link the run's "
+                         "output_dir instead)")
     _check_kernel_backend(run["amvl_config"].kernel_backend)
     data = run.get("data") or {}
     source = data.get("train", "puzzles")
@@ -168,7 +171,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         # adapter without its record, weights without the prompt format).
         for stale in out.glob(f".{FINAL_DIR}.*"):  # of a run killed while saving
             shutil.rmtree(stale, ignore_errors=True)
-        staged = Path(tempfile.mkdtemp(prefix=f".{FINAL_DIR}.", dir=out))
+        staged = readable_temporary_directory(out, f".{FINAL_DIR}.")
         try:
             model.save_pretrained(staged)
             if record is not None:
@@ -178,9 +181,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             used = {key: getattr(collator, key) for key in PROMPT_KEYS}  # the template's text
             (staged / PROMPT_FORMAT_FILE).write_text(json.dumps(used, indent=1),
                                                      encoding="utf-8")
-            if (out / FINAL_DIR).exists():  # a resumed run's, replaced
-                shutil.rmtree(out / FINAL_DIR)
+            # a resumed run's final/ moves aside (a rename) before the new one moves in, so
+            # that a kill at any moment leaves one whole final/ or none
+            retired = out / f".{FINAL_DIR}.retired-{os.getpid()}"
+            if (out / FINAL_DIR).exists():
+                os.replace(out / FINAL_DIR, retired)
             os.replace(staged, out / FINAL_DIR)
+            shutil.rmtree(retired, ignore_errors=True)
         finally:
             shutil.rmtree(staged, ignore_errors=True)
         print(f"amvl: trained model saved to {out / FINAL_DIR}")
@@ -223,7 +230,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
             histories[name] = read_history(run)
         except (FileNotFoundError, ValueError) as err:
             raise SystemExit(f"amvl plot: {err}") from None
-    _write_run_plots(out, histories)
+    try:
+        _write_run_plots(out, histories)
+    except ValueError as err:  # nothing logged yet
+        raise SystemExit(f"amvl plot: {err}") from None
     return 0
 
 
@@ -243,12 +253,13 @@ def _check_same_lora(checkpoint: Path, lora: dict | None, model_section: dict) -
         raise SystemExit(f"amvl train: {checkpoint} was trained with {describe(before)}, this "
                          f"run has {describe(lora)} (differs in {differ}): resume it with the "
                          "same LoRA settings or start a new run elsewhere")
-    if record is not None and record["base"] != base_record(model_section):
-        now = base_record(model_section)
-        keys = sorted(k for k in set(now) | set(record["base"])
-                      if now.get(k) != record["base"].get(k))
+    # both with their defaults filled in (records written before dtype was always kept)
+    then = base_record(record["base"]) if record is not None else None
+    now = base_record(model_section)
+    if then is not None and then != now:
+        keys = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
         raise SystemExit(f"amvl train: {checkpoint}'s adapter was trained on the base model "
-                         f"{record['base']}, this run's is {now} (differs in "
+                         f"{then}, this run's is {now} (differs in "
                          f"{['model.' + k for k in keys]}): resume it on the same base")
 
 

@@ -43,9 +43,10 @@ def text_decoder_linear_names(base: nn.Module) -> list[str]:
     its text decoder: the attention and MLP projections of each decoder layer, without a
     vision tower's layers or the LM head."""
     decoder, prefix = _text_decoder(base)
+    routers = _routers(decoder, base.config.get_text_config())
     return [f"{prefix}.{name}" if prefix else name
             for name, module in decoder.named_modules()
-            if isinstance(module, nn.Linear) and not _is_router(name)]
+            if isinstance(module, nn.Linear) and name not in routers]
 
 
 def _text_decoder(base: nn.Module) -> tuple[nn.Module, str]:
@@ -55,11 +56,25 @@ def _text_decoder(base: nn.Module) -> tuple[nn.Module, str]:
     return decoder, next(name for name, module in base.named_modules() if module is decoder)
 
 
-def _is_router(name: str) -> bool:
-    """An MoE block's routing layer (``mlp.gate``, Qwen2-MoE's ``shared_expert_gate``): an
-    adapter there would move which experts a token goes to, not what they compute."""
-    last = name.rsplit(".", 1)[-1]
-    return last == "gate" or last.endswith("_gate")
+def _routers(decoder: nn.Module, config) -> set[str]:
+    """Names (in ``decoder``) of its MoE blocks' routing layers: a linear layer beside a
+    block's ``experts`` with an output per expert (``mlp.gate``, Llama 4's ``router``), or a
+    shared expert's gate (Qwen2-MoE's ``shared_expert_gate``). An adapter there would move
+    which experts a token goes to, not what they compute. Known by their place, not their
+    name: MiniMax's attention ``output_gate`` is a projection."""
+    experts = {getattr(config, key) for key in ("num_experts", "num_local_experts",
+                                                "n_routed_experts")
+               if isinstance(getattr(config, key, None), int)}
+    found = set()
+    for block_name, block in decoder.named_modules():
+        if not hasattr(block, "experts") and not hasattr(block, "shared_expert"):
+            continue
+        for name, child in block.named_children():
+            if isinstance(child, nn.Linear) and (
+                    (hasattr(block, "experts") and child.out_features in experts)
+                    or (hasattr(block, "shared_expert") and child.out_features == 1)):
+                found.add(f"{block_name}.{name}" if block_name else name)
+    return found
 
 
 def fused_expert_blocks(base: nn.Module) -> list[str]:
@@ -94,8 +109,8 @@ def add_adapters(model: AMVLModel, settings: dict, command: str = "train") -> st
     return (f"amvl {command}: LoRA r={settings['r']}, alpha={settings['alpha']:g}, dropout="
             f"{settings['dropout']:g} on {adapted} modules: training {trainable:,} of "
             f"{total:,} parameters ({trainable / total:.2%}; the adapters, the heads and the "
-            "injector)" + (f"; the fused expert weights of {len(fused)} MoE blocks "
-                           f"({fused[0]}, ...) get no adapters" if fused else ""))
+            "injector)" + (f"; the fused expert weights of MoE blocks ({len(fused)}: "
+                           f"{fused[0]}, ...) get no adapters" if fused else ""))
 
 
 def has_adapter(directory: Path) -> bool:

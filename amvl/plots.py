@@ -64,17 +64,18 @@ def validation_curves(histories: dict[str, list[dict]], out: Path) -> Path:
 
 def run_plots(histories: dict[str, list[dict]], out: Path) -> list[Path]:
     """The plots of training histories (``amvl train``'s ``history.jsonl``, one per run
-    name) that have something to show, written into ``out``: learning curves; KL curves
-    where a run has a posterior; validation curves where a run validated."""
-    if not histories:
-        raise ValueError("run_plots needs at least one history")
+    name) that have something to show, written into ``out``: learning curves where a run
+    logged its training NLL; KL curves where a run has a posterior; validation curves where a
+    run validated. Raises ValueError when there is nothing to draw."""
+    def logged(key: str) -> bool:
+        return any(key in entry for history in histories.values() for entry in history)
+
+    drawn = [draw for key, draw in (("nll", learning_curves), ("kl_fwd", kl_curves),
+                                    ("eval/nll", validation_curves)) if logged(key)]
+    if not drawn:
+        raise ValueError("nothing to plot: no training NLL, KL or validation entries")
     out.mkdir(parents=True, exist_ok=True)
-    written = [learning_curves(histories, out)]
-    if any("kl_fwd" in e for h in histories.values() for e in h):
-        written.append(kl_curves(histories, out))
-    if any("eval/nll" in e for h in histories.values() for e in h):
-        written.append(validation_curves(histories, out))
-    return written
+    return [draw(histories, out) for draw in drawn]
 
 
 def leakage_gap(reports: dict[str, dict], out: Path) -> Path:

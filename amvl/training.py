@@ -207,7 +207,7 @@ def save_checkpoint(output_dir: Path, step: int, model: AMVLModel,
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=output_dir))
+    tmp = readable_temporary_directory(output_dir, f".{final.name}.")
     try:
         if model._is_peft():
             model.save_pretrained(tmp)
@@ -233,6 +233,17 @@ def save_checkpoint(output_dir: Path, step: int, model: AMVLModel,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def readable_temporary_directory(parent: Path, prefix: str) -> Path:
+    """A new directory in ``parent`` to write a save into before renaming it, with the
+    permissions the umask gives any other directory: ``tempfile.mkdtemp`` makes it 0700, and
+    the renamed save would be unreadable to the other users of a shared cluster."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o777 & ~umask)
+    return path
 
 
 def _rates_of_this_run(optimizer: torch.optim.Optimizer,

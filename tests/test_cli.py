@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -104,9 +106,34 @@ def test_final_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     assert {str(p): p.read_bytes() for p in final.rglob("*") if p.is_file()} == before
     assert not list((tmp_path / "run").glob(".final*"))
     monkeypatch.undo()
-    assert main(["train", "--config", _run_config(tmp_path, steps=3, save_every=1), "--resume",
+    # a kill while the old final/ is removed: it was moved aside whole first
+    real_rmtree = shutil.rmtree
+
+    def killed_in_retired(path, *args, **kwargs):
+        if ".retired-" in str(path):
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_in_retired)
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", "--config", _run_config(tmp_path, steps=3, save_every=1), "--resume",
+              "--no-progress"])
+    monkeypatch.undo()
+    after = {str(p): p.read_bytes() for p in final.rglob("*") if p.is_file()}
+    assert after != before and {Path(k).name for k in after} == {Path(k).name for k in before}
+    umask = os.umask(0)
+    os.umask(umask)  # readable as any other directory is, not tempfile's 0700
+    assert final.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "run" / "checkpoint-3").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert main(["train", "--config", _run_config(tmp_path, steps=4, save_every=1), "--resume",
                  "--no-progress"]) == 0
-    assert {str(p): p.read_bytes() for p in final.rglob("*") if p.is_file()} != before
+    assert not list((tmp_path / "run").glob(".final*"))  # the retired one of the killed run
+    (tmp_path / "elsewhere").mkdir()
+    os.replace(final, tmp_path / "elsewhere" / "final")
+    final.symlink_to(tmp_path / "elsewhere" / "final")
+    with pytest.raises(SystemExit, match="final is a symbolic link"):
+        main(["train", "--config", _run_config(tmp_path, steps=5, save_every=1), "--resume",
+              "--no-progress"])
 
 
 def test_train_keeps_runs_apart(tmp_path):
@@ -1039,6 +1066,9 @@ def test_train_plots_its_curves_and_amvl_plot_draws_runs(tmp_path, capsys):
         main(["plot", str(run), str(other)])
     with pytest.raises(SystemExit, match="no history.jsonl in"):
         main(["plot", str(tmp_path)])
+    (other / "history.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(SystemExit, match="nothing to plot"):
+        main(["plot", str(other)])
     (other / "history.jsonl").write_text('{"step": 1}\nnot json\n')
     with pytest.raises(SystemExit, match="line 2: not JSON"):
         main(["plot", str(other)])

@@ -161,11 +161,17 @@ def test_default_targets_leave_routers_out_and_name_fused_experts():
     names = text_decoder_linear_names(qwen2_moe)
     assert "model.layers.0.mlp.shared_expert.gate_proj" in names
     assert not any(name.endswith("_gate") or name.endswith(".gate") for name in names)
+    llama4 = tf.Llama4ForCausalLM(tf.Llama4TextConfig(**{
+        **sizes, "num_local_experts": 4, "num_experts_per_tok": 1, "intermediate_size_mlp": 64,
+        "head_dim": 8}))  # its router is a linear layer named "router"
+    names = text_decoder_linear_names(llama4)
+    assert "model.layers.0.feed_forward.shared_expert.gate_proj" in names
+    assert not any(name.endswith("router") for name in names)
     qwen3_moe = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**sizes, head_dim=8))
     model = AMVLModel(qwen3_moe, tokenizer, AMVLConfig(num_slots=2, latent_dim=4))
     summary = add_adapters(model, {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": None})
-    assert summary.endswith("the fused expert weights of 1 MoE blocks "
-                            "(model.layers.0.mlp.experts, ...) get no adapters")
+    assert summary.endswith("the fused expert weights of MoE blocks (1: "
+                            "model.layers.0.mlp.experts, ...) get no adapters")
 
 
 class _Capture:
@@ -322,6 +328,13 @@ def test_resume_with_other_lora_settings_is_refused_before_the_model_loads(tmp_p
     monkeypatch.undo()
     # the same settings, alpha's default written out: resumed
     config = _lora_config(tmp_path, steps=2, save_every=1, lora={"r": 4, "alpha": 8})
+    assert main(["train", "--config", config, "--resume", "--no-progress"]) == 0
+    # a record of before the defaults were filled in (no dtype) resumes on the same base
+    record_file = tmp_path / "run" / "checkpoint-2" / "lora_run.json"
+    record = json.loads(record_file.read_text())
+    del record["base"]["dtype"]
+    record_file.write_text(json.dumps(record))
+    config = _lora_config(tmp_path, steps=3, save_every=1, lora={"r": 4, "alpha": 8})
     assert main(["train", "--config", config, "--resume", "--no-progress"]) == 0
 
     full = tmp_path / "full"
