@@ -523,7 +523,7 @@ def test_demo_options_are_named_in_their_errors_and_help(tmp_path, monkeypatch, 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     top_help = capsys.readouterr().out
-    assert "The amvl command: demo, train, eval and generate." in top_help \
+    assert "The amvl command: demo, train, eval, generate and plot." in top_help \
         and "``" not in top_help
     with pytest.raises(SystemExit):
         build_parser().parse_args(["demo", "--help"])
