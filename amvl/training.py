@@ -539,6 +539,12 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
             accelerator.scaler.load_state_dict(torch.load(checkpoint / "scaler.pt",
                                                           weights_only=True))
         start, history, sums = state["step"], state["history"], state["pending"]
+        # Before the metric names were settled, the objective's prior-draw NLL (gamma > 0)
+        # was "nll_prior", now the name of the NLL from the prior's means: renamed on load,
+        # so the history and the open log window hold one name for one quantity.
+        for entry in (*[e for e in history if "eval/loss" not in e], sums):
+            if "nll_prior" in entry and "nll_prior_draw" not in entry:
+                entry["nll_prior_draw"] = entry.pop("nll_prior")
         # Checkpoints before "pending_steps" assumed a window open since the last multiple
         # of log_every, which a run that logged its last step had closed.
         summed = state.get("pending_steps", start % config.log_every)

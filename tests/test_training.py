@@ -724,6 +724,33 @@ def test_workers_build_the_batches_and_their_errors_reach_the_loop(tmp_path):
     assert raised.traceback and not multiprocessing.active_children()
 
 
+def test_a_checkpoint_of_before_the_metric_names_were_settled_resumes_under_the_new(tmp_path):
+    """The gamma objective's prior-draw NLL was logged as "nll_prior", now the prior means'
+    NLL: a resumed run's history and open log window held the draw under both names."""
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer(WORDS)
+    model = AMVLModel(tiny_qwen2(tokenizer), tokenizer,
+                      AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch", gamma=0.5))
+    config = TrainConfig(steps=4, batch_size=4, log_every=2, save_every=1)
+
+    def stop_at_four(entry):
+        if entry["step"] >= 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # after checkpoint-3, its log window open
+        train(model, AMVLCollator(tokenizer), _data(), config, output_dir=tmp_path,
+              on_log=stop_at_four, progress=False)
+    state_file = tmp_path / "checkpoint-3" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert "nll_prior_draw" in state["pending"] and "nll_prior_draw" in state["history"][0]
+    for entry in (state["history"][0], state["pending"]):  # as an older run wrote them
+        entry["nll_prior"] = entry.pop("nll_prior_draw")
+    state_file.write_text(json.dumps(state))
+    history = train(model, AMVLCollator(tokenizer), _data(), config, output_dir=tmp_path,
+                    resume=True, progress=False)
+    assert all("nll_prior" not in e and "nll_prior_draw" in e for e in history)
+
+
 def test_a_resumed_run_trains_at_its_own_schedules_rates(tmp_path):
     """The step count and rates may change on resume (to go on past a finished run): the
     loaded optimizer kept the old schedule's next rate (0 at the end of a linear decay) for
