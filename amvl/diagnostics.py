@@ -32,11 +32,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import amvl_kernels as ak
-from amvl.evaluation import (check_same_prompts, markdown_table, record_choice_ids,
+from amvl.evaluation import (choice_answers, markdown_table, record_choice_ids,
                              warn_indistinguishable_choices)
 from amvl.model import in_eval_mode
 from amvl.objectives import ACTIVE_SLOT_NATS
-from amvl.sharded import choices_to_score, with_choice
+from amvl.sharded import choices_to_score
 
 if TYPE_CHECKING:
     from amvl.data import AMVLCollator
@@ -150,12 +150,7 @@ def score_choices(model: AMVLModel, collator: AMVLCollator, examples: Sequence[d
         # so that every answer under every variant follows the chunk's prompts, encoded once
         # (AMVLModel.choices_nll). A sharded model's processes run the most choices of any.
         count = passes if sharded else max(len(ex["choices"]) for ex in chunk)
-        if hasattr(collator, "answers"):
-            batches = [collator.answers([with_choice(ex, c) for ex in chunk])
-                       for c in range(count)]
-        else:  # a collator of one's own: whole batches, whose prompts must be the gold's
-            batches = [collator([with_choice(ex, c) for ex in chunk]) for c in range(count)]
-            check_same_prompts(batches, gold_host["prompt_ids"])
+        batches = choice_answers(collator, chunk, range(count), gold_host["prompt_ids"])
         for c, batch in enumerate(batches):
             record_choice_ids(choice_ids, start, chunk, list(range(len(chunk))), c, batch)
         answers = [(b["answer_ids"].to(device), b["answer_mask"].to(device)) for b in batches]

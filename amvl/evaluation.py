@@ -702,26 +702,26 @@ class ChoiceChunks(torch.utils.data.Dataset):
 
 def choice_batches(collator: AMVLCollator, chunk: Sequence[dict], count: int
                    ) -> list[dict[str, torch.Tensor]]:
-    """The batches of choices 0 .. ``count - 1`` of ``chunk`` (a row past its last choice:
-    its stand-in, :func:`with_choice`): the first whole, the others their answers alone
-    (``AMVLCollator.answers``: the prompts and images are the first's, processed once). A
-    collator without ``answers`` builds each whole, and must build the same prompts."""
+    """The batches of choices 0 .. ``count - 1`` of ``chunk``: the first whole (prompts and
+    images), the others :func:`choice_answers` to its prompts."""
     first = collator([with_choice(ex, 0) for ex in chunk])
+    return [first] + choice_answers(collator, chunk, range(1, count), first["prompt_ids"])
+
+
+def choice_answers(collator: AMVLCollator, chunk: Sequence[dict], choices: range,
+                   prompt_ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """The answers of ``chunk``'s choices ``choices`` (a row past its last choice: its
+    stand-in, :func:`with_choice`) to its prompts already built (``prompt_ids``):
+    ``AMVLCollator.answers``, which builds no prompt and processes no image. A collator of
+    one's own without it builds whole batches, whose prompts must be ``prompt_ids``
+    (ValueError otherwise): every choice is scored after one encoding of them."""
     if hasattr(collator, "answers"):
-        return [first] + [collator.answers([with_choice(ex, c) for ex in chunk])
-                          for c in range(1, count)]
-    batches = [first] + [collator([with_choice(ex, c) for ex in chunk]) for c in range(1, count)]
-    check_same_prompts(batches, first["prompt_ids"])
-    return batches
-
-
-def check_same_prompts(batches: Sequence[dict[str, torch.Tensor]], prompt_ids: torch.Tensor
-                       ) -> None:
-    """Refuse whole batches of a chunk's choices (a collator of one's own) whose prompts are
-    not ``prompt_ids``: every choice is scored after one encoding of the chunk's prompts."""
+        return [collator.answers([with_choice(ex, c) for ex in chunk]) for c in choices]
+    batches = [collator([with_choice(ex, c) for ex in chunk]) for c in choices]
     if any(not torch.equal(b["prompt_ids"], prompt_ids) for b in batches):
         raise ValueError("the collator built other prompts for other answers: choices are "
                          "scored after one encoding of each prompt")
+    return batches
 
 
 def record_choice_ids(choice_ids: list[list[tuple[int, ...]]], start: int,
