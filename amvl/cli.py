@@ -103,7 +103,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     latest checkpoint), then save it to ``output_dir/final`` from the main process; returns 0.
     A bad config, or an output directory that does not fit the run, raises SystemExit."""
     import transformers
-    from accelerate import PartialState
 
     from amvl.model import AMVLModel
     from amvl.training import (LaunchError, NothingLeftToTrain, OtherRunError, check_output_dir,
@@ -118,7 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                          LaunchError)
     try:  # before the model is loaded and its embeddings resized, which can take minutes
         resumed = check_output_dir(out, run["train_config"], run["amvl_config"], args.resume,
-                                   PartialState().num_processes)
+                                   _process_state().num_processes)
     except output_dir_errors as err:
         raise SystemExit(f"amvl train: {err}") from None
     if resumed is not None:
@@ -147,7 +146,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     record = None
     if lora is not None:  # after AMVLModel has added the latent tokens' rows to the plain base
         summary = add_adapters(model, lora)
-        if PartialState().is_main_process:
+        if _process_state().is_main_process:
             print(summary)
         record = run_record(lora, run["model"], run["train_config"].seed)
     # The puzzles are a few hundred small images in memory, processed once each; JSON-lines
@@ -164,7 +163,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               on_save=None if record is None else partial(write_record, record=record))
     except output_dir_errors as err:
         raise SystemExit(f"amvl train: {err}") from None
-    state = PartialState()
+    state = _process_state()
     if state.is_main_process:  # under accelerate launch / torchrun: one writer
         # Into a temporary directory renamed into place once complete, as the checkpoints:
         # a run killed while saving leaves no final/ that loads as something it is not (an
@@ -203,6 +202,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         state.wait_for_everyone()
         state.destroy_process_group()
     return 0
+
+
+def _process_state():
+    """accelerate's view of the processes ``amvl train`` runs in (a singleton that the training
+    loop's Accelerator then shares). Built as the Accelerator builds it: without GPUs,
+    ``ACCELERATE_USE_CPU=1`` makes torchrun's processes one group (gloo); a plain
+    ``PartialState()`` ignores that variable, and the loop's Accelerator, finding the state
+    already made, saw each process alone."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def _write_run_plots(out: Path, histories: dict[str, list[dict]]) -> None:

@@ -435,6 +435,22 @@ def _warn_low_precision_weights(params: list[torch.Tensor], config: TrainConfig)
                   "and train with mixed_precision: bf16 instead", stacklevel=3)
 
 
+def _mean_over_processes(sums: dict, accelerator: Accelerator) -> dict:
+    """The metric sums of a log window, averaged over the processes (each holds its share's;
+    the objective weighs each share's NLL by the whole batch's tokens, so the mean over the
+    processes is the whole batch's loss). Called by every process at the same steps, on sums
+    with the same keys (the objective's, which the data do not change). Replacing each
+    process's sums by the mean before the window closes leaves the window's mean as it was,
+    which lets a checkpoint save the open window of all the processes."""
+    if accelerator.num_processes == 1 or not sums:
+        return sums
+    keys = sorted(sums)
+    values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32,
+                                          device=accelerator.device).reshape(()) for k in keys])
+    mean = accelerator.reduce(values, "sum") / accelerator.num_processes
+    return dict(zip(keys, mean.unbind()))
+
+
 def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
           config: TrainConfig, output_dir: str | Path | None = None, resume: bool = False,
           on_log: Callable[[dict], None] | None = None, progress: bool = True,
@@ -609,6 +625,7 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
             optimizer.zero_grad(set_to_none=True)
             summed += 1
             if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+                sums = _mean_over_processes(sums, accelerator)
                 entry = {"step": step + 1, "lr": lr,
                          **{k: float(v) / summed for k, v in sums.items()}}
                 history.append(entry)
@@ -634,6 +651,8 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
                     on_log(entry)
             save_now = config.save_every and (step + 1) % config.save_every == 0
             if out is not None and (save_now or step + 1 == config.steps):
+                if summed:  # the open log window, saved by the main process for all of them
+                    sums = _mean_over_processes(sums, accelerator)
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     save_checkpoint(out, step + 1, accelerator.unwrap_model(wrapped), optimizer,

@@ -6,6 +6,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ import yaml
 from amvl.checkpoints import PROMPT_FORMAT_FILE, load_base, load_image_processor
 from amvl.cli import build_parser, main
 from amvl.run_config import PROMPT_KEYS, check_jsonl_texts, load_run_config, read_jsonl
+from amvl.training import read_history
 
 
 def test_demo_quick_writes_table_json_and_plots(tmp_path, capsys):
@@ -31,11 +34,12 @@ def test_demo_quick_writes_table_json_and_plots(tmp_path, capsys):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _run_config(tmp_path, steps: int, save_every: int) -> str:
+def _run_config(tmp_path, steps: int, save_every: int, objective: str = "elbo",
+                **train) -> str:
     config = {"model": {"path": "tiny-qwen2-vl", "hidden_size": 32},
-              "amvl": {"num_slots": 2, "latent_dim": 4, "objective": "elbo"},
+              "amvl": {"num_slots": 2, "latent_dim": 4, "objective": objective},
               "train": {"steps": steps, "batch_size": 4, "save_every": save_every,
-                        "log_every": 1},
+                        "log_every": 1, **train},
               "data": {"train": "puzzles", "per_family": 4},
               "output_dir": str(tmp_path / "run")}
     path = tmp_path / "run.yaml"
@@ -71,6 +75,9 @@ def test_train_leaves_the_process_group_together_once_saved(tmp_path, monkeypatc
     class TwoProcesses:  # what the command asks of accelerate's state, as rank 0 of two
         num_processes, is_main_process = 2, True
 
+        def __init__(self, **settings):
+            pass
+
         def wait_for_everyone(self):
             events.append(("wait", (tmp_path / "run" / "final").is_dir()))
 
@@ -81,6 +88,63 @@ def test_train_leaves_the_process_group_together_once_saved(tmp_path, monkeypatc
     assert main(["train", "--config", _run_config(tmp_path, steps=1, save_every=0),
                  "--no-progress"]) == 0
     assert events == [("wait", True), ("destroy", None)]
+
+
+def _torchrun_train(config: str, *extra: str) -> subprocess.CompletedProcess:
+    """``amvl train`` on 2 CPU processes, launched as the README says for a machine without
+    GPUs."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+         "--standalone", "-m", "amvl", "train", "--config", config, "--no-progress", *extra],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_train_under_torchrun_trains_as_one_process_on_the_whole_batch(tmp_path):
+    """``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m amvl train`` was refused ("launched
+    as 2 processes, but accelerate sees 1"): the command made accelerate's process state
+    before the loop's Accelerator, without the variable that makes torchrun's CPU processes
+    one group. Now the two processes train what one process does on the whole batch (the
+    "none" objective draws no noise, which is drawn per process), save once, and resume."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch without distributed")
+    from safetensors.torch import load_file
+
+    two, one = tmp_path / "two", tmp_path / "one"
+    for folder in (two, one):
+        folder.mkdir()
+    # a constant rate: a run of 2 steps resumed to 3 takes the 3-step run's rates
+    settings = {"objective": "none", "lr_scheduler": "constant", "warmup_steps": 0}
+    proc = _torchrun_train(_run_config(two, steps=2, save_every=1, log_every=2, **settings))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("trained model saved to") == 1
+    run = two / "run"
+    state = json.loads((run / "checkpoint-1" / "state.json").read_text())
+    assert state["num_processes"] == 2 and state["pending_steps"] == 1
+    shutil.rmtree(run / "checkpoint-2")  # resumed from step 1, inside a log window
+    proc = _torchrun_train(_run_config(two, steps=4, save_every=2, log_every=2, **settings),
+                           "--resume")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (run / "plots" / "learning_curves.png").is_file()
+
+    assert main(["train", "--config", _run_config(one, steps=4, save_every=0, log_every=2,
+                                                  **settings), "--no-progress"]) == 0
+    # the logged losses are the whole batch's, not the main process's share's
+    histories = [read_history(folder / "run") for folder in (two, one)]
+    assert [e["step"] for e in histories[0]] == [e["step"] for e in histories[1]] == [2, 4]
+    assert [e["loss"] for e in histories[0]] == pytest.approx(
+        [e["loss"] for e in histories[1]], rel=1e-6)
+    weights = [load_file(str(folder / "run" / "final" / "base" / "model.safetensors"))
+               for folder in (two, one)]
+    assert weights[0].keys() == weights[1].keys()
+    for name, tensor in weights[1].items():
+        # A key projection's bias moves a query's scores all alike, which softmax ignores: its
+        # gradient is rounding alone, which AdamW scales up to steps of the learning rate.
+        if not name.endswith("k_proj.bias"):
+            torch.testing.assert_close(weights[0][name], tensor, rtol=1e-5, atol=1e-6,
+                                       msg=name)
 
 
 def test_final_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
