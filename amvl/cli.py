@@ -112,12 +112,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     lora = run["lora_settings"]
     if lora is not None:
         require_peft("train")
+    # under torchrun / accelerate launch this starts the process group, with the run's timeout
+    state = _process_state(run["train_config"].ddp_timeout)
     out = Path(run.get("output_dir", "runs/amvl"))
     output_dir_errors = (FileExistsError, FileNotFoundError, OtherRunError, NothingLeftToTrain,
                          LaunchError)
     try:  # before the model is loaded and its embeddings resized, which can take minutes
         resumed = check_output_dir(out, run["train_config"], run["amvl_config"], args.resume,
-                                   _process_state().num_processes)
+                                   state.num_processes)
     except output_dir_errors as err:
         raise SystemExit(f"amvl train: {err}") from None
     if resumed is not None:
@@ -146,7 +148,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     record = None
     if lora is not None:  # after AMVLModel has added the latent tokens' rows to the plain base
         summary = add_adapters(model, lora)
-        if _process_state().is_main_process:
+        if state.is_main_process:
             print(summary)
         record = run_record(lora, run["model"], run["train_config"].seed)
     # The puzzles are a few hundred small images in memory, processed once each; JSON-lines
@@ -163,7 +165,6 @@ def cmd_train(args: argparse.Namespace) -> int:
               on_save=None if record is None else partial(write_record, record=record))
     except output_dir_errors as err:
         raise SystemExit(f"amvl train: {err}") from None
-    state = _process_state()
     if state.is_main_process:  # under accelerate launch / torchrun: one writer
         # Into a temporary directory renamed into place once complete, as the checkpoints:
         # a run killed while saving leaves no final/ that loads as something it is not (an
@@ -204,16 +205,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _process_state():
+def _process_state(timeout_s: int):
     """accelerate's view of the processes ``amvl train`` runs in (a singleton that the training
-    loop's Accelerator then shares). Built as the Accelerator builds it: without GPUs,
+    loop's Accelerator then shares); under a launcher, the process group it starts waits
+    ``timeout_s`` seconds in a collective. Built as the Accelerator builds it: without GPUs,
     ``ACCELERATE_USE_CPU=1`` makes torchrun's processes one group (gloo); a plain
     ``PartialState()`` ignores that variable, and the loop's Accelerator, finding the state
     already made, saw each process alone."""
+    from datetime import timedelta
+
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"),
+                        timeout=timedelta(seconds=timeout_s))
 
 
 def _write_run_plots(out: Path, histories: dict[str, list[dict]]) -> None:

@@ -29,6 +29,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -90,6 +91,11 @@ class TrainConfig:
     # Build the coming steps' batches in this many DataLoader worker processes (0: in the loop,
     # while the device waits), each up to two steps ahead, into pinned memory on a GPU.
     num_workers: int = 0
+    # Seconds a process waits in a collective before the process group gives up, e.g. while
+    # the main process writes a checkpoint (a 7B model's weights and AdamW state take
+    # minutes): NCCL's own default, 600, aborted such runs. Applies where the loop (or amvl
+    # train) starts the group; the Trainer's is TrainingArguments.ddp_timeout.
+    ddp_timeout: int = 1800
 
     def __post_init__(self) -> None:
         def require(ok: bool, message: str) -> None:
@@ -98,7 +104,7 @@ class TrainConfig:
 
         check_types(self, integers={"steps": 1, "batch_size": 1, "warmup_steps": 0, "seed": 0,
                                     "log_every": 1, "save_every": 0, "save_total_limit": 0,
-                                    "eval_every": 0, "num_workers": 0},
+                                    "eval_every": 0, "num_workers": 0, "ddp_timeout": 1},
                     reals=("learning_rate", "weight_decay", "max_grad_norm"),
                     flags=("activation_checkpointing", "compile"))
         for name in ("steps", "batch_size", "log_every"):
@@ -482,13 +488,14 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
         warnings.warn(f"batch_size {config.batch_size} is larger than the {len(examples)} "
                       "examples: every batch holds some of them more than once", stacklevel=2)
     if accelerator is None:
-        from accelerate.utils import DistributedDataParallelKwargs
+        from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
         # A VLM's vision tower gets no gradient from a share of a batch without images: DDP
         # must look for unused parameters there, or it waits for their gradients forever.
         ddp = DistributedDataParallelKwargs(find_unused_parameters=model.is_vlm)
+        group = InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))
         accelerator = Accelerator(mixed_precision=config.mixed_precision,
-                                  kwargs_handlers=[ddp])
+                                  kwargs_handlers=[ddp, group])
     if config.mixed_precision == "fp16" and not accelerator.native_amp:
         warnings.warn(f"mixed_precision='fp16' has no effect on {accelerator.device}: "
                       "training runs in the model's own dtype", stacklevel=2)

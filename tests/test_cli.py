@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -75,8 +76,8 @@ def test_train_leaves_the_process_group_together_once_saved(tmp_path, monkeypatc
     class TwoProcesses:  # what the command asks of accelerate's state, as rank 0 of two
         num_processes, is_main_process = 2, True
 
-        def __init__(self, **settings):
-            pass
+        def __init__(self, **settings):  # made once, with the run's group timeout
+            events.append(("state", settings["timeout"]))
 
         def wait_for_everyone(self):
             events.append(("wait", (tmp_path / "run" / "final").is_dir()))
@@ -85,9 +86,9 @@ def test_train_leaves_the_process_group_together_once_saved(tmp_path, monkeypatc
             events.append(("destroy", None))
 
     monkeypatch.setattr(accelerate, "PartialState", TwoProcesses)
-    assert main(["train", "--config", _run_config(tmp_path, steps=1, save_every=0),
-                 "--no-progress"]) == 0
-    assert events == [("wait", True), ("destroy", None)]
+    assert main(["train", "--config", _run_config(tmp_path, steps=1, save_every=0,
+                                                  ddp_timeout=2400), "--no-progress"]) == 0
+    assert events == [("state", timedelta(seconds=2400)), ("wait", True), ("destroy", None)]
 
 
 def _torchrun_train(config: str, *extra: str) -> subprocess.CompletedProcess:

@@ -354,6 +354,8 @@ def test_two_processes_train_like_one(tmp_path, mode):
         pytest.skip("torch without distributed")
     proc = _two_processes(tmp_path, mode)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    group = json.loads((tmp_path / "group.json").read_text())
+    assert group["timeout_s"] == train_worker.CONFIG.ddp_timeout == 1234  # not gloo's 1800
     two = load_file(str(tmp_path / "params.safetensors"))
     one = train_worker.single_process(mode == "vlm", lora=mode == "lora")
     if mode == "lora":  # the adapters trained, the base did not

@@ -26,7 +26,7 @@ from tests.worker_exit import exit_without_teardown
 
 WORDS = [f"w{i}" for i in range(30)]
 CONFIG = TrainConfig(steps=3, batch_size=4, learning_rate=5e-2, warmup_steps=0, log_every=1,
-                     save_every=0, seed=2)
+                     save_every=0, seed=2, ddp_timeout=1234)
 
 
 def examples(vision: bool) -> list[dict]:
@@ -112,6 +112,10 @@ def main(out: str, mode: str) -> None:
                   os.path.join(out, "params.safetensors"))
         with open(os.path.join(out, "history.json"), "w") as file:
             json.dump(history, file)
+        # the timeout the loop's Accelerator gave the group it started (gloo's, on the CPU)
+        gloo = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+        with open(os.path.join(out, "group.json"), "w") as file:
+            json.dump({"timeout_s": gloo.options._timeout.total_seconds()}, file)
     dist.barrier()
     dist.destroy_process_group()
 
