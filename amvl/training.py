@@ -193,6 +193,17 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
 
 
+def _rng_state_of_rank(tensors: dict, state: dict, rank: int) -> tuple[dict, dict]:
+    """The random state process ``rank`` left in a checkpoint (``tensors`` from its rng.pt,
+    ``state`` its state.json), for :func:`_set_rng_state`. A checkpoint of one process, or
+    written before the processes' states were kept, holds the main process's alone."""
+    prefix = f"rank{rank}."
+    own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if rank == 0 or not own:
+        return {k: v for k, v in tensors.items() if not k.startswith("rank")}, state["rng"]
+    return own, state["rng_of_ranks"][str(rank)]
+
+
 def save_checkpoint(output_dir: Path, step: int, model: AMVLModel,
                     optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -200,7 +211,8 @@ def save_checkpoint(output_dir: Path, step: int, model: AMVLModel,
                     pending: dict[str, float] | None = None,
                     scaler: torch.amp.GradScaler | None = None, *,
                     pending_steps: int = 0, num_processes: int = 1,
-                    on_save: Callable[[Path], None] | None = None) -> Path:
+                    on_save: Callable[[Path], None] | None = None,
+                    rng_states: list[tuple[dict, dict]] | None = None) -> Path:
     """Write checkpoint-<step> atomically: everything goes to a temporary directory in the
     same folder, which is renamed into place only when complete.
 
@@ -209,7 +221,8 @@ def save_checkpoint(output_dir: Path, step: int, model: AMVLModel,
     continue from. A PEFT base is saved as ``AMVLModel.save_pretrained`` saves it (the adapter,
     the heads and the latent tokens' rows; its frozen weights are the run's base model),
     any other model whole in ``model.safetensors``. ``on_save`` gets the temporary directory
-    before the rename, to add files of the caller's.
+    before the rename, to add files of the caller's. ``rng_states``: every process's random
+    state, by rank (None: this process's), so that each continues its own dropout on resume.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
@@ -224,12 +237,17 @@ def save_checkpoint(output_dir: Path, step: int, model: AMVLModel,
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None:
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
-        tensors, plain = _rng_state()
+        states = rng_states or [_rng_state()]
+        tensors = dict(states[0][0])  # the main process's under their own names, as before
+        for rank, (more, _) in enumerate(states[1:], 1):
+            tensors.update({f"rank{rank}.{k}": v for k, v in more.items()})
         torch.save(tensors, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(
             {"step": step, "history": history, "pending": pending or {},
-             "pending_steps": pending_steps, "rng": plain, "num_processes": num_processes,
-             "train_config": asdict(config)}))
+             "pending_steps": pending_steps, "rng": states[0][1],
+             "rng_of_ranks": {str(rank): plain for rank, (_, plain) in enumerate(states)
+                              if rank},
+             "num_processes": num_processes, "train_config": asdict(config)}))
         if on_save is not None:
             on_save(tmp)
         if final.exists():
@@ -478,6 +496,7 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
     master weights.
     """
     from accelerate import Accelerator
+    from accelerate.utils import gather_object
     from transformers import get_scheduler
 
     if not examples:
@@ -557,7 +576,8 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
         scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
         _rates_of_this_run(optimizer, scheduler, config.learning_rate)
         state = json.loads((checkpoint / "state.json").read_text())
-        _set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=True), state["rng"])
+        _set_rng_state(*_rng_state_of_rank(torch.load(checkpoint / "rng.pt", weights_only=True),
+                                           state, rank))
         if accelerator.scaler is not None and (checkpoint / "scaler.pt").is_file():
             accelerator.scaler.load_state_dict(torch.load(checkpoint / "scaler.pt",
                                                           weights_only=True))
@@ -660,12 +680,15 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
             if out is not None and (save_now or step + 1 == config.steps):
                 if summed:  # the open log window, saved by the main process for all of them
                     sums = _mean_over_processes(sums, accelerator)
+                # each process's own: their dropout drew different amounts (other lengths)
+                rng_states = gather_object([_rng_state()]) if world > 1 else None
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     save_checkpoint(out, step + 1, accelerator.unwrap_model(wrapped), optimizer,
                                     scheduler, history, config,
                                     {k: float(v) for k, v in sums.items()}, accelerator.scaler,
-                                    pending_steps=summed, num_processes=world, on_save=on_save)
+                                    pending_steps=summed, num_processes=world, on_save=on_save,
+                                    rng_states=rng_states)
                     _prune(out, config.save_total_limit)
                 accelerator.wait_for_everyone()
     finally:

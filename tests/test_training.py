@@ -379,6 +379,24 @@ def test_two_processes_train_like_one(tmp_path, mode):
         assert entry["eval/nll_prior"] == pytest.approx(want["nll_prior"], rel=1e-9)
 
 
+def test_two_processes_resume_each_its_own_random_state(tmp_path):
+    """A run of two processes resumed from a checkpoint ends as the run that went straight
+    through, with dropout: each process's random state is saved and taken back. Only the main
+    process's was, which every process took on resume: the other one's dropout then drew
+    other masks than it would have (parameters 0.16 apart here)."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch without distributed")
+    proc = _two_processes(tmp_path, "resume")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rng = torch.load(tmp_path / "resumed" / "checkpoint-3" / "rng.pt", weights_only=True)
+    assert not torch.equal(rng["torch"], rng["rank1.torch"])  # they did draw differently
+    straight, resumed = (load_file(str(tmp_path / f"{run}.safetensors"))
+                         for run in ("straight", "resumed"))
+    assert straight.keys() == resumed.keys()
+    for name, tensor in straight.items():
+        assert torch.equal(resumed[name], tensor), name
+
+
 def test_processes_accelerate_does_not_see_are_refused(tmp_path):
     """Plain torchrun without GPUs: accelerate saw one process in each, so each trained alone
     and both wrote (and pruned) the same checkpoints."""

@@ -6,7 +6,7 @@ so the two processes' shares hold different numbers of answer tokens. Mode "vlm"
 Qwen2-VL on examples of which half have no image, so a share can leave the vision tower
 without gradients, its batches built in a DataLoader worker of each process. Mode "lora":
 LoRA adapters on the text model's decoder (the base frozen). Rank 0 writes the parameters to
-OUT/params.safetensors.
+OUT/params.safetensors. Mode "resume": see ``resumed_runs``.
 """
 
 import json
@@ -85,8 +85,32 @@ def single_process(vision: bool, lora: bool = False) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def resumed_runs(out: str) -> None:
+    """Mode "resume": 3 steps straight, and 1 step resumed to 3, with dropout in every
+    attention layer (each process draws its own masks, for shares of other lengths). Rank 0
+    writes both runs' parameters to OUT/<run>.safetensors."""
+    config = TrainConfig(**{**CONFIG.__dict__, "save_every": 1, "lr_scheduler": "constant"})
+    for run, stops in (("straight", [3]), ("resumed", [1, 3])):
+        for i, steps in enumerate(stops):
+            model, collator = build(False)
+            for module in model.modules():
+                if hasattr(module, "attention_dropout"):
+                    module.attention_dropout = 0.3
+            train(model, collator, examples(False),
+                  TrainConfig(**{**config.__dict__, "steps": steps}),
+                  output_dir=os.path.join(out, run), resume=i > 0, progress=False)
+        if dist.get_rank() == 0:
+            save_file({n: p.detach().contiguous() for n, p in model.named_parameters()},
+                      os.path.join(out, f"{run}.safetensors"))
+
+
 def main(out: str, mode: str) -> None:
     torch.set_num_threads(1)
+    if mode == "resume":
+        resumed_runs(out)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     vision = mode == "vlm"
     model, collator = build(vision, lora=mode == "lora")
     config = CONFIG
