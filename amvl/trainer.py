@@ -34,7 +34,8 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import EvalLoopOutput, TrainOutput, align_special_tokens
 
 from amvl.model import AMVLModel, AMVLOutput
-from amvl.training import EVAL_STREAM, recompute_skips_side_effects, step_seed
+from amvl.training import (EVAL_STREAM, mean_over_processes, recompute_skips_side_effects,
+                           step_seed)
 
 CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
@@ -189,8 +190,7 @@ class AMVLTrainer(Trainer):
             self._eval_sums = None
         if examples:
             means = {key: total / examples for key, total in sums.items()}
-            if self.args.world_size > 1:
-                means = self._mean_over_processes(means)
+            means = mean_over_processes(means, self.accelerator)
             for key, value in means.items():
                 output.metrics[f"{metric_key_prefix}_amvl/{key}"] = float(value)
         return output
@@ -259,24 +259,12 @@ class AMVLTrainer(Trainer):
         if "loss" in logs:
             self._close_metric_step()
             means = {key: total / self._metric_steps for key, total in self._metric_sums.items()}
-            if self.args.world_size > 1 and means:
-                means = self._mean_over_processes(means)
+            means = mean_over_processes(means, self.accelerator)
             for key, value in means.items():
                 logs.setdefault(f"amvl/{key}", float(value))
             self._metric_sums.clear()
             self._metric_steps = 0
         super().log(logs, *args, **kwargs)
-
-    def _mean_over_processes(self, means: dict[str, torch.Tensor | float]
-                             ) -> dict[str, torch.Tensor]:
-        """Each metric's mean over the processes, as the Trainer logs its loss: every process
-        logs a training loss at the same step with the same metrics (one objective), so one
-        reduction of them in a fixed order."""
-        keys = sorted(means)
-        values = torch.stack([torch.as_tensor(means[key], dtype=torch.float32,
-                                              device=self.args.device).reshape(())
-                              for key in keys])
-        return dict(zip(keys, self.accelerator.reduce(values, "mean")))
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         if not self.args.should_save:  # one writer (the stock _save returns here too)

@@ -459,20 +459,22 @@ def _warn_low_precision_weights(params: list[torch.Tensor], config: TrainConfig)
                   "and train with mixed_precision: bf16 instead", stacklevel=3)
 
 
-def _mean_over_processes(sums: dict, accelerator: Accelerator) -> dict:
-    """The metric sums of a log window, averaged over the processes (each holds its share's;
-    the objective weighs each share's NLL by the whole batch's tokens, so the mean over the
-    processes is the whole batch's loss). Called by every process at the same steps, on sums
-    with the same keys (the objective's, which the data do not change). Replacing each
-    process's sums by the mean before the window closes leaves the window's mean as it was,
-    which lets a checkpoint save the open window of all the processes."""
+def mean_over_processes(sums: dict, accelerator: Accelerator) -> dict:
+    """Metric values (floats or one-element tensors) averaged over the processes, each of
+    which holds its share's (one collective, on the accelerator's device). Every process calls
+    it at the same steps, with the same keys (one objective's metrics, which the data do not
+    change), so the values reduce in one fixed order.
+
+    The loop's log window: the objective weighs each share's NLL by the whole batch's tokens,
+    so the mean over the processes is the whole batch's loss; and replacing each process's sums
+    by their mean before the window closes leaves the window's mean as it was, which lets a
+    checkpoint save the open window of all the processes."""
     if accelerator.num_processes == 1 or not sums:
         return sums
     keys = sorted(sums)
     values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32,
                                           device=accelerator.device).reshape(()) for k in keys])
-    mean = accelerator.reduce(values, "sum") / accelerator.num_processes
-    return dict(zip(keys, mean.unbind()))
+    return dict(zip(keys, accelerator.reduce(values, "mean").unbind()))
 
 
 def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
@@ -652,7 +654,7 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
             optimizer.zero_grad(set_to_none=True)
             summed += 1
             if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-                sums = _mean_over_processes(sums, accelerator)
+                sums = mean_over_processes(sums, accelerator)
                 entry = {"step": step + 1, "lr": lr,
                          **{k: float(v) / summed for k, v in sums.items()}}
                 history.append(entry)
@@ -679,7 +681,7 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
             save_now = config.save_every and (step + 1) % config.save_every == 0
             if out is not None and (save_now or step + 1 == config.steps):
                 if summed:  # the open log window, saved by the main process for all of them
-                    sums = _mean_over_processes(sums, accelerator)
+                    sums = mean_over_processes(sums, accelerator)
                 # each process's own: their dropout drew different amounts (other lengths)
                 rng_states = gather_object([_rng_state()]) if world > 1 else None
                 accelerator.wait_for_everyone()

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from transformers import TrainingArguments
 
+import amvl.trainer
 from amvl.config import AMVLConfig
 from amvl.data import AMVLCollator
 from amvl.model import AMVLModel
@@ -39,12 +40,13 @@ def main(out: str) -> None:
     # latent noise from (seed, micro-batch, rank), not from the generator the Trainer seeds.
     trainer = AMVLTrainer(model, args, train_dataset=data, data_collator=AMVLCollator(tokenizer))
     own = []  # this rank's metric means before they are averaged over the ranks
-    averaged = getattr(trainer, "_mean_over_processes", None)
-    if averaged is not None:
-        def spy(means):
-            own.append({k: float(v) for k, v in means.items()})
-            return averaged(means)
-        trainer._mean_over_processes = spy
+    averaged = amvl.trainer.mean_over_processes
+
+    def spy(means, accelerator):
+        own.append({k: float(v) for k, v in means.items()})
+        return averaged(means, accelerator)
+
+    amvl.trainer.mean_over_processes = spy
     trainer.train()
     rank = int(os.environ["RANK"])
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
