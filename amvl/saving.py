@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from amvl.config import INFERENCE_FIELDS, AMVLConfig
+from amvl.lora import ADAPTER_FILE
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -136,14 +137,13 @@ class SavingMixin:
                              f"{differ}): build the model on the saved config "
                              "(AMVLConfig.load) to load it")
         base_dir = directory / "base"
-        if (base_dir / "adapter_model.safetensors").is_file():
+        if (base_dir / ADAPTER_FILE).is_file():
             if not self._is_peft():
                 raise ValueError(f"{base_dir} holds a PEFT adapter but this model's base is "
                                  "not a PEFT model")
             from peft import set_peft_model_state_dict
 
-            set_peft_model_state_dict(self.base, load_file(str(base_dir /
-                                                               "adapter_model.safetensors")))
+            set_peft_model_state_dict(self.base, load_file(str(base_dir / ADAPTER_FILE)))
         else:
             self._load_base_state(base_dir)
         self._load_own_state(load_file(str(directory / HEADS_NAME), device=str(self.device)))
@@ -256,7 +256,7 @@ def _remove_other_kind_of_base(base_dir: Path, adapter: bool) -> None:
     if not base_dir.is_dir():
         return
     patterns = ("model*.safetensors", "model.safetensors.index.json") if adapter else \
-        ("adapter_config.json", "adapter_model.safetensors")
+        ("adapter_config.json", ADAPTER_FILE)
     for pattern in patterns:
         for file in base_dir.glob(pattern):
             file.unlink()
