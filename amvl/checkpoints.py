@@ -167,15 +167,21 @@ def _load_lora_run(directory: Path) -> tuple[AMVLModel, BaseImageProcessor | Non
     import torch
     from peft import PeftModel
 
-    from amvl.model import AMVLModel
+    from amvl.config import AMVLConfig
+    from amvl.model import AMVLModel, ensure_special_tokens
+    from amvl.saving import load_saved_tokenizer
 
     record = read_record(directory)
+    tokenizer = load_saved_tokenizer(directory / "base")
     with torch.random.fork_rng(devices=[]):  # the caller's generator is left as it was
         if record["base"]["path"] == TINY_MODEL:  # as amvl train seeded it before building it
             torch.manual_seed(record["seed"])
         base, _, base_processor = load_base(record["base"])
+        # the latent tokens' rows before PEFT wraps the embeddings (its trainable tokens
+        # index them); their values come back from the saved rows and the adapter
+        ensure_special_tokens(base, tokenizer, AMVLConfig.load(directory))
     adapted = PeftModel.from_pretrained(base, directory / "base")
-    model = AMVLModel.from_pretrained(directory, base_model=adapted)
+    model = AMVLModel.from_pretrained(directory, base_model=adapted, tokenizer=tokenizer)
     processor = None
     if model.is_vlm:
         processor = load_image_processor(directory / "base") \

@@ -102,7 +102,7 @@ def score_choices(model: AMVLModel, collator: AMVLCollator, examples: Sequence[d
     """
     _check_examples(examples, batch_size)
     device = model.device
-    dtype = model._unwrapped().get_input_embeddings().weight.dtype
+    dtype = model.dtype
     has_latents = model.objective.latent_source != "none"
     has_posterior = model.objective.uses_posterior
     n_choices = max(len(ex["choices"]) for ex in examples)

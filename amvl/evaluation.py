@@ -642,7 +642,7 @@ def prior_choice_nll(model: AMVLModel, collator: AMVLCollator, examples: Sequenc
     their NLLs tie, and the predictions over them mean nothing.
     """
     device = model.device
-    dtype = model._unwrapped().get_input_embeddings().weight.dtype
+    dtype = model.dtype
     n_choices = max(len(ex["choices"]) for ex in examples)
     sharded, passes = choices_to_score(model, len(examples), batch_size, n_choices)
     nll = np.full((len(examples), n_choices), np.inf)

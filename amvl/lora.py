@@ -2,15 +2,18 @@
 
 ``amvl train`` builds the :class:`AMVLModel` on the plain base (which gives the latent special
 tokens their embedding rows), then wraps the base with PEFT adapters: the base's own weights
-stay frozen, and the adapters, the Gaussian heads and the injector train. By default the
-adapters go on every linear layer of the text decoder (attention and MLP projections), named
-in full, so a VLM's vision tower, whose MLP layers share the decoder's names (Qwen2.5-VL's
-``gate_proj``, ``up_proj``, ``down_proj``), gets none.
+stay frozen, and the adapters, the Gaussian heads, the injector and the embedding rows of the
+latent tokens the model reads (PEFT's trainable tokens; ``train_latent_tokens``) train. By
+default the adapters go on every linear layer of the text decoder (attention and MLP
+projections), named in full, so a VLM's vision tower, whose MLP layers share the decoder's
+names (Qwen2.5-VL's ``gate_proj``, ``up_proj``, ``down_proj``), gets none.
 
 A LoRA run's checkpoints and ``final/`` hold the adapter, not the base's weights (what
 ``AMVLModel.save_pretrained`` writes for a PEFT base), beside :data:`RECORD_FILE`: the LoRA
 settings, which ``--resume`` compares, and the run config's model section with the run's seed,
 from which ``amvl eval`` and ``amvl generate`` rebuild the frozen base the adapter belongs to.
+
+:func:`stored_layer` sees through PEFT's wrappers of embedding layers, for the model layer.
 """
 
 from __future__ import annotations
@@ -25,10 +28,27 @@ from torch import nn
 if TYPE_CHECKING:
     from amvl.model import AMVLModel
 
+# the latent tokens whose embedding rows the model reads (AMVLModel.token_ids roles)
+LATENT_ROW_ROLES = ("latent_start", "latent_end", "prior_query", "posterior_query")
 RECORD_FILE = "lora_run.json"  # beside amvl_config.json in a LoRA run's saved directories
 ADAPTER_FILE = "adapter_model.safetensors"  # what PEFT's save_pretrained writes into base/
 TINY_MODEL = "tiny-qwen2-vl"  # model.path of the demo's tiny model, built rather than loaded
 TINY_HIDDEN_SIZE = 64  # the tiny model's width when model.hidden_size is not given
+
+
+def stored_layer(layer: nn.Module) -> nn.Module:
+    """The plain layer inside PEFT's wrappers of an embedding or LM head (LoRA's
+    ``base_layer``, trainable tokens' ``token_adapter.base_layer``), or ``layer`` itself: its
+    ``weight`` is the stored matrix, where a trainable-tokens wrapper's ``weight`` is a copy of
+    the whole matrix with the trained rows put in, built anew at every read."""
+    while True:
+        modules = layer._modules  # not getattr: PEFT's wrappers forward unknown names
+        adapter = modules.get("token_adapter")
+        inner = modules.get("base_layer") or (adapter._modules.get("base_layer")
+                                              if adapter is not None else None)
+        if inner is None:
+            return layer
+        layer = inner
 
 
 def require_peft(command: str) -> None:
@@ -97,8 +117,13 @@ def add_adapters(model: AMVLModel, settings: dict, command: str = "train") -> st
 
     targets = settings["target_modules"] or text_decoder_linear_names(model.base)
     fused = fused_expert_blocks(model.base)  # named in the base, before PEFT wraps it
+    # The rows of the block's bounds and of the query slots, which start at the mean of the
+    # vocabulary's rows; the latent placeholder's row is never read (z replaces it).
+    rows = sorted({model.token_ids[role] for role in LATENT_ROW_ROLES}) \
+        if settings.get("train_latent_tokens") else None
     config = LoraConfig(r=settings["r"], lora_alpha=settings["alpha"],
-                        lora_dropout=settings["dropout"], target_modules=targets)
+                        lora_dropout=settings["dropout"], target_modules=targets,
+                        trainable_token_indices=rows)
     try:
         model.base = get_peft_model(model.base, config)
     except ValueError as err:  # PEFT's "Target modules ... not found in the base model"
@@ -108,8 +133,9 @@ def add_adapters(model: AMVLModel, settings: dict, command: str = "train") -> st
     total = sum(p.numel() for p in model.parameters())
     return (f"amvl {command}: LoRA r={settings['r']}, alpha={settings['alpha']:g}, dropout="
             f"{settings['dropout']:g} on {adapted} modules: training {trainable:,} of "
-            f"{total:,} parameters ({trainable / total:.2%}; the adapters, the heads and the "
-            "injector)" + (f"; the fused expert weights of MoE blocks ({len(fused)}: "
+            f"{total:,} parameters ({trainable / total:.2%}; the adapters, the heads, the "
+            "injector" + (f" and the {len(rows)} latent tokens' embedding rows" if rows else "")
+            + ")" + (f"; the fused expert weights of MoE blocks ({len(fused)}: "
                            f"{fused[0]}, ...) get no adapters" if fused else ""))
 
 
@@ -160,7 +186,9 @@ def setting_differences(before: dict | None, now: dict | None) -> list[str]:
 
     def comparable(settings: dict) -> dict:
         targets = settings.get("target_modules")
-        return {**settings, "target_modules": None if targets is None else sorted(targets)}
+        # runs recorded before the setting existed trained no token rows
+        return {"train_latent_tokens": False, **settings,
+                "target_modules": None if targets is None else sorted(targets)}
 
     before, now = comparable(before), comparable(now)
     return [f"model.lora.{key}" for key in sorted(set(before) | set(now))

@@ -36,6 +36,7 @@ from amvl.config import AMVLConfig
 from amvl.families import check_supported, router_balance, structural_vision_ids, \
     text_config, transform_logits, vision_markers
 from amvl.heads import GaussianHead, LatentInjector
+from amvl.lora import stored_layer
 from amvl.objectives import Latents, Metrics, build_objective
 from amvl.saving import SavingMixin
 from amvl.sharded import all_processes, gathered_for_update, several_processes, \
@@ -130,14 +131,11 @@ def in_eval_mode(fn: _Fn) -> _Fn:
 
 
 def _embedding_rows(layer: nn.Module) -> int:
-    """The rows of an embedding layer: its ``num_embeddings``, or that of the layer a PEFT
-    wrapper holds (``base_layer``), not its weight's shape, which DeepSpeed ZeRO-3 partitions
-    down to (0,)."""
-    for candidate in (layer, getattr(layer, "base_layer", None)):
-        rows = getattr(candidate, "num_embeddings", None)
-        if isinstance(rows, int):
-            return rows
-    return layer.weight.shape[0]
+    """The rows of an embedding layer: its ``num_embeddings`` (that of the layer a PEFT
+    wrapper holds), not its weight's shape, which DeepSpeed ZeRO-3 partitions down to (0,)."""
+    plain = stored_layer(layer)
+    rows = getattr(plain, "num_embeddings", None)
+    return rows if isinstance(rows, int) else plain.weight.shape[0]
 
 
 def ensure_special_tokens(base_model: nn.Module, tokenizer: PreTrainedTokenizerBase,
@@ -289,7 +287,7 @@ class AMVLModel(SavingMixin, nn.Module):
         model_config = self._unwrapped().config
         self.is_vlm = hasattr(model_config, "vision_config")
         hidden = getattr(model_config, "text_config", model_config).hidden_size
-        device = self.get_input_embeddings().weight.device
+        device = self.device
         d, lo, hi = config.latent_dim, config.logvar_min, config.logvar_max
         init = config.logvar_init
         # Only what the objective trains exists, so DDP never meets parameters without
@@ -364,7 +362,12 @@ class AMVLModel(SavingMixin, nn.Module):
     @property
     def device(self) -> torch.device:
         """Where the input embeddings live: where batches go."""
-        return self.get_input_embeddings().weight.device
+        return stored_layer(self.get_input_embeddings()).weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The input embeddings' dtype: what images' pixel values are cast to."""
+        return stored_layer(self.get_input_embeddings()).weight.dtype
 
     def _own_modules(self) -> dict[str, nn.Module]:
         return {name: getattr(self, name) for name in ("prior_head", "posterior_head", "injector")

@@ -30,7 +30,7 @@ PROMPT_KEYS = ("chat_template", "system_prompt")  # the data keys that format pr
 
 SECTIONS = ("model", "amvl", "train", "data", "output_dir", "eval")
 MODEL_KEYS = ("path", "dtype", "attn_implementation", "hidden_size", "lora")
-LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
+LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "train_latent_tokens")
 DATA_KEYS = ("train", "eval", "per_family", "max_prompt_tokens", "max_answer_tokens",
              *PROMPT_KEYS)
 EVAL_KEYS = ("baselines",)
@@ -122,8 +122,9 @@ def _positive_number(value) -> bool:
 
 def lora_settings(path: Path, section) -> dict:
     """The ``model.lora`` section of the run config at ``path``, checked, with its defaults
-    filled in: ``r`` (required), ``alpha`` (2 * r), ``dropout`` (0.0) and ``target_modules``
-    (None: every linear layer of the text decoder, see :mod:`amvl.lora`)."""
+    filled in: ``r`` (required), ``alpha`` (2 * r), ``dropout`` (0.0), ``target_modules``
+    (None: every linear layer of the text decoder, see :mod:`amvl.lora`) and
+    ``train_latent_tokens`` (True: the latent tokens' embedding rows train too)."""
     lora = _check_keys(section, "model.lora", LORA_KEYS)
     if "r" not in lora:
         raise SystemExit(f"amvl: {path}: model.lora needs r, the adapters' rank (e.g. "
@@ -147,8 +148,12 @@ def lora_settings(path: Path, section) -> dict:
             or len(set(targets)) < len(targets)):
         raise SystemExit(f"amvl: {path}: model.lora.target_modules must be a non-empty list "
                          f"of distinct module names, got {targets!r}")
+    tokens = lora.get("train_latent_tokens", True)
+    if not isinstance(tokens, bool):
+        raise SystemExit(f"amvl: {path}: model.lora.train_latent_tokens must be true or false, "
+                         f"got {tokens!r}")
     return {"r": lora["r"], "alpha": alpha, "dropout": float(dropout),
-            "target_modules": targets}
+            "target_modules": targets, "train_latent_tokens": tokens}
 
 
 def _check_data_values(path: Path, data: dict) -> None:

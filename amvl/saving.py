@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from amvl.config import INFERENCE_FIELDS, AMVLConfig
-from amvl.lora import ADAPTER_FILE
+from amvl.lora import ADAPTER_FILE, stored_layer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -94,9 +94,11 @@ class SavingMixin:
         if not self._is_peft():
             return {}
         ids = torch.tensor(list(self.token_ids.values()))
-        rows = {"special_tokens.input": self.get_input_embeddings().weight}
-        output = self.get_output_embeddings()
-        if output is not None and output.weight is not rows["special_tokens.input"]:
+        embeddings, output = self.get_input_embeddings(), self.get_output_embeddings()
+        # a trainable-tokens wrapper's weight: its rows as trained, over the stored matrix
+        rows = {"special_tokens.input": embeddings.weight}
+        if output is not None and \
+                stored_layer(output).weight is not stored_layer(embeddings).weight:  # untied
             rows["special_tokens.output"] = output.weight
         if state_dict is not None:  # the gathered state (the live weights may be shards)
             names = {id(p): n for n, p in self.named_parameters(remove_duplicate=False)}
@@ -123,7 +125,9 @@ class SavingMixin:
                                ("special_tokens.output",
                                 self.get_output_embeddings())):
                 if key in state and layer is not None:
-                    layer.weight[ids.to(layer.weight.device)] = state[key].to(layer.weight)
+                    # the stored matrix: a trainable-tokens wrapper's weight is a fresh copy
+                    weight = stored_layer(layer).weight
+                    weight[ids.to(weight.device)] = state[key].to(weight)
 
     def load_weights(self, directory: str | Path) -> None:
         """Load, in place, every weight :meth:`save_pretrained` wrote into ``directory`` (a

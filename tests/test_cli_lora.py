@@ -73,6 +73,8 @@ def _write_puzzle_records(folder: Path) -> tuple[list[dict], Path]:
     ("{r: 4, target_modules: ['']}", "model.lora.target_modules must be a non-empty list"),
     ("{r: 4, target_modules: [1]}", "model.lora.target_modules must be a non-empty list"),
     ("{r: 4, target_modules: [q_proj, q_proj]}", "list of distinct module names"),
+    ("{r: 4, train_latent_tokens: 1}", "model.lora.train_latent_tokens must be true or false, "
+                                       "got 1"),
 ])
 def test_lora_section_mistakes_are_named(tmp_path, lora, match):
     path = tmp_path / "bad.yaml"
@@ -85,11 +87,12 @@ def test_lora_section_defaults(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model: {path: tiny-qwen2-vl, lora: {r: 4}}")
     assert load_run_config(path)["lora_settings"] == {
-        "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None}
+        "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None, "train_latent_tokens": True}
     path.write_text("model: {path: tiny-qwen2-vl, lora: {r: 4, alpha: 1.5, dropout: 0.1, "
-                    "target_modules: [q_proj]}}")
+                    "target_modules: [q_proj], train_latent_tokens: false}}")
     assert load_run_config(path)["lora_settings"] == {
-        "r": 4, "alpha": 1.5, "dropout": 0.1, "target_modules": ["q_proj"]}
+        "r": 4, "alpha": 1.5, "dropout": 0.1, "target_modules": ["q_proj"],
+        "train_latent_tokens": False}
     path.write_text("model: {path: tiny-qwen2-vl}")
     assert load_run_config(path)["lora_settings"] is None
 
@@ -204,26 +207,35 @@ def lora_run(tmp_path_factory):
     return folder, config, capture
 
 
-def test_lora_training_moves_adapters_and_heads_and_leaves_the_base_as_it_was(lora_run):
+def test_lora_training_moves_adapters_heads_and_token_rows_and_leaves_the_base_as_it_was(
+        lora_run):
     folder, _, capture = lora_run
     lora = [k for k in capture.after if "lora_" in k]
     heads = [k for k in capture.after if k.split(".")[0] in ("prior_head", "posterior_head",
                                                              "injector")]
-    frozen = [k for k in capture.after if k not in lora and k not in heads]
+    (rows,) = [k for k in capture.after if "trainable_tokens_delta" in k]
+    frozen = [k for k in capture.after if k not in lora + heads + [rows]]
     assert lora and heads and len(frozen) > len(lora)
     assert any("visual" in k for k in frozen)
-    for key in frozen:  # the base's own weights, the latent tokens' rows among them
+    for key in frozen:  # the base's own weights, its whole embedding matrix among them
         assert torch.equal(capture.before[key], capture.after[key]), key
     for key in [k for k in lora if "lora_B" in k] + heads:
         assert not torch.equal(capture.before[key], capture.after[key]), key
+    # the rows of the latent block's bounds and query slots, the placeholder's left out
+    ids = capture.model.token_ids
+    assert capture.model.get_input_embeddings().token_adapter.token_indices["default"] == sorted(
+        ids[role] for role in ("latent_start", "latent_end", "prior_query", "posterior_query"))
+    assert (capture.before[rows] != capture.after[rows]).any(-1).all()
     run = folder / "run"
     for saved in (run / "final", run / "checkpoint-2"):  # the adapter, not the base's weights
         assert (saved / "base" / "adapter_model.safetensors").is_file()
         assert not list(saved.rglob("model*.safetensors"))
         adapter = load_file(str(saved / "base" / "adapter_model.safetensors"))
-        assert adapter and all("lora_" in k for k in adapter)
+        assert adapter and all("lora_" in k or "trainable_tokens_delta" in k for k in adapter)
+        assert adapter[next(k for k in adapter if "trainable_tokens_delta" in k)].shape[0] == 4
     record = json.loads((run / "final" / "lora_run.json").read_text())
-    assert record["lora"] == {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": None}
+    assert record["lora"] == {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": None,
+                              "train_latent_tokens": True}
 
 
 def test_lora_eval_and_generate_score_as_the_trained_model(lora_run, capsys):
@@ -312,6 +324,8 @@ def test_resume_with_other_lora_settings_is_refused_before_the_model_loads(tmp_p
     for lora, match in (({"r": 8, "alpha": 8}, r"differs in \['model.lora.r'\]"),
                         ({"r": 4, "target_modules": ["q_proj"]},
                          r"differs in \['model.lora.target_modules'\]"),
+                        ({"r": 4, "train_latent_tokens": False},
+                         r"differs in \['model.lora.train_latent_tokens'\]"),
                         (None, r"with model.lora \{.*\}, this run has no model.lora \(full "
                                r"fine-tuning\)")):
         config = _lora_config(tmp_path, steps=2, save_every=1, lora=lora)
@@ -336,6 +350,14 @@ def test_resume_with_other_lora_settings_is_refused_before_the_model_loads(tmp_p
     record_file.write_text(json.dumps(record))
     config = _lora_config(tmp_path, steps=3, save_every=1, lora={"r": 4, "alpha": 8})
     assert main(["train", "--config", config, "--resume", "--no-progress"]) == 0
+    # a record of before the token rows trained: trained without them
+    record_file = tmp_path / "run" / "checkpoint-3" / "lora_run.json"
+    record = json.loads(record_file.read_text())
+    del record["lora"]["train_latent_tokens"]
+    record_file.write_text(json.dumps(record))
+    config = _lora_config(tmp_path, steps=4, save_every=1, lora={"r": 4, "alpha": 8})
+    with pytest.raises(SystemExit, match=r"differs in \['model.lora.train_latent_tokens'\]"):
+        main(["train", "--config", config, "--resume", "--no-progress"])
 
     full = tmp_path / "full"
     full.mkdir()
@@ -396,7 +418,11 @@ def test_a_base_on_disk_whose_vocabulary_grows_saves_and_loads_the_adapter_alone
     assert main(["train", "--config", str(config), "--no-progress"]) == 0
     for saved in ("final", "checkpoint-1"):
         adapter = load_file(str(tmp_path / "run" / saved / "base" / "adapter_model.safetensors"))
-        assert adapter and all("lora_" in key for key in adapter), sorted(adapter)
+        # the LoRA weights and the 4 trained token rows, no embedding matrix
+        assert adapter and all("lora_" in key or "trainable_tokens_delta" in key
+                               for key in adapter), sorted(adapter)
+        (rows,) = [tensor for key, tensor in adapter.items() if "trainable_tokens" in key]
+        assert rows.shape == (4, base.config.hidden_size)
     capsys.readouterr()
     assert main(["eval", "--config", str(config), "--benchmark", "jsonl", "--data",
                  str(tmp_path / "mc.jsonl"), "--no-progress"]) == 0

@@ -211,7 +211,7 @@ class _PlantedModel:
     example i point at choice ``prior_pick[i]``, the posterior means at the gold answer, and a
     choice's NLL is minus its coordinate in z. Every diagnostic then has a known value."""
 
-    device = torch.device("cpu")
+    device, dtype = torch.device("cpu"), torch.float32
     config = AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch")
 
     def __init__(self, prior_pick: np.ndarray):
@@ -222,10 +222,6 @@ class _PlantedModel:
 
     def eval(self):
         return self
-
-    def _unwrapped(self):
-        embeddings = torch.nn.Embedding(1, 1)
-        return type("Base", (), {"get_input_embeddings": lambda self: embeddings})()
 
     def heads(self, prompt_ids, prompt_mask, answer_ids=None, answer_mask=None, **images):
         rows = torch.arange(len(prompt_ids))

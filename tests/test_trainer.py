@@ -18,7 +18,8 @@ from transformers import TrainingArguments
 
 from amvl.config import AMVLConfig
 from amvl.data import AMVLCollator
-from amvl.model import AMVLModel
+from amvl.lora import stored_layer
+from amvl.model import AMVLModel, ensure_special_tokens
 from amvl.tiny import tiny_qwen2, word_tokenizer
 from amvl.trainer import AMVLTrainer
 
@@ -655,6 +656,67 @@ def test_peft_model_saves_and_loads_its_special_token_rows(tmp_path):
     torch.testing.assert_close(loaded(**batch, seed=1).loss, expected)
     torch.testing.assert_close(loaded._unwrapped().get_input_embeddings().weight[ids],
                                model._unwrapped().get_input_embeddings().weight[ids])
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_peft_trainable_tokens_train_the_latent_rows_and_save_and_load(tmp_path, monkeypatch,
+                                                                      tied):
+    """PEFT's trainable tokens on the latent tokens' rows (``trainable_token_indices``, as amvl
+    train's LoRA puts them): they train, and the model saves and loads them. Their wrapper's
+    ``weight`` is a copy of the whole matrix with the trained rows put in, built at every read:
+    ``model.device`` read it (1.1 GB copied on Qwen2-7B at every read), and loading wrote the
+    saved rows into such a copy, where they were lost."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    from amvl.lora import LATENT_ROW_ROLES
+
+    def base_model():
+        torch.manual_seed(0)
+        base = tiny_qwen2(word_tokenizer(WORDS))
+        if tied:
+            base.config.tie_word_embeddings = True
+            base.tie_weights()
+        return base
+
+    tokenizer = word_tokenizer(WORDS)
+    config = AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch")
+    model = AMVLModel(base_model(), tokenizer, config)
+    rows = sorted(model.token_ids[role] for role in LATENT_ROW_ROLES)
+    model.base = get_peft_model(model.base, LoraConfig(
+        r=4, target_modules=["q_proj"], trainable_token_indices=rows))
+    built = []
+    merged = TrainableTokensLayer.get_merged_weights
+    monkeypatch.setattr(TrainableTokensLayer, "get_merged_weights",
+                        lambda self, *args: built.append(self) or merged(self, *args))
+    assert model.device == torch.device("cpu") and model.dtype == torch.float32
+    assert not built
+    model.train()
+    batch = AMVLCollator(tokenizer)(_data(4))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    before = model.get_input_embeddings().weight.detach().clone()
+    for _ in range(2):
+        built.clear()
+        model(**batch, seed=1).loss.backward()
+        # the lookup of the step's tokens (and the tied LM head's logits), nothing else
+        assert len(built) == (2 if tied else 1)
+        optimizer.step()
+        optimizer.zero_grad()
+    after = model.get_input_embeddings().weight.detach()
+    moved = (after != before).any(-1).nonzero().flatten().tolist()
+    assert moved == rows  # the placeholder's row is never read: it stays
+    model.eval()
+    expected = model(**batch, seed=1).loss
+    model.save_pretrained(tmp_path)
+    fresh = base_model()  # the pretrained base: ensure its rows, wrap it, load
+    ensure_special_tokens(fresh, tokenizer, config)
+    loaded = AMVLModel.from_pretrained(tmp_path, base_model=PeftModel.from_pretrained(
+        fresh, tmp_path / "base"), tokenizer=tokenizer)
+    torch.testing.assert_close(loaded(**batch, seed=1).loss, expected)
+    torch.testing.assert_close(loaded.get_input_embeddings().weight, after)
+    # the stored matrix holds the trained rows too (from the heads' file)
+    torch.testing.assert_close(stored_layer(loaded.get_input_embeddings()).weight[rows],
+                               after[rows])
 
 
 def _record_calls(model) -> list[dict]:

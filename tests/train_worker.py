@@ -57,7 +57,8 @@ def build(vision: bool, lora: bool = False) -> tuple[AMVLModel, AMVLCollator]:
     if lora:
         from amvl.lora import add_adapters
 
-        add_adapters(model, {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": None})
+        add_adapters(model, {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": None,
+                             "train_latent_tokens": True})
     model = model.double()
     collator = AMVLCollator(tokenizer, tiny_image_processor() if vision else None,
                             VisionTokens.from_model_config(base.config) if vision else None)
