@@ -410,6 +410,7 @@ def test_deepspeed_zero3_vlm_with_text_only_batches_trains_like_one_process(tmp_
 
 
 def test_peft_lora_on_the_base_model(tmp_path):
+    pytest.importorskip("peft")  # optional (the lora extra)
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
@@ -442,6 +443,7 @@ def test_peft_wrapped_embeddings_are_named_and_work_when_wrapped_after(lora):
     """PEFT on the embeddings or the LM head before the special tokens had rows: an
     AttributeError (num_embeddings) or transformers' TypeError deep in its resize. Now a
     ValueError saying how; built on the unwrapped base first, the wrapped model trains."""
+    pytest.importorskip("peft")  # optional (the lora extra)
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
@@ -623,6 +625,7 @@ def test_trainer_resumes_from_its_own_checkpoints(tmp_path):
 def test_peft_model_saves_and_loads_its_special_token_rows(tmp_path):
     """A PEFT base saves only its adapter; the latent special tokens' embedding rows, which
     the resize created and the adapter does not carry, travel beside the heads."""
+    pytest.importorskip("peft")  # optional (the lora extra)
     from peft import LoraConfig, PeftModel, get_peft_model
 
     torch.manual_seed(0)
@@ -666,6 +669,7 @@ def test_peft_trainable_tokens_train_the_latent_rows_and_save_and_load(tmp_path,
     ``weight`` is a copy of the whole matrix with the trained rows put in, built at every read:
     ``model.device`` read it (1.1 GB copied on Qwen2-7B at every read), and loading wrote the
     saved rows into such a copy, where they were lost."""
+    pytest.importorskip("peft")  # optional (the lora extra)
     from peft import LoraConfig, PeftModel, get_peft_model
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 

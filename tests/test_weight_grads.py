@@ -251,6 +251,7 @@ def test_model_step_gradients_match_unpaired(monkeypatch, objective, gamma):
 def test_lora_adapters_are_paired_with_the_unpaired_gradients(monkeypatch):
     """PEFT LoRA on the base model: the frozen base layers are left alone, the adapters'
     weights are paired, and every gradient equals the unpaired step's."""
+    pytest.importorskip("peft")  # optional (the lora extra)
     from peft import LoraConfig, get_peft_model
 
     from amvl.config import AMVLConfig
