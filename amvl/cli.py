@@ -266,9 +266,13 @@ def _check_same_lora(checkpoint: Path, lora: dict | None, model_section: dict) -
             return "no model.lora (full fine-tuning)" if settings is None \
                 else f"model.lora {settings}"
 
+        older = before is not None and "train_latent_tokens" not in before  # its rows froze
         raise SystemExit(f"amvl train: {checkpoint} was trained with {describe(before)}, this "
                          f"run has {describe(lora)} (differs in {differ}): resume it with the "
-                         "same LoRA settings or start a new run elsewhere")
+                         "same LoRA settings or start a new run elsewhere" + (
+                             " (a run of before model.lora.train_latent_tokens trained no "
+                             "token rows: add train_latent_tokens: false to its model.lora "
+                             "to resume it)" if older else ""))
     # both with their defaults filled in (records written before dtype was always kept)
     then = base_record(record["base"]) if record is not None else None
     now = base_record(model_section)

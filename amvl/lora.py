@@ -28,8 +28,6 @@ from torch import nn
 if TYPE_CHECKING:
     from amvl.model import AMVLModel
 
-# the latent tokens whose embedding rows the model reads (AMVLModel.token_ids roles)
-LATENT_ROW_ROLES = ("latent_start", "latent_end", "prior_query", "posterior_query")
 RECORD_FILE = "lora_run.json"  # beside amvl_config.json in a LoRA run's saved directories
 ADAPTER_FILE = "adapter_model.safetensors"  # what PEFT's save_pretrained writes into base/
 TINY_MODEL = "tiny-qwen2-vl"  # model.path of the demo's tiny model, built rather than loaded
@@ -117,13 +115,10 @@ def add_adapters(model: AMVLModel, settings: dict, command: str = "train") -> st
 
     targets = settings["target_modules"] or text_decoder_linear_names(model.base)
     fused = fused_expert_blocks(model.base)  # named in the base, before PEFT wraps it
-    # The rows of the block's bounds and of the query slots, which start at the mean of the
-    # vocabulary's rows; the latent placeholder's row is never read (z replaces it).
-    rows = sorted({model.token_ids[role] for role in LATENT_ROW_ROLES}) \
-        if settings.get("train_latent_tokens") else None
+    rows = latent_row_ids(model) if settings.get("train_latent_tokens") else []
     config = LoraConfig(r=settings["r"], lora_alpha=settings["alpha"],
                         lora_dropout=settings["dropout"], target_modules=targets,
-                        trainable_token_indices=rows)
+                        trainable_token_indices=rows or None)
     try:
         model.base = get_peft_model(model.base, config)
     except ValueError as err:  # PEFT's "Target modules ... not found in the base model"
@@ -137,6 +132,19 @@ def add_adapters(model: AMVLModel, settings: dict, command: str = "train") -> st
             "injector" + (f" and the {len(rows)} latent tokens' embedding rows" if rows else "")
             + ")" + (f"; the fused expert weights of MoE blocks ({len(fused)}: "
                            f"{fused[0]}, ...) get no adapters" if fused else ""))
+
+
+def latent_row_ids(model: AMVLModel) -> list[int]:
+    """The ids of the latent tokens whose embedding rows ``model`` reads under its objective:
+    the latent block's bounds and the prior's query slots, the posterior's where the
+    objective has one; none without a latent block. They start at the mean of the
+    vocabulary's rows. The placeholder's row is never read: z replaces it."""
+    objective = model.objective
+    if objective.latent_source == "none":
+        return []
+    roles = ["latent_start", "latent_end", "prior_query"] \
+        + (["posterior_query"] if objective.uses_posterior else [])
+    return sorted({model.token_ids[role] for role in roles})
 
 
 def has_adapter(directory: Path) -> bool:

@@ -181,9 +181,9 @@ def ensure_special_tokens(base_model: nn.Module, tokenizer: PreTrainedTokenizerB
         base_model.resize_token_embeddings(max(len(tokenizer), max(ids.values()) + 1))
     elif missing:
         new = torch.tensor([tokenizer.convert_tokens_to_ids(t) for t in missing])
-        matrices = {embeddings.weight}
+        matrices = {stored_layer(embeddings).weight}
         if output is not None:
-            matrices.add(output.weight)  # the same tensor when tied: once
+            matrices.add(stored_layer(output).weight)  # the same tensor when tied: once
         with torch.no_grad(), gathered_for_update(list(matrices)):
             for weight in matrices:
                 weight[new.to(weight.device)] = weight[:vocab_before].mean(0)

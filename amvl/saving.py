@@ -95,14 +95,18 @@ class SavingMixin:
             return {}
         ids = torch.tensor(list(self.token_ids.values()))
         embeddings, output = self.get_input_embeddings(), self.get_output_embeddings()
-        # a trainable-tokens wrapper's weight: its rows as trained, over the stored matrix
-        rows = {"special_tokens.input": embeddings.weight}
+        layers = {"special_tokens.input": embeddings}
         if output is not None and \
                 stored_layer(output).weight is not stored_layer(embeddings).weight:  # untied
-            rows["special_tokens.output"] = output.weight
-        if state_dict is not None:  # the gathered state (the live weights may be shards)
+            layers["special_tokens.output"] = output
+        if state_dict is None:  # a trainable-tokens wrapper's weight: the rows as trained
+            rows = {k: layer.weight for k, layer in layers.items()}
+        else:  # the gathered state's stored matrices (the live ones may be shards), whose
+            # rows PEFT's trainable tokens, saved in the adapter, override on load
             names = {id(p): n for n, p in self.named_parameters(remove_duplicate=False)}
-            rows = {k: state_dict.get(names.get(id(w)), w) for k, w in rows.items()}
+            rows = {k: state_dict.get(names.get(id(stored_layer(layer).weight)),
+                                      stored_layer(layer).weight)
+                    for k, layer in layers.items()}
         return {k: w[ids.to(w.device)] for k, w in rows.items()}
 
     def _load_own_state(self, state: dict[str, Tensor]) -> None:

@@ -8,13 +8,13 @@ Trainer's own. On a machine without GPUs, launch with ``ACCELERATE_USE_CPU=1 tor
 --nproc_per_node N ...`` (``accelerate launch --cpu`` starts one process). Each process's NLL is
 weighed by its share of the batch's answer tokens, so N processes optimise the loss one process
 would on the whole batch (up to the latent noise, which is drawn per process). Logged metrics
-are the main process's share of each batch. Everything a step depends on is a function of
+are averaged over the processes (the loss and the NLL are then the whole batch's). Everything a step depends on is a function of
 (seed, step): the batch (a fixed permutation per epoch, sharded across processes) and the latent
 noise seed (whether the batches are built in the loop or ahead of it by DataLoader workers,
 ``TrainConfig.num_workers``, for a collator that draws no random numbers). So resuming from a
 checkpoint continues exactly: the checkpoint holds the step, the model, the optimizer, the LR
 scheduler and the RNG states, and is written atomically (to a temporary directory, then
-renamed). Checkpoints are loaded with ``weights_only=True``: nothing
+renamed); every process's RNG state is in it. Checkpoints are loaded with ``weights_only=True``: nothing
 arbitrary is unpickled.
 """
 
@@ -472,8 +472,11 @@ def mean_over_processes(sums: dict, accelerator: Accelerator) -> dict:
     if accelerator.num_processes == 1 or not sums:
         return sums
     keys = sorted(sums)
-    values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32,
-                                          device=accelerator.device).reshape(()) for k in keys])
+    values = [torch.as_tensor(sums[k], device=accelerator.device).reshape(()) for k in keys]
+    dtype = torch.float32  # at least: a float64 model's metrics keep their precision
+    for value in values:
+        dtype = torch.promote_types(dtype, value.dtype)
+    values = torch.stack([value.to(dtype) for value in values])
     return dict(zip(keys, accelerator.reduce(values, "mean").unbind()))
 
 

@@ -144,6 +144,36 @@ def test_default_targets_are_the_text_decoders_linear_layers(build):
         add_adapters(model, {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["qproj"]})
 
 
+@pytest.mark.parametrize("objective,roles", [
+    ("amvl", ("latent_start", "latent_end", "prior_query", "posterior_query")),
+    ("elbo", ("latent_start", "latent_end", "prior_query", "posterior_query")),
+    ("prior", ("latent_start", "latent_end", "prior_query")),
+    ("none", ()),
+])
+def test_lora_trains_the_rows_of_the_latent_tokens_its_objective_reads(objective, roles):
+    """train_latent_tokens puts PEFT's trainable tokens on the rows the objective reads: the
+    "prior" objective has no posterior query slots and "none" no latent block, whose rows
+    would cost a copy of the whole embedding matrix a step for a zero gradient."""
+    pytest.importorskip("peft")
+    from amvl.config import AMVLConfig
+    from amvl.lora import add_adapters
+    from amvl.model import AMVLModel
+    from amvl.tiny import tiny_qwen2, word_tokenizer
+
+    tokenizer = word_tokenizer([f"w{i}" for i in range(30)])
+    model = AMVLModel(tiny_qwen2(tokenizer), tokenizer,
+                      AMVLConfig(num_slots=2, latent_dim=4, objective=objective))
+    summary = add_adapters(model, {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": None,
+                                   "train_latent_tokens": True})
+    embeddings = model.get_input_embeddings()
+    if not roles:
+        assert type(embeddings).__name__ == "Embedding" and "embedding rows" not in summary
+        return
+    assert embeddings.token_adapter.token_indices["default"] == sorted(
+        model.token_ids[role] for role in roles)
+    assert f"the {len(roles)} latent tokens' embedding rows" in summary
+
+
 def test_default_targets_leave_routers_out_and_name_fused_experts():
     """MoE models: Qwen2-MoE's shared_expert_gate (a linear router) got an adapter by
     default; Qwen3-MoE's experts are fused parameters, which LoRA skipped without a word."""
@@ -356,7 +386,8 @@ def test_resume_with_other_lora_settings_is_refused_before_the_model_loads(tmp_p
     del record["lora"]["train_latent_tokens"]
     record_file.write_text(json.dumps(record))
     config = _lora_config(tmp_path, steps=4, save_every=1, lora={"r": 4, "alpha": 8})
-    with pytest.raises(SystemExit, match=r"differs in \['model.lora.train_latent_tokens'\]"):
+    with pytest.raises(SystemExit, match=r"differs in \['model.lora.train_latent_tokens'\].*"
+                                         r"add train_latent_tokens: false"):
         main(["train", "--config", config, "--resume", "--no-progress"])
 
     full = tmp_path / "full"

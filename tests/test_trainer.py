@@ -673,7 +673,7 @@ def test_peft_trainable_tokens_train_the_latent_rows_and_save_and_load(tmp_path,
     from peft import LoraConfig, PeftModel, get_peft_model
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
-    from amvl.lora import LATENT_ROW_ROLES
+    from amvl.lora import latent_row_ids
 
     def base_model():
         torch.manual_seed(0)
@@ -686,7 +686,8 @@ def test_peft_trainable_tokens_train_the_latent_rows_and_save_and_load(tmp_path,
     tokenizer = word_tokenizer(WORDS)
     config = AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch")
     model = AMVLModel(base_model(), tokenizer, config)
-    rows = sorted(model.token_ids[role] for role in LATENT_ROW_ROLES)
+    rows = latent_row_ids(model)
+    assert len(rows) == 4  # the bounds and both query slots (the "amvl" objective)
     model.base = get_peft_model(model.base, LoraConfig(
         r=4, target_modules=["q_proj"], trainable_token_indices=rows))
     built = []
@@ -721,6 +722,17 @@ def test_peft_trainable_tokens_train_the_latent_rows_and_save_and_load(tmp_path,
     # the stored matrix holds the trained rows too (from the heads' file)
     torch.testing.assert_close(stored_layer(loaded.get_input_embeddings()).weight[rows],
                                after[rows])
+    # Saved from a gathered state (FSDP, ZeRO-3: the live matrices may be shards): the
+    # state's stored rows, which the adapter's trained ones override on load. The wrapper's
+    # merged copy is no parameter, so the live one was read, which PEFT cannot build from a
+    # ZeRO-3 partition.
+    matrix = stored_layer(model.get_input_embeddings()).weight
+    state = {name: tensor.detach() + (1.0 if tensor is matrix else 0.0)  # (tied: both names)
+             for name, tensor in model.named_parameters(remove_duplicate=False)}
+    ids = list(model.token_ids.values())
+    saved = model._special_token_rows(state)
+    torch.testing.assert_close(saved["special_tokens.input"], matrix[ids] + 1.0)
+    assert ("special_tokens.output" in saved) != tied
 
 
 def _record_calls(model) -> list[dict]:

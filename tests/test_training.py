@@ -358,10 +358,12 @@ def test_two_processes_train_like_one(tmp_path, mode):
     assert group["timeout_s"] == train_worker.CONFIG.ddp_timeout == 1234  # not gloo's 1800
     two = load_file(str(tmp_path / "params.safetensors"))
     one = train_worker.single_process(mode == "vlm", lora=mode == "lora")
-    if mode == "lora":  # the adapters trained, the base did not
+    if mode == "lora":  # the adapters and the latent tokens' rows trained, the base did not
         untrained = dict(train_worker.build(False, lora=True)[0].named_parameters())
-        assert all(torch.equal(one[n], untrained[n]) == ("lora_" not in n)
+        assert all(torch.equal(one[n], untrained[n]) == ("lora_" not in n and
+                                                         "trainable_tokens_delta" not in n)
                    for n in one if ".base_model." in n)
+        assert any("trainable_tokens_delta" in n for n in one)
     assert two.keys() == one.keys()
     for name, tensor in one.items():
         torch.testing.assert_close(two[name], tensor, rtol=1e-9, atol=1e-11, msg=name)

@@ -5,13 +5,16 @@ The "none" objective (no latent noise, which is drawn per process) on answers of
 so the two processes' shares hold different numbers of answer tokens. Mode "vlm": a tiny
 Qwen2-VL on examples of which half have no image, so a share can leave the vision tower
 without gradients, its batches built in a DataLoader worker of each process. Mode "lora":
-LoRA adapters on the text model's decoder (the base frozen). Rank 0 writes the parameters to
+LoRA adapters on the text model's decoder and the latent tokens' rows (the base frozen), the
+"amvl" objective with its noise fixed per example. Rank 0 writes the parameters to
 OUT/params.safetensors. Mode "resume": see ``resumed_runs``.
 """
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -47,12 +50,14 @@ def examples(vision: bool) -> list[dict]:
 
 
 def build(vision: bool, lora: bool = False) -> tuple[AMVLModel, AMVLCollator]:
-    """The model (LoRA adapters on its text decoder with ``lora``, as amvl train adds them)
-    and its collator."""
+    """The model (LoRA adapters on its text decoder and the latent tokens' rows with
+    ``lora``, as amvl train adds them, under the "amvl" objective: train under
+    :func:`noise_per_example`) and its collator."""
     torch.manual_seed(0)
     tokenizer = word_tokenizer(WORDS, vision=vision)
     base = tiny_qwen2_vl(tokenizer) if vision else tiny_qwen2(tokenizer)
-    model = AMVLModel(base, tokenizer, AMVLConfig(num_slots=2, latent_dim=4, objective="none",
+    model = AMVLModel(base, tokenizer, AMVLConfig(num_slots=2, latent_dim=4,
+                                                  objective="amvl" if lora else "none",
                                                   kernel_backend="torch"))
     if lora:
         from amvl.lora import add_adapters
@@ -80,9 +85,31 @@ class _Float64Pixels:
         return out
 
 
+@contextlib.contextmanager
+def noise_per_example() -> Iterator[None]:
+    """Latent noise a fixed function of each example's prior mean, not of the process's
+    seed: two processes then draw for their shares what one draws for the whole batch."""
+    import amvl_kernels as ak
+
+    sample_kl, sample = ak.gaussian_sample_kl, ak.gaussian_sample
+
+    def eps_of(mu):
+        return torch.sin(mu.detach() * 997.0 + 0.3)
+
+    ak.gaussian_sample_kl = lambda mu_q, lv_q, mu_p, lv_p, eps=None, seed=None, **kw: \
+        sample_kl(mu_q, lv_q, mu_p, lv_p, eps=eps_of(mu_p), **kw)
+    ak.gaussian_sample = lambda mu, lv, eps=None, seed=None, **kw: \
+        sample(mu, lv, eps=eps_of(mu), **kw)
+    try:
+        yield
+    finally:
+        ak.gaussian_sample_kl, ak.gaussian_sample = sample_kl, sample
+
+
 def single_process(vision: bool, lora: bool = False) -> dict[str, torch.Tensor]:
     model, collator = build(vision, lora)
-    train(model, collator, examples(vision), CONFIG, progress=False)
+    with noise_per_example() if lora else contextlib.nullcontext():
+        train(model, collator, examples(vision), CONFIG, progress=False)
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
@@ -125,8 +152,9 @@ def main(out: str, mode: str) -> None:
         torch.compile = lambda module: real_compile(module, backend="aot_eager")
     # "accumulate" validates too: each process a share of the examples, the sums added up
     held_out = examples(vision)[:5] if mode == "accumulate" else None
-    history = train(model, collator, examples(vision), config, progress=False,
-                    eval_examples=held_out)
+    with noise_per_example() if mode == "lora" else contextlib.nullcontext():
+        history = train(model, collator, examples(vision), config, progress=False,
+                        eval_examples=held_out)
     if mode == "compiled":
         from torch._dynamo.utils import counters
 
