@@ -163,7 +163,8 @@ def _load_lora_run(directory: Path) -> tuple[AMVLModel, BaseImageProcessor | Non
 
     The adapter is not merged into the base: a bf16 base would round the merged weights
     (1.9e-3 nats on a small model), and a tied embedding would take an adapter of the LM
-    head into the input embeddings too. The model scores as it trained."""
+    head into the input embeddings too. The trained token rows are (exactly: a copy). The
+    model scores as it trained."""
     import torch
     from peft import PeftModel
 
@@ -182,11 +183,26 @@ def _load_lora_run(directory: Path) -> tuple[AMVLModel, BaseImageProcessor | Non
         ensure_special_tokens(base, tokenizer, AMVLConfig.load(directory))
     adapted = PeftModel.from_pretrained(base, directory / "base")
     model = AMVLModel.from_pretrained(directory, base_model=adapted, tokenizer=tokenizer)
+    merge_trainable_tokens(model)
     processor = None
     if model.is_vlm:
         processor = load_image_processor(directory / "base") \
             if (directory / "base" / "preprocessor_config.json").is_file() else base_processor
     return model.eval(), processor
+
+
+def merge_trainable_tokens(model: AMVLModel) -> None:
+    """Put the trained latent token rows of PEFT's trainable tokens into the stored embedding
+    matrix (and a tied LM head's), for inference: unmerged, every lookup and LM head call
+    builds a copy of the whole matrix. Exact: the rows are copied as the unmerged forward
+    copies them. The LoRA adapters themselves stay unmerged."""
+    try:
+        from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+    except ImportError:  # a PEFT without trainable tokens: nothing to merge
+        return
+    for module in model.modules():
+        if isinstance(module, TrainableTokensLayer) and not module.merged:
+            module.merge()
 
 
 def _load_training_checkpoint(directory: Path, model_section: dict | None, command: str

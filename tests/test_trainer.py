@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainingArguments
 
+from amvl.checkpoints import merge_trainable_tokens
 from amvl.config import AMVLConfig
 from amvl.data import AMVLCollator
 from amvl.lora import stored_layer
@@ -733,6 +734,11 @@ def test_peft_trainable_tokens_train_the_latent_rows_and_save_and_load(tmp_path,
     saved = model._special_token_rows(state)
     torch.testing.assert_close(saved["special_tokens.input"], matrix[ids] + 1.0)
     assert ("special_tokens.output" in saved) != tied
+    # merged for inference (amvl eval, generate): the same loss, no copy built
+    unmerged = loaded(**batch, seed=1).loss
+    merge_trainable_tokens(loaded)
+    built.clear()
+    assert torch.equal(loaded(**batch, seed=1).loss, unmerged) and not built
 
 
 def _record_calls(model) -> list[dict]:
