@@ -36,8 +36,9 @@ def test_demo_quick_writes_table_json_and_plots(tmp_path, capsys):
 
 
 def _run_config(tmp_path, steps: int, save_every: int, objective: str = "elbo",
-                **train) -> str:
-    config = {"model": {"path": "tiny-qwen2-vl", "hidden_size": 32},
+                lora: dict | None = None, **train) -> str:
+    config = {"model": {"path": "tiny-qwen2-vl", "hidden_size": 32,
+                        **({"lora": lora} if lora else {})},
               "amvl": {"num_slots": 2, "latent_dim": 4, "objective": objective},
               "train": {"steps": steps, "batch_size": 4, "save_every": save_every,
                         "log_every": 1, **train},
@@ -103,27 +104,35 @@ def _torchrun_train(config: str, *extra: str) -> subprocess.CompletedProcess:
         cwd=root, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_train_under_torchrun_trains_as_one_process_on_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("lora", [None, {"r": 4}], ids=["full", "lora"])
+def test_train_under_torchrun_trains_as_one_process_on_the_whole_batch(tmp_path, lora):
     """``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m amvl train`` was refused ("launched
     as 2 processes, but accelerate sees 1"): the command made accelerate's process state
     before the loop's Accelerator, without the variable that makes torchrun's CPU processes
     one group. Now the two processes train what one process does on the whole batch (the
-    "none" objective draws no noise, which is drawn per process), save once, and resume."""
+    "none" objective draws no noise, which is drawn per process), save once, and resume;
+    with LoRA too (the adapter saved by the main process with the run's record, loaded by
+    both on resume)."""
     if not torch.distributed.is_available():
         pytest.skip("torch without distributed")
+    if lora:
+        pytest.importorskip("peft")
     from safetensors.torch import load_file
 
     two, one = tmp_path / "two", tmp_path / "one"
     for folder in (two, one):
         folder.mkdir()
     # a constant rate: a run of 2 steps resumed to 3 takes the 3-step run's rates
-    settings = {"objective": "none", "lr_scheduler": "constant", "warmup_steps": 0}
+    settings = {"objective": "none", "lr_scheduler": "constant", "warmup_steps": 0,
+                "lora": lora}
     proc = _torchrun_train(_run_config(two, steps=2, save_every=1, log_every=2, **settings))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("trained model saved to") == 1
+    assert proc.stdout.count("amvl train: LoRA r=4") == (1 if lora else 0)
     run = two / "run"
     state = json.loads((run / "checkpoint-1" / "state.json").read_text())
     assert state["num_processes"] == 2 and state["pending_steps"] == 1
+    assert (run / "checkpoint-1" / "lora_run.json").is_file() == bool(lora)
     shutil.rmtree(run / "checkpoint-2")  # resumed from step 1, inside a log window
     proc = _torchrun_train(_run_config(two, steps=4, save_every=2, log_every=2, **settings),
                            "--resume")
@@ -137,7 +146,8 @@ def test_train_under_torchrun_trains_as_one_process_on_the_whole_batch(tmp_path)
     assert [e["step"] for e in histories[0]] == [e["step"] for e in histories[1]] == [2, 4]
     assert [e["loss"] for e in histories[0]] == pytest.approx(
         [e["loss"] for e in histories[1]], rel=1e-6)
-    weights = [load_file(str(folder / "run" / "final" / "base" / "model.safetensors"))
+    saved = "adapter_model.safetensors" if lora else "model.safetensors"
+    weights = [load_file(str(folder / "run" / "final" / "base" / saved))
                for folder in (two, one)]
     assert weights[0].keys() == weights[1].keys()
     for name, tensor in weights[1].items():
