@@ -155,14 +155,30 @@ def test_activation_checkpointing_trains_the_same_steps():
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
 
 
-@pytest.mark.parametrize("checkpointed", [False, True])
-def test_compiled_loop_trains_the_same_steps_on_the_amvl_attention(monkeypatch, checkpointed):
+@pytest.mark.parametrize("checkpointed,lora", [(False, False), (True, False), (False, True)],
+                         ids=["plain", "checkpointed", "lora"])
+def test_compiled_loop_trains_the_same_steps_on_the_amvl_attention(monkeypatch, checkpointed,
+                                                                   lora):
     """TrainConfig(compile=True): each step's forward runs as a torch.compile graph (a
     counting backend sees it; one recompile when the step, the seed and the lengths first
     change, then none) and the history equals the eager loop's, up to rounding. With
     activation checkpointing too, without a graph break: PrefixKeys' records inside the
-    checkpointed layers broke the graph at each of them."""
+    checkpointed layers broke the graph at each of them. With LoRA as amvl train adds it
+    (adapters, and the latent tokens' rows under PEFT's trainable tokens) too."""
     import amvl_kernels.hf as akhf
+
+    if lora:
+        pytest.importorskip("peft")
+    from amvl.lora import add_adapters
+
+    def model():
+        built, collator = _model()
+        akhf.use_amvl_attention(built.base)
+        if lora:
+            add_adapters(built, {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": None,
+                                 "train_latent_tokens": True})
+        return built, collator
+
     from torch._dynamo.testing import CompileCounterWithBackend
     from torch._dynamo.utils import counters
 
@@ -173,11 +189,9 @@ def test_compiled_loop_trains_the_same_steps_on_the_amvl_attention(monkeypatch, 
     monkeypatch.setattr(torch, "compile", lambda model: real_compile(model, backend=counter))
     config = TrainConfig(steps=5, batch_size=4, learning_rate=5e-3, log_every=1, seed=2,
                          activation_checkpointing=checkpointed)
-    eager, collator = _model()
-    akhf.use_amvl_attention(eager.base)
+    eager, collator = model()
     expected = train(eager, collator, _data(), config, progress=False)
-    compiled, collator = _model()
-    akhf.use_amvl_attention(compiled.base)
+    compiled, collator = model()
     history = train(compiled, collator, _data(), TrainConfig(**{**config.__dict__,
                                                                  "compile": True}),
                     progress=False)
