@@ -52,6 +52,7 @@ from amvl.lora import (add_adapters, base_record, read_record, require_peft, run
                        setting_differences, write_record)
 from amvl.run_config import (PROMPT_KEYS, check_jsonl_texts, load_run_config, prompt_format,
                              read_jsonl_lines)
+from amvl.trackers import check_trackers
 from amvl.training import read_history, readable_temporary_directory
 
 PLOTS_DIR = "plots"  # where amvl train and amvl plot write a run's curves, inside the run
@@ -129,6 +130,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                          "writes final/ as a directory of its own (link the run's "
                          "output_dir instead)")
     _check_kernel_backend(run["amvl_config"].kernel_backend)
+    try:  # a tracker whose package is missing is named before the model loads
+        check_trackers(run["train_config"].report_to)
+    except ValueError as err:
+        raise SystemExit(f"amvl train: train.{err}") from None
     data = run.get("data") or {}
     source = data.get("train", "puzzles")
     # before the model loads: a bad record is named in seconds, not after minutes of loading

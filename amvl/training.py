@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from amvl.config import INFERENCE_FIELDS, AMVLConfig, check_types
 from amvl.step_batches import StepBatches, prefetching_loader, stop_workers
+from amvl.trackers import LOGS_DIR, check_trackers, finish_trackers, log_entry, start_trackers
 
 if TYPE_CHECKING:  # annotations only: accelerate is imported when a run starts
     from accelerate import Accelerator
@@ -91,6 +92,10 @@ class TrainConfig:
     # Build the coming steps' batches in this many DataLoader worker processes (0: in the loop,
     # while the device waits), each up to two steps ahead, into pinned memory on a GPU.
     num_workers: int = 0
+    # Experiment trackers that log the history as it comes (accelerate's: "tensorboard",
+    # "wandb", "mlflow", ... or "all"; their packages are the user's), into
+    # output_dir/logs for the local ones.
+    report_to: tuple[str, ...] = ()
     # Seconds a process waits in a collective before the process group gives up, e.g. while
     # the main process writes a checkpoint (a 7B model's weights and AdamW state take
     # minutes): NCCL's own default, 600, aborted such runs. Applies where the loop (or amvl
@@ -109,6 +114,12 @@ class TrainConfig:
                     flags=("activation_checkpointing", "compile"))
         for name in ("steps", "batch_size", "log_every"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        trackers = self.report_to
+        require(isinstance(trackers, (list, tuple)) and all(
+            isinstance(name, str) and name for name in trackers)
+            and len(set(trackers)) == len(trackers),
+            f"report_to must be a list of distinct tracker names, got {trackers!r}")
+        self.report_to = tuple(trackers)
         if self.eval_batch_size is not None:
             check_types(self, integers={"eval_batch_size": 1}, reals=(), flags=())
         if self.micro_batch_size is not None:
@@ -511,6 +522,16 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
     if config.batch_size > len(examples):
         warnings.warn(f"batch_size {config.batch_size} is larger than the {len(examples)} "
                       "examples: every batch holds some of them more than once", stacklevel=2)
+    trackers = list(config.report_to)
+    if trackers:
+        check_trackers(trackers)
+        if accelerator is not None:
+            raise ValueError(f"report_to={trackers} with an accelerator of your own: build it "
+                             "with log_with=... and start its trackers (init_trackers); the "
+                             "loop logs to them")
+        if output_dir is None:
+            raise ValueError(f"report_to={trackers} needs an output_dir: the run is named "
+                             f"after it, and local trackers write into output_dir/{LOGS_DIR}")
     if accelerator is None:
         from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
@@ -519,7 +540,9 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
         ddp = DistributedDataParallelKwargs(find_unused_parameters=model.is_vlm)
         group = InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))
         accelerator = Accelerator(mixed_precision=config.mixed_precision,
-                                  kwargs_handlers=[ddp, group])
+                                  kwargs_handlers=[ddp, group], log_with=trackers or None,
+                                  project_dir=str(Path(output_dir) / LOGS_DIR)
+                                  if trackers else None)
     if config.mixed_precision == "fp16" and not accelerator.native_amp:
         warnings.warn(f"mixed_precision='fp16' has no effect on {accelerator.device}: "
                       "training runs in the model's own dtype", stacklevel=2)
@@ -611,6 +634,8 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
     built_ahead = iter(prefetching_loader(steps, config.num_workers,
                                           pin_memory=device.type == "cuda", seed=config.seed)) \
         if config.num_workers and start < config.steps else None
+    if trackers:  # last before the loop, whose end finishes them
+        start_trackers(accelerator, out, model.config, config)
     try:
         for step in bar:
             wrapped.train()  # each step: an on_log callback may have evaluated the model
@@ -661,6 +686,7 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
                 entry = {"step": step + 1, "lr": lr,
                          **{k: float(v) / summed for k, v in sums.items()}}
                 history.append(entry)
+                log_entry(accelerator, entry)
                 sums, summed = {}, 0
                 bar.set_postfix(loss=f"{entry['loss']:.3f}")
                 if out is not None and accelerator.is_main_process:
@@ -673,6 +699,7 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
                                           collator, eval_examples,
                                           config.eval_batch_size or micro_size, config.seed)
                 history.append(entry)
+                log_entry(accelerator, entry)
                 if rank == 0:  # tqdm.write prints plainly when the bar is disabled
                     bar.write("step {}: {}".format(step + 1, ", ".join(
                         f"{key} {entry[key]:.4f}" for key in ("eval/loss", "eval/nll",
@@ -698,5 +725,7 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
                 accelerator.wait_for_everyone()
     finally:
         stop_workers(built_ahead)
+        if trackers:
+            finish_trackers(accelerator)
 
     return history
