@@ -41,9 +41,10 @@ def stored_layer(layer: nn.Module) -> nn.Module:
     the whole matrix with the trained rows put in, built anew at every read."""
     while True:
         modules = layer._modules  # not getattr: PEFT's wrappers forward unknown names
+        inner = modules.get("base_layer")
         adapter = modules.get("token_adapter")
-        inner = modules.get("base_layer") or (adapter._modules.get("base_layer")
-                                              if adapter is not None else None)
+        if inner is None and adapter is not None:
+            inner = adapter._modules.get("base_layer")
         if inner is None:
             return layer
         layer = inner
