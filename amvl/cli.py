@@ -109,6 +109,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from amvl.training import (LaunchError, NothingLeftToTrain, OtherRunError, check_output_dir,
                                train)
 
+    if args.any_process_count and not args.resume:
+        raise SystemExit("amvl train: --any-process-count goes with --resume (a new run has "
+                         "no checkpoint to continue)")
     run = load_run_config(args.config)
     lora = run["lora_settings"]
     if lora is not None:
@@ -120,7 +123,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                          LaunchError)
     try:  # before the model is loaded and its embeddings resized, which can take minutes
         resumed = check_output_dir(out, run["train_config"], run["amvl_config"], args.resume,
-                                   state.num_processes)
+                                   None if args.any_process_count else state.num_processes)
     except output_dir_errors as err:
         raise SystemExit(f"amvl train: {err}") from None
     if resumed is not None:
@@ -165,7 +168,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_jsonl_texts(data["eval"], *held_out, collator)
     try:  # train checks the directory again, and the processes accelerate sees
         train(model, collator, examples, run["train_config"], output_dir=out,
-              resume=args.resume, progress=not args.no_progress,
+              resume=args.resume, any_process_count=args.any_process_count,
+              progress=not args.no_progress,
               eval_examples=held_out[0] if held_out is not None else None,
               on_save=None if record is None else partial(write_record, record=record))
     except output_dir_errors as err:
@@ -554,6 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train from a YAML run config")
     train.add_argument("--config", required=True)
     train.add_argument("--resume", action="store_true", help="continue the latest checkpoint")
+    train.add_argument("--any-process-count", action="store_true",
+                       help="with --resume: continue a checkpoint trained on another number of "
+                            "processes (the same batches; other latent noise and dropout than "
+                            "an uninterrupted run)")
     ev = sub.add_parser("eval", help="multiple-choice evaluation on benchmark files")
     ev.add_argument("--config", help="the run config (its output_dir and eval.baselines; its "
                     "model section for a checkpoint-<step>/)")

@@ -347,7 +347,10 @@ def _check_same_run(checkpoint: Path, amvl_config: AMVLConfig, config: TrainConf
     if num_processes is not None and before is not None and before != num_processes:
         raise OtherRunError(f"{checkpoint} was trained on {before} processes, this run has "
                             f"{num_processes}: the batches' shares and their latent noise "
-                            f"would not continue; resume on {before}")
+                            f"would not continue; resume on {before}, or continue on "
+                            f"{num_processes} anyway (amvl train --resume --any-process-count, "
+                            "train(..., any_process_count=True): the same batches, other noise "
+                            "and dropout than an uninterrupted run)")
 
 
 def check_output_dir(output_dir: str | Path, config: TrainConfig, amvl_config: AMVLConfig,
@@ -496,7 +499,8 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
           on_log: Callable[[dict], None] | None = None, progress: bool = True,
           accelerator: Accelerator | None = None,
           eval_examples: Sequence[dict] | None = None,
-          on_save: Callable[[Path], None] | None = None) -> list[dict]:
+          on_save: Callable[[Path], None] | None = None,
+          any_process_count: bool = False) -> list[dict]:
     """Train ``model`` (an :class:`amvl.model.AMVLModel`) and return the logged history.
 
     Each history entry holds the step, the learning rate and the objective's metrics averaged
@@ -505,8 +509,11 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
     ``eval/nll_prior``, ...), every ``config.eval_every`` steps and after the last, each
     process validating a share of the examples. With an ``output_dir`` the main process also
     keeps the history so far in ``output_dir/history.jsonl``; ``on_log`` gets every entry.
-    ``resume=True`` continues from the latest checkpoint in ``output_dir``; ``on_save`` gets
-    each checkpoint's directory before it is moved into place (see :func:`save_checkpoint`).
+    ``resume=True`` continues from the latest checkpoint in ``output_dir``, on as many
+    processes as it trained on (``any_process_count=True``: on any number, with a warning: the
+    steps' batches continue, but their shares' latent noise and dropout differ from an
+    uninterrupted run's); ``on_save`` gets each checkpoint's directory before it is moved into
+    place (see :func:`save_checkpoint`).
     Only the parameters that require gradients train (a PEFT base's adapters, not its frozen
     weights). Trainable bf16/fp16 weights get a warning: AdamW updates them without fp32
     master weights.
@@ -594,7 +601,8 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
         raise FileNotFoundError("resume=True but no checkpoint in output_dir=None: give the "
                                 "directory of the run to continue")
     checkpoint = check_output_dir(out, config, model.config, resume,
-                                  accelerator.num_processes) if out is not None else None
+                                  None if any_process_count else accelerator.num_processes) \
+        if out is not None else None
     if checkpoint is not None:
         if (checkpoint / "model.safetensors").is_file():
             load_model(model, str(checkpoint / "model.safetensors"), device=str(model.device))
@@ -604,6 +612,11 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
         scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
         _rates_of_this_run(optimizer, scheduler, config.learning_rate)
         state = json.loads((checkpoint / "state.json").read_text())
+        trained_on = state.get("num_processes", world)
+        if trained_on != world:  # any_process_count=True: check_output_dir let it through
+            warnings.warn(f"{checkpoint.name} trained on {trained_on} processes and continues "
+                          f"on {world}: the steps' batches continue, but their shares' latent "
+                          "noise and dropout are not an uninterrupted run's", stacklevel=2)
         _set_rng_state(*_rng_state_of_rank(torch.load(checkpoint / "rng.pt", weights_only=True),
                                            state, rank))
         if accelerator.scaler is not None and (checkpoint / "scaler.pt").is_file():

@@ -112,7 +112,8 @@ def test_train_under_torchrun_trains_as_one_process_on_the_whole_batch(tmp_path,
     one group. Now the two processes train what one process does on the whole batch (the
     "none" objective draws no noise, which is drawn per process), save once, and resume;
     with LoRA too (the adapter saved by the main process with the run's record, loaded by
-    both on resume)."""
+    both on resume). Their checkpoint then continues on one process, with
+    --any-process-count alone."""
     if not torch.distributed.is_available():
         pytest.skip("torch without distributed")
     if lora:
@@ -156,6 +157,18 @@ def test_train_under_torchrun_trains_as_one_process_on_the_whole_batch(tmp_path,
         if not name.endswith("k_proj.bias"):
             torch.testing.assert_close(weights[0][name], tensor, rtol=1e-5, atol=1e-6,
                                        msg=name)
+    # the 2 processes' checkpoint continued on 1 process, asked to (each rank's random state
+    # saved, the main process's taken)
+    config = _run_config(two, steps=5, save_every=1, log_every=1, **settings)
+    with pytest.raises(SystemExit, match="trained on 2 processes, this run has 1.*"
+                                         "--any-process-count"):
+        main(["train", "--config", config, "--resume", "--no-progress"])
+    with pytest.warns(UserWarning, match="trained on 2 processes and continues on 1"):
+        assert main(["train", "--config", config, "--resume", "--any-process-count",
+                     "--no-progress"]) == 0
+    assert [e["step"] for e in read_history(run)] == [2, 4, 5]
+    with pytest.raises(SystemExit, match="--any-process-count goes with --resume"):
+        main(["train", "--config", config, "--any-process-count", "--no-progress"])
 
 
 def test_final_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):

@@ -422,9 +422,11 @@ def test_processes_accelerate_does_not_see_are_refused(tmp_path):
     assert not (tmp_path / "params.safetensors").exists()
 
 
-def test_resuming_on_another_number_of_processes_is_refused(tmp_path, monkeypatch):
+def test_resuming_on_another_number_of_processes_is_refused_unless_asked(tmp_path,
+                                                                         monkeypatch):
     """The shares and their noise depend on the process count: a checkpoint of 2 processes
-    resumed on 1 continued a different run (parameters 5.9e-3 off) without a word."""
+    resumed on 1 continued a different run (parameters 5.9e-3 off) without a word. Asked to
+    (a cluster's job requeued on fewer GPUs), it continues with a warning, the same batches."""
     import json
 
     from amvl.training import OtherRunError
@@ -438,9 +440,17 @@ def test_resuming_on_another_number_of_processes_is_refused(tmp_path, monkeypatc
     state["num_processes"] = 2
     state_file.write_text(json.dumps(state))
     model, collator = _model()
-    with pytest.raises(OtherRunError, match="trained on 2 processes, this run has 1"):
+    with pytest.raises(OtherRunError, match="trained on 2 processes, this run has 1.*"
+                                            "any_process_count=True"):
         train(model, collator, _data(), TrainConfig(steps=4, batch_size=2, log_every=1),
               output_dir=tmp_path, resume=True, progress=False)
+    with pytest.warns(UserWarning, match="checkpoint-2 trained on 2 processes and continues on "
+                                         "1: the steps' batches continue"):
+        history = train(model, collator, _data(), TrainConfig(steps=4, batch_size=2,
+                                                               log_every=1),
+                        output_dir=tmp_path, resume=True, any_process_count=True,
+                        progress=False)
+    assert [entry["step"] for entry in history] == [1, 2, 3, 4]
 
 
 def test_resume_accepts_other_inference_settings_only(tmp_path):
