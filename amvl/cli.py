@@ -214,6 +214,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_GROUP_TIMEOUT_S = 1800  # amvl eval's process group: as TrainConfig.ddp_timeout's
+
+
 def _process_state(timeout_s: int):
     """accelerate's view of the processes ``amvl train`` runs in (a singleton that the training
     loop's Accelerator then shares); under a launcher, the process group it starts waits
@@ -313,9 +316,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     the results after every model. Returns 0; unusable inputs raise SystemExit."""
     from amvl import evaluation
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SystemExit("amvl eval runs in one process: every process would score every "
-                         "example and write --out; launch it without torchrun / accelerate")
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if several and args.diagnostics:
+        raise SystemExit("amvl eval --diagnostics runs in one process (its probes fit on all "
+                         "the examples at once); launch it without torchrun / accelerate")
+    # under torchrun / accelerate launch: each process scores a share with its own copy of
+    # each model (on its own GPU), and the main process prints and writes --out
+    state = _process_state(DEFAULT_GROUP_TIMEOUT_S) if several else None
+    main_process = state is None or state.is_main_process
+    if several and state.num_processes != int(os.environ["WORLD_SIZE"]):
+        raise SystemExit(f"amvl eval: launched as {os.environ['WORLD_SIZE']} processes, but "
+                         f"accelerate sees {state.num_processes}. Without GPUs launch with "
+                         "ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N")
     run = load_run_config(args.config) if args.config else {}
     checkpoint = Path(args.checkpoint or Path(run.get("output_dir", "runs/amvl")) / FINAL_DIR)
     models = {checkpoint.name: checkpoint}  # named after its scoring once loaded
@@ -353,7 +365,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         results[name] = evaluation.evaluate_benchmark(model, collator, examples,
                                                       batch_size=args.batch_size,
                                                       progress=not args.no_progress,
-                                                      num_workers=args.num_workers)
+                                                      num_workers=args.num_workers,
+                                                      split_across_processes=several)
         if args.diagnostics and model.objective.latent_source != "none":
             from amvl.diagnostics import leakage_report
 
@@ -361,8 +374,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 model, collator, examples, batch_size=args.batch_size,
                 progress=not args.no_progress, group_key="subtask")
         del model
-        if args.out:  # after every model: a failure later keeps what finished
+        if args.out and main_process:  # after every model: a failure later keeps what finished
             Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+    if state is not None:
+        state.wait_for_everyone()
+        state.destroy_process_group()
+    if not main_process:
+        return 0
     if args.unlabelled:
         print(f"amvl eval: predictions for {len(examples)} unlabelled examples written to "
               f"{args.out}")

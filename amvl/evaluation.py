@@ -67,11 +67,13 @@ from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
 from amvl.model import in_eval_mode
-from amvl.sharded import choices_to_score, with_choice
+from amvl.sharded import choices_to_score, several_processes, sharded_across_processes, \
+    with_choice
 from amvl.step_batches import prefetching_loader, stop_workers
 
 if TYPE_CHECKING:
@@ -626,8 +628,8 @@ def _check_scorable(examples: Sequence[dict]) -> bool:
 @torch.no_grad()
 @in_eval_mode
 def prior_choice_nll(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
-                     batch_size: int = 8, progress: bool = True, num_workers: int = 0
-                     ) -> np.ndarray:
+                     batch_size: int = 8, progress: bool = True, num_workers: int = 0,
+                     split_across_processes: bool = False) -> np.ndarray:
     """(N, C) mean token NLL of every choice given prior latents z = mu_p (``inf`` past an
     example's last choice).
 
@@ -638,12 +640,48 @@ def prior_choice_nll(model: AMVLModel, collator: AMVLCollator, examples: Sequenc
     ``num_workers`` > 0 the coming batches are built (images decoded and processed) in that
     many DataLoader worker processes while the model scores this one.
 
-    Warns once (UserWarning) when some examples have choices that tokenize to the same ids:
-    their NLLs tie, and the predictions over them mean nothing.
+    ``split_across_processes``: in a process group (torchrun, each process with a whole copy
+    of the model), each process scores a contiguous share of the examples and every process
+    gets all of the scores (one gather); the progress bar is the main process's.
+
+    Warns once (UserWarning; in a group, on the main process) when some examples have choices
+    that tokenize to the same ids: their NLLs tie, and the predictions over them mean nothing.
     """
+    n_choices = max(len(ex["choices"]) for ex in examples)
+    if not (split_across_processes and several_processes()):
+        nll, choice_ids = _score_choices(model, collator, examples, n_choices, batch_size,
+                                         progress, num_workers)
+        warn_indistinguishable_choices(examples, choice_ids)
+        return nll
+    if sharded_across_processes(model):
+        raise ValueError("split_across_processes needs a whole model in each process; this "
+                         "one is sharded across them (its processes score every example "
+                         "together)")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    share = np.array_split(np.arange(len(examples)), world)[rank]
+    mine = _score_choices(model, collator, [examples[i] for i in share], n_choices,
+                          batch_size, progress and rank == 0, num_workers) \
+        if len(share) else (np.full((0, n_choices), np.inf), [])
+    shares: list = [None] * world
+    dist.all_gather_object(shares, (share.tolist(), *mine))
+    nll = np.full((len(examples), n_choices), np.inf)
+    choice_ids: list[list[tuple[int, ...]]] = [[] for _ in examples]
+    for indices, part, ids in shares:
+        nll[indices] = part
+        for i, example_ids in zip(indices, ids):
+            choice_ids[i] = example_ids
+    if rank == 0:
+        warn_indistinguishable_choices(examples, choice_ids)
+    return nll
+
+
+def _score_choices(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
+                   n_choices: int, batch_size: int, progress: bool, num_workers: int
+                   ) -> tuple[np.ndarray, list[list[tuple[int, ...]]]]:
+    """:func:`prior_choice_nll`'s scores of ``examples`` ((N, n_choices), ``inf`` past an
+    example's last choice) and each example's choices as answer token ids."""
     device = model.device
     dtype = model.dtype
-    n_choices = max(len(ex["choices"]) for ex in examples)
     sharded, passes = choices_to_score(model, len(examples), batch_size, n_choices)
     nll = np.full((len(examples), n_choices), np.inf)
     # Each example's choices as the answer token ids the collator builds (read on the host,
@@ -674,8 +712,7 @@ def prior_choice_nll(model: AMVLModel, collator: AMVLCollator, examples: Sequenc
                 nll[start + np.array(have, dtype=int), c] = values[have, c]
     finally:
         stop_workers(built)
-    warn_indistinguishable_choices(examples, choice_ids)
-    return nll
+    return nll, choice_ids
 
 
 class ChoiceChunks(torch.utils.data.Dataset):
@@ -769,8 +806,8 @@ def _subtask_order(names: set[str]) -> list[str]:
 
 
 def evaluate_benchmark(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
-                       batch_size: int = 8, progress: bool = True, num_workers: int = 0
-                       ) -> dict:
+                       batch_size: int = 8, progress: bool = True, num_workers: int = 0,
+                       split_across_processes: bool = False) -> dict:
     """Predict every example's choice from prior latents and score the predictions.
 
     Args:
@@ -783,6 +820,9 @@ def evaluate_benchmark(model: AMVLModel, collator: AMVLCollator, examples: Seque
         progress: show a progress bar.
         num_workers: DataLoader worker processes building the coming batches ahead (0: each
             built in turn, while the model waits).
+        split_across_processes: in a process group, each process (with a whole model) scores
+            a share of the examples, and every process returns the results of all of them
+            (:func:`prior_choice_nll`).
 
     Returns:
         ``{"objective", "scoring", "num_examples", "predictions", "counts", "accuracy",
@@ -793,7 +833,8 @@ def evaluate_benchmark(model: AMVLModel, collator: AMVLCollator, examples: Seque
         (VisualPuzzles'). For unlabelled examples the accuracies are None and ``correct`` too.
     """
     labelled = _check_scorable(examples)
-    nll = prior_choice_nll(model, collator, examples, batch_size, progress, num_workers)
+    nll = prior_choice_nll(model, collator, examples, batch_size, progress, num_workers,
+                           split_across_processes)
     predictions, by_subtask = [], {}
     for i, (ex, scores) in enumerate(zip(examples, nll)):
         scores = scores[:len(ex["choices"])]

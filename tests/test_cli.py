@@ -92,16 +92,20 @@ def test_train_leaves_the_process_group_together_once_saved(tmp_path, monkeypatc
     assert events == [("state", timedelta(seconds=2400)), ("wait", True), ("destroy", None)]
 
 
-def _torchrun_train(config: str, *extra: str) -> subprocess.CompletedProcess:
-    """``amvl train`` on 2 CPU processes, launched as the README says for a machine without
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    """``amvl <args>`` on 2 CPU processes, launched as the README says for a machine without
     GPUs."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1",
            "ACCELERATE_USE_CPU": "1"}
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-         "--standalone", "-m", "amvl", "train", "--config", config, "--no-progress", *extra],
+         "--standalone", "-m", "amvl", *args, "--no-progress"],
         cwd=root, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _torchrun_train(config: str, *extra: str) -> subprocess.CompletedProcess:
+    return _torchrun("train", "--config", config, *extra)
 
 
 @pytest.mark.parametrize("lora", [None, {"r": 4}], ids=["full", "lora"])
@@ -256,11 +260,35 @@ def test_bad_run_configs(tmp_path, text, match):
         load_run_config(path)
 
 
-def test_eval_refuses_to_run_in_several_processes(monkeypatch):
-    """Under torchrun every process scored every example and wrote --out."""
+def test_eval_under_torchrun_splits_the_examples_and_writes_once(tmp_path, capsys):
+    """Under torchrun each process scores a share of the examples with its own copy of the
+    model, and the main process prints and writes what one process would (it was refused: every
+    process would have scored every example and written --out)."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch without distributed")
+    config = _run_config(tmp_path, steps=1, save_every=0)
+    assert main(["train", "--config", config, "--no-progress"]) == 0
+    scoring = ["eval", "--config", config, "--benchmark", "puzzles", "--split", "test",
+               "--batch-size", "2"]
+    proc = _torchrun(*scoring, "--out", str(tmp_path / "two.json"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("| counting |") == 1  # the table, from the main process alone
+    capsys.readouterr()
+    assert main([*scoring, "--out", str(tmp_path / "one.json"), "--no-progress"]) == 0
+    two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
+    assert two.keys() == one.keys()
+    for name in one:
+        assert [p["id"] for p in two[name]["predictions"]] == \
+            [p["id"] for p in one[name]["predictions"]]
+        assert [n for p in two[name]["predictions"] for n in p["nll"]] == pytest.approx(
+            [n for p in one[name]["predictions"] for n in p["nll"]], rel=1e-5)
+        assert two[name]["accuracy"] == one[name]["accuracy"]
+
+
+def test_eval_diagnostics_refuse_several_processes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit, match="amvl eval runs in one process"):
-        main(["eval", "--checkpoint", "x", "--benchmark", "puzzles"])
+    with pytest.raises(SystemExit, match="amvl eval --diagnostics runs in one process"):
+        main(["eval", "--checkpoint", "x", "--benchmark", "puzzles", "--diagnostics"])
 
 
 def test_eval_num_workers_is_a_count(capsys):

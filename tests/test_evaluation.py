@@ -570,3 +570,30 @@ def test_workers_build_the_batches_the_loop_would(blink_dir):
         prior_choice_nll(model, Breaks(), examples, batch_size=3, progress=False,
                          num_workers=2)
     assert raised.traceback and not multiprocessing.active_children()
+
+
+def test_two_processes_score_a_share_each_and_return_every_score(tmp_path):
+    """``split_across_processes``: under torchrun each process encodes its share of the
+    prompts (4 and 3 of 7) and both return the scores one process computes for all."""
+    import os
+    import subprocess
+    import sys
+
+    from tests import eval_worker
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch without distributed")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+         "--standalone", str(root / "tests" / "eval_worker.py"), str(tmp_path)],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [rank["scored"] for rank in ranks] == [4, 3]
+    model, collator, examples = eval_worker.build()
+    expected = prior_choice_nll(model, collator, examples, batch_size=2, progress=False)
+    assert np.isinf(expected).any()  # examples with fewer choices: padded columns
+    for rank in ranks:
+        np.testing.assert_allclose(np.array(rank["nll"]), expected, rtol=1e-5)
