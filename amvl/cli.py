@@ -36,11 +36,13 @@ command line; only the image paths inside a JSON-lines file are relative to that
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import shutil
 import sys
+import warnings
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -313,21 +315,27 @@ def _check_kernel_backend(backend: str) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     """``amvl eval``: score the checkpoint and the config's ``eval.baselines`` on a benchmark
     and print the accuracy table (``--unlabelled``: write predictions only); ``--out`` gets
-    the results after every model. Returns 0; unusable inputs raise SystemExit."""
-    from amvl import evaluation
-
+    the results after every model. Returns 0; unusable inputs raise SystemExit. Under
+    torchrun each process scores a share of the examples (:func:`_evaluate`)."""
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if several and args.diagnostics:
         raise SystemExit("amvl eval --diagnostics runs in one process (its probes fit on all "
                          "the examples at once); launch it without torchrun / accelerate")
-    # under torchrun / accelerate launch: each process scores a share with its own copy of
-    # each model (on its own GPU), and the main process prints and writes --out
-    state = _process_state(DEFAULT_GROUP_TIMEOUT_S) if several else None
-    main_process = state is None or state.is_main_process
-    if several and state.num_processes != int(os.environ["WORLD_SIZE"]):
-        raise SystemExit(f"amvl eval: launched as {os.environ['WORLD_SIZE']} processes, but "
-                         f"accelerate sees {state.num_processes}. Without GPUs launch with "
-                         "ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N")
+    if several and os.environ.get("RANK", "0") != "0":
+        # under torchrun every process checks and scores, the main one alone speaks
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _evaluate(args, several)
+    return _evaluate(args, several)
+
+
+def _evaluate(args: argparse.Namespace, several: bool) -> int:
+    """:func:`cmd_eval`'s work, in one process or (``several``) in each of a process group:
+    each process scores a share with its own copy of each model (on its own GPU), and the
+    main process prints and writes ``--out``."""
+    from amvl import evaluation
+
     run = load_run_config(args.config) if args.config else {}
     checkpoint = Path(args.checkpoint or Path(run.get("output_dir", "runs/amvl")) / FINAL_DIR)
     models = {checkpoint.name: checkpoint}  # named after its scoring once loaded
@@ -353,6 +361,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if is_text_only(directory, model_section):
                 raise SystemExit(f"amvl eval: {name}: {directory} holds a text-only model, "
                                  f"and the {args.benchmark} examples have images")
+    # the process group, once the checks that need none have passed
+    state = _process_state(DEFAULT_GROUP_TIMEOUT_S) if several else None
+    try:
+        if several and state.num_processes != int(os.environ["WORLD_SIZE"]):
+            raise SystemExit(f"amvl eval: launched as {os.environ['WORLD_SIZE']} processes, "
+                             f"but accelerate sees {state.num_processes}. Without GPUs launch "
+                             "with ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N")
+        results = _score_models(args, run, models, prompts, examples, checkpoint, several,
+                                main_process=state is None or state.is_main_process)
+        if state is not None:
+            state.wait_for_everyone()
+    finally:
+        if state is not None:
+            state.destroy_process_group()
+    if state is not None and not state.is_main_process:
+        return 0
+    if args.unlabelled:
+        print(f"amvl eval: predictions for {len(examples)} unlabelled examples written to "
+              f"{args.out}")
+    else:
+        print(evaluation.format_accuracy_table(results, args.benchmark))
+    reports = {name: result["diagnostics"] for name, result in results.items()
+               if "diagnostics" in result}
+    if reports:
+        from amvl.diagnostics import format_leakage_table
+
+        print("\n" + format_leakage_table(reports))
+    return 0
+
+
+def _score_models(args: argparse.Namespace, run: dict, models: dict[str, Path],
+                  prompts: dict, examples: list[dict], checkpoint: Path, several: bool,
+                  main_process: bool) -> dict[str, dict]:
+    """Each model's :func:`amvl.evaluation.evaluate_benchmark` results (and diagnostics), by
+    name; ``--out`` rewritten by the main process after each."""
+    from amvl import evaluation
+
+    model_section, data = run.get("model"), run.get("data") or {}
     results = {}
     for name, directory in models.items():
         prompt = prompts[name]
@@ -376,23 +422,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         del model
         if args.out and main_process:  # after every model: a failure later keeps what finished
             Path(args.out).write_text(json.dumps(results, indent=1, default=str))
-    if state is not None:
-        state.wait_for_everyone()
-        state.destroy_process_group()
-    if not main_process:
-        return 0
-    if args.unlabelled:
-        print(f"amvl eval: predictions for {len(examples)} unlabelled examples written to "
-              f"{args.out}")
-    else:
-        print(evaluation.format_accuracy_table(results, args.benchmark))
-    reports = {name: result["diagnostics"] for name, result in results.items()
-               if "diagnostics" in result}
-    if reports:
-        from amvl.diagnostics import format_leakage_table
-
-        print("\n" + format_leakage_table(reports))
-    return 0
+    return results
 
 
 def _attention_as_trained(model, run: dict) -> None:

@@ -641,8 +641,9 @@ def prior_choice_nll(model: AMVLModel, collator: AMVLCollator, examples: Sequenc
     many DataLoader worker processes while the model scores this one.
 
     ``split_across_processes``: in a process group (torchrun, each process with a whole copy
-    of the model), each process scores a contiguous share of the examples and every process
-    gets all of the scores (one gather); the progress bar is the main process's.
+    of the model), each process scores a contiguous share of the batches, and every process
+    gets all of the scores (one gather): the batches one process would score; the progress
+    bar is the main process's.
 
     Warns once (UserWarning; in a group, on the main process) when some examples have choices
     that tokenize to the same ids: their NLLs tie, and the predictions over them mean nothing.
@@ -658,7 +659,10 @@ def prior_choice_nll(model: AMVLModel, collator: AMVLCollator, examples: Sequenc
                          "one is sharded across them (its processes score every example "
                          "together)")
     rank, world = dist.get_rank(), dist.get_world_size()
-    share = np.array_split(np.arange(len(examples)), world)[rank]
+    # whole batches each, so that every batch (its padding, its shapes) is one process's
+    batches = np.array_split(np.arange(-(-len(examples) // batch_size)), world)[rank]
+    share = np.arange(len(examples))[batches[0] * batch_size:(batches[-1] + 1) * batch_size] \
+        if len(batches) else np.arange(0)
     mine = _score_choices(model, collator, [examples[i] for i in share], n_choices,
                           batch_size, progress and rank == 0, num_workers) \
         if len(share) else (np.full((0, n_choices), np.inf), [])

@@ -186,8 +186,11 @@ def _rng_state() -> tuple[dict, dict]:
 def _set_rng_state(tensors: dict, plain: dict) -> None:
     torch.set_rng_state(tensors["torch"])
     if torch.cuda.is_available():
-        devices = sorted((k for k in tensors if k.startswith("cuda")), key=lambda k: int(k[4:]))
-        torch.cuda.set_rng_state_all([tensors[k] for k in devices])
+        # the GPUs this machine has of those saved: a job requeued on fewer GPUs (or more)
+        # than the checkpoint's machine saw (set_rng_state_all indexed past its devices)
+        for key, state in tensors.items():
+            if key.startswith("cuda") and int(key[4:]) < torch.cuda.device_count():
+                torch.cuda.set_rng_state(state, int(key[4:]))
     kind, keys, pos, has_gauss, cached = plain["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     version, internal, gauss = plain["python"]
@@ -613,7 +616,8 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
         _rates_of_this_run(optimizer, scheduler, config.learning_rate)
         state = json.loads((checkpoint / "state.json").read_text())
         trained_on = state.get("num_processes", world)
-        if trained_on != world:  # any_process_count=True: check_output_dir let it through
+        # any_process_count=True let it through check_output_dir; said once, not per process
+        if trained_on != world and accelerator.is_main_process:
             warnings.warn(f"{checkpoint.name} trained on {trained_on} processes and continues "
                           f"on {world}: the steps' batches continue, but their shares' latent "
                           "noise and dropout are not an uninterrupted run's", stacklevel=2)
@@ -647,9 +651,9 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
     built_ahead = iter(prefetching_loader(steps, config.num_workers,
                                           pin_memory=device.type == "cuda", seed=config.seed)) \
         if config.num_workers and start < config.steps else None
-    if trackers:  # last before the loop, whose end finishes them
-        start_trackers(accelerator, out, model.config, config)
     try:
+        if trackers:  # inside: a tracker that fails to start stops the workers too
+            start_trackers(accelerator, out, model.config, config)
         for step in bar:
             wrapped.train()  # each step: an on_log callback may have evaluated the model
             mine = None

@@ -261,9 +261,9 @@ def test_bad_run_configs(tmp_path, text, match):
 
 
 def test_eval_under_torchrun_splits_the_examples_and_writes_once(tmp_path, capsys):
-    """Under torchrun each process scores a share of the examples with its own copy of the
-    model, and the main process prints and writes what one process would (it was refused: every
-    process would have scored every example and written --out)."""
+    """Under torchrun the main process prints and writes what one process would (it was
+    refused: every process would have scored every example and written --out); that each
+    scores a share alone is tests/test_evaluation.py's."""
     if not torch.distributed.is_available():
         pytest.skip("torch without distributed")
     config = _run_config(tmp_path, steps=1, save_every=0)

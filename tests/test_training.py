@@ -810,3 +810,23 @@ def test_a_resumed_run_trains_at_its_own_schedules_rates(tmp_path):
                     progress=False)
     # the first run's rates, then linear decay from 1e-2 over 4 steps at steps 3 and 4
     assert [e["lr"] for e in history] == pytest.approx([1e-3, 5e-4, 5e-3, 2.5e-3])
+
+
+def test_cuda_random_states_come_back_on_the_gpus_there_are(monkeypatch):
+    """A checkpoint of a machine with 8 GPUs resumed on one with 2 (a requeued job,
+    ``--any-process-count``): restoring every saved GPU state indexed past the devices; the
+    states of the GPUs there are come back, each to its own device."""
+    from amvl import training
+
+    _, plain = training._rng_state()
+    saved = {"torch": torch.get_rng_state(),
+             **{f"cuda{i}": torch.full((16,), i, dtype=torch.uint8) for i in range(8)}}
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device: restored.__setitem__(device, state))
+    training._set_rng_state(saved, plain)
+    assert sorted(restored) == [0, 1]
+    for device, state in restored.items():
+        assert torch.equal(state, saved[f"cuda{device}"])
