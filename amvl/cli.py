@@ -55,7 +55,7 @@ from amvl.lora import (add_adapters, base_record, read_record, require_peft, run
 from amvl.run_config import (PROMPT_KEYS, check_jsonl_texts, load_run_config, prompt_format,
                              read_jsonl_lines)
 from amvl.trackers import check_trackers
-from amvl.training import read_history, readable_temporary_directory
+from amvl.training import TrainConfig, read_history, readable_temporary_directory
 
 PLOTS_DIR = "plots"  # where amvl train and amvl plot write a run's curves, inside the run
 
@@ -216,9 +216,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-DEFAULT_GROUP_TIMEOUT_S = 1800  # amvl eval's process group: as TrainConfig.ddp_timeout's
-
-
 def _process_state(timeout_s: int):
     """accelerate's view of the processes ``amvl train`` runs in (a singleton that the training
     loop's Accelerator then shares); under a launcher, the process group it starts waits
@@ -362,7 +359,7 @@ def _evaluate(args: argparse.Namespace, several: bool) -> int:
                 raise SystemExit(f"amvl eval: {name}: {directory} holds a text-only model, "
                                  f"and the {args.benchmark} examples have images")
     # the process group, once the checks that need none have passed
-    state = _process_state(DEFAULT_GROUP_TIMEOUT_S) if several else None
+    state = _process_state(TrainConfig.ddp_timeout) if several else None  # its default
     try:
         if several and state.num_processes != int(os.environ["WORLD_SIZE"]):
             raise SystemExit(f"amvl eval: launched as {os.environ['WORLD_SIZE']} processes, "

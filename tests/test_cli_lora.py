@@ -373,18 +373,19 @@ def test_resume_with_other_lora_settings_is_refused_before_the_model_loads(tmp_p
     # the same settings, alpha's default written out: resumed
     config = _lora_config(tmp_path, steps=2, save_every=1, lora={"r": 4, "alpha": 8})
     assert main(["train", "--config", config, "--resume", "--no-progress"]) == 0
+    def written_before(checkpoint: str, section: str, key: str) -> None:
+        """Make a checkpoint's record one of before ``section.key`` was recorded."""
+        record_file = tmp_path / "run" / checkpoint / "lora_run.json"
+        record = json.loads(record_file.read_text())
+        del record[section][key]
+        record_file.write_text(json.dumps(record))
+
     # a record of before the defaults were filled in (no dtype) resumes on the same base
-    record_file = tmp_path / "run" / "checkpoint-2" / "lora_run.json"
-    record = json.loads(record_file.read_text())
-    del record["base"]["dtype"]
-    record_file.write_text(json.dumps(record))
+    written_before("checkpoint-2", "base", "dtype")
     config = _lora_config(tmp_path, steps=3, save_every=1, lora={"r": 4, "alpha": 8})
     assert main(["train", "--config", config, "--resume", "--no-progress"]) == 0
     # a record of before the token rows trained: trained without them
-    record_file = tmp_path / "run" / "checkpoint-3" / "lora_run.json"
-    record = json.loads(record_file.read_text())
-    del record["lora"]["train_latent_tokens"]
-    record_file.write_text(json.dumps(record))
+    written_before("checkpoint-3", "lora", "train_latent_tokens")
     config = _lora_config(tmp_path, steps=4, save_every=1, lora={"r": 4, "alpha": 8})
     with pytest.raises(SystemExit, match=r"differs in \['model.lora.train_latent_tokens'\].*"
                                          r"add train_latent_tokens: false"):
