@@ -105,21 +105,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     """``amvl train``: train the run config's model on its data (``--resume`` continues the
     latest checkpoint), then save it to ``output_dir/final`` from the main process; returns 0.
     A bad config, or an output directory that does not fit the run, raises SystemExit."""
+    if args.any_process_count and not args.resume:
+        raise SystemExit("amvl train: --any-process-count goes with --resume (a new run has "
+                         "no checkpoint to continue)")
+    run = load_run_config(args.config)
+    if run["lora_settings"] is not None:
+        require_peft("train")
+    # under torchrun / accelerate launch this starts the process group, with the run's timeout
+    state = _process_state(run["train_config"].ddp_timeout)
+    try:
+        _train(args, run, state)
+        if state.num_processes > 1:  # no process leaves while the main one saves
+            state.wait_for_everyone()
+    finally:
+        if state.num_processes > 1:
+            # Every process leaves the group, refused and failed runs too: left to interpreter
+            # shutdown, NCCL warns on every rank that the group was never destroyed, and a
+            # process that exits first can leave a peer waiting in a collective.
+            state.destroy_process_group()
+    return 0
+
+
+def _train(args: argparse.Namespace, run: dict, state) -> None:
+    """:func:`cmd_train`'s work in the process group of ``state`` (accelerate's)."""
     import transformers
 
     from amvl.model import AMVLModel
     from amvl.training import (LaunchError, NothingLeftToTrain, OtherRunError, check_output_dir,
                                train)
 
-    if args.any_process_count and not args.resume:
-        raise SystemExit("amvl train: --any-process-count goes with --resume (a new run has "
-                         "no checkpoint to continue)")
-    run = load_run_config(args.config)
     lora = run["lora_settings"]
-    if lora is not None:
-        require_peft("train")
-    # under torchrun / accelerate launch this starts the process group, with the run's timeout
-    state = _process_state(run["train_config"].ddp_timeout)
     out = Path(run.get("output_dir", "runs/amvl"))
     output_dir_errors = (FileExistsError, FileNotFoundError, OtherRunError, NothingLeftToTrain,
                          LaunchError)
@@ -207,13 +222,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as err:
             print(f"amvl train: no plots ({err}); amvl plot {out} draws them later",
                   file=sys.stderr)
-    if state.num_processes > 1:
-        # Every process leaves the group once the main one has saved: left to interpreter
-        # shutdown, NCCL warns on every rank that the group was never destroyed, and a
-        # process that exits first can leave a peer waiting in a collective.
-        state.wait_for_everyone()
-        state.destroy_process_group()
-    return 0
 
 
 def _process_state(timeout_s: int):

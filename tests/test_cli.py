@@ -69,7 +69,7 @@ def test_train_resume_and_eval(tmp_path, capsys):
 def test_train_leaves_the_process_group_together_once_saved(tmp_path, monkeypatch):
     """Under torchrun the processes left their group to interpreter shutdown, where NCCL warns
     on every rank that it was never destroyed: after the main process has saved final/, they
-    wait for each other and destroy it."""
+    wait for each other and destroy it. A refused run destroys it too."""
     import accelerate
 
     events = []
@@ -90,6 +90,11 @@ def test_train_leaves_the_process_group_together_once_saved(tmp_path, monkeypatc
     assert main(["train", "--config", _run_config(tmp_path, steps=1, save_every=0,
                                                   ddp_timeout=2400), "--no-progress"]) == 0
     assert events == [("state", timedelta(seconds=2400)), ("wait", True), ("destroy", None)]
+    events.clear()
+    with pytest.raises(SystemExit, match="--resume"):  # the directory holds a run
+        main(["train", "--config", _run_config(tmp_path, steps=1, save_every=0),
+              "--no-progress"])
+    assert events == [("state", timedelta(seconds=1800)), ("destroy", None)]
 
 
 def _torchrun(*args: str) -> subprocess.CompletedProcess:
