@@ -18,6 +18,7 @@ from amvl.lora import (RECORD_FILE, TINY_HIDDEN_SIZE, TINY_MODEL, has_adapter, r
 from amvl.run_config import PROMPT_KEYS, prompt_format
 
 if TYPE_CHECKING:
+    import torch
     from transformers import BaseImageProcessor, PreTrainedModel, PreTrainedTokenizerBase
 
     from amvl.model import AMVLModel
@@ -109,21 +110,24 @@ def is_training_checkpoint(directory: Path) -> bool:
             and not (directory / "base").is_dir())
 
 
-def load_trained(directory: Path, model_section: dict | None = None, command: str = "eval"
+def load_trained(directory: Path, model_section: dict | None = None, command: str = "eval",
+                 device: torch.device | None = None
                  ) -> tuple[AMVLModel, BaseImageProcessor | None]:
-    """(AMVLModel on the GPU when there is one, image processor or None) of a directory
-    written by ``amvl train``: ``final/`` (or ``AMVLModel.save_pretrained`` plus the
-    processor's own ``save_pretrained`` into ``base/``), or a ``checkpoint-<step>``, which is
-    built on the run config's ``model_section`` (the model it trained from). Either comes back
-    on the base's default attention, in eval mode."""
+    """(AMVLModel on ``device``, by default the GPU when there is one, image processor or
+    None) of a directory written by ``amvl train``: ``final/`` (or
+    ``AMVLModel.save_pretrained`` plus the processor's own ``save_pretrained`` into ``base/``),
+    or a ``checkpoint-<step>``, which is built on the run config's ``model_section`` (the
+    model it trained from). Either comes back on the base's default attention, in eval mode."""
     import torch
 
     if is_training_checkpoint(directory):
         model, processor = _load_training_checkpoint(directory, model_section, command)
     else:
         model, processor = _load_saved_model(directory, command)
-    if torch.cuda.is_available():
-        model.to("cuda")
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda")
+    if device is not None:
+        model.to(device)
     return model, processor
 
 

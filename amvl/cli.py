@@ -374,7 +374,8 @@ def _evaluate(args: argparse.Namespace, several: bool) -> int:
                              f"but accelerate sees {state.num_processes}. Without GPUs launch "
                              "with ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N")
         results = _score_models(args, run, models, prompts, examples, checkpoint, several,
-                                main_process=state is None or state.is_main_process)
+                                main_process=state is None or state.is_main_process,
+                                device=None if state is None else state.device)
         if state is not None:
             state.wait_for_everyone()
     finally:
@@ -398,16 +399,18 @@ def _evaluate(args: argparse.Namespace, several: bool) -> int:
 
 def _score_models(args: argparse.Namespace, run: dict, models: dict[str, Path],
                   prompts: dict, examples: list[dict], checkpoint: Path, several: bool,
-                  main_process: bool) -> dict[str, dict]:
+                  main_process: bool, device=None) -> dict[str, dict]:
     """Each model's :func:`amvl.evaluation.evaluate_benchmark` results (and diagnostics), by
-    name; ``--out`` rewritten by the main process after each."""
+    name; ``--out`` rewritten by the main process after each. The models go on ``device``
+    (in a process group, the process's own: ``ACCELERATE_USE_CPU=1`` keeps them off the GPUs),
+    by default on the GPU when there is one."""
     from amvl import evaluation
 
     model_section, data = run.get("model"), run.get("data") or {}
     results = {}
     for name, directory in models.items():
         prompt = prompts[name]
-        model, processor = load_trained(directory, model_section)
+        model, processor = load_trained(directory, model_section, device=device)
         _attention_as_trained(model, run)
         if directory is checkpoint:
             name += " (prior latents)" if model.objective.latent_source != "none" \

@@ -265,10 +265,15 @@ def test_bad_run_configs(tmp_path, text, match):
         load_run_config(path)
 
 
-def test_eval_under_torchrun_splits_the_examples_and_writes_once(tmp_path, capsys):
+def test_eval_under_torchrun_splits_the_examples_and_writes_once(tmp_path, capsys,
+                                                                 monkeypatch):
     """Under torchrun the main process prints and writes what one process would (it was
     refused: every process would have scored every example and written --out); that each
-    scores a share alone is tests/test_evaluation.py's."""
+    scores a share alone is tests/test_evaluation.py's. The models go on the device accelerate
+    gives each process: with ACCELERATE_USE_CPU=1 on a machine with GPUs, every process put
+    them on cuda:0."""
+    import accelerate
+
     if not torch.distributed.is_available():
         pytest.skip("torch without distributed")
     config = _run_config(tmp_path, steps=1, save_every=0)
@@ -288,6 +293,24 @@ def test_eval_under_torchrun_splits_the_examples_and_writes_once(tmp_path, capsy
         assert [n for p in two[name]["predictions"] for n in p["nll"]] == pytest.approx(
             [n for p in one[name]["predictions"] for n in p["nll"]], rel=1e-5)
         assert two[name]["accuracy"] == one[name]["accuracy"]
+
+    class CPUProcessOfTwo:  # accelerate's state of rank 0 of two, launched on the CPU
+        num_processes, is_main_process, device = 2, True, torch.device("cpu")
+
+        def __init__(self, **settings):
+            pass
+
+        def wait_for_everyone(self):
+            pass
+
+        def destroy_process_group(self):
+            pass
+
+    monkeypatch.setattr(accelerate, "PartialState", CPUProcessOfTwo)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with GPUs
+    monkeypatch.setenv("WORLD_SIZE", "2")  # without a group, this process scores them all
+    assert main([*scoring, "--out", str(tmp_path / "cpu.json"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "cpu.json").read_text()).keys() == one.keys()
 
 
 def test_eval_diagnostics_refuse_several_processes(monkeypatch):
