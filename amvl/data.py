@@ -10,6 +10,7 @@ emits.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 import weakref
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from PIL import Image, ImageOps
 from torch import Tensor
 
 from amvl.config import AMVLConfig
@@ -32,6 +34,32 @@ _TEXT_ONLY = object()  # an example's image when it has none and image_for_text_
 # characters, which no text or template holds and no whitespace filter (``trim``) strips.
 _QUESTION = "\ue000amvl question\ue000"
 _ANSWER = "\ue000amvl answer\ue000"
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def rgb_image(image: Image.Image) -> Image.Image:
+    """``image`` as every path into a model sees it: turned upright by its EXIF orientation
+    (as a camera's JPEG is meant to be shown) and in RGB, transparent pixels composited onto
+    white as transformers' ``convert_to_rgb`` (Qwen2-VL's image processor) does; dropping the
+    alpha channel would show whatever colour lies under them, often black. ``image`` itself
+    when it is upright RGB already."""
+    if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)),
+                                     rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """The image an encoded file's ``data`` holds, decoded whole, as :func:`rgb_image` gives
+    it. PIL's errors for data it cannot decode propagate."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return rgb_image(image)
 
 
 @dataclass
@@ -173,19 +201,18 @@ class AMVLCollator:
         return state
 
     def _process_image(self, image) -> dict:
-        if isinstance(image, os.PathLike):  # the image processor loads str paths only
+        if isinstance(image, os.PathLike):
             image = os.fspath(image)
         if self._image_cache is None:
-            return self.image_processor(images=[image], return_tensors="pt")
+            return self._processed(image)
         if isinstance(image, str):
             if image not in self._path_cache:
-                self._path_cache[image] = self.image_processor(images=[image],
-                                                               return_tensors="pt")
+                self._path_cache[image] = self._processed(image)
             return self._path_cache[image]
         hit = self._image_cache.get(id(image))
         if hit is not None and hit[0]() is image:
             return hit[1]
-        processed = self.image_processor(images=[image], return_tensors="pt")
+        processed = self._processed(image)
         cache, key = self._image_cache, id(image)
 
         def forget(ref: weakref.ref) -> None:  # the image is gone: so is its entry
@@ -196,6 +223,18 @@ class AMVLCollator:
         except TypeError:  # an object without weak references: processed each time
             pass
         return processed
+
+    def _processed(self, image) -> dict:
+        """The image processor's output for one image: a file's path or a PIL image as
+        :func:`rgb_image` gives it (transformers' own loading of a path would drop its alpha
+        channel, where ``amvl eval``'s loaders composite it onto white), anything else (an
+        array, a URL) as the image processor takes it."""
+        if isinstance(image, str) and os.path.isfile(image):
+            with open(image, "rb") as file:
+                image = decode_image(file.read())
+        elif isinstance(image, Image.Image):
+            image = rgb_image(image)
+        return self.image_processor(images=[image], return_tensors="pt")
 
     def _images_for_text_only(self) -> list[object]:
         """The images of an example without any: ``image_for_text_only`` (processed once, and

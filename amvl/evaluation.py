@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import os
 import re
@@ -71,6 +70,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
+from amvl.data import decode_image, rgb_image
 from amvl.model import in_eval_mode
 from amvl.sharded import choices_to_score, several_processes, sharded_across_processes, \
     with_choice
@@ -171,7 +171,7 @@ class _Row:
     def image(self, key: str, value) -> Image.Image:
         where = f"image {key!r}"
         if isinstance(value, Image.Image):
-            return _rgb(value)
+            return rgb_image(value)
         if isinstance(value, dict):
             data, path = value.get("bytes"), value.get("path")
             if data is not None:
@@ -208,21 +208,9 @@ class _Row:
 
     def _decode(self, where: str, data: bytes) -> Image.Image:
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                return _rgb(image)
+            return decode_image(data)
         except Exception as err:  # noqa: BLE001 - PIL raises many types for bad data
             self.fail(f"{where}: cannot decode the image ({type(err).__name__}: {err})")
-
-
-def _rgb(image: Image.Image) -> Image.Image:
-    """``image`` as RGB, transparent pixels composited onto white as transformers'
-    ``convert_to_rgb`` (Qwen2-VL's image processor) does: dropping the alpha channel would
-    show whatever colour lies under them, often black."""
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)),
-                                     rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def _labels(n: int) -> list[str]:

@@ -4,6 +4,7 @@ header around the images' markers and the question, exactly as the tokenizer's o
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -388,3 +389,35 @@ def test_answers_alone_are_the_batchs_answers_without_processing_images(template
         collator.answers([{"question": "w1", "answer": "<|image_pad|>"}])
     with pytest.raises(ValueError, match="empty list"):
         collator.answers([])
+
+
+def test_an_image_file_reaches_the_model_as_amvl_eval_decodes_it(tmp_path):
+    """Training and generation (paths, which transformers' loading opened) and evaluation
+    (images the loaders decode) saw one file differently: transparent pixels black in the one,
+    white in the other, and a photo's EXIF orientation applied in the one only."""
+    from amvl.evaluation import load_choices
+    from amvl.run_config import read_jsonl_lines
+
+    pixels = np.zeros((16, 16, 4), np.uint8)
+    pixels[4:12, 4:12] = (0, 0, 0, 255)  # a black square on a transparent background
+    Image.fromarray(pixels, "RGBA").save(tmp_path / "square.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned by 90 degrees: 16 wide, 24 high
+    image(np.random.default_rng(0), 16, 24).save(tmp_path / "photo.jpg", exif=exif)
+    tokenizer = word_tokenizer(["which", "one", "two"], vision=True)
+    collator = AMVLCollator(tokenizer, tiny_image_processor(),
+                            vision_tokens(tokenizer))
+    for name, grid in (("square.png", [1, 4, 4]), ("photo.jpg", [1, 6, 4])):
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text(json.dumps({"images": [name], "question": "which",
+                                    "choices": ["one", "two"], "answer": "one"}) + "\n")
+        trained = collator(read_jsonl_lines(data)[0])
+        scored = collator([{**load_choices(data)[0], "answer": "one"}])
+        assert trained["image_grid_thw"].tolist() == [grid]
+        assert torch.equal(trained["pixel_values"], scored["pixel_values"])
+    white = collator([{"images": [Image.new("RGB", (16, 16), "white")], "question": "which",
+                       "answer": "one"}])["pixel_values"]
+    square = collator([{"images": [str(tmp_path / "square.png")], "question": "which",
+                        "answer": "one"}])["pixel_values"]
+    # the background white, as the loaders make it, around the black square
+    assert square.max() == white.max() and square.min() < white.min()
