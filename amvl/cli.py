@@ -692,6 +692,12 @@ def main(argv: list[str] | None = None) -> int:
                          "for blink, visualpuzzles and jsonl")
     if args.command == "eval" and args.out:
         _check_output_file("eval", args.out)
+        if args.data and Path(args.data).resolve() in Path(args.out).resolve().parents:
+            raise SystemExit(f"amvl eval: --out {args.out} is inside the --data folder, where "
+                             "benchmark files are looked for (the next run would read it as "
+                             "one); write it elsewhere")
+        if args.data and Path(args.out).resolve() == Path(args.data).resolve():
+            raise SystemExit(f"amvl eval: --out {args.out} is the --data file; give another")
     if args.command == "eval" and not (args.config or args.checkpoint):
         raise SystemExit("amvl eval: give --config or --checkpoint")
     if args.command == "eval" and args.unlabelled and args.benchmark != "blink":

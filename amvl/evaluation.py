@@ -499,7 +499,16 @@ def load_visualpuzzles(path: str | os.PathLike, split: str | None = None,
                                 "nor in a data/ folder inside it")
     examples = []
     for file in files:
-        for row, record in enumerate(_read_records(file)):
+        try:
+            records = _read_records(file)
+        except ValueError as err:
+            if root.is_file():
+                raise
+            # often another file left in the folder (an earlier run's results, metadata)
+            raise ValueError(f"{err}. Every *.parquet, *.json and *.jsonl file in {file.parent} "
+                             "is read as VisualPuzzles records: give the data file itself, or "
+                             "a split its files are named after") from err
+        for row, record in enumerate(records):
             example = _visualpuzzles_example(file, row, record, wanted, instruction)
             if example is not None:
                 examples.append(example)

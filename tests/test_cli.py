@@ -327,9 +327,19 @@ def test_eval_num_workers_is_a_count(capsys):
     assert "must be at least 0, got -1" in capsys.readouterr().err
 
 
-def test_eval_needs_data_for_real_benchmarks():
+def test_eval_needs_data_for_real_benchmarks(tmp_path):
     with pytest.raises(SystemExit, match="--data"):
         main(["eval", "--checkpoint", "x", "--benchmark", "blink"])
+    # --out was written over the data file, or into the folder the next run reads
+    data = tmp_path / "mine.jsonl"
+    data.write_text("{}\n")
+    with pytest.raises(SystemExit, match="is the --data file"):
+        main(["eval", "--checkpoint", "x", "--benchmark", "jsonl", "--data", str(data),
+              "--out", str(data)])
+    assert data.read_text() == "{}\n"
+    with pytest.raises(SystemExit, match="inside the --data folder"):
+        main(["eval", "--checkpoint", "x", "--benchmark", "visualpuzzles", "--data",
+              str(tmp_path), "--out", str(tmp_path / "results.json")])
     assert build_parser().parse_args(["demo"]).out == "amvl-demo"
 
 

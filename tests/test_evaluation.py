@@ -193,6 +193,10 @@ def test_visualpuzzles_parquet_and_json(tmp_path, vp_records):
                    ["image"])
     assert [ex["id"] for ex in load_visualpuzzles(tmp_path / "rev")] == \
         [ex["id"] for ex in examples]
+    # another JSON file in the folder (an earlier run's results) is named as such
+    (tmp_path / "hub" / "results.json").write_text(json.dumps({"model": {}}, indent=1))
+    with pytest.raises(ValueError, match=r"results.json: line 1 is not JSON.*Every \*.parquet"):
+        load_visualpuzzles(tmp_path / "hub")
 
 
 # ------------------------------------------------------------------------------ errors
