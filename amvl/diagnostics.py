@@ -313,8 +313,7 @@ def format_leakage_table(reports: dict[str, dict]) -> str:
                 "count": f"{value:g}"}[kind]
 
     header = ["Model", *(h for h, _, _ in _TABLE_COLUMNS)]
-    rows = [[name.replace("|", "\\|"), *(cell(report.get(key), kind)
-                                          for _, key, kind in _TABLE_COLUMNS)]
+    rows = [[name, *(cell(report.get(key), kind) for _, key, kind in _TABLE_COLUMNS)]
             for name, report in reports.items()]
     caption = ("Leakage diagnostics: accuracy (%) with prior latents (mu_p, as inference) and "
                "posterior latents (mu_q, from the gold answer) and their gap; gold-answer NLLs; "

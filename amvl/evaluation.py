@@ -903,7 +903,7 @@ def format_accuracy_table(results_by_model: dict[str, dict], benchmark: str) -> 
     rows, notes = [], []
     for name, result in results_by_model.items():
         accuracy = result["accuracy"]
-        rows.append([name.replace("|", "\\|"), *(pct(accuracy.get(s)) for s in columns),
+        rows.append([name, *(pct(accuracy.get(s)) for s in columns),
                      pct(result[average[1]])])
         missing = [h for s, h in columns.items() if s not in accuracy]
         if missing:
@@ -919,7 +919,10 @@ def format_accuracy_table(results_by_model: dict[str, dict], benchmark: str) -> 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     """An aligned markdown table (it reads as plain text too): the first column left-aligned,
-    the others right-aligned, as numbers are."""
+    the others right-aligned, as numbers are. A "|" in a cell (a model's or a subtask's name)
+    is escaped, where it would split the cell."""
+    header = [cell.replace("|", "\\|") for cell in header]
+    rows = [[cell.replace("|", "\\|") for cell in row] for row in rows]
     widths = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
 
     def line(cells: list[str]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -452,6 +453,11 @@ def test_evaluate_visualpuzzles_and_unlabelled(tmp_path, vp_records, blink_dir):
         evaluate_benchmark(model, collator, [test[0], dict(test[1], answer="(A)")])
     with pytest.raises(ValueError, match="unknown benchmark"):
         format_accuracy_table({"prior": result}, "mmmu")
+    # "|" in a model's or a subtask's name is escaped: every line has the header's cells
+    table = format_accuracy_table({"a|b": {"accuracy": {"x|y": 0.5}, "overall": 0.5}}, "jsonl")
+    lines = table.splitlines()[2:]
+    assert "x\\|y" in lines[0] and "a\\|b" in lines[2]
+    assert {len(re.findall(r"(?<!\\)\|", line)) for line in lines} == {4}
 
 
 def test_choices_the_tokenizer_cannot_tell_apart_are_warned_about(blink_dir):
