@@ -416,11 +416,14 @@ def _score_models(args: argparse.Namespace, run: dict, models: dict[str, Path],
             name += " (prior latents)" if model.objective.latent_source != "none" \
                 else " (no latents)"
         collator = _collator("eval", model, processor, data, prompt=prompt)
-        results[name] = evaluation.evaluate_benchmark(model, collator, examples,
-                                                      batch_size=args.batch_size,
-                                                      progress=not args.no_progress,
-                                                      num_workers=args.num_workers,
-                                                      split_across_processes=several)
+        try:
+            results[name] = evaluation.evaluate_benchmark(model, collator, examples,
+                                                          batch_size=args.batch_size,
+                                                          progress=not args.no_progress,
+                                                          num_workers=args.num_workers,
+                                                          split_across_processes=several)
+        except (OSError, ValueError) as err:  # a record the collator refuses (named by its id)
+            raise SystemExit(f"amvl eval: {name}: {err}") from err
         if args.diagnostics and model.objective.latent_source != "none":
             from amvl.diagnostics import leakage_report
 

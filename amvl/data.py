@@ -39,6 +39,13 @@ _ANSWER = "\ue000amvl answer\ue000"
 _EXIF_ORIENTATION = 0x0112
 
 
+def _example_name(index: int, example) -> str:
+    """How an error names an example of a batch: its place, and its id where it has one (a
+    benchmark's record, whose place in the batch alone would not find it)."""
+    ident = example.get("id") if isinstance(example, dict) else None
+    return f"example {index}" + ("" if ident is None else f" (id {ident!r})")
+
+
 def rgb_image(image: Image.Image) -> Image.Image:
     """``image`` as every path into a model sees it: turned upright by its EXIF orientation
     (as a camera's JPEG is meant to be shown) and in RGB, transparent pixels composited onto
@@ -231,7 +238,12 @@ class AMVLCollator:
         array, a URL) as the image processor takes it."""
         if isinstance(image, str) and os.path.isfile(image):
             with open(image, "rb") as file:
-                image = decode_image(file.read())
+                data = file.read()
+            try:
+                image = decode_image(data)
+            except Exception as err:  # noqa: BLE001 - PIL raises many types for bad data
+                raise OSError(f"cannot decode the image {image} ({type(err).__name__}: "
+                              f"{err})") from err
         elif isinstance(image, Image.Image):
             image = rgb_image(image)
         return self.image_processor(images=[image], return_tensors="pt")
@@ -434,7 +446,7 @@ class AMVLCollator:
         merge = getattr(self.image_processor, "merge_size", 2)
         markers = self._marker_ids()  # once a batch: len(tokenizer) alone takes ~0.1 ms
         for index, example in enumerate(examples):
-            where = f"example {index}"
+            where = _example_name(index, example)
             self._check(where, example)
             patches: list[int] = []  # image tokens per image
             for image in example.get("images") or self._images_for_text_only():
@@ -475,7 +487,7 @@ class AMVLCollator:
         markers = self._marker_ids()
         answers = []
         for index, example in enumerate(examples):
-            where = f"example {index}"
+            where = _example_name(index, example)
             self._check(where, example)
             answer = self._answer(where, example, markers)
             self._check_not_empty(where, True, bool(answer))

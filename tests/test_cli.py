@@ -1186,6 +1186,14 @@ def test_eval_on_multiple_choice_records_of_ones_own(tmp_path, capsys):
     with pytest.raises(SystemExit, match="has no splits"):
         main(["eval", "--config", config, "--benchmark", "jsonl", "--data", str(data),
               "--split", "val", "--no-progress"])
+    # a record the collator refuses midway is named by its id, without a traceback
+    tight = yaml.safe_load(Path(config).read_text())
+    tight["data"]["max_prompt_tokens"] = 2
+    (tmp_path / "tight.yaml").write_text(yaml.safe_dump(tight))
+    with pytest.raises(SystemExit, match=rf"amvl eval: final \(prior latents\): example 0 \(id "
+                                         rf"'{records[0]['id']}'\): its images take"):
+        main(["eval", "--config", str(tmp_path / "tight.yaml"), "--benchmark", "jsonl",
+              "--data", str(data), "--no-progress"])
 
 
 def test_train_plots_its_curves_and_amvl_plot_draws_runs(tmp_path, capsys):
