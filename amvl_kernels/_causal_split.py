@@ -27,8 +27,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from amvl_kernels._autograd import first_order_only
 from amvl_kernels.latent_attention import (TRITON_DTYPES, _autocast_inputs, _backward,
                                            _check_triton_inputs, _forward, _tile_tensors,
                                            _validate, latent_attention)
@@ -61,7 +61,8 @@ class _CausalRowsSplit(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable  # neither part's gradients are differentiable again
+    @first_order_only("latent_attention", "second-order gradients through it are not "
+                      "supported")
     def backward(ctx, grad_out):
         if ctx.head is None:
             raise RuntimeError("a second backward through the split attention (retain_graph="

@@ -30,9 +30,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 from triton.language.extra import libdevice
 
+from amvl_kernels._autograd import first_order_only
 from amvl_kernels._launch import MAX_GRID_Y, cdiv, next_power_of_2
 from amvl_kernels._validation import check_choice, check_float_tensor, check_like, check_seed
 from amvl_kernels.backends import resolve_backend, triton_interpreted
@@ -503,7 +503,7 @@ class _GaussianSampleKLFunction(torch.autograd.Function):
         return output
 
     @staticmethod
-    @once_differentiable  # the kernels' gradients are not differentiable again
+    @first_order_only("gaussian_sample_kl", "backend='torch' computes gradients that can be")
     def backward(ctx, grad_z, grad_kl_fwd, grad_kl_rev):
         return _input_grads(ctx, grad_z, grad_kl_fwd, grad_kl_rev, _launch_backward)
 

@@ -37,10 +37,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from amvl_kernels._attention_tiles import (read_metadata, softmax_result, softmax_tile,
                                           tile_dot, tile_scores)
+from amvl_kernels._autograd import first_order_only
 from amvl_kernels._launch import MAX_GRID_Y, cdiv, next_power_of_2
 from amvl_kernels._mask_rule import mask_rule
 from amvl_kernels._validation import check_float_tensor
@@ -805,7 +805,8 @@ class _LatentAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable  # the kernels' gradients are not differentiable again
+    @first_order_only("latent_attention", "second-order gradients through it are not "
+                      "supported")
     def backward(ctx, grad_out):
         q, k, v, out, lse, *tiles = ctx.saved_tensors
         dq, dk, dv = _backward(grad_out, q, k, v, out, lse, tiles, ctx.scale)

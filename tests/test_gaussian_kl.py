@@ -461,6 +461,30 @@ def test_a_bad_seed_tensor_is_refused(bad, match):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_second_order_gradients_are_the_references_or_refused(backend, rng_seed):
+    """create_graph=True (a gradient penalty): the kernels' gradients came back without a graph
+    and the second-order gradient silently lacked their terms; they are refused now, and the
+    torch backend's are the formulas' own."""
+    leaves = [torch.randn(3, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+              for _ in range(4)]
+    eps = torch.randn(3, 5, dtype=torch.float64, device=DEVICE)
+    z, kl_fwd, kl_rev = ak.gaussian_sample_kl(*leaves, eps=eps, fwd_grad="both",
+                                              rev_grad="both", backend=backend)
+    loss = (z ** 2).sum() + kl_fwd.sum() + kl_rev.sum()
+    if backend != "torch":
+        with pytest.raises(RuntimeError, match="create_graph=True.*backend='torch'"):
+            torch.autograd.grad(loss, leaves, create_graph=True)
+        return
+    penalty = sum((g ** 2).sum() for g in torch.autograd.grad(loss, leaves, create_graph=True))
+    z, kl_fwd, kl_rev = formulas(*leaves, eps, "both", "both")
+    expected = sum((g ** 2).sum() for g in torch.autograd.grad(
+        (z ** 2).sum() + kl_fwd.sum() + kl_rev.sum(), leaves, create_graph=True))
+    for got, want in zip(torch.autograd.grad(penalty, leaves),
+                         torch.autograd.grad(expected, leaves)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_wide_rows_loop_over_d(backend, rng_seed):
     inputs = make_inputs((2, 70001), torch.float32)
     eps = torch.randn(2, 70001, device=DEVICE)

@@ -470,6 +470,20 @@ def test_split_rows_refuse_a_second_backward(rng_seed):
         out.sum().backward()
 
 
+def test_second_order_gradients_are_refused(rng_seed):
+    """create_graph=True (a gradient penalty): the kernels' gradients came back without a graph
+    and the second-order gradient silently lacked their terms (the split rows' too)."""
+    from amvl_kernels._causal_split import causal_rows_on_sdpa
+
+    layout = LatentLayout.prefix_sharing([17], [4], num_slots=2).to(DEVICE)
+    q, k, v = _inputs(1, 2, 1, layout.length, layout.length, 16, torch.float32)
+    for out in (ak.latent_attention(q, k, v, layout, backend="triton"),
+                causal_rows_on_sdpa(q, k, v, layout, 0.25, layout.plain_causal_rows())):
+        with pytest.raises(RuntimeError, match="cannot be differentiated again"):
+            torch.autograd.grad(out.sum(), (q, k, v), create_graph=True)
+        assert all(g is not None for g in torch.autograd.grad(out.sum(), (q, k, v)))
+
+
 def test_auto_hands_long_plain_causal_prefixes_to_sdpa(monkeypatch, rng_seed):
     """backend="auto" on a GPU: with at least CAUSAL_ROWS_TO_SDPA leading plain causal rows
     (CAUSAL_ROWS_TO_SDPA_WITH_GRAD when a backward follows), a square fp16/bf16 call splits
