@@ -865,7 +865,7 @@ def _autocast_inputs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, T
     if not all(isinstance(t, Tensor) for t in (q, k, v)):
         return q, k, v  # _validate names the bad argument
     device = q.device.type
-    if not torch.is_autocast_enabled(device):
+    if device == "meta" or not torch.is_autocast_enabled(device):  # autocast knows no meta
         return q, k, v
     dtype = torch.get_autocast_dtype(device)
     low = (torch.float32, torch.float16, torch.bfloat16)

@@ -460,6 +460,17 @@ def test_a_bad_seed_tensor_is_refused(bad, match):
 # ----------------------------------------------------------------------------- edge cases
 
 
+def test_meta_tensors_give_shapes():
+    """A model traced on the meta device (shapes alone): drawing noise there raised."""
+    mu = torch.empty(3, 2, 5, device="meta", requires_grad=True)
+    z, kl_fwd, kl_rev = ak.gaussian_sample_kl(mu, mu, mu, mu, rev_grad="both")
+    assert (z.shape, kl_fwd.shape, kl_rev.dtype, z.device.type) == \
+        ((3, 2, 5), (3, 2), torch.float32, "meta")
+    (z.sum() + kl_rev.sum()).backward()
+    assert mu.grad.shape == mu.shape
+    assert ak.gaussian_sample(mu, mu, seed=3).shape == mu.shape
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_second_order_gradients_are_the_references_or_refused(backend, rng_seed):
     """create_graph=True (a gradient penalty): the kernels' gradients came back without a graph

@@ -470,6 +470,14 @@ def test_split_rows_refuse_a_second_backward(rng_seed):
         out.sum().backward()
 
 
+def test_meta_tensors_give_shapes():
+    """A model traced on the meta device (shapes alone): autocast's check raised for it."""
+    q = torch.empty(2, 4, 7, 8, device="meta")
+    k = torch.empty(2, 2, 9, 8, device="meta")
+    out = ak.latent_attention(q, k, k)
+    assert out.shape == (2, 4, 7, 8) and out.device.type == "meta"
+
+
 def test_second_order_gradients_are_refused(rng_seed):
     """create_graph=True (a gradient penalty): the kernels' gradients came back without a graph
     and the second-order gradient silently lacked their terms (the split rows' too)."""

@@ -40,6 +40,8 @@ def draw_noise(shape: torch.Size, seed: int, device: torch.device) -> Tensor:
     """
     if torch.compiler.is_compiling():  # the op, so torch.compile(fullgraph=True) traces it
         return torch.ops.amvl.seeded_normal(list(shape), seed, device)
+    if device.type == "meta":  # shapes alone (a model traced on the meta device)
+        return torch.empty(shape, dtype=torch.float32, device=device)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
