@@ -50,6 +50,7 @@ from amvl_kernels.layout import LatentLayout
 from amvl_kernels.reference.latent_attention import grouped_heads, latent_attention_sdpa
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ATTENTION_DTYPES = (*TRITON_DTYPES, torch.float64)  # float64: the torch backend
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
 # Under backend="auto", at least this many leading plain causal rows (x in the prefix-sharing
@@ -827,6 +828,9 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout | None,
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
         if t.dtype != q.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}")
+    if q.dtype not in ATTENTION_DTYPES:  # 8-bit floats: no backend computes in them
+        raise TypeError(f"latent_attention takes {ATTENTION_DTYPES}, got {q.dtype}; cast the "
+                        "inputs")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
                          f"{tuple(v.shape)}")

@@ -35,6 +35,7 @@ from amvl_kernels._validation import check_count
 from amvl_kernels.backends import triton_interpreted
 
 MAX_KINDS = 31  # visible_kinds is an int32 bit set
+_WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
 
 
 class Kind(IntEnum):
@@ -297,6 +298,9 @@ class LatentLayout:
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
             if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
                 raise TypeError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+            if t.dtype in _WIDE_UNSIGNED:
+                raise TypeError(f"{name} has dtype {t.dtype}, which torch barely supports (no "
+                                "min or max); give a signed integer tensor or uint8")
             if t.dim() != 2:
                 raise ValueError(f"{name} must be (batch, length), got shape {tuple(t.shape)}")
             if t.shape != segment_kind.shape:

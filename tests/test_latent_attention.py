@@ -835,6 +835,8 @@ def _ok():
      "layout is for"),
     (lambda q, k, v: ak.latent_attention(q, k, v, layout="causal"), TypeError, "LatentLayout"),
     (lambda q, k, v: ak.latent_attention(q.long(), k, v), TypeError, "floating-point"),
+    (lambda q, k, v: ak.latent_attention(*(t.to(torch.float8_e4m3fn) for t in (q, k, v)),
+                                         backend="torch"), TypeError, "cast the inputs"),
     (lambda q, k, v: ak.latent_attention(q, k, v, scale=float("nan")), ValueError, "scale"),
     (lambda q, k, v: ak.latent_attention(q, k, v, scale=True), ValueError, "scale"),
     (lambda q, k, v: ak.latent_attention(q, k, v, scale=0.0), ValueError, "positive"),
