@@ -16,7 +16,9 @@ latents under test. Reported (:func:`leakage_report`):
   it. The draws' probe reads what the decoder receives in training, above chance only where
   the answer survives the posterior's noise: the leakage that matters;
 - per-slot KL(q||p), KL(p||q) and active slots;
-- latent collapse: mean pairwise cosine similarity of the prior means across examples.
+- latent collapse: mean pairwise cosine similarity of the prior means across examples, and
+  their spread (the share of their mean square that varies across examples: 0 = the same
+  means for every example), which a shared offset does not hide as it does the cosine.
 """
 
 from __future__ import annotations
@@ -173,10 +175,31 @@ def score_choices(model: AMVLModel, collator: AMVLCollator, examples: Sequence[d
     return {"nll": nll, "gold": gold, **{k: cat(k) for k in collected}}
 
 
+def _probed(labels: np.ndarray) -> np.ndarray:
+    """Which examples a probe can use: those of a class with at least two (a class of one
+    example can be in the training folds or the held-out one, never both)."""
+    counts = np.bincount(labels)
+    return counts[labels] >= 2
+
+
+def probe_chance(labels: np.ndarray) -> float:
+    """The accuracy of always answering the most frequent class, on the examples
+    :func:`linear_probe_accuracy` uses: the level its accuracy is to be read against (90% on
+    features of pure noise where 90% of the answers are one class). NaN where it uses none."""
+    labels = np.asarray(labels)
+    used = labels[_probed(labels)] if len(labels) else labels
+    if len(np.unique(used)) < 2:
+        return float("nan")
+    return float(np.bincount(used).max() / len(used))
+
+
 def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = 5,
                           seed: int = 0) -> float:
     """Cross-validated accuracy of a logistic regression decoding ``labels`` from features
-    (standardised per fold, so the features' scale does not matter)."""
+    (standardised per fold, so the features' scale does not matter), on the examples of
+    classes with at least two examples (a class of one cannot be held out and trained on);
+    with fewer examples in a class than ``folds``, that many folds. NaN where fewer than two
+    classes remain. Read it against :func:`probe_chance`."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
@@ -190,10 +213,12 @@ def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, folds: int =
         raise ValueError(f"features has {len(features)} rows but labels {len(labels)}")
     if len(labels) == 0:
         return float("nan")
+    used = _probed(labels)
+    features, labels = features[used], labels[used]
+    if len(np.unique(labels)) < 2:
+        return float("nan")
     counts = np.bincount(labels)
     folds = int(min(folds, counts[counts > 0].min()))
-    if folds < 2 or len(np.unique(labels)) < 2:
-        return float("nan")  # too few examples per class to hold any out
     # Standardised features: with the default L2 penalty an unscaled probe reads the means'
     # scale, not what they encode (a signal at 1e-3 of unit size decoded at chance).
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
@@ -205,9 +230,11 @@ def mean_pairwise_cosine(latents: np.ndarray) -> float:
     """Mean cosine similarity between different examples' flattened latents (1 = collapsed).
 
     Latents all equal (zeros included) are collapsed: 1. Otherwise examples whose latents
-    are zero have no direction and are left out; NaN when fewer than two remain."""
+    are zero have no direction and are left out; NaN when fewer than two remain, or where a
+    latent is not finite. Not centred: latents that share a large offset come out near 1
+    however they vary around it (:func:`latent_spread` does not)."""
     latents = np.asarray(latents)
-    if len(latents) < 2:
+    if len(latents) < 2 or not np.isfinite(latents).all():
         return float("nan")
     flat = torch.from_numpy(latents.reshape(len(latents), -1)).double()
     if bool((flat == flat[0]).all()):
@@ -221,11 +248,36 @@ def mean_pairwise_cosine(latents: np.ndarray) -> float:
     return float((sims.sum() - sims.diagonal().sum()) / (n * (n - 1)))
 
 
+def latent_spread(latents: np.ndarray) -> float:
+    """The share of the flattened latents' mean square that varies across examples:
+    mean ||l_i - mean_j l_j||^2 / mean ||l_i||^2, in [0, 1]. 0: every example has the same
+    latents (collapsed); 1: they vary around zero. NaN for fewer than two examples, latents
+    all zero, or a latent that is not finite."""
+    latents = np.asarray(latents, dtype=np.float64)
+    if len(latents) < 2 or not np.isfinite(latents).all():
+        return float("nan")
+    flat = latents.reshape(len(latents), -1)
+    total = float((flat ** 2).sum(1).mean())
+    if total == 0:
+        return float("nan")
+    return float(((flat - flat.mean(0)) ** 2).sum(1).mean() / total)
+
+
 def leakage_report(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
                    batch_size: int = 8, noise_scale: float = 1.0, seed: int = 0,
                    progress: bool = True, group_key: str | None = None) -> dict:
     """All diagnostics of the module docstring as a flat dict of floats (NaN where a
     quantity does not exist for the model's objective).
+
+    ``acc_prior`` and ``acc_posterior`` are over all examples (not a mean over groups). The
+    variants of the prior means whose flips are counted: "zeroed" (z = 0), "noised" (plus
+    absolute noise N(0, ``noise_scale``^2) per dimension, one draw from ``seed`` for the
+    whole set, so not relative to the prior's own spread) and "swapped" (each example gets
+    the prior means of the example before it in ``examples``, the first the last one's: a
+    neighbour in the data's order, which may be a near-duplicate; NaN for one example).
+    ``probe_chance`` is the probes' majority-class level (:func:`probe_chance`);
+    ``cosine_prior`` and ``spread_prior`` measure the prior means' collapse
+    (:func:`mean_pairwise_cosine`, :func:`latent_spread`).
 
     With ``group_key`` (e.g. "family"), accuracies are also reported per group as
     ``acc_prior/<group>`` and ``acc_posterior/<group>``.
@@ -263,6 +315,8 @@ def leakage_report(model: AMVLModel, collator: AMVLCollator, examples: Sequence[
     for v in ("zeroed", "noised", "swapped"):
         report[f"flip_{v}"] = float((preds[v] != preds["prior"]).mean()) \
             if v in preds and "prior" in preds else nan
+    if len(gold) == 1:  # its swap partner is itself
+        report["flip_swapped"] = nan
     # The answer's text, not its position among the choices: choice lists may differ
     answers = np.unique([ex["answer"] for ex in examples], return_inverse=True)[1]
     report["probe_posterior"] = nan if scores["mu_q"] is None else \
@@ -271,8 +325,10 @@ def leakage_report(model: AMVLModel, collator: AMVLCollator, examples: Sequence[
         linear_probe_accuracy(scores["z_q"], answers, seed=seed)
     report["probe_prior"] = nan if scores["mu_p"] is None else \
         linear_probe_accuracy(scores["mu_p"], answers, seed=seed)
+    report["probe_chance"] = probe_chance(answers)
     report["cosine_prior"] = nan if scores["mu_p"] is None else \
         mean_pairwise_cosine(scores["mu_p"])
+    report["spread_prior"] = nan if scores["mu_p"] is None else latent_spread(scores["mu_p"])
     # The same keys for every objective (NaN without a posterior), so reports tabulate
     slots = model.config.num_slots
     per_slot_fwd, per_slot_rev = (np.full(slots, nan), np.full(slots, nan)) \
@@ -295,14 +351,17 @@ _TABLE_COLUMNS = (("acc prior", "acc_prior", "pct"), ("acc posterior", "acc_post
                   ("flip swapped", "flip_swapped", "pct"),
                   ("probe q draws", "probe_posterior_sampled", "pct"),
                   ("probe p means", "probe_prior", "pct"),
-                  ("active slots", "active_slots", "count"), ("cos p", "cosine_prior", "decimal"))
+                  ("probe chance", "probe_chance", "pct"),
+                  ("active slots", "active_slots", "count"), ("cos p", "cosine_prior", "decimal"),
+                  ("spread p", "spread_prior", "decimal"))
 
 
 def format_leakage_table(reports: dict[str, dict]) -> str:
     """The headline numbers of :func:`leakage_report` for several models, one row each, as an
     aligned markdown table: accuracies, the leakage gap, flip rates and probe accuracies in
-    percent, gold-answer NLLs and the prior means' mean cosine similarity to three decimals,
-    active slots as a count; "-" where a model has no such quantity (no posterior)."""
+    percent (with the probes' majority-class level), gold-answer NLLs and the prior means'
+    mean cosine similarity and spread to three decimals, active slots as a count; "-" where a
+    model has no such quantity (no posterior)."""
     if not reports:
         raise ValueError("no diagnostics to tabulate")
 
@@ -318,6 +377,6 @@ def format_leakage_table(reports: dict[str, dict]) -> str:
     caption = ("Leakage diagnostics: accuracy (%) with prior latents (mu_p, as inference) and "
                "posterior latents (mu_q, from the gold answer) and their gap; gold-answer NLLs; "
                "prior predictions flipped (%) by zeroed, noised or swapped latents; linear probes "
-               "of the answer (%) from posterior draws and prior means; active slots; mean "
-               "cosine of the prior means.")
+               "of the answer (%) from posterior draws and prior means, and their majority-class "
+               "level; active slots; mean cosine and spread (0 = collapsed) of the prior means.")
     return "\n".join([caption, "", markdown_table(header, rows)])

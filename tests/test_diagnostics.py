@@ -11,9 +11,11 @@ import torch
 from amvl.config import AMVLConfig
 from amvl.data import AMVLCollator
 from amvl.diagnostics import (
+    latent_spread,
     leakage_report,
     linear_probe_accuracy,
     mean_pairwise_cosine,
+    probe_chance,
     score_choices,
 )
 from amvl.model import AMVLModel
@@ -192,6 +194,35 @@ def test_probe_ignores_the_features_scale():
                                                                                abs=0.03)
 
 
+def test_probe_leaves_out_classes_of_one_and_reports_its_chance_level():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 30)
+    planted = rng.normal(size=(90, 2, 4))
+    planted[:, 0, 0] += 4.0 * labels
+    alone = np.concatenate([labels, [3]])  # a class of one example made the whole probe NaN
+    with_alone = np.concatenate([planted, rng.normal(size=(1, 2, 4))])
+    assert linear_probe_accuracy(with_alone, alone) == linear_probe_accuracy(planted, labels)
+    assert probe_chance(alone) == pytest.approx(1 / 3)  # on the examples the probe uses
+    # 90% of one class: pure noise decodes at about 90%, its chance level
+    skewed = np.array([0] * 90 + [1] * 10)
+    noise = linear_probe_accuracy(rng.normal(size=(100, 4)), skewed)
+    assert probe_chance(skewed) == 0.9 and noise == pytest.approx(0.9, abs=0.05)
+    assert math.isnan(probe_chance(np.array([0, 0, 1]))) and math.isnan(probe_chance(labels[:0]))
+
+
+def test_spread_sees_through_a_shared_offset_where_the_cosine_does_not():
+    rng = np.random.default_rng(0)
+    varied = rng.normal(size=(200, 8))
+    assert mean_pairwise_cosine(varied + 20.0) > 0.99  # a shared offset: "collapsed"
+    assert latent_spread(varied + 20.0) == pytest.approx(1 / 401, rel=0.2)  # 1 / (1 + 20^2)
+    assert latent_spread(varied) == pytest.approx(1.0, abs=0.02)
+    assert latent_spread(np.tile([[1.0, -2.0]], (5, 1))) == 0.0
+    assert math.isnan(latent_spread(np.zeros((4, 3)))) and math.isnan(latent_spread(varied[:1]))
+    with_nan = varied.copy()
+    with_nan[3, 0] = np.nan  # a NaN row was dropped from the cosine without a word
+    assert math.isnan(latent_spread(with_nan)) and math.isnan(mean_pairwise_cosine(with_nan))
+
+
 def test_pairwise_cosine():
     same = np.tile(np.array([[1.0, 2.0, -1.0]]), (5, 1))
     assert mean_pairwise_cosine(same) == pytest.approx(1.0)
@@ -270,6 +301,10 @@ def test_known_answers_and_a_swap_that_crosses_batches(batch_size):
     swapped = np.roll(prior_pick, 1)
     assert report["flip_swapped"] == pytest.approx(np.mean(swapped != prior_pick))
     assert report["flip_swapped"] == 1.0
+    if batch_size == 1:  # one example is its own swap partner: no flip to count (it read 0)
+        alone = leakage_report(_PlantedModel(prior_pick), collator, examples[:1],
+                               noise_scale=0.0, progress=False)
+        assert math.isnan(alone["flip_swapped"]) and alone["flip_zeroed"] == 0.0
 
 
 @pytest.mark.parametrize("batch_size", [1, 4, 9])
@@ -365,14 +400,15 @@ def test_leakage_table_formats_each_kind_and_marks_what_a_model_lacks():
     report = {"acc_prior": 0.5, "acc_posterior": 0.875, "leakage_gap": 0.375,
               "nll_prior": 1.23456, "nll_posterior": float("nan"), "flip_zeroed": 0.0,
               "flip_noised": 0.25, "flip_swapped": 1.0, "probe_posterior_sampled": 0.3333,
-              "probe_prior": 0.5, "active_slots": 3.0, "cosine_prior": 0.9876}
+              "probe_prior": 0.5, "probe_chance": 0.25, "active_slots": 3.0,
+              "cosine_prior": 0.9876, "spread_prior": 0.0123}
     table = format_leakage_table({"amvl | run": report,
                                   "prior": {**report, "acc_posterior": float("nan")}})
     lines = table.splitlines()
     assert lines[0].startswith("Leakage diagnostics:")
     cells = [c.strip() for c in lines[4].strip("|").split(" | ")]
     assert cells == ["amvl \\| run", "50.0", "87.5", "37.5", "1.235", "-", "0.0", "25.0",
-                     "100.0", "33.3", "50.0", "3", "0.988"]
+                     "100.0", "33.3", "50.0", "25.0", "3", "0.988", "0.012"]
     assert [c.strip() for c in lines[5].strip("|").split(" | ")][2] == "-"
     assert len({len(line) for line in lines[2:]}) == 1  # aligned
     with pytest.raises(ValueError, match="no diagnostics"):
