@@ -9,12 +9,81 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+SMOKE = {"AMVL_BENCH_SMOKE": "1"}
+BENCHES = {  # benchmark file -> (bench -> providers it must time, its -k selection)
+    "bench_gaussian_kl.py": ({"gaussian_kl": {"eager", "torch.compile", "triton"}}, "float32"),
+    "bench_model_step.py": ({"model_step": {"plain", "naive", "shared", "shared_amvl"},
+                             "model_step_compiled": {"plain", "plain_compiled", "shared_amvl",
+                                                     "shared_amvl_compiled"}}, ""),
+    "bench_choice_scoring.py": ({"choice_scoring": {"per_choice", "one_encoding"}}, ""),
+    "bench_latent_attention.py": ({"latent_attention": {
+        "amvl", "amvl_auto", "amvl_split", "amvl_heads_fastest", "flex", "sdpa_dense",
+        "sdpa_flash_causal"}}, ""),
+}
+PROFILE_PROVIDERS = ("plain,naive,shared_amvl,shared_amvl:nosplit,shared_amvl:unpaired,"
+                     "shared_amvl:paired,shared_amvl:pair_all,shared_amvl:kept_grads,"
+                     "shared_amvl:split,shared_amvl:lists_kernel,shared_amvl:short_sdpa,"
+                     "plain:compiled,shared_amvl:compiled,shared_amvl:graphed")
+
+
+def _script_commands(out: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """name -> (command, environment additions) of every script this module runs, the
+    longest first; each writes under ``out / name``."""
+    interpret = {} if torch.cuda.is_available() else {"TRITON_INTERPRET": "1"}
+    commands = {}
+    for module in ("bench_model_step.py", "bench_gaussian_kl.py", "bench_latent_attention.py",
+                   "bench_choice_scoring.py"):
+        select = BENCHES[module][1]
+        commands[module] = ([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             f"benchmarks/{module}", "--benchmark"]
+                            + (["-k", select] if select else []),
+                            {**SMOKE, **interpret, "AMVL_BENCH_OUT": str(out / module)})
+    commands["profile"] = ([sys.executable, "scripts/profile_model_step.py", "--repeats", "1",
+                            "--providers", PROFILE_PROVIDERS, "--json",
+                            str(out / "profile" / "profile.json"), "--host-only", "--python",
+                            "5"], SMOKE)
+    commands["tuning"] = ([sys.executable, "scripts/tune_latent_attention.py", "--smoke",
+                           "--json", str(out / "tuning" / "tune.json")],
+                          {"TRITON_INTERPRET": "1"})
+    commands["traffic"] = ([sys.executable, "scripts/step_traffic.py", "--model", "tiny",
+                            "--providers", "plain,shared_amvl,naive", "--vocab", "2000",
+                            "--rows", "3"], SMOKE)
+    commands["host_overhead"] = ([sys.executable, "scripts/host_overhead.py", "--backend",
+                                  "torch", "--calls", "3", "--rows", "3"], {})
+    return commands
+
+
+@pytest.fixture(scope="module")
+def script_runs(tmp_path_factory) -> dict[str, tuple[Future, Path]]:
+    """Every script of this module, started at its first test, two at a time: they spend
+    most of their time in single-threaded Python (the Triton interpreter, compiling), so both
+    cores work. name -> (future of its CompletedProcess, its output directory)."""
+    out = tmp_path_factory.mktemp("scripts")
+    pool = ThreadPoolExecutor(max_workers=2)
+    runs = {}
+    for name, (command, extra) in _script_commands(out).items():
+        (out / name).mkdir()
+        runs[name] = (pool.submit(subprocess.run, command, cwd=ROOT,
+                                  env={**os.environ, **extra}, capture_output=True, text=True,
+                                  timeout=600), out / name)
+    yield runs
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _finished(runs: dict[str, tuple[Future, Path]], name: str
+              ) -> tuple[subprocess.CompletedProcess, Path]:
+    """Script ``name``'s run, once it has ended successfully, and its output directory."""
+    future, out = runs[name]
+    proc = future.result()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, out
 
 
 def _load_script(name: str):
@@ -25,43 +94,23 @@ def _load_script(name: str):
     return module
 
 
-@pytest.mark.parametrize("module,benches,select", [
-    ("bench_gaussian_kl.py", {"gaussian_kl": {"eager", "torch.compile", "triton"}}, "float32"),
-    ("bench_model_step.py", {"model_step": {"plain", "naive", "shared", "shared_amvl"},
-                             "model_step_compiled": {"plain", "plain_compiled", "shared_amvl",
-                                                     "shared_amvl_compiled"}}, ""),
-    ("bench_choice_scoring.py", {"choice_scoring": {"per_choice", "one_encoding"}}, ""),
-    ("bench_latent_attention.py", {"latent_attention": {
-        "amvl", "amvl_auto", "amvl_split", "amvl_heads_fastest", "flex", "sdpa_dense",
-        "sdpa_flash_causal"}}, ""),
-])
-def test_benchmark_runs_and_writes_json(tmp_path, module, benches, select):
-    env = {**os.environ, "AMVL_BENCH_SMOKE": "1", "AMVL_BENCH_OUT": str(tmp_path)}
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-               f"benchmarks/{module}", "--benchmark"] + (["-k", select] if select else [])
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+@pytest.mark.parametrize("module", list(BENCHES))
+def test_benchmark_runs_and_writes_json(script_runs, module):
+    proc, out = _finished(script_runs, module)
     assert " failed" not in proc.stdout
-    for bench, providers in benches.items():
+    for bench, providers in BENCHES[module][0].items():
         assert f"[{bench}]" in proc.stdout
-        payload = json.loads((tmp_path / f"{bench}.json").read_text())
+        payload = json.loads((out / f"{bench}.json").read_text())
         assert {"torch", "triton", "device"} <= payload["device"].keys()
         assert providers <= {row["provider"] for row in payload["rows"]}
         assert all(row["median_ms"] > 0 for row in payload["rows"])
 
 
-def test_tile_tuning_script_runs(tmp_path):
+def test_tile_tuning_script_runs(script_runs):
     """scripts/tune_latent_attention.py --smoke: every kernel's sweep runs a non-default tile
     shape and checks it against the reference; the JSON holds every result."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "scripts/tune_latent_attention.py", "--smoke",
-                           "--json", str(tmp_path / "tune.json")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = json.loads((tmp_path / "tune.json").read_text())["results"]
+    _, out = _finished(script_runs, "tuning")
+    rows = json.loads((out / "tune.json").read_text())["results"]
     assert sorted((row["kernel"], str(row["tiles"])) for row in rows) == sorted(
         (kernel, tiles) for kernel in ("forward", "dkdv", "dkdv+dq", "dq")
         for tiles in ("default", "[32, 16, 1, 1]"))
@@ -177,25 +226,15 @@ def test_model_step_check_reads_the_nll_apart_from_the_kls():
     assert off["kl_fwd"] == off["kl_rev"] == 0
 
 
-def test_model_step_profile_script_runs(tmp_path):
+def test_model_step_profile_script_runs(script_runs):
     """scripts/profile_model_step.py on the smoke model: a row per provider, the operators
     that grew, and the JSON."""
-    env = {**os.environ, "AMVL_BENCH_SMOKE": "1"}
-    out = tmp_path / "profile.json"
-    providers = ("plain,naive,shared_amvl,shared_amvl:nosplit,shared_amvl:unpaired,"
-                 "shared_amvl:paired,shared_amvl:pair_all,shared_amvl:kept_grads,"
-                 "shared_amvl:split,shared_amvl:lists_kernel,shared_amvl:short_sdpa,"
-                 "plain:compiled,shared_amvl:compiled,shared_amvl:graphed")
-    proc = subprocess.run([sys.executable, "scripts/profile_model_step.py", "--repeats", "1",
-                           "--providers", providers, "--json", str(out), "--host-only",
-                           "--python", "5"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc, out = _finished(script_runs, "profile")
     assert "against plain: the operators that grew most" in proc.stdout
     assert "at tiny widths (host time)" in proc.stdout
     assert "the Python functions that took the most host time in 5 steps" in proc.stdout
-    results = json.loads(out.read_text())["results"]
-    assert set(results) == set(providers.split(","))
+    results = json.loads((out / "profile.json").read_text())["results"]
+    assert set(results) == set(PROFILE_PROVIDERS.split(","))
     assert all(r["wall_ms"] > 0 and r["ops"] and r["peak_mb"] > 0 for r in results.values())
 
     # The compiled steps run Inductor's graphs, not the eager operators
@@ -250,15 +289,10 @@ def test_traffic_count_reads_inputs_writes_outputs_and_skips_views():
     assert not any(op in ("t", "view", "_unsafe_view") for op, _, _ in count.calls)
 
 
-def test_step_traffic_script_runs():
+def test_step_traffic_script_runs(script_runs):
     """scripts/step_traffic.py on the smoke model: a row per provider and the operators that
     grew, per layer and for the rest."""
-    env = {**os.environ, "AMVL_BENCH_SMOKE": "1"}
-    proc = subprocess.run([sys.executable, "scripts/step_traffic.py", "--model", "tiny",
-                           "--providers", "plain,shared_amvl,naive", "--vocab", "2000",
-                           "--rows", "3"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc, _ = _finished(script_runs, "traffic")
     for provider in ("shared_amvl", "naive"):
         assert f"a decoder layer, {provider} against plain" in proc.stdout
         assert f"the rest of the model, {provider} against plain" in proc.stdout
@@ -283,12 +317,9 @@ def test_peak_memory_on_the_cpu_follows_allocations_and_frees():
     assert common.peak_memory_bytes(fn) == 4 * (1000 + 3000) * 1000
 
 
-def test_host_overhead_script_runs():
+def test_host_overhead_script_runs(script_runs):
     """scripts/host_overhead.py on the PyTorch paths: a time and a profile per call pattern."""
-    proc = subprocess.run([sys.executable, "scripts/host_overhead.py", "--backend", "torch",
-                           "--calls", "3", "--rows", "3"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc, _ = _finished(script_runs, "host_overhead")
     assert proc.stdout.count(" us a call") == 4 and "tottime" in proc.stdout
 
 
