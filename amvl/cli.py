@@ -595,6 +595,20 @@ def _check_output_file(command: str, out: str) -> None:
         raise SystemExit(f"amvl {command}: --out {out} cannot be written")
 
 
+def _check_out_apart_from_data(out: Path, data: Path) -> None:
+    """Refuse an ``amvl eval --out`` that would overwrite its ``--data`` file, or that the
+    next run's loaders would read as a data file of the ``--data`` folder (its own files and
+    a ``data/`` folder in it, as VisualPuzzles snapshots have)."""
+    from amvl.evaluation import DATA_SUFFIXES
+
+    if out == data:
+        raise SystemExit(f"amvl eval: --out {out} is the --data file; give another")
+    if out.parent in (data, data / "data") and out.suffix in DATA_SUFFIXES:
+        raise SystemExit(f"amvl eval: --out {out} lies among the --data folder's files, which "
+                         "are read as records (the next run would read it as one); write it "
+                         "elsewhere")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``amvl`` argument parser, with subcommands ``demo``, ``train``, ``eval``,
     ``generate`` and ``plot``."""
@@ -695,12 +709,8 @@ def main(argv: list[str] | None = None) -> int:
                          "for blink, visualpuzzles and jsonl")
     if args.command == "eval" and args.out:
         _check_output_file("eval", args.out)
-        if args.data and Path(args.data).resolve() in Path(args.out).resolve().parents:
-            raise SystemExit(f"amvl eval: --out {args.out} is inside the --data folder, where "
-                             "benchmark files are looked for (the next run would read it as "
-                             "one); write it elsewhere")
-        if args.data and Path(args.out).resolve() == Path(args.data).resolve():
-            raise SystemExit(f"amvl eval: --out {args.out} is the --data file; give another")
+        if args.data:
+            _check_out_apart_from_data(Path(args.out).resolve(), Path(args.data).resolve())
     if args.command == "eval" and not (args.config or args.checkpoint):
         raise SystemExit("amvl eval: give --config or --checkpoint")
     if args.command == "eval" and args.unlabelled and args.benchmark != "blink":

@@ -337,9 +337,11 @@ def test_eval_needs_data_for_real_benchmarks(tmp_path):
         main(["eval", "--checkpoint", "x", "--benchmark", "jsonl", "--data", str(data),
               "--out", str(data)])
     assert data.read_text() == "{}\n"
-    with pytest.raises(SystemExit, match="inside the --data folder"):
-        main(["eval", "--checkpoint", "x", "--benchmark", "visualpuzzles", "--data",
-              str(tmp_path), "--out", str(tmp_path / "results.json")])
+    (tmp_path / "data").mkdir()  # where VisualPuzzles snapshots keep their files
+    for out in (tmp_path / "results.json", tmp_path / "data" / "results.json"):
+        with pytest.raises(SystemExit, match="lies among the --data folder's files"):
+            main(["eval", "--checkpoint", "x", "--benchmark", "visualpuzzles", "--data",
+                  str(tmp_path), "--out", str(out)])
     assert build_parser().parse_args(["demo"]).out == "amvl-demo"
 
 
@@ -1152,8 +1154,8 @@ def test_eval_diagnostics_report_leakage_beside_accuracy(tmp_path, capsys):
     table = printed[printed.index("Leakage diagnostics"):]
     assert "| final (prior latents) |" in table and "| none |" not in table
     with pytest.raises(SystemExit, match="--diagnostics compares latents on the gold answers"):
-        main(["eval", "--benchmark", "blink", "--data", str(tmp_path), "--split", "test",
-              "--unlabelled", "--diagnostics", "--out", str(out), "--checkpoint", "x"])
+        main(["eval", "--benchmark", "blink", "--data", str(tmp_path / "blink"), "--split",
+              "test", "--unlabelled", "--diagnostics", "--out", str(out), "--checkpoint", "x"])
 
 
 def test_eval_on_multiple_choice_records_of_ones_own(tmp_path, capsys):
