@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -61,26 +62,37 @@ def _script_commands(out: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
 
 
 @pytest.fixture(scope="module")
-def script_runs(tmp_path_factory) -> dict[str, tuple[Future, Path]]:
-    """Every script of this module, started at its first test, two at a time: they spend
-    most of their time in single-threaded Python (the Triton interpreter, compiling), so both
-    cores work. name -> (future of its CompletedProcess, its output directory)."""
+def script_runs(tmp_path_factory) -> Callable[[str], tuple[Future, Path]]:
+    """name -> (the future of script ``name``'s CompletedProcess, its output directory),
+    started on first request, two at a time. In one pytest process every script starts at the
+    module's first test: they spend most of their time in single-threaded Python (the Triton
+    interpreter, compiling), so both cores work. Under pytest-xdist, whose workers share the
+    module's tests, each starts only the scripts of its own tests."""
     out = tmp_path_factory.mktemp("scripts")
+    commands = _script_commands(out)
     pool = ThreadPoolExecutor(max_workers=2)
-    runs = {}
-    for name, (command, extra) in _script_commands(out).items():
-        (out / name).mkdir()
-        runs[name] = (pool.submit(subprocess.run, command, cwd=ROOT,
-                                  env={**os.environ, **extra}, capture_output=True, text=True,
-                                  timeout=600), out / name)
-    yield runs
+    runs: dict[str, Future] = {}
+
+    def run(name: str) -> tuple[Future, Path]:
+        if name not in runs:
+            command, extra = commands[name]
+            (out / name).mkdir()
+            runs[name] = pool.submit(subprocess.run, command, cwd=ROOT,
+                                     env={**os.environ, **extra}, capture_output=True,
+                                     text=True, timeout=600)
+        return runs[name], out / name
+
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        for name in commands:
+            run(name)
+    yield run
     pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _finished(runs: dict[str, tuple[Future, Path]], name: str
+def _finished(script_runs: Callable[[str], tuple[Future, Path]], name: str
               ) -> tuple[subprocess.CompletedProcess, Path]:
     """Script ``name``'s run, once it has ended successfully, and its output directory."""
-    future, out = runs[name]
+    future, out = script_runs(name)
     proc = future.result()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, out
