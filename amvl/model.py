@@ -954,8 +954,12 @@ class AMVLModel(SavingMixin, nn.Module):
         Per example: the prior pass ``[x | P]``, the cache cropped to x, the latent block
         ``<lat_start> z <lat_end>`` (always closed by a real token), then the answer token by
         token. ``latent`` is "mean" (z = mu_p) or "sample" (``num_samples`` draws per example,
-        rows of the output); defaults come from the config. Rows stop at the tokenizer's EOS and
-        are padded with its pad id afterwards. With "sample", ``seed`` fixes the draws of the
+        rows of the output); defaults come from the config. A model without latents (objective
+        "none") answers once: it refuses "sample", ``num_samples`` and ``seed``, and ignores
+        the config's inference setting. Returns the answers' tokens without the prompt
+        (:class:`GenerationOutput`, (B, n, T)). Rows stop at the tokenizer's EOS and are padded
+        with its pad id afterwards; decoding ends once every row has, so T is the longest
+        answer's length (at most ``max_new_tokens``). With "sample", ``seed`` fixes the draws of the
         batch as a whole: the noise is keyed by an element's place in the batch, so an example
         gets the same draws again only at the same row of a batch of the same shape ("mean"
         depends on the batch only through floating-point rounding).
@@ -969,6 +973,12 @@ class AMVLModel(SavingMixin, nn.Module):
         mode = self.config.inference if latent is None else latent
         if mode not in ("mean", "sample"):
             raise ValueError(f"latent must be 'mean' or 'sample', got {mode!r}")
+        if self.objective.latent_source == "none":
+            # No latents, so one answer a prompt: n draws would decode it n times alike
+            if latent == "sample" or num_samples is not None or seed is not None:
+                raise ValueError("this model has no latents (objective 'none'): it answers "
+                                 "once, so latent='sample', num_samples and seed do not apply")
+            mode = "mean"  # whatever the config's inference setting says
         if num_samples is not None and mode == "mean":
             raise ValueError("num_samples draws latents: pass latent='sample' with it (the "
                              "means give one answer)")

@@ -1106,3 +1106,18 @@ def test_generate_refuses_logits_that_overflow():
     none, batch = build("qwen2", objective="none")
     with pytest.raises(ValueError, match="'none' has no latent heads"):
         none.heads(batch["prompt_ids"], batch["prompt_mask"])
+
+
+def test_a_model_without_latents_answers_once():
+    """Objective 'none': sampling decoded the one answer n times alike (n times the work, and
+    a 'majority vote' of copies); it is refused when asked for, and a config that says
+    "sample" gives one row, the greedy answer."""
+    none, batch = build("qwen2", objective="none", inference="sample", num_samples=3)
+    prompts = (batch["prompt_ids"], batch["prompt_mask"])
+    for asked in ({"latent": "sample"}, {"num_samples": 2, "latent": "sample"}, {"seed": 1}):
+        with pytest.raises(ValueError, match="no latents .* answers once"):
+            none.generate(*prompts, max_new_tokens=3, **asked)
+    out = none.generate(*prompts, max_new_tokens=3)
+    assert out.sequences.shape[:2] == (prompts[0].shape[0], 1) and out.latents is None
+    torch.testing.assert_close(out.sequences, none.generate(*prompts, latent="mean",
+                                                            max_new_tokens=3).sequences)
