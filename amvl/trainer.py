@@ -11,7 +11,9 @@ and loads checkpoints (``resume_from_checkpoint``, ``load_best_model_at_end``) w
 Each micro-batch's answer NLL is its summed NLL over the mean answer tokens of the
 optimizer step's micro-batches on all processes, so gradient accumulation and data
 parallelism optimise the token mean over the whole step's batch, as one process on it would
-(transformers' ``num_items_in_batch``, counted here from ``answer_mask``).
+(transformers' ``num_items_in_batch``, counted here from ``answer_mask``). The KL terms are
+micro-batch means averaged over the step's micro-batches, so where these differ in size (an
+epoch's short last one) they are not the one batch's example mean.
 
 Latent noise is seeded per micro-batch and process from ``TrainingArguments.seed``
 (:func:`amvl.training.step_seed`): each rank draws its own noise, and a resumed run draws the
@@ -30,7 +32,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import (PreTrainedTokenizerBase, ProcessorMixin, Trainer,
+                          TrainingArguments)
+from transformers.data.data_collator import DataCollatorWithPadding, default_data_collator
 from transformers.trainer_utils import EvalLoopOutput, TrainOutput, align_special_tokens
 
 from amvl.model import AMVLModel, AMVLOutput
@@ -74,6 +78,11 @@ class AMVLTrainer(Trainer):
         """Settings the stock Trainer would silently skip (or crash on later) with AMVL
         batches, which carry no logits, labels or ``input_ids``."""
         refused = []
+        if self.data_collator is default_data_collator \
+                or isinstance(self.data_collator, DataCollatorWithPadding):
+            refused.append("a data_collator of the Trainer's own (none was given): AMVL "
+                           "batches come from data_collator=amvl.data.AMVLCollator(tokenizer, "
+                           "image_processor, ...)")
         if self.compute_metrics is not None or self.preprocess_logits_for_metrics is not None:
             refused.append("compute_metrics / preprocess_logits_for_metrics: evaluation "
                            "returns the objective's loss only, no logits or labels, so they "
@@ -127,13 +136,12 @@ class AMVLTrainer(Trainer):
         self._seeded_step, self._micro_batch = -1, 0
 
     def train(self, *args: Any, **kwargs: Any) -> TrainOutput:
-        """``Trainer.train`` with fresh noise counters and metric sums. The processing class's
-        special tokens are aligned with the base model's config (an AMVLModel's own ``config``
-        is its AMVLConfig)."""
-        self._reset_training_state()
+        """``Trainer.train`` with fresh noise counters and metric sums
+        (:meth:`_inner_training_loop`). A tokenizer's or processor's special tokens are aligned
+        with the base model's config (an AMVLModel's own ``config`` is its AMVLConfig)."""
         processing_class = self.processing_class
-        if processing_class is None:
-            return super().train(*args, **kwargs)
+        if not isinstance(processing_class, (PreTrainedTokenizerBase, ProcessorMixin)):
+            return super().train(*args, **kwargs)  # an image processor: nothing to align
         # The stock train() aligns the special tokens of self.model.config with the
         # tokenizer's; an AMVLModel's config is its AMVLConfig, so align the base model's
         # here and hide the processing class from that step (nothing else in train() needs
@@ -145,6 +153,13 @@ class AMVLTrainer(Trainer):
             return super().train(*args, **kwargs)
         finally:
             self.processing_class = processing_class
+
+    def _inner_training_loop(self, *args: Any, **kwargs: Any) -> TrainOutput:
+        """The stock loop from fresh noise counters and metric sums: each train() call, and
+        each retry of ``auto_find_batch_size`` at a smaller batch (which re-enters this loop
+        without train(); its failed step's seed and metrics carried over before)."""
+        self._reset_training_state()
+        return super()._inner_training_loop(*args, **kwargs)
 
     def _training_seed(self) -> int:
         """The noise seed of this micro-batch: (seed, micro-batches before it, rank)."""

@@ -911,6 +911,58 @@ def test_a_second_train_call_starts_its_counts_afresh(tmp_path):
         assert torch.equal(cut_state[name], tensor), name
 
 
+def test_a_retry_at_a_smaller_batch_starts_its_counts_afresh(tmp_path):
+    """auto_find_batch_size re-enters the training loop at a smaller batch without train():
+    the failed step's seed and metrics carried over, so two steps drew the same noise and the
+    first line's amvl/loss was not its loss. The retry now runs as a fresh run at its size."""
+    def run(batch_size: int, fail_once: bool) -> tuple[list[dict], list[tuple[float, float]]]:
+        model, tokenizer = _tiny_model()
+        calls = _record_calls(model)
+        trainer = AMVLTrainer(model, TrainingArguments(
+            output_dir=str(tmp_path / str(fail_once)), per_device_train_batch_size=batch_size,
+            auto_find_batch_size=fail_once, max_steps=2, logging_steps=1, learning_rate=1e-2,
+            report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0),
+            train_dataset=_data(), data_collator=AMVLCollator(tokenizer))
+        if fail_once:
+            backward, failures = trainer.accelerator.backward, []
+
+            def out_of_memory_once(loss, **kwargs):
+                if not failures:
+                    failures.append(1)
+                    raise RuntimeError("CUDA out of memory. (simulated)")
+                return backward(loss, **kwargs)
+            trainer.accelerator.backward = out_of_memory_once
+        trainer.train()
+        logged = [(e["loss"], e["amvl/loss"]) for e in trainer.state.log_history if "loss" in e]
+        return calls[1:] if fail_once else calls, logged
+
+    retried_calls, retried_log = run(4, True)  # retried at 3 (the finder's 0.9, rounded down)
+    fresh_calls, fresh_log = run(3, False)
+    assert retried_calls == fresh_calls and len({c["seed"] for c in fresh_calls}) == 2
+    assert retried_log == pytest.approx(fresh_log, rel=1e-6)
+    assert all(loss == pytest.approx(metric, rel=1e-5) for loss, metric in retried_log)
+
+
+def test_a_processing_class_that_is_not_a_tokenizer_and_a_missing_collator(tmp_path):
+    """An image processor as processing_class crashed train() (its special tokens were
+    aligned as a tokenizer's); a trainer without a data_collator failed inside the Trainer
+    with a TypeError about joining None."""
+    from amvl.tiny import tiny_image_processor
+
+    model, tokenizer = _tiny_model()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4,
+                             max_steps=1, report_to=[], use_cpu=True, disable_tqdm=True,
+                             save_strategy="no")
+    processor = tiny_image_processor()
+    trainer = AMVLTrainer(model, args, train_dataset=_data(),
+                          data_collator=AMVLCollator(tokenizer), processing_class=processor)
+    trainer.train()
+    assert trainer.processing_class is processor and trainer.state.global_step == 1
+    for given in ({}, {"processing_class": tokenizer}):  # DataCollatorWithPadding with one
+        with pytest.raises(ValueError, match="data_collator=amvl.data.AMVLCollator"):
+            AMVLTrainer(model, args, train_dataset=_data(), **given)
+
+
 def test_logged_metrics_weigh_steps_as_the_trainer_weighs_its_loss(tmp_path):
     """An epoch ending in a shorter accumulation step: amvl/* averaged micro-batches where
     the Trainer's loss averages optimizer steps, and the two disagreed on one log line."""
