@@ -16,6 +16,7 @@ implementation that accepts custom masks (eager, sdpa) as dense 4D additive mask
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import math
@@ -34,7 +35,7 @@ from amvl_kernels.layout import LatentLayout
 
 from amvl.config import AMVLConfig
 from amvl.families import check_supported, router_balance, structural_vision_ids, \
-    text_config, transform_logits, vision_markers
+    text_config, transform_logits
 from amvl.heads import GaussianHead, LatentInjector
 from amvl.lora import stored_layer
 from amvl.objectives import Latents, Metrics, build_objective
@@ -51,6 +52,7 @@ from amvl.sequences import (
     assemble,
     concat,
     dense_mask,
+    repeat_rows,
     slots,
 )
 from amvl.weight_grads import PairedWeightGrads
@@ -1000,27 +1002,23 @@ class AMVLModel(SavingMixin, nn.Module):
         synced = sharded_across_processes(self) if synced_processes is None \
             else synced_processes and several_processes()  # one process is in step with itself
         n = int(num_samples or self.config.num_samples) if mode == "sample" else 1
-        if n > 1:  # every draw decodes as its own row
-            if pixel_values is not None:
-                pixel_values, image_grid_thw = self._repeat_images(prompt_ids, pixel_values,
-                                                                   image_grid_thw, n)
-            prompt_ids, prompt_mask = (t.repeat_interleave(n, 0) for t in (prompt_ids, prompt_mask))
         b = prompt_ids.shape[0]
         latent_tokens = 0 if self.objective.latent_source == "none" \
             else self.config.num_slots + 2
         self._check_window(prompt_ids.shape[1] + latent_tokens + max_new_tokens - 1)
         sequences, z = self._decode(prompt_ids, prompt_mask, pixel_values, image_grid_thw,
-                                    mode, seed, max_new_tokens, synced)
-        return GenerationOutput(sequences.view(b // n, n, -1),
-                                None if z is None else z.view(b // n, n, *z.shape[1:]))
+                                    mode, seed, max_new_tokens, synced, n)
+        return GenerationOutput(sequences.view(b, n, -1),
+                                None if z is None else z.view(b, n, *z.shape[1:]))
 
     @with_gathered_root
     def _decode(self, prompt_ids: Tensor, prompt_mask: Tensor, pixel_values: Tensor | None,
                 image_grid_thw: Tensor | None, mode: str, seed: int | None,
-                max_new_tokens: int, synced: bool) -> tuple[Tensor, Tensor | None]:
-        """:meth:`generate`'s passes on checked rows: the (B, T) tokens and the (B, K, d)
-        latents (None without a latent block)."""
-        b = prompt_ids.shape[0]
+                max_new_tokens: int, synced: bool, n: int = 1) -> tuple[Tensor, Tensor | None]:
+        """:meth:`generate`'s passes on checked rows: the (B * n, T) tokens and the
+        (B * n, K, d) latents (None without a latent block), an example's ``n`` draws in
+        consecutive rows. The prior pass runs once per example (its images once); its cache,
+        cropped to x, is repeated for the draws."""
         rope = self._rope_positions(prompt_ids, prompt_mask, image_grid_thw)
         p = self._parts(prompt_ids, prompt_mask, rope=rope)
         images = self._images(pixel_values, image_grid_thw)
@@ -1033,15 +1031,23 @@ class AMVLModel(SavingMixin, nn.Module):
             seq = assemble({"prompt": p["prompt"], "prior": p["prior"]})
             hidden, cache = self._run(seq, rope=rope, images=images, use_cache=True)
             mu_p, lv_p = self.prior_head(hidden[:, seq.columns("prior")])
-            z = self._prior_latents(mu_p, lv_p, mode, seed)
             cache.crop(-(seq.input_ids.shape[1] - prompt_ids.shape[1]))
+            if n > 1:  # every draw decodes as its own row, after the one pass over x
+                mu_p, lv_p = mu_p.repeat_interleave(n, 0), lv_p.repeat_interleave(n, 0)
+                cache.batch_repeat_interleave(n)
+                prompt_seq = repeat_rows(prompt_seq, n)
+                p["latent"] = dataclasses.replace(
+                    p["latent"], **{name: getattr(p["latent"], name).repeat_interleave(n, 0)
+                                    for name in ("ids", "mask", "start")})
+            # the noise is keyed by row: each draw's as when the rows were repeated up front
+            z = self._prior_latents(mu_p, lv_p, mode, seed)
             tail = assemble({"latent": p["latent"]})
             hidden, cache = self._run(tail, prefix=prompt_seq, cache=cache, z=z, use_cache=True)
             keys = concat(prompt_seq, tail)
             next_pos = p["latent"].start + self.config.num_slots + 2
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         pad = eos if pad is None else pad
-        done = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
+        done = torch.zeros(hidden.shape[0], dtype=torch.bool, device=prompt_ids.device)
         tokens = []
         for t in range(max_new_tokens):
             logits = self.next_token_logits(hidden[:, -1])
@@ -1072,28 +1078,6 @@ class AMVLModel(SavingMixin, nn.Module):
             hidden, cache = self._run(step, prefix=keys, cache=cache, use_cache=True)
             keys = concat(keys, step)
         return torch.stack(tokens, 1), z
-
-    def _repeat_images(self, prompt_ids: Tensor, pixel_values: Tensor, image_grid_thw: Tensor,
-                       n: int) -> tuple[Tensor, Tensor]:
-        """Each example's images ``n`` times over, in the order of the rows of
-        ``prompt_ids.repeat_interleave(n, 0)``: the example's images are the next ones in
-        ``image_grid_thw`` order, as many as its prompt has vision-start markers, each
-        ``t * h * w`` rows of ``pixel_values``."""
-        if image_grid_thw is None:
-            raise ValueError("pixel_values given without image_grid_thw")
-        start, _ = vision_markers(self._unwrapped().config)
-        counts = (prompt_ids == start).sum(1).tolist()
-        if sum(counts) != image_grid_thw.shape[0]:
-            raise ValueError(f"the prompts mark {sum(counts)} images but image_grid_thw has "
-                             f"{image_grid_thw.shape[0]}")
-        patches = pixel_values.split(image_grid_thw.prod(-1).tolist())
-        pixels, grids, first = [], [], 0
-        for count in counts:
-            for _ in range(n):
-                pixels += patches[first:first + count]
-                grids.append(image_grid_thw[first:first + count])
-            first += count
-        return torch.cat(pixels), torch.cat(grids)
 
 
 @dataclass

@@ -185,6 +185,13 @@ def concat(first: Sequence, second: Sequence) -> Sequence:
                                 "position_ids")), spans)
 
 
+def repeat_rows(seq: Sequence, n: int) -> Sequence:
+    """``seq`` with each row ``n`` times in a row (the rows of a batch's ``n`` draws)."""
+    return Sequence(*(getattr(seq, f).repeat_interleave(n, 0)
+                      for f in ("input_ids", "segment", "visible_kinds", "block_id",
+                                "position_ids")), dict(seq.spans))
+
+
 def slots(token_id: int, batch: int, k: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """ids and mask of K copies of one special token in every row."""
     ids = torch.full((batch, k), token_id, dtype=torch.long, device=device)

@@ -510,6 +510,49 @@ def test_generate_matches_recompute_without_cache(kind, mode):
             assert torch.equal(sequences[row, :end], expected[row, :end])
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2_vl", "gemma3", "gpt_neox", "qwen2:amvl"])
+def test_draws_share_one_pass_over_the_prompt_and_equal_repeated_rows(kind):
+    """n draws per example ran x (and its images) n times, as n copies of each row: the
+    prior pass now runs once and its cache is repeated for the draws. The tokens and latents
+    are those of the copies (the noise is keyed by row), with a third of the prompt passes
+    (on caches of several layer kinds: Gemma 3's sliding layers; and on the "amvl"
+    attention)."""
+    from amvl.families import vision_markers
+    from amvl_kernels.hf import use_amvl_attention
+
+    kind, _, attention = kind.partition(":")
+    model, batch = build(kind)
+    if attention:
+        use_amvl_attention(model.base)
+    model.eval()
+    n, ids, mask = 3, batch["prompt_ids"], batch["prompt_mask"]
+    images = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
+    copies = {"prompt_ids": ids.repeat_interleave(n, 0),
+              "prompt_mask": mask.repeat_interleave(n, 0)}
+    if images:  # each example's images n times over, in the copies' order
+        start, _ = vision_markers(model.base.config)
+        counts = (ids == start).sum(1).tolist()
+        grids = images["image_grid_thw"].split(counts)
+        patches = images["pixel_values"].split([int(g.prod(-1).sum()) for g in grids])
+        copies["pixel_values"] = torch.cat([x for x in patches for _ in range(n)])
+        copies["image_grid_thw"] = torch.cat([g for g in grids for _ in range(n)])
+    widths = []
+    hook = model._backbone().register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["inputs_embeds"].shape[:2]),
+        with_kwargs=True)
+    try:
+        out = model.generate(ids, mask, **images, latent="sample", num_samples=n,
+                             max_new_tokens=5, seed=7)
+        first_pass, widths[:] = widths[0], []
+        alike = model.generate(**copies, latent="sample", num_samples=1, max_new_tokens=5,
+                               seed=7)
+    finally:
+        hook.remove()
+    assert first_pass[0] == ids.shape[0] and widths[0][0] == n * ids.shape[0]
+    assert torch.equal(out.sequences.flatten(0, 1), alike.sequences.flatten(0, 1))
+    torch.testing.assert_close(out.latents.flatten(0, 1), alike.latents.flatten(0, 1))
+
+
 def test_vlm_tail_positions_continue_the_models_rope_index():
     """The answer after the prompt gets the positions the model itself would give it."""
     model, batch = build("qwen2_vl", objective="none")
