@@ -194,7 +194,7 @@ class AMVLTrainer(Trainer):
         (``<prefix>_amvl/<name>``: NLL, KLs, active slots, ...) and ``nll_prior``, the
         answers' NLL decoded from the prior's means as inference decodes (one more decoding
         pass a batch; gamma's prior-draw NLL is ``nll_prior_draw``), averaged over the
-        examples as the loss is, then over the processes."""
+        examples of every process as the loss is."""
         self._eval_batch = 0  # every evaluate() and predict() draws the same noise
         self._eval_sums, self._eval_examples = defaultdict(float), 0
         try:
@@ -203,11 +203,9 @@ class AMVLTrainer(Trainer):
             sums, examples = self._eval_sums, self._eval_examples
         finally:
             self._eval_sums = None
-        if examples:
-            means = {key: total / examples for key, total in sums.items()}
-            means = mean_over_processes(means, self.accelerator)
-            for key, value in means.items():
-                output.metrics[f"{metric_key_prefix}_amvl/{key}"] = float(value)
+        if examples:  # the examples of every process (_add_eval_metrics)
+            for key, total in sums.items():
+                output.metrics[f"{metric_key_prefix}_amvl/{key}"] = float(total / examples)
         return output
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor],
@@ -227,11 +225,7 @@ class AMVLTrainer(Trainer):
             out = model(**inputs, step=None, seed=self._as_graph_input(seed, (1,)),
                         prior_mean_nll=looping and not torch.is_grad_enabled())
             if looping:
-                examples = inputs["prompt_ids"].shape[0]
-                for key, value in out.metrics.tensors().items():
-                    if "/slot" not in key:
-                        self._eval_sums[key] = self._eval_sums[key] + value * examples
-                self._eval_examples += examples
+                self._add_eval_metrics(out, inputs["prompt_ids"].shape[0])
         else:
             tokens = None
             if num_items_in_batch is not None:  # the mean tokens of a micro-batch of the step
@@ -247,6 +241,22 @@ class AMVLTrainer(Trainer):
                     self._step_sums[key] = self._step_sums[key] + value
             self._step_micro_batches += 1
         return (out.loss, out) if return_outputs else out.loss
+
+    def _add_eval_metrics(self, out: AMVLOutput, examples: int) -> None:
+        """Add an evaluation batch's metrics, once per example of it on every process, to the
+        sums: gathered as the Trainer gathers its loss (``gather_for_metrics``), which drops
+        the copies accelerate pads the processes' last batches with, so the means weigh
+        examples as ``eval_loss`` does. Before, each process's own mean, copies included, was
+        averaged over the processes."""
+        metrics = {key: value for key, value in out.metrics.tensors().items()
+                   if "/slot" not in key}
+        device = out.loss.device
+        values = torch.stack([torch.as_tensor(value, device=device).float().reshape(())
+                              for value in metrics.values()])
+        rows = self.accelerator.gather_for_metrics(values.expand(examples, -1).contiguous())
+        for key, total in zip(metrics, rows.sum(0)):
+            self._eval_sums[key] = self._eval_sums[key] + total
+        self._eval_examples += rows.shape[0]
 
     def _as_graph_input(self, value: int, shape: tuple[int, ...]) -> int | torch.Tensor:
         """``value`` as an int64 tensor of ``shape`` on the device when torch.compile's mode

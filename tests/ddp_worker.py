@@ -1,8 +1,8 @@
 """Worker for tests/test_trainer.py: a few AMVLTrainer steps under torchrun (gloo, CPU).
 
 Each rank writes its parameters to OUT/rank{N}.safetensors for the test to compare, and the
-objective's metrics it logged (and its own, before they were averaged over the ranks) to
-OUT/metrics{N}.json.
+objective's metrics it logged (and its own, before they were averaged over the ranks) and an
+evaluation's metrics to OUT/metrics{N}.json.
 """
 
 import json
@@ -35,7 +35,8 @@ def main(out: str) -> None:
     args = TrainingArguments(output_dir=out, per_device_train_batch_size=2, max_steps=3,
                              learning_rate=1e-2, logging_steps=1, save_strategy="no",
                              report_to=[], use_cpu=True, ddp_backend="gloo", seed=0,
-                             disable_tqdm=True, dataloader_num_workers=0)
+                             disable_tqdm=True, dataloader_num_workers=0,
+                             per_device_eval_batch_size=2)
     # One seed on every rank, as a Trainer script has it: AMVLTrainer draws each rank's
     # latent noise from (seed, micro-batch, rank), not from the generator the Trainer seeds.
     trainer = AMVLTrainer(model, args, train_dataset=data, data_collator=AMVLCollator(tokenizer))
@@ -55,8 +56,10 @@ def main(out: str) -> None:
               for entry in trainer.state.log_history if "amvl/kl_fwd" in entry]
     if not logged:
         raise SystemExit("the objective's metrics were not logged")
+    # 7 examples in batches of 2 on 2 ranks: accelerate pads the last batches with a copy
+    evaluated = trainer.evaluate(data[:7])
     with open(os.path.join(out, f"metrics{rank}.json"), "w") as f:
-        json.dump({"logged": logged, "own": own}, f)
+        json.dump({"logged": logged, "own": own, "evaluated": evaluated}, f)
     # Closed explicitly once both ranks are done: Trainer leaves it open.
     if dist.is_initialized():
         dist.barrier()

@@ -278,6 +278,12 @@ def test_ddp_two_processes_keep_identical_parameters(tmp_path):
         assert own[0]["nll"] != own[1]["nll"]  # the ranks' batches differ
         for key, value in logged.items():
             assert value == pytest.approx((own[0][key] + own[1][key]) / 2, rel=1e-6), key
+    # evaluation weighs examples as eval_loss does, without the copies that even out the
+    # ranks' last batches (each rank's mean, copies included, was averaged over the ranks)
+    evaluated = [{k: v for k, v in m["evaluated"].items() if "amvl" in k or k == "eval_loss"}
+                 for m in metrics]
+    assert evaluated[0] == evaluated[1] and len(evaluated[0]) > 4
+    assert evaluated[0]["eval_amvl/loss"] == pytest.approx(evaluated[0]["eval_loss"], rel=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["paired", "checkpointed"])
