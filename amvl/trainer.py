@@ -74,6 +74,12 @@ class AMVLTrainer(Trainer):
         self._eval_examples = 0
         self._reset_training_state()
 
+    @property
+    def _processor_to_save(self):
+        """The processing class, also while train() hides it from the stock alignment."""
+        return self.processing_class if self.processing_class is not None \
+            else getattr(self, "_hidden_processing_class", None)
+
     def _refuse_what_amvl_batches_cannot_do(self) -> None:
         """Settings the stock Trainer would silently skip (or crash on later) with AMVL
         batches, which carry no logits, labels or ``input_ids``."""
@@ -148,11 +154,11 @@ class AMVLTrainer(Trainer):
         # it for AMVL batches, which have no input_ids).
         align_special_tokens(self.accelerator.unwrap_model(self.model)._unwrapped(),
                              processing_class)
-        self.processing_class = None
+        self.processing_class, self._hidden_processing_class = None, processing_class
         try:
             return super().train(*args, **kwargs)
         finally:
-            self.processing_class = processing_class
+            self.processing_class, self._hidden_processing_class = processing_class, None
 
     def _inner_training_loop(self, *args: Any, **kwargs: Any) -> TrainOutput:
         """The stock loop from fresh noise counters and metric sums: each train() call, and
@@ -298,6 +304,11 @@ class AMVLTrainer(Trainer):
         # state_dict: the full state the Trainer gathered (FSDP, ZeRO-3), or None
         self.accelerator.unwrap_model(self.model).save_pretrained(output_dir,
                                                                   state_dict=state_dict)
+        processor = self._processor_to_save
+        if processor is not None and not isinstance(processor, PreTrainedTokenizerBase):
+            # an image processor (or a processor): beside the base model, as amvl train's
+            # final/ keeps it, where amvl eval and amvl generate find it
+            processor.save_pretrained(Path(output_dir) / "base")
         # The run's arguments, as the stock training_args.bin records them, but as JSON:
         # nothing this package writes needs unpickling to read.
         (Path(output_dir) / TRAINING_ARGS_JSON).write_text(self.args.to_json_string())

@@ -951,8 +951,9 @@ def test_a_retry_at_a_smaller_batch_starts_its_counts_afresh(tmp_path):
 
 def test_a_processing_class_that_is_not_a_tokenizer_and_a_missing_collator(tmp_path):
     """An image processor as processing_class crashed train() (its special tokens were
-    aligned as a tokenizer's); a trainer without a data_collator failed inside the Trainer
-    with a TypeError about joining None."""
+    aligned as a tokenizer's) and was not saved; a trainer without a data_collator failed
+    inside the Trainer with a TypeError about joining None."""
+    from amvl.checkpoints import load_image_processor
     from amvl.tiny import tiny_image_processor
 
     model, tokenizer = _tiny_model()
@@ -964,6 +965,8 @@ def test_a_processing_class_that_is_not_a_tokenizer_and_a_missing_collator(tmp_p
                           data_collator=AMVLCollator(tokenizer), processing_class=processor)
     trainer.train()
     assert trainer.processing_class is processor and trainer.state.global_step == 1
+    trainer.save_model(str(tmp_path / "saved"))  # beside the base, where amvl eval finds it
+    assert load_image_processor(tmp_path / "saved" / "base").to_dict() == processor.to_dict()
     for given in ({}, {"processing_class": tokenizer}):  # DataCollatorWithPadding with one
         with pytest.raises(ValueError, match="data_collator=amvl.data.AMVLCollator"):
             AMVLTrainer(model, args, train_dataset=_data(), **given)
