@@ -20,9 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = {"AMVL_BENCH_SMOKE": "1"}
 BENCHES = {  # benchmark file -> (bench -> providers it must time, its -k selection)
     "bench_gaussian_kl.py": ({"gaussian_kl": {"eager", "torch.compile", "triton"}}, "float32"),
+    # compiled at one shape: compiling is most of the smoke run's time
     "bench_model_step.py": ({"model_step": {"plain", "naive", "shared", "shared_amvl"},
                              "model_step_compiled": {"plain", "plain_compiled", "shared_amvl",
-                                                     "shared_amvl_compiled"}}, ""),
+                                                     "shared_amvl_compiled"}},
+                            "not compiled or blink"),
     "bench_choice_scoring.py": ({"choice_scoring": {"per_choice", "one_encoding"}}, ""),
     "bench_latent_attention.py": ({"latent_attention": {
         "amvl", "amvl_auto", "amvl_split", "amvl_heads_fastest", "flex", "sdpa_dense",
