@@ -175,6 +175,16 @@ def score_choices(model: AMVLModel, collator: AMVLCollator, examples: Sequence[d
     return {"nll": nll, "gold": gold, **{k: cat(k) for k in collected}}
 
 
+def _class_indices(labels) -> np.ndarray:
+    """``labels`` as a 1-D array of class indices, or a ValueError saying what it is."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or (labels.size and not np.issubdtype(labels.dtype, np.integer)) \
+            or (labels < 0).any():
+        raise ValueError(f"labels must be a 1-D array of class indices >= 0, got dtype "
+                         f"{labels.dtype} and shape {labels.shape}")
+    return labels.astype(np.int64)
+
+
 def _probed(labels: np.ndarray) -> np.ndarray:
     """Which examples a probe can use: those of a class with at least two (a class of one
     example can be in the training folds or the held-out one, never both)."""
@@ -186,8 +196,8 @@ def probe_chance(labels: np.ndarray) -> float:
     """The accuracy of always answering the most frequent class, on the examples
     :func:`linear_probe_accuracy` uses: the level its accuracy is to be read against (90% on
     features of pure noise where 90% of the answers are one class). NaN where it uses none."""
-    labels = np.asarray(labels)
-    used = labels[_probed(labels)] if len(labels) else labels
+    labels = _class_indices(labels)
+    used = labels[_probed(labels)]
     if len(np.unique(used)) < 2:
         return float("nan")
     return float(np.bincount(used).max() / len(used))
@@ -205,10 +215,7 @@ def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, folds: int =
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    features, labels = np.asarray(features), np.asarray(labels)
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or (labels < 0).any():
-        raise ValueError(f"labels must be a 1-D array of class indices >= 0, got dtype "
-                         f"{labels.dtype} and shape {labels.shape}")
+    features, labels = np.asarray(features), _class_indices(labels)
     if len(features) != len(labels):
         raise ValueError(f"features has {len(features)} rows but labels {len(labels)}")
     if len(labels) == 0:
@@ -251,15 +258,15 @@ def mean_pairwise_cosine(latents: np.ndarray) -> float:
 def latent_spread(latents: np.ndarray) -> float:
     """The share of the flattened latents' mean square that varies across examples:
     mean ||l_i - mean_j l_j||^2 / mean ||l_i||^2, in [0, 1]. 0: every example has the same
-    latents (collapsed); 1: they vary around zero. NaN for fewer than two examples, latents
-    all zero, or a latent that is not finite."""
+    latents (collapsed, zeros included, as :func:`mean_pairwise_cosine` has it); 1: they
+    vary around zero. NaN for fewer than two examples or a latent that is not finite."""
     latents = np.asarray(latents, dtype=np.float64)
     if len(latents) < 2 or not np.isfinite(latents).all():
         return float("nan")
     flat = latents.reshape(len(latents), -1)
     total = float((flat ** 2).sum(1).mean())
-    if total == 0:
-        return float("nan")
+    if total == 0:  # every latent zero: collapsed
+        return 0.0
     return float(((flat - flat.mean(0)) ** 2).sum(1).mean() / total)
 
 

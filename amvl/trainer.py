@@ -72,13 +72,14 @@ class AMVLTrainer(Trainer):
         # the objective's metrics summed over an evaluation's examples (evaluation_loop)
         self._eval_sums: dict[str, torch.Tensor | float] | None = None
         self._eval_examples = 0
+        self._hidden_processing_class = None  # while train() hides it from the alignment
         self._reset_training_state()
 
     @property
     def _processor_to_save(self):
         """The processing class, also while train() hides it from the stock alignment."""
         return self.processing_class if self.processing_class is not None \
-            else getattr(self, "_hidden_processing_class", None)
+            else self._hidden_processing_class
 
     def _refuse_what_amvl_batches_cannot_do(self) -> None:
         """Settings the stock Trainer would silently skip (or crash on later) with AMVL

@@ -208,6 +208,8 @@ def test_probe_leaves_out_classes_of_one_and_reports_its_chance_level():
     noise = linear_probe_accuracy(rng.normal(size=(100, 4)), skewed)
     assert probe_chance(skewed) == 0.9 and noise == pytest.approx(0.9, abs=0.05)
     assert math.isnan(probe_chance(np.array([0, 0, 1]))) and math.isnan(probe_chance(labels[:0]))
+    with pytest.raises(ValueError, match="labels must be a 1-D array of class indices"):
+        probe_chance(np.array([0.0, 1.0, 1.0]))
 
 
 def test_spread_sees_through_a_shared_offset_where_the_cosine_does_not():
@@ -217,7 +219,7 @@ def test_spread_sees_through_a_shared_offset_where_the_cosine_does_not():
     assert latent_spread(varied + 20.0) == pytest.approx(1 / 401, rel=0.2)  # 1 / (1 + 20^2)
     assert latent_spread(varied) == pytest.approx(1.0, abs=0.02)
     assert latent_spread(np.tile([[1.0, -2.0]], (5, 1))) == 0.0
-    assert math.isnan(latent_spread(np.zeros((4, 3)))) and math.isnan(latent_spread(varied[:1]))
+    assert latent_spread(np.zeros((4, 3))) == 0.0 and math.isnan(latent_spread(varied[:1]))
     with_nan = varied.copy()
     with_nan[3, 0] = np.nan  # a NaN row was dropped from the cosine without a word
     assert math.isnan(latent_spread(with_nan)) and math.isnan(mean_pairwise_cosine(with_nan))
