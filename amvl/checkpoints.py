@@ -162,8 +162,8 @@ def _load_saved_model(directory: Path, command: str
 
 def _load_lora_run(directory: Path) -> tuple[AMVLModel, BaseImageProcessor | None]:
     """A LoRA run's ``final/`` or checkpoint: the frozen base its record names (rebuilt from
-    the run's seed for the tiny model) under its adapter, the heads, injector and latent
-    tokens' rows loaded; the image processor saved in ``base/``, else the base's.
+    the run's seed for the tiny model) under its adapter, the heads, injector, slot embeddings
+    and latent tokens' rows loaded; the image processor saved in ``base/``, else the base's.
 
     The adapter is not merged into the base: a bf16 base would round the merged weights
     (1.9e-3 nats on a small model), and a tied embedding would take an adapter of the LM

@@ -77,6 +77,10 @@ class AMVLConfig:
         logvar_min, logvar_max: bounds of the heads' log-variance parameterisation.
         logvar_init: the heads' log-variance at initialisation (below 0 fights posterior
             collapse: early noise would otherwise teach the decoder to ignore z).
+        slot_embeddings: add a learned vector per slot to the query slots' input embeddings
+            (:class:`amvl.heads.SlotEmbeddings`), so that the K slots start apart instead of
+            as near copies of one; it fixes ``num_slots`` once a model is built. Models saved
+            before this setting existed had none, and load without it.
         inference: "mean" (z = mu_p) or "sample" (z ~ p, ``num_samples`` draws).
         num_samples: draws per example when ``inference == "sample"``.
         prefix_sharing: compute the query x once per step (needs the "amvl" attention).
@@ -105,6 +109,7 @@ class AMVLConfig:
     logvar_min: float = -10.0
     logvar_max: float = 4.0
     logvar_init: float = 0.0
+    slot_embeddings: bool = True
     inference: str = "mean"
     num_samples: int = 1
     prefix_sharing: bool = True
@@ -125,7 +130,7 @@ class AMVLConfig:
                                     "kl_cycle_steps": 2, "num_samples": 1},
                     reals=("alpha", "beta", "gamma", "free_bits", "kl_cycle_ratio",
                            "logvar_min", "logvar_max", "logvar_init"),
-                    flags=("prefix_sharing", "pair_weight_grads"))
+                    flags=("slot_embeddings", "prefix_sharing", "pair_weight_grads"))
         for name in ("latent_start_token", "latent_end_token", "latent_token",
                      "prior_query_token", "posterior_query_token"):
             require(isinstance(getattr(self, name), str) and getattr(self, name) != "",
@@ -176,7 +181,8 @@ class AMVLConfig:
         if name in self.__dict__.get("_fixed", ()):
             raise AttributeError(
                 f"AMVLConfig.{name} is fixed once an AMVLModel is built on this config (its "
-                f"heads, objective and special tokens were made from it; the model would "
+                f"heads, slot embeddings, objective and special tokens were made from it; the "
+                f"model would "
                 f"diverge from its saved config): build a new model on "
                 f"dataclasses.replace(config, {name}=...)")
         with warnings.catch_warnings(record=True) as caught:
@@ -189,8 +195,10 @@ class AMVLConfig:
 
     def fix_structure(self) -> None:
         """Make the fields a model consumes when it is built (latent_dim, objective, log-
-        variance bounds and start, special tokens) unassignable: AMVLModel calls it."""
-        object.__setattr__(self, "_fixed", STRUCTURE_FIELDS)
+        variance bounds and start, slot embeddings and, with them, num_slots, special tokens)
+        unassignable: AMVLModel calls it."""
+        fixed = STRUCTURE_FIELDS | {"num_slots"} if self.slot_embeddings else STRUCTURE_FIELDS
+        object.__setattr__(self, "_fixed", fixed)
 
     def differences(self, other: AMVLConfig, ignore: frozenset[str] = frozenset()
                     ) -> list[str]:
@@ -235,7 +243,12 @@ class AMVLConfig:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
-        return cls.from_dict(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        # Saved before slot embeddings existed (2026-11-29): those models have none, where a
+        # config written without the field today gets them.
+        if isinstance(data, dict):
+            data.setdefault("slot_embeddings", False)
+        return cls.from_dict(data)
 
 
 _FIELD_NAMES = frozenset(f.name for f in fields(AMVLConfig))
@@ -244,7 +257,9 @@ _FIELD_NAMES = frozenset(f.name for f in fields(AMVLConfig))
 INFERENCE_FIELDS = frozenset({"inference", "num_samples"})
 
 # What AMVLModel makes from the config when it is built: the heads' sizes and log-variance
-# parameterisation, the objective's class, the special tokens' ids.
+# parameterisation, the slot embeddings (whose rows also fix num_slots), the objective's
+# class, the special tokens' ids.
 STRUCTURE_FIELDS = frozenset({"latent_dim", "objective", "logvar_min", "logvar_max",
-                              "logvar_init", "latent_start_token", "latent_end_token",
-                              "latent_token", "prior_query_token", "posterior_query_token"})
+                              "logvar_init", "slot_embeddings", "latent_start_token",
+                              "latent_end_token", "latent_token", "prior_query_token",
+                              "posterior_query_token"})

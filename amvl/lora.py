@@ -2,8 +2,8 @@
 
 ``amvl train`` builds the :class:`AMVLModel` on the plain base (which gives the latent special
 tokens their embedding rows), then wraps the base with PEFT adapters: the base's own weights
-stay frozen, and the adapters, the Gaussian heads, the injector and the embedding rows of the
-latent tokens the model reads (PEFT's trainable tokens; ``train_latent_tokens``) train. By
+stay frozen, and the adapters, the Gaussian heads, the injector, the slot embeddings and the
+embedding rows of the latent tokens the model reads (PEFT's trainable tokens; ``train_latent_tokens``) train. By
 default the adapters go on every linear layer of the text decoder (attention and MLP
 projections), named in full, so a VLM's vision tower, whose MLP layers share the decoder's
 names (Qwen2.5-VL's ``gate_proj``, ``up_proj``, ``down_proj``), gets none.
@@ -108,9 +108,9 @@ def fused_expert_blocks(base: nn.Module) -> list[str]:
 def add_adapters(model: AMVLModel, settings: dict, command: str = "train") -> str:
     """Wrap ``model``'s base (plain, the latent tokens' rows already added) with LoRA adapters
     of ``settings`` (a checked ``model.lora`` section, :func:`amvl.run_config.lora_settings`)
-    and return a line saying what trains. The base's weights are frozen; the heads and the
-    injector, which are the AMVLModel's own, keep training. Target names that match no module
-    raise SystemExit naming ``command``."""
+    and return a line saying what trains. The base's weights are frozen; the heads, the
+    injector and the slot embeddings, which are the AMVLModel's own, keep training. Target
+    names that match no module raise SystemExit naming ``command``."""
     require_peft(command)
     from peft import LoraConfig, get_peft_model
 
@@ -130,7 +130,8 @@ def add_adapters(model: AMVLModel, settings: dict, command: str = "train") -> st
     return (f"amvl {command}: LoRA r={settings['r']}, alpha={settings['alpha']:g}, dropout="
             f"{settings['dropout']:g} on {adapted} modules: training {trainable:,} of "
             f"{total:,} parameters ({trainable / total:.2%}; the adapters, the heads, the "
-            "injector" + (f" and the {len(rows)} latent tokens' embedding rows" if rows else "")
+            "injector" + (", the slot embeddings" if model.slot_embeddings is not None else "")
+            + (f" and the {len(rows)} latent tokens' embedding rows" if rows else "")
             + ")" + (f"; the fused expert weights of MoE blocks ({len(fused)}: "
                            f"{fused[0]}, ...) get no adapters" if fused else ""))
 

@@ -36,7 +36,7 @@ from amvl_kernels.layout import LatentLayout
 from amvl.config import AMVLConfig
 from amvl.families import check_supported, router_balance, structural_vision_ids, \
     text_config, transform_logits
-from amvl.heads import GaussianHead, LatentInjector
+from amvl.heads import GaussianHead, LatentInjector, SlotEmbeddings
 from amvl.lora import stored_layer
 from amvl.objectives import Latents, Metrics, build_objective
 from amvl.saving import SavingMixin
@@ -300,6 +300,9 @@ class AMVLModel(SavingMixin, nn.Module):
         self.posterior_head = GaussianHead(hidden, d, lo, hi, init).to(device) \
             if self.objective.uses_posterior else None
         self.injector = LatentInjector(d, hidden).to(device) if uses_latents else None
+        self.slot_embeddings = SlotEmbeddings(config.num_slots, hidden,
+                                              self._token_embedding_std()).to(device) \
+            if uses_latents and config.slot_embeddings else None
         self._padding_checked = False  # on a GPU: once (see _check_batch)
         self._compiled_base_warned = False
         config.fix_structure()
@@ -330,6 +333,19 @@ class AMVLModel(SavingMixin, nn.Module):
 
     def _text_config(self):
         return text_config(self._unwrapped())
+
+    def _token_embedding_std(self) -> float:
+        """The spread of the input embeddings' entries, from about 4,096 of their rows (the
+        scale the slot embeddings start at: a pretrained table's is not the config's
+        ``initializer_range``, SmolLM2-135M's 0.136 against 0.02); the config's
+        ``initializer_range`` (0.02 without one) where the table cannot be read here: on
+        the meta device, or a process's empty ZeRO-3 partition."""
+        weight = stored_layer(self.get_input_embeddings()).weight
+        if weight.is_meta or weight.dim() != 2 or weight.shape[0] < 2:
+            return float(getattr(self._text_config(), "initializer_range", None) or 0.02)
+        with torch.no_grad():
+            rows = weight[::max(1, weight.shape[0] // 4096)]
+            return float(rows.float().std())
 
     def _sliding_window(self) -> int | None:
         """The text model's attention window when any layer has one, else None."""
@@ -372,7 +388,8 @@ class AMVLModel(SavingMixin, nn.Module):
         return stored_layer(self.get_input_embeddings()).weight.dtype
 
     def _own_modules(self) -> dict[str, nn.Module]:
-        return {name: getattr(self, name) for name in ("prior_head", "posterior_head", "injector")
+        return {name: getattr(self, name)
+                for name in ("prior_head", "posterior_head", "injector", "slot_embeddings")
                 if getattr(self, name) is not None}
 
     def _on_amvl_attention(self) -> bool:
@@ -512,14 +529,25 @@ class AMVLModel(SavingMixin, nn.Module):
         autograd would add them: one lookup for all the passes of a step writes it once.
         """
         if len(seqs) == 1:
-            return [self.get_input_embeddings()(seqs[0].input_ids)]
-        # One row of all the passes' tokens, each pass's a contiguous piece of it (models may
-        # .view their inputs_embeds), still (batch, length, hidden) for the module's hooks
-        # (NEFTune's reads its output's last two sizes).
-        ids = torch.cat([s.input_ids.reshape(1, -1) for s in seqs], 1)
-        embeds = self.get_input_embeddings()(ids)[0]
-        pieces = embeds.split([s.input_ids.numel() for s in seqs])
-        return [piece.view(*s.input_ids.shape, -1) for piece, s in zip(pieces, seqs)]
+            looked_up = [self.get_input_embeddings()(seqs[0].input_ids)]
+        else:
+            # One row of all the passes' tokens, each pass's a contiguous piece of it (models
+            # may .view their inputs_embeds), still (batch, length, hidden) for the module's
+            # hooks (NEFTune's reads its output's last two sizes).
+            ids = torch.cat([s.input_ids.reshape(1, -1) for s in seqs], 1)
+            embeds = self.get_input_embeddings()(ids)[0]
+            pieces = embeds.split([s.input_ids.numel() for s in seqs])
+            looked_up = [piece.view(*s.input_ids.shape, -1) for piece, s in zip(pieces, seqs)]
+        return [self._add_slot_embeddings(embeds, seq) for embeds, seq in zip(looked_up, seqs)]
+
+    def _add_slot_embeddings(self, embeds: Tensor, seq: Sequence) -> Tensor:
+        """``embeds`` of ``seq`` with the slot embeddings added on its query slots."""
+        if self.slot_embeddings is None:
+            return embeds
+        for part in ("prior", "posterior"):
+            if part in seq.spans:
+                embeds = self.slot_embeddings(embeds, seq.columns(part))
+        return embeds
 
     def _nll(self, hidden: Tensor, seq: Sequence, answer_ids: Tensor, answer_mask: Tensor,
              tokens: float | Tensor | None = None) -> Tensor:

@@ -1,7 +1,8 @@
 """Saving and loading an :class:`amvl.model.AMVLModel`: safetensors and JSON, nothing unpickled.
 
 A saved directory holds ``amvl_config.json`` (the :class:`AMVLConfig`), ``amvl_heads.safetensors``
-(the heads and the injector, and for a PEFT base the latent special tokens' embedding rows)
+(the heads, the injector, the slot embeddings, and for a PEFT base the latent special tokens'
+embedding rows)
 and ``base/`` (the base model, or only its adapter, and the tokenizer).
 """
 
@@ -16,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from amvl.config import INFERENCE_FIELDS, AMVLConfig
+from amvl.heads import SlotEmbeddings
 from amvl.lora import ADAPTER_FILE, stored_layer
 
 if TYPE_CHECKING:
@@ -31,7 +33,8 @@ class SavingMixin:
 
     def save_pretrained(self, directory: str | Path,
                         state_dict: dict[str, Tensor] | None = None) -> None:
-        """Config (JSON), heads and injector (safetensors), base model and tokenizer.
+        """Config (JSON), heads, injector and slot embeddings (safetensors), base model and
+        tokenizer.
 
         ``state_dict`` (this module's keys, e.g. the full state a Trainer gathers under FSDP
         or ZeRO-3) is saved instead of the live parameters. With a PEFT base, ``base/`` holds
@@ -64,11 +67,11 @@ class SavingMixin:
         (heads of no size), which would be saved as they are."""
         partitioned = [n for n, p in self.named_parameters()
                        if type(p).__name__ == "DTensor" or hasattr(p, "ds_id")]
-        partitioned += [f"{name}.{layer_name}.weight"
+        partitioned += [".".join(filter(None, (name, layer_name, "weight")))
                         for name, module in self._own_modules().items()
                         for layer_name, layer in module.named_modules()
-                        if isinstance(layer, nn.Linear) and tuple(layer.weight.shape)
-                        != (layer.out_features, layer.in_features)]
+                        if tuple(getattr(layer, "weight", torch.empty(0)).shape)
+                        != _whole_weight_shape(layer)]
         if partitioned:
             raise ValueError(
                 f"the model's live weights are sharded across processes ({partitioned[0]}, "
@@ -268,6 +271,16 @@ def _remove_other_kind_of_base(base_dir: Path, adapter: bool) -> None:
     for pattern in patterns:
         for file in base_dir.glob(pattern):
             file.unlink()
+
+
+def _whole_weight_shape(layer: nn.Module) -> tuple[int, ...]:
+    """The shape of an own layer's ``weight`` when it is whole, not a process's shard: (0,)
+    for a layer without one."""
+    if isinstance(layer, nn.Linear):
+        return (layer.out_features, layer.in_features)
+    if isinstance(layer, SlotEmbeddings):
+        return (layer.num_slots, layer.hidden_size)
+    return (0,)
 
 
 def _load_into(model: nn.Module, state: dict[str, Tensor]) -> str:

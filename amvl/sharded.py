@@ -3,9 +3,10 @@
 Every forward pass of such a model gathers each layer's parameters from all processes, so all
 of them must run the same passes: a process whose rows have all ended keeps decoding (its rows
 padded) until every process's have, as transformers' ``generate`` does with ``synced_gpus``.
-Under FSDP2 the parameters of the root unit (the heads, the injector and whatever of the base
-no layer unit holds) are gathered only by the root's own forward, which ``generate``,
-``heads`` and ``answer_nll`` do not call: :func:`gathered_root` gathers them around those.
+Under FSDP2 the parameters of the root unit (the heads, the injector, the slot embeddings and
+whatever of the base no layer unit holds) are gathered only by the root's own forward, which
+``generate``, ``heads`` and ``answer_nll`` do not call: :func:`gathered_root` gathers them
+around those.
 
 A base model built under ZeRO-3 (transformers' ``from_pretrained`` with a ZeRO-3 Trainer
 configuration alive) holds one partition of each parameter on a rank, an empty tensor outside

@@ -16,6 +16,9 @@ import amvl.training
 from amvl.cli import main
 from amvl.run_config import load_run_config
 
+# The AMVLModel's own modules, which train beside the adapters.
+OWN_MODULES = ("prior_head", "posterior_head", "injector", "slot_embeddings")
+
 
 def _lora_config(folder: Path, steps: int, save_every: int, lora: dict | None = None,
                  **train) -> str:
@@ -135,8 +138,8 @@ def test_default_targets_are_the_text_decoders_linear_layers(build):
     assert adapted == expected
     assert not any("visual" in name for name in adapted)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert all("lora_" in name or name.split(".")[0] in ("prior_head", "posterior_head",
-                                                         "injector") for name in trainable)
+    assert all("lora_" in name or name.split(".")[0] in OWN_MODULES for name in trainable)
+    assert "slot_embeddings.weight" in trainable and "the slot embeddings" in summary
 
     model = AMVLModel(getattr(amvl.tiny, build)(tokenizer), tokenizer,
                       AMVLConfig(num_slots=2, latent_dim=4))
@@ -241,8 +244,7 @@ def test_lora_training_moves_adapters_heads_and_token_rows_and_leaves_the_base_a
         lora_run):
     folder, _, capture = lora_run
     lora = [k for k in capture.after if "lora_" in k]
-    heads = [k for k in capture.after if k.split(".")[0] in ("prior_head", "posterior_head",
-                                                             "injector")]
+    heads = [k for k in capture.after if k.split(".")[0] in OWN_MODULES]
     (rows,) = [k for k in capture.after if "trainable_tokens_delta" in k]
     frozen = [k for k in capture.after if k not in lora + heads + [rows]]
     assert lora and heads and len(frozen) > len(lora)

@@ -1,9 +1,9 @@
-"""Gaussian heads and the latent injector."""
+"""Gaussian heads, the slot embeddings and the latent injector."""
 
 import pytest
 import torch
 
-from amvl.heads import GaussianHead, LatentInjector
+from amvl.heads import GaussianHead, LatentInjector, SlotEmbeddings
 
 
 def test_head_bounds_and_unit_variance_at_start(rng_seed):
@@ -114,10 +114,37 @@ def test_heads_and_injector_run_their_linear_layers_as_modules(rng_seed):
     """Every head and the injector call their linear layer as a module, never reading its
     weight in their own forward: DeepSpeed ZeRO-3 gathers a partitioned weight only around its
     own module's forward (tests/deepspeed_worker.py runs it)."""
-    head, injector = GaussianHead(13, 5), LatentInjector(5, 13)
+    head, injector, slots = GaussianHead(13, 5), LatentInjector(5, 13), SlotEmbeddings(3, 13)
     calls = []
-    for layer in (head.proj, injector.proj):
+    for layer in (slots, head.proj, injector.proj):
         layer.register_forward_pre_hook(lambda module, args: calls.append(module))
-    mu, _ = head(torch.randn(2, 3, 13))
+    mu, _ = head(slots(torch.randn(2, 3, 13), slice(0, 3)))
     injector(torch.randn(2, 6, 13), slice(1, 4), mu)
-    assert calls == [head.proj, injector.proj]
+    assert calls == [slots, head.proj, injector.proj]
+    assert list(dict(slots.named_parameters(recurse=False))) == ["weight"]  # its own
+
+
+def test_slot_embeddings_add_slot_k_at_the_kth_column(rng_seed):
+    """Slot k's vector is added at column start + k of every row, in the embeddings' dtype;
+    the other columns are untouched and the gradient reaches each slot's vector."""
+    slots = SlotEmbeddings(num_slots=3, hidden_size=6, std=0.5)
+    embeds = torch.randn(2, 7, 6, dtype=torch.float64)
+    out = slots(embeds, slice(2, 5))
+    expected = embeds.clone()
+    expected[:, 2:5] += slots.weight.double()
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    upstream = torch.randn_like(out)
+    (grad,) = torch.autograd.grad((out * upstream).sum(), slots.weight)
+    torch.testing.assert_close(grad, upstream[:, 2:5].sum(0).float())
+    for bad in (slice(2, 4), slice(5, 8), slice(1, 4, 2), slice(None, 3)):
+        with pytest.raises(ValueError, match="slice of K=3 consecutive columns"):
+            slots(embeds, bad)
+    with pytest.raises(ValueError, match="6 features"):
+        slots(torch.randn(2, 7, 5), slice(2, 5))
+
+
+def test_slot_embeddings_start_at_the_given_spread(rng_seed):
+    weight = SlotEmbeddings(num_slots=5, hidden_size=4001, std=0.3).weight.detach()
+    assert weight.shape == (5, 4001) and weight.dtype == torch.float32
+    assert abs(float(weight.std()) - 0.3) < 0.01 and abs(float(weight.mean())) < 0.01
