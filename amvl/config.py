@@ -255,6 +255,9 @@ _FIELD_NAMES = frozenset(f.name for f in fields(AMVLConfig))
 # Fields that only inference reads (AMVLModel.generate and the evaluation built on it): two
 # configs that differ in nothing else train alike, and hold interchangeable weights.
 INFERENCE_FIELDS = frozenset({"inference", "num_samples"})
+# Fields that choose how the same model computes (the kernels' backend, the training path,
+# the pairing of weight gradients): the weights do not depend on them either.
+IMPLEMENTATION_FIELDS = frozenset({"kernel_backend", "prefix_sharing", "pair_weight_grads"})
 
 # What AMVLModel makes from the config when it is built: the heads' sizes and log-variance
 # parameterisation, the slot embeddings (whose rows also fix num_slots), the objective's

@@ -412,6 +412,11 @@ class AMVLModel(SavingMixin, nn.Module):
                 "model.base.model = torch.compile(model.base.model)) instead", stacklevel=3)
             self._compiled_base_warned = True
         on_host = prompt_mask.device.type == "cpu"
+        if self.config.kernel_backend == "cuda" and on_host:
+            # a saved model keeps the backend it trained with, a GPU's, also on a CPU machine
+            raise ValueError("AMVLConfig.kernel_backend is 'cuda', which needs the model and "
+                             "its batches on a CUDA device, and they are on the CPU: set "
+                             "model.config.kernel_backend = 'auto' (or 'torch')")
         vocab = _embedding_rows(self.get_input_embeddings())
         check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask,
                     padding=on_host or not self._padding_checked, vocab_size=vocab)

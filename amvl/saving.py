@@ -8,6 +8,7 @@ and ``base/`` (the base model, or only its adapter, and the tokenizer).
 
 from __future__ import annotations
 
+import enum
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from amvl.config import INFERENCE_FIELDS, AMVLConfig
+from amvl.config import IMPLEMENTATION_FIELDS, INFERENCE_FIELDS, AMVLConfig
 from amvl.heads import SlotEmbeddings
 from amvl.lora import ADAPTER_FILE, stored_layer
 
@@ -37,14 +38,18 @@ class SavingMixin:
         tokenizer.
 
         ``state_dict`` (this module's keys, e.g. the full state a Trainer gathers under FSDP
-        or ZeRO-3) is saved instead of the live parameters. With a PEFT base, ``base/`` holds
+        or ZeRO-3) is saved instead of the live parameters; it must hold every parameter (a
+        ``module.`` or ``_orig_mod.`` prefix that all its keys share, as DDP's and
+        torch.compile's wrappers give them, is dropped). With a PEFT base, ``base/`` holds
         only the adapter, so the rows of the latent special tokens in the embeddings, which
         the adapter does not carry, are saved beside the heads."""
         if state_dict is None:
             self._check_whole()
+        else:
+            state_dict = self._checked_state(state_dict)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _remove_other_kind_of_base(directory / "base", adapter=self._is_peft())
+        _remove_saved_base_weights(directory / "base")
         self.config.save(directory)
         own = self._own_state() if state_dict is None else {
             k: v for k, v in state_dict.items() if k.split(".", 1)[0] in self._own_modules()}
@@ -82,6 +87,27 @@ class SavingMixin:
                 f"(FSDP1), or from DeepSpeed's engine._zero3_consolidated_16bit_state_dict() "
                 f"(ZeRO-3; the Trainer's save_model gathers it with "
                 f"stage3_gather_16bit_weights_on_model_save)")
+
+    def _checked_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``state`` with this module's own names, refused when a parameter is missing (a
+        partial state saved a partial base, which then loaded with random weights where it
+        had none). Names are compared without the wrappers' components, which the live names
+        of a model wrapped in place (FSDP1, activation checkpointing) carry and a gathered
+        state does not."""
+        while state and len({k.split(".", 1)[0] for k in state}) == 1 \
+                and next(iter(state)).split(".", 1)[0] in _WRAPPER_PREFIXES:
+            state = {k.split(".", 1)[1]: v for k, v in state.items()}
+        names_of: dict[int, list[str]] = {}
+        for name, param in self.named_parameters(remove_duplicate=False):
+            names_of.setdefault(id(param), []).append(_without_wrappers(name))
+        missing = [names[0] for names in names_of.values()
+                   if not any(name in state for name in names)]  # tied weights: one name
+        if missing:
+            raise ValueError(
+                f"state_dict lacks {len(missing)} of the model's parameters ({missing[0]}, ...) "
+                f"of {len(names_of)}: pass the whole state, named as this model's "
+                f"state_dict() names it (its first keys: {list(state)[:2]})")
+        return state
 
     def _own_state(self) -> dict[str, Tensor]:
         return {f"{name}.{k}": v for name, module in self._own_modules().items()
@@ -142,7 +168,8 @@ class SavingMixin:
         not depend on and which this model keeps): heads, injector and the base model, or its
         PEFT adapter. What a Trainer resuming from one of its checkpoints needs."""
         directory = Path(directory)
-        differ = AMVLConfig.load(directory).differences(self.config, ignore=INFERENCE_FIELDS)
+        differ = AMVLConfig.load(directory).differences(
+            self.config, ignore=INFERENCE_FIELDS | IMPLEMENTATION_FIELDS)
         if differ:
             raise ValueError(f"{directory} holds a model of another configuration (differs in "
                              f"{differ}): build the model on the saved config "
@@ -152,12 +179,40 @@ class SavingMixin:
             if not self._is_peft():
                 raise ValueError(f"{base_dir} holds a PEFT adapter but this model's base is "
                                  "not a PEFT model")
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(self.base, load_file(str(base_dir / ADAPTER_FILE)))
+            self._load_adapter(base_dir)
+        elif self._is_peft():
+            raise ValueError(f"{base_dir} holds a whole model, not a PEFT adapter, but this "
+                             "model's base is a PEFT model: load it into a model on the plain "
+                             "base")
         else:
             self._load_base_state(base_dir)
         self._load_own_state(load_file(str(directory / HEADS_NAME), device=str(self.device)))
+
+    def _load_adapter(self, base_dir: Path) -> None:
+        """Load the adapter saved in ``base_dir`` into this model's PEFT base, whose adapter
+        must have the saved settings (``ADAPTER_SETTINGS``) and take every saved weight."""
+        from peft import set_peft_model_state_dict
+
+        saved = json.loads((base_dir / "adapter_config.json").read_text())
+        name = getattr(self.base, "active_adapter", "default")
+        live = self.base.peft_config[name].to_dict()
+        differ = [f"{key} (saved {_shortened(saved[key])}, this model's "
+                  f"{_shortened(live[key])})"
+                  for key in ADAPTER_SETTINGS if key in saved and key in live
+                  and _comparable(saved[key]) != _comparable(live[key])]
+        if differ:
+            raise ValueError(f"{base_dir} holds an adapter of other settings than this model's: "
+                             f"{'; '.join(differ)}: wrap the base with the saved settings "
+                             "(PeftModel.from_pretrained(<the plain base>, base_dir)), or pass "
+                             "the plain base to AMVLModel.from_pretrained")
+        try:
+            result = set_peft_model_state_dict(self.base, load_file(str(base_dir / ADAPTER_FILE)),
+                                               adapter_name=name)
+        except RuntimeError as error:  # shapes of another adapter
+            raise ValueError(f"{base_dir}'s adapter does not fit this model's: {error}") from None
+        if result.unexpected_keys:
+            raise ValueError(f"{base_dir}'s adapter has weights this model's adapter lacks: "
+                             f"{sorted(result.unexpected_keys)[:5]}")
 
     def _load_base_state(self, base_dir: Path) -> None:
         index = base_dir / "model.safetensors.index.json"
@@ -171,12 +226,18 @@ class SavingMixin:
             state.update(load_file(str(base_dir / name)))
         target = self._unwrapped()
         problems = _load_into(target, state)
-        if problems:
+        if problems and not problems.startswith("tied"):
             # transformers saves some models (the Qwen2-VL family) under their original
-            # checkpoints' names and maps them back when it loads: let it.
-            fresh = type(target).from_pretrained(base_dir, use_safetensors=True,
-                                                 dtype=next(target.parameters()).dtype)
-            problems = _load_into(target, fresh.state_dict())
+            # checkpoints' names and maps them back when it loads: let it, and refuse what
+            # it could not find (it starts those weights at random).
+            fresh, info = type(target).from_pretrained(
+                base_dir, use_safetensors=True, dtype=next(target.parameters()).dtype,
+                output_loading_info=True)
+            unloaded = {key: sorted(info.get(key) or ())[:5]
+                        for key in ("missing_keys", "unexpected_keys", "mismatched_keys")
+                        if info.get(key)}
+            problems = f"its files {unloaded}" if unloaded \
+                else _load_into(target, fresh.state_dict())
             del fresh
         if problems:
             raise ValueError(f"{base_dir} does not match this base model: {problems}")
@@ -188,44 +249,87 @@ class SavingMixin:
         """Load what :meth:`save_pretrained` wrote: JSON and safetensors only, nothing unpickled.
 
         The base model class is taken from the saved ``config.json`` ``architectures`` entry
-        unless ``base_model`` is given; a given base gets the saved weights loaded into it. A
-        PEFT model saved only its adapter: pass its base with the adapter loaded
-        (``PeftModel.from_pretrained(base, directory / "base")``); the latent special tokens'
-        rows come back from the heads' file. A given ``tokenizer`` must hold the latent
-        special tokens at the saved tokenizer's ids (the saved embedding rows are theirs).
-        The model comes in eval mode, as transformers' do: call ``.train()`` to train it.
+        unless ``base_model`` is given (``base_kwargs`` go to its ``from_pretrained``, e.g.
+        ``dtype``, which the heads then take too); a given base gets the saved weights loaded
+        into it. A PEFT model saved only its adapter: pass the plain base it was trained on,
+        and the adapter is loaded onto it (after the latent special tokens' rows, which its
+        trainable tokens index), or a PEFT model of the same adapter settings, into which the
+        saved adapter is loaded; the latent special tokens' rows come back from the heads'
+        file. A given ``tokenizer`` must hold the latent special tokens at the saved
+        tokenizer's ids (the saved embedding rows are theirs). The model comes in eval mode,
+        as transformers' do: call ``.train()`` to train it.
         """
         import transformers
+
+        from amvl.model import ensure_special_tokens
 
         directory = Path(directory)
         base_dir = directory / "base"
         config = AMVLConfig.load(directory)
         adapter = (base_dir / "adapter_config.json").is_file()
-        load_saved_base = False
-        if base_model is None:
-            if adapter:
-                raise ValueError(f"{base_dir} holds a PEFT adapter, not a whole model: "
-                                 "pass base_model=PeftModel.from_pretrained(<the base model>, "
-                                 f"'{base_dir}')")
-            arch = json.loads((base_dir / "config.json").read_text())["architectures"][0]
-            base_model = getattr(transformers, arch).from_pretrained(
-                base_dir, use_safetensors=True, **base_kwargs)
-        elif adapter and not hasattr(base_model, "get_base_model"):
-            raise ValueError(f"{base_dir} holds a PEFT adapter, but base_model is not a PEFT "
-                             "model: pass PeftModel.from_pretrained(<the base model>, "
-                             f"'{base_dir}')")
-        else:
-            load_saved_base = not adapter  # the trained weights, not the given ones
+        if base_model is not None and base_kwargs:
+            raise ValueError(f"{sorted(base_kwargs)} would go to transformers' from_pretrained, "
+                             "which a given base_model skips: build the base with them")
         saved_tokenizer = load_saved_tokenizer(base_dir)
         if tokenizer is None:
             tokenizer = saved_tokenizer
         else:
             _check_latent_token_ids(tokenizer, saved_tokenizer, config)
+        load_saved_base = load_saved_adapter = False
+        if base_model is None:
+            if adapter:
+                raise ValueError(f"{base_dir} holds a PEFT adapter, not a whole model: pass "
+                                 "the base model it was trained on, base_model=<that model>")
+            arch = json.loads((base_dir / "config.json").read_text())["architectures"][0]
+            if not hasattr(transformers, arch):
+                raise ValueError(f"transformers has no class {arch}, the saved base's "
+                                 "architecture (a model with remote code?): build the base "
+                                 f"from '{base_dir}' yourself and pass it as base_model")
+            base_model = getattr(transformers, arch).from_pretrained(
+                base_dir, use_safetensors=True, **base_kwargs)
+        elif adapter and not hasattr(base_model, "get_base_model"):
+            from peft import PeftModel
+
+            ensure_special_tokens(base_model, tokenizer, config)
+            base_model = PeftModel.from_pretrained(base_model, base_dir)
+        elif adapter:
+            load_saved_adapter = True  # checked against the given adapter's settings
+        else:
+            load_saved_base = True  # the trained weights, not the given ones
         model = cls(base_model, tokenizer, config)
         if load_saved_base:
             model._load_base_state(base_dir)
+        if load_saved_adapter:
+            model._load_adapter(base_dir)
         model._load_own_state(load_file(str(directory / HEADS_NAME), device=str(model.device)))
+        dtype = base_kwargs.get("dtype", base_kwargs.get("torch_dtype"))
+        if isinstance(dtype, torch.dtype):
+            for module in model._own_modules().values():
+                module.to(dtype)
         return model.eval()  # as transformers' from_pretrained returns its models
+
+
+# The settings of a saved adapter that shape or scale it: a live adapter that differs in one
+# of them gives other outputs from the same weights, or drops some of them.
+ADAPTER_SETTINGS = ("peft_type", "r", "lora_alpha", "target_modules", "use_rslora", "use_dora",
+                    "fan_in_fan_out", "modules_to_save", "trainable_token_indices",
+                    "rank_pattern", "alpha_pattern", "bias", "layers_to_transform")
+
+
+def _shortened(value: object, length: int = 120) -> str:
+    text = repr(_comparable(value))
+    return text if len(text) <= length else text[:length] + "...]"
+
+
+def _comparable(value: object) -> object:
+    """A setting as JSON holds it: enums by value, sets and lists sorted."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {str(k): _comparable(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset, list, tuple)):
+        return sorted((_comparable(v) for v in value), key=repr)
+    return value
 
 
 GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
@@ -260,17 +364,27 @@ def _check_latent_token_ids(tokenizer, saved_tokenizer, config: AMVLConfig) -> N
                              "with the same latent special tokens")
 
 
-def _remove_other_kind_of_base(base_dir: Path, adapter: bool) -> None:
-    """Before saving into ``base_dir``: delete the files of the other kind of save (a whole
-    model's weights before an adapter, an adapter before a whole model), which an earlier
-    save into the same directory left and which loading would take for this save's."""
+def _remove_saved_base_weights(base_dir: Path) -> None:
+    """Before saving into ``base_dir``: delete the weight files of an earlier save (a whole
+    model's, in one file or in shards, or an adapter), which loading would take for this
+    save's: transformers removes only shards of its own naming, and an old single file next
+    to a new index is what its loading prefers."""
     if not base_dir.is_dir():
         return
-    patterns = ("model*.safetensors", "model.safetensors.index.json") if adapter else \
-        ("adapter_config.json", ADAPTER_FILE)
-    for pattern in patterns:
+    for pattern in ("model*.safetensors", "model.safetensors.index.json",
+                    "adapter_config.json", ADAPTER_FILE):
         for file in base_dir.glob(pattern):
             file.unlink()
+
+
+# What wrappers put in front of or among a model's parameter names: DDP's module, compile's
+# _orig_mod, FSDP1's and activation checkpointing's in-place wrappers.
+_WRAPPER_PREFIXES = ("module", "_orig_mod")
+_WRAPPER_COMPONENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
+
+def _without_wrappers(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_COMPONENTS)
 
 
 def _whole_weight_shape(layer: nn.Module) -> tuple[int, ...]:
@@ -285,9 +399,19 @@ def _whole_weight_shape(layer: nn.Module) -> tuple[int, ...]:
 
 def _load_into(model: nn.Module, state: dict[str, Tensor]) -> str:
     """Copy ``state`` into ``model``; '' when every weight was found, else what was not. A
-    tied weight (the LM head on the input embeddings) is saved once and may be missing."""
-    result = model.load_state_dict(state, strict=False)
+    tied weight (the LM head on the input embeddings) is saved once and may be missing; two
+    saved tensors that differ but are one tensor in ``model`` (an untied checkpoint, a tied
+    model: whichever came last would win) are refused before anything is copied."""
     own = model.state_dict()
+    keys_of: dict[int, list[str]] = {}
+    for key, tensor in own.items():
+        if key in state:
+            keys_of.setdefault(tensor.data_ptr(), []).append(key)
+    for keys in keys_of.values():
+        if any(not torch.equal(state[keys[0]], state[key]) for key in keys[1:]):
+            return (f"tied in this model but two tensors in the checkpoint: {keys} (was it "
+                    f"saved from a model whose LM head is not tied to its input embeddings?)")
+    result = model.load_state_dict(state, strict=False)
     loaded = {own[k].data_ptr() for k in own if k in state}
     untied = [k for k in result.missing_keys if own[k].data_ptr() not in loaded]
     if untied or result.unexpected_keys:

@@ -657,15 +657,14 @@ def test_peft_model_saves_and_loads_its_special_token_rows(tmp_path):
     assert not (tmp_path / "base" / "model.safetensors").exists()
     with pytest.raises(ValueError, match="PEFT adapter"):
         AMVLModel.from_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="base_model is not a PEFT model"):
-        AMVLModel.from_pretrained(tmp_path, base_model=tiny_qwen2(word_tokenizer(WORDS)))
-    torch.manual_seed(0)  # the pretrained base again, whose matrix lacks the tokens' rows
-    fresh = tiny_qwen2(word_tokenizer(WORDS))
-    loaded = AMVLModel.from_pretrained(tmp_path, base_model=PeftModel.from_pretrained(
-        fresh, tmp_path / "base"))
-    torch.testing.assert_close(loaded(**batch, seed=1).loss, expected)
-    torch.testing.assert_close(loaded._unwrapped().get_input_embeddings().weight[ids],
-                               model._unwrapped().get_input_embeddings().weight[ids])
+    for wrap in (True, False):  # the adapter loaded onto the base by PEFT, or by us
+        torch.manual_seed(0)  # the pretrained base again, whose matrix lacks the tokens' rows
+        fresh = tiny_qwen2(word_tokenizer(WORDS))
+        loaded = AMVLModel.from_pretrained(tmp_path, base_model=PeftModel.from_pretrained(
+            fresh, tmp_path / "base") if wrap else fresh)
+        torch.testing.assert_close(loaded(**batch, seed=1).loss, expected)
+        torch.testing.assert_close(loaded._unwrapped().get_input_embeddings().weight[ids],
+                                   model._unwrapped().get_input_embeddings().weight[ids])
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
