@@ -18,7 +18,9 @@ latents under test. Reported (:func:`leakage_report`):
 - per-slot KL(q||p), KL(p||q) and active slots;
 - latent collapse: mean pairwise cosine similarity of the prior means across examples, and
   their spread (the share of their mean square that varies across examples: 0 = the same
-  means for every example), which a shared offset does not hide as it does the cosine.
+  means for every example), which a shared offset does not hide as it does the cosine;
+- slot redundancy: the mean cosine similarity between the K slots of one example's prior
+  means (1 = every slot says the same), and their spread across the slots.
 """
 
 from __future__ import annotations
@@ -270,6 +272,37 @@ def latent_spread(latents: np.ndarray) -> float:
     return float(((flat - flat.mean(0)) ** 2).sum(1).mean() / total)
 
 
+def slot_similarity(latents: np.ndarray) -> tuple[float, float]:
+    """How alike the K slots of each example are, for latents (N, K, d): the mean cosine
+    similarity between two different slots of one example (1 = every slot a copy of one, as
+    K copies of one query token give before training; NaN below two slots or where no
+    example has two nonzero slots) and the share of each example's mean square that varies
+    across its slots (0 = copies), each averaged over the examples. NaN for a latent that is
+    not finite."""
+    latents = np.asarray(latents, dtype=np.float64)
+    if latents.ndim != 3:
+        raise ValueError(f"latents must be (examples, slots, dims), got shape {latents.shape}")
+    nan = float("nan")
+    n, k, _ = latents.shape
+    if n == 0 or k < 2 or not np.isfinite(latents).all():
+        return nan, nan
+    slots = torch.from_numpy(latents)
+    norms = slots.norm(dim=2)
+    unit = torch.nn.functional.normalize(slots, dim=2)
+    sims = unit @ unit.transpose(1, 2)
+    pairs = (norms[:, :, None] > 0) & (norms[:, None, :] > 0) & ~torch.eye(k, dtype=torch.bool)
+    # an example's slots all equal (zeros included) are copies: 1
+    copies = (slots == slots[:, :1]).flatten(1).all(1)
+    per_example = torch.where(copies, torch.ones(n, dtype=torch.float64),
+                              (sims * pairs).sum((1, 2)) / pairs.sum((1, 2)))
+    cosine = float(per_example[~per_example.isnan()].mean()) \
+        if bool((~per_example.isnan()).any()) else nan
+    total = slots.square().sum(2).mean(1)
+    varied = (slots - slots.mean(1, keepdim=True)).square().sum(2).mean(1)
+    spread = torch.where(total > 0, varied / total.clamp(min=torch.finfo(total.dtype).tiny), 0.0)
+    return cosine, float(spread.mean())
+
+
 def leakage_report(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
                    batch_size: int = 8, noise_scale: float = 1.0, seed: int = 0,
                    progress: bool = True, group_key: str | None = None) -> dict:
@@ -283,8 +316,9 @@ def leakage_report(model: AMVLModel, collator: AMVLCollator, examples: Sequence[
     the prior means of the example before it in ``examples``, the first the last one's: a
     neighbour in the data's order, which may be a near-duplicate; NaN for one example).
     ``probe_chance`` is the probes' majority-class level (:func:`probe_chance`);
-    ``cosine_prior`` and ``spread_prior`` measure the prior means' collapse
-    (:func:`mean_pairwise_cosine`, :func:`latent_spread`).
+    ``cosine_prior`` and ``spread_prior`` measure the prior means' collapse across examples
+    (:func:`mean_pairwise_cosine`, :func:`latent_spread`), ``slot_cosine_prior`` and
+    ``slot_spread_prior`` how alike one example's slots are (:func:`slot_similarity`).
 
     With ``group_key`` (e.g. "family"), accuracies are also reported per group as
     ``acc_prior/<group>`` and ``acc_posterior/<group>``.
@@ -336,6 +370,8 @@ def leakage_report(model: AMVLModel, collator: AMVLCollator, examples: Sequence[
     report["cosine_prior"] = nan if scores["mu_p"] is None else \
         mean_pairwise_cosine(scores["mu_p"])
     report["spread_prior"] = nan if scores["mu_p"] is None else latent_spread(scores["mu_p"])
+    report["slot_cosine_prior"], report["slot_spread_prior"] = (nan, nan) \
+        if scores["mu_p"] is None else slot_similarity(scores["mu_p"])
     # The same keys for every objective (NaN without a posterior), so reports tabulate
     slots = model.config.num_slots
     per_slot_fwd, per_slot_rev = (np.full(slots, nan), np.full(slots, nan)) \
@@ -360,15 +396,17 @@ _TABLE_COLUMNS = (("acc prior", "acc_prior", "pct"), ("acc posterior", "acc_post
                   ("probe p means", "probe_prior", "pct"),
                   ("probe chance", "probe_chance", "pct"),
                   ("active slots", "active_slots", "count"), ("cos p", "cosine_prior", "decimal"),
-                  ("spread p", "spread_prior", "decimal"))
+                  ("spread p", "spread_prior", "decimal"),
+                  ("slot cos p", "slot_cosine_prior", "decimal"))
 
 
 def format_leakage_table(reports: dict[str, dict]) -> str:
     """The headline numbers of :func:`leakage_report` for several models, one row each, as an
     aligned markdown table: accuracies, the leakage gap, flip rates and probe accuracies in
-    percent (with the probes' majority-class level), gold-answer NLLs and the prior means'
-    mean cosine similarity and spread to three decimals, active slots as a count; "-" where a
-    model has no such quantity (no posterior)."""
+    percent (with the probes' majority-class level), gold-answer NLLs, the prior means'
+    mean cosine similarity and spread across examples and mean cosine across one example's
+    slots to three decimals, active slots as a count; "-" where a model has no such quantity
+    (no posterior)."""
     if not reports:
         raise ValueError("no diagnostics to tabulate")
 
@@ -385,5 +423,6 @@ def format_leakage_table(reports: dict[str, dict]) -> str:
                "posterior latents (mu_q, from the gold answer) and their gap; gold-answer NLLs; "
                "prior predictions flipped (%) by zeroed, noised or swapped latents; linear probes "
                "of the answer (%) from posterior draws and prior means, and their majority-class "
-               "level; active slots; mean cosine and spread (0 = collapsed) of the prior means.")
+               "level; active slots; mean cosine and spread (0 = collapsed) of the prior means "
+               "across examples, and mean cosine between one example's slots (1 = copies).")
     return "\n".join([caption, "", markdown_table(header, rows)])

@@ -17,6 +17,7 @@ from amvl.diagnostics import (
     mean_pairwise_cosine,
     probe_chance,
     score_choices,
+    slot_similarity,
 )
 from amvl.model import AMVLModel
 from amvl.tiny import tiny_qwen2, word_tokenizer
@@ -98,8 +99,10 @@ def test_leakage_report_fields(objective):
     assert math.isnan(report["leakage_gap"]) != has_posterior
     if objective == "none":
         assert math.isnan(report["flip_zeroed"]) and math.isnan(report["cosine_prior"])
+        assert math.isnan(report["slot_cosine_prior"]) and math.isnan(report["slot_spread_prior"])
     else:
         assert 0 <= report["flip_swapped"] <= 1 and -1 <= report["cosine_prior"] <= 1
+        assert -1 <= report["slot_cosine_prior"] < 1 and 0 < report["slot_spread_prior"] <= 1
     if has_posterior:
         assert report["kl_fwd"] > 0 and report["active_slots"] <= 2
         sampled, means = report["probe_posterior_sampled"], report["probe_posterior"]
@@ -223,6 +226,26 @@ def test_spread_sees_through_a_shared_offset_where_the_cosine_does_not():
     with_nan = varied.copy()
     with_nan[3, 0] = np.nan  # a NaN row was dropped from the cosine without a word
     assert math.isnan(latent_spread(with_nan)) and math.isnan(mean_pairwise_cosine(with_nan))
+
+
+def test_slot_similarity_tells_copies_of_one_slot_from_distinct_slots():
+    rng = np.random.default_rng(0)
+    one = rng.normal(size=(6, 1, 5))
+    copies = np.repeat(one, 4, axis=1)
+    assert slot_similarity(copies) == (1.0, 0.0)
+    assert slot_similarity(np.zeros((3, 4, 5))) == (1.0, 0.0)  # collapse onto zeros
+    cosine, spread = slot_similarity(copies + 0.1 * rng.normal(size=copies.shape))
+    assert 0.95 < cosine < 1 and 0 < spread < 0.05
+    cosine, spread = slot_similarity(rng.normal(size=(400, 4, 64)))  # independent slots
+    assert abs(cosine) < 0.02 and spread == pytest.approx(0.75, abs=0.02)  # (K - 1) / K
+    opposite = np.array([[[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]]])  # a zero slot: no direction
+    assert slot_similarity(opposite)[0] == pytest.approx(-1.0)
+    assert all(math.isnan(v) for v in slot_similarity(rng.normal(size=(5, 1, 3))))
+    with_nan = copies.copy()
+    with_nan[2, 1, 0] = np.nan
+    assert all(math.isnan(v) for v in slot_similarity(with_nan))
+    with pytest.raises(ValueError, match=r"\(examples, slots, dims\)"):
+        slot_similarity(np.zeros((4, 3)))
 
 
 def test_pairwise_cosine():
@@ -403,14 +426,14 @@ def test_leakage_table_formats_each_kind_and_marks_what_a_model_lacks():
               "nll_prior": 1.23456, "nll_posterior": float("nan"), "flip_zeroed": 0.0,
               "flip_noised": 0.25, "flip_swapped": 1.0, "probe_posterior_sampled": 0.3333,
               "probe_prior": 0.5, "probe_chance": 0.25, "active_slots": 3.0,
-              "cosine_prior": 0.9876, "spread_prior": 0.0123}
+              "cosine_prior": 0.9876, "spread_prior": 0.0123, "slot_cosine_prior": 0.5}
     table = format_leakage_table({"amvl | run": report,
                                   "prior": {**report, "acc_posterior": float("nan")}})
     lines = table.splitlines()
     assert lines[0].startswith("Leakage diagnostics:")
     cells = [c.strip() for c in lines[4].strip("|").split(" | ")]
     assert cells == ["amvl \\| run", "50.0", "87.5", "37.5", "1.235", "-", "0.0", "25.0",
-                     "100.0", "33.3", "50.0", "25.0", "3", "0.988", "0.012"]
+                     "100.0", "33.3", "50.0", "25.0", "3", "0.988", "0.012", "0.500"]
     assert [c.strip() for c in lines[5].strip("|").split(" | ")][2] == "-"
     assert len({len(line) for line in lines[2:]}) == 1  # aligned
     with pytest.raises(ValueError, match="no diagnostics"):
