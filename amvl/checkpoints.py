@@ -25,6 +25,12 @@ if TYPE_CHECKING:
 
 FINAL_DIR = "final"
 PROMPT_FORMAT_FILE = "prompt_format.json"  # in final/: how the run formatted its prompts
+# In amvl train's checkpoints: the base model the run trains on (lora.base_record), which a
+# resume compares before the model loads
+BASE_RECORD_FILE = "base_model.json"
+# In final/: the training step its weights are of, so that a rerun with --resume can tell a
+# final/ older than the last checkpoint (a run killed before it wrote final/)
+TRAINED_STEP_FILE = "trained_step.json"
 
 
 def load_base(model_section: dict) -> tuple[PreTrainedModel, PreTrainedTokenizerBase,
@@ -288,7 +294,7 @@ def _check_lora_run(name: str, directory: Path, command: str) -> None:
             f"amvl {command}: {name}: {directory / 'base'} holds a PEFT adapter but "
             f"{directory} has no {RECORD_FILE}, amvl train's record of the base model it "
             "adapts: load it in Python, AMVLModel.from_pretrained(directory, base_model="
-            "PeftModel.from_pretrained(<the base model>, directory / 'base'))")
+            "<the base model>), which loads the adapter onto it")
     path = record["base"]["path"]
     if path != TINY_MODEL and not (Path(path) / "config.json").is_file():
         raise SystemExit(f"amvl {command}: {name}: the LoRA adapter in {directory} adapts the "

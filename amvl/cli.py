@@ -48,8 +48,9 @@ from functools import partial
 from pathlib import Path
 from typing import TextIO
 
-from amvl.checkpoints import (FINAL_DIR, PROMPT_FORMAT_FILE, check_trained, is_text_only,
-                              load_base, load_trained, trained_prompt_format, with_attention)
+from amvl.checkpoints import (BASE_RECORD_FILE, FINAL_DIR, PROMPT_FORMAT_FILE,
+                              TRAINED_STEP_FILE, check_trained, is_text_only, load_base,
+                              load_trained, trained_prompt_format, with_attention)
 from amvl.lora import (add_adapters, base_record, read_record, require_peft, run_record,
                        setting_differences, write_record)
 from amvl.run_config import (PROMPT_KEYS, check_jsonl_texts, load_run_config, prompt_format,
@@ -127,20 +128,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, run: dict, state) -> None:
-    """:func:`cmd_train`'s work in the process group of ``state`` (accelerate's)."""
+    """:func:`cmd_train`'s work in the process group of ``state`` (accelerate's). A rerun with
+    ``--resume`` of a run that reached its last checkpoint but not ``final/`` (killed between
+    the two) writes ``final/`` from that checkpoint, without training."""
     import transformers
 
     from amvl.model import AMVLModel
     from amvl.training import (LaunchError, NothingLeftToTrain, OtherRunError, check_output_dir,
-                               train)
+                               load_checkpoint_weights, train)
 
     lora = run["lora_settings"]
     out = Path(run.get("output_dir", "runs/amvl"))
     output_dir_errors = (FileExistsError, FileNotFoundError, OtherRunError, NothingLeftToTrain,
                          LaunchError)
+    # its first write was the history at the first log, after the model had loaded and trained
+    _check_output_dir("train", str(out), setting="output_dir")
+    finishing = None  # the run's last checkpoint, to write final/ from without training
     try:  # before the model is loaded and its embeddings resized, which can take minutes
         resumed = check_output_dir(out, run["train_config"], run["amvl_config"], args.resume,
                                    None if args.any_process_count else state.num_processes)
+    except NothingLeftToTrain as err:
+        resumed = finishing = _final_to_write(out, run["train_config"].steps)
+        if finishing is None:
+            raise SystemExit(f"amvl train: {err}") from None
     except output_dir_errors as err:
         raise SystemExit(f"amvl train: {err}") from None
     if resumed is not None:
@@ -184,11 +194,19 @@ def _train(args: argparse.Namespace, run: dict, state) -> None:
     if held_out is not None:
         check_jsonl_texts(data["eval"], *held_out, collator)
     try:  # train checks the directory again, and the processes accelerate sees
-        train(model, collator, examples, run["train_config"], output_dir=out,
-              resume=args.resume, any_process_count=args.any_process_count,
-              progress=not args.no_progress,
-              eval_examples=held_out[0] if held_out is not None else None,
-              on_save=None if record is None else partial(write_record, record=record))
+        if finishing is not None:
+            if state.is_main_process:
+                print(f"amvl train: {finishing.name} is the run's last step, but "
+                      f"{out / FINAL_DIR} is missing or older: writing it from "
+                      f"{finishing.name}, without training")
+            load_checkpoint_weights(model, finishing)
+        else:
+            train(model, collator, examples, run["train_config"], output_dir=out,
+                  resume=args.resume, any_process_count=args.any_process_count,
+                  progress=not args.no_progress,
+                  eval_examples=held_out[0] if held_out is not None else None,
+                  on_save=partial(_add_run_records, base=base_record(run["model"]),
+                                  record=record))
     except output_dir_errors as err:
         raise SystemExit(f"amvl train: {err}") from None
     if state.is_main_process:  # under accelerate launch / torchrun: one writer
@@ -207,6 +225,8 @@ def _train(args: argparse.Namespace, run: dict, state) -> None:
             used = {key: getattr(collator, key) for key in PROMPT_KEYS}  # the template's text
             (staged / PROMPT_FORMAT_FILE).write_text(json.dumps(used, indent=1),
                                                      encoding="utf-8")
+            (staged / TRAINED_STEP_FILE).write_text(json.dumps(
+                {"step": run["train_config"].steps}), encoding="utf-8")
             # a resumed run's final/ moves aside (a rename) before the new one moves in, so
             # that a kill at any moment leaves one whole final/ or none
             retired = out / f".{FINAL_DIR}.retired-{os.getpid()}"
@@ -222,6 +242,37 @@ def _train(args: argparse.Namespace, run: dict, state) -> None:
         except (OSError, ValueError) as err:
             print(f"amvl train: no plots ({err}); amvl plot {out} draws them later",
                   file=sys.stderr)
+
+
+def _add_run_records(directory: Path, base: dict, record: dict | None) -> None:
+    """A checkpoint's files of ``amvl train``, added before it moves into place: the ``base``
+    model the run trains on (its lora.base_record), which a resume compares before the model
+    loads, and a LoRA run's ``record`` (lora.run_record; None for a full fine-tune)."""
+    (directory / BASE_RECORD_FILE).write_text(json.dumps(base, indent=1), encoding="utf-8")
+    if record is not None:
+        write_record(directory, record)
+
+
+def _final_to_write(out: Path, steps: int) -> Path | None:
+    """The checkpoint at the run's last step (``steps``) when ``out``'s ``final/`` is missing
+    or of an earlier step: the run was killed after its last checkpoint, before it wrote
+    ``final/``. None otherwise, and for a ``final/`` written before it recorded its step,
+    which cannot be told apart from the finished run's."""
+    from amvl.training import latest_checkpoint
+
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        return None
+    step = json.loads((checkpoint / "state.json").read_text())["step"]
+    final = out / FINAL_DIR
+    if step != steps:  # past the run's steps: this run's final/ would be of another step
+        return None
+    if not final.exists():
+        return checkpoint
+    record = final / TRAINED_STEP_FILE
+    if record.is_file() and json.loads(record.read_text(encoding="utf-8"))["step"] < step:
+        return checkpoint
+    return None
 
 
 def _process_state(timeout_s: int):
@@ -274,9 +325,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def _check_same_lora(checkpoint: Path, lora: dict | None, model_section: dict) -> None:
     """Refuse to resume ``checkpoint`` with other LoRA settings than it trained with (``lora``:
-    the run config's, None for a full fine-tune), or a LoRA run on another base model (path,
-    dtype, the tiny model's width): its adapter (or its whole model) would not fit, or would
-    go on training as another run. Reads the directory only, before any model loads."""
+    the run config's, None for a full fine-tune), or on another base model (path, dtype, the
+    tiny model's width) than its record names: its adapter (or its whole model) would not
+    fit, or would go on training as another run. Reads the directory only, before any model
+    loads."""
     record = read_record(checkpoint)
     before = record["lora"] if record is not None else None
     differ = setting_differences(before, lora)
@@ -292,14 +344,20 @@ def _check_same_lora(checkpoint: Path, lora: dict | None, model_section: dict) -
                              " (a run of before model.lora.train_latent_tokens trained no "
                              "token rows: add train_latent_tokens: false to its model.lora "
                              "to resume it)" if older else ""))
-    # both with their defaults filled in (records written before dtype was always kept)
+    # both with their defaults filled in (records written before dtype was always kept); a
+    # full fine-tune's checkpoint records its base apart (older ones do not, and are checked
+    # as their weights load)
     then = base_record(record["base"]) if record is not None else None
+    if then is None and (checkpoint / BASE_RECORD_FILE).is_file():
+        then = json.loads((checkpoint / BASE_RECORD_FILE).read_text(encoding="utf-8"))
     now = base_record(model_section)
     if then is not None and then != now:
         keys = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
-        raise SystemExit(f"amvl train: {checkpoint}'s adapter was trained on the base model "
+        trained = "'s adapter was" if record is not None else " was"
+        raise SystemExit(f"amvl train: {checkpoint}{trained} trained on the base model "
                          f"{then}, this run's is {now} (differs in "
-                         f"{['model.' + k for k in keys]}): resume it on the same base")
+                         f"{['model.' + k for k in keys]}): resume it on the same base, or "
+                         "start a new run elsewhere")
 
 
 def _check_kernel_backend(backend: str) -> None:
@@ -566,21 +624,22 @@ def _seed(text: str) -> int:
     return value
 
 
-def _check_output_dir(command: str, out: str) -> None:
-    """Refuse an --out directory that cannot be made or written, before any training (a file
-    in its place failed as "[Errno 17] File exists")."""
+def _check_output_dir(command: str, out: str, setting: str = "--out") -> None:
+    """Refuse an output directory (``setting``: the option or config key that gives it) that
+    cannot be made or written, before any training (a file in its place failed as "[Errno 17]
+    File exists", after the model had loaded and trained to its first log)."""
     path = Path(out)
     if path.exists() and not path.is_dir():
-        raise SystemExit(f"amvl {command}: --out {out} is a file; give a directory (new or "
+        raise SystemExit(f"amvl {command}: {setting} {out} is a file; give a directory (new or "
                          "existing) for the results and plots")
     # the nearest part of the path that exists: the directories below it are made
     existing = next(part for part in (path, *path.parents) if part.exists())
     if not existing.is_dir():
-        raise SystemExit(f"amvl {command}: --out {out}: {existing} is a file, so no directory "
-                         "can be made inside it")
+        raise SystemExit(f"amvl {command}: {setting} {out}: {existing} is a file, so no "
+                         "directory can be made inside it")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise SystemExit(f"amvl {command}: --out {out} cannot be written ({existing} is not "
-                         "writable)")
+        raise SystemExit(f"amvl {command}: {setting} {out} cannot be written ({existing} is "
+                         "not writable)")
 
 
 def _check_output_file(command: str, out: str) -> None:

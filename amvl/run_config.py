@@ -36,6 +36,32 @@ DATA_KEYS = ("train", "eval", "per_family", "max_prompt_tokens", "max_answer_tok
 EVAL_KEYS = ("baselines",)
 
 
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    """A key written twice in one mapping of a run config."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key repeated in one mapping is an error: PyYAML keeps the
+    last of them without a word, so a second ``train:`` section appended to a config dropped
+    the first one whole. Keys merged in with ``<<`` may still be overridden, as YAML allows."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                repeated = key in seen
+            except TypeError:  # unhashable: the safe loader names it below
+                continue
+            if repeated:
+                raise _DuplicateKey(None, None, f"key {key!r} appears twice",
+                                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _check_keys(values, name: str, known: tuple[str, ...]) -> dict:
     if values is None:
         return {}
@@ -61,7 +87,11 @@ def load_run_config(path: str | Path) -> dict:
     if not path.is_file():
         raise SystemExit(f"amvl: no config file {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except _DuplicateKey as err:
+        raise SystemExit(f"amvl: {path}: {err.problem} (the second time on line "
+                         f"{err.problem_mark.line + 1}): write each key once; only the last "
+                         "would count") from None
     except yaml.YAMLError as err:
         raise SystemExit(f"amvl: {path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):

@@ -70,7 +70,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     lr_scheduler: str = "linear"  # one of LR_SCHEDULERS (transformers.get_scheduler names)
     warmup_steps: int = 0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # 0: no clipping
     seed: int = 0
     log_every: int = 10
     save_every: int = 0  # 0: save only at the end (when output_dir is set)
@@ -132,6 +132,8 @@ class TrainConfig:
                     f"{self.batch_size}")
         require(self.learning_rate > 0, "learning_rate must be > 0")
         require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        require(self.max_grad_norm >= 0,
+                f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
         require(0 <= self.warmup_steps <= self.steps,
                 f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
         require(self.save_every >= 0, f"save_every must be >= 0, got {self.save_every}")
@@ -332,8 +334,8 @@ def _check_same_run(checkpoint: Path, amvl_config: AMVLConfig, config: TrainConf
     AMVLConfig, but for its inference settings, ``INFERENCE_FIELDS``, which a resumed run
     trains alike with), another data order
     or batch (seed, batch_size), or another number of processes (each draws its share's noise
-    from its rank; None: not checked). The step count, rates and logging may change on
-    resume."""
+    from its rank; None: not checked). The step count, rates, weight decay and logging may
+    change on resume (the resumed run trains with its own)."""
     differ = AMVLConfig.load(checkpoint).differences(amvl_config, ignore=INFERENCE_FIELDS)
     if differ:
         raise OtherRunError(f"{checkpoint} was trained with another AMVLConfig (differs in "
@@ -386,6 +388,30 @@ def check_output_dir(output_dir: str | Path, config: TrainConfig, amvl_config: A
         raise NothingLeftToTrain(f"{found.name} is already at step {step}, and this run "
                                  f"trains to step {config.steps}: raise steps to go on")
     return found
+
+
+def load_checkpoint_weights(model: AMVLModel, checkpoint: Path) -> None:
+    """Put the weights of ``checkpoint`` (of :func:`save_checkpoint`) into ``model``: the whole
+    model's, or a PEFT base's adapter, heads and latent tokens' rows.
+
+    Raises:
+        OtherRunError: the whole model's weights do not fit ``model`` (a checkpoint of another
+            base model, e.g. another width), instead of torch's list of every mismatch.
+    """
+    if not (checkpoint / "model.safetensors").is_file():
+        model.load_weights(checkpoint)  # a PEFT base's checkpoint
+        return
+    try:
+        load_model(model, str(checkpoint / "model.safetensors"), device=str(model.device))
+    except torch.OutOfMemoryError:  # a RuntimeError too, but no sign of another model
+        raise
+    except RuntimeError as err:  # keys or shapes of another model, one line each
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        first = lines[1] if len(lines) > 1 else lines[0] if lines else type(err).__name__
+        more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+        raise OtherRunError(f"{checkpoint}'s weights do not fit this model: {first}{more}. "
+                            "Was it trained from another base model? Resume it on the model it "
+                            "trained from, or start a new run elsewhere") from None
 
 
 def _decay_groups(model, weight_decay: float) -> list[dict]:
@@ -516,7 +542,9 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
     processes as it trained on (``any_process_count=True``: on any number, with a warning: the
     steps' batches continue, but their shares' latent noise and dropout differ from an
     uninterrupted run's); ``on_save`` gets each checkpoint's directory before it is moved into
-    place (see :func:`save_checkpoint`).
+    place (see :func:`save_checkpoint`). An ``accelerator`` of one's own must train in
+    ``config.mixed_precision`` and leave gradient accumulation to ``config.micro_batch_size``
+    (its own ``gradient_accumulation_steps`` would divide the loss a second time).
     Only the parameters that require gradients train (a PEFT base's adapters, not its frozen
     weights). Trainable bf16/fp16 weights get a warning: AdamW updates them without fp32
     master weights.
@@ -542,6 +570,7 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
         if output_dir is None:
             raise ValueError(f"report_to={trackers} needs an output_dir: the run is named "
                              f"after it, and local trackers write into output_dir/{LOGS_DIR}")
+    own_accelerator = accelerator is not None
     if accelerator is None:
         from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
@@ -562,6 +591,18 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
         raise ValueError(f"this loop checkpoints from one full copy of the model, which "
                          f"{accelerator.distributed_type.value} does not keep: train with "
                          "amvl.trainer.AMVLTrainer instead")
+    if own_accelerator and accelerator.gradient_accumulation_steps != 1:
+        # accelerator.backward divides the loss by it, on top of the loop's own accumulation
+        raise ValueError(f"an accelerator with gradient_accumulation_steps="
+                         f"{accelerator.gradient_accumulation_steps}: the loop accumulates by "
+                         "itself, so build it without and set TrainConfig.micro_batch_size to "
+                         "split each step into micro-batches")
+    if own_accelerator and accelerator.mixed_precision != config.mixed_precision:
+        # the accelerator's precision is the one that trains, not the config's, which the
+        # checkpoints record
+        raise ValueError(f"TrainConfig.mixed_precision={config.mixed_precision!r}, but the "
+                         f"accelerator of your own trains in {accelerator.mixed_precision!r}: "
+                         "set the same precision in both (Accelerator(mixed_precision=...))")
     launched = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
     if launched != accelerator.num_processes:
         raise LaunchError(
@@ -607,12 +648,18 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
                                   None if any_process_count else accelerator.num_processes) \
         if out is not None else None
     if checkpoint is not None:
-        if (checkpoint / "model.safetensors").is_file():
-            load_model(model, str(checkpoint / "model.safetensors"), device=str(model.device))
-        else:  # a PEFT base's checkpoint: adapter, heads and the latent tokens' rows
-            model.load_weights(checkpoint)
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+        load_checkpoint_weights(model, checkpoint)
+        # On the CPU: torch.load puts tensors back on the device they were saved from, so every
+        # process of a GPU run piled the main process's AdamW state onto cuda:0 (and a machine
+        # without CUDA could not resume at all); load_state_dict moves it to the parameters.
+        decays = [group["weight_decay"] for group in optimizer.param_groups]
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu",
+                                             weights_only=True))
+        # load_state_dict took the checkpoint's weight decay too: this run's, as its rates
+        for group, decay in zip(optimizer.param_groups, decays):
+            group["weight_decay"] = decay
+        scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", map_location="cpu",
+                                             weights_only=True))
         _rates_of_this_run(optimizer, scheduler, config.learning_rate)
         state = json.loads((checkpoint / "state.json").read_text())
         trained_on = state.get("num_processes", world)
@@ -621,10 +668,11 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
             warnings.warn(f"{checkpoint.name} trained on {trained_on} processes and continues "
                           f"on {world}: the steps' batches continue, but their shares' latent "
                           "noise and dropout are not an uninterrupted run's", stacklevel=2)
-        _set_rng_state(*_rng_state_of_rank(torch.load(checkpoint / "rng.pt", weights_only=True),
-                                           state, rank))
+        _set_rng_state(*_rng_state_of_rank(torch.load(checkpoint / "rng.pt", map_location="cpu",
+                                                      weights_only=True), state, rank))
         if accelerator.scaler is not None and (checkpoint / "scaler.pt").is_file():
             accelerator.scaler.load_state_dict(torch.load(checkpoint / "scaler.pt",
+                                                          map_location="cpu",
                                                           weights_only=True))
         start, history, sums = state["step"], state["history"], state["pending"]
         # Before the metric names were settled, the objective's prior-draw NLL (gamma > 0)

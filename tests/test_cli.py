@@ -233,6 +233,84 @@ def test_final_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
               "--no-progress"])
 
 
+def test_a_rerun_with_resume_writes_the_final_model_a_killed_run_did_not(tmp_path, capsys,
+                                                                          monkeypatch):
+    """A run killed after its last checkpoint, before final/ was written (a time limit, a full
+    disk), could not be finished: --resume was refused forever ("already at step N"), and a
+    resumed run's final/ stayed the shorter run's model, which amvl eval took. The rerun now
+    writes final/ from the checkpoint, without training, and then has nothing left to do."""
+    from amvl.model import AMVLModel
+
+    run = tmp_path / "run"
+    assert main(["train", "--config", _run_config(tmp_path, steps=1, save_every=1),
+                 "--no-progress"]) == 0
+    written = {str(p): p.read_bytes() for p in (run / "final").rglob("*") if p.is_file()}
+    assert json.loads((run / "final" / "trained_step.json").read_text()) == {"step": 1}
+    history = (run / "history.jsonl").read_text()
+    shutil.rmtree(run / "final")  # the run was killed before it wrote final/
+    capsys.readouterr()
+    assert main(["train", "--config", _run_config(tmp_path, steps=1, save_every=1),
+                 "--resume", "--no-progress"]) == 0
+    assert "checkpoint-1 is the run's last step, but" in capsys.readouterr().out
+    # the same model, byte for byte, and no step trained
+    assert {str(p): p.read_bytes() for p in (run / "final").rglob("*") if p.is_file()} \
+        == written
+    assert (run / "history.jsonl").read_text() == history
+    with pytest.raises(SystemExit, match="checkpoint-1 is already at step 1"):
+        main(["train", "--config", _run_config(tmp_path, steps=1, save_every=1), "--resume",
+              "--no-progress"])
+    # resumed to step 2, killed while writing final/: the step-1 model stays in final/
+    real = AMVLModel.save_pretrained
+
+    def fails_halfway(self, directory, **kwargs):
+        real(self, directory, **kwargs)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(AMVLModel, "save_pretrained", fails_halfway)
+    with pytest.raises(OSError, match="No space left"):
+        main(["train", "--config", _run_config(tmp_path, steps=2, save_every=1), "--resume",
+              "--no-progress"])
+    monkeypatch.undo()
+    assert json.loads((run / "final" / "trained_step.json").read_text()) == {"step": 1}
+    assert main(["train", "--config", _run_config(tmp_path, steps=2, save_every=1),
+                 "--resume", "--no-progress"]) == 0
+    assert json.loads((run / "final" / "trained_step.json").read_text()) == {"step": 2}
+    assert not (run / "checkpoint-3").exists()
+    assert {str(p): p.read_bytes() for p in (run / "final").rglob("*.safetensors")} != \
+        {k: v for k, v in written.items() if k.endswith(".safetensors")}
+
+
+def test_resuming_a_full_fine_tune_on_another_base_is_refused_before_it_loads(tmp_path,
+                                                                             monkeypatch):
+    """Only a LoRA run's checkpoint named its base model: a full fine-tune resumed on another
+    one loaded it whole, then died in train with torch's size-mismatch list (or went on, on
+    another base of the same shapes). Its checkpoints now name the base too; one that does
+    not (an older run's) is refused in a line when its weights do not fit."""
+    import amvl.cli
+
+    assert main(["train", "--config", _run_config(tmp_path, steps=1, save_every=1),
+                 "--no-progress"]) == 0
+    config = _run_config(tmp_path, steps=2, save_every=1)
+    raw = yaml.safe_load(Path(config).read_text())
+    raw["model"]["hidden_size"] = 64
+    Path(config).write_text(yaml.safe_dump(raw))
+    real_load_base = amvl.cli.load_base
+
+    def no_model(section):
+        raise AssertionError("the model was built before the base was compared")
+    monkeypatch.setattr(amvl.cli, "load_base", no_model)
+    with pytest.raises(SystemExit, match=r"checkpoint-1 was trained on the base model .*"
+                                         r"differs in \['model.hidden_size'\]\): resume it on "
+                                         "the same base"):
+        main(["train", "--config", config, "--resume", "--no-progress"])
+    monkeypatch.setattr(amvl.cli, "load_base", real_load_base)
+    (tmp_path / "run" / "checkpoint-1" / "base_model.json").unlink()  # an older checkpoint
+    with pytest.raises(SystemExit, match=r"amvl train: .*checkpoint-1's weights do not fit this "
+                                         r"model: size mismatch .*\(and \d+ more\)\. Was it "
+                                         "trained from another base model"):
+        main(["train", "--config", config, "--resume", "--no-progress"])
+
+
 def test_train_keeps_runs_apart(tmp_path):
     """A new run into a directory holding another run's checkpoints is refused (its pruning
     would delete the new checkpoints among the old by step, and --resume would continue the
@@ -423,6 +501,12 @@ def test_amvl_attention_from_the_run_config():
      "data.system_prompt must be a string, and needs data.chat_template"),
     ("model: {path: tiny-qwen2-vl}\ndata: {chat_template: true, system_prompt: [a]}",
      "data.system_prompt must be a string"),
+    # PyYAML keeps the last of two equal keys: a second train section dropped the first whole
+    ("model: {path: tiny-qwen2-vl}\ntrain: {steps: 5000, learning_rate: 1.0e-5}\n"
+     "output_dir: runs/x\ntrain: {batch_size: 8}",
+     r"bad.yaml: key 'train' appears twice \(the second time on line 4\)"),
+    ("model: {path: tiny-qwen2-vl}\ntrain:\n  steps: 5\n  log_every: 1\n  steps: 6",
+     r"key 'steps' appears twice \(the second time on line 5\)"),
 ])
 def test_config_mistakes_are_named_not_ignored(tmp_path, text, match):
     path = tmp_path / "bad.yaml"
@@ -633,6 +717,8 @@ def test_train_checks_the_output_directory_before_building_the_model(tmp_path, m
     run["amvl_config"].save(checkpoint)
     (checkpoint / "state.json").write_text(json.dumps(
         {"step": 2, "train_config": {"seed": 0, "batch_size": 4}, "num_processes": 1}))
+    (tmp_path / "run" / "final").mkdir()  # a finished run's (without, --resume writes it)
+    (tmp_path / "run" / "final" / "trained_step.json").write_text(json.dumps({"step": 2}))
 
     def no_model(section):
         raise AssertionError("the model was built before the output directory was checked")
@@ -655,6 +741,29 @@ def test_train_checks_the_output_directory_before_building_the_model(tmp_path, m
         Path(config).write_text(yaml.safe_dump(raw))
         with pytest.raises(SystemExit, match="kernel_backend='cuda' cannot run here"):
             main(["train", "--config", config, "--no-progress"])
+
+
+def test_train_checks_that_output_dir_can_be_a_directory_before_loading(tmp_path,
+                                                                       monkeypatch):
+    """An output_dir that is a file was refused at the first log, after the model had loaded
+    and trained ("[Errno 17] File exists"); one inside a file raised a traceback there."""
+    import amvl.cli
+
+    def no_model(section):
+        raise AssertionError("the model was built before output_dir was checked")
+    monkeypatch.setattr(amvl.cli, "load_base", no_model)
+    config = _run_config(tmp_path, steps=2, save_every=1)
+    raw = yaml.safe_load(Path(config).read_text())
+    (tmp_path / "outfile").write_text("not a directory")
+    for out, match in [("outfile", r"amvl train: output_dir .*outfile is a file; give a "
+                                   "directory"),
+                       ("outfile/run", r"amvl train: output_dir .*outfile/run: .*outfile is a "
+                                       "file, so no directory can be made inside it")]:
+        raw["output_dir"] = str(tmp_path / out)
+        Path(config).write_text(yaml.safe_dump(raw))
+        for resume in ([], ["--resume"]):
+            with pytest.raises(SystemExit, match=match):
+                main(["train", "--config", config, "--no-progress", *resume])
 
 
 def test_demo_options_are_named_in_their_errors_and_help(tmp_path, monkeypatch, capsys):

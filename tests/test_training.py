@@ -254,6 +254,8 @@ def test_weight_decay_spares_biases_and_norms():
     ({"activation_checkpointing": "false"}, "activation_checkpointing"),
     ({"max_grad_norm": "1.0"}, "max_grad_norm"),
     ({"weight_decay": -0.1}, "weight_decay"),
+    # turned clipping off without a word, as 0 does
+    ({"max_grad_norm": -1.0}, r"max_grad_norm must be >= 0 \(0: no clipping\), got -1.0"),
     ({"num_workers": -1}, "num_workers must be an int >= 0, got -1"),
     ({"num_workers": True}, "num_workers must be an int"),
 ])
@@ -830,3 +832,96 @@ def test_cuda_random_states_come_back_on_the_gpus_there_are(monkeypatch):
     assert sorted(restored) == [0, 1]
     for device, state in restored.items():
         assert torch.equal(state, saved[f"cuda{device}"])
+
+
+def test_a_gpu_runs_checkpoint_resumes_where_its_optimizer_state_is_loaded(tmp_path,
+                                                                          monkeypatch):
+    """optimizer.pt was loaded without map_location, so its tensors came back on the device
+    they were saved from: every process of a GPU run put the main process's AdamW state on
+    cuda:0, and a machine without CUDA could not resume at all. The checkpoint's optimizer.pt
+    is saved again as a GPU run writes it (storages tagged cuda:0), then resumed without
+    CUDA."""
+    model, collator = _model()
+    train(model, collator, _data(), TrainConfig(steps=1, batch_size=4, log_every=1),
+          output_dir=tmp_path, progress=False)
+    saved = tmp_path / "checkpoint-1"
+
+    def on_cuda(storage):
+        return "cuda:0" if storage.device.type == "cpu" else None
+
+    registry = torch.serialization._package_registry
+    torch.serialization.register_package(1, on_cuda, lambda storage, location: None)
+    try:
+        for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):  # what a CPU resume loads
+            torch.save(torch.load(saved / name, weights_only=True), saved / name)
+    finally:
+        registry[:] = [entry for entry in registry if entry[1] is not on_cuda]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="CUDA device"):  # what the loads had to avoid
+        torch.load(saved / "optimizer.pt", weights_only=True)
+    model, collator = _model()
+    history = train(model, collator, _data(), TrainConfig(steps=2, batch_size=4, log_every=1),
+                    output_dir=tmp_path, resume=True, progress=False)
+    assert [entry["step"] for entry in history] == [1, 2]
+
+
+def test_a_resumed_run_trains_with_its_own_weight_decay(tmp_path, monkeypatch):
+    """Loading the checkpoint's optimizer took its weight decay too: a run resumed with
+    another train.weight_decay trained with the old one, while its checkpoints and history
+    recorded the new. Biases and norms stay undecayed."""
+    model, collator = _model()
+    train(model, collator, _data(), TrainConfig(steps=1, batch_size=4, log_every=1),
+          output_dir=tmp_path, progress=False)
+    decays = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        decays.append([group["weight_decay"] for group in self.param_groups])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    model, collator = _model()
+    train(model, collator, _data(), TrainConfig(steps=3, batch_size=4, log_every=1,
+                                                weight_decay=0.1),
+          output_dir=tmp_path, resume=True, progress=False)
+    assert decays == [[0.1, 0.0], [0.1, 0.0]]
+    saved = torch.load(tmp_path / "checkpoint-3" / "optimizer.pt", weights_only=True)
+    assert [group["weight_decay"] for group in saved["param_groups"]] == [0.1, 0.0]
+
+
+def test_an_accelerator_of_ones_own_must_not_accumulate():
+    """accelerator.backward divides the loss by the accelerator's gradient_accumulation_steps,
+    on top of the loop's own accumulation: a 4x smaller gradient, which clipping and AdamW's
+    eps see, without a word."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    model, collator = _model()
+    AcceleratorState._reset_state(True)  # an earlier test's Accelerator fixed its precision
+    try:
+        with pytest.raises(ValueError, match="gradient_accumulation_steps=4: .*micro_batch_size"):
+            train(model, collator, _data(), TrainConfig(steps=1, batch_size=4),
+                  accelerator=Accelerator(gradient_accumulation_steps=4), progress=False)
+        history = train(model, collator, _data(), TrainConfig(steps=1, batch_size=4),
+                        accelerator=Accelerator(), progress=False)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert [entry["step"] for entry in history] == [1]
+
+
+def test_an_accelerator_of_ones_own_trains_in_the_configs_precision():
+    """The accelerator's precision trained, whatever TrainConfig.mixed_precision said (and
+    the checkpoints recorded), without a word."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    model, collator = _model()
+    AcceleratorState._reset_state(True)
+    try:
+        with pytest.raises(ValueError, match="TrainConfig.mixed_precision='bf16', but the "
+                                             "accelerator of your own trains in 'no'"):
+            train(model, collator, _data(), TrainConfig(steps=1, batch_size=4,
+                                                        mixed_precision="bf16"),
+                  accelerator=Accelerator(), progress=False)
+    finally:
+        AcceleratorState._reset_state(True)
