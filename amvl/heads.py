@@ -109,8 +109,9 @@ class SlotEmbeddings(nn.Module):
     differ only in their rotary positions, and a pretrained decoder gives them nearly one
     hidden state (SmolLM2-135M, K = 8: a cosine of 0.97-0.98 between slots), so the K
     Gaussians start as near copies of one. Slot k's vector is shared by the prior's and the
-    posterior's slot k, the two Gaussians its KLs compare. They start as N(0, std^2), the
-    base model's own initialisation of new embeddings (``initializer_range``).
+    posterior's slot k, the two Gaussians its KLs compare. They start as N(0, std^2);
+    AMVLModel passes the spread of its base model's token embeddings, so that a slot's vector
+    sets it as far apart as another token would.
     """
 
     def __init__(self, num_slots: int, hidden_size: int, std: float = 0.02):

@@ -405,7 +405,7 @@ def _load_into(model: nn.Module, state: dict[str, Tensor]) -> str:
     own = model.state_dict()
     keys_of: dict[int, list[str]] = {}
     for key, tensor in own.items():
-        if key in state:
+        if key in state and tensor.numel():  # an empty tensor has no storage to share
             keys_of.setdefault(tensor.data_ptr(), []).append(key)
     for keys in keys_of.values():
         if any(not torch.equal(state[keys[0]], state[key]) for key in keys[1:]):
