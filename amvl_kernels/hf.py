@@ -12,11 +12,13 @@ silently drops padding for a custom implementation)::
 
 Without ``latent_layout`` the attention is exact causal attention with padding honoured: the
 mask function hands on the 2D padding mask (or None) instead of a dense 4D mask, and the
-attention function turns it into ``LatentLayout.causal`` once per forward pass (all layers
-share it and its tile maps). With ``latent_layout=`` the layout is authoritative: the padding
-mask is ignored, so the layout must mark padding itself (a kind no query sees, as
-``LatentLayout.causal(..., padding_mask)`` and the other builders do). With a KV cache the
-layout covers all Lk keys, cached ones included, and the queries are its last Lq tokens.
+attention function turns it into a layout once per forward pass (all layers share it and its
+tile maps): a masked token is hidden as a key, and its own query attends as SDPA's does. With
+``latent_layout=`` the layout is authoritative: the padding mask is ignored, so the layout
+must mark padding itself (a kind no query sees, as ``LatentLayout.causal(..., padding_mask)``
+and the other builders do). With a KV cache the layout covers all Lk keys, cached ones
+included, and the queries are its last Lq tokens: a static cache, whose queries are not, and
+a sliding or chunked window smaller than the keys are refused with a layout.
 
 :class:`PrefixKeys` shares a prefix's keys and values between calls without transformers' KV
 cache (``record_prefix=`` in the call that computes them, ``with_prefix=`` in the calls that
@@ -56,7 +58,7 @@ from transformers.masking_utils import causal_mask_function, sdpa_mask
 
 from amvl_kernels._validation import check_choice, check_count
 from amvl_kernels.latent_attention import latent_attention
-from amvl_kernels.layout import LatentLayout
+from amvl_kernels.layout import Kind, LatentLayout, kind_bits
 
 NAME = "amvl"
 HF_BACKENDS = ("auto", "triton", "torch")
@@ -167,9 +169,24 @@ def amvl_attention_mask(batch_size: int, q_length: int, kv_length: int,
         and kwargs.get("allow_is_causal_skip", True)
     if (mask_function is not causal_mask_function and not plain_window) or not queries_are_last:
         kwargs["allow_is_causal_skip"] = False  # always materialise: None would mean "causal"
-        return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
+        mask = sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
                          q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
                          attention_mask=attention_mask, **kwargs)
+        # What a latent_layout= given to the call could not replace (it may replace packing
+        # read from restarting positions and overlays): noted on the mask, which every layer
+        # receives, for the attention function to refuse. Not under torch.compile, which
+        # cannot trace attributes set on tensors.
+        unreplaceable = None
+        if not queries_are_last:
+            unreplaceable = (f"its queries are not the last of its {kv_offset + kv_length} keys "
+                             f"(they start at {q_offset}: a static cache?)")
+        elif window is not None and not plain_window:
+            unreplaceable = (f"the model's sliding or chunked window of {window} holds fewer "
+                             f"than its {kv_offset + kv_length} keys")
+        if unreplaceable is not None and isinstance(mask, Tensor) \
+                and not torch.compiler.is_compiling():
+            mask._amvl_unreplaceable = unreplaceable
+        return mask
     if attention_mask is None:
         return None
     mask = attention_mask.bool()
@@ -217,18 +234,30 @@ class PrefixKeys:
 
     def record(self, module: torch.nn.Module, key: Tensor, value: Tensor) -> None:
         """Keep ``module``'s keys and values (B, H, L, D) of the prefix's tokens (the first
-        ``length``); a second record of one layer (a checkpointed replay) keeps the first."""
+        ``length``). A second record of one layer in a backward pass (a checkpointed layer's
+        replay) keeps the first; anywhere else it is another prefix, refused: its later
+        calls would attend over the first prefix's keys."""
         index = self._layer(module)
-        if index in self.layers:  # a checkpointed layer's replay: keep the first records
-            return
+        if index in self.layers:
+            if _in_backward():  # a checkpointed layer's replay: keep the first records
+                return
+            raise RuntimeError(f"this PrefixKeys already holds layer {index}'s keys of an "
+                               "earlier prefix: make a new PrefixKeys for each prefix (or call "
+                               ".clear() first)")
         if key.shape[2] < self.length:
             raise ValueError(f"the call has {key.shape[2]} keys, fewer than the prefix of "
                              f"{self.length} to record")
         if self.needs_grad and not torch.is_grad_enabled():
-            raise RuntimeError("prefix keys recorded without autograd (a reentrant activation "
-                               "checkpoint?): later calls could not send gradients to them; "
-                               "use non-reentrant checkpointing (use_reentrant=False)")
+            raise RuntimeError("prefix keys recorded without autograd, which later calls could "
+                               "not send gradients through: under torch.no_grad() (inference) "
+                               "make the PrefixKeys with needs_grad=False; in training, a "
+                               "reentrant activation checkpoint runs its forward so, use "
+                               "use_reentrant=False")
         self.layers[index] = (key[:, :, :self.length], value[:, :, :self.length])
+
+    def clear(self) -> None:
+        """Forget every layer's records, to record another prefix."""
+        self.layers.clear()
 
     def prepend(self, module: torch.nn.Module, key: Tensor, value: Tensor
                 ) -> tuple[Tensor, Tensor]:
@@ -243,6 +272,13 @@ class PrefixKeys:
                              f"{tuple(prefix_key.shape[:2])}, this call has "
                              f"{tuple(key.shape[:2])}")
         return torch.cat([prefix_key, key], 2), torch.cat([prefix_value, value], 2)
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass in this thread (where non-reentrant
+    activation checkpointing replays its layers' forwards)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
 # Keyword arguments that reach attention functions without changing what they compute (call
@@ -288,15 +324,37 @@ def _check_supported(module: torch.nn.Module, num_keys: int, dropout: float, kwa
             f"'amvl' attention has no dropout, but {type(module).__name__} asks for "
             f"dropout={dropout} in training mode: set the config's attention_dropout to 0.0")
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    if window is None and kwargs.get("latent_layout") is not None:
+        # A window the mask alone carries: without a layout the dense mask goes to SDPA, but
+        # a layout would replace it (and within layouts_replace_masks no mask is built)
+        window = _layer_window(module)
     if window is not None and num_keys > window:
         raise NotImplementedError(
-            f"'amvl' attention has no sliding window, but {type(module).__name__} asks for a "
-            f"window of {window} over {num_keys} keys: use another implementation (or disable "
-            "sliding windows, e.g. use_sliding_window=False)")
+            f"'amvl' attention has no sliding window or attention chunks, but "
+            f"{type(module).__name__} asks for a window of {window} over {num_keys} keys: use "
+            "another implementation (or disable sliding windows, e.g. "
+            "use_sliding_window=False)")
     if kwargs.get("output_attentions"):
         raise NotImplementedError("'amvl' attention never forms the attention weights "
                                   "(output_attentions=True): use attn_implementation='eager' "
                                   "for them")
+
+
+def _layer_window(module: torch.nn.Module) -> int | None:
+    """The window a layer's config gives it, for models whose attention modules do not carry
+    it (PhiMoE's sliding, Llama-4's chunked attention put it in the mask alone): by its layer
+    type, or without layer types the config's sliding window unless switched off; None for a
+    full-attention layer."""
+    config, index = getattr(module, "config", None), getattr(module, "layer_idx", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not layer_types:
+        return None if getattr(config, "use_sliding_window", True) is False \
+            else getattr(config, "sliding_window", None)
+    if not isinstance(index, int) or index >= len(layer_types):
+        return None
+    setting = {"sliding_attention": "sliding_window",
+               "chunked_attention": "attention_chunk_size"}.get(layer_types[index])
+    return getattr(config, setting, None) if setting else None
 
 
 def _user_layout(layout: object, query: Tensor, key: Tensor) -> LatentLayout:
@@ -312,6 +370,19 @@ def _user_layout(layout: object, query: Tensor, key: Tensor) -> LatentLayout:
     if layout.device != query.device:  # move once per pass, not once per layer
         return _moved_layouts.get(layout, (query.device,), lambda: layout.to(query.device))
     return layout
+
+
+def _padding_layout(attention_mask: Tensor) -> LatentLayout:
+    """The layout of transformers' 2D attention mask, (B, Lk) True on real tokens: a masked
+    token is hidden as a key, as padding is, but its own query still attends over the real
+    keys before it, as SDPA and eager compute it (right padding, a token masked in mid-row).
+    A query with no real key at or before it (left padding) returns zeros."""
+    kind = torch.where(attention_mask.bool(), int(Kind.TEXT), int(Kind.PAD)).to(torch.int32)
+    visible = torch.full_like(kind, kind_bits(Kind.TEXT))
+    # In range by construction: no value checks, whose device reads would be host syncs at
+    # every decoding step of a padded batch
+    return LatentLayout.from_tensors(kind, visible, torch.zeros_like(kind), check_values=False,
+                                     copy=False)
 
 
 def _sdpa_fallback(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -361,6 +432,13 @@ def amvl_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, 
     _check_supported(module, key.shape[2], dropout, kwargs)
     layout = kwargs.get("latent_layout")
     if layout is not None:
+        unreplaceable = getattr(attention_mask, "_amvl_unreplaceable", None)
+        if unreplaceable is not None:
+            raise NotImplementedError(
+                f"latent_layout= cannot stand for this call's mask: {unreplaceable}. The "
+                "'amvl' kernel reads the queries as the last keys, with no window: use a "
+                "DynamicCache (the default) and no window with a layout, or another "
+                "attention implementation")
         layout = _user_layout(layout, query, key)
     else:
         if attention_mask is not None and attention_mask.dim() != 2:
@@ -375,9 +453,8 @@ def amvl_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, 
             if tuple(attention_mask.shape) != (batch, num_keys):
                 raise ValueError(f"the padding mask has shape {tuple(attention_mask.shape)} but "
                                  f"the keys are (batch, length) = {(batch, num_keys)}")
-            layout = _padding_layouts.get(
-                attention_mask, (num_keys,),
-                lambda: LatentLayout.causal(batch, num_keys, attention_mask))
+            layout = _padding_layouts.get(attention_mask, (num_keys,),
+                                          lambda: _padding_layout(attention_mask))
     out = latent_attention(query, key, value, layout=layout, scale=scaling, backend=_backend)
     return out.transpose(1, 2).contiguous(), None
 

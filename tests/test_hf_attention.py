@@ -356,6 +356,77 @@ def test_active_sliding_window_raises():
         model(**inputs)
 
 
+def _window_in_the_mask_only(kind: str):
+    """A tiny float32 model (their experts' grouped products take no float64) whose window
+    its attention modules do not carry: PhiMoE's sliding window, Llama-4's attention chunks,
+    both of 4, put in the mask alone."""
+    import transformers as tf
+
+    sizes = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                 pad_token_id=0, num_local_experts=2, num_experts_per_tok=1)
+    torch.manual_seed(0)
+    if kind == "phimoe":
+        model = tf.PhimoeForCausalLM(tf.PhimoeConfig(**sizes, sliding_window=4))
+    else:
+        model = tf.Llama4ForCausalLM(tf.Llama4TextConfig(
+            **sizes, attention_chunk_size=4, head_dim=8, intermediate_size_mlp=64,
+            interleave_moe_layer_step=1, no_rope_layers=[1, 0],
+            layer_types=["chunked_attention", "full_attention"]))
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["phimoe", "llama4"])
+def test_a_window_only_the_mask_carries_is_refused_with_a_layout(kind):
+    """Without a layout such a model's dense mask runs on SDPA; a layout replaced that mask,
+    and the window was silently dropped (logits 0.14 off SDPA's). Within
+    layouts_replace_masks, where no mask is built, the layer types' window is refused too."""
+    model = _window_in_the_mask_only(kind)
+    ids = torch.randint(3, 64, (1, 12), generator=torch.Generator().manual_seed(1))
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        reference = model(ids).logits
+        akhf.use_amvl_attention(model)
+        with pytest.warns(UserWarning, match="running transformers' SDPA"):
+            torch.testing.assert_close(model(ids).logits, reference, rtol=1e-5, atol=1e-6)
+        with pytest.raises(NotImplementedError, match="window of 4"):
+            model(ids, latent_layout=LatentLayout.causal(1, 12))
+        with akhf.layouts_replace_masks(), pytest.raises(NotImplementedError,
+                                                          match="window of 4 over 12 keys"):
+            model(ids, latent_layout=LatentLayout.causal(1, 12))
+
+
+def test_a_layout_is_refused_where_the_queries_are_not_the_last_keys():
+    """A static cache's keys are all its slots and its queries sit where the cache is filled
+    to: a layout over its keys read the new tokens as the last slots, which saw nothing
+    (zeros, no error). Without a layout the static cache runs on SDPA."""
+    from transformers import StaticCache
+
+    model, inputs = build("qwen2")
+    akhf.use_amvl_attention(model)
+    ids = inputs["input_ids"][1:]
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="not the last of its 16 keys"):
+        model(ids[:, :6], latent_layout=LatentLayout.causal(1, 16), use_cache=True,
+              **{_cache_kwarg(model): cache})
+
+
+def test_a_masked_token_attends_as_in_sdpa():
+    """transformers' 2D mask hides a token as a key; its own query still attends over the
+    real keys before it. Such rows (right padding, a token masked in mid-row) returned zeros
+    on the 'amvl' attention, where SDPA and eager attend."""
+    model, inputs = build("qwen2")
+    mask = torch.ones_like(inputs["attention_mask"])
+    mask[0, 5] = 0  # in mid-row
+    mask[1, -3:] = 0  # right padding
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        reference = model(inputs["input_ids"], attention_mask=mask).logits
+        akhf.use_amvl_attention(model)
+        candidate = model(inputs["input_ids"], attention_mask=mask).logits
+    torch.testing.assert_close(candidate, reference, rtol=1e-9, atol=1e-10)
+
+
 def test_a_sliding_window_that_holds_every_key_runs_on_the_kernel():
     """Mistral's default window (4,096) over a shorter sequence is plain causal attention: it
     ran on SDPA, with a warning on every layer of every call, instead of on the kernel."""
@@ -486,6 +557,18 @@ def test_prefix_keys_continue_a_call_like_the_kv_cache():
         with pytest.raises(ValueError, match=r"recorded for \(batch, heads\)"):
             doubled = LatentLayout.from_tensors(*(t.repeat(2, 1) for t in full.metadata()))
             model(ids[:, PREFIX:].repeat(2, 1), latent_layout=doubled, with_prefix=keys,
+                  use_cache=False)
+        # a second prefix into the same records kept the first one's keys, silently
+        with pytest.raises(RuntimeError, match="already holds layer 0's keys of an earlier"):
+            model(ids.flip(1), latent_layout=full, record_prefix=keys, use_cache=False)
+        keys.clear()
+        model(ids, latent_layout=full, record_prefix=keys, use_cache=False)
+        again = model(ids[:, PREFIX:], position_ids=positions[:, PREFIX:], latent_layout=full,
+                      with_prefix=keys, use_cache=False)
+        torch.testing.assert_close(again.logits, reference.logits)
+        with pytest.raises(RuntimeError, match=r"under torch.no_grad\(\) \(inference\) make "
+                                               r"the PrefixKeys with needs_grad=False"):
+            model(ids, latent_layout=full, record_prefix=akhf.PrefixKeys(PREFIX),
                   use_cache=False)
     with pytest.raises(ValueError, match="PrefixKeys length must be >= 1"):
         akhf.PrefixKeys(0)
