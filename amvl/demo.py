@@ -9,6 +9,7 @@ Written to ``--out``: ``results.json`` and PNG plots (learning curves, KL curves
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import platform
@@ -83,7 +84,11 @@ def chance_accuracy(examples: list[dict]) -> float:
 
 def run_objective(name: str, config: DemoConfig, tokenizer: PreTrainedTokenizerBase,
                   train_set: list[dict], test_set: list[dict], progress: bool = True) -> dict:
-    """Train one objective from the shared initialisation; return its history and report."""
+    """Train one objective from the shared initialisation; return its history and report.
+    ``tokenizer`` is left as it is: the model gets a copy."""
+    # Building an AMVLModel adds the latent tokens to its tokenizer: on a shared one the next
+    # objective's tiny model was built over a larger vocabulary, from other random weights.
+    tokenizer = copy.deepcopy(tokenizer)
     torch.manual_seed(config.seed)
     if config.backbone == "smollm2":
         from amvl.smollm2 import smollm2_qwen2_vl

@@ -1345,3 +1345,27 @@ def test_train_plots_its_curves_and_amvl_plot_draws_runs(tmp_path, capsys):
     (other / "history.jsonl").write_text('{"step": 1}\nnot json\n')
     with pytest.raises(SystemExit, match="line 2: not JSON"):
         main(["plot", str(other)])
+
+
+def test_every_demo_objective_starts_from_the_same_model(monkeypatch):
+    """The demo's claim: only the objective differs. Building an AMVLModel adds the latent
+    tokens to its tokenizer, and with one tokenizer for all of them the later objectives'
+    tiny models were built over a larger vocabulary, from other random weights."""
+    import amvl.demo
+
+    started = {}
+
+    def first_weights(model, collator, examples, config, progress=True):
+        started[model.objective.name] = {k: v.clone() for k, v in model.base.state_dict().items()}
+        raise KeyboardInterrupt  # nothing more to see
+
+    monkeypatch.setattr(amvl.demo, "train", first_weights)
+    tokenizer = amvl.demo.word_tokenizer(amvl.demo.vocabulary(), vision=True)
+    config = amvl.demo.DemoConfig(train_per_family=2, test_per_family=2, steps=1, batch_size=2)
+    for name in ("none", "amvl", "prior"):
+        with pytest.raises(KeyboardInterrupt):
+            amvl.demo.run_objective(name, config, tokenizer, [], [], progress=False)
+    assert started["none"].keys() == started["amvl"].keys() == started["prior"].keys()
+    for key, weight in started["none"].items():
+        assert torch.equal(weight, started["amvl"][key]) and torch.equal(weight,
+                                                                       started["prior"][key]), key
