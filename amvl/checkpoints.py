@@ -271,8 +271,11 @@ def check_trained(name: str, directory: Path, model_section: dict | None = None,
     section holds what the checkpoint lacks (the base model's config, tokenizer and image
     processor)."""
     if not (directory / "amvl_config.json").is_file():
+        run_dir = (directory / FINAL_DIR).is_dir() or any(directory.glob("checkpoint-*"))
+        hint = (f": it is a run's output directory, give {directory / FINAL_DIR} (or one of its "
+                "checkpoint-<step> with the run's --config)") if run_dir else ""
         raise SystemExit(f"amvl {command}: {name}: {directory} is not a model written by "
-                         "amvl train (no amvl_config.json)")
+                         f"amvl train (no amvl_config.json){hint}")
     if has_adapter(directory):
         _check_lora_run(name, directory, command)
     if is_training_checkpoint(directory) and model_section is None:

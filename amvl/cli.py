@@ -51,6 +51,7 @@ from typing import TextIO
 from amvl.checkpoints import (BASE_RECORD_FILE, FINAL_DIR, PROMPT_FORMAT_FILE,
                               TRAINED_STEP_FILE, check_trained, is_text_only, load_base,
                               load_trained, trained_prompt_format, with_attention)
+from amvl.data import ImageDecodeError
 from amvl.lora import (add_adapters, base_record, read_record, require_peft, run_record,
                        setting_differences, write_record)
 from amvl.run_config import (PROMPT_KEYS, check_jsonl_texts, load_run_config, prompt_format,
@@ -209,6 +210,9 @@ def _train(args: argparse.Namespace, run: dict, state) -> None:
                                   record=record))
     except output_dir_errors as err:
         raise SystemExit(f"amvl train: {err}") from None
+    except ImageDecodeError as err:  # found when its batch is built: the run's checkpoints stay
+        raise SystemExit(f"amvl train: {err}: fix or remove the record that names it, then "
+                         "go on from the last checkpoint with --resume") from None
     if state.is_main_process:  # under accelerate launch / torchrun: one writer
         # Into a temporary directory renamed into place once complete, as the checkpoints:
         # a run killed while saving leaves no final/ that loads as something it is not (an

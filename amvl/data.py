@@ -61,6 +61,10 @@ def rgb_image(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+class ImageDecodeError(OSError):
+    """An image file that exists but does not decode (named by its path)."""
+
+
 def decode_image(data: bytes) -> Image.Image:
     """The image an encoded file's ``data`` holds, decoded whole, as :func:`rgb_image` gives
     it. PIL's errors for data it cannot decode propagate."""
@@ -152,7 +156,9 @@ class AMVLCollator:
                              f"(got system_prompt={system_prompt!r}, "
                              f"chat_template={chat_template!r})")
         if image_processor is not None and vision_tokens is None:
-            raise ValueError("image_processor given without vision_tokens")
+            raise ValueError("image_processor given without vision_tokens: pass "
+                             "vision_tokens=VisionTokens.from_model_config(<the VLM>.config) "
+                             "(an AMVLModel's: model.base.config)")
         if image_for_text_only is not None and image_processor is None:
             raise ValueError("image_for_text_only given without an image_processor")
         for name, value in (("max_prompt_tokens", max_prompt_tokens),
@@ -242,8 +248,8 @@ class AMVLCollator:
             try:
                 image = decode_image(data)
             except Exception as err:  # noqa: BLE001 - PIL raises many types for bad data
-                raise OSError(f"cannot decode the image {image} ({type(err).__name__}: "
-                              f"{err})") from err
+                raise ImageDecodeError(f"cannot decode the image {image} "
+                                       f"({type(err).__name__}: {err})") from err
         elif isinstance(image, Image.Image):
             image = rgb_image(image)
         return self.image_processor(images=[image], return_tensors="pt")

@@ -414,6 +414,10 @@ def load_checkpoint_weights(model: AMVLModel, checkpoint: Path) -> None:
                             "trained from, or start a new run elsewhere") from None
 
 
+# What a training log line shows without a progress bar (the history holds every metric)
+TRAIN_LOG_KEYS = ("loss", "nll", "kl_fwd", "kl_rev", "active_slots", "lr")
+
+
 def _decay_groups(model, weight_decay: float) -> list[dict]:
     """AdamW groups as transformers' Trainer makes them: weight decay on weight matrices, none
     on biases and normalisation weights (decaying a norm's gain pulls it towards 0, not 1)."""
@@ -538,6 +542,8 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
     ``eval/nll_prior``, ...), every ``config.eval_every`` steps and after the last, each
     process validating a share of the examples. With an ``output_dir`` the main process also
     keeps the history so far in ``output_dir/history.jsonl``; ``on_log`` gets every entry.
+    With ``progress=False`` each training entry is also a line on the console (its loss,
+    NLL, KLs, active slots and rate), as each validation entry always is.
     ``resume=True`` continues from the latest checkpoint in ``output_dir``, on as many
     processes as it trained on (``any_process_count=True``: on any number, with a warning: the
     steps' batches continue, but their shares' latent noise and dropout differ from an
@@ -754,6 +760,9 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
                 log_entry(accelerator, entry)
                 sums, summed = {}, 0
                 bar.set_postfix(loss=f"{entry['loss']:.3f}")
+                if not progress and rank == 0:  # no bar to show it: a line, as a log file wants
+                    bar.write("step {}: {}".format(step + 1, ", ".join(
+                        f"{key} {entry[key]:.4g}" for key in TRAIN_LOG_KEYS if key in entry)))
                 if out is not None and accelerator.is_main_process:
                     _write_history(out, history)
                 if on_log is not None:

@@ -942,6 +942,18 @@ def test_train_checks_each_jsonl_text_before_training(tmp_path, monkeypatch, bad
         main(["train", "--config", config, "--no-progress"])
 
 
+def test_an_image_that_does_not_decode_stops_training_in_one_line(tmp_path):
+    """It is found when its batch is built, maybe hours in: a traceback, where the other
+    commands give one line. Now one line naming the file, and how to go on."""
+    good = {"images": ["a.png"], "question": "how many blue cells ?", "answer": "one"}
+    config = _jsonl_run_config(tmp_path, [good, {**good, "images": ["bad.png"]}] * 2)
+    (tmp_path / "data" / "bad.png").write_bytes(b"not an image")
+    bad = re.escape(str(tmp_path / "data" / "bad.png"))
+    with pytest.raises(SystemExit, match=f"amvl train: cannot decode the image {bad} .*"
+                                         "go on from the last checkpoint with --resume"):
+        main(["train", "--config", config, "--no-progress"])
+
+
 def test_jsonl_check_refuses_what_a_batch_refuses(tmp_path):
     """The load-time check is the collator's own, example by example: the same refusals with
     the same words, the example named by its line instead of its place in a batch."""
@@ -1140,6 +1152,10 @@ def test_generate_refuses_what_it_cannot_do_before_loading(tmp_path, monkeypatch
         main(["generate", "--config", config, "--data", str(bad), "--out", out])
     with pytest.raises(SystemExit, match="is not a model written by amvl train"):
         main(["generate", "--checkpoint", str(tmp_path), "--data", str(data), "--out", out])
+    run = tmp_path / "run"  # the run's output directory, not its final/: named as such
+    with pytest.raises(SystemExit, match=f"it is a run's output directory, give "
+                                         f"{re.escape(str(run / 'final'))}"):
+        main(["generate", "--checkpoint", str(run), "--data", str(data), "--out", out])
 
 
 def test_generate_settings_that_would_mislead_and_inputs_that_fail_midway(tmp_path, capsys):

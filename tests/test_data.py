@@ -421,3 +421,10 @@ def test_an_image_file_reaches_the_model_as_amvl_eval_decodes_it(tmp_path):
                         "answer": "one"}])["pixel_values"]
     # the background white, as the loaders make it, around the black square
     assert square.max() == white.max() and square.min() < white.min()
+
+
+def test_a_vlm_collator_says_how_to_get_its_vision_tokens():
+    from amvl.tiny import tiny_image_processor, word_tokenizer
+
+    with pytest.raises(ValueError, match=r"vision_tokens=VisionTokens.from_model_config"):
+        AMVLCollator(word_tokenizer(["a"], vision=True), tiny_image_processor())

@@ -925,3 +925,17 @@ def test_an_accelerator_of_ones_own_trains_in_the_configs_precision():
                   accelerator=Accelerator(), progress=False)
     finally:
         AcceleratorState._reset_state(True)
+
+
+def test_without_a_progress_bar_each_log_is_a_line(capsys):
+    """amvl train --no-progress printed validation lines only: a run's log file showed no
+    training loss or KL between its start and its end."""
+    model, collator = _model()
+    history = train(model, collator, _data(), TrainConfig(steps=4, batch_size=4, log_every=2),
+                    progress=False)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == ["step 2", "step 4"]
+    assert f"loss {history[-1]['loss']:.4g}" in lines[-1] and "kl_fwd" in lines[-1]
+    train(model, collator, _data(), TrainConfig(steps=2, batch_size=4, log_every=1),
+          progress=True)
+    assert "step 1:" not in capsys.readouterr().out  # the bar shows it
