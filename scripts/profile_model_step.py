@@ -256,14 +256,17 @@ def with_short_queries_on_sdpa(step):
     return with_setting(step, "amvl_kernels.latent_attention", "SHORT_QUERIES_TO_SDPA", 512)
 
 
-NO_SLOT_EMBEDDINGS = "shared_amvl:no_slot_embeddings"
+SLOT_EMBEDDINGS = "shared_amvl:slot_embeddings"
 
 
-def without_slot_embeddings(step, model):
-    """``step`` without the slot embeddings (``AMVLConfig.slot_embeddings``, on by default
-    since the twenty-second session; run 6's steps had none): their adds and concatenations'
-    host time apart."""
-    return with_setting(step, model, "slot_embeddings", None)
+def with_slot_embeddings(step, model):
+    """``step`` with slot embeddings (``AMVLConfig.slot_embeddings``, off by default): the
+    host time of their adds and concatenations, a step's gradients left to the others."""
+    from amvl.heads import SlotEmbeddings
+
+    embeddings = model.get_input_embeddings().weight
+    slots = SlotEmbeddings(model.config.num_slots, embeddings.shape[1]).to(embeddings)
+    return with_setting(step, model, "slot_embeddings", slots)
 
 
 KERNELS_ONLY = "shared_amvl:kernels"
@@ -360,7 +363,7 @@ def main() -> None:
                              f"pass's weight gradients kept instead of their factors, "
                              f"'{LISTS_KERNEL}' with tile maps' lists from one launch, "
                              f"'{SHORT_SDPA}' with the latent pass's attention on SDPA, "
-                             f"'{NO_SLOT_EMBEDDINGS}' without slot embeddings, "
+                             f"'{SLOT_EMBEDDINGS}' with slot embeddings, "
                              f"'{PLAIN_COMPILED}' and '{SHARED_COMPILED}' through "
                              f"torch.compile, '{PLAIN_GRAPHED}' and '{SHARED_GRAPHED}' "
                              "through its mode 'reduce-overhead' (CUDA graphs), "
@@ -381,7 +384,7 @@ def main() -> None:
     args = parser.parse_args()
     providers = args.providers.split(",")
     variants = {NO_SPLIT, KERNELS_ONLY, UNPAIRED, PAIRED, PAIR_ALL, KEPT_GRADS, SPLIT,
-                LISTS_KERNEL, SHORT_SDPA, NO_SLOT_EMBEDDINGS, PLAIN_COMPILED, SHARED_COMPILED, PLAIN_GRAPHED,
+                LISTS_KERNEL, SHORT_SDPA, SLOT_EMBEDDINGS, PLAIN_COMPILED, SHARED_COMPILED, PLAIN_GRAPHED,
                 SHARED_GRAPHED}
     unknown = set(providers) - set(bms.PROVIDERS) - variants
     if unknown or len(providers) < 2:
@@ -404,7 +407,7 @@ def main() -> None:
     steps[KEPT_GRADS] = with_latent_gradients_kept(steps["shared_amvl"], model)
     steps[LISTS_KERNEL] = with_tile_lists_by_kernel(steps["shared_amvl"])
     steps[SHORT_SDPA] = with_short_queries_on_sdpa(steps["shared_amvl"])
-    steps[NO_SLOT_EMBEDDINGS] = without_slot_embeddings(steps["shared_amvl"], model)
+    steps[SLOT_EMBEDDINGS] = with_slot_embeddings(steps["shared_amvl"], model)
     for (plain, shared), mode in (((PLAIN_COMPILED, SHARED_COMPILED), None),
                                   ((PLAIN_GRAPHED, SHARED_GRAPHED), "reduce-overhead")):
         if {plain, shared} & set(providers):  # compiling takes a while

@@ -130,7 +130,8 @@ def test_default_targets_are_the_text_decoders_linear_layers(build):
     decoder = "model.language_model." if build != "tiny_qwen2" else "model."
     expected = {name for name in linear if name.startswith(decoder)}
     assert len(expected) == 2 * 7  # 2 layers of q, k, v, o, gate, up and down projections
-    model = AMVLModel(base, tokenizer, AMVLConfig(num_slots=2, latent_dim=4))
+    model = AMVLModel(base, tokenizer, AMVLConfig(num_slots=2, latent_dim=4,
+                                                  slot_embeddings=True))
     summary = add_adapters(model, {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": None})
     assert "on 14 modules" in summary
     adapted = {name.removeprefix("base_model.model.").removesuffix(".lora_A")

@@ -82,17 +82,17 @@ def test_a_built_model_fixes_what_it_was_made_from():
     from amvl.tiny import tiny_qwen2, word_tokenizer
 
     tokenizer = word_tokenizer(["a", "b"])
-    config = AMVLConfig(num_slots=2, latent_dim=3)
+    config = AMVLConfig(num_slots=2, latent_dim=3, slot_embeddings=True)
     model = AMVLModel(tiny_qwen2(tokenizer), tokenizer, config)
     # num_slots: the slot embeddings have a row per slot
     for name, value in [("latent_dim", 5), ("objective", "elbo"), ("logvar_max", 3.0),
                         ("latent_token", "<z>"), ("slot_embeddings", False), ("num_slots", 3)]:
         with pytest.raises(AttributeError, match=f"AMVLConfig.{name} is fixed"):
             setattr(model.config, name, value)
-    assert model.config == AMVLConfig(num_slots=2, latent_dim=3)
+    assert model.config == AMVLConfig(num_slots=2, latent_dim=3, slot_embeddings=True)
     model.config.alpha, model.config.inference = 0.5, "sample"
     assert (model.config.alpha, model.objective.config.alpha) == (0.5, 0.5)
-    other = dataclasses.replace(model.config, latent_dim=5)
+    other = dataclasses.replace(model.config, latent_dim=5, num_slots=3)
     other.objective = "elbo"  # a new config is free until a model is built on it
     assert AMVLModel(tiny_qwen2(tokenizer), tokenizer, other).prior_head.latent_dim == 5
 
@@ -113,16 +113,16 @@ def test_without_slot_embeddings_the_number_of_slots_stays_free():
         model.config.slot_embeddings = True
 
 
-def test_configs_saved_before_slot_embeddings_load_without_them(tmp_path):
-    """A saved config without the field is a model saved before slot embeddings existed,
-    which has none; a config written today without it (a dict, a run's YAML) gets them."""
-    assert AMVLConfig().slot_embeddings is True
-    assert AMVLConfig.from_dict({"num_slots": 2}).slot_embeddings is True
+def test_slot_embeddings_are_off_unless_asked_for(tmp_path):
+    """Off by default (README, "Slot embeddings"), so models saved before they existed, whose
+    configs lack the field, load as they were."""
+    assert AMVLConfig().slot_embeddings is False
     path = AMVLConfig(num_slots=2).save(tmp_path)
     old = json.loads(path.read_text())
     del old["slot_embeddings"]
     path.write_text(json.dumps(old))
-    assert AMVLConfig.load(tmp_path) == AMVLConfig(num_slots=2, slot_embeddings=False)
+    assert AMVLConfig.load(tmp_path) == AMVLConfig(num_slots=2)
+    assert AMVLConfig.from_dict({"slot_embeddings": True}).slot_embeddings is True
     with pytest.raises(ValueError, match="slot_embeddings must be true or false"):
         AMVLConfig(slot_embeddings="no")
 

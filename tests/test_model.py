@@ -123,7 +123,7 @@ def _paths_agree(model, batch) -> set[str]:
 @pytest.mark.parametrize("objective,gamma", [("amvl", 0.0), ("amvl", 0.5), ("elbo", 0.0),
                                              ("prior", 0.0)])
 def test_prefix_shared_and_naive_paths_agree(kind, objective, gamma):
-    model, batch = build(kind, objective=objective, gamma=gamma)
+    model, batch = build(kind, objective=objective, gamma=gamma, slot_embeddings=True)
     trained = _paths_agree(model, batch)
     assert {"prior_head.proj.weight", "injector.proj.weight", "slot_embeddings.weight"} <= trained
     assert ("posterior_head.proj.weight" in trained) == (objective != "prior")
@@ -594,7 +594,7 @@ def test_slot_embeddings_set_the_query_slots_apart(kind):
     """Slot k of the prior and slot k of the posterior get slot k's vector on top of their
     token's embedding, in every pass that holds them; nothing else changes. Without them the
     slots start as near copies (a cosine of 0.98 between slots on SmolLM2-135M)."""
-    model, batch = build(kind)
+    model, batch = build(kind, slot_embeddings=True)
     k = model.config.num_slots
     parts = model._parts(batch["prompt_ids"], batch["prompt_mask"], batch["answer_ids"],
                          batch["answer_mask"])
@@ -611,15 +611,22 @@ def test_slot_embeddings_set_the_query_slots_apart(kind):
     inputs = embeds[0, seq.columns("prior")]
     assert all(not torch.equal(inputs[i], inputs[j]) for i in range(k) for j in range(i))
     assert model.config.slot_embeddings
-    model_without, _ = build(kind, slot_embeddings=False)
+    model_without, _ = build(kind)  # the default: none
     assert model_without.slot_embeddings is None
     torch.testing.assert_close(model_without._embed(seq)[0], looked_up, rtol=0, atol=0)
 
 
 def test_models_saved_before_slot_embeddings_load_and_score_alike(tmp_path):
     """A model saved before slot embeddings existed (no such field in its config, no such
-    weights beside its heads) loads without them and gives the loss it gave."""
-    model, batch = build("qwen2", slot_embeddings=False)
+    weights beside its heads) loads without them and gives the loss it gave; one saved with
+    them loads them."""
+    with_slots, batch = build("qwen2", slot_embeddings=True)
+    with_slots.save_pretrained(tmp_path / "with")
+    loaded = AMVLModel.from_pretrained(tmp_path / "with", dtype=torch.float64)
+    torch.testing.assert_close(loaded.slot_embeddings.weight, with_slots.slot_embeddings.weight,
+                               rtol=0, atol=0)
+    torch.testing.assert_close(loaded(**batch, seed=3).loss, with_slots(**batch, seed=3).loss)
+    model, batch = build("qwen2")
     with torch.no_grad():
         model.prior_head.proj.bias.normal_()
     model.save_pretrained(tmp_path)
@@ -646,7 +653,7 @@ def test_sharded_heads_are_not_saved(tmp_path):
     loaded = AMVLModel.from_pretrained(tmp_path / "gathered", dtype=torch.float64)
     torch.testing.assert_close(loaded.posterior_head.proj.weight,
                                full["posterior_head.proj.weight"], rtol=0, atol=0)
-    model, _ = build("qwen2")  # the slot embeddings' weight, FSDP1's flat view of a shard
+    model, _ = build("qwen2", slot_embeddings=True)  # their weight as FSDP1's flat view
     model.slot_embeddings.weight = nn.Parameter(torch.empty(4, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"sharded across processes \(slot_embeddings.weight"):
         model.save_pretrained(tmp_path / "live")
