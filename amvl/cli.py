@@ -41,6 +41,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import warnings
 from collections.abc import Iterator
@@ -56,6 +57,7 @@ from amvl.lora import (add_adapters, base_record, read_record, require_peft, run
                        setting_differences, write_record)
 from amvl.run_config import (PROMPT_KEYS, check_jsonl_texts, load_run_config, prompt_format,
                              read_jsonl_lines)
+from amvl.stopping import TrainingStopped
 from amvl.trackers import check_trackers
 from amvl.training import TrainConfig, read_history, readable_temporary_directory
 
@@ -210,6 +212,11 @@ def _train(args: argparse.Namespace, run: dict, state) -> None:
                                   record=record))
     except output_dir_errors as err:
         raise SystemExit(f"amvl train: {err}") from None
+    except TrainingStopped as err:  # a scheduler's signal: the steps so far are checkpointed
+        if state.is_main_process:
+            print(f"amvl train: {err}", file=sys.stderr)
+        # the shell's status of a process the signal ended, which requeue scripts look for
+        raise SystemExit(128 + signal.Signals[err.signal_name].value) from None
     except ImageDecodeError as err:  # found when its batch is built: the run's checkpoints stay
         raise SystemExit(f"amvl train: {err}: fix or remove the record that names it, then "
                          "go on from the last checkpoint with --resume") from None

@@ -11,9 +11,12 @@ either way: a step's examples are a function of (seed, step) alone.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch import Tensor
+
+from amvl.stopping import ignore_stop_signals
 
 Batch = dict[str, Tensor]
 
@@ -78,14 +81,20 @@ def stop_workers(iterator: object) -> None:
     getattr(iterator, "_shutdown_workers", lambda: None)()
 
 
-def prefetching_loader(steps: StepBatches, num_workers: int, pin_memory: bool,
-                       seed: int) -> torch.utils.data.DataLoader:
+def prefetching_loader(steps: StepBatches, num_workers: int, pin_memory: bool, seed: int,
+                       ignore_signals: Sequence[str] = ()) -> torch.utils.data.DataLoader:
     """A loader of ``steps`` in order, each built in one of ``num_workers`` processes, up to
-    two steps a worker ahead of the loop.
+    two steps a worker ahead of the loop. The workers ignore the signals ``ignore_signals``
+    (the loop's stop signals, on which it saves before it stops them).
 
     The workers' seeds come from a generator of ``seed``: drawn from torch's global one, they
     would move the main process's random state (dropout's), so a run would differ with and
     without workers, and a resumed run from an uninterrupted one."""
     return torch.utils.data.DataLoader(
         steps, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
-        generator=torch.Generator().manual_seed(seed))
+        generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=partial(_ignore_in_worker, tuple(ignore_signals)))
+
+
+def _ignore_in_worker(names: tuple[str, ...], worker_id: int) -> None:
+    ignore_stop_signals(names)

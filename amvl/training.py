@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from amvl.config import INFERENCE_FIELDS, AMVLConfig, check_types
 from amvl.step_batches import StepBatches, prefetching_loader, stop_workers
+from amvl.stopping import CATCHABLE_SIGNALS, StopSignals, TrainingStopped
 from amvl.trackers import LOGS_DIR, check_trackers, finish_trackers, log_entry, start_trackers
 
 if TYPE_CHECKING:  # annotations only: accelerate is imported when a run starts
@@ -101,6 +102,10 @@ class TrainConfig:
     # minutes): NCCL's own default, 600, aborted such runs. Applies where the loop (or amvl
     # train) starts the group; the Trainer's is TrainingArguments.ddp_timeout.
     ddp_timeout: int = 1800
+    # Signals on which the loop saves a checkpoint after the step it is in and stops, raising
+    # amvl.stopping.TrainingStopped (a scheduler's warning before a time limit or preemption;
+    # see amvl/stopping.py). Needs an output_dir; () lets them end the run as they would.
+    stop_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
 
     def __post_init__(self) -> None:
         def require(ok: bool, message: str) -> None:
@@ -120,6 +125,12 @@ class TrainConfig:
             and len(set(trackers)) == len(trackers),
             f"report_to must be a list of distinct tracker names, got {trackers!r}")
         self.report_to = tuple(trackers)
+        stops = self.stop_signals
+        require(isinstance(stops, (list, tuple)) and all(
+            name in CATCHABLE_SIGNALS for name in stops) and len(set(stops)) == len(stops),
+            f"stop_signals must be a list of distinct names out of {CATCHABLE_SIGNALS}, got "
+            f"{stops!r}")
+        self.stop_signals = tuple(stops)
         if self.eval_batch_size is not None:
             check_types(self, integers={"eval_batch_size": 1}, reals=(), flags=())
         if self.micro_batch_size is not None:
@@ -702,10 +713,15 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
     steps = StepBatches(examples, collator, start=start, steps=config.steps,
                         batch_size=config.batch_size, seed=config.seed, rank=rank, world=world,
                         micro_size=micro_size)
+    stops = None  # without an output_dir there is nowhere to save: signals act as they would
     built_ahead = iter(prefetching_loader(steps, config.num_workers,
-                                          pin_memory=device.type == "cuda", seed=config.seed)) \
+                                          pin_memory=device.type == "cuda", seed=config.seed,
+                                          ignore_signals=config.stop_signals
+                                          if out is not None else ())) \
         if config.num_workers and start < config.steps else None
     try:
+        if out is not None and config.stop_signals and start < config.steps:
+            stops = StopSignals(config.stop_signals, world)
         if trackers:  # inside: a tracker that fails to start stops the workers too
             start_trackers(accelerator, out, model.config, config)
         for step in bar:
@@ -783,7 +799,8 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
                 if on_log is not None:
                     on_log(entry)
             save_now = config.save_every and (step + 1) % config.save_every == 0
-            if out is not None and (save_now or step + 1 == config.steps):
+            stop_on = stops.agreed() if stops is not None else None
+            if out is not None and (save_now or step + 1 == config.steps or stop_on):
                 if summed:  # the open log window, saved by the main process for all of them
                     sums = mean_over_processes(sums, accelerator)
                 # each process's own: their dropout drew different amounts (other lengths)
@@ -797,8 +814,12 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
                                     rng_states=rng_states)
                     _prune(out, config.save_total_limit)
                 accelerator.wait_for_everyone()
+            if stop_on and step + 1 < config.steps:  # at the last step the run is complete
+                raise TrainingStopped(step + 1, stop_on, out / f"{CHECKPOINT_PREFIX}{step + 1}")
     finally:
         stop_workers(built_ahead)
+        if stops is not None:
+            stops.close()
         if trackers:
             finish_trackers(accelerator)
 

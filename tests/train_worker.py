@@ -1,5 +1,6 @@
-"""Worker for tests/test_training.py: ``amvl.training.train`` on 2 CPU processes (torchrun,
-``ACCELERATE_USE_CPU=1``), and the same run in one process for the test to compare.
+"""Worker for tests/test_training.py and tests/test_stopping.py: ``amvl.training.train`` on 2
+CPU processes (torchrun, ``ACCELERATE_USE_CPU=1``), and the same run in one process for the
+test to compare.
 
 The "none" objective (no latent noise, which is drawn per process) on answers of 1 to 6 words,
 so the two processes' shares hold different numbers of answer tokens. Mode "vlm": a tiny
@@ -7,7 +8,8 @@ Qwen2-VL on examples of which half have no image, so a share can leave the visio
 without gradients, its batches built in a DataLoader worker of each process. Mode "lora":
 LoRA adapters on the text model's decoder and the latent tokens' rows (the base frozen), the
 "amvl" objective with its noise fixed per example. Rank 0 writes the parameters to
-OUT/params.safetensors. Mode "resume": see ``resumed_runs``.
+OUT/params.safetensors. Mode "resume": see ``resumed_runs``; mode "signal":
+``stopped_runs``.
 """
 
 import contextlib
@@ -132,10 +134,44 @@ def resumed_runs(out: str) -> None:
                       os.path.join(out, f"{run}.safetensors"))
 
 
+def stopped_runs(out: str) -> None:
+    """Mode "signal": 4 steps straight, and a run whose rank 1 alone gets SIGUSR1 during its
+    first step (at its log), resumed to 4. Each rank writes how its run stopped to
+    OUT/stopped-<rank>.json; rank 0 writes both runs' parameters to OUT/<run>.safetensors."""
+    import signal
+
+    from amvl.stopping import TrainingStopped
+
+    config = TrainConfig(**{**CONFIG.__dict__, "steps": 4})
+    rank = int(os.environ["RANK"])  # the group starts in train
+
+    def signal_rank_one(entry):
+        if entry["step"] == 1 and rank == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    for run in ("straight", "resumed"):
+        model, collator = build(False)
+        if run == "resumed":
+            try:
+                train(model, collator, examples(False), config,
+                      output_dir=os.path.join(out, run), on_log=signal_rank_one, progress=False)
+                raise SystemExit("the run went on after rank 1's signal")
+            except TrainingStopped as stopped:
+                with open(os.path.join(out, f"stopped-{rank}.json"), "w") as file:
+                    json.dump({"step": stopped.step, "signal": stopped.signal_name,
+                               "checkpoint": str(stopped.checkpoint)}, file)
+            model, collator = build(False)
+        train(model, collator, examples(False), config, output_dir=os.path.join(out, run),
+              resume=run == "resumed", progress=False)
+        if rank == 0:
+            save_file({n: p.detach().contiguous() for n, p in model.named_parameters()},
+                      os.path.join(out, f"{run}.safetensors"))
+
+
 def main(out: str, mode: str) -> None:
     torch.set_num_threads(1)
-    if mode == "resume":
-        resumed_runs(out)
+    if mode in ("resume", "signal"):
+        (resumed_runs if mode == "resume" else stopped_runs)(out)
         dist.barrier()
         dist.destroy_process_group()
         return
