@@ -64,6 +64,10 @@ if TYPE_CHECKING:
 _Fn = TypeVar("_Fn", bound=Callable)
 
 
+# forward's default step: 0, but a KL schedule needs the step given (see AMVLModel.forward)
+_STEP_NOT_GIVEN = object()
+
+
 def _cache_kwarg(backbone: nn.Module) -> str:
     """transformers renamed ``past_key_values`` to ``cache`` (5.2x); accept both."""
     return "cache" if "cache" in inspect.signature(backbone.forward).parameters \
@@ -640,7 +644,8 @@ class AMVLModel(SavingMixin, nn.Module):
 
     def forward(self, prompt_ids: Tensor, prompt_mask: Tensor, answer_ids: Tensor,
                 answer_mask: Tensor, pixel_values: Tensor | None = None,
-                image_grid_thw: Tensor | None = None, step: int | Tensor | None = 0,
+                image_grid_thw: Tensor | None = None,
+                step: int | Tensor | None = _STEP_NOT_GIVEN,  # type: ignore[assignment]
                 seed: int | Tensor | None = None,
                 prefix_sharing: bool | None = None,
                 answer_tokens: float | Tensor | None = None,
@@ -649,7 +654,8 @@ class AMVLModel(SavingMixin, nn.Module):
 
         Prompts are left-padded (B, Lx), answers right-padded (B, Ly), masks True on real
         tokens. ``step`` drives the KL schedule (None: the full objective, as evaluation
-        wants). ``seed`` fixes the latent noise (same seed, same loss on both paths).
+        wants; not given: step 0, which a training forward under a linear or cyclical
+        schedule refuses, since its KL weight there is 0). ``seed`` fixes the latent noise (same seed, same loss on both paths).
         Both may be one-element integer tensors on the model's device (int64 for the seed),
         which a step captured in CUDA graphs (torch.compile's "reduce-overhead") needs: the
         graph then reads them at each replay, where a Python int is a value it records a
@@ -669,6 +675,15 @@ class AMVLModel(SavingMixin, nn.Module):
         if prior_mean_nll and torch.is_grad_enabled():
             raise ValueError("prior_mean_nll is an evaluation metric: call the forward under "
                              "torch.no_grad()")
+        if step is _STEP_NOT_GIVEN:
+            if self.training and torch.is_grad_enabled() and self.config.kl_schedule != \
+                    "constant" and self.config.objective in ("amvl", "elbo"):
+                # step 0 weighs the KL by 0 there: a loop of one's own would train without it
+                raise ValueError(f"kl_schedule={self.config.kl_schedule!r} weighs the KL by the "
+                                 "training step: call model(..., step=<optimisation step>) "
+                                 "(without it every forward is step 0, where the KL's weight "
+                                 "is 0; step=None trains with the full weight)")
+            step = 0
         if isinstance(step, Tensor):
             if step.is_floating_point() or step.is_complex() or step.dtype == torch.bool \
                     or step.numel() != 1:

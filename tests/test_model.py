@@ -1033,6 +1033,24 @@ def test_a_step_that_is_not_a_count_is_refused(step):
         model(**batch, seed=0, step=step)
 
 
+@pytest.mark.parametrize("objective", ["amvl", "elbo"])
+def test_a_scheduled_training_forward_without_its_step_is_refused(objective):
+    """Without a step every forward was step 0, whose KL weight a linear or cyclical schedule
+    sets to 0: a loop of one's own trained "elbo" without its KL and "amvl" without the
+    reverse KL, silently. Given steps, evaluation (no autograd) and eval mode still run."""
+    model, batch = build("qwen2", objective=objective, kl_schedule="cyclical",
+                         kl_cycle_steps=4)
+    with pytest.raises(ValueError, match="kl_schedule='cyclical' weighs the KL by the "
+                                         r"training step: call model\(..., step="):
+        model(**batch, seed=0)
+    assert model(**batch, seed=0, step=0).metrics["kl_weight"] == 0.0
+    assert model(**batch, seed=0, step=None).metrics["kl_weight"] == 1.0
+    with torch.no_grad():
+        model(**batch, seed=0)
+    model.eval()
+    model(**batch, seed=0)
+
+
 @pytest.mark.parametrize("tokens", [0, -1.0, float("inf"), float("nan"), True, "3"])
 def test_answer_tokens_that_are_not_a_positive_count_are_refused(tokens):
     """0 made the loss inf and a negative count flipped its sign, silently."""
