@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,7 +42,8 @@ from tqdm.auto import tqdm
 from amvl.config import INFERENCE_FIELDS, AMVLConfig, check_types
 from amvl.step_batches import StepBatches, prefetching_loader, stop_workers
 from amvl.stopping import CATCHABLE_SIGNALS, StopSignals, TrainingStopped
-from amvl.trackers import LOGS_DIR, check_trackers, finish_trackers, log_entry, start_trackers
+from amvl.trackers import (LOGS_DIR, check_trackers, finish_trackers, log_entry, read_runs,
+                           start_trackers, write_runs)
 
 if TYPE_CHECKING:  # annotations only: accelerate is imported when a run starts
     from accelerate import Accelerator
@@ -284,6 +286,14 @@ def save_checkpoint(output_dir: Path, step: int, model: AMVLModel,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _add_tracker_runs(directory: Path, runs: dict[str, str],
+                      then: Callable[[Path], None] | None) -> None:
+    """A checkpoint's ``on_save``: the trackers' run ids, then the caller's files."""
+    write_runs(directory, runs)
+    if then is not None:
+        then(directory)
 
 
 def readable_temporary_directory(parent: Path, prefix: str) -> Path:
@@ -714,6 +724,7 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
                         batch_size=config.batch_size, seed=config.seed, rank=rank, world=world,
                         micro_size=micro_size)
     stops = None  # without an output_dir there is nowhere to save: signals act as they would
+    tracker_runs: dict[str, str] = {}
     built_ahead = iter(prefetching_loader(steps, config.num_workers,
                                           pin_memory=device.type == "cuda", seed=config.seed,
                                           ignore_signals=config.stop_signals
@@ -723,7 +734,8 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
         if out is not None and config.stop_signals and start < config.steps:
             stops = StopSignals(config.stop_signals, world)
         if trackers:  # inside: a tracker that fails to start stops the workers too
-            start_trackers(accelerator, out, model.config, config)
+            tracker_runs = start_trackers(accelerator, out, model.config, config,
+                                          read_runs(checkpoint) if checkpoint else None)
         for step in bar:
             wrapped.train()  # each step: an on_log callback may have evaluated the model
             mine = None
@@ -810,7 +822,9 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
                     save_checkpoint(out, step + 1, accelerator.unwrap_model(wrapped), optimizer,
                                     scheduler, history, config,
                                     {k: float(v) for k, v in sums.items()}, accelerator.scaler,
-                                    pending_steps=summed, num_processes=world, on_save=on_save,
+                                    pending_steps=summed, num_processes=world,
+                                    on_save=partial(_add_tracker_runs, runs=tracker_runs,
+                                                    then=on_save),
                                     rng_states=rng_states)
                     _prune(out, config.save_total_limit)
                 accelerator.wait_for_everyone()

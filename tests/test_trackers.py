@@ -5,6 +5,9 @@ before anything trains."""
 from __future__ import annotations
 
 import importlib.util
+import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ from amvl.config import AMVLConfig
 from amvl.data import AMVLCollator
 from amvl.model import AMVLModel
 from amvl.tiny import tiny_qwen2, word_tokenizer
-from amvl.trackers import check_trackers
+from amvl.trackers import RESUMABLE, RUNS_FILE, check_trackers, start_trackers
 from amvl.training import TrainConfig, train
 
 WORDS = [f"w{i}" for i in range(30)]
@@ -37,7 +40,8 @@ def _recording_tracker() -> str:
         def __init__(self, run_name, logging_dir, **kwargs):
             super().__init__()
             self.record = {"project": run_name, "logging_dir": str(logging_dir),
-                           "kwargs": kwargs, "config": None, "logged": [], "finished": False}
+                           "kwargs": kwargs, "config": None, "logged": [], "finished": False,
+                           "id": f"run-{len(RECORDED)}"}  # a server's id of the new run
             RECORDED.append(self.record)
 
         @property
@@ -108,6 +112,60 @@ def test_trackers_are_finished_when_the_loop_raises(tmp_path, monkeypatch):
         train(model, fails, _data(), TrainConfig(steps=2, batch_size=4, report_to=[name]),
               output_dir=tmp_path, progress=False)
     assert RECORDED and RECORDED[0]["finished"]
+
+
+def test_a_resumed_run_continues_its_trackers_runs(tmp_path, monkeypatch):
+    """A checkpoint records the trackers' run ids; the resumed run takes its runs up again
+    (for Weights & Biases, MLflow and trackio: ``RESUMABLE``) instead of starting new ones."""
+    name = _recording_tracker()
+    RECORDED.clear()
+    monkeypatch.setitem(RESUMABLE, name, (lambda tracker: tracker.record["id"],
+                                          lambda run_id: {"continue_run": run_id}))
+    config = TrainConfig(steps=4, batch_size=4, log_every=1, save_every=2, report_to=[name])
+
+    def stop_at_three(entry):
+        if entry["step"] == 3:
+            raise KeyboardInterrupt
+
+    model, collator = _model()
+    with pytest.raises(KeyboardInterrupt):
+        train(model, collator, _data(), config, output_dir=tmp_path, on_log=stop_at_three,
+              progress=False)
+    assert json.loads((tmp_path / "checkpoint-2" / RUNS_FILE).read_text()) == {name: "run-0"}
+    model, collator = _model()
+    train(model, collator, _data(), config, output_dir=tmp_path, resume=True, progress=False)
+    first, resumed = RECORDED
+    assert "continue_run" not in first["kwargs"] and resumed["kwargs"]["continue_run"] == "run-0"
+    assert [step for step, _ in resumed["logged"]] == [3, 4]
+    # its checkpoints record the run it continued (the id the server gives back)
+    assert json.loads((tmp_path / "checkpoint-4" / RUNS_FILE).read_text()) == {name: "run-1"}
+
+
+def test_server_trackers_are_resumed_by_their_own_arguments():
+    """What accelerate's W&B, MLflow and trackio trackers are given back on resume, and where
+    their started runs' ids are read (accelerate 1.15's tracker objects)."""
+    started = []
+
+    class Accelerator:
+        is_main_process = True
+        trackers = [SimpleNamespace(name="wandb", run=SimpleNamespace(id="w1")),
+                    SimpleNamespace(name="mlflow",
+                                    active_run=SimpleNamespace(info=SimpleNamespace(run_id="m1"))),
+                    SimpleNamespace(name="trackio", init_kwargs={"name": "my-run"}),
+                    SimpleNamespace(name="tensorboard")]
+
+        def init_trackers(self, project, config, init_kwargs):
+            started.append(init_kwargs)
+
+    runs = start_trackers(Accelerator(), Path("runs/my-run"), AMVLConfig(), TrainConfig(),
+                          {"wandb": "w0", "mlflow": "m0", "trackio": "my-run"})
+    assert runs == {"wandb": "w1", "mlflow": "m1", "trackio": "my-run"}
+    assert started == [{"wandb": {"name": "my-run", "id": "w0", "resume": "allow"},
+                        "mlflow": {"run_name": "my-run", "run_id": "m0"},
+                        "trackio": {"name": "my-run", "resume": "allow"}}]
+    start_trackers(Accelerator(), Path("runs/my-run"), AMVLConfig(), TrainConfig())
+    assert started[1] == {"wandb": {"name": "my-run"}, "mlflow": {"run_name": "my-run"},
+                          "trackio": {"name": "my-run"}}
 
 
 def test_report_to_mistakes_are_named(tmp_path):
