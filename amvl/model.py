@@ -655,7 +655,8 @@ class AMVLModel(SavingMixin, nn.Module):
         Prompts are left-padded (B, Lx), answers right-padded (B, Ly), masks True on real
         tokens. ``step`` drives the KL schedule (None: the full objective, as evaluation
         wants; not given: step 0, which a training forward under a linear or cyclical
-        schedule refuses, since its KL weight there is 0). ``seed`` fixes the latent noise (same seed, same loss on both paths).
+        schedule refuses, since its KL weight there is 0). ``seed`` fixes the latent noise
+        (same seed, same loss on both paths).
         Both may be one-element integer tensors on the model's device (int64 for the seed),
         which a step captured in CUDA graphs (torch.compile's "reduce-overhead") needs: the
         graph then reads them at each replay, where a Python int is a value it records a

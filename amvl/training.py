@@ -572,6 +572,9 @@ def train(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict],
     place (see :func:`save_checkpoint`). An ``accelerator`` of one's own must train in
     ``config.mixed_precision`` and leave gradient accumulation to ``config.micro_batch_size``
     (its own ``gradient_accumulation_steps`` would divide the loss a second time).
+    With an ``output_dir``, the signals ``config.stop_signals`` (a scheduler's SIGTERM or
+    SIGUSR1) end the run after the step they arrive in, saved as a checkpoint, by raising
+    :class:`amvl.stopping.TrainingStopped` (on every process, after the same step).
     Only the parameters that require gradients train (a PEFT base's adapters, not its frozen
     weights). Trainable bf16/fp16 weights get a warning: AdamW updates them without fp32
     master weights.
