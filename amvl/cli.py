@@ -424,11 +424,12 @@ def _evaluate(args: argparse.Namespace, several: bool) -> int:
     for name, directory in models.items():  # before an hour of evaluation, not after
         check_trained(name, directory, model_section)
         prompts[name] = trained_prompt_format(name, directory, data)
+    options = {**({"unlabelled": True} if args.unlabelled else {}),
+               **({"instruction": args.instruction} if args.instruction else {})}
     try:
         examples = evaluation.load_benchmark(args.benchmark, args.data, split=args.split,
-                                             **({"unlabelled": True} if args.unlabelled
-                                                else {}))
-    except (ValueError, FileNotFoundError, TypeError) as err:
+                                             **options)
+    except (ValueError, OSError, TypeError) as err:  # OSError: a file that cannot be read
         raise SystemExit(f"amvl eval: {err}") from None
     if any(ex.get("images") for ex in examples):
         for name, directory in models.items():
@@ -491,7 +492,8 @@ def _score_models(args: argparse.Namespace, run: dict, models: dict[str, Path],
                                                           progress=not args.no_progress,
                                                           num_workers=args.num_workers,
                                                           split_across_processes=several)
-        except (OSError, ValueError) as err:  # a record the collator refuses (named by its id)
+        # a record the collator refuses (named by its id); a non-finite score (naming it)
+        except (OSError, ValueError, FloatingPointError) as err:
             raise SystemExit(f"amvl eval: {name}: {err}") from err
         if args.diagnostics and model.objective.latent_source != "none":
             from amvl.diagnostics import leakage_report
@@ -501,8 +503,26 @@ def _score_models(args: argparse.Namespace, run: dict, models: dict[str, Path],
                 progress=not args.no_progress, group_key="subtask")
         del model
         if args.out and main_process:  # after every model: a failure later keeps what finished
-            Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+            try:
+                _write_atomically(Path(args.out), json.dumps(results, indent=1, default=str))
+            except OSError as err:
+                raise SystemExit(f"amvl eval: --out {args.out} could not be written "
+                                 f"({err.strerror or err}); what it held before is kept") \
+                    from None
     return results
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` whole or not at all: written to a temporary file beside
+    it, then renamed over it, so that an interrupted write (a full disk, a killed run) leaves
+    the previous file, not a truncated one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _attention_as_trained(model, run: dict) -> None:
@@ -665,18 +685,23 @@ def _check_output_file(command: str, out: str) -> None:
         raise SystemExit(f"amvl {command}: --out {out} cannot be written")
 
 
-def _check_out_apart_from_data(out: Path, data: Path) -> None:
+def _check_out_apart_from_data(out: Path, data: Path, benchmark: str,
+                               split: str | None) -> None:
     """Refuse an ``amvl eval --out`` that would overwrite its ``--data`` file, or that the
-    next run's loaders would read as a data file of the ``--data`` folder (its own files and
-    a ``data/`` folder in it, as VisualPuzzles snapshots have)."""
-    from amvl.evaluation import DATA_SUFFIXES
+    loaders would read as a data file of the ``--data`` folder in the next run
+    (:func:`amvl.evaluation.reads_as_data`): for BLINK with this run's split or either of
+    BLINK's ("val", "test"), for VisualPuzzles with any split."""
+    from amvl.evaluation import reads_as_data
 
     if out == data:
         raise SystemExit(f"amvl eval: --out {out} is the --data file; give another")
-    if out.parent in (data, data / "data") and out.suffix in DATA_SUFFIXES:
+    splits = {split or "val", "val", "test"} if benchmark == "blink" else {None}
+    read_by = [s for s in sorted(splits, key=str) if reads_as_data(benchmark, data, out, s)]
+    if read_by:
+        which = f" with --split {read_by[0]}" if read_by[0] else ""
         raise SystemExit(f"amvl eval: --out {out} lies among the --data folder's files, which "
-                         "are read as records (the next run would read it as one); write it "
-                         "elsewhere")
+                         f"are read as records (the next run{which} would read it as one); "
+                         "write it elsewhere")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -722,6 +747,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--unlabelled", action="store_true",
                     help="load the records without answers and write predictions only (BLINK's "
                          "test split, whose answers are withheld); needs --out")
+    ev.add_argument("--instruction", metavar="TEXT",
+                    help="a line appended to every blink / visualpuzzles prompt, e.g. "
+                         "\"Answer with the option's letter from the given choices "
+                         "directly.\" as lmms-eval adds (default: none)")
     ev.add_argument("--batch-size", type=_positive, default=8)
     ev.add_argument("--num-workers", type=_non_negative, default=0,
                     help="processes building the coming batches (decoding and processing "
@@ -777,10 +806,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "eval" and args.benchmark == "puzzles" and args.data:
         raise SystemExit("amvl eval: --benchmark puzzles builds its own examples; --data is "
                          "for blink, visualpuzzles and jsonl")
-    if args.command == "eval" and args.out:
-        _check_output_file("eval", args.out)
-        if args.data:
-            _check_out_apart_from_data(Path(args.out).resolve(), Path(args.data).resolve())
     if args.command == "eval" and not (args.config or args.checkpoint):
         raise SystemExit("amvl eval: give --config or --checkpoint")
     if args.command == "eval" and args.unlabelled and args.benchmark != "blink":
@@ -796,6 +821,18 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("amvl eval: --unlabelled is for the test split, whose answers "
                              f"are withheld; --split {args.split} has them")
         args.split = "test"
+    if args.command == "eval" and args.out:  # once the split is known
+        _check_output_file("eval", args.out)
+        if args.data:
+            _check_out_apart_from_data(Path(args.out).resolve(), Path(args.data).resolve(),
+                                       args.benchmark, args.split)
+    if args.command == "eval" and args.instruction is not None:
+        if args.benchmark not in ("blink", "visualpuzzles"):
+            raise SystemExit(f"amvl eval: --instruction is for blink and visualpuzzles; "
+                             f"{args.benchmark}'s questions are used as written (a jsonl "
+                             "file's questions can say it themselves)")
+        if not args.instruction.strip():
+            raise SystemExit("amvl eval: --instruction is empty")
     if args.command == "generate":
         if not (args.config or args.checkpoint):
             raise SystemExit("amvl generate: give --config or --checkpoint")

@@ -45,20 +45,28 @@ Schema facts this module relies on:
   the image."
 
 Images may be embedded (parquet bytes; in JSON base64 text, ``{"bytes": base64}`` or a
-``data:`` URI) or files (paths relative to the data file). Every problem with a record (missing
-or mistyped field, answer not among the options, undecodable image, missing image file) raises
-:class:`BenchmarkRecordError` (a ValueError) naming the file, the row (0-based, in file order)
-and the record's id; nothing is skipped. Images are decoded when loading, so a bad one fails at
-once rather than mid-evaluation (the cost: decoded images stay in memory, a few GB for BLINK).
+``data:`` URI) or files (paths relative to the data file). A bare string is a file's path, or
+base64 text (as VLMEvalKit-style exports write images) when it is long, holds base64 characters
+only and names no file; base64 may be broken into lines (MIME style). An image slot that is
+null or a struct of nulls (``{"bytes": null, "path": null}``) is empty. Every problem with a
+record (missing or mistyped field, answer not among the options, undecodable image, missing or
+unreadable image file) raises :class:`BenchmarkRecordError` (a ValueError) naming the file, the
+row (0-based, in file order) and the record's id; nothing is skipped. A data file that is not
+UTF-8 JSON or parquet raises a ValueError naming it (and the line). Images are decoded when
+loading, so a bad one fails at once rather than mid-evaluation (the cost: decoded images stay
+in memory, a few GB for BLINK).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import json
 import os
+import pickle
 import re
+import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -104,6 +112,13 @@ BENCHMARKS = ("blink", "visualpuzzles", "puzzles", "jsonl")
 DATA_SUFFIXES = (".parquet", ".json", ".jsonl")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 BLINK_IMAGE_FIELDS = ("image_1", "image_2", "image_3", "image_4")
+# What base64.encodebytes and MIME-style exporters break base64 text with: b64decode's
+# validate=True refuses it, so it is removed first.
+_ASCII_WHITESPACE = re.compile(r"[ \t\n\r\f\v]+")
+# A bare string taken for an image's base64 text rather than a path (when it names no file):
+# base64 characters only (line breaks allowed), at least 64 of them. An image's base64 is
+# longer (a 1-pixel PNG's is 92 characters); a path that long without a "." is rare.
+_BASE64_TEXT = re.compile(r"[A-Za-z0-9+/ \t\n\r\f\v]{64,}={0,2}[ \t\n\r\f\v]*")
 
 
 class BenchmarkRecordError(ValueError):
@@ -178,33 +193,56 @@ class _Row:
                 return self._decode(where, self._bytes(where, data))
             if path is None:
                 self.fail(f"{where} has neither 'bytes' nor 'path'")
+            if isinstance(path, str) and path:  # a struct's path is a path, never base64
+                return self._open(where, path)
             value = path
         if isinstance(value, (bytes, bytearray)):
             return self._decode(where, bytes(value))
         if isinstance(value, str) and value.startswith("data:"):
             return self._decode(where, self._bytes(where, value.partition(",")[2]))
+        if isinstance(value, str) and _BASE64_TEXT.fullmatch(value) and \
+                not self._names_a_file(value):
+            return self._decode(f"{where} (base64 text)", self._bytes(
+                where, value, f"{_shortened(value)} is no file, nor valid base64"))
         if isinstance(value, str) and value:
             return self._open(where, value)
-        self.fail(f"{where} must be image bytes, a {{'bytes', 'path'}} object or a file path, "
-                  f"got {type(value).__name__}")
+        self.fail(f"{where} must be image bytes, base64 text, a {{'bytes', 'path'}} object or "
+                  f"a file path, got {type(value).__name__}")
 
-    def _bytes(self, where: str, data) -> bytes:
+    def _bytes(self, where: str, data, refusal: str = "'bytes' is not valid base64") -> bytes:
+        """``data`` as bytes: bytes as they are, text decoded as base64 (JSON cannot hold
+        bytes); ``refusal`` says what is wrong with text that does not decode."""
         if isinstance(data, (bytes, bytearray)):
             return bytes(data)
-        if isinstance(data, str):  # JSON cannot hold bytes: base64 text
+        if isinstance(data, str):
             try:
-                return base64.b64decode(data, validate=True)
+                return base64.b64decode(_ASCII_WHITESPACE.sub("", data), validate=True)
             except (binascii.Error, ValueError) as err:
-                self.fail(f"{where}: 'bytes' is not valid base64 ({err})")
+                self.fail(f"{where}: {refusal} ({err})")
         self.fail(f"{where}: 'bytes' must be bytes or base64 text, got {type(data).__name__}")
 
-    def _open(self, where: str, path: str) -> Image.Image:
+    def _file(self, path: str) -> Path:
+        """``path`` as a file: a relative one is relative to the data file."""
         file = Path(path)
-        if not file.is_absolute():
-            file = self.file.parent / file
-        if not file.is_file():
-            self.fail(f"{where}: image file {file} not found")
-        return self._decode(f"{where} ({file})", file.read_bytes())
+        return file if file.is_absolute() else self.file.parent / file
+
+    def _names_a_file(self, path: str) -> bool:
+        try:
+            return self._file(path).is_file()
+        except OSError:  # e.g. "File name too long", as base64 text taken for a path is
+            return False
+
+    def _open(self, where: str, path: str) -> Image.Image:
+        file = self._file(path)
+        shown = _shortened(str(file))  # a "path" may be many KB of base64
+        try:
+            if not file.is_file():
+                self.fail(f"{where}: image file {shown} not found")
+            data = file.read_bytes()
+        except OSError as err:  # os.stat and reading raise it: no access, a name too long, ...
+            self.fail(f"{where}: cannot read image file {shown} "
+                      f"({err.strerror or type(err).__name__})")
+        return self._decode(f"{where} ({shown})", data)
 
     def _decode(self, where: str, data: bytes) -> Image.Image:
         try:
@@ -215,6 +253,20 @@ class _Row:
 
 def _labels(n: int) -> list[str]:
     return [f"({letter})" for letter in LETTERS[:n]]
+
+
+def _shortened(text: str, limit: int = 200) -> str:
+    """``text`` as it is up to ``limit`` characters, else its start and end (a file name's
+    end names it best) and its length: error messages stay one readable line."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit // 2]}...{text[-limit // 4:]} ({len(text)} characters)"
+
+
+def _empty_image(value) -> bool:
+    """Whether an image slot holds no image: null, or a struct whose fields are all null (how
+    pandas and polars write a null ``{"bytes", "path"}`` struct; HF datasets write null)."""
+    return value is None or isinstance(value, dict) and all(v is None for v in value.values())
 
 
 def _with_instruction(text: str, instruction: str | None) -> str:
@@ -231,17 +283,31 @@ def _existing(path: str | os.PathLike) -> Path:
     return root
 
 
+def _is_data_file(file: Path, split: str | None) -> bool:
+    """Whether ``file``, in a folder the loaders read, is read as data: a suffix they read
+    and, with a split, a name after it ("val-00000-of-00001.parquet", "val.jsonl", ...)."""
+    return file.suffix.lower() in DATA_SUFFIXES and \
+        (split is None or re.match(rf"{re.escape(split)}[-_.]", file.name) is not None)
+
+
 def _data_files(folder: Path, split: str | None) -> list[Path]:
-    """Data files directly in ``folder``; with a split, only those named after it
-    ("val-00000-of-00001.parquet", "val.jsonl", ...)."""
-    files = [p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix in DATA_SUFFIXES]
-    if split is not None:
-        files = [p for p in files if re.match(rf"{re.escape(split)}([-_.])", p.name)]
-    return files
+    """Data files directly in ``folder``; with a split, only those named after it."""
+    return [p for p in sorted(folder.iterdir()) if p.is_file() and _is_data_file(p, split)]
+
+
+def _check_data_file(file: Path) -> None:
+    """Refuse a data file given by name that the loaders cannot read (an archive, a
+    ``datasets`` Arrow file), rather than fail on its bytes as text."""
+    if file.suffix.lower() not in DATA_SUFFIXES:
+        kind = f"a {file.suffix} file" if file.suffix else "a file without a suffix"
+        raise ValueError(f"{file}: {kind} is not read as benchmark data; the loaders read "
+                         f"{', '.join(DATA_SUFFIXES)} files (unzip an archive first; for a "
+                         "datasets save_to_disk folder's .arrow files, write the dataset with "
+                         "Dataset.to_parquet)")
 
 
 def _read_records(file: Path) -> list:
-    if file.suffix == ".parquet":
+    if file.suffix.lower() == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError as err:
@@ -250,7 +316,14 @@ def _read_records(file: Path) -> list:
             return pq.read_table(file).to_pylist()
         except Exception as err:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ...
             raise ValueError(f"{file}: not a readable parquet file ({err})") from err
-    text = file.read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark is dropped
+    data = file.read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0  # not part of line 1
+    try:
+        text = data[bom:].decode("utf-8")
+    except UnicodeDecodeError as err:  # else "'utf-8' codec can't decode ...", naming no file
+        line = data[:bom + err.start].count(b"\n") + 1
+        raise ValueError(f"{file}: line {line} is not UTF-8 ({err.reason} at byte "
+                         f"{bom + err.start}); benchmark JSON must be UTF-8") from None
     if not text.strip():
         raise ValueError(f"{file}: the file is empty")
     if text.lstrip().startswith("["):
@@ -303,6 +376,12 @@ def _blink_name(name: str) -> str | None:
     return next((s for s in BLINK_SUBTASKS if key(s) == key(name)), None)
 
 
+def _blink_folders(root: Path) -> dict[str, Path]:
+    """The subtask folders directly in ``root``, by canonical subtask name."""
+    return {name: child for child in sorted(root.iterdir())
+            if child.is_dir() and (name := _blink_name(child.name)) is not None}
+
+
 def _blink_subtasks(subtasks: Sequence[str] | None) -> list[str] | None:
     if subtasks is None:
         return None
@@ -334,9 +413,10 @@ def _blink_example(file: Path, row: int, record, folder_subtask: str | None,
     options = r.strings("choices")
     prompt = r.text("prompt")
     answer = None if unlabelled else r.answer_label("answer", len(options))
-    if record.get("image_1") is None:
-        r.fail("missing image: 'image_1' is absent or null")
-    images = [r.image(k, record[k]) for k in BLINK_IMAGE_FIELDS if record.get(k) is not None]
+    if _empty_image(record.get("image_1")):
+        r.fail("missing image: 'image_1' is absent, null or a struct of nulls")
+    images = [r.image(k, record[k]) for k in BLINK_IMAGE_FIELDS
+              if not _empty_image(record.get(k))]
     return {"id": r.id, "subtask": subtask, "images": images,
             "question": _with_instruction(prompt, instruction), "choices": _labels(len(options)),
             "answer": answer, "options": options, "source": f"{file} row {row}"}
@@ -367,7 +447,8 @@ def load_blink(path: str | os.PathLike, split: str = "val",
             requested subtask.
         BenchmarkRecordError: a malformed record (names file, row and idx).
         ValueError: the test split without ``unlabelled``, unknown subtask names, a subtask
-            without records, ids loaded twice.
+            without records, ids loaded twice, a data file that is not UTF-8 JSON or parquet
+            (or, given as ``path``, not of a suffix in ``DATA_SUFFIXES``).
     """
     if split == "test" and not unlabelled:
         raise ValueError("BLINK's test answers are withheld (the public test files carry no "
@@ -381,14 +462,14 @@ def load_blink(path: str | os.PathLike, split: str = "val",
     if root.is_file():
         # A file is read whatever the split; one named for another split is refused, or a
         # labelled val file read as "test" would silently lose its answers.
+        _check_data_file(root)
         named = re.match(r"(val|validation|test|dev|train)(?=[-_.])", root.name.lower())
         if named and named.group(1) != split:
             raise ValueError(f"{root} is a {named.group(1)!r} file, but split={split!r}: pass "
                              f"split={named.group(1)!r}, or the file of the split you want")
         sources = [(root, None)]
     else:
-        folders = {name: child for child in sorted(root.iterdir())
-                   if child.is_dir() and (name := _blink_name(child.name)) is not None}
+        folders = _blink_folders(root)
         if folders:
             names = wanted or [s for s in BLINK_SUBTASKS if s in folders]
             missing = [s for s in names if s not in folders]
@@ -449,7 +530,7 @@ def _visualpuzzles_example(file: Path, row: int, record, wanted: list[str] | Non
     else:
         listing = "Options:\n" + "\n".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
     key = "image" if "image" in record else "image_path" if "image_path" in record else None
-    if key is None or record[key] is None:
+    if key is None or _empty_image(record[key]):
         r.fail("missing image: no 'image' (or 'image_path') value")
     prompt = f"Question: {question.strip()}\n{listing}"
     return {"id": r.id, "subtask": category, "images": [r.image(key, record[key])],
@@ -478,7 +559,8 @@ def load_visualpuzzles(path: str | os.PathLike, split: str | None = None,
         FileNotFoundError: ``path`` is missing or holds no data file.
         BenchmarkRecordError: a malformed record (names file, row and id).
         ValueError: unknown category names, a requested category without records, ids
-            loaded twice.
+            loaded twice, a data file that is not UTF-8 JSON or parquet (or, given as
+            ``path``, not of a suffix in ``DATA_SUFFIXES``).
     """
     root = _existing(path)
     wanted = None
@@ -490,6 +572,8 @@ def load_visualpuzzles(path: str | os.PathLike, split: str | None = None,
         if None in wanted:
             raise ValueError(f"unknown VisualPuzzles categories in {list(categories)}; the "
                              f"categories are {list(VISUALPUZZLES_CATEGORIES)}")
+    if root.is_file():
+        _check_data_file(root)
     files = [root] if root.is_file() else _data_files(root, split)
     if not files and root.is_dir() and (root / "data").is_dir():
         files = _data_files(root / "data", split)  # a hub snapshot laid out as data/*.parquet
@@ -547,8 +631,9 @@ def load_choices(path: str | os.PathLike) -> list[dict]:
     """Multiple-choice examples of one's own from a JSON-lines (or JSON array) file.
 
     A record is ``{"question": str, "choices": [str, ...], "answer": str}`` with optional
-    ``"images"`` (paths relative to the file, or what BLINK's loader takes: bytes, base64,
-    ``{"bytes"}`` objects), ``"subtask"`` (default "all") and ``"id"`` (default: its row).
+    ``"images"`` (paths relative to the file, or what BLINK's loader takes: bytes, base64
+    text, ``{"bytes"}`` objects, ``data:`` URIs), ``"subtask"`` (default "all") and ``"id"``
+    (default: its row).
     The question is used as written (list the options in it as the model was trained to see
     them); each choice's text is scored as the answer. ``answer`` is one of the choices, or
     the label of one ("(B)" or "B") when no choice reads so.
@@ -556,11 +641,13 @@ def load_choices(path: str | os.PathLike) -> list[dict]:
     Raises:
         FileNotFoundError: no such file.
         BenchmarkRecordError: a malformed record (names file, row and id).
-        ValueError: an empty file, ids loaded twice.
+        ValueError: an empty file, ids loaded twice, a file that is not UTF-8 or not of a
+            suffix in ``DATA_SUFFIXES``.
     """
     file = _existing(path)
     if not file.is_file():
         raise FileNotFoundError(f"{file} is a folder; give the JSON-lines file itself")
+    _check_data_file(file)
     examples = [_choices_example(file, row, record)
                 for row, record in enumerate(_read_records(file))]
     _check_subtasks_present(examples, [], file)
@@ -586,6 +673,27 @@ def load_benchmark(benchmark: str, path: str | os.PathLike, split: str | None = 
         return [dict(ex, subtask=ex["family"])
                 for ex in puzzle_suite(split or "test", kwargs.get("per_family", 60))]
     return load_visualpuzzles(path, split, **kwargs)
+
+
+def reads_as_data(benchmark: str, path: str | os.PathLike, file: str | os.PathLike,
+                  split: str | None = None) -> bool:
+    """Whether :func:`load_benchmark` ``(benchmark, path, split)`` would read ``file`` (which
+    need not exist yet) as one of its data files: the loaders' own file discovery, so that
+    ``amvl eval --out`` is not written where the next run reads it as records. For
+    VisualPuzzles a folder's ``data/`` counts too (read when the folder has no data file)."""
+    name = _benchmark_key(benchmark)
+    root, file = Path(path).expanduser().resolve(), Path(file).expanduser().resolve()
+    if name == "puzzles":  # generated, nothing read
+        return False
+    if file == root:
+        return True
+    if name == "jsonl" or not root.is_dir():  # a file root is read alone
+        return False
+    if name == "blink":  # the subtask folders when there are any, else the folder itself
+        folders = list(_blink_folders(root).values()) or [root]
+        return file.parent in [f.resolve() for f in folders] and \
+            _is_data_file(file, split or "val")
+    return file.parent in (root, (root / "data").resolve()) and _is_data_file(file, split)
 
 
 def _benchmark_key(benchmark: str) -> str:
@@ -690,11 +798,14 @@ def _score_choices(model: AMVLModel, collator: AMVLCollator, examples: Sequence[
     choice_ids: list[list[tuple[int, ...]]] = [[] for _ in examples]
     # A sharded model's processes must run alike: all of them the most choices of any.
     chunks = ChoiceChunks(collator, examples, batch_size, passes if sharded else None)
-    built = iter(prefetching_loader(chunks, num_workers, device.type == "cuda", seed=0)) \
+    built = iter(prefetching_loader(_FailuresReturned(chunks), num_workers,
+                                    device.type == "cuda", seed=0)) \
         if num_workers else (chunks[i] for i in range(len(chunks)))
     try:
         for index, batches in enumerate(tqdm(built, total=len(chunks), desc="evaluate",
                                              disable=not progress)):
+            if isinstance(batches, WorkerFailure):
+                batches.reraise()
             start = index * batch_size
             chunk = list(examples[start:start + batch_size])
             rows = list(range(len(chunk)))
@@ -736,6 +847,51 @@ class ChoiceChunks(torch.utils.data.Dataset):
         chunk = list(self.examples[index * self.batch_size:(index + 1) * self.batch_size])
         count = self.passes or max(len(ex["choices"]) for ex in chunk)
         return choice_batches(self.collator, chunk, count)
+
+
+class WorkerTraceback(Exception):
+    """The traceback, as text, of an exception raised in a DataLoader worker process: the
+    cause of the exception :meth:`WorkerFailure.reraise` raises in the main process."""
+
+
+class WorkerFailure:
+    """What a DataLoader worker hands back in place of a chunk it could not build: the
+    exception, raised again in the main process by :meth:`reraise` as building the chunk
+    there would have raised it. (Torch re-raises a worker's exception with the worker's
+    traceback in its message, which ``amvl eval`` would print as its one-line error.)"""
+
+    def __init__(self, error: Exception) -> None:
+        self.traceback = "".join(traceback.format_exception(error))
+        self.description = f"{type(error).__name__}: {error}"
+        try:  # the exception itself where it survives the way back (pickled) as it is
+            self.pickled: bytes | None = pickle.dumps(error)
+            pickle.loads(self.pickled)
+        except Exception:  # noqa: BLE001 - e.g. an __init__ that takes other arguments
+            self.pickled = None
+
+    def reraise(self) -> NoReturn:
+        """Raise the worker's exception (a RuntimeError with its type and message where it
+        does not unpickle, as torch does), caused by a :class:`WorkerTraceback`."""
+        error = pickle.loads(self.pickled) if self.pickled is not None \
+            else RuntimeError(self.description)
+        raise error from WorkerTraceback(self.traceback)
+
+
+class _FailuresReturned(torch.utils.data.Dataset):
+    """``dataset``, whose items' exceptions are returned as :class:`WorkerFailure` instead
+    of raised, for a DataLoader's workers to hand back."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index]
+        except Exception as err:  # noqa: BLE001 - whatever building raised, raised in the loop
+            return WorkerFailure(err)
 
 
 def choice_batches(collator: AMVLCollator, chunk: Sequence[dict], count: int

@@ -11,6 +11,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -415,6 +416,25 @@ def test_eval_needs_data_for_real_benchmarks(tmp_path):
             main(["eval", "--checkpoint", "x", "--benchmark", "visualpuzzles", "--data",
                   str(tmp_path), "--out", str(out)])
     assert build_parser().parse_args(["demo"]).out == "amvl-demo"
+
+
+def test_eval_out_is_refused_where_the_blink_loader_reads(tmp_path):
+    """BLINK reads its subtask folders' split files, not its root: --out at the root was
+    refused, and Counting/val_results.json (read as records by the next run) was not."""
+    (tmp_path / "BLINK" / "Counting").mkdir(parents=True)
+    blink = tmp_path / "BLINK"
+    for out, split, read_by in ((blink / "Counting" / "val_results.json", None, "val"),
+                                (blink / "Counting" / "test-preds.jsonl", None, "test"),
+                                (blink / "Counting" / "val.json", "test", "val")):
+        with pytest.raises(SystemExit, match="lies among the --data folder's files.*the next "
+                                             f"run with --split {read_by} would read it"):
+            main(["eval", "--checkpoint", "x", "--benchmark", "blink", "--data", str(blink),
+                  "--out", str(out), *(["--split", split] if split else [])])
+    for out in (blink / "results.json", blink / "Counting" / "results.json"):
+        with pytest.raises(SystemExit) as refused:  # past the check: no checkpoint x
+            main(["eval", "--checkpoint", str(tmp_path / "x"), "--benchmark", "blink",
+                  "--data", str(blink), "--out", str(out)])
+        assert "lies among" not in str(refused.value) and "x" in str(refused.value)
 
 
 def test_jsonl_training_data(tmp_path):
@@ -1315,6 +1335,120 @@ def test_eval_on_multiple_choice_records_of_ones_own(tmp_path, capsys):
                                          rf"'{records[0]['id']}'\): its images take"):
         main(["eval", "--config", str(tmp_path / "tight.yaml"), "--benchmark", "jsonl",
               "--data", str(data), "--no-progress"])
+
+
+def _blink_on_disk(folder: Path) -> Path:
+    """The built-in test puzzles as a BLINK folder (Counting/val.jsonl, images as base64)."""
+    import base64
+    import io
+
+    from amvl.puzzles import puzzle_suite
+
+    records = []
+    for i, puzzle in enumerate(puzzle_suite("test", 1)):
+        png = io.BytesIO()
+        puzzle["images"][0].save(png, format="PNG")
+        labels = [f"({'ABCDEFGH'[k]})" for k in range(len(puzzle["choices"]))]
+        records.append({
+            "idx": f"val_Counting_{i}", "question": puzzle["question"], "sub_task": "Counting",
+            "choices": puzzle["choices"], "answer": labels[puzzle["choices"].index(
+                puzzle["answer"])],
+            "prompt": "\n".join([puzzle["question"], *(f"{label} {choice}" for label, choice
+                                                       in zip(labels, puzzle["choices"]))]),
+            "image_1": {"bytes": base64.b64encode(png.getvalue()).decode(), "path": None},
+            "image_2": None, "image_3": None, "image_4": None})
+    (folder / "BLINK" / "Counting").mkdir(parents=True)
+    _write_jsonl(folder / "BLINK" / "Counting" / "val.jsonl", records)
+    return folder / "BLINK"
+
+
+@pytest.mark.filterwarnings("ignore:.*tokenize to the same ids")
+def test_eval_instruction_is_appended_to_every_prompt(tmp_path, monkeypatch):
+    """--instruction passes load_blink's / load_visualpuzzles' instruction through (lmms-eval
+    appends "Answer with the option's letter ..."); refused where questions are as written."""
+    from amvl import evaluation
+
+    config = _run_config(tmp_path, steps=1, save_every=1)
+    assert main(["train", "--config", config, "--no-progress"]) == 0
+    blink = _blink_on_disk(tmp_path)
+    scored = []
+
+    def evaluate_benchmark(model, collator, examples, **settings):
+        scored.extend(examples)
+        return real(model, collator, examples, **settings)
+
+    real = evaluation.evaluate_benchmark
+    monkeypatch.setattr(evaluation, "evaluate_benchmark", evaluate_benchmark)
+    instruction = "Answer with the option's letter from the given choices directly."
+    assert main(["eval", "--config", config, "--benchmark", "blink", "--data", str(blink),
+                 "--instruction", instruction, "--no-progress"]) == 0
+    prompts = [json.loads(line)["prompt"] for line in
+               (blink / "Counting" / "val.jsonl").read_text().splitlines()]
+    assert [ex["question"] for ex in scored] == [f"{p}\n{instruction}" for p in prompts]
+    for benchmark, data in (("jsonl", ["--data", str(blink / "Counting" / "val.jsonl")]),
+                            ("puzzles", [])):
+        with pytest.raises(SystemExit, match="--instruction is for blink and visualpuzzles"):
+            main(["eval", "--config", config, "--benchmark", benchmark, *data,
+                  "--instruction", instruction])
+    with pytest.raises(SystemExit, match="--instruction is empty"):
+        main(["eval", "--config", config, "--benchmark", "blink", "--data", str(blink),
+              "--instruction", " "])
+
+
+def test_eval_failures_midway_are_one_line(tmp_path, monkeypatch):
+    """A non-finite score (FloatingPointError: a traceback) and a record the collator
+    refuses in a DataLoader worker (torch's "Caught ValueError in DataLoader worker process
+    0. Original Traceback ...") end amvl eval with the one line they give without workers."""
+    from amvl import evaluation
+
+    config = _run_config(tmp_path, steps=1, save_every=1)
+    assert main(["train", "--config", config, "--no-progress"]) == 0
+    tight = yaml.safe_load(Path(config).read_text())
+    tight["data"]["max_prompt_tokens"] = 2
+    (tmp_path / "tight.yaml").write_text(yaml.safe_dump(tight))
+    messages = []
+    for workers in ("0", "1"):
+        with pytest.raises(SystemExit) as refused:
+            main(["eval", "--config", str(tmp_path / "tight.yaml"), "--num-workers", workers,
+                  "--no-progress"])
+        messages.append(str(refused.value))
+    assert re.fullmatch(r"amvl eval: final \(prior latents\): example 0 \(id '[^']+'\): its "
+                        r"images take [^\n]+", messages[0])
+    assert messages[1] == messages[0]
+    monkeypatch.setattr(evaluation, "prior_choice_nll", lambda model, collator, examples, *a:
+                        np.full((len(examples), 4), np.nan))
+    with pytest.raises(SystemExit, match=r"^amvl eval: final \(prior latents\): example "
+                                         r"'[^']+': non-finite choice NLL \[nan"):
+        main(["eval", "--config", config, "--no-progress"])
+
+
+def test_eval_out_is_replaced_whole_or_not_at_all(tmp_path, capsys):
+    """--out is written beside itself and renamed over it: a write that fails midway (here
+    past a file size limit, as on a full disk) leaves the previous results, not a truncated
+    file, and ends in one line."""
+    resource = pytest.importorskip("resource")
+    import signal
+
+    config = _run_config(tmp_path, steps=1, save_every=1)
+    assert main(["train", "--config", config, "--no-progress"]) == 0
+    out = tmp_path / "results.json"
+    args = ["eval", "--config", config, "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    previous = out.read_text()
+    assert len(previous) > 8192
+    capsys.readouterr()
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the process is killed
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limits[1]))
+    try:
+        with pytest.raises(SystemExit, match=rf"amvl eval: --out {re.escape(str(out))} could "
+                                             r"not be written \(File too large\)"):
+            main(args)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert out.read_text() == previous
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
 
 
 def test_train_plots_its_curves_and_amvl_plot_draws_runs(tmp_path, capsys):

@@ -19,12 +19,14 @@ from amvl.diagnostics import score_choices
 from amvl.evaluation import (
     BLINK_SUBTASKS,
     BenchmarkRecordError,
+    WorkerTraceback,
     evaluate_benchmark,
     format_accuracy_table,
     load_benchmark,
     load_blink,
     load_visualpuzzles,
     prior_choice_nll,
+    reads_as_data,
 )
 from amvl.model import AMVLModel
 from amvl.tiny import tiny_image_processor, tiny_qwen2_vl, word_tokenizer
@@ -256,6 +258,132 @@ def test_bad_base64_and_bad_json(tmp_path):
     file.write_text(json.dumps([json.loads(lines[0]), "just text"]))
     with pytest.raises(BenchmarkRecordError, match="row 1: a record must be an object"):
         load_blink(tmp_path)
+
+
+def test_bare_and_mime_base64_images(tmp_path):
+    """A bare base64 string (as VLMEvalKit-style exports write images) is decoded, not taken
+    for a path (whose os.stat raised "File name too long", naming no row); base64 broken into
+    lines (base64.encodebytes) is read, in {"bytes"} objects and bare."""
+    from amvl.evaluation import load_choices
+
+    rng = np.random.default_rng(4)
+    png = _png(rng, (64, 64))  # noise: its base64 runs to many KB, far past a file name
+    expected = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    bare, mime = base64.b64encode(png).decode(), base64.encodebytes(png).decode()
+    assert len(bare) > 4096 and "\n" in mime
+    images = [bare, mime, {"bytes": mime, "path": None}, f"data:image/png;base64,{mime}"]
+    path = _write_lines(tmp_path / "mine.jsonl", [
+        {"question": "q", "choices": ["a", "b"], "answer": "a", "images": images}])
+    (example,) = load_choices(path)
+    assert all(np.array_equal(np.asarray(i), expected) for i in example["images"])
+    record = _vp_record(rng, 0, "Spatial") | {"image": bare}
+    (tmp_path / "vp.jsonl").write_text(json.dumps(record))
+    assert np.array_equal(np.asarray(load_visualpuzzles(tmp_path / "vp.jsonl")[0]["images"][0]),
+                          expected)
+    blink = _blink_record(rng, "Counting", 0, n_images=2)
+    blink["image_2"] = base64.b64encode(blink["image_2"]["bytes"]).decode()
+    (tmp_path / "Counting").mkdir()
+    (tmp_path / "Counting" / "val.jsonl").write_text(json.dumps(_as_json(blink)))
+    assert load_blink(tmp_path)[0]["images"][1].size == (16, 24)
+    # a file whose name has only base64 characters is still the file
+    (tmp_path / ("A" * 80)).write_bytes(png)
+    path = _write_lines(tmp_path / "named.jsonl", [
+        {"question": "q", "choices": ["a", "b"], "answer": "a", "images": ["A" * 80]}])
+    assert np.array_equal(np.asarray(load_choices(path)[0]["images"][0]), expected)
+
+
+@pytest.mark.parametrize("image,match", [
+    ("QUJD" * 2000, r"image 'images\[0\]' \(base64 text\): cannot decode the image"),
+    ("QUJDRA" * 1000 + "x", r"image 'images\[0\]': QUJDRA\w+\.\.\.\w+DRAx \(6001 "
+                            r"characters\) is no file, nor valid base64 \(Invalid"),
+    ("x" * 5000 + ".png", r"image 'images\[0\]': cannot read image file .*x\.\.\.x+\.png "
+                          r"\(\d+ characters\) \(File name too long\)"),
+    ({"bytes": None, "path": "QUJD" * 2000}, r"cannot read image file .* \(File name too long"),
+], ids=["base64-not-an-image", "neither", "long-path", "struct-path"])
+def test_images_that_are_neither_files_nor_base64_are_named_in_one_short_line(tmp_path, image,
+                                                                              match):
+    """What is not an image is a BenchmarkRecordError naming file, row and id, with the
+    string shortened (no OSError dumping kilobytes of base64); a struct's path is never
+    decoded as base64."""
+    path = _write_lines(tmp_path / "mine.jsonl", [
+        {"question": "q", "choices": ["a", "b"], "answer": "a"},
+        {"question": "q", "choices": ["a", "b"], "answer": "a", "images": [image], "id": "q1"}])
+    with pytest.raises(BenchmarkRecordError, match=match) as raised:
+        load_benchmark("jsonl", path)
+    assert str(raised.value).startswith(f"{path}: row 1 (id 'q1'): ")
+    assert len(str(raised.value)) < 500 + len(str(path))
+
+
+def test_unreadable_data_files_are_named(tmp_path, blink_dir, vp_records):
+    """A file that is not UTF-8 is named with its line; an archive or an Arrow file given
+    as the data is refused saying what is read (it was "'utf-8' codec can't decode",
+    naming no file)."""
+    record = {"question": "caf\u00e9", "choices": ["a", "b"], "answer": "a"}
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                              for r in ({"question": "q", "choices": ["a", "b"], "answer": "a"},
+                                        record)).encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(latin))}: line 2 is not UTF-8 "
+                                         r"\(invalid continuation byte at byte 73\)"):
+        load_benchmark("jsonl", latin)
+    lines = blink_dir / "Counting" / "val.jsonl"
+    lines.write_bytes(b"\xef\xbb\xbf" + json.dumps(_as_json(_blink_record(
+        np.random.default_rng(0), "Counting", 9))).encode() + b"\n\xff\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(lines))}: line 2 is not UTF-8 "
+                                         r"\(invalid start byte at byte \d+\)"):
+        load_blink(blink_dir)
+    lines.unlink()
+    for name in ("BLINK.zip", "data-00000-of-00001.arrow", "data"):
+        file = tmp_path / name
+        file.write_bytes(b"PK\x03\x04\xd4\xb3 not text")
+        for benchmark in ("blink", "visualpuzzles", "jsonl"):
+            with pytest.raises(ValueError, match=rf"^{re.escape(str(file))}: a .* is not read "
+                                                 r"as benchmark data; the loaders read "
+                                                 r"\.parquet, \.json, \.jsonl files"):
+                load_benchmark(benchmark, file)
+
+
+def test_which_files_the_loaders_read(tmp_path, blink_dir):
+    """reads_as_data: the loaders' own discovery decides whether a (new) file would be read."""
+    assert not reads_as_data("blink", blink_dir, blink_dir / "results.json")
+    assert reads_as_data("blink", blink_dir, blink_dir / "Counting" / "val_results.json")
+    assert not reads_as_data("blink", blink_dir, blink_dir / "Counting" / "results.json")
+    assert reads_as_data("blink", blink_dir, blink_dir / "Counting" / "test.json", "test")
+    assert not reads_as_data("blink", blink_dir, blink_dir / "Counting" / "val.txt")
+    assert reads_as_data("blink", blink_dir / "Counting", blink_dir / "Counting" / "val.json")
+    assert reads_as_data("jsonl", tmp_path / "a.jsonl", tmp_path / "a.jsonl")
+    assert not reads_as_data("jsonl", tmp_path / "a.jsonl", tmp_path / "b.jsonl")
+    (tmp_path / "vp" / "data").mkdir(parents=True)
+    for where in ("vp", "vp/data"):
+        assert reads_as_data("visualpuzzles", tmp_path / "vp", tmp_path / where / "r.json")
+        assert not reads_as_data("visualpuzzles", tmp_path / "vp", tmp_path / where / "r.csv")
+    assert not reads_as_data("puzzles", tmp_path, tmp_path / "r.json")
+
+
+def test_an_image_struct_of_nulls_is_an_empty_slot(tmp_path):
+    """{"bytes": null, "path": null} (how pandas / polars write a null struct) in image_2..4
+    is an unused slot, as null is; in image_1 a missing image."""
+    rng = np.random.default_rng(5)
+    records = [_blink_record(rng, "Counting", i, n_images=2) for i in range(2)]
+    for record in records:
+        record["image_3"] = {"bytes": None, "path": None}
+    folders = {"parquet": tmp_path / "parquet", "json": tmp_path / "json"}
+    (folders["json"] / "Counting").mkdir(parents=True)
+    (folders["json"] / "Counting" / "val.jsonl").write_text(
+        "\n".join(json.dumps(_as_json(r)) for r in records))
+    if HAVE_PYARROW:
+        _write_parquet(folders["parquet"] / "Counting" / "val-00000-of-00001.parquet", records,
+                       [f"image_{k}" for k in range(1, 5)])
+    else:
+        del folders["parquet"]
+    for folder in folders.values():
+        assert [len(ex["images"]) for ex in load_blink(folder)] == [2, 2]
+    records[1]["image_1"] = {"bytes": None, "path": None}
+    (folders["json"] / "Counting" / "val.jsonl").write_text(
+        "\n".join(json.dumps(_as_json(r)) for r in records))
+    with pytest.raises(BenchmarkRecordError, match=r"row 1 .*missing image: 'image_1' is "
+                                                   "absent, null or a struct of nulls"):
+        load_blink(folders["json"])
 
 
 @pytest.mark.parametrize("edit,match", [
@@ -580,6 +708,24 @@ def test_workers_build_the_batches_the_loop_would(blink_dir):
         prior_choice_nll(model, Breaks(), examples, batch_size=3, progress=False,
                          num_workers=2)
     assert raised.traceback and not multiprocessing.active_children()
+    # the worker's exception as it was raised (amvl eval prints its message as one line),
+    # not torch's "Caught ValueError in DataLoader worker process 0. Original Traceback ..."
+    assert type(raised.value) is ValueError and str(raised.value) == "a broken image"
+    assert isinstance(raised.value.__cause__, WorkerTraceback)
+    assert "in __call__\n" in str(raised.value.__cause__)
+
+    class Unpicklable(OSError):  # local, and its __init__ takes other arguments: no pickle
+        def __init__(self, file: str, problem: str):
+            super().__init__(f"{file}: {problem}")
+
+    class BreaksOddly:
+        def __call__(self, chunk):
+            raise Unpicklable("x.png", "truncated")
+
+    with pytest.raises(RuntimeError) as raised:
+        prior_choice_nll(model, BreaksOddly(), examples, batch_size=3, progress=False,
+                         num_workers=1)
+    assert str(raised.value) == "Unpicklable: x.png: truncated"
 
 
 def test_two_processes_score_a_share_each_and_return_every_score(tmp_path):
