@@ -425,7 +425,9 @@ def _evaluate(args: argparse.Namespace, several: bool) -> int:
         check_trained(name, directory, model_section)
         prompts[name] = trained_prompt_format(name, directory, data)
     options = {**({"unlabelled": True} if args.unlabelled else {}),
-               **({"instruction": args.instruction} if args.instruction else {})}
+               **({"instruction": args.instruction} if args.instruction else {}),
+               # images held as their files' bytes, by every process, until their batch
+               **({"encoded": True} if args.benchmark != "puzzles" else {})}
     try:
         examples = evaluation.load_benchmark(args.benchmark, args.data, split=args.split,
                                              **options)

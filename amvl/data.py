@@ -73,6 +73,26 @@ def decode_image(data: bytes) -> Image.Image:
     return rgb_image(image)
 
 
+class EncodedImage:
+    """An image kept as its encoded file's bytes (PNG, JPEG, ...) and decoded only when a batch
+    needs it, which :class:`AMVLCollator` does: a tenth of a decoded image's memory or less,
+    for data sets held whole in memory (``amvl eval``'s benchmarks, on every process of a
+    run). ``data`` must decode (:func:`decode_image`); the loaders that make these have
+    decoded it once to check."""
+
+    __slots__ = ("data", "__weakref__")  # weak references: the collator's image cache
+
+    def __init__(self, data: bytes) -> None:
+        self.data = bytes(data)
+
+    def decode(self) -> Image.Image:
+        """The image, decoded whole, as :func:`decode_image` gives it."""
+        return decode_image(self.data)
+
+    def __repr__(self) -> str:
+        return f"EncodedImage({len(self.data)} bytes)"
+
+
 @dataclass
 class VisionTokens:
     """Token ids a Qwen2-VL-family model marks images with, from its config."""
@@ -238,10 +258,11 @@ class AMVLCollator:
         return processed
 
     def _processed(self, image) -> dict:
-        """The image processor's output for one image: a file's path or a PIL image as
-        :func:`rgb_image` gives it (transformers' own loading of a path would drop its alpha
-        channel, where ``amvl eval``'s loaders composite it onto white), anything else (an
-        array, a URL) as the image processor takes it."""
+        """The image processor's output for one image: a file's path, an
+        :class:`EncodedImage` or a PIL image as :func:`rgb_image` gives it (transformers' own
+        loading of a path would drop its alpha channel, where ``amvl eval``'s loaders
+        composite it onto white), anything else (an array, a URL) as the image processor
+        takes it."""
         if isinstance(image, str) and os.path.isfile(image):
             with open(image, "rb") as file:
                 data = file.read()
@@ -252,6 +273,8 @@ class AMVLCollator:
                                        f"({type(err).__name__}: {err})") from err
         elif isinstance(image, Image.Image):
             image = rgb_image(image)
+        elif isinstance(image, EncodedImage):
+            image = image.decode()
         return self.image_processor(images=[image], return_tensors="pt")
 
     def _images_for_text_only(self) -> list[object]:

@@ -78,7 +78,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
-from amvl.data import decode_image, rgb_image
+from amvl.data import EncodedImage, decode_image, rgb_image
 from amvl.model import in_eval_mode
 from amvl.sharded import choices_to_score, several_processes, sharded_across_processes, \
     with_choice
@@ -137,8 +137,9 @@ class BenchmarkRecordError(ValueError):
 class _Row:
     """One raw record with its origin, and typed access that fails naming that origin."""
 
-    def __init__(self, file: Path, row: int, record, id_field: str):
+    def __init__(self, file: Path, row: int, record, id_field: str, encoded: bool = False):
         self.file, self.row, self.id = file, row, None
+        self.encoded = encoded  # images kept as their files' bytes once they decode
         if not isinstance(record, dict):
             self.fail(f"a record must be an object, got {type(record).__name__}")
         self.record = record
@@ -244,11 +245,12 @@ class _Row:
                       f"({err.strerror or type(err).__name__})")
         return self._decode(f"{where} ({shown})", data)
 
-    def _decode(self, where: str, data: bytes) -> Image.Image:
+    def _decode(self, where: str, data: bytes) -> Image.Image | EncodedImage:
         try:
-            return decode_image(data)
+            image = decode_image(data)
         except Exception as err:  # noqa: BLE001 - PIL raises many types for bad data
             self.fail(f"{where}: cannot decode the image ({type(err).__name__}: {err})")
+        return EncodedImage(data) if self.encoded else image
 
 
 def _labels(n: int) -> list[str]:
@@ -401,8 +403,8 @@ def _blink_subtasks(subtasks: Sequence[str] | None) -> list[str] | None:
 
 def _blink_example(file: Path, row: int, record, folder_subtask: str | None,
                    wanted: list[str] | None, unlabelled: bool,
-                   instruction: str | None) -> dict | None:
-    r = _Row(file, row, record, "idx")
+                   instruction: str | None, encoded: bool) -> dict | None:
+    r = _Row(file, row, record, "idx", encoded)
     raw = r.text("sub_task")
     subtask = _blink_name(raw) or r.fail(f"unknown BLINK sub_task {raw!r}")
     if folder_subtask is not None and subtask != folder_subtask:
@@ -424,7 +426,7 @@ def _blink_example(file: Path, row: int, record, folder_subtask: str | None,
 
 def load_blink(path: str | os.PathLike, split: str = "val",
                subtasks: Sequence[str] | None = None, *, unlabelled: bool = False,
-               instruction: str | None = None) -> list[dict]:
+               instruction: str | None = None, encoded: bool = False) -> list[dict]:
     """BLINK multiple-choice examples from files on disk.
 
     Args:
@@ -438,6 +440,9 @@ def load_blink(path: str | os.PathLike, split: str = "val",
             (the BLINK test split).
         instruction: a line appended to every prompt (e.g. "Answer with the option's letter
             from the given choices directly."); None keeps BLINK's ``prompt`` as it is.
+        encoded: keep each image as its file's bytes (an :class:`amvl.data.EncodedImage`,
+            which the collator decodes when its batch is built) once it has decoded here:
+            a tenth of the memory or less, for every process of a run. False: PIL images.
 
     Returns:
         Examples in the order of the paper's subtasks, then file order (see the module doc).
@@ -494,7 +499,7 @@ def load_blink(path: str | os.PathLike, split: str = "val",
     for file, folder_subtask in sources:
         for row, record in enumerate(_read_records(file)):
             example = _blink_example(file, row, record, folder_subtask, wanted, unlabelled,
-                                     instruction)
+                                     instruction, encoded)
             if example is not None:
                 examples.append(example)
     order = {s: i for i, s in enumerate(BLINK_SUBTASKS)}
@@ -514,8 +519,8 @@ def _visualpuzzles_category(name: str) -> str | None:
 
 
 def _visualpuzzles_example(file: Path, row: int, record, wanted: list[str] | None,
-                           instruction: str | None) -> dict | None:
-    r = _Row(file, row, record, "id")
+                           instruction: str | None, encoded: bool) -> dict | None:
+    r = _Row(file, row, record, "id", encoded)
     raw = r.text("category")
     category = _visualpuzzles_category(raw) or r.fail(
         f"unknown VisualPuzzles category {raw!r}; expected one of {VISUALPUZZLES_CATEGORIES}")
@@ -540,7 +545,7 @@ def _visualpuzzles_example(file: Path, row: int, record, wanted: list[str] | Non
 
 def load_visualpuzzles(path: str | os.PathLike, split: str | None = None,
                        categories: Sequence[str] | None = None, *,
-                       instruction: str | None = None) -> list[dict]:
+                       instruction: str | None = None, encoded: bool = False) -> list[dict]:
     """VisualPuzzles multiple-choice examples from files on disk.
 
     Args:
@@ -551,6 +556,7 @@ def load_visualpuzzles(path: str | os.PathLike, split: str | None = None,
             ``data.parquet``).
         categories: categories to keep (case ignored); None: all five.
         instruction: a line appended to every prompt; None adds none.
+        encoded: as :func:`load_blink`'s (images as their files' bytes, decoded in batches).
 
     Returns:
         Examples in file order (see the module doc); ``subtask`` is the category.
@@ -593,7 +599,7 @@ def load_visualpuzzles(path: str | os.PathLike, split: str | None = None,
                              "is read as VisualPuzzles records: give the data file itself, or "
                              "a split its files are named after") from err
         for row, record in enumerate(records):
-            example = _visualpuzzles_example(file, row, record, wanted, instruction)
+            example = _visualpuzzles_example(file, row, record, wanted, instruction, encoded)
             if example is not None:
                 examples.append(example)
     _check_subtasks_present(examples, wanted or [], root)
@@ -601,9 +607,9 @@ def load_visualpuzzles(path: str | os.PathLike, split: str | None = None,
     return examples
 
 
-def _choices_example(file: Path, row: int, record) -> dict:
+def _choices_example(file: Path, row: int, record, encoded: bool) -> dict:
     r = _Row(file, row, dict(record, id=record.get("id", row)) if isinstance(record, dict)
-             else record, "id")
+             else record, "id", encoded)
     question, choices = r.text("question"), r.strings("choices")
     if len(set(choices)) != len(choices):
         r.fail(f"'choices' holds the same text twice: {choices!r:.80}")
@@ -627,7 +633,7 @@ def _choices_example(file: Path, row: int, record) -> dict:
             "source": f"{file} row {row}"}
 
 
-def load_choices(path: str | os.PathLike) -> list[dict]:
+def load_choices(path: str | os.PathLike, *, encoded: bool = False) -> list[dict]:
     """Multiple-choice examples of one's own from a JSON-lines (or JSON array) file.
 
     A record is ``{"question": str, "choices": [str, ...], "answer": str}`` with optional
@@ -636,7 +642,8 @@ def load_choices(path: str | os.PathLike) -> list[dict]:
     (default: its row).
     The question is used as written (list the options in it as the model was trained to see
     them); each choice's text is scored as the answer. ``answer`` is one of the choices, or
-    the label of one ("(B)" or "B") when no choice reads so.
+    the label of one ("(B)" or "B") when no choice reads so. ``encoded``: as
+    :func:`load_blink`'s (images as their files' bytes, decoded in batches).
 
     Raises:
         FileNotFoundError: no such file.
@@ -648,7 +655,7 @@ def load_choices(path: str | os.PathLike) -> list[dict]:
     if not file.is_file():
         raise FileNotFoundError(f"{file} is a folder; give the JSON-lines file itself")
     _check_data_file(file)
-    examples = [_choices_example(file, row, record)
+    examples = [_choices_example(file, row, record, encoded)
                 for row, record in enumerate(_read_records(file))]
     _check_subtasks_present(examples, [], file)
     _check_unique_ids(examples)

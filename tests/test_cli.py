@@ -1319,9 +1319,18 @@ def test_eval_diagnostics_report_leakage_beside_accuracy(tmp_path, capsys):
               "test", "--unlabelled", "--diagnostics", "--out", str(out), "--checkpoint", "x"])
 
 
-def test_eval_on_multiple_choice_records_of_ones_own(tmp_path, capsys):
+def test_eval_on_multiple_choice_records_of_ones_own(tmp_path, capsys, monkeypatch):
     """--benchmark jsonl --data FILE: the puzzles written as records of one's own score as
-    the built-in puzzles do (the same questions, choices and images)."""
+    the built-in puzzles do (the same questions, choices and images), their images held
+    encoded until their batches (every process held them decoded)."""
+    from amvl import evaluation
+    from amvl.data import EncodedImage
+
+    loaded = []
+    load = evaluation.load_benchmark
+    monkeypatch.setattr(evaluation, "load_benchmark",
+                        lambda *args, **kwargs: loaded.append(load(*args, **kwargs))
+                        or loaded[-1])
     config = _run_config(tmp_path, steps=1, save_every=1)
     assert main(["train", "--config", config, "--no-progress"]) == 0
     saved = _puzzles_on_disk(tmp_path)
@@ -1334,6 +1343,7 @@ def test_eval_on_multiple_choice_records_of_ones_own(tmp_path, capsys):
     assert main(["eval", "--config", config, "--benchmark", "jsonl", "--data", str(data),
                  "--out", str(mine), "--no-progress"]) == 0
     assert "multiple choice: accuracy (%) per subtask" in capsys.readouterr().out
+    assert all(isinstance(image, EncodedImage) for ex in loaded[0] for image in ex["images"])
     (ours,) = json.loads(mine.read_text()).values()
     from amvl.checkpoints import load_trained
     from amvl.data import AMVLCollator, VisionTokens

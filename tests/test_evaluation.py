@@ -497,6 +497,43 @@ def test_prior_scores_equal_the_diagnostics_prior_column(blink_dir):
     np.testing.assert_allclose(ours, theirs["nll"]["prior"], rtol=1e-5)
 
 
+def test_encoded_images_score_as_decoded_ones_in_a_tenth_of_the_memory(tmp_path, blink_dir,
+                                                                       vp_records):
+    """Every process of amvl eval held every benchmark image decoded (a few GB for BLINK,
+    times the processes); ``encoded=True`` keeps the files' bytes once they decode, and the
+    collator decodes them per batch: the same scores."""
+    from amvl.data import EncodedImage
+
+    decoded, encoded = load_blink(blink_dir), load_blink(blink_dir, encoded=True)
+    assert all(isinstance(im, Image.Image) for ex in decoded for im in ex["images"])
+    assert all(isinstance(im, EncodedImage) for ex in encoded for im in ex["images"])
+    assert [len(ex["images"]) for ex in encoded] == [len(ex["images"]) for ex in decoded]
+    for ex_decoded, ex_encoded in zip(decoded, encoded):
+        for image, kept in zip(ex_decoded["images"], ex_encoded["images"]):
+            assert np.array_equal(np.asarray(kept.decode()), np.asarray(image))
+    rng = np.random.default_rng(2)  # a photograph-sized image compresses, noise does not
+    photo = Image.fromarray(np.kron(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8),
+                                    np.ones((10, 10, 1), dtype=np.uint8)))
+    buffer = io.BytesIO()
+    photo.save(buffer, format="PNG")
+    record = _blink_record(rng, "Counting", 0)
+    record["image_1"] = {"bytes": buffer.getvalue(), "path": None}
+    (tmp_path / "one.jsonl").write_text(json.dumps(_as_json(record)))
+    (kept,) = load_blink(tmp_path / "one.jsonl", encoded=True)[0]["images"]
+    assert len(kept.data) * 10 < photo.width * photo.height * 3
+    model, collator = _model(decoded, "amvl")
+    np.testing.assert_array_equal(
+        prior_choice_nll(model, collator, encoded, batch_size=3, progress=False),
+        prior_choice_nll(model, collator, decoded, batch_size=3, progress=False))
+    (tmp_path / "vp.jsonl").write_text("\n".join(json.dumps(_as_json(r)) for r in vp_records))
+    assert all(isinstance(ex["images"][0], EncodedImage)
+               for ex in load_visualpuzzles(tmp_path / "vp.jsonl", encoded=True))
+    broken = dict(_as_json(record), image_1={"bytes": base64.b64encode(b"\x89PNG...").decode()})
+    (tmp_path / "broken.jsonl").write_text(json.dumps(broken))
+    with pytest.raises(BenchmarkRecordError, match="cannot decode the image"):
+        load_blink(tmp_path / "broken.jsonl", encoded=True)  # still checked when loading
+
+
 def test_choices_process_each_image_once(blink_dir, monkeypatch):
     """Every choice's batch processed the question's images again (4 choices, 4 times);
     the prompts and images are now built once a batch, the other choices' answers alone."""
