@@ -585,8 +585,14 @@ def load_visualpuzzles(path: str | os.PathLike, split: str | None = None,
         files = _data_files(root / "data", split)  # a hub snapshot laid out as data/*.parquet
     if not files:
         named = f" for split {split!r}" if split else ""
+        unsplit = [] if not split or not root.is_dir() else \
+            _data_files(root, None) or ((root / "data").is_dir()
+                                        and _data_files(root / "data", None))
+        # the hub's snapshot holds one split, "test" on its card, in data.parquet
+        hint = f"; its data files ({', '.join(f.name for f in unsplit[:3])}) are not named " \
+               f"after a split: give no split to read them" if unsplit else ""
         raise FileNotFoundError(f"{root}: no data file{named} (*.parquet, *.json, *.jsonl), "
-                                "nor in a data/ folder inside it")
+                                f"nor in a data/ folder inside it{hint}")
     examples = []
     for file in files:
         try:

@@ -437,6 +437,22 @@ def test_missing_files_and_duplicates(tmp_path, blink_dir, vp_records):
         load_visualpuzzles(file, categories=[])
 
 
+def test_a_split_of_a_snapshot_without_splits_is_explained(tmp_path, vp_records):
+    """The hub's VisualPuzzles holds one split ("test" on its card) in data/data.parquet:
+    --split test said only "no data file for split 'test'"."""
+    (tmp_path / "vp" / "data").mkdir(parents=True)
+    (tmp_path / "vp" / "data" / "data.jsonl").write_text(
+        "\n".join(json.dumps(_as_json(r)) for r in vp_records))
+    with pytest.raises(FileNotFoundError, match=r"no data file for split 'test' .*its data "
+                                                r"files \(data.jsonl\) are not named after a "
+                                                r"split: give no split to read them"):
+        load_visualpuzzles(tmp_path / "vp", split="test")
+    assert len(load_visualpuzzles(tmp_path / "vp")) == len(vp_records)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"inside it$"):
+        load_visualpuzzles(tmp_path / "empty", split="test")
+
+
 def test_files_with_a_byte_order_mark(tmp_path, vp_records):
     records = [_as_json(r) for r in vp_records]
     (tmp_path / "plain.json").write_text(json.dumps(records), encoding="utf-8")
