@@ -573,6 +573,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if Path(args.out).resolve() == Path(args.data).resolve():
         raise SystemExit(f"amvl generate: --out {args.out} is the --data file; give another")
     examples, line_numbers = read_jsonl_lines(args.data, need_answers=False)
+    # --resume: the lines --out already answers (read before the model loads)
+    answered = _answered_lines(Path(args.out), examples, line_numbers) if args.resume else {}
+    if answered and len(answered) == len(examples):
+        print(f"amvl generate: {args.out} already answers all {len(examples)} lines of "
+              f"{args.data}; nothing to do")
+        return 0
     if any(ex["images"] for ex in examples) and is_text_only(checkpoint, model_section):
         raise SystemExit(f"amvl generate: {checkpoint} holds a text-only model, and "
                          f"{args.data} has images")
@@ -584,21 +590,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
                          "answer could end before --max-new-tokens; set its eos_token")
     check_jsonl_texts(args.data, [{**ex, "answer": ""} for ex in examples], line_numbers,
                       collator)
-    records = []
-    answers = generate_answers(model, collator, examples, batch_size=args.batch_size,
-                               latent=mode, num_samples=args.num_samples,
-                               max_new_tokens=args.max_new_tokens, seed=args.seed,
-                               progress=not args.no_progress)
-    with open(args.out, "w", encoding="utf-8") as out:
-        try:
-            _write_records(out, line_numbers, examples, answers, records)
-        except ValueError as err:  # a batch the collator refused (an image that won't decode)
-            cause = err.__cause__ or err  # named by the file's lines here, not by indices
-            raise SystemExit(f"amvl generate: {args.data}: the batch from line "
-                             f"{line_numbers[len(records)]}: {type(cause).__name__}: {cause}; "
-                             f"the answers before it are in {args.out}") from None
+    records = list(answered.values())
+    todo = [i for i, line_no in enumerate(line_numbers) if line_no not in answered]
+    answers = generate_answers(model, collator, [examples[i] for i in todo],
+                               batch_size=args.batch_size, latent=mode,
+                               num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+                               seed=args.seed, progress=not args.no_progress)
+    written = len(records)
+    try:
+        _write_records(Path(args.out), "a" if args.resume else "w",
+                       [line_numbers[i] for i in todo], [examples[i] for i in todo], answers,
+                       records)
+    except ValueError as err:  # a batch the collator refused (an image that won't decode)
+        cause = err.__cause__ or err  # named by the file's lines here, not by indices
+        kept = f"the answers before it are in {args.out}" if len(records) > written or \
+            args.resume else f"{args.out} is as it was"
+        raise SystemExit(f"amvl generate: {args.data}: the batch from line "
+                         f"{line_numbers[todo[len(records) - written]]}: "
+                         f"{type(cause).__name__}: {cause}; {kept}") from None
     summary = exact_match_summary(records)
     line = f"amvl generate: {len(records)} answers written to {args.out}"
+    if args.resume:
+        line += f" ({written} of them before this run)"
     if summary["scored"]:
         line += (f"; exact match {summary['exact_match']:.1%} of the {summary['scored']} "
                  "with answers")
@@ -613,20 +626,67 @@ def cmd_generate(args: argparse.Namespace) -> int:
 _LINE_BREAKS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 
 
-def _write_records(out: TextIO, line_numbers: list[int], examples: list[dict],
+def _write_records(path: Path, mode: str, line_numbers: list[int], examples: list[dict],
                    generated: Iterator[dict], records: list[dict]) -> None:
-    """Write each generated record's JSON line to ``out`` as it comes, with the question's
-    line and texts, and append it to ``records`` (flushed: an interrupted run keeps them)."""
-    for line_no, example, answer in zip(line_numbers, examples, generated):
-        record = {"line": line_no, **({"id": example["id"]} if "id" in example else {}),
-                  "question": example["question"],
-                  **({"answer": example["answer"]} if "answer" in example else {}), **answer}
-        text = json.dumps(record, ensure_ascii=False)
-        for char, escaped in _LINE_BREAKS.items():
-            text = text.replace(char, escaped)
-        out.write(text + "\n")
-        out.flush()
-        records.append(record)
+    """Write each generated record's JSON line to ``path`` as it comes, with the question's
+    line and texts, and append it to ``records`` (flushed: an interrupted run keeps them).
+    The file is opened (``mode`` "w" or "a") at the first record: a run that fails before it
+    leaves an earlier run's answers as they were."""
+    out: TextIO | None = None
+    try:
+        for line_no, example, answer in zip(line_numbers, examples, generated):
+            record = {"line": line_no, **({"id": example["id"]} if "id" in example else {}),
+                      "question": example["question"],
+                      **({"answer": example["answer"]} if "answer" in example else {}),
+                      **answer}
+            text = json.dumps(record, ensure_ascii=False)
+            for char, escaped in _LINE_BREAKS.items():
+                text = text.replace(char, escaped)
+            if out is None:
+                out = open(path, mode, encoding="utf-8")  # noqa: SIM115 - closed below
+            out.write(text + "\n")
+            out.flush()
+            records.append(record)
+        if out is None and mode == "w":  # nothing to answer: an empty file, as asked
+            path.write_text("", encoding="utf-8")
+    finally:
+        if out is not None:
+            out.close()
+
+
+def _answered_lines(out: Path, examples: list[dict], line_numbers: list[int]
+                    ) -> dict[int, dict]:
+    """``amvl generate --resume``: the records ``out`` holds, by the question's line, each
+    checked against that line's question (another --data file's answers are refused). A
+    last line cut short by a kill is dropped from the file; a missing ``out`` holds none."""
+    if not out.is_file():
+        return {}
+    text = out.read_text(encoding="utf-8")
+    questions = dict(zip(line_numbers, (ex["question"] for ex in examples)))
+    answered, kept = {}, 0
+    for index, raw in enumerate(text.split("\n")):
+        if not raw.strip():
+            kept += len(raw) + 1
+            continue
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError:
+            if text.endswith("\n") or raw != text.split("\n")[-1]:
+                raise SystemExit(f"amvl generate: --out {out} line {index + 1} is not JSON: "
+                                 "not a file amvl generate wrote; --resume continues one") \
+                    from None
+            with open(out, "r+", encoding="utf-8") as file:  # cut short by a kill: dropped
+                file.truncate(len(text[:kept].encode("utf-8")))
+            break
+        line_no = record.get("line") if isinstance(record, dict) else None
+        if line_no not in questions or record.get("question") != questions[line_no]:
+            raise SystemExit(f"amvl generate: --out {out} line {index + 1} answers "
+                             f"{'line ' + str(line_no) if line_no is not None else 'nothing'}"
+                             " of another file than --data (its question differs): --resume "
+                             "continues the answers of the same --data")
+        answered[line_no] = record
+        kept += len(raw) + 1
+    return answered
 
 
 def _positive(text: str, least: int = 1) -> int:
@@ -793,6 +853,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=_positive, default=8,
                      help="questions answered together (default: 8)")
     gen.add_argument("--seed", type=_seed, help="fixes sampled latents (for one --batch-size)")
+    gen.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run: keep the answers --out holds and answer "
+                          "the other lines only (sampled latents then differ from an "
+                          "uninterrupted run's)")
     plot = sub.add_parser("plot", help="the learning, KL and validation curves of runs of "
                           "amvl train, finished or still training")
     plot.add_argument("runs", nargs="+", help="output directories of amvl train (their "

@@ -1244,6 +1244,44 @@ def test_generate_settings_that_would_mislead_and_inputs_that_fail_midway(tmp_pa
     assert len(out.read_text(encoding="utf-8").splitlines()) == 2
 
 
+def test_generate_resume_continues_a_killed_run_and_a_failed_rerun_keeps_the_answers(
+        tmp_path, capsys):
+    """--resume keeps the answers --out holds (a last line cut short by the kill dropped) and
+    answers the rest: the file the uninterrupted run wrote. A rerun that failed before its
+    first answer had already emptied --out; answers of another --data are refused."""
+    config = _run_config(tmp_path, steps=1, save_every=1)
+    assert main(["train", "--config", config, "--no-progress"]) == 0
+    saved = _puzzles_on_disk(tmp_path)
+    data = _write_jsonl(tmp_path / "q.jsonl", [{"images": [image], "question": p["question"],
+                                                "answer": p["answer"]} for p, image in saved])
+    out = tmp_path / "a.jsonl"
+    args = ["generate", "--config", config, "--data", str(data), "--out", str(out),
+            "--max-new-tokens", "2", "--batch-size", "2", "--no-progress"]
+    assert main(args) == 0
+    whole = out.read_text(encoding="utf-8")
+    lines = whole.splitlines(keepends=True)
+    out.write_text("".join(lines[:2]) + lines[2][:9], encoding="utf-8")  # killed mid-line
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 0
+    assert out.read_text(encoding="utf-8") == whole
+    assert f"{len(lines)} answers written to {out} (2 of them before this run)" in \
+        capsys.readouterr().out
+    assert main(args + ["--resume"]) == 0
+    assert "already answers all" in capsys.readouterr().out
+    other = _write_jsonl(tmp_path / "other.jsonl", [{"question": "which is red",
+                                                     "answer": "one"}] * len(lines))
+    with pytest.raises(SystemExit, match=r"line 1 answers line 1 of another file than "
+                                         r"--data \(its question differs\)"):
+        main(args[:4] + [str(other)] + args[5:] + ["--resume"])
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"images": ["bad.png"], "question": "which",
+                                                 "answer": "one"}])
+    with pytest.raises(SystemExit, match=rf"bad.jsonl: the batch from line 1: .*bad.png.*; "
+                                         rf"{re.escape(str(out))} is as it was"):
+        main(args[:4] + [str(bad)] + args[5:])
+    assert out.read_text(encoding="utf-8") == whole
+
+
 def test_jsonl_encodings_named_by_line(tmp_path):
     """A byte-order mark is not part of line 1; bytes that are not UTF-8 and escapes of half
     a surrogate pair are refused naming the line (a traceback, and an error deep in the
