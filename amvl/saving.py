@@ -33,7 +33,8 @@ class SavingMixin:
     """``save_pretrained``, ``load_weights`` and ``from_pretrained`` of :class:`AMVLModel`."""
 
     def save_pretrained(self, directory: str | Path,
-                        state_dict: dict[str, Tensor] | None = None) -> None:
+                        state_dict: dict[str, Tensor] | None = None,
+                        base_weights: bool = True) -> None:
         """Config (JSON), heads, injector and slot embeddings (safetensors), base model and
         tokenizer.
 
@@ -42,9 +43,24 @@ class SavingMixin:
         ``module.`` or ``_orig_mod.`` prefix that all its keys share, as DDP's and
         torch.compile's wrappers give them, is dropped). With a PEFT base, ``base/`` holds
         only the adapter, so the rows of the latent special tokens in the embeddings, which
-        the adapter does not carry, are saved beside the heads."""
+        the adapter does not carry, are saved beside the heads.
+
+        ``base_weights=False`` writes all but the base model's weights (their files from an
+        earlier save are removed): the config, the heads, the tokenizer and the base's
+        ``config.json``, what a checkpoint needs beside weights kept in another format
+        (DeepSpeed's own checkpoint, under ZeRO-3 without
+        ``stage3_gather_16bit_weights_on_model_save``). Loading such a directory is refused,
+        saying how to recover the weights.
+
+        Without ``state_dict`` the live parameters that :meth:`parameters_to_save` names are
+        read, and must be whole: ZeRO-3 partitions gathered (``deepspeed.zero.
+        GatheredParameters``), which with a PEFT base is only the adapter's, the heads' and
+        the embeddings', not the frozen base's."""
+        if not base_weights and state_dict is not None:
+            raise ValueError("base_weights=False saves the live parameters beside the base's "
+                             "(gathered, if sharded): pass no state_dict")
         if state_dict is None:
-            self._check_whole()
+            self._check_whole(base_weights)
         else:
             state_dict = self._checked_state(state_dict)
         directory = Path(directory)
@@ -62,18 +78,49 @@ class SavingMixin:
         # whole embedding matrices into the adapter (PEFT's save_embedding_layers="auto"),
         # which then fit no base but a resized one: the special rows are beside the heads.
         peft_options = {"save_embedding_layers": False} if self._is_peft() else {}
-        self.base.save_pretrained(directory / "base", safe_serialization=True,
-                                  state_dict=base_state, **peft_options)
+        if base_weights:
+            self.base.save_pretrained(directory / "base", safe_serialization=True,
+                                      state_dict=base_state, **peft_options)
+        else:  # what the weights recovered from elsewhere would be loaded into
+            self._unwrapped().config.save_pretrained(directory / "base")
         self.tokenizer.save_pretrained(directory / "base")
 
-    def _check_whole(self) -> None:
+    def parameters_to_save(self, base_weights: bool = True) -> list[nn.Parameter]:
+        """The live parameters ``save_pretrained(directory, base_weights=base_weights)`` reads
+        (what to gather first where they are ZeRO-3 partitions): every one; with a PEFT base
+        only its adapter's (PEFT's, named with an adapter's name), the heads', the injector's,
+        the slot embeddings' and the embeddings' and LM head's (the latent special tokens'
+        rows, which the adapter does not carry); ``base_weights=False``: all but the
+        adapter's of these."""
+        if base_weights and not self._is_peft():
+            return list(self.parameters())
+        modules = list(self._own_modules().values())
+        if self._is_peft():
+            modules += [layer for layer in (self.get_input_embeddings(),
+                                            self.get_output_embeddings()) if layer is not None]
+        params = {id(p): p for module in modules for p in module.parameters()}
+        if base_weights:
+            adapters = set(getattr(self.base, "peft_config", {}))
+            params.update({id(p): p for name, p in self.base.named_parameters()
+                           if adapters & set(name.split("."))})
+        return list(params.values())
+
+    def _check_whole(self, base_weights: bool = True) -> None:
         """Refuse to save live parameters that are one process's shards: FSDP2's DTensors,
-        DeepSpeed ZeRO-3's partitions (empty outside a forward), FSDP1's flat or empty views
-        (heads of no size), which would be saved as they are."""
-        partitioned = [n for n, p in self.named_parameters()
-                       if type(p).__name__ == "DTensor" or hasattr(p, "ds_id")]
+        DeepSpeed ZeRO-3's partitions (empty outside a forward; whole while gathered),
+        FSDP1's flat or empty views (heads of no size), which would be saved as they are.
+        Only those of :meth:`parameters_to_save` are checked."""
+        saved = {id(p) for p in self.parameters_to_save(base_weights)}
+        partitioned = [n for n, p in self.named_parameters() if id(p) in saved and (
+            type(p).__name__ == "DTensor" or _zero3_partition(p))]
+        layers = [(name, module) for name, module in self._own_modules().items()]
+        if self._is_peft():  # the special tokens' rows are read from these
+            layers += [(f"the {kind} embeddings", stored) for kind, stored in
+                       (("input", stored_layer(self.get_input_embeddings())),
+                        ("output", stored_layer(self.get_output_embeddings() or nn.Identity())))
+                       if isinstance(stored, (nn.Embedding, nn.Linear))]
         partitioned += [".".join(filter(None, (name, layer_name, "weight")))
-                        for name, module in self._own_modules().items()
+                        for name, module in layers
                         for layer_name, layer in module.named_modules()
                         if tuple(getattr(layer, "weight", torch.empty(0)).shape)
                         != _whole_weight_shape(layer)]
@@ -97,9 +144,18 @@ class SavingMixin:
         while state and len({k.split(".", 1)[0] for k in state}) == 1 \
                 and next(iter(state)).split(".", 1)[0] in _WRAPPER_PREFIXES:
             state = {k.split(".", 1)[1]: v for k, v in state.items()}
-        names_of: dict[int, list[str]] = {}
+        names_of: dict[object, list[str]] = {}  # a parameter: its names (tied: several)
         for name, param in self.named_parameters(remove_duplicate=False):
-            names_of.setdefault(id(param), []).append(_without_wrappers(name))
+            fqns = getattr(param, "_fqns", None)
+            if fqns is None:
+                names_of.setdefault(id(param), []).append(_without_wrappers(name))
+                continue
+            # FSDP1's FlatParameter (use_orig_params=False): the gathered state names the
+            # parameters it holds, relative to the module that holds it, never itself
+            owner = name.rpartition(".")[0]
+            for i, fqn in enumerate(fqns):
+                names_of.setdefault((id(param), i), []).append(
+                    _without_wrappers(f"{owner}.{fqn}" if owner else fqn))
         missing = [names[0] for names in names_of.values()
                    if not any(name in state for name in names)]  # tied weights: one name
         if missing:
@@ -132,9 +188,11 @@ class SavingMixin:
             rows = {k: layer.weight for k, layer in layers.items()}
         else:  # the gathered state's stored matrices (the live ones may be shards), whose
             # rows PEFT's trainable tokens, saved in the adapter, override on load
-            names = {id(p): n for n, p in self.named_parameters(remove_duplicate=False)}
-            rows = {k: state_dict.get(names.get(id(stored_layer(layer).weight)),
-                                      stored_layer(layer).weight)
+            # named by their modules, as the state names them: a wrapped model's live
+            # parameters may carry wrappers' names, or be FSDP1's flat parameters
+            names = {id(m): n for n, m in self.named_modules(remove_duplicate=False)}
+            rows = {k: state_dict.get(_without_wrappers(f"{names[id(stored_layer(layer))]}"
+                                                        ".weight"), stored_layer(layer).weight)
                     for k, layer in layers.items()}
         return {k: w[ids.to(w.device)] for k, w in rows.items()}
 
@@ -175,6 +233,7 @@ class SavingMixin:
                              f"{differ}): build the model on the saved config "
                              "(AMVLConfig.load) to load it")
         base_dir = directory / "base"
+        _refuse_weights_kept_elsewhere(directory)
         if (base_dir / ADAPTER_FILE).is_file():
             if not self._is_peft():
                 raise ValueError(f"{base_dir} holds a PEFT adapter but this model's base is "
@@ -266,6 +325,7 @@ class SavingMixin:
         directory = Path(directory)
         base_dir = directory / "base"
         config = AMVLConfig.load(directory)
+        _refuse_weights_kept_elsewhere(directory)
         adapter = (base_dir / "adapter_config.json").is_file()
         if base_model is not None and base_kwargs:
             raise ValueError(f"{sorted(base_kwargs)} would go to transformers' from_pretrained, "
@@ -364,6 +424,23 @@ def _check_latent_token_ids(tokenizer, saved_tokenizer, config: AMVLConfig) -> N
                              "with the same latent special tokens")
 
 
+def _refuse_weights_kept_elsewhere(directory: Path) -> None:
+    """Refuse a directory whose ``base/`` holds no weights because DeepSpeed's own checkpoint
+    beside it does (``save_pretrained(..., base_weights=False)`` under ZeRO-3), saying how to
+    recover them; other missing files are for the loading itself to name."""
+    base_dir = directory / "base"
+    if (base_dir / ADAPTER_FILE).is_file() or any(base_dir.glob("model*.safetensors")) \
+            or not ((directory / "latest").is_file() or any(directory.glob("global_step*"))):
+        return
+    raise ValueError(
+        f"{base_dir} holds no weights: they are in DeepSpeed's own checkpoint in {directory} "
+        "(a ZeRO-3 run without stage3_gather_16bit_weights_on_model_save in its DeepSpeed "
+        "config, which saves whole weights). Recover them in one process: build the model as "
+        "for training and call model.save_pretrained(out, state_dict=deepspeed.utils."
+        f"zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint('{directory}')); or set "
+        "the flag (resume_from_checkpoint needs neither)")
+
+
 def _remove_saved_base_weights(base_dir: Path) -> None:
     """Before saving into ``base_dir``: delete the weight files of an earlier save (a whole
     model's, in one file or in shards, or an adapter), which loading would take for this
@@ -387,6 +464,13 @@ def _without_wrappers(name: str) -> str:
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_COMPONENTS)
 
 
+def _zero3_partition(param: nn.Parameter) -> bool:
+    """A DeepSpeed ZeRO-3 parameter (``ds_id``) not whole now: neither gathered nor kept
+    whole on every process (ZeRO-3's persistent small parameters)."""
+    return hasattr(param, "ds_id") and \
+        getattr(getattr(param, "ds_status", None), "name", None) != "AVAILABLE"
+
+
 def _whole_weight_shape(layer: nn.Module) -> tuple[int, ...]:
     """The shape of an own layer's ``weight`` when it is whole, not a process's shard: (0,)
     for a layer without one."""
@@ -394,6 +478,8 @@ def _whole_weight_shape(layer: nn.Module) -> tuple[int, ...]:
         return (layer.out_features, layer.in_features)
     if isinstance(layer, SlotEmbeddings):
         return (layer.num_slots, layer.hidden_size)
+    if isinstance(layer, nn.Embedding):
+        return (layer.num_embeddings, layer.embedding_dim)
     return (0,)
 
 

@@ -132,6 +132,21 @@ def gathered_for_update(params: list[nn.Parameter]) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def gathered_for_reading(params: list[nn.Parameter]) -> Iterator[None]:
+    """``params`` whole on every process for the block, where some are DeepSpeed ZeRO-3
+    partitions (every process must enter it: the gather is collective); nothing for
+    parameters that are whole. Writes into them are not kept."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned):
+        yield
+
+
 def _fsdp_types() -> tuple[type, ...]:
     types: list[type] = []
     try:

@@ -6,7 +6,10 @@ loss (the model's objective at the current step), logs the objective's metrics a
 each logging interval (each optimizer step's micro-batches first, then the steps, then the
 processes, as the Trainer averages its loss), saves with :meth:`AMVLModel.save_pretrained`
 and loads checkpoints (``resume_from_checkpoint``, ``load_best_model_at_end``) with
-:meth:`AMVLModel.load_weights`.
+:meth:`AMVLModel.load_weights`. Under DeepSpeed the Trainer resumes from DeepSpeed's own
+checkpoint: it alone holds the base's weights under ZeRO-3 without
+``stage3_gather_16bit_weights_on_model_save``, and it leaves a PEFT base's frozen weights out
+(:meth:`AMVLTrainer._save`, :meth:`AMVLTrainer.save_model`).
 
 Each micro-batch's answer NLL is its summed NLL over the mean answer tokens of the
 optimizer step's micro-batches on all processes, so gradient accumulation and data
@@ -35,11 +38,17 @@ from torch import nn
 from transformers import (PreTrainedTokenizerBase, ProcessorMixin, Trainer,
                           TrainingArguments)
 from transformers.data.data_collator import DataCollatorWithPadding, default_data_collator
+from transformers.integrations.deepspeed import (deepspeed_load_checkpoint,
+                                                 is_deepspeed_zero3_enabled)
 from transformers.trainer_utils import EvalLoopOutput, TrainOutput, align_special_tokens
+from transformers.utils import logging
 
 from amvl.model import AMVLModel, AMVLOutput
+from amvl.sharded import gathered_for_reading
 from amvl.training import (EVAL_STREAM, mean_over_processes, recompute_skips_side_effects,
                            step_seed)
+
+logger = logging.get_logger(__name__)
 
 CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
@@ -73,6 +82,7 @@ class AMVLTrainer(Trainer):
         self._eval_sums: dict[str, torch.Tensor | float] | None = None
         self._eval_examples = 0
         self._hidden_processing_class = None  # while train() hides it from the alignment
+        self._warned_weights_kept_by_deepspeed = False
         self._reset_training_state()
 
     @property
@@ -298,13 +308,102 @@ class AMVLTrainer(Trainer):
             self._metric_steps = 0
         super().log(logs, *args, **kwargs)
 
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model``; with a PEFT base under ZeRO-3, which saves only its adapter,
+        the heads and the latent tokens' rows, only those are gathered (the stock one gathers
+        the whole model, or without ``stage3_gather_16bit_weights_on_model_save`` saves
+        DeepSpeed's whole checkpoint instead: it does so only for a PEFT model it can see,
+        and an AMVLModel's ``base`` hides it). Called on every process."""
+        if not (self._peft_base_under_deepspeed() and is_deepspeed_zero3_enabled()):
+            super().save_model(output_dir, _internal_call)
+            return
+        self._save_gathered(self.accelerator.unwrap_model(self.model),
+                            output_dir or self.args.output_dir, base_weights=True)
+        if self.args.push_to_hub and not _internal_call:  # as the stock save_model does
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save(self, output_dir: str | None = None,
+              state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """:meth:`AMVLModel.save_pretrained` (of ``state_dict``, the full state the Trainer
+        gathered under FSDP or ZeRO-3, or else of the live weights), the processor and the
+        arguments (:data:`TRAINING_ARGS_JSON`) into ``output_dir``, on the writing process.
+
+        An empty ``state_dict`` under DeepSpeed is the stock ``save_model``'s stand-in when
+        ZeRO-3 does not gather whole weights (no ``stage3_gather_16bit_weights_on_model_save``
+        in its config): DeepSpeed's own checkpoint then holds them (resuming loads it), and
+        everything else is written here, the heads gathered from their partitions by every
+        process (``save_pretrained(..., base_weights=False)``)."""
+        output_dir = output_dir or self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        if state_dict is not None and not state_dict and self.is_deepspeed_enabled:
+            self._save_gathered(model, output_dir, base_weights=False)
+            if self.args.should_save and not self._warned_weights_kept_by_deepspeed:
+                self._warned_weights_kept_by_deepspeed = True  # once, not at every checkpoint
+                logger.warning(
+                    "ZeRO-3 without stage3_gather_16bit_weights_on_model_save: the base "
+                    "model's weights are saved only in DeepSpeed's own checkpoint "
+                    "(global_step*/ in %s), which resume_from_checkpoint loads but "
+                    "AMVLModel.from_pretrained and amvl eval cannot; set the flag in the "
+                    "DeepSpeed config to save whole weights, or recover them (README: Sharded "
+                    "models)", output_dir)
+            return
         if not self.args.should_save:  # one writer (the stock _save returns here too)
             return
-        output_dir = output_dir or self.args.output_dir
-        # state_dict: the full state the Trainer gathered (FSDP, ZeRO-3), or None
-        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir,
-                                                                  state_dict=state_dict)
+        model.save_pretrained(output_dir, state_dict=state_dict)
+        self._save_processor_and_arguments(output_dir)
+
+    def _save_gathered(self, model: AMVLModel, output_dir: str, base_weights: bool) -> None:
+        """``save_pretrained(output_dir, base_weights=base_weights)`` of the live weights, those
+        it reads gathered from their ZeRO-3 partitions for it (:meth:`AMVLModel.
+        parameters_to_save`). Called on every process: gathering them is collective."""
+        with gathered_for_reading(model.parameters_to_save(base_weights)):
+            if self.args.should_save:
+                model.save_pretrained(output_dir, base_weights=base_weights)
+        if self.args.should_save:
+            self._save_processor_and_arguments(output_dir)
+
+    def _peft_base_under_deepspeed(self) -> bool:
+        """An AMVLModel on a PEFT base, under DeepSpeed: its checkpoints leave out the frozen
+        base, as the stock Trainer's do for the PEFT models it can see."""
+        model = self.accelerator.unwrap_model(self.model)
+        return bool(getattr(self, "is_deepspeed_enabled", False)) \
+            and isinstance(model, AMVLModel) and model._is_peft()
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """The stock states; DeepSpeed's checkpoint without the frozen base's weights for a
+        PEFT base (resuming rebuilds the base and loads the rest: :meth:`
+        _prepare_for_training`)."""
+        if not self._peft_base_under_deepspeed():
+            super()._save_optimizer_and_scheduler(output_dir)
+            return
+        self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+        # the rest of the stock one under DeepSpeed: a scheduler that DeepSpeed does not save
+        from accelerate.utils import DeepSpeedSchedulerWrapper
+        from transformers.trainer import SCHEDULER_NAME
+
+        if self.args.should_save and not isinstance(self.lr_scheduler,
+                                                    DeepSpeedSchedulerWrapper):
+            torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_NAME)
+
+    def _prepare_for_training(self, max_steps: int, train_dataloader: Any,
+                              resume_from_checkpoint: str | None) -> tuple[nn.Module, Any]:
+        """The stock preparation; with a PEFT base under DeepSpeed, resuming loads DeepSpeed's
+        checkpoint without requiring the frozen base's weights, which it leaves out (the stock
+        one requires them of any model that is not a PeftModel)."""
+        if resume_from_checkpoint is None or not self._peft_base_under_deepspeed():
+            return super()._prepare_for_training(max_steps, train_dataloader,
+                                                 resume_from_checkpoint)
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader,
+                                                                None)
+        # what the stock one does with resume_from_checkpoint, loading the module non-strictly
+        deepspeed_load_checkpoint(self.model_wrapped, resume_from_checkpoint,
+                                  load_module_strict=False)
+        self._load_optimizer_and_scheduler(resume_from_checkpoint)
+        self._load_scaler(resume_from_checkpoint)
+        return model, train_dataloader
+
+    def _save_processor_and_arguments(self, output_dir: str) -> None:
+        """What a checkpoint holds beside the model's files (on the writing process)."""
         processor = self._processor_to_save
         if processor is not None and not isinstance(processor, PreTrainedTokenizerBase):
             # an image processor (or a processor): beside the base model, as amvl train's
@@ -331,6 +430,8 @@ class AMVLTrainer(Trainer):
         if isinstance(target, AMVLModel) and best and not self._sharded() and \
                 (Path(best) / "amvl_config.json").is_file():
             target.load_weights(best)
+        elif best and self._peft_base_under_deepspeed():  # checkpoints without the frozen base
+            deepspeed_load_checkpoint(self.model_wrapped, best, load_module_strict=False)
         else:
             super()._load_best_model()
 

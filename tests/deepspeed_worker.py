@@ -9,9 +9,12 @@ parameters to OUT/params.safetensors; each rank its tokens to OUT/untrained_toke
 OUT/tokens{rank}.safetensors.
 
 Mode "trainer": AMVLTrainer with a ZeRO-3 ``deepspeed`` config (what a Trainer script passes),
-on a base that transformers built partitioned; a checkpoint and ``save_model`` to OUT/saved;
-rank 0 writes the gathered parameters to OUT/params.safetensors for the test to compare with
-what it loads.
+on a base that transformers built partitioned (every parameter: :func:`zero3_arguments`); a
+checkpoint and ``save_model`` to OUT/saved; rank 0 writes the gathered parameters to
+OUT/params.safetensors for the test to compare with what it loads. Mode
+"trainer_without_gathering": the same without ``stage3_gather_16bit_weights_on_model_save``
+(:func:`trainer_without_gathering`), checkpoints and a resume from one; mode
+"peft_trainer_without_gathering": the same on a PEFT base.
 
 Mode "vlm": ZeRO-3 steps of a tiny Qwen2-VL whose batches hold images on rank 0 and none on
 rank 1 (the collator's stand-in image), the gathered parameters to OUT/params.safetensors
@@ -80,10 +83,11 @@ def engine(out: str, stage: int) -> None:
     save_file({"tokens": tokens}, os.path.join(out, f"tokens{rank}.safetensors"))
 
 
-def zero3_built_model() -> tuple[AMVLModel, AMVLCollator]:
+def zero3_built_model(partitioned: bool = True) -> tuple[AMVLModel, AMVLCollator]:
     """The model of tests/fsdp_worker.py (fp32), its base built by transformers under ZeRO-3
     (as ``from_pretrained`` builds one), partitioned before AMVLModel adds its special
-    tokens, into embedding rows the vocabulary leaves spare as in Qwen2 checkpoints."""
+    tokens, into embedding rows the vocabulary leaves spare as in Qwen2 checkpoints.
+    ``partitioned=False``: the same model built whole, in a process without ZeRO-3."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -91,26 +95,37 @@ def zero3_built_model() -> tuple[AMVLModel, AMVLCollator]:
     config = tiny_qwen2(tokenizer).config
     config.vocab_size += 8
     base = AutoModelForCausalLM.from_config(config)
-    assert hasattr(base.get_input_embeddings().weight, "ds_id"), "not built partitioned"
+    assert hasattr(base.get_input_embeddings().weight, "ds_id") == partitioned, \
+        "not built as asked"
     model = AMVLModel(base, tokenizer,
                       AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch"))
     return model.train(), AMVLCollator(tokenizer)
 
 
-def trainer(out: str) -> None:
+def zero3_arguments(out: str, max_steps: int, gather: bool = True, partition_all: bool = False):
+    """TrainingArguments with a ZeRO-3 ``deepspeed`` config (what a Trainer script passes), a
+    checkpoint every 2 steps; ``gather``: with ``stage3_gather_16bit_weights_on_model_save``
+    (DeepSpeed's default is without). Build them before the model: with ZeRO-3 in the
+    arguments, transformers builds models partitioned. ``partition_all``: no parameter is
+    kept whole on every process (ZeRO-3 keeps those under 1e5 elements so, which are all of
+    this tiny model's), so that what reads them must gather them."""
     from transformers import TrainingArguments
 
-    from amvl.trainer import AMVLTrainer
-
+    zero = {"stage": 3, **({"stage3_gather_16bit_weights_on_model_save": True} if gather else {}),
+            **({"stage3_param_persistence_threshold": 0} if partition_all else {})}
     zero3 = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
              "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
-             "zero_optimization": {"stage": 3,
-                                   "stage3_gather_16bit_weights_on_model_save": True}}
-    # Before the model: with ZeRO-3 in the arguments, transformers builds models partitioned.
-    args = TrainingArguments(output_dir=out, per_device_train_batch_size=2, max_steps=2,
-                             learning_rate=1e-2, logging_steps=1, save_strategy="steps",
-                             save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True,
-                             deepspeed=zero3, seed=0)
+             "zero_optimization": zero}
+    return TrainingArguments(output_dir=out, per_device_train_batch_size=2,
+                             max_steps=max_steps, learning_rate=1e-2, logging_steps=1,
+                             save_strategy="steps", save_steps=2, report_to=[], use_cpu=True,
+                             disable_tqdm=True, deepspeed=zero3, seed=0)
+
+
+def trainer(out: str) -> None:
+    from amvl.trainer import AMVLTrainer
+
+    args = zero3_arguments(out, max_steps=2, partition_all=True)
     model, collator = zero3_built_model()
     data = [{"question": f"w{i} w{i + 1} w{i + 2}", "answer": f"w{i + 3}"} for i in range(8)]
     run = AMVLTrainer(model, args, train_dataset=data, data_collator=collator)
@@ -121,6 +136,41 @@ def trainer(out: str) -> None:
     params = gathered(model)
     if dist.get_rank() == 0:
         save_file(params, os.path.join(out, "params.safetensors"))
+
+
+def with_adapters(model: AMVLModel) -> AMVLModel:
+    """``model`` with LoRA adapters on its attention's q and v projections, as amvl train
+    adds them (without training the latent tokens' rows: PEFT's trainable tokens gather
+    ZeRO-3 partitions onto a CUDA device)."""
+    from amvl.lora import add_adapters
+
+    add_adapters(model, {"r": 4, "alpha": 8, "dropout": 0.0, "train_latent_tokens": False,
+                         "target_modules": ["q_proj", "v_proj"]})
+    return model
+
+
+def trainer_without_gathering(out: str, peft: bool = False) -> None:
+    """ZeRO-3 without stage3_gather_16bit_weights_on_model_save, every parameter partitioned
+    (on a PEFT base with ``peft``: :func:`with_adapters`): 4 steps, checkpoints at 2 and 4,
+    ``save_model`` to OUT/saved, the gathered parameters to OUT/params.safetensors; then a
+    fresh model resumes from checkpoint-2 to step 4, its gathered parameters to
+    OUT/resumed.safetensors."""
+    from amvl.trainer import AMVLTrainer
+
+    data = [{"question": f"w{i} w{i + 1} w{i + 2}", "answer": f"w{i + 3}"} for i in range(16)]
+    for resume, name in ((None, "params"), ("checkpoint-2", "resumed")):
+        args = zero3_arguments(os.path.join(out, name), max_steps=4, gather=False,
+                               partition_all=True)
+        model, collator = zero3_built_model()
+        if peft:
+            model = with_adapters(model)
+        run = AMVLTrainer(model, args, train_dataset=data, data_collator=collator)
+        run.train(resume_from_checkpoint=resume and os.path.join(out, "params", resume))
+        if resume is None:
+            run.save_model(os.path.join(out, "saved"))
+        params = gathered(model)
+        if dist.get_rank() == 0:
+            save_file(params, os.path.join(out, f"{name}.safetensors"))
 
 
 def vlm(dtype: torch.dtype = torch.float32) -> tuple[AMVLModel, AMVLCollator]:
@@ -171,6 +221,8 @@ def main(out: str, mode: str) -> None:
     deepspeed.init_distributed("gloo", timeout=timedelta(seconds=60))
     if mode == "trainer":
         trainer(out)
+    elif mode in ("trainer_without_gathering", "peft_trainer_without_gathering"):
+        trainer_without_gathering(out, peft=mode.startswith("peft"))
     elif mode == "vlm":
         vlm_engine(out)
     else:

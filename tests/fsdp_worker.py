@@ -10,7 +10,7 @@ checkpoint_wrapper first (checkpointed steps do not pair). Rank 0 writes the gat
 parameters to OUT/fsdp.safetensors. Each rank decodes its own prompt (:func:`decode`) before
 training and after it, and writes the tokens to OUT/untrained_tokens{rank} and
 OUT/tokens{rank}.safetensors, and :func:`scores` and :func:`choice_scores` to
-OUT/scores{rank}.safetensors.
+OUT/scores{rank}.safetensors. Mode "fsdp1_saves": :func:`fsdp1_saves`.
 """
 
 import os
@@ -160,6 +160,43 @@ def trained_in_one_process(dtype: torch.dtype = torch.float64
     return model, collator
 
 
+def fsdp1_saves(out: str) -> None:
+    """FSDP1 (each decoder layer a unit, then the whole model) with ``use_orig_params`` False
+    and True, after one step: the full state gathered to rank 0 as accelerate's
+    ``get_state_dict`` gathers it, and saved as AMVLTrainer._save saves it, into
+    OUT/uop_{flag}/; the state to OUT/state_{flag}.safetensors."""
+    from accelerate.utils import extract_model_from_parallel
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    rank = dist.get_rank()
+    for use_orig_params in (False, True):
+        torch.manual_seed(0)
+        tokenizer = word_tokenizer(WORDS)
+        model = AMVLModel(tiny_qwen2(tokenizer), tokenizer,
+                          AMVLConfig(num_slots=2, latent_dim=4, kernel_backend="torch")).train()
+        layers = {type(m) for m in model.modules() if type(m).__name__ in model._no_split_modules}
+        wrapped = FSDP(model, auto_wrap_policy=ModuleWrapPolicy(layers),
+                       use_orig_params=use_orig_params, device_id=torch.device("cpu"))
+        optimizer = torch.optim.SGD(wrapped.parameters(), lr=LR)
+        wrapped(**batch(AMVLCollator(tokenizer), 0, rank), step=0,
+                seed=step_seed(0, 0, rank)).loss.backward()
+        optimizer.step()
+        # offload_to_cpu=True (accelerate's) crashes CPU-only FSDP1 in torch; same keys
+        with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT,
+                                  FullStateDictConfig(offload_to_cpu=False, rank0_only=True)):
+            state = wrapped.state_dict()
+        if rank == 0:
+            flat = [n for n, _ in extract_model_from_parallel(wrapped).named_parameters()]
+            assert any(n.endswith("_flat_param") for n in flat) != use_orig_params, flat[:3]
+            extract_model_from_parallel(wrapped).save_pretrained(
+                os.path.join(out, f"uop_{use_orig_params}"), state_dict=state)
+            save_file({k: v.contiguous() for k, v in state.items()},
+                      os.path.join(out, f"state_{use_orig_params}.safetensors"))
+        dist.barrier()
+
+
 def main(out: str, mode: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
@@ -167,6 +204,10 @@ def main(out: str, mode: str) -> None:
     torch.set_num_threads(1)
     # a rank left waiting in a collective fails the test in a minute instead of hanging it
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    if mode == "fsdp1_saves":
+        fsdp1_saves(out)
+        dist.destroy_process_group()
+        return
     rank = dist.get_rank()
     model, collator = build(checkpointed=mode == "checkpointed")
     assert model.is_activation_checkpointing == (mode == "checkpointed")

@@ -126,6 +126,32 @@ def test_saving_again_with_other_shards_leaves_only_the_new_weights(tmp_path):
         assert _loss(in_place) == _loss(model)
 
 
+def test_saving_beside_weights_kept_elsewhere(tmp_path):
+    """``base_weights=False`` (a Trainer's checkpoint under ZeRO-3 without gathering whole
+    weights, DeepSpeed's own files holding them): everything but the base's weights, whose
+    earlier files go; loading refuses it, naming the recovery, where DeepSpeed's files are;
+    the recovered full state then saves and loads."""
+    model = _text_model()
+    _perturb(model)
+    model.save_pretrained(tmp_path)  # an earlier save's weights: they must not load
+    with pytest.raises(ValueError, match="pass no state_dict"):
+        model.save_pretrained(tmp_path, state_dict=model.state_dict(), base_weights=False)
+    _perturb(model)
+    model.save_pretrained(tmp_path, base_weights=False)
+    assert not list((tmp_path / "base").glob("*.safetensors"))
+    assert {"config.json", "tokenizer_config.json"} <= {
+        p.name for p in (tmp_path / "base").iterdir()}
+    heads = load_file(str(tmp_path / "amvl_heads.safetensors"))
+    assert torch.equal(heads["prior_head.proj.weight"], model.prior_head.proj.weight)
+    (tmp_path / "latest").write_text("global_step2")  # what DeepSpeed's checkpoint writes
+    for load in (AMVLModel.from_pretrained, _text_model(seed=3).load_weights):
+        with pytest.raises(ValueError, match=r"DeepSpeed's own checkpoint.*"
+                                             r"get_fp32_state_dict_from_zero_checkpoint"):
+            load(tmp_path)
+    model.save_pretrained(tmp_path, state_dict=model.state_dict())  # as recovered
+    assert _loss(AMVLModel.from_pretrained(tmp_path)) == _loss(model)
+
+
 def test_settings_the_weights_do_not_depend_on_may_differ_and_a_cuda_backend_says_so(
         tmp_path):
     """kernel_backend, prefix_sharing and pair_weight_grads choose how the same model

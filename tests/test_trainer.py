@@ -323,6 +323,21 @@ def test_fsdp2_two_processes_train_like_one(tmp_path, monkeypatch, mode):
             torch.testing.assert_close(got[name], tensor, rtol=1e-10, atol=1e-12, msg=name)
 
 
+def test_fsdp1_full_state_saves_and_loads_with_or_without_original_params(tmp_path):
+    """FSDP1 without ``use_orig_params`` holds FlatParameters (``..._flat_param``) where the
+    model's parameters were: save_pretrained of the gathered full state (what AMVLTrainer's
+    _save does under FSDP) refused it as lacking every parameter. Both ways it saves, and
+    the model loads back with the gathered weights."""
+    _two_processes("fsdp_worker.py", tmp_path, "fsdp1_saves")
+    for use_orig_params in (False, True):
+        state = load_file(str(tmp_path / f"state_{use_orig_params}.safetensors"))
+        loaded = AMVLModel.from_pretrained(tmp_path / f"uop_{use_orig_params}")
+        params = dict(loaded.named_parameters())
+        assert params.keys() <= state.keys()
+        for name, tensor in params.items():
+            assert torch.equal(tensor.detach(), state[name]), (use_orig_params, name)
+
+
 def _check_decoding_on_both_ranks(out: Path, model: AMVLModel, collator: AMVLCollator,
                                   sharded: bool = True, prefix: str = "") -> None:
     """The ranks' tokens (a worker's ``fsdp_worker.decode``) are one process's: rank 0's rows
@@ -381,6 +396,93 @@ def test_deepspeed_zero3_trainer_saves_whole_weights(tmp_path):
     assert loaded.keys() == params.keys()
     for name, tensor in params.items():
         assert torch.equal(loaded[name].detach(), tensor), name
+
+
+@needs_deepspeed
+def test_deepspeed_zero3_trainer_without_gathering_weights_checkpoints_and_resumes(tmp_path):
+    """ZeRO-3 without stage3_gather_16bit_weights_on_model_save (DeepSpeed's default): the
+    stock save_model saves a stand-in empty state, which save_pretrained refused, killing the
+    run at its first checkpoint. Now each checkpoint holds the heads (gathered from their
+    partitions), the config and the tokenizer beside DeepSpeed's own checkpoint of the
+    weights; a resume from it ends where the uninterrupted run ended; loading the weights
+    from it is refused, saying how to recover them, and that recovery gives them back."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from tests import deepspeed_worker
+
+    _two_processes("deepspeed_worker.py", tmp_path, "trainer_without_gathering")
+    params = load_file(str(tmp_path / "params.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed.safetensors"))
+    assert resumed.keys() == params.keys()
+    for name, tensor in params.items():
+        assert torch.equal(resumed[name], tensor), name
+    for directory in (tmp_path / "params" / "checkpoint-2", tmp_path / "params" / "checkpoint-4",
+                      tmp_path / "saved"):
+        assert (directory / "amvl_config.json").is_file()
+        assert (directory / "base" / "tokenizer_config.json").is_file()
+        assert (directory / "base" / "config.json").is_file()
+        assert not list((directory / "base").glob("*.safetensors"))
+        assert list(directory.glob("global_step*")), directory
+    heads = load_file(str(tmp_path / "saved" / "amvl_heads.safetensors"))
+    assert heads.keys() == {k for k in params if k.split(".", 1)[0] in (
+        "prior_head", "posterior_head", "injector", "slot_embeddings")}
+    for name, tensor in heads.items():
+        assert torch.equal(tensor, params[name]), name
+    with pytest.raises(ValueError, match="stage3_gather_16bit_weights_on_model_save"):
+        AMVLModel.from_pretrained(tmp_path / "saved")
+    model, _ = deepspeed_worker.zero3_built_model(partitioned=False)
+    with pytest.raises(ValueError, match="get_fp32_state_dict_from_zero_checkpoint"):
+        model.load_weights(tmp_path / "params" / "checkpoint-2")
+    # the recovery the refusal describes
+    model.save_pretrained(tmp_path / "recovered",
+                          state_dict=get_fp32_state_dict_from_zero_checkpoint(tmp_path / "saved"))
+    loaded = dict(AMVLModel.from_pretrained(tmp_path / "recovered").named_parameters())
+    assert loaded.keys() == params.keys()
+    for name, tensor in params.items():
+        assert torch.equal(loaded[name].detach(), tensor), name
+
+
+@needs_deepspeed
+def test_deepspeed_checkpoints_of_a_peft_base_leave_out_the_frozen_base(tmp_path):
+    """A PEFT base under ZeRO-3 (LoRA, every parameter partitioned, no
+    stage3_gather_16bit_weights_on_model_save): DeepSpeed's checkpoints hold
+    only what trains, as the stock Trainer's do for PeftModels (the AMVLModel hid its
+    PeftModel: they held the whole frozen base); a resume from one, which must not require
+    the frozen weights, ends where the uninterrupted run ended; save_model gathers and saves
+    the adapter and the heads alone (the flag's absence had saved DeepSpeed's whole
+    checkpoint instead), and they load onto the plain base."""
+    pytest.importorskip("peft")  # optional (the lora extra)
+    from tests import deepspeed_worker
+
+    _two_processes("deepspeed_worker.py", tmp_path, "peft_trainer_without_gathering")
+    params = load_file(str(tmp_path / "params.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed.safetensors"))
+    assert resumed.keys() == params.keys()
+    for name, tensor in params.items():
+        assert torch.equal(resumed[name], tensor), name
+    model = deepspeed_worker.with_adapters(deepspeed_worker.zero3_built_model(False)[0])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable < params.keys() and any("lora_A" in n for n in trainable)
+    for step in (2, 4):
+        states = list((tmp_path / "params" / f"checkpoint-{step}" / f"global_step{step}")
+                      .glob("*model_states.pt"))
+        assert states
+        for file in states:
+            saved = torch.load(file, map_location="cpu", weights_only=False)["module"]
+            assert saved.keys() and saved.keys() <= trainable, sorted(saved.keys() - trainable)
+    assert (tmp_path / "saved" / "base" / "adapter_model.safetensors").is_file()
+    assert not list((tmp_path / "saved").glob("global_step*"))
+    # the latent tokens' rows, which the adapter does not carry, gathered beside the heads
+    rows = load_file(str(tmp_path / "saved" / "amvl_heads.safetensors"))
+    ids = list(model.token_ids.values())
+    for key, name in (("input", "embed_tokens"), ("output", "lm_head")):
+        assert torch.equal(rows[f"special_tokens.{key}"], params[next(
+            n for n in params if n.endswith(f"{name}.weight"))][ids]), key
+    plain = deepspeed_worker.zero3_built_model(False)[0].base
+    loaded = AMVLModel.from_pretrained(tmp_path / "saved", base_model=plain)
+    for name, tensor in loaded.named_parameters():
+        if name in trainable:
+            assert torch.equal(tensor.detach(), params[name]), name
 
 
 @needs_deepspeed
