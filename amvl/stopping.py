@@ -28,6 +28,7 @@ import torch
 # The signals a run may stop on (TrainConfig.stop_signals): those a scheduler or a user sends
 # to end a job gracefully. SIGKILL and SIGSTOP cannot be caught.
 CATCHABLE_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+DEFAULT_STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # a scheduler's: preemption, a time limit
 
 
 class TrainingStopped(RuntimeError):

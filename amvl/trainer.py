@@ -29,22 +29,26 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import (PreTrainedTokenizerBase, ProcessorMixin, Trainer,
-                          TrainingArguments)
+from transformers import (PreTrainedTokenizerBase, ProcessorMixin, Trainer, TrainerCallback,
+                          TrainerControl, TrainerState, TrainingArguments)
 from transformers.data.data_collator import DataCollatorWithPadding, default_data_collator
 from transformers.integrations.deepspeed import (deepspeed_load_checkpoint,
                                                  is_deepspeed_zero3_enabled)
-from transformers.trainer_utils import EvalLoopOutput, TrainOutput, align_special_tokens
+from transformers.trainer_utils import (PREFIX_CHECKPOINT_DIR, EvalLoopOutput, TrainOutput,
+                                        align_special_tokens)
 from transformers.utils import logging
 
 from amvl.model import AMVLModel, AMVLOutput
 from amvl.sharded import gathered_for_reading
+from amvl.stopping import DEFAULT_STOP_SIGNALS, StopSignals, TrainingStopped
 from amvl.training import (EVAL_STREAM, mean_over_processes, recompute_skips_side_effects,
                            step_seed)
 
@@ -57,12 +61,82 @@ TRAINING_ARGS_JSON = "training_args.json"
 """What :meth:`AMVLTrainer._save` writes the TrainingArguments to, in every checkpoint."""
 
 
+class StopOnSignals(TrainerCallback):
+    """A Trainer callback (AMVLTrainer adds one): on one of the signals ``names`` the step it
+    arrives in is saved as a checkpoint, whatever the save strategy, and
+    :class:`amvl.stopping.TrainingStopped` is raised once it is written; ``resume_from_
+    checkpoint`` continues from it. All processes agree on the step
+    (:class:`amvl.stopping.StopSignals`). A signal during the last step lets training end as
+    it would. Under ``save_strategy="best"`` an evaluation at that step decides the save."""
+
+    def __init__(self, names: Sequence[str] = DEFAULT_STOP_SIGNALS) -> None:
+        self.names = tuple(names)
+        self._signals: StopSignals | None = None
+        self._stopping: str | None = None
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState,
+                       control: TrainerControl, **kwargs: Any) -> None:
+        self.close()  # a train() before that raised
+        self._signals = StopSignals(self.names, args.world_size)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState,
+                    control: TrainerControl, **kwargs: Any) -> TrainerControl:
+        name = self._signals.agreed() if self._signals is not None else None
+        if name is not None and state.global_step < state.max_steps:
+            self._stopping = name
+            control.should_save = control.should_training_stop = True
+        return control
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs: Any) -> None:
+        if self._stopping is not None:
+            name = self._stopping
+            self.close()
+            raise TrainingStopped(state.global_step, name, Path(args.output_dir) /
+                                  f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState,
+                     control: TrainerControl, **kwargs: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Put the signals' handlers back (and end the processes' group)."""
+        self._stopping = None
+        if self._signals is not None:
+            self._signals.close()
+            self._signals = None
+
+
+def _refuse_reentrant_checkpointing_across_processes(args: TrainingArguments) -> None:
+    """Refuse reentrant activation checkpointing on several processes (DDP, DeepSpeed): a
+    step runs layers more than once (and DDP looks for unused parameters for some
+    objectives), so a recomputed layer hands the parameter's gradient to DDP's or DeepSpeed's
+    hooks twice, which fail late and obscurely ("Expected to mark a variable ready only
+    once"). transformers 5.2x names the settings activation_*, earlier 5.x gradient_*."""
+    enabled = getattr(args, "activation_checkpointing", None) or \
+        getattr(args, "gradient_checkpointing", None)
+    settings = getattr(args, "activation_checkpointing_kwargs", None) or \
+        getattr(args, "gradient_checkpointing_kwargs", None) or {}
+    if isinstance(settings, str):  # a JSON text, as the command line gives it
+        settings = json.loads(settings)
+    if enabled and settings.get("use_reentrant") and args.world_size > 1:
+        raise ValueError(f"AMVLTrainer cannot honour: reentrant activation checkpointing "
+                         f"({{'use_reentrant': True}}) on {args.world_size} processes: an "
+                         "AMVL step runs layers more than once, and DDP and DeepSpeed refuse "
+                         "a gradient handed twice; leave use_reentrant unset (non-reentrant, "
+                         "the same memory saving)")
+
+
 class AMVLTrainer(Trainer):
     """A Trainer for :class:`AMVLModel` with :class:`amvl.data.AMVLCollator` batches.
 
     The dataset yields raw examples (``{"images", "question", "answer"}``), so the Trainer must
     not drop "unused" columns: ``remove_unused_columns`` is False in the trainer's own copy of
-    ``args`` (the caller's object stays as given, e.g. for a plain Trainer beside it).
+    ``args`` (the caller's object stays as given, e.g. for a plain Trainer beside it). There,
+    too, ``ddp_find_unused_parameters`` left unset is False where every parameter gets a
+    gradient at every step (the objectives with a posterior, on a text model), True
+    elsewhere. The stop signals of :class:`amvl.training.TrainConfig` (SIGTERM, SIGUSR1) save
+    a checkpoint after the step they arrive in and stop (:class:`StopOnSignals`).
     """
 
     # The Trainer divides the loss by the step's micro-batches (compute_loss does not scale
@@ -70,13 +144,27 @@ class AMVLTrainer(Trainer):
     loss_is_scaled_for_ga = False
 
     def __init__(self, model: AMVLModel, args: TrainingArguments | None = None, *rest: Any,
-                 **kwargs: Any):
-        if args is not None and args.remove_unused_columns:
-            args = copy.copy(args)
-            args.remove_unused_columns = False
+                 stop_signals: Sequence[str] = DEFAULT_STOP_SIGNALS, **kwargs: Any):
+        if args is None:  # the stock default, made here to be adjusted before it is used
+            args = TrainingArguments(output_dir="tmp_trainer")
+        _refuse_reentrant_checkpointing_across_processes(args)
+        ours = {"remove_unused_columns": False}
+        if args.ddp_find_unused_parameters is None and isinstance(model, AMVLModel):
+            # The stock Trainer has DDP look for parameters without gradients, a walk over the
+            # autograd graph at every step, for any model that is not a PreTrainedModel. Only
+            # a VLM (a batch without images leaves its vision tower out) and the objectives
+            # without a posterior (whose head, or every head, goes unused) need it.
+            ours["ddp_find_unused_parameters"] = model.is_vlm or \
+                model.objective.latent_source != "posterior"
+        if any(getattr(args, key) != value for key, value in ours.items()):
+            args = copy.copy(args)  # the caller's object stays as given
+            for key, value in ours.items():
+                setattr(args, key, value)
         super().__init__(model, args, *rest, **kwargs)
-        self.args.remove_unused_columns = False  # the Trainer's default arguments too
         self._refuse_what_amvl_batches_cannot_do()
+        self._stop_on_signals = StopOnSignals(stop_signals) if stop_signals else None
+        if self._stop_on_signals is not None:
+            self.add_callback(self._stop_on_signals)
         self._eval_batch = 0
         # the objective's metrics summed over an evaluation's examples (evaluation_loop)
         self._eval_sums: dict[str, torch.Tensor | float] | None = None
@@ -122,6 +210,10 @@ class AMVLTrainer(Trainer):
                            f"{self.args.length_column_name!r} column: the Trainer reads "
                            "lengths from input_ids, which raw AMVL examples do not have "
                            "(give a datasets.Dataset that has the column)")
+        if self.args.n_gpu > 1:
+            refused.append(f"{self.args.n_gpu} GPUs in one process (torch.nn.DataParallel, "
+                           "which cannot gather the model's outputs): launch one process per "
+                           "GPU, torchrun --nproc_per_node N (or CUDA_VISIBLE_DEVICES)")
         if refused:
             raise ValueError("AMVLTrainer cannot honour: " + "; ".join(refused))
 
@@ -156,6 +248,13 @@ class AMVLTrainer(Trainer):
         """``Trainer.train`` with fresh noise counters and metric sums
         (:meth:`_inner_training_loop`). A tokenizer's or processor's special tokens are aligned
         with the base model's config (an AMVLModel's own ``config`` is its AMVLConfig)."""
+        try:
+            return self._train_aligned(*args, **kwargs)
+        finally:  # a run that raised: the stop signals' handlers go back all the same
+            if self._stop_on_signals is not None:
+                self._stop_on_signals.close()
+
+    def _train_aligned(self, *args: Any, **kwargs: Any) -> TrainOutput:
         processing_class = self.processing_class
         if not isinstance(processing_class, (PreTrainedTokenizerBase, ProcessorMixin)):
             return super().train(*args, **kwargs)  # an image processor: nothing to align

@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 
 from amvl.config import INFERENCE_FIELDS, AMVLConfig, check_types
 from amvl.step_batches import StepBatches, prefetching_loader, stop_workers
-from amvl.stopping import CATCHABLE_SIGNALS, StopSignals, TrainingStopped
+from amvl.stopping import (CATCHABLE_SIGNALS, DEFAULT_STOP_SIGNALS, StopSignals,
+                           TrainingStopped)
 from amvl.trackers import (LOGS_DIR, check_trackers, finish_trackers, log_entry, read_runs,
                            start_trackers, write_runs)
 
@@ -107,7 +108,7 @@ class TrainConfig:
     # Signals on which the loop saves a checkpoint after the step it is in and stops, raising
     # amvl.stopping.TrainingStopped (a scheduler's warning before a time limit or preemption;
     # see amvl/stopping.py). Needs an output_dir; () lets them end the run as they would.
-    stop_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
+    stop_signals: tuple[str, ...] = DEFAULT_STOP_SIGNALS
 
     def __post_init__(self) -> None:
         def require(ok: bool, message: str) -> None:

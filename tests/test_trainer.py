@@ -22,7 +22,7 @@ from amvl.data import AMVLCollator
 from amvl.lora import stored_layer
 from amvl.model import AMVLModel, ensure_special_tokens
 from amvl.tiny import tiny_qwen2, word_tokenizer
-from amvl.trainer import AMVLTrainer
+from amvl.trainer import AMVLTrainer, StopOnSignals
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = [f"w{i}" for i in range(30)]
@@ -729,6 +729,106 @@ def test_trainer_resumes_from_its_own_checkpoints(tmp_path):
     saved = json.loads((tmp_path / "cut" / "checkpoint-4" / "training_args.json").read_text())
     assert saved["max_steps"] == 4 and saved["learning_rate"] == 1e-2
     assert not (tmp_path / "cut" / "checkpoint-4" / "training_args.bin").exists()
+
+
+def test_a_signal_saves_the_step_and_stops_the_trainer_and_its_resume_continues(tmp_path):
+    """SIGTERM (a scheduler's) during step 3 saves checkpoint-3 (save_steps is 2) and raises
+    TrainingStopped after the save; resume_from_checkpoint ends where an uninterrupted run
+    ends. The handlers are put back, also after a run that raised."""
+    import signal
+
+    from transformers import TrainerCallback
+
+    from amvl.stopping import TrainingStopped
+
+    model, tokenizer = _tiny_model()
+    _trainer(model, tokenizer, tmp_path / "whole", 5).train()
+    whole = {k: v.clone() for k, v in model.state_dict().items()}
+
+    class SignalAtThree(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    model, tokenizer = _tiny_model()
+    trainer = _trainer(model, tokenizer, tmp_path / "cut", 5)
+    trainer.add_callback(SignalAtThree)
+    trainer.remove_callback(trainer._stop_on_signals)  # after the one that sends it
+    trainer.add_callback(trainer._stop_on_signals)
+    with pytest.raises(TrainingStopped, match="stopped by SIGTERM after step 3") as raised:
+        trainer.train()
+    assert raised.value.checkpoint == tmp_path / "cut" / "checkpoint-3"
+    assert (raised.value.checkpoint / "amvl_config.json").is_file()
+    assert signal.getsignal(signal.SIGTERM) is before
+    model, tokenizer = _tiny_model()
+    trainer = _trainer(model, tokenizer, tmp_path / "cut", 5)
+    trainer.train(resume_from_checkpoint=str(raised.value.checkpoint))
+    assert trainer.state.global_step == 5
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, whole[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert signal.getsignal(signal.SIGTERM) is before
+    trainer = AMVLTrainer(model, TrainingArguments(str(tmp_path / "x"), use_cpu=True,
+                                                   report_to=[]),
+                          data_collator=AMVLCollator(tokenizer), stop_signals=())
+    assert not any(isinstance(c, StopOnSignals) for c in trainer.callback_handler.callbacks)
+
+
+def test_ddp_looks_for_unused_parameters_only_where_some_go_unused(tmp_path):
+    """The stock Trainer had DDP walk the autograd graph for unused parameters at every step
+    for any model that is not a PreTrainedModel; with a posterior on a text model every
+    parameter gets a gradient. A setting of the caller's own is kept, and its arguments."""
+    model, tokenizer = _tiny_model()
+    args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[])
+    collator = AMVLCollator(tokenizer)
+    trainer = AMVLTrainer(model, args, data_collator=collator)
+    assert trainer.args.ddp_find_unused_parameters is False
+    assert trainer.accelerator.ddp_handler.find_unused_parameters is False
+    assert args.ddp_find_unused_parameters is None and args.remove_unused_columns
+    explicit = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[],
+                                 ddp_find_unused_parameters=True)
+    assert AMVLTrainer(model, explicit, data_collator=collator).args \
+        .ddp_find_unused_parameters is True
+    for objective in ("none", "prior"):  # the posterior's head (and the prior's) unused
+        torch.manual_seed(0)
+        other = AMVLModel(tiny_qwen2(tokenizer), tokenizer,
+                          AMVLConfig(num_slots=2, latent_dim=4, objective=objective))
+        assert AMVLTrainer(other, args, data_collator=collator).args \
+            .ddp_find_unused_parameters is True
+
+
+def test_settings_that_fail_late_on_several_devices_are_refused(tmp_path):
+    """Reentrant activation checkpointing on several processes failed at the first backward
+    ("Expected to mark a variable ready only once"); several GPUs in one process
+    (DataParallel) could not gather the outputs."""
+    import dataclasses
+
+    model, tokenizer = _tiny_model()
+    collator = AMVLCollator(tokenizer)
+
+    @dataclasses.dataclass
+    class TwoProcesses(TrainingArguments):
+        @property
+        def world_size(self):
+            return 2
+
+    @dataclasses.dataclass
+    class TwoGPUs(TrainingArguments):
+        @property
+        def n_gpu(self):
+            return 2
+
+    reentrant = {"gradient_checkpointing": True,
+                 "gradient_checkpointing_kwargs": {"use_reentrant": True}}
+    with pytest.raises(ValueError, match=r"reentrant activation checkpointing .* on 2 "
+                                         "processes"):
+        AMVLTrainer(model, TwoProcesses(str(tmp_path), use_cpu=True, report_to=[],
+                                        **reentrant), data_collator=collator)
+    AMVLTrainer(model, TrainingArguments(str(tmp_path), use_cpu=True, report_to=[],
+                                         **reentrant), data_collator=collator)  # one: fine
+    with pytest.raises(ValueError, match="2 GPUs in one process"):
+        AMVLTrainer(model, TwoGPUs(str(tmp_path), use_cpu=True, report_to=[]),
+                    data_collator=collator)
 
 
 def test_peft_model_saves_and_loads_its_special_token_rows(tmp_path):
