@@ -285,10 +285,15 @@ class SavingMixin:
             state.update(load_file(str(base_dir / name)))
         target = self._unwrapped()
         problems = _load_into(target, state)
+        renamed = _under_own_names(target, state) if problems and \
+            not problems.startswith("tied") else None
+        if renamed is not None:  # the saved names map onto the model's one to one
+            problems = _load_into(target, renamed)
         if problems and not problems.startswith("tied"):
             # transformers saves some models (the Qwen2-VL family) under their original
             # checkpoints' names and maps them back when it loads: let it, and refuse what
-            # it could not find (it starts those weights at random).
+            # it could not find (it starts those weights at random). This builds a second
+            # whole model on the host, so it is the last resort.
             fresh, info = type(target).from_pretrained(
                 base_dir, use_safetensors=True, dtype=next(target.parameters()).dtype,
                 output_loading_info=True)
@@ -481,6 +486,30 @@ def _whole_weight_shape(layer: nn.Module) -> tuple[int, ...]:
     if isinstance(layer, nn.Embedding):
         return (layer.num_embeddings, layer.embedding_dim)
     return (0,)
+
+
+def _under_own_names(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor] | None:
+    """``state`` under ``model``'s own names, where transformers saved it under its original
+    checkpoints' names by renaming alone (the Qwen2-VL family: ``model.layers.*`` for
+    ``model.language_model.layers.*``, ``visual.*`` for ``model.visual.*``): each saved name
+    the model lacks goes to the one name of the model's, not saved, that ends with it (or
+    with it less its first part), of the same shape. None where that is not one to one, or
+    the model's names would not all be found: transformers' own loading decides then."""
+    own = model.state_dict()
+    unsaved = [key for key in own if key not in state]
+    renamed: dict[str, Tensor] = {}
+    for key, tensor in state.items():
+        if key in own:
+            renamed[key] = tensor
+            continue
+        tail = key.partition(".")[2]
+        candidates = [k for k in unsaved if k.endswith("." + key)] or \
+            ([k for k in unsaved if k.endswith("." + tail)] if tail else [])
+        if len(candidates) != 1 or candidates[0] in renamed \
+                or own[candidates[0]].shape != tensor.shape:
+            return None
+        renamed[candidates[0]] = tensor
+    return renamed
 
 
 def _load_into(model: nn.Module, state: dict[str, Tensor]) -> str:
