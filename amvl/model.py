@@ -203,7 +203,7 @@ def check_batch(prompt_ids: Tensor, prompt_mask: Tensor, answer_ids: Tensor | No
     the wrong columns: prompts must be left-padded and answers right-padded (the tails start
     in one column for every row, and each answer token is predicted from the column before
     it), each row with at least one real token; masks bool (or 0/1 integers), all on one
-    device; token ids in [0, ``vocab_size``).
+    device; token ids int64, in [0, ``vocab_size``).
 
     The value checks (``padding``) read the device: one host synchronisation on a GPU."""
     pairs = [("prompt", prompt_ids, prompt_mask)]
@@ -223,8 +223,11 @@ def check_batch(prompt_ids: Tensor, prompt_mask: Tensor, answer_ids: Tensor | No
         if ids.dim() != 2 or ids.shape != mask.shape:
             raise ValueError(f"{name}_ids {tuple(ids.shape)} and {name}_mask "
                              f"{tuple(mask.shape)} must be the same (batch, length) shape")
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise ValueError(f"{name}_ids must hold integer token ids, got {ids.dtype}")
+        if ids.dtype != torch.long:  # int32 ids failed deep in cross_entropy or the rope index
+            raise ValueError(f"{name}_ids must hold token ids as torch.long (int64), got "
+                             f"{ids.dtype}" + (": convert them with .long()" if not (
+                                 ids.dtype.is_floating_point or ids.dtype == torch.bool
+                                 or ids.dtype.is_complex) else ""))
         if ids.shape[0] != prompt_ids.shape[0]:
             raise ValueError(f"{name}_ids has {ids.shape[0]} rows, prompt_ids "
                              f"{prompt_ids.shape[0]}")
@@ -288,6 +291,7 @@ class AMVLModel(SavingMixin, nn.Module):
         self.objective = build_objective(config)
         # before anything changes: a refused model keeps its tokenizer and embeddings
         check_supported(self._unwrapped(), self._backbone())
+        self._check_attention()
         self._router_balance = router_balance(self._unwrapped())
         self.token_ids = ensure_special_tokens(self._unwrapped(), tokenizer, config)
         model_config = self._unwrapped().config
@@ -415,6 +419,7 @@ class AMVLModel(SavingMixin, nn.Module):
                 "(torch.compile(model) or model.compile()) or the decoder (e.g. "
                 "model.base.model = torch.compile(model.base.model)) instead", stacklevel=3)
             self._compiled_base_warned = True
+        self._check_attention()
         on_host = prompt_mask.device.type == "cpu"
         if self.config.kernel_backend == "cuda" and on_host:
             # a saved model keeps the backend it trained with, a GPU's, also on a CPU machine
@@ -427,6 +432,21 @@ class AMVLModel(SavingMixin, nn.Module):
         self._padding_checked = self._padding_checked or not on_host
         if self.is_vlm:
             self._check_images(prompt_ids, pixel_values, image_grid_thw)
+
+    def _check_attention(self) -> None:
+        """Refuse a text model on an attention that ignores the masks the latent sequences
+        need (flash-attention's kernels take a causal mask and a 2D padding mask, nothing
+        else): the latent block would not be bidirectional, and in a prefix-shared step the
+        prior's query slots would see the answer. Its vision tower may use any."""
+        implementation = str(getattr(self._text_config(), "_attn_implementation", None))
+        if "flash" in implementation.lower():
+            raise ValueError(
+                f"the text model's attention is {implementation!r}, which ignores the masks "
+                "AMVL's sequences need (the latent block attends both ways, and the prior's "
+                "slots must not see the answer): load it with attn_implementation='sdpa' "
+                "(or 'eager'), or put it on the 'amvl' attention "
+                "(amvl_kernels.hf.use_amvl_attention(model.base): flash-attention speed with "
+                "the masks)")
 
     def _check_images(self, prompt_ids: Tensor, pixel_values: Tensor | None,
                       image_grid_thw: Tensor | None) -> None:

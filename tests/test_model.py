@@ -1003,7 +1003,7 @@ def _right_padded_prompts(batch):
     (lambda b: dict(b, answer_ids=b["answer_ids"][:, :0], answer_mask=b["answer_mask"][:, :0]),
      "answer_ids has no columns"),
     (lambda b: dict(b, answer_ids=b["answer_ids"][:2]), "must be the same"),
-    (lambda b: dict(b, prompt_ids=b["prompt_ids"].float()), "integer token ids"),
+    (lambda b: dict(b, prompt_ids=b["prompt_ids"].float()), "token ids as torch.long"),
     # answers padded with the labels' -100, ids past the vocabulary: IndexError in F.embedding
     (lambda b: dict(b, answer_ids=b["answer_ids"].masked_fill(~b["answer_mask"], -100)),
      r"answer_ids must be token ids in \[0, "),
@@ -1022,6 +1022,39 @@ def test_batches_padded_the_wrong_way_are_refused(change, match):
     assert not batch["prompt_mask"].all()  # ragged: the padding side matters
     with pytest.raises(ValueError, match=match):
         model(**change(batch), seed=0)
+
+
+def test_token_ids_of_another_integer_type_are_refused_clearly():
+    """int32 ids passed the checks, then failed deep in cross_entropy (text models) or in
+    transformers' rope index (every call of a VLM)."""
+    for kind in ("qwen2", "qwen2_vl"):
+        model, batch = build(kind)
+        for name in ("prompt_ids", "answer_ids"):
+            with pytest.raises(ValueError, match=rf"{name} must hold token ids as torch.long "
+                                                 r"\(int64\), got torch.int32: convert them "
+                                                 r"with .long\(\)"):
+                model(**{**batch, name: batch[name].int()}, seed=0)
+        with pytest.raises(ValueError, match="prompt_ids must hold token ids as torch.long"):
+            model.generate(batch["prompt_ids"].int(), batch["prompt_mask"], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2_vl"])
+def test_a_text_model_on_flash_attention_is_refused(kind):
+    """flash-attention's kernels ignore 4D masks: the latent block would be causal, and a
+    prefix-shared step's prior slots would see the answer. The vision tower may use it."""
+    model, batch = build(kind)
+    text = getattr(model.base.config, "text_config", model.base.config)
+    if kind == "qwen2_vl":  # the vision tower's attention is its own affair
+        vision = model.base.config.vision_config
+        vision._attn_implementation = "flash_attention_2"
+        model._check_attention()
+        vision._attn_implementation = "sdpa"
+    text._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match=r"the text model's attention is 'flash_attention_2', "
+                                         r"which ignores the masks"):
+        model(**batch, seed=0)
+    with pytest.raises(ValueError, match="ignores the masks"):
+        AMVLModel(model.base, model.tokenizer, model.config)
 
 
 @pytest.mark.parametrize("step", [-5, 2.5, "3", True])
