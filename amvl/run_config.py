@@ -135,6 +135,13 @@ def _check_model_values(path: Path, model: dict) -> None:
     if model.get("dtype", "float32") not in DTYPES:
         raise SystemExit(f"amvl: {path}: model.dtype must be one of {list(DTYPES)}, got "
                          f"{model['dtype']!r}")
+    attention = model.get("attn_implementation", "sdpa")
+    if not isinstance(attention, str) or "flash" in attention.lower():
+        # refused by AMVLModel too, but here before minutes of loading
+        raise SystemExit(f"amvl: {path}: model.attn_implementation {attention!r}: "
+                         "flash-attention ignores the masks of AMVL's sequences (the prior's "
+                         "slots would see the answer); use amvl (the latent-block kernel, "
+                         "flash-attention speed with the masks), sdpa or eager")
     if "hidden_size" in model:
         if model["path"] != "tiny-qwen2-vl":
             raise SystemExit(f"amvl: {path}: model.hidden_size is for model.path "

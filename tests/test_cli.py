@@ -502,6 +502,9 @@ def test_amvl_attention_from_the_run_config():
     ("model: {path: tiny-qwen2-vl}\ndata: {train: d.jsonl, per_family: 5}",
      "data.per_family sizes the built-in puzzles"),
     ("model: {path: tiny-qwen2-vl, dtype: bfloat}", "model.dtype must be one of"),
+    # loaded for minutes, then refused by AMVLModel: its kernels ignore the latent masks
+    ("model: {path: tiny-qwen2-vl, attn_implementation: flash_attention_2}",
+     "model.attn_implementation 'flash_attention_2': flash-attention ignores the masks"),
     ("model: {path: tiny-qwen2-vl, hidden_size: 30}", "multiple of 32"),
     ("model: {path: /models/x, hidden_size: 64}", "hidden_size is for model.path tiny"),
     ("model: {path: tiny-qwen2-vl}\noutput_dir: [a]", "output_dir must be a path"),
