@@ -309,7 +309,9 @@ class LatentLayout:
             if t.device != segment_kind.device:
                 raise ValueError(f"{name} is on {t.device} but segment_kind is on "
                                  f"{segment_kind.device}")
-        if check_values and segment_kind.numel():
+        # the value checks read the device: inside a compiled graph they are skipped (a
+        # data-dependent branch Dynamo cannot trace), as the eager calls have run them
+        if check_values and segment_kind.numel() and not torch.compiler.is_compiling():
             lo, hi = int(segment_kind.min()), int(segment_kind.max())
             if lo < 0 or hi >= MAX_KINDS:
                 raise ValueError(f"segment_kind must lie in [0, {MAX_KINDS}), got [{lo}, {hi}]")
@@ -338,10 +340,16 @@ class LatentLayout:
     def causal(cls, batch: int, length: int, padding_mask: Tensor | None = None,
                device: torch.device | str | None = None) -> LatentLayout:
         """Plain causal attention; ``padding_mask`` (B, L) marks real tokens (False = padding,
-        anywhere in the row: left or right padding both work)."""
+        anywhere in the row: left or right padding both work). With a ``padding_mask`` the
+        layout is on its device (a ``device`` given must be that one)."""
         batch, length = check_count("batch", batch), check_count("length", length)
         if padding_mask is not None:
             _check_mask("padding_mask", padding_mask, (batch, length))
+            given = torch.device(device) if device is not None else None
+            if given is not None and (given.type != padding_mask.device.type or given.index
+                                      not in (None, padding_mask.device.index)):
+                raise ValueError(f"device={device} but padding_mask is on "
+                                 f"{padding_mask.device}: the layout is built on the mask's")
             device = padding_mask.device
         kind = torch.full((batch, length), int(Kind.TEXT), dtype=torch.int32, device=device)
         if padding_mask is not None:
@@ -366,6 +374,7 @@ class LatentLayout:
         layout = cls.causal(batch, length, padding_mask, device)
         kind, block = layout.segment_kind.clone(), layout.block_id.clone()
         for b, row in enumerate(blocks):
+            placed: list[tuple[int, int]] = []
             for number, pair in enumerate(row, start=1):
                 try:
                     start, size = pair
@@ -380,8 +389,11 @@ class LatentLayout:
                 if start + size > length:
                     raise ValueError(f"block {(start, size)} of row {b} does not fit in "
                                      f"length {length}")
-                if bool((block[b, start:start + size] != 0).any()):
+                # overlaps from the pairs themselves: no device read (a compiled graph)
+                if any(start < other_start + other_size and other_start < start + size
+                       for other_start, other_size in placed):
                     raise ValueError(f"blocks of row {b} overlap at {(start, size)}")
+                placed.append((start, size))
                 block[b, start:start + size] = number
                 kind[b, start:start + size] = torch.where(
                     kind[b, start:start + size] == int(Kind.PAD), int(Kind.PAD), int(Kind.LATENT))

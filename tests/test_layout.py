@@ -322,3 +322,23 @@ def test_builders_compile_as_one_graph():
     compiled = torch.compile(lambda m: LatentLayout.causal(2, 12, m).visible_kinds,
                              fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(mask), LatentLayout.causal(2, 12, mask).visible_kinds)
+    # from_tensors' value checks and with_latent_blocks' overlap check read the device, which
+    # failed a fullgraph compile (data-dependent branches): skipped there, run eagerly
+    blocks = [[(2, 3), (7, 2)], [(4, 4)]]
+    compiled = torch.compile(lambda m: LatentLayout.with_latent_blocks(12, blocks, m).metadata(),
+                             fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(mask), LatentLayout.with_latent_blocks(12, blocks, mask)
+                         .metadata()):
+        torch.testing.assert_close(got, want)
+    kind = torch.randint(0, 3, (2, 12))
+    compiled = torch.compile(lambda k: LatentLayout.from_tensors(k, 1 << k, k % 2).block_id,
+                             fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(kind), (kind % 2).int())
+
+
+def test_a_device_given_beside_a_padding_mask_must_be_its_own():
+    """It was ignored: the layout went to the mask's device whatever device= said."""
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    assert LatentLayout.causal(1, 4, mask, device="cpu").segment_kind.device == mask.device
+    with pytest.raises(ValueError, match="device=meta but padding_mask is on cpu"):
+        LatentLayout.causal(1, 4, mask, device="meta")

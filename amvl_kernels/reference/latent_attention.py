@@ -72,8 +72,10 @@ def latent_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: LatentLayout 
     zeros for a query row holding a NaN, and a NaN key reaches rows whose mask hides it (SDPA
     adds the mask to the scores), where the Triton kernels and the explicit-softmax
     reference give NaN in exactly the rows that see it. A query row that sees nothing
-    returns zeros and zero gradients: it attends to key 0 instead (finite, never NaN) and is
-    zeroed afterwards.
+    returns zeros: it attends to key 0 instead and is zeroed afterwards, so its output and
+    gradients are zero while key 0 and value 0 are finite (a NaN there, e.g. a padding slot
+    left as ``torch.empty`` gave it, makes that row's query gradient and the keys' NaN, where
+    the Triton kernels keep them zero: keep padding finite).
     """
     lq, lk = q.shape[2], k.shape[2]
     gqa = grouped_heads(q, k)
