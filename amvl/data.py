@@ -282,9 +282,8 @@ class AMVLCollator:
         stood for by ``_TEXT_ONLY``) when one is given."""
         if self.image_for_text_only is None:
             return []
-        if self._text_only_image is None:
-            self._text_only_image = self.image_processor(images=[self.image_for_text_only],
-                                                         return_tensors="pt")
+        if self._text_only_image is None:  # as an example's image: a path, alpha on white
+            self._text_only_image = self._processed(self.image_for_text_only)
         return [_TEXT_ONLY]
 
     def _text_ids(self, text: str) -> list[int]:

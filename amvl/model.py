@@ -965,7 +965,10 @@ class AMVLModel(SavingMixin, nn.Module):
                 raise ValueError(f"latents must be a non-empty list of (B, K, d) = {want} "
                                  f"tensors, got shapes {[tuple(z.shape) for z in latents]}")
         images = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
-        if not self.config.prefix_sharing:
+        # checkpointed layers with autograd on drop the KV cache the shared encoding keeps
+        cache_dropped = self.training and self.is_activation_checkpointing and \
+            torch.is_grad_enabled()
+        if not self.config.prefix_sharing or cache_dropped:
             zs = latents if latents is not None else \
                 [self.heads(prompt_ids, prompt_mask, **images)["mu_p"] if latent else None]
             out = torch.stack([torch.stack([self.answer_nll(prompt_ids, prompt_mask, *answer,

@@ -198,6 +198,24 @@ def test_choices_after_one_encoding_score_as_each_apart(kind, objective, attenti
         model.choices_nll(*prompts, answers, latents=[z[:, :1]], **images)
 
 
+def test_choices_score_with_gradients_under_activation_checkpointing():
+    """Checkpointed layers with autograd on drop the KV cache that choices_nll's shared
+    encoding keeps ('NoneType' object has no attribute 'crop'): it scores each answer apart
+    then, as without prefix sharing, with gradients."""
+    model, batch = build("qwen2", objective="amvl")
+    prompts = (batch["prompt_ids"], batch["prompt_mask"])
+    answers = [(batch["answer_ids"], batch["answer_mask"]),
+               (batch["answer_ids"].roll(1, 0), batch["answer_mask"].roll(1, 0))]
+    with torch.no_grad():
+        want = model.choices_nll(*prompts, answers)
+    model.train()
+    model.activation_checkpointing_enable()
+    got = model.choices_nll(*prompts, answers)
+    torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=0)
+    got.sum().backward()
+    assert model.prior_head.proj.weight.grad is not None
+
+
 @pytest.mark.parametrize("kind", ["qwen2", "qwen2_vl"])
 @pytest.mark.parametrize("share", [True, False])
 @pytest.mark.parametrize("gamma", [0.0, 0.5])
@@ -804,6 +822,30 @@ def test_collator_gives_text_only_examples_the_stand_in_image():
     assert "pixel_values" not in plain([text])
     with pytest.raises(ValueError, match="image_for_text_only given without an image_processor"):
         AMVLCollator(tokenizer, image_for_text_only=blank)
+
+
+def test_the_stand_in_image_is_read_as_an_examples_image(tmp_path):
+    """The stand-in went straight to the image processor: a transparent PNG given as a path
+    came out black (an example's is composited onto white) and an EncodedImage failed."""
+    import io
+
+    from amvl.data import EncodedImage
+
+    tokenizer = word_tokenizer(WORDS, vision=True)
+    vision = VisionTokens(*tokenizer.convert_tokens_to_ids(
+        ["<|image_pad|>", "<|vision_start|>", "<|vision_end|>"]))
+    clear = Image.new("RGBA", (16, 16), (30, 60, 90, 0))
+    clear.save(tmp_path / "clear.png")
+    buffer = io.BytesIO()
+    clear.save(buffer, format="PNG")
+    text = {"question": "w1", "answer": "w2"}
+    plain = AMVLCollator(tokenizer, tiny_image_processor(), vision)
+    expected = plain([{**text, "images": [str(tmp_path / "clear.png")]}])
+    for stand_in in (str(tmp_path / "clear.png"), EncodedImage(buffer.getvalue()), clear):
+        got = AMVLCollator(tokenizer, tiny_image_processor(), vision,
+                           image_for_text_only=stand_in)([text])
+        for key in expected:
+            assert torch.equal(got[key], expected[key]), (type(stand_in).__name__, key)
 
 
 def test_collator_truncates_questions_aloud_and_never_to_nothing():
