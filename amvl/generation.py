@@ -90,9 +90,11 @@ def _generate(model: AMVLModel, collator: AMVLCollator, examples: Sequence[dict]
                                              desc="generate", disable=not progress)):
         chunk = examples[start:start + batch_size]
         # the collator builds answers too: an empty one (EOS) keeps long answers from being
-        # cut aloud by max_answer_tokens, and generation reads the prompts only
+        # cut aloud by max_answer_tokens, and generation reads the prompts only (without an
+        # EOS token an empty answer is refused: one token then, never read)
+        answer = "" if collator.tokenizer.eos_token_id is not None else "0"
         try:  # an image that does not decode is found only here
-            batch = collator([{**ex, "answer": ""} for ex in chunk])
+            batch = collator([{**ex, "answer": answer} for ex in chunk])
         except (OSError, ValueError) as err:
             raise ValueError(f"examples {start} to {start + len(chunk) - 1}: "
                              f"{type(err).__name__}: {err}") from err

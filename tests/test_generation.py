@@ -53,6 +53,22 @@ def test_answers_are_generates_rows_in_order_for_any_batch_size():
         assert all("exact_match" not in r for r in records)  # no answers given
 
 
+def test_a_tokenizer_without_eos_generates_as_the_model_does():
+    """AMVLModel.generate decodes max_new_tokens without an EOS token; generate_answers
+    collated an empty answer, which the collator refuses then."""
+    model = _model()
+    model.tokenizer.eos_token = None
+    assert model.tokenizer.eos_token_id is None
+    collator = AMVLCollator(model.tokenizer)
+    examples = _questions(3)
+    batch = collator([{**ex, "answer": "w1"} for ex in examples])
+    whole = model.generate(batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=3)
+    records = list(generate_answers(model, collator, examples, batch_size=2, max_new_tokens=3,
+                                    progress=False))
+    assert [r["prediction"] for r in records] == [
+        model.tokenizer.decode(row, skip_special_tokens=True) for row in whole.sequences[:, 0]]
+
+
 def test_exact_match_against_given_answers():
     model = _model()
     collator = AMVLCollator(model.tokenizer)
