@@ -373,8 +373,11 @@ class AMVLModel(SavingMixin, nn.Module):
             raise NotImplementedError(
                 f"{type(self._unwrapped()).__name__} attends within a sliding window of "
                 f"{window} tokens, and this pass has {num_keys}: AMVLModel's latent masks have "
-                "no window. Keep prompt + latent block + answer within the window, or disable "
-                "it in the config (e.g. sliding_window=None or use_sliding_window=False)")
+                "no window (and a sliding-window cache cannot be cropped back past it). Keep "
+                "each pass within the window: prompt + latent block + answer, and with prefix "
+                "sharing prompt + answer + both sides' query slots (2 K) for the step's first "
+                "pass (prefix_sharing=False needs only the former), or disable the window in "
+                "the config (e.g. sliding_window=None or use_sliding_window=False)")
 
     def output_logits(self, hidden: Tensor) -> Tensor:
         """Logits of the LM head on ``hidden``, at least fp32 (an fp64 model's stay fp64),

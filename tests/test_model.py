@@ -300,6 +300,21 @@ def test_sliding_windows_are_exact_within_and_refused_beyond():
         narrow.generate(batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=4)
 
 
+def test_a_window_shared_steps_outgrow_is_named_with_what_fits():
+    """The shared step's first pass [x | P | y | Q] has Lx + Ly + 2K columns, which its
+    sliding-window cache must hold (it cannot be cropped back past the window): refused
+    there, saying so, while the naive path, whose widest pass is Lx + K + 2 + Ly, runs."""
+    windowless, batch = build("mistral", {"sliding_window": None})  # K = 3 slots
+    widest = batch["prompt_ids"].shape[1] + 3 + 2 + batch["answer_ids"].shape[1]
+    naive_fits, _ = build("mistral", {"sliding_window": widest})
+    torch.testing.assert_close(naive_fits(**batch, seed=3, prefix_sharing=False).loss,
+                               windowless(**batch, seed=3, prefix_sharing=False).loss,
+                               rtol=0, atol=0)
+    with pytest.raises(NotImplementedError, match=r"prompt \+ answer \+ both sides' query "
+                                                  r"slots \(2 K\) .*prefix_sharing=False"):
+        naive_fits(**batch, seed=3)
+
+
 def test_compiled_naive_step_does_not_recompile_per_prompt_length():
     """torch.compile(model) on the naive path (what activation checkpointing on SDPA takes):
     after the one recompile that makes the prompt length dynamic, new lengths reuse the graph.
