@@ -694,6 +694,9 @@ class AMVLModel(SavingMixin, nn.Module):
         "none"): one more decoding pass, which reuses the step's encoding of x when sharing.
         For evaluation, so only without autograd (``torch.no_grad()``).
         """
+        if answer_ids is None or answer_mask is None:
+            raise ValueError("the forward trains on answers: answer_ids and answer_mask are "
+                             "required (heads() and generate() take prompts alone)")
         self._check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask, pixel_values,
                           image_grid_thw)
         if prior_mean_nll and torch.is_grad_enabled():
@@ -953,8 +956,11 @@ class AMVLModel(SavingMixin, nn.Module):
         between), where answer_nll encodes x again for every answer and latent: a benchmark
         question's prompt is an image's thousand tokens or more, its answers a few.
         """
-        if not answers:
-            raise ValueError("choices_nll needs at least one answer")
+        if not isinstance(answers, (list, tuple)) or not answers:
+            raise ValueError("choices_nll needs a non-empty list of answers")
+        if not all(isinstance(answer, (list, tuple)) and len(answer) == 2 for answer in answers):
+            raise ValueError("each of choices_nll's answers must be an (answer_ids, "
+                             "answer_mask) pair")
         for answer_ids, answer_mask in answers:
             self._check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask, pixel_values,
                               image_grid_thw)
@@ -964,6 +970,9 @@ class AMVLModel(SavingMixin, nn.Module):
                 raise ValueError(f"objective {self.config.objective!r} has no latent block: "
                                  "pass latents=None")
             want = (prompt_ids.shape[0], self.config.num_slots, self.config.latent_dim)
+            if not isinstance(latents, (list, tuple)):  # one tensor: a list of one, please
+                raise ValueError(f"latents must be a list of (B, K, d) = {want} tensors (one "
+                                 f"variant: [z]), got {type(latents).__name__}")
             if not latents or any(tuple(z.shape) != want for z in latents):
                 raise ValueError(f"latents must be a non-empty list of (B, K, d) = {want} "
                                  f"tensors, got shapes {[tuple(z.shape) for z in latents]}")
@@ -1062,6 +1071,9 @@ class AMVLModel(SavingMixin, nn.Module):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
                                  or seed < 0):
             raise ValueError(f"seed must be an int >= 0 or None, got {seed!r}")
+        if seed is not None and mode == "mean":
+            raise ValueError("seed fixes sampled latents: the means (latent='mean') draw "
+                             "none; pass latent='sample' with it, or no seed")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
                 or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")

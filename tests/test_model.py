@@ -179,8 +179,10 @@ def test_choices_after_one_encoding_score_as_each_apart(kind, objective, attenti
             got = model.choices_nll(*prompts, answers, **images)
             torch.testing.assert_close(got, want, rtol=1e-6, atol=0, msg=f"sharing {share}")
     assert not torch.equal(want[:, 0], want[:, 1])
-    with pytest.raises(ValueError, match="at least one answer"):
+    with pytest.raises(ValueError, match="needs a non-empty list of answers"):
         model.choices_nll(*prompts, [], **images)
+    with pytest.raises(ValueError, match=r"an \(answer_ids, answer_mask\) pair"):
+        model.choices_nll(*prompts, [(batch["answer_ids"],)], **images)
     if objective == "none":
         with pytest.raises(ValueError, match="has no latent block: pass latents=None"):
             model.choices_nll(*prompts, answers, latents=[torch.zeros(1)], **images)
@@ -196,6 +198,8 @@ def test_choices_after_one_encoding_score_as_each_apart(kind, objective, attenti
             torch.testing.assert_close(got, want, rtol=1e-6, atol=0, msg=f"sharing {share}")
     with pytest.raises(ValueError, match=r"latents must be a non-empty list of \(B, K, d\)"):
         model.choices_nll(*prompts, answers, latents=[z[:, :1]], **images)
+    with pytest.raises(ValueError, match=r"one variant: \[z\]\), got Tensor"):
+        model.choices_nll(*prompts, answers, latents=z, **images)  # was "ambiguous"
 
 
 def test_choices_score_with_gradients_under_activation_checkpointing():
@@ -527,7 +531,8 @@ def test_generate_matches_recompute_without_cache(kind, mode):
     model.eval()
     kwargs = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
     out = model.generate(batch["prompt_ids"], batch["prompt_mask"], **kwargs, latent=mode,
-                         num_samples=2 if mode == "sample" else None, max_new_tokens=6, seed=4)
+                         num_samples=2 if mode == "sample" else None, max_new_tokens=6,
+                         seed=4 if mode == "sample" else None)
     n = 2 if mode == "sample" else 1
     assert out.sequences.shape[:2] == (3, n) and out.latents.shape == (3, n, 3, 5)
     if mode == "mean":
@@ -1079,6 +1084,19 @@ def test_batches_padded_the_wrong_way_are_refused(change, match):
     assert not batch["prompt_mask"].all()  # ragged: the padding side matters
     with pytest.raises(ValueError, match=match):
         model(**change(batch), seed=0)
+
+
+def test_calls_missing_what_they_need_are_named():
+    """A forward without answers failed with KeyError 'answer_after_x'; a seed with the means
+    was ignored (the command line refuses it)."""
+    model, batch = build("qwen2", objective="amvl")
+    with pytest.raises(ValueError, match="answer_ids and answer_mask are required"):
+        model(batch["prompt_ids"], batch["prompt_mask"], None, None)
+    model.eval()
+    with pytest.raises(ValueError, match="seed fixes sampled latents: the means"):
+        model.generate(batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=2, seed=3)
+    model.generate(batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=2, seed=3,
+                   latent="sample")
 
 
 def test_token_ids_of_another_integer_type_are_refused_clearly():
