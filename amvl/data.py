@@ -324,18 +324,19 @@ class AMVLCollator:
         return texts
 
     def _split_prompt(self, n_images: int, question: str
-                      ) -> tuple[list[int], list[int], list[int]]:
+                      ) -> tuple[list[int], list[int], list[int], bool]:
         """The templated prompt's ids before the question (one image token per image), the
         question's and after it: the whole rendered text tokenized at once, as
         ``apply_chat_template(..., tokenize=True)`` does, and split at the question's
         characters (a token that crosses a boundary, e.g. BPE's "\\n\\n" across the user
-        header and a question starting with a newline, counts as the question's)."""
+        header and a question starting with a newline, counts as the question's); and whether
+        the question's first token crosses into the text before it."""
         head, tail = self._template_parts(n_images)  # checks the image markers (cached)
         before, after, lstrip, rstrip = self._template_texts(n_images)
         question = question.lstrip() if lstrip else question
         question = question.rstrip() if rstrip else question
         if not getattr(self.tokenizer, "is_fast", False):  # no offsets: the parts' own ids
-            return head, self._text_ids(question), tail
+            return head, self._text_ids(question), tail, False
         encoded = self.tokenizer(before + question + after, add_special_tokens=False,
                                  return_offsets_mapping=True)
         ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
@@ -346,7 +347,7 @@ class AMVLCollator:
         m = len(ids)
         while m > k and offsets[m - 1][0] >= end:
             m -= 1
-        return ids[:k], ids[k:m], ids[m:]
+        return ids[:k], ids[k:m], ids[m:], k < m and offsets[k][0] < start
 
     def _template_parts(self, n_images: int) -> tuple[list[int], list[int]]:
         """The chat template's token ids before the question (with one image token per image
@@ -485,7 +486,15 @@ class AMVLCollator:
                 images.append(processed["pixel_values"])
                 grids.append(grid)
             if self.chat_template:
-                head, question, after = self._split_prompt(len(patches), example["question"])
+                head, question, after, straddles = self._split_prompt(len(patches),
+                                                                      example["question"])
+                if straddles and self.max_prompt_tokens is not None and \
+                        len(self._expanded(head, patches)) + len(question) + len(after) \
+                        > self.max_prompt_tokens:
+                    # cut from the left, the token the question shares with the template (BPE's
+                    # "\n\n" across the user header) would take the template's text with it:
+                    # the template's own tokens, and the question's after that token
+                    head, question = self._template_parts(len(patches))[0], question[1:]
                 prompt = self._expanded(head, patches)
             else:
                 vt = self.vision_tokens

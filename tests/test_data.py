@@ -261,6 +261,27 @@ def test_prompts_are_the_whole_turn_tokenized_at_once(kind, template, question):
     assert unpadded(batch, 0).count(tokenizer.bos_token_id) == (template == INST)
 
 
+def test_truncation_never_cuts_the_templates_text():
+    """The question's first token may hold some of the template's text (BPE's "\\n\\n" across
+    the user header and a question starting with a newline): cut from the left, it took the
+    header's newline with it ("<|im_start|>userHow many ..."). The template's own tokens
+    stay whole now, and only the question loses tokens."""
+    tokenizer = trained_tokenizer("bytelevel")
+    question = "\nHow many red shapes?"
+    whole = AMVLCollator(tokenizer, chat_template=True)([{"question": question,
+                                                          "answer": "Three."}])
+    length = len(unpadded(whole, 0))
+    header = tokenizer.apply_chat_template([{"role": "user", "content": "X"}], tokenize=False,
+                                           add_generation_prompt=True).split("X")[0]
+    for cut in (1, 3):
+        with pytest.warns(UserWarning, match="the question lost its first"):
+            batch = AMVLCollator(tokenizer, chat_template=True, max_prompt_tokens=length - cut)(
+                [{"question": question, "answer": "Three."}])
+        text = tokenizer.decode(unpadded(batch, 0))
+        assert text.startswith(header) and len(unpadded(batch, 0)) <= length - cut
+        assert question.strip().endswith(text[len(header):].split("<|im_end|>")[0].strip())
+
+
 def test_a_vlm_trains_and_scores_on_templated_prompts():
     """The template's prompts run through both training paths alike, and generation decodes
     from them (the latent block follows the assistant's header)."""
