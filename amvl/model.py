@@ -559,15 +559,20 @@ class AMVLModel(SavingMixin, nn.Module):
         A lookup's backward writes a gradient the size of the whole table (Qwen2-7B's
         152,064 x 3,584, 1.1 GB in bf16), so a lookup per pass would write one per pass and
         autograd would add them: one lookup for all the passes of a step writes it once.
+        The embeddings' forward hooks (NEFTune's) get a lookup per pass instead.
         """
-        if len(seqs) == 1:
-            looked_up = [self.get_input_embeddings()(seqs[0].input_ids)]
+        layer = self.get_input_embeddings()
+        if len(seqs) == 1 or layer._forward_hooks:
+            # A hook on the lookup (the Trainer's NEFTune) sees each pass as the model's own
+            # forward would, (batch, length, hidden): NEFTune scales its noise by
+            # 1/sqrt(length x hidden), which one row of every pass's tokens shrank 3-4 times.
+            looked_up = [layer(seq.input_ids) for seq in seqs]
         else:
             # One row of all the passes' tokens, each pass's a contiguous piece of it (models
             # may .view their inputs_embeds), still (batch, length, hidden) for the module's
             # hooks (NEFTune's reads its output's last two sizes).
             ids = torch.cat([s.input_ids.reshape(1, -1) for s in seqs], 1)
-            embeds = self.get_input_embeddings()(ids)[0]
+            embeds = layer(ids)[0]
             pieces = embeds.split([s.input_ids.numel() for s in seqs])
             looked_up = [piece.view(*s.input_ids.shape, -1) for piece, s in zip(pieces, seqs)]
         return [self._add_slot_embeddings(embeds, seq) for embeds, seq in zip(looked_up, seqs)]

@@ -230,8 +230,11 @@ def test_a_training_step_looks_its_embeddings_up_once(kind, share, gamma, monkey
     model, batch = build(kind, gamma=gamma)
     lookups = []
     # (Qwen2-VL's own forward also looks up its one image token, to find where images go.)
-    model.get_input_embeddings().register_forward_hook(
-        lambda module, args, out: lookups.append(1) if args[0].numel() > 1 else None)
+    # Counted in the layer's forward, not by a hook: a hook gets a lookup per pass (NEFTune).
+    layer = model.get_input_embeddings()
+    lookup = type(layer).forward
+    monkeypatch.setattr(type(layer), "forward", lambda module, ids: lookups.append(1) or
+                        lookup(module, ids) if ids.numel() > 1 else lookup(module, ids))
     passed = []  # each pass's inputs_embeds, contiguous as a lookup of its own would be
     model._backbone().register_forward_pre_hook(
         lambda module, args, kwargs: passed.append(kwargs["inputs_embeds"]), with_kwargs=True)
@@ -246,6 +249,27 @@ def test_a_training_step_looks_its_embeddings_up_once(kind, share, gamma, monkey
     assert g_joint.keys() == g_apart.keys()
     for name in g_joint:
         torch.testing.assert_close(g_joint[name], g_apart[name], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_neftune_noises_each_pass_as_a_forward_of_it_would(share):
+    """transformers' NEFTune hook scales its noise by alpha / sqrt(length x hidden) of the
+    lookup it sees: one row of every pass's tokens made it 3-4 times weaker than plain
+    fine-tuning's. Each pass is looked up alone under a hook, (batch, its length, hidden)."""
+    from transformers.integrations.neftune import neftune_post_forward_hook
+
+    model, batch = build("qwen2")
+    layer = model.get_input_embeddings()
+    layer.neftune_noise_alpha = 5.0
+    seen = []
+    layer.register_forward_hook(neftune_post_forward_hook)
+    layer.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
+    out = model(**batch, seed=1, prefix_sharing=share)
+    assert torch.isfinite(out.loss)
+    rows, hidden = batch["prompt_ids"].shape[0], layer.embedding_dim
+    assert len(seen) >= 2 and all(shape[0] == rows and shape[2] == hidden for shape in seen)
+    assert max(shape[1] for shape in seen) < batch["prompt_ids"].shape[1] + \
+        batch["answer_ids"].shape[1] + 2 * (model.config.num_slots + 2)  # a pass, not all
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen2_vl"])
