@@ -316,10 +316,15 @@ def trained_prompt_format(name: str, directory: Path, data_section: dict,
         saved = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SystemExit(f"amvl {command}: {name}: {file} is not JSON: {err}") from None
+    if isinstance(saved, dict) and set(saved) == set(PROMPT_KEYS) - {"add_bos"}:
+        saved["add_bos"] = False  # recorded before add_bos: its prompts had no BOS
     if not isinstance(saved, dict) or set(saved) != set(PROMPT_KEYS):
         raise SystemExit(f"amvl {command}: {name}: {file} must map {list(PROMPT_KEYS)} to "
                          "values")
-    if any(key in data_section for key in PROMPT_KEYS) and prompt_format(data_section) != saved:
+    wanted = prompt_format(data_section)
+    if wanted["add_bos"] is None:  # the collator's choice, which the record holds
+        wanted["add_bos"] = saved["add_bos"]
+    if any(key in data_section for key in PROMPT_KEYS) and wanted != saved:
         print(f"amvl {command}: {name} was trained with another prompt format than the "
               f"config's data section sets ({file}); it runs with its own", file=sys.stderr)
     return saved

@@ -65,6 +65,17 @@ class ImageDecodeError(OSError):
     """An image file that exists but does not decode (named by its path)."""
 
 
+def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether ``tokenizer`` starts a text with its BOS token by itself (its special tokens
+    on, as ``tokenizer(text)`` is called in training recipes)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    with_special = tokenizer("a")["input_ids"]
+    return bool(with_special) and with_special[0] == bos and \
+        tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
+
+
 def decode_image(data: bytes) -> Image.Image:
     """The image an encoded file's ``data`` holds, decoded whole, as :func:`rgb_image` gives
     it. PIL's errors for data it cannot decode propagate."""
@@ -145,6 +156,10 @@ class AMVLCollator:
             the images' markers and the question alone.
         system_prompt: the chat's system message (with ``chat_template`` only; None: none,
             or whatever the template writes by default).
+        add_bos: start each prompt with the tokenizer's BOS token (without ``chat_template``
+            only: a template writes the prompt's start itself). None (default): where the
+            tokenizer adds one to a text by itself, as Llama's, Mistral's and Gemma's do and
+            their models were trained on (Qwen's has none).
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase,
@@ -153,7 +168,8 @@ class AMVLCollator:
                  max_prompt_tokens: int | None = None, max_answer_tokens: int | None = None,
                  cache_images: bool = False, special_tokens: Sequence[str] | None = None,
                  image_for_text_only: object | None = None,
-                 chat_template: bool | str = False, system_prompt: str | None = None):
+                 chat_template: bool | str = False, system_prompt: str | None = None,
+                 add_bos: bool | None = None):
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs a pad or an EOS token")
         if not isinstance(chat_template, (bool, str)) or chat_template == "":
@@ -175,6 +191,13 @@ class AMVLCollator:
             raise ValueError("system_prompt must be a string, and needs a chat_template "
                              f"(got system_prompt={system_prompt!r}, "
                              f"chat_template={chat_template!r})")
+        if add_bos is not None and not isinstance(add_bos, bool):
+            raise ValueError(f"add_bos must be True, False or None, got {add_bos!r}")
+        if add_bos and chat_template:
+            raise ValueError("add_bos=True with a chat_template: the template writes the "
+                             "prompt's start itself (its {{ bos_token }}, where it has one)")
+        if add_bos and tokenizer.bos_token_id is None:
+            raise ValueError("add_bos=True, but the tokenizer has no BOS token")
         if image_processor is not None and vision_tokens is None:
             raise ValueError("image_processor given without vision_tokens: pass "
                              "vision_tokens=VisionTokens.from_model_config(<the VLM>.config) "
@@ -206,6 +229,8 @@ class AMVLCollator:
         # read-only (properties): the template's renderings are cached
         self._chat_template = chat_template
         self._system_prompt = system_prompt
+        self._add_bos = (not chat_template and _adds_bos(tokenizer)) if add_bos is None \
+            else add_bos
         # (vocabulary size, number of images) -> the template's token ids before and after
         # the question
         self._template_parts_cache: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
@@ -224,6 +249,11 @@ class AMVLCollator:
     def system_prompt(self) -> str | None:
         """The chat's system message (None: none, or the template's default)."""
         return self._system_prompt
+
+    @property
+    def add_bos(self) -> bool:
+        """Whether each prompt starts with the BOS token (resolved: never None)."""
+        return self._add_bos
 
     def __getstate__(self) -> dict:
         # DataLoader workers started by "spawn" or "forkserver" get a pickled copy: the caches
@@ -485,6 +515,7 @@ class AMVLCollator:
                 patches.append(int(grid.prod()) // merge**2)
                 images.append(processed["pixel_values"])
                 grids.append(grid)
+            lead: list[int] = []  # BOS, which is no content of the prompt's
             if self.chat_template:
                 head, question, after, straddles = self._split_prompt(len(patches),
                                                                       example["question"])
@@ -500,12 +531,13 @@ class AMVLCollator:
                 vt = self.vision_tokens
                 prompt = [t for n in patches for t in (vt.start, *[vt.image] * n, vt.end)]
                 question, after = self._text_ids(example["question"]), []
+                lead = [self.tokenizer.bos_token_id] if self._add_bos else []
             if self.max_prompt_tokens is not None:
-                question = self._truncated(where, question, len(prompt) + len(after))
+                question = self._truncated(where, question, len(lead + prompt) + len(after))
             self._check_no_markers(where, question, [], markers)
             answer = self._answer(where, example, markers)
             self._check_not_empty(where, bool(prompt + question + after), bool(answer))
-            prompts.append(prompt + question + after)
+            prompts.append(lead + prompt + question + after)
             answers.append(answer)
         batch = {}
         batch["prompt_ids"], batch["prompt_mask"] = self._pad(prompts, left=True)

@@ -5,7 +5,7 @@ Sections (each optional but ``model``): ``model`` (``path``, ``dtype``,
 ``attn_implementation``, ``hidden_size`` for the tiny model, ``lora`` for LoRA adapters),
 ``amvl`` (:class:`AMVLConfig`), ``train`` (:class:`TrainConfig`), ``data`` (``train``,
 ``eval``, ``per_family``, ``max_prompt_tokens``, ``max_answer_tokens``, ``chat_template``,
-``system_prompt``), ``output_dir`` and ``eval`` (``baselines``). A misspelt key or a bad
+``system_prompt``, ``add_bos``), ``output_dir`` and ``eval`` (``baselines``). A misspelt key or a bad
 value is an error naming it, never a setting left at its default.
 """
 
@@ -26,7 +26,8 @@ from amvl.training import TrainConfig
 if TYPE_CHECKING:
     from amvl.data import AMVLCollator
 
-PROMPT_KEYS = ("chat_template", "system_prompt")  # the data keys that format prompts
+# the data keys that format prompts (a final/ of before add_bos has the first two)
+PROMPT_KEYS = ("chat_template", "system_prompt", "add_bos")
 
 SECTIONS = ("model", "amvl", "train", "data", "output_dir", "eval")
 MODEL_KEYS = ("path", "dtype", "attn_implementation", "hidden_size", "lora")
@@ -220,15 +221,22 @@ def _check_data_values(path: Path, data: dict) -> None:
     if system is not None and (not isinstance(system, str) or not template):
         raise SystemExit(f"amvl: {path}: data.system_prompt must be a string, and needs "
                          f"data.chat_template (got {system!r})")
+    bos = data.get("add_bos")
+    if bos is not None and (not isinstance(bos, bool) or (bos and template)):
+        raise SystemExit(f"amvl: {path}: data.add_bos must be true or false, and true only "
+                         f"without data.chat_template, which writes the prompt's start itself "
+                         f"(got {bos!r}; unset: where the tokenizer adds BOS by itself)")
 
 
 def prompt_format(data_section: dict) -> dict:
     """The run's prompt format from its data section: ``chat_template`` (False, True for the
-    tokenizer's own, or a template file's text) and ``system_prompt``."""
+    tokenizer's own, or a template file's text), ``system_prompt`` and ``add_bos`` (None:
+    where the tokenizer adds BOS by itself; the collator resolves it)."""
     template = data_section.get("chat_template", False)
     if isinstance(template, str):
         template = Path(template).read_text(encoding="utf-8")
-    return {"chat_template": template, "system_prompt": data_section.get("system_prompt")}
+    return {"chat_template": template, "system_prompt": data_section.get("system_prompt"),
+            "add_bos": data_section.get("add_bos")}
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -518,6 +518,9 @@ def test_amvl_attention_from_the_run_config():
      "data.system_prompt must be a string, and needs data.chat_template"),
     ("model: {path: tiny-qwen2-vl}\ndata: {chat_template: true, system_prompt: [a]}",
      "data.system_prompt must be a string"),
+    ("model: {path: tiny-qwen2-vl}\ndata: {add_bos: sometimes}", "data.add_bos must be true"),
+    ("model: {path: tiny-qwen2-vl}\ndata: {add_bos: true, chat_template: true}",
+     "data.add_bos must be true or false, and true only without data.chat_template"),
     # PyYAML keeps the last of two equal keys: a second train section dropped the first whole
     ("model: {path: tiny-qwen2-vl}\ntrain: {steps: 5000, learning_rate: 1.0e-5}\n"
      "output_dir: runs/x\ntrain: {batch_size: 8}",
@@ -1090,7 +1093,7 @@ def test_a_chat_template_trains_and_evaluates_each_model_as_it_was_trained(tmp_p
     assert main(["train", "--config", config, "--no-progress"]) == 0
     final = tmp_path / "run" / "final"
     assert json.loads((final / PROMPT_FORMAT_FILE).read_text()) == {
-        "chat_template": TINY_TEMPLATE, "system_prompt": "the options"}
+        "chat_template": TINY_TEMPLATE, "system_prompt": "the options", "add_bos": False}
 
     def scores(checkpoint: Path, config_path: str) -> list[float]:
         out = tmp_path / "eval.json"
@@ -1117,6 +1120,11 @@ def test_a_chat_template_trains_and_evaluates_each_model_as_it_was_trained(tmp_p
     plain_config.write_text(yaml.safe_dump(plain))
     assert scores(final, str(plain_config)) == pytest.approx(with_template, rel=1e-5)
     assert "was trained with another prompt format" in capsys.readouterr().err
+    # a final/ recorded before add_bos: its prompts had none, and it loads so
+    record = json.loads((final / PROMPT_FORMAT_FILE).read_text())
+    del record["add_bos"]
+    (final / PROMPT_FORMAT_FILE).write_text(json.dumps(record))
+    assert scores(final, config) == pytest.approx(with_template, rel=1e-5)
 
 
 def test_a_tokenizer_without_the_chat_template_asked_for(tmp_path):

@@ -261,6 +261,34 @@ def test_prompts_are_the_whole_turn_tokenized_at_once(kind, template, question):
     assert unpadded(batch, 0).count(tokenizer.bos_token_id) == (template == INST)
 
 
+def test_prompts_start_with_bos_where_the_tokenizer_adds_one():
+    """Llama's, Mistral's and Gemma's tokenizers start a text with BOS, and their models were
+    trained so (Gemma falters without it): the collator's prompts lacked it. A chat template
+    writes the start itself; add_bos=False keeps prompts as before."""
+    from tokenizers import processors
+
+    tokenizer = trained_tokenizer("metaspace")
+    question = {"question": "How many blue circles?", "answer": "Three."}
+    assert not AMVLCollator(tokenizer).add_bos  # this one adds nothing by itself
+    bos = tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)])
+    own = tokenizer(question["question"])["input_ids"]
+    assert own[0] == bos
+    collator = AMVLCollator(tokenizer)
+    assert collator.add_bos and unpadded(collator([question]), 0) == own
+    assert unpadded(AMVLCollator(tokenizer, add_bos=False)([question]), 0) == own[1:]
+    with pytest.warns(UserWarning, match="the question lost its first 2"):
+        cut = AMVLCollator(tokenizer, max_prompt_tokens=len(own) - 2)([question])
+    assert unpadded(cut, 0) == [bos] + own[3:]  # BOS stays: only the question is cut
+    assert not AMVLCollator(tokenizer, chat_template=CHATML).add_bos
+    with pytest.raises(ValueError, match="add_bos=True with a chat_template"):
+        AMVLCollator(tokenizer, chat_template=CHATML, add_bos=True)
+    tokenizer.bos_token = None
+    with pytest.raises(ValueError, match="the tokenizer has no BOS token"):
+        AMVLCollator(tokenizer, add_bos=True)
+
+
 def test_truncation_never_cuts_the_templates_text():
     """The question's first token may hold some of the template's text (BPE's "\\n\\n" across
     the user header and a question starting with a newline): cut from the left, it took the
