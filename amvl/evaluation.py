@@ -297,6 +297,15 @@ def _data_files(folder: Path, split: str | None) -> list[Path]:
     return [p for p in sorted(folder.iterdir()) if p.is_file() and _is_data_file(p, split)]
 
 
+def _split_files(folder: Path, split: str) -> list[Path]:
+    """A split's data files in ``folder``: named after it, or else every data file in a
+    folder named after it (the hub's parquet conversion: ``Counting/val/0000.parquet``)."""
+    files = _data_files(folder, split)
+    if not files and (folder / split).is_dir():
+        files = _data_files(folder / split, None)
+    return files
+
+
 def _check_data_file(file: Path) -> None:
     """Refuse a data file given by name that the loaders cannot read (an archive, a
     ``datasets`` Arrow file), rather than fail on its bytes as text."""
@@ -482,18 +491,19 @@ def load_blink(path: str | os.PathLike, split: str = "val",
                 raise FileNotFoundError(f"{root}: no folder for BLINK subtask(s) {missing}; "
                                         f"found {list(folders)}")
             for name in names:
-                files = _data_files(folders[name], split)
+                files = _split_files(folders[name], split)
                 if not files:
                     raise FileNotFoundError(
                         f"{folders[name]}: no {split!r} data file ({split}-*.parquet, "
-                        f"{split}.json or {split}.jsonl)")
+                        f"{split}.json, {split}.jsonl or {split}/*.parquet)")
                 sources += [(f, name) for f in files]
         else:
-            files = _data_files(root, split)
+            files = _split_files(root, split)
             if not files:
                 raise FileNotFoundError(
                     f"{root}: neither BLINK subtask folders ({', '.join(BLINK_SUBTASKS)}) nor "
-                    f"{split!r} data files ({split}-*.parquet, {split}.json, {split}.jsonl)")
+                    f"{split!r} data files ({split}-*.parquet, {split}.json, {split}.jsonl, "
+                    f"{split}/*.parquet)")
             sources = [(f, _blink_name(root.name)) for f in files]
     examples = []
     for file, folder_subtask in sources:
@@ -703,9 +713,11 @@ def reads_as_data(benchmark: str, path: str | os.PathLike, file: str | os.PathLi
     if name == "jsonl" or not root.is_dir():  # a file root is read alone
         return False
     if name == "blink":  # the subtask folders when there are any, else the folder itself
-        folders = list(_blink_folders(root).values()) or [root]
-        return file.parent in [f.resolve() for f in folders] and \
-            _is_data_file(file, split or "val")
+        folders = [f.resolve() for f in (list(_blink_folders(root).values()) or [root])]
+        split = split or "val"
+        return (file.parent in folders and _is_data_file(file, split)) or \
+            (file.parent.name == split and file.parent.parent in folders
+             and _is_data_file(file, None))  # the parquet conversion's <subtask>/<split>/
     return file.parent in (root, (root / "data").resolve()) and _is_data_file(file, split)
 
 

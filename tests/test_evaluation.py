@@ -358,6 +358,24 @@ def test_which_files_the_loaders_read(tmp_path, blink_dir):
         assert reads_as_data("visualpuzzles", tmp_path / "vp", tmp_path / where / "r.json")
         assert not reads_as_data("visualpuzzles", tmp_path / "vp", tmp_path / where / "r.csv")
     assert not reads_as_data("puzzles", tmp_path, tmp_path / "r.json")
+    assert reads_as_data("blink", blink_dir, blink_dir / "Counting" / "val" / "r.json")
+    assert not reads_as_data("blink", blink_dir, blink_dir / "Counting" / "other" / "r.json")
+
+
+def test_blink_in_the_hubs_parquet_conversion_layout(tmp_path, blink_dir):
+    """The hub's converted parquet (refs/convert/parquet) has a folder per split inside each
+    subtask's (Counting/val/0000.parquet): it was "no 'val' data file"."""
+    import shutil
+
+    converted = tmp_path / "converted"
+    for subtask in BLINK_FIXTURE:
+        for split in ("val", "test"):
+            (source,) = (blink_dir / subtask).glob(f"{split}[-.]*")
+            (converted / subtask / split).mkdir(parents=True)
+            shutil.copy(source, converted / subtask / split / f"0000{source.suffix}")
+    assert [(ex["id"], ex["answer"]) for ex in load_blink(converted)] == \
+        [(ex["id"], ex["answer"]) for ex in load_blink(blink_dir)]
+    assert len(load_blink(converted, "test", unlabelled=True)) == len(load_blink(blink_dir))
 
 
 def test_an_image_struct_of_nulls_is_an_empty_slot(tmp_path):
