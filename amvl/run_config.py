@@ -5,8 +5,8 @@ Sections (each optional but ``model``): ``model`` (``path``, ``dtype``,
 ``attn_implementation``, ``hidden_size`` for the tiny model, ``lora`` for LoRA adapters),
 ``amvl`` (:class:`AMVLConfig`), ``train`` (:class:`TrainConfig`), ``data`` (``train``,
 ``eval``, ``per_family``, ``max_prompt_tokens``, ``max_answer_tokens``, ``chat_template``,
-``system_prompt``, ``add_bos``), ``output_dir`` and ``eval`` (``baselines``). A misspelt key or a bad
-value is an error naming it, never a setting left at its default.
+``system_prompt``, ``add_bos``), ``output_dir`` and ``eval`` (``baselines``). A misspelt key or
+a bad value is an error naming it, never a setting left at its default.
 """
 
 from __future__ import annotations
