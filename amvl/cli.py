@@ -658,26 +658,25 @@ def _answered_lines(out: Path, examples: list[dict], line_numbers: list[int]
                     ) -> dict[int, dict]:
     """``amvl generate --resume``: the records ``out`` holds, by the question's line, each
     checked against that line's question (another --data file's answers are refused). A
-    last line cut short by a kill is dropped from the file; a missing ``out`` holds none."""
+    last line cut short by a kill (no line break after it) is dropped from the file; a
+    missing ``out`` holds none."""
     if not out.is_file():
         return {}
-    text = out.read_text(encoding="utf-8")
+    data = out.read_bytes()
+    *whole, cut = data.split(b"\n")  # every record ends with a line break
+    if cut:
+        with open(out, "r+b") as file:
+            file.truncate(len(data) - len(cut))
     questions = dict(zip(line_numbers, (ex["question"] for ex in examples)))
-    answered, kept = {}, 0
-    for index, raw in enumerate(text.split("\n")):
+    answered = {}
+    for index, raw in enumerate(whole):
         if not raw.strip():
-            kept += len(raw) + 1
             continue
         try:
-            record = json.loads(raw)
-        except json.JSONDecodeError:
-            if text.endswith("\n") or raw != text.split("\n")[-1]:
-                raise SystemExit(f"amvl generate: --out {out} line {index + 1} is not JSON: "
-                                 "not a file amvl generate wrote; --resume continues one") \
-                    from None
-            with open(out, "r+", encoding="utf-8") as file:  # cut short by a kill: dropped
-                file.truncate(len(text[:kept].encode("utf-8")))
-            break
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise SystemExit(f"amvl generate: --out {out} line {index + 1} is not JSON: not a "
+                             "file amvl generate wrote; --resume continues one") from None
         line_no = record.get("line") if isinstance(record, dict) else None
         if line_no not in questions or record.get("question") != questions[line_no]:
             raise SystemExit(f"amvl generate: --out {out} line {index + 1} answers "
@@ -685,7 +684,6 @@ def _answered_lines(out: Path, examples: list[dict], line_numbers: list[int]
                              " of another file than --data (its question differs): --resume "
                              "continues the answers of the same --data")
         answered[line_no] = record
-        kept += len(raw) + 1
     return answered
 
 

@@ -1271,7 +1271,8 @@ def test_generate_resume_continues_a_killed_run_and_a_failed_rerun_keeps_the_ans
     assert main(args) == 0
     whole = out.read_text(encoding="utf-8")
     lines = whole.splitlines(keepends=True)
-    out.write_text("".join(lines[:2]) + lines[2][:9], encoding="utf-8")  # killed mid-line
+    cut = lines[2].encode("utf-8")[:9] + "é".encode("utf-8")[:1]  # killed mid-character
+    out.write_bytes("".join(lines[:2]).encode("utf-8") + cut)
     capsys.readouterr()
     assert main(args + ["--resume"]) == 0
     assert out.read_text(encoding="utf-8") == whole
