@@ -214,7 +214,7 @@ def _train(args: argparse.Namespace, run: dict, state) -> None:
         raise SystemExit(f"amvl train: {err}") from None
     except TrainingStopped as err:  # a scheduler's signal: the steps so far are checkpointed
         if state.is_main_process:
-            print(f"amvl train: {err}", file=sys.stderr)
+            print(f"amvl train: {err}: continue the run with --resume", file=sys.stderr)
         # the shell's status of a process the signal ended, which requeue scripts look for
         raise SystemExit(128 + signal.Signals[err.signal_name].value) from None
     except ImageDecodeError as err:  # found when its batch is built: the run's checkpoints stay

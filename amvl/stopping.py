@@ -33,12 +33,12 @@ DEFAULT_STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # a scheduler's: preemption, a ti
 
 class TrainingStopped(RuntimeError):
     """The training loop stopped on a signal after ``step`` steps, saved in ``checkpoint``
-    (a directory of the run's output directory): continue the run with ``resume=True``
-    (``amvl train --resume``). ``signal_name`` is the signal, e.g. "SIGTERM"."""
+    (a directory of the run's output directory): continue the run from it (``train(...,
+    resume=True)``, ``amvl train --resume``, a Trainer's ``resume_from_checkpoint``).
+    ``signal_name`` is the signal, e.g. "SIGTERM"."""
 
     def __init__(self, step: int, signal_name: str, checkpoint: Path) -> None:
-        super().__init__(f"stopped by {signal_name} after step {step}, saved in {checkpoint}: "
-                         "continue the run with --resume")
+        super().__init__(f"stopped by {signal_name} after step {step}, saved in {checkpoint}")
         self.step, self.signal_name, self.checkpoint = step, signal_name, checkpoint
 
 
