@@ -74,13 +74,19 @@ class StopSignals:
                           "cannot be caught there (they end the run without a checkpoint)",
                           stacklevel=3)
             numbers = []
+        if numbers and world > 1:
+            import torch.distributed as dist
+
+            try:
+                self._group = dist.new_group(backend="gloo")
+            except (RuntimeError, ValueError) as err:  # gloo unusable here (no interface?)
+                warnings.warn(f"the processes cannot agree on a stop step without a gloo "
+                              f"group ({err}): the stop signals {list(names)} end the run as "
+                              "they would, without a checkpoint", stacklevel=3)
+                numbers = []
         try:
             for number in numbers:
                 self._previous[number] = signal.signal(number, self._note)
-            if world > 1:
-                import torch.distributed as dist
-
-                self._group = dist.new_group(backend="gloo")
         except BaseException:
             self.close()
             raise

@@ -130,6 +130,23 @@ def test_outside_the_main_thread_no_signal_is_caught_and_it_says_so():
     assert caught == [{}]
 
 
+def test_without_a_gloo_group_the_signals_are_left_alone(monkeypatch):
+    """Processes that cannot agree on a step must not stop at different ones: where gloo
+    cannot start, the handlers stay as they were, with a warning."""
+    import torch.distributed as dist
+
+    def no_gloo(**kwargs):
+        raise RuntimeError("no usable network interface")
+
+    monkeypatch.setattr(dist, "new_group", no_gloo)
+    before = getsignal(SIGTERM)
+    with pytest.warns(UserWarning, match="cannot agree on a stop step without a gloo group "
+                                         r"\(no usable network interface\)"):
+        stops = StopSignals(["SIGTERM"], world=2)
+    assert getsignal(SIGTERM) is before and stops.agreed() is None
+    stops.close()
+
+
 @pytest.mark.parametrize("names, match", [
     (["SIGKILL"], "SIGKILL"), (["TERM"], "TERM"), (["SIGTERM", "SIGTERM"], "distinct"),
     ("SIGTERM", "list")])
