@@ -384,6 +384,13 @@ def test_deepspeed_two_processes_train_and_decode_like_one(tmp_path, monkeypatch
                                   prefix="untrained_")
 
 
+def _assert_same_tensors(got: dict, want: dict) -> None:
+    """The same names, each tensor bitwise the same."""
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        assert torch.equal(got[name].detach(), tensor), name
+
+
 @needs_deepspeed
 def test_deepspeed_zero3_trainer_saves_whole_weights(tmp_path):
     """AMVLTrainer with a ZeRO-3 config, on a base transformers built partitioned (AMVLModel
@@ -393,9 +400,7 @@ def test_deepspeed_zero3_trainer_saves_whole_weights(tmp_path):
     params = load_file(str(tmp_path / "params.safetensors"))
     assert (tmp_path / "checkpoint-2" / "amvl_config.json").is_file()
     loaded = dict(AMVLModel.from_pretrained(tmp_path / "saved").named_parameters())
-    assert loaded.keys() == params.keys()
-    for name, tensor in params.items():
-        assert torch.equal(loaded[name].detach(), tensor), name
+    _assert_same_tensors(loaded, params)
 
 
 @needs_deepspeed
@@ -413,9 +418,7 @@ def test_deepspeed_zero3_trainer_without_gathering_weights_checkpoints_and_resum
     _two_processes("deepspeed_worker.py", tmp_path, "trainer_without_gathering")
     params = load_file(str(tmp_path / "params.safetensors"))
     resumed = load_file(str(tmp_path / "resumed.safetensors"))
-    assert resumed.keys() == params.keys()
-    for name, tensor in params.items():
-        assert torch.equal(resumed[name], tensor), name
+    _assert_same_tensors(resumed, params)
     for directory in (tmp_path / "params" / "checkpoint-2", tmp_path / "params" / "checkpoint-4",
                       tmp_path / "saved"):
         assert (directory / "amvl_config.json").is_file()
@@ -437,9 +440,7 @@ def test_deepspeed_zero3_trainer_without_gathering_weights_checkpoints_and_resum
     model.save_pretrained(tmp_path / "recovered",
                           state_dict=get_fp32_state_dict_from_zero_checkpoint(tmp_path / "saved"))
     loaded = dict(AMVLModel.from_pretrained(tmp_path / "recovered").named_parameters())
-    assert loaded.keys() == params.keys()
-    for name, tensor in params.items():
-        assert torch.equal(loaded[name].detach(), tensor), name
+    _assert_same_tensors(loaded, params)
 
 
 @needs_deepspeed
@@ -457,9 +458,7 @@ def test_deepspeed_checkpoints_of_a_peft_base_leave_out_the_frozen_base(tmp_path
     _two_processes("deepspeed_worker.py", tmp_path, "peft_trainer_without_gathering")
     params = load_file(str(tmp_path / "params.safetensors"))
     resumed = load_file(str(tmp_path / "resumed.safetensors"))
-    assert resumed.keys() == params.keys()
-    for name, tensor in params.items():
-        assert torch.equal(resumed[name], tensor), name
+    _assert_same_tensors(resumed, params)
     model = deepspeed_worker.with_adapters(deepspeed_worker.zero3_built_model(False)[0])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable < params.keys() and any("lora_A" in n for n in trainable)
