@@ -372,11 +372,13 @@ def test_compiled_shared_step_on_the_amvl_attention_keeps_one_graph_per_shape(ba
     operator.index each pinned the graph to one length: a recompile per length, past
     dynamo's limit of 8 silently eager."""
     import amvl_kernels.hf as akhf
-    from amvl_kernels.backends import triton_interpreted
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    if backend == "triton" and not (torch.cuda.is_available() or triton_interpreted()):
-        pytest.skip("Triton runs neither on a GPU nor under TRITON_INTERPRET=1 here")
+    if backend == "triton" and not torch.cuda.is_available():
+        # 40 s under the interpreter, a third of CI's margin: the kernels' custom ops in a
+        # compiled graph are traced under the interpreter by test_latent_attention's
+        # test_torch_compile_with_dynamic_shapes_keeps_one_graph, and this runs on a GPU
+        pytest.skip("on a GPU: under TRITON_INTERPRET=1 other tests trace the Triton ops")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch._dynamo.reset()
     model, _ = build("qwen2")
@@ -1044,6 +1046,10 @@ def test_training_step_on_the_triton_kernels(kind):
 
     if not (torch.cuda.is_available() or triton_interpreted()):
         pytest.skip("Triton runs neither on a GPU nor under TRITON_INTERPRET=1 here")
+    if kind == "qwen2_vl" and not torch.cuda.is_available():
+        # 40 s under the interpreter (a VLM's image tokens lengthen x); the kernels see the
+        # same calls as the text model's, which runs here
+        pytest.skip("on a GPU: under TRITON_INTERPRET=1 the text model's step runs")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, batch = build(kind, objective="amvl", gamma=0.5, kernel_backend="triton")
     model = model.float().to(device)
