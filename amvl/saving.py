@@ -496,15 +496,21 @@ def _under_own_names(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Te
     with it less its first part), of the same shape. None where that is not one to one, or
     the model's names would not all be found: transformers' own loading decides then."""
     own = model.state_dict()
-    unsaved = [key for key in own if key not in state]
+    # each unsaved name under every ending after one of its dots: a dict lookup per saved
+    # name, where scanning every name for each was quadratic (an MoE's thousands of names)
+    by_ending: dict[str, list[str]] = {}
+    for name in own:
+        if name not in state:
+            parts = name.split(".")
+            for i in range(1, len(parts)):
+                by_ending.setdefault(".".join(parts[i:]), []).append(name)
     renamed: dict[str, Tensor] = {}
     for key, tensor in state.items():
         if key in own:
             renamed[key] = tensor
             continue
         tail = key.partition(".")[2]
-        candidates = [k for k in unsaved if k.endswith("." + key)] or \
-            ([k for k in unsaved if k.endswith("." + tail)] if tail else [])
+        candidates = by_ending.get(key) or (by_ending.get(tail, []) if tail else [])
         if len(candidates) != 1 or candidates[0] in renamed \
                 or own[candidates[0]].shape != tensor.shape:
             return None
